@@ -1,0 +1,88 @@
+"""Write an output folder all at once, or not at all.
+
+Everything is written into a hidden temporary folder beside the target and renamed into
+place at the end, so an interrupted or failed run leaves either nothing or the previous
+complete output. Inputs are never written to: the target may not be, contain, or sit inside
+an input folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import ShareportError
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Validate an output folder path before any work is done; return it resolved."""
+    out = Path(out)
+    if out.is_symlink():
+        raise ShareportError(f"output '{out}' is a symbolic link; give a real path")
+    resolved = out.resolve()
+    for inp in inputs:
+        inp = Path(inp).resolve()
+        if _inside(resolved, inp) or _inside(inp, resolved):
+            raise ShareportError(f"output '{out}' overlaps the input '{inp}'; choose another output folder")
+    if out.exists() and not overwrite:
+        raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ShareportError(f"output '{out}' exists and is not a folder")
+    parent = resolved.parent
+    if not parent.is_dir():
+        raise ShareportError(f"cannot write '{out}': its parent folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ShareportError(f"cannot write '{out}': folder '{parent}' is not writable")
+    return resolved
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``out``, on any error it is removed."""
+    target = check_output(out, overwrite, inputs)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush file contents before the rename, so a crash cannot publish empty files."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing target is moved aside first, then deleted."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(aside)
+    os.rename(target, aside)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        os.rename(aside, target)  # put the previous complete output back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

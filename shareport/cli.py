@@ -1,0 +1,36 @@
+"""The ``shareport`` command line: parse, call the library, print a report.
+
+Bad input raises :class:`ShareportError`; the group turns it into one line on stderr and exit
+status 1, so every command fails the same way and never prints a traceback for user errors.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+from .commands.inspect_cmd import inspect_cmd
+from .errors import ShareportError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ShareportError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shareport")
+def main() -> None:
+    """shareport: make LoRA adapters smaller and deployable.
+
+    \b
+    convert   LoRA -> ShareA / ShareB / ShareAB / ASLoRA by exact SVD projection
+    inspect   what an adapter holds, per kind and layer
+    """
+
+
+for command in (inspect_cmd,):
+    main.add_command(command)

@@ -1,0 +1,64 @@
+"""``shareport inspect DIR``: what an adapter holds, per kind and per layer."""
+
+from __future__ import annotations
+
+import click
+
+from ..formats import adapter_file_size, load_adapter
+from ..summary import summarize
+from ..table import format_table, human_bytes, to_json
+from .options import allow_pickle_option, json_option
+
+
+@click.command("inspect")
+@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
+@json_option
+@allow_pickle_option
+def inspect_cmd(adapter_dir: str, as_json: bool, allow_pickle: bool) -> None:
+    """Show an adapter's form, base model, kinds, layers, ranks, size and per-layer norms.
+
+    ADAPTER_DIR is a PEFT LoRA folder or a shareport (native) folder.
+    """
+    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+    info = summarize(adapter, adapter_file_size(adapter_dir))
+    if as_json:
+        click.echo(to_json(info))
+        return
+    click.echo(render(adapter_dir, info))
+
+
+def render(adapter_dir: str, info: dict) -> str:
+    ratio = info["parameters"] / info["lora_equivalent_parameters"]
+    head = [
+        ("adapter", adapter_dir),
+        ("form", info["form"]),
+        ("base model", info["base_model"] or "(not recorded)"),
+        ("task type", info["task_type"] or "(not recorded)"),
+        ("layers", _ranges(info["layers"])),
+        ("ranks", ", ".join(map(str, info["ranks"]))),
+        ("parameters", f"{info['parameters']:,} ({ratio:.1%} of the equivalent plain LoRA)"),
+        ("file size", human_bytes(info["file_size"] or 0)),
+    ]
+    if info["extra_tensors"]:
+        head.append(("carried tensors", ", ".join(info["extra_tensors"])))
+    parts = ["\n".join(f"{k:>16}: {v}" for k, v in head)]
+    summary_rows = [
+        (k, f"{v['shape'][0]}x{v['shape'][1]}", v["sites"], v["unique_A"], v["unique_B"]) for k, v in info["kinds"].items()
+    ]
+    parts.append(format_table(["kind", "update shape", "sites", "unique A", "unique B"], summary_rows))
+    for kind, v in info["kinds"].items():
+        rows = [(row["layer"], row["rank"], row["scale"], row["B"], row["update_norm"]) for row in v["layers"]]
+        parts.append(format_table(["layer", "rank", "scale", "B tensor", "||dW||_F"], rows, title=f"[{kind}]"))
+    return "\n\n".join(parts)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0,1,2,5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)

@@ -1,0 +1,51 @@
+"""What ``shareport inspect`` reports about an adapter, as plain data."""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter import Adapter
+
+
+def update_norm(adapter: Adapter, path: str) -> float:
+    """||scale * B @ A||_F without forming the update: sqrt(trace((Bt^T Bt)(A A^T)))."""
+    a, bt = adapter.factors(path, torch.float64)
+    return float(torch.sqrt(torch.clamp(((bt.T @ bt) * (a @ a.T)).sum(), min=0.0)))
+
+
+def summarize(adapter: Adapter, file_size: int | None = None) -> dict:
+    """Form, base model, kinds, layers, ranks, parameter counts and per-layer norms."""
+    kinds = {}
+    for kind, sites in adapter.kinds().items():
+        n_out, n_in = adapter.shape(sites[0].path)
+        kinds[kind] = {
+            "shape": [n_out, n_in],
+            "sites": len(sites),
+            "unique_A": len({s.a for s in sites}),
+            "unique_B": len({s.b for s in sites}),
+            "layers": [
+                {
+                    "layer": s.layer,
+                    "path": s.path,
+                    "rank": adapter.rank(s.path),
+                    "scale": s.scale,
+                    "A": s.a,
+                    "B": s.b,
+                    "update_norm": update_norm(adapter, s.path),
+                }
+                for s in sites
+            ],
+        }
+    ranks = sorted({adapter.rank(p) for p in adapter.sites})
+    return {
+        "form": adapter.form,
+        "base_model": adapter.base_model,
+        "task_type": adapter.task_type,
+        "layers": adapter.layers(),
+        "ranks": ranks,
+        "parameters": adapter.num_parameters(),
+        "lora_equivalent_parameters": adapter.num_lora_parameters(),
+        "extra_tensors": sorted(adapter.extra_tensors),
+        "file_size": file_size,
+        "kinds": kinds,
+    }

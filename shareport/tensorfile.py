@@ -1,0 +1,116 @@
+"""Read and write safetensors files with errors that name the file and the problem.
+
+The header is checked by hand before the library reads the file, so a truncated file, a
+header that declares shapes larger than the file, or a garbled header gives one clear line
+instead of a library traceback. Pickled checkpoints are read only when the caller says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ShareportError
+
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """Parse and validate the header of a safetensors file; return {name: entry}."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw_len = fh.read(8)
+        if len(raw_len) < 8:
+            raise ShareportError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise ShareportError(f"{path}: truncated or not a safetensors file (header claims {header_len} bytes)")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ShareportError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ShareportError(f"{path}: safetensors header is not a JSON object")
+    data_len = size - 8 - header_len
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        _check_entry(path, name, entry, data_len)
+        entries[name] = entry
+    return entries
+
+
+def _check_entry(path: Path, name: str, entry, data_len: int) -> None:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ShareportError(f"{path}: tensor '{name}' has a malformed header entry")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _ITEMSIZE:
+        raise ShareportError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ShareportError(f"{path}: tensor '{name}' has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ShareportError(f"{path}: tensor '{name}' has invalid data offsets {offsets!r}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+        raise ShareportError(
+            f"{path}: tensor '{name}' (shape {shape}) does not fit the file: truncated or corrupt"
+        )
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file, after validating its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShareportError(f"{path}: file not found")
+    read_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # the library's own error types vary across versions
+        raise ShareportError(f"{path}: cannot read safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def load_pickled(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a ``.bin`` state dict with ``weights_only=True`` (the caller asked for it)."""
+    path = Path(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ShareportError(f"{path}: cannot read PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ShareportError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write tensors byte-deterministically (sorted names, contiguous, unaliased)."""
+    ordered = {}
+    seen_storage = set()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory; copy only those that do.
+        key = t.untyped_storage().data_ptr()
+        if t.numel() and key in seen_storage:
+            t = t.clone()
+        seen_storage.add(key)
+        ordered[name] = t
+    save_file(ordered, str(path), metadata=dict(sorted(metadata.items())))
+
+
+def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ShareportError(f"{path}: tensor '{name}' contains NaN or Inf values")

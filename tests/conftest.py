@@ -1,0 +1,24 @@
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns click's Result (exit_code, output)."""
+    from click.testing import CliRunner
+
+    from shareport.cli import main
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run

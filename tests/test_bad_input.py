@@ -1,0 +1,114 @@
+"""Bad adapter folders: each gets one clear line naming the file and the problem, a non-zero
+exit, nothing written, and an untouched input."""
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.tiny import make_peft_adapter, tiny_llama
+
+CFG, WTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / CFG).read_text())
+    cfg.update(changes)
+    (folder / CFG).write_text(json.dumps(cfg))
+
+
+def _edit_weights(folder, fn):
+    state = load_file(str(folder / WTS))
+    save_file(fn(state), str(folder / WTS))
+
+
+def _rename_keys(state, old, new):
+    return {k.replace(old, new): v for k, v in state.items()}
+
+
+def _shrink_B(state):
+    key = next(k for k in sorted(state) if k.endswith("lora_B.weight"))
+    state[key] = state[key][:, :1].contiguous()
+    return state
+
+
+def _huge_header(folder):
+    header = {"x.lora_A.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}}
+    raw = json.dumps(header).encode()
+    (folder / WTS).write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+
+
+def _nan(state):
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    return state
+
+
+# name -> (how to break the folder, words the error must contain)
+CASES = {
+    "missing config": (lambda f: (f / CFG).unlink(), "missing adapter config"),
+    "missing weights": (lambda f: (f / WTS).unlink(), "missing adapter weights"),
+    "malformed json": (lambda f: (f / CFG).write_text("{not json"), "malformed JSON"),
+    "config not an object": (lambda f: (f / CFG).write_text("[1, 2]"), "expected a JSON object"),
+    "truncated safetensors": (lambda f: (f / WTS).write_bytes((f / WTS).read_bytes()[:-40]), "truncated"),
+    "huge declared shape": (_huge_header, "does not fit the file"),
+    "A/B shape mismatch": (lambda f: _edit_weights(f, _shrink_B), "disagree on the rank"),
+    "unknown key layout": (
+        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "base_model.model.", "")), "unknown key layout"),
+    "no numbered blocks": (
+        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "model.layers.", "model.layers_")), "unknown key layout"),
+    "DoRA": (lambda f: _edit_config(f, use_dora=True), "DoRA"),
+    "lora bias": (lambda f: _edit_config(f, lora_bias=True), "lora_bias"),
+    "rank disagrees with config": (lambda f: _edit_config(f, r=3), "says r=3"),
+    "r of wrong type": (lambda f: _edit_config(f, r="8"), "field 'r' must be int"),
+    "NaN weights": (lambda f: _edit_weights(f, _nan), "NaN or Inf"),
+    "embedding LoRA": (
+        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "lora_A.weight", "lora_embedding_A")), "embedding LoRA"),
+    "not LoRA": (lambda f: _edit_config(f, peft_type="IA3"), "peft_type 'IA3'"),
+}
+
+
+def _checksums(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good") / "lora"
+    make_peft_adapter(tiny_llama(layers=2), folder, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_adapter_is_refused(name, good_adapter, tmp_path, cli):
+    import shutil
+
+    folder = tmp_path / "bad"
+    shutil.copytree(good_adapter, folder)
+    breaker, words = CASES[name]
+    breaker(folder)
+    before = _checksums(folder)
+    result = cli("inspect", folder)
+    assert result.exit_code != 0
+    message = result.output.strip().splitlines()
+    assert len(message) == 1, result.output
+    assert words in message[0] and str(folder) in message[0]
+    assert _checksums(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"], "something was written"
+
+
+def test_good_adapter_inspects(good_adapter, cli):
+    result = cli("inspect", good_adapter, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["form"] == "lora" and info["ranks"] == [2]
+    assert info["parameters"] == sum(t.numel() for t in load_file(str(good_adapter / WTS)).values())
+    norms = [row["update_norm"] for row in info["kinds"]["self_attn.q_proj"]["layers"]]
+    state = load_file(str(good_adapter / WTS))
+    a = state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert norms[0] == pytest.approx(float(torch.linalg.norm(2.0 * b @ a)), rel=1e-5)
