@@ -45,12 +45,10 @@ def write_adapter_files(adapter: Adapter, folder: Path, as_peft: bool) -> None:
         if adapter.shared_names():
             adapter = adapter.expand()
         config, tensors = peft_config_for(adapter)
-        metadata = {"format": "pt"}
     else:
         config, tensors = native_config_for(adapter)
-        metadata = {"format": "pt", "shareport_form": adapter.form}
     (folder / CONFIG_NAME).write_text(dump_json(config), encoding="utf-8")
-    save_tensors(tensors, folder / WEIGHTS_NAME, metadata)
+    save_tensors(tensors, folder / WEIGHTS_NAME)
 
 
 def save_adapter(

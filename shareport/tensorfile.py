@@ -94,8 +94,12 @@ def load_pickled(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write tensors byte-deterministically (sorted names, contiguous, unaliased)."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write tensors byte-deterministically (sorted names, contiguous, unaliased).
+
+    The metadata is the single entry ``format: pt``: safetensors stores metadata in a hash
+    map, so two or more entries come out in a different order from run to run.
+    """
     ordered = {}
     seen_storage = set()
     for name in sorted(tensors):
@@ -106,7 +110,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
             t = t.clone()
         seen_storage.add(key)
         ordered[name] = t
-    save_file(ordered, str(path), metadata=dict(sorted(metadata.items())))
+    save_file(ordered, str(path), metadata={"format": "pt"})
 
 
 def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
