@@ -70,6 +70,20 @@ def _field(config: dict, path: Path, name: str, types: tuple, default):
     return value
 
 
+def _check_items(path: Path, name: str, value, types: tuple) -> None:
+    """Every element of a list, or every value of a dict, must have one of ``types``."""
+    items = value.values() if isinstance(value, dict) else value
+    for item in items:
+        if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
+            raise ShareportError(f"{path}: field '{name}' holds {item!r}, expected {' or '.join(t.__name__ for t in types)}")
+    if isinstance(value, dict):
+        for key in value:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ShareportError(f"{path}: field '{name}' has an invalid pattern {key!r} ({exc})") from None
+
+
 def pattern_value(patterns: dict, path: str, default):
     """PEFT's rule: the first pattern that matches the end of the module path wins."""
     for key, value in patterns.items():
@@ -122,6 +136,11 @@ def read_peft(folder: str | Path, allow_pickle: bool = False, config: dict | Non
     _field(config, cfg_path, "base_model_name_or_path", (str,), None)
     if isinstance(layers, int):
         layers = [layers]
+    _check_items(cfg_path, "rank_pattern", rank_pattern, (int,))
+    _check_items(cfg_path, "alpha_pattern", alpha_pattern, (int, float))
+    _check_items(cfg_path, "layers_to_transform", layers or [], (int,))
+    if not math.isfinite(alpha) or any(not math.isfinite(v) for v in alpha_pattern.values()):
+        raise ShareportError(f"{cfg_path}: lora_alpha values must be finite")
 
     weights_path, state = load_weights(folder, allow_pickle)
     check_finite(weights_path, state)
@@ -161,6 +180,10 @@ def read_peft(folder: str | Path, allow_pickle: bool = False, config: dict | Non
         out[path] = (a, b, scale)
 
     modules_to_save = _field(config, cfg_path, "modules_to_save", (list,), None)
+    _check_items(cfg_path, "modules_to_save", modules_to_save or [], (str,))
+    target_modules = _field(config, cfg_path, "target_modules", (list, str), None)
+    if isinstance(target_modules, list):
+        _check_items(cfg_path, "target_modules", target_modules, (str,))
     kept = {
         k: config[k]
         for k in ("target_modules", "modules_to_save", "bias", "revision")
