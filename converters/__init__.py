@@ -1,1 +1,68 @@
-"""Pure tensor math for converting LoRA adapters to shared forms (no file or model I/O)."""
+"""Pure tensor math for converting LoRA adapters to shared forms (no file or model I/O).
+
+Input for one kind (sites of the same shape): ``As[l]`` (r_l, n_in) and ``Bts[l]`` (n_out, r_l)
+with the LoRA scale already folded into B, so ``dW_l = Bts[l] @ As[l]``. Everything is computed
+in float64 without forming any dW; results come back in float32 (or float64 for float64 input)
+with scale 1.0.
+
+Public API:
+    convert_kind(method, As, Bts, rank, groups=None, grouping="any", max_iterations=10) -> KindResult
+    plan(method, kinds, *, rank=None, groups=None, energy=None, budget=None, grouping="any")
+        -> dict[str, KindPlan]
+    parameter_count(method, n_out, n_in, n_sites, rank, groups=None) -> int
+    lora_parameter_count(n_out, n_in, ranks) -> int
+    reconstruction_error(As, Bts, result) -> float
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .aslora import DEFAULT_MAX_ITERATIONS, convert_aslora
+from .budget import (ASLORA_PLAN_RANK_FACTOR, DEFAULT_ASLORA_BUDGET, DEFAULT_RANK_RULE,
+                     default_groups, plan)
+from .counting import METHODS, lora_parameter_count, parameter_count
+from .factored import sites_error
+from .grouping import GROUPINGS
+from .shareab import convert_shareab
+from .sharea import convert_sharea
+from .shareb import convert_shareb
+from .types import KindFactors, KindPlan, KindResult, Option
+
+__all__ = [
+    "ASLORA_PLAN_RANK_FACTOR", "DEFAULT_ASLORA_BUDGET", "DEFAULT_MAX_ITERATIONS", "DEFAULT_RANK_RULE",
+    "GROUPINGS", "METHODS", "KindPlan", "KindResult", "Option", "convert_kind", "default_groups",
+    "lora_parameter_count", "parameter_count", "plan", "reconstruction_error",
+]
+
+
+def convert_kind(method: str, As: list[Tensor], Bts: list[Tensor], rank: int,
+                 groups: int | None = None, grouping: str = "any",
+                 max_iterations: int = DEFAULT_MAX_ITERATIONS) -> KindResult:
+    """Convert one kind to ``method`` at ``rank`` (ASLoRA also needs ``groups``).
+
+    ``rank`` may exceed the LoRA rank; it is capped where the shared factor could no longer
+    have orthonormal rows/columns (n_in for sharea/aslora, n_out for shareb, both for shareab),
+    and ``result.rank`` says what was used. ``grouping`` ("any" or "adjacent") and
+    ``max_iterations`` only concern ASLoRA.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be positive, got {rank}")
+    kind = KindFactors.from_lists(As, Bts)
+    if method == "sharea":
+        return convert_sharea(kind, rank)
+    if method == "shareb":
+        return convert_shareb(kind, rank)
+    if method == "shareab":
+        return convert_shareab(kind, rank)
+    if method == "aslora":
+        if groups is None:
+            raise ValueError("aslora needs groups (see converters.default_groups)")
+        return convert_aslora(kind, rank, groups, grouping, max_iterations)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def reconstruction_error(As: list[Tensor], Bts: list[Tensor], result: KindResult) -> float:
+    """``sum_l ||Bts[l] @ As[l] - B'_l A'_l||_F^2`` of a result's (stored) factors, factored, float64."""
+    kind = KindFactors.from_lists(As, Bts)
+    site_bs, site_as = zip(*(result.site_factors(pos) for pos in range(result.n_sites)))
+    return sites_error(kind.bts, kind.as_, [b.double() for b in site_bs], [a.double() for a in site_as])

@@ -1,0 +1,192 @@
+"""Choosing each kind's rank (and ASLoRA's number of groups).
+
+Three modes, exclusive:
+
+- explicit ``rank`` (per kind or for all; it may exceed the LoRA rank);
+- ``energy=f``: per kind, the cheapest setting whose retained energy ``1 - error/energy`` reaches
+  f (if none does, e.g. ShareAB whose error cannot fall below the sites' scatter around their
+  mean, the setting with the least error);
+- ``budget=f``: a parameter budget of f times the LoRA's parameter count over all kinds, spent
+  greedily where the error falls most per parameter (see ``spend_budget``).
+
+Defaults (no mode given), cited by the CLI's help:
+- every form: rank = the largest LoRA rank of the kind (``DEFAULT_RANK_RULE``);
+- ASLoRA: groups = the most groups that keep the kind within ``DEFAULT_ASLORA_BUDGET`` of its
+  LoRA parameters at that rank (the paper's "less than 25%": 5 groups for RoBERTa-base r=8).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from .aslora import aslora_error_table
+from .counting import METHODS, lora_parameter_count, parameter_count
+from .factored import kind_energy
+from .shareab import shareab_spectrum
+from .sharea import sharea_spectrum
+from .shareb import shareb_spectrum
+from .types import KindFactors, KindPlan, Option
+
+DEFAULT_RANK_RULE = "largest LoRA rank of the kind"
+DEFAULT_ASLORA_BUDGET = 0.25
+# ASLoRA planning scores every (rank, groups) pair with one grouping run per rank, so the
+# candidate ranks stop at this multiple of the LoRA rank (sharea/shareb/shareab use all ranks).
+ASLORA_PLAN_RANK_FACTOR = 2
+# slack for "reaches the energy target", so that a target of exactly 1.0 survives roundoff
+_ENERGY_SLACK = 1e-12
+
+
+def rank_cap(method: str, kind: KindFactors) -> int:
+    """Largest rank the form allows while its shared factor keeps orthonormal rows/columns."""
+    if method in ("sharea", "aslora"):
+        return kind.n_in
+    if method == "shareb":
+        return kind.n_out
+    if method == "shareab":
+        return min(kind.n_in, kind.n_out)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def kind_parameter_count(method: str, kind: KindFactors, rank: int, groups: int | None = None) -> int:
+    return parameter_count(method, kind.n_out, kind.n_in, kind.n_sites, rank, groups)
+
+
+def kind_lora_parameter_count(kind: KindFactors) -> int:
+    return lora_parameter_count(kind.n_out, kind.n_in, [a.shape[0] for a in kind.as_])
+
+
+def default_groups(kind: KindFactors, rank: int, fraction: float = DEFAULT_ASLORA_BUDGET) -> int:
+    """Most ASLoRA groups within ``fraction`` of the kind's LoRA parameters at ``rank`` (>= 1)."""
+    allowed = fraction * kind_lora_parameter_count(kind) - rank * kind.n_in
+    return max(1, min(kind.n_sites, math.floor(allowed / (rank * kind.n_out))))
+
+
+_SPECTRA = {"sharea": sharea_spectrum, "shareb": shareb_spectrum, "shareab": shareab_spectrum}
+
+
+def kind_options(method: str, kind: KindFactors, max_rank: int | None = None,
+                 groups: int | None = None, grouping: str = "any") -> list[Option]:
+    """Every candidate setting of a kind up to ``max_rank`` with its parameters and error.
+
+    sharea/shareb/shareab: ranks 1..max_rank with the exact error ``energy - spectrum[:k].sum()``
+    (default max_rank: the spectrum's length, beyond which the error no longer falls).
+    aslora: pairs (k, G) (G fixed when ``groups`` is given) with the estimate of
+    ``aslora_error_table`` (default max_rank: ``ASLORA_PLAN_RANK_FACTOR`` times the LoRA rank).
+    """
+    cap = rank_cap(method, kind)
+    if method == "aslora":
+        top = max_rank or ASLORA_PLAN_RANK_FACTOR * kind.max_rank
+        ranks = list(range(1, min(top, cap) + 1))
+        table = aslora_error_table(kind, ranks, grouping)
+        group_counts = [min(groups, kind.n_sites)] if groups else range(1, kind.n_sites + 1)
+        return [Option(k, g, kind_parameter_count(method, kind, k, g), table[k][g - 1])
+                for k in ranks for g in group_counts]
+    spectrum = _SPECTRA[method](kind)
+    energy = kind_energy(kind.bts, kind.as_)
+    top = min(max_rank or max(len(spectrum), 1), cap)
+    head = spectrum[:top].cumsum(0).tolist() + [float(spectrum[:top].sum())] * max(0, top - len(spectrum))
+    return [Option(k, None, kind_parameter_count(method, kind, k), max(energy - head[k - 1], 0.0))
+            for k in range(1, top + 1)]
+
+
+def choose_by_energy(options: list[Option], energy: float, fraction: float) -> Option:
+    """Cheapest option keeping ``fraction`` of the energy (least error among equally cheap);
+    the least-error option when none reaches it."""
+    allowed = (1.0 - fraction) * energy + _ENERGY_SLACK * energy
+    reaching = [o for o in options if o.error <= allowed]
+    if reaching:
+        return min(reaching, key=lambda o: (o.params, o.error))
+    return min(options, key=lambda o: (o.error, o.params))
+
+
+def pareto_front(options: list[Option]) -> list[Option]:
+    """Options not beaten by a cheaper-or-equal one: ascending params, strictly falling error."""
+    front: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.params, o.error)):
+        if not front or o.error < front[-1].error:
+            front.append(o)
+    return front
+
+
+def spend_budget(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option]:
+    """Pick one option per kind with total parameters <= ``budget``, aiming at the least total error.
+
+    Every kind starts at its cheapest option; then, repeatedly, the affordable upgrade (to any
+    dearer option on the kind's Pareto front) with the largest error decrease per added parameter
+    is taken, until none fits. On convex fronts (sharea/shareb/shareab, whose spectra fall) this
+    is the classic greedy; jumping past the next point also handles ASLoRA's non-convex fronts.
+    """
+    fronts = {name: pareto_front(opts) for name, opts in options.items()}
+    choice = {name: 0 for name in fronts}
+    spent = sum(front[0].params for front in fronts.values())
+    if spent > budget:
+        raise ValueError(f"budget of {budget} parameters is below the minimum of {spent} "
+                         "(rank 1, one group, in every kind)")
+    while True:
+        best = None
+        for name in sorted(fronts):
+            front, here = fronts[name], fronts[name][choice[name]]
+            for j in range(choice[name] + 1, len(front)):
+                extra = front[j].params - here.params
+                if spent + extra > budget:
+                    break
+                ratio = (here.error - front[j].error) / extra
+                if best is None or ratio > best[0]:
+                    best = (ratio, name, j, extra)
+        if best is None:
+            return {name: fronts[name][choice[name]] for name in fronts}
+        _, name, j, extra = best
+        choice[name] = j
+        spent += extra
+
+
+def _per_kind(value, name: str):
+    return value[name] if isinstance(value, Mapping) else value
+
+
+def plan(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
+         rank: int | Mapping[str, int] | None = None,
+         groups: int | Mapping[str, int] | None = None,
+         energy: float | None = None, budget: float | None = None,
+         grouping: str = "any") -> dict[str, KindPlan]:
+    """Rank (and groups) per kind for ``method``: explicit, by energy, by budget, or the defaults.
+
+    ``kinds`` maps a kind's name to its ``(As, Bts)`` with the scale folded into the Bts.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if sum(x is not None for x in (rank, energy, budget)) > 1:
+        raise ValueError("give at most one of rank, energy and budget")
+    factors = {name: KindFactors.from_lists(As, Bts) for name, (As, Bts) in kinds.items()}
+    fixed_groups = {name: _per_kind(groups, name) if groups is not None else None for name in factors}
+
+    def options(name: str) -> list[Option]:
+        return kind_options(method, factors[name], groups=fixed_groups[name], grouping=grouping)
+
+    if budget is not None:
+        total = sum(kind_lora_parameter_count(k) for k in factors.values())
+        chosen = spend_budget({name: options(name) for name in factors}, math.floor(budget * total))
+    elif energy is not None:
+        chosen = {name: choose_by_energy(options(name), kind_energy(f.bts, f.as_), energy)
+                  for name, f in factors.items()}
+    else:
+        chosen = {name: _explicit_option(method, f, _per_kind(rank, name) if rank is not None else None,
+                                         fixed_groups[name], grouping)
+                  for name, f in factors.items()}
+    return {name: KindPlan(rank=o.rank, groups=o.groups, params=o.params, estimated_error=o.error,
+                           energy=kind_energy(factors[name].bts, factors[name].as_),
+                           lora_params=kind_lora_parameter_count(factors[name]))
+            for name, o in chosen.items()}
+
+
+def _explicit_option(method: str, kind: KindFactors, rank: int | None, groups: int | None,
+                     grouping: str) -> Option:
+    """The option for a given (or default) rank, capped like the converters cap it."""
+    k = min(rank if rank is not None else kind.max_rank, rank_cap(method, kind))
+    if method == "aslora":
+        g = min(groups, kind.n_sites) if groups is not None else default_groups(kind, k)
+        error = aslora_error_table(kind, [k], grouping)[k][g - 1]
+        return Option(k, g, kind_parameter_count(method, kind, k, g), error)
+    return next(o for o in kind_options(method, kind, max_rank=k) if o.rank == k)
