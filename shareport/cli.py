@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from . import __version__
+from .commands.convert_cmd import convert_cmd
 from .commands.inspect_cmd import inspect_cmd
 from .errors import ShareportError
 
@@ -32,5 +33,5 @@ def main() -> None:
     """
 
 
-for command in (inspect_cmd,):
+for command in (convert_cmd, inspect_cmd):
     main.add_command(command)

@@ -1,0 +1,97 @@
+"""``shareport convert LORA_DIR --to FORM``: exact shared projection, with a report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from ..convert import GROUPINGS, TARGET_FORMS, convert_adapter, file_sha256
+from ..formats import load_adapter, save_adapter
+from ..peft_format import WEIGHTS_NAME
+from ..table import format_table, to_json
+from .options import allow_pickle_option, json_option, overwrite_option
+
+
+@click.command("convert")
+@click.argument("lora_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--to", "to", type=click.Choice(TARGET_FORMS), required=True,
+              help="Target form. 'lora' writes a plain PEFT LoRA expanded from any form.")
+@click.option("-o", "--out", type=click.Path(path_type=str), default=None,
+              help="Output folder [default: LORA_DIR-<form> beside the input].")
+@click.option("--rank", type=int, default=None,
+              help="Shared rank per kind (may exceed the LoRA's r). Default: the kind's largest LoRA rank.")
+@click.option("--energy", type=float, default=None,
+              help="Instead of --rank: the smallest rank per kind keeping this fraction of its energy, e.g. 0.99.")
+@click.option("--budget", type=float, default=None,
+              help="Instead of --rank: a fraction of the LoRA's parameters, e.g. 0.25, spent across kinds "
+                   "(and for aslora between rank and groups) where the error drops most per parameter.")
+@click.option("--groups", type=int, default=None,
+              help="aslora: number of B groups per kind. Default: the most groups that keep each kind "
+                   "within 25% of its LoRA parameters (the paper's setting).")
+@click.option("--grouping", type=click.Choice(GROUPINGS), default="any", show_default=True,
+              help="aslora: 'any' groups any layers (Ward clustering), 'adjacent' only contiguous runs "
+                   "(exact dynamic programme).")
+@overwrite_option
+@allow_pickle_option
+@json_option
+def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overwrite, allow_pickle, as_json):
+    """Convert a LoRA (PEFT or native, any form) into a shared form.
+
+    \b
+    sharea   one A per kind, one B per layer        (ShareLoRA)
+    shareb   one A per layer, one B per kind        (ShareLoRA)
+    shareab  one A and one B per kind               (ShareLoRA)
+    aslora   one A per kind, one B per group of layers (ASLoRA)
+    lora     plain PEFT LoRA, expanded from any form
+
+    The projection is exact: for the chosen rank the result is the least-squares optimum
+    (Eckart-Young) over all layers of a kind, computed from the factors without forming any
+    dense update. The output is shareport's native format (or PEFT for --to lora).
+    """
+    out = out or f"{lora_dir.rstrip('/')}-{to}"
+    from ..atomic import check_output
+
+    check_output(out, overwrite, [lora_dir])  # fail before the work, not after
+    adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)
+    weights = Path(lora_dir) / WEIGHTS_NAME
+    digest = file_sha256(weights) if weights.is_file() else None
+    kinds = adapter.kinds()
+    with tqdm(total=len(kinds), desc="converting", unit="kind", file=sys.stderr, disable=as_json or None,
+              leave=False) as bar:
+        def progress(name):
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
+                                         grouping=grouping, progress=progress, source_digest=digest)
+    save_adapter(result, out, as_peft=(to == "lora"), overwrite=overwrite, inputs=[lora_dir])
+    data = {"output": out, **report.to_dict()}
+    click.echo(to_json(data) if as_json else render(data))
+
+
+def render(data: dict) -> str:
+    head = (
+        f"{data['form']} written to {data['output']}\n"
+        f"parameters: {data['parameters_before']:,} -> {data['parameters_after']:,} ({data['ratio']:.1%})"
+    )
+    if not data["kinds"]:
+        return head
+    rows = []
+    for k in data["kinds"]:
+        rows.append((k["kind"], k["sites"], k["lora_rank"], k["rank"], _groups(k["groups"], k["sites"]),
+                     k["relative_error"], k["retained_energy"], k["parameters_after"],
+                     "yes" if k["already_shared"] else ""))
+    table = format_table(["kind", "sites", "LoRA r", "rank", "B groups (layers)", "rel. error", "energy kept",
+                          "params", "A already shared"], rows)
+    return head + "\n\n" + table
+
+
+def _groups(groups: list[list[int]], sites: int) -> str:
+    if len(groups) == sites:
+        return "one per layer"
+    if len(groups) == 1:
+        return "one for all"
+    return " ".join("[" + ",".join(map(str, g)) + "]" for g in groups)
