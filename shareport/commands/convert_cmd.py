@@ -12,7 +12,8 @@ from ..convert import GROUPINGS, TARGET_FORMS, convert_adapter, file_sha256
 from ..formats import load_adapter, save_adapter
 from ..peft_format import WEIGHTS_NAME
 from ..table import format_table, to_json
-from .options import allow_pickle_option, json_option, overwrite_option
+from ..plots import check_plot_path, plot_adapter
+from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 
 
 @click.command("convert")
@@ -37,7 +38,8 @@ from .options import allow_pickle_option, json_option, overwrite_option
 @overwrite_option
 @allow_pickle_option
 @json_option
-def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overwrite, allow_pickle, as_json):
+@plot_option
+def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overwrite, allow_pickle, as_json, plot):
     """Convert a LoRA (PEFT or native, any form) into a shared form.
 
     \b
@@ -47,6 +49,9 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overw
     aslora   one A per kind, one B per group of layers (ASLoRA)
     lora     plain PEFT LoRA, expanded from any form
 
+    With --plot, also write a PNG of the layer distance matrix per kind with the
+    chosen groups outlined, and the energy kept against the shared rank.
+
     The projection is exact: for the chosen rank the result is the least-squares optimum
     (Eckart-Young) over all layers of a kind, computed from the factors without forming any
     dense update. The output is shareport's native format (or PEFT for --to lora).
@@ -55,6 +60,8 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overw
     from ..atomic import check_output
 
     check_output(out, overwrite, [lora_dir])  # fail before the work, not after
+    if plot:
+        check_plot_path(plot, overwrite)
     adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)
     weights = Path(lora_dir) / WEIGHTS_NAME
     digest = file_sha256(weights) if weights.is_file() else None
@@ -67,8 +74,16 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overw
 
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
                                          grouping=grouping, progress=progress, source_digest=digest)
-    save_adapter(result, out, as_peft=(to == "lora"), overwrite=overwrite, inputs=[lora_dir])
     data = {"output": out, **report.to_dict()}
+    if plot:
+        plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
+        data["plot"] = plot
+    try:
+        save_adapter(result, out, as_peft=(to == "lora"), overwrite=overwrite, inputs=[lora_dir])
+    except BaseException:
+        if plot:
+            Path(plot).unlink(missing_ok=True)  # all outputs or none
+        raise
     click.echo(to_json(data) if as_json else render(data))
 
 

@@ -7,20 +7,30 @@ import click
 from ..formats import adapter_file_size, load_adapter
 from ..summary import summarize
 from ..table import format_table, human_bytes, to_json
-from .options import allow_pickle_option, json_option
+from ..plots import check_plot_path, plot_adapter
+from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 
 
 @click.command("inspect")
 @click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
 @json_option
 @allow_pickle_option
-def inspect_cmd(adapter_dir: str, as_json: bool, allow_pickle: bool) -> None:
+@plot_option
+@overwrite_option
+def inspect_cmd(adapter_dir: str, as_json: bool, allow_pickle: bool, plot: str | None, overwrite: bool) -> None:
     """Show an adapter's form, base model, kinds, layers, ranks, size and per-layer norms.
 
-    ADAPTER_DIR is a PEFT LoRA folder or a shareport (native) folder.
+    ADAPTER_DIR is a PEFT LoRA folder or a shareport (native) folder. With --plot, also
+    write a PNG: per kind, the layer-by-layer distance matrix of the updates (layers that
+    share a B outlined) and the energy kept against a shared rank.
     """
+    if plot:
+        check_plot_path(plot, overwrite)
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
     info = summarize(adapter, adapter_file_size(adapter_dir))
+    if plot:
+        plot_adapter(adapter, plot)
+        info["plot"] = plot
     if as_json:
         click.echo(to_json(info))
         return

@@ -9,3 +9,7 @@ allow_pickle_option = click.option(
     help="Allow reading a pickled adapter_model.bin (with torch.load(weights_only=True)). Off by default.",
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+plot_option = click.option(
+    "--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+    help="Also write a PNG figure here (needs matplotlib: pip install 'shareport[plot]').",
+)

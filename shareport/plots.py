@@ -1,0 +1,115 @@
+"""Figures: per kind, the layer-by-layer distance matrix of the updates with the B groups
+marked, and the retained energy against the shared rank.
+
+matplotlib is an optional extra (``pip install 'shareport[plot]'``); it is imported only here,
+and only when a figure is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter
+from .atomic import check_output
+from .errors import ShareportError
+
+
+def update_distances(adapter: Adapter, paths: list[str]) -> torch.Tensor:
+    """||dW_i - dW_j||_F for every pair, from the factors: <B_i A_i, B_j A_j> = sum((B_j^T B_i) * (A_j A_i^T))."""
+    factors = [adapter.factors(p, torch.float64) for p in paths]
+    n = len(paths)
+    inner = torch.empty(n, n, dtype=torch.float64)
+    for i, (a_i, b_i) in enumerate(factors):
+        for j, (a_j, b_j) in enumerate(factors[: i + 1]):
+            inner[i, j] = inner[j, i] = ((b_j.T @ b_i) * (a_j @ a_i.T)).sum()
+    sq = inner.diagonal()
+    return (sq[:, None] + sq[None, :] - 2 * inner).clamp(min=0).sqrt()
+
+
+def energy_curve(adapter: Adapter, paths: list[str]) -> torch.Tensor:
+    """Fraction of the kind's energy a shared A of rank k keeps, for k = 1, 2, ... (ShareA spectrum)."""
+    from converters.sharea import sharea_spectrum
+    from converters.types import KindFactors
+
+    As, Bts = zip(*(adapter.factors(p) for p in paths))
+    spectrum = sharea_spectrum(KindFactors.from_lists(list(As), list(Bts)))
+    total = float(spectrum.sum())
+    return spectrum.cumsum(0) / total if total > 0 else torch.ones_like(spectrum)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ShareportError("--plot needs matplotlib: pip install 'shareport[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def check_plot_path(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a bad figure path before any work is done."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ShareportError(f"--plot '{path}': the figure is a PNG, give a path ending in .png")
+    if path.exists() and not overwrite:
+        raise ShareportError(f"--plot '{path}' already exists; pass --overwrite to replace it")
+    check_output(path.parent if str(path.parent) else ".", overwrite=True)
+    _pyplot()
+
+
+def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | None = None,
+                 ranks: dict[str, int] | None = None) -> Path:
+    """Write the figure for ``source``; groups come from ``grouped`` (default: the source itself).
+
+    One row per kind: left, the distance matrix of the source's updates with each group of
+    layers that shares a B outlined; right, retained energy against rank, the chosen rank marked.
+    """
+    plt = _pyplot()
+    grouped = grouped or source
+    kinds = source.kinds()
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 3.6 * len(kinds)), squeeze=False)
+    for row, (kind, sites) in enumerate(kinds.items()):
+        paths = [s.path for s in sites]
+        layers = [s.layer for s in sites]
+        dist = update_distances(source, paths)
+        ax = axes[row][0]
+        im = ax.imshow(dist.numpy(), cmap="viridis")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        ax.set_title(f"{kind}: ||dW_i - dW_j||_F")
+        ticks = list(range(len(layers)))
+        ax.set_xticks(ticks, [str(layer) for layer in layers], fontsize=7)
+        ax.set_yticks(ticks, [str(layer) for layer in layers], fontsize=7)
+        ax.set_xlabel("layer")
+        b_of = [grouped.sites[p].b for p in paths]
+        for name in sorted(set(b_of)):
+            members = [i for i, b in enumerate(b_of) if b == name]
+            if 1 < len(members) < len(paths):
+                for i in members:
+                    for j in members:
+                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
+        curve = energy_curve(source, paths)
+        ax = axes[row][1]
+        ax.plot(range(1, len(curve) + 1), curve.numpy(), marker=".")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("shared rank k")
+        ax.set_ylabel("energy kept")
+        ax.set_title(f"{kind}: ShareA energy vs rank")
+        if ranks and kind in ranks:
+            ax.axvline(ranks[kind], color="red", ls="--", label=f"chosen rank {ranks[kind]}")
+            ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=90, metadata={"Software": None})  # no version stamp: same input, same bytes
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
