@@ -95,20 +95,10 @@ def convert_aslora(kind: KindFactors, rank: int, groups: int, grouping: str = "a
             b_index[pos] = g
     # the reported error is recomputed from the final factors, independently of the formula above
     exact = sites_error(kind.bts, kind.as_, [b_groups[g] for g in b_index], [a] * kind.n_sites)
-    return KindResult(
-        method="aslora",
-        a_tensors=[a.to(kind.out_dtype)],
-        b_tensors=[b.to(kind.out_dtype) for b in b_groups],
-        a_index=[0] * kind.n_sites,
-        b_index=b_index,
-        rank=k,
-        groups=partition,
-        error=exact,
-        energy=bases.energy,
-        spectrum=bases.grouped_directions(partition)[1],
-        already_shared=kind.a_is_shared(),
-        error_history=history,
-    )
+    return KindResult.from_float64(
+        kind, "aslora", [a], b_groups, a_index=[0] * kind.n_sites, b_index=b_index,
+        groups=partition, error=exact, energy=bases.energy,
+        spectrum=bases.grouped_directions(partition)[1], error_history=history)
 
 
 def aslora_error_table(kind: KindFactors, ranks: list[int], grouping: str = "any") -> dict[int, list[float]]:

@@ -22,7 +22,8 @@ GROUPINGS = ("any", "adjacent")
 
 
 def _as_points(points: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
-    pts = points.reshape(points.shape[0], -1).to(torch.float64)
+    # the greedy and the DP are scalar loops: run them on the CPU whatever the points' device
+    pts = points.detach().reshape(points.shape[0], -1).to("cpu", torch.float64)
     if weights is None:
         w = torch.ones(pts.shape[0], dtype=torch.float64)
     else:

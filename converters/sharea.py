@@ -29,19 +29,8 @@ def sharea_factors(kind: KindFactors, rank: int) -> tuple[Tensor, list[Tensor], 
 def convert_sharea(kind: KindFactors, rank: int) -> KindResult:
     """ShareA at ``rank`` (it may exceed the LoRA rank; capped at n_in so A stays orthonormal)."""
     a, bs, spectrum = sharea_factors(kind, rank)
-    k = a.shape[0]
     sites = list(range(kind.n_sites))
-    return KindResult(
-        method="sharea",
-        a_tensors=[a.to(kind.out_dtype)],
-        b_tensors=[b.to(kind.out_dtype) for b in bs],
-        a_index=[0] * kind.n_sites,
-        b_index=sites,
-        rank=k,
-        groups=[[pos] for pos in sites],
-        error=tail_energy(spectrum, k),
-        energy=kind_energy(kind.bts, kind.as_),
-        spectrum=spectrum,
-        already_shared=kind.a_is_shared(),
-        error_history=[tail_energy(spectrum, k)],
-    )
+    return KindResult.from_float64(
+        kind, "sharea", [a], bs, a_index=[0] * kind.n_sites, b_index=sites,
+        groups=[[pos] for pos in sites], error=tail_energy(spectrum, a.shape[0]),
+        energy=kind_energy(kind.bts, kind.as_), spectrum=spectrum)

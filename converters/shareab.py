@@ -47,21 +47,8 @@ def convert_shareab(kind: KindFactors, rank: int) -> KindResult:
     k = min(rank, kind.n_in, kind.n_out)
     a = shared_rows(q, vh.T, k)
     b = u @ (mean @ (q.T @ a.T))
-    n_sites = kind.n_sites
-    spectrum = n_sites * s.square()
-    error = scatter + float(spectrum[k:].sum())
-    energy = scatter + float(spectrum.sum())
-    return KindResult(
-        method="shareab",
-        a_tensors=[a.to(kind.out_dtype)],
-        b_tensors=[b.to(kind.out_dtype)],
-        a_index=[0] * n_sites,
-        b_index=[0] * n_sites,
-        rank=k,
-        groups=[list(range(n_sites))],
-        error=error,
-        energy=energy,
-        spectrum=spectrum,
-        already_shared=kind.a_is_shared(),
-        error_history=[error],
-    )
+    spectrum = kind.n_sites * s.square()
+    return KindResult.from_float64(
+        kind, "shareab", [a], [b], a_index=[0] * kind.n_sites, b_index=[0] * kind.n_sites,
+        groups=[list(range(kind.n_sites))], error=scatter + float(spectrum[k:].sum()),
+        energy=scatter + float(spectrum.sum()), spectrum=spectrum)

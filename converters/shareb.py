@@ -20,18 +20,8 @@ def shareb_spectrum(kind: KindFactors) -> Tensor:
 def convert_shareb(kind: KindFactors, rank: int) -> KindResult:
     """ShareB at ``rank`` (capped at n_out so B keeps orthonormal columns)."""
     b_rows, a_cols, spectrum = sharea_factors(kind.transposed(), rank)
-    k = b_rows.shape[0]
-    return KindResult(
-        method="shareb",
-        a_tensors=[a.T.to(kind.out_dtype) for a in a_cols],
-        b_tensors=[b_rows.T.to(kind.out_dtype)],
-        a_index=list(range(kind.n_sites)),
-        b_index=[0] * kind.n_sites,
-        rank=k,
-        groups=[list(range(kind.n_sites))],
-        error=tail_energy(spectrum, k),
-        energy=kind_energy(kind.bts, kind.as_),
-        spectrum=spectrum,
-        already_shared=kind.a_is_shared(),
-        error_history=[tail_energy(spectrum, k)],
-    )
+    sites = list(range(kind.n_sites))
+    return KindResult.from_float64(
+        kind, "shareb", [a.T for a in a_cols], [b_rows.T], a_index=sites, b_index=[0] * kind.n_sites,
+        groups=[sites], error=tail_energy(spectrum, b_rows.shape[0]),
+        energy=kind_energy(kind.bts, kind.as_), spectrum=spectrum)

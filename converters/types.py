@@ -78,7 +78,9 @@ class KindResult:
     ``groups[g]`` lists the site positions that use B number g.
     ``error`` is the exact ``sum_l ||dW_l - B A||_F^2``; ``energy`` is ``sum_l ||dW_l||_F^2``.
     ``spectrum`` holds the per-rank error decrease of the method's projection, descending:
-    ``error(k) = energy - spectrum[:k].sum()`` (for ASLoRA: at the final grouping).
+    ``error(k) = energy - spectrum[:k].sum()``. For ASLoRA it is the spectrum of the stack of
+    ``sqrt|g| mean_g dW`` at the final grouping: that formula then gives the error with A refit
+    for that grouping (the reported error equals it when the alternation ended on a refit).
     ``already_shared`` says the input's A's were identical (ShareLoRA checkpoint).
     ``error_history`` is the ASLoRA error after each accepted step (one entry for other methods).
     """
@@ -95,6 +97,21 @@ class KindResult:
     spectrum: Tensor
     already_shared: bool
     error_history: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_float64(cls, kind: KindFactors, method: str, a_tensors: list[Tensor],
+                     b_tensors: list[Tensor], a_index: list[int], b_index: list[int],
+                     groups: list[list[int]], error: float, energy: float, spectrum: Tensor,
+                     error_history: list[float] | None = None) -> "KindResult":
+        """Assemble a result from float64 factors: casts them to the kind's output dtype, reads
+        the rank off the shared factor and records whether the input's A's were shared."""
+        return cls(method=method,
+                   a_tensors=[a.to(kind.out_dtype) for a in a_tensors],
+                   b_tensors=[b.to(kind.out_dtype) for b in b_tensors],
+                   a_index=a_index, b_index=b_index, rank=a_tensors[0].shape[0], groups=groups,
+                   error=error, energy=energy, spectrum=spectrum,
+                   already_shared=kind.a_is_shared(),
+                   error_history=error_history if error_history is not None else [error])
 
     @property
     def relative_error(self) -> float:
