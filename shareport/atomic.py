@@ -48,8 +48,9 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str |
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``out``, on any error it is removed."""
     target = check_output(out, overwrite, inputs)
+    remove_stale_temporaries(target)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     except OSError as exc:
         raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
     try:
@@ -62,6 +63,29 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete temporary folders for ``target`` left by a killed run (their writer is gone).
+
+    A temporary folder is named ``.<name>.tmp-<pid>-<random>``; one whose process no longer
+    exists can never be finished, so it is removed. A live writer's folder is left alone.
+    """
+    prefix = f".{target.name}.tmp-"
+    for path in target.parent.glob(prefix + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:

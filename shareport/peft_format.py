@@ -166,8 +166,10 @@ def read_peft(folder: str | Path, allow_pickle: bool = False, config: dict | Non
                 "disagree on the rank"
             )
         rank = a.shape[0]
+        if rank == 0:
+            raise ShareportError(f"{weights_path}: module '{path}' has rank 0 (empty LoRA factors)")
         expected = pattern_value(rank_pattern, path, r)
-        if rank == 0 or rank != expected:
+        if rank != expected:
             raise ShareportError(
                 f"{weights_path}: module '{path}' has rank {rank} but {CONFIG_NAME} says r={expected}"
             )

@@ -1,5 +1,5 @@
-"""Bad adapter folders: each gets one clear line naming the file and the problem, a non-zero
-exit, nothing written, and an untouched input."""
+"""Bad adapter folders, across commands: each gets one clear line naming the file and the
+problem, a non-zero exit, nothing written, and an untouched input (checksums)."""
 
 import hashlib
 import json
@@ -48,6 +48,48 @@ def _nan(state):
     return state
 
 
+def _inf(state):
+    key = sorted(state)[-1]
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("inf")
+    return state
+
+
+def _zero_rank(state):
+    return {k: (v[:0] if "lora_A" in k else v[:, :0]).contiguous() for k, v in state.items()}
+
+
+def _drop_one_B(state):
+    del state[next(k for k in sorted(state) if k.endswith("lora_B.weight"))]
+    return state
+
+
+def _four_d(state):
+    return {k: v[:, :, None, None].contiguous() if "lora_A" in k else v for k, v in state.items()}
+
+
+def _native(folder, form=None, rename_a=None, scale=None, format_version=None):
+    """Rewrite the folder as a native (shareport) adapter, then break one thing."""
+    from shareport.formats import load_adapter, write_adapter_files
+
+    adapter = load_adapter(folder)
+    for p in folder.iterdir():
+        p.unlink()
+    write_adapter_files(adapter, folder, as_peft=False)
+    cfg = json.loads((folder / CFG).read_text())
+    section = cfg["shareport"]
+    site = section["sites"][sorted(section["sites"])[0]]
+    if form:
+        section["form"] = form
+    if rename_a:
+        site["A"] = rename_a
+    if scale:
+        site["scale"] = scale
+    if format_version:
+        section["format_version"] = format_version
+    (folder / CFG).write_text(json.dumps(cfg))
+
+
 # name -> (how to break the folder, words the error must contain)
 CASES = {
     "missing config": (lambda f: (f / CFG).unlink(), "missing adapter config"),
@@ -69,6 +111,23 @@ CASES = {
     "embedding LoRA": (
         lambda f: _edit_weights(f, lambda s: _rename_keys(s, "lora_A.weight", "lora_embedding_A")), "embedding LoRA"),
     "not LoRA": (lambda f: _edit_config(f, peft_type="IA3"), "peft_type 'IA3'"),
+    "Inf weights": (lambda f: _edit_weights(f, _inf), "NaN or Inf"),
+    "zero rank": (lambda f: _edit_weights(f, _zero_rank), "rank 0"),
+    "alpha of wrong type": (lambda f: _edit_config(f, lora_alpha="16"), "field 'lora_alpha' must be"),
+    "rank_pattern disagrees": (lambda f: _edit_config(f, rank_pattern={"q_proj": 3}), "says r=3"),
+    "rank_pattern bad value": (lambda f: _edit_config(f, rank_pattern={"q_proj": "3"}), "rank_pattern"),
+    "layers_to_transform excludes": (lambda f: _edit_config(f, layers_to_transform=[5]), "layers_to_transform"),
+    "target_modules wrong type": (lambda f: _edit_config(f, target_modules=5), "target_modules"),
+    "modules_to_save wrong type": (lambda f: _edit_config(f, modules_to_save=[1]), "modules_to_save"),
+    "use_rslora wrong type": (lambda f: _edit_config(f, use_rslora="yes"), "use_rslora"),
+    "missing lora_B": (lambda f: _edit_weights(f, _drop_one_B), "no lora_B"),
+    "conv LoRA": (lambda f: _edit_weights(f, _four_d), "convolution LoRA"),
+    "empty weights file": (lambda f: (f / WTS).write_bytes(b""), "not a safetensors file"),
+    "header not JSON": (lambda f: (f / WTS).write_bytes(struct.pack("<Q", 4) + b"{{{{"), "not valid JSON"),
+    "native: unknown form": (lambda f: _native(f, form="sharez"), "unknown form"),
+    "native: missing tensor": (lambda f: _native(f, rename_a="nope"), "is missing"),
+    "native: bad scale": (lambda f: _native(f, scale="x"), "invalid scale"),
+    "native: wrong version": (lambda f: _native(f, format_version=9), "format_version"),
 }
 
 
@@ -83,8 +142,16 @@ def good_adapter(tmp_path_factory):
     return folder
 
 
+COMMANDS = {
+    "inspect": lambda folder, out: ["inspect", folder],
+    "convert": lambda folder, out: ["convert", folder, "--to", "sharea", "-o", out],
+    "convert-to-lora": lambda folder, out: ["convert", folder, "--to", "lora", "-o", out],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_adapter_is_refused(name, good_adapter, tmp_path, cli):
+def test_bad_adapter_is_refused(name, command, good_adapter, tmp_path, cli):
     import shutil
 
     folder = tmp_path / "bad"
@@ -92,7 +159,7 @@ def test_bad_adapter_is_refused(name, good_adapter, tmp_path, cli):
     breaker, words = CASES[name]
     breaker(folder)
     before = _checksums(folder)
-    result = cli("inspect", folder)
+    result = cli(*COMMANDS[command](folder, tmp_path / "out"))
     assert result.exit_code != 0
     message = result.output.strip().splitlines()
     assert len(message) == 1, result.output
