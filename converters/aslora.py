@@ -36,14 +36,17 @@ class _Bases:
         self.kind = kind
         self.q, self.a_coords = row_basis(kind.as_)
         self.u, self.b_coords = row_basis([bt.T for bt in kind.bts])
+        # Bt_l = U small_bts[l] with U orthonormal: the small (p_B, r_l) factors have the same
+        # Gram matrices as the (n_out, r_l) ones, so every refit works at size p_B, not n_out.
+        self.small_bts = [bc.T for bc in self.b_coords]
         self.energy = kind_energy(kind.bts, kind.as_)
 
     def sharea_directions(self) -> tuple[Tensor, Tensor]:
-        return stack_directions(self.kind.bts, self.a_coords)
+        return stack_directions(self.small_bts, self.a_coords)
 
     def grouped_directions(self, groups: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Directions and spectrum of the stack of ``sqrt|g| mean_g dW`` over the groups."""
-        bts = [torch.cat([self.kind.bts[l] for l in g], dim=1) / math.sqrt(len(g)) for g in groups]
+        bts = [torch.cat([self.small_bts[l] for l in g], dim=1) / math.sqrt(len(g)) for g in groups]
         coords = [torch.cat([self.a_coords[l] for l in g], dim=0) for g in groups]
         return stack_directions(bts, coords)
 

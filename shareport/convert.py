@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 import converters
+from converters.types import KindFactors
 
 from . import __version__
 from .adapter import Adapter, Site
@@ -73,17 +74,33 @@ def kind_factors(adapter: Adapter, sites: list[Site]) -> tuple[list[torch.Tensor
 
 
 def _plan(to: str, kinds: dict, rank, groups, energy, budget, grouping) -> dict:
+    """(rank, groups) per kind. An explicit or default rank needs no search, so the kind's
+    spectrum is computed once, by the conversion itself, rather than also by the planner."""
     try:
         if budget is not None:
             # the budget is spent across kinds, so all kinds are planned together
-            return converters.plan(to, kinds, budget=budget, groups=groups, grouping=grouping)
-        return {
-            name: converters.plan(to, {name: kinds[name]}, rank=rank, groups=groups, energy=energy,
-                                  grouping=grouping)[name]
-            for name in kinds
-        }
+            plans = converters.plan(to, kinds, budget=budget, groups=groups, grouping=grouping)
+            return {name: (p.rank, p.groups) for name, p in plans.items()}
+        if energy is not None:
+            return {
+                name: _rank_groups(converters.plan(to, {name: kinds[name]}, energy=energy, groups=groups,
+                                                   grouping=grouping)[name])
+                for name in kinds
+            }
+        out = {}
+        for name, (As, Bts) in kinds.items():
+            k = rank if rank is not None else max(a.shape[0] for a in As)
+            g = groups
+            if to == "aslora" and g is None:
+                g = converters.default_groups(KindFactors.from_lists(As, Bts), k)
+            out[name] = (k, g)
+        return out
     except ValueError as exc:
         raise ShareportError(str(exc)) from None
+
+
+def _rank_groups(plan) -> tuple[int, int | None]:
+    return plan.rank, plan.groups
 
 
 def _names(to: str, kind: str, sites: list[Site], result) -> tuple[list[str], list[str]]:
@@ -144,9 +161,9 @@ def convert_adapter(
     new_sites: dict[str, Site] = {}
     reports = []
     for name, sites in kinds.items():
-        p = plans[name]
+        k, g = plans[name]
         As, Bts = factors[name]
-        result = converters.convert_kind(to, As, Bts, p.rank, groups=p.groups, grouping=grouping)
+        result = converters.convert_kind(to, As, Bts, k, groups=g, grouping=grouping)
         a_names, b_names = _names(to, name, sites, result)
         tensors.update(zip(a_names, result.a_tensors))
         tensors.update(zip(b_names, result.b_tensors))
