@@ -9,7 +9,9 @@ from __future__ import annotations
 import click
 
 from . import __version__
+from .commands.finetune_cmd import finetune_cmd
 from .commands.inspect_cmd import inspect_cmd
+from .commands.train_cmd import train_cmd
 from .errors import ShareportError
 
 
@@ -32,5 +34,5 @@ def main() -> None:
     """
 
 
-for command in (inspect_cmd,):
+for command in (inspect_cmd, finetune_cmd, train_cmd):
     main.add_command(command)
