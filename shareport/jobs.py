@@ -69,13 +69,13 @@ def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, 
     student = load_adapter(shared_dir)
     teacher_adapter = load_adapter(teacher_dir)
     check_pair(teacher_adapter, student)
+    resumed, state = _resume(checkpoint_dir, resume)
+    if resumed is not None:
+        check_pair(teacher_adapter, resumed)
     acc = make_accelerator(merging)
     train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
     model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc)
     teacher = Teacher(model, teacher_adapter)
-    resumed, state = _resume(checkpoint_dir, resume)
-    if resumed is not None:
-        check_pair(teacher_adapter, resumed)
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     return Job(model, resumed or student, teacher, train, heldout, acc, inputs, checkpoint_dir, state)
 
@@ -83,11 +83,11 @@ def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, 
 def scratch_job(base_dir, data_path, form: str, targets: list[str], rank: int, alpha: float, seed: int,
                 max_length: int, eval_fraction: float, checkpoint_dir: Path | None, resume: bool,
                 merging: bool) -> Job:
+    resumed, state = _resume(checkpoint_dir, resume)
     acc = make_accelerator(merging)
     train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
     model = _base_model(base_dir, None, acc)
     adapter = fresh_adapter(model, form, targets, rank, alpha, seed, base_model=str(base_dir))
-    resumed, state = _resume(checkpoint_dir, resume)
     inputs.update({"base": str(base_dir), "form": form, "targets": sorted(targets), "rank": rank, "alpha": alpha})
     return Job(model, resumed or adapter, None, train, heldout, acc, inputs, checkpoint_dir, state)
 
