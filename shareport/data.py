@@ -49,9 +49,6 @@ class TokenData:
         labels = [self.labels[i] for i in indices] if self.labels is not None else None
         return TokenData([self.sequences[i] for i in indices], labels, self.source)
 
-    def num_tokens(self) -> int:
-        return sum(len(s) for s in self.sequences)
-
 
 def load_tokenizer(base_dir: str | os.PathLike):
     """The tokenizer saved with the base model; a clear error when there is none."""

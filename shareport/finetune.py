@@ -29,8 +29,7 @@ import torch
 
 from .adapter import Adapter
 from .aslora_schedule import BMerger, MergeSchedule
-from .checkpoint import (check_same_recipe, load_checkpoint, load_optimizer_state, optimizer_state, restore_rng,
-                         save_checkpoint)
+from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
 from .data import BatchOrder, TokenData, collate, pad_token_id
 from .distill import EvalTotals, distill_sum, model_outputs, task_sum
 from .errors import ShareportError
@@ -93,17 +92,14 @@ def is_causal_lm(model) -> bool:
     return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def resume_point(checkpoint_dir: Path) -> tuple[Adapter, tuple[dict, dict]]:
-    adapter, state, tensors = load_checkpoint(checkpoint_dir)
-    return adapter, (state, tensors)
-
-
 def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:
     """Train; return the trained adapter and the report. ``after_step(t)`` runs after each step."""
     acc = job.accelerator
     model = job.model
     causal = is_causal_lm(model)
     _check_losses(recipe, job, causal)
+    if recipe.batch_size % acc.num_processes:
+        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the {acc.num_processes} processes")
     pad = pad_token_id(model.config)
 
     student = attach(model, job.student, trainable=True, dtype=torch.float32)
@@ -120,8 +116,6 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
 
     ddp_model, optimizer = acc.prepare(model, optimizer)
     order = BatchOrder(len(job.train_data), recipe.batch_size, recipe.seed)
-    if recipe.batch_size % acc.num_processes:
-        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the {acc.num_processes} processes")
     share = recipe.batch_size // acc.num_processes
     rank = acc.process_index
 

@@ -16,7 +16,8 @@ from .aslora_schedule import MergeSchedule
 from .atomic import atomic_dir
 from .data import load_data, split_heldout
 from .errors import ShareportError
-from .finetune import Job, make_accelerator, model_dtype, resume_point
+from .checkpoint import load_checkpoint
+from .finetune import Job, make_accelerator, model_dtype
 from .formats import dump_json, load_adapter, write_adapter_files
 from .fresh import fresh_adapter
 from .surgery import load_base_model
@@ -61,7 +62,8 @@ def _resume(checkpoint_dir: Path | None, resume: bool):
         return None, None
     if checkpoint_dir is None or not Path(checkpoint_dir).exists():
         raise ShareportError(f"--resume: no checkpoint folder '{checkpoint_dir}'")
-    return resume_point(Path(checkpoint_dir))
+    adapter, state, tensors = load_checkpoint(checkpoint_dir)
+    return adapter, (state, tensors)
 
 
 def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, eval_fraction: float,

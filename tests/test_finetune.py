@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from shareport.data import BatchOrder, collate, load_data, split_heldout
+from shareport.data import BatchOrder, collate
 from shareport.distill import distill_sum, model_outputs
 from shareport.finetune import Recipe, run
 from shareport.formats import load_adapter

@@ -3,10 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from shareport.data import BatchOrder, load_data, save_tokenized, split_heldout
-from shareport.errors import ShareportError
 from shareport.formats import load_adapter, save_adapter
 from tests.tiny import make_peft_adapter, tiny_bert, tiny_llama
 from tests.training_helpers import recovery_setup, save_base, sharea_by_svd, write_text
