@@ -10,7 +10,9 @@ import click
 
 from . import __version__
 from .commands.convert_cmd import convert_cmd
+from .commands.finetune_cmd import finetune_cmd
 from .commands.inspect_cmd import inspect_cmd
+from .commands.train_cmd import train_cmd
 from .errors import ShareportError
 
 
@@ -28,10 +30,12 @@ def main() -> None:
     """shareport: make LoRA adapters smaller and deployable.
 
     \b
-    convert   LoRA -> ShareA / ShareB / ShareAB / ASLoRA by exact SVD projection
     inspect   what an adapter holds, per kind and layer
+    convert   LoRA -> ShareA / ShareB / ShareAB / ASLoRA by exact SVD projection
+    finetune  recover a converted adapter by distillation toward its LoRA
+    train     train a fresh shared adapter (ShareLoRA init, ASLoRA merges on schedule)
     """
 
 
-for command in (convert_cmd, inspect_cmd):
+for command in (inspect_cmd, convert_cmd, finetune_cmd, train_cmd):
     main.add_command(command)

@@ -1,0 +1,72 @@
+"""Options and output shared by ``finetune`` and ``train``: the recipe, data, checkpoints, ASLoRA merges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..aslora_schedule import MODES, PAIRS
+from ..table import format_table, to_json
+
+_RECIPE_OPTIONS = [
+    click.option("--data", "data_path", required=True, type=click.Path(path_type=str),
+                 help="A text file (one example a line), a .jsonl with 'text' (and 'label'), or a tokenized folder."),
+    click.option("-o", "--output", "out", type=click.Path(path_type=str), default=None, help="Output adapter folder."),
+    click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists."),
+    click.option("--steps", default=100, show_default=True, type=int, help="Optimizer steps."),
+    click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),
+    click.option("--batch-size", default=8, show_default=True, type=int, help="Global batch (all processes)."),
+    click.option("--max-length", default=128, show_default=True, type=int, help="Tokens per example, at most."),
+    click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch order (and init)."),
+    click.option("--eval-fraction", default=0.1, show_default=True, type=float,
+                 help="Share of the examples held out (a fixed split) for evaluation before and after."),
+    click.option("--checkpoint-every", default=0, show_default=True, type=int,
+                 help="Save a resumable checkpoint every N steps (0: never)."),
+    click.option("--checkpoint-dir", type=click.Path(path_type=str), default=None,
+                 help="Checkpoint folder [default: OUTPUT.checkpoint]."),
+    click.option("--resume", is_flag=True, help="Continue from the checkpoint folder (same options required)."),
+    click.option("--merges", type=int, default=None, help="ASLoRA: merges per kind during training."),
+    click.option("--groups", type=int, default=None, help="ASLoRA: or the number of B groups per kind to end with."),
+    click.option("--merge-start", type=int, default=None, help="ASLoRA T_s: first merge after this step [steps/4]."),
+    click.option("--merge-every", type=int, default=None, help="ASLoRA m: steps between merges [spread over half the run]."),
+    click.option("--merge-mode", type=click.Choice(MODES), default="tie", show_default=True,
+                 help="tie: the lower layer takes the upper's B (the paper); mean: both take the mean."),
+    click.option("--merge-pairs", type=click.Choice(PAIRS), default="adjacent", show_default=True,
+                 help="Which groups may merge: neighbouring layers only, or any pair."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+]
+
+
+def recipe_options(func):
+    """Attach every shared option (in the order --help lists them)."""
+    for option in reversed(_RECIPE_OPTIONS):
+        func = option(func)
+    return func
+
+
+def checkpoint_folder(out: str, given: str | None) -> Path:
+    """Where checkpoints go: --checkpoint-dir, else beside the output."""
+    return Path(given) if given else Path(str(out).rstrip("/") + ".checkpoint")
+
+
+def echo_report(out: str, report: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(to_json(report))
+        return
+    before, after = report["before"], report["after"]
+    rows = [(key, _fmt(before.get(key)), _fmt(after.get(key)))
+            for key in ("kl", "top1_agreement", "hidden_mse", "lm_loss", "label_loss", "accuracy") if key in after]
+    click.echo(format_table(["held-out metric", "before", "after"], rows))
+    params = report["parameters"]
+    click.echo(f"parameters: {params['start']:,} -> {params['end']:,}; groups per kind: "
+               + ", ".join(f"{k}={v}" for k, v in report["groups"].items()))
+    for event in report.get("merges", []):
+        click.echo(f"  step {event['step']}: {event['kind']} layers {event['merged']} -> B of {event['kept']}")
+    click.echo(f"wrote {out}")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, dict):  # student / teacher pair
+        return " / ".join(f"{k} {_fmt(v)}" for k, v in sorted(value.items()))
+    return "-" if value is None else f"{value:.4g}"

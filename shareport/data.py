@@ -1,0 +1,222 @@
+"""Training data: read a text file, a JSON-lines file or a tokenized folder; split; batch.
+
+Every source becomes a list of token sequences (and, when the data has them, integer labels):
+
+- a text file (any name but ``*.jsonl``): one example per non-empty line;
+- a ``.jsonl`` file: one JSON object per line with a ``text`` string and an optional integer
+  ``label`` (all lines or none);
+- a tokenized folder: ``tokens.safetensors`` with a 1-D ``input_ids`` (every example's ids,
+  concatenated), a 1-D ``lengths`` (one entry per example) and optionally a 1-D ``labels``.
+  :func:`save_tokenized` writes one. No tokenizer is needed to read it.
+
+Text is tokenized with the tokenizer saved beside the base model, truncated to ``max_length``.
+The held-out split and the batch order are pure functions of fixed seeds and the step number,
+so a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir
+from .errors import ShareportError
+from .tensorfile import load_tensors, save_tensors
+
+TOKENS_NAME = "tokens.safetensors"
+# The held-out split must not move when --seed changes, so runs with different seeds are
+# evaluated on the same examples.
+SPLIT_SEED = 20240611
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+@dataclasses.dataclass
+class TokenData:
+    """Token sequences (no padding) and optional labels, one per example."""
+
+    sequences: list[list[int]]
+    labels: list[int] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def subset(self, indices: list[int]) -> "TokenData":
+        labels = [self.labels[i] for i in indices] if self.labels is not None else None
+        return TokenData([self.sequences[i] for i in indices], labels, self.source)
+
+
+def load_tokenizer(base_dir: str | os.PathLike):
+    """The tokenizer saved with the base model; a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    base_dir = Path(base_dir)
+    if not any((base_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise ShareportError(
+            f"{base_dir}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+            "save the tokenizer with the base model or pass a tokenized data folder"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+    except Exception as exc:
+        raise ShareportError(f"{base_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def load_data(path: str | os.PathLike, base_dir: str | os.PathLike, max_length: int) -> TokenData:
+    """Read any supported source; tokenize text with the base model's tokenizer."""
+    path = Path(path)
+    if max_length < 2:
+        raise ShareportError(f"--max-length must be at least 2, got {max_length}")
+    if path.is_dir():
+        data = _read_tokenized(path, max_length)
+    elif not path.is_file():
+        raise ShareportError(f"{path}: data file not found")
+    else:
+        texts, labels = _read_jsonl(path) if path.suffix == ".jsonl" else (_read_lines(path), None)
+        if not texts:
+            raise ShareportError(f"{path}: no examples (the file has no non-empty text)")
+        data = TokenData(_tokenize(load_tokenizer(base_dir), texts, max_length), labels, str(path))
+    if any(len(s) == 0 for s in data.sequences):
+        raise ShareportError(f"{path}: an example has no tokens after tokenization")
+    return data
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ShareportError(f"{path}: not a UTF-8 text file") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[int] | None]:
+    texts, labels = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ShareportError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ShareportError(f"{path}:{number}: expected an object with a non-empty 'text' string")
+        label = row.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
+            raise ShareportError(f"{path}:{number}: 'label' must be a non-negative integer, got {label!r}")
+        texts.append(row["text"])
+        labels.append(label)
+    has_label = [lab is not None for lab in labels]
+    if any(has_label) and not all(has_label):
+        missing = has_label.index(False) + 1
+        raise ShareportError(f"{path}: some examples have a 'label' and some do not (e.g. example {missing})")
+    return texts, (labels if labels and all(has_label) else None)
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _read_tokenized(folder: Path, max_length: int) -> TokenData:
+    tensors = load_tensors(folder / TOKENS_NAME)
+    ids, lengths, labels = tensors.get("input_ids"), tensors.get("lengths"), tensors.get("labels")
+    where = folder / TOKENS_NAME
+    if ids is None or lengths is None or ids.dim() != 1 or lengths.dim() != 1:
+        raise ShareportError(f"{where}: expected 1-D tensors 'input_ids' and 'lengths'")
+    if ids.is_floating_point() or lengths.is_floating_point():
+        raise ShareportError(f"{where}: 'input_ids' and 'lengths' must be integer tensors")
+    if len(lengths) == 0:
+        raise ShareportError(f"{where}: no examples")
+    if (lengths < 0).any() or int(lengths.sum()) != len(ids):
+        raise ShareportError(f"{where}: 'lengths' must be non-negative and sum to the number of input_ids")
+    if labels is not None and (labels.shape != lengths.shape or labels.is_floating_point()):
+        raise ShareportError(f"{where}: 'labels' must be an integer tensor with one entry per example")
+    # Long tokenized examples are cut like long text, so --max-length means the same for all sources.
+    sequences = [chunk.tolist()[:max_length] for chunk in torch.split(ids.long(), lengths.tolist())]
+    return TokenData(sequences, labels.tolist() if labels is not None else None, str(folder))
+
+
+def save_tokenized(folder: str | os.PathLike, sequences: list[list[int]], labels: list[int] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write a tokenized data folder (the format :func:`load_data` reads)."""
+    tensors = {
+        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int64),
+        "lengths": torch.tensor([len(s) for s in sequences], dtype=torch.int64),
+    }
+    if labels is not None:
+        tensors["labels"] = torch.tensor(labels, dtype=torch.int64)
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        save_tensors(tensors, tmp / TOKENS_NAME, {"format": "shareport-tokens"})
+    return Path(folder)
+
+
+def split_heldout(data: TokenData, fraction: float) -> tuple[TokenData, TokenData]:
+    """(train, held-out): a fixed pseudo-random ``fraction`` of the examples, at least one each."""
+    if not 0 < fraction < 1:
+        raise ShareportError(f"--eval-fraction must be between 0 and 1, got {fraction}")
+    if len(data) < 2:
+        raise ShareportError(f"{data.source}: need at least 2 examples (one to train on, one held out), got {len(data)}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    n_eval = min(len(data) - 1, max(1, round(len(data) * fraction)))
+    return data.subset(sorted(order[n_eval:])), data.subset(sorted(order[:n_eval]))
+
+
+class BatchOrder:
+    """The examples of global batch ``step``: epochs of seeded shuffles, read as one stream.
+
+    Batch ``t`` holds stream positions ``t*B .. t*B+B-1``; position ``p`` is example
+    ``perm_e[p % n]`` of epoch ``e = p // n``. Nothing depends on earlier batches, so resuming
+    at step t needs only t (the data position) and the seed.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ShareportError(f"--batch-size must be at least 1, got {batch_size}")
+        self.n, self.batch_size, self.seed = num_examples, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}  # keep one epoch cached
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+    def position(self, step: int) -> dict:
+        """Where the stream stands before global batch ``step`` (recorded in checkpoints)."""
+        consumed = step * self.batch_size
+        return {"examples_consumed": consumed, "epoch": consumed // self.n, "offset_in_epoch": consumed % self.n}
+
+
+def collate(data: TokenData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and, with labels, ``labels``."""
+    seqs = [data.sequences[i] for i in indices]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if data.labels is not None:
+        batch["labels"] = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)
+    return batch
+
+
+def pad_token_id(model_config) -> int:
+    """The id used for padding: the model config's pad (else end-of-sequence) id, else 0.
+
+    Padded positions are masked out of attention and of every loss, so the value only has to
+    be a valid id.
+    """
+    for candidate in (getattr(model_config, "pad_token_id", None), getattr(model_config, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0

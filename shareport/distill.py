@@ -1,0 +1,121 @@
+"""Losses and held-out metrics for recovering a shared adapter toward its original LoRA.
+
+The quantity compared is what the model outputs: logits when it has a head (next-token logits
+of a causal LM, class logits of a classifier), else the last hidden states of an encoder.
+
+- logits: KL(teacher || student) of the softmax distributions, per position (per sequence
+  for a sequence classifier), and top-1 agreement;
+- hidden states: mean squared error per position.
+
+Every loss is returned as a (sum, count) pair rather than a mean, so that the training loop can
+divide by the count over *all* processes: the gradient is then that of the global batch mean,
+whichever way the batch was split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class Outputs:
+    """A model's comparable output: one row per counted (non-padded) position, or per sequence."""
+
+    values: torch.Tensor  # (N, V)
+    is_logits: bool
+
+
+def model_outputs(model, batch: dict[str, torch.Tensor]) -> tuple[Outputs, object]:
+    """Run the model; return the counted rows of its output (float32) and the raw output."""
+    raw = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = getattr(raw, "logits", None)
+    values = logits if logits is not None else raw.last_hidden_state
+    values = values.float()
+    if values.dim() == 3:  # per position: keep the non-padded ones
+        values = values[batch["attention_mask"].bool()]
+    return Outputs(values, logits is not None), raw
+
+
+def distill_sum(student: Outputs, teacher: Outputs) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) over rows (logits) or summed per-row MSE (hidden states)."""
+    if student.is_logits:
+        return kl_rows(teacher.values, student.values).sum(), student.values.shape[0]
+    return (student.values - teacher.values).square().mean(dim=-1).sum(), student.values.shape[0]
+
+
+def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) of each row."""
+    t = F.log_softmax(teacher_logits, dim=-1)
+    s = F.log_softmax(student_logits, dim=-1)
+    return (t.exp() * (t - s)).sum(dim=-1)
+
+
+def task_sum(raw, batch: dict[str, torch.Tensor], is_causal_lm: bool) -> tuple[torch.Tensor, int]:
+    """The data's own loss, summed: next-token cross-entropy, or the class labels' cross-entropy."""
+    logits = raw.logits.float()
+    if is_causal_lm:
+        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return loss, int((targets != IGNORE).sum())
+    return F.cross_entropy(logits, batch["labels"], reduction="sum"), int(batch["labels"].numel())
+
+
+@dataclasses.dataclass
+class EvalTotals:
+    """Running sums over held-out batches; :meth:`report` turns them into means."""
+
+    distill: float = 0.0
+    agree: int = 0
+    rows: int = 0
+    task_student: float = 0.0
+    task_teacher: float = 0.0
+    task_count: int = 0
+    correct_student: int = 0
+    correct_teacher: int = 0
+    is_logits: bool = True
+
+    def add(self, student: Outputs, teacher: Outputs) -> None:
+        total, rows = distill_sum(student, teacher)
+        self.distill += float(total)
+        self.rows += rows
+        self.is_logits = student.is_logits
+        if student.is_logits:
+            self.agree += int((student.values.argmax(-1) == teacher.values.argmax(-1)).sum())
+
+    def add_task(self, raw_student, raw_teacher, batch, is_causal_lm: bool) -> None:
+        """The data's own loss (and accuracy for labels) of the student, and of the teacher if any."""
+        s, n = task_sum(raw_student, batch, is_causal_lm)
+        self.task_student += float(s)
+        self.task_count += n
+        if not is_causal_lm:
+            self.correct_student += int((raw_student.logits.argmax(-1) == batch["labels"]).sum())
+        if raw_teacher is not None:
+            self.task_teacher += float(task_sum(raw_teacher, batch, is_causal_lm)[0])
+            if not is_causal_lm:
+                self.correct_teacher += int((raw_teacher.logits.argmax(-1) == batch["labels"]).sum())
+
+    def report(self, is_causal_lm: bool, has_teacher: bool = True) -> dict:
+        out: dict = {}
+        if has_teacher:
+            out["positions"] = self.rows
+            if self.is_logits:
+                out["kl"] = self.distill / max(self.rows, 1)
+                out["top1_agreement"] = self.agree / max(self.rows, 1)
+            else:
+                out["hidden_mse"] = self.distill / max(self.rows, 1)
+        if self.task_count:
+            n = self.task_count
+            key = "lm_loss" if is_causal_lm else "label_loss"
+            out[key] = {"student": self.task_student / n}
+            if not is_causal_lm:
+                out["accuracy"] = {"student": self.correct_student / n}
+            if has_teacher:
+                out[key]["teacher"] = self.task_teacher / n
+                if not is_causal_lm:
+                    out["accuracy"]["teacher"] = self.correct_teacher / n
+        return out

@@ -1,0 +1,270 @@
+"""The training recipe behind ``shareport finetune`` (recovery) and ``shareport train`` (from scratch).
+
+One loop, read top to bottom:
+
+    set up   accelerator (CUDA + bf16 autocast when present, else CPU; N processes under
+             ``accelerate launch``/``torchrun``), data and held-out split, model, adapters, optimizer
+    resume   adapter, optimizer, ASLoRA state and step from a checkpoint
+    evaluate on the held-out split (before)
+    train    for each step: the global batch's share of this process -> teacher and student
+             forward -> loss -> backward -> AdamW step -> ASLoRA merge if due -> checkpoint
+    evaluate on the held-out split (after), return the adapter and a report
+
+The loss is a sum over this process's positions divided by the positions of the whole global
+batch, times the number of processes (DDP averages gradients over processes): the update is
+that of the global batch mean however it is split, so N processes match one.
+Dropout stays off (the model is kept in eval mode): only adapter factors train, and the
+distillation target is then a fixed function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapter import Adapter
+from .aslora_schedule import BMerger, MergeSchedule
+from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
+from .data import BatchOrder, TokenData, collate, pad_token_id
+from .distill import EvalTotals, distill_sum, model_outputs, task_sum
+from .errors import ShareportError
+from .surgery import Attached, attach
+from .teacher import Teacher
+
+
+@dataclasses.dataclass
+class Recipe:
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+    distill_weight: float = 1.0  # 0 for `train`: no teacher
+    task_weight: float = 0.0  # the data's own loss (--lm-loss)
+    checkpoint_every: int = 0
+    merge: MergeSchedule | None = None
+
+    def fingerprint(self, **inputs) -> dict:
+        """What a resumed run must share with the interrupted one."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "merge"}
+        out["merge"] = dataclasses.asdict(self.merge) if self.merge else None
+        return {**out, **inputs}
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything one run trains on; built by the commands, consumed by :func:`run`."""
+
+    model: torch.nn.Module  # on the accelerator's device, frozen, eval mode
+    student: Adapter  # the adapter to train (from the checkpoint when resuming)
+    teacher: Teacher | None
+    train_data: TokenData
+    heldout: TokenData
+    accelerator: object
+    inputs: dict  # paths and sizes recorded in the fingerprint and the report
+    checkpoint_dir: Path | None = None
+    resume_state: tuple[dict, dict] | None = None  # (JSON state, tensors) of the checkpoint
+
+
+def make_accelerator(merging: bool):
+    """CUDA with bf16 autocast when available, else CPU in float32; one process or many.
+
+    Merging retires B parameters mid-run, so DDP must tolerate parameters without a gradient.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if merging else []
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", kwargs_handlers=handlers)
+
+
+def model_dtype(accelerator) -> torch.dtype:
+    """The frozen base is stored in bf16 on a GPU (autocast computes in bf16 anyway), else float32."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
+def is_causal_lm(model) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:
+    """Train; return the trained adapter and the report. ``after_step(t)`` runs after each step."""
+    acc = job.accelerator
+    model = job.model
+    causal = is_causal_lm(model)
+    _check_losses(recipe, job, causal)
+    if recipe.batch_size % acc.num_processes:
+        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the {acc.num_processes} processes")
+    pad = pad_token_id(model.config)
+
+    student = attach(model, job.student, trainable=True, dtype=torch.float32)
+    names = sorted(student.parameters)
+    optimizer = torch.optim.AdamW([student.parameters[n] for n in names], lr=recipe.lr, weight_decay=0.0)
+    merger = BMerger(student, recipe.merge, optimizer) if recipe.merge else None
+    fingerprint = recipe.fingerprint(**job.inputs)
+
+    start, before = 0, None
+    if job.resume_state is not None:
+        start, before = _restore(job, student, optimizer, merger, fingerprint)
+    if before is None:
+        before = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
+
+    ddp_model, optimizer = acc.prepare(model, optimizer)
+    order = BatchOrder(len(job.train_data), recipe.batch_size, recipe.seed)
+    share = recipe.batch_size // acc.num_processes
+    rank = acc.process_index
+
+    progress = _progress(acc, recipe.steps, start)
+    started, tokens, last_loss = time.perf_counter(), 0, float("nan")
+    for step in range(start, recipe.steps):
+        indices = order.batch(step)[rank * share:(rank + 1) * share]
+        batch = {k: v.to(acc.device) for k, v in collate(job.train_data, indices, pad).items()}
+        loss = _loss(ddp_model, model, job.teacher, batch, recipe, causal, acc)
+        acc.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        t = step + 1
+        events = merger.observe(t) if merger else []
+        last_loss = float(acc.reduce(loss.detach(), "mean"))
+        tokens += int(acc.reduce(batch["attention_mask"].sum(), "sum"))
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
+                             **({"merged": len(merger.events)} if merger else {}))
+        if acc.is_main_process:
+            for event in events:
+                progress.write(f"step {t}: {event.kind}: layers {event.merged} take the B of layers {event.kept} "
+                               f"(distance {event.distance:.4g})")
+        if recipe.checkpoint_every and t % recipe.checkpoint_every == 0 and t < recipe.steps:
+            _checkpoint(job, student, optimizer, merger, fingerprint, before, order, t)
+        if after_step is not None:
+            after_step(t)
+    progress.close()
+    elapsed = time.perf_counter() - started
+
+    after = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
+    trained = student.to_adapter()
+    report = _report(job, recipe, before, after, trained, merger, acc, last_loss, tokens, elapsed)
+    return trained, report
+
+
+def _check_losses(recipe: Recipe, job: Job, causal: bool) -> None:
+    if recipe.distill_weight and job.teacher is None:
+        raise ShareportError("distillation needs a teacher adapter")
+    if recipe.task_weight and not causal and job.train_data.labels is None:
+        raise ShareportError(f"{job.train_data.source}: the data has no 'label' field, which the task loss needs")
+    if not recipe.distill_weight and not recipe.task_weight:
+        raise ShareportError("nothing to train on: the distillation and task loss weights are both 0")
+    if recipe.steps < 1:
+        raise ShareportError(f"--steps must be at least 1, got {recipe.steps}")
+
+
+def _loss(ddp_model, model, teacher, batch, recipe: Recipe, causal: bool, acc) -> torch.Tensor:
+    """This process's share of the global batch mean loss (see the module docstring)."""
+    total = torch.zeros((), device=acc.device)
+    with acc.autocast():
+        student_out, raw = model_outputs(ddp_model, batch)
+    if recipe.distill_weight:
+        with torch.no_grad(), teacher.active(model), acc.autocast():
+            teacher_out, _ = model_outputs(model, batch)
+        total = total + recipe.distill_weight * _normalised(*distill_sum(student_out, teacher_out), acc)
+    if recipe.task_weight:
+        total = total + recipe.task_weight * _normalised(*task_sum(raw, batch, causal), acc)
+    return total
+
+
+def _normalised(loss_sum: torch.Tensor, count: int, acc) -> torch.Tensor:
+    global_count = acc.reduce(torch.tensor(float(count), device=acc.device), "sum")
+    return loss_sum / global_count.clamp(min=1) * acc.num_processes
+
+
+@torch.no_grad()
+def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenData, batch_size: int, pad: int,
+             causal: bool, acc) -> dict:
+    """KL and top-1 agreement with the teacher (MSE for hidden states), plus the task metric.
+
+    Every process evaluates the whole held-out split (it is small), so all agree on the result.
+    """
+    totals = EvalTotals()
+    has_task = causal or heldout.labels is not None
+    for start in range(0, len(heldout), batch_size):
+        indices = list(range(start, min(start + batch_size, len(heldout))))
+        batch = {k: v.to(acc.device) for k, v in collate(heldout, indices, pad).items()}
+        with acc.autocast():
+            student_out, raw_student = model_outputs(model, batch)
+            if teacher is not None:
+                with teacher.active(model):
+                    teacher_out, raw_teacher = model_outputs(model, batch)
+                totals.add(student_out, teacher_out)
+            else:
+                raw_teacher = None
+        if has_task:
+            totals.add_task(raw_student, raw_teacher, batch, causal)
+    return totals.report(causal, has_teacher=teacher is not None)
+
+
+def _progress(acc, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
+                disable=not acc.is_local_main_process or os.environ.get("SHAREPORT_NO_PROGRESS") == "1")
+
+
+def _checkpoint(job: Job, student: Attached, optimizer, merger, fingerprint, before, order, t: int) -> None:
+    acc = job.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        hyper, tensors = optimizer_state(optimizer, student.parameters)
+        merge_meta = None
+        if merger:
+            merge_meta, averages = merger.state()
+            tensors.update(averages)
+        state = {"step": t, "data_position": order.position(t), "recipe": fingerprint, "optimizer": hyper,
+                 "merger": merge_meta, "eval_before": before}
+        save_checkpoint(job.checkpoint_dir, student.to_adapter(), state, tensors)
+    acc.wait_for_everyone()
+
+
+def _restore(job: Job, student: Attached, optimizer, merger, fingerprint) -> tuple[int, dict]:
+    state, tensors = job.resume_state
+    check_same_recipe(state["recipe"], fingerprint, job.checkpoint_dir)
+    load_optimizer_state(optimizer, student.parameters, state["optimizer"], tensors)
+    if merger:
+        merger.load_state(state["merger"], tensors)
+    restore_rng(tensors)
+    return int(state["step"]), state["eval_before"]
+
+
+def _report(job, recipe, before, after, trained: Adapter, merger, acc, last_loss, tokens, elapsed) -> dict:
+    report = {
+        "inputs": job.inputs,
+        "recipe": recipe.fingerprint(),
+        "device": acc.device.type,
+        "mixed_precision": acc.mixed_precision,
+        "processes": acc.num_processes,
+        "train_examples": len(job.train_data),
+        "heldout_examples": len(job.heldout),
+        "before": before,
+        "after": after,
+        "final_train_loss": last_loss,
+        "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters()},
+        "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
+        "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+    }
+    if "kl" in before and before["kl"] > 0:
+        report["kl_reduction"] = 1 - after["kl"] / before["kl"]
+    if merger:
+        report["merges"] = [e.to_json() for e in merger.events]
+    return report
+
+
+def with_provenance(adapter: Adapter, entry: dict) -> Adapter:
+    """The adapter with ``entry`` appended to its provenance history (the input's is not changed)."""
+    provenance = dict(adapter.provenance)
+    provenance["history"] = list(provenance.get("history", [])) + [entry]
+    return dataclasses.replace(adapter, provenance=provenance)

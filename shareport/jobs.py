@@ -1,0 +1,102 @@
+"""Assemble a training :class:`~shareport.finetune.Job` from folders on disk, and write its result.
+
+``recovery_job``: the shared adapter to recover, its teacher LoRA, the base and the data.
+``scratch_job``: a fresh shared adapter (ShareLoRA init) on the base, trained on the data alone.
+Both load the base once, on the accelerator's device, frozen; resuming swaps the starting
+adapter for the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .adapter import Adapter
+from .aslora_schedule import MergeSchedule
+from .atomic import atomic_dir
+from .data import load_data, split_heldout
+from .errors import ShareportError
+from .checkpoint import load_checkpoint
+from .finetune import Job, make_accelerator, model_dtype
+from .formats import dump_json, load_adapter, write_adapter_files
+from .fresh import fresh_adapter
+from .surgery import load_base_model
+from .teacher import Teacher, check_pair
+
+REPORT_NAME = "training_report.json"
+
+
+def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int | None, start: int | None,
+                   every: int | None, mode: str, pairs: str) -> MergeSchedule | None:
+    """The ASLoRA schedule asked for (None without --merges/--groups); it must finish within ``steps``."""
+    if merges is None and groups is None:
+        if start is not None or every is not None:
+            raise ShareportError("--merge-start/--merge-every need --merges or --groups")
+        return None
+    layers = max(len(sites) for sites in adapter.kinds().values())
+    schedule = MergeSchedule.spread(steps, layers, merges=merges, groups=groups, start=start, every=every,
+                                    mode=mode, pairs=pairs)
+    last = schedule.last_merge_step(layers)
+    if last > steps:
+        raise ShareportError(f"the merge schedule ends at step {last}, after the last step ({steps}); "
+                             "lower --merge-start/--merge-every or raise --steps")
+    return schedule
+
+
+def _base_model(base_dir, task_type, acc):
+    model = load_base_model(base_dir, task_type, dtype=model_dtype(acc)).to(acc.device)
+    model.requires_grad_(False)
+    return model
+
+
+def _data(data_path, base_dir, max_length: int, eval_fraction: float):
+    data = load_data(data_path, base_dir, max_length)
+    train, heldout = split_heldout(data, eval_fraction)
+    inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length,
+              "eval_fraction": eval_fraction}
+    return train, heldout, inputs
+
+
+def _resume(checkpoint_dir: Path | None, resume: bool):
+    if not resume:
+        return None, None
+    if checkpoint_dir is None or not Path(checkpoint_dir).exists():
+        raise ShareportError(f"--resume: no checkpoint folder '{checkpoint_dir}'")
+    adapter, state, tensors = load_checkpoint(checkpoint_dir)
+    return adapter, (state, tensors)
+
+
+def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, eval_fraction: float,
+                 checkpoint_dir: Path | None, resume: bool, merging: bool) -> Job:
+    student = load_adapter(shared_dir)
+    teacher_adapter = load_adapter(teacher_dir)
+    check_pair(teacher_adapter, student)
+    resumed, state = _resume(checkpoint_dir, resume)
+    if resumed is not None:
+        check_pair(teacher_adapter, resumed)
+    acc = make_accelerator(merging)
+    train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
+    model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc)
+    teacher = Teacher(model, teacher_adapter)
+    inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
+    return Job(model, resumed or student, teacher, train, heldout, acc, inputs, checkpoint_dir, state)
+
+
+def scratch_job(base_dir, data_path, form: str, targets: list[str], rank: int, alpha: float, seed: int,
+                max_length: int, eval_fraction: float, checkpoint_dir: Path | None, resume: bool,
+                merging: bool) -> Job:
+    resumed, state = _resume(checkpoint_dir, resume)
+    acc = make_accelerator(merging)
+    train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
+    model = _base_model(base_dir, None, acc)
+    adapter = fresh_adapter(model, form, targets, rank, alpha, seed, base_model=str(base_dir))
+    inputs.update({"base": str(base_dir), "form": form, "targets": sorted(targets), "rank": rank, "alpha": alpha})
+    return Job(model, resumed or adapter, None, train, heldout, acc, inputs, checkpoint_dir, state)
+
+
+def write_result(out: str | os.PathLike, adapter: Adapter, report: dict, overwrite: bool, inputs=()) -> Path:
+    """The trained adapter (native format) and its report, in one atomically written folder."""
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        write_adapter_files(adapter, tmp, as_peft=False)
+        (tmp / REPORT_NAME).write_text(dump_json(report), encoding="utf-8")
+    return Path(out)

@@ -1,0 +1,134 @@
+"""Recovery fine-tune: shared factors update once from one summed gradient, a lossy ShareA is
+recovered toward its LoRA, a resumed run ends where an uninterrupted one does."""
+
+import json
+
+import pytest
+import torch
+
+from shareport.data import BatchOrder, collate
+from shareport.distill import distill_sum, model_outputs
+from shareport.finetune import Recipe, run
+from shareport.formats import load_adapter
+from shareport.jobs import merge_schedule, recovery_job
+from shareport.surgery import attach, load_base_model
+from shareport.teacher import Teacher
+from tests.training_helpers import recovery_setup
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return recovery_setup(tmp_path_factory.mktemp("recovery"))
+
+
+def _job(setup, tmp_path, resume=False, merging=False):
+    return recovery_job(setup["shared"], setup["base"], setup["lora"], setup["text"], max_length=32,
+                        eval_fraction=0.1, checkpoint_dir=tmp_path / "ckpt", resume=resume, merging=merging)
+
+
+def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path):
+    """One AdamW step on ShareA equals one step on the *sum* of the per-layer gradients of untied copies."""
+    lr = 1e-2
+    job = _job(setup, tmp_path)
+    shared = job.student
+    a_name = shared.kinds()["self_attn.q_proj"][0].a
+    trained, _ = run(job, Recipe(steps=1, lr=lr, batch_size=4))
+
+    # reference: untied copies of every factor on a fresh model, the same first batch
+    model = load_base_model(setup["base"]).requires_grad_(False)
+    teacher = Teacher(model, load_adapter(setup["lora"]))
+    untied = attach(model, shared.expand(), trainable=True)
+    indices = BatchOrder(len(job.train_data), 4, seed=0).batch(0)
+    batch = collate(job.train_data, indices, 0)
+    student_out, _ = model_outputs(model, batch)
+    with torch.no_grad(), teacher.active(model):
+        teacher_out, _ = model_outputs(model, batch)
+    loss_sum, count = distill_sum(student_out, teacher_out)
+    (loss_sum / count).backward()
+    q_sites = shared.kinds()["self_attn.q_proj"]
+    grad = sum(untied.parameters[f"{s.path}.lora_A"].grad for s in q_sites)
+    # AdamW's first step: m/sqrt(v) = g/|g| (bias-corrected), no weight decay
+    expected = shared.tensors[a_name] - lr * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(trained.tensors[a_name], expected, atol=1e-6, rtol=1e-5)
+    assert trained.sites == shared.sites  # still one A for every q_proj site
+
+
+def test_one_parameter_object_per_shared_tensor_in_the_optimizer(setup, tmp_path):
+    job = _job(setup, tmp_path)
+    seen = {}
+
+    def check(step):
+        wrappers = [w for p, w in sorted(student_wrappers(job.model).items()) if "q_proj" in p]
+        assert all(w.lora_A is wrappers[0].lora_A for w in wrappers)
+        seen["trainable"] = [p for p in job.model.parameters() if p.requires_grad]
+
+    run(job, Recipe(steps=1, batch_size=4), after_step=check)
+    assert sum(p.numel() for p in seen["trainable"]) == job.student.num_parameters()
+
+
+def student_wrappers(model):
+    from shareport.surgery import LoRALinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def test_lossy_sharea_is_recovered_halving_heldout_kl(setup, tmp_path, cli):
+    out = tmp_path / "recovered"
+    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
+                 setup["text"], "-o", out, "--steps", 100, "--lr", 3e-3, "--batch-size", 8, "--max-length", 32,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "training_report.json").read_text())
+    before, after = report["before"], report["after"]
+    assert after["kl"] <= 0.5 * before["kl"], (before, after)
+    assert after["top1_agreement"] > before["top1_agreement"]
+    assert "lm_loss" in after
+    recovered = load_adapter(out)
+    original = load_adapter(setup["shared"])
+    assert recovered.form == "sharea" and recovered.sites == original.sites
+    assert recovered.num_parameters() == original.num_parameters()
+    assert recovered.provenance["history"][-1]["step"] == "finetune"
+
+
+def test_resumed_run_ends_where_the_uninterrupted_one_does(setup, tmp_path):
+    """Interrupted after step 7 (checkpoint at 5), resumed to 12; ASLoRA merges at 4 (before the
+    checkpoint) and at 8 (after the resume)."""
+
+    def recipe(job):
+        schedule = merge_schedule(job.student, 12, merges=2, groups=None, start=0, every=4, mode="tie",
+                                  pairs="adjacent")
+        return Recipe(steps=12, lr=3e-3, batch_size=4, seed=5, checkpoint_every=5, merge=schedule)
+
+    whole_job = _job(setup, tmp_path / "whole", merging=True)
+    (tmp_path / "whole").mkdir()
+    whole, whole_report = run(whole_job, recipe(whole_job))
+
+    (tmp_path / "cut").mkdir()
+    first = _job(setup, tmp_path / "cut", merging=True)
+
+    def interrupt(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(first, recipe(first), after_step=interrupt)
+    resumed_job = _job(setup, tmp_path / "cut", resume=True, merging=True)
+    assert resumed_job.student.form == "aslora"  # the checkpoint holds the grouping after the first merge
+    resumed, resumed_report = run(resumed_job, recipe(resumed_job))
+
+    assert resumed.sites == whole.sites
+    for name in whole.used_tensor_names():  # bitwise: same batches, same state, same arithmetic
+        assert torch.equal(resumed.tensors[name], whole.tensors[name]), name
+    assert _flat(resumed_report["after"]) == pytest.approx(_flat(whole_report["after"]), abs=1e-6)
+    assert resumed_report["merges"] == whole_report["merges"]
+    assert [e["step"] for e in whole_report["merges"]] == [4, 4, 8, 8]
+
+
+def _flat(report: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

@@ -1,0 +1,108 @@
+"""Data sources, the held-out split, encoders and classifiers, and one-line errors for bad input."""
+
+import json
+
+import pytest
+
+from shareport.data import BatchOrder, load_data, save_tokenized, split_heldout
+from shareport.formats import load_adapter, save_adapter
+from tests.tiny import make_peft_adapter, tiny_bert, tiny_llama
+from tests.training_helpers import recovery_setup, save_base, sharea_by_svd, write_text
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return recovery_setup(tmp_path_factory.mktemp("inputs"), layers=2)
+
+
+def test_text_jsonl_and_tokenized_folder_give_the_same_examples(setup, tmp_path):
+    lines = ["the cat sat.", "a dog ran far.", "the sun."]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n\n")
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "label": i % 2}) for i, t in enumerate(lines)))
+    text = load_data(tmp_path / "a.txt", setup["base"], max_length=8)
+    jsonl = load_data(tmp_path / "a.jsonl", setup["base"], max_length=8)
+    assert text.sequences == jsonl.sequences and text.labels is None and jsonl.labels == [0, 1, 0]
+    assert max(len(s) for s in text.sequences) == 8  # truncated
+    save_tokenized(tmp_path / "tok", jsonl.sequences, jsonl.labels)
+    tokenized = load_data(tmp_path / "tok", tmp_path / "no-tokenizer-needed", max_length=8)
+    assert tokenized.sequences == jsonl.sequences and tokenized.labels == jsonl.labels
+
+
+def test_split_and_batch_order_are_deterministic(setup):
+    data = load_data(setup["text"], setup["base"], max_length=16)
+    train, heldout = split_heldout(data, 0.1)
+    again = split_heldout(data, 0.1)
+    assert train.sequences == again[0].sequences and len(heldout) == round(len(data) * 0.1)
+    order = BatchOrder(len(train), 8, seed=3)
+    assert order.batch(50) == BatchOrder(len(train), 8, seed=3).batch(50) != BatchOrder(len(train), 8, 4).batch(50)
+    # one epoch covers every example once
+    epoch = [i for step in range(len(train) // 8) for i in order.batch(step)]
+    assert len(set(epoch)) == len(epoch)
+
+
+def test_encoder_recovery_uses_hidden_state_mse(tmp_path, cli):
+    base = save_base(tiny_bert(layers=2), tmp_path / "bert")
+    make_peft_adapter(tiny_bert(layers=2), tmp_path / "lora", seed=2, r=4, target_modules=["query", "value"])
+    save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
+    write_text(tmp_path / "t.txt", 40)
+    result = cli("finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data",
+                 tmp_path / "t.txt", "--steps", 15, "--lr", 5e-3, "--batch-size", 4, "--max-length", 16, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "shared-recovered" / "training_report.json").read_text())
+    assert report["after"]["hidden_mse"] < report["before"]["hidden_mse"]
+    assert "kl" not in report["after"]
+
+
+def test_classifier_with_labels_reports_accuracy_and_uses_lm_loss(tmp_path, cli):
+    base = save_base(tiny_bert(layers=2, num_labels=2), tmp_path / "cls")
+    make_peft_adapter(tiny_bert(layers=2, num_labels=2), tmp_path / "lora", seed=2, r=4, task_type="SEQ_CLS",
+                      target_modules=["query", "value"])
+    save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
+    rows = [{"text": f"the {w} sat.", "label": i % 2} for i, w in enumerate(["cat", "dog", "bird", "sun"] * 5)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    result = cli("finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data",
+                 tmp_path / "d.jsonl", "--steps", 4, "--batch-size", 4, "--lm-loss", 0.5, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    after = json.loads((out / "training_report.json").read_text())["after"]
+    assert set(after) >= {"kl", "top1_agreement", "label_loss", "accuracy"}
+    assert set(after["accuracy"]) == {"student", "teacher"}
+
+
+def _one_line_error(result, pattern):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and pattern in errors[0], result.output
+
+
+def test_bad_inputs_fail_with_one_line(setup, tmp_path, cli):
+    common = ["--base", setup["base"], "--teacher", setup["lora"], "--steps", 1]
+    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "missing.txt", "-o", tmp_path / "o1"),
+                    "data file not found")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "empty.txt", "-o", tmp_path / "o2"),
+                    "no examples")
+    bare = save_base(tiny_llama(layers=2), tmp_path / "bare", tokenizer=False)
+    _one_line_error(cli("finetune", setup["shared"], "--base", bare, "--teacher", setup["lora"], "--data",
+                        setup["text"], "-o", tmp_path / "o3"), "no tokenizer")
+    make_peft_adapter(tiny_llama(layers=2), tmp_path / "other", r=2, target_modules=["q_proj"])
+    _one_line_error(cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", tmp_path / "other",
+                        "--data", setup["text"], "-o", tmp_path / "o4"), "teacher and student adapt different modules")
+    _one_line_error(cli("finetune", setup["shared"], *common, "--data", setup["text"], "-o", tmp_path / "o5",
+                        "--resume"), "no checkpoint")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"nope": 1}\n')
+    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "bad.jsonl", "-o", tmp_path / "o6"),
+                    "bad.jsonl:2")
+    _one_line_error(cli("finetune", setup["lora"], *common, "--data", setup["text"], "-o", tmp_path / "o7",
+                        "--merges", 1), "one shared A per kind")
+    _one_line_error(cli("finetune", setup["shared"], *common, "--data", setup["text"], "-o", tmp_path / "o8",
+                        "--merges", 1, "--merge-start", 5), "merge schedule ends at step 6")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
+
+
+def test_resume_refuses_other_options(setup, tmp_path, cli):
+    args = ["finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data", setup["text"],
+            "-o", tmp_path / "o", "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 1]
+    assert cli(*args, "--steps", 2).exit_code == 0
+    _one_line_error(cli(*args, "--steps", 3, "--lr", 0.5, "--resume", "--overwrite"), "checkpoint was made with lr=")

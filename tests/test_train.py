@@ -1,0 +1,113 @@
+"""`shareport train`: ShareLoRA init, and ASLoRA merges at exactly the scheduled steps."""
+
+import json
+
+import pytest
+import torch
+
+from shareport.aslora_schedule import BMerger, MergeSchedule
+from shareport.errors import ShareportError
+from shareport.formats import load_adapter
+from shareport.fresh import fresh_adapter
+from shareport.surgery import attach
+from tests.tiny import tiny_llama
+from tests.training_helpers import save_base, write_text
+
+
+@pytest.fixture(scope="module")
+def base_and_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return save_base(tiny_llama(layers=4), root / "base"), write_text(root / "train.txt", 60)
+
+
+def test_sharelora_init_one_parameter_per_kind(base_and_text):
+    model = tiny_llama(layers=4)
+    adapter = fresh_adapter(model, "shareab", ["q_proj", "v_proj"], rank=4, alpha=8, seed=0)
+    assert len(adapter.used_tensor_names()) == 4  # one A and one B per kind
+    assert all(s.scale == 2.0 for s in adapter.sites.values())
+    assert all(adapter.tensors[s.b].abs().max() == 0 for s in adapter.sites.values())
+    a = adapter.tensors["self_attn.q_proj.lora_A"]
+    assert a.abs().max() <= (1 / a.shape[1]) ** 0.5 and a.std() > 0  # kaiming-uniform bound 1/sqrt(fan_in)
+    handle = attach(model, adapter, trainable=True)
+    assert len({id(w.lora_A) for w in handle.wrappers.values()}) == 2
+
+
+@pytest.mark.parametrize("limit", [("--groups", 1), ("--merges", 2)])
+def test_aslora_merges_on_schedule_and_ends_with_the_groups(base_and_text, tmp_path, cli, limit):
+    """T_s=2, m=3, 4 layers -> merges at steps 5, 8, 11 (with --groups 1) or 5, 8 (--merges 2)."""
+    base, text = base_and_text
+    out = tmp_path / "aslora"
+    result = cli("train", "--form", "aslora", "--base", base, "--data", text, "--target", "q_proj,v_proj",
+                 "--rank", 4, "--steps", 12, "--lr", 1e-2, "--batch-size", 4, "--max-length", 24,
+                 "--merge-start", 2, "--merge-every", 3, *limit, "--json", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "training_report.json").read_text())
+    groups = 4 - limit[1] if limit[0] == "--merges" else limit[1]
+    expected_steps = [5, 8, 11][: 4 - groups]
+    assert sorted({e["step"] for e in report["merges"]}) == expected_steps
+    for kind in ("self_attn.q_proj", "self_attn.v_proj"):
+        assert [e["step"] for e in report["merges"] if e["kind"] == kind] == expected_steps
+    adapter = load_adapter(out)
+    assert adapter.form == "aslora"
+    assert report["groups"] == {"self_attn.q_proj": groups, "self_attn.v_proj": groups}
+    # q: A 4x32 + groups x (32x4); v: A 4x32 + groups x (16x4) (2 kv heads of 8)
+    assert adapter.num_parameters() == report["parameters"]["end"] == 2 * 128 + groups * (128 + 64)
+    assert "lm_loss" in report["after"]
+
+
+def _attached_with_bs(bs: list[float]):
+    """A ShareA on tiny Llama's q_proj whose layer-l B is the constant bs[l]."""
+    model = tiny_llama(layers=len(bs))
+    adapter = fresh_adapter(model, "sharea", ["q_proj"], rank=2, alpha=2, seed=0)
+    tensors = dict(adapter.tensors)
+    for site in adapter.sites.values():
+        tensors[site.b] = torch.full_like(tensors[site.b], bs[site.layer])
+    handle = attach(model, adapter.with_sites(tensors, dict(adapter.sites), "sharea"), trainable=True)
+    optimizer = torch.optim.AdamW([handle.parameters[n] for n in sorted(handle.parameters)], lr=0.1)
+    return handle, optimizer
+
+
+@pytest.mark.parametrize("pairs, merged", [("adjacent", [1]), ("any", [0])])
+def test_merge_picks_the_closest_running_averages(pairs, merged):
+    # layers 0 and 2 are closest overall; among neighbours, 1 and 2 are
+    handle, opt = _attached_with_bs([0.0, 1.0, 0.1, 5.0])
+    merger = BMerger(handle, MergeSchedule(start=0, every=1, merges=1, pairs=pairs), opt)
+    (event,) = merger.observe(1)
+    assert event.merged == merged and event.kept == [2]
+    sites = handle.adapter.kinds()["self_attn.q_proj"]
+    assert handle.wrappers[sites[merged[0]].path].lora_B is handle.wrappers[sites[2].path].lora_B
+    assert len(opt.param_groups[0]["params"]) == 1 + 3  # one A, three B's left
+    assert handle.to_adapter().num_parameters() == handle.adapter.num_parameters()
+
+
+def test_mean_merge_averages_values_and_optimizer_moments():
+    handle, opt = _attached_with_bs([0.0, 1.0, 9.0])
+    handle.model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
+    opt.step()
+    state_before = {n: opt.state[p]["exp_avg"].clone() for n, p in handle.parameters.items()}
+    values_before = {n: p.detach().clone() for n, p in handle.parameters.items()}
+    merger = BMerger(handle, MergeSchedule(start=0, every=1, merges=1, mode="mean"), opt)
+    (event,) = merger.observe(1)
+    sites = handle.adapter.kinds()["self_attn.q_proj"]
+    keep = sites[event.kept[0]].b
+    lower, upper = (f"model.layers.{i}.self_attn.q_proj.lora_B" for i in (event.merged[0], event.kept[0]))
+    torch.testing.assert_close(handle.parameters[keep].detach(), (values_before[lower] + values_before[upper]) / 2)
+    torch.testing.assert_close(opt.state[handle.parameters[keep]]["exp_avg"], (state_before[lower] + state_before[upper]) / 2)
+    assert lower not in handle.parameters
+
+
+def test_schedule_due_steps_and_limits():
+    schedule = MergeSchedule(start=320, every=240, merges=7)
+    assert [t for t in range(0, 2300) if schedule.due(t)][:3] == [560, 800, 1040]
+    assert schedule.last_merge_step(12) == 320 + 7 * 240
+    with pytest.raises(ShareportError, match="exceeds"):
+        MergeSchedule(start=0, every=1, merges=12).merges_needed(12)
+    with pytest.raises(ShareportError, match="exactly one"):
+        MergeSchedule(start=0, every=1)
+
+
+def test_merging_needs_a_shared_a():
+    model = tiny_llama(layers=2)
+    handle = attach(model, fresh_adapter(model, "shareb", ["q_proj"], rank=2, alpha=2, seed=0), trainable=True)
+    with pytest.raises(ShareportError, match="one shared A per kind"):
+        BMerger(handle, MergeSchedule(start=0, every=1, merges=1), torch.optim.AdamW(handle.parameters.values()))
