@@ -85,7 +85,7 @@ def save_checkpoint(folder: str | os.PathLike, adapter: Adapter, state: dict, te
     """Replace ``folder`` with a complete checkpoint (never a half-written one)."""
     with atomic_dir(folder, overwrite=True) as tmp:
         write_adapter_files(adapter, tmp, as_peft=False)
-        save_tensors({**tensors, **rng_tensors()}, tmp / STATE_TENSORS, {"format": FORMAT})
+        save_tensors({**tensors, **rng_tensors()}, tmp / STATE_TENSORS)
         (tmp / STATE_JSON).write_text(dump_json({"format": FORMAT, **state}), encoding="utf-8")
 
 

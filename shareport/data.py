@@ -150,7 +150,7 @@ def save_tokenized(folder: str | os.PathLike, sequences: list[list[int]], labels
     if labels is not None:
         tensors["labels"] = torch.tensor(labels, dtype=torch.int64)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        save_tensors(tensors, tmp / TOKENS_NAME, {"format": "shareport-tokens"})
+        save_tensors(tensors, tmp / TOKENS_NAME)
     return Path(folder)
 
 

@@ -17,7 +17,8 @@ from .errors import ShareportError
 from .surgery import _weight_shape
 
 # which factors each form shares across the layers of a kind
-SHARED = {"sharea": ("A",), "shareb": ("B",), "shareab": ("A", "B"), "aslora": ("A",)}
+# ("lora" shares nothing: a plain LoRA with PEFT's default init, e.g. the demo's teacher)
+SHARED = {"lora": (), "sharea": ("A",), "shareb": ("B",), "shareab": ("A", "B"), "aslora": ("A",)}
 
 # transformers Auto class -> PEFT task type, recorded in the adapter's config
 _TASK_OF_CLASS_SUFFIX = (

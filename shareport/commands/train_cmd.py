@@ -23,7 +23,9 @@ from .training_options import checkpoint_folder, echo_report, recipe_options
 def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, steps, lr, batch_size, max_length, seed,
               eval_fraction, checkpoint_every, checkpoint_dir, resume, merges, groups, merge_start, merge_every,
               merge_mode, merge_pairs, as_json) -> None:
-    """Train a shared adapter from scratch (ShareLoRA init: kaiming-uniform A, zero B).
+    """Train an adapter from scratch (ShareLoRA init: kaiming-uniform A, zero B).
+
+    --form lora trains a plain LoRA (nothing shared), e.g. a teacher to convert and recover.
 
     The loss is the data's own: next-token prediction for a causal LM, the 'label' field for
     a classifier. --form aslora starts as ShareA and merges B's of similar layers on the
