@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .commands.convert_cmd import convert_cmd
+from .commands.demo_cmd import demo_cmd
 from .commands.finetune_cmd import finetune_cmd
 from .commands.inspect_cmd import inspect_cmd
 from .commands.train_cmd import train_cmd
@@ -30,6 +31,7 @@ def main() -> None:
     """shareport: make LoRA adapters smaller and deployable.
 
     \b
+    demo      the whole job on built-in material (no downloads)
     inspect   what an adapter holds, per kind and layer
     convert   LoRA -> ShareA / ShareB / ShareAB / ASLoRA by exact SVD projection
     finetune  recover a converted adapter by distillation toward its LoRA
@@ -37,5 +39,5 @@ def main() -> None:
     """
 
 
-for command in (inspect_cmd, convert_cmd, finetune_cmd, train_cmd):
+for command in (demo_cmd, inspect_cmd, convert_cmd, finetune_cmd, train_cmd):
     main.add_command(command)
