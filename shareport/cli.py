@@ -9,7 +9,10 @@ from __future__ import annotations
 import click
 
 from . import __version__
+from .commands.export_adapter_cmd import export_adapter_cmd
+from .commands.export_cmd import export_cmd
 from .commands.inspect_cmd import inspect_cmd
+from .commands.verify_cmd import verify_cmd
 from .errors import ShareportError
 
 
@@ -32,5 +35,5 @@ def main() -> None:
     """
 
 
-for command in (inspect_cmd,):
+for command in (inspect_cmd, export_cmd, verify_cmd, export_adapter_cmd):
     main.add_command(command)
