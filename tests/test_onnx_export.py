@@ -51,7 +51,7 @@ def gpt2(tmp_path_factory):
     return SimpleNamespace(
         base=base, adapter=adapter,
         adapted=_export(adapter, base, root / "adapted", mode="adapter", with_past=True),
-        fp16=_export(adapter, base, root / "fp16", mode="folded", dtype="fp16"),
+        fp16=_export(adapter, base, root / "fp16", mode="folded", dtype="fp16", opset=18),
     )
 
 
@@ -132,6 +132,7 @@ def test_gpt2_fp16_folded_within_relative_bound(gpt2):
     assert all(r.top1 == 1.0 for r in report.rows)
     proto = graph_file.load_proto(gpt2.fp16)
     assert proto.graph.output[0].type.tensor_type.elem_type == 10  # FLOAT16
+    assert graph_file.read_info(proto, gpt2.fp16)["opset"] == 18
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +162,13 @@ def test_bert_folded_export_cli_verifies_and_is_self_contained(bert, cli):
     assert result.exit_code != 0 and "--overwrite" in result.output
 
 
-def test_bert_sharea_adapter_mode_cli_json(bert, cli):
+def test_bert_sharea_adapter_mode_cli_json(bert, cli, monkeypatch):
     out = bert.root / "adapted"
+    monkeypatch.setattr(graph_file, "EXTERNAL_DATA_BYTES", 0)  # take the >2 GB path: weights beside the graph
     result = cli("export", bert.sharea, "--base", bert.base, "--onnx", out, "--mode", "adapter", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # progress goes to stderr
     assert report["ok"] and report["mode"] == "adapter"
     assert {r["check"] for r in report["rows"]} == {"adapter active", "no adapter"}
     assert {r["output"] for r in report["rows"]} == {"logits"}
+    assert (out / graph_file.DATA_NAME).is_file()
