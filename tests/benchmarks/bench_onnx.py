@@ -4,9 +4,11 @@ Not collected by pytest. Run: ``python3 tests/benchmarks/bench_onnx.py [--thread
 
 A Llama-like model (~33M parameters, random weights) with a LoRA (r=16 on q, k, v, o); batch 1
 and 8 at sequence length 128, all engines in the same run and interleaved round by round, so
-machine noise hits them alike; the median per engine is reported. The adapter-mode graph runs
-with the adapter active through ``RunOptions`` (the way a server swaps adapters). The last line
-is the worst adapter/folded latency ratio over the batch sizes.
+machine noise hits them alike. Median and minimum per engine are reported; ratios use the
+minimum, the least disturbed run, because a shared machine's load swings the median by tens of
+percent between rounds. The adapter-mode graph runs with the adapter active through
+``RunOptions`` (the way a server swaps adapters). The last line is the worst adapter/folded
+latency ratio over the batch sizes.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,14 +102,15 @@ def main() -> None:
             for _ in range(args.repeats):
                 for name, fn in engines.items():
                     times[name].append(timed(fn))
-            medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
-            for name, ms in medians.items():
-                rows.append((batch, SEQ, name, round(ms, 1), round(medians["ORT folded"] / ms, 2)))
-            ratios.append(medians["ORT adapter mode (active)"] / medians["ORT folded"])
+            best = {name: min(t) * 1000 for name, t in times.items()}
+            for name, t in times.items():
+                median = statistics.median(t) * 1000
+                rows.append((batch, SEQ, name, round(median, 1), round(best[name], 1), round(best[name] / best["ORT folded"], 2)))
+            ratios.append(best["ORT adapter mode (active)"] / best["ORT folded"])
 
     print(f"Llama-like, {n_params / 1e6:.1f}M parameters, LoRA r=16 on q,k,v,o, fp32, "
-          f"{args.threads} threads, ORT on {runtime.device_name()}, median of {args.repeats}")
-    print(format_table(["batch", "seq", "engine", "ms", "speed vs ORT folded"], rows))
+          f"{args.threads} threads, ORT on {runtime.device_name()}, {args.repeats} rounds")
+    print(format_table(["batch", "seq", "engine", "median ms", "min ms", "min / ORT folded"], rows))
     print(f"adapter_over_folded: {max(ratios):.3f}")
 
 
