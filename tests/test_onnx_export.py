@@ -167,7 +167,9 @@ def test_bert_sharea_adapter_mode_cli_json(bert, cli, monkeypatch):
     monkeypatch.setattr(graph_file, "EXTERNAL_DATA_BYTES", 0)  # take the >2 GB path: weights beside the graph
     result = cli("export", bert.sharea, "--base", bert.base, "--onnx", out, "--mode", "adapter", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)  # progress goes to stderr
+    data = json.loads(result.stdout)  # progress goes to stderr
+    assert data["graph"] == str(out) and data["mode"] == "adapter"
+    report = data["verify"]
     assert report["ok"] and report["mode"] == "adapter"
     assert {r["check"] for r in report["rows"]} == {"adapter active", "no adapter"}
     assert {r["output"] for r in report["rows"]} == {"logits"}

@@ -6,6 +6,7 @@ import click
 
 from ..export.exporter import DTYPES, MODES, ExportOptions, export
 from ..export.verify import verify
+from ..table import to_json
 from .options import allow_pickle_option, json_option, overwrite_option
 from .verify_cmd import emit_report, tolerance_options
 
@@ -35,7 +36,11 @@ def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, em
     """
     options = ExportOptions(mode=mode, with_past=with_past, dtype=dtype, opset=opset, embed_adapter=embed_adapter)
     out = export(adapter_dir, base_dir, out_dir, options, overwrite=overwrite, allow_pickle=allow_pickle)
+    summary = {"graph": str(out), "mode": mode, "dtype": dtype, "with_past": with_past, "embedded_adapter": embed_adapter}
     if not as_json:
         click.echo(f"wrote {out} ({mode}, {dtype}{', with past' if with_past else ''})")
     if run_verify:
-        emit_report(verify(out, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle), as_json)
+        report = verify(out, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle)
+        emit_report(report, as_json, extra=summary)
+    elif as_json:
+        click.echo(to_json({**summary, "verify": None}))

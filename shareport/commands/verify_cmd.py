@@ -20,19 +20,22 @@ def tolerance_options(func):
 def render_report(report: Report) -> str:
     head = f"verify {report.graph}: {report.mode} graph, {report.dtype}, ONNX Runtime on {report.device}, {report.tolerance}"
     rows = [
-        (r.check, r.case, r.output, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", "-" if r.top1 is None else f"{r.top1:.1%}",
-         f"{r.limit:.3g}", "ok" if r.ok else "FAIL")
+        (r.check, r.case, r.output, r.max_abs, r.mean_abs, "-" if r.top1 is None else f"{r.top1:.1%}", r.limit,
+         "ok" if r.ok else "FAIL")
         for r in report.rows
     ]
-    table = format_table(["check", "case", "output", "max abs diff", "mean abs diff", "top-1 agree", "limit", ""], rows)
+    table = format_table(["check", "case", "output", "max abs diff", "mean abs diff", "top-1 agree", "limit", "result"], rows)
     failed = sum(not r.ok for r in report.rows)
     verdict = "all comparisons within tolerance" if report.ok else f"{failed} of {len(report.rows)} comparisons exceed the tolerance"
     return f"{head}\n{table}\n{verdict}"
 
 
-def emit_report(report: Report, as_json: bool) -> None:
-    """Print the report; exit non-zero when any comparison failed."""
-    click.echo(to_json(report.to_dict()) if as_json else render_report(report))
+def emit_report(report: Report, as_json: bool, extra: dict | None = None) -> None:
+    """Print the report (under "verify" with ``extra`` fields in JSON); exit non-zero when any comparison failed."""
+    if as_json:
+        click.echo(to_json({**extra, "verify": report.to_dict()} if extra else report.to_dict()))
+    else:
+        click.echo(render_report(report))
     if not report.ok:
         raise click.ClickException(f"verify: {report.graph} does not match PyTorch within tolerance")
 

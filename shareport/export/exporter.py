@@ -124,7 +124,7 @@ def trace_to_onnx(model, sig: Signature, slots: dict[str, Slot], wiring: dict, d
 def _progress(enabled: bool, total: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="export", file=sys.stderr, disable=not enabled, bar_format="{desc} [{n}/{total}, {elapsed}]")
+    return tqdm(total=total, desc="export", file=sys.stderr, disable=not enabled, bar_format="{desc}[{n}/{total}, {elapsed}]")
 
 
 def export(
