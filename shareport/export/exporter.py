@@ -121,10 +121,39 @@ def trace_to_onnx(model, sig: Signature, slots: dict[str, Slot], wiring: dict, d
     return program.model
 
 
-def _progress(enabled: bool, total: int):
+@contextlib.contextmanager
+def _stages(enabled: bool, total: int):
+    """A one-line progress display on stderr; yields ``stage(name)``, called as each stage begins."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="export", file=sys.stderr, disable=not enabled, bar_format="{desc}[{n}/{total}, {elapsed}]")
+    bar = tqdm(total=total, file=sys.stderr, disable=not enabled, bar_format="{desc}[{n}/{total}, {elapsed}]")
+    started = [False]
+
+    def stage(name: str) -> None:
+        if started[0]:
+            bar.update()
+        started[0] = True
+        bar.set_description(f"export: {name}")
+
+    try:
+        yield stage
+        bar.update()
+    finally:
+        bar.close()
+
+
+def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) -> dict:
+    """What verify and export-adapter need to know about the graph (stored in its metadata)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": options.mode,
+        "dtype": options.dtype,
+        "embedded_adapter": options.embed_adapter,
+        "signature": sig.to_dict(),
+        "task_type": adapter.task_type,
+        "adapter_form": adapter.form,
+        "opset": ir_model.opset_imports.get("", None),
+    }
 
 
 def export(
@@ -133,47 +162,27 @@ def export(
     """Export and write the folder atomically; returns its path."""
     options.check()
     check_output(out, overwrite, [adapter_dir, base_dir])  # fail before the slow part, not after
-    dtype = DTYPES[options.dtype]
-    bar = _progress(progress, 5)
-    try:
-        bar.set_description("export: loading")
+    dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
+    with _stages(progress, 4) as stage:
+        stage("loading")
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
         model = prepare_model(base_dir, adapter, options.mode, dtype)
         sig = signature_for(model, options.with_past)
-        adapter_mode = options.mode == "adapter"
         slots = slots_for(adapter) if adapter_mode else {}
-        values = graph_tensors(adapter, dtype) if adapter_mode else {}
-        bar.update()
+        values = {n: t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
 
-        bar.set_description("export: tracing and converting (slowest step)")
+        stage("tracing and converting (slowest step)")
         wiring = {path: (s.a, s.b) for path, s in adapter.sites.items()} if adapter_mode else {}
         ir_model = trace_to_onnx(model, sig, slots, wiring, dtype, options.opset)
-        bar.update()
 
-        bar.set_description("export: adding adapter slots")
-        defaults = values if options.embed_adapter else empty_tensors(slots, dtype)
-        graph_file.make_overridable(ir_model, {n: t.numpy() for n, t in defaults.items()})
-        info = {
-            "format_version": FORMAT_VERSION,
-            "mode": options.mode,
-            "dtype": options.dtype,
-            "embedded_adapter": options.embed_adapter,
-            "signature": sig.to_dict(),
-            "task_type": adapter.task_type,
-            "adapter_form": adapter.form,
-            "opset": ir_model.opset_imports.get("", None),
-        }
-        bar.update()
+        stage("adding adapter slots")
+        defaults = values if options.embed_adapter else {n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}
+        graph_file.make_overridable(ir_model, defaults)
 
-        bar.set_description("export: writing")
+        stage("writing")
         with atomic_dir(out, overwrite=overwrite, inputs=[adapter_dir, base_dir]) as tmp:
-            graph_file.save_graph(ir_model, tmp, info)
+            graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model))
             if adapter_mode:
-                write_onnx_adapter({n: t.numpy() for n, t in values.items()}, tmp / graph_file.ADAPTER_NAME)
+                write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
             graph_file.copy_side_files(base_dir, tmp)
-        bar.update()
-        bar.set_description("export: done")
-        bar.update()
-    finally:
-        bar.close()
     return Path(out)
