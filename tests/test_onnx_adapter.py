@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -70,7 +71,7 @@ def test_export_adapter_swaps_in_an_adapter_of_another_rank(qwen, cli):
     out = qwen.root / "other-r2.onnx_adapter"
     result = cli("export-adapter", other, "--graph", qwen.embedded, "-o", out)
     assert result.exit_code == 0, result.output
-    lora = __import__("onnxruntime").LoraAdapter()
+    lora = ort.LoraAdapter()
     lora.Load(str(out))
 
     sig = Signature.from_dict(graph_file.read_info(graph_file.load_proto(qwen.embedded), qwen.embedded)["signature"])
