@@ -11,9 +11,12 @@ import click
 from . import __version__
 from .commands.convert_cmd import convert_cmd
 from .commands.demo_cmd import demo_cmd
+from .commands.export_adapter_cmd import export_adapter_cmd
+from .commands.export_cmd import export_cmd
 from .commands.finetune_cmd import finetune_cmd
 from .commands.inspect_cmd import inspect_cmd
 from .commands.train_cmd import train_cmd
+from .commands.verify_cmd import verify_cmd
 from .errors import ShareportError
 
 
@@ -36,8 +39,12 @@ def main() -> None:
     convert   LoRA -> ShareA / ShareB / ShareAB / ASLoRA by exact SVD projection
     finetune  recover a converted adapter by distillation toward its LoRA
     train     train a fresh shared adapter (ShareLoRA init, ASLoRA merges on schedule)
+    export    ONNX graph, folded or adapter-preserving (swappable), verified against PyTorch
+    verify    run an exported graph in ONNX Runtime against PyTorch
+    export-adapter  an .onnx_adapter file for another adapter of the same structure
     """
 
 
-for command in (demo_cmd, inspect_cmd, convert_cmd, finetune_cmd, train_cmd):
+for command in (demo_cmd, inspect_cmd, convert_cmd, finetune_cmd, train_cmd, export_cmd, verify_cmd,
+                export_adapter_cmd):
     main.add_command(command)

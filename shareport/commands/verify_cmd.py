@@ -1,0 +1,57 @@
+"""``shareport verify OUT_DIR --base BASE_DIR --adapter ADAPTER_DIR``: ORT against PyTorch."""
+
+from __future__ import annotations
+
+import click
+
+from ..export.verify import FP16_RTOL, FP32_ATOL, Report, verify
+from ..table import format_table, to_json
+from .options import allow_pickle_option, json_option
+
+
+def tolerance_options(func):
+    """--atol / --rtol, shared by verify and export (which verifies at the end)."""
+    func = click.option("--rtol", type=float, default=FP16_RTOL, show_default=True,
+                        help="fp16 graphs: allowed max abs diff as a share of max(1, max |PyTorch output|).")(func)
+    return click.option("--atol", type=float, default=FP32_ATOL, show_default=True,
+                        help="fp32 graphs: allowed max abs diff against PyTorch.")(func)
+
+
+def render_report(report: Report) -> str:
+    head = f"verify {report.graph}: {report.mode} graph, {report.dtype}, ONNX Runtime on {report.device}, {report.tolerance}"
+    rows = [
+        (r.check, r.case, r.output, r.max_abs, r.mean_abs, "-" if r.top1 is None else f"{r.top1:.1%}", r.limit,
+         "ok" if r.ok else "FAIL")
+        for r in report.rows
+    ]
+    table = format_table(["check", "case", "output", "max abs diff", "mean abs diff", "top-1 agree", "limit", "result"], rows)
+    failed = sum(not r.ok for r in report.rows)
+    verdict = "all comparisons within tolerance" if report.ok else f"{failed} of {len(report.rows)} comparisons exceed the tolerance"
+    return f"{head}\n{table}\n{verdict}"
+
+
+def emit_report(report: Report, as_json: bool, extra: dict | None = None) -> None:
+    """Print the report (under "verify" with ``extra`` fields in JSON); exit non-zero when any comparison failed."""
+    if as_json:
+        click.echo(to_json({**extra, "verify": report.to_dict()} if extra else report.to_dict()))
+    else:
+        click.echo(render_report(report))
+    if not report.ok:
+        raise click.ClickException(f"verify: {report.graph} does not match PyTorch within tolerance")
+
+
+@click.command("verify")
+@click.argument("graph_dir", metavar="OUT_DIR", type=click.Path(file_okay=False, path_type=str))
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Base model folder.")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The adapter the graph was exported with (any form).")
+@tolerance_options
+@json_option
+@allow_pickle_option
+def verify_cmd(graph_dir: str, base_dir: str, adapter_dir: str, atol: float, rtol: float, as_json: bool, allow_pickle: bool) -> None:
+    """Run an exported graph in ONNX Runtime and the model in PyTorch; compare every output.
+
+    Several shapes (batch 1-3, several sequence lengths, with and without past); adapter-mode
+    graphs with the adapter active and without it (= base model). Exits non-zero above tolerance.
+    """
+    emit_report(verify(graph_dir, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle), as_json)

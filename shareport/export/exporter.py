@@ -1,0 +1,188 @@
+"""``shareport export``: base model + adapter -> a self-contained ONNX folder.
+
+- folded: the adapter is merged into the weights (``surgery.fold``); a plain graph.
+- adapter: every site computes ``x W^T + (x A_g) B_g`` with each pool tensor one graph input
+  (see ``slots``), which also has a same-named initializer: empty (rank 0, so running without an
+  adapter gives the base model) or, with ``embed``, the exported adapter's values. ORT's
+  multi-LoRA API swaps them at run time; ``adapter.onnx_adapter`` holds the exported adapter.
+
+Carried tensors (PEFT ``modules_to_save``, e.g. a classifier head) are not LoRA factors and
+cannot be swapped: they are written into the base weights in both modes, so "no adapter" means
+the base model with those modules.
+
+The exporter's optimiser constant-folds only initializers; the adapter tensors are plain graph
+inputs while it runs and become overridable only afterwards, so it cannot fold them away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter
+from ..atomic import atomic_dir, check_output
+from ..errors import ShareportError
+from ..formats import load_adapter
+from ..surgery import attach, fold, load_base_model
+from . import graph_file
+from .ort_adapter import write_onnx_adapter
+from .signature import Signature, dynamic_axes, make_inputs, signature_for
+from .slots import Slot, empty_tensors, graph_tensors, slots_for
+from .wrapper import graph_module
+
+MODES = ("folded", "adapter")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+FORMAT_VERSION = 1
+# example sizes for tracing: a dynamic dim traced at size 0 or 1 gets specialised, so >= 2
+EXAMPLE = dict(batch=2, seq=3, past=5, rank=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    mode: str = "folded"
+    with_past: bool = False
+    dtype: str = "fp32"
+    opset: int | None = None
+    embed_adapter: bool = False
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ShareportError(f"unknown export mode '{self.mode}' (expected {' or '.join(MODES)})")
+        if self.dtype not in DTYPES:
+            raise ShareportError(f"unknown dtype '{self.dtype}' (expected {' or '.join(DTYPES)})")
+        if self.embed_adapter and self.mode != "adapter":
+            raise ShareportError("--embed-adapter needs --mode adapter (a folded graph has no adapter inputs)")
+
+
+def prepare_model(base_dir, adapter: Adapter, mode: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The base model with the adapter folded in (folded) or only its carried modules (adapter)."""
+    model = load_base_model(base_dir, adapter.task_type)
+    if mode == "folded":
+        fold(model, adapter)
+    else:
+        attach(model, adapter).detach()  # attach loads the carried modules; detach drops the LoRA wrappers
+    return model.to(dtype)
+
+
+def _trace_inputs(sig: Signature, slots: dict[str, Slot], dtype: torch.dtype):
+    """Example inputs and their dynamic shapes, flat and in the graph's input order."""
+    from torch.export import Dim
+
+    dims: dict[str, Dim] = {}
+
+    def dim(name: str) -> Dim:
+        return dims.setdefault(name, Dim(name))
+
+    examples = make_inputs(sig, EXAMPLE["batch"], EXAMPLE["seq"], EXAMPLE["past"] if sig.with_past else 0, dtype)
+    axes = dynamic_axes(sig)
+    gen = torch.Generator().manual_seed(0)
+    for name, slot in sorted(slots.items()):
+        examples[name] = torch.randn(slot.shape(EXAMPLE["rank"]), generator=gen).to(dtype)
+        axes[name] = {1 if slot.role == "A" else 0: slot.rank_dim}
+    shapes = tuple({axis: dim(n) for axis, n in axes[name].items()} for name in examples)
+    return tuple(examples.values()), shapes
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx reports progress and warnings on stdout/stderr; shareport shows its own."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def trace_to_onnx(model, sig: Signature, slots: dict[str, Slot], wiring: dict, dtype: torch.dtype, opset: int | None):
+    """``torch.onnx.export(dynamo=True)`` of the flat wrapper; returns the ``onnx_ir`` model."""
+    args, shapes = _trace_inputs(sig, slots, dtype)
+    with graph_module(model, sig, wiring) as module, _quiet_exporter(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                module, args, dynamo=True, optimize=True, verbose=False, opset_version=opset,
+                input_names=module.input_names, output_names=sig.output_names,
+                dynamic_shapes=(shapes,),  # forward(*flat): one entry, the tuple for the *args
+            )
+        except Exception as exc:
+            cause = exc.__cause__ or exc  # torch.onnx wraps torch.export's error in a long report
+            raise ShareportError(
+                f"torch.onnx.export failed for {type(model).__name__}: {type(cause).__name__}: {str(cause).splitlines()[0]}"
+            ) from exc
+    return program.model
+
+
+@contextlib.contextmanager
+def _stages(enabled: bool, total: int):
+    """A one-line progress display on stderr; yields ``stage(name)``, called as each stage begins."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, file=sys.stderr, disable=not enabled, bar_format="{desc}[{n}/{total}, {elapsed}]")
+    started = [False]
+
+    def stage(name: str) -> None:
+        if started[0]:
+            bar.update()
+        started[0] = True
+        bar.set_description(f"export: {name}")
+
+    try:
+        yield stage
+        bar.update()
+    finally:
+        bar.close()
+
+
+def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) -> dict:
+    """What verify and export-adapter need to know about the graph (stored in its metadata)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": options.mode,
+        "dtype": options.dtype,
+        "embedded_adapter": options.embed_adapter,
+        "signature": sig.to_dict(),
+        "task_type": adapter.task_type,
+        "adapter_form": adapter.form,
+        "opset": ir_model.opset_imports.get("", None),
+    }
+
+
+def export(
+    adapter_dir, base_dir, out, options: ExportOptions, overwrite: bool = False, progress: bool = True, allow_pickle: bool = False
+) -> Path:
+    """Export and write the folder atomically; returns its path."""
+    options.check()
+    check_output(out, overwrite, [adapter_dir, base_dir])  # fail before the slow part, not after
+    dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
+    with _stages(progress, 4) as stage:
+        stage("loading")
+        adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+        model = prepare_model(base_dir, adapter, options.mode, dtype)
+        sig = signature_for(model, options.with_past)
+        slots = slots_for(adapter) if adapter_mode else {}
+        values = {n: t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
+
+        stage("tracing and converting (slowest step)")
+        wiring = {path: (s.a, s.b) for path, s in adapter.sites.items()} if adapter_mode else {}
+        ir_model = trace_to_onnx(model, sig, slots, wiring, dtype, options.opset)
+
+        stage("adding adapter slots")
+        defaults = values if options.embed_adapter else {n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}
+        graph_file.make_overridable(ir_model, defaults)
+
+        stage("writing")
+        with atomic_dir(out, overwrite=overwrite, inputs=[adapter_dir, base_dir]) as tmp:
+            graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model))
+            if adapter_mode:
+                write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
+            graph_file.copy_side_files(base_dir, tmp)
+    return Path(out)

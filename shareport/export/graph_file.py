@@ -1,0 +1,94 @@
+"""The exported folder: graph, its metadata, overridable adapter inputs, side files.
+
+The graph is post-processed as an ``onnx_ir`` model (what ``torch.onnx`` produces), which has
+no 2 GB protobuf limit in memory; over that size the weights are saved as external data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import ShareportError
+
+GRAPH_NAME = "model.onnx"
+DATA_NAME = "model.onnx_data"
+ADAPTER_NAME = "adapter.onnx_adapter"
+INFO_KEY = "shareport.export"
+# protobuf cannot serialise a message over 2 GiB; leave room for the graph itself
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# files a runtime needs next to the graph (config and tokenizer), copied when BASE_DIR has them
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+def make_overridable(ir_model, defaults: dict[str, np.ndarray]) -> None:
+    """Give each named graph input an initializer of the same name (ORT's adapter slots)."""
+    import onnx_ir as ir
+
+    graph = ir_model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    for name, array in defaults.items():
+        value = inputs[name]
+        value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+        graph.register_initializer(value)
+
+
+def save_graph(ir_model, folder: Path, info: dict) -> Path:
+    """Write ``model.onnx`` (plus ``model.onnx_data`` when the weights are too big for one file)."""
+    import onnx_ir as ir
+
+    ir_model.metadata_props[INFO_KEY] = json.dumps(info, sort_keys=True)
+    weight_bytes = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    path = folder / GRAPH_NAME
+    ir.save(ir_model, path, external_data=DATA_NAME if weight_bytes > EXTERNAL_DATA_BYTES else None)
+    return path
+
+
+def load_proto(folder: str | Path) -> onnx.ModelProto:
+    """The graph without its weights (enough for names, shapes and metadata)."""
+    path = Path(folder) / GRAPH_NAME
+    if not path.is_file():
+        raise ShareportError(f"{folder}: no {GRAPH_NAME} (not a folder written by 'shareport export')")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ShareportError(f"{path}: cannot read the ONNX graph ({str(exc).splitlines()[0]})") from None
+
+
+def read_info(proto: onnx.ModelProto, folder: str | Path) -> dict:
+    for prop in proto.metadata_props:
+        if prop.key == INFO_KEY:
+            return json.loads(prop.value)
+    raise ShareportError(f"{folder}/{GRAPH_NAME}: no shareport metadata (not written by 'shareport export')")
+
+
+def graph_slots(proto: onnx.ModelProto) -> dict[str, tuple[np.dtype, tuple]]:
+    """Overridable initializers: name -> (numpy dtype, shape with dim names for symbolic dims)."""
+    initializers = {i.name for i in proto.graph.initializer}
+    slots = {}
+    for inp in proto.graph.input:
+        if inp.name not in initializers:
+            continue
+        tensor_type = inp.type.tensor_type
+        shape = tuple(d.dim_param or d.dim_value for d in tensor_type.shape.dim)
+        slots[inp.name] = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)), shape)
+    return slots
+
+
+def copy_side_files(base_dir: str | Path, folder: Path) -> list[str]:
+    """Copy config and tokenizer files so the folder is self-contained; return their names."""
+    copied = []
+    for name in SIDE_FILES:
+        source = Path(base_dir) / name
+        if source.is_file():
+            shutil.copy2(source, folder / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,113 @@
+"""``.onnx_adapter`` files (ONNX Runtime's multi-LoRA format) and the check that one fits a graph.
+
+ORT matches adapter parameters to the graph's overridable initializers by name at run time and
+reports a mismatch obscurely (or, for a tensor it does not know, only when it runs). So every
+adapter is checked against the graph's slots before it is written: names, dtypes, static dims,
+and that tensors sharing a symbolic rank dim agree on its size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapter import Adapter
+from ..errors import ShareportError
+from .slots import graph_tensors
+
+ADAPTER_VERSION = 1
+
+
+def write_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path) -> None:
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(ADAPTER_VERSION)
+    fmt.set_model_version(1)
+    fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in sorted(arrays.items())})
+    fmt.export_adapter(str(path))
+
+
+def save_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path, overwrite: bool = False, inputs=()) -> Path:
+    """Write one ``.onnx_adapter`` file atomically (temp file + rename) with ``atomic_dir``'s rules.
+
+    ``atomic_dir`` publishes folders; an adapter file usually goes next to its graph, into a
+    folder that exists already, so this applies the same rules to a single file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ShareportError(f"output '{path}' is a folder; give a file name such as '{path}/adapter.onnx_adapter'")
+    if path.exists() and not overwrite:
+        raise ShareportError(f"output '{path}' already exists; pass --overwrite to replace it")
+    if not path.parent.resolve().is_dir():
+        raise ShareportError(f"cannot write '{path}': its folder '{path.parent}' does not exist")
+    for folder in inputs:
+        if Path(folder).resolve() in path.resolve().parents:
+            raise ShareportError(f"output '{path}' is inside the input '{folder}'; choose another output")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write_onnx_adapter(arrays, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ShareportError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    return {n: v.numpy() for n, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+
+
+def _first(names) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"'{names[0]}'{more}"
+
+
+def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter") -> None:
+    """Raise a one-line ShareportError unless ``arrays`` can be swapped into a graph with ``slots``."""
+    if not slots:
+        raise ShareportError("the graph has no adapter inputs (it was exported with --mode folded)")
+    unknown, missing = set(arrays) - set(slots), set(slots) - set(arrays)
+    if unknown:
+        raise ShareportError(
+            f"{what} tensor {_first(unknown)} is not an input of the graph, whose adapter inputs are named like "
+            f"'{min(slots)}' (adapter of another form or model?)"
+        )
+    if missing:
+        raise ShareportError(f"{what} lacks the graph's adapter input {_first(missing)} (adapter of another form?)")
+    sizes: dict[str, tuple[int, str]] = {}
+    for name in sorted(arrays):
+        array, (dtype, shape) = arrays[name], slots[name]
+        if array.dtype != dtype:
+            raise ShareportError(f"{what} tensor '{name}' is {array.dtype}, the graph's input is {dtype}")
+        if array.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, array.shape)):
+            raise ShareportError(f"{what} tensor '{name}' has shape {tuple(array.shape)}, the graph's input is {shape}")
+        for dim, size in zip(shape, array.shape):
+            if isinstance(dim, str):
+                seen = sizes.setdefault(dim, (size, name))
+                if seen[0] != size:
+                    raise ShareportError(
+                        f"{what} tensors '{seen[1]}' and '{name}' share the graph's rank dim '{dim}' "
+                        f"but have ranks {seen[0]} and {size}"
+                    )
+
+
+def adapter_arrays(adapter: Adapter, slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter") -> dict[str, np.ndarray]:
+    """The adapter in the graph's layout and dtype, checked to fit the graph's slots."""
+    dtype = next(iter(slots.values()))[0] if slots else np.dtype(np.float32)
+    torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
+    arrays = {n: t.numpy() for n, t in graph_tensors(adapter, torch_dtype).items()}
+    check_fits(arrays, slots, what)
+    return arrays

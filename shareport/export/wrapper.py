@@ -1,0 +1,85 @@
+"""The module ``torch.onnx.export`` traces: flat tensors in, flat tensors out.
+
+A with-past decoder takes its cache as ``past_key_values.{i}.key/value`` tensors; the wrapper
+builds a ``DynamicCache`` from them inside ``forward`` (the exporter cannot take a cache object)
+and returns the updated cache as flat ``present`` tensors.
+
+In adapter mode every adapter tensor is an extra input. Forward hooks on the adapted modules add
+``(x @ A_g) @ B_g`` (see ``slots``) with the tensors of the current call, so the base model keeps
+its modules and parameter names, and a tensor shared by many sites is one input read by all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .signature import Signature
+
+
+def call_model(model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``model`` on graph-named inputs; return the graph's outputs in order."""
+    kwargs = {name: inputs[name] for name in sig.model_inputs}
+    if sig.decoder:
+        kwargs["use_cache"] = sig.with_past
+    if sig.with_past:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        for i in range(sig.num_layers):
+            cache.update(inputs[f"past_key_values.{i}.key"], inputs[f"past_key_values.{i}.value"], i)
+        kwargs["past_key_values"] = cache
+    out = model(**kwargs)
+    result = [out[sig.output]]
+    if sig.with_past:
+        for layer in out.past_key_values.layers:
+            result += [layer.keys, layer.values]
+    return result
+
+
+class GraphModule(nn.Module):
+    """``forward(*graph_inputs)`` -> graph outputs; adapter tensors (if any) come last."""
+
+    def __init__(self, model: nn.Module, sig: Signature, slot_names: list[str], current: dict):
+        super().__init__()
+        self.model = model
+        self.sig = sig
+        self.input_names = [*sig.input_names, *slot_names]
+        self._current = current  # read by the adapter hooks during forward
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = dict(zip(self.input_names, flat))
+        self._current.update({n: inputs[n] for n in self.input_names[len(self.sig.input_names):]})
+        try:
+            return tuple(call_model(self.model, self.sig, inputs))
+        finally:
+            self._current.clear()
+
+
+@contextlib.contextmanager
+def graph_module(
+    model: nn.Module, sig: Signature, wiring: dict[str, tuple[str, str]] | None = None
+) -> Iterator[GraphModule]:
+    """A ``GraphModule`` over ``model``; ``wiring`` maps site path -> (A slot, B slot).
+
+    Hooks are removed on exit, so the model is left as it was.
+    """
+    wiring = wiring or {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(a: str, b: str):
+        def add_update(module, args, output):
+            return output + (args[0] @ current[a]) @ current[b]
+
+        return add_update
+
+    handles = [model.get_submodule(path).register_forward_hook(hook_for(a, b)) for path, (a, b) in sorted(wiring.items())]
+    slot_names = sorted({n for pair in wiring.values() for n in pair})
+    try:
+        yield GraphModule(model, sig, slot_names, current)
+    finally:
+        for handle in handles:
+            handle.remove()
