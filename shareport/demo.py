@@ -1,7 +1,8 @@
 """``shareport demo``: the whole job on built-in material, in a couple of minutes on a CPU.
 
-1. build a small Llama, a BPE tokenizer and a text corpus (no downloads, fixed seeds);
-2. train a real LoRA on the corpus (``shareport train --form lora``);
+1. build a small Llama and a BPE tokenizer, pretrained briefly on a general corpus
+   (no downloads, fixed seeds);
+2. train a real LoRA that adapts it to a domain corpus (``shareport train --form lora``);
 3. convert it to ASLoRA (``shareport convert --to aslora``);
 4. recover the ASLoRA by distillation toward the LoRA (``shareport finetune``);
 5. export ONNX graphs, folded and adapter-preserving, and verify them against PyTorch
@@ -26,7 +27,7 @@ from .errors import ShareportError
 
 # Sized to finish in about two minutes on two CPU cores.
 TRAIN_STEPS = 50
-RECOVER_STEPS = 40
+RECOVER_STEPS = 60
 BATCH, LENGTH = 8, 32
 TARGETS = "q_proj,v_proj,o_proj,down_proj"
 RANK = 8
@@ -56,23 +57,22 @@ def run_demo(out: Path, export: bool = True) -> dict:
 
     hf_logging.disable_progress_bar()  # shareport's own bars say what is happening
     out.mkdir(parents=True, exist_ok=True)
-    lines = corpus()
-    data = out / "corpus.txt"
-    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data = out / "domain.txt"
+    data.write_text("\n".join(corpus(domain=True, seed=1)) + "\n", encoding="utf-8")
     base = out / "base"
     if not (base / "config.json").exists():
-        step("building a small Llama and a tokenizer")
-        build_base(base, lines, layers=8, hidden=64)
+        step("building a small Llama and a tokenizer, pretrained briefly on a general corpus")
+        build_base(base, corpus(), layers=8, hidden=64)
     reports: dict = {}
-    step("training a LoRA on the built-in corpus")
+    step("training a LoRA that adapts it to a domain corpus")
     reports["train"] = run_command(["train", "--form", "lora", "--base", base, "--data", data, "--target", TARGETS,
-                                    "--rank", RANK, "--alpha", 2 * RANK, "--steps", TRAIN_STEPS, "--lr", "5e-3",
+                                    "--rank", RANK, "--alpha", 2 * RANK, "--steps", TRAIN_STEPS, "--lr", "1e-2",
                                     "--max-length", LENGTH, "--batch-size", BATCH, "-o", out / "lora", "--overwrite"])
     step("converting the LoRA to ASLoRA")
     reports["convert"] = run_command(["convert", out / "lora", "--to", "aslora", "-o", out / "aslora", "--overwrite"])
     step("recovering the ASLoRA by distillation toward the LoRA")
     reports["finetune"] = run_command(["finetune", out / "aslora", "--base", base, "--teacher", out / "lora",
-                                       "--data", data, "--steps", RECOVER_STEPS, "--lr", "5e-3", "--max-length", LENGTH,
+                                       "--data", data, "--steps", RECOVER_STEPS, "--lr", "1e-2", "--max-length", LENGTH,
                                        "--batch-size", BATCH, "-o", out / "aslora-recovered", "--overwrite"])
     if export:
         for mode in ("folded", "adapter"):

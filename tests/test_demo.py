@@ -1,0 +1,20 @@
+"""`shareport demo`, the README's main job: every step runs, recovery helps, ONNX verifies."""
+
+import json
+
+
+def test_demo_runs_end_to_end(tmp_path, cli):
+    r = cli("demo", "--out", tmp_path / "demo", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    convert, finetune = report["convert"], report["finetune"]
+    assert convert["form"] == "aslora" and convert["ratio"] <= 0.25
+    assert any(1 < len(k["groups"]) < k["sites"] for k in convert["kinds"]), "ASLoRA should group some layers"
+    # recovery by distillation must bring the student closer to the teacher LoRA
+    assert finetune["after"]["kl"] < 0.5 * finetune["before"]["kl"]
+    for mode in ("folded", "adapter"):
+        verify = report[f"export_{mode}"]["verify"]
+        assert verify["ok"] and max(row["max_abs"] for row in verify["rows"]) <= 1e-4
+        assert report[f"export_{mode}"]["latency_ms"] > 0
+    for name in ("lora", "aslora", "aslora-recovered", "onnx-folded", "onnx-adapter"):
+        assert (tmp_path / "demo" / name).is_dir()
