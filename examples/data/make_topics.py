@@ -146,9 +146,12 @@ def make_splits(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = SEED) 
     return train, test
 
 
+def to_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps({"text": r["text"], "label": r["label"]}, ensure_ascii=True) + "\n" for r in rows)
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
-    lines = [json.dumps({"text": r["text"], "label": r["label"]}, ensure_ascii=True) for r in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(to_jsonl(rows), encoding="utf-8")
 
 
 def main() -> None:
