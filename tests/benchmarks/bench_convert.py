@@ -59,7 +59,8 @@ def hwm():
     return 0
 import torch, converters, shareport.formats, shareport.convert  # the interpreter's baseline
 base = hwm()
-src, dst, form = sys.argv[1:4]
+src, dst, form, threads = sys.argv[1:5]
+torch.set_num_threads(int(threads))
 t0 = time.perf_counter()
 adapter = shareport.formats.load_adapter(src)
 t1 = time.perf_counter()
@@ -73,9 +74,9 @@ print(json.dumps({'load': t1 - t0, 'convert': t2 - t1, 'save': t3 - t2, 'total':
 """
 
 
-def run_child(src: Path, dst: Path, form: str) -> dict:
+def run_child(src: Path, dst: Path, form: str, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form, str(threads)], env=env, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -106,16 +107,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for every job (1: stable on a shared machine, where two "
+                             "threads with one busy core can run many times slower)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="shareport-bench-"))
     src = work / "lora"
     make_lora(src, args.layers, args.rank)
     size = (src / "adapter_model.safetensors").stat().st_size
-    print(f"LoRA: {args.layers} layers, r={args.rank}, {size / 2**20:.0f} MiB")
+    print(f"LoRA: {args.layers} layers, r={args.rank}, {size / 2**20:.0f} MiB; torch threads: {args.threads}")
 
-    rows = [("load+save only", run_child(src, work / "plain", "none"))]
+    rows = [("load+save only", run_child(src, work / "plain", "none", args.threads))]
     for form in ("sharea", "shareb", "shareab", "aslora"):
-        rows.append((form, run_child(src, work / form, form)))
+        rows.append((form, run_child(src, work / form, form, args.threads)))
     print(f"{'job':<16}{'load s':>9}{'convert s':>11}{'save s':>9}{'total s':>9}{'x load+save':>13}{'peak/size':>11}")
     base_total = rows[0][1]["total"]
     for name, t in rows:
