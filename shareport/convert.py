@@ -155,14 +155,16 @@ def convert_adapter(
         return _with_provenance(out, adapter, to, {}, source_digest), report
 
     kinds = adapter.kinds()
-    factors = {name: kind_factors(adapter, sites) for name, sites in kinds.items()}
-    plans = _plan(to, factors, rank, groups, energy, budget, grouping)
+    # A budget is spent across kinds, so it needs every kind's factors at once; otherwise each
+    # kind's scaled copies are made when it is converted and dropped after, to bound memory.
+    factors = {name: kind_factors(adapter, sites) for name, sites in kinds.items()} if budget is not None else {}
+    plans = _plan(to, factors, rank, groups, energy, budget, grouping) if budget is not None else {}
     tensors: dict[str, torch.Tensor] = {}
     new_sites: dict[str, Site] = {}
     reports = []
     for name, sites in kinds.items():
-        k, g = plans[name]
-        As, Bts = factors[name]
+        As, Bts = factors.pop(name) if name in factors else kind_factors(adapter, sites)
+        k, g = plans[name] if name in plans else _plan(to, {name: (As, Bts)}, rank, groups, energy, None, grouping)[name]
         result = converters.convert_kind(to, As, Bts, k, groups=g, grouping=grouping)
         a_names, b_names = _names(to, name, sites, result)
         tensors.update(zip(a_names, result.a_tensors))
@@ -185,7 +187,7 @@ def convert_adapter(
                 already_shared=result.already_shared,
             )
         )
-        del factors[name]  # free the kind's float copies before the next one
+        del As, Bts, result  # free the kind's copies before the next one
         if progress:
             progress(name)
     out = adapter.with_sites(tensors, new_sites, to)
