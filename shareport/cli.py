@@ -34,14 +34,11 @@ def main() -> None:
     """shareport: make LoRA adapters smaller and deployable.
 
     \b
-    demo      the whole job on built-in material (no downloads)
-    inspect   what an adapter holds, per kind and layer
-    convert   LoRA -> ShareA / ShareB / ShareAB / ASLoRA by exact SVD projection
-    finetune  recover a converted adapter by distillation toward its LoRA
-    train     train a fresh shared adapter (ShareLoRA init, ASLoRA merges on schedule)
-    export    ONNX graph, folded or adapter-preserving (swappable), verified against PyTorch
-    verify    run an exported graph in ONNX Runtime against PyTorch
-    export-adapter  an .onnx_adapter file for another adapter of the same structure
+    Typical flow:
+      shareport convert LORA --to aslora -o SHARED          exact shared projection
+      shareport finetune SHARED --base BASE --teacher LORA --data TEXT -o RECOVERED
+      shareport export RECOVERED --base BASE --onnx OUT --mode adapter   (verifies)
+    Try it on built-in material first: shareport demo
     """
 
 
