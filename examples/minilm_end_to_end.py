@@ -8,15 +8,21 @@ Shows, on all-MiniLM-L6-v2 (a pretrained 6-layer BERT, shipped in the package
 2. that its accuracy through ``shareport.surgery.attach`` equals PEFT's (a hard check);
 3. for each form (sharea, shareb, shareab, aslora) and parameter budget (50%, 25%, 10% of the
    LoRA's), the test accuracy of the converted adapter before recovery, after recovery
-   (`shareport finetune`), after ONNX export (`shareport export`), and of the same form trained
-   from scratch (`shareport train --form`). The last three are hooks in ``pipeline_steps``
-   that raise until those commands land: pass ``--skip recover export scratch`` meanwhile.
+   (`shareport finetune`: label-free distillation toward the LoRA on the unlabelled train
+   sentences, KL on the classifier's logits), in ONNX Runtime (`shareport export --mode
+   adapter`, the recovered adapter active; its accuracy must equal PyTorch's), and for ShareA
+   and ASLoRA the same budget trained from scratch (`shareport train --form`).
+
+`shareport train` trains adapter factors only, not a classifier head. The from-scratch adapters
+therefore train on (and are scored with) the LoRA's trained head, carried as a fixed tensor: the
+comparison is then between adapters, not between a trained and a random head.
 
 Results go to ``OUT/results.json`` and a markdown table on stdout. Fixed seeds and a fixed
-thread count make a rerun give identical numbers.
+thread count make a rerun give identical numbers. ``--skip recover export scratch`` leaves out
+the slow steps.
 
-    python examples/minilm_end_to_end.py --out /tmp/minilm --skip recover export scratch
-    python examples/minilm_end_to_end.py --fast --out /tmp/minilm-fast --skip recover export scratch
+    python examples/minilm_end_to_end.py --out /tmp/minilm
+    python examples/minilm_end_to_end.py --fast --out /tmp/minilm-fast
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from shareport.surgery import attach, load_base_model  # noqa: E402
 DATA_DIR = Path(__file__).resolve().parent / "data"
 LABELS = ("sports", "cooking", "computing")  # order fixes the class index, as in make_topics.py
 FORMS = ("sharea", "shareb", "shareab", "aslora")
+SCRATCH_FORMS = ("sharea", "aslora")  # ShareLoRA and ASLoRA, the forms their papers train from scratch
 BUDGETS = (0.50, 0.25, 0.10)
 TARGETS = ["query", "value"]  # the ShareLoRA/ASLoRA papers' setting for BERT-like models
 BASE_FILES = ("model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -57,7 +64,10 @@ class Settings:
     n_test: int  # sentences used from the test split
     probe_sentences: int  # train sentences for the linear-probe baseline (cached features)
     recover_steps: int
+    recover_lr: float
+    recover_batch_size: int
     budgets: tuple[float, ...] = BUDGETS
+    forms: tuple[str, ...] = FORMS
     rank: int = 8
     alpha: int = 16
     seed: int = 0
@@ -65,10 +75,11 @@ class Settings:
 
 
 FULL = Settings(train_steps=200, batch_size=16, lr=1e-3, n_train=3000, n_test=300, probe_sentences=1000,
-                recover_steps=100)
-# --fast: the same pipeline, shorter, for tests (one budget, fewer test sentences)
+                recover_steps=60, recover_lr=2e-3, recover_batch_size=8)
+# --fast: the same pipeline, shorter, for tests (one budget, the two forms that have a
+# from-scratch counterpart, fewer test sentences)
 FAST = Settings(train_steps=40, batch_size=8, lr=3e-3, n_train=320, n_test=90, probe_sentences=160,
-                recover_steps=20, budgets=(0.50,))
+                recover_steps=20, recover_lr=2e-3, recover_batch_size=8, budgets=(0.50,), forms=SCRATCH_FORMS)
 
 
 # ------------------------------------------------------------------------------ model and data
@@ -131,19 +142,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------ training
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    steps: int
-    batch_size: int
-    lr: float
-    seed: int = 0
-
-
 # the linear probe trains on cached features, so it can afford many steps: it gets its best shot
-PROBE = Schedule(steps=600, batch_size=32, lr=1e-2)
+PROBE = steps.Recipe(steps=600, lr=1e-2, batch_size=32)
 
 
-def batch_indices(n: int, schedule: Schedule) -> list[torch.Tensor]:
+def batch_indices(n: int, schedule: steps.Recipe) -> list[torch.Tensor]:
     """One index batch per step from back-to-back seeded shuffles of range(n)."""
     gen = torch.Generator().manual_seed(schedule.seed)
     needed = schedule.steps * schedule.batch_size
@@ -151,7 +154,7 @@ def batch_indices(n: int, schedule: Schedule) -> list[torch.Tensor]:
     return list(stream[:needed].split(schedule.batch_size))
 
 
-def train(loss_of_batch, params, n: int, schedule: Schedule) -> None:
+def train(loss_of_batch, params, n: int, schedule: steps.Recipe) -> None:
     """AdamW with linear decay, ``loss_of_batch(indices)`` per step."""
     opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / schedule.steps)
@@ -161,6 +164,11 @@ def train(loss_of_batch, params, n: int, schedule: Schedule) -> None:
         loss.backward()
         opt.step()
         sched.step()
+
+
+def train_recipe(settings: Settings) -> steps.Recipe:
+    """The LoRA's schedule; the from-scratch adapters get the same one, for a fair comparison."""
+    return steps.Recipe(settings.train_steps, settings.lr, settings.batch_size, seed=settings.seed)
 
 
 def train_lora(base_dir: Path, inputs, labels, settings: Settings):
@@ -179,7 +187,7 @@ def train_lora(base_dir: Path, inputs, labels, settings: Settings):
     def loss_of_batch(idx):
         return torch.nn.functional.cross_entropy(model(**trimmed(inputs, idx)).logits, labels[idx])
 
-    schedule = Schedule(settings.train_steps, settings.batch_size, settings.lr, settings.seed)
+    schedule = train_recipe(settings)
     train(loss_of_batch, [p for p in model.parameters() if p.requires_grad], labels.shape[0], schedule)
     return model
 
@@ -242,55 +250,156 @@ def describe(report) -> str:
 
 
 def evaluate_form(form, budget, lora, ctx) -> dict:
-    """Convert, then score every stage that is available for one (form, budget)."""
+    """Convert, then score every stage that was not skipped for one (form, budget)."""
     name = f"{form}-{round(budget * 100)}"
     converted, report, folder = steps.convert(lora, form, budget, ctx["out"] / "adapters" / name)
+    converted_logits = attached_logits(ctx["model"], converted, ctx["test"])
     row = {
         "form": form, "budget": budget, "parameters": converted.num_parameters(),
         "ratio": report.ratio, "plan": describe(report),
         "relative_error": max(k.relative_error for k in report.kinds),
-        "converted": accuracy(attached_logits(ctx["model"], converted, ctx["test"]), ctx["labels"]),
-        "recovered": None, "onnx": None, "scratch": None,
+        "converted": accuracy(converted_logits, ctx["labels"]),
+        "recovered": None, "recovery_kl": None, "onnx": None, "scratch": None,
     }
     skip, work = ctx["skip"], ctx["out"] / "work" / name
-    recovered_dir = steps.run_step("recover", skip, steps.recover, folder, ctx["lora_dir"], ctx["base_dir"],
-                                   ctx["texts_file"], work / "recovered", ctx["settings"].recover_steps)
-    if recovered_dir is not None:
-        recovered = load_adapter(recovered_dir)
-        row["recovered"] = accuracy(attached_logits(ctx["model"], recovered, ctx["test"]), ctx["labels"])
-    exported_from = recovered_dir or folder
-    onnx = steps.run_step("export", skip, steps.onnx_logits, exported_from, ctx["base_dir"], work / "onnx",
-                          ctx["test"])
-    if onnx is not None:
-        row["onnx"] = accuracy(torch.as_tensor(onnx), ctx["labels"])
-    scratch_dir = steps.run_step("scratch", skip, steps.train_from_scratch, form, budget, ctx["base_dir"],
-                                 ctx["train_file"], work / "scratch", ctx["settings"].train_steps)
-    if scratch_dir is not None:
-        row["scratch"] = accuracy(attached_logits(ctx["model"], load_adapter(scratch_dir), ctx["test"]),
-                                  ctx["labels"])
+    exported_dir, exported_logits = folder, converted_logits  # the recovered adapter, when there is one
+    recovered = steps.run_step("recover", skip, recover_form, folder, work / "recovered", ctx)
+    if recovered is not None:
+        exported_dir, exported_logits = recovered.pop("folder"), recovered.pop("logits")
+        row.update(recovered)
+    row["onnx"] = steps.run_step("export", skip, export_form, exported_dir, exported_logits, work / "onnx", ctx)
+    if form in SCRATCH_FORMS:
+        row["scratch"] = steps.run_step("scratch", skip, scratch_form, form, budget, lora, work / "scratch", ctx)
     return row
+
+
+def recover_form(converted_dir: Path, out_dir: Path, ctx) -> dict:
+    """`shareport finetune` toward the LoRA; the recovered folder, its test logits and accuracy,
+    and the held-out KL to the LoRA before and after (from the command's report)."""
+    settings = ctx["settings"]
+    recipe = steps.Recipe(settings.recover_steps, settings.recover_lr, settings.recover_batch_size, seed=settings.seed)
+    folder, report = steps.recover(converted_dir, ctx["lora_dir"], ctx["base_dir"], ctx["texts_file"], out_dir,
+                                   recipe)
+    logits = attached_logits(ctx["model"], load_adapter(folder), ctx["test"])
+    return {"folder": folder, "logits": logits, "recovered": accuracy(logits, ctx["labels"]),
+            "recovery_kl": [report["before"]["kl"], report["after"]["kl"]]}
+
+
+def export_form(adapter_dir: Path, torch_logits: torch.Tensor, graph_dir: Path, ctx) -> dict:
+    """ONNX Runtime's test accuracy for the exported adapter, and how far its logits are from
+    PyTorch's (``torch_logits``, the same adapter attached) on the whole test split."""
+    run = steps.onnx_logits(adapter_dir, ctx["base_dir"], graph_dir, ctx["test"], ctx["settings"].threads)
+    return {"accuracy": accuracy(run.logits, ctx["labels"]),
+            "same_predictions": bool(torch.equal(run.logits.argmax(-1), torch_logits.argmax(-1))),
+            "max_logit_diff": float((run.logits - torch_logits).abs().max()),
+            "verified": run.verified, "verify_max_abs": run.verify_max_abs}
+
+
+# ---------------------------------------------------------------------------- from scratch
+def factor_parameters(lora, form: str, rank: int, groups: int) -> int:
+    """Parameters of a from-scratch ``form`` adapter at ``rank`` on the LoRA's sites: per kind one
+    shared A, and a B per layer (ShareA) or per group of layers (ASLoRA, after its merges)."""
+    total = 0
+    for sites in lora.kinds().values():
+        n_out, n_in = lora.shape(sites[0].path)
+        total += rank * (n_in + (len(sites) if form == "sharea" else groups) * n_out)
+    return total
+
+
+def scratch_plan(lora, form: str, budget: float) -> tuple[int, int]:
+    """(rank, groups): the largest rank within ``budget`` of the LoRA's parameters. ASLoRA ends
+    with half as many B groups as layers (adjacent pairs merged), ShareA keeps one B per layer."""
+    layers = max(len(sites) for sites in lora.kinds().values())
+    groups = max(1, layers // 2) if form == "aslora" else layers
+    rank = 1
+    while factor_parameters(lora, form, rank + 1, groups) <= budget * lora.num_parameters():
+        rank += 1
+    return rank, groups
+
+
+def scratch_form(form: str, budget: float, lora, out_dir: Path, ctx) -> dict:
+    """`shareport train --form` at the same budget, scored with the LoRA's head carried."""
+    settings = ctx["settings"]
+    rank, groups = scratch_plan(lora, form, budget)
+    folder, _ = steps.train_from_scratch(form, ctx["head_base_dir"], ctx["labelled_file"], out_dir, TARGETS, rank,
+                                         # alpha = 2r keeps the LoRA's scale alpha/r = 2
+                                         settings.alpha / settings.rank * rank, train_recipe(settings),
+                                         groups if form == "aslora" else None)
+    trained = dataclasses.replace(load_adapter(folder), extra_tensors=dict(lora.extra_tensors))
+    return {"accuracy": accuracy(attached_logits(ctx["model"], trained, ctx["test"]), ctx["labels"]),
+            "parameters": trained.num_parameters(), "rank": rank, "groups": groups}
+
+
+def write_head_base(base_dir: Path, lora, out: Path) -> Path:
+    """A base folder whose classifier is the LoRA's trained head (`shareport train` trains no head).
+
+    The MiniLM checkpoint is a bare BertModel; the copy stores it under ``bert.`` with the
+    head beside it, a complete BertForSequenceClassification checkpoint.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights = {f"bert.{k}": v for k, v in load_file(str(base_dir / "model.safetensors")).items()}
+    for key, value in lora.extra_tensors.items():  # base_model.model.classifier.weight -> classifier.weight
+        weights[key.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")] = value.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / "model.safetensors"))
+    for name in ("config.json", *BASE_FILES[1:]):
+        link = out / name
+        if not link.exists():
+            link.symlink_to((base_dir / name).resolve())
+    return out
+
+
+def write_training_files(work: Path, texts: list[str], labels: torch.Tensor) -> tuple[Path, Path]:
+    """The train sentences as a plain text file (unlabelled, for distillation) and as a .jsonl
+    with integer labels (for training from scratch)."""
+    work.mkdir(parents=True, exist_ok=True)
+    texts_file, labelled = work / "train_texts.txt", work / "train_labelled.jsonl"
+    texts_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    labelled.write_text("".join(json.dumps({"text": t, "label": int(y)}) + "\n" for t, y in zip(texts, labels)),
+                        encoding="utf-8")
+    return texts_file, labelled
 
 
 # ------------------------------------------------------------------------------------- report
 def table(results: dict) -> str:
     header = ["adapter", "budget", "factor params", "plan", "max rel. error", "converted", "recovered",
-              "ONNX", "from scratch"]
+              "KL to LoRA: converted -> recovered", "ONNX (adapter mode)", "from scratch (plan, params)"]
     lora_params = results["lora"]["parameters"]
+    rank = f"r{results['settings']['rank']}"
     rows = [
-        ["frozen base, random head", "-", 0, "-", "-", steps.cell(results["baselines"]["random_head"]),
-         "-", "-", "-"],
-        ["frozen base, trained head", "-", 0, "-", "-", steps.cell(results["baselines"]["trained_head"]),
-         "-", "-", "-"],
-        ["lora (PEFT)", "100%", lora_params, f"r{results['settings']['rank']}", "0",
-         steps.cell(results["lora"]["peft"]), "-", "-", "-"],
-        ["lora (shareport attach)", "100%", lora_params, f"r{results['settings']['rank']}", "0",
-         steps.cell(results["lora"]["attached"]), "-", "-", "-"],
+        ["frozen base, random head", "-", 0, "-", "-", steps.cell(results["baselines"]["random_head"]), *"----"],
+        ["frozen base, trained head", "-", 0, "-", "-", steps.cell(results["baselines"]["trained_head"]), *"----"],
+        ["lora (PEFT)", "100%", lora_params, rank, "0", steps.cell(results["lora"]["peft"]), *"----"],
+        ["lora (shareport attach)", "100%", lora_params, rank, "0", steps.cell(results["lora"]["attached"]), *"----"],
     ]
     for r in results["forms"]:
         rows.append([r["form"], f"{r['budget']:.0%}", f"{r['parameters']} ({r['ratio']:.1%})", r["plan"],
                      f"{r['relative_error']:.3f}", steps.cell(r["converted"]), steps.cell(r["recovered"]),
-                     steps.cell(r["onnx"]), steps.cell(r["scratch"])])
+                     kl_cell(r["recovery_kl"]), onnx_cell(r["onnx"]), scratch_cell(r)])
     return steps.markdown_table(header, rows)
+
+
+def kl_cell(kl) -> str:
+    return steps.SKIPPED if kl is None else f"{kl[0]:.4f} -> {kl[1]:.4f}"
+
+
+def onnx_cell(onnx) -> str:
+    """ONNX Runtime's accuracy; flagged when its predictions differ from PyTorch's."""
+    if onnx is None:
+        return steps.SKIPPED
+    same = "same predictions" if onnx["same_predictions"] else "PREDICTIONS DIFFER"
+    return f"{onnx['accuracy']:.3f} ({same}, max diff {onnx['max_logit_diff']:.1e})"
+
+
+def scratch_cell(row) -> str:
+    if row["form"] not in SCRATCH_FORMS:
+        return "-"
+    s = row["scratch"]
+    if s is None:
+        return steps.SKIPPED
+    groups = f" G{s['groups']}" if row["form"] == "aslora" else ""
+    return f"{s['accuracy']:.3f} (r{s['rank']}{groups}, {s['parameters']})"
 
 
 def run(settings: Settings, out: Path, skip: set[str]) -> dict:
@@ -315,13 +424,11 @@ def run(settings: Settings, out: Path, skip: set[str]) -> dict:
     attached = attached_logits(model, lora, test_inputs)
     diff = check_attach_matches_peft(peft_logits, attached)
 
-    texts_file = out / "work" / "train_texts.txt"  # unlabelled inputs for distillation
-    texts_file.parent.mkdir(parents=True, exist_ok=True)
-    texts_file.write_text("\n".join(train_texts) + "\n")
+    texts_file, labelled_file = write_training_files(out / "work", train_texts, train_labels)
     ctx = dict(out=out, model=model, test=test_inputs, labels=test_labels, skip=skip, lora_dir=lora_dir,
-               base_dir=base_dir, texts_file=texts_file, train_file=DATA_DIR / "topics_train.jsonl",
-               settings=settings)
-    forms = [evaluate_form(form, budget, lora, ctx) for form in FORMS for budget in settings.budgets]
+               base_dir=base_dir, texts_file=texts_file, labelled_file=labelled_file, settings=settings,
+               head_base_dir=None if "scratch" in skip else write_head_base(base_dir, lora, out / "base-lora-head"))
+    forms = [evaluate_form(form, budget, lora, ctx) for form in settings.forms for budget in settings.budgets]
     return {
         "settings": dataclasses.asdict(settings),
         "skipped": sorted(skip),

@@ -1,35 +1,46 @@
-"""The pipeline steps the examples share: convert (exists), recover/export/scratch (hooks).
+"""The pipeline steps the examples share: convert, recover, train from scratch, ONNX logits.
 
-`convert` calls the library. The other steps belong to commands still being written
-(`shareport finetune`, `shareport train --form`, `shareport export`/`verify`); each is one
-clearly marked function below that raises :class:`StepUnavailable` until it is wired. Each takes
-and returns *folders*, the currency of the CLI, so wiring one is a `subprocess.run` of the new
-command plus reading its output back. An example runs a missing step only if the user did not
-``--skip`` it, so a default run fails loudly instead of reporting a step it never ran.
+`convert` calls the library. The others run the real shareport commands in-process
+(``shareport finetune``, ``shareport train --form``, ``shareport export``) exactly as a user
+would type them, through :func:`shareport.demo.run_command`, so the examples exercise the CLI
+and not a private path. Each takes and returns *folders*, the currency of the CLI; the callers
+evaluate whatever folder a step returns. ``--skip`` leaves out the slow steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from shareport.adapter import Adapter
 from shareport.convert import ConversionReport, convert_adapter
+from shareport.demo import run_command
 from shareport.formats import save_adapter
 
 OPTIONAL_STEPS = ("recover", "export", "scratch")
 SKIPPED = "skipped"
 
 
-class StepUnavailable(RuntimeError):
-    """A pipeline step whose shareport command has not landed yet."""
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A training schedule: what ``shareport finetune``/``train`` are given besides the folders
+    (the examples' own training loops take one too)."""
 
-    def __init__(self, step: str, command: str):
-        super().__init__(f"step '{step}' needs {command} (not available yet); "
-                         f"rerun with --skip {step} to leave it out")
-        self.step = step
+    steps: int
+    lr: float
+    batch_size: int
+    max_length: int = 64
+    seed: int = 0
+
+    def options(self) -> list:
+        return ["--steps", self.steps, "--lr", self.lr, "--batch-size", self.batch_size,
+                "--max-length", self.max_length, "--seed", self.seed]
 
 
 def convert(lora: Adapter, form: str, budget: float | None, out_dir: Path) -> tuple[Adapter, ConversionReport, Path]:
@@ -41,29 +52,78 @@ def convert(lora: Adapter, form: str, budget: float | None, out_dir: Path) -> tu
     return converted, report, folder
 
 
-# ---------------------------------------------------------------------------------- hooks
-# Wire these when the commands land; the callers already evaluate whatever folder they return.
-
-def recover(converted_dir: Path, teacher_dir: Path, base_dir: Path, data_file: Path, out_dir: Path,
-            steps: int) -> Path:
-    """HOOK: `shareport finetune`, recovery by distillation of the converted adapter toward the
-    original LoRA (``teacher_dir``) on the unlabelled inputs in ``data_file``, ``steps`` steps.
-    Returns the recovered adapter's folder."""
-    raise StepUnavailable("recover", "shareport finetune")
+def command(args: list, out_dir: Path) -> dict:
+    """One shareport command in-process, writing ``out_dir``; returns its ``--json`` report.
+    The commands create their output folder but not its parent, so that is made first."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return run_command(args)
 
 
-def train_from_scratch(form: str, budget: float, base_dir: Path, data_file: Path, out_dir: Path,
-                       steps: int) -> Path:
-    """HOOK: `shareport train --form FORM`, a ShareLoRA/ASLoRA adapter trained from scratch on the
-    labelled ``data_file`` with the same parameter budget. Returns the adapter's folder."""
-    raise StepUnavailable("scratch", "shareport train --form")
+def recover(converted_dir: Path, teacher_dir: Path, base_dir: Path, data: Path, out_dir: Path,
+            recipe: Recipe) -> tuple[Path, dict]:
+    """`shareport finetune`: distil the converted adapter toward the original LoRA (``teacher_dir``)
+    on the unlabelled inputs in ``data``. Returns the recovered folder and the command's report."""
+    report = command(["finetune", converted_dir, "--base", base_dir, "--teacher", teacher_dir, "--data", data,
+                      *recipe.options(), "-o", out_dir, "--overwrite"], out_dir)
+    return out_dir, report
 
 
-def onnx_logits(adapter_dir: Path, base_dir: Path, work_dir: Path, inputs: dict) -> "object":
-    """HOOK: `shareport export` (+ `verify`) of base + adapter to ONNX, then the logits ONNX
-    Runtime gives for ``inputs`` (name -> int64 tensor, as the model's forward takes them).
-    Returns a float tensor shaped like the PyTorch logits."""
-    raise StepUnavailable("export", "shareport export")
+def train_from_scratch(form: str, base_dir: Path, data: Path, out_dir: Path, targets: list[str], rank: int,
+                       alpha: float, recipe: Recipe, groups: int | None = None) -> tuple[Path, dict]:
+    """`shareport train --form FORM`: a new adapter (ShareLoRA init) trained on the labelled
+    ``data``; ASLoRA merges B's down to ``groups`` per kind on its schedule."""
+    merges = ["--groups", groups] if form == "aslora" else []
+    report = command(["train", "--form", form, "--base", base_dir, "--data", data, "--target", ",".join(targets),
+                      "--rank", rank, "--alpha", alpha, *merges, *recipe.options(), "-o", out_dir, "--overwrite"],
+                     out_dir)
+    return out_dir, report
+
+
+@dataclasses.dataclass
+class OnnxRun:
+    """What ONNX Runtime computed, and how `shareport export`'s own verification went."""
+
+    logits: torch.Tensor
+    verified: bool
+    verify_max_abs: float
+
+
+def onnx_logits(adapter_dir: Path, base_dir: Path, graph_dir: Path, inputs: dict[str, torch.Tensor],
+                threads: int, batch_size: int = 64) -> OnnxRun:
+    """`shareport export --mode adapter` of base + adapter (verified against PyTorch by the
+    command), then the logits ONNX Runtime gives for ``inputs`` with the exported adapter active.
+
+    ``inputs`` are what the PyTorch model's forward takes (``input_ids``, optionally
+    ``attention_mask``); the graph's other inputs are filled as the model would default them.
+    """
+    from shareport.export import graph_file, runtime
+    from shareport.export.ort_adapter import read_onnx_adapter
+
+    report = command(["export", adapter_dir, "--base", base_dir, "--onnx", graph_dir, "--mode", "adapter",
+                      "--overwrite"], graph_dir)
+    lora = runtime.load_lora(read_onnx_adapter(graph_dir / graph_file.ADAPTER_NAME))
+    sess = runtime.session(graph_dir / graph_file.GRAPH_NAME, threads=threads)
+    names = [i.name for i in sess.get_inputs() if i.name in ("input_ids", "attention_mask", "token_type_ids",
+                                                               "position_ids")]
+    rows = inputs["input_ids"].shape[0]
+    chunks = []
+    for start in range(0, rows, batch_size):
+        feeds = graph_feeds({k: v[start:start + batch_size] for k, v in inputs.items()}, names)
+        chunks.append(torch.from_numpy(runtime.run(sess, feeds, lora)[0]))
+    worst = max(r["max_abs"] for r in report["verify"]["rows"])
+    return OnnxRun(torch.cat(chunks), bool(report["verify"]["ok"]), worst)
+
+
+def graph_feeds(inputs: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
+    """int64 feeds for the graph's ``names``: given ones as they are, a missing mask all ones,
+    token types zero and positions 0..n-1 (what the PyTorch forward assumes when they are left out)."""
+    ids = inputs["input_ids"]
+    defaults = {
+        "attention_mask": lambda: torch.ones_like(ids),
+        "token_type_ids": lambda: torch.zeros_like(ids),
+        "position_ids": lambda: torch.arange(ids.shape[1]).expand_as(ids),
+    }
+    return {n: (inputs[n] if n in inputs else defaults[n]()).long().numpy() for n in names}
 
 
 def run_step(step: str, skip: set[str], fn, *args):
@@ -93,13 +153,13 @@ def cell(value, fmt: str = "{:.3f}") -> str:
 def run_example(argv, doc: str, default_out: str, skippable: tuple[str, ...], run, render, full, fast) -> dict:
     """The examples' common command line: parse, ``run(settings, out, skip)``, write, print.
 
-    ``--fast`` picks the ``fast`` settings (for tests); ``--skip`` leaves out hook steps.
+    ``--fast`` picks the ``fast`` settings (for tests); ``--skip`` leaves out optional steps.
     """
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(default_out), help="folder for results and adapters")
     parser.add_argument("--fast", action="store_true", help="short run, for tests")
     parser.add_argument("--skip", nargs="*", default=[], choices=skippable,
-                        help="leave out steps whose shareport command has not landed yet")
+                        help="leave out slow steps (their columns read 'skipped')")
     args = parser.parse_args(argv)
     started = time.monotonic()
     results = run(fast if args.fast else full, args.out, set(args.skip))

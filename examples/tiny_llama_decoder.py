@@ -10,16 +10,16 @@ Shows, on a tiny Llama built from a config (random base weights, no downloads):
    per-kind conversion report (rank, groups of layers, relative error, retained energy);
 4. fidelity to the LoRA before recovery: mean KL(LoRA || converted) per token, top-1 agreement,
    and accuracy on the rule; the base model without adapter gives the scale of "no adapter";
-5. hooks for recovery (`shareport finetune`) and ONNX export (`shareport export`), which raise
-   until those commands land: pass ``--skip recover export`` meanwhile.
+5. fidelity after recovery (`shareport finetune`, distillation toward the LoRA on the training
+   sequences, no labels) and in ONNX Runtime (`shareport export --mode adapter`, the recovered
+   adapter active). ``--skip recover export`` leaves those steps out.
 
-    python examples/tiny_llama_decoder.py --out /tmp/tiny-llama --skip recover export
+    python examples/tiny_llama_decoder.py --out /tmp/tiny-llama
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_steps as steps  # noqa: E402
 
+from shareport.data import save_tokenized  # noqa: E402
 from shareport.formats import load_adapter  # noqa: E402
 from shareport.surgery import attach, load_base_model  # noqa: E402
 
@@ -144,7 +145,7 @@ def kind_rows(report) -> list[dict]:
 
 
 def evaluate_plan(label: str, budget: float | None, lora, ctx) -> dict:
-    """Convert to ASLoRA with one plan; fidelity before recovery; recovery/export hooks."""
+    """Convert to ASLoRA with one plan; fidelity before recovery, after it, and in ONNX Runtime."""
     name = label.replace(" ", "-").replace("%", "")
     converted, report, folder = steps.convert(lora, "aslora", budget, ctx["out"] / "adapters" / f"aslora-{name}")
     row = {"plan": label, "parameters": converted.num_parameters(), "ratio": report.ratio,
@@ -152,15 +153,18 @@ def evaluate_plan(label: str, budget: float | None, lora, ctx) -> dict:
            "converted": fidelity(ctx["reference"], attached_logits(ctx["model"], converted, ctx["ids"]), ctx["ids"]),
            "recovered": None, "onnx": None}
     work = ctx["out"] / "work" / name
-    recovered_dir = steps.run_step("recover", ctx["skip"], steps.recover, folder, ctx["lora_dir"], ctx["base_dir"],
-                                   ctx["data_file"], work / "recovered", ctx["settings"].recover_steps)
-    if recovered_dir is not None:
-        logits = attached_logits(ctx["model"], load_adapter(recovered_dir), ctx["ids"])
+    settings = ctx["settings"]
+    recipe = steps.Recipe(settings.recover_steps, settings.lr, settings.batch_size, settings.seq_len, settings.seed)
+    recovered = steps.run_step("recover", ctx["skip"], steps.recover, folder, ctx["lora_dir"], ctx["base_dir"],
+                               ctx["data_dir"], work / "recovered", recipe)
+    if recovered is not None:
+        folder = recovered[0]
+        logits = attached_logits(ctx["model"], load_adapter(folder), ctx["ids"])
         row["recovered"] = fidelity(ctx["reference"], logits, ctx["ids"])
-    onnx = steps.run_step("export", ctx["skip"], steps.onnx_logits, recovered_dir or folder, ctx["base_dir"],
-                          work / "onnx", {"input_ids": ctx["ids"]})
+    onnx = steps.run_step("export", ctx["skip"], steps.onnx_logits, folder, ctx["base_dir"], work / "onnx",
+                          {"input_ids": ctx["ids"]}, settings.threads)
     if onnx is not None:
-        row["onnx"] = fidelity(ctx["reference"], torch.as_tensor(onnx), ctx["ids"])
+        row["onnx"] = fidelity(ctx["reference"], onnx.logits, ctx["ids"])
     return row
 
 
@@ -202,12 +206,13 @@ def run(settings: Settings, out: Path, skip: set[str]) -> dict:
     if diff > 1e-4:
         raise AssertionError(f"attach differs from PEFT: max logit difference {diff:.2e}")
 
-    data_file = out / "work" / "distill_inputs.jsonl"  # unlabelled inputs for distillation
-    data_file.parent.mkdir(parents=True, exist_ok=True)
+    # unlabelled inputs for distillation: the LoRA's training sequences, already token ids (the
+    # tiny base has no tokenizer), in the tokenized folder format the commands read
     train_ids = rule_sequences(settings.train_steps * settings.batch_size, settings, seed=settings.seed + 1)
-    data_file.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in train_ids))
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    data_dir = save_tokenized(out / "work" / "distill_inputs", train_ids.tolist(), overwrite=True)
     ctx = dict(out=out, model=model, ids=ids, reference=reference, skip=skip, lora_dir=lora_dir,
-               base_dir=base_dir, data_file=data_file, settings=settings)
+               base_dir=base_dir, data_dir=data_dir, settings=settings)
     return {
         "settings": dataclasses.asdict(settings),
         "skipped": sorted(skip),

@@ -17,6 +17,7 @@ from shareport.export import graph_file, runtime
 from shareport.export.exporter import ExportOptions, export
 from shareport.export.ort_adapter import check_fits, read_onnx_adapter
 from shareport.export.signature import Signature, make_inputs
+from shareport.export.slots import graph_tensors
 from shareport.export.verify import verify
 from shareport.export.wrapper import call_model
 from shareport.formats import load_adapter
@@ -52,6 +53,18 @@ def test_onnx_adapter_holds_each_shared_a_once(qwen):
     a_names = {s.a for s in adapter.sites.values()}
     assert len(a_names) == len(adapter.kinds())  # one A per kind, stored once
     assert all(stored[n].dtype == np.float16 for n in stored)
+
+
+def test_read_onnx_adapter_arrays_outlive_the_reader(qwen):
+    """The arrays must own their memory: views into ORT's freed buffer read garbage or NaN."""
+    adapter = load_adapter(qwen.sharea)
+    stored = read_onnx_adapter(qwen.fp16 / graph_file.ADAPTER_NAME)
+    churn = [np.random.default_rng(i).random((512, 512)) for i in range(16)]  # reuse the freed memory
+    assert churn and all(a.flags.owndata for a in stored.values())
+    want = graph_tensors(adapter, torch.float16)
+    assert set(stored) == set(want)
+    for name, array in stored.items():
+        np.testing.assert_array_equal(array, want[name].numpy(), err_msg=name)
 
 
 def test_embedded_graph_stores_shared_a_once_and_verifies(qwen):

@@ -64,9 +64,18 @@ def save_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path, overwrite
 
 
 def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:
+    """The file's tensors, as arrays that own their memory.
+
+    ``OrtValue.numpy()`` of an adapter's parameter is a view into memory owned by the
+    ``AdapterFormat`` object; once that object is collected the view reads freed memory
+    (garbage or NaN). So the format object is held while every array is copied out.
+    """
     import onnxruntime as ort
 
-    return {n: v.numpy() for n, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    arrays = {n: v.numpy().copy() for n, v in fmt.get_parameters().items()}
+    del fmt  # only now may ORT free the memory the views pointed into
+    return arrays
 
 
 def _first(names) -> str:
