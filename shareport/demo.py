@@ -42,7 +42,7 @@ def run_command(args: list[str]) -> dict:
         try:
             main.main([str(a) for a in args] + ["--json"], standalone_mode=False)
         except click.ClickException as exc:
-            raise ShareportError(f"demo step 'shareport {args[0]}' failed: {exc.format_message()}") from None
+            raise ShareportError(f"'shareport {args[0]}' failed: {exc.format_message()}") from None
     text = buffer.getvalue()
     return json.loads(text[text.index("{"):])
 
