@@ -115,7 +115,7 @@ def summary_rows(reports: dict) -> list[tuple[str, str]]:
         ("LoRA parameters", f"{conv['parameters_before']:,}"),
         ("ASLoRA parameters", f"{conv['parameters_after']:,} ({conv['ratio']:.1%} of the LoRA)"),
         ("ASLoRA groups per kind", ", ".join(f"{k['kind']}={len(k['groups'])}" for k in conv["kinds"])),
-        ("relative error of the projection", ", ".join(f"{k['relative_error']:.3f}" for k in conv["kinds"])),
+        ("relative error of the projection", ", ".join(f"{k['kind']}={k['relative_error']:.3f}" for k in conv["kinds"])),
         ("KL to the LoRA: converted -> recovered", f"{before['kl']:.4g} -> {after['kl']:.4g}"),
         ("top-1 agreement: converted -> recovered", f"{before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}"),
     ]
