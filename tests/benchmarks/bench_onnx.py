@@ -51,6 +51,9 @@ def bench_model():
 
 
 def timed(fn) -> float:
+    # ONNX Runtime's pool threads spin for a while after a run; without a pause the next
+    # engine (torch, first in each round) would share the cores with them and look slow.
+    time.sleep(0.05)
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
