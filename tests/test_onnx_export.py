@@ -162,6 +162,15 @@ def test_bert_folded_export_cli_verifies_and_is_self_contained(bert, cli):
     assert result.exit_code != 0 and "--overwrite" in result.output
 
 
+def test_failed_verification_publishes_nothing(bert, cli):
+    """export verifies the graph before renaming it into place: a mismatch leaves no output."""
+    out = bert.root / "strict"
+    result = cli("export", bert.lora, "--base", bert.base, "--onnx", out, "--atol", "0")
+    assert result.exit_code != 0 and "nothing was written" in result.output
+    assert "FAIL" in result.output  # the numbers are still shown
+    assert not out.exists() and not [p for p in bert.root.iterdir() if p.name.startswith(".strict")]
+
+
 def test_bert_sharea_adapter_mode_cli_json(bert, cli, monkeypatch):
     out = bert.root / "adapted"
     monkeypatch.setattr(graph_file, "EXTERNAL_DATA_BYTES", 0)  # take the >2 GB path: weights beside the graph

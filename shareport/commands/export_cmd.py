@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from ..export.exporter import DTYPES, MODES, ExportOptions, export
@@ -35,12 +37,24 @@ def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, em
     adapter.onnx_adapter (ONNX Runtime's multi-LoRA format) with the exported adapter.
     """
     options = ExportOptions(mode=mode, with_past=with_past, dtype=dtype, opset=opset, embed_adapter=embed_adapter)
-    out = export(adapter_dir, base_dir, out_dir, options, overwrite=overwrite, allow_pickle=allow_pickle)
-    summary = {"graph": str(out), "mode": mode, "dtype": dtype, "with_past": with_past, "embedded_adapter": embed_adapter}
+    summary = {"graph": out_dir, "mode": mode, "dtype": dtype, "with_past": with_past, "embedded_adapter": embed_adapter}
+    reports = []
+
+    def check(tmp):
+        """Verify the finished graph before it is published: a mismatch publishes nothing."""
+        report = dataclasses.replace(verify(tmp, base_dir, adapter_dir, atol=atol, rtol=rtol,
+                                            allow_pickle=allow_pickle), graph=out_dir)
+        if not report.ok:
+            emit_report(report, as_json, extra=summary, fail=False)
+            raise click.ClickException(f"verify: {out_dir} does not match PyTorch within tolerance; nothing was "
+                                       "written (--no-verify keeps the graph, to inspect it with shareport verify)")
+        reports.append(report)
+
+    out = export(adapter_dir, base_dir, out_dir, options, overwrite=overwrite, allow_pickle=allow_pickle,
+                 before_publish=check if run_verify else None)
     if not as_json:
         click.echo(f"wrote {out} ({mode}, {dtype}{', with past' if with_past else ''})")
     if run_verify:
-        report = verify(out, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle)
-        emit_report(report, as_json, extra=summary)
+        emit_report(reports[0], as_json, extra=summary)
     elif as_json:
         click.echo(to_json({**summary, "verify": None}))

@@ -30,13 +30,14 @@ def render_report(report: Report) -> str:
     return f"{head}\n{table}\n{verdict}"
 
 
-def emit_report(report: Report, as_json: bool, extra: dict | None = None) -> None:
-    """Print the report (under "verify" with ``extra`` fields in JSON); exit non-zero when any comparison failed."""
+def emit_report(report: Report, as_json: bool, extra: dict | None = None, fail: bool = True) -> None:
+    """Print the report (under "verify" with ``extra`` fields in JSON); with ``fail``, exit
+    non-zero when any comparison failed."""
     if as_json:
         click.echo(to_json({**extra, "verify": report.to_dict()} if extra else report.to_dict()))
     else:
         click.echo(render_report(report))
-    if not report.ok:
+    if fail and not report.ok:
         raise click.ClickException(f"verify: {report.graph} does not match PyTorch within tolerance")
 
 

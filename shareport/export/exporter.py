@@ -16,6 +16,8 @@ inputs while it runs and become overridable only afterwards, so it cannot fold t
 
 from __future__ import annotations
 
+from typing import Callable
+
 import contextlib
 import dataclasses
 import logging
@@ -157,9 +159,14 @@ def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) ->
 
 
 def export(
-    adapter_dir, base_dir, out, options: ExportOptions, overwrite: bool = False, progress: bool = True, allow_pickle: bool = False
+    adapter_dir, base_dir, out, options: ExportOptions, overwrite: bool = False, progress: bool = True,
+    allow_pickle: bool = False, before_publish: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Export and write the folder atomically; returns its path."""
+    """Export and write the folder atomically; returns its path.
+
+    ``before_publish`` runs on the finished temporary folder before it is renamed into place
+    (export's verification): if it raises, nothing is published.
+    """
     options.check()
     check_output(out, overwrite, [adapter_dir, base_dir])  # fail before the slow part, not after
     dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
@@ -185,4 +192,6 @@ def export(
             if adapter_mode:
                 write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
             graph_file.copy_side_files(base_dir, tmp)
+            if before_publish is not None:
+                before_publish(tmp)
     return Path(out)
