@@ -148,6 +148,8 @@ def convert_adapter(
         raise ShareportError(f"--budget must be a positive fraction of the LoRA's parameters, got {budget}")
     if groups is not None and (to != "aslora" or groups < 1):
         raise ShareportError("--groups applies to --to aslora and must be at least 1")
+    if grouping != "any" and to != "aslora":
+        raise ShareportError("--grouping applies to --to aslora")
     before = adapter.num_parameters()
     if to == "lora":
         out = adapter.expand()

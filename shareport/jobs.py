@@ -89,7 +89,7 @@ def scratch_job(base_dir, data_path, form: str, targets: list[str], rank: int, a
     acc = make_accelerator(merging)
     train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
     model = _base_model(base_dir, None, acc)
-    adapter = fresh_adapter(model, form, targets, rank, alpha, seed, base_model=str(base_dir))
+    adapter = fresh_adapter(model, form, targets, rank, alpha, seed, base_model=str(Path(base_dir).resolve()))
     inputs.update({"base": str(base_dir), "form": form, "targets": sorted(targets), "rank": rank, "alpha": alpha})
     return Job(model, resumed or adapter, None, train, heldout, acc, inputs, checkpoint_dir, state)
 

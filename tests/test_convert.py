@@ -96,6 +96,7 @@ def test_roberta_base_parameter_counts():
     (["--to", "sharea", "--rank", "2", "--energy", "0.9"], "at most one of"),
     (["--to", "sharea", "--energy", "1.5"], "--energy must be"),
     (["--to", "sharea", "--groups", "2"], "--groups applies to --to aslora"),
+    (["--to", "sharea", "--grouping", "adjacent"], "--grouping applies to --to aslora"),
     (["--to", "aslora", "--budget", "0.00001"], "budget"),
 ])
 def test_bad_options_write_nothing(args, words, tmp_path, cli):

@@ -171,6 +171,27 @@ def test_failed_verification_publishes_nothing(bert, cli):
     assert not out.exists() and not [p for p in bert.root.iterdir() if p.name.startswith(".strict")]
 
 
+def test_verify_runs_the_shipped_adapter_file(bert, cli, tmp_path):
+    """verify checks the folder's adapter.onnx_adapter against --adapter, not --adapter against itself."""
+    from shareport.formats import load_adapter, save_adapter
+
+    out = bert.root / "shipped"
+    assert cli("export", bert.lora, "--base", bert.base, "--onnx", out, "--mode", "adapter").exit_code == 0
+    other = load_adapter(bert.lora)
+    other.tensors = {n: t * 2 if n.endswith("lora_B") else t for n, t in other.tensors.items()}
+    save_adapter(other, tmp_path / "other")  # same structure, other values
+    result = cli("verify", out, "--base", bert.base, "--adapter", tmp_path / "other")
+    assert result.exit_code != 0 and "FAIL" in result.output
+
+
+def test_opset_out_of_range_is_refused():
+    from shareport.errors import ShareportError
+    from shareport.export.exporter import ExportOptions
+
+    with pytest.raises(ShareportError, match="--opset 3 is not supported"):
+        ExportOptions(mode="folded", opset=3).check()
+
+
 def test_bert_sharea_adapter_mode_cli_json(bert, cli, monkeypatch):
     out = bert.root / "adapted"
     monkeypatch.setattr(graph_file, "EXTERNAL_DATA_BYTES", 0)  # take the >2 GB path: weights beside the graph

@@ -28,7 +28,8 @@ from .options import allow_pickle_option, json_option, overwrite_option, plot_op
               help="Instead of --rank: the smallest rank per kind keeping this fraction of its energy, e.g. 0.99.")
 @click.option("--budget", type=float, default=None,
               help="Instead of --rank: a fraction of the LoRA's parameters, e.g. 0.25, spent across kinds "
-                   "(and for aslora between rank and groups) where the error drops most per parameter.")
+                   "(and for aslora between rank and groups) where the error drops most per parameter. "
+                   "Values above 1 are allowed: a shared rank may exceed the LoRA's r.")
 @click.option("--groups", type=int, default=None,
               help="aslora: number of B groups per kind. Default: the most groups that keep each kind "
                    "within 25% of its LoRA parameters (the paper's setting).")

@@ -22,7 +22,7 @@ def demo_cmd(out: Path | None, no_export: bool, as_json: bool) -> None:
 
     Builds a small Llama and a tokenizer, trains a LoRA on a built-in corpus, converts it to
     ASLoRA, recovers it by distillation toward the LoRA, exports both ONNX modes and verifies
-    them against PyTorch, then prints one table. About two minutes on two CPU cores.
+    them against PyTorch, then prints one table. About a minute on two idle CPU cores.
     """
     out = out or Path(tempfile.mkdtemp(prefix="shareport-demo-"))
     start = time.perf_counter()

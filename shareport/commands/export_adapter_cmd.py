@@ -17,7 +17,7 @@ from .options import allow_pickle_option, overwrite_option
 @click.option("--graph", "graph_dir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="A folder written by 'shareport export --mode adapter'.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Output file [default: OUT_DIR/<adapter folder name>.onnx_adapter].")
+              help="Output file [default: <--graph folder>/<adapter folder name>.onnx_adapter].")
 @overwrite_option
 @allow_pickle_option
 def export_adapter_cmd(adapter_dir: str, graph_dir: str, output: str | None, overwrite: bool, allow_pickle: bool) -> None:

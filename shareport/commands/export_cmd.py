@@ -20,7 +20,8 @@ from .verify_cmd import emit_report, tolerance_options
 @click.option("--mode", type=click.Choice(MODES), default="folded", show_default=True,
               help="folded: adapter merged into the weights. adapter: adapter tensors stay swappable graph inputs.")
 @click.option("--with-past", is_flag=True, help="Decoders: past_key_values inputs and present outputs (KV cache).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True,
+              help="Precision of the graph's weights and activations (fp16 is verified with a relative bound).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--embed-adapter", is_flag=True,
               help="Adapter mode: the adapter's values become the graph's defaults (still swappable).")

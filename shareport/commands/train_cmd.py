@@ -34,8 +34,10 @@ def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, s
     if out is None:
         raise ShareportError("train needs an output folder (-o/--output)")
     merging = merges is not None or groups is not None
-    if merging != (form == "aslora"):
-        raise ShareportError("--form aslora needs --merges or --groups, and only aslora merges")
+    if merging and form != "aslora":
+        raise ShareportError(f"--merges/--groups merge B's, which only --form aslora does (got --form {form})")
+    if form == "aslora" and not merging:
+        raise ShareportError("--form aslora needs --merges or --groups (how far to merge the B's)")
     inputs = (base_dir, data_path)
     check_output(out, overwrite, inputs)
     target_list = [t.strip() for t in targets.split(",") if t.strip()]

@@ -12,7 +12,7 @@ from ..table import format_table, to_json
 _RECIPE_OPTIONS = [
     click.option("--data", "data_path", required=True, type=click.Path(path_type=str),
                  help="A text file (one example a line), a .jsonl with 'text' (and 'label'), or a tokenized folder."),
-    click.option("-o", "--output", "out", type=click.Path(path_type=str), default=None, help="Output adapter folder."),
+    click.option("-o", "--output", "out", type=click.Path(path_type=str), default=None, help="Output adapter folder [finetune: SHARED_DIR-recovered; train: required]."),
     click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists."),
     click.option("--steps", default=100, show_default=True, type=int, help="Optimizer steps."),
     click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),

@@ -58,6 +58,13 @@ class ExportOptions:
             raise ShareportError(f"unknown export mode '{self.mode}' (expected {' or '.join(MODES)})")
         if self.dtype not in DTYPES:
             raise ShareportError(f"unknown dtype '{self.dtype}' (expected {' or '.join(DTYPES)})")
+        if self.opset is not None:
+            import onnx
+
+            newest = onnx.defs.onnx_opset_version()
+            # the dynamo exporter emits opset 18 and converts from there; lower targets fail
+            if not 18 <= self.opset <= newest:
+                raise ShareportError(f"--opset {self.opset} is not supported: use 18 to {newest}")
         if self.embed_adapter and self.mode != "adapter":
             raise ShareportError("--embed-adapter needs --mode adapter (a folded graph has no adapter inputs)")
 

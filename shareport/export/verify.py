@@ -28,7 +28,7 @@ import torch
 from ..formats import load_adapter
 from ..surgery import attach, fold, load_base_model
 from . import graph_file, runtime
-from .ort_adapter import adapter_arrays
+from .ort_adapter import adapter_arrays, check_fits, read_onnx_adapter
 from .signature import Signature, make_inputs
 from .wrapper import call_model
 
@@ -126,7 +126,15 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
         handle = None
     else:
         slots = graph_file.graph_slots(proto)
-        lora = runtime.load_lora(adapter_arrays(adapter, slots, "adapter"))
+        # the folder's own adapter file is what gets deployed: run that one against PyTorch
+        # with --adapter, so a shipped file that is not ADAPTER_DIR's values fails
+        shipped = Path(graph_dir) / graph_file.ADAPTER_NAME
+        if shipped.is_file():
+            arrays = read_onnx_adapter(shipped)
+            check_fits(arrays, slots, str(shipped))
+        else:
+            arrays = adapter_arrays(adapter, slots, "adapter")
+        lora = runtime.load_lora(arrays)
         handle = attach(model, adapter)
         checks = [("adapter active", {}, lora, True)]
         if info.get("embedded_adapter"):
