@@ -99,7 +99,7 @@ def render(data: dict) -> str:
     for k in data["kinds"]:
         rows.append((k["kind"], k["sites"], k["lora_rank"], k["rank"], _groups(k["groups"], k["sites"]),
                      k["relative_error"], k["retained_energy"], k["parameters_after"],
-                     "yes" if k["already_shared"] else ""))
+                     "yes" if k["already_shared"] else "no"))
     table = format_table(["kind", "sites", "LoRA r", "rank", "B groups (layers)", "rel. error", "energy kept",
                           "params", "A already shared"], rows)
     return head + "\n\n" + table
