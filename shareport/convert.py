@@ -77,16 +77,10 @@ def _plan(to: str, kinds: dict, rank, groups, energy, budget, grouping) -> dict:
     """(rank, groups) per kind. An explicit or default rank needs no search, so the kind's
     spectrum is computed once, by the conversion itself, rather than also by the planner."""
     try:
-        if budget is not None:
-            # the budget is spent across kinds, so all kinds are planned together
-            plans = converters.plan(to, kinds, budget=budget, groups=groups, grouping=grouping)
+        if budget is not None or energy is not None:
+            # a budget is spent across every kind given; energy is chosen per kind
+            plans = converters.plan(to, kinds, budget=budget, energy=energy, groups=groups, grouping=grouping)
             return {name: (p.rank, p.groups) for name, p in plans.items()}
-        if energy is not None:
-            return {
-                name: _rank_groups(converters.plan(to, {name: kinds[name]}, energy=energy, groups=groups,
-                                                   grouping=grouping)[name])
-                for name in kinds
-            }
         out = {}
         for name, (As, Bts) in kinds.items():
             k = rank if rank is not None else max(a.shape[0] for a in As)
@@ -97,10 +91,6 @@ def _plan(to: str, kinds: dict, rank, groups, energy, budget, grouping) -> dict:
         return out
     except ValueError as exc:
         raise ShareportError(str(exc)) from None
-
-
-def _rank_groups(plan) -> tuple[int, int | None]:
-    return plan.rank, plan.groups
 
 
 def _names(to: str, kind: str, sites: list[Site], result) -> tuple[list[str], list[str]]:

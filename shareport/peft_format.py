@@ -160,12 +160,7 @@ def read_peft(folder: str | Path, allow_pickle: bool = False, config: dict | Non
             raise ShareportError(
                 f"{weights_path}: module '{path}' has {a.dim()}-D LoRA factors: convolution LoRA is not supported"
             )
-        if a.shape[0] != b.shape[1]:
-            raise ShareportError(
-                f"{weights_path}: module '{path}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                "disagree on the rank"
-            )
-        rank = a.shape[0]
+        rank = a.shape[0]  # A/B rank agreement is Adapter.validate's check
         if rank == 0:
             raise ShareportError(f"{weights_path}: module '{path}' has rank 0 (empty LoRA factors)")
         expected = pattern_value(rank_pattern, path, r)

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter
-from .atomic import check_output
 from .errors import ShareportError
 
 
@@ -58,7 +57,9 @@ def check_plot_path(path: str | os.PathLike, overwrite: bool) -> None:
         raise ShareportError(f"--plot '{path}': the figure is a PNG, give a path ending in .png")
     if path.exists() and not overwrite:
         raise ShareportError(f"--plot '{path}' already exists; pass --overwrite to replace it")
-    check_output(path.parent if str(path.parent) else ".", overwrite=True)
+    folder = path.parent.resolve()
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ShareportError(f"--plot '{path}': folder '{folder}' does not exist or is not writable")
     _pyplot()
 
 

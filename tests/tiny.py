@@ -14,28 +14,27 @@ import torch
 VOCAB = 64
 
 
-def tiny_llama(layers: int = 3, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _tiny_decoder(config_class, model_class, layers: int, seed: int):
+    """Llama-style decoders (Llama, Qwen2) share their config fields."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = config_class(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return model_class(cfg).eval()
+
+
+def tiny_llama(layers: int = 3, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _tiny_decoder(LlamaConfig, LlamaForCausalLM, layers, seed)
 
 
 def tiny_qwen2(layers: int = 2, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return _tiny_decoder(Qwen2Config, Qwen2ForCausalLM, layers, seed)
 
 
 def tiny_gpt2(layers: int = 3, seed: int = 0):

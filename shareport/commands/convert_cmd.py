@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from ..atomic import check_output
 from ..convert import GROUPINGS, TARGET_FORMS, convert_adapter, file_sha256
 from ..formats import load_adapter, save_adapter
 from ..peft_format import WEIGHTS_NAME
@@ -58,8 +59,6 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overw
     dense update. The output is shareport's native format (or PEFT for --to lora).
     """
     out = out or f"{lora_dir.rstrip('/')}-{to}"
-    from ..atomic import check_output
-
     check_output(out, overwrite, [lora_dir])  # fail before the work, not after
     if plot:
         check_plot_path(plot, overwrite)
