@@ -5,7 +5,7 @@ Shows, on all-MiniLM-L6-v2 (a pretrained 6-layer BERT, shipped in the package
 
 1. a PEFT LoRA (r=8 on query and value, classifier head via ``modules_to_save``) trained on the
    train split, against two frozen baselines (random head; trained head = linear probe);
-2. that its accuracy through ``shareport.surgery.attach`` equals PEFT's (a hard check);
+2. that its accuracy through ``shareport.model.surgery.attach`` equals PEFT's (a hard check);
 3. for each form (sharea, shareb, shareab, aslora) and parameter budget (50%, 25%, 10% of the
    LoRA's), the test accuracy of the converted adapter before recovery, after recovery
    (`shareport finetune`: label-free distillation toward the LoRA on the unlabelled train
@@ -42,8 +42,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_steps as steps  # noqa: E402
 
-from shareport.formats import load_adapter  # noqa: E402
-from shareport.surgery import attach, load_base_model  # noqa: E402
+from shareport.files.adapters import load_adapter  # noqa: E402
+from shareport.model.surgery import attach, load_base_model  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 LABELS = ("sports", "cooking", "computing")  # order fixes the class index, as in make_topics.py

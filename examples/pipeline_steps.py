@@ -20,8 +20,8 @@ import torch
 
 from shareport.adapter import Adapter
 from shareport.convert import ConversionReport, convert_adapter
-from shareport.demo import run_command
-from shareport.formats import save_adapter
+from shareport.demo.run import run_command
+from shareport.files.adapters import save_adapter
 
 OPTIONAL_STEPS = ("recover", "export", "scratch")
 SKIPPED = "skipped"

@@ -32,9 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_steps as steps  # noqa: E402
 
-from shareport.data import save_tokenized  # noqa: E402
-from shareport.formats import load_adapter  # noqa: E402
-from shareport.surgery import attach, load_base_model  # noqa: E402
+from shareport.train.data import save_tokenized  # noqa: E402
+from shareport.files.adapters import load_adapter  # noqa: E402
+from shareport.model.surgery import attach, load_base_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 128

@@ -14,7 +14,7 @@ def cli():
     """Run the CLI in-process; returns click's Result (exit_code, output)."""
     from click.testing import CliRunner
 
-    from shareport.cli import main
+    from shareport.cli.main import main
 
     runner = CliRunner()
 

@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 from shareport.errors import ShareportError
-from shareport.formats import load_adapter, save_adapter
-from shareport.fuzzing import WEIGHT_MUTATIONS, mutate_config
-from shareport.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from shareport.files.adapters import load_adapter, save_adapter
+from tests.fuzzing import WEIGHT_MUTATIONS, mutate_config
+from shareport.files.peft import CONFIG_NAME, WEIGHTS_NAME
 
 
 def fuzz(good_folders: list[Path], cases: int, seed: int = 0) -> Counter:

@@ -9,7 +9,7 @@ import torch
 
 from shareport.adapter import Adapter, Site
 from shareport.export import runtime
-from shareport.formats import load_adapter, save_adapter
+from shareport.files.adapters import load_adapter, save_adapter
 from tests.tiny import make_peft_adapter
 
 

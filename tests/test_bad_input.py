@@ -70,7 +70,7 @@ def _four_d(state):
 
 def _native(folder, form=None, rename_a=None, scale=None, format_version=None):
     """Rewrite the folder as a native (shareport) adapter, then break one thing."""
-    from shareport.formats import load_adapter, write_adapter_files
+    from shareport.files.adapters import load_adapter, write_adapter_files
 
     adapter = load_adapter(folder)
     for p in folder.iterdir():

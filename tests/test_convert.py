@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from shareport.adapter import Adapter
 from shareport.convert import convert_adapter
-from shareport.formats import load_adapter
+from shareport.files.adapters import load_adapter
 from tests.tiny import TARGETS, make_peft_adapter, tiny_gpt2, tiny_llama
 
 

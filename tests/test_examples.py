@@ -81,7 +81,7 @@ def test_minilm_onnx_accuracy_equals_pytorch(minilm):
 
 
 def test_minilm_from_scratch_fills_its_budget_and_learns(minilm):
-    from shareport.formats import load_adapter
+    from shareport.files.adapters import load_adapter
 
     example = load_example("minilm_end_to_end")
     lora = load_adapter(minilm.out / "lora")

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from shareport.data import BatchOrder, collate
-from shareport.distill import distill_sum, model_outputs
-from shareport.finetune import Recipe, run
-from shareport.formats import load_adapter
-from shareport.jobs import merge_schedule, recovery_job
-from shareport.surgery import attach, load_base_model
-from shareport.teacher import Teacher
+from shareport.train.data import BatchOrder, collate
+from shareport.train.distill import distill_sum, model_outputs
+from shareport.train.recipe import Recipe, run
+from shareport.files.adapters import load_adapter
+from shareport.train.jobs import merge_schedule, recovery_job
+from shareport.model.surgery import attach, load_base_model
+from shareport.train.teacher import Teacher
 from tests.training_helpers import recovery_setup
 
 
@@ -67,7 +67,7 @@ def test_one_parameter_object_per_shared_tensor_in_the_optimizer(setup, tmp_path
 
 
 def student_wrappers(model):
-    from shareport.surgery import LoRALinear
+    from shareport.model.surgery import LoRALinear
 
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shareport.formats import load_adapter
+from shareport.files.adapters import load_adapter
 from tests.training_helpers import recovery_setup
 
 REPO = Path(__file__).resolve().parents[1]

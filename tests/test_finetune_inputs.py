@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from shareport.data import BatchOrder, load_data, save_tokenized, split_heldout
-from shareport.formats import load_adapter, save_adapter
+from shareport.train.data import BatchOrder, load_data, save_tokenized, split_heldout
+from shareport.files.adapters import load_adapter, save_adapter
 from tests.tiny import make_peft_adapter, tiny_bert, tiny_llama
 from tests.training_helpers import recovery_setup, save_base, sharea_by_svd, write_text
 

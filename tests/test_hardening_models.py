@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shareport.formats import load_adapter, save_adapter
+from shareport.files.adapters import load_adapter, save_adapter
 from tests.tiny import make_peft_adapter, tiny_gpt2, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _tree(folder):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny Llama base with a tokenizer, a LoRA on it, a text file, and a GPT-2 base."""
-    from shareport.demo_assets import build_tokenizer, corpus
+    from shareport.demo.assets import build_tokenizer, corpus
 
     root = tmp_path_factory.mktemp("hard")
     lines = corpus(200)

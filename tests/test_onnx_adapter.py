@@ -20,8 +20,8 @@ from shareport.export.signature import Signature, make_inputs
 from shareport.export.slots import graph_tensors
 from shareport.export.verify import verify
 from shareport.export.wrapper import call_model
-from shareport.formats import load_adapter
-from shareport.surgery import attach, load_base_model
+from shareport.files.adapters import load_adapter
+from shareport.model.surgery import attach, load_base_model
 from tests.onnx_cases import make_case
 from tests.tiny import tiny_qwen2
 

@@ -17,8 +17,8 @@ from shareport.export import graph_file, runtime
 from shareport.export.exporter import ExportOptions, export
 from shareport.export.signature import Signature, make_inputs
 from shareport.export.verify import verify
-from shareport.formats import load_adapter
-from shareport.surgery import attach, fold, load_base_model
+from shareport.files.adapters import load_adapter
+from shareport.model.surgery import attach, fold, load_base_model
 from tests.onnx_cases import make_case, ort_greedy, torch_greedy
 from tests.tiny import TARGETS, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -173,7 +173,7 @@ def test_failed_verification_publishes_nothing(bert, cli):
 
 def test_verify_runs_the_shipped_adapter_file(bert, cli, tmp_path):
     """verify checks the folder's adapter.onnx_adapter against --adapter, not --adapter against itself."""
-    from shareport.formats import load_adapter, save_adapter
+    from shareport.files.adapters import load_adapter, save_adapter
 
     out = bert.root / "shipped"
     assert cli("export", bert.lora, "--base", bert.base, "--onnx", out, "--mode", "adapter").exit_code == 0

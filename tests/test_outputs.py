@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shareport.adapter import Adapter
-from shareport.formats import load_adapter, save_adapter
+from shareport.files.adapters import load_adapter, save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,12 +67,12 @@ def test_unwritable_output_folder(lora, tmp_path, cli, monkeypatch):
 
 
 def test_full_disk_leaves_nothing(lora, tmp_path, cli, monkeypatch):
-    import shareport.tensorfile
+    import shareport.files.tensorfile
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shareport.tensorfile, "save_file", full)
+    monkeypatch.setattr(shareport.files.tensorfile, "save_file", full)
     r = cli("convert", lora, "--to", "aslora", "-o", tmp_path / "out")
     assert r.exit_code != 0 and "No space left on device" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
@@ -81,9 +81,9 @@ def test_full_disk_leaves_nothing(lora, tmp_path, cli, monkeypatch):
 def test_failed_overwrite_keeps_previous_output(lora, tmp_path, cli, monkeypatch):
     assert cli("convert", lora, "--to", "sharea", "-o", tmp_path / "out").exit_code == 0
     before = _tree(tmp_path / "out")
-    import shareport.tensorfile
+    import shareport.files.tensorfile
 
-    monkeypatch.setattr(shareport.tensorfile, "save_file",
+    monkeypatch.setattr(shareport.files.tensorfile, "save_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     r = cli("convert", lora, "--to", "aslora", "-o", tmp_path / "out", "--overwrite")
     assert r.exit_code != 0

@@ -5,7 +5,7 @@ import builtins
 import pytest
 import torch
 
-from shareport.formats import load_adapter
+from shareport.files.adapters import load_adapter
 from shareport.plots import energy_curve, update_distances
 from tests.tiny import make_peft_adapter, tiny_llama
 

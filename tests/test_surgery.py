@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from shareport.adapter import Adapter, Site
-from shareport.formats import load_adapter
-from shareport.surgery import attach, fold
+from shareport.files.adapters import load_adapter
+from shareport.model.surgery import attach, fold
 from tests.tiny import TARGETS, input_ids, make_peft_adapter, tiny_bert, tiny_gpt2, tiny_llama
 
 MODELS = {

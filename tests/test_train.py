@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from shareport.aslora_schedule import BMerger, MergeSchedule
+from shareport.train.merging import BMerger, MergeSchedule
 from shareport.errors import ShareportError
-from shareport.formats import load_adapter
-from shareport.fresh import fresh_adapter
-from shareport.surgery import attach
+from shareport.files.adapters import load_adapter
+from shareport.model.fresh import fresh_adapter
+from shareport.model.surgery import attach
 from tests.tiny import tiny_llama
 from tests.training_helpers import save_base, write_text
 

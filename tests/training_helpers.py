@@ -66,7 +66,7 @@ def sharea_by_svd(adapter: Adapter, rank: int) -> Adapter:
 def recovery_setup(root: str | Path, layers: int = 3, rank: int = 8, shared_rank: int = 2, lines: int = 120) -> dict:
     """A saved tiny Llama base (with tokenizer), a random-factor PEFT LoRA on q and v, its lossy
     ShareA at ``shared_rank`` (native format) and a text file; returns their paths."""
-    from shareport.formats import load_adapter, save_adapter
+    from shareport.files.adapters import load_adapter, save_adapter
     from tests.tiny import make_peft_adapter, tiny_llama
 
     root = Path(root)

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter
-from ..atomic import atomic_dir, check_output
+from ..files.atomic import atomic_dir, check_output
 from ..errors import ShareportError
-from ..formats import load_adapter
-from ..surgery import attach, fold, load_base_model
+from ..files.adapters import load_adapter
+from ..model.surgery import attach, fold, load_base_model
 from . import graph_file
 from .ort_adapter import write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for

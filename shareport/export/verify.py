@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats import load_adapter
-from ..surgery import attach, fold, load_base_model
+from ..files.adapters import load_adapter
+from ..model.surgery import attach, fold, load_base_model
 from . import graph_file, runtime
 from .ort_adapter import adapter_arrays, check_fits, read_onnx_adapter
 from .signature import Signature, make_inputs

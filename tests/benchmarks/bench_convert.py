@@ -35,7 +35,7 @@ def make_lora(folder: Path, layers: int, r: int) -> None:
     import torch
 
     from shareport.adapter import Adapter
-    from shareport.formats import save_adapter
+    from shareport.files.adapters import save_adapter
 
     gen = torch.Generator().manual_seed(0)
     factors = {}
@@ -87,7 +87,7 @@ def dense_vs_factored(src: Path, kind: str, r: int) -> dict:
 
     import converters
     from shareport.convert import kind_factors
-    from shareport.formats import load_adapter
+    from shareport.files.adapters import load_adapter
 
     adapter = load_adapter(src)
     As, Bts = kind_factors(adapter, adapter.kinds()[kind])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..atomic import check_output
-from ..finetune import Recipe, run, with_provenance
-from ..jobs import merge_schedule, recovery_job, write_result
+from ..files.atomic import check_output
+from ..train.recipe import Recipe, run, with_provenance
+from ..train.jobs import merge_schedule, recovery_job, write_result
 from .training_options import checkpoint_folder, echo_report, recipe_options
 
 

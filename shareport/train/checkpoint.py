@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter
-from .atomic import atomic_dir
-from .errors import ShareportError
-from .formats import dump_json, load_adapter, write_adapter_files
-from .tensorfile import load_tensors, save_tensors
+from ..adapter import Adapter
+from ..files.atomic import atomic_dir
+from ..errors import ShareportError
+from ..files.adapters import dump_json, load_adapter, write_adapter_files
+from ..files.tensorfile import load_tensors, save_tensors
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"

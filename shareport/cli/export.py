@@ -8,9 +8,9 @@ import click
 
 from ..export.exporter import DTYPES, MODES, ExportOptions, export
 from ..export.verify import verify
-from ..table import to_json
+from .table import to_json
 from .options import allow_pickle_option, json_option, overwrite_option
-from .verify_cmd import emit_report, tolerance_options
+from .verify import emit_report, tolerance_options
 
 
 @click.command("export")

@@ -21,9 +21,9 @@ import dataclasses
 
 import torch
 
-from .adapter import Site
-from .errors import ShareportError
-from .surgery import Attached
+from ..adapter import Site
+from ..errors import ShareportError
+from ..model.surgery import Attached
 
 MODES = ("tie", "mean")
 PAIRS = ("adjacent", "any")

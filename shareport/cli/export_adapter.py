@@ -8,7 +8,7 @@ import click
 
 from ..export import graph_file
 from ..export.ort_adapter import adapter_arrays, save_onnx_adapter
-from ..formats import load_adapter
+from ..files.adapters import load_adapter
 from .options import allow_pickle_option, overwrite_option
 
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .adapter import Adapter
-from .aslora_schedule import MergeSchedule
-from .atomic import atomic_dir
+from ..adapter import Adapter
+from .merging import MergeSchedule
+from ..files.atomic import atomic_dir
 from .data import load_data, split_heldout
-from .errors import ShareportError
+from ..errors import ShareportError
 from .checkpoint import load_checkpoint
-from .finetune import Job, make_accelerator, model_dtype
-from .formats import dump_json, load_adapter, write_adapter_files
-from .fresh import fresh_adapter
-from .surgery import load_base_model
+from .recipe import Job, make_accelerator, model_dtype
+from ..files.adapters import dump_json, load_adapter, write_adapter_files
+from ..model.fresh import fresh_adapter
+from ..model.surgery import load_base_model
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import click
 
-from .demo_assets import build_base, corpus
-from .errors import ShareportError
+from .assets import build_base, corpus
+from ..errors import ShareportError
 
 # Sized to finish in about two minutes on two CPU cores.
 TRAIN_STEPS = 50
@@ -35,7 +35,7 @@ RANK = 8
 
 def run_command(args: list[str]) -> dict:
     """Run one shareport command in-process with --json; return its report."""
-    from .cli import main
+    from ..cli.main import main
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
@@ -89,9 +89,9 @@ def ort_latency_ms(graph_dir: Path, batch: int = 1, seq: int = 32, rounds: int =
     import statistics
     import time
 
-    from .export import graph_file, runtime
-    from .export.ort_adapter import read_onnx_adapter
-    from .export.signature import Signature, make_inputs
+    from ..export import graph_file, runtime
+    from ..export.ort_adapter import read_onnx_adapter
+    from ..export.signature import Signature, make_inputs
 
     proto = graph_file.load_proto(graph_dir)
     sig = Signature.from_dict(graph_file.read_info(proto, graph_dir)["signature"])

@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .adapter import Adapter
+from ..adapter import Adapter
 from .atomic import atomic_dir
-from .errors import ShareportError
-from .native_format import is_native, native_config_for, read_native
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, peft_config_for, read_config, read_peft
+from ..errors import ShareportError
+from .native import is_native, native_config_for, read_native
+from .peft import CONFIG_NAME, WEIGHTS_NAME, peft_config_for, read_config, read_peft
 from .tensorfile import save_tensors
 
 

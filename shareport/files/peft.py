@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import UNKNOWN_LAYOUT, Adapter, kinds_for_paths
-from .errors import ShareportError
+from ..adapter import UNKNOWN_LAYOUT, Adapter, kinds_for_paths
+from ..errors import ShareportError
 from .tensorfile import check_finite, load_pickled, load_tensors
 
 CONFIG_NAME = "adapter_config.json"

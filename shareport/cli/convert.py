@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from ..atomic import check_output
+from ..files.atomic import check_output
 from ..convert import GROUPINGS, TARGET_FORMS, convert_adapter, file_sha256
-from ..formats import load_adapter, save_adapter
-from ..peft_format import WEIGHTS_NAME
-from ..table import format_table, to_json
+from ..files.adapters import load_adapter, save_adapter
+from ..files.peft import WEIGHTS_NAME
+from .table import format_table, to_json
 from ..plots import check_plot_path, plot_adapter
 from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 

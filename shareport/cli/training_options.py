@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..aslora_schedule import MODES, PAIRS
-from ..table import format_table, to_json
+from ..train.merging import MODES, PAIRS
+from .table import format_table, to_json
 
 _RECIPE_OPTIONS = [
     click.option("--data", "data_path", required=True, type=click.Path(path_type=str),

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import Adapter, Site
-from .errors import ShareportError
-from .peft_format import PEFT_PREFIX
+from ..adapter import Adapter, Site
+from ..errors import ShareportError
+from ..files.peft import PEFT_PREFIX
 
 # PEFT task types -> transformers Auto classes.
 _AUTO_FOR_TASK = {

@@ -13,9 +13,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .errors import ShareportError
-from .surgery import LoRALinear, attach
+from ..adapter import Adapter
+from ..errors import ShareportError
+from ..model.surgery import LoRALinear, attach
 
 
 def check_pair(teacher: Adapter, student: Adapter) -> None:

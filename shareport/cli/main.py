@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
-from .commands.convert_cmd import convert_cmd
-from .commands.demo_cmd import demo_cmd
-from .commands.export_adapter_cmd import export_adapter_cmd
-from .commands.export_cmd import export_cmd
-from .commands.finetune_cmd import finetune_cmd
-from .commands.inspect_cmd import inspect_cmd
-from .commands.train_cmd import train_cmd
-from .commands.verify_cmd import verify_cmd
-from .errors import ShareportError
+from .. import __version__
+from .convert import convert_cmd
+from .demo import demo_cmd
+from .export_adapter import export_adapter_cmd
+from .export import export_cmd
+from .finetune import finetune_cmd
+from .inspect import inspect_cmd
+from .train import train_cmd
+from .verify import verify_cmd
+from ..errors import ShareportError
 
 
 class _Group(click.Group):

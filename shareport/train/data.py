@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
-from .errors import ShareportError
-from .tensorfile import load_tensors, save_tensors
+from ..files.atomic import atomic_dir
+from ..errors import ShareportError
+from ..files.tensorfile import load_tensors, save_tensors
 
 TOKENS_NAME = "tokens.safetensors"
 # The held-out split must not move when --seed changes, so runs with different seeds are

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..formats import adapter_file_size, load_adapter
+from ..files.adapters import adapter_file_size, load_adapter
 from ..summary import summarize
-from ..table import format_table, human_bytes, to_json
+from .table import format_table, human_bytes, to_json
 from ..plots import check_plot_path, plot_adapter
 from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 

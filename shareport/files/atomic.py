@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import ShareportError
+from ..errors import ShareportError
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..demo import run_demo, summary_rows
-from ..table import format_table, to_json
+from ..demo.run import run_demo, summary_rows
+from .table import format_table, to_json
 
 
 @click.command("demo")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ..atomic import check_output
+from ..files.atomic import check_output
 from ..errors import ShareportError
-from ..finetune import Recipe, run, with_provenance
-from ..fresh import SHARED
-from ..jobs import merge_schedule, scratch_job, write_result
+from ..train.recipe import Recipe, run, with_provenance
+from ..model.fresh import SHARED
+from ..train.jobs import merge_schedule, scratch_job, write_result
 from .training_options import checkpoint_folder, echo_report, recipe_options
 
 

@@ -27,13 +27,13 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter
-from .aslora_schedule import BMerger, MergeSchedule
+from ..adapter import Adapter
+from .merging import BMerger, MergeSchedule
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
 from .data import BatchOrder, TokenData, collate, pad_token_id
 from .distill import EvalTotals, distill_sum, model_outputs, task_sum
-from .errors import ShareportError
-from .surgery import Attached, attach
+from ..errors import ShareportError
+from ..model.surgery import Attached, attach
 from .teacher import Teacher
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..export.verify import FP16_RTOL, FP32_ATOL, Report, verify
-from ..table import format_table, to_json
+from .table import format_table, to_json
 from .options import allow_pickle_option, json_option
 
 

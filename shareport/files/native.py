@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .adapter import FORMS, Adapter, Site, kinds_for_paths
-from .errors import ShareportError
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME
+from ..adapter import FORMS, Adapter, Site, kinds_for_paths
+from ..errors import ShareportError
+from .peft import CONFIG_NAME, WEIGHTS_NAME
 from .tensorfile import check_finite, load_tensors
 
 FORMAT_VERSION = 1

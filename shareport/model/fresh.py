@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from .adapter import Adapter, Site, kinds_for_paths
-from .errors import ShareportError
+from ..adapter import Adapter, Site, kinds_for_paths
+from ..errors import ShareportError
 from .surgery import _weight_shape
 
 # which factors each form shares across the layers of a kind
