@@ -12,6 +12,7 @@ Public API:
     parameter_count(method, n_out, n_in, n_sites, rank, groups=None) -> int
     lora_parameter_count(n_out, n_in, ranks) -> int
     reconstruction_error(As, Bts, result) -> float
+    spectrum(method, As, Bts) -> Tensor   (error drop of each added rank, largest first)
 """
 from __future__ import annotations
 
@@ -23,16 +24,26 @@ from .budget import (ASLORA_PLAN_RANK_FACTOR, DEFAULT_ASLORA_BUDGET, DEFAULT_RAN
 from .counting import METHODS, lora_parameter_count, parameter_count
 from .factored import sites_error
 from .grouping import GROUPINGS
-from .shareab import convert_shareab
-from .sharea import convert_sharea
-from .shareb import convert_shareb
+from .shareab import convert_shareab, shareab_spectrum
+from .sharea import convert_sharea, sharea_spectrum
+from .shareb import convert_shareb, shareb_spectrum
 from .types import KindFactors, KindPlan, KindResult, Option
 
 __all__ = [
     "ASLORA_PLAN_RANK_FACTOR", "DEFAULT_ASLORA_BUDGET", "DEFAULT_MAX_ITERATIONS", "DEFAULT_RANK_RULE",
     "GROUPINGS", "METHODS", "KindPlan", "KindResult", "Option", "convert_kind", "default_groups",
-    "lora_parameter_count", "parameter_count", "plan", "reconstruction_error",
+    "lora_parameter_count", "parameter_count", "plan", "reconstruction_error", "spectrum",
 ]
+
+_SPECTRA = {"sharea": sharea_spectrum, "shareb": shareb_spectrum, "shareab": shareab_spectrum}
+
+
+def spectrum(method: str, As: list[Tensor], Bts: list[Tensor]) -> Tensor:
+    """Eigenvalues of the form's projection problem, largest first: the error falls by the
+    k-th value when the rank goes from k-1 to k (ShareA/ShareB/ShareAB)."""
+    if method not in _SPECTRA:
+        raise ValueError(f"spectrum is defined for {', '.join(_SPECTRA)}, got {method!r}")
+    return _SPECTRA[method](KindFactors.from_lists(As, Bts))
 
 
 def convert_kind(method: str, As: list[Tensor], Bts: list[Tensor], rank: int,

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_steps as steps  # noqa: E402
 
 from shareport.files.adapters import load_adapter  # noqa: E402
-from shareport.model.surgery import attach, load_base_model  # noqa: E402
+from shareport.model import attach, load_base_model  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 LABELS = ("sports", "cooking", "computing")  # order fixes the class index, as in make_topics.py

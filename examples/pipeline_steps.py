@@ -1,10 +1,10 @@
 """The pipeline steps the examples share: convert, recover, train from scratch, ONNX logits.
 
-`convert` calls the library. The others run the real shareport commands in-process
-(``shareport finetune``, ``shareport train --form``, ``shareport export``) exactly as a user
-would type them, through :func:`shareport.demo.run_command`, so the examples exercise the CLI
-and not a private path. Each takes and returns *folders*, the currency of the CLI; the callers
-evaluate whatever folder a step returns. ``--skip`` leaves out the slow steps.
+`convert` calls the converter on in-memory adapters. The others call the library functions
+behind the commands (``shareport.flows``: ``recover``, ``train``, ``export``), the same one call
+each CLI command makes, so the examples get every guarantee the CLI gives (atomic outputs,
+verification before publishing). Each takes and returns *folders*; the callers evaluate
+whatever folder a step returns. ``--skip`` leaves out the slow steps.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shareport import flows
 from shareport.adapter import Adapter
 from shareport.convert import ConversionReport, convert_adapter
-from shareport.demo.run import run_command
-from shareport.files.adapters import save_adapter
+from shareport.export.exporter import ExportOptions
+from shareport.files import save_adapter
 
 OPTIONAL_STEPS = ("recover", "export", "scratch")
 SKIPPED = "skipped"
@@ -38,9 +39,9 @@ class Recipe:
     max_length: int = 64
     seed: int = 0
 
-    def options(self) -> list:
-        return ["--steps", self.steps, "--lr", self.lr, "--batch-size", self.batch_size,
-                "--max-length", self.max_length, "--seed", self.seed]
+    def options(self, **merging) -> flows.TrainingOptions:
+        return flows.TrainingOptions(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                                     max_length=self.max_length, seed=self.seed, **merging)
 
 
 def convert(lora: Adapter, form: str, budget: float | None, out_dir: Path) -> tuple[Adapter, ConversionReport, Path]:
@@ -52,19 +53,13 @@ def convert(lora: Adapter, form: str, budget: float | None, out_dir: Path) -> tu
     return converted, report, folder
 
 
-def command(args: list, out_dir: Path) -> dict:
-    """One shareport command in-process, writing ``out_dir``; returns its ``--json`` report.
-    The commands create their output folder but not its parent, so that is made first."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return run_command(args)
-
-
 def recover(converted_dir: Path, teacher_dir: Path, base_dir: Path, data: Path, out_dir: Path,
             recipe: Recipe) -> tuple[Path, dict]:
     """`shareport finetune`: distil the converted adapter toward the original LoRA (``teacher_dir``)
     on the unlabelled inputs in ``data``. Returns the recovered folder and the command's report."""
-    report = command(["finetune", converted_dir, "--base", base_dir, "--teacher", teacher_dir, "--data", data,
-                      *recipe.options(), "-o", out_dir, "--overwrite"], out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = flows.recover(str(converted_dir), str(base_dir), str(teacher_dir), str(data), str(out_dir),
+                           options=recipe.options(), overwrite=True)
     return out_dir, report
 
 
@@ -72,10 +67,10 @@ def train_from_scratch(form: str, base_dir: Path, data: Path, out_dir: Path, tar
                        alpha: float, recipe: Recipe, groups: int | None = None) -> tuple[Path, dict]:
     """`shareport train --form FORM`: a new adapter (ShareLoRA init) trained on the labelled
     ``data``; ASLoRA merges B's down to ``groups`` per kind on its schedule."""
-    merges = ["--groups", groups] if form == "aslora" else []
-    report = command(["train", "--form", form, "--base", base_dir, "--data", data, "--target", ",".join(targets),
-                      "--rank", rank, "--alpha", alpha, *merges, *recipe.options(), "-o", out_dir, "--overwrite"],
-                     out_dir)
+    merging = {"groups": groups} if form == "aslora" else {}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = flows.train(form, str(base_dir), targets, rank, str(data), str(out_dir), alpha=alpha,
+                         options=recipe.options(**merging), overwrite=True)
     return out_dir, report
 
 
@@ -99,8 +94,9 @@ def onnx_logits(adapter_dir: Path, base_dir: Path, graph_dir: Path, inputs: dict
     from shareport.export import graph_file, runtime
     from shareport.export.ort_adapter import read_onnx_adapter
 
-    report = command(["export", adapter_dir, "--base", base_dir, "--onnx", graph_dir, "--mode", "adapter",
-                      "--overwrite"], graph_dir)
+    graph_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = flows.export(str(adapter_dir), str(base_dir), str(graph_dir), ExportOptions(mode="adapter"),
+                          overwrite=True)
     lora = runtime.load_lora(read_onnx_adapter(graph_dir / graph_file.ADAPTER_NAME))
     sess = runtime.session(graph_dir / graph_file.GRAPH_NAME, threads=threads)
     names = [i.name for i in sess.get_inputs() if i.name in ("input_ids", "attention_mask", "token_type_ids",

@@ -34,7 +34,7 @@ import pipeline_steps as steps  # noqa: E402
 
 from shareport.train.data import save_tokenized  # noqa: E402
 from shareport.files.adapters import load_adapter  # noqa: E402
-from shareport.model.surgery import attach, load_base_model  # noqa: E402
+from shareport.model import attach, load_base_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 128

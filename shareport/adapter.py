@@ -24,6 +24,8 @@ import torch
 from .errors import ShareportError
 
 FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
+# PEFT keys start with this; site paths never do, carried (modules_to_save) tensor keys do
+PEFT_PREFIX = "base_model.model."
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,6 @@ Kind names hold no layer index and site paths always do, so the two never collid
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -199,11 +197,3 @@ def _with_provenance(out: Adapter, source: Adapter, to: str, settings: dict, dig
     if source.provenance:
         provenance["source_provenance"] = source.provenance
     return dataclasses.replace(out, provenance=provenance)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+import converters
+
 from .adapter import Adapter
 from .errors import ShareportError
+from .files.atomic import atomic_file, check_output_file
 
 
 def update_distances(adapter: Adapter, paths: list[str]) -> torch.Tensor:
@@ -30,11 +33,8 @@ def update_distances(adapter: Adapter, paths: list[str]) -> torch.Tensor:
 
 def energy_curve(adapter: Adapter, paths: list[str]) -> torch.Tensor:
     """Fraction of the kind's energy a shared A of rank k keeps, for k = 1, 2, ... (ShareA spectrum)."""
-    from converters.sharea import sharea_spectrum
-    from converters.types import KindFactors
-
     As, Bts = zip(*(adapter.factors(p) for p in paths))
-    spectrum = sharea_spectrum(KindFactors.from_lists(list(As), list(Bts)))
+    spectrum = converters.spectrum("sharea", list(As), list(Bts))
     total = float(spectrum.sum())
     return spectrum.cumsum(0) / total if total > 0 else torch.ones_like(spectrum)
 
@@ -50,16 +50,12 @@ def _pyplot():
     return plt
 
 
-def check_plot_path(path: str | os.PathLike, overwrite: bool) -> None:
+def check_plot_path(path: str | os.PathLike, overwrite: bool, inputs=()) -> None:
     """Refuse a bad figure path before any work is done."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ShareportError(f"--plot '{path}': the figure is a PNG, give a path ending in .png")
-    if path.exists() and not overwrite:
-        raise ShareportError(f"--plot '{path}' already exists; pass --overwrite to replace it")
-    folder = path.parent.resolve()
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ShareportError(f"--plot '{path}': folder '{folder}' does not exist or is not writable")
+    check_output_file(path, overwrite, inputs, what="--plot")
     _pyplot()
 
 
@@ -105,12 +101,9 @@ def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | No
             ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=90, metadata={"Software": None})  # no version stamp: same input, same bytes
-        os.replace(tmp, path)
+        with atomic_file(path, overwrite=True, what="--plot") as tmp:  # checked before the work began
+            fig.savefig(tmp, dpi=90, metadata={"Software": None})  # no version stamp: same input, same bytes
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter, save_adapter
 from tests.fuzzing import WEIGHT_MUTATIONS, mutate_config
-from shareport.files.peft import CONFIG_NAME, WEIGHTS_NAME
+from shareport.files.folder import CONFIG_NAME, WEIGHTS_NAME
 
 
 def fuzz(good_folders: list[Path], cases: int, seed: int = 0) -> Counter:

@@ -11,7 +11,7 @@ from shareport.train.distill import distill_sum, model_outputs
 from shareport.train.recipe import Recipe, run
 from shareport.files.adapters import load_adapter
 from shareport.train.jobs import merge_schedule, recovery_job
-from shareport.model.surgery import attach, load_base_model
+from shareport.model import attach, load_base_model
 from shareport.train.teacher import Teacher
 from tests.training_helpers import recovery_setup
 

@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 
 from shareport.files.adapters import load_adapter, save_adapter
-from shareport.files.peft import CONFIG_NAME, WEIGHTS_NAME
+from shareport.files.folder import CONFIG_NAME, WEIGHTS_NAME
 from tests.tiny import TARGETS, input_ids, make_peft_adapter, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
 
 # (name, model builder, LoRA options): covers rank/alpha patterns, rsLoRA, fan_in_fan_out,

@@ -18,13 +18,13 @@ from shareport.export.exporter import ExportOptions, export
 from shareport.export.signature import Signature, make_inputs
 from shareport.export.verify import verify
 from shareport.files.adapters import load_adapter
-from shareport.model.surgery import attach, fold, load_base_model
+from shareport.model import attach, fold, load_base_model
 from tests.onnx_cases import make_case, ort_greedy, torch_greedy
 from tests.tiny import TARGETS, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _export(adapter, base, out, **options):
-    return export(adapter, base, out, ExportOptions(**options), progress=False)
+    return export(adapter, base, out, ExportOptions(**options), progress=False, verify=False).path
 
 
 def _signature(graph) -> Signature:

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import click
-from tqdm import tqdm
 
-from ..files.atomic import check_output
-from ..convert import GROUPINGS, TARGET_FORMS, convert_adapter, file_sha256
-from ..files.adapters import load_adapter, save_adapter
-from ..files.peft import WEIGHTS_NAME
+from .. import flows
+from ..convert import GROUPINGS, TARGET_FORMS
 from .table import format_table, to_json
-from ..plots import check_plot_path, plot_adapter
 from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 
 
@@ -58,32 +51,9 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overw
     (Eckart-Young) over all layers of a kind, computed from the factors without forming any
     dense update. The output is shareport's native format (or PEFT for --to lora).
     """
-    out = out or f"{lora_dir.rstrip('/')}-{to}"
-    check_output(out, overwrite, [lora_dir])  # fail before the work, not after
-    if plot:
-        check_plot_path(plot, overwrite)
-    adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)
-    weights = Path(lora_dir) / WEIGHTS_NAME
-    digest = file_sha256(weights) if weights.is_file() else None
-    kinds = adapter.kinds()
-    with tqdm(total=len(kinds), desc="converting", unit="kind", file=sys.stderr, disable=as_json or None,
-              leave=False) as bar:
-        def progress(name):
-            bar.set_postfix_str(name)
-            bar.update(1)
-
-        result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
-                                         grouping=grouping, progress=progress, source_digest=digest)
-    data = {"output": out, **report.to_dict()}
-    if plot:
-        plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
-        data["plot"] = plot
-    try:
-        save_adapter(result, out, as_peft=(to == "lora"), overwrite=overwrite, inputs=[lora_dir])
-    except BaseException:
-        if plot:
-            Path(plot).unlink(missing_ok=True)  # all outputs or none
-        raise
+    data = flows.convert(lora_dir, to, out, rank=rank, energy=energy, budget=budget, groups=groups,
+                         grouping=grouping, overwrite=overwrite, allow_pickle=allow_pickle, plot=plot,
+                         progress=not as_json)
     click.echo(to_json(data) if as_json else render(data))
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
-from ..export.exporter import DTYPES, MODES, ExportOptions, export
-from ..export.verify import verify
+from .. import flows
+from ..export.exporter import DTYPES, MODES, ExportOptions
+from ..export.verify import Report, VerifyMismatch
 from .table import to_json
 from .options import allow_pickle_option, json_option, overwrite_option
 from .verify import emit_report, tolerance_options
@@ -38,24 +37,20 @@ def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, em
     adapter.onnx_adapter (ONNX Runtime's multi-LoRA format) with the exported adapter.
     """
     options = ExportOptions(mode=mode, with_past=with_past, dtype=dtype, opset=opset, embed_adapter=embed_adapter)
-    summary = {"graph": out_dir, "mode": mode, "dtype": dtype, "with_past": with_past, "embedded_adapter": embed_adapter}
-    reports = []
-
-    def check(tmp):
-        """Verify the finished graph before it is published: a mismatch publishes nothing."""
-        report = dataclasses.replace(verify(tmp, base_dir, adapter_dir, atol=atol, rtol=rtol,
-                                            allow_pickle=allow_pickle), graph=out_dir)
-        if not report.ok:
-            emit_report(report, as_json, extra=summary, fail=False)
-            raise click.ClickException(f"verify: {out_dir} does not match PyTorch within tolerance; nothing was "
-                                       "written (--no-verify keeps the graph, to inspect it with shareport verify)")
-        reports.append(report)
-
-    out = export(adapter_dir, base_dir, out_dir, options, overwrite=overwrite, allow_pickle=allow_pickle,
-                 before_publish=check if run_verify else None)
+    try:
+        data = flows.export(adapter_dir, base_dir, out_dir, options, verify=run_verify, atol=atol, rtol=rtol,
+                            overwrite=overwrite, allow_pickle=allow_pickle)
+    except VerifyMismatch as exc:
+        emit_report(exc.report, as_json, extra=_summary(out_dir, options), fail=False)
+        raise
     if not as_json:
-        click.echo(f"wrote {out} ({mode}, {dtype}{', with past' if with_past else ''})")
-    if run_verify:
-        emit_report(reports[0], as_json, extra=summary)
+        click.echo(f"wrote {out_dir} ({mode}, {dtype}{', with past' if with_past else ''})")
+    if data["verify"] is not None:
+        emit_report(Report.from_dict(data["verify"]), as_json, extra=_summary(out_dir, options))
     elif as_json:
-        click.echo(to_json({**summary, "verify": None}))
+        click.echo(to_json(data))
+
+
+def _summary(out_dir: str, options: ExportOptions) -> dict:
+    return {"graph": out_dir, "mode": options.mode, "dtype": options.dtype, "with_past": options.with_past,
+            "embedded_adapter": options.embed_adapter}

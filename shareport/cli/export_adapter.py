@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from ..export import graph_file
-from ..export.ort_adapter import adapter_arrays, save_onnx_adapter
-from ..files.adapters import load_adapter
+from .. import flows
 from .options import allow_pickle_option, overwrite_option
 
 
@@ -27,11 +23,5 @@ def export_adapter_cmd(adapter_dir: str, graph_dir: str, output: str | None, ove
     sharing), the same layer sizes; ranks may differ from the exported adapter's as long as the
     tensors that share a rank in the graph agree. It is written in the graph's dtype.
     """
-    proto = graph_file.load_proto(graph_dir)
-    graph_file.read_info(proto, graph_dir)  # refuses a graph shareport did not write
-    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
-    arrays = adapter_arrays(adapter, graph_file.graph_slots(proto), what=f"{adapter_dir}:")
-    out = Path(output) if output else Path(graph_dir) / f"{Path(adapter_dir).resolve().name}.onnx_adapter"
-    save_onnx_adapter(arrays, out, overwrite=overwrite, inputs=[adapter_dir])
-    n = sum(a.size for a in arrays.values())
-    click.echo(f"wrote {out} ({len(arrays)} tensors, {n:,} parameters, {next(iter(arrays.values())).dtype})")
+    data = flows.export_adapter(adapter_dir, graph_dir, output, overwrite=overwrite, allow_pickle=allow_pickle)
+    click.echo(f"wrote {data['output']} ({data['tensors']} tensors, {data['parameters']:,} parameters, {data['dtype']})")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..files.atomic import check_output
-from ..train.recipe import Recipe, run, with_provenance
-from ..train.jobs import merge_schedule, recovery_job, write_result
-from .training_options import checkpoint_folder, echo_report, recipe_options
+from .. import flows
+from ..train.jobs import TrainingOptions
+from .training_options import echo_report, recipe_options
 
 
 @click.command("finetune")
@@ -19,9 +18,7 @@ from .training_options import checkpoint_folder, echo_report, recipe_options
 @click.option("--lm-loss", "lm_loss", default=0.0, show_default=True, type=float,
               help="Weight of the data's own loss (next-token, or the 'label' field) added to the distillation.")
 @recipe_options
-def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, overwrite, steps, lr, batch_size,
-                 max_length, seed, eval_fraction, checkpoint_every, checkpoint_dir, resume, merges, groups,
-                 merge_start, merge_every, merge_mode, merge_pairs, as_json) -> None:
+def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, overwrite, as_json, **training) -> None:
     """Recover a shared adapter by distilling toward the LoRA it came from (no labels needed).
 
     The student (base + SHARED_DIR) learns to match the teacher's outputs (base + the teacher
@@ -30,19 +27,7 @@ def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, ove
     `accelerate launch -m shareport finetune ...`. With --merges/--groups it also merges B's
     on the ASLoRA schedule while recovering.
     """
-    out = out or shared_dir.rstrip("/") + "-recovered"
-    inputs = (shared_dir, teacher_dir, base_dir, data_path)
-    check_output(out, overwrite, inputs)
-    ckpt = checkpoint_folder(out, checkpoint_dir)
-    merging = merges is not None or groups is not None
-    job = recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length, eval_fraction, ckpt, resume, merging)
-    schedule = merge_schedule(job.student, steps, merges, groups, merge_start, merge_every, merge_mode, merge_pairs)
-    recipe = Recipe(steps=steps, lr=lr, batch_size=batch_size, seed=seed, distill_weight=1.0, task_weight=lm_loss,
-                    checkpoint_every=checkpoint_every, merge=schedule)
-    adapter, report = run(job, recipe)
-    if job.accelerator.is_main_process:
-        entry = {"step": "finetune", "teacher": teacher_dir, "data": data_path, "steps": steps, "seed": seed,
-                 "before": report["before"], "after": report["after"]}
-        write_result(out, with_provenance(adapter, entry), report, overwrite, inputs)
-        echo_report(out, report, as_json)
-
+    report = flows.recover(shared_dir, base_dir, teacher_dir, data_path, out, lm_loss=lm_loss,
+                           options=TrainingOptions(**training), overwrite=overwrite)
+    if report is not None:  # the main process
+        echo_report(out or flows.default_recover_output(shared_dir), report, as_json)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..files.adapters import adapter_file_size, load_adapter
-from ..summary import summarize
+from .. import flows
 from .table import format_table, human_bytes, to_json
-from ..plots import check_plot_path, plot_adapter
 from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 
 
@@ -24,13 +22,7 @@ def inspect_cmd(adapter_dir: str, as_json: bool, allow_pickle: bool, plot: str |
     write a PNG: per kind, the layer-by-layer distance matrix of the updates (layers that
     share a B outlined) and the energy kept against a shared rank.
     """
-    if plot:
-        check_plot_path(plot, overwrite)
-    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
-    info = summarize(adapter, adapter_file_size(adapter_dir))
-    if plot:
-        plot_adapter(adapter, plot)
-        info["plot"] = plot
+    info = flows.inspect(adapter_dir, allow_pickle=allow_pickle, plot=plot, overwrite=overwrite)
     if as_json:
         click.echo(to_json(info))
         return

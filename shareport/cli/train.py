@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ..files.atomic import check_output
+from .. import flows
 from ..errors import ShareportError
-from ..train.recipe import Recipe, run, with_provenance
 from ..model.fresh import SHARED
-from ..train.jobs import merge_schedule, scratch_job, write_result
-from .training_options import checkpoint_folder, echo_report, recipe_options
+from ..train.jobs import TrainingOptions
+from .training_options import echo_report, recipe_options
 
 
 @click.command("train")
@@ -20,9 +19,7 @@ from .training_options import checkpoint_folder, echo_report, recipe_options
 @click.option("--rank", required=True, type=int, help="Rank r of every factor.")
 @click.option("--alpha", default=8.0, show_default=True, type=float, help="LoRA alpha; the scale is alpha / r.")
 @recipe_options
-def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, steps, lr, batch_size, max_length, seed,
-              eval_fraction, checkpoint_every, checkpoint_dir, resume, merges, groups, merge_start, merge_every,
-              merge_mode, merge_pairs, as_json) -> None:
+def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, as_json, **training) -> None:
     """Train an adapter from scratch (ShareLoRA init: kaiming-uniform A, zero B).
 
     --form lora trains a plain LoRA (nothing shared), e.g. a teacher to convert and recover.
@@ -33,23 +30,8 @@ def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, s
     """
     if out is None:
         raise ShareportError("train needs an output folder (-o/--output)")
-    merging = merges is not None or groups is not None
-    if merging and form != "aslora":
-        raise ShareportError(f"--merges/--groups merge B's, which only --form aslora does (got --form {form})")
-    if form == "aslora" and not merging:
-        raise ShareportError("--form aslora needs --merges or --groups (how far to merge the B's)")
-    inputs = (base_dir, data_path)
-    check_output(out, overwrite, inputs)
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
-    if not target_list:
-        raise ShareportError("--target needs at least one module name")
-    job = scratch_job(base_dir, data_path, form, target_list, rank, alpha, seed, max_length, eval_fraction,
-                      checkpoint_folder(out, checkpoint_dir), resume, merging)
-    schedule = merge_schedule(job.student, steps, merges, groups, merge_start, merge_every, merge_mode, merge_pairs)
-    recipe = Recipe(steps=steps, lr=lr, batch_size=batch_size, seed=seed, distill_weight=0.0, task_weight=1.0,
-                    checkpoint_every=checkpoint_every, merge=schedule)
-    adapter, report = run(job, recipe)
-    if job.accelerator.is_main_process:
-        entry = {"step": "train", "form": form, "data": data_path, "steps": steps, "seed": seed, "after": report["after"]}
-        write_result(out, with_provenance(adapter, entry), report, overwrite, inputs)
+    report = flows.train(form, base_dir, target_list, rank, data_path, out, alpha=alpha,
+                         options=TrainingOptions(**training), overwrite=overwrite)
+    if report is not None:  # the main process
         echo_report(out, report, as_json)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..train.merging import MODES, PAIRS
@@ -43,11 +41,6 @@ def recipe_options(func):
     for option in reversed(_RECIPE_OPTIONS):
         func = option(func)
     return func
-
-
-def checkpoint_folder(out: str, given: str | None) -> Path:
-    """Where checkpoints go: --checkpoint-dir, else beside the output."""
-    return Path(given) if given else Path(str(out).rstrip("/") + ".checkpoint")
 
 
 def echo_report(out: str, report: dict, as_json: bool) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..export.verify import FP16_RTOL, FP32_ATOL, Report, verify
+from .. import flows
+from ..export.verify import FP16_RTOL, FP32_ATOL, Report
 from .table import format_table, to_json
 from .options import allow_pickle_option, json_option
 
@@ -55,4 +56,4 @@ def verify_cmd(graph_dir: str, base_dir: str, adapter_dir: str, atol: float, rto
     Several shapes (batch 1-3, several sequence lengths, with and without past); adapter-mode
     graphs with the adapter active and without it (= base model). Exits non-zero above tolerance.
     """
-    emit_report(verify(graph_dir, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle), as_json)
+    emit_report(flows.verify(graph_dir, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle), as_json)

@@ -8,43 +8,32 @@
 5. export ONNX graphs, folded and adapter-preserving, and verify them against PyTorch
    (``shareport export``, which verifies by default).
 
-Each step runs the real command in-process, so the demo exercises exactly what a user runs;
-their progress bars go to stderr and their JSON reports are collected into one table.
+Each step is the one library call its command makes (``shareport.flows``), so the demo
+exercises exactly what a user runs; progress bars go to stderr and the reports are
+collected into one table.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import sys
 from pathlib import Path
 
 import click
 
+from .. import flows
+from ..export.exporter import ExportOptions
+from ..train.jobs import TrainingOptions
 from .assets import build_base, corpus
-from ..errors import ShareportError
 
 # Sized to finish in about two minutes on two CPU cores.
 TRAIN_STEPS = 50
 RECOVER_STEPS = 60
 BATCH, LENGTH = 8, 32
-TARGETS = "q_proj,v_proj,o_proj,down_proj"
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 RANK = 8
 
 
-def run_command(args: list[str]) -> dict:
-    """Run one shareport command in-process with --json; return its report."""
-    from ..cli.main import main
-
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        try:
-            main.main([str(a) for a in args] + ["--json"], standalone_mode=False)
-        except click.ClickException as exc:
-            raise ShareportError(f"'shareport {args[0]}' failed: {exc.format_message()}") from None
-    text = buffer.getvalue()
-    return json.loads(text[text.index("{"):])
+def _recipe(steps: int) -> TrainingOptions:
+    return TrainingOptions(steps=steps, lr=1e-2, batch_size=BATCH, max_length=LENGTH)
 
 
 def step(title: str) -> None:
@@ -65,21 +54,19 @@ def run_demo(out: Path, export: bool = True) -> dict:
         build_base(base, corpus(), layers=8, hidden=64)
     reports: dict = {}
     step("training a LoRA that adapts it to a domain corpus")
-    reports["train"] = run_command(["train", "--form", "lora", "--base", base, "--data", data, "--target", TARGETS,
-                                    "--rank", RANK, "--alpha", 2 * RANK, "--steps", TRAIN_STEPS, "--lr", "1e-2",
-                                    "--max-length", LENGTH, "--batch-size", BATCH, "-o", out / "lora", "--overwrite"])
+    reports["train"] = flows.train("lora", str(base), TARGETS, RANK, str(data), str(out / "lora"), alpha=2.0 * RANK,
+                                   options=_recipe(TRAIN_STEPS), overwrite=True)
     step("converting the LoRA to ASLoRA")
-    reports["convert"] = run_command(["convert", out / "lora", "--to", "aslora", "-o", out / "aslora", "--overwrite"])
+    reports["convert"] = flows.convert(str(out / "lora"), "aslora", str(out / "aslora"), overwrite=True,
+                                       progress=False)
     step("recovering the ASLoRA by distillation toward the LoRA")
-    reports["finetune"] = run_command(["finetune", out / "aslora", "--base", base, "--teacher", out / "lora",
-                                       "--data", data, "--steps", RECOVER_STEPS, "--lr", "1e-2", "--max-length", LENGTH,
-                                       "--batch-size", BATCH, "-o", out / "aslora-recovered", "--overwrite"])
+    reports["finetune"] = flows.recover(str(out / "aslora"), str(base), str(out / "lora"), str(data),
+                                        str(out / "aslora-recovered"), options=_recipe(RECOVER_STEPS), overwrite=True)
     if export:
         for mode in ("folded", "adapter"):
             step(f"exporting ONNX ({mode}) and verifying it against PyTorch")
-            reports[f"export_{mode}"] = run_command(
-                ["export", out / "aslora-recovered", "--base", base, "--onnx", out / f"onnx-{mode}", "--mode", mode,
-                 "--overwrite"])
+            reports[f"export_{mode}"] = flows.export(str(out / "aslora-recovered"), str(base), str(out / f"onnx-{mode}"),
+                                                     ExportOptions(mode=mode), overwrite=True)
             reports[f"export_{mode}"]["latency_ms"] = ort_latency_ms(out / f"onnx-{mode}")
     return reports
 

@@ -16,8 +16,6 @@ inputs while it runs and become overridable only afterwards, so it cannot fold t
 
 from __future__ import annotations
 
-from typing import Callable
-
 import contextlib
 import dataclasses
 import logging
@@ -31,11 +29,13 @@ from ..adapter import Adapter
 from ..files.atomic import atomic_dir, check_output
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
-from ..model.surgery import attach, fold, load_base_model
+from ..model import attach, fold, load_base_model
 from . import graph_file
 from .ort_adapter import write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
 from .slots import Slot, empty_tensors, graph_tensors, slots_for
+from .verify import FP16_RTOL, FP32_ATOL, Report, VerifyMismatch
+from .verify import verify as verify_graph
 from .wrapper import graph_module
 
 MODES = ("folded", "adapter")
@@ -165,19 +165,30 @@ def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) ->
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    report: Report | None  # the verification of the published graph (None with verify=False)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
 def export(
     adapter_dir, base_dir, out, options: ExportOptions, overwrite: bool = False, progress: bool = True,
-    allow_pickle: bool = False, before_publish: Callable[[Path], None] | None = None,
-) -> Path:
-    """Export and write the folder atomically; returns its path.
+    allow_pickle: bool = False, verify: bool = True, atol: float = FP32_ATOL, rtol: float = FP16_RTOL,
+) -> ExportResult:
+    """Export, verify against PyTorch, and only then publish the folder (atomically).
 
-    ``before_publish`` runs on the finished temporary folder before it is renamed into place
-    (export's verification): if it raises, nothing is published.
+    The graph is verified in its temporary folder before it is renamed into place: a graph
+    that does not match PyTorch within tolerance is never published (:class:`VerifyMismatch`,
+    which carries the report). ``verify=False`` publishes without checking.
     """
     options.check()
     check_output(out, overwrite, [adapter_dir, base_dir])  # fail before the slow part, not after
     dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
-    with _stages(progress, 4) as stage:
+    report = None
+    with _stages(progress, 4 + verify) as stage:
         stage("loading")
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
         model = prepare_model(base_dir, adapter, options.mode, dtype)
@@ -199,6 +210,13 @@ def export(
             if adapter_mode:
                 write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
             graph_file.copy_side_files(base_dir, tmp)
-            if before_publish is not None:
-                before_publish(tmp)
-    return Path(out)
+            if verify:
+                stage("verifying against PyTorch")
+                report = dataclasses.replace(
+                    verify_graph(tmp, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle),
+                    graph=str(out))
+                if not report.ok:
+                    raise VerifyMismatch(report, f"verify: {out} does not match PyTorch within tolerance; nothing "
+                                                 "was written (--no-verify keeps the graph, to inspect it with "
+                                                 "shareport verify)")
+    return ExportResult(Path(out), report)

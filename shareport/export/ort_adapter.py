@@ -8,8 +8,6 @@ and that tensors sharing a symbolic rank dim agree on its size.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import ShareportError
+from ..files.atomic import atomic_file
 from .slots import graph_tensors
 
 ADAPTER_VERSION = 1
@@ -33,34 +32,10 @@ def write_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path) -> None:
 
 
 def save_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path, overwrite: bool = False, inputs=()) -> Path:
-    """Write one ``.onnx_adapter`` file atomically (temp file + rename) with ``atomic_dir``'s rules.
-
-    ``atomic_dir`` publishes folders; an adapter file usually goes next to its graph, into a
-    folder that exists already, so this applies the same rules to a single file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ShareportError(f"output '{path}' is a folder; give a file name such as '{path}/adapter.onnx_adapter'")
-    if path.exists() and not overwrite:
-        raise ShareportError(f"output '{path}' already exists; pass --overwrite to replace it")
-    if not path.parent.resolve().is_dir():
-        raise ShareportError(f"cannot write '{path}': its folder '{path.parent}' does not exist")
-    for folder in inputs:
-        if Path(folder).resolve() in path.resolve().parents:
-            raise ShareportError(f"output '{path}' is inside the input '{folder}'; choose another output")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write one ``.onnx_adapter`` file atomically, with the output rules of every command."""
+    with atomic_file(path, overwrite=overwrite, inputs=inputs) as tmp:
         write_onnx_adapter(arrays, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ShareportError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:

@@ -17,9 +17,7 @@ import inspect
 import torch
 
 from ..errors import ShareportError
-
-DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
+from ..model.base import is_causal_lm
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
@@ -59,14 +57,10 @@ class Signature:
         return cls(**data)
 
 
-def is_decoder(model) -> bool:
-    return type(model).__name__.endswith(DECODER_SUFFIXES)
-
-
 def signature_for(model, with_past: bool) -> Signature:
     """The graph signature of a transformers model."""
     config = model.config
-    if not is_decoder(model):
+    if not is_causal_lm(model):
         if with_past:
             raise ShareportError(f"--with-past needs a decoder (causal LM); {type(model).__name__} is an encoder")
         params = inspect.signature(model.forward).parameters

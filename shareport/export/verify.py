@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ShareportError
 from ..files.adapters import load_adapter
-from ..model.surgery import attach, fold, load_base_model
+from ..model import attach, fold, load_base_model
 from . import graph_file, runtime
 from .ort_adapter import adapter_arrays, check_fits, read_onnx_adapter
 from .signature import Signature, make_inputs
@@ -68,6 +69,19 @@ class Report:
         data = dataclasses.asdict(self)
         data["ok"] = self.ok
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        fields = {k: v for k, v in data.items() if k not in ("ok", "rows")}
+        return cls(**fields, rows=[Comparison(**row) for row in data["rows"]])
+
+
+class VerifyMismatch(ShareportError):
+    """A graph that does not match PyTorch within tolerance; ``report`` says where."""
+
+    def __init__(self, report: "Report", message: str):
+        super().__init__(message)
+        self.report = report
 
 
 def limit_for(dtype: str, reference: np.ndarray, atol: float, rtol: float) -> float:

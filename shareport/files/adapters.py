@@ -7,7 +7,6 @@ refuses to overwrite without ``overwrite=True``, and never writes inside an inpu
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -15,8 +14,8 @@ from typing import Iterable
 from ..adapter import Adapter
 from .atomic import atomic_dir
 from ..errors import ShareportError
-from .native import is_native, native_config_for, read_native
-from .peft import CONFIG_NAME, WEIGHTS_NAME, peft_config_for, read_config, read_peft
+from . import native, peft
+from .folder import CONFIG_NAME, WEIGHTS_NAME, dump_json, read_config
 from .tensorfile import save_tensors
 
 
@@ -25,18 +24,13 @@ def load_adapter(folder: str | os.PathLike, allow_pickle: bool = False) -> Adapt
     folder = Path(folder)
     config = read_config(folder)
     try:
-        if is_native(config):
-            return read_native(folder, config)
-        return read_peft(folder, allow_pickle=allow_pickle, config=config)
+        if native.is_native(config):
+            return native.load(folder, config)
+        return peft.load(folder, config, allow_pickle=allow_pickle)
     except ShareportError as exc:
         if str(folder) in str(exc):
             raise
         raise ShareportError(f"{folder}: {exc}") from None
-
-
-def dump_json(data: dict) -> str:
-    """Deterministic JSON: sorted keys, fixed indentation, trailing newline."""
-    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def write_adapter_files(adapter: Adapter, folder: Path, as_peft: bool) -> None:
@@ -44,9 +38,9 @@ def write_adapter_files(adapter: Adapter, folder: Path, as_peft: bool) -> None:
     if as_peft:
         if adapter.shared_names():
             adapter = adapter.expand()
-        config, tensors = peft_config_for(adapter)
+        config, tensors = peft.dump(adapter)
     else:
-        config, tensors = native_config_for(adapter)
+        config, tensors = native.dump(adapter)
     (folder / CONFIG_NAME).write_text(dump_json(config), encoding="utf-8")
     save_tensors(tensors, folder / WEIGHTS_NAME)
 
@@ -57,14 +51,12 @@ def save_adapter(
     as_peft: bool = False,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
+    reports: dict[str, dict] | None = None,
 ) -> Path:
-    """Write ``adapter`` to ``out`` (native format, or a plain PEFT LoRA with ``as_peft``)."""
+    """Write ``adapter`` to ``out`` (native format, or a plain PEFT LoRA with ``as_peft``),
+    with ``reports`` (file name -> data) as JSON files beside it, all in one atomic step."""
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_adapter_files(adapter, tmp, as_peft)
+        for name, data in sorted((reports or {}).items()):
+            (tmp / name).write_text(dump_json(data), encoding="utf-8")
     return Path(out)
-
-
-def adapter_file_size(folder: str | os.PathLike) -> int:
-    """Bytes on disk of the adapter's weights file (0 if absent)."""
-    path = Path(folder) / WEIGHTS_NAME
-    return path.stat().st_size if path.is_file() else 0

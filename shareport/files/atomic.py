@@ -36,12 +36,16 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str |
         raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ShareportError(f"output '{out}' exists and is not a folder")
-    parent = resolved.parent
+    _check_parent(out, resolved.parent)
+    return resolved
+
+
+def _check_parent(out, parent: Path) -> None:
+    """The folder an output goes into must exist and be writable (checked before the work)."""
     if not parent.is_dir():
         raise ShareportError(f"cannot write '{out}': its parent folder '{parent}' does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ShareportError(f"cannot write '{out}': folder '{parent}' is not writable")
-    return resolved
 
 
 @contextlib.contextmanager
@@ -63,6 +67,42 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+                      what: str = "output") -> Path:
+    """:func:`check_output`'s rules for a single file (a figure, an ``.onnx_adapter``)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ShareportError(f"{what} '{path}' is a folder; give a file name")
+    if path.is_symlink():
+        raise ShareportError(f"{what} '{path}' is a symbolic link; give a real path")
+    if path.exists() and not overwrite:
+        raise ShareportError(f"{what} '{path}' already exists; pass --overwrite to replace it")
+    for folder in inputs:
+        if Path(folder).resolve() in path.resolve().parents:
+            raise ShareportError(f"{what} '{path}' is inside the input '{folder}'; choose another output")
+    _check_parent(path, path.parent.resolve())
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+                what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; on success it replaces ``out``, on any error it is removed."""
+    path = check_output_file(out, overwrite, inputs, what)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ShareportError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

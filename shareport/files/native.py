@@ -5,6 +5,8 @@ PEFT-like fields a reader expects (base model, task type, target modules, r) plu
 ``shareport`` section: the form, every site's A name, B name and scale, and where the adapter
 came from. The safetensors file holds each unique tensor once, under its pool name;
 ``modules_to_save`` tensors are stored under ``extra/<PEFT key>``.
+
+``load(folder)`` and ``dump(adapter)``, the same verbs as the PEFT module.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from ..adapter import FORMS, Adapter, Site, kinds_for_paths
 from ..errors import ShareportError
-from .peft import CONFIG_NAME, WEIGHTS_NAME
+from .folder import CONFIG_NAME, WEIGHTS_NAME, read_config
 from .tensorfile import check_finite, load_tensors
 
 FORMAT_VERSION = 1
@@ -25,7 +27,7 @@ def is_native(config: dict) -> bool:
     return isinstance(config.get("shareport"), dict)
 
 
-def native_config_for(adapter: Adapter) -> tuple[dict, dict]:
+def dump(adapter: Adapter) -> tuple[dict, dict]:
     """The config dict and the tensors (pool + extras) of the native format."""
     paths = sorted(adapter.sites)
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
@@ -51,9 +53,10 @@ def native_config_for(adapter: Adapter) -> tuple[dict, dict]:
     return config, tensors
 
 
-def read_native(folder: str | Path, config: dict) -> Adapter:
-    """Read a native folder whose parsed config is ``config``."""
+def load(folder: str | Path, config: dict | None = None) -> Adapter:
+    """Read a native folder (``config``: its already parsed config, if the caller has it)."""
     folder = Path(folder)
+    config = read_config(folder) if config is None else config
     cfg_path = folder / CONFIG_NAME
     section = config["shareport"]
     version = section.get("format_version")

@@ -1,5 +1,8 @@
 """PEFT LoRA folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
+``load(folder)`` reads one into an :class:`Adapter`; ``dump(adapter)`` gives the config and
+tensors of a plain LoRA (the native module has the same two verbs).
+
 Reading turns every ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` pair into a site whose
 scale follows PEFT's rules (``lora_alpha / r``, ``/ sqrt(r)`` with rsLoRA, per-module
 ``rank_pattern`` / ``alpha_pattern``). Writing produces a plain LoRA that
@@ -10,7 +13,6 @@ regex of the adapted paths, so nothing else in the model gets a LoRA.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -18,14 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import UNKNOWN_LAYOUT, Adapter, kinds_for_paths
+from ..adapter import PEFT_PREFIX, UNKNOWN_LAYOUT, Adapter, kinds_for_paths
 from ..errors import ShareportError
+from .folder import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_config
 from .tensorfile import check_finite, load_pickled, load_tensors
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 
 # Config fields that change what the adapter computes and that shareport cannot represent.
 _UNSUPPORTED_FLAGS = {
@@ -41,22 +40,6 @@ _UNSUPPORTED_VALUES = {
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
 }
 _FACTOR_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
-
-
-def read_config(folder: Path) -> dict:
-    """Load and parse ``adapter_config.json`` with errors that name the file."""
-    path = folder / CONFIG_NAME
-    if not folder.is_dir():
-        raise ShareportError(f"{folder}: adapter folder not found")
-    if not path.is_file():
-        raise ShareportError(f"{path}: missing adapter config (is '{folder}' a PEFT adapter folder?)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShareportError(f"{path}: malformed JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ShareportError(f"{path}: expected a JSON object")
-    return config
 
 
 def _field(config: dict, path: Path, name: str, types: tuple, default):
@@ -119,7 +102,7 @@ def load_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, torc
     raise ShareportError(f"{st}: missing adapter weights")
 
 
-def read_peft(folder: str | Path, allow_pickle: bool = False, config: dict | None = None) -> Adapter:
+def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = False) -> Adapter:
     """Read a PEFT LoRA folder into a plain-LoRA :class:`Adapter`."""
     folder = Path(folder)
     cfg_path = folder / CONFIG_NAME
@@ -223,7 +206,7 @@ def _split_keys(weights_path: Path, state: dict) -> tuple[dict, dict]:
     return factors, extras
 
 
-def peft_config_for(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
+def dump(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
     """The PEFT config and state dict of an adapter written as a plain LoRA.
 
     Scales are encoded as ``lora_alpha = scale * r`` (no rsLoRA); the most common rank and

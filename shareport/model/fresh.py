@@ -14,25 +14,11 @@ from torch import nn
 
 from ..adapter import Adapter, Site, kinds_for_paths
 from ..errors import ShareportError
-from .surgery import _weight_shape
+from .base import task_type_of, weight_shape
 
 # which factors each form shares across the layers of a kind
 # ("lora" shares nothing: a plain LoRA with PEFT's default init, e.g. the demo's teacher)
 SHARED = {"lora": (), "sharea": ("A",), "shareb": ("B",), "shareab": ("A", "B"), "aslora": ("A",)}
-
-# transformers Auto class -> PEFT task type, recorded in the adapter's config
-_TASK_OF_CLASS_SUFFIX = (
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-)
-
-
-def task_type_of(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    return next((task for suffix, task in _TASK_OF_CLASS_SUFFIX if name.endswith(suffix)), None)
-
 
 def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     """Paths of the linear-like modules whose last name is one of ``targets``."""
@@ -60,7 +46,7 @@ def fresh_adapter(model: nn.Module, form: str, targets: list[str], rank: int, al
     sites = {}
     for path in paths:
         kind, layer = kinds[path]
-        n_out, n_in = _weight_shape(model.get_submodule(path), path, fan_in_fan_out=False)
+        n_out, n_in = weight_shape(model.get_submodule(path), path)
         a_name = f"{kind}.lora_A" if "A" in SHARED[form] else f"{path}.lora_A"
         b_name = f"{kind}.lora_B" if "B" in SHARED[form] else f"{path}.lora_B"
         if a_name not in tensors:

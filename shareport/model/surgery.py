@@ -1,4 +1,4 @@
-"""Model surgery: load a base model, attach any adapter form, fold it in, take it off.
+"""Model surgery: attach any adapter form to a base model, fold it in, take it off.
 
 Attaching replaces each adapted module by a :class:`LoRALinear` wrapper that computes
 ``base(x) + scale * (x A^T) B^T``. Factors that the adapter shares are the *same*
@@ -10,64 +10,12 @@ Folding writes ``W += dW`` (transposed for GPT-2's Conv1D, which stores W as (in
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from ..adapter import Adapter, Site
+from ..adapter import PEFT_PREFIX, Adapter, Site
 from ..errors import ShareportError
-from ..files.peft import PEFT_PREFIX
-
-# PEFT task types -> transformers Auto classes.
-_AUTO_FOR_TASK = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-
-
-def auto_class_name(task_type: str | None, config) -> str:
-    """The Auto class for a base model: from the adapter's task type, else from the config."""
-    if task_type:
-        if task_type not in _AUTO_FOR_TASK:
-            raise ShareportError(f"task type '{task_type}' is not supported (known: {', '.join(sorted(_AUTO_FOR_TASK))})")
-        return _AUTO_FOR_TASK[task_type]
-    for arch in getattr(config, "architectures", None) or []:
-        for suffix, auto in (
-            ("ForCausalLM", "AutoModelForCausalLM"),
-            ("LMHeadModel", "AutoModelForCausalLM"),
-            ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-            ("ForTokenClassification", "AutoModelForTokenClassification"),
-            ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-        ):
-            if arch.endswith(suffix):
-                return auto
-    return "AutoModel"
-
-
-def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load a transformers model from a local folder (never from a hub), in eval mode."""
-    import transformers
-
-    base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise ShareportError(f"{base_dir}: not a transformers model folder (no config.json)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-    except Exception as exc:
-        raise ShareportError(f"{base_dir}/config.json: cannot read model config ({str(exc).splitlines()[0]})") from None
-    auto = getattr(transformers, auto_class_name(task_type, config))
-    try:
-        model = auto.from_pretrained(str(base_dir), local_files_only=True, dtype=dtype, use_safetensors=True)
-    except Exception as exc:
-        raise ShareportError(f"{base_dir}: cannot load the base model ({str(exc).splitlines()[0]})") from None
-    return model.eval()
-
+from .base import get_module, is_conv1d, swap_module, weight_shape
 
 class LoRALinear(nn.Module):
     """A linear (or Conv1D) layer plus ``scale * (x A^T) B^T``; A and B may be shared."""
@@ -90,29 +38,12 @@ class LoRALinear(nn.Module):
         return out + (x @ a.T) @ b.T * self.scale
 
 
-def _get_module(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise ShareportError(f"the base model has no module '{path}' (adapter made for another architecture?)") from None
-
-
-def _weight_shape(module: nn.Module, path: str, fan_in_fan_out: bool) -> tuple[int, int]:
-    """(n_out, n_in) of a linear-like module; Conv1D stores its weight as (n_in, n_out)."""
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.dim() != 2:
-        raise ShareportError(f"module '{path}' is a {type(module).__name__}, not a linear layer")
-    is_conv1d = type(module).__name__ == "Conv1D"
-    n0, n1 = weight.shape
-    return (n1, n0) if (is_conv1d or fan_in_fan_out) else (n0, n1)
-
-
 def _check_site(model: nn.Module, adapter: Adapter, site: Site) -> nn.Module:
-    module = _get_module(model, site.path)
+    module = get_module(model, site.path)
     if isinstance(module, LoRALinear):
         raise ShareportError(f"module '{site.path}' already has an adapter attached")
     expected = adapter.shape(site.path)
-    actual = _weight_shape(module, site.path, adapter.fan_in_fan_out)
+    actual = weight_shape(module, site.path, adapter.fan_in_fan_out)
     if expected != actual:
         raise ShareportError(
             f"site '{site.path}': adapter update is {expected[0]}x{expected[1]} but the base module is "
@@ -142,8 +73,7 @@ class Attached:
     def detach(self) -> nn.Module:
         """Put the original modules back; return the model."""
         for path, wrapper in self.wrappers.items():
-            parent, _, leaf = path.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, wrapper.base)
+            swap_module(self.model, path, wrapper.base)
         self.wrappers = {}
         return self.model
 
@@ -163,10 +93,8 @@ def attach(model: nn.Module, adapter: Adapter, trainable: bool = False, dtype: t
     wrappers = {}
     for path, module in modules.items():
         site = adapter.sites[path]
-        wrapper = LoRALinear(module, parameters[site.a], parameters[site.b], site.scale)
-        parent, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, wrapper)
-        wrappers[path] = wrapper
+        wrappers[path] = LoRALinear(module, parameters[site.a], parameters[site.b], site.scale)
+        swap_module(model, path, wrappers[path])
     _load_extras(model, adapter)
     return Attached(model, adapter, parameters, wrappers)
 
@@ -195,8 +123,8 @@ def fold(model: nn.Module, adapter: Adapter) -> nn.Module:
     with torch.no_grad():
         for path, module in modules.items():
             delta = adapter.update(path, torch.float32)
-            if type(module).__name__ == "Conv1D" or adapter.fan_in_fan_out:
-                delta = delta.T
+            if is_conv1d(module) or adapter.fan_in_fan_out:
+                delta = delta.T  # (n_out, n_in) -> the stored (n_in, n_out)
             module.weight.add_(delta.to(module.weight.device, module.weight.dtype))
     _load_extras(model, adapter)
     return model

@@ -24,7 +24,9 @@ import torch
 from ..adapter import Adapter
 from ..files.atomic import atomic_dir
 from ..errors import ShareportError
-from ..files.adapters import dump_json, load_adapter, write_adapter_files
+from .accel import unwrap_optimizer
+from ..files.adapters import load_adapter, write_adapter_files
+from ..files.folder import dump_json
 from ..files.tensorfile import load_tensors, save_tensors
 
 STATE_JSON = "trainer_state.json"
@@ -34,7 +36,7 @@ FORMAT = "shareport-checkpoint-1"
 
 def optimizer_state(optimizer, parameters: dict[str, torch.nn.Parameter]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(hyperparameters, state tensors by pool name) of a one-group optimizer."""
-    opt = getattr(optimizer, "optimizer", optimizer)
+    opt = unwrap_optimizer(optimizer)
     group = opt.param_groups[0]
     hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
     tensors = {}
@@ -48,7 +50,7 @@ def optimizer_state(optimizer, parameters: dict[str, torch.nn.Parameter]) -> tup
 
 def load_optimizer_state(optimizer, parameters: dict[str, torch.nn.Parameter], hyper: dict,
                          tensors: dict[str, torch.Tensor]) -> None:
-    opt = getattr(optimizer, "optimizer", optimizer)
+    opt = unwrap_optimizer(optimizer)
     group = opt.param_groups[0]
     for key, value in hyper.items():
         group[key] = tuple(value) if isinstance(group.get(key), tuple) else value

@@ -1,4 +1,4 @@
-"""Assemble a training :class:`~shareport.finetune.Job` from folders on disk, and write its result.
+"""Assemble a training :class:`~shareport.train.recipe.Job` from folders on disk.
 
 ``recovery_job``: the shared adapter to recover, its teacher LoRA, the base and the data.
 ``scratch_job``: a fresh shared adapter (ShareLoRA init) on the base, trained on the data alone.
@@ -8,22 +8,59 @@ adapter for the checkpoint's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from ..adapter import Adapter
-from .merging import MergeSchedule
-from ..files.atomic import atomic_dir
-from .data import load_data, split_heldout
 from ..errors import ShareportError
-from .checkpoint import load_checkpoint
-from .recipe import Job, make_accelerator, model_dtype
-from ..files.adapters import dump_json, load_adapter, write_adapter_files
+from ..files import load_adapter
+from ..model import load_base_model
 from ..model.fresh import fresh_adapter
-from ..model.surgery import load_base_model
+from .accel import make_accelerator, model_dtype
+from .checkpoint import load_checkpoint
+from .data import load_data, split_heldout
+from .merging import MergeSchedule
+from .recipe import Job, Recipe
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """What ``finetune`` and ``train`` share: the recipe, data split, checkpoints, ASLoRA merges."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 128
+    seed: int = 0
+    eval_fraction: float = 0.1
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None  # default: OUTPUT.checkpoint
+    resume: bool = False
+    merges: int | None = None
+    groups: int | None = None
+    merge_start: int | None = None
+    merge_every: int | None = None
+    merge_mode: str = "tie"
+    merge_pairs: str = "adjacent"
+
+    @property
+    def merging(self) -> bool:
+        return self.merges is not None or self.groups is not None
+
+    def checkpoint_folder(self, out: str | os.PathLike) -> Path:
+        """Where checkpoints go: ``checkpoint_dir``, else beside the output."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(out).rstrip("/") + ".checkpoint")
+
+    def recipe(self, adapter: Adapter, distill_weight: float, task_weight: float) -> Recipe:
+        schedule = merge_schedule(adapter, self.steps, self.merges, self.groups, self.merge_start, self.merge_every,
+                                  self.merge_mode, self.merge_pairs)
+        return Recipe(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                      distill_weight=distill_weight, task_weight=task_weight,
+                      checkpoint_every=self.checkpoint_every, merge=schedule)
 
 
 def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int | None, start: int | None,
@@ -92,11 +129,3 @@ def scratch_job(base_dir, data_path, form: str, targets: list[str], rank: int, a
     adapter = fresh_adapter(model, form, targets, rank, alpha, seed, base_model=str(Path(base_dir).resolve()))
     inputs.update({"base": str(base_dir), "form": form, "targets": sorted(targets), "rank": rank, "alpha": alpha})
     return Job(model, resumed or adapter, None, train, heldout, acc, inputs, checkpoint_dir, state)
-
-
-def write_result(out: str | os.PathLike, adapter: Adapter, report: dict, overwrite: bool, inputs=()) -> Path:
-    """The trained adapter (native format) and its report, in one atomically written folder."""
-    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        write_adapter_files(adapter, tmp, as_peft=False)
-        (tmp / REPORT_NAME).write_text(dump_json(report), encoding="utf-8")
-    return Path(out)

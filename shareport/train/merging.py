@@ -24,6 +24,7 @@ import torch
 from ..adapter import Site
 from ..errors import ShareportError
 from ..model.surgery import Attached
+from .accel import unwrap_optimizer
 
 MODES = ("tie", "mean")
 PAIRS = ("adjacent", "any")
@@ -190,13 +191,8 @@ class BMerger:
         self.averages = {n: loaded[n].float().to(self.averages[n].device) for n in sorted(names)}
 
 
-def _underlying(optimizer):
-    """Accelerate wraps the optimizer; merges edit the torch optimizer inside."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 def _mix_optimizer_state(optimizer, keep: torch.nn.Parameter, drop: torch.nn.Parameter, mix) -> None:
-    state = _underlying(optimizer).state
+    state = unwrap_optimizer(optimizer).state
     if keep not in state or drop not in state:
         return
     for key, value in state[keep].items():
@@ -206,7 +202,7 @@ def _mix_optimizer_state(optimizer, keep: torch.nn.Parameter, drop: torch.nn.Par
 
 
 def _retire(optimizer, param: torch.nn.Parameter) -> None:
-    opt = _underlying(optimizer)
+    opt = unwrap_optimizer(optimizer)
     for group in opt.param_groups:
         group["params"] = [p for p in group["params"] if p is not param]
     opt.state.pop(param, None)

@@ -33,6 +33,7 @@ from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state
 from .data import BatchOrder, TokenData, collate, pad_token_id
 from .distill import EvalTotals, distill_sum, model_outputs, task_sum
 from ..errors import ShareportError
+from ..model.base import is_causal_lm
 from ..model.surgery import Attached, attach
 from .teacher import Teacher
 
@@ -68,28 +69,6 @@ class Job:
     inputs: dict  # paths and sizes recorded in the fingerprint and the report
     checkpoint_dir: Path | None = None
     resume_state: tuple[dict, dict] | None = None  # (JSON state, tensors) of the checkpoint
-
-
-def make_accelerator(merging: bool):
-    """CUDA with bf16 autocast when available, else CPU in float32; one process or many.
-
-    Merging retires B parameters mid-run, so DDP must tolerate parameters without a gradient.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if merging else []
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", kwargs_handlers=handlers)
-
-
-def model_dtype(accelerator) -> torch.dtype:
-    """The frozen base is stored in bf16 on a GPU (autocast computes in bf16 anyway), else float32."""
-    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-
-
-def is_causal_lm(model) -> bool:
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:

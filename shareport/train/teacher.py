@@ -15,6 +15,7 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..errors import ShareportError
+from ..model.base import swap_module
 from ..model.surgery import LoRALinear, attach
 
 
@@ -53,14 +54,11 @@ class Teacher:
         displaced = {}
         try:
             for path, wrapper in self.wrappers.items():
-                parent, _, leaf = path.rpartition(".")
-                owner = model.get_submodule(parent) if parent else model
-                displaced[path] = getattr(owner, leaf)
-                if getattr(displaced[path], "base", displaced[path]) is not wrapper.base:
+                current = model.get_submodule(path)
+                if getattr(current, "base", current) is not wrapper.base:
                     raise ShareportError(f"module '{path}' of the model is not the one the teacher was built on")
-                setattr(owner, leaf, wrapper)
+                displaced[path] = swap_module(model, path, wrapper)
             yield model
         finally:
             for path, module in displaced.items():
-                parent, _, leaf = path.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, leaf, module)
+                swap_module(model, path, module)

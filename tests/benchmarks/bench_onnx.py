@@ -31,7 +31,7 @@ from shareport.export.exporter import ExportOptions, export  # noqa: E402
 from shareport.export.ort_adapter import read_onnx_adapter  # noqa: E402
 from shareport.export.signature import signature_for, make_inputs  # noqa: E402
 from shareport.files.adapters import load_adapter  # noqa: E402
-from shareport.model.surgery import attach, fold, load_base_model  # noqa: E402
+from shareport.model import attach, fold, load_base_model  # noqa: E402
 from shareport.cli.table import format_table  # noqa: E402
 from tests.tiny import make_peft_adapter  # noqa: E402
 

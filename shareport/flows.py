@@ -1,0 +1,172 @@
+"""What each command does, as one library call: folders in -> folders out -> a report.
+
+Every guarantee lives here or below, so a Python user gets the same as the CLI: outputs are
+checked before the work starts, written atomically and never over an input; exports are
+verified before they are published; provenance is recorded; under several processes only
+the main one writes. Each function returns the report the CLI prints (``--json`` prints it
+as is).
+
+    inspect   adapter folder -> summary
+    convert   LoRA folder -> shared (or plain) adapter folder [+ figure]
+    recover   shared adapter + teacher LoRA + base + data -> recovered adapter folder
+    train     base + data -> new adapter folder
+    export    adapter + base -> verified ONNX folder
+    verify    ONNX folder + base + adapter -> comparison report
+    export_adapter  adapter + ONNX folder -> .onnx_adapter file
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+from .adapter import Adapter
+from .convert import convert_adapter
+from .errors import ShareportError
+from .export import graph_file
+from .export.exporter import ExportOptions
+from .export.exporter import export as export_graph
+from .export.ort_adapter import adapter_arrays, save_onnx_adapter
+from .export.verify import FP16_RTOL, FP32_ATOL, Report
+from .export.verify import verify as verify_graph
+from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
+from .files.atomic import check_output
+from .plots import check_plot_path, plot_adapter
+from .summary import summarize
+from .train.jobs import REPORT_NAME, TrainingOptions, recovery_job, scratch_job
+from .train.recipe import run, with_provenance
+
+__all__ = ["ExportOptions", "TrainingOptions", "convert", "export", "export_adapter", "inspect", "recover", "train",
+           "verify"]
+
+
+def inspect(adapter_dir: str, allow_pickle: bool = False, plot: str | None = None, overwrite: bool = False) -> dict:
+    if plot:
+        check_plot_path(plot, overwrite, [adapter_dir])
+    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+    info = summarize(adapter, adapter_file_size(adapter_dir))
+    if plot:
+        plot_adapter(adapter, plot)
+        info["plot"] = plot
+    return info
+
+
+def default_convert_output(lora_dir: str, to: str) -> str:
+    return f"{str(lora_dir).rstrip('/')}-{to}"
+
+
+def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None = None, energy: float | None = None,
+            budget: float | None = None, groups: int | None = None, grouping: str = "any", overwrite: bool = False,
+            allow_pickle: bool = False, plot: str | None = None, progress: bool = True) -> dict:
+    """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all."""
+    out = out or default_convert_output(lora_dir, to)
+    check_output(out, overwrite, [lora_dir])  # fail before the work, not after
+    if plot:
+        check_plot_path(plot, overwrite, [lora_dir])
+    adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)
+    with _kind_progress(adapter, progress) as tick:
+        result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
+                                         grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir))
+    data = {"output": out, **report.to_dict()}
+    if plot:
+        plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
+        data["plot"] = plot
+    try:
+        save_adapter(result, out, as_peft=(to == "lora"), overwrite=overwrite, inputs=[lora_dir])
+    except BaseException:
+        if plot:
+            Path(plot).unlink(missing_ok=True)  # all outputs or none
+        raise
+    return data
+
+
+@contextlib.contextmanager
+def _kind_progress(adapter: Adapter, enabled: bool):
+    """One bar over the kinds being converted (stderr; off when not a terminal)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(adapter.kinds()), desc="converting", unit="kind", file=sys.stderr,
+              disable=None if enabled else True, leave=False) as bar:
+        def tick(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        yield tick
+
+
+def default_recover_output(shared_dir: str) -> str:
+    return str(shared_dir).rstrip("/") + "-recovered"
+
+
+def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str, out: str | None = None, *,
+            lm_loss: float = 0.0, options: TrainingOptions = TrainingOptions(), overwrite: bool = False) -> dict | None:
+    """Distil ``shared_dir`` toward ``teacher_dir``; returns the training report (None on non-main processes)."""
+    out = out or default_recover_output(shared_dir)
+    inputs = (shared_dir, teacher_dir, base_dir, data_path)
+    check_output(out, overwrite, inputs)
+    job = recovery_job(shared_dir, base_dir, teacher_dir, data_path, options.max_length, options.eval_fraction,
+                       options.checkpoint_folder(out), options.resume, options.merging)
+    recipe = options.recipe(job.student, distill_weight=1.0, task_weight=lm_loss)
+    entry = {"step": "finetune", "teacher": teacher_dir, "data": data_path, "steps": options.steps,
+             "seed": options.seed}
+    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("before", "after"))
+
+
+def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: str, out: str, *, alpha: float = 8.0,
+          options: TrainingOptions = TrainingOptions(), overwrite: bool = False) -> dict | None:
+    """Train a new adapter of ``form`` from scratch; returns the training report (None on non-main processes)."""
+    if options.merging and form != "aslora":
+        raise ShareportError(f"--merges/--groups merge B's, which only --form aslora does (got --form {form})")
+    if form == "aslora" and not options.merging:
+        raise ShareportError("--form aslora needs --merges or --groups (how far to merge the B's)")
+    inputs = (base_dir, data_path)
+    check_output(out, overwrite, inputs)
+    if not targets:
+        raise ShareportError("--target needs at least one module name")
+    job = scratch_job(base_dir, data_path, form, targets, rank, alpha, options.seed, options.max_length,
+                      options.eval_fraction, options.checkpoint_folder(out), options.resume, options.merging)
+    recipe = options.recipe(job.student, distill_weight=0.0, task_weight=1.0)
+    entry = {"step": "train", "form": form, "data": data_path, "steps": options.steps, "seed": options.seed}
+    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("after",))
+
+
+def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tuple[str, ...]) -> dict | None:
+    """Run the recipe; the main process writes the adapter (with its history) and the report."""
+    adapter, report = run(job, recipe)
+    if not job.accelerator.is_main_process:
+        return None
+    entry = {**entry, **{k: report[k] for k in keep}}
+    save_adapter(with_provenance(adapter, entry), out, overwrite=overwrite, inputs=inputs,
+                 reports={REPORT_NAME: report})
+    return report
+
+
+def export(adapter_dir: str, base_dir: str, out: str, options: ExportOptions = ExportOptions(), *,
+           verify: bool = True, atol: float = FP32_ATOL, rtol: float = FP16_RTOL, overwrite: bool = False,
+           allow_pickle: bool = False, progress: bool = True) -> dict:
+    """Export, verify in the temporary folder, publish: a mismatch publishes nothing (``VerifyMismatch``)."""
+    result = export_graph(adapter_dir, base_dir, out, options, overwrite=overwrite, progress=progress,
+                          allow_pickle=allow_pickle, verify=verify, atol=atol, rtol=rtol)
+    summary = {"graph": out, "mode": options.mode, "dtype": options.dtype, "with_past": options.with_past,
+               "embedded_adapter": options.embed_adapter}
+    return {**summary, "verify": result.report.to_dict() if result.report else None}
+
+
+def verify(graph_dir: str, base_dir: str, adapter_dir: str, *, atol: float = FP32_ATOL, rtol: float = FP16_RTOL,
+           allow_pickle: bool = False) -> Report:
+    return verify_graph(graph_dir, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle)
+
+
+def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, overwrite: bool = False,
+                   allow_pickle: bool = False) -> dict:
+    """An ``.onnx_adapter`` of ``adapter_dir`` for the graph in ``graph_dir`` (refuses one that does not fit)."""
+    proto = graph_file.load_proto(graph_dir)
+    graph_file.read_info(proto, graph_dir)  # refuses a graph shareport did not write
+    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+    arrays = adapter_arrays(adapter, graph_file.graph_slots(proto), what=f"{adapter_dir}:")
+    path = Path(out) if out else Path(graph_dir) / f"{Path(adapter_dir).resolve().name}.onnx_adapter"
+    save_onnx_adapter(arrays, path, overwrite=overwrite, inputs=[adapter_dir])
+    first = next(iter(arrays.values()))
+    return {"output": str(path), "tensors": len(arrays), "parameters": sum(a.size for a in arrays.values()),
+            "dtype": str(first.dtype)}
