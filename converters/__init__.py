@@ -13,8 +13,14 @@ Public API:
     lora_parameter_count(n_out, n_in, ranks) -> int
     reconstruction_error(As, Bts, result) -> float
     spectrum(method, As, Bts) -> Tensor   (error drop of each added rank, largest first)
+
+Plain LoRA truncation (each site keeps its own A and B at a lower rank, see truncate.py):
+    plan_truncation(kinds, *, rank=None, energy=None, budget=None, exact=None) -> TruncationPlan
+    truncate_kind(As, Bts, ranks) -> TruncationResult   (a KindResult with method "lora")
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -27,12 +33,15 @@ from .grouping import GROUPINGS
 from .shareab import convert_shareab, shareab_spectrum
 from .sharea import convert_sharea, sharea_spectrum
 from .shareb import convert_shareb, shareb_spectrum
+from .truncate import (KindTruncationPlan, TruncationPlan, TruncationResult, plan_truncation,
+                       truncate_factors)
 from .types import KindFactors, KindPlan, KindResult, Option
 
 __all__ = [
     "ASLORA_PLAN_RANK_FACTOR", "DEFAULT_ASLORA_BUDGET", "DEFAULT_MAX_ITERATIONS", "DEFAULT_RANK_RULE",
-    "GROUPINGS", "METHODS", "KindPlan", "KindResult", "Option", "convert_kind", "default_groups",
-    "lora_parameter_count", "parameter_count", "plan", "reconstruction_error", "spectrum",
+    "GROUPINGS", "METHODS", "KindPlan", "KindResult", "KindTruncationPlan", "Option", "TruncationPlan",
+    "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
+    "plan_truncation", "reconstruction_error", "spectrum", "truncate_kind",
 ]
 
 _SPECTRA = {"sharea": sharea_spectrum, "shareb": shareb_spectrum, "shareab": shareab_spectrum}
@@ -70,6 +79,21 @@ def convert_kind(method: str, As: list[Tensor], Bts: list[Tensor], rank: int,
             raise ValueError("aslora needs groups (see converters.default_groups)")
         return convert_aslora(kind, rank, groups, grouping, max_iterations)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def truncate_kind(As: list[Tensor], Bts: list[Tensor], ranks: int | Sequence[int]) -> TruncationResult:
+    """Each site's best rank-``ranks[l]`` approximation (one int: every site), as plain LoRA.
+
+    A rank is capped at the site's own (truncation never expands); 0 empties a site (a budget
+    plan may ask for it). Site l's update is ``b_tensors[l] @ a_tensors[l]``, scale 1, A with
+    orthonormal rows and B = U_k S_k as PEFT's ``convert_to_lora`` writes them.
+    """
+    kind = KindFactors.from_lists(As, Bts)
+    if isinstance(ranks, int):
+        if ranks < 1:
+            raise ValueError(f"rank must be positive, got {ranks}")
+        ranks = [ranks] * kind.n_sites
+    return truncate_factors(kind, list(ranks))
 
 
 def reconstruction_error(As: list[Tensor], Bts: list[Tensor], result: KindResult) -> float:
