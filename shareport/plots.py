@@ -55,8 +55,17 @@ def check_plot_path(path: str | os.PathLike, overwrite: bool, inputs=()) -> None
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ShareportError(f"--plot '{path}': the figure is a PNG, give a path ending in .png")
-    check_output_file(path, overwrite, inputs, what="--plot")
+    check_output_file(path, overwrite, inputs, what="--plot", owned=_is_our_figure)
     _pyplot()
+
+
+# PNG text chunk every figure carries, so --overwrite can tell shareport's figures from others
+_SOFTWARE = "shareport"
+
+
+def _is_our_figure(path: Path) -> bool:
+    head = path.read_bytes()[:4096]
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + _SOFTWARE.encode() in head
 
 
 def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | None = None,
@@ -102,8 +111,9 @@ def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | No
         ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
-        with atomic_file(path, overwrite=True, what="--plot") as tmp:  # checked before the work began
-            fig.savefig(tmp, dpi=90, metadata={"Software": None})  # no version stamp: same input, same bytes
+        with atomic_file(path, overwrite=True, what="--plot", owned=_is_our_figure) as tmp:
+            # no matplotlib version stamp (same input, same bytes); our name marks the file as ours
+            fig.savefig(tmp, dpi=90, metadata={"Software": _SOFTWARE})
     finally:
         plt.close(fig)
     return Path(path)

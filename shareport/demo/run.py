@@ -15,12 +15,14 @@ collected into one table.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from .. import flows
 from ..export.exporter import ExportOptions
+from ..files.atomic import atomic_dir
 from ..train.jobs import TrainingOptions
 from .assets import build_base, corpus
 
@@ -40,35 +42,48 @@ def step(title: str) -> None:
     click.echo(f"== {title}", err=True)
 
 
-def run_demo(out: Path, export: bool = True) -> dict:
-    """Run every step into ``out``; return the collected reports."""
+def run_demo(out: Path, export: bool = True, overwrite: bool = False) -> dict:
+    """Run every step into ``out`` with the output rules of every command: the folder appears
+    complete at the end (or not at all), and an existing one is replaced only with
+    ``overwrite`` and only if shareport wrote it. Returns the collected reports."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # shareport's own bars say what is happening
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        reports = _steps(tmp, export)
+    # the steps ran in the temporary folder that became ``out``: report the final paths
+    return json.loads(json.dumps(reports).replace(str(tmp), str(Path(out).resolve())))
+
+
+def _steps(out: Path, export: bool) -> dict:
     data = out / "domain.txt"
     data.write_text("\n".join(corpus(domain=True, seed=1)) + "\n", encoding="utf-8")
     base = out / "base"
-    if not (base / "config.json").exists():
-        step("building a small Llama and a tokenizer, pretrained briefly on a general corpus")
-        build_base(base, corpus(), layers=8, hidden=64)
+    step("building a small Llama and a tokenizer, pretrained briefly on a general corpus")
+    build_base(base, corpus(), layers=8, hidden=64)
     reports: dict = {}
     step("training a LoRA that adapts it to a domain corpus")
     reports["train"] = flows.train("lora", str(base), TARGETS, RANK, str(data), str(out / "lora"), alpha=2.0 * RANK,
-                                   options=_recipe(TRAIN_STEPS), overwrite=True)
+                                   options=_recipe(TRAIN_STEPS))
     step("converting the LoRA to ASLoRA")
-    reports["convert"] = flows.convert(str(out / "lora"), "aslora", str(out / "aslora"), overwrite=True,
-                                       progress=False)
+    figure = str(out / "aslora.png") if _has_matplotlib() else None
+    reports["convert"] = flows.convert(str(out / "lora"), "aslora", str(out / "aslora"), plot=figure, progress=False)
     step("recovering the ASLoRA by distillation toward the LoRA")
     reports["finetune"] = flows.recover(str(out / "aslora"), str(base), str(out / "lora"), str(data),
-                                        str(out / "aslora-recovered"), options=_recipe(RECOVER_STEPS), overwrite=True)
+                                        str(out / "aslora-recovered"), options=_recipe(RECOVER_STEPS))
     if export:
         for mode in ("folded", "adapter"):
             step(f"exporting ONNX ({mode}) and verifying it against PyTorch")
             reports[f"export_{mode}"] = flows.export(str(out / "aslora-recovered"), str(base), str(out / f"onnx-{mode}"),
-                                                     ExportOptions(mode=mode), overwrite=True)
+                                                     ExportOptions(mode=mode))
             reports[f"export_{mode}"]["latency_ms"] = ort_latency_ms(out / f"onnx-{mode}")
     return reports
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def ort_latency_ms(graph_dir: Path, batch: int = 1, seq: int = 32, rounds: int = 10) -> float:

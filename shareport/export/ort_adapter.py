@@ -33,9 +33,19 @@ def write_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path) -> None:
 
 def save_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path, overwrite: bool = False, inputs=()) -> Path:
     """Write one ``.onnx_adapter`` file atomically, with the output rules of every command."""
-    with atomic_file(path, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_file(path, overwrite=overwrite, inputs=inputs, owned=_is_adapter_file) as tmp:
         write_onnx_adapter(arrays, tmp)
     return Path(path)
+
+
+def _is_adapter_file(path: Path) -> bool:
+    """An existing ONNX Runtime adapter file (of the version shareport writes) may be replaced."""
+    import onnxruntime as ort
+
+    try:
+        return ort.AdapterFormat.read_adapter(str(path)).get_adapter_version() == ADAPTER_VERSION
+    except Exception:
+        return False
 
 
 def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:

@@ -1,9 +1,13 @@
-"""Write an output folder all at once, or not at all.
+"""Write an output folder all at once, or not at all, and never over what shareport did not write.
 
 Everything is written into a hidden temporary folder beside the target and renamed into
 place at the end, so an interrupted or failed run leaves either nothing or the previous
 complete output. Inputs are never written to: the target may not be, contain, or sit inside
 an input folder.
+
+Every folder shareport publishes holds a small marker file (``.shareport``). ``--overwrite``
+replaces only a folder that has it, or an empty folder: a user's folder, a base model folder
+or anything else is refused, whatever the flag says.
 """
 
 from __future__ import annotations
@@ -13,9 +17,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import ShareportError
+
+
+MARKER_NAME = ".shareport"
+MARKER_TEXT = "This folder was written by shareport; 'shareport ... --overwrite' may replace it.\n"
+
+
+def written_by_shareport(folder: Path) -> bool:
+    """A folder shareport published (it holds the marker), or an empty one: what --overwrite may replace."""
+    return (folder / MARKER_NAME).is_file() or not any(folder.iterdir())
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -36,6 +49,9 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str |
         raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ShareportError(f"output '{out}' exists and is not a folder")
+    if out.exists() and not written_by_shareport(out):
+        raise ShareportError(f"output '{out}' is a folder shareport did not write (no {MARKER_NAME} file) and is "
+                             "not empty; --overwrite replaces only shareport's own outputs: choose another folder")
     _check_parent(out, resolved.parent)
     return resolved
 
@@ -58,6 +74,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
     except OSError as exc:
         raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
     try:
+        (tmp / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
         yield tmp
         _fsync_tree(tmp)
         _replace(tmp, target)
@@ -70,8 +87,11 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
 
 
 def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
-                      what: str = "output") -> Path:
-    """:func:`check_output`'s rules for a single file (a figure, an ``.onnx_adapter``)."""
+                      what: str = "output", owned: Callable[[Path], bool] | None = None) -> Path:
+    """:func:`check_output`'s rules for a single file (a figure, an ``.onnx_adapter``).
+
+    ``owned(path)`` tells whether an existing file is one shareport wrote (only such a file is
+    replaced with ``overwrite``); without it no existing file is replaced."""
     path = Path(out)
     if path.is_dir():
         raise ShareportError(f"{what} '{path}' is a folder; give a file name")
@@ -79,6 +99,9 @@ def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
         raise ShareportError(f"{what} '{path}' is a symbolic link; give a real path")
     if path.exists() and not overwrite:
         raise ShareportError(f"{what} '{path}' already exists; pass --overwrite to replace it")
+    if path.exists() and not (owned is not None and owned(path)):
+        raise ShareportError(f"{what} '{path}' is a file shareport did not write; --overwrite replaces only "
+                             "shareport's own outputs: choose another name")
     for folder in inputs:
         if Path(folder).resolve() in path.resolve().parents:
             raise ShareportError(f"{what} '{path}' is inside the input '{folder}'; choose another output")
@@ -88,9 +111,9 @@ def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
 
 @contextlib.contextmanager
 def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
-                what: str = "output") -> Iterator[Path]:
+                what: str = "output", owned: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it replaces ``out``, on any error it is removed."""
-    path = check_output_file(out, overwrite, inputs, what)
+    path = check_output_file(out, overwrite, inputs, what, owned)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)

@@ -57,17 +57,17 @@ def hwm():
         if line.startswith('VmHWM'):
             return int(line.split()[1]) * 1024
     return 0
-import torch, converters, shareport.formats, shareport.convert  # the interpreter's baseline
+import torch, converters, shareport.files, shareport.convert  # the interpreter's baseline
 base = hwm()
 src, dst, form, threads = sys.argv[1:5]
 torch.set_num_threads(int(threads))
 t0 = time.perf_counter()
-adapter = shareport.formats.load_adapter(src)
+adapter = shareport.files.load_adapter(src)
 t1 = time.perf_counter()
 if form != 'none':
     adapter, _ = shareport.convert.convert_adapter(adapter, form)
 t2 = time.perf_counter()
-shareport.formats.save_adapter(adapter, dst)
+shareport.files.save_adapter(adapter, dst)
 t3 = time.perf_counter()
 print(json.dumps({'load': t1 - t0, 'convert': t2 - t1, 'save': t3 - t2, 'total': t3 - t0,
                   'peak_above_baseline': hwm() - base}))
