@@ -16,7 +16,7 @@ from .options import allow_pickle_option, json_option, overwrite_option, plot_op
               help="Target form. 'lora' writes a plain PEFT LoRA: each site truncated to its best rank with "
                    "--rank/--energy/--budget, else expanded exactly from any form. 'auto' (needs --budget) "
                    "converts to lora, sharea, shareb, shareab and aslora at that budget and writes only the one "
-                   "with the least squared error.")
+                   "with the least total squared error of the updates (sum of ||dW - dW'||_F^2).")
 @click.option("-o", "--out", type=click.Path(path_type=str), default=None,
               help="Output folder [default: LORA_DIR-<to> beside the input].")
 @click.option("--rank", type=int, default=None,
