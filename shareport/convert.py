@@ -293,7 +293,8 @@ def _convert(adapter: Adapter, to: str, rank, energy, budget, groups, grouping, 
         if progress:
             progress(name)
     if not new_sites:
-        raise ShareportError(f"--budget {budget:g} does not pay for rank 1 at any site: nothing would stay adapted")
+        raise ShareportError(f"a budget of {math.floor(budget * source)} parameters does not pay for rank 1 at any "
+                             "site: nothing would stay adapted")
     out = adapter.with_sites(tensors, new_sites, to)
     report = ConversionReport(to, before, out.num_parameters(), reports, source, settings,
                               energy_warnings(reports, budget))
@@ -329,7 +330,8 @@ def _convert_auto(adapter: Adapter, budget: float, grouping: str, progress, erro
                            "retained_energy": 1.0 - error / energy if energy > 0 else 1.0})
         converted[form] = (out, report, error, energy)
     if not converted:
-        raise ShareportError(f"--budget {budget:g} is too small for every form: {candidates[0]['refused']}")
+        raise ShareportError(f"--budget {budget:g} is too small for every form ({candidates[0]['form']}: "
+                             f"{candidates[0]['refused']})")
     least = min(error for _, _, error, _ in converted.values())
     tie = least + AUTO_TIE * max(energy for _, _, _, energy in converted.values())
     out, report, _, _ = min((c for c in converted.values() if c[2] <= tie), key=lambda c: c[1].parameters_after)

@@ -9,6 +9,7 @@ from peft import PeftModel
 
 from shareport.adapter import Adapter
 from shareport.convert import convert_adapter
+from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter
 from tests.tiny import TARGETS, make_peft_adapter, tiny_gpt2, tiny_llama
 
@@ -307,3 +308,16 @@ def test_kinds_under_half_their_energy_are_warned_about(tmp_path, cli):
     assert json.loads(r.stdout)["warnings"] == report.warnings
     assert r.stderr.splitlines() == [f"warning: {w}" for w in report.warnings]
     assert convert_adapter(lora, "sharea", rank=16)[1].warnings == []  # lossless: nothing to say
+
+
+def test_auto_lists_forms_the_budget_cannot_pay_for():
+    gen = torch.Generator().manual_seed(2)
+    lora = Adapter.from_factors({f"model.layers.{i}.self_attn.q_proj": (
+        torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), 1.0) for i in range(4)})
+    # 71 parameters: rank 1 at one site (64) or shared (64); sharea/shareb need 160 at rank 1
+    out, report = convert_adapter(lora, "auto", budget=71 / lora.num_parameters())
+    refused = {c["form"] for c in report.candidates if "refused" in c}
+    assert refused == {"sharea", "shareb"} and report.winner not in refused
+    assert out.num_parameters() <= 71 and out.provenance["conversion"]["chosen_by"] == "auto"
+    with pytest.raises(ShareportError, match="too small for every form"):
+        convert_adapter(lora, "auto", budget=10 / lora.num_parameters())
