@@ -21,8 +21,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from .adapter import Adapter
-from .convert import convert_adapter
+from .convert import conversion_steps, convert_adapter
 from .errors import ShareportError
 from .export import graph_file
 from .export.exporter import ExportOptions
@@ -65,15 +64,18 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     if plot:
         check_plot_path(plot, overwrite, [lora_dir])
     adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)
-    with _kind_progress(adapter, progress) as tick:
+    with _kind_progress(conversion_steps(adapter, to), progress) as tick:
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
                                          grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir))
     data = {"output": out, **report.to_dict()}
     if plot:
-        plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
+        if result.form == "lora":  # per-site ranks: no shared rank to mark, every site its own B
+            plot_adapter(adapter, plot)
+        else:
+            plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
         data["plot"] = plot
     try:
-        save_adapter(result, out, as_peft=(to == "lora"), overwrite=overwrite, inputs=[lora_dir])
+        save_adapter(result, out, as_peft=(result.form == "lora"), overwrite=overwrite, inputs=[lora_dir])
     except BaseException:
         if plot:
             Path(plot).unlink(missing_ok=True)  # all outputs or none
@@ -82,11 +84,11 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
 
 
 @contextlib.contextmanager
-def _kind_progress(adapter: Adapter, enabled: bool):
+def _kind_progress(steps: int, enabled: bool):
     """One bar over the kinds being converted (stderr; off when not a terminal)."""
     from tqdm import tqdm
 
-    with tqdm(total=len(adapter.kinds()), desc="converting", unit="kind", file=sys.stderr,
+    with tqdm(total=steps, desc="converting", unit="kind", file=sys.stderr,
               disable=None if enabled else True, leave=False) as bar:
         def tick(name: str) -> None:
             bar.set_postfix_str(name)

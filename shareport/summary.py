@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .adapter import Adapter
+from .convert import recorded_source_parameters
 
 
 def update_norm(adapter: Adapter, path: str) -> float:
@@ -37,6 +38,8 @@ def summarize(adapter: Adapter, file_size: int | None = None) -> dict:
             ],
         }
     ranks = sorted({adapter.rank(p) for p in adapter.sites})
+    # the size is given against the source LoRA when the provenance names one (convert's ratio)
+    source = recorded_source_parameters(adapter)
     return {
         "form": adapter.form,
         "base_model": adapter.base_model,
@@ -44,7 +47,9 @@ def summarize(adapter: Adapter, file_size: int | None = None) -> dict:
         "layers": adapter.layers(),
         "ranks": ranks,
         "parameters": adapter.num_parameters(),
-        "lora_equivalent_parameters": adapter.num_lora_parameters(),
+        "source_parameters": source,
+        "source_ratio": adapter.num_parameters() / source if source else None,
+        "lora_equivalent_parameters": adapter.num_lora_parameters(),  # a plain LoRA at these ranks
         "extra_tensors": sorted(adapter.extra_tensors),
         "file_size": file_size,
         "kinds": kinds,

@@ -1,77 +1,104 @@
-"""``shareport convert LORA_DIR --to FORM``: exact shared projection, with a report."""
+"""``shareport convert LORA_DIR --to FORM``: exact shared projection or LoRA truncation, with a report."""
 
 from __future__ import annotations
 
 import click
 
 from .. import flows
-from ..convert import GROUPINGS, TARGET_FORMS
-from .table import format_table, to_json
+from ..convert import DEFAULT_ASLORA_BUDGET, GROUPINGS, TARGET_FORMS
+from .table import format_table, share_of_source, to_json
 from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 
 
 @click.command("convert")
 @click.argument("lora_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--to", "to", type=click.Choice(TARGET_FORMS), required=True,
-              help="Target form. 'lora' writes a plain PEFT LoRA expanded from any form.")
+              help="Target form. 'lora' writes a plain PEFT LoRA: each site truncated to its best rank with "
+                   "--rank/--energy/--budget, else expanded exactly from any form. 'auto' (needs --budget) "
+                   "converts to lora, sharea, shareb, shareab and aslora at that budget and writes only the one "
+                   "with the least total squared error of the updates (sum of ||dW - dW'||_F^2).")
 @click.option("-o", "--out", type=click.Path(path_type=str), default=None,
-              help="Output folder [default: LORA_DIR-<form> beside the input].")
+              help="Output folder [default: LORA_DIR-<to> beside the input].")
 @click.option("--rank", type=int, default=None,
-              help="Shared rank per kind (may exceed the LoRA's r). Default: the kind's largest LoRA rank.")
+              help="Shared rank per kind (may exceed the LoRA's r); for --to lora the rank of every site "
+                   "(never raised). Default: the kind's largest LoRA rank (for aslora see --budget).")
 @click.option("--energy", type=float, default=None,
-              help="Instead of --rank: the smallest rank per kind keeping this fraction of its energy, e.g. 0.99.")
+              help="Instead of --rank: the smallest rank per kind (--to lora: per site) keeping this fraction "
+                   "of its energy, e.g. 0.99.")
 @click.option("--budget", type=float, default=None,
-              help="Instead of --rank: a fraction of the LoRA's parameters, e.g. 0.25, spent across kinds "
-                   "(and for aslora between rank and groups) where the error drops most per parameter. "
-                   "Values above 1 are allowed: a shared rank may exceed the LoRA's r.")
+              help="Instead of --rank: a fraction of the source LoRA's parameters, e.g. 0.25, spent across kinds "
+                   "where the error drops most per parameter (aslora: between rank and groups; lora: between "
+                   "sites, optimally; a site cut to rank 0 is dropped, no longer adapted). Values above 1 are "
+                   "allowed: a shared rank may exceed the LoRA's r. Default for aslora with no --rank or --energy: "
+                   f"{DEFAULT_ASLORA_BUDGET} (the paper's setting).")
 @click.option("--groups", type=int, default=None,
-              help="aslora: number of B groups per kind. Default: the most groups that keep each kind "
-                   "within 25% of its LoRA parameters (the paper's setting).")
+              help="aslora: number of B groups per kind. Default: chosen with the rank by the --budget planner; "
+                   "with --rank K, the most groups that keep each kind within 25% of its LoRA parameters at rank K.")
 @click.option("--grouping", type=click.Choice(GROUPINGS), default="any", show_default=True,
-              help="aslora: 'any' groups any layers (Ward clustering), 'adjacent' only contiguous runs "
-                   "(exact dynamic programme).")
+              help="aslora (and auto's aslora candidate): 'any' groups any layers (Ward clustering), 'adjacent' "
+                   "only contiguous runs (exact dynamic programme).")
 @overwrite_option
 @allow_pickle_option
 @json_option
 @plot_option
 def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overwrite, allow_pickle, as_json, plot):
-    """Convert a LoRA (PEFT or native, any form) into a shared form.
+    """Convert a LoRA (PEFT or native, any form) into a shared form, or truncate it.
 
     \b
     sharea   one A per kind, one B per layer        (ShareLoRA)
     shareb   one A per layer, one B per kind        (ShareLoRA)
     shareab  one A and one B per kind               (ShareLoRA)
     aslora   one A per kind, one B per group of layers (ASLoRA)
-    lora     plain PEFT LoRA, expanded from any form
+    lora     plain PEFT LoRA: truncated per site, or expanded from any form
+    auto     the form with the least error at --budget
 
     With --plot, also write a PNG of the layer distance matrix per kind with the
     chosen groups outlined, and the energy kept against the shared rank.
 
     The projection is exact: for the chosen rank the result is the least-squares optimum
     (Eckart-Young) over all layers of a kind, computed from the factors without forming any
-    dense update. The output is shareport's native format (or PEFT for --to lora).
+    dense update. Sizes are fractions of the source LoRA's parameters (kept in the provenance
+    through recovery and re-conversion). A kind keeping under 50% of its energy gets a warning
+    on stderr (also under "warnings" in --json). The output is shareport's native format (or
+    PEFT when the result is a plain LoRA).
     """
     data = flows.convert(lora_dir, to, out, rank=rank, energy=energy, budget=budget, groups=groups,
                          grouping=grouping, overwrite=overwrite, allow_pickle=allow_pickle, plot=plot,
                          progress=not as_json)
     click.echo(to_json(data) if as_json else render(data))
+    for warning in data["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def render(data: dict) -> str:
-    head = (
+    parts = [
         f"{data['form']} written to {data['output']}\n"
-        f"parameters: {data['parameters_before']:,} -> {data['parameters_after']:,} ({data['ratio']:.1%})"
-    )
-    if not data["kinds"]:
-        return head
-    rows = []
-    for k in data["kinds"]:
-        rows.append((k["kind"], k["sites"], k["lora_rank"], k["rank"], _groups(k["groups"], k["sites"]),
-                     k["relative_error"], k["retained_energy"], k["parameters_after"],
-                     "yes" if k["already_shared"] else "no"))
-    table = format_table(["kind", "sites", "LoRA r", "rank", "B groups (layers)", "rel. error", "energy kept",
-                          "params", "A already shared"], rows)
-    return head + "\n\n" + table
+        f"parameters: {data['parameters_before']:,} -> {data['parameters_after']:,} = "
+        + share_of_source(data["ratio"], data["source_parameters"])
+    ]
+    if data["candidates"]:
+        rows = [(c["form"], c["parameters"], f"{c['ratio']:.1%}", c["relative_error"], c["retained_energy"],
+                 "yes" if c["winner"] else "") if "refused" not in c else
+                (c["form"], "-", "-", "-", "-", f"refused: {c['refused']}") for c in data["candidates"]]
+        parts.append(format_table(["form", "params", "of source LoRA", "rel. error", "energy kept", "written"], rows,
+                                  title=f"--to auto at --budget {data['settings']['budget']:g}: "
+                                        f"{data['winner']} has the least error"))
+    if data["kinds"]:
+        rows = [(k["kind"], k["sites"], k["lora_rank"], _ranks(k["site_ranks"]), _groups(k["groups"], k["sites"]),
+                 k["relative_error"], k["retained_energy"], k["parameters_after"],
+                 "yes" if k["already_shared"] else "no") for k in data["kinds"]]
+        parts.append(format_table(["kind", "sites", "LoRA r", "rank", "B groups (layers)", "rel. error",
+                                   "energy kept", "params", "A already shared"], rows))
+        dropped = sum(r == 0 for k in data["kinds"] for r in k["site_ranks"].values())
+        if dropped:
+            parts.append(f"{dropped} site(s) cut to rank 0 are no longer adapted (see site_ranks in --json)")
+    return "\n\n".join(parts)
+
+
+def _ranks(site_ranks: dict[str, int]) -> int | str:
+    """One rank, or 'min-max' when the sites differ (a truncated LoRA)."""
+    low, high = min(site_ranks.values()), max(site_ranks.values())
+    return high if low == high else f"{low}-{high}"
 
 
 def _groups(groups: list[list[int]], sites: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import flows
-from .table import format_table, human_bytes, to_json
+from .table import format_table, human_bytes, share_of_source, to_json
 from .options import allow_pickle_option, json_option, overwrite_option, plot_option
 
 
@@ -30,7 +30,9 @@ def inspect_cmd(adapter_dir: str, as_json: bool, allow_pickle: bool, plot: str |
 
 
 def render(adapter_dir: str, info: dict) -> str:
-    ratio = info["parameters"] / info["lora_equivalent_parameters"]
+    size = f"{info['parameters']:,}"
+    if info["source_ratio"] is not None:
+        size += " = " + share_of_source(info["source_ratio"], info["source_parameters"])
     head = [
         ("adapter", adapter_dir),
         ("form", info["form"]),
@@ -38,12 +40,13 @@ def render(adapter_dir: str, info: dict) -> str:
         ("task type", info["task_type"] or "(not recorded)"),
         ("layers", _ranges(info["layers"])),
         ("ranks", ", ".join(map(str, info["ranks"]))),
-        ("parameters", f"{info['parameters']:,} ({ratio:.1%} of the equivalent plain LoRA)"),
+        ("parameters", size),
+        ("plain LoRA at these ranks", f"{info['lora_equivalent_parameters']:,} parameters"),
         ("file size", human_bytes(info["file_size"] or 0)),
     ]
     if info["extra_tensors"]:
         head.append(("carried tensors", ", ".join(info["extra_tensors"])))
-    parts = ["\n".join(f"{k:>16}: {v}" for k, v in head)]
+    parts = ["\n".join(f"{k:>25}: {v}" for k, v in head)]
     summary_rows = [
         (k, f"{v['shape'][0]}x{v['shape'][1]}", v["sites"], v["unique_A"], v["unique_B"]) for k, v in info["kinds"].items()
     ]

@@ -43,5 +43,10 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def share_of_source(ratio: float, source: int) -> str:
+    """How convert and inspect state a size: against the source LoRA's parameter count."""
+    return f"{ratio:.1%} of the source LoRA ({source:,} parameters)"
+
+
 def to_json(data) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
