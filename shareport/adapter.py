@@ -28,6 +28,13 @@ FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
 PEFT_PREFIX = "base_model.model."
 
 
+def carried_parameter_name(key: str) -> str:
+    """The base model's parameter name for a carried (``modules_to_save``) PEFT key:
+    ``base_model.model.classifier.modules_to_save.default.weight`` -> ``classifier.weight``."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return name.replace(".modules_to_save.default.", ".")
+
+
 @dataclasses.dataclass(frozen=True)
 class Site:
     """One adapted module: which pooled tensors it uses and how its update is scaled."""

@@ -71,7 +71,7 @@ class ExportOptions:
 
 def prepare_model(base_dir, adapter: Adapter, mode: str, dtype: torch.dtype) -> torch.nn.Module:
     """The base model with the adapter folded in (folded) or only its carried modules (adapter)."""
-    model = load_base_model(base_dir, adapter.task_type)
+    model = load_base_model(base_dir, adapter.task_type, carried=adapter.extra_tensors)
     if mode == "folded":
         fold(model, adapter)
     else:

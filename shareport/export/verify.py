@@ -130,7 +130,7 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
     sig = Signature.from_dict(info["signature"])
     graph_dtype = torch.float16 if info["dtype"] == "fp16" else torch.float32
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
-    model = load_base_model(base_dir, info.get("task_type") or adapter.task_type)
+    model = load_base_model(base_dir, info.get("task_type") or adapter.task_type, carried=adapter.extra_tensors)
     sess = runtime.session(Path(graph_dir) / graph_file.GRAPH_NAME)
 
     # each check: (name, ORT extra feeds, ORT adapter, PyTorch adapter enabled?)

@@ -7,13 +7,16 @@ from it, so adding a task is one row.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ShareportError
+from ..adapter import carried_parameter_name
+from ..errors import ShareportError, note
 
 # (class-name suffix, PEFT task type, transformers Auto class); first match wins
 TASKS = (
@@ -55,8 +58,32 @@ def auto_class_name(task_type: str | None, config) -> str:
     return "AutoModel"
 
 
-def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load a transformers model from a local folder (never from a hub), in eval mode."""
+# carried head weights whose first dimension is the number of labels
+HEAD_WEIGHTS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+
+
+def head_labels(carried: Mapping[str, torch.Tensor], config) -> int | None:
+    """The number of labels a carried classifier head has, when the base config says otherwise.
+
+    A classification LoRA carries its head (PEFT ``modules_to_save``); the stock encoder folder
+    it was trained on usually has no ``num_labels`` (transformers' default is 2), so the base
+    must be built with the head's size or the head cannot be loaded.
+    """
+    for key, value in sorted(carried.items()):
+        if carried_parameter_name(key).endswith(HEAD_WEIGHTS) and value.dim() == 2:
+            labels = int(value.shape[0])
+            return labels if labels != getattr(config, "num_labels", labels) else None
+    return None
+
+
+def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, dtype: torch.dtype = torch.float32,
+                    carried: Mapping[str, torch.Tensor] | None = None):
+    """Load a transformers model from a local folder (never from a hub), in eval mode.
+
+    ``carried``: the adapter's ``modules_to_save`` tensors. A classifier head among them sets
+    the number of labels (said in one line), and weights the base lacks but the adapter
+    supplies are not reported as newly initialised; any other missing weight is.
+    """
     import transformers
 
     base_dir = Path(base_dir)
@@ -66,12 +93,42 @@ def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, d
         config = transformers.AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
     except Exception as exc:
         raise ShareportError(f"{base_dir}/config.json: cannot read model config ({str(exc).splitlines()[0]})") from None
+    carried = carried or {}
+    labels = head_labels(carried, config)
+    if labels is not None:
+        note(f"{base_dir}: the adapter's classifier head has {labels} labels, the base config "
+             f"{config.num_labels}; building the base with num_labels={labels}")
+        config.num_labels = labels
     auto = getattr(transformers, auto_class_name(task_type, config))
     try:
-        model = auto.from_pretrained(str(base_dir), local_files_only=True, dtype=dtype, use_safetensors=True)
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(str(base_dir), config=config, local_files_only=True, dtype=dtype,
+                                               use_safetensors=True, output_loading_info=True)
     except Exception as exc:
         raise ShareportError(f"{base_dir}: cannot load the base model ({str(exc).splitlines()[0]})") from None
+    supplied = {carried_parameter_name(k) for k in carried}
+    missing = sorted(set(info.get("missing_keys", ())) - supplied)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        note(f"{base_dir}: '{missing[0]}'{more} not in the checkpoint, newly initialised")
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers reports every weight it had to initialise; shareport reports only those
+    the adapter does not supply (above), in one line. Its loading bar is off too."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with shareport's own
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

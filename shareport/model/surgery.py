@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..adapter import PEFT_PREFIX, Adapter, Site
+from ..adapter import Adapter, Site, carried_parameter_name
 from ..errors import ShareportError
 from .base import get_module, is_conv1d, swap_module, weight_shape
 
@@ -105,8 +105,7 @@ def _load_extras(model: nn.Module, adapter: Adapter) -> None:
         return
     state = model.state_dict()
     for key, value in sorted(adapter.extra_tensors.items()):
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        name = name.replace(".modules_to_save.default.", ".")
+        name = carried_parameter_name(key)
         if name not in state:
             raise ShareportError(f"carried tensor '{key}' has no matching parameter '{name}' in the base model")
         if state[name].shape != value.shape:

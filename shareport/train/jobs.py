@@ -80,8 +80,8 @@ def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int
     return schedule
 
 
-def _base_model(base_dir, task_type, acc):
-    model = load_base_model(base_dir, task_type, dtype=model_dtype(acc)).to(acc.device)
+def _base_model(base_dir, task_type, acc, carried=None):
+    model = load_base_model(base_dir, task_type, dtype=model_dtype(acc), carried=carried).to(acc.device)
     model.requires_grad_(False)
     return model
 
@@ -113,7 +113,7 @@ def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, 
         check_pair(teacher_adapter, resumed)
     acc = make_accelerator(merging)
     train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
-    model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc)
+    model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc, teacher_adapter.extra_tensors)
     teacher = Teacher(model, teacher_adapter)
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     return Job(model, resumed or student, teacher, train, heldout, acc, inputs, checkpoint_dir, state)
