@@ -45,6 +45,7 @@ def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, em
         raise
     if not as_json:
         click.echo(f"wrote {out_dir} ({mode}, {dtype}{', with past' if with_past else ''})")
+        click.echo(data["genai_config"])
     if data["verify"] is not None:
         emit_report(Report.from_dict(data["verify"]), as_json, extra=_summary(out_dir, options))
     elif as_json:

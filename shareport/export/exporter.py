@@ -31,6 +31,7 @@ from ..errors import ShareportError
 from ..files.adapters import load_adapter
 from ..model import attach, fold, load_base_model
 from . import graph_file
+from .genai_config import write_genai_config
 from .ort_adapter import write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
 from .slots import Slot, empty_tensors, graph_tensors, slots_for
@@ -169,6 +170,7 @@ def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) ->
 class ExportResult:
     path: Path
     report: Report | None  # the verification of the published graph (None with verify=False)
+    genai_config: str = ""  # what was done about onnxruntime-genai's config (written, or why not)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -209,7 +211,8 @@ def export(
             graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model))
             if adapter_mode:
                 write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
-            graph_file.copy_side_files(base_dir, tmp)
+            graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
+            genai_note = write_genai_config(tmp, sig)
             if verify:
                 stage("verifying against PyTorch")
                 report = dataclasses.replace(
@@ -219,4 +222,4 @@ def export(
                     raise VerifyMismatch(report, f"verify: {out} does not match PyTorch within tolerance; nothing "
                                                  "was written (--no-verify keeps the graph, to inspect it with "
                                                  "shareport verify)")
-    return ExportResult(Path(out), report)
+    return ExportResult(Path(out), report, genai_note)

@@ -47,7 +47,10 @@ def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:
     """
     import onnxruntime as ort
 
-    fmt = ort.AdapterFormat.read_adapter(str(path))
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as exc:  # ORT raises its own types with long messages
+        raise ShareportError(f"{path}: not a readable .onnx_adapter file ({str(exc).splitlines()[0][:200]})") from None
     arrays = {n: v.numpy().copy() for n, v in fmt.get_parameters().items()}
     del fmt  # only now may ORT free the memory the views pointed into
     return arrays
@@ -57,6 +60,28 @@ def _first(names) -> str:
     names = sorted(names)
     more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
     return f"'{names[0]}'{more}"
+
+
+OLIVE_SUFFIX = ".weight"  # Olive's convert-adapters names tensors "...q_proj.lora_A.weight"
+
+
+def match_names(arrays: dict[str, np.ndarray], slots: dict[str, tuple], what: str = "adapter"):
+    """``arrays`` renamed to the graph's slot names where they carry Olive's ``.weight`` suffix.
+
+    Returns ``(arrays, note)``; ``note`` is one line when names were mapped, else "". Names
+    that fit the graph already, or that fit neither way, are left for :func:`check_fits`.
+    """
+    renamed, mapped = {}, 0
+    for name, array in arrays.items():
+        stem = name[: -len(OLIVE_SUFFIX)] if name.endswith(OLIVE_SUFFIX) else None
+        if name not in slots and stem is not None and stem in slots and stem not in arrays:
+            renamed[stem] = array
+            mapped += 1
+        else:
+            renamed[name] = array
+    note = (f"{what}: mapped {mapped} tensor names from Olive's '<name>{OLIVE_SUFFIX}' to the graph's '<name>'"
+            if mapped else "")
+    return renamed, note
 
 
 def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter") -> None:
