@@ -275,3 +275,66 @@ def test_doctor_cli_reports_versions_and_working_providers(cli):
     assert data["torch"]["version"] and data["onnxruntime"]["version"]
     assert "CPUExecutionProvider" in data["onnxruntime"]["providers_working"]
     assert set(data["distributions"]) <= set(doctor.ORT_DISTRIBUTIONS + doctor.GENAI_DISTRIBUTIONS)
+
+
+# --- provider selection (runtime.providers) with a stubbed onnxruntime ---
+
+def _fake_ort(listed, runs_on=None, raises=None, preload=True):
+    """An ``onnxruntime`` stand-in: ``runs_on`` is what a session reports, ``raises`` what it throws."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("onnxruntime")
+    fake.get_available_providers = lambda: list(listed)
+    fake.SessionOptions = types.SimpleNamespace
+
+    def session(model, options, providers):
+        if raises:
+            raise raises
+        return types.SimpleNamespace(get_providers=lambda: list(runs_on))
+
+    fake.InferenceSession = session
+    if preload:
+        def preload_dlls():
+            calls.append("preload")
+            print("Failed to load libcudart.so.12: cannot open shared object file")
+        fake.preload_dlls = preload_dlls
+    return fake, calls
+
+
+@pytest.fixture
+def stub_ort(monkeypatch):
+    import sys
+
+    from shareport.export import runtime
+
+    def install(*args, **kwargs):
+        fake, calls = _fake_ort(*args, **kwargs)
+        monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+        runtime._selection.cache_clear()
+        return calls
+
+    yield install
+    runtime._selection.cache_clear()
+
+
+def test_cuda_is_chosen_after_preloading_its_libraries(stub_ort, capsys):
+    from shareport.export import runtime
+
+    calls = stub_ort([runtime.CUDA, runtime.CPU], runs_on=[runtime.CUDA, runtime.CPU])
+    assert runtime.providers() == (runtime.CUDA, runtime.CPU) and runtime.provider_note() == ""
+    assert calls == ["preload"] and capsys.readouterr().out == ""  # what preload printed is not output
+
+
+def test_cpu_fallback_says_why_in_one_line(stub_ort, capsys):
+    from shareport.export import runtime
+
+    stub_ort([runtime.CUDA, runtime.CPU], runs_on=[runtime.CPU])
+    assert runtime.providers() == (runtime.CPU,)
+    note = runtime.provider_note()
+    assert "libcudart.so.12" in note and note.endswith(f"using {runtime.CPU}") and "\n" not in note
+    assert capsys.readouterr().out == ""
+    stub_ort([runtime.CUDA, runtime.CPU], raises=RuntimeError("CUDA driver version is insufficient\nmore"), preload=False)
+    assert runtime.providers() == (runtime.CPU,) and "CUDA driver version is insufficient" in runtime.provider_note()
+    calls = stub_ort([runtime.CPU])
+    assert runtime.providers() == (runtime.CPU,) and runtime.provider_note() == "" and calls == []

@@ -27,7 +27,7 @@ def doctor_cmd(as_json: bool) -> None:
         click.echo(f"providers working: {', '.join(ort['providers_working'])}")
     dists = ", ".join(f"{n} {v}" for n, v in data["distributions"].items()) or "none"
     click.echo(f"installed distributions: {dists}")
-    for line in data.get("notes", []):
+    for line in data["notes"]:
         click.echo(f"note: {line}")
     for line in data["warnings"]:
         click.echo(f"warning: {line}")

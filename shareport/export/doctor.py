@@ -66,6 +66,7 @@ def doctor(dists: dict[str, str] | None = None) -> dict:
         "onnxruntime_genai": _module_version("onnxruntime_genai"),
         "distributions": dists,
         "warnings": clashes(dists),
+        "notes": [],
     }
     ort = report["onnxruntime"]
     if ort["version"] is not None:
@@ -73,6 +74,8 @@ def doctor(dists: dict[str, str] | None = None) -> dict:
 
         ort["providers_listed"] = list(onnxruntime.get_available_providers())
         ort["providers_working"] = list(runtime.providers())
+        if runtime.provider_note():
+            report["notes"].append(runtime.provider_note())
         ort["multi_lora"] = hasattr(onnxruntime, "AdapterFormat") and hasattr(onnxruntime, "LoraAdapter")
         if not ort["multi_lora"]:
             report["warnings"].append(f"onnxruntime {ort['version']} has no multi-LoRA API (AdapterFormat): "
@@ -80,6 +83,6 @@ def doctor(dists: dict[str, str] | None = None) -> dict:
     else:
         report["warnings"].append(f"onnxruntime does not import ({ort['error']}): pip install onnxruntime-gpu")
     if report["onnxruntime_genai"]["version"] is None and not any(n in dists for n in GENAI_DISTRIBUTIONS):
-        report["notes"] = ["onnxruntime-genai is not installed: 'shareport generate' uses ONNX Runtime's loop "
-                           "(pip install 'shareport[genai]' adds it)"]
+        report["notes"].append("onnxruntime-genai is not installed: 'shareport generate' uses ONNX Runtime's "
+                               "loop (pip install 'shareport[genai]' adds it)")
     return report
