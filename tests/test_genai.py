@@ -246,6 +246,23 @@ def test_olive_adapter_with_wrong_rank_is_refused_clearly(case, tmp_path, cli):
     assert not (tmp_path / "x").exists()
 
 
+def test_export_with_olive_names_verifies_and_takes_shareport_adapters(case, tmp_path, want, cli):
+    from shareport import flows
+
+    out = tmp_path / "olive-names"
+    result = export(case.lora, case.base, out, ExportOptions(mode="adapter", with_past=True, adapter_names="olive"),
+                    progress=False)
+    assert result.report.ok
+    names = read_onnx_adapter(out / graph_file.ADAPTER_NAME)
+    assert names and all(n.endswith(".lora_A.weight") or n.endswith(".lora_B.weight") for n in names)
+    second = flows.export_adapter(str(case.lora2), str(out), str(tmp_path / "second.onnx_adapter"))["output"]
+    assert all(n.endswith(".weight") for n in read_onnx_adapter(second))
+    _, runs = generate_ids(out, PROMPT, [out / graph_file.ADAPTER_NAME, second], max_new_tokens=NEW)
+    assert [r.tokens for r in runs] == [want["lora"], want["lora2"]]
+    refused = cli("export", case.lora, "--base", case.base, "--onnx", tmp_path / "x", "--adapter-names", "olive")
+    assert refused.exit_code != 0 and "--mode adapter" in refused.output
+
+
 def test_verify_accepts_a_shipped_adapter_with_olive_names(case, tmp_path):
     import shutil
 
