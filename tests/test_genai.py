@@ -218,6 +218,19 @@ def test_generate_auto_uses_genai_and_agrees_with_the_ort_loop(case, want, lora2
     assert engine == "genai" and [r.tokens for r in runs] == [want["lora"], want["lora2"]]
 
 
+def test_gpt2_export_is_a_generic_decoder_for_genai(tmp_path):
+    """genai's own "gpt2" model expects another cache layout; the export says "decoder" and runs."""
+    from tests.tiny import tiny_gpt2
+
+    base, lora = make_case(tmp_path, tiny_gpt2, r=4, lora_alpha=8, target_modules=TARGETS["gpt2"], fan_in_fan_out=True)
+    out = _export(lora, base, tmp_path / "gpt2", mode="folded", with_past=True).path
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "decoder"
+    want = torch_tokens(base, lora)
+    assert generate_ids(out, PROMPT, max_new_tokens=NEW, engine="ort")[1][0].tokens == want
+    if genai_available():
+        assert _og_tokens(out) == want
+
+
 # --- Olive's adapter names ---
 
 def _olive_file(case, tmp_path, arrays=None) -> Path:

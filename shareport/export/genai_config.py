@@ -13,8 +13,9 @@ Two choices are forced by these graphs:
 - a graph without past cannot be driven by genai (it runs, silently wrong after the first
   token), so exports without ``--with-past`` get no file, and say why.
 
-``model.type``: genai accepts a fixed set of names; a family it does not know gets "decoder",
-its generic decoder-only model, which is what these plain graphs need.
+``model.type``: genai accepts a fixed set of names and some select a model with another cache
+layout (its "gpt2"); a family not known to run these graphs gets "decoder", genai's generic
+decoder-only model, which is what they need.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from pathlib import Path
 from .signature import Signature
 
 FILE_NAME = "genai_config.json"
-# model types onnxruntime-genai 0.18 accepts and that run a plain Optimum-style decoder graph
-KNOWN_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gpt2", "granite",
-                         "olmo", "nemotron", "smollm3"})
+# model types onnxruntime-genai 0.18 accepts for a plain Optimum-style decoder graph; not "gpt2",
+# whose genai model expects another cache layout ("Model input was not found") where "decoder" runs
+KNOWN_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "granite", "olmo",
+                         "nemotron", "smollm3"})
 GENERIC_TYPE = "decoder"
 NO_PAST = (f"no {FILE_NAME}: onnxruntime-genai needs past_key_values inputs (export with --with-past); "
            "a graph without them runs wrong after the first token")
