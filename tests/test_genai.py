@@ -171,6 +171,11 @@ def test_generate_refuses_a_graph_without_past_and_adapters_on_folded(case, cli)
     assert result.exit_code != 0 and "--with-past" in result.output
     result = cli("generate", case.folded, "--prompt", "w5", "--adapter", case.adapted / graph_file.ADAPTER_NAME)
     assert result.exit_code != 0 and "folded graph" in result.output
+    garbage = case.root / "garbage.onnx_adapter"
+    garbage.write_bytes(b"not an adapter")
+    result = cli("generate", case.adapted, "--prompt", "w5", "--adapter", garbage)
+    assert result.exit_code != 0 and "not a readable .onnx_adapter" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 # --- onnxruntime-genai ---

@@ -138,6 +138,9 @@ def _run_genai(folder: Path, plan, ids: list[int], max_new_tokens: int) -> list[
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
+    context = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["context_length"]
+    if len(ids) >= context:
+        raise ShareportError(f"the prompt has {len(ids)} tokens; {GENAI_CONFIG} allows {context} in all")
     adapters = og.Adapters(model) if any(arrays is not None for _, arrays, _ in plan) else None
     runs = []
     with tempfile.TemporaryDirectory(prefix="shareport-genai-") as tmp:
@@ -149,7 +152,7 @@ def _run_genai(folder: Path, plan, ids: list[int], max_new_tokens: int) -> list[
                 write_onnx_adapter(arrays, mapped)
                 adapters.load(str(mapped), name)
             params = og.GeneratorParams(model)
-            params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+            params.set_search_options(max_length=min(context, len(ids) + max_new_tokens), do_sample=False)
             generator = og.Generator(model, params)
             if name:
                 generator.set_active_adapter(adapters, name)
