@@ -13,6 +13,8 @@ as is).
     export    adapter + base -> verified ONNX folder
     verify    ONNX folder + base + adapter -> comparison report
     export_adapter  adapter + ONNX folder -> .onnx_adapter file
+    generate  ONNX folder (+ .onnx_adapter files) + prompt -> greedy text per adapter
+    doctor    this machine's runtimes -> report
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from .errors import ShareportError
 from .export import graph_file
 from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
-from .export.ort_adapter import adapter_arrays, save_onnx_adapter
+from .export.doctor import doctor as doctor_report
+from .export.generate import generate as generate_text
+from .export.ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter, save_onnx_adapter
 from .export.verify import FP16_RTOL, FP32_ATOL, Report
 from .export.verify import verify as verify_graph
 from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
@@ -36,8 +40,8 @@ from .summary import summarize
 from .train.jobs import REPORT_NAME, TrainingOptions, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
 
-__all__ = ["ExportOptions", "TrainingOptions", "convert", "export", "export_adapter", "inspect", "recover", "train",
-           "verify"]
+__all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "generate", "inspect",
+           "recover", "train", "verify"]
 
 
 def inspect(adapter_dir: str, allow_pickle: bool = False, plot: str | None = None, overwrite: bool = False) -> dict:
@@ -151,7 +155,7 @@ def export(adapter_dir: str, base_dir: str, out: str, options: ExportOptions = E
     result = export_graph(adapter_dir, base_dir, out, options, overwrite=overwrite, progress=progress,
                           allow_pickle=allow_pickle, verify=verify, atol=atol, rtol=rtol)
     summary = {"graph": out, "mode": options.mode, "dtype": options.dtype, "with_past": options.with_past,
-               "embedded_adapter": options.embed_adapter}
+               "embedded_adapter": options.embed_adapter, "genai_config": result.genai_config}
     return {**summary, "verify": result.report.to_dict() if result.report else None}
 
 
@@ -162,13 +166,36 @@ def verify(graph_dir: str, base_dir: str, adapter_dir: str, *, atol: float = FP3
 
 def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, overwrite: bool = False,
                    allow_pickle: bool = False) -> dict:
-    """An ``.onnx_adapter`` of ``adapter_dir`` for the graph in ``graph_dir`` (refuses one that does not fit)."""
+    """An ``.onnx_adapter`` of ``adapter_dir`` for the graph in ``graph_dir`` (refuses one that does not fit).
+
+    ``adapter_dir`` may also be an ``.onnx_adapter`` file (e.g. Olive's, whose ``.weight`` name
+    suffix is mapped to the graph's names): it is checked and rewritten for the graph.
+    """
     proto = graph_file.load_proto(graph_dir)
     graph_file.read_info(proto, graph_dir)  # refuses a graph shareport did not write
-    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
-    arrays = adapter_arrays(adapter, graph_file.graph_slots(proto), what=f"{adapter_dir}:")
-    path = Path(out) if out else Path(graph_dir) / f"{Path(adapter_dir).resolve().name}.onnx_adapter"
+    slots = graph_file.graph_slots(proto)
+    note = ""
+    if Path(adapter_dir).is_file():
+        arrays, note = match_names(read_onnx_adapter(adapter_dir), slots, str(adapter_dir))
+        check_fits(arrays, slots, what=f"{adapter_dir}:")
+    else:
+        adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+        arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:")
+    name = Path(adapter_dir).resolve().name
+    path = Path(out) if out else Path(graph_dir) / (name if name.endswith(".onnx_adapter") else f"{name}.onnx_adapter")
     save_onnx_adapter(arrays, path, overwrite=overwrite, inputs=[adapter_dir])
     first = next(iter(arrays.values()))
     return {"output": str(path), "tensors": len(arrays), "parameters": sum(a.size for a in arrays.values()),
-            "dtype": str(first.dtype)}
+            "dtype": str(first.dtype), "note": note}
+
+
+def generate(graph_dir: str, prompt: str, adapters: list[str] | tuple = (), *, max_new_tokens: int = 32,
+             engine: str = "auto", no_adapter: bool = False) -> dict:
+    """Greedy text from a with-past export, once per adapter (onnxruntime-genai, else ONNX Runtime)."""
+    return generate_text(graph_dir, prompt, adapters, max_new_tokens=max_new_tokens, engine=engine,
+                         no_adapter=no_adapter)
+
+
+def doctor() -> dict:
+    """Versions of torch, transformers, ONNX Runtime (and genai), providers that work, clashes."""
+    return doctor_report()

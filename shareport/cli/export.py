@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import flows
-from ..export.exporter import DTYPES, MODES, ExportOptions
+from ..export.exporter import ADAPTER_NAMES, DTYPES, MODES, ExportOptions
 from ..export.verify import Report, VerifyMismatch
 from .table import to_json
 from .options import allow_pickle_option, json_option, overwrite_option
@@ -24,19 +24,22 @@ from .verify import emit_report, tolerance_options
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--embed-adapter", is_flag=True,
               help="Adapter mode: the adapter's values become the graph's defaults (still swappable).")
+@click.option("--adapter-names", type=click.Choice(ADAPTER_NAMES), default="shareport", show_default=True,
+              help="Adapter mode: name the adapter inputs by the pool names, or as Olive does ('<name>.weight').")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True, help="Verify against PyTorch at the end.")
 @tolerance_options
 @overwrite_option
 @json_option
 @allow_pickle_option
-def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, embed_adapter, run_verify, atol, rtol,
-               overwrite, as_json, allow_pickle) -> None:
+def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, embed_adapter, adapter_names, run_verify,
+               atol, rtol, overwrite, as_json, allow_pickle) -> None:
     """Export the base model with ADAPTER_DIR (any form) to an ONNX folder.
 
     The folder holds model.onnx, config and tokenizer files, and in adapter mode
     adapter.onnx_adapter (ONNX Runtime's multi-LoRA format) with the exported adapter.
     """
-    options = ExportOptions(mode=mode, with_past=with_past, dtype=dtype, opset=opset, embed_adapter=embed_adapter)
+    options = ExportOptions(mode=mode, with_past=with_past, dtype=dtype, opset=opset, embed_adapter=embed_adapter,
+                            adapter_names=adapter_names)
     try:
         data = flows.export(adapter_dir, base_dir, out_dir, options, verify=run_verify, atol=atol, rtol=rtol,
                             overwrite=overwrite, allow_pickle=allow_pickle)
@@ -45,6 +48,7 @@ def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, em
         raise
     if not as_json:
         click.echo(f"wrote {out_dir} ({mode}, {dtype}{', with past' if with_past else ''})")
+        click.echo(data["genai_config"])
     if data["verify"] is not None:
         emit_report(Report.from_dict(data["verify"]), as_json, extra=_summary(out_dir, options))
     elif as_json:

@@ -9,7 +9,7 @@ from .options import allow_pickle_option, overwrite_option
 
 
 @click.command("export-adapter")
-@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("adapter_dir", metavar="ADAPTER", type=click.Path(path_type=str))
 @click.option("--graph", "graph_dir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="A folder written by 'shareport export --mode adapter'.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -17,11 +17,14 @@ from .options import allow_pickle_option, overwrite_option
 @overwrite_option
 @allow_pickle_option
 def export_adapter_cmd(adapter_dir: str, graph_dir: str, output: str | None, overwrite: bool, allow_pickle: bool) -> None:
-    """Write ADAPTER_DIR as an .onnx_adapter that swaps into the graph in OUT_DIR.
+    """Write ADAPTER (a folder, or an .onnx_adapter file) as an .onnx_adapter for the graph in OUT_DIR.
 
     The adapter must have the graph's structure: the same tensor names (so the same form and
     sharing), the same layer sizes; ranks may differ from the exported adapter's as long as the
-    tensors that share a rank in the graph agree. It is written in the graph's dtype.
+    tensors that share a rank in the graph agree. It is written in the graph's dtype. An
+    .onnx_adapter file (e.g. from Olive, names ending in '.weight') is checked and renamed.
     """
     data = flows.export_adapter(adapter_dir, graph_dir, output, overwrite=overwrite, allow_pickle=allow_pickle)
+    if data["note"]:
+        click.echo(f"note: {data['note']}")
     click.echo(f"wrote {data['output']} ({data['tensors']} tensors, {data['parameters']:,} parameters, {data['dtype']})")

@@ -14,6 +14,8 @@ from .demo import demo_cmd
 from .export_adapter import export_adapter_cmd
 from .export import export_cmd
 from .finetune import finetune_cmd
+from .generate import generate_cmd
+from .doctor import doctor_cmd
 from .inspect import inspect_cmd
 from .train import train_cmd
 from .verify import verify_cmd
@@ -43,5 +45,5 @@ def main() -> None:
 
 
 for command in (demo_cmd, inspect_cmd, convert_cmd, finetune_cmd, train_cmd, export_cmd, verify_cmd,
-                export_adapter_cmd):
+                export_adapter_cmd, generate_cmd, doctor_cmd):
     main.add_command(command)

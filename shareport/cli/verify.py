@@ -28,7 +28,8 @@ def render_report(report: Report) -> str:
     table = format_table(["check", "case", "output", "max abs diff", "mean abs diff", "top-1 agree", "limit", "result"], rows)
     failed = sum(not r.ok for r in report.rows)
     verdict = "all comparisons within tolerance" if report.ok else f"{failed} of {len(report.rows)} comparisons exceed the tolerance"
-    return f"{head}\n{table}\n{verdict}"
+    notes = "".join(f"note: {n}\n" for n in report.notes)
+    return f"{head}\n{notes}{table}\n{verdict}"
 
 
 def emit_report(report: Report, as_json: bool, extra: dict | None = None, fail: bool = True) -> None:

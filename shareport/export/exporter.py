@@ -31,7 +31,8 @@ from ..errors import ShareportError
 from ..files.adapters import load_adapter
 from ..model import attach, fold, load_base_model
 from . import graph_file
-from .ort_adapter import write_onnx_adapter
+from .genai_config import write_genai_config
+from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
 from .slots import Slot, empty_tensors, graph_tensors, slots_for
 from .verify import FP16_RTOL, FP32_ATOL, Report, VerifyMismatch
@@ -40,6 +41,8 @@ from .wrapper import graph_module
 
 MODES = ("folded", "adapter")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# adapter input names: shareport's pool names, or Olive's (the pool name + ".weight")
+ADAPTER_NAMES = ("shareport", "olive")
 FORMAT_VERSION = 1
 # example sizes for tracing: a dynamic dim traced at size 0 or 1 gets specialised, so >= 2
 EXAMPLE = dict(batch=2, seq=3, past=5, rank=4)
@@ -52,6 +55,7 @@ class ExportOptions:
     dtype: str = "fp32"
     opset: int | None = None
     embed_adapter: bool = False
+    adapter_names: str = "shareport"
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +69,10 @@ class ExportOptions:
             # the dynamo exporter emits opset 18 and converts from there; lower targets fail
             if not 18 <= self.opset <= newest:
                 raise ShareportError(f"--opset {self.opset} is not supported: use 18 to {newest}")
+        if self.adapter_names not in ADAPTER_NAMES:
+            raise ShareportError(f"unknown adapter names '{self.adapter_names}' (expected {' or '.join(ADAPTER_NAMES)})")
+        if self.adapter_names != "shareport" and self.mode != "adapter":
+            raise ShareportError("--adapter-names needs --mode adapter (a folded graph has no adapter inputs)")
         if self.embed_adapter and self.mode != "adapter":
             raise ShareportError("--embed-adapter needs --mode adapter (a folded graph has no adapter inputs)")
 
@@ -158,6 +166,7 @@ def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) ->
         "mode": options.mode,
         "dtype": options.dtype,
         "embedded_adapter": options.embed_adapter,
+        "adapter_names": options.adapter_names,
         "signature": sig.to_dict(),
         "task_type": adapter.task_type,
         "adapter_form": adapter.form,
@@ -169,6 +178,7 @@ def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) ->
 class ExportResult:
     path: Path
     report: Report | None  # the verification of the published graph (None with verify=False)
+    genai_config: str = ""  # what was done about onnxruntime-genai's config (written, or why not)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -193,11 +203,12 @@ def export(
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
         model = prepare_model(base_dir, adapter, options.mode, dtype)
         sig = signature_for(model, options.with_past)
-        slots = slots_for(adapter) if adapter_mode else {}
-        values = {n: t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
+        name = (lambda n: n + OLIVE_SUFFIX) if options.adapter_names == "olive" else (lambda n: n)
+        slots = {name(n): dataclasses.replace(s, name=name(n)) for n, s in slots_for(adapter).items()} if adapter_mode else {}
+        values = {name(n): t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
 
         stage("tracing and converting (slowest step)")
-        wiring = {path: (s.a, s.b) for path, s in adapter.sites.items()} if adapter_mode else {}
+        wiring = {path: (name(s.a), name(s.b)) for path, s in adapter.sites.items()} if adapter_mode else {}
         ir_model = trace_to_onnx(model, sig, slots, wiring, dtype, options.opset)
 
         stage("adding adapter slots")
@@ -209,7 +220,8 @@ def export(
             graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model))
             if adapter_mode:
                 write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
-            graph_file.copy_side_files(base_dir, tmp)
+            graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
+            genai_note = write_genai_config(tmp, sig)
             if verify:
                 stage("verifying against PyTorch")
                 report = dataclasses.replace(
@@ -219,4 +231,4 @@ def export(
                     raise VerifyMismatch(report, f"verify: {out} does not match PyTorch within tolerance; nothing "
                                                  "was written (--no-verify keeps the graph, to inspect it with "
                                                  "shareport verify)")
-    return ExportResult(Path(out), report)
+    return ExportResult(Path(out), report, genai_note)

@@ -83,12 +83,40 @@ def graph_slots(proto: onnx.ModelProto) -> dict[str, tuple[np.dtype, tuple]]:
     return slots
 
 
-def copy_side_files(base_dir: str | Path, folder: Path) -> list[str]:
-    """Copy config and tokenizer files so the folder is self-contained; return their names."""
+def copy_side_files(base_dir: str | Path, folder: Path, use_cache: bool | None = None) -> list[str]:
+    """Copy config and tokenizer files so the folder is self-contained; return their names.
+
+    Two copies are adjusted so other runtimes load the folder: ``config.json`` says
+    ``use_cache`` as the graph does (Optimum reads a decoder without past as ``use_cache: false``;
+    ``use_cache=None`` leaves it), and a ``tokenizer_config.json`` naming transformers 5's
+    ``TokenizersBackend`` (unknown to transformers 4.x) names ``PreTrainedTokenizerFast``, which
+    loads the same ``tokenizer.json`` in both.
+    """
     copied = []
     for name in SIDE_FILES:
         source = Path(base_dir) / name
         if source.is_file():
             shutil.copy2(source, folder / name)
             copied.append(name)
+    if use_cache is not None and "config.json" in copied:
+        _edit_json(folder / "config.json", {"use_cache": use_cache})
+    if "tokenizer_config.json" in copied and "tokenizer.json" in copied:
+        _edit_json(folder / "tokenizer_config.json", {"tokenizer_class": PORTABLE_TOKENIZER},
+                   only_if=("tokenizer_class", NEW_TOKENIZER))
     return copied
+
+
+NEW_TOKENIZER = "TokenizersBackend"  # transformers 5's class for a plain tokenizer.json
+PORTABLE_TOKENIZER = "PreTrainedTokenizerFast"
+
+
+def _edit_json(path: Path, changes: dict, only_if: tuple[str, object] | None = None) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not ours to repair: the file is copied as it was
+    if not isinstance(data, dict) or (only_if and data.get(only_if[0]) != only_if[1]):
+        return
+    data.update(changes)
+    path.unlink()  # a copy of a read-only file is read-only too
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

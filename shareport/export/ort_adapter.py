@@ -57,7 +57,10 @@ def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:
     """
     import onnxruntime as ort
 
-    fmt = ort.AdapterFormat.read_adapter(str(path))
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as exc:  # ORT raises its own types with long messages
+        raise ShareportError(f"{path}: not a readable .onnx_adapter file ({str(exc).splitlines()[0][:200]})") from None
     arrays = {n: v.numpy().copy() for n, v in fmt.get_parameters().items()}
     del fmt  # only now may ORT free the memory the views pointed into
     return arrays
@@ -67,6 +70,34 @@ def _first(names) -> str:
     names = sorted(names)
     more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
     return f"'{names[0]}'{more}"
+
+
+OLIVE_SUFFIX = ".weight"  # Olive's convert-adapters names tensors "...q_proj.lora_A.weight"
+
+
+def _other_name(name: str) -> str:
+    return name[: -len(OLIVE_SUFFIX)] if name.endswith(OLIVE_SUFFIX) else name + OLIVE_SUFFIX
+
+
+def match_names(arrays: dict[str, np.ndarray], slots: dict[str, tuple], what: str = "adapter"):
+    """``arrays`` renamed to the graph's slot names where they differ only by Olive's ``.weight`` suffix.
+
+    Returns ``(arrays, note)``; ``note`` is one line when names were mapped, else "". An Olive
+    file meets a shareport graph, or a shareport adapter a graph exported with
+    ``--adapter-names olive``. Names that fit already, or fit neither way, are left for
+    :func:`check_fits`.
+    """
+    renamed, mapped = {}, 0
+    for name, array in arrays.items():
+        other = _other_name(name)
+        if name not in slots and other in slots and other not in arrays:
+            renamed[other] = array
+            mapped += 1
+        else:
+            renamed[name] = array
+    note = (f"{what}: mapped {mapped} tensor names between Olive's '<name>{OLIVE_SUFFIX}' and the graph's names"
+            if mapped else "")
+    return renamed, note
 
 
 def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter") -> None:
@@ -102,6 +133,6 @@ def adapter_arrays(adapter: Adapter, slots: dict[str, tuple[np.dtype, tuple]], w
     """The adapter in the graph's layout and dtype, checked to fit the graph's slots."""
     dtype = next(iter(slots.values()))[0] if slots else np.dtype(np.float32)
     torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
-    arrays = {n: t.numpy() for n, t in graph_tensors(adapter, torch_dtype).items()}
+    arrays, _ = match_names({n: t.numpy() for n, t in graph_tensors(adapter, torch_dtype).items()}, slots)
     check_fits(arrays, slots, what)
     return arrays

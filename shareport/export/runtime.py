@@ -2,12 +2,17 @@
 
 ``onnxruntime-gpu`` lists CUDAExecutionProvider even where no GPU or CUDA library exists, and a
 session asked for it then silently falls back to CPU after logging errors. So CUDA is probed once
-on a one-node graph and used only if the probe session really runs on it.
+on a one-node graph and used only if the probe session really runs on it. Before the probe,
+``onnxruntime.preload_dlls()`` (ORT >= 1.21) loads the CUDA and cuDNN libraries from the
+``nvidia-*`` wheels or the system, so a pip-only CUDA install works; what it prints about a missing
+library becomes the one-line ``provider_note()`` (shown by ``shareport doctor``), not output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import tempfile
 from pathlib import Path
 
@@ -18,13 +23,23 @@ CPU = "CPUExecutionProvider"
 
 
 @functools.cache
-def providers() -> tuple[str, ...]:
-    """("CUDAExecutionProvider", "CPUExecutionProvider") where CUDA works, else ("CPUExecutionProvider",)."""
+def _selection() -> tuple[tuple[str, ...], str]:
+    """(providers, note): CUDA first where a probe session really runs on it; else CPU and why."""
     import onnx
     import onnxruntime as ort
 
     if CUDA not in ort.get_available_providers():
-        return (CPU,)
+        return (CPU,), ""
+    preload = getattr(ort, "preload_dlls", None)  # ORT >= 1.21: loads CUDA/cuDNN (e.g. from nvidia-* wheels)
+    said = ""
+    if preload is not None:
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+                preload()  # prints one line per library it cannot find; kept for the note
+        except Exception as exc:  # a failed preload only means the probe below will fail too
+            captured.write(f"{type(exc).__name__}: {exc}\n")
+        said = next((line for line in captured.getvalue().splitlines() if line.strip()), "")
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     vi = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph([node], "probe", [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])])
@@ -33,9 +48,24 @@ def providers() -> tuple[str, ...]:
     options.log_severity_level = 4  # the failed CUDA load is expected on CPU machines; keep it quiet
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
-    except Exception:
-        return (CPU,)
-    return (CUDA, CPU) if session.get_providers()[0] == CUDA else (CPU,)
+        working = session.get_providers()[0] == CUDA
+    except Exception as exc:
+        said = said or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        working = False
+    if working:
+        return (CUDA, CPU), ""
+    why = f" ({said.strip()[:160]})" if said else " (no GPU, or no CUDA/cuDNN libraries found)"
+    return (CPU,), f"{CUDA} is listed but cannot run here{why}: using {CPU}"
+
+
+def providers() -> tuple[str, ...]:
+    """("CUDAExecutionProvider", "CPUExecutionProvider") where CUDA works, else ("CPUExecutionProvider",)."""
+    return _selection()[0]
+
+
+def provider_note() -> str:
+    """One line saying why CUDA is listed but not used ("" when it is used or not listed)."""
+    return _selection()[1]
 
 
 def device_name() -> str:

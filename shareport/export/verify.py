@@ -29,7 +29,7 @@ from ..errors import ShareportError
 from ..files.adapters import load_adapter
 from ..model import attach, fold, load_base_model
 from . import graph_file, runtime
-from .ort_adapter import adapter_arrays, check_fits, read_onnx_adapter
+from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
 from .signature import Signature, make_inputs
 from .wrapper import call_model
 
@@ -60,6 +60,7 @@ class Report:
     device: str
     tolerance: str
     rows: list[Comparison]
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. adapter names mapped from Olive's
 
     @property
     def ok(self) -> bool:
@@ -132,6 +133,7 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
     model = load_base_model(base_dir, info.get("task_type") or adapter.task_type, carried=adapter.extra_tensors)
     sess = runtime.session(Path(graph_dir) / graph_file.GRAPH_NAME)
+    notes: list[str] = []
 
     # each check: (name, ORT extra feeds, ORT adapter, PyTorch adapter enabled?)
     if info["mode"] == "folded":
@@ -144,7 +146,8 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
         # with --adapter, so a shipped file that is not ADAPTER_DIR's values fails
         shipped = Path(graph_dir) / graph_file.ADAPTER_NAME
         if shipped.is_file():
-            arrays = read_onnx_adapter(shipped)
+            arrays, note = match_names(read_onnx_adapter(shipped), slots, str(shipped))
+            notes += [note] if note else []
             check_fits(arrays, slots, str(shipped))
         else:
             arrays = adapter_arrays(adapter, slots, "adapter")
@@ -169,4 +172,4 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
             got = runtime.run(sess, {**_feeds(inputs, graph_dtype), **extra}, lora)
             rows += compare_outputs(check, case, names, got, want, info["dtype"], atol, rtol)
     tolerance = f"rtol {rtol:g} of max(1, max|ref|)" if info["dtype"] == "fp16" else f"atol {atol:g}"
-    return Report(str(graph_dir), info["mode"], info["dtype"], runtime.device_name(), tolerance, rows)
+    return Report(str(graph_dir), info["mode"], info["dtype"], runtime.device_name(), tolerance, rows, notes)

@@ -1,0 +1,33 @@
+"""``shareport doctor``: the runtimes on this machine and whether they clash."""
+
+from __future__ import annotations
+
+import click
+
+from .. import flows
+from .options import json_option
+from .table import to_json
+
+
+@click.command("doctor")
+@json_option
+def doctor_cmd(as_json: bool) -> None:
+    """Versions of torch, transformers, ONNX Runtime and onnxruntime-genai; which execution
+    providers work; a warning when two ONNX Runtime wheels are installed together."""
+    data = flows.doctor()
+    if as_json:
+        click.echo(to_json(data))
+        return
+    for name in ("torch", "transformers", "onnxruntime", "onnxruntime_genai"):
+        info = data[name]
+        click.echo(f"{name}: {info['version'] or 'not importable'}" + (f" ({info['error']})" if info.get("error") else ""))
+    ort = data["onnxruntime"]
+    if ort["version"]:
+        click.echo(f"providers listed: {', '.join(ort['providers_listed'])}")
+        click.echo(f"providers working: {', '.join(ort['providers_working'])}")
+    dists = ", ".join(f"{n} {v}" for n, v in data["distributions"].items()) or "none"
+    click.echo(f"installed distributions: {dists}")
+    for line in data["notes"]:
+        click.echo(f"note: {line}")
+    for line in data["warnings"]:
+        click.echo(f"warning: {line}")
