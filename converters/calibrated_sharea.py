@@ -6,9 +6,9 @@ share one B (ShareA: every site alone; ASLoRA: calibrated_aslora.py),
 
     f(Z, P) = sum_g sum_{l in g} tr((D_l - P_g Z) S_l (D_l - P_g Z)^T),    D_l = b_l a_l (p_B, p).
 
-Both half-problems are least squares, solved exactly:
+Both half-problems are least squares:
 
-- B-step, Z fixed: ``P_g = (sum_{l in g} D_l S_l Z^T) (Z S_g Z^T)^+`` with ``S_g = sum_{l in g} S_l``.
+- B-step, Z fixed, exact: ``P_g = (sum_{l in g} D_l S_l Z^T) (Z S_g Z^T)^+`` with ``S_g = sum_{l in g} S_l``.
 - A-step, P fixed: the normal equations ``sum_g (P_g^T P_g) Z S_g = sum_g P_g^T sum_{l in g} D_l S_l``,
   a (k p)-dimensional system ``(sum_g S_g (x) P_g^T P_g) vec Z = vec RHS``. It is solved by
   conjugate gradients on the matrix form (each product costs sum_g k p^2, no (kp)^2 matrix),
@@ -16,13 +16,15 @@ Both half-problems are least squares, solved exactly:
   (``S = sum_g S_g``, ``alpha_g = tr S_g / tr S``), which is exact when the S_g are proportional
   (then one step solves it). Started from the current Z, every CG iterate lowers the quadratic,
   so a capped solve never raises the objective; the cap is low (``CG_MAX_STEPS``) because a
-  partial A-step is worth almost as much as an exact one: on the 7B-shaped benchmark kind, 8 CG
-  steps per round reached the same objective in the same 18 rounds as 100 steps, 2.6x faster.
+  partial A-step is worth as much as an exact one here: on the 7B-shaped benchmark kind, 10 CG
+  steps per round reached the same objective (to 1e-11) in the same 12 rounds as 100 steps, at
+  half the CPU time.
 
 After the A-step Z is re-orthonormalised (its row space is all that matters once B is refit), then
-B is refit. A step is kept only if the objective (recomputed exactly) does not rise, so the
-history never increases; the rounds stop when a round lowers it by less than ``tol`` (relative)
-or after ``max_iterations``.
+B is refit; the same move stretched further is tried as well (line search, see ``alternate``).
+A step is kept only if the objective (recomputed exactly) falls, so the history never
+increases; the rounds stop when a round lowers it by less than ``tol`` (relative) or after
+``max_iterations``.
 
 Starts: two exact solutions of nearby problems, the plain (unweighted) ShareA A and the A that is
 optimal when every S_l is replaced by their mean S (whitened problem: top-k rows of the stack of
@@ -34,9 +36,10 @@ objective is kept.
 Local minima: with sites whose C_l differ strongly the objective has several local minima, and
 no start is sure to find the best. Measured on tiny kinds (4 sites, n_in = 12, r = 3, k = 2, per-site
 input mixings differing by 20%): the two structured starts missed the best of 32 starts in 5 of 20
-kinds (by up to 57%), ten starts still in 2 of 20. On the 7B-shaped benchmark kind (32 sites,
-p = 512, k = 16) five starts (both structured, three random) all reached the same objective to
-1e-9. Small kinds are cheap, so raise ``restarts`` there.
+kinds (by up to 57%), with 4 or 8 restarts still in 2 of 20 (by up to 36%). On the 7B-shaped
+benchmark kind (32 sites, p = 512, k = 16) five ShareA starts (both structured, three random) all
+reached the same objective to 1e-9, while the two ASLoRA starts ended 0.08% apart. Small kinds
+are cheap, so raise ``restarts`` there.
 """
 from __future__ import annotations
 
@@ -152,24 +155,31 @@ class SharedRowsProblem:
             rho = rho_next
         return z
 
-    def refit_rows(self, st: AlternationState) -> AlternationState:
-        """One A-step then B-step; re-orthonormalising Z in between changes no objective value."""
-        return self.state(orthonormal_rows(self.a_step(st)), st.partition)
-
 
 def alternate(problem: SharedRowsProblem, start: AlternationState, max_iterations: int, tol: float,
               regroup=None) -> tuple[AlternationState, list[float], int]:
     """Rounds of (A-step, B-step[, regroup]) from ``start``; returns the state, history, rounds run.
 
+    Each round also tries the A-step's move stretched by a factor ``beta`` (ALS line search, as in
+    CP decompositions): alternations crawl along narrow valleys, and a longer step along the
+    same direction often lands further down. The stretched point is kept only if it beats the
+    plain step; beta doubles on success and halves (down to 2) on failure.
     ``regroup(state) -> state | None`` proposes another partition (with its B's and objective);
     it is kept only if it lowers the objective. No kept step raises the objective.
     """
     st = start
     history = [st.objective]
     rounds = 0
+    beta = 2.0
     for rounds in range(1, max_iterations + 1):
         before = st.objective
-        refit = problem.refit_rows(st)
+        moved = problem.a_step(st)
+        refit = problem.state(orthonormal_rows(moved), st.partition)
+        stretched = problem.state(orthonormal_rows(st.z + beta * (moved - st.z)), st.partition)
+        if stretched.objective < refit.objective:
+            refit, beta = stretched, min(2 * beta, 64.0)
+        else:
+            beta = max(beta / 2, 2.0)
         if refit.objective < st.objective:
             st = refit
             history.append(st.objective)

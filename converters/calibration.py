@@ -49,9 +49,10 @@ The converters damp each site as ``S_l + lam * (tr(S_l) / p) * I`` (``damp``). W
 than p, S_l is singular: directions never seen get zero weight, the optimum is not unique and the
 small solves are ill-posed. The damping adds ``lam * tr(S_l)/p * ||E_l||_F^2`` to site l's
 objective: a floor of lam times the site's mean input energy in every direction. The default
-lam = 1e-2 is GPTQ's ``damp_percent`` (1% of the mean diagonal of the same second moment, X X^T),
-chosen there for the same reason; it leaves the directions that carry real energy (in LLM inputs
-the leading eigenvalues are orders of magnitude above the mean) essentially untouched. As lam
+lam = 1e-2 is GPTQ's ``damp_percent`` (1% of the mean diagonal of the same kind of matrix,
+X X^T of a layer's inputs), chosen there for the same reason: it makes every solve well posed
+(condition number at most about p / lam) and leaves the directions that carry real energy
+essentially untouched, the more so the more anisotropic the inputs are. As lam
 grows the objective tends to ``lam * sum_l (tr(S_l)/p) ||dW_l - dW'_l||_F^2``: the plain Frobenius
 objective with each site weighted by its mean input energy, which is exactly the plain one when
 the sites' traces are equal (and for per-site truncation always).
