@@ -30,8 +30,7 @@ from torch import Tensor
 from .aslora import DEFAULT_MAX_ITERATIONS as PLAIN_MAX_ITERATIONS
 from .aslora import convert_aslora
 from .calibrated_sharea import (DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL, AlternationState,
-                                SharedRowsProblem, best_run, mean_whitening, random_rows,
-                                rows_from_whitened, shared_a_result)
+                                SharedRowsProblem, best_run, mean_whitening, random_rows, shared_a_result)
 from .calibration import CalibratedKind, CalibratedResult, orthonormal_rows, psd_roots
 from .factored import stack_directions
 from .grouping import GROUPINGS, group_points

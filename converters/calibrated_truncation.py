@@ -23,8 +23,10 @@ from .calibration import CalibratedKind, CalibratedResult, finish, psd_eigh
 from .factored import sign_fix_rows
 
 
-def site_truncation(bt: Tensor, a: Tensor, a_coords: Tensor, s: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B' (n_out, k_l), A' (k_l, n_in), spectrum (min(r, n_out),) descending) of one site, k_l = min(rank, r, n_out)."""
+def site_truncation(bt: Tensor, a: Tensor, a_coords: Tensor, s: Tensor,
+                    rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One site: B' (n_out, k_l), A' (k_l, n_in) with k_l = min(rank, r, n_out), and the spectrum
+    (min(r, n_out),), descending."""
     o, t = torch.linalg.qr(bt, mode="reduced")
     m = t @ (a_coords @ s @ a_coords.T) @ t.T
     values, vectors = psd_eigh(m)

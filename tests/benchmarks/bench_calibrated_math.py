@@ -11,9 +11,10 @@ the statistics basis: ``Q^T x = (Q^T U_l) z + 0.05 Q^T e`` and ``Q^T e`` is exac
 in p dimensions, so S_l = (1/N) sum (Q^T x)(Q^T x)^T has the distribution a collector would see,
 without N x dim x p products per site.
 
-For each form (per-site truncation "lora" at rank ``--truncate``, the shared forms at ``--k``): wall and CPU seconds of the calibrated conversion, alternation rounds (kept run /
-all starts), its objective on the raw statistics, and the plain converter's result scored on the
-same statistics. Then the memory of the statistics for a LLaMA-7B LoRA (7 kinds x 32 layers) in
+For each form (per-site truncation "lora" at rank ``--truncate``, the shared forms at ``--k``):
+wall and CPU seconds of the calibrated conversion, alternation rounds (kept run / all starts),
+its objective on the raw statistics, and the plain converter's result scored on the same
+statistics. Then the memory of the statistics for a LLaMA-7B LoRA (7 kinds x 32 layers) in
 the basis (p x p) against full input second moments (n_in x n_in). Last line: the calibrated
 ShareA's output error relative to plain ShareA's.
 """
@@ -87,10 +88,12 @@ def main() -> None:
     # first LAPACK calls pay one-off setup: warm up on a small kind
     small_As, small_Bts = make_kind(2, 2, 64)
     small_q = converters.calibration_basis(small_As)
-    converters.convert_kind_calibrated("sharea", small_As, small_Bts, [torch.eye(small_q.shape[1], dtype=F64)] * 2, 2)
+    small_identity = [torch.eye(small_q.shape[1], dtype=F64)] * 2
+    converters.convert_kind_calibrated("sharea", small_As, small_Bts, small_identity, 2)
 
     print(f"kind: L={args.sites} r={args.rank} n_in=n_out={args.dim} p={p} k={args.k} "
-          f"truncate={args.truncate} groups={args.groups} tokens={args.tokens} lam={args.lam} threads={torch.get_num_threads()}")
+          f"truncate={args.truncate} groups={args.groups} tokens={args.tokens} lam={args.lam} "
+          f"threads={torch.get_num_threads()}")
     header = (f"{'form':<9}{'wall s':>8}{'cpu s':>8}{'rounds':>10}{'calibrated':>14}{'plain':>14}"
               f"{'cal/plain':>10}{'frob cal/plain':>16}")
     print(header)
@@ -110,8 +113,8 @@ def main() -> None:
         print(f"{method:<9}{wall:>8.2f}{cpu:>8.2f}{rounds:>10}{res.raw_objective:>14.6g}{plain_raw:>14.6g}"
               f"{ratios[method]:>10.4f}{res.frobenius_error / plain.error:>16.4f}")
 
-    layers = args.sites
-    basis_entries = sum(min(n_in, 512) ** 2 for n_in in LLAMA7B_KINDS.values()) * layers
+    layers, lora_rank = 32, 16  # LLaMA-7B with an r=16 LoRA on every projection: p = 512 per kind
+    basis_entries = sum(min(n_in, layers * lora_rank) ** 2 for n_in in LLAMA7B_KINDS.values()) * layers
     full_entries = sum(n_in ** 2 for n_in in LLAMA7B_KINDS.values()) * layers
     print("\nstatistics for a LLaMA-7B LoRA, 7 kinds x 32 layers, r=16 (p = 512 per kind):")
     print(f"{'storage':<34}{'float64':>14}{'float32':>14}")
