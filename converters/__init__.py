@@ -17,6 +17,14 @@ Public API:
 Plain LoRA truncation (each site keeps its own A and B at a lower rank, see truncate.py):
     plan_truncation(kinds, *, rank=None, energy=None, budget=None, exact=None) -> TruncationPlan
     truncate_kind(As, Bts, ranks) -> TruncationResult   (a KindResult with method "lora")
+
+Calibrated (activation-weighted) projection, see calibration.py for the objective and statistics:
+    calibration_basis(As) -> Q (n_in, p)
+    input_statistics(inputs, Q) -> S_l (p, p)
+    convert_kind_calibrated(method, As, Bts, S, rank, groups=None, grouping="any", lam=DEFAULT_RIDGE,
+                            regroup=True, max_iterations=DEFAULT_MAX_ROUNDS, tol=DEFAULT_TOL,
+                            restarts=DEFAULT_RESTARTS) -> CalibratedResult
+    calibrated_objective(As, Bts, S, Q, result, lam=0.0) -> float
 """
 from __future__ import annotations
 
@@ -27,6 +35,13 @@ from torch import Tensor
 from .aslora import DEFAULT_MAX_ITERATIONS, convert_aslora
 from .budget import (ASLORA_PLAN_RANK_FACTOR, DEFAULT_ASLORA_BUDGET, DEFAULT_RANK_RULE,
                      default_groups, plan)
+from .calibrated_aslora import convert_aslora_calibrated
+from .calibrated_shareab import convert_shareab_calibrated
+from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL, convert_sharea_calibrated
+from .calibrated_shareb import convert_shareb_calibrated
+from .calibrated_truncation import convert_lora_calibrated
+from .calibration import (DEFAULT_RIDGE, CalibratedKind, CalibratedResult, calibrated_objective,
+                          calibration_basis, input_statistics)
 from .counting import METHODS, lora_parameter_count, parameter_count
 from .factored import sites_error
 from .grouping import GROUPINGS
@@ -37,7 +52,11 @@ from .truncate import (KindTruncationPlan, TruncationPlan, TruncationResult, pla
                        truncate_factors)
 from .types import KindFactors, KindPlan, KindResult, Option
 
+CALIBRATED_METHODS = ("lora", *METHODS)
+
 __all__ = [
+    "CALIBRATED_METHODS", "DEFAULT_MAX_ROUNDS", "DEFAULT_RESTARTS", "DEFAULT_RIDGE", "DEFAULT_TOL", "CalibratedResult",
+    "calibrated_objective", "calibration_basis", "convert_kind_calibrated", "input_statistics",
     "ASLORA_PLAN_RANK_FACTOR", "DEFAULT_ASLORA_BUDGET", "DEFAULT_MAX_ITERATIONS", "DEFAULT_RANK_RULE",
     "GROUPINGS", "METHODS", "KindPlan", "KindResult", "KindTruncationPlan", "Option", "TruncationPlan",
     "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
@@ -101,3 +120,37 @@ def reconstruction_error(As: list[Tensor], Bts: list[Tensor], result: KindResult
     kind = KindFactors.from_lists(As, Bts)
     site_bs, site_as = zip(*(result.site_factors(pos) for pos in range(result.n_sites)))
     return sites_error(kind.bts, kind.as_, [b.double() for b in site_bs], [a.double() for a in site_as])
+
+
+def convert_kind_calibrated(method: str, As: list[Tensor], Bts: list[Tensor], S: list[Tensor], rank: int,
+                            groups: int | list[list[int]] | None = None, grouping: str = "any",
+                            lam: float = DEFAULT_RIDGE, regroup: bool = True,
+                            max_iterations: int = DEFAULT_MAX_ROUNDS, tol: float = DEFAULT_TOL,
+                            restarts: int = DEFAULT_RESTARTS) -> CalibratedResult:
+    """Convert one kind to ``method`` minimising the calibrated objective (calibration.py).
+
+    ``S[l]`` (p, p) is site l's input second moment in the basis ``calibration_basis(As)``; each is
+    damped by ``lam`` (ridge, relative to its mean eigenvalue). ``method`` is one of
+    ``CALIBRATED_METHODS``: "lora" truncates every site to ``rank`` (exact), "shareb" (exact),
+    "shareab" (exact within span(Q)), "sharea" and "aslora" (alternation, ``max_iterations``
+    rounds at most per start, stopping when a round gains less than ``tol`` relative; the
+    alternation has local minima, ``restarts`` adds random starts). ASLoRA needs ``groups``:
+    a count, or a partition of the sites (lists of positions); ``regroup`` lets it move sites.
+    Ranks are capped as in ``convert_kind``.
+    """
+    if method not in CALIBRATED_METHODS:
+        raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
+    if rank < 1:
+        raise ValueError(f"rank must be positive, got {rank}")
+    ck = CalibratedKind.build(As, Bts, S, lam)
+    if method == "lora":
+        return convert_lora_calibrated(ck, rank)
+    if method == "shareb":
+        return convert_shareb_calibrated(ck, rank)
+    if method == "shareab":
+        return convert_shareab_calibrated(ck, rank)
+    if method == "sharea":
+        return convert_sharea_calibrated(ck, rank, max_iterations, tol, restarts)
+    if groups is None:
+        raise ValueError("aslora needs groups (a count, see converters.default_groups, or a partition)")
+    return convert_aslora_calibrated(ck, rank, groups, grouping, regroup, max_iterations, tol, restarts)
