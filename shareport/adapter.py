@@ -68,27 +68,38 @@ def split_path(path: str) -> tuple[str, int, str] | None:
     return None
 
 
+OUTSIDE_BLOCKS = -1  # the "layer" of a module outside the numbered blocks
+
+
 def kinds_for_paths(paths: Iterable[str]) -> dict[str, tuple[str, int]]:
     """Map each path to (kind, layer).
 
     The kind is the role after the layer index ("self_attn.q_proj"). If the same role occurs
     under two containers (an encoder-decoder's encoder and decoder blocks), those are different
     kinds and get the container as a qualifier, so they are never shared with each other.
-    A module outside any block is its own kind, at layer -1.
+    A module outside any block (BERT's pooler, an LM head) is its own kind, at layer
+    ``OUTSIDE_BLOCKS`` (-1), named without the model's root container: ``bert.pooler.dense``
+    is the kind ``pooler.dense``, as the blocks' kinds carry no ``bert.encoder.layer.<i>``.
     """
     split = {p: split_path(p) for p in paths}
     prefixes_per_suffix: dict[str, set[str]] = {}
     for parts in split.values():
         if parts:
             prefixes_per_suffix.setdefault(parts[2], set()).add(parts[0])
+    roots = {parts[0].split(".")[0] for parts in split.values() if parts}
     out = {}
     for path, parts in split.items():
         if parts is None:
-            out[path] = (path, -1)
+            out[path] = (path, OUTSIDE_BLOCKS)
             continue
         prefix, layer, suffix = parts
         kind = suffix if len(prefixes_per_suffix[suffix]) == 1 else f"{prefix}.{suffix}"
         out[path] = (kind, layer)
+    taken = {kind for kind, _ in out.values()}
+    for path, parts in split.items():
+        root, _, rest = path.partition(".")
+        if parts is None and rest and root in roots and rest not in taken:
+            out[path] = (rest, OUTSIDE_BLOCKS)
     return out
 
 
@@ -179,7 +190,12 @@ class Adapter:
         return grouped
 
     def layers(self) -> list[int]:
-        return sorted({s.layer for s in self.sites.values()})
+        """Indices of the numbered blocks the adapter adapts (not modules outside them)."""
+        return sorted({s.layer for s in self.sites.values() if s.layer != OUTSIDE_BLOCKS})
+
+    def outside_kinds(self) -> list[str]:
+        """Kinds of the modules outside the numbered blocks (a pooler, an LM head)."""
+        return sorted({s.kind for s in self.sites.values() if s.layer == OUTSIDE_BLOCKS})
 
     def rank(self, path: str) -> int:
         return int(self.tensors[self.sites[path].a].shape[0])

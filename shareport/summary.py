@@ -45,6 +45,7 @@ def summarize(adapter: Adapter, file_size: int | None = None) -> dict:
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
         "layers": adapter.layers(),
+        "outside_blocks": adapter.outside_kinds(),
         "ranks": ranks,
         "parameters": adapter.num_parameters(),
         "source_parameters": source,

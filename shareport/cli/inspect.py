@@ -38,7 +38,7 @@ def render(adapter_dir: str, info: dict) -> str:
         ("form", info["form"]),
         ("base model", info["base_model"] or "(not recorded)"),
         ("task type", info["task_type"] or "(not recorded)"),
-        ("layers", _ranges(info["layers"])),
+        ("layers", " + ".join(filter(None, [_ranges(info["layers"]), *info["outside_blocks"]]))),
         ("ranks", ", ".join(map(str, info["ranks"]))),
         ("parameters", size),
         ("plain LoRA at these ranks", f"{info['lora_equivalent_parameters']:,} parameters"),
@@ -52,7 +52,8 @@ def render(adapter_dir: str, info: dict) -> str:
     ]
     parts.append(format_table(["kind", "update shape", "sites", "unique A", "unique B"], summary_rows))
     for kind, v in info["kinds"].items():
-        rows = [(row["layer"], row["rank"], row["scale"], row["B"], row["update_norm"]) for row in v["layers"]]
+        rows = [(row["layer"] if row["layer"] >= 0 else "-", row["rank"], row["scale"], row["B"], row["update_norm"])
+                for row in v["layers"]]
         parts.append(format_table(["layer", "rank", "scale", "B tensor", "||dW||_F"], rows, title=f"[{kind}]"))
     return "\n\n".join(parts)
 
