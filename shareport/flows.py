@@ -37,7 +37,7 @@ from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
 from .files.atomic import check_output
 from .plots import check_plot_path, plot_adapter
 from .summary import summarize
-from .train.jobs import REPORT_NAME, TrainingOptions, recovery_job, scratch_job
+from .train.jobs import REPORT_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
 
 __all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "generate", "inspect",
@@ -64,10 +64,10 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             allow_pickle: bool = False, plot: str | None = None, progress: bool = True) -> dict:
     """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all."""
     out = out or default_convert_output(lora_dir, to)
-    check_output(out, overwrite, [lora_dir])  # fail before the work, not after
+    adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)  # inputs first, then outputs, then the work
+    check_output(out, overwrite, [lora_dir])
     if plot:
         check_plot_path(plot, overwrite, [lora_dir])
-    adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)
     with _kind_progress(conversion_steps(adapter, to), progress) as tick:
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
                                          grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir))
@@ -110,9 +110,10 @@ def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str, ou
     """Distil ``shared_dir`` toward ``teacher_dir``; returns the training report (None on non-main processes)."""
     out = out or default_recover_output(shared_dir)
     inputs = (shared_dir, teacher_dir, base_dir, data_path)
+    student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir))
     check_output(out, overwrite, inputs)
     job = recovery_job(shared_dir, base_dir, teacher_dir, data_path, options.max_length, options.eval_fraction,
-                       options.checkpoint_folder(out), options.resume, options.merging)
+                       options.checkpoint_folder(out), options.resume, options.merging, adapters=(student, teacher))
     recipe = options.recipe(job.student, distill_weight=1.0, task_weight=lm_loss)
     entry = {"step": "finetune", "teacher": teacher_dir, "data": data_path, "steps": options.steps,
              "seed": options.seed}
@@ -127,6 +128,7 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
     if form == "aslora" and not options.merging:
         raise ShareportError("--form aslora needs --merges or --groups (how far to merge the B's)")
     inputs = (base_dir, data_path)
+    check_inputs(base_dir, data_path)
     check_output(out, overwrite, inputs)
     if not targets:
         raise ShareportError("--target needs at least one module name")

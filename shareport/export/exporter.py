@@ -30,6 +30,7 @@ from ..files.atomic import atomic_dir, check_output
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
 from ..model import attach, fold, load_base_model
+from ..model.base import read_base_config
 from . import graph_file
 from .genai_config import write_genai_config
 from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
@@ -195,12 +196,13 @@ def export(
     which carries the report). ``verify=False`` publishes without checking.
     """
     options.check()
-    check_output(out, overwrite, [adapter_dir, base_dir])  # fail before the slow part, not after
+    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)  # inputs, then outputs, then the slow part
+    read_base_config(base_dir)
+    check_output(out, overwrite, [adapter_dir, base_dir])
     dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
     report = None
     with _stages(progress, 4 + verify) as stage:
         stage("loading")
-        adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
         model = prepare_model(base_dir, adapter, options.mode, dtype)
         sig = signature_for(model, options.with_past)
         name = (lambda n: n + OLIVE_SUFFIX) if options.adapter_names == "olive" else (lambda n: n)

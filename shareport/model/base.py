@@ -76,6 +76,19 @@ def head_labels(carried: Mapping[str, torch.Tensor], config) -> int | None:
     return None
 
 
+def read_base_config(base_dir: str | os.PathLike):
+    """The base folder's transformers config: cheap, so commands check the base before any output."""
+    import transformers
+
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise ShareportError(f"{base_dir}: not a transformers model folder (no config.json)")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+    except Exception as exc:
+        raise ShareportError(f"{base_dir}/config.json: cannot read model config ({str(exc).splitlines()[0]})") from None
+
+
 def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, dtype: torch.dtype = torch.float32,
                     carried: Mapping[str, torch.Tensor] | None = None):
     """Load a transformers model from a local folder (never from a hub), in eval mode.
@@ -87,12 +100,7 @@ def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, d
     import transformers
 
     base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise ShareportError(f"{base_dir}: not a transformers model folder (no config.json)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-    except Exception as exc:
-        raise ShareportError(f"{base_dir}/config.json: cannot read model config ({str(exc).splitlines()[0]})") from None
+    config = read_base_config(base_dir)
     carried = carried or {}
     labels = head_labels(carried, config)
     if labels is not None:

@@ -38,7 +38,20 @@ class LoRALinear(nn.Module):
         return out + (x @ a.T) @ b.T * self.scale
 
 
+def _where(model: nn.Module) -> str:
+    """'<base folder>: ' for error messages (transformers keeps the folder a model came from)."""
+    folder = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return f"{folder}: " if folder else ""
+
+
 def _check_site(model: nn.Module, adapter: Adapter, site: Site) -> nn.Module:
+    try:
+        return _checked_site(model, adapter, site)
+    except ShareportError as exc:
+        raise ShareportError(f"{_where(model)}{exc}") from None
+
+
+def _checked_site(model: nn.Module, adapter: Adapter, site: Site) -> nn.Module:
     module = get_module(model, site.path)
     if isinstance(module, LoRALinear):
         raise ShareportError(f"module '{site.path}' already has an adapter attached")
@@ -107,10 +120,11 @@ def _load_extras(model: nn.Module, adapter: Adapter) -> None:
     for key, value in sorted(adapter.extra_tensors.items()):
         name = carried_parameter_name(key)
         if name not in state:
-            raise ShareportError(f"carried tensor '{key}' has no matching parameter '{name}' in the base model")
+            raise ShareportError(f"{_where(model)}carried tensor '{key}' has no matching parameter '{name}' in the base model")
         if state[name].shape != value.shape:
             raise ShareportError(
-                f"carried tensor '{key}' has shape {tuple(value.shape)}, the base model's is {tuple(state[name].shape)}"
+                f"{_where(model)}carried tensor '{key}' has shape {tuple(value.shape)}, the base model's is "
+                f"{tuple(state[name].shape)}"
             )
         with torch.no_grad():
             state[name].copy_(value.to(state[name].dtype))

@@ -16,6 +16,7 @@ from ..adapter import Adapter
 from ..errors import ShareportError
 from ..files import load_adapter
 from ..model import load_base_model
+from ..model.base import read_base_config
 from ..model.fresh import fresh_adapter
 from .accel import make_accelerator, model_dtype
 from .checkpoint import load_checkpoint
@@ -103,10 +104,21 @@ def _resume(checkpoint_dir: Path | None, resume: bool):
     return adapter, (state, tensors)
 
 
+def check_inputs(base_dir, data_path, adapter_dirs=()) -> list[Adapter]:
+    """Read what is cheap to read before any output is checked or any model loaded: the
+    adapters (returned, in order), the base folder's config and the data path's existence."""
+    adapters = [load_adapter(folder) for folder in adapter_dirs]
+    read_base_config(base_dir)
+    if not Path(data_path).exists():
+        raise ShareportError(f"{data_path}: data file not found")
+    return adapters
+
+
 def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, eval_fraction: float,
-                 checkpoint_dir: Path | None, resume: bool, merging: bool) -> Job:
-    student = load_adapter(shared_dir)
-    teacher_adapter = load_adapter(teacher_dir)
+                 checkpoint_dir: Path | None, resume: bool, merging: bool,
+                 adapters: tuple[Adapter, Adapter] | None = None) -> Job:
+    """``adapters``: the student and teacher already read by :func:`check_inputs` (else read here)."""
+    student, teacher_adapter = adapters or (load_adapter(shared_dir), load_adapter(teacher_dir))
     check_pair(teacher_adapter, student)
     resumed, state = _resume(checkpoint_dir, resume)
     if resumed is not None:
