@@ -20,6 +20,9 @@ as is).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -34,10 +37,12 @@ from .export.ort_adapter import adapter_arrays, check_fits, match_names, read_on
 from .export.verify import FP16_RTOL, FP32_ATOL, Report
 from .export.verify import verify as verify_graph
 from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
-from .files.atomic import check_output
-from .plots import check_plot_path, plot_adapter
+from .files.atomic import MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, check_output
+from .files.folder import dump_json
+from .plots import check_plot_path, has_matplotlib, plot_adapter, plot_frontier
 from .summary import summarize
 from .train.jobs import REPORT_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
+from .train.frontier import DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, smallest_keeping
 from .train.recipe import run, with_provenance
 
 __all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "generate", "inspect",
@@ -201,3 +206,78 @@ def generate(graph_dir: str, prompt: str, adapters: list[str] | tuple = (), *, m
 def doctor() -> dict:
     """Versions of torch, transformers, ONNX Runtime (and genai), providers that work, clashes."""
     return doctor_report()
+
+
+def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_path: str | None = None,
+             budgets=DEFAULT_BUDGETS, forms=FORMS, recover_steps: int = 0, keep: float = 0.99,
+             options: TrainingOptions = TrainingOptions(), overwrite: bool = False, progress: bool = True) -> dict:
+    """Every form at every budget, evaluated (and recovered) against the LoRA; a table's worth of
+    points, the Pareto front, and the smallest point keeping ``keep`` of the LoRA's fidelity.
+
+    Finished points are kept in ``<out>.cache`` (a folder of ours), so a rerun with the same
+    inputs resumes where an interrupted one stopped; the output folder appears at the end.
+    """
+    budgets = check_budgets(budgets)
+    unknown = sorted(set(forms) - set(FORMS))
+    if unknown or not forms:
+        raise ShareportError(f"--forms: unknown form '{unknown[0] if unknown else ''}' (known: {', '.join(FORMS)})")
+    if not 0 < keep <= 1:
+        raise ShareportError(f"--keep must be in (0, 1], got {keep}")
+    inputs = [lora_dir, base_dir, data_path] + ([eval_path] if eval_path else [])
+    (lora,) = check_inputs(base_dir, data_path, (lora_dir,))
+    if eval_path and not Path(eval_path).is_file():
+        raise ShareportError(f"{eval_path}: evaluation file not found")
+    check_output(out, overwrite, inputs)
+    job = recovery_job(lora_dir, base_dir, lora_dir, data_path, options.max_length, options.eval_fraction, None,
+                       False, False, adapters=(lora, lora), eval_path=eval_path)
+    cache = _PointCache(Path(f"{str(out).rstrip('/')}.cache"), {
+        "lora": weights_sha256(lora_dir), "base": str(Path(base_dir).resolve()), "data": str(data_path),
+        "eval": eval_path, "options": dataclasses.asdict(options)})
+    from tqdm import tqdm
+
+    with tqdm(total=len(forms) * len(budgets), desc="frontier", unit="point", file=sys.stderr,
+              disable=None if progress else True) as bar:
+        def tick(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        reference, points = measure(job, lora, forms, budgets, options, recover_steps, cache.get, cache.put, tick)
+    labelled = reference.get("accuracy") is not None
+    front, chosen = pareto(points), smallest_keeping(points, keep)
+    data = {
+        "output": str(out), "lora_parameters": lora.num_parameters(), "budgets": list(budgets), "forms": list(forms),
+        "recover_steps": recover_steps, "keep": keep, "fidelity": "accuracy / LoRA accuracy" if labelled else
+        "top-1 agreement with the LoRA", "lora": reference, "points": [p.to_dict() for p in points],
+        "pareto": [p.to_dict() for p in front], "smallest_keeping": chosen.to_dict() if chosen else None,
+    }
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        (tmp / "frontier.json").write_text(dump_json(data), encoding="utf-8")
+        if has_matplotlib():
+            plot_frontier(points, front, chosen, tmp / "frontier.png",
+                          "accuracy relative to the LoRA" if labelled else "top-1 agreement with the LoRA", keep)
+    if has_matplotlib():
+        data["plot"] = str(Path(out) / "frontier.png")
+    return data
+
+
+class _PointCache:
+    """Finished frontier points, one JSON file each, valid only for the same inputs (``key``)."""
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder = folder
+        self.key = hashlib.sha256(dump_json(key).encode()).hexdigest()[:16]
+
+    def get(self, name: str):
+        path = self.folder / f"{self.key}-{name}.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def put(self, name: str, data) -> None:
+        if not self.folder.exists():
+            self.folder.mkdir()
+            (self.folder / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
+        elif not (self.folder / MARKER_NAME).is_file():
+            raise ShareportError(f"{self.folder}: a folder shareport did not write is where the frontier keeps its "
+                                 "cache; move it away")
+        with atomic_file(self.folder / f"{self.key}-{name}.json", overwrite=True,
+                         owned=lambda p: True) as tmp:  # our cache folder, our files
+            tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")

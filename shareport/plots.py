@@ -39,6 +39,13 @@ def energy_curve(adapter: Adapter, paths: list[str]) -> torch.Tensor:
     return spectrum.cumsum(0) / total if total > 0 else torch.ones_like(spectrum)
 
 
+def has_matplotlib() -> bool:
+    """Whether figures can be drawn (matplotlib is an optional extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -109,9 +116,41 @@ def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | No
             ax.axvline(ranks[kind], color="red", ls="--", label=f"chosen rank {ranks[kind]}")
             ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, ylabel: str, keep: float) -> Path:
+    """Fidelity against percent of the LoRA's parameters: one line per form (converted points
+    filled, recovered points hollow), the Pareto front as a step line, the chosen point ringed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab10")
+    for i, form in enumerate(sorted({p.form for p in points})):
+        for recovered, style in ((False, dict(marker="o")), (True, dict(marker="o", mfc="none", ls="--"))):
+            pts = sorted((p for p in points if p.form == form and p.recovered == recovered), key=lambda p: p.ratio)
+            if pts:
+                ax.plot([100 * p.ratio for p in pts], [p.fidelity for p in pts], color=colors(i), **style,
+                        label=f"{form}{' recovered' if recovered else ''}")
+    if front:
+        ax.step([100 * p.ratio for p in front], [p.fidelity for p in front], where="post", color="black", lw=1,
+                alpha=0.6, label="Pareto front")
+    if chosen is not None:
+        ax.scatter([100 * chosen.ratio], [chosen.fidelity], s=220, facecolors="none", edgecolors="red", lw=2,
+                   label=f"smallest keeping {keep:g}")
+    ax.axhline(keep, color="red", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters, % of the source LoRA (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> Path:
+    """Write the figure atomically (its path was checked before the work began) and close it."""
     fig.tight_layout()
     try:
-        with atomic_file(path, overwrite=True, what="--plot", owned=_is_our_figure) as tmp:
+        with atomic_file(path, overwrite=True, what="figure", owned=_is_our_figure) as tmp:
             # no matplotlib version stamp (same input, same bytes); our name marks the file as ours
             fig.savefig(tmp, dpi=90, metadata={"Software": _SOFTWARE})
     finally:

@@ -23,6 +23,7 @@ import click
 from .. import flows
 from ..export.exporter import ExportOptions
 from ..files.atomic import atomic_dir
+from ..plots import has_matplotlib
 from ..train.jobs import TrainingOptions
 from .assets import build_base, corpus
 
@@ -66,7 +67,7 @@ def _steps(out: Path, export: bool) -> dict:
     reports["train"] = flows.train("lora", str(base), TARGETS, RANK, str(data), str(out / "lora"), alpha=2.0 * RANK,
                                    options=_recipe(TRAIN_STEPS))
     step("converting the LoRA to ASLoRA")
-    figure = str(out / "aslora.png") if _has_matplotlib() else None
+    figure = str(out / "aslora.png") if has_matplotlib() else None
     reports["convert"] = flows.convert(str(out / "lora"), "aslora", str(out / "aslora"), plot=figure, progress=False)
     step("recovering the ASLoRA by distillation toward the LoRA")
     reports["finetune"] = flows.recover(str(out / "aslora"), str(base), str(out / "lora"), str(data),
@@ -78,12 +79,6 @@ def _steps(out: Path, export: bool) -> dict:
                                                      ExportOptions(mode=mode))
             reports[f"export_{mode}"]["latency_ms"] = ort_latency_ms(out / f"onnx-{mode}")
     return reports
-
-
-def _has_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
 
 
 def ort_latency_ms(graph_dir: Path, batch: int = 1, seq: int = 32, rounds: int = 10) -> float:

@@ -87,12 +87,18 @@ def _base_model(base_dir, task_type, acc, carried=None):
     return model
 
 
-def _data(data_path, base_dir, max_length: int, eval_fraction: float):
+def _data(data_path, base_dir, max_length: int, eval_fraction: float, eval_path=None):
+    """(train, held-out, record): the data's fixed held-out split, or all of it for training and
+    the labelled ``eval_path`` for evaluation."""
     data = load_data(data_path, base_dir, max_length)
-    train, heldout = split_heldout(data, eval_fraction)
-    inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length,
-              "eval_fraction": eval_fraction}
-    return train, heldout, inputs
+    inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length}
+    if eval_path is None:
+        train, heldout = split_heldout(data, eval_fraction)
+        return train, heldout, {**inputs, "eval_fraction": eval_fraction}
+    heldout = load_data(eval_path, base_dir, max_length)
+    if heldout.labels is None:
+        raise ShareportError(f"{eval_path}: the evaluation rows have no 'label' field, which accuracy needs")
+    return data, heldout, {**inputs, "eval": str(eval_path), "eval_examples": len(heldout)}
 
 
 def _resume(checkpoint_dir: Path | None, resume: bool):
@@ -116,7 +122,7 @@ def check_inputs(base_dir, data_path, adapter_dirs=()) -> list[Adapter]:
 
 def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, eval_fraction: float,
                  checkpoint_dir: Path | None, resume: bool, merging: bool,
-                 adapters: tuple[Adapter, Adapter] | None = None) -> Job:
+                 adapters: tuple[Adapter, Adapter] | None = None, eval_path=None) -> Job:
     """``adapters``: the student and teacher already read by :func:`check_inputs` (else read here)."""
     student, teacher_adapter = adapters or (load_adapter(shared_dir), load_adapter(teacher_dir))
     check_pair(teacher_adapter, student)
@@ -124,7 +130,7 @@ def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, 
     if resumed is not None:
         check_pair(teacher_adapter, resumed)
     acc = make_accelerator(merging)
-    train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
+    train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction, eval_path)
     model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc, teacher_adapter.extra_tensors)
     teacher = Teacher(model, teacher_adapter)
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})

@@ -69,6 +69,7 @@ class Job:
     inputs: dict  # paths and sizes recorded in the fingerprint and the report
     checkpoint_dir: Path | None = None
     resume_state: tuple[dict, dict] | None = None  # (JSON state, tensors) of the checkpoint
+    progress: bool = True  # the training bar (off when a caller shows its own, e.g. the frontier)
 
 
 def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:
@@ -98,7 +99,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     share = recipe.batch_size // acc.num_processes
     rank = acc.process_index
 
-    progress = _progress(acc, recipe.steps, start)
+    progress = _progress(acc, recipe.steps, start, job.progress)
     started, tokens, last_loss = time.perf_counter(), 0, float("nan")
     for step in range(start, recipe.steps):
         indices = order.batch(step)[rank * share:(rank + 1) * share]
@@ -128,6 +129,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
 
     after = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
     trained = student.to_adapter()
+    student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
     report = _report(job, recipe, before, after, trained, merger, acc, last_loss, tokens, elapsed)
     return trained, report
 
@@ -162,6 +164,17 @@ def _normalised(loss_sum: torch.Tensor, count: int, acc) -> torch.Tensor:
     return loss_sum / global_count.clamp(min=1) * acc.num_processes
 
 
+def evaluate_adapter(job: Job, adapter: Adapter, batch_size: int) -> dict:
+    """Held-out metrics of ``adapter`` on the job's base against its teacher, without training."""
+    model = job.model
+    student = attach(model, adapter, trainable=False, dtype=torch.float32)
+    try:
+        return evaluate(model, student, job.teacher, job.heldout, batch_size, pad_token_id(model.config),
+                        is_causal_lm(model), job.accelerator)
+    finally:
+        student.detach()
+
+
 @torch.no_grad()
 def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenData, batch_size: int, pad: int,
              causal: bool, acc) -> dict:
@@ -187,11 +200,11 @@ def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenDa
     return totals.report(causal, has_teacher=teacher is not None)
 
 
-def _progress(acc, total: int, initial: int):
+def _progress(acc, total: int, initial: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
-                disable=not acc.is_local_main_process or os.environ.get("SHAREPORT_NO_PROGRESS") == "1")
+                disable=not (enabled and acc.is_local_main_process) or os.environ.get("SHAREPORT_NO_PROGRESS") == "1")
 
 
 def _checkpoint(job: Job, student: Attached, optimizer, merger, fingerprint, before, order, t: int) -> None:

@@ -1,0 +1,81 @@
+"""``shareport frontier LORA --base BASE --data DATA -o OUT``: which form and size to ship."""
+
+from __future__ import annotations
+
+import click
+
+from .. import flows
+from ..train.frontier import DEFAULT_BUDGETS, FORMS
+from ..train.jobs import TrainingOptions
+from .options import json_option
+from .table import format_table, to_json
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@click.command("frontier")
+@click.argument("lora_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The base model folder (with its tokenizer, unless DATA is tokenized).")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=str),
+              help="Text, .jsonl (with 'label' for accuracy) or tokenized folder: recovery trains on it and, "
+                   "without --eval, its fixed held-out split scores every point.")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="A labelled .jsonl to score every point on (accuracy, KL and agreement) instead.")
+@click.option("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS), show_default=True,
+              help="Sizes to try, as fractions of the LoRA's parameters, in (0, 1.5].")
+@click.option("--forms", default=",".join(FORMS), show_default=True,
+              help="Forms to try ('lora' is the LoRA truncated per site).")
+@click.option("--recover-steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also recover every point for N distillation steps (shareport finetune's recipe) and score it again.")
+@click.option("--keep", default=0.99, show_default=True, type=float,
+              help="Name the smallest point keeping this share of the LoRA's accuracy (or top-1 agreement).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Output folder: frontier.json and frontier.png.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Recovery: AdamW learning rate.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Recovery and scoring batch.")
+@click.option("--max-length", default=128, show_default=True, type=int, help="Tokens per example, at most.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the recovery batch order.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if an earlier shareport run wrote it.")
+@json_option
+def frontier_cmd(lora_dir, base_dir, data_path, eval_path, budgets, forms, recover_steps, keep, out, lr, batch_size,
+                 max_length, seed, overwrite, as_json) -> None:
+    """Convert LORA_DIR into every form at every budget, score each against the LoRA on held-out
+    data (and again after --recover-steps of recovery), and name the smallest that keeps --keep.
+
+    Writes frontier.json (every point) and frontier.png (fidelity against size, one line per
+    form, recovered points hollow, the Pareto front drawn). Finished points are cached in
+    OUTPUT.cache, so an interrupted run picks up where it stopped.
+    """
+    options = TrainingOptions(lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
+    data = flows.frontier(lora_dir, base_dir, data_path, out, eval_path=eval_path, budgets=_floats(budgets),
+                          forms=tuple(f.strip() for f in forms.split(",") if f.strip()), recover_steps=recover_steps,
+                          keep=keep, options=options, overwrite=overwrite, progress=not as_json)
+    click.echo(to_json(data) if as_json else render(data))
+
+
+def render(data: dict) -> str:
+    front = {(p["form"], p["budget"], p["recovered"]) for p in data["pareto"]}
+    rows = [(p["form"], f"{p['budget']:g}", f"{p['parameters']:,}", f"{p['ratio']:.1%}",
+             f"after {p['steps']}" if p["recovered"] else "converted", p["kl"], p["top1_agreement"],
+             "-" if p["accuracy"] is None else p["accuracy"], p["fidelity"],
+             "*" if (p["form"], p["budget"], p["recovered"]) in front else "")
+            for p in data["points"]]
+    lora = data["lora"]
+    head = f"LoRA: {data['lora_parameters']:,} parameters"
+    if lora.get("accuracy"):
+        head += f", accuracy {lora['accuracy']['student']:.4g}"
+    table = format_table(["form", "budget", "params", "of LoRA", "state", "KL", "top-1", "accuracy",
+                          "fidelity", "front"], rows)
+    chosen = data["smallest_keeping"]
+    verdict = (f"smallest keeping {data['keep']:g} of the LoRA's {data['fidelity']}: {chosen['form']} at "
+               f"{chosen['ratio']:.1%} ({chosen['parameters']:,} parameters"
+               f"{', recovered' if chosen['recovered'] else ''})" if chosen else
+               f"no point keeps {data['keep']:g} of the LoRA's {data['fidelity']}")
+    tail = f"\nwrote {data['output']}" + (f" (figure: {data['plot']})" if data.get("plot") else "")
+    return f"{head}\n{table}\n{verdict}{tail}"

@@ -1,0 +1,128 @@
+"""``shareport frontier``: how faithful each form is at each size, before and after recovery.
+
+For every form (truncated LoRA, ShareA, ShareB, ShareAB, ASLoRA) and budget (a fraction of the
+source LoRA's parameters) the LoRA is converted with the same code as ``shareport convert``,
+evaluated on held-out data against the LoRA (KL, top-1 agreement, and accuracy when the data
+has labels), and optionally recovered for N steps with the same recipe as ``shareport
+finetune`` and evaluated again. One base model and one teacher serve every point.
+
+The fidelity of a point is its accuracy relative to the LoRA's (labelled data), else its top-1
+agreement with the LoRA. The Pareto front is the set of points no other point beats in both
+size and fidelity; the answer to "what should I ship" is the smallest point keeping ``keep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from ..adapter import Adapter
+from ..convert import convert_adapter
+from ..errors import ShareportError
+from .jobs import TrainingOptions
+from .recipe import Job, evaluate_adapter, run
+
+FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
+DEFAULT_BUDGETS = (0.05, 0.1, 0.25, 0.5)
+MAX_BUDGET = 1.5
+
+
+def check_budgets(budgets) -> tuple[float, ...]:
+    budgets = tuple(sorted(set(float(b) for b in budgets)))
+    bad = [b for b in budgets if not 0 < b <= MAX_BUDGET]
+    if not budgets or bad:
+        raise ShareportError(f"--budgets must be fractions in (0, {MAX_BUDGET}], got {bad[0] if bad else 'none'}")
+    return budgets
+
+
+@dataclasses.dataclass
+class Point:
+    form: str
+    budget: float
+    recovered: bool
+    steps: int
+    parameters: int
+    ratio: float  # of the source LoRA's parameters
+    max_relative_error: float  # of the projection, its worst kind (Frobenius)
+    kl: float | None
+    top1_agreement: float | None
+    accuracy: float | None
+    fidelity: float  # accuracy / LoRA accuracy, else top-1 agreement
+    seconds: float  # conversion (+ recovery) wall time
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fidelity(metrics: dict, lora_accuracy: float | None) -> tuple[float | None, float]:
+    accuracy = metrics.get("accuracy", {}).get("student")
+    if accuracy is not None and lora_accuracy:
+        return accuracy, accuracy / lora_accuracy
+    if "top1_agreement" not in metrics:
+        raise ShareportError("frontier needs a model with logits (a causal LM or a classifier) to score fidelity")
+    return accuracy, metrics["top1_agreement"]
+
+
+def measure(job: Job, lora: Adapter, forms, budgets, options: TrainingOptions, recover_steps: int,
+            cached: Callable[[str], dict | None], store: Callable[[str, dict], None],
+            progress: Callable[[str], None]) -> tuple[dict, list[Point]]:
+    """Every (form, budget) point, converted and, with ``recover_steps``, recovered.
+
+    ``cached(key)``/``store(key, data)`` keep finished points so an interrupted run resumes.
+    Returns the LoRA's own metrics and the points.
+    """
+    reference = cached("lora-reference") or evaluate_adapter(job, lora, options.batch_size)
+    store("lora-reference", reference)
+    lora_accuracy = reference.get("accuracy", {}).get("student")
+    points = []
+    for form in forms:
+        for budget in budgets:
+            key = f"{form}-{budget:g}-{recover_steps}"
+            data = cached(key)
+            if data is None:
+                data = [p.to_dict() for p in _point(job, lora, form, budget, options, recover_steps, lora_accuracy)]
+                store(key, data)
+            points += [Point(**d) for d in data]
+            progress(key)
+    return reference, points
+
+
+def _point(job, lora, form, budget, options, recover_steps, lora_accuracy) -> list[Point]:
+    started = time.perf_counter()
+    try:
+        converted, report = convert_adapter(lora, form, budget=budget)
+    except ShareportError:
+        return []  # the budget cannot pay for this form (e.g. ShareAB's shared pair); no point
+    seconds = time.perf_counter() - started
+    before = evaluate_adapter(job, converted, options.batch_size)
+    accuracy, fidelity = _fidelity(before, lora_accuracy)
+    common = dict(form=form, budget=budget, parameters=report.parameters_after, ratio=report.ratio,
+                  max_relative_error=max((k.relative_error for k in report.kinds), default=0.0))
+    out = [Point(recovered=False, steps=0, kl=before.get("kl"), top1_agreement=before.get("top1_agreement"),
+                 accuracy=accuracy, fidelity=fidelity, seconds=seconds, **common)]
+    if recover_steps:
+        started = time.perf_counter()
+        recipe = dataclasses.replace(options, steps=recover_steps).recipe(converted, distill_weight=1.0, task_weight=0.0)
+        _, training = run(dataclasses.replace(job, student=converted, progress=False), recipe)
+        after = training["after"]
+        accuracy, fidelity = _fidelity(after, lora_accuracy)
+        out.append(Point(recovered=True, steps=recover_steps, kl=after.get("kl"),
+                         top1_agreement=after.get("top1_agreement"), accuracy=accuracy, fidelity=fidelity,
+                         seconds=seconds + time.perf_counter() - started, **common))
+    return out
+
+
+def pareto(points: list[Point]) -> list[Point]:
+    """Points that no other point beats in both size (fewer parameters) and fidelity, by size."""
+    front, best = [], float("-inf")
+    for p in sorted(points, key=lambda p: (p.parameters, -p.fidelity)):
+        if p.fidelity > best:
+            front.append(p)
+            best = p.fidelity
+    return front
+
+
+def smallest_keeping(points: list[Point], keep: float) -> Point | None:
+    good = [p for p in points if p.fidelity >= keep]
+    return min(good, key=lambda p: (p.parameters, -p.fidelity)) if good else None

@@ -1,0 +1,118 @@
+"""`shareport frontier`: every form x budget scored against the LoRA, the Pareto front, the
+smallest point keeping --keep, resumable, and clean refusals."""
+
+import json
+
+import pytest
+import torch
+
+from shareport.convert import convert_adapter
+from shareport.files import load_adapter
+from shareport.model import attach, load_base_model
+from shareport.train.data import collate, load_data, pad_token_id, split_heldout
+from shareport.train.frontier import Point, pareto, smallest_keeping
+from tests.training_helpers import recovery_setup
+
+ARGS = ("--budgets", "0.25,0.5", "--forms", "lora,sharea", "--max-length", 16, "--batch-size", 4)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return recovery_setup(tmp_path_factory.mktemp("frontier"), layers=2, lines=48)
+
+
+@pytest.fixture(scope="module")
+def run(setup, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from shareport.cli.main import main
+
+    out = tmp_path_factory.mktemp("fr") / "out"
+    r = CliRunner().invoke(main, [str(a) for a in ("frontier", setup["lora"], "--base", setup["base"], "--data",
+                                                    setup["text"], *ARGS, "--recover-steps", 2, "-o", out, "--json")])
+    assert r.exit_code == 0, r.output
+    return out, json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def _kl(setup, adapter) -> float:
+    """KL(LoRA || adapter) per position on the held-out split, computed here from logits."""
+    base = setup["base"]
+    heldout = split_heldout(load_data(setup["text"], base, 16), 0.1)[1]
+    model = load_base_model(base)
+    batch = collate(heldout, list(range(len(heldout))), pad_token_id(model.config))
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        handle = attach(model, load_adapter(setup["lora"]))
+        teacher = model(**batch).logits[mask].log_softmax(-1)
+        handle.detach()
+        handle = attach(model, adapter)
+        student = model(**batch).logits[mask].log_softmax(-1)
+        handle.detach()
+    return float((teacher.exp() * (teacher - student)).sum(-1).mean())
+
+
+def test_every_point_is_scored_and_the_converted_kl_is_independent(run, setup):
+    out, data = run
+    assert {(p["form"], p["budget"], p["recovered"]) for p in data["points"]} == {
+        (f, b, r) for f in ("lora", "sharea") for b in (0.25, 0.5) for r in (False, True)}
+    lora = load_adapter(setup["lora"])
+    for p in data["points"]:
+        assert p["parameters"] <= p["budget"] * lora.num_parameters() + 1
+        if not p["recovered"] and p["budget"] == 0.25:
+            converted, _ = convert_adapter(lora, p["form"], budget=0.25)
+            assert p["kl"] == pytest.approx(_kl(setup, converted), rel=1e-3, abs=1e-7)
+    recovered = {(p["form"], p["budget"]): p["kl"] for p in data["points"] if p["recovered"]}
+    assert any(recovered[k] < p["kl"] for p in data["points"] if not p["recovered"]
+               for k in [(p["form"], p["budget"])]), "recovery should lower some KL"
+    saved = json.loads((out / "frontier.json").read_text())
+    assert saved["points"] == data["points"]
+    if data.get("plot"):
+        assert (out / "frontier.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_pareto_and_smallest_keeping_are_right():
+    def pt(params, fid):
+        return Point("sharea", 0.1, False, 0, params, params / 100, 0.0, None, None, None, fid, 0.0)
+
+    points = [pt(10, 0.5), pt(20, 0.4), pt(20, 0.9), pt(30, 0.95), pt(40, 0.9), pt(5, 0.1)]
+    front = pareto(points)
+    assert [(p.parameters, p.fidelity) for p in front] == [(5, 0.1), (10, 0.5), (20, 0.9), (30, 0.95)]
+    for p in points:  # every point off the front is dominated by a point on it
+        if p not in front:
+            assert any(q.parameters <= p.parameters and q.fidelity >= p.fidelity for q in front)
+    assert (smallest_keeping(points, 0.9).parameters, smallest_keeping(points, 0.9).fidelity) == (20, 0.9)
+    assert smallest_keeping(points, 0.99) is None
+
+
+def test_a_rerun_reuses_the_cached_points(run, setup, tmp_path, cli):
+    out, data = run
+    r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], *ARGS, "--recover-steps", 2,
+            "-o", out, "--overwrite", "--json")
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout[r.stdout.index("{"):])
+    assert again["points"] == data["points"]  # seconds included: the points were read back, not remeasured
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budgets", "0,0.5"], "--budgets"),
+    (["--budgets", "1.6"], "--budgets"),
+    (["--keep", "1.5"], "--keep"),
+    (["--forms", "nope"], "unknown form"),
+])
+def test_bad_options_are_refused(extra, message, setup, tmp_path, cli):
+    r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], *extra, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and message in r.output and not (tmp_path / "o").exists()
+
+
+def test_eval_rows_without_labels_and_a_foreign_base_are_refused(setup, tmp_path, cli):
+    (tmp_path / "eval.jsonl").write_text('{"text": "no label here"}\n{"text": "nor here"}\n')
+    r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], "--eval",
+            tmp_path / "eval.jsonl", *ARGS, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and "label" in r.output and str(tmp_path / "eval.jsonl") in r.output
+    from tests.tiny import tiny_gpt2
+    from tests.training_helpers import save_base
+
+    save_base(tiny_gpt2(layers=2), tmp_path / "gpt2")
+    r = cli("frontier", setup["lora"], "--base", tmp_path / "gpt2", "--data", setup["text"], *ARGS, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and str(tmp_path / "gpt2") in r.output
+    assert not (tmp_path / "o").exists()
