@@ -139,6 +139,12 @@ def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, yl
                    label=f"smallest keeping {keep:g}")
     ax.axhline(keep, color="red", ls=":", lw=1)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    percent = FuncFormatter(lambda v, _: f"{v:g}%")
+    ax.xaxis.set_major_formatter(percent)
+    ax.xaxis.set_minor_formatter(percent)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("parameters, % of the source LoRA (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
