@@ -39,7 +39,7 @@ def main() -> None:
     Typical flow:
       shareport convert LORA --to aslora -o SHARED          exact shared projection
       shareport finetune SHARED --base BASE --teacher LORA --data TEXT -o RECOVERED
-      shareport export RECOVERED --base BASE --onnx OUT --mode adapter   (verifies)
+      shareport export RECOVERED --base BASE -o OUT --mode adapter       (verifies)
     Try it on built-in material first: shareport demo
     """
 
