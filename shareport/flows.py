@@ -37,7 +37,7 @@ from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
 from .files.atomic import check_output
 from .plots import check_plot_path, plot_adapter
 from .summary import summarize
-from .train.jobs import REPORT_NAME, TrainingOptions, recovery_job, scratch_job
+from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
 
 __all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "generate", "inspect",
@@ -138,13 +138,15 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
 
 
 def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tuple[str, ...]) -> dict | None:
-    """Run the recipe; the main process writes the adapter (with its history) and the report."""
+    """Run the recipe; the main process writes the adapter (with its history), the report (the same bytes for
+    the same inputs) and the timings (which are not)."""
     adapter, report = run(job, recipe)
     if not job.accelerator.is_main_process:
         return None
     entry = {**entry, **{k: report[k] for k in keep}}
+    reproducible = {k: v for k, v in report.items() if k != "timings"}
     save_adapter(with_provenance(adapter, entry), out, overwrite=overwrite, inputs=inputs,
-                 reports={REPORT_NAME: report})
+                 reports={REPORT_NAME: reproducible, TIMINGS_NAME: report["timings"]})
     return report
 
 
