@@ -106,3 +106,17 @@ def test_resume_refuses_other_options(setup, tmp_path, cli):
             "-o", tmp_path / "o", "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 1]
     assert cli(*args, "--steps", 2).exit_code == 0
     _one_line_error(cli(*args, "--steps", 3, "--lr", 0.5, "--resume", "--overwrite"), "checkpoint was made with lr=")
+
+
+def test_short_run_with_default_merge_schedule_merges_within_the_steps(tmp_path, cli):
+    """6 layers, 5 merges per kind in 5 steps: the default T_s moves to 0 (it used to refuse)."""
+    paths = recovery_setup(tmp_path, layers=6, lines=40)
+    args = ["finetune", paths["shared"], "--base", paths["base"], "--teacher", paths["lora"], "--data", paths["text"],
+            "--batch-size", 2, "--max-length", 16, "--merges", 5]
+    r = cli(*args, "-o", tmp_path / "o", "--steps", 5)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "o" / "training_report.json").read_text())
+    assert sorted({e["step"] for e in report["merges"]}) == [1, 2, 3, 4, 5]
+    assert set(report["groups"].values()) == {1}
+    _one_line_error(cli(*args, "-o", tmp_path / "o2", "--steps", 4), "--steps 4 is too short for 5 merge(s) per kind")
+    assert not (tmp_path / "o2").exists()

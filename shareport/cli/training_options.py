@@ -26,7 +26,7 @@ _RECIPE_OPTIONS = [
     click.option("--resume", is_flag=True, help="Continue from the checkpoint folder (same options required)."),
     click.option("--merges", type=int, default=None, help="ASLoRA: merges per kind during training."),
     click.option("--groups", type=int, default=None, help="ASLoRA: or the number of B groups per kind to end with."),
-    click.option("--merge-start", type=int, default=None, help="ASLoRA T_s: first merge after this step [steps/4]."),
+    click.option("--merge-start", type=int, default=None, help="ASLoRA T_s: first merge after this step [steps/4, earlier when the merges would not fit]."),
     click.option("--merge-every", type=int, default=None, help="ASLoRA m: steps between merges [spread over half the run]."),
     click.option("--merge-mode", type=click.Choice(MODES), default="tie", show_default=True,
                  help="tie: the lower layer takes the upper's B (the paper); mean: both take the mean."),
