@@ -98,7 +98,12 @@ def test_bad_inputs_fail_with_one_line(setup, tmp_path, cli):
                         "--merges", 1), "one shared A per kind")
     _one_line_error(cli("finetune", setup["shared"], *common, "--data", setup["text"], "-o", tmp_path / "o8",
                         "--merges", 1, "--merge-start", 5), "merge schedule ends at step 6")
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
+    (tmp_path / "not-tokens").mkdir()
+    (tmp_path / "not-tokens" / "train.txt").write_text("hello\n")
+    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "not-tokens", "-o", tmp_path / "o9"),
+                    "not-tokens: a folder without tokens.safetensors: give a text file (one example a line), a "
+                    ".jsonl with 'text', or a folder written by shareport.train.data.save_tokenized")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 10))
 
 
 def test_resume_refuses_other_options(setup, tmp_path, cli):
