@@ -47,3 +47,23 @@ def test_convert_writes_with_every_spelling(flag, tmp_path, cli):
     r = cli("convert", tmp_path / "lora", "--to", "sharea", flag, tmp_path / "shared")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "shared" / "adapter_config.json").is_file()
+
+
+def test_commands_hide_the_libraries_harmless_deprecation_notices():
+    import warnings
+
+    import click
+    from click.testing import CliRunner
+
+    from shareport.cli.main import _Group
+
+    @click.command("noisy")
+    def noisy():
+        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert CliRunner().invoke(_Group(commands={"noisy": noisy}), ["noisy"]).exit_code == 0
+    assert [str(w.message) for w in seen] == ["something else"]

@@ -101,6 +101,13 @@ def test_export_adapter_swaps_in_an_adapter_of_another_rank(qwen, cli):
     assert again.exit_code != 0 and "--overwrite" in again.output
 
 
+def test_shareport_sessions_do_not_log_the_adapter_slot_notice(qwen, capfd):
+    """ORT warns that each adapter slot is an initializer that is also an input (that is what makes it
+    overridable); shareport's own sessions log errors only."""
+    runtime.session(qwen.embedded / graph_file.GRAPH_NAME)
+    assert "appears in graph inputs" not in capfd.readouterr().err
+
+
 def test_export_adapter_file_follows_the_umask(qwen, cli):
     old = os.umask(0o022)
     try:
