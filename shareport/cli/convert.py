@@ -27,7 +27,7 @@ from .options import allow_pickle_option, json_option, output_option, overwrite_
                    "of its energy, e.g. 0.99.")
 @click.option("--budget", type=float, default=None,
               help="Instead of --rank: a fraction of the source LoRA's parameters, e.g. 0.25, spent across kinds "
-                   "where the error drops most per parameter (aslora: between rank and groups; lora: between "
+                   "for the least total error, chosen exactly (aslora: between rank and groups; lora: between "
                    "sites, optimally; a site cut to rank 0 is dropped, no longer adapted). Values above 1 are "
                    "allowed: a shared rank may exceed the LoRA's r. Default for aslora with no --rank or --energy: "
                    f"{DEFAULT_ASLORA_BUDGET} (the paper's setting).")
