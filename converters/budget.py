@@ -7,7 +7,7 @@ Three modes, exclusive:
   f (if none does, e.g. ShareAB whose error cannot fall below the sites' scatter around their
   mean, the setting with the least error);
 - ``budget=f``: a parameter budget of f times the LoRA's parameter count over all kinds, spent
-  greedily where the error falls most per parameter (see ``spend_budget``).
+  for the least total error, exactly (a knapsack over the kinds' options, see ``spend_budget``).
 
 Defaults (no mode given), cited by the CLI's help:
 - every form: rank = the largest LoRA rank of the kind (``DEFAULT_RANK_RULE``);
@@ -111,35 +111,44 @@ def pareto_front(options: list[Option]) -> list[Option]:
 
 
 def spend_budget(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option]:
-    """Pick one option per kind with total parameters <= ``budget``, aiming at the least total error.
+    """One option per kind with total parameters <= ``budget`` and the least total error: exact.
 
-    Every kind starts at its cheapest option; then, repeatedly, the affordable upgrade (to any
-    dearer option on the kind's Pareto front) with the largest error decrease per added parameter
-    is taken, until none fits. On convex fronts (sharea/shareb/shareab, whose spectra fall) this
-    is the classic greedy; jumping past the next point also handles ASLoRA's non-convex fronts.
+    A multiple-choice knapsack solved by dynamic programming over the kinds (sorted by name): the
+    states after each kind are the Pareto front of (parameters spent, error so far), each with a
+    pointer to the option that made it; a state that cannot leave room for the remaining kinds'
+    cheapest options is dropped. Only Pareto-optimal options of a kind can be in an optimum, and
+    a dominated partial sum cannot lead to a better total, so the last front's least error is the
+    optimum. Ties go to the fewer parameters. The states are at most the distinct parameter totals
+    within the budget; on a LLaMA-7B-shaped ASLoRA (7 kinds, 32 layers, ranks 1-32 x groups 1-32)
+    this takes about a second.
     """
     fronts = {name: pareto_front(opts) for name, opts in options.items()}
-    choice = {name: 0 for name in fronts}
-    spent = sum(front[0].params for front in fronts.values())
-    if spent > budget:
-        raise ValueError(f"budget of {budget} parameters is below the minimum of {spent} "
+    names = sorted(fronts)
+    rest = [0] * (len(names) + 1)  # cheapest total of the kinds from i on
+    for i in range(len(names) - 1, -1, -1):
+        rest[i] = rest[i + 1] + fronts[names[i]][0].params
+    if rest[0] > budget:
+        raise ValueError(f"budget of {budget} parameters is below the minimum of {rest[0]} "
                          "(rank 1, one group, in every kind)")
-    while True:
-        best = None
-        for name in sorted(fronts):
-            front, here = fronts[name], fronts[name][choice[name]]
-            for j in range(choice[name] + 1, len(front)):
-                extra = front[j].params - here.params
-                if spent + extra > budget:
+    states: list[tuple] = [(0, 0.0, None)]  # (parameters, error, (previous state, option index))
+    for i, name in enumerate(names):
+        room = budget - rest[i + 1]
+        grown = []
+        for state in states:
+            for j, option in enumerate(fronts[name]):  # ascending parameters
+                if state[0] + option.params > room:
                     break
-                ratio = (here.error - front[j].error) / extra
-                if best is None or ratio > best[0]:
-                    best = (ratio, name, j, extra)
-        if best is None:
-            return {name: fronts[name][choice[name]] for name in fronts}
-        _, name, j, extra = best
-        choice[name] = j
-        spent += extra
+                grown.append((state[0] + option.params, state[1] + option.error, (state, j)))
+        grown.sort(key=lambda s: (s[0], s[1]))
+        states = []
+        for state in grown:
+            if not states or state[1] < states[-1][1]:
+                states.append(state)
+    state, chosen = states[-1], {}  # the front's last state has the least error
+    for name in reversed(names):
+        state, j = state[2]
+        chosen[name] = fronts[name][j]
+    return {name: chosen[name] for name in names}
 
 
 def _per_kind(value, name: str):

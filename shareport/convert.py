@@ -229,6 +229,16 @@ def _check_options(to, rank, energy, budget, groups, grouping) -> None:
         raise ShareportError("--grouping applies to --to aslora (and auto)")
 
 
+def _check_groups(adapter: Adapter, groups: int | None) -> None:
+    """--groups above a kind's layer count is refused, not capped (a kind with G layers has at most G groups)."""
+    if groups is None:
+        return
+    for kind, sites in sorted(adapter.kinds().items()):
+        if groups > len(sites):
+            raise ShareportError(f"--groups {groups} is more than the {len(sites)} layers of {kind} "
+                                 f"(a kind has at most one B group per layer)")
+
+
 def convert_adapter(
     adapter: Adapter,
     to: str,
@@ -251,6 +261,7 @@ def convert_adapter(
     ``source_digest`` (the sha256 of the source weights) is recorded in the provenance.
     """
     _check_options(to, rank, energy, budget, groups, grouping)
+    _check_groups(adapter, groups)
     if to == "auto":
         out, report = _convert_auto(adapter, budget, grouping, progress, error_measure)
     else:

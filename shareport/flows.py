@@ -41,8 +41,8 @@ from .files.atomic import MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, che
 from .files.folder import dump_json
 from .plots import check_plot_path, has_matplotlib, plot_adapter, plot_frontier
 from .summary import summarize
-from .train.jobs import REPORT_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.frontier import DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, smallest_keeping
+from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
 
 __all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "generate", "inspect",
@@ -145,13 +145,15 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
 
 
 def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tuple[str, ...]) -> dict | None:
-    """Run the recipe; the main process writes the adapter (with its history) and the report."""
+    """Run the recipe; the main process writes the adapter (with its history), the report (the same bytes for
+    the same inputs) and the timings (which are not)."""
     adapter, report = run(job, recipe)
     if not job.accelerator.is_main_process:
         return None
     entry = {**entry, **{k: report[k] for k in keep}}
+    reproducible = {k: v for k, v in report.items() if k != "timings"}
     save_adapter(with_provenance(adapter, entry), out, overwrite=overwrite, inputs=inputs,
-                 reports={REPORT_NAME: report})
+                 reports={REPORT_NAME: reproducible, TIMINGS_NAME: report["timings"]})
     return report
 
 

@@ -83,34 +83,29 @@ def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | No
     layers that shares a B outlined; right, retained energy against rank, the chosen rank marked.
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     grouped = grouped or source
     kinds = source.kinds()
     fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 3.6 * len(kinds)), squeeze=False)
     for row, (kind, sites) in enumerate(kinds.items()):
         paths = [s.path for s in sites]
         layers = [s.layer for s in sites]
-        dist = update_distances(source, paths)
         ax = axes[row][0]
-        im = ax.imshow(dist.numpy(), cmap="viridis")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        ax.set_title(f"{kind}: ||dW_i - dW_j||_F")
-        ticks = list(range(len(layers)))
-        ax.set_xticks(ticks, [str(layer) for layer in layers], fontsize=7)
-        ax.set_yticks(ticks, [str(layer) for layer in layers], fontsize=7)
-        ax.set_xlabel("layer")
-        b_of = [grouped.sites[p].b for p in paths]
-        for name in sorted(set(b_of)):
-            members = [i for i, b in enumerate(b_of) if b == name]
-            if 1 < len(members) < len(paths):
-                for i in members:
-                    for j in members:
-                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
+        if len(paths) == 1:  # a 1x1 matrix says nothing: say so in words
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{kind}: one layer ({layers[0]})\nno distances between layers, no groups",
+                    ha="center", va="center", transform=ax.transAxes)
+        else:
+            _distance_panel(plt, fig, ax, kind, layers, update_distances(source, paths),
+                            [grouped.sites[p].b for p in paths])
         curve = energy_curve(source, paths)
         ax = axes[row][1]
         ax.plot(range(1, len(curve) + 1), curve.numpy(), marker=".")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("shared rank k")
-        ax.set_ylabel("energy kept")
+        ax.set_ylabel("energy kept (fraction)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{kind}: ShareA energy vs rank")
         if ranks and kind in ranks:
             ax.axvline(ranks[kind], color="red", ls="--", label=f"chosen rank {ranks[kind]}")
@@ -162,3 +157,21 @@ def _save(plt, fig, path) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def _distance_panel(plt, fig, ax, kind: str, layers: list[int], dist: torch.Tensor, b_of: list[str]) -> None:
+    """The layer-by-layer distances, each group of layers sharing a B outlined in red."""
+    im = ax.imshow(dist.numpy(), cmap="viridis")
+    fig.colorbar(im, ax=ax, fraction=0.046).set_label("||dW_i - dW_j||_F")
+    ax.set_title(f"{kind}: distance between layers' updates")
+    ticks = list(range(len(layers)))
+    ax.set_xticks(ticks, [str(layer) for layer in layers], fontsize=7)
+    ax.set_yticks(ticks, [str(layer) for layer in layers], fontsize=7)
+    ax.set_xlabel("layer j")
+    ax.set_ylabel("layer i")
+    for name in sorted(set(b_of)):
+        members = [i for i, b in enumerate(b_of) if b == name]
+        if 1 < len(members) < len(b_of):
+            for i in members:
+                for j in members:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))

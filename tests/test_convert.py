@@ -108,6 +108,8 @@ def test_roberta_base_parameter_counts():
     (["--to", "auto", "--rank", "2"], "--to auto needs --budget"),
     (["--to", "auto", "--budget", "0.5", "--groups", "2"], "--groups applies to --to aslora"),
     (["--to", "lora", "--budget", "0.001"], "does not pay for rank 1 at any site"),
+    (["--to", "aslora", "--groups", "3"], "--groups 3 is more than the 2 layers of self_attn.q_proj"),
+    (["--to", "aslora", "--groups", "3", "--rank", "1"], "--groups 3 is more than the 2 layers of self_attn.q_proj"),
 ])
 def test_bad_options_write_nothing(args, words, tmp_path, cli):
     make_peft_adapter(tiny_llama(layers=2), tmp_path / "lora", r=2, target_modules=["q_proj"])

@@ -133,3 +133,28 @@ def test_aslora_options_cover_rank_and_group_pairs():
     for o in options:
         by_rank.setdefault(o.rank, []).append(o.error)
     assert all(all(b <= a + 1e-12 for a, b in zip(errs, errs[1:])) for errs in by_rank.values())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_spend_budget_is_the_exhaustive_optimum(seed):
+    """Against every combination on small random cases (non-convex fronts, ties, ASLoRA-like pairs)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    options = {}
+    for kind in range(rng.randint(1, 4)):
+        opts = [Option(k, g, k * 3 + k * g * rng.randint(1, 3), float(rng.randint(0, 40)))
+                for k in range(1, rng.randint(2, 4)) for g in range(1, rng.randint(2, 4))]
+        options[f"kind{kind}"] = opts
+    names = sorted(options)
+    combos = list(itertools.product(*(options[n] for n in names)))
+    least = min(sum(o.params for o in c) for c in combos)
+    for budget in range(least, max(sum(o.params for o in c) for c in combos) + 1, 2):
+        best = min(sum(o.error for o in c) for c in combos if sum(o.params for o in c) <= budget)
+        chosen = spend_budget(options, budget)
+        assert sorted(chosen) == names
+        assert sum(o.params for o in chosen.values()) <= budget
+        assert sum(o.error for o in chosen.values()) == best
+    with pytest.raises(ValueError):
+        spend_budget(options, least - 1)

@@ -90,6 +90,25 @@ def test_lossy_sharea_is_recovered_halving_heldout_kl(setup, tmp_path, cli):
     assert recovered.provenance["history"][-1]["step"] == "finetune"
 
 
+def test_identical_runs_write_identical_reports_and_adapters(setup, tmp_path, cli):
+    """Timings go to training_timings.json; everything else is the same bytes run after run."""
+    outs = [tmp_path / "one", tmp_path / "two"]
+    for out in outs:
+        result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
+                     setup["text"], "-o", out, "--steps", 3, "--batch-size", 4, "--max-length", 16)
+        assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir())
+    assert {"training_report.json", "training_timings.json", "adapter_model.safetensors"} <= set(names)
+    for name in names:
+        if name != "training_timings.json":
+            assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    report = json.loads((outs[0] / "training_report.json").read_text())
+    assert "timings" not in report and "tokens_per_second" not in json.dumps(report)
+    timings = json.loads((outs[0] / "training_timings.json").read_text())
+    assert timings["tokens_per_second"] > 0 and timings["seconds"] > 0
+
+
 def test_resumed_run_ends_where_the_uninterrupted_one_does(setup, tmp_path):
     """Interrupted after step 7 (checkpoint at 5), resumed to 12; ASLoRA merges at 4 (before the
     checkpoint) and at 8 (after the resume)."""

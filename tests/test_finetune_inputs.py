@@ -98,7 +98,12 @@ def test_bad_inputs_fail_with_one_line(setup, tmp_path, cli):
                         "--merges", 1), "one shared A per kind")
     _one_line_error(cli("finetune", setup["shared"], *common, "--data", setup["text"], "-o", tmp_path / "o8",
                         "--merges", 1, "--merge-start", 5), "merge schedule ends at step 6")
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
+    (tmp_path / "not-tokens").mkdir()
+    (tmp_path / "not-tokens" / "train.txt").write_text("hello\n")
+    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "not-tokens", "-o", tmp_path / "o9"),
+                    "not-tokens: a folder without tokens.safetensors: give a text file (one example a line), a "
+                    ".jsonl with 'text', or a folder written by shareport.train.data.save_tokenized")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 10))
 
 
 def test_resume_refuses_other_options(setup, tmp_path, cli):
@@ -106,3 +111,17 @@ def test_resume_refuses_other_options(setup, tmp_path, cli):
             "-o", tmp_path / "o", "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 1]
     assert cli(*args, "--steps", 2).exit_code == 0
     _one_line_error(cli(*args, "--steps", 3, "--lr", 0.5, "--resume", "--overwrite"), "checkpoint was made with lr=")
+
+
+def test_short_run_with_default_merge_schedule_merges_within_the_steps(tmp_path, cli):
+    """6 layers, 5 merges per kind in 5 steps: the default T_s moves to 0 (it used to refuse)."""
+    paths = recovery_setup(tmp_path, layers=6, lines=40)
+    args = ["finetune", paths["shared"], "--base", paths["base"], "--teacher", paths["lora"], "--data", paths["text"],
+            "--batch-size", 2, "--max-length", 16, "--merges", 5]
+    r = cli(*args, "-o", tmp_path / "o", "--steps", 5)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "o" / "training_report.json").read_text())
+    assert sorted({e["step"] for e in report["merges"]}) == [1, 2, 3, 4, 5]
+    assert set(report["groups"].values()) == {1}
+    _one_line_error(cli(*args, "-o", tmp_path / "o2", "--steps", 4), "--steps 4 is too short for 5 merge(s) per kind")
+    assert not (tmp_path / "o2").exists()

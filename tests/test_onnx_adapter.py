@@ -4,6 +4,7 @@ Qwen2-like model with a ShareA adapter (every kind's A shared by all layers): on
 graph, one fp32 graph with the adapter embedded as the default.
 """
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,6 +99,23 @@ def test_export_adapter_swaps_in_an_adapter_of_another_rank(qwen, cli):
 
     again = cli("export-adapter", other, "--graph", qwen.embedded, "-o", out)
     assert again.exit_code != 0 and "--overwrite" in again.output
+
+
+def test_shareport_sessions_do_not_log_the_adapter_slot_notice(qwen, capfd):
+    """ORT warns that each adapter slot is an initializer that is also an input (that is what makes it
+    overridable); shareport's own sessions log errors only."""
+    runtime.session(qwen.embedded / graph_file.GRAPH_NAME)
+    assert "appears in graph inputs" not in capfd.readouterr().err
+
+
+def test_export_adapter_file_follows_the_umask(qwen, cli):
+    old = os.umask(0o022)
+    try:
+        out = qwen.root / "umask.onnx_adapter"
+        assert cli("export-adapter", qwen.sharea, "--graph", qwen.embedded, "-o", out).exit_code == 0
+        assert out.stat().st_mode & 0o777 == 0o644  # mkstemp's 0600 is not kept
+    finally:
+        os.umask(old)
 
 
 def test_export_adapter_refuses_an_adapter_of_another_form(qwen, cli):

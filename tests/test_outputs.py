@@ -114,3 +114,22 @@ def test_sigkill_leaves_no_or_previous_complete_output(tmp_path):
     # a killed run's temporary folder is removed by the next run for the same output
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], shutil_leftovers
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (put back after)."""
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_outputs_follow_the_umask(mask, folder_mode, file_mode, lora, tmp_path, cli, umask):
+    umask(mask)
+    out = tmp_path / "shared"
+    assert cli("convert", lora, "--to", "sharea", "-o", out, "--plot", tmp_path / "fig.png").exit_code == 0
+    assert out.stat().st_mode & 0o777 == folder_mode
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {file_mode}
+    assert (tmp_path / "fig.png").stat().st_mode & 0o777 == file_mode

@@ -52,3 +52,28 @@ def test_missing_matplotlib_says_how_to_install(lora, tmp_path, cli, monkeypatch
     r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "out", "--plot", tmp_path / "x.png")
     assert r.exit_code != 0 and "pip install 'shareport[plot]'" in r.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_one_layer_kind_is_text_axes_are_labelled_and_rank_ticks_are_integers(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from shareport.adapter import Adapter
+    from shareport.plots import _is_our_figure, plot_adapter
+
+    gen = torch.Generator().manual_seed(0)
+    factors = {f"model.layers.{i}.self_attn.q_proj": (torch.randn(2, 16, generator=gen), torch.randn(16, 2, generator=gen),
+                                                      2.0) for i in range(3)}
+    factors["model.layers.2.mlp.down_proj"] = (torch.randn(2, 16, generator=gen), torch.randn(16, 2, generator=gen), 2.0)
+    adapter = Adapter.from_factors(factors)
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    for name in ("a.png", "b.png"):
+        plot_adapter(adapter, tmp_path / name, ranks={"self_attn.q_proj": 2})
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert _is_our_figure(tmp_path / "a.png")
+    (one_dist, one_energy), (many_dist, many_energy) = figures[0].axes[0:2], figures[0].axes[2:4]
+    assert not one_dist.images and "one layer" in one_dist.texts[0].get_text()
+    assert many_dist.images and many_dist.get_xlabel() and many_dist.get_ylabel()
+    for ax in (one_energy, many_energy):
+        assert ax.get_xlabel() and ax.get_ylabel()
+        assert all(float(t).is_integer() for t in ax.get_xticks())

@@ -106,6 +106,29 @@ def test_schedule_due_steps_and_limits():
         MergeSchedule(start=0, every=1)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 8, 13, 100])
+@pytest.mark.parametrize("merges", [1, 2, 5])
+def test_default_schedule_fits_short_runs(steps, merges):
+    """With T_s and m left to shareport, the merges end by the last step whenever one a step fits."""
+    if merges > steps:
+        with pytest.raises(ShareportError, match=f"--steps {steps} is too short for {merges} merge"):
+            MergeSchedule.spread(steps, 6, merges=merges)
+        return
+    schedule = MergeSchedule.spread(steps, 6, merges=merges)
+    due = [t for t in range(1, steps + 1) if schedule.due(t)]
+    assert schedule.every >= 1 and schedule.start >= 0
+    assert len(due) >= merges and due[merges - 1] == schedule.last_merge_step(6) <= steps
+    if steps >= 4 * merges:  # room for the paper's phases: a quarter unmerged, merges within the middle half
+        assert schedule.start == steps // 4 and schedule.last_merge_step(6) <= steps // 4 + steps // 2
+
+
+def test_short_run_schedule_with_one_value_given():
+    assert MergeSchedule.spread(10, 6, merges=3, start=6).every == 1  # 7, 8, 9
+    assert MergeSchedule.spread(10, 6, merges=3, every=3).start == 1  # 4, 7, 10
+    with pytest.raises(ShareportError, match="at --merge-every 4"):
+        MergeSchedule.spread(10, 6, merges=3, every=4)
+
+
 def test_merging_needs_a_shared_a():
     model = tiny_llama(layers=2)
     handle = attach(model, fresh_adapter(model, "shareb", ["q_proj"], rank=2, alpha=2, seed=0), trainable=True)

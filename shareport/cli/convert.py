@@ -7,7 +7,7 @@ import click
 from .. import flows
 from ..convert import DEFAULT_ASLORA_BUDGET, GROUPINGS, TARGET_FORMS
 from .table import format_table, share_of_source, to_json
-from .options import allow_pickle_option, json_option, overwrite_option, plot_option
+from .options import allow_pickle_option, json_option, output_option, overwrite_option, plot_option
 
 
 @click.command("convert")
@@ -17,8 +17,8 @@ from .options import allow_pickle_option, json_option, overwrite_option, plot_op
                    "--rank/--energy/--budget, else expanded exactly from any form. 'auto' (needs --budget) "
                    "converts to lora, sharea, shareb, shareab and aslora at that budget and writes only the one "
                    "with the least total squared error of the updates (sum of ||dW - dW'||_F^2).")
-@click.option("-o", "--out", type=click.Path(path_type=str), default=None,
-              help="Output folder [default: LORA_DIR-<to> beside the input].")
+@output_option("--out", type=click.Path(path_type=str), default=None,
+               help="Output folder [default: LORA_DIR-<to> beside the input].")
 @click.option("--rank", type=int, default=None,
               help="Shared rank per kind (may exceed the LoRA's r); for --to lora the rank of every site "
                    "(never raised). Default: the kind's largest LoRA rank (for aslora see --budget).")
@@ -27,7 +27,7 @@ from .options import allow_pickle_option, json_option, overwrite_option, plot_op
                    "of its energy, e.g. 0.99.")
 @click.option("--budget", type=float, default=None,
               help="Instead of --rank: a fraction of the source LoRA's parameters, e.g. 0.25, spent across kinds "
-                   "where the error drops most per parameter (aslora: between rank and groups; lora: between "
+                   "for the least total error, chosen exactly (aslora: between rank and groups; lora: between "
                    "sites, optimally; a site cut to rank 0 is dropped, no longer adapted). Values above 1 are "
                    "allowed: a shared rank may exceed the LoRA's r. Default for aslora with no --rank or --energy: "
                    f"{DEFAULT_ASLORA_BUDGET} (the paper's setting).")

@@ -1,4 +1,4 @@
-"""``shareport export ADAPTER_DIR --base BASE_DIR --onnx OUT_DIR``: ONNX graph, folded or adapter-preserving."""
+"""``shareport export ADAPTER_DIR --base BASE_DIR -o OUT_DIR``: ONNX graph, folded or adapter-preserving."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from .. import flows
 from ..export.exporter import ADAPTER_NAMES, DTYPES, MODES, ExportOptions
 from ..export.verify import Report, VerifyMismatch
 from .table import to_json
-from .options import allow_pickle_option, json_option, overwrite_option
+from .options import allow_pickle_option, json_option, output_option, overwrite_output_option
 from .verify import emit_report, tolerance_options
 
 
 @click.command("export")
 @click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Base model folder.")
-@click.option("--onnx", "out_dir", required=True, type=click.Path(path_type=str), help="Output folder for the graph.")
+@output_option("--onnx", dest="out_dir", shown=("-o", "--output", "--onnx"), required=True,
+               type=click.Path(path_type=str), help="Output folder for the graph.")
 @click.option("--mode", type=click.Choice(MODES), default="folded", show_default=True,
               help="folded: adapter merged into the weights. adapter: adapter tensors stay swappable graph inputs.")
 @click.option("--with-past", is_flag=True, help="Decoders: past_key_values inputs and present outputs (KV cache).")
@@ -28,7 +29,7 @@ from .verify import emit_report, tolerance_options
               help="Adapter mode: name the adapter inputs by the pool names, or as Olive does ('<name>.weight').")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True, help="Verify against PyTorch at the end.")
 @tolerance_options
-@overwrite_option
+@overwrite_output_option
 @json_option
 @allow_pickle_option
 def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, embed_adapter, adapter_names, run_verify,

@@ -5,16 +5,16 @@ from __future__ import annotations
 import click
 
 from .. import flows
-from .options import allow_pickle_option, overwrite_option
+from .options import allow_pickle_option, output_option, overwrite_output_option
 
 
 @click.command("export-adapter")
 @click.argument("adapter_dir", metavar="ADAPTER", type=click.Path(path_type=str))
 @click.option("--graph", "graph_dir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="A folder written by 'shareport export --mode adapter'.")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Output file [default: <--graph folder>/<adapter folder name>.onnx_adapter].")
-@overwrite_option
+@output_option(dest="output", type=click.Path(dir_okay=False, path_type=str), default=None,
+               help="Output file [default: <--graph folder>/<adapter folder name>.onnx_adapter].")
+@overwrite_output_option
 @allow_pickle_option
 def export_adapter_cmd(adapter_dir: str, graph_dir: str, output: str | None, overwrite: bool, allow_pickle: bool) -> None:
     """Write ADAPTER (a folder, or an .onnx_adapter file) as an .onnx_adapter for the graph in OUT_DIR.

@@ -17,7 +17,7 @@ from .training_options import echo_report, recipe_options
               help="The original LoRA that SHARED_DIR was converted from.")
 @click.option("--lm-loss", "lm_loss", default=0.0, show_default=True, type=float,
               help="Weight of the data's own loss (next-token, or the 'label' field) added to the distillation.")
-@recipe_options
+@recipe_options("Output adapter folder [default: SHARED_DIR-recovered beside it].")
 def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, overwrite, as_json, **training) -> None:
     """Recover a shared adapter by distilling toward the LoRA it came from (no labels needed).
 

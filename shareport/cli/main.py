@@ -6,6 +6,8 @@ status 1, so every command fails the same way and never prints a traceback for u
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from .. import __version__
@@ -23,10 +25,21 @@ from .verify import verify_cmd
 from ..errors import ShareportError
 
 
+# Deprecation notices the libraries print on shareport's own calls: nothing a user can act on, and they
+# break the progress line. (ONNX Runtime's notices are quietened per session, in export/runtime.py.)
+HARMLESS_WARNINGS = (
+    (FutureWarning, r"`past_key_values` is deprecated"),  # transformers, on the PyTorch side of verify/generate
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # transformers, when PEFT wraps a model
+)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                for category, message in HARMLESS_WARNINGS:
+                    warnings.filterwarnings("ignore", message=message, category=category)
+                return super().invoke(ctx)
         except ShareportError as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -40,7 +53,7 @@ def main() -> None:
     Typical flow:
       shareport convert LORA --to aslora -o SHARED          exact shared projection
       shareport finetune SHARED --base BASE --teacher LORA --data TEXT -o RECOVERED
-      shareport export RECOVERED --base BASE --onnx OUT --mode adapter   (verifies)
+      shareport export RECOVERED --base BASE -o OUT --mode adapter       (verifies)
     Try it on built-in material first: shareport demo
     """
 

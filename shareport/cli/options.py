@@ -8,8 +8,30 @@ allow_pickle_option = click.option(
     is_flag=True,
     help="Allow reading a pickled adapter_model.bin (with torch.load(weights_only=True)). Off by default.",
 )
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace outputs that exist (folder, file or --plot figure).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace outputs that exist (the output and the --plot figure).")
+overwrite_output_option = click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 plot_option = click.option(
     "--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
     help="Also write a PNG figure here (needs matplotlib: pip install 'shareport[plot]').",
 )
+
+
+class OutputOption(click.Option):
+    """An option whose --help lists only ``shown`` of its names; the others stay accepted (old spellings)."""
+
+    def __init__(self, param_decls, shown=("-o", "--output"), **kwargs):
+        super().__init__(param_decls, **kwargs)
+        self.shown = tuple(shown)
+
+    def get_help_record(self, ctx):
+        opts = self.opts
+        self.opts = [name for name in opts if name in self.shown]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+
+def output_option(*aliases: str, dest: str = "out", shown: tuple[str, ...] = ("-o", "--output"), **kwargs):
+    """``-o/--output`` (the one documented spelling) plus hidden ``aliases`` mapping to the same parameter."""
+    return click.option("-o", "--output", *aliases, dest, cls=OutputOption, shown=shown, **kwargs)

@@ -18,7 +18,7 @@ from .training_options import echo_report, recipe_options
 @click.option("--target", "targets", required=True, help="Comma-separated module names to adapt, e.g. q_proj,v_proj.")
 @click.option("--rank", required=True, type=int, help="Rank r of every factor.")
 @click.option("--alpha", default=8.0, show_default=True, type=float, help="LoRA alpha; the scale is alpha / r.")
-@recipe_options
+@recipe_options("Output adapter folder (required).")
 def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, as_json, **training) -> None:
     """Train an adapter from scratch (ShareLoRA init: kaiming-uniform A, zero B).
 

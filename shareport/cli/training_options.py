@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from ..train.merging import MODES, PAIRS
+from .options import output_option
 from .table import format_table, to_json
 
 _RECIPE_OPTIONS = [
     click.option("--data", "data_path", required=True, type=click.Path(path_type=str),
                  help="A text file (one example a line), a .jsonl with 'text' (and 'label'), or a tokenized folder."),
-    click.option("-o", "--output", "out", type=click.Path(path_type=str), default=None, help="Output adapter folder [finetune: SHARED_DIR-recovered; train: required]."),
     click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists."),
     click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."),
     click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),
@@ -26,7 +26,7 @@ _RECIPE_OPTIONS = [
     click.option("--resume", is_flag=True, help="Continue from the checkpoint folder (same options required)."),
     click.option("--merges", type=int, default=None, help="ASLoRA: merges per kind during training."),
     click.option("--groups", type=int, default=None, help="ASLoRA: or the number of B groups per kind to end with."),
-    click.option("--merge-start", type=int, default=None, help="ASLoRA T_s: first merge after this step [steps/4]."),
+    click.option("--merge-start", type=int, default=None, help="ASLoRA T_s: first merge after this step [steps/4, earlier when the merges would not fit]."),
     click.option("--merge-every", type=int, default=None, help="ASLoRA m: steps between merges [spread over half the run]."),
     click.option("--merge-mode", type=click.Choice(MODES), default="tie", show_default=True,
                  help="tie: the lower layer takes the upper's B (the paper); mean: both take the mean."),
@@ -36,11 +36,16 @@ _RECIPE_OPTIONS = [
 ]
 
 
-def recipe_options(func):
-    """Attach every shared option (in the order --help lists them)."""
-    for option in reversed(_RECIPE_OPTIONS):
-        func = option(func)
-    return func
+def recipe_options(output_help: str):
+    """Attach -o/--output (its help says the command's default) and every shared option, in --help's order."""
+    options = [_RECIPE_OPTIONS[0], output_option("--out", type=click.Path(path_type=str), default=None, help=output_help),
+               *_RECIPE_OPTIONS[1:]]
+
+    def attach(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return attach
 
 
 def echo_report(out: str, report: dict, as_json: bool) -> None:

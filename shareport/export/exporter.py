@@ -144,7 +144,8 @@ def _stages(enabled: bool, total: int):
     """A one-line progress display on stderr; yields ``stage(name)``, called as each stage begins."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, file=sys.stderr, disable=not enabled, bar_format="{desc}[{n}/{total}, {elapsed}]")
+    bar = tqdm(total=total, desc="export: ", file=sys.stderr, disable=not enabled,
+               bar_format="{desc}[{n}/{total}, {elapsed}]")
     started = [False]
 
     def stage(name: str) -> None:

@@ -77,6 +77,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
         (tmp / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
         yield tmp
         _fsync_tree(tmp)
+        _follow_umask(tmp)
         _replace(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,11 +122,19 @@ def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Iterabl
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; an output follows the umask like any file
         os.replace(tmp, path)
     except OSError as exc:
         raise ShareportError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:
@@ -157,6 +166,16 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _follow_umask(folder: Path) -> None:
+    """Folders 0777 and files 0666 less the umask (typically 0755/0644), as any tool's outputs: mkdtemp
+    makes 0700 and some writers (safetensors) 0600, which would hide the output from other users."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in sorted(folder.rglob("*")):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _replace(tmp: Path, target: Path) -> None:

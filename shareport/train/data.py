@@ -72,6 +72,9 @@ def load_data(path: str | os.PathLike, base_dir: str | os.PathLike, max_length: 
     if max_length < 2:
         raise ShareportError(f"--max-length must be at least 2, got {max_length}")
     if path.is_dir():
+        if not (path / TOKENS_NAME).is_file():
+            raise ShareportError(f"{path}: a folder without {TOKENS_NAME}: give a text file (one example a line), "
+                                 "a .jsonl with 'text', or a folder written by shareport.train.data.save_tokenized")
         data = _read_tokenized(path, max_length)
     elif not path.is_file():
         raise ShareportError(f"{path}: data file not found")

@@ -26,6 +26,7 @@ from .recipe import Job, Recipe
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"
+TIMINGS_NAME = "training_timings.json"  # the run's wall-clock numbers, apart from the reproducible report
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,14 +72,24 @@ class MergeSchedule:
         """Defaults for T_s and m: train unmerged for a quarter, merge through the middle half.
 
         The paper's three phases (train, merge on schedule, train the final grouping) then
-        all fit in ``steps``.
+        all fit in ``steps``. A run too short for that keeps m >= 1 and moves T_s (or shrinks m,
+        when T_s is given) so the merges still end by the last step; only when even one merge a
+        step cannot fit is it refused. T_s and m given by the user are kept as given.
         """
         probe = cls(start=0, every=1, **{k: v for k, v in fields.items() if k not in ("start", "every")})
         needed = max(probe.merges_needed(num_layers), 1)
-        start = fields.get("start")
-        start = steps // 4 if start is None else start
-        every = fields.get("every")
-        every = max(1, (steps // 2) // needed) if every is None else every
+        start, every = fields.get("start"), fields.get("every")
+        if every is None:
+            room = steps - (steps // 4 if start is None else start)  # steps left after T_s
+            every = max(1, min((steps // 2) // needed, room // needed))
+        if start is None:
+            if needed * every > steps:
+                given = f" at --merge-every {every}" if fields.get("every") is not None else ""
+                raise ShareportError(
+                    f"--steps {steps} is too short for {needed} merge(s) per kind{given} (one merge step each, "
+                    f"after step 0: at least {needed * every} steps); raise --steps, or merge less "
+                    "(--merges/--groups)")
+            start = min(steps // 4, steps - needed * every)
         return cls(**{**fields, "start": start, "every": every})
 
 

@@ -246,7 +246,8 @@ def _report(job, recipe, before, after, trained: Adapter, merger, acc, last_loss
         "final_train_loss": last_loss,
         "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters()},
         "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
-        "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+        # wall-clock numbers differ run to run: written apart (training_timings.json) so the report is reproducible
+        "timings": {"seconds": elapsed, "tokens": tokens, "tokens_per_second": tokens / elapsed if elapsed > 0 else None},
     }
     if "kl" in before and before["kl"] > 0:
         report["kl_reduction"] = 1 - after["kl"] / before["kl"]

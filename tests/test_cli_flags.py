@@ -1,0 +1,69 @@
+"""One vocabulary of flags: -o/--output everywhere in --help, old spellings still accepted."""
+
+import pytest
+
+from shareport.cli.main import main
+from tests.tiny import make_peft_adapter, tiny_llama
+
+# command, required arguments, the parameter -o fills, the spellings --help lists, hidden old spellings
+COMMANDS = [
+    ("convert", ["LORA", "--to", "sharea"], "out", ["-o", "--output"], ["--out"]),
+    ("export", ["ADAPTER", "--base", "BASE"], "out_dir", ["-o", "--output", "--onnx"], []),
+    ("export-adapter", ["ADAPTER", "--graph", "GRAPH"], "output", ["-o", "--output"], []),
+    ("finetune", ["SHARED", "--base", "B", "--teacher", "T", "--data", "D"], "out", ["-o", "--output"], ["--out"]),
+    ("train", ["--form", "lora", "--base", "B", "--target", "q_proj", "--rank", "2", "--data", "D"], "out",
+     ["-o", "--output"], ["--out"]),
+    ("demo", [], "out", ["-o", "--output"], ["--out"]),
+]
+
+
+@pytest.mark.parametrize("name, args, param, shown, hidden", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_every_spelling_fills_the_output(name, args, param, shown, hidden):
+    command = main.commands[name]
+    for flag in shown + hidden:
+        ctx = command.make_context(name, [*args, flag, "somewhere"])
+        assert str(ctx.params[param]) == "somewhere", flag
+
+
+@pytest.mark.parametrize("name, args, param, shown, hidden", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_help_lists_the_documented_spelling_only(name, args, param, shown, hidden, cli):
+    text = cli(name, "--help").output
+    line = next(line for line in text.splitlines() if line.strip().startswith("-o,"))
+    assert line.split()[: len(shown)] == [f"{f}," for f in shown[:-1]] + [shown[-1]]
+    for flag in hidden:
+        assert f"{flag} " not in text and f"{flag}," not in text
+
+
+def test_help_mentions_only_options_the_command_has(cli):
+    for name in ("export", "export-adapter", "finetune", "train", "demo"):
+        text = " ".join(cli(name, "--help").output.split())
+        assert "--plot" not in text, name
+        assert "train: required" not in text, name
+
+
+@pytest.mark.parametrize("flag", ["-o", "--output", "--out"])
+def test_convert_writes_with_every_spelling(flag, tmp_path, cli):
+    make_peft_adapter(tiny_llama(layers=2), tmp_path / "lora", r=2, target_modules=["q_proj"])
+    r = cli("convert", tmp_path / "lora", "--to", "sharea", flag, tmp_path / "shared")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "shared" / "adapter_config.json").is_file()
+
+
+def test_commands_hide_the_libraries_harmless_deprecation_notices():
+    import warnings
+
+    import click
+    from click.testing import CliRunner
+
+    from shareport.cli.main import _Group
+
+    @click.command("noisy")
+    def noisy():
+        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert CliRunner().invoke(_Group(commands={"noisy": noisy}), ["noisy"]).exit_code == 0
+    assert [str(w.message) for w in seen] == ["something else"]
