@@ -85,7 +85,7 @@ def _documented_default(steps: int, layers: int, merges=None, groups=None) -> tu
 
 
 @pytest.mark.parametrize("steps, merges, groups", [(12, 1, None), (100, 3, None), (80, None, 1), (200, None, 2),
-                                                   (37, 2, None), (1000, None, 3)])
+                                                   (37, 2, None), (1000, None, 3), (6, None, 1)])
 def test_default_merge_schedule_is_the_documented_one(steps, merges, groups):
     layers = 4
     adapter = fresh_adapter(tiny_llama(layers=layers), "sharea", ["q_proj"], rank=2, alpha=2, seed=0)
@@ -122,6 +122,37 @@ def test_merges_follow_the_running_average_not_the_current_b():
     assert (event.merged, event.kept) == ([0], [1])  # the current B's would merge 1 and 2
     numel = handle.parameters[sites[1].b].numel()
     assert event.distance == pytest.approx((mean[1] - mean[0]) * numel ** 0.5, rel=1e-5)
+
+
+def _merger(values, **schedule):
+    """A ShareA on q_proj whose layer-l B is the constant values[l], and its merger."""
+    model = tiny_llama(layers=len(values))
+    handle = attach(model, fresh_adapter(model, "sharea", ["q_proj"], rank=2, alpha=2, seed=0), trainable=True)
+    with torch.no_grad():
+        for site in handle.adapter.sites.values():
+            handle.parameters[site.b].fill_(values[site.layer])
+    optimizer = torch.optim.AdamW(list(handle.parameters.values()), lr=0.1)
+    return handle, BMerger(handle, MergeSchedule(start=0, every=1, **schedule), optimizer)
+
+
+@pytest.mark.parametrize("pairs, merged, kept", [("adjacent", [0], [1]), ("any", [0], [3])])
+def test_adjacent_pairs_never_merge_distant_layers(pairs, merged, kept):
+    """Layers 0 and 3 are closest overall, 0 and 1 among neighbours."""
+    _, merger = _merger([0.0, 3.0, 10.0, 0.05], merges=1, pairs=pairs)
+    (event,) = merger.observe(1)
+    assert (event.merged, event.kept) == (merged, kept)
+
+
+def test_mean_merge_weights_each_side_by_its_group_size():
+    """[0, 4, 5]: step 1 means layers 1 and 2 (4.5); step 2 means {0} (0) with {1, 2} (4.5), 1:2."""
+    handle, merger = _merger([0.0, 4.0, 5.0], merges=2, mode="mean", pairs="any")
+    merger.observe(1)
+    (event,) = merger.observe(2)
+    assert (event.merged, event.kept) == ([0], [1, 2])
+    (name,) = {s.b for s in handle.adapter.sites.values()}
+    want = (0.0 * 1 + 4.5 * 2) / 3
+    torch.testing.assert_close(handle.parameters[name].detach(), torch.full_like(handle.parameters[name], want))
+    torch.testing.assert_close(merger.averages[name], torch.full_like(merger.averages[name], want))
 
 
 # ---------------------------------------------------------------------------------------- --lm-loss
