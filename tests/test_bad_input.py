@@ -132,7 +132,8 @@ CASES = {
 
 
 def _checksums(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -149,23 +150,33 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_adapter_is_refused(name, command, good_adapter, tmp_path, cli):
+def check_refused(name, args, good_adapter, tmp_path, cli, watched=(), progress=False):
+    """Break a copy of ``good_adapter`` as CASES[name] says, run the command ``args(folder, out)``:
+    one line naming the folder and the problem, non-zero exit, nothing written to ``tmp_path``, and
+    the folder (and every folder in ``watched``) unchanged. ``progress``: the command may also
+    show a progress display (on stderr) before the error line."""
     import shutil
 
     folder = tmp_path / "bad"
     shutil.copytree(good_adapter, folder)
     breaker, words = CASES[name]
     breaker(folder)
-    before = _checksums(folder)
-    result = cli(*COMMANDS[command](folder, tmp_path / "out"))
+    before = [_checksums(f) for f in (folder, *watched)]
+    result = cli(*args(folder, tmp_path / "out"))
     assert result.exit_code != 0
     message = result.output.strip().splitlines()
+    if progress:
+        message = [line for line in message if line.startswith("Error")]
     assert len(message) == 1, result.output
-    assert words in message[0] and str(folder) in message[0]
-    assert _checksums(folder) == before
+    assert message[0].startswith("Error:") and words in message[0] and str(folder) in message[0], message[0]
+    assert [_checksums(f) for f in (folder, *watched)] == before, "an input was modified"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"], "something was written"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_adapter_is_refused(name, command, good_adapter, tmp_path, cli):
+    check_refused(name, COMMANDS[command], good_adapter, tmp_path, cli)
 
 
 def test_good_adapter_inspects(good_adapter, cli):

@@ -11,6 +11,9 @@ The PyTorch side is always fp32 (the ground truth). A comparison passes when
   11-bit mantissa (relative step ~1e-3) and errors accumulate over layers, so the bound scales
   with the output's magnitude.
 
+Folded graphs are checked against PyTorch with the adapter *attached* (``LoRALinear`` wrappers,
+``base(x) + scale * (x A^T) B^T``), not folded: the reference must not share the exporter's
+``fold``, or a fold that got the update wrong would be compared with itself and pass.
 Adapter-mode graphs are checked with the adapter active (through ``RunOptions.add_active_adapter``,
 with the adapter read from ADAPTER_DIR) against PyTorch with the adapter attached, and without any
 adapter against the base model (for an ``--embed-adapter`` graph: also its embedded default
@@ -27,7 +30,7 @@ import torch
 
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
-from ..model import attach, fold, load_base_model
+from ..model import attach, load_base_model
 from . import graph_file, runtime
 from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
 from .signature import Signature, make_inputs
@@ -137,9 +140,8 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
 
     # each check: (name, ORT extra feeds, ORT adapter, PyTorch adapter enabled?)
     if info["mode"] == "folded":
-        fold(model, adapter)
+        handle = attach(model, adapter)  # an independent path: the export folded with surgery.fold
         checks = [("folded", {}, None, True)]
-        handle = None
     else:
         slots = graph_file.graph_slots(proto)
         # the folder's own adapter file is what gets deployed: run that one against PyTorch
@@ -166,8 +168,7 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
         inputs = make_inputs(sig, batch, seq, past, graph_dtype, seed=batch * 100 + seq, vocab=int(model.config.vocab_size))
         case = f"b{batch} s{seq}" + (f" p{past}" if sig.with_past else "")
         for check, extra, lora, enabled in checks:
-            if handle is not None:
-                handle.set_enabled(enabled)
+            handle.set_enabled(enabled)
             want = _torch_outputs(model, sig, inputs)
             got = runtime.run(sess, {**_feeds(inputs, graph_dtype), **extra}, lora)
             rows += compare_outputs(check, case, names, got, want, info["dtype"], atol, rtol)
