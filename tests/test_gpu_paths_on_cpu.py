@@ -159,7 +159,7 @@ class FakeOrt:
 def test_provider_selection_trusts_only_a_probe_that_ran_on_cuda(available, probe, chosen, monkeypatch, tmp_path):
     fake = FakeOrt(available, probe)
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", fake)
-    runtime.providers.cache_clear()
+    runtime._selection.cache_clear()
     try:
         assert runtime.providers() == chosen
         assert runtime.device_name() == ("cuda" if runtime.CUDA in chosen else "cpu")
@@ -168,4 +168,4 @@ def test_provider_selection_trusts_only_a_probe_that_ran_on_cuda(available, prob
             runtime.session(tmp_path / "model.onnx")
             assert fake.sessions[-1] == list(chosen)  # real sessions ask for what the probe found
     finally:
-        runtime.providers.cache_clear()
+        runtime._selection.cache_clear()
