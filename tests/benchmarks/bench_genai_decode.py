@@ -39,7 +39,7 @@ def bench_model():
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-genai-") as tmp:
