@@ -195,3 +195,27 @@ def test_bad_calibration_input(setup, tmp_path, cli):
     result = cli("convert", lora, "--to", "sharea", "--rank", "2", "-o", tmp_path / "out", "--calibration", text,
                  "--base", tmp_path / "base-inf")
     assert "non-finite" in result.output and "base-inf" in result.output
+
+
+def test_auto_and_budget_rank_by_the_calibrated_objective(setup, tmp_path):
+    """--to auto --calibration: each candidate's error is that form's calibrated conversion at the budget,
+    and the winner has the least; a calibrated --budget plan for lora is at least as good, in the
+    calibrated objective, as the plain plan's ranks converted with calibration."""
+    common = dict(calibration=str(setup["text"]), base=str(setup["base"]), calibration_samples=SAMPLES,
+                  progress=False)
+    auto = flows.convert(str(setup["lora"]), "auto", str(tmp_path / "auto"), budget=0.15, **common)
+    errors = {c["form"]: c["error"] for c in auto["candidates"] if "refused" not in c}
+    assert auto["winner"] == min(errors, key=errors.get)
+    for form in ("lora", "shareb", "sharea"):
+        single = flows.convert(str(setup["lora"]), form, str(tmp_path / form), budget=0.15, **common)
+        assert errors[form] == pytest.approx(sum(k["calibration"]["objective"] for k in single["kinds"]), rel=1e-9)
+    adapter, _, stats = _statistics(setup)
+    plain_plan = flows.convert(str(setup["lora"]), "lora", str(tmp_path / "plain"), budget=0.15, progress=False)
+    total = 0.0
+    for kind in plain_plan["kinds"]:
+        sites = adapter.kinds()[kind["kind"]]
+        As, Bts = kind_factors(adapter, sites)
+        total += converters.convert_kind_calibrated(
+            "lora", As, Bts, [stats.statistics[s.path] for s in sites],
+            [kind["site_ranks"][s.path] for s in sites]).objective
+    assert errors["lora"] <= total * (1 + 1e-9)
