@@ -240,6 +240,8 @@ def _plan_calibrated(to: str, kinds: dict, stats: dict, rank, groups, energy, bu
         if budget is None and energy is None or to in ("sharea", "aslora") and budget is None:
             return _plan(to, kinds, rank, groups, energy, budget, grouping)  # explicit rank, or the plain energy plan
         options = {}
+        plain = (converters.plan(to, kinds, budget=budget, groups=groups, grouping=grouping)
+                 if to in ("sharea", "aslora") else {})
         for name, (As, Bts) in kinds.items():
             kind = KindFactors.from_lists(As, Bts)
             if to in ("shareb", "shareab"):  # exact: objective(k) = energy - spectrum[:k].sum()
@@ -253,8 +255,7 @@ def _plan_calibrated(to: str, kinds: dict, stats: dict, rank, groups, energy, bu
                 if energy is not None:
                     options[name] = [planning.choose_by_energy(options[name], probe.energy, energy)]
             else:  # sharea / aslora with a budget: score the plain front around the plain choice
-                options[name] = _scored_candidates(to, name, As, Bts, stats[name], kinds, budget, groups,
-                                                   grouping, lam)
+                options[name] = _scored_candidates(to, As, Bts, stats[name], plain[name], groups, grouping, lam)
         if energy is not None:
             return {name: (opts[0].rank, opts[0].groups) for name, opts in options.items()}
         total = sum(planning.kind_lora_parameter_count(KindFactors.from_lists(*f)) for f in kinds.values())
@@ -264,13 +265,12 @@ def _plan_calibrated(to: str, kinds: dict, stats: dict, rank, groups, energy, bu
         raise ShareportError(str(exc)) from None
 
 
-def _scored_candidates(to, name, As, Bts, stats, kinds, budget, groups, grouping, lam) -> list:
-    """The plain planner's setting for this kind and ``CANDIDATE_NEIGHBOURS`` either side of it on
-    the kind's plain Pareto front, each scored by the calibrated conversion (its damped objective)."""
+def _scored_candidates(to, As, Bts, stats, chosen, groups, grouping, lam) -> list:
+    """The plain planner's setting ``chosen`` for this kind and ``CANDIDATE_NEIGHBOURS`` either side of
+    it on the kind's plain Pareto front, each scored by the calibrated conversion (its damped objective)."""
     from converters import budget as planning
 
     kind = KindFactors.from_lists(As, Bts)
-    chosen = converters.plan(to, kinds, budget=budget, groups=groups, grouping=grouping)[name]
     front = planning.pareto_front(planning.kind_options(to, kind, groups=groups, grouping=grouping))
     here = next((i for i, o in enumerate(front) if (o.rank, o.groups) == (chosen.rank, chosen.groups)),
                 min(range(len(front)), key=lambda i: abs(front[i].params - chosen.params)))
