@@ -25,6 +25,8 @@ Calibrated (activation-weighted) projection, see calibration.py for the objectiv
                             regroup=True, max_iterations=DEFAULT_MAX_ROUNDS, tol=DEFAULT_TOL,
                             restarts=DEFAULT_RESTARTS) -> CalibratedResult
     calibrated_objective(As, Bts, S, Q, result, lam=0.0) -> float
+    calibrated_site_spectra(As, Bts, S, lam=DEFAULT_RIDGE) -> list[Tensor]  (per-site truncation spectra)
+("lora" also takes one rank per site, 0 emptying a site, as a budget plan gives them.)
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from .calibrated_aslora import convert_aslora_calibrated
 from .calibrated_shareab import convert_shareab_calibrated
 from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL, convert_sharea_calibrated
 from .calibrated_shareb import convert_shareb_calibrated
-from .calibrated_truncation import convert_lora_calibrated
+from .calibrated_truncation import convert_lora_calibrated, site_spectra
 from .calibration import (DEFAULT_RIDGE, CalibratedKind, CalibratedResult, calibrated_objective,
                           calibration_basis, input_statistics)
 from .counting import METHODS, lora_parameter_count, parameter_count
@@ -56,7 +58,8 @@ CALIBRATED_METHODS = ("lora", *METHODS)
 
 __all__ = [
     "CALIBRATED_METHODS", "DEFAULT_MAX_ROUNDS", "DEFAULT_RESTARTS", "DEFAULT_RIDGE", "DEFAULT_TOL", "CalibratedResult",
-    "calibrated_objective", "calibration_basis", "convert_kind_calibrated", "input_statistics",
+    "calibrated_objective", "calibrated_site_spectra", "calibration_basis", "convert_kind_calibrated",
+    "input_statistics",
     "ASLORA_PLAN_RANK_FACTOR", "DEFAULT_ASLORA_BUDGET", "DEFAULT_MAX_ITERATIONS", "DEFAULT_RANK_RULE",
     "GROUPINGS", "METHODS", "KindPlan", "KindResult", "KindTruncationPlan", "Option", "TruncationPlan",
     "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
@@ -122,7 +125,15 @@ def reconstruction_error(As: list[Tensor], Bts: list[Tensor], result: KindResult
     return sites_error(kind.bts, kind.as_, [b.double() for b in site_bs], [a.double() for a in site_as])
 
 
-def convert_kind_calibrated(method: str, As: list[Tensor], Bts: list[Tensor], S: list[Tensor], rank: int,
+def calibrated_site_spectra(As: list[Tensor], Bts: list[Tensor], S: list[Tensor],
+                            lam: float = DEFAULT_RIDGE) -> list[Tensor]:
+    """Per site, the decreases of its calibrated objective (damped by ``lam``) rank by rank,
+    descending: what ``plan_truncation``'s budget/energy rules need, in the calibrated measure."""
+    return site_spectra(CalibratedKind.build(As, Bts, S, lam))
+
+
+def convert_kind_calibrated(method: str, As: list[Tensor], Bts: list[Tensor], S: list[Tensor],
+                            rank: int | Sequence[int],
                             groups: int | list[list[int]] | None = None, grouping: str = "any",
                             lam: float = DEFAULT_RIDGE, regroup: bool = True,
                             max_iterations: int = DEFAULT_MAX_ROUNDS, tol: float = DEFAULT_TOL,
@@ -140,7 +151,9 @@ def convert_kind_calibrated(method: str, As: list[Tensor], Bts: list[Tensor], S:
     """
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
-    if rank < 1:
+    if method != "lora" and not isinstance(rank, int):
+        raise ValueError(f"one rank per site is for method 'lora' only, got {method!r}")
+    if isinstance(rank, int) and rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
     ck = CalibratedKind.build(As, Bts, S, lam)
     if method == "lora":

@@ -16,6 +16,8 @@ the site unchanged.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -39,18 +41,28 @@ def site_truncation(bt: Tensor, a: Tensor, a_coords: Tensor, s: Tensor,
     return u, (w.T @ t) @ a, values
 
 
-def convert_lora_calibrated(ck: CalibratedKind, rank: int) -> CalibratedResult:
+def site_spectra(ck: CalibratedKind) -> list[Tensor]:
+    """Each site's per-rank decreases of the calibrated objective, descending (a budget planner's
+    input): site l at rank k leaves ``site_energy(l) - spectra[l][:k].sum()``."""
+    return [site_truncation(ck.kind.bts[l], ck.kind.as_[l], ck.a[l], ck.s[l], 0)[2] for l in range(ck.n_sites)]
+
+
+def convert_lora_calibrated(ck: CalibratedKind, rank: int | Sequence[int]) -> CalibratedResult:
     """Every site truncated to rank ``min(rank, r_l, n_out)`` in the calibrated objective.
 
-    ``result.spectrum[i]`` is the sum over sites of their i-th eigenvalue, so
+    ``rank`` may be one rank per site (a budget plan; 0 empties a site).
+    ``result.spectrum[i]`` is the sum over sites of their i-th eigenvalue, so with one rank
     ``objective(k) = energy - spectrum[:k].sum()`` for every k, and ``result.rank`` is the
     largest rank kept by any site.
     """
-    if rank < 1:
+    ranks = [rank] * ck.n_sites if isinstance(rank, int) else list(rank)
+    if isinstance(rank, int) and rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
+    if len(ranks) != ck.n_sites or any(k < 0 for k in ranks):
+        raise ValueError(f"need one non-negative rank per site ({ck.n_sites}), got {ranks}")
     bs, as_, spectra = [], [], []
     for l in range(ck.n_sites):
-        b, a, values = site_truncation(ck.kind.bts[l], ck.kind.as_[l], ck.a[l], ck.s[l], rank)
+        b, a, values = site_truncation(ck.kind.bts[l], ck.kind.as_[l], ck.a[l], ck.s[l], ranks[l])
         bs.append(b)
         as_.append(a)
         spectra.append(values)

@@ -57,8 +57,9 @@ class KindReport:
     parameters_after: int
     already_shared: bool
     site_ranks: dict[str, int]  # per site path; 0: the site is no longer adapted (dropped)
-    error: float  # sum_l ||dW_l - dW'_l||_F^2 over the kind's sites
-    energy: float  # sum_l ||dW_l||_F^2
+    error: float  # sum_l ||dW_l - dW'_l||_F^2 over the kind's sites (calibrated: the calibrated objective)
+    energy: float  # sum_l ||dW_l||_F^2 (calibrated: the same objective of dW' = 0)
+    calibration: dict | None = None  # calibrated conversions only: see ``Calibration``
 
 
 @dataclasses.dataclass
@@ -90,6 +91,9 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        for kind in data["kinds"]:
+            if kind["calibration"] is None:
+                del kind["calibration"]  # plain conversions report what they always did
         data["ratio"] = self.ratio
         data["relative_error"] = _relative(self.error, self.energy)
         return data
@@ -104,6 +108,49 @@ def frobenius_error(source: Adapter, converted: Adapter, report: ConversionRepor
     minimises, exact (float64, from the factors, never a dense dW). ``--to auto`` ranks candidates
     by it; a calibrated measure (e.g. weighted by activations) can replace it with this signature."""
     return report.error, report.energy
+
+
+def calibrated_error(source: Adapter, converted: Adapter, report: ConversionReport) -> tuple[float, float]:
+    """(calibrated objective, its value for dW' = 0) summed over kinds: ``sum_l tr((dW_l - dW'_l) S~_l
+    (dW_l - dW'_l)^T)`` with each site's damped input statistics. ``--to auto`` with ``--calibration``
+    ranks candidates by it."""
+    return (sum(k.calibration["objective"] for k in report.kinds),
+            sum(k.calibration["energy"] for k in report.kinds))
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Input statistics for a calibrated conversion (``converters.convert_kind_calibrated``).
+
+    ``statistics[site path]``: S_l (p, p), float64, in the basis ``converters.calibration_basis``
+    of the site's kind's A's exactly as ``kind_factors`` returns them, normalised by the site's own
+    token count. ``ridge``: the damping lam. ``info``: what to record (data, samples, tokens, ...).
+
+    With it every form minimises the calibrated objective instead of the Frobenius error, and every
+    error in the report (per kind ``error``, ``energy``, ``relative_error``, ``retained_energy``) is
+    that objective, damped as the converter damps it. Each kind's ``calibration`` holds
+    ``objective`` / ``energy`` (damped), ``plain_objective`` (the plain projection at the same plan,
+    scored the same way), the ``raw_*`` values (lam = 0: the output error on the calibration data)
+    and ``frobenius_error`` / ``frobenius_energy``.
+
+    Planning: ``--to lora`` (rank, energy, budget) uses each site's calibrated spectrum and
+    ShareB/ShareAB's budget and energy rules their calibrated spectra, all exact. ShareA and ASLoRA
+    have no calibrated spectrum: ``--energy`` keeps the plain plan, and ``--budget`` scores a small
+    candidate set per kind with the calibrated conversion itself, the plain planner's choice and
+    ``CANDIDATE_NEIGHBOURS`` settings either side of it on the kind's plain Pareto front, then
+    spends the budget over those scored options (``converters.budget.spend_budget``).
+    """
+
+    statistics: dict[str, torch.Tensor]
+    ridge: float = converters.DEFAULT_RIDGE
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def kind_statistics(self, sites: list[Site]) -> list[torch.Tensor]:
+        return [self.statistics[s.path] for s in sites]
+
+
+# calibrated --budget for sharea/aslora: plain-front settings scored either side of the plain choice
+CANDIDATE_NEIGHBOURS = 2
 
 
 def _relative(error: float, energy: float) -> float:
@@ -175,20 +222,113 @@ def _convert_kind(to: str, As, Bts, plan, grouping: str) -> KindResult:
     return converters.convert_kind(to, As, Bts, k, groups=g, grouping=grouping)
 
 
-def _kind_results(adapter: Adapter, to: str, rank, energy, budget, groups, grouping):
-    """(kind, its sites, its result), one kind at a time.
+def _plan_calibrated(to: str, kinds: dict, stats: dict, rank, groups, energy, budget, grouping, lam) -> dict:
+    """``_plan`` in the calibrated measure (see ``Calibration`` for what is exact and what is not).
+    ``stats[name]``: the kind's statistics, in its sites' order."""
+    from converters import budget as planning
+    from converters.truncate import _plan as plan_from_spectra
+
+    try:
+        if to == "lora":
+            spectra, shapes, lora_ranks = {}, {}, {}
+            for name, (As, Bts) in kinds.items():
+                spectra[name] = converters.calibrated_site_spectra(As, Bts, stats[name], lam)
+                shapes[name] = (Bts[0].shape[0], As[0].shape[1])
+                lora_ranks[name] = [a.shape[0] for a in As]
+            plan = plan_from_spectra(spectra, shapes, lora_ranks, rank=rank, energy=energy, budget=budget)
+            return {name: p.ranks for name, p in plan.kinds.items()}
+        if budget is None and energy is None or to in ("sharea", "aslora") and budget is None:
+            return _plan(to, kinds, rank, groups, energy, budget, grouping)  # explicit rank, or the plain energy plan
+        options = {}
+        plain = (converters.plan(to, kinds, budget=budget, groups=groups, grouping=grouping)
+                 if to in ("sharea", "aslora") else {})
+        for name, (As, Bts) in kinds.items():
+            kind = KindFactors.from_lists(As, Bts)
+            if to in ("shareb", "shareab"):  # exact: objective(k) = energy - spectrum[:k].sum()
+                probe = converters.convert_kind_calibrated(to, As, Bts, stats[name], 1, lam=lam).result
+                top = min(len(probe.spectrum), planning.rank_cap(to, kind))
+                drops = probe.spectrum[:top].cumsum(0).tolist()
+                options[name] = [converters.types.Option(k, None, planning.kind_parameter_count(to, kind, k),
+                                                         max(probe.energy - drops[k - 1], 0.0))
+                                 for k in range(1, top + 1)] or [converters.types.Option(
+                                     1, None, planning.kind_parameter_count(to, kind, 1), probe.energy)]
+                if energy is not None:
+                    options[name] = [planning.choose_by_energy(options[name], probe.energy, energy)]
+            else:  # sharea / aslora with a budget: score the plain front around the plain choice
+                options[name] = _scored_candidates(to, As, Bts, stats[name], plain[name], groups, grouping, lam)
+        if energy is not None:
+            return {name: (opts[0].rank, opts[0].groups) for name, opts in options.items()}
+        total = sum(planning.kind_lora_parameter_count(KindFactors.from_lists(*f)) for f in kinds.values())
+        chosen = planning.spend_budget(options, math.floor(budget * total))
+        return {name: (o.rank, o.groups) for name, o in chosen.items()}
+    except ValueError as exc:
+        raise ShareportError(str(exc)) from None
+
+
+def _scored_candidates(to, As, Bts, stats, chosen, groups, grouping, lam) -> list:
+    """The plain planner's setting ``chosen`` for this kind and ``CANDIDATE_NEIGHBOURS`` either side of
+    it on the kind's plain Pareto front, each scored by the calibrated conversion (its damped objective)."""
+    from converters import budget as planning
+
+    kind = KindFactors.from_lists(As, Bts)
+    front = planning.pareto_front(planning.kind_options(to, kind, groups=groups, grouping=grouping))
+    here = next((i for i, o in enumerate(front) if (o.rank, o.groups) == (chosen.rank, chosen.groups)),
+                min(range(len(front)), key=lambda i: abs(front[i].params - chosen.params)))
+    picks = front[max(0, here - CANDIDATE_NEIGHBOURS):here + CANDIDATE_NEIGHBOURS + 1]
+    if (chosen.rank, chosen.groups) not in {(o.rank, o.groups) for o in picks}:
+        picks.append(converters.types.Option(chosen.rank, chosen.groups, chosen.params, chosen.estimated_error))
+    scored = []
+    for o in picks:
+        res = converters.convert_kind_calibrated(to, As, Bts, stats, o.rank, groups=o.groups, grouping=grouping,
+                                                 lam=lam)
+        scored.append(converters.types.Option(o.rank, o.groups, o.params, res.objective))
+    return scored
+
+
+def _convert_calibrated(to: str, As, Bts, stats, plan, grouping: str, lam: float):
+    """The calibrated result and its report entry, with the plain projection at the same plan scored alike."""
+    if to == "lora":
+        calibrated = converters.convert_kind_calibrated("lora", As, Bts, stats, list(plan), lam=lam)
+    else:
+        k, g = plan
+        calibrated = converters.convert_kind_calibrated(to, As, Bts, stats, k, groups=g, grouping=grouping, lam=lam)
+    plain = _convert_kind(to, As, Bts, plan, grouping)
+    q = converters.calibration_basis(As)
+    entry = {"objective": calibrated.objective, "energy": calibrated.result.energy,
+             "plain_objective": converters.calibrated_objective(As, Bts, stats, q, plain, lam=lam),
+             "raw_objective": calibrated.raw_objective, "raw_energy": calibrated.raw_energy,
+             "plain_raw_objective": converters.calibrated_objective(As, Bts, stats, q, plain, lam=0.0),
+             "frobenius_error": calibrated.frobenius_error, "frobenius_energy": plain.energy,
+             "plain_frobenius_error": plain.error, "iterations": calibrated.iterations}
+    return calibrated.result, entry
+
+
+def _kind_results(adapter: Adapter, to: str, rank, energy, budget, groups, grouping,
+                  calibration: Calibration | None = None):
+    """(kind, its sites, its result, its calibration entry or None), one kind at a time.
 
     A budget is spent across kinds, so it needs every kind's factors at once; otherwise each
     kind's scaled copies are made when it is converted and dropped after, to bound memory."""
     kinds = adapter.kinds()
+    stats = {name: calibration.kind_statistics(sites) for name, sites in kinds.items()} if calibration else {}
+    lam = calibration.ridge if calibration else 0.0
+
+    def plan_for(factors, budget):
+        if calibration is None:
+            return _plan(to, factors, rank, groups, energy, budget, grouping)
+        return _plan_calibrated(to, factors, stats, rank, groups, energy, budget, grouping, lam)
+
     factors = {name: kind_factors(adapter, sites) for name, sites in kinds.items()} if budget is not None else {}
-    plans = _plan(to, factors, rank, groups, energy, budget, grouping) if budget is not None else {}
+    plans = plan_for(factors, budget) if budget is not None else {}
     for name, sites in kinds.items():
         As, Bts = factors.pop(name) if name in factors else kind_factors(adapter, sites)
-        plan = plans[name] if name in plans else _plan(to, {name: (As, Bts)}, rank, groups, energy, None, grouping)[name]
-        result = _convert_kind(to, As, Bts, plan, grouping)
+        plan = plans[name] if name in plans else plan_for({name: (As, Bts)}, None)[name]
+        if calibration is None:
+            result, entry = _convert_kind(to, As, Bts, plan, grouping), None
+        else:
+            result, entry = _convert_calibrated(to, As, Bts, stats[name], plan, grouping, lam)
         del As, Bts  # free the kind's copies before the next one
-        yield name, sites, result
+        yield name, sites, result, entry
 
 
 def _names(to: str, kind: str, sites: list[Site], result) -> tuple[list[str], list[str]]:
@@ -249,27 +389,37 @@ def convert_adapter(
     grouping: str = "any",
     progress: Callable[[str], None] | None = None,
     source_digest: str | None = None,
-    error_measure: ErrorMeasure = frobenius_error,
+    error_measure: ErrorMeasure | None = None,
+    calibration: Calibration | None = None,
 ) -> tuple[Adapter, ConversionReport]:
     """Convert ``adapter`` to form ``to``.
 
     "lora" truncates every site to its best rank under ``rank``/``energy``/``budget`` (sites a
     budget cuts to rank 0 are dropped: no longer adapted), or with none of them expands any form
     to plain LoRA exactly. "auto" converts to every form of ``AUTO_FORMS`` at ``budget`` and keeps
-    the one ``error_measure`` rates lowest. ``budget`` is a fraction of the source LoRA's
+    the one ``error_measure`` rates lowest (default: ``frobenius_error``, or ``calibrated_error``
+    with ``calibration``). ``budget`` is a fraction of the source LoRA's
     parameters. ``progress`` is called with each kind's name once it is converted;
     ``source_digest`` (the sha256 of the source weights) is recorded in the provenance.
+    ``calibration``: input statistics per site; every form then minimises the calibrated objective
+    (see :class:`Calibration`), and the data, token counts, ridge and per kind the plain and calibrated
+    objectives are recorded in the provenance under ``conversion.calibration``.
     """
     _check_options(to, rank, energy, budget, groups, grouping)
     _check_groups(adapter, groups)
+    if calibration is not None and not calibration.ridge >= 0:
+        raise ShareportError(f"--calibration-ridge must be >= 0, got {calibration.ridge}")
+    if error_measure is None:
+        error_measure = calibrated_error if calibration is not None else frobenius_error
     if to == "auto":
-        out, report = _convert_auto(adapter, budget, grouping, progress, error_measure)
+        out, report = _convert_auto(adapter, budget, grouping, progress, error_measure, calibration)
     else:
-        out, report = _convert(adapter, to, rank, energy, budget, groups, grouping, progress)
+        out, report = _convert(adapter, to, rank, energy, budget, groups, grouping, progress, calibration)
     return _with_provenance(out, adapter, report.settings, source_digest), report
 
 
-def _convert(adapter: Adapter, to: str, rank, energy, budget, groups, grouping, progress):
+def _convert(adapter: Adapter, to: str, rank, energy, budget, groups, grouping, progress,
+             calibration: Calibration | None = None):
     if to == "aslora" and rank is None and energy is None and budget is None:
         budget = DEFAULT_ASLORA_BUDGET  # the planner picks rank and groups (issue 13: the old rule collapsed)
     settings = {k: v for k, v in dict(to=to, rank=rank, energy=energy, budget=budget, groups=groups,
@@ -277,13 +427,17 @@ def _convert(adapter: Adapter, to: str, rank, energy, budget, groups, grouping, 
     source = source_parameters(adapter)
     before = adapter.num_parameters()
     if to == "lora" and rank is None and energy is None and budget is None:
+        if calibration is not None:
+            raise ShareportError("--to lora with no --rank, --energy or --budget expands exactly: "
+                                 "--calibration has nothing to weigh (give a size option)")
         out = adapter.expand()
         return out, ConversionReport("lora", before, out.num_parameters(), [], source, settings)
     tensors: dict[str, torch.Tensor] = {}
     new_sites: dict[str, Site] = {}
     reports = []
-    for name, sites, result in _kind_results(adapter, to, rank, energy, _input_budget(adapter, budget, source),
-                                             groups, grouping):
+    for name, sites, result, entry in _kind_results(adapter, to, rank, energy,
+                                                    _input_budget(adapter, budget, source), groups, grouping,
+                                                    calibration):
         a_names, b_names = _names(to, name, sites, result)
         site_ranks = {}
         for pos, site in enumerate(sites):
@@ -299,13 +453,17 @@ def _convert(adapter: Adapter, to: str, rank, energy, budget, groups, grouping, 
             relative_error=result.relative_error, retained_energy=result.retained_energy,
             parameters_before=sum(adapter.tensors[n].numel() for n in {x for s in sites for x in (s.a, s.b)}),
             parameters_after=result.parameter_count(), already_shared=result.already_shared,
-            site_ranks=site_ranks, error=result.error, energy=result.energy))
+            site_ranks=site_ranks, error=result.error, energy=result.energy, calibration=entry))
         del result  # free the kind's factors before the next one
         if progress:
             progress(name)
     if not new_sites:
         raise ShareportError(f"a budget of {math.floor(budget * source)} parameters does not pay for rank 1 at any "
                              "site: nothing would stay adapted")
+    if calibration is not None:
+        settings["calibration"] = {**calibration.info, "ridge": calibration.ridge, "kinds": {
+            k.kind: {"plain_objective": k.calibration["plain_objective"], "objective": k.calibration["objective"]}
+            for k in reports}}
     out = adapter.with_sites(tensors, new_sites, to)
     report = ConversionReport(to, before, out.num_parameters(), reports, source, settings,
                               energy_warnings(reports, budget))
@@ -321,7 +479,8 @@ def _input_budget(adapter: Adapter, budget: float | None, source: int) -> float 
     return budget * source / lora
 
 
-def _convert_auto(adapter: Adapter, budget: float, grouping: str, progress, error_measure: ErrorMeasure):
+def _convert_auto(adapter: Adapter, budget: float, grouping: str, progress, error_measure: ErrorMeasure,
+                  calibration: Calibration | None = None):
     """Every form of ``AUTO_FORMS`` at ``budget``; the one with the least error wins. Errors within
     ``AUTO_TIE`` of the energy are equal (e.g. two lossless forms): then the fewest parameters win,
     then the order of ``AUTO_FORMS``."""
@@ -331,7 +490,7 @@ def _convert_auto(adapter: Adapter, budget: float, grouping: str, progress, erro
         tick = (lambda name, form=form: progress(f"{form}: {name}")) if progress else None
         try:
             out, report = _convert(adapter, form, None, None, budget, None,
-                                   grouping if form == "aslora" else "any", tick)
+                                   grouping if form == "aslora" else "any", tick, calibration)
         except ShareportError as exc:  # e.g. a budget below this form's minimum
             candidates.append({"form": form, "refused": str(exc)})
             continue

@@ -26,7 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-from .convert import conversion_steps, convert_adapter
+from converters import DEFAULT_RIDGE
+
+from .convert import Calibration, conversion_steps, convert_adapter
 from .errors import ShareportError
 from .export import graph_file
 from .export.exporter import ExportOptions
@@ -44,6 +46,10 @@ from .summary import summarize
 from .train.frontier import DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, smallest_keeping
 from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
+
+# --calibration defaults: examples taken from the data, tokens kept of each
+CALIBRATION_SAMPLES = 128
+CALIBRATION_MAX_LENGTH = 128
 
 __all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "generate", "inspect",
            "recover", "train", "verify"]
@@ -66,17 +72,37 @@ def default_convert_output(lora_dir: str, to: str) -> str:
 
 def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None = None, energy: float | None = None,
             budget: float | None = None, groups: int | None = None, grouping: str = "any", overwrite: bool = False,
-            allow_pickle: bool = False, plot: str | None = None, progress: bool = True) -> dict:
-    """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all."""
+            allow_pickle: bool = False, plot: str | None = None, progress: bool = True,
+            calibration: str | None = None, base: str | None = None,
+            calibration_samples: int = CALIBRATION_SAMPLES, calibration_max_length: int = CALIBRATION_MAX_LENGTH,
+            calibration_ridge: float = DEFAULT_RIDGE) -> dict:
+    """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all.
+
+    ``calibration`` (data: text, jsonl or tokenized, as ``finetune`` reads it) with ``base``: the first
+    ``calibration_samples`` examples, cut to ``calibration_max_length`` tokens, are run through the base
+    with the LoRA attached, and every form minimises the error of the update's outputs on those inputs
+    (``shareport.convert.Calibration``) instead of the plain Frobenius error.
+    """
     out = out or default_convert_output(lora_dir, to)
+    if (calibration is None) != (base is None):
+        raise ShareportError("--calibration needs --base (the model to run the data through)" if base is None
+                             else "--base is only used with --calibration DATA")
     adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)  # inputs first, then outputs, then the work
-    check_output(out, overwrite, [lora_dir])
+    inputs = [lora_dir] + [p for p in (calibration, base) if p]
+    check_output(out, overwrite, inputs)
     if plot:
-        check_plot_path(plot, overwrite, [lora_dir])
+        check_plot_path(plot, overwrite, inputs)
+    stats, seconds = None, None
+    if calibration is not None:
+        stats, seconds = _calibration_statistics(adapter, calibration, base, calibration_samples,
+                                                 calibration_max_length, calibration_ridge)
     with _kind_progress(conversion_steps(adapter, to), progress) as tick:
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
-                                         grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir))
+                                         grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir),
+                                         calibration=stats)
     data = {"output": out, **report.to_dict()}
+    if stats is not None:  # not in the provenance: the same input must give the same bytes
+        data["calibration"] = {**report.settings["calibration"], "seconds": seconds}
     if plot:
         if result.form == "lora":  # per-site ranks: no shared rank to mark, every site its own B
             plot_adapter(adapter, plot)
@@ -84,12 +110,48 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
         data["plot"] = plot
     try:
-        save_adapter(result, out, as_peft=(result.form == "lora"), overwrite=overwrite, inputs=[lora_dir])
+        save_adapter(result, out, as_peft=(result.form == "lora"), overwrite=overwrite, inputs=inputs)
     except BaseException:
         if plot:
             Path(plot).unlink(missing_ok=True)  # all outputs or none
         raise
     return data
+
+
+def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int, max_length: int,
+                            ridge: float) -> tuple[Calibration, float]:
+    """Every site's input statistics on the calibration data, with the LoRA attached (model/calibration.py)."""
+    import time
+
+    import torch
+
+    from .model import load_base_model
+    from .model.calibration import collect_statistics
+    from .train.data import load_data, pad_token_id
+
+    if samples < 1:
+        raise ShareportError(f"--calibration-samples must be at least 1, got {samples}")
+    if not ridge >= 0:
+        raise ShareportError(f"--calibration-ridge must be >= 0, got {ridge}")
+    data = load_data(data_path, base_dir, max_length)
+    sequences = data.sequences[:samples]
+    tokens = sum(len(seq) for seq in sequences)
+    model = load_base_model(base_dir, adapter.task_type, carried=adapter.extra_tensors)
+    started = time.perf_counter()
+    try:
+        with torch.no_grad():
+            stats = collect_statistics(model, adapter, sequences, pad_token_id(model.config), where=str(base_dir))
+    except ShareportError as exc:
+        message = str(exc)
+        raise ShareportError(message if message.startswith(str(base_dir)) else f"{base_dir}: {message}") from None
+    seconds = time.perf_counter() - started
+    for kind, q in stats.bases.items():
+        if tokens < q.shape[1]:
+            raise ShareportError(f"{data_path}: {tokens} calibration tokens in {len(sequences)} example(s), fewer "
+                                 f"than the {q.shape[1]} dimensions of {kind}'s statistics; give more data")
+    info = {"data": str(data_path), "base": str(base_dir), "samples": len(sequences), "tokens": tokens,
+            "max_length": max_length, "statistics_bytes": stats.nbytes()}
+    return Calibration(stats.statistics, ridge, info), seconds
 
 
 @contextlib.contextmanager

@@ -37,11 +37,26 @@ from .options import allow_pickle_option, json_option, output_option, overwrite_
 @click.option("--grouping", type=click.Choice(GROUPINGS), default="any", show_default=True,
               help="aslora (and auto's aslora candidate): 'any' groups any layers (Ward clustering), 'adjacent' "
                    "only contiguous runs (exact dynamic programme).")
+@click.option("--calibration", "calibration", type=click.Path(path_type=str), default=None,
+              help="Calibration data (a text file, .jsonl or tokenized folder, as finetune reads it): every form "
+                   "then minimises the error of the update's outputs on these inputs, measured with the LoRA "
+                   "attached to --base, instead of the plain ||dW - dW'||_F^2; --budget and --to auto use that "
+                   "error too. Needs --base.")
+@click.option("--base", "base", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="With --calibration: the base model folder (with its tokenizer, unless the data is tokenized).")
+@click.option("--calibration-samples", type=int, default=flows.CALIBRATION_SAMPLES, show_default=True,
+              help="With --calibration: how many examples (the first ones) to run.")
+@click.option("--calibration-max-length", type=int, default=flows.CALIBRATION_MAX_LENGTH, show_default=True,
+              help="With --calibration: tokens kept of each example.")
+@click.option("--calibration-ridge", type=float, default=flows.DEFAULT_RIDGE, show_default=True,
+              help="With --calibration: damping of each site's statistics, relative to its mean eigenvalue "
+                   "(GPTQ's damp_percent).")
 @overwrite_option
 @allow_pickle_option
 @json_option
 @plot_option
-def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overwrite, allow_pickle, as_json, plot):
+def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calibration, base, calibration_samples,
+                calibration_max_length, calibration_ridge, overwrite, allow_pickle, as_json, plot):
     """Convert a LoRA (PEFT or native, any form) into a shared form, or truncate it.
 
     \b
@@ -64,7 +79,9 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, overw
     """
     data = flows.convert(lora_dir, to, out, rank=rank, energy=energy, budget=budget, groups=groups,
                          grouping=grouping, overwrite=overwrite, allow_pickle=allow_pickle, plot=plot,
-                         progress=not as_json)
+                         progress=not as_json, calibration=calibration, base=base,
+                         calibration_samples=calibration_samples, calibration_max_length=calibration_max_length,
+                         calibration_ridge=calibration_ridge)
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
@@ -83,6 +100,12 @@ def render(data: dict) -> str:
         parts.append(format_table(["form", "params", "of source LoRA", "rel. error", "energy kept", "written"], rows,
                                   title=f"--to auto at --budget {data['settings']['budget']:g}: "
                                         f"{data['winner']} has the least error"))
+    if "calibration" in data:
+        c = data["calibration"]
+        parts.append(f"calibrated on {c['data']}: {c['samples']} examples, {c['tokens']:,} tokens, ridge "
+                     f"{c['ridge']:g}, {c['seconds']:.1f} s; errors below are output errors on those inputs")
+        parts.append(format_table(["kind", "plain objective", "calibrated objective"],
+                                  [(name, v["plain_objective"], v["objective"]) for name, v in c["kinds"].items()]))
     if data["kinds"]:
         rows = [(k["kind"], k["sites"], k["lora_rank"], _ranks(k["site_ranks"]), _groups(k["groups"], k["sites"]),
                  k["relative_error"], k["retained_energy"], k["parameters_after"],
