@@ -236,6 +236,18 @@ class Adapter:
         return sorted(n for n, c in uses.items() if c > 1)
 
     # ------------------------------------------------------------------------ transforms
+    def with_step(self, entry: dict, **facts) -> "Adapter":
+        """The adapter with ``entry`` (``{"step": "convert"|"finetune"|"train", ...}``) appended to
+        its provenance history and ``facts`` set beside it: the one shape every step records.
+
+        ``provenance = {"tool", "source_parameters" (the original LoRA's), "history": [...]}``;
+        the input's provenance is not changed."""
+        from . import __version__
+
+        history = list(self.provenance.get("history", [])) + [entry]
+        provenance = {**self.provenance, **facts, "tool": f"shareport {__version__}", "history": history}
+        return dataclasses.replace(self, provenance=provenance)
+
     def with_sites(self, tensors: dict[str, torch.Tensor], sites: dict[str, Site], form: str, **changes) -> "Adapter":
         """A new adapter with another pool and site map, keeping the rest (extras, config)."""
         return dataclasses.replace(self, tensors=tensors, sites=sites, form=form, **changes)

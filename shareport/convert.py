@@ -28,7 +28,6 @@ import torch
 import converters
 from converters.types import KindFactors, KindResult
 
-from . import __version__
 from .adapter import Adapter, Site
 from .errors import ShareportError
 
@@ -403,7 +402,7 @@ def convert_adapter(
     ``source_digest`` (the sha256 of the source weights) is recorded in the provenance.
     ``calibration``: input statistics per site; every form then minimises the calibrated objective
     (see :class:`Calibration`), and the data, token counts, ridge and per kind the plain and calibrated
-    objectives are recorded in the provenance under ``conversion.calibration``.
+    objectives are recorded in the provenance, in the conversion step of ``history``.
     """
     _check_options(to, rank, energy, budget, groups, grouping)
     _check_groups(adapter, groups)
@@ -512,13 +511,7 @@ def _convert_auto(adapter: Adapter, budget: float, grouping: str, progress, erro
 
 
 def _with_provenance(out: Adapter, source: Adapter, settings: dict, digest: str | None) -> Adapter:
-    provenance = {
-        "tool": f"shareport {__version__}",
-        "source_form": source.form,
-        "source_sha256": digest,
-        "source_parameters": source_parameters(source),  # the original LoRA's, not an intermediate's
-        "conversion": settings,
-    }
-    if source.provenance:
-        provenance["source_provenance"] = source.provenance
-    return dataclasses.replace(out, provenance=provenance)
+    """The source's history plus this conversion; ``source_parameters`` stays the original LoRA's."""
+    entry = {"step": "convert", "source_form": source.form, "source_sha256": digest, **settings}
+    carried = dataclasses.replace(out, provenance=dict(source.provenance))
+    return carried.with_step(entry, source_parameters=source_parameters(source))

@@ -105,7 +105,7 @@ def test_reported_objective_is_the_written_adapters(setup, tmp_path, to):
                          base=str(setup["base"]), calibration_samples=SAMPLES, progress=False)
     written = load_adapter(tmp_path / "out")
     # a plain PEFT LoRA (--to lora) has no provenance: the report holds the same record
-    recorded = written.provenance["conversion"]["calibration"] if to != "lora" else data["calibration"]
+    recorded = written.provenance["history"][-1]["calibration"] if to != "lora" else data["calibration"]
     assert to == "lora" or {**recorded, "seconds": data["calibration"]["seconds"]} == data["calibration"]
     assert recorded["samples"] == SAMPLES and recorded["tokens"] == sum(stats.tokens.values()) // len(stats.tokens)
     assert recorded["ridge"] == converters.DEFAULT_RIDGE and recorded["data"] == str(setup["text"])
@@ -151,7 +151,7 @@ def test_without_calibration_nothing_changes(setup, tmp_path, cli, to, options):
     save_adapter(out, tmp_path / "lib", as_peft=out.form == "lora")
     assert _digest(tmp_path / "cli") == _digest(tmp_path / "lib")
     assert "calibration" not in json.loads((tmp_path / "cli" / "adapter_config.json").read_text()).get(
-        "shareport", {}).get("provenance", {}).get("conversion", {})
+        "shareport", {}).get("provenance", {}).get("history", [{}])[-1]
 
 
 def _bad_base(root: Path, kind: str) -> Path:

@@ -258,6 +258,4 @@ def _report(job, recipe, before, after, trained: Adapter, merger, acc, last_loss
 
 def with_provenance(adapter: Adapter, entry: dict) -> Adapter:
     """The adapter with ``entry`` appended to its provenance history (the input's is not changed)."""
-    provenance = dict(adapter.provenance)
-    provenance["history"] = list(provenance.get("history", [])) + [entry]
-    return dataclasses.replace(adapter, provenance=provenance)
+    return adapter.with_step(entry)
