@@ -20,7 +20,6 @@ ShareA's output error relative to plain ShareA's.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 # this checkout's converters, not whichever copy an editable install points at
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import converters  # noqa: E402
+from tests.benchmarks.bench_converters_math import kind_parser  # noqa: E402
 
 F64 = torch.float64
 LLAMA7B_KINDS = {  # kind -> n_in
@@ -69,11 +69,7 @@ def timed(fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=16)
+    parser = kind_parser(__doc__)
     parser.add_argument("--truncate", type=int, default=8, help="rank of the per-site truncation")
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=1024)

@@ -20,6 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import converters  # noqa: E402
 
 
+def kind_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every 7B-shaped kind benchmark takes (bench_calibrated_math.py adds its own)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=16)
+    return parser
+
+
 def make_kind(n_sites: int, rank: int, dim: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     common = torch.randn(rank, dim, generator=gen)
@@ -35,12 +45,7 @@ def dense_error(As, Bts, k: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=16)
-    args = parser.parse_args()
+    args = kind_parser(__doc__).parse_args()
     As, Bts = make_kind(args.sites, args.rank, args.dim)
     # first LAPACK calls pay one-off setup: warm both paths up on a small kind
     small_As, small_Bts = make_kind(2, 2, 64)
