@@ -19,8 +19,8 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
 4. **PEFT**: ``peft.save_as_lora`` of the LoRA at every integer rank below 16 that a budget maps to
    (1, 2, 4, 8 = 6.25, 12.5, 25, 50%) and at energy thresholds.
 5. **From scratch**: ``shareport.flows.train`` (what ``shareport train --form`` runs) of each form at
-   the largest rank within 10% of the LoRA's parameters, with ``RECOVER_STEPS`` steps and with the
-   LoRA's full ``LORA_STEPS``. It trains no classifier head, so it trains on and is scored with
+   the largest rank within 10% of the LoRA's parameters, with the recovery's steps, batch and lr,
+   and again with the LoRA's whole training budget (its steps, batch and lr). It trains no classifier head, so it trains on and is scored with
    the LoRA's trained head (carried as a fixed tensor).
 
 Every adapter is scored by the same code (``shareport.train.recipe.evaluate_adapter``) on the
@@ -227,15 +227,18 @@ def scratch(out: Path, base: Path, data: Path, s: Settings) -> list[dict]:
         rank = 1
         while parameters_of(lora, form, rank + 1) <= s.scratch_budget * lora.num_parameters():
             rank += 1
-        for steps in (s.recover_steps, s.lora_steps):
-            merging = {"groups": max(1, layers // 2)} if form == "aslora" else {}
+        merging = {"groups": max(1, layers // 2)} if form == "aslora" else {}
+        # the recovery's steps, batch and lr; then the LoRA's whole budget (its steps, batch, lr)
+        for steps, recipe in ((s.recover_steps, options(s, s.recover_steps, **merging)),
+                              (s.lora_steps, dataclasses.replace(options(s, s.lora_steps, **merging),
+                                                                 batch_size=s.lora_batch, lr=s.lora_lr))):
             folder = out / "scratch" / f"{form}-{steps}"
             started = time.perf_counter()
             flows.train(form, str(head_base), TARGETS, rank, str(data / "train.jsonl"), str(folder),
-                        alpha=s.alpha / s.rank * rank, options=options(s, steps, **merging), overwrite=True)
+                        alpha=s.alpha / s.rank * rank, options=recipe, overwrite=True)
             seconds = time.perf_counter() - started
             trained = dataclasses.replace(load_adapter(folder), extra_tensors=dict(lora.extra_tensors))
-            rows.append({"form": form, "rank": rank, "steps": steps, "seconds": seconds,
+            rows.append({"form": form, "rank": rank, "steps": steps, "batch": recipe.batch_size, "seconds": seconds,
                          "ratio": trained.num_parameters() / lora.num_parameters(), **score(job, trained, s)})
     return rows
 
