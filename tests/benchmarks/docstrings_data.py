@@ -35,6 +35,10 @@ but does not saturate (both measured by ``bench_frontier.py``).
 - Split by the sha256 of the text: the examples whose hash falls in the lowest ``TEST_SHARE`` of
   the range are the test split. Disjoint by construction, and checked.
 
+Build it in a fresh interpreter (run this file as a script, as ``bench_frontier.py`` does): some
+libraries patch a few stdlib functions when imported (with torch loaded, three docstrings fewer
+count as the stdlib's own), which would change the data.
+
 ``python tests/benchmarks/docstrings_data.py OUT`` writes ``OUT/train.jsonl``, ``OUT/test.jsonl``
 (rows ``{"text", "label", "name", "source"}``) and ``OUT/meta.json`` (classes, counts, Python version,
 the sha256 of both files).
