@@ -21,13 +21,18 @@ from .base import task_type_of, weight_shape
 SHARED = {"lora": (), "sharea": ("A",), "shareb": ("B",), "shareab": ("A", "B"), "aslora": ("A",)}
 
 def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
-    """Paths of the linear-like modules whose last name is one of ``targets``."""
+    """Paths of the linear-like modules that a target names, matched as PEFT's ``target_modules``
+    matches: the path equals the target or ends with ``.<target>``. So ``q_proj`` is every
+    layer's ``q_proj``, and ``output.dense`` is BERT's two output layers but not its pooler's
+    ``dense``."""
+    def named(path: str, target: str) -> bool:
+        return path == target or path.endswith("." + target)
+
     paths = [
         path for path, module in model.named_modules()
-        if path.rsplit(".", 1)[-1] in targets and getattr(module, "weight", None) is not None
+        if any(named(path, t) for t in targets) and getattr(module, "weight", None) is not None
     ]
-    found = {p.rsplit(".", 1)[-1] for p in paths}
-    missing = [t for t in targets if t not in found]
+    missing = [t for t in targets if not any(named(p, t) for p in paths)]
     if missing:
         raise ShareportError(f"the base model has no module named '{missing[0]}' (--target)")
     return sorted(paths)

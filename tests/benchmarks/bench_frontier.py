@@ -7,7 +7,8 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
 
 1. **Task**: Python standard-library docstrings labelled by top-level package, 12 classes
    (``docstrings_data.py`` says what, why and how; a deterministic split with no shared text).
-2. **LoRA**: a PEFT LoRA, r=16 (alpha 32) on query and value, classifier head in
+2. **LoRA**: a PEFT LoRA, r=16 (alpha 32) on every linear layer of the blocks (query, key, value,
+   attention output, MLP in and out: 6 kinds x 6 layers), classifier head in
    ``modules_to_save``, trained on cross-entropy (``LORA_STEPS`` steps of 16). **Head only**: the
    same frozen encoder with only a linear head trained (on cached features, many steps: its best
    shot). The LoRA must beat it by >= 10 points and stay below 100%: the task is hard.
@@ -58,12 +59,13 @@ from shareport.train.jobs import TrainingOptions, recovery_job  # noqa: E402
 from shareport.train.recipe import evaluate_adapter  # noqa: E402
 
 FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
-TARGETS = ["query", "value"]
+# every linear layer of the blocks: attention q, k, v, its output, the MLP in and out
+TARGETS = ["query", "key", "value", "output.dense", "intermediate.dense"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    lora_steps: int = 300
+    lora_steps: int = 400
     lora_batch: int = 16
     lora_lr: float = 5e-3
     rank: int = 16
