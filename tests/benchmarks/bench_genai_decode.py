@@ -21,22 +21,26 @@ What the adapter costs, and why (2 shared cores under load from other work, ``--
 adapter mode runs exactly 3 more nodes per site (MatMul x@A_g, MatMul @B_g, Add), 48 for 16
 sites, on top of 300; ORT fuses none of them and changes nothing else (same node counts per type
 otherwise; the two genai configs are identical; og.Adapters hands ORT CPU-backed tensors, bound,
-not copied). The extra CPU per token stays roughly constant as the model grows, so it is a fixed
-cost of those nodes and the ratio falls toward the FLOP ratio:
+not copied). The extra has two parts: the adapter's own multiply-adds (its share of the
+model's, 1.8% / 0.5% / 0.25% at hidden 256 / 1024 / 2048: the FLOP ratio) and a fixed cost of
+the 48 nodes that does not grow with the model (a graph holding only the 16 sites measures
+46-56 us/token at hidden 256-1024, about 1 us per node: kernel dispatch and a tiny GEMM's setup).
+So the ratio falls with size toward the FLOP ratio:
 
-    hidden 256  (4.2M params)  CPU 1.032, wall 1.026; extra  84 us/token   (other runs: 1.03-1.13)
-    hidden 1024 (54.7M)        CPU 1.006, wall 0.972; extra 136 us/token
-    hidden 2048 (210.6M)       CPU 0.994, wall 0.988; extra below the noise (-457 us/token)
+    hidden   params   CPU ratio  wall ratio  FLOP ratio  extra CPU/token   folded CPU/token
+    256       4.2M    1.032      1.026       1.018        84 us             2.60 ms
+    1024     54.7M    1.006      0.972       1.005       136 us            23.5 ms
+    2048    210.6M    0.994      0.988       1.0025      below the noise   78.0 ms
 
-The sites alone cost 50-56 us/token at hidden 256-1024, 144 at 2048 (about 1 us per extra node:
-kernel dispatch plus a tiny GEMM's setup, growing only with hidden x rank, while the base grows
-with hidden^2); the rest of the in-model extra is not isolated further (run-to-run noise here is
-of the same size). At hidden 2048 the greedy tokens of the two differ: random weights give
-near-tied logits that fp32 rounding of folded vs unfolded weights can flip, so that line is no
-check of the adapter there. The 1.30 measured before was ``--threads 2`` on the
-loaded 2-core machine, where a step is mostly the thread pool waiting on preempted threads
-(17.6 ms/token at 2 threads against 6.6 at 1 thread, same machine, same quarter hour) and the
-ratio swings with the load: the default command measured 1.043 on rerun.
+At hidden 256 the 84 us lies between the sites-only graph (46-50 us, their arithmetic included)
+and that plus the FLOP share of the folded step (1.8% of 2.60 ms = 47 us); the noise allows no
+finer split. Two more runs there gave CPU 1.032 (wall 1.013) and, with a scratch copy of the same
+loop, 1.125. At hidden 2048 the greedy tokens of the two differ: random weights give near-tied
+logits that fp32 rounding of folded vs unfolded weights can flip, so that line is no check of
+the adapter there. The 1.30 measured before was ``--threads 2`` on the loaded 2-core machine,
+where a step is mostly the thread pool waiting on preempted threads (17.6 ms/token at 2 threads
+against 6.6 at 1 thread, same machine, same quarter hour) and the ratio swings with the load:
+the default command measured 1.043 on rerun.
 """
 
 from __future__ import annotations
