@@ -127,7 +127,7 @@ def site_chain_us(sites: int, hidden: int, rank: int, threads: int, reps: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: a pool of 2 on a shared 2-core machine waits on preempted threads and swings the ratio)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
