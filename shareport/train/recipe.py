@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..adapter import Adapter
+from .accel import average_gradients, fsdp_requested, local_parameter_bytes, shard_base
 from .merging import BMerger, MergeSchedule
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
 from .data import BatchOrder, TokenData, collate, pad_token_id
@@ -82,6 +83,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
         raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the {acc.num_processes} processes")
     pad = pad_token_id(model.config)
 
+    base_bytes = local_parameter_bytes(model)
     student = attach(model, job.student, trainable=True, dtype=torch.float32)
     names = sorted(student.parameters)
     optimizer = torch.optim.AdamW([student.parameters[n] for n in names], lr=recipe.lr, weight_decay=0.0)
@@ -94,7 +96,11 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     if before is None:
         before = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
 
-    ddp_model, optimizer = acc.prepare(model, optimizer)
+    sharded = fsdp_requested() and acc.num_processes > 1
+    if sharded:  # the base sharded (FSDP2), the adapter replicated: see accel.py
+        ddp_model = shard_base(model, [student.parameters[n] for n in names])
+    else:
+        ddp_model, optimizer = acc.prepare(model, optimizer)
     order = BatchOrder(len(job.train_data), recipe.batch_size, recipe.seed)
     share = recipe.batch_size // acc.num_processes
     rank = acc.process_index
@@ -106,6 +112,8 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
         batch = {k: v.to(acc.device) for k, v in collate(job.train_data, indices, pad).items()}
         loss = _loss(ddp_model, model, job.teacher, batch, recipe, causal, acc)
         acc.backward(loss)
+        if sharded:
+            average_gradients([student.parameters[n] for n in sorted(student.parameters)])  # merges retire some
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -131,6 +139,9 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     trained = student.to_adapter()
     student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
     report = _report(job, recipe, before, after, trained, merger, acc, last_loss, tokens, elapsed)
+    if sharded:
+        # the detached model holds the base alone: this process's shard of it
+        report["fsdp"] = {"base_parameter_bytes": base_bytes, "base_parameter_bytes_here": local_parameter_bytes(model)}
     return trained, report
 
 
