@@ -90,3 +90,12 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel() * local.element_size()
     return total
+
+
+# dense bf16 peak FLOP/s by device name (first match wins: PCIe before the generic H100)
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+
+
+def peak_flops(name: str) -> float | None:
+    """The device's dense bf16 peak, or None for a device not in ``PEAK_BF16``."""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
