@@ -191,6 +191,14 @@ def kind_factors(adapter: Adapter, sites: list[Site]) -> tuple[list[torch.Tensor
     return As, Bts
 
 
+def release_pool(adapter: Adapter) -> None:
+    """Let a streamed pool (``shareport.files.tensorfile.StreamedTensors``) unmap what was read so far;
+    with it a conversion holds one kind of the input at a time. A plain dict pool has nothing to do."""
+    release = getattr(adapter.tensors, "release", None)
+    if release is not None:
+        release()
+
+
 def _plan(to: str, kinds: dict, rank, groups, energy, budget, grouping) -> dict:
     """Per kind: the site ranks (lora) or (rank, groups). An explicit or default rank needs no
     search, so the kind's spectrum is computed once, by the conversion itself."""
@@ -327,6 +335,7 @@ def _kind_results(adapter: Adapter, to: str, rank, energy, budget, groups, group
         else:
             result, entry = _convert_calibrated(to, As, Bts, stats[name], plan, grouping, lam)
         del As, Bts  # free the kind's copies before the next one
+        release_pool(adapter)
         yield name, sites, result, entry
 
 

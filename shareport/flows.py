@@ -87,7 +87,7 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     if (calibration is None) != (base is None):
         raise ShareportError("--calibration needs --base (the model to run the data through)" if base is None
                              else "--base is only used with --calibration DATA")
-    adapter = load_adapter(lora_dir, allow_pickle=allow_pickle)  # inputs first, then outputs, then the work
+    adapter = load_adapter(lora_dir, allow_pickle=allow_pickle, stream=True)  # inputs, then outputs, then the work
     inputs = [lora_dir] + [p for p in (calibration, base) if p]
     check_output(out, overwrite, inputs)
     if plot:

@@ -23,14 +23,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.distributed
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cli):
+def one_process_run(tmp_path, cli) -> list:
+    """A tiny recovery with ASLoRA merges, run in this process into ``tmp_path/one``; returns its
+    arguments (without ``-o``) for the multi-process runs to repeat."""
     paths = recovery_setup(tmp_path, layers=2, lines=60)
     args = ["finetune", paths["shared"], "--base", paths["base"], "--teacher", paths["lora"], "--data", paths["text"],
             "--steps", 6, "--lr", 3e-3, "--batch-size", 4, "--max-length", 24, "--merges", 1, "--merge-start", 2,
             "--merge-every", 2]
     one = cli(*args, "-o", tmp_path / "one")
     assert one.exit_code == 0, one.output
+    return args
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cli):
+    args = one_process_run(tmp_path, cli)
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "SHAREPORT_NO_PROGRESS": "1"}

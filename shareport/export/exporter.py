@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +31,7 @@ from ..adapter import Adapter
 from ..files.atomic import atomic_dir, check_output
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
+from ..files.tensorfile import read_header
 from ..model import attach, fold, load_base_model
 from ..model.base import read_base_config
 from . import graph_file
@@ -45,6 +48,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # adapter input names: shareport's pool names, or Olive's (the pool name + ".weight")
 ADAPTER_NAMES = ("shareport", "olive")
 FORMAT_VERSION = 1
+# Memory an export needs, above the interpreter: MEMORY_FACTOR[dtype] x the base's float32 weight
+# bytes + MEMORY_FIXED. The base is loaded in float32 (and cast for fp16), the exporter's graph
+# and ONNX Runtime's session hold more copies, and verification loads the base again for PyTorch.
+# Measured peaks above a fixed ~120 MiB (tests/benchmarks/bench_export_memory.py, MiniLM-L6, 22.7M
+# parameters, 87 MiB in float32, verified): folded fp32 3.9x, folded fp16 2.75x, adapter fp32 4.06x;
+# with a margin here.
+MEMORY_FACTOR = {"fp32": 4.5, "fp16": 3.5}
+MEMORY_FIXED = 256 * 2**20
+SKIP_MEMORY_CHECK = "SHAREPORT_SKIP_MEMORY_CHECK"  # =1: export even when the estimate exceeds what is free
 # example sizes for tracing: a dynamic dim traced at size 0 or 1 gets specialised, so >= 2
 EXAMPLE = dict(batch=2, seq=3, past=5, rank=4)
 
@@ -186,6 +198,48 @@ class ExportResult:
         return str(self.path)
 
 
+def base_parameters(base_dir) -> int:
+    """Parameters in the base's safetensors weights, from their (validated) headers: nothing is loaded."""
+    total = 0
+    for path in sorted(Path(base_dir).glob("*.safetensors")):
+        total += sum(math.prod(entry["shape"]) for entry in read_header(path).values())
+    return total
+
+
+def export_memory(base_dir, dtype: str) -> int:
+    """Estimated peak bytes of ``export`` (with verification) for this base: see ``MEMORY_FACTOR``."""
+    return int(MEMORY_FACTOR[dtype] * 4 * base_parameters(base_dir)) + MEMORY_FIXED
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(base_dir, dtype: str) -> None:
+    """Refuse, before anything is loaded, an export the machine's free memory cannot hold."""
+    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
+        return
+    need, have = export_memory(base_dir, dtype), available_memory()
+    if have is not None and need > have:
+        hint = "--dtype fp16, " if dtype == "fp32" else ""
+        raise ShareportError(
+            f"{base_dir}: exporting this base ({base_parameters(base_dir) / 1e9:.2f}B parameters, {dtype}) needs "
+            f"about {need / 2**30:.1f} GiB of memory and {have / 2**30:.1f} GiB is available; free memory, "
+            f"try {hint}or set {SKIP_MEMORY_CHECK}=1 to export anyway")
+
+
 def export(
     adapter_dir, base_dir, out, options: ExportOptions, overwrite: bool = False, progress: bool = True,
     allow_pickle: bool = False, verify: bool = True, atol: float = FP32_ATOL, rtol: float = FP16_RTOL,
@@ -200,6 +254,7 @@ def export(
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)  # inputs, then outputs, then the slow part
     read_base_config(base_dir)
     check_output(out, overwrite, [adapter_dir, base_dir])
+    check_memory(base_dir, options.dtype)
     dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
     report = None
     with _stages(progress, 4 + verify) as stage:

@@ -19,14 +19,18 @@ from .folder import CONFIG_NAME, WEIGHTS_NAME, dump_json, read_config
 from .tensorfile import save_tensors
 
 
-def load_adapter(folder: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
-    """Read a PEFT LoRA folder or a shareport native folder."""
+def load_adapter(folder: str | os.PathLike, allow_pickle: bool = False, stream: bool = False) -> Adapter:
+    """Read a PEFT LoRA folder or a shareport native folder.
+
+    ``stream`` (PEFT LoRA folders; native ones are read whole): the pool reads each tensor from
+    the file's map when used, for callers that touch one kind at a time (``convert``); the pool is
+    then a read-only mapping."""
     folder = Path(folder)
     config = read_config(folder)
     try:
         if native.is_native(config):
             return native.load(folder, config)
-        return peft.load(folder, config, allow_pickle=allow_pickle)
+        return peft.load(folder, config, allow_pickle=allow_pickle, stream=stream)
     except ShareportError as exc:
         if str(folder) in str(exc):
             raise

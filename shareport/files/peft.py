@@ -13,8 +13,10 @@ regex of the adapted paths, so nothing else in the model gets a LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import torch
 from ..adapter import PEFT_PREFIX, UNKNOWN_LAYOUT, Adapter, kinds_for_paths
 from ..errors import ShareportError
 from .folder import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_config
-from .tensorfile import check_finite, load_pickled, load_tensors
+from .tensorfile import StreamedTensors, check_finite, load_pickled, load_tensors
 
 
 # Config fields that change what the adapter computes and that shareport cannot represent.
@@ -87,11 +89,12 @@ def _check_supported(config: dict, cfg_path: Path) -> None:
             raise ShareportError(f"{cfg_path}: {name} is not supported")
 
 
-def load_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The adapter's tensors: safetensors, or a pickled ``.bin`` only when allowed."""
+def load_weights(folder: Path, allow_pickle: bool, stream: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's tensors: safetensors (``stream``: a ``StreamedTensors`` mapping that reads each
+    tensor from the file's map when asked), or a pickled ``.bin`` only when allowed."""
     st, pkl = folder / WEIGHTS_NAME, folder / PICKLE_NAME
     if st.is_file():
-        return st, load_tensors(st)
+        return st, StreamedTensors(st) if stream and sys.byteorder == "little" else load_tensors(st)
     if pkl.is_file():
         if not allow_pickle:
             raise ShareportError(
@@ -102,8 +105,12 @@ def load_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, torc
     raise ShareportError(f"{st}: missing adapter weights")
 
 
-def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = False) -> Adapter:
-    """Read a PEFT LoRA folder into a plain-LoRA :class:`Adapter`."""
+def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = False, stream: bool = False) -> Adapter:
+    """Read a PEFT LoRA folder into a plain-LoRA :class:`Adapter`.
+
+    ``stream``: the adapter's pool is a ``StreamedTensors`` mapping over the safetensors file, so a
+    tensor is read (from the file's map) only when used and not held after; every check below is
+    made all the same (header, NaN/Inf one tensor at a time, keys, ranks, shapes)."""
     folder = Path(folder)
     cfg_path = folder / CONFIG_NAME
     config = read_config(folder) if config is None else config
@@ -125,8 +132,11 @@ def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = Fa
     if not math.isfinite(alpha) or any(not math.isfinite(v) for v in alpha_pattern.values()):
         raise ShareportError(f"{cfg_path}: lora_alpha values must be finite")
 
-    weights_path, state = load_weights(folder, allow_pickle)
+    weights_path, state = load_weights(folder, allow_pickle, stream)
     check_finite(weights_path, state)
+    streamed = isinstance(state, StreamedTensors)
+    if streamed:
+        state.release()  # the check touched every page: let them go
     factors, extras = _split_keys(weights_path, state)
 
     out = {}
@@ -138,7 +148,7 @@ def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = Fa
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise ShareportError(f"{weights_path}: module '{path}' has no {missing} tensor")
-        a, b = pair["A"], pair["B"]
+        a, b = state[pair["A"]], state[pair["B"]]
         if a.dim() != 2 or b.dim() != 2:
             raise ShareportError(
                 f"{weights_path}: module '{path}' has {a.dim()}-D LoRA factors: convolution LoRA is not supported"
@@ -171,7 +181,7 @@ def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = Fa
     }
     if modules_to_save is not None:
         kept["modules_to_save"] = sorted(set(modules_to_save))
-    return Adapter.from_factors(
+    adapter = Adapter.from_factors(
         out,
         base_model=config.get("base_model_name_or_path"),
         task_type=config.get("task_type"),
@@ -179,11 +189,19 @@ def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = Fa
         extra_tensors=extras,
         config=kept,
     )
+    if not streamed:
+        return adapter
+    # the pool as names -> file keys: nothing read so far is held by the adapter
+    keys = dict(sorted((f"{path}.lora_{which}", key) for path, pair in factors.items() for which, key in pair.items()))
+    adapter = dataclasses.replace(adapter, tensors=state.renamed(keys))
+    adapter.tensors.release()  # validating mapped the pages around each tensor's start
+    return adapter
 
 
 def _split_keys(weights_path: Path, state: dict) -> tuple[dict, dict]:
-    """Sort checkpoint keys into LoRA factors per module path, and carried-through extras."""
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    """Sort checkpoint keys into LoRA factor keys per module path (``{path: {"A": key, "B": key}}``),
+    and carried-through extras (tensors)."""
+    factors: dict[str, dict[str, str]] = {}
     extras: dict[str, torch.Tensor] = {}
     for key in sorted(state):
         if "lora_embedding_" in key:
@@ -200,7 +218,7 @@ def _split_keys(weights_path: Path, state: dict) -> tuple[dict, dict]:
         if not path.startswith(PEFT_PREFIX):
             raise ShareportError(f"{weights_path}: unknown key layout '{key}' (PEFT keys start with '{PEFT_PREFIX}')")
         path = path[len(PEFT_PREFIX):]
-        factors.setdefault(path, {})[match["which"]] = state[key]
+        factors.setdefault(path, {})[match["which"]] = key
     if not factors:
         raise ShareportError(f"{weights_path}: no LoRA tensors found (expected keys like '<module>.lora_A.weight')")
     return factors, extras

@@ -7,10 +7,14 @@ instead of a library traceback. Pickled checkpoints are read only when the calle
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import json
 import math
+import mmap
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,6 +25,12 @@ from ..errors import ShareportError
 _ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+_TORCH_DTYPE = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
+    "U32": torch.uint32, "U64": torch.uint64,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -80,6 +90,70 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # the library's own error types vary across versions
         raise ShareportError(f"{path}: cannot read safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+class StreamedTensors(Mapping):
+    """The tensors of one safetensors file, each read from a memory map of its own bytes when asked
+    for, never held.
+
+    ``names`` maps the names callers use to the file's keys (default: the keys themselves). The
+    header is validated as ``load_tensors`` validates it, once, when the mapping is made. Each
+    access maps exactly that tensor's byte range (copy-on-write: the file is never written) and
+    returns a tensor on it, so pages are read when touched and leave the process's memory when the
+    tensor is dropped; a shape or dtype query touches nothing. (safetensors' ``safe_open`` maps the
+    whole file, so its page fault read-ahead around every tensor asked for stays resident as long as
+    the handle does, and opening it costs about a millisecond.) ``shareport.convert`` drops each
+    kind's tensors before the next, so reading a kind costs that kind's bytes, not the file's.
+    """
+
+    def __init__(self, path: str | os.PathLike, names: dict[str, str] | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ShareportError(f"{self.path}: file not found")
+        self.entries = read_header(self.path)
+        with open(self.path, "rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+        self.data_start = 8 + header_len
+        self.names = {k: k for k in sorted(self.entries)} if names is None else dict(names)
+
+    def renamed(self, names: dict[str, str]) -> "StreamedTensors":
+        """The same file under other names (``names``: new name -> file key)."""
+        out = copy.copy(self)
+        out.names = dict(names)
+        return out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self.entries[self.names[name]]
+        dtype, shape = _TORCH_DTYPE[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        start = self.data_start + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), start - aligned + end - begin, offset=aligned, access=mmap.ACCESS_COPY)
+        # the tensor holds the map (through the buffer it was made from): dropping it unmaps
+        flat = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // _ITEMSIZE[entry["dtype"]],
+                                offset=start - aligned)
+        return flat.view(shape)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def release(self) -> None:
+        """Hand the heap that the caller's freed copies leave behind back to the system (glibc keeps
+        it otherwise, so one kind's scratch memory would stay resident through the next)."""
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def load_pickled(path: str | os.PathLike) -> dict[str, torch.Tensor]:

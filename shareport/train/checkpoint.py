@@ -64,8 +64,9 @@ def load_optimizer_state(optimizer, parameters: dict[str, torch.nn.Parameter], h
         raise ShareportError(f"checkpoint has optimizer state for '{unknown[0]}', which the adapter does not hold")
     for name, fields in by_param.items():
         param = parameters[name]
-        # Adam keeps its step counter on the CPU; moments live beside the parameter.
-        opt.state[param] = {k: (v.to(param.device) if v.dim() else v.clone()) for k, v in fields.items()}
+        # Adam keeps its step counter on the CPU (fused Adam: beside the parameter); moments beside it.
+        fused = bool(group.get("fused"))
+        opt.state[param] = {k: (v.to(param.device) if v.dim() or fused else v.clone()) for k, v in fields.items()}
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..adapter import Adapter
+from .accel import average_gradients, fsdp_requested, local_parameter_bytes, peak_flops, shard_base
 from .merging import BMerger, MergeSchedule
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
 from .data import BatchOrder, TokenData, collate, pad_token_id
@@ -48,6 +49,9 @@ class Recipe:
     task_weight: float = 0.0  # the data's own loss (--lm-loss)
     checkpoint_every: int = 0
     merge: MergeSchedule | None = None
+    # fused AdamW where torch has it, and no host sync per step (loss and tokens are read every
+    # SYNC_EVERY steps and at the end); False: the foreach AdamW and a sync every step, as before
+    fast: bool = True
 
     def fingerprint(self, **inputs) -> dict:
         """What a resumed run must share with the interrupted one."""
@@ -82,9 +86,12 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
         raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the {acc.num_processes} processes")
     pad = pad_token_id(model.config)
 
+    base_bytes = local_parameter_bytes(model)
+    base_params = sum(p.numel() for p in model.parameters())
     student = attach(model, job.student, trainable=True, dtype=torch.float32)
     names = sorted(student.parameters)
-    optimizer = torch.optim.AdamW([student.parameters[n] for n in names], lr=recipe.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([student.parameters[n] for n in names], lr=recipe.lr, weight_decay=0.0,
+                                  **({"fused": True} if recipe.fast else {}))
     merger = BMerger(student, recipe.merge, optimizer) if recipe.merge else None
     fingerprint = recipe.fingerprint(**job.inputs)
 
@@ -94,28 +101,38 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     if before is None:
         before = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
 
-    ddp_model, optimizer = acc.prepare(model, optimizer)
+    sharded = fsdp_requested() and acc.num_processes > 1
+    if sharded:  # the base sharded (FSDP2), the adapter replicated: see accel.py
+        ddp_model = shard_base(model, [student.parameters[n] for n in names])
+    else:
+        ddp_model, optimizer = acc.prepare(model, optimizer)
     order = BatchOrder(len(job.train_data), recipe.batch_size, recipe.seed)
     share = recipe.batch_size // acc.num_processes
     rank = acc.process_index
 
     progress = _progress(acc, recipe.steps, start, job.progress)
     started, tokens, last_loss = time.perf_counter(), 0, float("nan")
+    step_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # since the last sync
     for step in range(start, recipe.steps):
         indices = order.batch(step)[rank * share:(rank + 1) * share]
         batch = {k: v.to(acc.device) for k, v in collate(job.train_data, indices, pad).items()}
         loss = _loss(ddp_model, model, job.teacher, batch, recipe, causal, acc)
         acc.backward(loss)
+        if sharded:
+            average_gradients([student.parameters[n] for n in sorted(student.parameters)])  # merges retire some
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         t = step + 1
         events = merger.observe(t) if merger else []
-        last_loss = float(acc.reduce(loss.detach(), "mean"))
-        tokens += int(acc.reduce(batch["attention_mask"].sum(), "sum"))
+        step_tokens += batch["attention_mask"].sum()
         progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
-                             **({"merged": len(merger.events)} if merger else {}))
+        if not recipe.fast or t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
+            last_loss = float(acc.reduce(loss.detach(), "mean"))
+            tokens += int(acc.reduce(step_tokens, "sum"))
+            step_tokens.zero_()
+            progress.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
+                                 **({"merged": len(merger.events)} if merger else {}))
         if acc.is_main_process:
             for event in events:
                 progress.write(f"step {t}: {event.kind}: layers {event.merged} take the B of layers {event.kept} "
@@ -131,7 +148,27 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     trained = student.to_adapter()
     student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
     report = _report(job, recipe, before, after, trained, merger, acc, last_loss, tokens, elapsed)
+    report["timings"].update(throughput(base_params, job.teacher is not None, tokens, elapsed, acc.device))
+    if sharded:
+        # the detached model holds the base alone: this process's shard of it
+        report["fsdp"] = {"base_parameter_bytes": base_bytes, "base_parameter_bytes_here": local_parameter_bytes(model)}
     return trained, report
+
+
+SYNC_EVERY = 10
+
+
+def throughput(base_params: int, teacher: bool, tokens: int, seconds: float, device: torch.device) -> dict:
+    """FLOPs per token and MFU. Per token the frozen base costs 2N in the student's forward, 2N in its
+    backward (input gradients only: the base has no weight gradients) and 2N in the teacher's forward,
+    so 6N with a teacher and 4N without (the adapter's own FLOPs are negligible). MFU divides the
+    achieved FLOP/s by the device's dense bf16 peak (``peak_flops``; None where unknown, e.g. CPUs)."""
+    per_token = (6 if teacher else 4) * base_params
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    peak = peak_flops(name)
+    achieved = per_token * tokens / seconds if seconds > 0 else None
+    return {"flops_per_token": per_token, "achieved_flops": achieved, "device_name": name, "peak_flops": peak,
+            "mfu": achieved / peak if achieved is not None and peak else None}
 
 
 def _check_losses(recipe: Recipe, job: Job, causal: bool) -> None:

@@ -36,22 +36,17 @@ import torch  # noqa: E402
 
 from shareport.cli.table import format_table  # noqa: E402
 from shareport.export import graph_file, runtime  # noqa: E402
+from shareport.train.accel import peak_flops  # noqa: E402
 from tests.benchmarks.genai_common import GenaiDecoder, export_both, interleaved_decode, llama, make_base_and_lora  # noqa: E402
 
 VOCAB = 32000
 SHAPES = [(batch, seq) for batch in (1, 8) for seq in (128, 512)]
 PROMPT = [5 + 7 * i for i in range(16)]
 NEW_TOKENS = 64
-# dense bf16 peak FLOP/s by card name (first match wins: PCIe before the generic H100)
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
 
 
 def bench_model():
     return llama(vocab=VOCAB, hidden=768, layers=12, heads=12, intermediate=2048, context=1024)
-
-
-def peak_flops(name: str) -> float | None:
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
 def recovery(tmp: Path, base: Path, lora: Path, n_params: int, steps: int, card: str) -> list[tuple]:

@@ -1,0 +1,77 @@
+"""Recovery throughput before and after the throughput changes, same machine, one run (not collected by pytest).
+
+    PYTHONPATH=$PWD python3 tests/benchmarks/bench_recovery_throughput.py [--steps 30] [--rounds 3]
+
+A Llama-shaped base from a config (hidden 256, 4 layers, 4 heads, vocab 4000, ~5M parameters, random
+weights), a PEFT LoRA (r=8 on q, k, v, o) converted to ShareA, distilled toward the LoRA with
+batch 8 x seq 128. "before": ``Recipe(fast=False)`` (foreach AdamW, loss and token count read back
+every step); "after": ``Recipe(fast=True)`` (fused AdamW, read back every ``SYNC_EVERY`` steps).
+The two alternate ``--rounds`` times on one job (the base loaded once); tokens/s is the median of
+each (``--profile``: the top ops of a 2-step run, evaluations included). Also prints the run's own MFU fields (None on a CPU: no peak in the table). Last line:
+``after_over_before: <ratio>``. bf16 weights and autocast apply on CUDA only; SDPA attention is
+transformers' default for these models already; sequence packing is not done (rows are padded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from tests.benchmarks.genai_common import llama, make_base_and_lora  # noqa: E402
+
+VOCAB = 4000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also profile a 2-step run: the top ops by CPU time")
+    args = parser.parse_args()
+
+    from shareport import flows
+    from shareport.train.data import save_tokenized
+    from shareport.train.jobs import recovery_job
+    from shareport.train.recipe import Recipe, run
+
+    tmp = Path(tempfile.mkdtemp(prefix="shareport-throughput-"))
+    base, lora = make_base_and_lora(tmp, lambda: llama(vocab=VOCAB, hidden=256, layers=4, heads=4, intermediate=688,
+                                                       context=256))
+    gen = torch.Generator().manual_seed(0)
+    save_tokenized(tmp / "data", torch.randint(3, VOCAB, (8 * (args.steps + 4), 128), generator=gen).tolist())
+    flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
+    job = recovery_job(tmp / "sharea", base, lora, tmp / "data", 128, 0.02, None, False, False)
+    job.progress = False
+    rates = {"before": [], "after": []}
+    last = {}
+    for _ in range(args.rounds):
+        for name, fast in (("before", False), ("after", True)):
+            _, report = run(job, Recipe(steps=args.steps, lr=1e-3, batch_size=8, fast=fast))
+            rates[name].append(report["timings"]["tokens_per_second"])
+            last[name] = report["timings"]
+    print(f"threads {torch.get_num_threads()}, device {last['after']['device_name']}, "
+          f"{last['after']['flops_per_token'] / 6:,.0f} base parameters, {args.steps} steps x 8 x 128")
+    for name in ("before", "after"):
+        t = last[name]
+        print(f"{name:<7} tokens/s median {statistics.median(rates[name]):>9,.0f}  (rounds: "
+              f"{', '.join(f'{r:,.0f}' for r in rates[name])})  achieved {t['achieved_flops'] / 1e9:.1f} GFLOP/s"
+              f"  MFU {t['mfu']}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(job, Recipe(steps=2, lr=1e-3, batch_size=8))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"after_over_before: {statistics.median(rates['after']) / statistics.median(rates['before']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
