@@ -33,6 +33,7 @@ from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state
 from .data import BatchOrder, TokenData, collate, pad_token_id
 from .distill import EvalTotals, distill_sum, model_outputs, task_sum
 from ..errors import ShareportError
+from ..fleet import frozen_names
 from ..model.base import is_causal_lm
 from ..model.surgery import Attached, attach
 from .teacher import Teacher
@@ -83,7 +84,10 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     pad = pad_token_id(model.config)
 
     student = attach(model, job.student, trainable=True, dtype=torch.float32)
-    names = sorted(student.parameters)
+    frozen = set(frozen_names(job.student))  # a fleet member trains only its own cores, never the shared basis
+    for name in sorted(frozen & set(student.parameters)):
+        student.parameters[name].requires_grad_(False)
+    names = sorted(set(student.parameters) - frozen)
     optimizer = torch.optim.AdamW([student.parameters[n] for n in names], lr=recipe.lr, weight_decay=0.0)
     merger = BMerger(student, recipe.merge, optimizer) if recipe.merge else None
     fingerprint = recipe.fingerprint(**job.inputs)
