@@ -53,15 +53,25 @@ def test_sharea_member_trains_its_cores_only_and_stays_a_member(setup, tmp_path,
     assert (fleet / "shared.safetensors").read_bytes() == shared_bytes
 
 
-def test_two_sided_member_keeps_the_basis_frozen_and_is_written_whole(setup, tmp_path, cli):
+def test_two_sided_member_trains_only_its_cores_and_stays_a_member(setup, tmp_path, cli):
     fleet = tmp_path / "fleet"
     assert cli("fleet", *(setup / n for n in RANKS), "-o", fleet, "--form", "shareab", "--rank", 2).exit_code == 0
     shared_bytes = (fleet / "shared.safetensors").read_bytes()
     before = load_adapter(fleet / "alpha")
     out = fleet / "alpha-recovered"
-    finetune(cli, setup, fleet / "alpha", setup / "alpha", out)
+    report = finetune(cli, setup, fleet / "alpha", setup / "alpha", out)
+    assert report["after"]["kl"] < report["before"]["kl"]
     assert (fleet / "shared.safetensors").read_bytes() == shared_bytes
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["shareport"]["fleet"]["sha256"] == before.config["fleet"]["sha256"]
     after = load_adapter(out)
-    assert "fleet" not in json.loads((out / "adapter_config.json").read_text())["shareport"]
-    for site in after.sites.values():  # V is frozen; B = U C trained as a whole (n_out, k2), stored whole
+    for b_name, (u_name, core_name) in after.config["fleet"]["products"].items():
+        assert torch.equal(after.tensors[u_name], before.tensors[u_name])
+        assert not torch.equal(after.tensors[core_name], before.tensors[core_name])  # its own cores trained
+        assert after.tensors[core_name].shape == (2, 2)
+        torch.testing.assert_close(after.tensors[b_name].double(),  # B is still U @ C: in span(U)
+                                   after.tensors[u_name].double() @ after.tensors[core_name].double())
+    for site in after.sites.values():
         assert torch.equal(after.tensors[site.a], before.tensors[site.a])
+    stored = (out / "adapter_model.safetensors").stat().st_size
+    assert stored == (fleet / "alpha" / "adapter_model.safetensors").stat().st_size  # cores only, as before

@@ -30,6 +30,7 @@ import torch
 from ..adapter import Adapter
 from .merging import BMerger, MergeSchedule
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
+from .fleet_cores import train_cores
 from .data import BatchOrder, TokenData, collate, pad_token_id
 from .distill import EvalTotals, distill_sum, model_outputs, task_sum
 from ..errors import ShareportError
@@ -84,7 +85,9 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     pad = pad_token_id(model.config)
 
     student = attach(model, job.student, trainable=True, dtype=torch.float32)
-    frozen = set(frozen_names(job.student))  # a fleet member trains only its own cores, never the shared basis
+    # a fleet member trains only its own cores, never the shared basis (two-sided: B = U @ C trains C)
+    cores = train_cores(student, job.student, bool(recipe.checkpoint_every or job.resume_state))
+    frozen = set(frozen_names(job.student))
     for name in sorted(frozen & set(student.parameters)):
         student.parameters[name].requires_grad_(False)
     names = sorted(set(student.parameters) - frozen)
@@ -132,7 +135,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     elapsed = time.perf_counter() - started
 
     after = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
-    trained = student.to_adapter()
+    trained = student.to_adapter() if cores is None else cores.finish(student.to_adapter(), job.student)
     student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
     report = _report(job, recipe, before, after, trained, merger, acc, last_loss, tokens, elapsed)
     return trained, report
