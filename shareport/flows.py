@@ -37,6 +37,7 @@ from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
 from .export.doctor import doctor as doctor_report
 from .export.generate import generate as generate_text
+from .export.slots import check_fleet_member
 from .export.ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter, save_onnx_adapter
 from .export.verify import FP16_RTOL, FP32_ATOL, Report
 from .export.verify import verify as verify_graph
@@ -231,7 +232,24 @@ def export(adapter_dir: str, base_dir: str, out: str, options: ExportOptions = E
                           allow_pickle=allow_pickle, verify=verify, atol=atol, rtol=rtol)
     summary = {"graph": out, "mode": options.mode, "dtype": options.dtype, "with_past": options.with_past,
                "embedded_adapter": options.embed_adapter, "genai_config": result.genai_config}
+    members = _fleet_member_files(adapter_dir, out, options.dtype) if options.mode == "adapter" else []
+    if members:
+        summary["fleet_members"] = members
     return {**summary, "verify": result.report.to_dict() if result.report else None}
+
+
+def _fleet_member_files(adapter_dir: str, out: str, dtype: str) -> list[dict]:
+    """Per fleet member: its ``.onnx_adapter`` (cores only) against its plain LoRA's tensors in that dtype."""
+    from .files.fleet import fleet_members
+
+    rows = []
+    for name, folder in fleet_members(load_adapter(adapter_dir)).items():
+        path = Path(out) / graph_file.member_adapter_name(name)
+        if path.is_file():
+            lora = load_adapter(folder).provenance.get("source_parameters") or 0
+            rows.append({"member": name, "file": str(path), "bytes": path.stat().st_size,
+                         "plain_lora_bytes": lora * (2 if dtype == "fp16" else 4)})
+    return rows
 
 
 def verify(graph_dir: str, base_dir: str, adapter_dir: str, *, atol: float = FP32_ATOL, rtol: float = FP16_RTOL,
@@ -247,7 +265,7 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
     suffix is mapped to the graph's names): it is checked and rewritten for the graph.
     """
     proto = graph_file.load_proto(graph_dir)
-    graph_file.read_info(proto, graph_dir)  # refuses a graph shareport did not write
+    info = graph_file.read_info(proto, graph_dir)  # refuses a graph shareport did not write
     slots = graph_file.graph_slots(proto)
     note = ""
     if Path(adapter_dir).is_file():
@@ -255,6 +273,7 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
         check_fits(arrays, slots, what=f"{adapter_dir}:")
     else:
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+        check_fleet_member(info, adapter, str(adapter_dir))  # a fleet's graph holds its shared basis
         arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:")
     name = Path(adapter_dir).resolve().name
     path = Path(out) if out else Path(graph_dir) / (name if name.endswith(".onnx_adapter") else f"{name}.onnx_adapter")

@@ -30,12 +30,12 @@ import torch
 from ..adapter import Adapter
 from ..errors import ShareportError
 from ..fleet import FLEET_KEY, compose, reference
-from .folder import CONFIG_NAME, file_sha256
+from .folder import CONFIG_NAME, file_sha256, read_config
 from .tensorfile import check_finite, load_tensors
 
 SHARED_NAME = "shared.safetensors"
 
-__all__ = ["FLEET_KEY", "SHARED_NAME", "join_shared", "member_section"]
+__all__ = ["FLEET_KEY", "SHARED_NAME", "fleet_members", "join_shared", "member_section"]
 
 
 def _read_section(folder: Path, raw) -> dict:
@@ -111,3 +111,22 @@ def member_section(adapter: Adapter, folder: Path) -> tuple[dict, list[str]] | N
     section = {"shared": os.path.relpath(ref["shared"], folder), "sha256": ref["sha256"], "form": ref["form"],
                "products": ref["products"]}
     return section, own
+
+
+def fleet_members(adapter: Adapter) -> dict[str, Path]:
+    """Every member of ``adapter``'s fleet in its fleet folder (the shared file's folder): the
+    sub-folders whose config points at the same shared file with the same sha256, by folder name."""
+    ref = reference(adapter)
+    if ref is None or not ref.get("shared") or not ref.get("sha256"):
+        return {}
+    shared = Path(ref["shared"])
+    members = {}
+    for folder in sorted(p for p in shared.parent.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):
+        try:
+            section = read_config(folder).get("shareport", {}).get(FLEET_KEY)
+        except ShareportError:
+            continue
+        if (isinstance(section, dict) and section.get("sha256") == ref["sha256"]
+                and isinstance(section.get("shared"), str) and (folder / section["shared"]).resolve() == shared):
+            members[folder.name] = folder
+    return members
