@@ -394,7 +394,9 @@ def fleet(lora_dirs: list[str], out: str, *, form: str = "sharea", rank: int | N
         if name in names:
             raise ShareportError(f"{folder}: another input folder is also named '{name}'; member folders take "
                                  "the input folders' names, rename one")
-        seen_dirs[resolved], seen_bytes[digest] = folder, folder
+        seen_dirs[resolved] = folder
+        if digest is not None:  # a pickled-only adapter has no safetensors digest to compare
+            seen_bytes[digest] = folder
         adapters.append(adapter)
         names.append(name)
     check_output(out, overwrite, lora_dirs)
