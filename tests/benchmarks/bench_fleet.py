@@ -9,7 +9,8 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
    real text nobody here wrote, a deterministic split with no shared text). Each of the 8 tasks is a
    3-way classification among a different subset of the 12 packages (``TASKS``).
 2. **LoRAs**: one PEFT LoRA per task, r=8 (alpha 16) on query and value, its own classifier head
-   (PEFT's SEQ_CLS ``modules_to_save``), cross-entropy, ``lora_steps`` steps of 16.
+   (PEFT's SEQ_CLS ``modules_to_save``), cross-entropy, ``lora_steps`` steps of 16; each task its own
+   seed (so its own random A init), or with ``--same-seed`` one seed for all (the same A init).
 3. **Fleet**: ``shareport.flows.fleet`` (what ``shareport fleet`` runs) of the 8 LoRAs, both forms
    (``sharea``: one right basis per kind; ``shareab``: shared U and V per kind, a core per adapter
    and layer), at each budget (a fraction of the 8 LoRAs' parameters).
@@ -73,6 +74,7 @@ class Settings:
     recover_lr: float = 2e-3
     recover_batch: int = 8
     seed: int = 0
+    same_seed: bool = False  # every LoRA from the same seed: the same A init (a common set_seed(42) habit)
 
 
 FAST = Settings(tasks=3, lora_steps=20, budgets=(0.25,), recover_budget=0.25, recover_steps=5)
@@ -206,7 +208,7 @@ def run(out: Path, s: Settings) -> dict:
     for i, task in enumerate(tasks):
         if not (out / "loras" / task / "adapter_config.json").is_file():
             stage(out, f"lora-{task}", lambda: train_lora(base, out / "tasks" / task, out / "loras" / task, s,
-                                                          s.seed + i))
+                                                          s.seed + (0 if s.same_seed else i)))
     lora_dirs = {t: out / "loras" / t for t in tasks}
     loras = {t: load_adapter(d) for t, d in lora_dirs.items()}
     lora_parameters = sum(a.num_parameters() for a in loras.values())
@@ -328,10 +330,13 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=None, help="override the recovery steps")
     parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
+    parser.add_argument("--same-seed", action="store_true",
+                        help="train every LoRA from the same seed (the same random A init, as a script that always "
+                             "calls set_seed(42) gets); by default each task has its own seed")
     args = parser.parse_args()
     s = FAST if args.fast else Settings()
     overrides = {"lora_steps": args.lora_steps, "recover_steps": args.recover_steps, "max_length": args.max_length,
-                 "budgets": tuple(args.budgets) if args.budgets else None}
+                 "budgets": tuple(args.budgets) if args.budgets else None, "same_seed": args.same_seed or None}
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     started = time.perf_counter()
     results = run(args.out, s)
