@@ -27,6 +27,11 @@ Calibrated (activation-weighted) projection, see calibration.py for the objectiv
     calibrated_objective(As, Bts, S, Q, result, lam=0.0) -> float
     calibrated_site_spectra(As, Bts, S, lam=DEFAULT_RIDGE) -> list[Tensor]  (per-site truncation spectra)
 ("lora" also takes one rank per site, 0 emptying a site, as a budget plan gives them.)
+
+Fleets (N adapters of one base share a basis per kind, see fleet.py):
+    fleet_kind(method, As[i][l], Bts[i][l], rank, rank_out=None) -> FleetKindResult
+    fleet_options(method, As, Bts) -> list[Option]   (for spend_budget)
+    spend_budget({kind: options}, budget_params) -> {kind: Option}   (exact knapsack)
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from torch import Tensor
 
 from .aslora import DEFAULT_MAX_ITERATIONS, convert_aslora
 from .budget import (ASLORA_PLAN_RANK_FACTOR, DEFAULT_ASLORA_BUDGET, DEFAULT_RANK_RULE,
-                     default_groups, plan)
+                     default_groups, plan, spend_budget)
 from .calibrated_aslora import convert_aslora_calibrated
 from .calibrated_shareab import convert_shareab_calibrated
 from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL, convert_sharea_calibrated
@@ -46,6 +51,7 @@ from .calibration import (DEFAULT_RIDGE, CalibratedKind, CalibratedResult, calib
                           calibration_basis, input_statistics)
 from .counting import METHODS, lora_parameter_count, parameter_count
 from .factored import sites_error
+from .fleet import FLEET_FORMS, FleetKindResult, fleet_kind, fleet_options, fleet_parameter_count
 from .grouping import GROUPINGS
 from .shareab import convert_shareab, shareab_spectrum
 from .sharea import convert_sharea, sharea_spectrum
@@ -64,6 +70,7 @@ __all__ = [
     "GROUPINGS", "METHODS", "KindPlan", "KindResult", "KindTruncationPlan", "Option", "TruncationPlan",
     "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
     "plan_truncation", "reconstruction_error", "spectrum", "truncate_kind",
+    "FLEET_FORMS", "FleetKindResult", "fleet_kind", "fleet_options", "fleet_parameter_count", "spend_budget",
 ]
 
 _SPECTRA = {"sharea": sharea_spectrum, "shareb": shareb_spectrum, "shareab": shareab_spectrum}

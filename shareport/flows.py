@@ -8,6 +8,7 @@ as is).
 
     inspect   adapter folder -> summary
     convert   LoRA folder -> shared (or plain) adapter folder [+ figure]
+    fleet     N LoRA folders of one base -> fleet folder (shared basis once + one member folder each)
     recover   shared adapter + teacher LoRA + base + data -> recovered adapter folder
     train     base + data -> new adapter folder
     export    adapter + base -> verified ONNX folder
@@ -30,15 +31,19 @@ from converters import DEFAULT_RIDGE
 
 from .convert import Calibration, conversion_steps, convert_adapter
 from .errors import ShareportError
+from .fleet import build_fleet
 from .export import graph_file
 from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
 from .export.doctor import doctor as doctor_report
 from .export.generate import generate as generate_text
+from .export.slots import check_fleet_member
 from .export.ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter, save_onnx_adapter
 from .export.verify import FP16_RTOL, FP32_ATOL, Report
 from .export.verify import verify as verify_graph
 from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
+from .files.adapters import save_fleet
+from .files.fleet import SHARED_NAME
 from .files.atomic import MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, check_output
 from .files.folder import dump_json
 from .plots import check_plot_path, has_matplotlib, plot_adapter, plot_frontier
@@ -51,8 +56,8 @@ from .train.recipe import run, with_provenance
 CALIBRATION_SAMPLES = 128
 CALIBRATION_MAX_LENGTH = 128
 
-__all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "generate", "inspect",
-           "recover", "train", "verify"]
+__all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "fleet", "generate",
+           "inspect", "recover", "train", "verify"]
 
 
 def inspect(adapter_dir: str, allow_pickle: bool = False, plot: str | None = None, overwrite: bool = False) -> dict:
@@ -227,7 +232,24 @@ def export(adapter_dir: str, base_dir: str, out: str, options: ExportOptions = E
                           allow_pickle=allow_pickle, verify=verify, atol=atol, rtol=rtol)
     summary = {"graph": out, "mode": options.mode, "dtype": options.dtype, "with_past": options.with_past,
                "embedded_adapter": options.embed_adapter, "genai_config": result.genai_config}
+    members = _fleet_member_files(adapter_dir, out, options.dtype) if options.mode == "adapter" else []
+    if members:
+        summary["fleet_members"] = members
     return {**summary, "verify": result.report.to_dict() if result.report else None}
+
+
+def _fleet_member_files(adapter_dir: str, out: str, dtype: str) -> list[dict]:
+    """Per fleet member: its ``.onnx_adapter`` (cores only) against its plain LoRA's tensors in that dtype."""
+    from .files.fleet import fleet_members
+
+    rows = []
+    for name, folder in fleet_members(load_adapter(adapter_dir)).items():
+        path = Path(out) / graph_file.member_adapter_name(name)
+        if path.is_file():
+            lora = load_adapter(folder).provenance.get("source_parameters") or 0
+            rows.append({"member": name, "file": str(path), "bytes": path.stat().st_size,
+                         "plain_lora_bytes": lora * (2 if dtype == "fp16" else 4)})
+    return rows
 
 
 def verify(graph_dir: str, base_dir: str, adapter_dir: str, *, atol: float = FP32_ATOL, rtol: float = FP16_RTOL,
@@ -243,7 +265,7 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
     suffix is mapped to the graph's names): it is checked and rewritten for the graph.
     """
     proto = graph_file.load_proto(graph_dir)
-    graph_file.read_info(proto, graph_dir)  # refuses a graph shareport did not write
+    info = graph_file.read_info(proto, graph_dir)  # refuses a graph shareport did not write
     slots = graph_file.graph_slots(proto)
     note = ""
     if Path(adapter_dir).is_file():
@@ -251,6 +273,7 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
         check_fits(arrays, slots, what=f"{adapter_dir}:")
     else:
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+        check_fleet_member(info, adapter, str(adapter_dir))  # a fleet's graph holds its shared basis
         arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:")
     name = Path(adapter_dir).resolve().name
     path = Path(out) if out else Path(graph_dir) / (name if name.endswith(".onnx_adapter") else f"{name}.onnx_adapter")
@@ -345,3 +368,45 @@ class _PointCache:
         with atomic_file(self.folder / f"{self.key}-{name}.json", overwrite=True,
                          owned=lambda p: True) as tmp:  # our cache folder, our files
             tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+
+
+FLEET_REPORT_NAME = "fleet_report.json"
+
+
+def fleet(lora_dirs: list[str], out: str, *, form: str = "sharea", rank: int | None = None,
+          budget: float | None = None, overwrite: bool = False, allow_pickle: bool = False) -> dict:
+    """Compress N LoRAs of one base into a fleet folder: ``shared.safetensors`` once, one member folder each.
+
+    Every input is read and checked (same base, sites and shapes; no adapter given twice, by folder
+    or by bytes) before the output is checked, and both before the work; the folder appears whole or
+    not at all. The report: per member its relative error and stored parameters, the shared basis,
+    the total against the N separate LoRAs (parameters and bytes).
+    """
+    adapters, names, seen_dirs, seen_bytes = [], [], {}, {}
+    for folder in lora_dirs:
+        adapter = load_adapter(folder, allow_pickle=allow_pickle)
+        resolved, digest = str(Path(folder).resolve()), weights_sha256(folder)
+        if resolved in seen_dirs:
+            raise ShareportError(f"{folder}: given twice (also as {seen_dirs[resolved]})")
+        if digest is not None and digest in seen_bytes:
+            raise ShareportError(f"{folder}: the same weights as {seen_bytes[digest]} (an adapter given twice)")
+        name = Path(resolved).name
+        if name in names:
+            raise ShareportError(f"{folder}: another input folder is also named '{name}'; member folders take "
+                                 "the input folders' names, rename one")
+        seen_dirs[resolved] = folder
+        if digest is not None:  # a pickled-only adapter has no safetensors digest to compare
+            seen_bytes[digest] = folder
+        adapters.append(adapter)
+        names.append(name)
+    check_output(out, overwrite, lora_dirs)
+    result = build_fleet(adapters, names, form, rank=rank, budget=budget)
+    report = result.report.to_dict()
+    save_fleet(result, out, overwrite=overwrite, inputs=lora_dirs, reports={FLEET_REPORT_NAME: report})
+    lora_bytes = [adapter_file_size(d) for d in lora_dirs]
+    member_bytes = [adapter_file_size(Path(out) / n) for n in names]
+    shared_bytes = (Path(out) / SHARED_NAME).stat().st_size
+    for member, size, source in zip(report["members"], member_bytes, lora_bytes):
+        member.update(bytes=size, lora_bytes=source)
+    return {"output": str(out), **report, "shared_bytes": shared_bytes, "bytes": shared_bytes + sum(member_bytes),
+            "lora_bytes": sum(lora_bytes)}

@@ -47,11 +47,15 @@ def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, em
     except VerifyMismatch as exc:
         emit_report(exc.report, as_json, extra=_summary(out_dir, options), fail=False)
         raise
+    members = {"fleet_members": data["fleet_members"]} if "fleet_members" in data else {}
     if not as_json:
         click.echo(f"wrote {out_dir} ({mode}, {dtype}{', with past' if with_past else ''})")
         click.echo(data["genai_config"])
+        for m in members.get("fleet_members", []):  # a fleet member's export: one cores-only file per member
+            click.echo(f"fleet member {m['member']}: {m['file']} {m['bytes']:,} bytes (its plain LoRA's tensors: "
+                       f"{m['plain_lora_bytes']:,} bytes)")
     if data["verify"] is not None:
-        emit_report(Report.from_dict(data["verify"]), as_json, extra=_summary(out_dir, options))
+        emit_report(Report.from_dict(data["verify"]), as_json, extra={**_summary(out_dir, options), **members})
     elif as_json:
         click.echo(to_json(data))
 

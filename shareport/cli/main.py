@@ -16,6 +16,7 @@ from .demo import demo_cmd
 from .export_adapter import export_adapter_cmd
 from .export import export_cmd
 from .finetune import finetune_cmd
+from .fleet import fleet_cmd
 from .frontier import frontier_cmd
 from .generate import generate_cmd
 from .doctor import doctor_cmd
@@ -58,6 +59,6 @@ def main() -> None:
     """
 
 
-for command in (demo_cmd, inspect_cmd, convert_cmd, frontier_cmd, finetune_cmd, train_cmd, export_cmd, verify_cmd,
+for command in (demo_cmd, inspect_cmd, convert_cmd, fleet_cmd, frontier_cmd, finetune_cmd, train_cmd, export_cmd, verify_cmd,
                 export_adapter_cmd, generate_cmd, doctor_cmd):
     main.add_command(command)

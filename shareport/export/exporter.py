@@ -31,6 +31,7 @@ from ..adapter import Adapter
 from ..files.atomic import atomic_dir, check_output
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
+from ..files.fleet import fleet_members
 from ..files.tensorfile import read_header
 from ..model import attach, fold, load_base_model
 from ..model.base import read_base_config
@@ -38,7 +39,7 @@ from . import graph_file
 from .genai_config import write_genai_config
 from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
-from .slots import Slot, empty_tensors, graph_tensors, slots_for
+from .slots import Slot, empty_tensors, fleet_layout, graph_tensors, slots_for
 from .verify import FP16_RTOL, FP32_ATOL, Report, VerifyMismatch
 from .verify import verify as verify_graph
 from .wrapper import graph_module
@@ -114,7 +115,7 @@ def _trace_inputs(sig: Signature, slots: dict[str, Slot], dtype: torch.dtype):
     gen = torch.Generator().manual_seed(0)
     for name, slot in sorted(slots.items()):
         examples[name] = torch.randn(slot.shape(EXAMPLE["rank"]), generator=gen).to(dtype)
-        axes[name] = {1 if slot.role == "A" else 0: slot.rank_dim}
+        axes[name] = {} if slot.fixed is not None else {1 if slot.role == "A" else 0: slot.rank_dim}
     shapes = tuple({axis: dim(n) for axis, n in axes[name].items()} for name in examples)
     return tuple(examples.values()), shapes
 
@@ -133,10 +134,11 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def trace_to_onnx(model, sig: Signature, slots: dict[str, Slot], wiring: dict, dtype: torch.dtype, opset: int | None):
+def trace_to_onnx(model, sig: Signature, slots: dict[str, Slot], wiring: dict, dtype: torch.dtype, opset: int | None,
+                  constants: dict[str, torch.Tensor] | None = None):
     """``torch.onnx.export(dynamo=True)`` of the flat wrapper; returns the ``onnx_ir`` model."""
     args, shapes = _trace_inputs(sig, slots, dtype)
-    with graph_module(model, sig, wiring) as module, _quiet_exporter(), torch.no_grad():
+    with graph_module(model, sig, wiring, constants) as module, _quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
                 module, args, dynamo=True, optimize=True, verbose=False, opset_version=opset,
@@ -173,9 +175,19 @@ def _stages(enabled: bool, total: int):
         bar.close()
 
 
-def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model) -> dict:
+def _write_member_adapters(adapter: Adapter, folder: Path, dtype: torch.dtype, name) -> None:
+    """``<member>.onnx_adapter`` for every member of the exported member's fleet (its cores only)."""
+    for member_name, member_dir in fleet_members(adapter).items():
+        member = load_adapter(member_dir)
+        values = {name(n): t.numpy() for n, t in graph_tensors(member, dtype).items()}
+        write_onnx_adapter(values, folder / graph_file.member_adapter_name(member_name))
+
+
+def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model, layout=None) -> dict:
     """What verify and export-adapter need to know about the graph (stored in its metadata)."""
+    fleet = {"fleet": {"sha256": layout.sha256, "members": sorted(fleet_members(adapter))}} if layout else {}
     return {
+        **fleet,
         "format_version": FORMAT_VERSION,
         "mode": options.mode,
         "dtype": options.dtype,
@@ -262,12 +274,17 @@ def export(
         model = prepare_model(base_dir, adapter, options.mode, dtype)
         sig = signature_for(model, options.with_past)
         name = (lambda n: n + OLIVE_SUFFIX) if options.adapter_names == "olive" else (lambda n: n)
+        layout = fleet_layout(adapter) if adapter_mode else None
         slots = {name(n): dataclasses.replace(s, name=name(n)) for n, s in slots_for(adapter).items()} if adapter_mode else {}
         values = {name(n): t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
 
         stage("tracing and converting (slowest step)")
         wiring = {path: (name(s.a), name(s.b)) for path, s in adapter.sites.items()} if adapter_mode else {}
-        ir_model = trace_to_onnx(model, sig, slots, wiring, dtype, options.opset)
+        constants = {}
+        if layout is not None:  # a fleet member: the shared basis is part of the graph, its cores are the slots
+            constants = {n: t.to(dtype) for n, t in layout.constants.items()}
+            wiring = {p: tuple(n if n in constants else name(n) for n in chain) for p, chain in layout.chains.items()}
+        ir_model = trace_to_onnx(model, sig, slots, wiring, dtype, options.opset, constants)
 
         stage("adding adapter slots")
         defaults = values if options.embed_adapter else {n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}
@@ -275,9 +292,11 @@ def export(
 
         stage("writing")
         with atomic_dir(out, overwrite=overwrite, inputs=[adapter_dir, base_dir]) as tmp:
-            graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model))
+            graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model, layout))
             if adapter_mode:
                 write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
+            if layout is not None:
+                _write_member_adapters(adapter, tmp, dtype, name)
             graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
             genai_note = write_genai_config(tmp, sig)
             if verify:

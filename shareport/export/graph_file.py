@@ -18,6 +18,7 @@ from ..errors import ShareportError
 GRAPH_NAME = "model.onnx"
 DATA_NAME = "model.onnx_data"
 ADAPTER_NAME = "adapter.onnx_adapter"
+# a fleet member's export also holds one "<member>.onnx_adapter" per member of its fleet
 INFO_KEY = "shareport.export"
 # protobuf cannot serialise a message over 2 GiB; leave room for the graph itself
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -27,6 +28,10 @@ SIDE_FILES = (
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
 )
+
+
+def member_adapter_name(member: str) -> str:
+    return f"{member}.onnx_adapter"
 
 
 def make_overridable(ir_model, defaults: dict[str, np.ndarray]) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import ShareportError
+from ..fleet import reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +29,15 @@ class Slot:
     """One adapter input of the graph."""
 
     name: str  # the pool name; also the graph input's and the .onnx_adapter parameter's name
-    role: str  # "A" (n_in, rank) or "B" (rank, n_out)
+    role: str  # "A" (n_in, rank) or "B" (rank, n_out); a fleet member's slots: "B" or "core", static
     size: int  # n_in for an A, n_out for a B
-    rank_dim: str  # symbolic dim name of the rank
+    rank_dim: str | None  # symbolic dim name of the rank (None: a static slot, see ``fixed``)
+    fixed: tuple | None = None  # a fleet member's slot: its static shape (its fleet's ranks are fixed)
 
     def shape(self, rank: int | str | None = None) -> tuple:
         """The graph shape, with ``rank`` (default: the symbolic dim) in the rank's place."""
+        if self.fixed is not None:
+            return self.fixed
         rank = self.rank_dim if rank is None else rank
         return (self.size, rank) if self.role == "A" else (rank, self.size)
 
@@ -76,6 +80,10 @@ def rank_dim_name(a_name: str) -> str:
 
 def slots_for(adapter: Adapter) -> dict[str, Slot]:
     """The graph's adapter inputs for ``adapter``, by name."""
+    layout = fleet_layout(adapter)
+    if layout is not None:
+        return {n: Slot(n, "core" if n in layout.cores else "B", int(t.shape[1]), None, tuple(t.shape))
+                for n, t in layout.member.items()}
     roles, groups = _roles(adapter), _rank_groups(adapter)
     slots = {}
     for name in adapter.used_tensor_names():
@@ -101,6 +109,9 @@ def scale_carrier(adapter: Adapter) -> str:
 
 def graph_tensors(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every slot's value in the graph layout (transposed, scale folded in), contiguous."""
+    layout = fleet_layout(adapter)
+    if layout is not None:
+        return {n: t.contiguous().to(dtype) for n, t in layout.member.items()}
     slots, carrier = slots_for(adapter), scale_carrier(adapter)
     scale_of = {(site.b if carrier == "B" else site.a): site.scale for site in adapter.sites.values()}
     out = {}
@@ -113,5 +124,60 @@ def graph_tensors(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[
 
 
 def empty_tensors(slots: dict[str, Slot], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Zero-rank values: x @ A_g @ B_g is then exactly zero, so the graph computes the base model."""
-    return {name: torch.zeros(slot.shape(0), dtype=dtype) for name, slot in slots.items()}
+    """Zero-rank values: x @ A_g @ B_g is then exactly zero, so the graph computes the base model
+    (a fleet member's static slots: zeros of their shape, the same zero update)."""
+    return {name: torch.zeros(slot.fixed if slot.fixed is not None else slot.shape(0), dtype=dtype)
+            for name, slot in slots.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetLayout:
+    """A fleet member in the graph: its fleet's shared tensors are constants of the graph, its own
+    tensors are the slots. Site ``path`` computes ``x @ t_1 @ t_2 [@ t_3]`` over ``chains[path]``:
+
+        sharea   (V_g, B_g)            V_g = V^T (n_in, k) constant, B_g = (s B)^T (k, n_out) slot
+        shareab  (V_g, C_g, U_g)       C_g = (s C)^T (k2, k1) slot, U_g = U^T (k1, n_out) constant
+    """
+
+    constants: dict[str, torch.Tensor]
+    member: dict[str, torch.Tensor]
+    chains: dict[str, tuple[str, ...]]
+    cores: frozenset
+    sha256: str
+
+
+def fleet_layout(adapter: Adapter) -> FleetLayout | None:
+    """The member's graph layout, or None for an adapter that is not a fleet member (or no longer is one:
+    a shared tensor of the fleet is no longer used as such)."""
+    ref = reference(adapter)
+    if ref is None or not ref.get("sha256"):
+        return None
+    shared, products = set(ref["names"]), ref["products"]
+    constants, member, chains = {}, {}, {}
+    for path, site in sorted(adapter.sites.items()):
+        if site.a not in shared or site.b in shared:
+            return None
+        constants[site.a] = adapter.tensors[site.a].to(torch.float32).T
+        if site.b in products:
+            u_name, core_name = products[site.b]
+            if core_name not in adapter.tensors or u_name not in adapter.tensors:
+                return None
+            constants[u_name] = adapter.tensors[u_name].to(torch.float32).T
+            member[core_name] = (adapter.tensors[core_name].to(torch.float32) * site.scale).T
+            chains[path] = (site.a, core_name, u_name)
+        else:
+            member[site.b] = (adapter.tensors[site.b].to(torch.float32) * site.scale).T
+            chains[path] = (site.a, site.b)
+    cores = frozenset(c for _, c in products.values())
+    return FleetLayout(constants, member, chains, cores, ref["sha256"])
+
+
+def check_fleet_member(info: dict, adapter: Adapter, where: str) -> None:
+    """A graph exported for a fleet takes only members of that fleet (the same shared file's sha256)."""
+    fleet = info.get("fleet")
+    if not fleet:
+        return
+    layout = fleet_layout(adapter)
+    if layout is None or layout.sha256 != fleet["sha256"]:
+        raise ShareportError(f"{where}: not a member of the fleet this graph was exported for (its shared "
+                             f"basis is in the graph; shared file sha256 {fleet['sha256'][:12]}...)")

@@ -33,6 +33,8 @@ from ..files.adapters import load_adapter
 from ..model import attach, load_base_model
 from . import graph_file, runtime
 from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
+from .slots import check_fleet_member
+from ..files.fleet import fleet_members
 from .signature import Signature, make_inputs
 from .wrapper import call_model
 
@@ -143,10 +145,13 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
         handle = attach(model, adapter)  # an independent path: the export folded with surgery.fold
         checks = [("folded", {}, None, True)]
     else:
+        check_fleet_member(info, adapter, str(adapter_dir))
         slots = graph_file.graph_slots(proto)
         # the folder's own adapter file is what gets deployed: run that one against PyTorch
         # with --adapter, so a shipped file that is not ADAPTER_DIR's values fails
         shipped = Path(graph_dir) / graph_file.ADAPTER_NAME
+        if info.get("fleet"):  # a fleet's graph: this member's own file (adapter.onnx_adapter is the exported one's)
+            shipped = Path(graph_dir) / graph_file.member_adapter_name(Path(adapter_dir).resolve().name)
         if shipped.is_file():
             arrays, note = match_names(read_onnx_adapter(shipped), slots, str(shipped))
             notes += [note] if note else []
@@ -162,15 +167,49 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
         else:
             checks += [("no adapter", {}, None, False)]
 
-    rows = []
-    names = [o.name for o in sess.get_outputs()]
-    for batch, seq, past in PAST_CASES if sig.with_past else PLAIN_CASES:
-        inputs = make_inputs(sig, batch, seq, past, graph_dtype, seed=batch * 100 + seq, vocab=int(model.config.vocab_size))
-        case = f"b{batch} s{seq}" + (f" p{past}" if sig.with_past else "")
-        for check, extra, lora, enabled in checks:
-            handle.set_enabled(enabled)
-            want = _torch_outputs(model, sig, inputs)
-            got = runtime.run(sess, {**_feeds(inputs, graph_dtype), **extra}, lora)
-            rows += compare_outputs(check, case, names, got, want, info["dtype"], atol, rtol)
+    def compare(checks, handle) -> list:
+        rows = []
+        names = [o.name for o in sess.get_outputs()]
+        for batch, seq, past in PAST_CASES if sig.with_past else PLAIN_CASES:
+            inputs = make_inputs(sig, batch, seq, past, graph_dtype, seed=batch * 100 + seq,
+                                 vocab=int(model.config.vocab_size))
+            case = f"b{batch} s{seq}" + (f" p{past}" if sig.with_past else "")
+            for check, extra, lora, enabled in checks:
+                handle.set_enabled(enabled)
+                want = _torch_outputs(model, sig, inputs)
+                got = runtime.run(sess, {**_feeds(inputs, graph_dtype), **extra}, lora)
+                rows += compare_outputs(check, case, names, got, want, info["dtype"], atol, rtol)
+        return rows
+
+    rows = compare(checks, handle)
+    if info["mode"] == "adapter" and info.get("fleet"):
+        handle.detach()
+        rows += _fleet_rows(Path(graph_dir), adapter, model, compare, notes)
     tolerance = f"rtol {rtol:g} of max(1, max|ref|)" if info["dtype"] == "fp16" else f"atol {atol:g}"
     return Report(str(graph_dir), info["mode"], info["dtype"], runtime.device_name(), tolerance, rows, notes)
+
+
+def _fleet_rows(graph_dir: Path, adapter, model, compare, notes: list[str]) -> list:
+    """Every member of the exported member's fleet, swapped in through its ``<member>.onnx_adapter``,
+    against PyTorch with that member attached."""
+    rows = []
+    for name, folder in fleet_members(adapter).items():
+        path = graph_dir / graph_file.member_adapter_name(name)
+        if not path.is_file():
+            notes.append(f"fleet member {name}: no {path.name} in the folder (exported before it joined); not checked")
+            continue
+        member = load_adapter(folder)
+        if sorted(member.extra_tensors) != sorted(adapter.extra_tensors) or not all(
+                torch.equal(member.extra_tensors[k], adapter.extra_tensors[k]) for k in adapter.extra_tensors):
+            notes.append(f"fleet member {name}: carries its own modules_to_save (e.g. a head), which the graph bakes "
+                         "in from the exported member; swapping its cores alone cannot give its outputs; not checked")
+            continue
+        slots = graph_file.graph_slots(graph_file.load_proto(graph_dir))
+        arrays = read_onnx_adapter(path)
+        check_fits(arrays, slots, str(path))
+        handle = attach(model, member)
+        try:
+            rows += compare([(f"member {name}", {}, runtime.load_lora(arrays), True)], handle)
+        finally:
+            handle.detach()
+    return rows

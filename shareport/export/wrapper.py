@@ -7,6 +7,8 @@ and returns the updated cache as flat ``present`` tensors.
 In adapter mode every adapter tensor is an extra input. Forward hooks on the adapted modules add
 ``(x @ A_g) @ B_g`` (see ``slots``) with the tensors of the current call, so the base model keeps
 its modules and parameter names, and a tensor shared by many sites is one input read by all.
+A fleet member's shared basis is no input: ``constants`` become buffers of the wrapper (constant
+initializers of the graph) and its sites multiply along longer chains (``slots.FleetLayout``).
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ def call_model(model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor]
 class GraphModule(nn.Module):
     """``forward(*graph_inputs)`` -> graph outputs; adapter tensors (if any) come last."""
 
-    def __init__(self, model: nn.Module, sig: Signature, slot_names: list[str], current: dict):
+    def __init__(self, model: nn.Module, sig: Signature, slot_names: list[str], current: dict,
+                 constants: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.model = model
+        self.constant_names = {}  # tensor name -> buffer name (buffer names cannot hold dots)
+        for i, (name, value) in enumerate(sorted((constants or {}).items())):
+            self.constant_names[name] = f"shared_{i}"
+            self.register_buffer(f"shared_{i}", value.contiguous())
         self.sig = sig
         self.input_names = [*sig.input_names, *slot_names]
         self._current = current  # read by the adapter hooks during forward
@@ -61,25 +68,31 @@ class GraphModule(nn.Module):
 
 @contextlib.contextmanager
 def graph_module(
-    model: nn.Module, sig: Signature, wiring: dict[str, tuple[str, str]] | None = None
+    model: nn.Module, sig: Signature, wiring: dict[str, tuple[str, ...]] | None = None,
+    constants: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[GraphModule]:
-    """A ``GraphModule`` over ``model``; ``wiring`` maps site path -> (A slot, B slot).
+    """A ``GraphModule`` over ``model``; ``wiring`` maps site path -> (A slot, B slot), or a longer
+    chain of names, some of them ``constants`` (a fleet's shared basis, in the graph layout).
 
     Hooks are removed on exit, so the model is left as it was.
     """
-    wiring = wiring or {}
+    wiring, constants = wiring or {}, constants or {}
     current: dict[str, torch.Tensor] = {}
+    slot_names = sorted({n for chain in wiring.values() for n in chain} - set(constants))
+    module = GraphModule(model, sig, slot_names, current, constants)
 
-    def hook_for(a: str, b: str):
-        def add_update(module, args, output):
-            return output + (args[0] @ current[a]) @ current[b]
+    def hook_for(chain: tuple[str, ...]):
+        def add_update(_, args, output):
+            update = args[0]
+            for name in chain:
+                update = update @ (getattr(module, module.constant_names[name]) if name in constants else current[name])
+            return output + update
 
         return add_update
 
-    handles = [model.get_submodule(path).register_forward_hook(hook_for(a, b)) for path, (a, b) in sorted(wiring.items())]
-    slot_names = sorted({n for pair in wiring.values() for n in pair})
+    handles = [model.get_submodule(path).register_forward_hook(hook_for(chain)) for path, chain in sorted(wiring.items())]
     try:
-        yield GraphModule(model, sig, slot_names, current)
+        yield module
     finally:
         for handle in handles:
             handle.remove()

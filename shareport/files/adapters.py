@@ -7,15 +7,18 @@ refuses to overwrite without ``overwrite=True``, and never writes inside an inpu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Iterable
 
 from ..adapter import Adapter
-from .atomic import atomic_dir
+from ..fleet import FLEET_KEY, Fleet, reference
+from .atomic import MARKER_NAME, MARKER_TEXT, atomic_dir
 from ..errors import ShareportError
 from . import native, peft
-from .folder import CONFIG_NAME, WEIGHTS_NAME, dump_json, read_config
+from .fleet import SHARED_NAME
+from .folder import CONFIG_NAME, WEIGHTS_NAME, dump_json, file_sha256, read_config
 from .tensorfile import save_tensors
 
 
@@ -44,7 +47,7 @@ def write_adapter_files(adapter: Adapter, folder: Path, as_peft: bool) -> None:
             adapter = adapter.expand()
         config, tensors = peft.dump(adapter)
     else:
-        config, tensors = native.dump(adapter)
+        config, tensors = native.dump(adapter, folder)
     (folder / CONFIG_NAME).write_text(dump_json(config), encoding="utf-8")
     save_tensors(tensors, folder / WEIGHTS_NAME)
 
@@ -61,6 +64,31 @@ def save_adapter(
     with ``reports`` (file name -> data) as JSON files beside it, all in one atomic step."""
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_adapter_files(adapter, tmp, as_peft)
+        for name, data in sorted((reports or {}).items()):
+            (tmp / name).write_text(dump_json(data), encoding="utf-8")
+    return Path(out)
+
+
+def save_fleet(fleet: Fleet, out: str | os.PathLike, overwrite: bool = False,
+               inputs: Iterable[str | os.PathLike] = (), reports: dict[str, dict] | None = None) -> Path:
+    """Write a fleet folder in one atomic step: ``shared.safetensors`` once, one native member
+    folder per adapter (its own tensors, ``../shared.safetensors`` and its sha256), ``reports``."""
+    for name in fleet.names:
+        if not name or name.startswith(".") or "/" in name or name == SHARED_NAME:
+            raise ShareportError(f"{name!r}: cannot be a fleet member's folder name; rename the adapter folder")
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        shared_path = tmp / SHARED_NAME
+        save_tensors(fleet.shared, shared_path)
+        digest = file_sha256(shared_path)
+        for name, member in zip(fleet.names, fleet.members):
+            ref = {**reference(member), "shared": str(shared_path), "sha256": digest}
+            member = dataclasses.replace(member, config={**member.config, FLEET_KEY: ref})
+            folder = tmp / name
+            folder.mkdir()
+            (folder / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
+            write_adapter_files(member, folder, as_peft=False)
+            if FLEET_KEY not in read_config(folder)["shareport"]:
+                raise ShareportError(f"{name}: internal error, the member does not match its shared tensors")
         for name, data in sorted((reports or {}).items()):
             (tmp / name).write_text(dump_json(data), encoding="utf-8")
     return Path(out)

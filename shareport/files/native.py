@@ -6,7 +6,8 @@ PEFT-like fields a reader expects (base model, task type, target modules, r) plu
 came from. The safetensors file holds each unique tensor once, under its pool name;
 ``modules_to_save`` tensors are stored under ``extra/<PEFT key>``.
 
-``load(folder)`` and ``dump(adapter)``, the same verbs as the PEFT module.
+``load(folder)`` and ``dump(adapter)``, the same verbs as the PEFT module. A fleet member's
+config also has ``shareport.fleet``: its shared tensors are in a file beside it (see fleet.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from ..adapter import FORMS, Adapter, Site, kinds_for_paths
 from ..errors import ShareportError
+from . import fleet
 from .folder import CONFIG_NAME, WEIGHTS_NAME, read_config
 from .tensorfile import check_finite, load_tensors
 
@@ -27,8 +29,9 @@ def is_native(config: dict) -> bool:
     return isinstance(config.get("shareport"), dict)
 
 
-def dump(adapter: Adapter) -> tuple[dict, dict]:
-    """The config dict and the tensors (pool + extras) of the native format."""
+def dump(adapter: Adapter, folder: Path | None = None) -> tuple[dict, dict]:
+    """The config dict and the tensors (pool + extras) of the native format. A fleet member
+    written into ``folder`` stores only its own tensors and a relative reference to its shared file."""
     paths = sorted(adapter.sites)
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     sites = {
@@ -48,7 +51,11 @@ def dump(adapter: Adapter) -> tuple[dict, dict]:
             "provenance": adapter.provenance,
         },
     }
-    tensors = {name: adapter.tensors[name] for name in adapter.used_tensor_names()}
+    member = fleet.member_section(adapter, folder) if folder is not None else None
+    names = adapter.used_tensor_names()
+    if member is not None:
+        config["shareport"][fleet.FLEET_KEY], names = member
+    tensors = {name: adapter.tensors[name] for name in names}
     tensors.update({EXTRA_PREFIX + k: v for k, v in adapter.extra_tensors.items()})
     return config, tensors
 
@@ -74,6 +81,9 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
     check_finite(weights_path, stored)
     extras = {k[len(EXTRA_PREFIX):]: v for k, v in stored.items() if k.startswith(EXTRA_PREFIX)}
     pool = {k: v for k, v in stored.items() if not k.startswith(EXTRA_PREFIX)}
+    member, through = None, set()
+    if fleet.FLEET_KEY in section:
+        pool, member, through = fleet.join_shared(folder, section[fleet.FLEET_KEY], pool)
 
     kinds = kinds_for_paths(raw_sites)
     sites = {}
@@ -91,11 +101,14 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
                 raise ShareportError(f"{weights_path}: tensor '{name}' used by site '{path}' is missing")
         kind, layer = kinds[path]
         sites[path] = Site(path, kind, layer, a, b, float(scale))
-    unused = sorted(set(pool) - {n for s in sites.values() for n in (s.a, s.b)})
+    unused = sorted(set(pool) - {n for s in sites.values() for n in (s.a, s.b)} - through)
     if unused:
         raise ShareportError(f"{weights_path}: tensor '{unused[0]}' is not used by any site in {CONFIG_NAME}")
     provenance = section.get("provenance") or {}
     modules_to_save = config.get("modules_to_save")
+    kept = {"modules_to_save": modules_to_save} if modules_to_save else {}
+    if member is not None:
+        kept[fleet.FLEET_KEY] = member
     try:
         return Adapter(
             tensors=pool,
@@ -105,7 +118,7 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
             task_type=config.get("task_type"),
             fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
             extra_tensors=extras,
-            config={"modules_to_save": modules_to_save} if modules_to_save else {},
+            config=kept,
             provenance=provenance if isinstance(provenance, dict) else {},
         )
     except ShareportError as exc:

