@@ -247,7 +247,7 @@ def test_atomic_dir_failed_rename_puts_the_previous_output_back(tmp_path, monkey
     real_rename, calls = os.rename, []
 
     def rename(src, dst):
-        calls.append((Path(src).name, Path(dst).name))
+        calls.append((Path(src), Path(dst)))
         if len(calls) == 2:  # the new folder into place
             raise OSError(28, "No space left on device")
         return real_rename(src, dst)
@@ -258,7 +258,9 @@ def test_atomic_dir_failed_rename_puts_the_previous_output_back(tmp_path, monkey
             (tmp / "new.txt").write_text("new")
     assert (out / "old.txt").read_text() == "old" and not (out / "new.txt").exists()
     assert _leftovers(tmp_path) == []
-    assert calls[0][1].startswith(".out.old-") and calls[2] == (calls[0][1], "out")
+    aside = calls[0][1]  # moved aside beside the target (a rename across file systems would fail)
+    assert calls[0][0] == out and aside.parent == tmp_path and aside.name.startswith(".out.old-")
+    assert calls[2] == (aside, out)
 
 
 def test_atomic_dir_error_inside_removes_the_temporary_and_propagates(tmp_path):
@@ -299,6 +301,61 @@ def test_stale_temporaries_of_dead_writers_are_removed_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, odd.name, other.name, a_file.name])
     with atomic_dir(tmp_path / "other"):  # publishing cleans its own name's stale folders first
         assert not other.exists()
+
+
+def _undeletable(calls):
+    """shutil.rmtree as it behaves on a folder it cannot delete (a read-only mount, a busy file)."""
+    def rmtree(path, ignore_errors=False, **kwargs):
+        calls.append(Path(path))
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+    return rmtree
+
+
+def test_a_stale_folder_that_cannot_be_deleted_does_not_stop_the_publish(tmp_path, monkeypatch):
+    stale = tmp_path / f".out.tmp-{_dead_pid()}-abc"
+    stale.mkdir()
+    calls = []
+    monkeypatch.setattr(atomic.shutil, "rmtree", _undeletable(calls))
+    remove_stale_temporaries(tmp_path / "out")
+    assert calls == [stale]
+
+
+def test_an_old_output_that_cannot_be_deleted_does_not_fail_the_publish(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
+    calls = []
+    monkeypatch.setattr(atomic.shutil, "rmtree", _undeletable(calls))
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (out / "new.txt").read_text() == "new"
+    assert [p.name.startswith(".out.old-") for p in calls] == [True]
+
+
+def test_stale_folder_names_with_more_dashes(tmp_path):
+    """The pid is the field right after '.tmp-', whatever follows it."""
+    stale = tmp_path / f".out.tmp-{_dead_pid()}-ab-cd"
+    stale.mkdir()
+    remove_stale_temporaries(tmp_path / "out")
+    assert not stale.exists()
+
+
+def test_asking_whether_a_writer_lives_does_not_signal_it():
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                              "signal.signal(signal.SIGINT, signal.SIG_DFL); print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        assert atomic._alive(child.pid)
+        try:
+            child.wait(timeout=0.3)
+        except subprocess.TimeoutExpired:
+            pass
+        assert child.poll() is None, "the writer was signalled"
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_writer_we_may_not_signal_counts_as_alive(monkeypatch):
