@@ -25,11 +25,11 @@ from shareport.export.exporter import ExportOptions, export
 from shareport.export.ort_adapter import OLIVE_SUFFIX, adapter_arrays, read_onnx_adapter, write_onnx_adapter
 from shareport.export.verify import (FP16_RTOL, FP32_ATOL, PAST_CASES, PLAIN_CASES, Comparison, Report,
                                      VerifyMismatch, _feeds, _torch_outputs, compare_outputs, limit_for, verify)
-from shareport.files.adapters import load_adapter
+from shareport.files.adapters import load_adapter, save_adapter
 from tests.onnx_cases import make_case
 from tests.tiny import tiny_llama
 
-GRAPHS = {"fp16": ExportOptions("folded", dtype="fp16"),
+GRAPHS = {"fp16": ExportOptions("folded", dtype="fp16", with_past=True),
           "adapter": ExportOptions("adapter", with_past=True),
           "embedded": ExportOptions("adapter", embed_adapter=True)}
 
@@ -37,13 +37,14 @@ GRAPHS = {"fp16": ExportOptions("folded", dtype="fp16"),
 def build_graphs(root: Path) -> SimpleNamespace:
     """A one-layer tiny Llama, its LoRA on q and v, a second LoRA (other seed), and the three graphs."""
     root.mkdir(parents=True, exist_ok=True)
-    if not (root / "done").is_file():
+    recipe = repr(sorted(GRAPHS.items())) + "\n"
+    if not (root / "done").is_file() or (root / "done").read_text() != recipe:
         build = lambda: tiny_llama(layers=1)  # noqa: E731
         base, adapter = make_case(root, build, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
         make_case(root / "other", build, seed=7, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
         for name, options in GRAPHS.items():
             export(adapter, base, root / name, options, progress=False, verify=False)
-        (root / "done").write_text("graphs complete\n")
+        (root / "done").write_text(recipe)
     return SimpleNamespace(root=root, base=root / "base", lora=root / "lora", other=root / "other" / "lora",
                            **{name: root / name for name in GRAPHS})
 
@@ -100,8 +101,8 @@ def test_compare_outputs_fp16_limit_scales_with_the_reference():
 
 def test_compare_outputs_edge_cases():
     want = [np.zeros((1, 2, 3), dtype=np.float32)]
-    exact = compare_outputs("c", "b1", ["logits"], [want[0] + np.float32(1e-4)], want, "fp32", 1e-4, 2e-2)[0]
-    assert exact.ok and exact.max_abs == pytest.approx(1e-4)  # at the limit passes
+    exact = compare_outputs("c", "b1", ["logits"], [want[0] + np.float32(0.5)], want, "fp32", 0.5, 2e-2)[0]
+    assert exact.ok and exact.max_abs == 0.5  # exactly at the limit passes
     bad = want[0].copy()
     bad[0, 0, 0] = np.nan
     assert not compare_outputs("c", "b1", ["logits"], [bad], want, "fp32", 1.0, 2e-2)[0].ok
@@ -153,8 +154,8 @@ def test_folded_fp16_graph(graphs):
     assert report.device == runtime.device_name() and report.notes == []
     assert report.tolerance == f"rtol {FP16_RTOL:g} of max(1, max|ref|)"
     assert {r.check for r in report.rows} == {"folded"}
-    assert {r.case for r in report.rows} == _cases(PLAIN_CASES, False)
-    assert {r.output for r in report.rows} == {"logits"}
+    assert {r.case for r in report.rows} == _cases(PAST_CASES, True)  # fp16 past fed as fp16
+    assert {r.output for r in report.rows} == {"logits", "present.*"}
     assert all(r.limit >= FP16_RTOL for r in report.rows) and all(0 < r.max_abs for r in report.rows)
     wrong = verify(graphs.fp16, graphs.base, graphs.other)  # PyTorch attaches the other LoRA
     assert not wrong.ok
@@ -166,6 +167,7 @@ def test_adapter_graph_checks_active_and_bare(graphs):
     report = verify(graphs.adapter, graphs.base, graphs.lora)
     assert report.ok, [r for r in report.rows if not r.ok]
     assert (report.mode, report.dtype, report.tolerance) == ("adapter", "fp32", f"atol {FP32_ATOL:g}")
+    assert report.notes == []  # names fit: nothing mapped, nothing to say
     rows = _by_check(report)
     assert set(rows) == {"adapter active", "no adapter"}
     assert {r.case for r in report.rows} == _cases(PAST_CASES, True)
@@ -232,3 +234,53 @@ def test_torch_outputs_are_fp32_numpy_of_fp32_inputs(graphs):
     assert all(g.dtype == np.float32 for g in got) and len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_a_shipped_file_that_does_not_fit_is_named(graphs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(graphs.adapter, broken)
+    shipped = broken / graph_file.ADAPTER_NAME
+    arrays = read_onnx_adapter(shipped)
+    dropped = min(arrays)
+    write_onnx_adapter({n: a for n, a in arrays.items() if n != dropped}, shipped)
+    with pytest.raises(ShareportError, match=rf"^{shipped} lacks the graph's adapter input '{dropped}'"):
+        verify(broken, graphs.base, graphs.lora)
+
+
+def test_a_graph_without_shareport_metadata_is_named(graphs, tmp_path):
+    import onnx
+
+    bare = tmp_path / "bare"
+    shutil.copytree(graphs.fp16, bare)
+    model = onnx.load(str(bare / graph_file.GRAPH_NAME), load_external_data=False)
+    del model.metadata_props[:]
+    onnx.save(model, str(bare / graph_file.GRAPH_NAME))
+    with pytest.raises(ShareportError, match=rf"^{bare}/{graph_file.GRAPH_NAME}: no shareport metadata"):
+        verify(bare, graphs.base, graphs.lora)
+
+
+def test_a_pickled_adapter_only_with_allow_pickle(graphs, tmp_path):
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(graphs.lora, pickled)
+    weights = pickled / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), pickled / "adapter_model.bin")
+    weights.unlink()
+    with pytest.raises(ShareportError, match="only a pickled checkpoint is present"):
+        verify(graphs.fp16, graphs.base, pickled)
+    assert verify(graphs.fp16, graphs.base, pickled, allow_pickle=True).ok
+
+
+def test_an_adapter_that_does_not_fit_a_graph_without_its_file_is_named(graphs, tmp_path):
+    """No shipped file: --adapter itself is checked against the graph's slots (here it lacks v_proj)."""
+    bare = tmp_path / "bare"
+    shutil.copytree(graphs.adapter, bare)
+    (bare / graph_file.ADAPTER_NAME).unlink()
+    full = load_adapter(graphs.lora)
+    sites = {p: s for p, s in full.sites.items() if s.kind.endswith("q_proj")}
+    used = {n for s in sites.values() for n in (s.a, s.b)}
+    q_only = tmp_path / "q-only"
+    save_adapter(full.with_sites({n: t for n, t in full.tensors.items() if n in used}, sites, full.form), q_only)
+    with pytest.raises(ShareportError, match=r"^adapter lacks the graph's adapter input '.*v_proj"):
+        verify(bare, graphs.base, q_only)

@@ -29,7 +29,8 @@ children=(--max-children "${MUTATION_CHILDREN:-1}")
 declare -A MUTATE TESTS
 MUTATE[converters]="converters/*"
 TESTS[converters]="tests/test_converters_aslora.py tests/test_converters_budget.py tests/test_converters_grouping.py
-tests/test_converters_projection.py tests/test_converters_properties.py tests/test_converters_truncate.py"
+tests/test_converters_projection.py tests/test_converters_properties.py tests/test_converters_truncate.py
+tests/test_converters_calibrated.py"
 MUTATE[atomic]="shareport/files/atomic.py"
 TESTS[atomic]="tests/test_atomic_mutants.py tests/test_atomic_publish.py tests/test_outputs.py"
 MUTATE[verify]="shareport/export/verify.py"
