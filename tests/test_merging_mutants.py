@@ -93,6 +93,7 @@ def test_default_spread_uses_the_whole_middle_half(steps, merges):
     assert schedule.start == steps // 4
     assert schedule.every * merges <= steps // 2 < (schedule.every + 1) * merges or schedule.every == 1
     assert (schedule.merges, schedule.groups, schedule.mode, schedule.pairs) == (merges, None, "tie", "adjacent")
+    assert type(schedule.start) is int and type(schedule.every) is int  # steps are counted in whole numbers
 
 
 def test_spread_keeps_given_values_and_fields():
@@ -100,6 +101,8 @@ def test_spread_keeps_given_values_and_fields():
     assert (schedule.start, schedule.every, schedule.groups, schedule.mode, schedule.pairs) == (5, 4, 2, "mean", "any")
     # T_s given: m spreads the merges over what is left after it
     assert MergeSchedule.spread(40, 6, merges=4, start=20).every == (40 - 20) // 4
+    late = MergeSchedule.spread(40, 6, merges=3, start=30)  # only 10 steps left: m = 10 // 3, not 20 // 3
+    assert (late.start, late.every) == (30, 3) and type(late.every) is int
     # m given: T_s is a quarter, moved earlier only when the merges would end past the last step
     assert MergeSchedule.spread(40, 6, merges=2, every=5).start == 10
     assert MergeSchedule.spread(12, 6, merges=2, every=5).start == 12 - 2 * 5
@@ -109,7 +112,8 @@ def test_spread_keeps_given_values_and_fields():
 
 def test_spread_refusal_names_the_numbers():
     with pytest.raises(ShareportError, match=r"^--steps 3 is too short for 4 merge\(s\) per kind \(one merge step "
-                                             r"each, after step 0: at least 4 steps\); raise --steps"):
+                                             r"each, after step 0: at least 4 steps\); raise --steps, or merge less "
+                                             r"\(--merges/--groups\)$"):
         MergeSchedule.spread(3, 6, merges=4)
 
 
@@ -182,6 +186,21 @@ def test_mean_merge_weights_by_group_size():
     assert torch.equal(torch.as_tensor(state["step"]), torch.as_tensor(moments[up]["step"]))
     assert low not in merger.averages and low not in handle.parameters
     assert len(opt.param_groups[0]["params"]) == 2 and len(opt.state) == 2  # A and the one B left
+
+
+def test_mean_merge_keeps_the_survivors_step_count():
+    """AdamW skips a parameter without a gradient, so two B's can have taken different numbers of steps;
+    the merged B keeps the survivor's count (a count is not averaged)."""
+    handle, opt = _attached([0.0, 3.0])
+    _one_step(handle, opt)
+    low, up = _b(handle, 0), _b(handle, 1)
+    handle.model(input_ids=torch.tensor([[3, 4, 5, 6]])).logits.square().mean().backward()
+    handle.parameters[low].grad = None  # the lower B sits this step out
+    opt.step()
+    steps = {n: float(torch.as_tensor(opt.state[handle.parameters[n]]["step"])) for n in (low, up)}
+    assert steps == {low: 1.0, up: 2.0}
+    BMerger(handle, MergeSchedule(start=0, every=1, merges=1, mode="mean"), opt).observe(1)
+    assert float(torch.as_tensor(opt.state[handle.parameters[up]]["step"])) == 2.0
 
 
 def test_mean_merge_before_any_optimizer_step():

@@ -37,7 +37,7 @@ MUTATE[verify]="shareport/export/verify.py"
 # the graphs are exported once, before mutmut (see below): only this file's tests use the cache
 TESTS[verify]="tests/test_verify_mutants.py"
 MUTATE[merging]="shareport/train/merging.py"
-TESTS[merging]="tests/test_train.py tests/test_training_checks.py tests/test_finetune.py"
+TESTS[merging]="tests/test_merging_mutants.py tests/test_train.py tests/test_training_checks.py tests/test_finetune.py"
 
 if [[ $target == all ]]; then
   for t in converters atomic merging verify; do bash "$0" "$t" "${children[@]}"; done
