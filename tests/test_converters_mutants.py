@@ -49,6 +49,16 @@ def test_explicit_aslora_plan_is_its_enumerated_option_and_bounds_the_conversion
     assert more.groups == 5 and more.estimated_error == pytest.approx(eckart_young_sharea(As, Bts, 2), abs=1e-9)
     default = converters.plan("aslora", {"k": (As, Bts)}, rank=2)["k"]
     assert default.groups == default_groups(kind, 2)
+    # the grouping rule reaches the estimate: neighbours only is another (here worse) grouping
+    As, Bts = _kind(45)  # a kind whose layers 0..4 are not best grouped as neighbours
+    kind = KindFactors.from_lists(As, Bts)
+    estimates = {}
+    for grouping in ("any", "adjacent"):
+        plan = converters.plan("aslora", {"k": (As, Bts)}, rank=2, groups=2, grouping=grouping)["k"]
+        (option,) = kind_options("aslora", kind, max_rank=2, groups=2, grouping=grouping)[1:2]
+        assert (option.rank, plan.estimated_error) == (2, option.error)
+        estimates[grouping] = plan.estimated_error
+    assert estimates["adjacent"] > estimates["any"] + 1e-9
 
 
 @pytest.mark.parametrize("method", ["sharea", "shareb", "shareab"])
