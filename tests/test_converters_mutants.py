@@ -70,6 +70,11 @@ def test_explicit_plan_with_one_int_for_every_kind(method):
         (option,) = [o for o in kind_options(method, KindFactors.from_lists(As, Bts), max_rank=2) if o.rank == 2]
         assert (plans[name].params, plans[name].estimated_error) == (option.params, option.error)
     assert converters.plan("aslora", kinds, rank=2, groups=2)["v"].groups == 2
+    # a rank beyond the kind's spectrum (2 sites of rank 1: at most 2 directions) is still planned
+    As, Bts = _kind(46, n_sites=2, ranks=1)
+    beyond = converters.plan(method, {"k": (As, Bts)}, rank=5)["k"]
+    at_two = converters.plan(method, {"k": (As, Bts)}, rank=2)["k"]  # past the spectrum the error stays put
+    assert beyond.rank == 5 and beyond.estimated_error == pytest.approx(at_two.estimated_error, abs=1e-9)
 
 
 def test_energy_rule_slack_is_relative_and_lets_equal_cost_reach():

@@ -17,15 +17,16 @@
 #   verify.py     not run: every mutant re-exported ONNX graphs in its fixtures (~30 s each)
 #
 # Measured 2026-11-30 (issue 20, branch mut20; load 7-10 on 2 cores, --max-children 1), with the
-# selections below (MUTATION_DIR=/tmp/mut20 bash tests/benchmarks/mutation.sh TARGET):
-#   atomic.py     91.7% (154/168, 790 s); its 14 survivors then re-run one by one against the later
-#                 tests (MUTANT_UNDER_TEST=NAME pytest tests/test_atomic_mutants.py in mutants/):
-#                 10 killed -> 164/168 = 97.6%, the other 4 equivalent
-#   verify.py     88.7% (305/344, 634 s, graphs built once beforehand); survivors re-run one by one
-#                 against the later tests: see the report of issue 20 for which were confirmed
-#   merging.py    94.6% (331/350, 741 s)
+# selections below (MUTATION_DIR=/tmp/mut20 bash tests/benchmarks/mutation.sh TARGET). Survivors of
+# each run were then re-run one by one against the tests written for them, in the run's mutants/
+# folder: MUTANT_UNDER_TEST=NAME python3 -m pytest -x -q tests/test_<target>_mutants.py
+#   atomic.py     run 91.7% (154/168, 790 s); re-runs kill 10 of the 14 -> 97.6% (164/168), 4 equivalent
+#   verify.py     run 88.7% (305/344, 634 s, graphs built once beforehand); re-runs kill 16 of the 39
+#                 -> 93.3% (321/344); 15 equivalent, 8 need a classifier graph (BERT, out of scope)
+#   merging.py    run 94.6% (331/350, 741 s); re-runs kill 10 of the 19 -> 97.4% (341/350), 9 equivalent
 #   converters/   3739 mutants (the calibrated converters included): stopped at 217 after 11 min
-#                 (~1 h at that pace); run per module with MUTATION_ONLY=converters/NAME.py
+#                 (~1 h at that pace), 30 survived by then; re-runs kill 29, 1 near-equivalent. No
+#                 whole-package score: run per module with MUTATION_ONLY=converters/NAME.py
 # Survivors judged equivalent: tests/benchmarks/mutation_equivalent.md.
 set -euo pipefail
 
