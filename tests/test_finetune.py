@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shareport.train.data import BatchOrder, collate
-from shareport.train.distill import distill_sum, model_outputs
 from shareport.train.recipe import Recipe, run
 from shareport.files.adapters import load_adapter
 from shareport.train.jobs import merge_schedule, recovery_job
@@ -26,6 +26,35 @@ def _job(setup, tmp_path, resume=False, merging=False):
                         eval_fraction=0.1, checkpoint_dir=tmp_path / "ckpt", resume=resume, merging=merging)
 
 
+def _first_step_reference(setup, job, lm_weight: float = 0.0, batch_size: int = 4):
+    """The first step's loss parts and the summed ShareA gradient, computed on untied copies of every factor.
+
+    Independent of the training loop: KL(teacher || student) over the non-padded positions and the
+    next-token cross-entropy over the non-padded targets, written out here with torch.nn.functional.
+    Returns (kl, ce, grad of kl + lm_weight * ce summed over the q_proj sites (rank x in_features)).
+    """
+    model = load_base_model(setup["base"]).requires_grad_(False)
+    teacher = Teacher(model, load_adapter(setup["lora"]))
+    untied = attach(model, job.student.expand(), trainable=True)
+    batch = collate(job.train_data, BatchOrder(len(job.train_data), batch_size, seed=0).batch(0), 0)
+    mask = batch["attention_mask"].bool()
+    student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad(), teacher.active(model):
+        teacher_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_s, log_t = (F.log_softmax(x[mask].double(), dim=-1) for x in (student_logits, teacher_logits))
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum") / int(mask.sum())
+    targets_ok = mask[:, 1:]
+    ce = F.cross_entropy(student_logits[:, :-1][targets_ok].double(), batch["input_ids"][:, 1:][targets_ok])
+    (kl + lm_weight * ce).backward()
+    grad = sum(untied.parameters[f"{s.path}.lora_A"].grad for s in job.student.kinds()["self_attn.q_proj"])
+    return kl.item(), ce.item(), grad
+
+
+def _adamw_first_step(value: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """AdamW's first step: m/sqrt(v) = g/|g| (bias-corrected), no weight decay."""
+    return value - lr * grad / (grad.abs() + 1e-8)
+
+
 def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path):
     """One AdamW step on ShareA equals one step on the *sum* of the per-layer gradients of untied copies."""
     lr = 1e-2
@@ -33,24 +62,31 @@ def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path):
     shared = job.student
     a_name = shared.kinds()["self_attn.q_proj"][0].a
     trained, _ = run(job, Recipe(steps=1, lr=lr, batch_size=4))
-
-    # reference: untied copies of every factor on a fresh model, the same first batch
-    model = load_base_model(setup["base"]).requires_grad_(False)
-    teacher = Teacher(model, load_adapter(setup["lora"]))
-    untied = attach(model, shared.expand(), trainable=True)
-    indices = BatchOrder(len(job.train_data), 4, seed=0).batch(0)
-    batch = collate(job.train_data, indices, 0)
-    student_out, _ = model_outputs(model, batch)
-    with torch.no_grad(), teacher.active(model):
-        teacher_out, _ = model_outputs(model, batch)
-    loss_sum, count = distill_sum(student_out, teacher_out)
-    (loss_sum / count).backward()
-    q_sites = shared.kinds()["self_attn.q_proj"]
-    grad = sum(untied.parameters[f"{s.path}.lora_A"].grad for s in q_sites)
-    # AdamW's first step: m/sqrt(v) = g/|g| (bias-corrected), no weight decay
-    expected = shared.tensors[a_name] - lr * grad / (grad.abs() + 1e-8)
-    torch.testing.assert_close(trained.tensors[a_name], expected, atol=1e-6, rtol=1e-5)
+    _, _, grad = _first_step_reference(setup, job)
+    torch.testing.assert_close(trained.tensors[a_name], _adamw_first_step(shared.tensors[a_name], grad, lr),
+                               atol=1e-6, rtol=1e-5)
     assert trained.sites == shared.sites  # still one A for every q_proj site
+
+
+def test_lm_loss_weight_enters_the_loss_and_the_update(setup, tmp_path, cli):
+    """``finetune --lm-loss W``: the first step's loss is KL + W * next-token CE, and the update is that of
+    its gradient, which is not the update of the KL alone."""
+    lr, weight = 1e-2, 3.0
+    out = tmp_path / "lm"
+    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
+                 setup["text"], "-o", out, "--steps", 1, "--lr", lr, "--batch-size", 4, "--max-length", 32,
+                 "--lm-loss", weight)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "training_report.json").read_text())
+    job = _job(setup, tmp_path)  # the same data split and first batch as the command's
+    a_name = job.student.kinds()["self_attn.q_proj"][0].a
+    kl, ce, grad = _first_step_reference(setup, job, weight)
+    assert report["final_train_loss"] == pytest.approx(kl + weight * ce, rel=1e-5)
+    start = job.student.tensors[a_name]
+    trained = load_adapter(out).tensors[a_name]
+    torch.testing.assert_close(trained, _adamw_first_step(start, grad, lr), atol=1e-6, rtol=1e-5)
+    _, _, kl_grad = _first_step_reference(setup, job, 0.0)
+    assert not torch.allclose(trained, _adamw_first_step(start, kl_grad, lr), atol=1e-4)
 
 
 def test_one_parameter_object_per_shared_tensor_in_the_optimizer(setup, tmp_path):

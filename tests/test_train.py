@@ -80,6 +80,39 @@ def test_merge_picks_the_closest_running_averages(pairs, merged):
     assert handle.to_adapter().num_parameters() == handle.adapter.num_parameters()
 
 
+def _set_bs(handle, bs: list[float]) -> None:
+    """Set layer l's B (of q_proj) to the constant bs[l], in place (as an optimizer step would)."""
+    with torch.no_grad():
+        for site in handle.adapter.kinds()["self_attn.q_proj"]:
+            handle.parameters[site.b].fill_(bs[site.layer])
+
+
+def test_merge_uses_the_mean_of_every_observed_b_not_the_last():
+    """Three observed steps with different B's: the running averages are the plain means of the three,
+    and the merge at step 3 ties the neighbours closest *on average* (layers 1 and 2), not the ones
+    closest now (layers 2 and 3)."""
+    seen = [[0.0, 10.0, 0.0, 10.0], [0.0, 10.0, 0.0, 10.0], [0.0, 0.1, 5.0, 5.05]]
+    handle, opt = _attached_with_bs(seen[0])
+    sites = handle.adapter.kinds()["self_attn.q_proj"]
+    merger = BMerger(handle, MergeSchedule(start=2, every=1, merges=1), opt)
+    means = torch.tensor(seen, dtype=torch.float64).cumsum(0) / torch.arange(1, 4, dtype=torch.float64)[:, None]
+    for step, bs in enumerate(seen[:2], start=1):
+        _set_bs(handle, bs)
+        assert merger.observe(step) == []
+        for site in sites:
+            torch.testing.assert_close(merger.averages[site.b].double(),
+                                       torch.full(merger.averages[site.b].shape, float(means[step - 1, site.layer]),
+                                                  dtype=torch.float64))
+    _set_bs(handle, seen[2])
+    (event,) = merger.observe(3)
+    gaps = (means[2, 1:] - means[2, :-1]).abs()  # adjacent pairs (l, l+1)
+    assert int(gaps.argmin()) == 1 and event.merged == [1] and event.kept == [2]
+    numel = handle.parameters[sites[2].b].numel()
+    assert event.distance == pytest.approx(float(gaps.min()) * numel ** 0.5, rel=1e-5)  # Frobenius of a constant
+    for site in (sites[0], sites[2], sites[3]):
+        assert float(merger.averages[site.b].flatten()[0]) == pytest.approx(float(means[2, site.layer]), rel=1e-6)
+
+
 def test_mean_merge_averages_values_and_optimizer_moments():
     handle, opt = _attached_with_bs([0.0, 1.0, 9.0])
     handle.model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
