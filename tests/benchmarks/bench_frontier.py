@@ -78,7 +78,8 @@ class Settings:
     peft_ranks: tuple[int, ...] = (1, 2, 4, 8)
     peft_energies: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
     scratch_budget: float = 0.1
-    scratch_forms: tuple[str, ...] = FORMS
+    # ASLoRA and ShareA first: the forms their papers train from scratch
+    scratch_forms: tuple[str, ...] = ("aslora", "sharea", "lora", "shareb", "shareab")
     seed: int = 0
 
 
@@ -235,6 +236,7 @@ def scratch(out: Path, base: Path, data: Path, s: Settings, form: str) -> list[d
     head_base = minilm.write_head_base(base, lora, out / "head-base")
     layers = max(len(sites) for sites in lora.kinds().values())
     rows = []
+    (out / "scratch").mkdir(exist_ok=True)
     rank = 1
     while parameters_of(lora, form, rank + 1) <= s.scratch_budget * lora.num_parameters():
         rank += 1
