@@ -36,6 +36,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,15 +82,14 @@ FAST = Settings(tasks=3, lora_steps=20, budgets=(0.25,), recover_budget=0.25, re
 
 
 def docstring_rows() -> tuple[list[dict], list[dict], tuple[str, ...]]:
-    """(train rows, test rows, class names) from ``docstrings_data.py``: this folder's copy, else the
-    lead's main checkout's (it was not yet committed to main when this benchmark was written)."""
-    here = Path(__file__).resolve().parent / "docstrings_data.py"
-    path = here if here.is_file() else Path("/work/main/tests/benchmarks/docstrings_data.py")
-    spec = importlib.util.spec_from_file_location("docstrings_data", path)
+    """(train rows, test rows, class names) of the docstrings task (``docstrings_data.py`` in this
+    folder), built in a fresh interpreter: torch's imports patch stdlib functions."""
+    spec = importlib.util.spec_from_file_location("docstrings_data", Path(__file__).resolve().parent / "docstrings_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    train, test = module.build_rows()
-    return train, test, tuple(module.CLASSES)
+    with tempfile.TemporaryDirectory(prefix="docstrings-") as tmp:
+        module.write_fresh(Path(tmp))
+        return module.read_split(Path(tmp), "train"), module.read_split(Path(tmp), "test"), tuple(module.CLASSES)
 
 
 def stage(out: Path, name: str, fn):

@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,14 +97,6 @@ def stage(out: Path, name: str, fn):
     result = fn()
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
-
-
-def build_data(data: Path) -> dict:
-    """The docstrings task, built in a fresh interpreter: libraries imported here (torch,
-    transformers) patch a few stdlib functions, which would change which docstrings count as the
-    stdlib's own."""
-    subprocess.run([sys.executable, "-I", docstrings_data.__file__, str(data)], check=True, stdout=subprocess.DEVNULL)
-    return json.loads((data / "meta.json").read_text())
 
 
 def write_base(out: Path) -> Path:
@@ -339,7 +330,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    meta = stage(out, "data", lambda: build_data(data))
+    meta = stage(out, "data", lambda: docstrings_data.write_fresh(data))
     base = write_base(out)
     results = {"settings": dataclasses.asdict(s), "data": meta}
     results["lora"] = stage(out, "lora", lambda: train_lora(base, data, out, s))

@@ -54,6 +54,7 @@ import io
 import json
 import pkgutil
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -176,6 +177,17 @@ def write(out: Path) -> dict:
         meta[f"{split}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return meta
+
+
+def write_fresh(out: Path) -> dict:
+    """:func:`write` in a fresh interpreter (``python -I`` on this file): what a caller that has
+    imported torch or transformers must use, since those patch stdlib functions."""
+    subprocess.run([sys.executable, "-I", __file__, str(out)], check=True, stdout=subprocess.DEVNULL)
+    return json.loads((Path(out) / "meta.json").read_text())
+
+
+def read_split(out: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 if __name__ == "__main__":
