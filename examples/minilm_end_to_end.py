@@ -90,18 +90,18 @@ def minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def write_base_folder(out: Path) -> Path:
-    """A base-model folder for a 3-way classifier: MiniLM's weights, a SEQ_CLS config.
+def write_base_folder(out: Path, labels=LABELS) -> Path:
+    """A base-model folder for a classifier over ``labels``: MiniLM's weights, a SEQ_CLS config.
 
     The packaged config describes a bare BertModel (2 labels by default). shareport commands load
-    the base from a folder, and the classifier head the LoRA carries has 3 rows, so the folder
-    says so; the 90 MB of weights are linked, not copied.
+    the base from a folder, and the classifier head the LoRA carries has one row per label, so the
+    folder says so; the 90 MB of weights are linked, not copied.
     """
     src, base = minilm_dir(), out / "base"
     base.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
-    config.update(architectures=["BertForSequenceClassification"], num_labels=len(LABELS),
-                  id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    config.update(architectures=["BertForSequenceClassification"], num_labels=len(labels),
+                  id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     (base / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in BASE_FILES:
         link = base / name

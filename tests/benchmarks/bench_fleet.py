@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -46,10 +45,13 @@ os.environ.setdefault("SHAREPORT_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import docstrings_data  # noqa: E402
 import minilm_end_to_end as minilm  # noqa: E402
+from stages import stage  # noqa: E402
 from shareport import flows  # noqa: E402
 from shareport.files import adapter_file_size, load_adapter  # noqa: E402
 from shareport.train.jobs import TrainingOptions, recovery_job  # noqa: E402
@@ -82,25 +84,12 @@ FAST = Settings(tasks=3, lora_steps=20, budgets=(0.25,), recover_budget=0.25, re
 
 
 def docstring_rows() -> tuple[list[dict], list[dict], tuple[str, ...]]:
-    """(train rows, test rows, class names) of the docstrings task (``docstrings_data.py`` in this
-    folder), built in a fresh interpreter: torch's imports patch stdlib functions."""
-    spec = importlib.util.spec_from_file_location("docstrings_data", Path(__file__).resolve().parent / "docstrings_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """(train rows, test rows, class names) of the docstrings task, built in a fresh interpreter:
+    torch's imports patch stdlib functions."""
     with tempfile.TemporaryDirectory(prefix="docstrings-") as tmp:
-        module.write_fresh(Path(tmp))
-        return module.read_split(Path(tmp), "train"), module.read_split(Path(tmp), "test"), tuple(module.CLASSES)
-
-
-def stage(out: Path, name: str, fn):
-    """Run ``fn`` once; its JSON result is kept in ``OUT/name.json`` for a rerun to resume from."""
-    path = out / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    print(f"[bench_fleet] {name} ...", file=sys.stderr, flush=True)
-    result = fn()
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
+        docstrings_data.write_fresh(Path(tmp))
+        return (docstrings_data.read_split(Path(tmp), "train"), docstrings_data.read_split(Path(tmp), "test"),
+                tuple(docstrings_data.CLASSES))
 
 
 def write_tasks(out: Path, s: Settings) -> list[str]:
@@ -116,19 +105,6 @@ def write_tasks(out: Path, s: Settings) -> list[str]:
             (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in picked))
         names.append(name)
     return names
-
-
-def write_base(out: Path) -> Path:
-    """MiniLM's weights (linked) with a 3-way SEQ_CLS config: the one base of every task."""
-    src, base = minilm.minilm_dir(), out / "base"
-    base.mkdir(parents=True, exist_ok=True)
-    config = json.loads((src / "config.json").read_text())
-    config.update(architectures=["BertForSequenceClassification"], num_labels=3)
-    (base / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in minilm.BASE_FILES:
-        if not (base / name).exists():
-            (base / name).symlink_to(src / name)
-    return base
 
 
 def train_lora(base: Path, task: Path, out: Path, s: Settings, seed: int) -> dict:
@@ -203,7 +179,7 @@ def summary(name: str, budget: float, recovered: bool, scores: dict, lora_scores
 
 def run(out: Path, s: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    base = write_base(out)
+    base = minilm.write_base_folder(out, ("LABEL_0", "LABEL_1", "LABEL_2"))  # transformers' default names
     tasks = stage(out, "tasks", lambda: write_tasks(out, s))
     for i, task in enumerate(tasks):
         if not (out / "loras" / task / "adapter_config.json").is_file():

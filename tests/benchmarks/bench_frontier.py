@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import torch  # noqa: E402
 
 import docstrings_data  # noqa: E402
+from stages import stage  # noqa: E402
 import minilm_end_to_end as minilm  # noqa: E402
 from shareport import flows  # noqa: E402
 from shareport.files import load_adapter  # noqa: E402
@@ -85,33 +86,6 @@ class Settings:
 
 FAST = Settings(lora_steps=40, recover_steps=10, budgets=(0.1,), peft_ranks=(2,), peft_energies=(0.9,),
                 scratch_forms=("aslora",))
-
-
-# ---------------------------------------------------------------------------------------- stages
-def stage(out: Path, name: str, fn):
-    """Run ``fn`` once; its JSON result is kept in ``OUT/name.json`` for a rerun to resume from."""
-    path = out / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    print(f"[bench_frontier] {name} ...", file=sys.stderr, flush=True)
-    result = fn()
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
-
-
-def write_base(out: Path) -> Path:
-    """MiniLM's weights (linked) with a 12-way SEQ_CLS config: the base every command loads."""
-    src, base = minilm.minilm_dir(), out / "base"
-    base.mkdir(parents=True, exist_ok=True)
-    classes = docstrings_data.CLASSES
-    config = json.loads((src / "config.json").read_text())
-    config.update(architectures=["BertForSequenceClassification"], num_labels=len(classes),
-                  id2label=dict(enumerate(classes)), label2id={n: i for i, n in enumerate(classes)})
-    (base / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in minilm.BASE_FILES:
-        if not (base / name).exists():
-            (base / name).symlink_to(src / name)
-    return base
 
 
 def encoded(base: Path, path: Path, max_length: int):
@@ -331,7 +305,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     meta = stage(out, "data", lambda: docstrings_data.write_fresh(data))
-    base = write_base(out)
+    base = minilm.write_base_folder(out, docstrings_data.CLASSES)
     results = {"settings": dataclasses.asdict(s), "data": meta}
     results["lora"] = stage(out, "lora", lambda: train_lora(base, data, out, s))
     results["head"] = stage(out, "head", lambda: head_only(base, data, s))
