@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from shareport.train.accel import peak_flops
-from shareport.train.recipe import throughput
+from shareport.train.recipe import matmul_parameters, throughput
+from tests.tiny import tiny_gpt2, tiny_llama
 
 
 def test_flops_per_token_and_mfu():
@@ -19,3 +20,16 @@ def test_peak_table_matches_the_card_name():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("cpu") is None
+
+
+def test_flop_parameters_are_the_matmul_weights_from_the_config():
+    """Counted from the config's sizes (an independent reference), not from the modules."""
+    model = tiny_llama(layers=2)
+    c = model.config
+    h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size  # q, o; k, v; gate, up, down
+    assert matmul_parameters(model) == c.num_hidden_layers * per_layer + c.vocab_size * h  # + the head
+    assert matmul_parameters(model) < sum(p.numel() for p in model.parameters())  # embeddings are no FLOPs
+    gpt2 = tiny_gpt2(layers=2)  # Conv1D layers: qkv (h x 3h), proj, fc (h x 4h), proj; the head is tied
+    g = gpt2.config
+    assert matmul_parameters(gpt2) == g.n_layer * (3 * g.n_embd ** 2 + g.n_embd ** 2 + 8 * g.n_embd ** 2) + g.vocab_size * g.n_embd

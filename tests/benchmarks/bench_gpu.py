@@ -1,23 +1,33 @@
 """GPU benchmark: recovery throughput and MFU, ORT CUDA latency and genai CUDA decode, folded vs adapter.
 
 Not collected by pytest. Run: ``PYTHONPATH=$PWD python3 tests/benchmarks/bench_gpu.py [--steps N]
-[--repeats N] [--rounds N]``. Without a CUDA device (``torch.cuda.is_available()`` false and ONNX
-Runtime's CUDA provider not working) it prints why and exits 0 without measuring.
+[--size 1b|134m] [--seq 512] [--batch 16] [--profile] [--skip-onnx]``. Without a CUDA device
+(``torch.cuda.is_available()`` false and ONNX Runtime's CUDA provider not working) it prints why and
+exits 0 without measuring.
 
-One Llama-shaped base from a config (hidden 768, 12 layers, 12 heads, vocab 32000, ~134M
-parameters, random weights) with a real PEFT LoRA (r=8 on q, k, v, o):
+(a) Recovery. A Llama-shaped base from a config, random weights in bf16, built on the GPU: ``1b`` is
+  TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocab 32000). A real
+  PEFT LoRA (r=16 on the 7 kinds q,k,v,o,gate,up,down) converted to ShareA and distilled toward the LoRA
+  by ``shareport.train.recipe.run`` (what ``shareport finetune`` runs), batch 16 x seq 512, bf16
+  autocast. Rows:
+  - the card's measured bf16 matmul rate (8192^3), beside the datasheet's dense peak the MFU uses;
+  - tokens/s and MFU of recovery, ``Recipe(fast=True)`` (fused AdamW, a host sync every 10 steps)
+    and ``fast=False`` (the loop before the throughput work), alternated ``--rounds`` times, medians;
+  - the ceiling: the same base alone (no adapter, no loss), one no-grad forward (the teacher's) plus
+    one forward and input-gradient backward (the student's), timed the same way; recovery's share of
+    that ceiling says what the adapter, the distillation loss and the loop cost on top of the model.
+  MFU = 6 * N * tokens / seconds / peak, N = the base's matmul weights
+  (``recipe.matmul_parameters``: embeddings excluded, head included; attention scores left out).
+  ``--profile``: the top CUDA kernels of a 4-step run and the share of the wall time the GPU was busy.
+(b) ONNX Runtime on the CUDA provider, fp16 exports without past of a 134M Llama (LoRA r=8 on
+  q,k,v,o), folded vs adapter mode (adapter active through ``RunOptions``), batch 1 and 8 x seq 128
+  and 512, interleaved, medians. Needs onnxruntime-gpu.
+(c) onnxruntime-genai greedy decode on the ``cuda`` provider, fp16 ``--with-past`` exports, 64 new
+  tokens after a 16-token prompt, batch 1, interleaved rounds, median ms/token. Needs
+  onnxruntime-genai-cuda.
 
-- (a) ``shareport.flows.recover`` of the LoRA converted to ShareA, distilled toward the LoRA,
-  batch 16 x seq 256 (bf16 autocast where the card has it): tokens/s from the run's own timings
-  and MFU = 6 * N * tokens / seconds / the card's dense bf16 peak (6N per token is the usual
-  training estimate; the frozen base needs no weight gradients and the teacher adds a forward,
-  so read it as an order of magnitude). Needs torch CUDA.
-- (b) ONNX Runtime on the CUDA provider, fp16 exports without past, folded vs adapter mode
-  (adapter active through ``RunOptions``), batch 1 and 8 x seq 128 and 512, interleaved, medians.
-- (c) onnxruntime-genai greedy decode on the ``cuda`` provider, fp16 ``--with-past`` exports,
-  64 new tokens after a 16-token prompt, batch 1, interleaved rounds, median ms/token.
-
-It prints one table; the last line is the worst adapter/folded ratio of (b) and (c).
+Prints one table; the last line is the recovery MFU (fast loop), the key figure of the scale issue's
+target (>= 40% on a >= 1B base at sequence 512).
 """
 
 from __future__ import annotations
@@ -37,54 +47,183 @@ import torch  # noqa: E402
 from shareport.cli.table import format_table  # noqa: E402
 from shareport.export import graph_file, runtime  # noqa: E402
 from shareport.train.accel import peak_flops  # noqa: E402
-from tests.benchmarks.genai_common import GenaiDecoder, export_both, interleaved_decode, llama, make_base_and_lora  # noqa: E402
+from tests.benchmarks.genai_common import llama_config  # noqa: E402
 
-VOCAB = 32000
+SIZES = {  # llama_config arguments
+    "1b": dict(vocab=32000, hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, context=2048),
+    "134m": dict(vocab=32000, hidden=768, layers=12, heads=12, intermediate=2048, context=1024),
+    "tiny": dict(vocab=1000, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, context=256),  # --smoke
+}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU only for --smoke
+KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = [(batch, seq) for batch in (1, 8) for seq in (128, 512)]
 PROMPT = [5 + 7 * i for i in range(16)]
 NEW_TOKENS = 64
 
 
-def bench_model():
-    return llama(vocab=VOCAB, hidden=768, layers=12, heads=12, intermediate=2048, context=1024)
+def build_on_gpu(folder: Path, size: str, r: int, kinds: list[str]) -> tuple[Path, Path]:
+    """``folder/base`` (random bf16 weights, built on the GPU: seconds, not minutes, for 1B) and
+    ``folder/lora`` (a PEFT LoRA on ``kinds``, alpha 2r, factors drawn with std 0.02 so that the
+    update is a few percent of the base's weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base, lora = folder / "base", folder / "lora"
+    torch.manual_seed(0)
+    with DEVICE:
+        model = LlamaForCausalLM(llama_config(**SIZES[size])).to(torch.bfloat16).eval()
+    model.save_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=kinds))
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen, device=DEVICE) * 0.02)
+    peft_model.save_pretrained(lora)
+    del model, peft_model
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    return base, lora
 
 
-def recovery(tmp: Path, base: Path, lora: Path, n_params: int, steps: int, card: str) -> list[tuple]:
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_ms(fn, repeats: int) -> float:
+    """Median wall milliseconds of ``fn()`` with the device synchronised around each call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def matmul_rate() -> float:
+    """The card's bf16 matmul FLOP/s on an 8192^3 product of random data."""
+    n = 8192 if DEVICE.type == "cuda" else 256
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 / (cuda_ms(lambda: a @ b, 10) / 1000)
+
+
+def ceiling(model, batch: int, seq: int, vocab: int, repeats: int = 8) -> tuple[float, float]:
+    """(ms of one no-grad forward, ms of one forward + input-gradient backward) of the bare base,
+    under bf16 autocast: one recovery step's model work, without adapter, loss or loop."""
+    ids = torch.randint(3, vocab, (batch, seq), device=DEVICE)
+    embed = model.get_input_embeddings()
+
+    def forward():
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            model(input_ids=ids).logits.float()
+
+    def forward_backward():
+        x = embed(ids).detach().requires_grad_()  # gradients flow to the input only, as for a frozen base
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            logits = model(inputs_embeds=x).logits.float()
+        logits.logsumexp(-1).mean().backward()
+
+    return cuda_ms(forward, repeats), cuda_ms(forward_backward, repeats)
+
+
+def recovery(tmp: Path, args) -> tuple[list[tuple], float | None]:
     from shareport import flows
     from shareport.train.data import save_tokenized
-    from shareport.train.jobs import TrainingOptions
+    from shareport.train.jobs import recovery_job
+    from shareport.train.recipe import Recipe, matmul_parameters, run
 
+    size = SIZES[args.size]
+    base, lora = build_on_gpu(tmp, args.size, 16, KINDS)
     gen = torch.Generator().manual_seed(0)
-    examples = 16 * (steps + 4)
-    save_tokenized(tmp / "data", torch.randint(3, VOCAB, (examples, 256), generator=gen).tolist())
-    shared = tmp / "sharea"
-    flows.convert(str(lora), "sharea", str(shared), progress=False)
-    options = TrainingOptions(steps=steps, batch_size=16, max_length=256, eval_fraction=0.05)
-    report = flows.recover(str(shared), str(base), str(lora), str(tmp / "data"), str(tmp / "recovered"), options=options)
-    timing = report["timings"]
+    rows_needed = args.batch * (args.steps + 4) + 64  # + the held-out split
+    save_tokenized(tmp / "data", torch.randint(3, size["vocab"], (rows_needed, args.seq), generator=gen).tolist())
+    flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
+    job = recovery_job(tmp / "sharea", base, lora, tmp / "data", args.seq, 64 / rows_needed, None, False, False)
+    job.progress = False
+    n = matmul_parameters(job.model)
+    card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (--smoke)"
     peak = peak_flops(card)
-    mfu = 6 * n_params * timing["tokens"] / timing["seconds"] / peak if peak else None
-    case = f"recover b16 x s256, {steps} steps, {report['mixed_precision']}"
-    return [("a", case, "tokens/s", round(timing["tokens_per_second"])),
-            ("a", case, f"MFU (peak {peak / 1e12:.0f} TFLOP/s)" if peak else "MFU (card not in table)",
-             f"{mfu:.1%}" if mfu is not None else "n/a")]
+    tokens_per_step = args.batch * args.seq
+
+    rows = [("a", "card", "name", card), ("a", "card", "datasheet dense bf16 TFLOP/s (MFU's peak)",
+                                          round(peak / 1e12) if peak else "not in table"),
+            ("a", "card", "measured bf16 matmul 8192^3 TFLOP/s", round(matmul_rate() / 1e12)),
+            ("a", "base", "matmul parameters N (M)", round(n / 1e6, 1))]
+    run(job, Recipe(steps=3, lr=1e-4, batch_size=args.batch))  # warm-up: kernels chosen, allocator grown
+    rates = {"fast": [], "before": []}
+    reports = {}
+    for _ in range(args.rounds):
+        for name, fast in (("fast", True), ("before", False)):
+            _, report = run(job, Recipe(steps=args.steps, lr=1e-4, batch_size=args.batch, fast=fast))
+            rates[name].append(report["timings"]["tokens_per_second"])
+            reports[name] = report
+    case = f"recover {args.size} b{args.batch} x s{args.seq}, {args.steps} steps, {reports['fast']['mixed_precision']}"
+    mfu = {}
+    for name in ("fast", "before"):
+        tps = statistics.median(rates[name])
+        mfu[name] = 6 * n * tps / peak if peak else None
+        rows.append(("a", f"{case}, {name}", "tokens/s (median)", round(tps)))
+        rows.append(("a", f"{case}, {name}", "ms/step", round(tokens_per_step / tps * 1000, 1)))
+        rows.append(("a", f"{case}, {name}", "MFU", f"{mfu[name]:.1%}" if mfu[name] is not None else "n/a"))
+    rows.append(("a", "report field", "training_timings mfu (fast, last round)",
+                 f"{reports['fast']['timings']['mfu']:.1%}" if reports['fast']['timings']['mfu'] else "n/a"))
+    rows.append(("a", "kl", "held-out KL before -> after (fast)",
+                 f"{reports['fast']['before']['kl']:.4g} -> {reports['fast']['after']['kl']:.4g}"))
+
+    t_fwd, t_fwd_bwd = ceiling(job.model, args.batch, args.seq, size["vocab"])
+    ceiling_step = t_fwd + t_fwd_bwd
+    rows.append(("a", "base alone", "ms: no-grad forward / forward+input backward",
+                 f"{t_fwd:.1f} / {t_fwd_bwd:.1f}"))
+    if peak:
+        rows.append(("a", "base alone", "MFU of one step's model work (the ceiling)",
+                     f"{6 * n * tokens_per_step / (ceiling_step / 1000) / peak:.1%}"))
+    fast_ms = tokens_per_step / statistics.median(rates["fast"]) * 1000
+    rows.append(("a", "base alone", "recovery step / ceiling step", round(fast_ms / ceiling_step, 3)))
+
+    if args.profile:
+        profile_steps(job, args.batch)
+    return rows, mfu["fast"]
+
+
+def profile_steps(job, batch: int) -> None:
+    """The top CUDA kernels of a 4-step run, and how busy the GPU was (kernel time / wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from shareport.train.recipe import Recipe, run
+
+    cuda = DEVICE.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        sync()
+        start = time.perf_counter()
+        run(job, Recipe(steps=4, lr=1e-4, batch_size=batch))
+        sync()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(events.table(sort_by="self_device_time_total", row_limit=18))
+    print(f"profile: 4 steps + 2 evaluations, wall {wall:.3f} s, GPU kernels {busy:.3f} s ({busy / wall:.0%} busy)")
 
 
 def ort_latency(tmp: Path, base: Path, lora: Path, repeats: int) -> tuple[list[tuple], list[float]]:
     from shareport.export.ort_adapter import read_onnx_adapter
     from shareport.export.signature import make_inputs, signature_for
+    from tests.benchmarks.genai_common import export_both, llama
 
     folders = export_both(tmp, base, lora, with_past=False, dtype="fp16")
     sessions = {mode: runtime.session(folder / graph_file.GRAPH_NAME) for mode, folder in folders.items()}
     lora_arrays = runtime.load_lora(read_onnx_adapter(folders["adapter"] / graph_file.ADAPTER_NAME))
-    sig = signature_for(bench_model(), with_past=False)
+    sig = signature_for(llama(**SIZES["134m"]), with_past=False)
     rows, ratios = [], []
     for batch, seq in SHAPES:
-        feeds = {n: t.numpy() for n, t in make_inputs(sig, batch, seq, vocab=VOCAB).items()}
+        feeds = {n: t.numpy() for n, t in make_inputs(sig, batch, seq, vocab=SIZES["134m"]["vocab"]).items()}
         engines = {"ORT folded": lambda: runtime.run(sessions["folded"], feeds),
                    "ORT adapter (active)": lambda: runtime.run(sessions["adapter"], feeds, lora_arrays)}
         times = {name: [] for name in engines}
-        for fn in engines.values():  # warm-up: CUDA graphs of kernels, allocator
+        for fn in engines.values():  # warm-up: kernels, allocator
             fn()
         for _ in range(repeats):
             for name, fn in engines.items():
@@ -100,10 +239,12 @@ def ort_latency(tmp: Path, base: Path, lora: Path, repeats: int) -> tuple[list[t
     return rows, ratios
 
 
-def genai_decode(tmp: Path, base: Path, lora: Path, rounds: int, provider: str = "cuda") -> tuple[list[tuple], float]:
+def genai_decode(tmp: Path, base: Path, lora: Path, rounds: int) -> tuple[list[tuple], float]:
+    from tests.benchmarks.genai_common import GenaiDecoder, export_both, interleaved_decode
+
     folders = export_both(tmp, base, lora, with_past=True, dtype="fp16")
-    decoders = {"genai folded": GenaiDecoder(folders["folded"], threads=1, provider=provider),
-                "genai adapter (active)": GenaiDecoder(folders["adapter"], threads=1, provider=provider, adapter=True)}
+    decoders = {"genai folded": GenaiDecoder(folders["folded"], threads=1, provider="cuda"),
+                "genai adapter (active)": GenaiDecoder(folders["adapter"], threads=1, provider="cuda", adapter=True)}
     stats = interleaved_decode(decoders, PROMPT, NEW_TOKENS, rounds)
     case = f"fp16 batch 1, prompt {len(PROMPT)} + {NEW_TOKENS}"
     rows = [("c", case, f"{name} median ms/token", round(s["median_ms_per_token"], 3)) for name, s in stats.items()]
@@ -112,49 +253,73 @@ def genai_decode(tmp: Path, base: Path, lora: Path, rounds: int, provider: str =
     return rows, ratio
 
 
+def onnx_sections(tmp: Path, args, ort_cuda: bool) -> tuple[list[tuple], list[float]]:
+    from tests.benchmarks.genai_common import llama, make_base_and_lora
+
+    rows, ratios = [], []
+    try:
+        import onnxruntime_genai as og
+        genai_cuda = og.is_cuda_available()
+        genai_note = "onnxruntime-genai has no CUDA here"
+    except ImportError:
+        genai_cuda, genai_note = False, "onnxruntime-genai is not installed"
+    if not ort_cuda and not genai_cuda:
+        return [("b", "ORT", "skipped", runtime.provider_note() or "no CUDA provider"),
+                ("c", "genai", "skipped", genai_note)], []
+    base, lora = make_base_and_lora(tmp / "onnx", lambda: llama(**SIZES["134m"]), r=8)
+    if ort_cuda:
+        ort_rows, ratios = ort_latency(tmp / "onnx", base, lora, args.repeats)
+        rows += ort_rows
+    else:
+        rows.append(("b", "ORT", "skipped", runtime.provider_note() or "no CUDA provider"))
+    if genai_cuda:
+        genai_rows, genai_ratio = genai_decode(tmp / "onnx", base, lora, args.rounds_decode)
+        rows += genai_rows
+        ratios.append(genai_ratio)
+    else:
+        rows.append(("c", "genai", "skipped", genai_note))
+    return rows, ratios
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30, help="recovery steps")
-    parser.add_argument("--repeats", type=int, default=20, help="ORT runs per engine and shape")
-    parser.add_argument("--rounds", type=int, default=10, help="genai decode rounds per engine")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="1b", help="the recovery base (a)")
+    parser.add_argument("--steps", type=int, default=20, help="recovery steps per timed run")
+    parser.add_argument("--rounds", type=int, default=2, help="timed recovery runs per loop variant")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a 4-step run")
+    parser.add_argument("--repeats", type=int, default=20, help="ORT runs per engine and shape (b)")
+    parser.add_argument("--rounds-decode", type=int, default=10, help="genai decode rounds per engine (c)")
+    parser.add_argument("--skip-onnx", action="store_true", help="measure (a) only")
+    parser.add_argument("--smoke", action="store_true", help="check the script on the CPU: (a) only, tiny base")
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.skip_onnx, args.seq, args.batch, args.steps, args.rounds = "tiny", True, 32, 4, 2, 1
 
     torch_cuda, ort_cuda = torch.cuda.is_available(), runtime.device_name() == "cuda"
-    if not torch_cuda and not ort_cuda:
+    if not torch_cuda and not ort_cuda and not args.smoke:
         note = runtime.provider_note()
         print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False and ONNX Runtime's "
               f"CUDA provider does not work{': ' + note if note else ''}); nothing measured.")
         return
 
-    rows, ratios = [], []
+    rows, ratios, mfu = [], [], None
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         tmp = Path(tmp)
-        base, lora = make_base_and_lora(tmp, bench_model, r=8)
-        n_params = sum(p.numel() for p in bench_model().parameters())
-        if torch_cuda:
-            rows += recovery(tmp, base, lora, n_params, args.steps, torch.cuda.get_device_name())
+        if torch_cuda or args.smoke:
+            recovery_rows, mfu = recovery(tmp, args)
+            rows += recovery_rows
         else:
             rows.append(("a", "recover", "skipped", "torch sees no CUDA device"))
-        if ort_cuda:
-            ort_rows, ort_ratios = ort_latency(tmp, base, lora, args.repeats)
-            rows += ort_rows
-            ratios += ort_ratios
-        else:
-            rows.append(("b", "ORT", "skipped", runtime.provider_note() or "no CUDA provider"))
-        import onnxruntime_genai as og
+        if not args.skip_onnx:
+            onnx_rows, ratios = onnx_sections(tmp, args, ort_cuda)
+            rows += onnx_rows
 
-        if og.is_cuda_available():
-            genai_rows, genai_ratio = genai_decode(tmp, base, lora, args.rounds)
-            rows += genai_rows
-            ratios.append(genai_ratio)
-        else:
-            rows.append(("c", "genai", "skipped", "onnxruntime-genai has no CUDA here"))
-
-    card = torch.cuda.get_device_name() if torch_cuda else "CUDA (name unknown to torch)"
-    print(f"Llama-shaped, {n_params / 1e6:.1f}M parameters, LoRA r=8 on q,k,v,o, on {card}")
     print(format_table(["section", "case", "measure", "value"], rows))
     if ratios:
         print(f"adapter_over_folded_gpu {max(ratios):.3f}")
+    print(f"recovery_mfu {mfu:.3f}" if mfu is not None else "recovery_mfu n/a")
 
 
 if __name__ == "__main__":

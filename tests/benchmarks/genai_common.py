@@ -20,14 +20,20 @@ from tests.tiny import make_peft_adapter
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def llama_config(vocab: int, hidden: int, layers: int, heads: int, intermediate: int, context: int,
+                 kv_heads: int | None = None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                       max_position_embeddings=context, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 def llama(vocab: int, hidden: int, layers: int, heads: int, intermediate: int, context: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=context, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(llama_config(vocab, hidden, layers, heads, intermediate, context)).eval()
 
 
 def make_base_and_lora(folder: Path, build, r: int = 8) -> tuple[Path, Path]:
