@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from shareport.train.data import BatchOrder, collate
 from shareport.train.recipe import Recipe, run
 from shareport.files.adapters import load_adapter
+from shareport.train import jobs
 from shareport.train.jobs import merge_schedule, recovery_job
 from shareport.model import attach, load_base_model
 from shareport.train.teacher import Teacher
@@ -19,6 +20,25 @@ from tests.training_helpers import recovery_setup
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return recovery_setup(tmp_path_factory.mktemp("recovery"))
+
+
+@pytest.fixture
+def fp32_cpu(monkeypatch):
+    """For tests of exact arithmetic against a float32 CPU reference: on a CUDA machine, training is
+    pinned to the CPU in float32 too (bf16 autocast would differ by its rounding); elsewhere a no-op."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def cpu_accelerator(merging):
+        AcceleratorState._reset_state(reset_partial_state=True)  # a singleton: earlier tests chose CUDA
+        return Accelerator(cpu=True, mixed_precision="no")
+
+    monkeypatch.setattr(jobs, "make_accelerator", cpu_accelerator)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _job(setup, tmp_path, resume=False, merging=False):
@@ -55,7 +75,7 @@ def _adamw_first_step(value: torch.Tensor, grad: torch.Tensor, lr: float) -> tor
     return value - lr * grad / (grad.abs() + 1e-8)
 
 
-def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path):
+def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path, fp32_cpu):
     """One AdamW step on ShareA equals one step on the *sum* of the per-layer gradients of untied copies."""
     lr = 1e-2
     job = _job(setup, tmp_path)
@@ -68,7 +88,7 @@ def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path):
     assert trained.sites == shared.sites  # still one A for every q_proj site
 
 
-def test_lm_loss_weight_enters_the_loss_and_the_update(setup, tmp_path, cli):
+def test_lm_loss_weight_enters_the_loss_and_the_update(setup, tmp_path, cli, fp32_cpu):
     """``finetune --lm-loss W``: the first step's loss is KL + W * next-token CE, and the update is that of
     its gradient, which is not the update of the KL alone."""
     lr, weight = 1e-2, 3.0

@@ -32,6 +32,9 @@ _RECIPE_OPTIONS = [
                  help="tie: the lower layer takes the upper's B (the paper); mean: both take the mean."),
     click.option("--merge-pairs", type=click.Choice(PAIRS), default="adjacent", show_default=True,
                  help="Which groups may merge: neighbouring layers only, or any pair."),
+    click.option("--compile", is_flag=True,
+                 help="torch.compile the base's transformer blocks for the training steps: faster on a GPU "
+                      "for long runs (fused elementwise work), at a compile cost of tens of seconds up front."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
 ]
 

@@ -48,6 +48,7 @@ class TrainingOptions:
     merge_every: int | None = None
     merge_mode: str = "tie"
     merge_pairs: str = "adjacent"
+    compile: bool = False  # torch.compile the transformer blocks for the training steps
 
     @property
     def merging(self) -> bool:
@@ -62,7 +63,8 @@ class TrainingOptions:
                                   self.merge_mode, self.merge_pairs)
         return Recipe(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       distill_weight=distill_weight, task_weight=task_weight,
-                      checkpoint_every=self.checkpoint_every, merge=schedule)
+                      checkpoint_every=self.checkpoint_every, merge=schedule,
+                      compile="inductor" if self.compile else None)
 
 
 def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int | None, start: int | None,

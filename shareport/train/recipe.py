@@ -30,6 +30,7 @@ import torch
 from ..adapter import Adapter
 from .accel import average_gradients, fsdp_requested, local_parameter_bytes, peak_flops, shard_base
 from .merging import BMerger, MergeSchedule
+from .compiled import compiled_blocks
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
 from .fleet_cores import train_cores
 from .data import BatchOrder, TokenData, collate, pad_token_id
@@ -54,6 +55,9 @@ class Recipe:
     # fused AdamW where torch has it, and no host sync per step (loss and tokens are read every
     # SYNC_EVERY steps and at the end); False: the foreach AdamW and a sync every step, as before
     fast: bool = True
+    # torch.compile backend for the transformer blocks during the training steps (--compile:
+    # "inductor"; tests: "aot_eager"); None: eager. See compiled.py.
+    compile: str | None = None
 
     def fingerprint(self, **inputs) -> dict:
         """What a resumed run must share with the interrupted one."""
@@ -120,34 +124,35 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     progress = _progress(acc, recipe.steps, start, job.progress)
     started, tokens, last_loss = time.perf_counter(), 0, float("nan")
     step_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # since the last sync
-    for step in range(start, recipe.steps):
-        indices = order.batch(step)[rank * share:(rank + 1) * share]
-        batch = {k: v.to(acc.device) for k, v in collate(job.train_data, indices, pad).items()}
-        loss = _loss(ddp_model, model, job.teacher, batch, recipe, causal, acc)
-        acc.backward(loss)
-        if sharded:
-            average_gradients([student.parameters[n] for n in sorted(student.parameters)])  # merges retire some
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with compiled_blocks(model, recipe.compile):
+        for step in range(start, recipe.steps):
+            indices = order.batch(step)[rank * share:(rank + 1) * share]
+            batch = {k: v.to(acc.device) for k, v in collate(job.train_data, indices, pad).items()}
+            loss = _loss(ddp_model, model, job.teacher, batch, recipe, causal, acc)
+            acc.backward(loss)
+            if sharded:
+                average_gradients([student.parameters[n] for n in sorted(student.parameters)])  # merges retire some
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        t = step + 1
-        events = merger.observe(t) if merger else []
-        step_tokens += batch["attention_mask"].sum()
-        progress.update(1)
-        if not recipe.fast or t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
-            last_loss = float(acc.reduce(loss.detach(), "mean"))
-            tokens += int(acc.reduce(step_tokens, "sum"))
-            step_tokens.zero_()
-            progress.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
-                                 **({"merged": len(merger.events)} if merger else {}))
-        if acc.is_main_process:
-            for event in events:
-                progress.write(f"step {t}: {event.kind}: layers {event.merged} take the B of layers {event.kept} "
-                               f"(distance {event.distance:.4g})")
-        if recipe.checkpoint_every and t % recipe.checkpoint_every == 0 and t < recipe.steps:
-            _checkpoint(job, student, optimizer, merger, fingerprint, before, order, t)
-        if after_step is not None:
-            after_step(t)
+            t = step + 1
+            events = merger.observe(t) if merger else []
+            step_tokens += batch["attention_mask"].sum()
+            progress.update(1)
+            if not recipe.fast or t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
+                last_loss = float(acc.reduce(loss.detach(), "mean"))
+                tokens += int(acc.reduce(step_tokens, "sum"))
+                step_tokens.zero_()
+                progress.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
+                                     **({"merged": len(merger.events)} if merger else {}))
+            if acc.is_main_process:
+                for event in events:
+                    progress.write(f"step {t}: {event.kind}: layers {event.merged} take the B of layers {event.kept} "
+                                   f"(distance {event.distance:.4g})")
+            if recipe.checkpoint_every and t % recipe.checkpoint_every == 0 and t < recipe.steps:
+                _checkpoint(job, student, optimizer, merger, fingerprint, before, order, t)
+            if after_step is not None:
+                after_step(t)
     progress.close()
     elapsed = time.perf_counter() - started
 

@@ -1,0 +1,39 @@
+"""Optional ``torch.compile`` of the base's transformer blocks for training (``--compile``).
+
+Regional compilation: each block (the classes transformers lists in ``_no_split_modules``) is
+compiled, not the whole model. The blocks share one code path, so their compiled code is shared
+(torch inlines module attributes as inputs), compiling takes one block's time rather than the whole
+network's, and what sits between blocks (embeddings, loss, the adapter swap for the teacher) stays
+eager. The wins on a GPU are the fused elementwise work around the matmuls (RMSNorm's float32 pass,
+rotary embeddings, SiLU * up, residual adds, the adapter's add), which eager mode runs as separate
+memory-bound kernels. The teacher's forward sees other wrapper modules in the same blocks: one more
+compiled variant, made once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: instances of the classes in transformers' ``_no_split_modules``."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if m is not model and type(m).__name__ in kinds]
+
+
+@contextlib.contextmanager
+def compiled_blocks(model: torch.nn.Module, backend: str | None) -> Iterator[int]:
+    """Within the block, every transformer block of ``model`` runs compiled with ``backend``
+    ("inductor" on a GPU; tests use "aot_eager", which captures the same graphs without code
+    generation); None: nothing changes. Yields the number of blocks compiled; restores eager after."""
+    blocks = transformer_blocks(model) if backend else []
+    for block in blocks:
+        block.compile(backend=backend, dynamic=False)
+    try:
+        yield len(blocks)
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set: the block runs eagerly again
