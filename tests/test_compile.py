@@ -25,8 +25,9 @@ def test_blocks_are_the_decoder_layers_and_return_to_eager(tmp_path):
 
 
 def test_compiled_training_matches_eager(tmp_path):
-    torch._dynamo.reset()
-    paths = recovery_setup(tmp_path, layers=2, rank=4, shared_rank=1, lines=40)
+    from torch._dynamo.utils import counters
+
+    paths = recovery_setup(tmp_path, layers=3, rank=4, shared_rank=1, lines=40)
 
     def trained(backend):
         job = recovery_job(paths["shared"], paths["base"], paths["lora"], paths["text"], 24, 0.1, None, False, False)
@@ -37,8 +38,14 @@ def test_compiled_training_matches_eager(tmp_path):
         return adapter, report, calls
 
     eager, eager_report, _ = trained(None)
+    torch._dynamo.reset()
+    counters.clear()
     compiled, compiled_report, flags = trained("aot_eager")
-    assert flags == [[True, True]] * 4  # compiled during every step
+    assert flags == [[True] * 3] * 4  # compiled during every step
+    # graphs per role, shared by the layers: the student's first block (its input needs no gradient),
+    # its later blocks, the teacher's (no grad), each with and without a padding mask; not one per
+    # layer (as the key/value cache caused, which ran into dynamo's recompile limit of 8 on 22 layers)
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
     assert compiled_report["recipe"]["compile"] == "aot_eager"
     assert eager_report["after"]["kl"] < eager_report["before"]["kl"]  # training moved the adapter
     for name in eager.used_tensor_names():

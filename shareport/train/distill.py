@@ -30,9 +30,14 @@ class Outputs:
     is_logits: bool
 
 
-def model_outputs(model, batch: dict[str, torch.Tensor]) -> tuple[Outputs, object]:
-    """Run the model; return the counted rows of its output (float32) and the raw output."""
-    raw = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+def model_outputs(model, batch: dict[str, torch.Tensor], causal: bool = False) -> tuple[Outputs, object]:
+    """Run the model; return the counted rows of its output (float32) and the raw output.
+
+    A causal LM runs without its key/value cache: nothing here reuses it, and building it costs a
+    copy of every layer's keys and values per forward (under torch.compile, also a recompile per
+    layer, the cache's state differing from layer to layer)."""
+    extra = {"use_cache": False} if causal else {}
+    raw = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     logits = getattr(raw, "logits", None)
     values = logits if logits is not None else raw.last_hidden_state
     values = values.float()

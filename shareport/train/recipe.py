@@ -208,10 +208,10 @@ def _loss(ddp_model, model, teacher, batch, recipe: Recipe, causal: bool, acc) -
     """This process's share of the global batch mean loss (see the module docstring)."""
     total = torch.zeros((), device=acc.device)
     with acc.autocast():
-        student_out, raw = model_outputs(ddp_model, batch)
+        student_out, raw = model_outputs(ddp_model, batch, causal)
     if recipe.distill_weight:
         with torch.no_grad(), teacher.active(model), acc.autocast():
-            teacher_out, _ = model_outputs(model, batch)
+            teacher_out, _ = model_outputs(model, batch, causal)
         total = total + recipe.distill_weight * _normalised(*distill_sum(student_out, teacher_out), acc)
     if recipe.task_weight:
         total = total + recipe.task_weight * _normalised(*task_sum(raw, batch, causal), acc)
@@ -247,10 +247,10 @@ def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenDa
         indices = list(range(start, min(start + batch_size, len(heldout))))
         batch = {k: v.to(acc.device) for k, v in collate(heldout, indices, pad).items()}
         with acc.autocast():
-            student_out, raw_student = model_outputs(model, batch)
+            student_out, raw_student = model_outputs(model, batch, causal)
             if teacher is not None:
                 with teacher.active(model):
-                    teacher_out, raw_teacher = model_outputs(model, batch)
+                    teacher_out, raw_teacher = model_outputs(model, batch, causal)
                 totals.add(student_out, teacher_out)
             else:
                 raw_teacher = None

@@ -121,12 +121,12 @@ def ceiling(model, batch: int, seq: int, vocab: int, repeats: int = 8) -> tuple[
 
     def forward():
         with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            model(input_ids=ids).logits.float()
+            model(input_ids=ids, use_cache=False).logits.float()
 
     def forward_backward():
         x = embed(ids).detach().requires_grad_()  # gradients flow to the input only, as for a frozen base
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            logits = model(inputs_embeds=x).logits.float()
+            logits = model(inputs_embeds=x, use_cache=False).logits.float()
         logits.logsumexp(-1).mean().backward()
 
     return cuda_ms(forward, repeats), cuda_ms(forward_backward, repeats)
