@@ -35,13 +35,10 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A, self.lora_B
         if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)
-        # out + scale * (x A^T) B^T, with the scale on the rank-r product and the sum done by the
-        # second GEMM (addmm: C + H B^T): one kernel over the n_out-wide output instead of three
-        # (product, scaling, sum), which on a GPU are memory-bound passes as long as the product.
-        h = (x @ a.T) * self.scale  # (..., r)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]).to(out.dtype),
-                           b.T.to(out.dtype))  # (tokens, n_out)
-        return flat.view(out.shape)
+        # PEFT's order (product, scale, sum). Measured on an H200 (1.1B base, b16 x s512): folding the
+        # scale and the sum into one addmm was within noise in eager mode (+3%) and 4% slower under
+        # --compile, where inductor fuses the scale and the sum into the GEMM's epilogue anyway.
+        return out + (x @ a.T) @ b.T * self.scale
 
 
 def _where(model: nn.Module) -> str:
