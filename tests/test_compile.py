@@ -51,3 +51,20 @@ def test_compiled_training_matches_eager(tmp_path):
     for name in eager.used_tensor_names():
         torch.testing.assert_close(compiled.tensors[name], eager.tensors[name], rtol=1e-5, atol=1e-6)
     assert compiled_report["after"]["kl"] == pytest.approx(eager_report["after"]["kl"], rel=1e-5)
+
+
+def test_a_backend_that_fails_leaves_the_blocks_eager(tmp_path):
+    """A compiler failure (here a backend that raises) costs speed, not the run: the blocks run eagerly."""
+    from tests.tiny import tiny_llama
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    model = tiny_llama(layers=2)
+    ids = torch.randint(3, 50, (2, 6))
+    want = model(input_ids=ids, use_cache=False).logits
+    with compiled_blocks(model, broken):
+        got = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want)
+    assert torch._dynamo.config.suppress_errors is False  # restored
