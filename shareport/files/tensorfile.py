@@ -124,8 +124,25 @@ class StreamedTensors(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self.entries[self.names[name]]
-        dtype, shape = _TORCH_DTYPE[entry["dtype"]], entry["shape"]
+        return self._map(entry, 0, entry["shape"][0] if entry["shape"] else 1)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), mapping only their bytes (a tensor's
+        rows are one contiguous byte range): what one process holds of a tensor sharded on dim 0."""
+        entry = self.entries[self.names[name]]
+        rows = entry["shape"][0] if entry["shape"] else 1
+        if not 0 <= start <= stop <= rows:
+            raise ShareportError(f"{self.path}: tensor '{name}' has {rows} rows, not {start}:{stop}")
+        return self._map(entry, start, stop)
+
+    def _map(self, entry: dict, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``entry``'s tensor (a 0-dim tensor is one row), on a map of their bytes."""
+        dtype, shape = _TORCH_DTYPE[entry["dtype"]], list(entry["shape"])
         begin, end = entry["data_offsets"]
+        row_bytes = (end - begin) // (shape[0] if shape else 1) if end > begin else 0
+        if shape:
+            shape[0] = stop - start
+        begin, end = begin + start * row_bytes, begin + stop * row_bytes
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         start = self.data_start + begin
@@ -147,6 +164,47 @@ class StreamedTensors(Mapping):
         """Hand the heap that the caller's freed copies leave behind back to the system (glibc keeps
         it otherwise, so one kind's scratch memory would stay resident through the next)."""
         _trim_heap()
+
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"  # a model saved in shards: which file holds each tensor
+
+
+class StreamedShards(Mapping):
+    """The tensors of several safetensors files (a model saved in shards) as one streamed mapping."""
+
+    def __init__(self, parts: list[StreamedTensors]):
+        self.parts = {name: part for part in parts for name in part}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.parts[name][name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.parts[name].rows(name, start, stop)
+
+    def __iter__(self):
+        return iter(sorted(self.parts))
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def stream_model_weights(folder: str | os.PathLike) -> StreamedShards:
+    """A transformers model folder's weights (``model.safetensors``, or the shards its index lists),
+    each tensor read from a map of its own bytes when asked for (see :class:`StreamedTensors`)."""
+    folder = Path(folder)
+    if (folder / MODEL_WEIGHTS).is_file():
+        return StreamedShards([StreamedTensors(folder / MODEL_WEIGHTS)])
+    index = folder / MODEL_INDEX
+    if not index.is_file():
+        raise ShareportError(f"{folder}: no {MODEL_WEIGHTS} or {MODEL_INDEX} (weights are read from safetensors only)")
+    try:
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        if not all(isinstance(name, str) for name in files):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ShareportError(f"{index}: not a safetensors index (no 'weight_map' of tensor names to files)") from None
+    return StreamedShards([StreamedTensors(folder / name) for name in files])
 
 
 def _trim_heap() -> None:
