@@ -97,29 +97,65 @@ def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, d
     the number of labels (said in one line), and weights the base lacks but the adapter
     supplies are not reported as newly initialised; any other missing weight is.
     """
-    import transformers
-
     base_dir = Path(base_dir)
-    config = read_base_config(base_dir)
-    carried = carried or {}
-    labels = head_labels(carried, config)
-    if labels is not None:
-        note(f"{base_dir}: the adapter's classifier head has {labels} labels, the base config "
-             f"{config.num_labels}; building the base with num_labels={labels}")
-        config.num_labels = labels
-    auto = getattr(transformers, auto_class_name(task_type, config))
+    auto, config = _auto_and_config(base_dir, task_type, carried or {})
     try:
         with _quiet_transformers():
             model, info = auto.from_pretrained(str(base_dir), config=config, local_files_only=True, dtype=dtype,
                                                use_safetensors=True, output_loading_info=True)
     except Exception as exc:
         raise ShareportError(f"{base_dir}: cannot load the base model ({str(exc).splitlines()[0]})") from None
-    supplied = {carried_parameter_name(k) for k in carried}
+    supplied = {carried_parameter_name(k) for k in carried or {}}
     missing = sorted(set(info.get("missing_keys", ())) - supplied)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         note(f"{base_dir}: '{missing[0]}'{more} not in the checkpoint, newly initialised")
     return model.eval()
+
+
+def empty_base_model(base_dir: str | os.PathLike, task_type: str | None = None, dtype: torch.dtype = torch.float32,
+                     carried: Mapping[str, torch.Tensor] | None = None):
+    """The model :func:`load_base_model` would load, with no weight read: its parameters are on the
+    meta device (shapes and dtypes only), its buffers (e.g. rotary frequencies, which no checkpoint
+    holds) computed as usual. For a caller that places each weight itself (``shareport.train.accel``
+    loads one shard of each per process); :func:`checkpoint_name` finds a parameter in the file."""
+    from accelerate import init_empty_weights
+
+    base_dir = Path(base_dir)
+    auto, config = _auto_and_config(base_dir, task_type, carried or {})
+    try:
+        with _quiet_transformers(), init_empty_weights(include_buffers=False):
+            model = auto.from_config(config, dtype=dtype)
+        # outside the context: there, every parameter set is replaced by a new one on meta, which unties
+        # a tied head (saved once, as the input embeddings)
+        model.tie_weights()
+    except Exception as exc:
+        raise ShareportError(f"{base_dir}: cannot build the base model ({str(exc).splitlines()[0]})") from None
+    return model.eval()
+
+
+def checkpoint_name(model: nn.Module, name: str, keys) -> str | None:
+    """The key of ``model``'s parameter or buffer ``name`` among a checkpoint's ``keys`` (None if absent):
+    the name itself, else with the base model's prefix added or dropped (a bare ``BertModel`` checkpoint
+    under ``BertForSequenceClassification`` names ``bert.x`` as ``x``), as transformers matches them."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix:
+        candidates += [name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
+    return next((key for key in candidates if key in keys), None)
+
+
+def _auto_and_config(base_dir: Path, task_type: str | None, carried: Mapping[str, torch.Tensor]):
+    """(transformers Auto class, config) for the base: the number of labels set by a carried head."""
+    import transformers
+
+    config = read_base_config(base_dir)
+    labels = head_labels(carried, config)
+    if labels is not None:
+        note(f"{base_dir}: the adapter's classifier head has {labels} labels, the base config "
+             f"{config.num_labels}; building the base with num_labels={labels}")
+        config.num_labels = labels
+    return getattr(transformers, auto_class_name(task_type, config)), config
 
 
 @contextlib.contextmanager
