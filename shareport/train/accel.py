@@ -54,16 +54,105 @@ def shard_base(model: torch.nn.Module, trainable) -> torch.nn.Module:
     kept whole and replicated). One FSDP unit per transformer block (the classes transformers lists in
     ``_no_split_modules``) and the root for the rest (embeddings, head): a block's weights are
     gathered for its forward (and again for its backward) and freed after. Modules stay in place, so
-    the teacher's LoRA wrappers, built around the same base modules, see the gathered weights too."""
+    the teacher's LoRA wrappers, built around the same base modules, see the gathered weights too.
+
+    A model loaded sharded (:func:`load_sharded_base`) is returned as it is: the adapter, attached
+    after the sharding, is not FSDP's to manage, so it stays whole without being named."""
+    if is_sharded(model):
+        return model
+    _fully_shard(model, set(trainable))
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fully_shard(model: torch.nn.Module, ignored: set, mesh=None) -> None:
+    """One FSDP2 unit per transformer block, then the root (see :func:`shard_base`)."""
     from torch.distributed.fsdp import fully_shard
 
-    ignored = set(trainable)
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in blocks:
-            fully_shard(module, ignored_params=ignored)
-    fully_shard(model, ignored_params=ignored)
+            fully_shard(module, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+
+
+def load_sharded_base(model: torch.nn.Module, weights, device: torch.device, where: str,
+                      carried: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Shard ``model`` as :func:`shard_base` does and give this process its shard of every weight, never
+    the whole base: the memory-bounded way FSDP2 loads a model (build it on the meta device,
+    ``fully_shard`` it, then load each parameter's local shard into a ``DTensor`` and assign it).
+
+    ``model``: parameters on the meta device (``shareport.model.base.empty_base_model``), buffers real.
+    ``weights``: the checkpoint, a mapping with ``rows(name, start, stop)`` that reads only those rows
+    (``shareport.files.tensorfile.stream_model_weights``). A parameter is sharded on dim 0 in
+    ``torch.chunk``'s way, as FSDP2 does: process r of N holds rows ``[r c, (r + 1) c)`` with
+    ``c = ceil(rows / N)``; so while loading, a process holds its shards plus one parameter's shard in
+    transit. ``carried``: parameter name -> value for weights the adapter supplies (a classifier head
+    the base checkpoint may lack); those parameters are kept whole (the adapter's head is copied into
+    them when it is attached). A weight in neither raises (``where`` names the base): a process cannot
+    initialise a missing shard the way transformers initialises a missing weight. Tied parameters
+    (e.g. ``lm_head.weight`` and the input embeddings) stay one parameter.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from ..errors import ShareportError
+    from ..model.base import checkpoint_name
+
+    carried = carried or {}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    unique = dict(model.named_parameters())
+    _fully_shard(model, {p for name, p in unique.items() if name in carried}, mesh)
+
+    def read(names: list[str], start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        for name in names:
+            key = checkpoint_name(model, name, weights)
+            if key is not None:
+                return weights[key] if start is None else weights.rows(key, start, stop)
+        for name in names:
+            if name in carried:
+                return carried[name] if start is None else carried[name][start:stop]
+        raise ShareportError(f"{where}: '{names[0]}' is not in the checkpoint; loading the base sharded (FSDP) "
+                             "needs every weight in it (or in the adapter's modules_to_save)")
+
+    aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), (p, []))[1].append(name)
+    state = {}
+    for p, names in aliases.values():
+        if isinstance(p, DTensor):
+            if p.placements != (Shard(0),) or p.dim() == 0:
+                raise AssertionError(f"{names[0]}: expected FSDP's dim-0 sharding, got {p.placements}")
+            rows = p.shape[0]
+            chunk = -(-rows // world)
+            start = min(rows, rank * chunk)
+            stop = min(rows, start + chunk)
+            if p.to_local().shape[0] != stop - start:
+                raise AssertionError(f"{names[0]}: FSDP's shard has {p.to_local().shape[0]} rows, not {stop - start}")
+            local = _copy_to(read(names, start, stop), device, p.dtype)
+            value = DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        else:
+            value = _copy_to(read(names), device, p.dtype)
+        param = torch.nn.Parameter(value, requires_grad=False)
+        state.update(dict.fromkeys(names, param))
+    for name, buffer in model.named_buffers():  # persistent buffers a checkpoint holds; others stay computed
+        key = checkpoint_name(model, name, weights)
+        if key is not None and tuple(weights[key].shape) == tuple(buffer.shape):
+            state[name] = _copy_to(weights[key], device, buffer.dtype)
+    model.load_state_dict(state, strict=False, assign=True)  # FSDP re-registers its shards after (post-hook)
     return model
+
+
+def _copy_to(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``tensor`` of its own (never a view of a file map), on ``device`` in ``dtype``."""
+    return torch.empty(tensor.shape, dtype=dtype, device=device).copy_(tensor)
 
 
 def average_gradients(parameters) -> None:
@@ -90,6 +179,11 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel() * local.element_size()
     return total
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s parameters, whole (a sharded parameter counts every process's shards)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 # dense bf16 peak FLOP/s by device name (first match wins: PCIe before the generic H100)

@@ -2,8 +2,8 @@
 
 ``recovery_job``: the shared adapter to recover, its teacher LoRA, the base and the data.
 ``scratch_job``: a fresh shared adapter (ShareLoRA init) on the base, trained on the data alone.
-Both load the base once, on the accelerator's device, frozen; resuming swaps the starting
-adapter for the checkpoint's.
+Both load the base once, on the accelerator's device, frozen (under FSDP, each process its shard
+of it); resuming swaps the starting adapter for the checkpoint's.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..adapter import Adapter
+from ..adapter import Adapter, carried_parameter_name
 from ..errors import ShareportError
 from ..files import load_adapter
+from ..files.tensorfile import stream_model_weights
 from ..model import load_base_model
-from ..model.base import read_base_config
+from ..model.base import empty_base_model, read_base_config
 from ..model.fresh import fresh_adapter
-from .accel import make_accelerator, model_dtype
+from .accel import fsdp_requested, load_sharded_base, make_accelerator, model_dtype
 from .checkpoint import load_checkpoint
 from .data import load_data, split_heldout
 from .merging import MergeSchedule
@@ -85,7 +86,14 @@ def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int
 
 
 def _base_model(base_dir, task_type, acc, carried=None):
-    model = load_base_model(base_dir, task_type, dtype=model_dtype(acc), carried=carried).to(acc.device)
+    """The frozen base on the accelerator's device; under FSDP with several processes each process
+    reads and holds only its shard of every weight (``accel.load_sharded_base``), never the whole base."""
+    if fsdp_requested() and acc.num_processes > 1:
+        model = empty_base_model(base_dir, task_type, dtype=model_dtype(acc), carried=carried)
+        heads = {carried_parameter_name(k): v for k, v in (carried or {}).items()}
+        load_sharded_base(model, stream_model_weights(base_dir), acc.device, str(base_dir), heads)
+    else:
+        model = load_base_model(base_dir, task_type, dtype=model_dtype(acc), carried=carried).to(acc.device)
     model.requires_grad_(False)
     return model
 
