@@ -12,6 +12,23 @@ through ``Accelerator.prepare``: this Accelerate (1.15) turns its FSDP plugin on
 accelerator devices (``AcceleratorState`` switches to FSDP from MULTI_GPU/XPU/NPU/..., never from
 MULTI_CPU: on CPU processes the plugin is silently dropped and the model wrapped in DDP), while
 ``fully_shard`` itself works on CPU processes over gloo.
+
+Under FSDP the base is loaded sharded (``load_sharded_base``): built on the meta device, sharded,
+then each process reads only its rows of each weight from the safetensors file(s). No process holds
+the whole base at any time (Accelerate's ``cpu_ram_efficient_loading`` instead loads it whole on
+rank 0 and broadcasts). Memory per process, N processes, b bytes per base weight (2 in bf16 on a
+GPU, 4 in fp32), P parameters:
+
+    while loading   b P_base / N  +  b P_largest / N          (its shards, plus one weight's in transit)
+    training        b P_base / N                                 (the sharded base)
+                    + b P_root                                   (embeddings and head, gathered from
+                                                                 the forward to the end of the backward)
+                    + 2 b P_block                                (the block computing and the one prefetched)
+                    + 16 P_adapter + b P_teacher                 (adapter fp32 weights, gradients, AdamW
+                                                                 moments; the teacher's frozen LoRA)
+                    + activations of the local batch (B / N sequences)
+
+where a sharded weight's rows are rounded up to ceil(rows / N) per process.
 """
 
 from __future__ import annotations
