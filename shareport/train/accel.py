@@ -37,6 +37,8 @@ import os
 
 import torch
 
+from .compiled import transformer_blocks
+
 
 def make_accelerator(merging: bool):
     """CUDA with bf16 autocast when available, else CPU in float32; one process or many.
@@ -91,10 +93,8 @@ def _fully_shard(model: torch.nn.Module, ignored: set, mesh=None) -> None:
     """One FSDP2 unit per transformer block, then the root (see :func:`shard_base`)."""
     from torch.distributed.fsdp import fully_shard
 
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in list(model.modules()):
-        if module is not model and type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, ignored_params=ignored)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
 
 

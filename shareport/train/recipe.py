@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..adapter import Adapter
-from .accel import average_gradients, fsdp_requested, local_parameter_bytes, peak_flops, shard_base
+from .accel import average_gradients, fsdp_requested, local_parameter_bytes, parameter_bytes, peak_flops, shard_base
 from .merging import BMerger, MergeSchedule
 from .compiled import compiled_blocks
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
@@ -92,7 +92,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
         raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the {acc.num_processes} processes")
     pad = pad_token_id(model.config)
 
-    base_bytes = local_parameter_bytes(model)
+    base_bytes = parameter_bytes(model)
     base_params = matmul_parameters(model)
     student = attach(model, job.student, trainable=True, dtype=torch.float32)
     # a fleet member trains only its own cores, never the shared basis (two-sided: B = U @ C trains C)
