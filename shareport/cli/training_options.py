@@ -35,6 +35,9 @@ _RECIPE_OPTIONS = [
     click.option("--compile", is_flag=True,
                  help="torch.compile the base's transformer blocks for the training steps: faster on a GPU "
                       "for long runs (fused elementwise work), at a compile cost of tens of seconds up front."),
+    click.option("--pack", is_flag=True,
+                 help="Causal LMs: pack several examples into each row (attention kept apart by position ids): "
+                      "the same examples, loss and update per step, fewer padded positions to compute."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
 ]
 

@@ -213,6 +213,53 @@ def collate(data: TokenData, indices: list[int], pad_id: int) -> dict[str, torch
     return batch
 
 
+def collate_packed(data: TokenData, indices: list[int], pad_id: int, width: int = 0) -> dict[str, torch.Tensor]:
+    """The same examples as :func:`collate`, packed several to a row (``--pack``, causal LMs).
+
+    Each example goes to the first row with room for it; rows are ``width`` wide (the data's
+    max_length), or as wide as the longest example if that is wider, so no example is split; the
+    rest of a row is padding. Keys:
+    ``input_ids`` (rows, width); ``position_ids``: 0, 1, ... from each example's start, which is how
+    transformers tells the examples of a row apart (with no attention mask and no cache it masks
+    attention block-diagonally, so no example sees another); the padding tail counts from 0 too,
+    a segment of its own that no example attends to; ``loss_mask``: 1 on the examples' tokens;
+    ``segments``: each token's example (its index in ``indices``), -1 on padding, so that the
+    next-token loss skips the step from one example into the next.
+    """
+    seqs = [data.sequences[i] for i in indices]
+    width = max(width, *(len(s) for s in seqs))
+    rows: list[list[int]] = []  # the examples (positions in seqs) of each row
+    room: list[int] = []
+    for k, seq in enumerate(seqs):
+        row = next((r for r, free in enumerate(room) if free >= len(seq)), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(k)
+        room[row] -= len(seq)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for k in members:
+            n = len(seqs[k])
+            ids[r, at:at + n] = torch.tensor(seqs[k], dtype=torch.long)
+            positions[r, at:at + n] = torch.arange(n)
+            loss_mask[r, at:at + n] = 1
+            segments[r, at:at + n] = k
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "position_ids": positions, "loss_mask": loss_mask, "segments": segments}
+
+
+def counted_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Which positions hold example tokens (1) rather than padding (0), packed or not."""
+    return batch["loss_mask"] if "loss_mask" in batch else batch["attention_mask"]
+
+
 def pad_token_id(model_config) -> int:
     """The id used for padding: the model config's pad (else end-of-sequence) id, else 0.
 

@@ -19,6 +19,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .data import counted_positions
+
 IGNORE = -100
 
 
@@ -37,12 +39,15 @@ def model_outputs(model, batch: dict[str, torch.Tensor], causal: bool = False) -
     copy of every layer's keys and values per forward (under torch.compile, also a recompile per
     layer, the cache's state differing from layer to layer)."""
     extra = {"use_cache": False} if causal else {}
-    raw = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+    if "position_ids" in batch:  # packed rows (collate_packed): the positions separate the examples
+        raw = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **extra)
+    else:
+        raw = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     logits = getattr(raw, "logits", None)
     values = logits if logits is not None else raw.last_hidden_state
     values = values.float()
     if values.dim() == 3:  # per position: keep the non-padded ones
-        values = values[batch["attention_mask"].bool()]
+        values = values[counted_positions(batch).bool()]
     return Outputs(values, logits is not None), raw
 
 
@@ -64,7 +69,10 @@ def task_sum(raw, batch: dict[str, torch.Tensor], is_causal_lm: bool) -> tuple[t
     """The data's own loss, summed: next-token cross-entropy, or the class labels' cross-entropy."""
     logits = raw.logits.float()
     if is_causal_lm:
-        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE)
+        valid = counted_positions(batch)[:, 1:] == 1
+        if "segments" in batch:  # packed: the last token of one example does not predict the next's first
+            valid &= batch["segments"][:, 1:] == batch["segments"][:, :-1]
+        targets = batch["input_ids"][:, 1:].masked_fill(~valid, IGNORE)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         return loss, int((targets != IGNORE).sum())
     return F.cross_entropy(logits, batch["labels"], reduction="sum"), int(batch["labels"].numel())

@@ -50,6 +50,7 @@ class TrainingOptions:
     merge_mode: str = "tie"
     merge_pairs: str = "adjacent"
     compile: bool = False  # torch.compile the transformer blocks for the training steps
+    pack: bool = False  # several examples per row (causal LMs)
 
     @property
     def merging(self) -> bool:
@@ -65,7 +66,7 @@ class TrainingOptions:
         return Recipe(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       distill_weight=distill_weight, task_weight=task_weight,
                       checkpoint_every=self.checkpoint_every, merge=schedule,
-                      compile="inductor" if self.compile else None)
+                      compile="inductor" if self.compile else None, pack=self.pack)
 
 
 def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int | None, start: int | None,

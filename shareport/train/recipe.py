@@ -33,7 +33,7 @@ from .merging import BMerger, MergeSchedule
 from .compiled import compiled_blocks
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
 from .fleet_cores import train_cores
-from .data import BatchOrder, TokenData, collate, pad_token_id
+from .data import BatchOrder, TokenData, collate, collate_packed, counted_positions, pad_token_id
 from .distill import EvalTotals, distill_sum, model_outputs, task_sum
 from ..errors import ShareportError
 from ..fleet import frozen_names
@@ -58,6 +58,9 @@ class Recipe:
     # torch.compile backend for the transformer blocks during the training steps (--compile:
     # "inductor"; tests: "aot_eager"); None: eager. See compiled.py.
     compile: str | None = None
+    # several examples per row (causal LMs): the same examples and loss per step as unpadded rows,
+    # fewer padded positions to compute (see data.collate_packed)
+    pack: bool = False
 
     def fingerprint(self, **inputs) -> dict:
         """What a resumed run must share with the interrupted one."""
@@ -127,7 +130,11 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     with compiled_blocks(model, recipe.compile):
         for step in range(start, recipe.steps):
             indices = order.batch(step)[rank * share:(rank + 1) * share]
-            batch = {k: v.to(acc.device) for k, v in collate(job.train_data, indices, pad).items()}
+            if recipe.pack:  # rows as wide as the data's max_length
+                rows = collate_packed(job.train_data, indices, pad, job.inputs.get("max_length", 0))
+            else:
+                rows = collate(job.train_data, indices, pad)
+            batch = {k: v.to(acc.device) for k, v in rows.items()}
             loss = _loss(ddp_model, model, job.teacher, batch, recipe, causal, acc)
             acc.backward(loss)
             if sharded:
@@ -137,7 +144,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
 
             t = step + 1
             events = merger.observe(t) if merger else []
-            step_tokens += batch["attention_mask"].sum()
+            step_tokens += counted_positions(batch).sum()
             progress.update(1)
             if not recipe.fast or t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
                 last_loss = float(acc.reduce(loss.detach(), "mean"))
@@ -202,6 +209,9 @@ def _check_losses(recipe: Recipe, job: Job, causal: bool) -> None:
         raise ShareportError("nothing to train on: the distillation and task loss weights are both 0")
     if recipe.steps < 1:
         raise ShareportError(f"--steps must be at least 1, got {recipe.steps}")
+    if recipe.pack and not causal:
+        raise ShareportError("--pack needs a causal LM: a packed row holds several examples, and a "
+                             f"{type(job.model).__name__} gives one output per row")
 
 
 def _loss(ddp_model, model, teacher, batch, recipe: Recipe, causal: bool, acc) -> torch.Tensor:

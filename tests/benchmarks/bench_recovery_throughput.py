@@ -4,12 +4,15 @@
 
 A Llama-shaped base from a config (hidden 256, 4 layers, 4 heads, vocab 4000, ~5M parameters, random
 weights), a PEFT LoRA (r=8 on q, k, v, o) converted to ShareA, distilled toward the LoRA with
-batch 8 x seq 128. "before": ``Recipe(fast=False)`` (foreach AdamW, loss and token count read back
-every step); "after": ``Recipe(fast=True)`` (fused AdamW, read back every ``SYNC_EVERY`` steps).
-The two alternate ``--rounds`` times on one job (the base loaded once); tokens/s is the median of
-each (``--profile``: the top ops of a 2-step run, evaluations included). Also prints the run's own MFU fields (None on a CPU: no peak in the table). Last line:
-``after_over_before: <ratio>``. bf16 weights and autocast apply on CUDA only; SDPA attention is
-transformers' default for these models already; sequence packing is not done (rows are padded).
+batch 8, examples of 16 to 128 tokens (max_length 128). "before": ``Recipe(fast=False)`` (foreach
+AdamW, loss and token count read back every step); "after": ``Recipe(fast=True)`` (fused AdamW,
+read back every ``SYNC_EVERY`` steps); "after+pack": "after" with ``pack=True`` (``--pack``:
+several examples per row, so fewer padded positions). The three alternate ``--rounds`` times on
+one job (the base loaded once); tokens/s (real tokens, padding not counted) is the median of each
+(``--profile``: the top ops of a 2-step run, evaluations included). Also prints the run's own MFU
+fields (None on a CPU: no peak in the table). Last lines: ``pack_over_after`` and
+``after_over_before``. bf16 weights and autocast apply on CUDA only; SDPA attention is
+transformers' default for these models already.
 """
 
 from __future__ import annotations
@@ -46,20 +49,24 @@ def main() -> None:
     base, lora = make_base_and_lora(tmp, lambda: llama(vocab=VOCAB, hidden=256, layers=4, heads=4, intermediate=688,
                                                        context=256))
     gen = torch.Generator().manual_seed(0)
-    save_tokenized(tmp / "data", torch.randint(3, VOCAB, (8 * (args.steps + 4), 128), generator=gen).tolist())
+    rows = 8 * (args.steps + 4)
+    # lengths 16..128, as text lines of varied length tokenize: what packing (--pack) is for
+    lengths = torch.randint(16, 129, (rows,), generator=gen).tolist()
+    save_tokenized(tmp / "data", [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths])
     flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
     job = recovery_job(tmp / "sharea", base, lora, tmp / "data", 128, 0.02, None, False, False)
     job.progress = False
-    rates = {"before": [], "after": []}
+    variants = {"before": dict(fast=False), "after": dict(fast=True), "after+pack": dict(fast=True, pack=True)}
+    rates = {name: [] for name in variants}
     last = {}
     for _ in range(args.rounds):
-        for name, fast in (("before", False), ("after", True)):
-            _, report = run(job, Recipe(steps=args.steps, lr=1e-3, batch_size=8, fast=fast))
+        for name, knobs in variants.items():
+            _, report = run(job, Recipe(steps=args.steps, lr=1e-3, batch_size=8, **knobs))
             rates[name].append(report["timings"]["tokens_per_second"])
             last[name] = report["timings"]
     print(f"threads {torch.get_num_threads()}, device {last['after']['device_name']}, "
-          f"{last['after']['flops_per_token'] / 6:,.0f} base parameters, {args.steps} steps x 8 x 128")
-    for name in ("before", "after"):
+          f"{last['after']['flops_per_token'] / 6:,.0f} base parameters, {args.steps} steps x 8 examples of 16-128 tokens")
+    for name in variants:
         t = last[name]
         print(f"{name:<7} tokens/s median {statistics.median(rates[name]):>9,.0f}  (rounds: "
               f"{', '.join(f'{r:,.0f}' for r in rates[name])})  achieved {t['achieved_flops'] / 1e9:.1f} GFLOP/s"
@@ -70,6 +77,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             run(job, Recipe(steps=2, lr=1e-3, batch_size=8))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"pack_over_after: {statistics.median(rates['after+pack']) / statistics.median(rates['after']):.3f}")
     print(f"after_over_before: {statistics.median(rates['after']) / statistics.median(rates['before']):.3f}")
 
 
