@@ -156,9 +156,15 @@ def run_example(argv, doc: str, default_out: str, skippable: tuple[str, ...], ru
     parser.add_argument("--fast", action="store_true", help="short run, for tests")
     parser.add_argument("--skip", nargs="*", default=[], choices=skippable,
                         help="leave out slow steps (their columns read 'skipped')")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads [the settings' own, 2, with which the README's numbers were made; "
+                             "another count may change float sums in the last digits]")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    results = run(fast if args.fast else full, args.out, set(args.skip))
+    settings = fast if args.fast else full
+    if args.threads is not None:
+        settings = dataclasses.replace(settings, threads=args.threads)
+    results = run(settings, args.out, set(args.skip))
     write_json(results, args.out / "results.json")  # no timings inside: a rerun is identical
     print(render(results))
     print(f"\nwrote {args.out / 'results.json'} in {time.monotonic() - started:.0f} s")

@@ -6,6 +6,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker (and per process a test starts): N workers with N threads each on N cores
+    # make torch's OpenMP threads wait on each other, many times slower than one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 

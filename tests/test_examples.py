@@ -1,34 +1,15 @@
-"""The end-to-end examples in --fast mode: they run, and their numbers say what they should.
+"""The MiniLM end-to-end example in --fast mode: it runs, and its numbers say what they should.
 
-Each example runs in-process (importing transformers once saves most of a subprocess's start).
-The MiniLM run (every step: convert, recover, export, from scratch) is shared by its tests, and
-one of its recoveries is rerun to check it is bit-identical; the cheap decoder is run twice to
-check that a whole rerun writes byte-identical results.
+The run (every step: convert, recover, export, from scratch) is shared by the tests, and one of its
+recoveries is rerun to check it is bit-identical. The decoder example is in test_example_decoder.py,
+a file of its own so that parallel workers can run the two at once.
 """
 
-import importlib.util
-import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"examples_{name.replace('/', '_')}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_example(name: str, out: Path, skip: list[str]) -> dict:
-    load_example(name).main(["--fast", "--out", str(out), *skip])
-    return json.loads((out / "results.json").read_text())
-
+from tests.examples_runner import load_example, run_example
 
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
@@ -105,33 +86,3 @@ def test_minilm_recovery_rerun_is_bit_identical(minilm, tmp_path):
                              work / "train_texts.txt", tmp_path / "recovered", recipe)
     name = "adapter_model.safetensors"
     assert (again / name).read_bytes() == (work / "aslora-50" / "recovered" / name).read_bytes()
-
-
-def test_decoder_fidelity_and_deterministic_rerun(tmp_path):
-    first = run_example("tiny_llama_decoder", tmp_path / "a", [])
-    second = run_example("tiny_llama_decoder", tmp_path / "b", [])
-    assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
-
-    assert first["lora"]["max_logit_diff_vs_peft"] < 1e-4
-    assert first["lora"]["attached"]["rule_accuracy"] > first["base"]["rule_accuracy"] + 0.5
-    plans = {p["plan"]: p for p in first["plans"]}
-    assert plans["budget 50%"]["ratio"] <= 0.5
-    # before recovery a converted adapter is between the base and the LoRA, and more budget is closer
-    for plan in plans.values():
-        assert plan["converted"]["kl"] < first["base"]["kl"]
-    assert plans["budget 50%"]["converted"]["kl"] < plans["default"]["converted"]["kl"]
-    for label, plan in plans.items():
-        assert plan["recovered"]["kl"] < plan["converted"]["kl"], label  # distillation moves toward the LoRA
-        # ONNX Runtime runs the recovered adapter: the same next-token predictions, the same KL
-        assert plan["onnx"]["top1"] == plan["recovered"]["top1"], label
-        assert abs(plan["onnx"]["kl"] - plan["recovered"]["kl"]) < 1e-5, label
-    assert second == first
-
-
-def test_topics_data_is_reproduced_byte_for_byte_and_splits_are_disjoint():
-    topics = load_example("data/make_topics")
-    train, test = topics.make_splits()
-    assert topics.to_jsonl(train) == (EXAMPLES / "data" / "topics_train.jsonl").read_text(encoding="utf-8")
-    assert topics.to_jsonl(test) == (EXAMPLES / "data" / "topics_test.jsonl").read_text(encoding="utf-8")
-    assert not {r["text"] for r in train} & {r["text"] for r in test}
-    assert {r["label"] for r in train} == set(topics.LABELS)
