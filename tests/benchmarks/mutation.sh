@@ -40,7 +40,7 @@ declare -A MUTATE TESTS
 MUTATE[converters]="converters/*"
 TESTS[converters]="tests/test_converters_aslora.py tests/test_converters_budget.py tests/test_converters_grouping.py
 tests/test_converters_projection.py tests/test_converters_properties.py tests/test_converters_truncate.py
-tests/test_converters_calibrated.py tests/test_converters_mutants.py"
+tests/test_converters_calibrated.py tests/test_converters_mutants.py tests/test_converters_contracts.py tests/test_fleet_math.py"
 MUTATE[atomic]="shareport/files/atomic.py"
 TESTS[atomic]="tests/test_atomic_mutants.py tests/test_atomic_publish.py tests/test_outputs.py"
 MUTATE[verify]="shareport/export/verify.py"
@@ -56,6 +56,9 @@ fi
 [[ -n ${MUTATE[$target]:-} ]] || { echo "unknown target '$target' (converters, atomic, verify, merging, all)" >&2; exit 2; }
 # MUTATION_ONLY narrows what is mutated (e.g. converters/budget.py): converters/ whole takes ~1 h here
 [[ -n ${MUTATION_ONLY:-} ]] && MUTATE[$target]=$MUTATION_ONLY
+# MUTATION_TESTS replaces the target's test selection (space-separated files): e.g. the converter
+# tests without test_converters_calibrated.py, whose 30 s reach every shared helper's survivors
+[[ -n ${MUTATION_TESTS:-} ]] && TESTS[$target]=$MUTATION_TESTS
 
 work=${MUTATION_DIR:-/tmp/shareport-mutation}/$target${MUTATION_ONLY:+-$(basename "$MUTATION_ONLY" .py)}
 rm -rf "$work" && mkdir -p "$work"
