@@ -16,7 +16,7 @@ from converters import truncate
 from converters.aslora import aslora_error_table
 from converters.budget import kind_options, pareto_front, plan, rank_cap, spend_budget
 from converters.factored import orthonormal_complement, shared_rows
-from converters.grouping import grouping_costs, ward_tree
+from converters.grouping import group_points, grouping_costs, ward_tree
 from converters.types import KindFactors, Option
 from tests.converters_reference import F64, dense_updates, energy, random_kind
 
@@ -34,6 +34,7 @@ def _over_the_exact_limit():
 
 _SITE = torch.tensor([4.0, 1.0], dtype=F64)
 _AS, _BTS = _kind(60)
+_S = [torch.eye(converters.calibration_basis(_AS).shape[1], dtype=F64)] * 4
 
 BAD_CALLS = [
     # A 1-D A with a matching B: only the dimension check catches it
@@ -55,6 +56,7 @@ BAD_CALLS = [
     (lambda: converters.plan_truncation({"k": (_AS, _BTS)}, budget=0),
      "budget must be a positive fraction of the LoRA's parameters, got 0"),
     (lambda: grouping_costs(torch.ones(3, 2), "nearby"), "grouping must be one of ('any', 'adjacent'), got 'nearby'"),
+    (lambda: group_points(torch.ones(3, 2), 2, "nearby"), "grouping must be one of ('any', 'adjacent'), got 'nearby'"),
     (lambda: converters.parameter_count("aslora", 4, 5, 3, 2), "aslora needs the number of groups"),
     (lambda: converters.parameter_count("dora", 4, 5, 3, 2),
      "method must be 'lora' or one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'"),
@@ -65,12 +67,26 @@ BAD_CALLS = [
     # the minimum is every kind's cheapest option together (10 + 20), not the later kinds' alone
     (lambda: spend_budget({"x": [Option(1, None, 10, 1.0)], "y": [Option(1, None, 20, 1.0)]}, 29),
      "budget of 29 parameters is below the minimum of 30 (rank 1, one group, in every kind)"),
+    (lambda: KindFactors.from_lists([], []), "need the same positive number of A's and B's, got 0 and 0"),
+    (lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(6)], _BTS[:2]), "site 1: A and B must be matrices"),
+    (lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(2, 5)], _BTS[:2]),
+     "site 1: shape A (2, 5) / B (7, 2) differs from the kind's (n_out=7, n_in=6)"),
+    (lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(2, 6)], _BTS[:1] + [torch.ones(7, 3)]),
+     "site 1: B has 3 columns but A has 2 rows"),
+    (lambda: converters.convert_kind_calibrated("dora", _AS, _BTS, _S, 1),
+     "method must be one of ('lora', 'sharea', 'shareb', 'shareab', 'aslora'), got 'dora'"),
+    (lambda: converters.convert_kind_calibrated("sharea", _AS, _BTS, _S, [1] * 4),
+     "one rank per site is for method 'lora' only, got 'sharea'"),
+    (lambda: converters.convert_kind_calibrated("shareb", _AS, _BTS, _S, 0), "rank must be positive, got 0"),
+    (lambda: converters.convert_kind_calibrated("aslora", _AS, _BTS, _S, 1),
+     "aslora needs groups (a count, see converters.default_groups, or a partition)"),
     (lambda: converters.spectrum("aslora", _AS, _BTS), "spectrum is defined for sharea, shareb, shareab, got 'aslora'"),
     (lambda: orthonormal_complement(torch.eye(5, 3, dtype=F64), 3), "cannot add 3 orthonormal directions to 3 in dimension 5"),
     (lambda: shared_rows(torch.eye(5, 2, dtype=F64), torch.eye(2, dtype=F64), 0),
      "rank 0 must be between 1 and 5 (orthonormal rows of length 5)"),
     (lambda: converters.convert_kind("sharea", _AS, _BTS, rank=0), "rank must be positive, got 0"),
     (lambda: converters.convert_kind("aslora", _AS, _BTS, rank=1), "aslora needs groups (see converters.default_groups)"),
+    (lambda: converters.convert_kind("aslora", _AS, _BTS, rank=1, groups=0), "rank and groups must be positive, got rank=1, groups=0"),
     (lambda: converters.convert_kind("dora", _AS, _BTS, rank=1),
      "method must be one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'"),
 ]
@@ -97,7 +113,8 @@ def test_spectrum_and_method_fields_match_dense_references(method):
     As, Bts = _kind(61, n_sites=3, n_out=7, n_in=5)
     want = _dense_spectrum(method, As, Bts)
     result = converters.convert_kind(method, As, Bts, rank=2)
-    assert result.method == method
+    assert result.method == method and result.error_history == [result.error]
+    assert result.groups == ([[0], [1], [2]] if method == "sharea" else [[0, 1, 2]])
     for got in (converters.spectrum(method, As, Bts), result.spectrum):
         got = got.double()
         n = min(len(got), len(want))
@@ -105,6 +122,19 @@ def test_spectrum_and_method_fields_match_dense_references(method):
         assert float(got[n:].sum()) + float(want[n:].sum()) <= 1e-9 * float(want[0])  # the rest is zero
     other = converters.convert_kind("aslora", As, Bts, rank=2, groups=2)
     assert other.method == "aslora" and converters.truncate_kind(As, Bts, 1).method == "lora"
+
+
+def test_shared_a_means_every_a_equals_the_first_within_a_relative_tolerance():
+    def shared(As):
+        return KindFactors.from_lists(As, [torch.ones(3, a.shape[0], dtype=F64) for a in As]).a_is_shared()
+
+    a = torch.randn(2, 4, generator=torch.Generator().manual_seed(73), dtype=F64) * 1e3
+    assert shared([a, a + 1e-5, a.clone()])  # 1e-8 of the largest entry: roundoff
+    assert not shared([a, a.clone(), a + 1e-2])  # the last site differs too
+    assert shared([torch.zeros(2, 4, dtype=F64)] * 3)  # all-zero A's are identical
+    assert shared([torch.zeros(0, 4, dtype=F64)] * 2)  # rank-0 sites: nothing to differ
+    one = torch.tensor([[2.0]], dtype=F64)
+    assert shared([one, one.clone()]) and not shared([one, 1.5 * one])
 
 
 def test_transposed_kind_keeps_the_output_dtype():
@@ -186,6 +216,10 @@ def test_truncation_plan_fields_in_every_mode():
     assert p.error_lower_bound == p.error and p.allocation == "exact"
     greedy = converters.plan_truncation(kinds, budget=0.6, exact=False)
     assert greedy.allocation == "greedy" and greedy.error_lower_bound <= p.error + 1e-12
+    alone = truncate.allocate_budget(flat, costs, p.budget, exact=False)  # the plan reports the greedy's own bound
+    assert greedy.error_lower_bound == pytest.approx(alone.error_lower_bound, rel=1e-9)
+    assert greedy.error_lower_bound < greedy.error - 1e-3  # this greedy is not exact: its bound is below it
+    assert greedy.error == pytest.approx(alone.error, rel=1e-9)
 
 
 # ---------------------------------------------------------------- share-form planning
@@ -238,9 +272,123 @@ def test_grouping_defaults_are_any():
 
     costs = grouping_costs(points)
     assert costs == pytest.approx([scatter(tree.partition(g)) for g in range(1, 6)], abs=1e-12)
+    assert group_points(points, 2) == tree.partition(2)
     kind = KindFactors.from_lists(*_kind(45, n_sites=5, n_out=9, n_in=7, ranks=3))
     assert aslora_error_table(kind, [2]) == aslora_error_table(kind, [2], "any")
     assert aslora_error_table(kind, [2]) != aslora_error_table(kind, [2], "adjacent")
+
+
+@pytest.mark.parametrize("grouping", ["any", "adjacent"])
+def test_weighted_grouping_is_the_weighted_brute_force_on_three_points(grouping):
+    """Three points into two groups: one pair and a singleton, so Ward's single merge and the DP are
+    both the weighted optimum. The heavy pair at 0 and 1 moves the pair from (0, 1) to (1, 2)."""
+    points = torch.tensor([[0.0], [1.0], [2.2]], dtype=F64)
+    weights = [100.3, 99.7, 1.1]  # a float list: kept in float64, not read as float32
+
+    def weighted_scatter(groups):
+        total = 0.0
+        for g in groups:
+            w = torch.tensor([weights[i] for i in g], dtype=F64)
+            mean = (w[:, None] * points[g]).sum(0) / w.sum()
+            total += float((w[:, None] * (points[g] - mean).square()).sum())
+        return total
+
+    candidates = [[[0], [1, 2]], [[0, 1], [2]], [[0, 2], [1]]]
+    if grouping == "adjacent":
+        candidates = candidates[:2]
+    best = min(candidates, key=weighted_scatter)
+    assert best == [[0], [1, 2]] and group_points(points, 2) == [[0, 1], [2]]
+    assert group_points(points, 2, grouping, weights=weights) == best
+    if grouping == "any":
+        assert ward_tree(points, weights).cost(2) == pytest.approx(weighted_scatter(best), rel=1e-13)
+    for bad in ([1.0, 2.0], [1.0, 0.0, 2.0]):
+        with pytest.raises(ValueError, match="^weights must be positive, one per point$"):
+            group_points(points, 2, grouping, weights=bad)
+    with pytest.raises(ValueError, match="^number of groups 4 must be between 1 and 3$"):
+        group_points(points, 4, grouping)
+
+
+def test_float32_points_are_grouped_in_float64():
+    points = torch.randn(6, 4, generator=torch.Generator().manual_seed(72)).float()
+    want = grouping_costs(points.double())
+    assert grouping_costs(points) == pytest.approx(want, rel=1e-13, abs=1e-13)
+
+
+def test_aslora_alternation_ends_at_a_fixed_point_on_a_tiny_scale():
+    """Seed 83 (energy ~1e-7) regroups once on the way: the history falls strictly and ends at the
+    reported (dense) error; neither a regroup (Ward at the final A) nor a refit (dense SVD of the
+    stack of sqrt|g| mean_g dW, whose squared singular values are the spectrum) lowers it further."""
+    from converters.aslora import convert_aslora
+    from tests.converters_reference import grouped_error_at
+
+    As, Bts = _kind(83, n_sites=6, n_out=8, n_in=7, ranks=3)
+    Bts = [bt * 1e-4 for bt in Bts]  # the roundoff tolerance must be relative to this energy
+    result = converters.convert_kind("aslora", As, Bts, rank=2, groups=3)
+    history, scale = result.error_history, 1e-9 * result.energy
+    assert len(history) >= 4 and all(b < a for a, b in zip(history, history[1:]))
+    (a,) = result.a_tensors
+    assert result.error == pytest.approx(grouped_error_at(As, Bts, a, result.groups), abs=scale)
+    assert history[-1] == pytest.approx(result.error, abs=scale)
+    dws = dense_updates(As, Bts)
+    regrouped = group_points(torch.stack([dw @ a.T for dw in dws]), 3)
+    assert grouped_error_at(As, Bts, a, regrouped) >= result.error - scale
+    stack = torch.cat([len(g) ** 0.5 * torch.stack([dws[l] for l in g]).mean(0) for g in result.groups])
+    _, values, vh = torch.linalg.svd(stack, full_matrices=False)
+    assert grouped_error_at(As, Bts, vh[:2], result.groups) >= result.error - scale
+    torch.testing.assert_close(result.spectrum[:len(values)], values.square(), rtol=1e-9, atol=1e-12 * float(values[0]) ** 2)
+    # convert_aslora's own default grouping is "any" as well
+    kind = KindFactors.from_lists(As, Bts)
+    assert convert_aslora(kind, 2, 3).groups == result.groups
+
+
+# ---------------------------------------------------------------- fleets
+
+
+def test_fleet_kind_forms_counts_and_messages():
+    """fleet_kind against dense references: ShareA is Eckart-Young on the whole fleet's vertical
+    stack, ShareAB's error is that of its multiplied-out factors; counts read off the tensors."""
+    from converters.fleet import fleet_options, fleet_shareab
+
+    gen = torch.Generator().manual_seed(74)
+    fleet = [random_kind(gen, 2, 7, 6, ranks=r) for r in (2, 3)]  # float32, 2 adapters x 2 layers
+    As, Bts = [a for a, _ in fleet], [b for _, b in fleet]
+    dws = [bt.double() @ a.double() for a_list, b_list in zip(As, Bts) for a, bt in zip(a_list, b_list)]
+    values = torch.linalg.svdvals(torch.cat(dws, dim=0)).square()
+
+    def dense_error(result):
+        total = 0.0
+        for pos, dw in enumerate(dws):
+            b, a = result.site_factors(pos // 2, pos % 2)
+            total += float((dw - b.double() @ a.double()).square().sum())
+        return total
+
+    one = converters.fleet_kind("sharea", As, Bts, 1)
+    assert (one.method, one.basis_v.dtype, one.cores[1][1].dtype) == ("sharea", torch.float32, torch.float32)
+    assert one.error == pytest.approx(float(values[1:].sum()), rel=1e-9)
+    assert one.error_history == [pytest.approx(one.error, rel=1e-9)] and dense_error(one) == pytest.approx(one.error, rel=1e-5)
+    two = converters.fleet_kind("shareab", As, Bts, 2, rank_out=3, max_iterations=1)
+    assert (two.method, two.ranks, two.basis_u.dtype, two.basis_v.dtype) == ("shareab", (3, 2), torch.float32, torch.float32)
+    assert len(two.error_history) <= 2 and dense_error(two) == pytest.approx(two.error, rel=1e-5)
+    assert two.shared_parameters() + sum(two.adapter_parameters(i) for i in range(2)) == \
+        converters.fleet_parameter_count("shareab", 7, 6, 4, 3, 2) == 3 * 7 + 2 * 6 + 4 * 3 * 2
+    assert converters.fleet_kind("shareab", As, Bts, 2).ranks == (2, 2)  # rank_out defaults to rank
+    assert len(fleet_options("sharea", As, Bts, max_rank=2)) == 2
+    options = fleet_options("shareab", As, Bts)  # every pair up to the two bases' sizes (7 and 6)
+    assert {(o.rank, o.groups) for o in options} == {(k1, k2) for k1 in range(1, 8) for k2 in range(1, 7)}
+    for o in options:
+        assert o.params == o.rank * 7 + o.groups * 6 + 4 * o.rank * o.groups
+    (full,) = [o for o in options if (o.rank, o.groups) == (7, 6)]
+    assert full.error <= 1e-9 * float(values.sum())
+    for call, message in [
+        (lambda: converters.fleet_kind("sharea", As, Bts, 0), "rank must be positive, got 0"),
+        (lambda: converters.fleet_kind("sharea", As, Bts[:1], 1), "need the same positive number of adapters in As and Bts, got 2 and 1"),
+        (lambda: converters.fleet_kind("sharea", As, [Bts[0], Bts[1][:1]], 1), "adapter 1: 2 A's and 1 B's, expected 2 layers"),
+        (lambda: fleet_shareab(As, Bts, 0, 2), "ranks must be positive, got 0 and 2"),
+        (lambda: converters.fleet_parameter_count("aslora", 7, 6, 4, 1, 1), "fleet method must be one of ('sharea', 'shareab'), got 'aslora'"),
+        (lambda: fleet_options("aslora", As, Bts), "fleet method must be one of ('sharea', 'shareab'), got 'aslora'"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call()
 
 
 # ---------------------------------------------------------------- orthonormal padding
@@ -298,10 +446,10 @@ def test_calibrated_site_spectra_and_per_site_ranks_match_dense_eigenvalues():
     assert len(got) == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g[:len(w)], w, rtol=1e-9, atol=1e-12 * float(w[0]))
-    result = converters.convert_kind_calibrated("lora", As, Bts, S, [2, 0, 1], lam=lam)
+    result = converters.convert_kind_calibrated("lora", As, Bts, S, [1, 0, 2], lam=lam)
     assert (result.result.method, result.result.rank, result.result.groups) == ("lora", 2, [[0], [1], [2]])
-    assert [a.shape[0] for a in result.result.a_tensors] == [2, 0, 1]
-    assert result.objective == pytest.approx(sum(float(w[k:].sum()) for w, k in zip(want, [2, 0, 1])), rel=1e-9)
+    assert [a.shape[0] for a in result.result.a_tensors] == [1, 0, 2]  # the rank is the largest, not the first
+    assert result.objective == pytest.approx(sum(float(w[k:].sum()) for w, k in zip(want, [1, 0, 2])), rel=1e-9)
     ck = CalibratedKind.build(As, Bts, S, lam)
     for bad in ([1, -1, 2], [1, 1, 1, 1]):
         with pytest.raises(ValueError, match=re.escape(f"need one non-negative rank per site (3), got {bad}")):
