@@ -458,3 +458,16 @@ def test_calibrated_site_spectra_and_per_site_ranks_match_dense_eigenvalues():
         convert_lora_calibrated(ck, 0)
     shareb = converters.convert_kind_calibrated("shareb", As, Bts, S, 2, lam=lam)
     assert shareb.result.method == "shareb"
+
+
+def test_calibrated_aslora_regroups_by_default():
+    """Given a poor partition, the default moves sites (seed 77) and reaches a lower dense objective
+    than regroup=False, which keeps the partition as given."""
+    from tests.test_converters_calibrated import result_objective, tiny_case
+
+    As, Bts, cs, _, S = tiny_case(77, n_sites=4, n_out=6, n_in=8, ranks=2)
+    given = [[0, 3], [1, 2]]
+    moved = converters.convert_kind_calibrated("aslora", As, Bts, S, 2, groups=given, lam=0.0)
+    kept = converters.convert_kind_calibrated("aslora", As, Bts, S, 2, groups=given, lam=0.0, regroup=False)
+    assert kept.result.groups == given and moved.result.groups != given
+    assert result_objective(As, Bts, cs, moved) < result_objective(As, Bts, cs, kept) * (1 - 1e-6)
