@@ -109,6 +109,7 @@ def test_truncation_result_fields_match_a_dense_svd(shared_a):
     dense = dense_updates(As, Bts)
     values = [torch.linalg.svdvals(d)[:3] for d in dense]
     assert result.groups == [[pos] for pos in range(5)]
+    assert len(result.site_singular_values) == len(result.ranks) == 5
     assert result.already_shared is shared_a
     assert result.error_history == [result.error]
     assert result.error == pytest.approx(sum(float(v[k:].square().sum()) for v, k in zip(values, [1, 2, 3, 2, 1])),
