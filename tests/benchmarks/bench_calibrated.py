@@ -311,6 +311,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--cap", type=int, default=Settings.cap, help="recovery steps at most (0: no recovery)")
     parser.add_argument("--every", type=int, default=Settings.every, help="held-out accuracy every N steps")
     parser.add_argument("--diagnose", action="store_true", help="the truncation plan/projection/ridge ablation")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="report the points already measured under --out (falling back to --cap 0 runs), "
+                             "measure nothing new")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as bench_frontier: one thread on a shared machine, fixed float sums
     s = Settings(samples=args.samples, cap=args.cap, every=args.every)
@@ -323,9 +326,15 @@ def main(argv=None) -> dict:
         for form in args.forms:
             for mode in ("plain", "calibrated"):
                 key = f"{form}-{budget:g}-{mode}"
-                results["points"][key] = stage(args.out, f"point-{key}-{tag}",
-                                               lambda: point(ctx, form, budget, mode))
-        if args.diagnose:
+                name = f"point-{key}-{tag}"
+                if args.only_finished:  # this run's point, else the same conversion measured without recovery
+                    done = [args.out / f"{n}.json" for n in (name, f"point-{key}-s{s.samples}-c0-e{s.every}")]
+                    done = [path for path in done if path.is_file()]
+                    if done:
+                        results["points"][key] = json.loads(done[0].read_text())
+                    continue
+                results["points"][key] = stage(args.out, name, lambda: point(ctx, form, budget, mode))
+        if args.diagnose and not args.only_finished:
             results["diagnosis"][f"{budget:g}"] = stage(args.out, f"diagnose-lora-{budget:g}-s{s.samples}",
                                                         lambda: diagnose_truncation(ctx, budget))
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
