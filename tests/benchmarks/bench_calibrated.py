@@ -33,7 +33,16 @@ larger ridge.
 
 Prints one table, the calibration cost (time, statistics bytes) and as its last lines the key
 ratios at 10%: KL calibrated / plain (per form, geometric mean) and recovery steps calibrated /
-plain. Everything also goes to ``OUT/results.json``.
+plain. Everything also goes to ``OUT/results.json``. ``--only-finished`` prints what is there
+without measuring more (a run cut short; ``--cap 0`` points fill in KL where recovery did not run).
+
+How many samples: on this task 256 sequences (~9.7k tokens) are too few. The calibrated
+projection then fits those samples (output error on them far below plain, on the test split
+no better) and its held-out KL is *worse* than plain for truncation (about 2x at 10%); the
+ridge does not cure it (it shrinks toward a weighted Frobenius objective, not toward the
+population statistics). With the whole train split (``--samples 5000``: all 1349 sequences,
+~48k tokens) the same truncation has 0.73x the plain KL. Calibrating on the very texts KL is
+scored on gives 0.77x: the objective is aligned with KL; what fails is the estimate.
 """
 from __future__ import annotations
 
@@ -363,7 +372,7 @@ def main(argv=None) -> dict:
     r = ratios(results, at, s)
     results["ratios"] = r
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    for key, label in (("steps_95", f"{ALSO:.0%}"), ("steps_99", f"{KEEP:.0%}")):
+    for key, label in (("steps_95", f"{ALSO:.0%}"), ("steps_99", f"{KEEP:.0%}")) if s.cap else ():
         print(f"recovery steps to {label} of the LoRA's accuracy, calibrated/plain at {at:.0%} "
               f"(cap {s.cap} counts for not reached): " + ratio_line(r["steps"].get(key, {})))
     print(f"KL calibrated/plain at {at:.0%}: " + ", ".join(f"{f} {v:.3f}" for f, v in r["kl"].items())
