@@ -47,8 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
+import bench_frontier as frontier  # noqa: E402
 import docstrings_data  # noqa: E402
 import minilm_end_to_end as minilm  # noqa: E402
 from stages import stage  # noqa: E402
@@ -108,28 +107,9 @@ def write_tasks(out: Path, s: Settings) -> list[str]:
 
 
 def train_lora(base: Path, task: Path, out: Path, s: Settings, seed: int) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
-
-    from shareport.model import load_base_model
-
-    rows = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
-    enc = AutoTokenizer.from_pretrained(base)([r["text"] for r in rows], padding=True, truncation=True,
-                                              max_length=s.max_length, return_tensors="pt")
-    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    labels = torch.tensor([r["label"] for r in rows])
-    torch.manual_seed(seed)
-    config = LoraConfig(task_type="SEQ_CLS", r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=TARGETS)
-    model = get_peft_model(load_base_model(base, "SEQ_CLS"), config).eval()
-
-    def loss_of_batch(idx):
-        return torch.nn.functional.cross_entropy(model(**minilm.trimmed(inputs, idx)).logits, labels[idx])
-
-    started = time.perf_counter()
-    minilm.train(loss_of_batch, [p for p in model.parameters() if p.requires_grad], labels.shape[0],
-                 minilm.steps.Recipe(s.lora_steps, s.lora_lr, s.lora_batch, seed=seed))
+    model, seconds = frontier.fit_peft_lora(base, task / "train.jsonl", TARGETS, s, seed)
     model.save_pretrained(out)
-    return {"seconds": time.perf_counter() - started}
+    return {"seconds": seconds}
 
 
 class Scorer:

@@ -98,15 +98,17 @@ def encoded(base: Path, path: Path, max_length: int):
     return inputs, torch.tensor([r["label"] for r in rows])
 
 
-def train_lora(base: Path, data: Path, out: Path, s: Settings) -> dict:
-    """The user's LoRA, trained with PEFT and saved as PEFT saves it."""
+def fit_peft_lora(base: Path, train_jsonl: Path, targets: list[str], s, seed: int):
+    """A PEFT LoRA classifier on the MiniLM ``base``, trained on ``train_jsonl`` with the settings'
+    rank, alpha, max_length and lora_steps/lr/batch; returns (the PEFT model, training seconds).
+    Shared by this benchmark and bench_fleet (which trains one per task)."""
     from peft import LoraConfig, get_peft_model
 
     from shareport.model import load_base_model
 
-    inputs, labels = encoded(base, data / "train.jsonl", s.max_length)
-    torch.manual_seed(s.seed)
-    config = LoraConfig(task_type="SEQ_CLS", r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=TARGETS)
+    inputs, labels = encoded(base, train_jsonl, s.max_length)
+    torch.manual_seed(seed)
+    config = LoraConfig(task_type="SEQ_CLS", r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=targets)
     model = get_peft_model(load_base_model(base, "SEQ_CLS"), config).eval()
 
     def loss_of_batch(idx):
@@ -114,8 +116,13 @@ def train_lora(base: Path, data: Path, out: Path, s: Settings) -> dict:
 
     started = time.perf_counter()
     minilm.train(loss_of_batch, [p for p in model.parameters() if p.requires_grad], labels.shape[0],
-                 minilm.steps.Recipe(s.lora_steps, s.lora_lr, s.lora_batch, seed=s.seed))
-    seconds = time.perf_counter() - started
+                 minilm.steps.Recipe(s.lora_steps, s.lora_lr, s.lora_batch, seed=seed))
+    return model, time.perf_counter() - started
+
+
+def train_lora(base: Path, data: Path, out: Path, s: Settings) -> dict:
+    """The user's LoRA, trained with PEFT and saved as PEFT saves it."""
+    model, seconds = fit_peft_lora(base, data / "train.jsonl", TARGETS, s, s.seed)
     model.save_pretrained(out / "lora")
     test_inputs, test_labels = encoded(base, data / "test.jsonl", s.max_length)
     return {"seconds": seconds, "steps": s.lora_steps, "batch": s.lora_batch,
