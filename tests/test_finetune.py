@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from shareport.train.data import BatchOrder, collate
 from shareport.train.recipe import Recipe, run
 from shareport.files.adapters import load_adapter
-from shareport.train import jobs
 from shareport.train.jobs import merge_schedule, recovery_job
 from shareport.model import attach, load_base_model
 from shareport.train.teacher import Teacher
-from tests.training_helpers import recovery_setup
+from tests.training_helpers import cpu_accelerator, recovery_setup
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +28,8 @@ def fp32_cpu(monkeypatch):
     if not torch.cuda.is_available():
         yield
         return
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    def cpu_accelerator(merging):
-        AcceleratorState._reset_state(reset_partial_state=True)  # a singleton: earlier tests chose CUDA
-        return Accelerator(cpu=True, mixed_precision="no")
-
-    monkeypatch.setattr(jobs, "make_accelerator", cpu_accelerator)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    with cpu_accelerator(monkeypatch, "no"):
+        yield
 
 
 def _job(setup, tmp_path, resume=False, merging=False):

@@ -11,9 +11,9 @@ from torch import nn
 from shareport import flows
 from shareport.export import runtime
 from shareport.model.surgery import LoRALinear
-from shareport.train import checkpoint, jobs
+from shareport.train import checkpoint
 from shareport.train.jobs import TrainingOptions
-from tests.training_helpers import recovery_setup
+from tests.training_helpers import cpu_accelerator, recovery_setup
 
 
 # ---------------------------------------------------------------------------------------- LoRALinear dtypes
@@ -37,15 +37,7 @@ def test_half_precision_base_with_an_fp32_adapter(dtype):
 # ---------------------------------------------------------------------------------------- bf16 recipe
 def test_recovery_under_bf16_autocast_on_cpu(tmp_path, monkeypatch):
     """What a CUDA machine gets (bf16 base, fp32 adapter, autocast), with the CPU's bf16 autocast."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    def bf16_accelerator(merging):
-        AcceleratorState._reset_state(reset_partial_state=True)  # a singleton: earlier tests set "no"
-        return Accelerator(mixed_precision="bf16", cpu=True)
-
     paths = recovery_setup(tmp_path, layers=2, rank=4, shared_rank=1, lines=40)
-    monkeypatch.setattr(jobs, "make_accelerator", bf16_accelerator)
     seen = {"autocast": set()}
     real_run = flows.run
 
@@ -56,11 +48,9 @@ def test_recovery_under_bf16_autocast_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(flows, "run", spy_run)
     out = tmp_path / "out"
-    try:
+    with cpu_accelerator(monkeypatch, "bf16"):
         report = flows.recover(str(paths["shared"]), str(paths["base"]), str(paths["lora"]), str(paths["text"]),
                                str(out), options=TrainingOptions(steps=15, lr=1e-2, batch_size=4, max_length=24))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # later tests start from the CPU default
     assert report["mixed_precision"] == "bf16" and report["device"] == "cpu"
     assert seen["base dtypes"] == {torch.bfloat16} and seen["autocast"] == {True}, seen
     assert report["after"]["kl"] < report["before"]["kl"]

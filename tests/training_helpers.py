@@ -3,6 +3,7 @@ and a deliberately lossy ShareA made by a dense SVD (tiny sizes make that cheap)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -77,3 +78,25 @@ def recovery_setup(root: str | Path, layers: int = 3, rank: int = 8, shared_rank
     save_adapter(sharea_by_svd(load_adapter(paths["lora"]), shared_rank), paths["shared"])
     write_text(paths["text"], lines)
     return paths
+
+
+@contextlib.contextmanager
+def cpu_accelerator(monkeypatch, mixed_precision: str):
+    """Within the block, training runs on the CPU with ``mixed_precision`` ("no", "bf16") whatever the
+    machine has: ``jobs.make_accelerator`` builds a fresh CPU Accelerator (its state is a singleton,
+    which earlier tests may have set to CUDA or another precision), and the state is reset after so
+    that later tests start from the default."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from shareport.train import jobs
+
+    def make(merging):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=mixed_precision, cpu=True)
+
+    monkeypatch.setattr(jobs, "make_accelerator", make)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
