@@ -68,6 +68,12 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def shards_base(accelerator) -> bool:
+    """Whether this run shards the base: FSDP asked for, and more than one process to shard over
+    (loading, in jobs.py, and training, in recipe.py, must agree on it)."""
+    return fsdp_requested() and accelerator.num_processes > 1
+
+
 def shard_base(model: torch.nn.Module, trainable) -> torch.nn.Module:
     """Shard ``model``'s parameters across the processes (FSDP2), except ``trainable`` (the adapter's,
     kept whole and replicated). One FSDP unit per transformer block (the classes transformers lists in

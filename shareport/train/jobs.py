@@ -19,7 +19,7 @@ from ..files.tensorfile import stream_model_weights
 from ..model import load_base_model
 from ..model.base import empty_base_model, read_base_config
 from ..model.fresh import fresh_adapter
-from .accel import fsdp_requested, load_sharded_base, make_accelerator, model_dtype
+from .accel import load_sharded_base, make_accelerator, model_dtype, shards_base
 from .checkpoint import load_checkpoint
 from .data import load_data, split_heldout
 from .merging import MergeSchedule
@@ -89,7 +89,7 @@ def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int
 def _base_model(base_dir, task_type, acc, carried=None):
     """The frozen base on the accelerator's device; under FSDP with several processes each process
     reads and holds only its shard of every weight (``accel.load_sharded_base``), never the whole base."""
-    if fsdp_requested() and acc.num_processes > 1:
+    if shards_base(acc):
         model = empty_base_model(base_dir, task_type, dtype=model_dtype(acc), carried=carried)
         heads = {carried_parameter_name(k): v for k, v in (carried or {}).items()}
         load_sharded_base(model, stream_model_weights(base_dir), acc.device, str(base_dir), heads)

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..adapter import Adapter
-from .accel import average_gradients, fsdp_requested, local_parameter_bytes, parameter_bytes, peak_flops, shard_base
+from .accel import average_gradients, local_parameter_bytes, parameter_bytes, peak_flops, shard_base, shards_base
 from .merging import BMerger, MergeSchedule
 from .compiled import compiled_blocks
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
@@ -115,7 +115,7 @@ def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = Non
     if before is None:
         before = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
 
-    sharded = fsdp_requested() and acc.num_processes > 1
+    sharded = shards_base(acc)
     if sharded:  # the base sharded (FSDP2), the adapter replicated: see accel.py
         ddp_model = shard_base(model, [student.parameters[n] for n in names])
     else:
