@@ -83,8 +83,9 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             calibration_ridge: float = DEFAULT_RIDGE) -> dict:
     """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all.
 
-    ``calibration`` (data: text, jsonl or tokenized, as ``finetune`` reads it) with ``base``: the first
-    ``calibration_samples`` examples, cut to ``calibration_max_length`` tokens, are run through the base
+    ``calibration`` (data: text, jsonl or tokenized, as ``finetune`` reads it) with ``base``:
+    ``calibration_samples`` examples drawn across the file (``train.data.sample_examples``), cut to
+    ``calibration_max_length`` tokens, are run through the base
     with the LoRA attached, and every form minimises the error of the update's outputs on those inputs
     (``shareport.convert.Calibration``) instead of the plain Frobenius error.
     """
@@ -132,14 +133,14 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
 
     from .model import load_base_model
     from .model.calibration import collect_statistics
-    from .train.data import load_data, pad_token_id
+    from .train.data import load_data, pad_token_id, sample_examples
 
     if samples < 1:
         raise ShareportError(f"--calibration-samples must be at least 1, got {samples}")
     if not ridge >= 0:
         raise ShareportError(f"--calibration-ridge must be >= 0, got {ridge}")
     data = load_data(data_path, base_dir, max_length)
-    sequences = data.sequences[:samples]
+    sequences = sample_examples(data, samples).sequences
     tokens = sum(len(seq) for seq in sequences)
     model = load_base_model(base_dir, adapter.task_type, carried=adapter.extra_tensors)
     started = time.perf_counter()

@@ -20,7 +20,7 @@ from shareport.convert import convert_adapter, kind_factors
 from shareport.files import load_adapter, save_adapter
 from shareport.model import load_base_model
 from shareport.model.calibration import collect_statistics
-from shareport.train.data import load_data
+from shareport.train.data import load_data, sample_examples
 from tests.training_helpers import recovery_setup, save_base, write_text
 from tests.tiny import tiny_llama
 
@@ -36,9 +36,29 @@ def setup(tmp_path_factory):
 
 def _statistics(paths, samples=SAMPLES):
     adapter = load_adapter(paths["lora"])
-    sequences = load_data(paths["text"], paths["base"], 128).sequences[:samples]
+    sequences = sample_examples(load_data(paths["text"], paths["base"], 128), samples).sequences
     model = load_base_model(paths["base"], carried=adapter.extra_tensors)
     return adapter, sequences, collect_statistics(model, adapter, sequences, pad_id=0, batch_size=5)
+
+
+def test_calibration_examples_are_drawn_across_a_label_sorted_file(setup, tmp_path):
+    """A file sorted by label: the examples calibration runs come from every part of it (not the first
+    N, which would be the first labels only), in file order, the same each time; all when N >= the file."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    # distinct texts in the tokenizer's alphabet: the label's letter, then the example's two letters
+    rows = [{"text": f"{letters[label]} {letters[i % 26]}{letters[i // 26]}", "label": label}
+            for label in range(10) for i in range(30)]
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_data(path, setup["base"], 64)
+    picked = sample_examples(data, 40)
+    positions = [data.sequences.index(seq) for seq in picked.sequences]  # every text is distinct
+    assert len(picked) == 40 and len(set(positions)) == 40 and positions == sorted(positions)
+    assert picked.labels == [data.labels[i] for i in positions]
+    assert len(set(picked.labels)) >= 8, "drawn from a few labels only"
+    assert min(positions) < 30 and max(positions) >= 270
+    assert sample_examples(data, 40).sequences == picked.sequences
+    assert sample_examples(data, 300).sequences == data.sequences == sample_examples(data, 10_000).sequences
 
 
 def test_statistics_match_peft_inputs(setup):

@@ -45,7 +45,8 @@ from .options import allow_pickle_option, json_option, output_option, overwrite_
 @click.option("--base", "base", type=click.Path(file_okay=False, path_type=str), default=None,
               help="With --calibration: the base model folder (with its tokenizer, unless the data is tokenized).")
 @click.option("--calibration-samples", type=int, default=flows.CALIBRATION_SAMPLES, show_default=True,
-              help="With --calibration: how many examples (the first ones) to run.")
+              help="With --calibration: how many examples to run, drawn at random across the file (fixed seed, "
+                   "kept in file order; all of them if the file has fewer).")
 @click.option("--calibration-max-length", type=int, default=flows.CALIBRATION_MAX_LENGTH, show_default=True,
               help="With --calibration: tokens kept of each example.")
 @click.option("--calibration-ridge", type=float, default=flows.DEFAULT_RIDGE, show_default=True,
