@@ -13,8 +13,8 @@ stage keeps its JSON result under ``--out`` (``stages.py``): the LoRA trains onc
 interrupted run, or a second process measuring other ``--forms``, resumes from what is there.
 
 For every budget, form (lora = per-site truncation, sharea, shareb, shareab, aslora) and mode
-(plain; calibrated: ``flows.convert(..., calibration=train.jsonl, base=...)``, the first
-``--samples`` train examples, unlabelled):
+(plain; calibrated: ``flows.convert(..., calibration=train.jsonl, base=...)``, ``--samples``
+train examples drawn across the file (the library's ``sample_examples``), unlabelled):
 
 - before recovery, on the test split against the LoRA (``evaluate_adapter``, as the frontier):
   KL(LoRA || converted), top-1 agreement, accuracy; and the relative output error
@@ -73,7 +73,7 @@ from shareport.errors import ShareportError  # noqa: E402
 from shareport.files import load_adapter  # noqa: E402
 from shareport.model import load_base_model  # noqa: E402
 from shareport.model.calibration import collect_statistics  # noqa: E402
-from shareport.train.data import load_data, pad_token_id  # noqa: E402
+from shareport.train.data import load_data, pad_token_id, sample_examples  # noqa: E402
 from shareport.train.recipe import evaluate, run  # noqa: E402
 
 F64 = torch.float64
@@ -121,7 +121,9 @@ class Context:
         if split not in self._stats:
             path, limit = ((self.calibration, self.s.samples) if split == "calibration"
                            else (self.data / "test.jsonl", None))
-            sequences = load_data(path, self.base, self.f.max_length).sequences[:limit]
+            data = load_data(path, self.base, self.f.max_length)
+            # the very examples flows.convert calibrates on (drawn across the file, not the first N)
+            sequences = (sample_examples(data, limit) if limit else data).sequences
             model = load_base_model(self.base, self.lora.task_type, carried=self.lora.extra_tensors)
             with torch.no_grad():
                 self._stats[split] = collect_statistics(model, self.lora, sequences, pad_token_id(model.config))
@@ -139,7 +141,8 @@ def output_error(ctx: Context, adapter: Adapter, split: str) -> float:
         for site in sites:
             s = stats.statistics[site.path]
             dw = ctx.lora.update(site.path, F64) @ q
-            e = dw - adapter.update(site.path, F64) @ q
+            # a budget can cut a site to rank 0: no longer adapted, its update is zero
+            e = dw - adapter.update(site.path, F64) @ q if site.path in adapter.sites else dw
             error += float(((e @ s) * e).sum())
             energy += float(((dw @ s) * dw).sum())
     return error / energy
@@ -226,12 +229,15 @@ def from_kind_results(ctx: Context, results: dict) -> Adapter:
 
 def diagnose_truncation(ctx: Context, budget: float) -> dict:
     """Separate the projection from the allocation: the plain and calibrated conversions swap plans
-    (per-site ranks), and the calibrated conversion again with a 100x ridge."""
+    (per-site ranks); the calibrated conversion again with a 100x ridge; and the calibrated
+    projection with the test split's own statistics (an oracle: how far the calibrated objective
+    itself can take held-out KL, with statistics no estimate can beat)."""
     plain, _ = convert(ctx, "lora", budget, "plain")
     calibrated, _ = convert(ctx, "lora", budget, "calibrated")
-    stats = ctx.statistics("calibration")
+    stats, test_stats = ctx.statistics("calibration"), ctx.statistics("test")
     lam = converters.DEFAULT_RIDGE
-    swapped = {"calibrated projection, plain plan": {}, "plain projection, calibrated plan": {}}
+    oracle = "calibrated on the test split itself (oracle), calibrated plan"
+    swapped = {"calibrated projection, plain plan": {}, "plain projection, calibrated plan": {}, oracle: {}}
     for kind, sites in ctx.lora.kinds().items():
         As, Bts = kind_factors(ctx.lora, sites)
         S = [stats.statistics[site.path] for site in sites]
@@ -239,6 +245,9 @@ def diagnose_truncation(ctx: Context, budget: float) -> dict:
             "lora", As, Bts, S, [plain.rank(site.path) for site in sites], lam=lam).result
         swapped["plain projection, calibrated plan"][kind] = converters.truncate_kind(
             As, Bts, [calibrated.rank(site.path) for site in sites])
+        swapped[oracle][kind] = converters.convert_kind_calibrated(
+            "lora", As, Bts, [test_stats.statistics[site.path] for site in sites],
+            [calibrated.rank(site.path) for site in sites], lam=lam).result
     rows = {}
     for name, results in swapped.items():
         rows[name] = describe(ctx, from_kind_results(ctx, results))
@@ -344,7 +353,7 @@ def main(argv=None) -> dict:
                     continue
                 results["points"][key] = stage(args.out, name, lambda: point(ctx, form, budget, mode))
         if args.diagnose and not args.only_finished:
-            results["diagnosis"][f"{budget:g}"] = stage(args.out, f"diagnose-lora-{budget:g}-s{s.samples}",
+            results["diagnosis"][f"{budget:g}"] = stage(args.out, f"diagnose-oracle-lora-{budget:g}-s{s.samples}",
                                                         lambda: diagnose_truncation(ctx, budget))
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
