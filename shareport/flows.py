@@ -183,7 +183,7 @@ def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str, ou
     """Distil ``shared_dir`` toward ``teacher_dir``; returns the training report (None on non-main processes)."""
     out = out or default_recover_output(shared_dir)
     inputs = (shared_dir, teacher_dir, base_dir, data_path)
-    student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir))
+    student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir), pack=options.pack)
     check_output(out, overwrite, inputs)
     job = recovery_job(shared_dir, base_dir, teacher_dir, data_path, options.max_length, options.eval_fraction,
                        options.checkpoint_folder(out), options.resume, options.merging, adapters=(student, teacher))
@@ -201,7 +201,7 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
     if form == "aslora" and not options.merging:
         raise ShareportError("--form aslora needs --merges or --groups (how far to merge the B's)")
     inputs = (base_dir, data_path)
-    check_inputs(base_dir, data_path)
+    check_inputs(base_dir, data_path, pack=options.pack)
     check_output(out, overwrite, inputs)
     if not targets:
         raise ShareportError("--target needs at least one module name")
@@ -312,7 +312,7 @@ def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_pat
     if not 0 < keep <= 1:
         raise ShareportError(f"--keep must be in (0, 1], got {keep}")
     inputs = [lora_dir, base_dir, data_path] + ([eval_path] if eval_path else [])
-    (lora,) = check_inputs(base_dir, data_path, (lora_dir,))
+    (lora,) = check_inputs(base_dir, data_path, (lora_dir,), pack=options.pack)
     if eval_path and not Path(eval_path).is_file():
         raise ShareportError(f"{eval_path}: evaluation file not found")
     check_output(out, overwrite, inputs)

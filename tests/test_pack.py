@@ -79,3 +79,32 @@ def test_pack_is_refused_for_a_model_without_per_position_outputs():
     job = types.SimpleNamespace(model=torch.nn.Linear(2, 2), teacher=object(), train_data=None)
     with pytest.raises(ShareportError, match="--pack needs a causal LM"):
         recipe_module._check_losses(Recipe(pack=True), job, causal=False)
+
+
+def test_pack_with_a_classifier_base_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """The base folder says which class it loads as: --pack on a classifier is refused from its config,
+    before the (slow) model load, with nothing written."""
+    import json
+
+    from shareport import flows
+    from shareport.train import jobs
+    from shareport.train.jobs import TrainingOptions
+
+    paths = recovery_setup(tmp_path, layers=1, rank=2, shared_rank=1, lines=8)
+    config_path = paths["base"] / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    config_path.write_text(json.dumps(config))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded before --pack was checked")
+
+    monkeypatch.setattr(jobs, "load_base_model", no_load)
+    with pytest.raises(ShareportError, match="--pack needs a causal LM: .* loads as AutoModelForSequenceClassification"):
+        flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
+                    options=TrainingOptions(steps=1, pack=True))
+    assert not (tmp_path / "out").exists()
+    # the same base without --pack gets past the check (and reaches the model load)
+    with pytest.raises(AssertionError, match="loaded before"):
+        flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
+                    options=TrainingOptions(steps=1))

@@ -19,9 +19,10 @@ from ..adapter import carried_parameter_name
 from ..errors import ShareportError, note
 
 # (class-name suffix, PEFT task type, transformers Auto class); first match wins
+CAUSAL_LM_CLASS = "AutoModelForCausalLM"
 TASKS = (
-    ("ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM"),
-    ("LMHeadModel", "CAUSAL_LM", "AutoModelForCausalLM"),
+    ("ForCausalLM", "CAUSAL_LM", CAUSAL_LM_CLASS),
+    ("LMHeadModel", "CAUSAL_LM", CAUSAL_LM_CLASS),
     ("ForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification"),
     ("ForTokenClassification", "TOKEN_CLS", "AutoModelForTokenClassification"),
     ("ForQuestionAnswering", "QUESTION_ANS", "AutoModelForQuestionAnswering"),

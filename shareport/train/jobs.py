@@ -17,7 +17,7 @@ from ..errors import ShareportError
 from ..files import load_adapter
 from ..files.tensorfile import stream_model_weights
 from ..model import load_base_model
-from ..model.base import empty_base_model, read_base_config
+from ..model.base import CAUSAL_LM_CLASS, auto_class_name, empty_base_model, read_base_config
 from ..model.fresh import fresh_adapter
 from .accel import load_sharded_base, make_accelerator, model_dtype, shards_base
 from .checkpoint import load_checkpoint
@@ -122,13 +122,19 @@ def _resume(checkpoint_dir: Path | None, resume: bool):
     return adapter, (state, tensors)
 
 
-def check_inputs(base_dir, data_path, adapter_dirs=()) -> list[Adapter]:
+def check_inputs(base_dir, data_path, adapter_dirs=(), pack: bool = False) -> list[Adapter]:
     """Read what is cheap to read before any output is checked or any model loaded: the
-    adapters (returned, in order), the base folder's config and the data path's existence."""
+    adapters (returned, in order), the base folder's config and the data path's existence; with
+    ``pack``, that the model will be a causal LM (the recipe checks again on the loaded model)."""
     adapters = [load_adapter(folder) for folder in adapter_dirs]
-    read_base_config(base_dir)
+    config = read_base_config(base_dir)
     if not Path(data_path).exists():
         raise ShareportError(f"{data_path}: data file not found")
+    if pack:
+        loads = auto_class_name(next((a.task_type for a in adapters if a.task_type), None), config)
+        if loads != CAUSAL_LM_CLASS:
+            raise ShareportError(f"--pack needs a causal LM: {base_dir} loads as {loads}, which gives one output "
+                                 "per row, and a packed row holds several examples")
     return adapters
 
 
