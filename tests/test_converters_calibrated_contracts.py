@@ -37,6 +37,17 @@ def _identity_case(seed, n_sites=4, n_out=7, n_in=8, ranks=2):
     return As, Bts, [torch.eye(p, dtype=F64)] * n_sites
 
 
+def _same_as_plain(method, As, Bts, S, k, rel):
+    """The calibrated result with identity statistics against the plain converter: products,
+    objective and spectrum agree; returns the calibrated result."""
+    ours = convert(method, As, Bts, S, k)
+    today = plain(method, As, Bts, k)
+    assert max_rel_diff(products(ours), products(today)) <= rel
+    assert ours.objective == pytest.approx(today.error, rel=rel)
+    torch.testing.assert_close(ours.result.spectrum, today.spectrum, rtol=1e-9, atol=1e-9 * float(today.spectrum[0]))
+    return ours
+
+
 def _dense_c_tilde(cs, q, lam):
     """The damped statistics seen in the input space, restricted to span(Q): Q S~_l Q^T."""
     return [q @ q.T @ c @ q @ q.T for c in damped_dense(cs, q, lam)]
@@ -52,7 +63,9 @@ def test_input_statistics_shapes_counts_and_refusals():
     s = converters.input_statistics(x.float(), q)
     assert s.dtype == F64 and s.shape == (4, 4)
     torch.testing.assert_close(s, q.T @ (x.T @ x) @ q / 5, rtol=1e-6, atol=1e-6)
-    # no rows: zeros, not a division by zero
+    assert converters.calibration_basis([a.float() for a in As]).dtype == F64
+    # one row: its outer product (divided by N = 1); no rows: zeros, not a division by zero
+    torch.testing.assert_close(converters.input_statistics(x[:1], q), q.T @ x[:1].T @ x[:1] @ q, rtol=1e-12, atol=1e-12)
     assert torch.equal(converters.input_statistics(torch.zeros(0, 7, dtype=F64), q), torch.zeros(4, 4, dtype=F64))
     for bad in (torch.ones(7), torch.ones(3, 6), torch.ones(2, 3, 7)):
         with pytest.raises(ValueError, match=re.escape(f"inputs must be (N, 7), got {tuple(bad.shape)}")):
@@ -64,9 +77,9 @@ def test_damp_is_the_documented_ridge():
     s = torch.randn(5, 5, generator=gen, dtype=F64)  # not symmetric: damp symmetrises
     sym = (s + s.T) / 2
     assert torch.equal(damp(s, 0.0), sym)
-    lam = 0.3
-    want = sym + lam * float(torch.trace(s)) / 5 * torch.eye(5, dtype=F64)
-    torch.testing.assert_close(damp(s, lam), want, rtol=1e-14, atol=1e-14)
+    for lam in (0.3, 1.0):
+        want = sym + lam * float(torch.trace(s)) / 5 * torch.eye(5, dtype=F64)
+        torch.testing.assert_close(damp(s, lam), want, rtol=1e-14, atol=1e-14)
     assert damp(torch.zeros(0, 0, dtype=F64), lam).shape == (0, 0)
 
 
@@ -87,6 +100,11 @@ def test_psd_helpers_against_dense_eigen():
     # an eigenvalue below p * eps of the largest counts as zero
     tiny = torch.diag(torch.tensor([1.0, 1e-17, 0.25], dtype=F64))
     torch.testing.assert_close(psd_roots(tiny)[1], torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=F64)))
+    # the cutoff is relative to the largest eigenvalue, however small: a tiny but well-conditioned m
+    small = torch.diag(torch.tensor([1e-10, 4e-20], dtype=F64))
+    torch.testing.assert_close(psd_roots(small)[1], torch.diag(torch.tensor([1e5, 5e9], dtype=F64)), rtol=1e-12, atol=0.0)
+    # the zero matrix has no inverse root anywhere (0 is not above a cutoff of 0)
+    assert torch.equal(psd_roots(torch.zeros(3, 3, dtype=F64))[1], torch.zeros(3, 3, dtype=F64))
     empty = psd_roots(torch.zeros(0, 0, dtype=F64))
     assert empty[0].shape == empty[1].shape == (0, 0)
 
@@ -144,6 +162,7 @@ def test_calibrated_kind_fields_and_energies():
         want = [float(torch.trace(dw @ c @ dw.T)) for dw, c in zip(dws, cc)]
         assert [ck.site_energy(l, raw) for l in range(3)] == pytest.approx(want, rel=1e-10)
         assert ck.energy(raw) == pytest.approx(sum(want), rel=1e-10)
+    assert ck.site_energy(1) == ck.site_energy(1, raw=False) != ck.site_energy(1, raw=True)  # damped by default
 
 
 def test_factors_objective_and_calibrated_objective_refuse_rows_outside_span():
@@ -172,6 +191,46 @@ def test_factors_objective_and_calibrated_objective_refuse_rows_outside_span():
     for lam in (0.0, 0.5):
         want = result_objective(As, Bts, damped_dense(cs, q, lam), today)
         assert converters.calibrated_objective(As, Bts, S, q, today, lam=lam) == pytest.approx(want, rel=1e-10)
+
+
+def test_span_checks_are_relative_and_accept_what_they_document():
+    """Both span checks compare a squared norm outside span(Q) with 1e-8 of the squared norms: a
+    leak of 1e-10 (relative) passes at any scale, an exactly-zero site passes (0 is not above 0)."""
+    As, Bts, cs, q, S = tiny_case(9, n_sites=3, n_out=6, n_in=8, ranks=2)
+    As, Bts = [100 * a for a in As], [100 * bt for bt in Bts]  # squared norms ~1e8: an absolute test fails
+    ck = CalibratedKind.build(As, Bts, S, 0.0)
+    normal = torch.linalg.qr(torch.cat([q, torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(5))],
+                                       dim=1)).Q[:, -2:].T  # rows orthogonal to span(Q)
+    inside = [q[:, :2].T * 10] * 3
+    leaky = [a + 1e-4 * normal for a in inside]  # leak ~1e-10 relative
+    bs = [bt.clone() for bt in Bts]
+    got = factors_objective(ck.kind, ck.q, ck.s, bs, leaky)
+    assert got == pytest.approx(float(dense_objective(As, Bts, cs, bs, inside)), rel=1e-6)
+    # a site with nothing to fit and nothing fitted is scored 0, not refused
+    zero_bts = [torch.zeros_like(Bts[0]), Bts[1], Bts[2]]
+    zk = CalibratedKind.build(As, zero_bts, S, 0.0)
+    got = factors_objective(zk.kind, zk.q, zk.s, [torch.zeros(6, 2, dtype=F64), bs[1], bs[2]], inside)
+    assert got == pytest.approx(float(dense_objective(As, zero_bts, cs, [torch.zeros(6, 2, dtype=F64), bs[1], bs[2]],
+                                                      inside)), rel=1e-9)
+    res = converters.convert_kind_calibrated("shareb", As, Bts, S, 2, lam=0.0)
+    tilted = torch.linalg.qr(q + 1e-6 * normal.T[:, :1].expand(8, q.shape[1])).Q  # A's leak ~1e-12 relative
+    assert converters.calibrated_objective(As, Bts, S, tilted, res) == pytest.approx(res.raw_objective, rel=1e-4)
+    zero_as = [torch.zeros_like(As[0]), As[1], As[2]]
+    zq = converters.calibration_basis(zero_as)
+    zres = converters.convert_kind("shareb", zero_as, Bts, 2)
+    zs = [torch.eye(zq.shape[1], dtype=F64)] * 3
+    assert converters.calibrated_objective(zero_as, Bts, zs, zq, zres) == pytest.approx(zres.error, rel=1e-9)
+
+
+def test_calibrated_objective_takes_results_of_any_dtype_and_defaults_to_raw():
+    As, Bts, cs, q, S = tiny_case(10, n_sites=3, n_out=6, n_in=8, ranks=2)
+    res32 = converters.convert_kind_calibrated("sharea", [a.float() for a in As], [bt.float() for bt in Bts],
+                                               S, 2, lam=0.2)
+    want = result_objective(As, Bts, cs, res32)
+    assert converters.calibrated_objective(As, Bts, S, q, res32) == pytest.approx(want, rel=1e-6)
+    assert converters.calibrated_objective(As, Bts, S, q.float(), res32.result) == pytest.approx(want, rel=1e-5)
+    damped = result_objective(As, Bts, damped_dense(cs, q, 0.2), res32)
+    assert converters.calibrated_objective(As, Bts, S, q, res32, lam=0.2) == pytest.approx(damped, rel=1e-6)
 
 
 def test_finish_fields():
@@ -245,11 +304,7 @@ def test_shareab_is_the_dense_closed_form(lam):
 def test_shareab_identity_statistics_caps_and_refusal():
     As, Bts, identity = _identity_case(21, n_sites=4, n_out=5, n_in=8, ranks=2)
     for k in (1, 3):
-        ours = convert("shareab", As, Bts, identity, k)
-        today = plain("shareab", As, Bts, k)
-        assert max_rel_diff(products(ours), products(today)) <= 1e-9
-        assert ours.objective == pytest.approx(today.error, rel=1e-9)
-        torch.testing.assert_close(ours.result.spectrum, today.spectrum, rtol=1e-9, atol=1e-9 * float(today.spectrum[0]))
+        _same_as_plain("shareab", As, Bts, identity, k, 1e-9)
     ck = CalibratedKind.build(As, Bts, identity, 0.0)
     # capped at min(n_in, n_out) = 5, beyond p = 8: A keeps 5 orthonormal rows
     res = convert_shareab_calibrated(ck, 9)
@@ -261,6 +316,8 @@ def test_shareab_identity_statistics_caps_and_refusal():
     torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=F64), rtol=1e-10, atol=1e-10)
     today = plain("shareab", wide[0], wide[1], 4)
     assert max_rel_diff(products(res), products(today)) <= 1e-9
+    capped = convert_shareab_calibrated(CalibratedKind.build(*wide, 0.0), 8)  # capped at n_in = 6 < n_out
+    assert capped.result.rank == 6 and capped.result.a_tensors[0].shape == (6, 6)
     with pytest.raises(ValueError, match="^rank must be positive, got 0$"):
         convert_shareab_calibrated(ck, 0)
 
@@ -318,9 +375,12 @@ def test_a_step_solves_the_normal_equations(partition):
     st = problem.state(z, partition)
     want = _dense_a_step(problem, st)
     torch.testing.assert_close(problem.a_step(st), want, rtol=1e-8, atol=1e-8 * float(want.norm()))
-    # already at the solution: CG stops at once
-    solved = csa.AlternationState(want, partition, st.p, st.objective)
-    torch.testing.assert_close(problem.a_step(solved), want, rtol=1e-12, atol=1e-12)
+    # within CG_TOL of the right-hand side (relative): CG stops at once and returns Z as given
+    rhs_norm = float(sum((p_g.T @ ck.b[l] @ ck.a[l] @ ck.s[l] for g, p_g in zip(partition, st.p) for l in g)).norm())
+    assert rhs_norm > 10  # so that a target of CG_TOL / |rhs| would be a different one
+    near = want + 1e-12 * torch.randn(want.shape, dtype=F64, generator=torch.Generator().manual_seed(2)) * float(want.norm())
+    solved = csa.AlternationState(near, partition, st.p, st.objective)
+    assert torch.equal(problem.a_step(solved), near)
 
 
 def test_a_step_preconditioner_is_exact_for_proportional_statistics(monkeypatch):
@@ -355,12 +415,7 @@ def test_a_step_never_raises_the_objective_with_a_capped_solve(monkeypatch):
 def test_sharea_identity_statistics_give_plain_sharea_and_fields():
     As, Bts, identity = _identity_case(34, n_sites=4, n_out=7, n_in=8, ranks=2)
     for k in (1, 3):
-        ours = convert("sharea", As, Bts, identity, k)
-        today = plain("sharea", As, Bts, k)
-        assert max_rel_diff(products(ours), products(today)) <= 1e-8
-        assert ours.objective == pytest.approx(today.error, rel=1e-8)
-        torch.testing.assert_close(ours.result.spectrum, today.spectrum, rtol=1e-9, atol=1e-9 * float(today.spectrum[0]))
-        r = ours.result
+        r = _same_as_plain("sharea", As, Bts, identity, k, 1e-8).result
         assert (r.method, r.rank, r.a_index, r.b_index, r.groups) == ("sharea", k, [0] * 4, [0, 1, 2, 3],
                                                                       [[0], [1], [2], [3]])
         assert len(r.b_tensors) == 4 and r.a_tensors[0].shape == (k, 8)
@@ -376,7 +431,7 @@ def test_sharea_objective_history_and_b_optimality():
     history = res.objective_history
     assert len(history) > 2 and all(b < a for a, b in zip(history, history[1:]))
     assert history[-1] == pytest.approx(res.objective, rel=1e-9)
-    assert 1 <= res.iterations <= res.total_iterations
+    assert 1 <= res.iterations < res.total_iterations  # three starts: the kept run's rounds and all rounds
     (a,) = res.result.a_tensors
     torch.testing.assert_close(a @ a.T, torch.eye(2, dtype=F64), rtol=1e-10, atol=1e-10)
     for dw, c, bb in zip(dense_updates(As, Bts), c_tilde, res.result.b_tensors):
@@ -431,7 +486,8 @@ def test_sharea_starts_and_random_rows():
     torch.testing.assert_close(rows[0], orthonormal_rows(torch.randn(2, ck.p, generator=gen, dtype=F64)))
     starts, spectrum = csa.sharea_starts(problem, 2, 2)
     assert len(starts) == 4 and all(s.partition == [[0], [1], [2], [3]] for s in starts)
-    torch.testing.assert_close(starts[2].z, rows[0]) and torch.testing.assert_close(starts[3].z, rows[1])
+    torch.testing.assert_close(starts[2].z, rows[0])
+    torch.testing.assert_close(starts[3].z, rows[1])
     # start 0: plain ShareA's rows (top-k of the unweighted stack); start 1: the mean-whitened optimum
     dws = [ck.u @ b @ a for a, b in zip(ck.a, ck.b)]  # D_l in basis Q (rows), full height
     _, _, vh = torch.linalg.svd(torch.cat(dws), full_matrices=False)
@@ -475,6 +531,11 @@ def test_alternate_and_best_run_bookkeeping(monkeypatch):
 
     kept, h3, _ = csa.alternate(problem, start, 1, 1e-9, regroup=better)
     assert h3[-1] == h3[-2] * 0.5 and kept.objective == h3[-1]
+    same = lambda s: csa.AlternationState(s.z, s.partition, s.p, s.objective)  # noqa: E731
+    assert csa.alternate(problem, start, 200, 1e-9, regroup=same)[1] == history  # an equal proposal is not a step
+    # no rounds: the start as it is
+    none, h0, n0 = csa.alternate(problem, start, 0, 1e-9)
+    assert (none, h0, n0) == (start, [start.objective], 0)
     # best_run keeps the lowest end, the first on ties; counts rounds of the kept run and of all
     starts = [start, problem.state(csa.random_rows(problem, 2, 2)[1], partition), start]
     runs = [csa.alternate(problem, s, 50, 1e-9) for s in starts]
@@ -484,6 +545,54 @@ def test_alternate_and_best_run_bookkeeping(monkeypatch):
     assert kept_rounds == runs[lowest][2] and total == sum(r[2] for r in runs)
     tie, _, (_, total) = csa.best_run(problem, [start, start], 50, 1e-9)
     assert total == 2 * runs[0][2] and tie.objective == runs[0][0].objective
+    # with no rounds every start ends as it is: of two equal ones the first is kept
+    twin = problem.state(z0.clone(), partition)
+    kept, _, rounds = csa.best_run(problem, [start, twin], 0, 1e-9)
+    assert kept is start and rounds == (0, 0)
+    flipped = problem.state(-z0, partition)
+    # the regroup hook reaches every alternation
+    seen = []
+    csa.best_run(problem, [start, flipped], 3, 1e-9, regroup=lambda s: seen.append(1))
+    assert len(seen) >= 2
+
+
+class _Recording(csa.SharedRowsProblem):
+    """Records every A-step's output and every point the alternation scores."""
+
+    def __init__(self, ck):
+        super().__init__(ck)
+        self.moved, self.scored = [], []
+
+    def a_step(self, st):
+        self.moved.append(super().a_step(st))
+        return self.moved[-1]
+
+    def state(self, z, partition):
+        out = super().state(z, partition)
+        self.scored.append(out)
+        return out
+
+
+def test_alternate_line_search_follows_the_documented_schedule():
+    """Each round scores the A-step's rows and the move stretched by beta; beta starts at 2, doubles
+    (to 64 at most) when the stretched point is lower, halves (to 2 at least) when not."""
+    _, _, _, _, ck, _ = _problem(46, lam=0.0, n_sites=6, n_out=9, n_in=14, ranks=3, deviation=1.0)
+    problem = _Recording(ck)
+    start = problem.state(csa.random_rows(problem, 3, 1)[0], [[l] for l in range(6)])
+    problem.scored.clear()
+    st, history, rounds = csa.alternate(problem, start, 60, 1e-14)
+    assert len(problem.moved) == rounds and len(problem.scored) == 2 * rounds
+    exponent, current, exponents = 1, start, []  # beta = 2 ** exponent, exponent in 1..6
+    for moved, refit, stretched in zip(problem.moved, problem.scored[::2], problem.scored[1::2]):
+        torch.testing.assert_close(refit.z, orthonormal_rows(moved), rtol=0, atol=0)
+        beta = 2.0 ** exponent
+        torch.testing.assert_close(stretched.z, orthonormal_rows(current.z + beta * (moved - current.z)), rtol=0, atol=0)
+        exponents.append(exponent)
+        lower = stretched if stretched.objective < refit.objective else refit
+        exponent = min(exponent + 1, 6) if lower is stretched else max(exponent - 1, 1)
+        current = lower if lower.objective < current.objective else current
+    assert current.objective == st.objective and history[-1] == st.objective
+    assert max(exponents) >= 3 and min(exponents[1:]) <= 2  # both branches taken
 
 
 # ---------------------------------------------------------------- calibrated_aslora.py
@@ -550,7 +659,8 @@ def test_aslora_given_partition_objective_and_b_optimality():
     assert res.result.groups == [[0, 3], [1, 2]] and res.result.b_index == [0, 1, 1, 0]
     assert res.objective == pytest.approx(result_objective(As, Bts, c_tilde, res), rel=1e-10)
     history = res.objective_history
-    assert all(b < a for a, b in zip(history, history[1:])) and history[-1] == pytest.approx(res.objective, rel=1e-9)
+    assert len(history) > 1 and all(b < a for a, b in zip(history, history[1:]))
+    assert history[-1] == pytest.approx(res.objective, rel=1e-9)
     (a,) = res.result.a_tensors
     dws = dense_updates(As, Bts)
     for g, bb in zip(res.result.groups, res.result.b_tensors):
@@ -587,11 +697,12 @@ def test_propose_partition_is_the_documented_weighted_grouping(grouping):
     p = converters.calibration_basis(As).shape[1]
     # per-site scales differing strongly: the weights matter
     S = [(_sym_psd(gen, p) + torch.eye(p, dtype=F64)) * scale for scale in (1, 5, 0.2, 3, 1, 0.5)]
-    ck = CalibratedKind.build(As, Bts, S, 0.0)
-    problem = csa.SharedRowsProblem(ck)
-    for z in csa.random_rows(problem, 2, 3):
-        for n in (2, 3):
-            assert propose_partition(problem, z, n, grouping) == _dense_proposal(ck, z, n, grouping)
+    for overall in (1.0, 1e-14):  # the zero-weight floor is relative: tiny statistics group the same
+        ck = CalibratedKind.build(As, Bts, [s * overall for s in S], 0.0)
+        problem = csa.SharedRowsProblem(ck)
+        for z in csa.random_rows(problem, 2, 3):
+            for n in (2, 3):
+                assert propose_partition(problem, z, n, grouping) == _dense_proposal(ck, z, n, grouping)
 
 
 def test_aslora_regroups_and_never_loses_to_its_kept_partition():
@@ -604,3 +715,41 @@ def test_aslora_regroups_and_never_loses_to_its_kept_partition():
     assert 1 <= free.iterations <= free.total_iterations
     history = free.objective_history
     assert all(b < a for a, b in zip(history, history[1:]))
+
+
+def test_aslora_starts_are_the_plain_and_mean_whitened_optima_for_a_given_partition():
+    from converters.calibrated_aslora import aslora_starts
+
+    _, _, _, _, ck, problem = _problem(47, lam=0.05, n_sites=4, n_out=7, n_in=9, ranks=2, deviation=0.8)
+    partition = [[0, 3], [1, 2]]
+    starts = aslora_starts(problem, 2, partition, "any", 1)
+    assert len(starts) == 3 and all(st.partition == partition for st in starts)
+    dws = [ck.u @ b @ a for a, b in zip(ck.a, ck.b)]  # D_l in basis Q (rows)
+    root, inv_root = csa.mean_whitening(ck)
+
+    def top_rows(mats):
+        stack = torch.cat([sum(mats[l] for l in g) / len(g) ** 0.5 for g in partition])
+        return torch.linalg.svd(stack, full_matrices=False)[2][:2]
+
+    def same_span(x, y):
+        return float((x.T @ x - y.T @ y).norm()) <= 1e-9
+
+    assert same_span(starts[0].z, top_rows(dws))
+    white = orthonormal_rows(top_rows([d @ root for d in dws]) @ inv_root)
+    assert same_span(starts[1].z, white)
+    torch.testing.assert_close(starts[2].z, csa.random_rows(problem, 2, 1)[0])
+
+
+def test_aslora_direct_call_defaults_and_one_group():
+    """convert_aslora_calibrated regroups by default (a poor partition is left, seed 77 as in
+    test_converters_contracts.py); one group is ShareAB's form, whose closed form it reaches."""
+    As, Bts, cs, _, S = tiny_case(77, n_sites=4, n_out=6, n_in=8, ranks=2)
+    ck = CalibratedKind.build(As, Bts, S, 0.0)
+    given = [[0, 3], [1, 2]]
+    moved = convert_aslora_calibrated(ck, 2, given)
+    kept = convert_aslora_calibrated(ck, 2, given, regroup=False)
+    assert kept.result.groups == given and moved.result.groups != given
+    assert moved.objective < kept.objective * (1 - 1e-6)
+    one = convert_aslora_calibrated(ck, 2, 1, tol=1e-12)
+    assert one.result.groups == [[0, 1, 2, 3]] and len(one.result.b_tensors) == 1
+    assert one.objective == pytest.approx(convert_shareab_calibrated(ck, 2).objective, rel=1e-6)
