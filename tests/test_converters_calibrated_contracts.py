@@ -322,6 +322,32 @@ def test_shareab_identity_statistics_caps_and_refusal():
         convert_shareab_calibrated(ck, 0)
 
 
+# ---------------------------------------------------------------- calibrated_shareb.py
+
+def test_shareb_is_the_dense_eigen_solve():
+    """Module doc: U is the top-k eigenvectors of G = sum_l dW_l C~_l dW_l^T, A'_l = U^T dW_l, and
+    objective(k) = energy - (top k eigenvalues of G)."""
+    from converters.calibrated_shareb import convert_shareb_calibrated
+
+    As, Bts, cs, q, S = tiny_case(23, n_sites=3, n_out=7, n_in=9, ranks=[2, 3, 1])
+    lam = 0.05
+    c_tilde = damped_dense(cs, q, lam)
+    dws = dense_updates(As, Bts)
+    values, vectors = torch.linalg.eigh(sum(dw @ c @ dw.T for dw, c in zip(dws, c_tilde)))
+    values, vectors = values.flip(0), vectors.flip(1)
+    ck = CalibratedKind.build(As, Bts, S, lam)
+    for k in (1, 2, 4):
+        res = convert_shareb_calibrated(ck, k)
+        u = vectors[:, :k]
+        assert max_rel_diff(products(res), [u @ u.T @ dw for dw in dws]) <= 1e-8
+        torch.testing.assert_close(res.result.spectrum[:6], values[:6], rtol=1e-8, atol=1e-10 * float(values[0]))
+        assert res.objective == pytest.approx(res.result.energy - float(values[:k].sum()), rel=1e-9)
+        r = res.result
+        assert (r.method, r.rank, r.a_index, r.b_index, r.groups) == ("shareb", k, [0, 1, 2], [0] * 3, [[0, 1, 2]])
+    with pytest.raises(ValueError, match="^rank must be positive, got 0$"):
+        convert_shareb_calibrated(ck, 0)
+
+
 # ---------------------------------------------------------------- calibrated_sharea.py
 
 def _problem(seed, lam=0.05, **kw):
