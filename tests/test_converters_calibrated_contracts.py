@@ -621,6 +621,55 @@ def test_alternate_line_search_follows_the_documented_schedule():
     assert max(exponents) >= 3 and min(exponents[1:]) <= 2  # both branches taken
 
 
+class _OnCircle:
+    """A stand-in problem for ``alternate`` (it needs only ``a_step`` and ``state``): one row z in the
+    plane, objective ``1 - (z . t)^2``, the A-step a small move towards +-t. Far from t, stretching
+    the move always lands lower; with ``flat`` every point scores the same."""
+
+    def __init__(self, step=1e-4, flat=False, values=None):
+        self.t = torch.tensor([0.1736, 0.9848], dtype=F64)  # 80 degrees from the start
+        self.step, self.flat, self.scored = step, flat, []
+        self.values = values  # scripted objectives, one per scored point, instead of the formula
+
+    def state(self, z, partition):
+        if self.values is not None:
+            value = self.values[len(self.scored)]
+        else:
+            value = 0.5 if self.flat else float(1 - (z[0] @ self.t) ** 2)
+        self.scored.append(z)
+        return csa.AlternationState(z, partition, [], value)
+
+    def a_step(self, st):
+        toward = torch.sign(st.z[0] @ self.t) * self.t
+        return st.z + self.step * (toward - st.z)
+
+
+def test_alternate_beta_doubles_up_to_64_and_equal_points_are_no_step():
+    problem = _OnCircle()
+    start = problem.state(torch.tensor([[1.0, 0.0]], dtype=F64), [[0]])
+    problem.scored.clear()
+    st, history, rounds = csa.alternate(problem, start, 8, 0.0)
+    assert rounds == 8 and len(history) == 9 and all(b < a for a, b in zip(history, history[1:]))
+    z = start.z
+    for beta, stretched in zip([2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 64.0, 64.0], problem.scored[1::2]):
+        moved = problem.a_step(csa.AlternationState(z, [[0]], [], 0.0))
+        torch.testing.assert_close(stretched, orthonormal_rows(z + beta * (moved - z)), rtol=0, atol=0)
+        z = stretched
+    # every point as good as the start: nothing is a step, one round and the history has the start only
+    flat = _OnCircle(flat=True)
+    start = flat.state(torch.tensor([[1.0, 0.0]], dtype=F64), [[0]])
+    st, history, rounds = csa.alternate(flat, start, 8, 1e-9)
+    assert (st, history, rounds) == (start, [0.5], 1)
+    # a stretched point that only ties the plain step does not beat it: the plain step is kept, beta halves
+    scripted = _OnCircle(values=[1.0, 0.5, 0.5, 0.4, 0.45])
+    start = scripted.state(torch.tensor([[1.0, 0.0]], dtype=F64), [[0]])
+    st, history, rounds = csa.alternate(scripted, start, 2, 0.0)
+    assert history == [1.0, 0.5, 0.4] and rounds == 2
+    kept = scripted.scored[1]
+    moved = scripted.a_step(csa.AlternationState(kept, [[0]], [], 0.0))
+    torch.testing.assert_close(scripted.scored[4], orthonormal_rows(kept + 2.0 * (moved - kept)), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- calibrated_aslora.py
 
 def test_grouped_directions_against_dense():
