@@ -23,7 +23,7 @@ Both half-problems are least squares:
 After the A-step Z is re-orthonormalised (its row space is all that matters once B is refit), then
 B is refit; the same move stretched further is tried as well (line search, see ``alternate``).
 A step is kept only if the objective (recomputed exactly) falls, so the history never
-increases; the rounds stop when a round lowers it by less than ``tol`` (relative) or after
+increases; the rounds stop when a round lowers it by at most ``tol`` (relative), or after
 ``max_iterations``.
 
 Starts: two exact solutions of nearby problems, the plain (unweighted) ShareA A and the A that is
