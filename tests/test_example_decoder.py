@@ -4,10 +4,17 @@ data that the examples ship."""
 from tests.examples_runner import EXAMPLES, load_example, run_example
 
 
+def _without_onnx(results: dict) -> dict:
+    return {**results, "skipped": None, "plans": [{**plan, "onnx": None} for plan in results["plans"]]}
+
+
 def test_decoder_fidelity_and_deterministic_rerun(tmp_path):
     first = run_example("tiny_llama_decoder", tmp_path / "a", [])
-    second = run_example("tiny_llama_decoder", tmp_path / "b", [])
-    assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+    # the rerun leaves out the ONNX step (export bytes are checked for determinism in
+    # test_hardening_models.py): everything before it must come out the same, to the last bit
+    second = run_example("tiny_llama_decoder", tmp_path / "b", ["--skip", "export"])
+    assert second["skipped"] == ["export"] and all(plan["onnx"] is None for plan in second["plans"])
+    assert _without_onnx(second) == _without_onnx(first)
 
     assert first["lora"]["max_logit_diff_vs_peft"] < 1e-4
     assert first["lora"]["attached"]["rule_accuracy"] > first["base"]["rule_accuracy"] + 0.5
@@ -22,7 +29,6 @@ def test_decoder_fidelity_and_deterministic_rerun(tmp_path):
         # ONNX Runtime runs the recovered adapter: the same next-token predictions, the same KL
         assert plan["onnx"]["top1"] == plan["recovered"]["top1"], label
         assert abs(plan["onnx"]["kl"] - plan["recovered"]["kl"]) < 1e-5, label
-    assert second == first
 
 
 def test_topics_data_is_reproduced_byte_for_byte_and_splits_are_disjoint():
