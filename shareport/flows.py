@@ -155,8 +155,8 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
         if tokens < q.shape[1]:
             raise ShareportError(f"{data_path}: {tokens} calibration tokens in {len(sequences)} example(s), fewer "
                                  f"than the {q.shape[1]} dimensions of {kind}'s statistics; give more data")
-    info = {"data": str(data_path), "base": str(base_dir), "samples": len(sequences), "tokens": tokens,
-            "max_length": max_length, "statistics_bytes": stats.nbytes()}
+    info = {"data": str(data_path), "base": str(base_dir), "samples": len(sequences), "examples": len(data),
+            "tokens": tokens, "max_length": max_length, "statistics_bytes": stats.nbytes()}
     return Calibration(stats.statistics, ridge, info), seconds
 
 

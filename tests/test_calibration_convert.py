@@ -127,6 +127,7 @@ def test_reported_objective_is_the_written_adapters(setup, tmp_path, to):
     # a plain PEFT LoRA (--to lora) has no provenance: the report holds the same record
     recorded = written.provenance["history"][-1]["calibration"] if to != "lora" else data["calibration"]
     assert to == "lora" or {**recorded, "seconds": data["calibration"]["seconds"]} == data["calibration"]
+    assert recorded["examples"] == len(load_data(setup["text"], setup["base"], 128)) > SAMPLES
     assert recorded["samples"] == SAMPLES and recorded["tokens"] == sum(stats.tokens.values()) // len(stats.tokens)
     assert recorded["ridge"] == converters.DEFAULT_RIDGE and recorded["data"] == str(setup["text"])
     recomputed = _written_objective(adapter, written, stats, converters.DEFAULT_RIDGE)

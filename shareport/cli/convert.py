@@ -103,7 +103,9 @@ def render(data: dict) -> str:
                                         f"{data['winner']} has the least error"))
     if "calibration" in data:
         c = data["calibration"]
-        parts.append(f"calibrated on {c['data']}: {c['samples']} examples, {c['tokens']:,} tokens, ridge "
+        drawn = (f"all {c['samples']:,} examples" if c["samples"] == c["examples"]
+                 else f"{c['samples']:,} of its {c['examples']:,} examples (drawn across the file)")
+        parts.append(f"calibrated on {c['data']}: {drawn}, {c['tokens']:,} tokens, ridge "
                      f"{c['ridge']:g}, {c['seconds']:.1f} s; errors below are output errors on those inputs")
         parts.append(format_table(["kind", "plain objective", "calibrated objective"],
                                   [(name, v["plain_objective"], v["objective"]) for name, v in c["kinds"].items()]))
