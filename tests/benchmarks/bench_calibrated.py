@@ -87,6 +87,7 @@ class Settings:
     cap: int = 150  # recovery steps at most
     every: int = 10  # held-out accuracy every this many steps
     eval_batch: int = 32
+    recover_lr: float = frontier.Settings.recover_lr  # the frontier's recovery learning rate
 
 
 class Reached(Exception):
@@ -97,7 +98,7 @@ class Context:
     """What every point shares: folders, the LoRA, its score and the statistics for the error columns."""
 
     def __init__(self, out: Path, s: Settings):
-        self.out, self.s, self.f = out, s, frontier.Settings()
+        self.out, self.s, self.f = out, s, frontier.Settings(recover_lr=s.recover_lr)
         self.data = out / "data"
         stage(out, "data", lambda: docstrings_data.write_fresh(self.data))
         self.base = minilm.write_base_folder(out, docstrings_data.CLASSES)
@@ -328,16 +329,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=Settings.samples, help="calibration sequences")
     parser.add_argument("--cap", type=int, default=Settings.cap, help="recovery steps at most (0: no recovery)")
     parser.add_argument("--every", type=int, default=Settings.every, help="held-out accuracy every N steps")
+    parser.add_argument("--recover-lr", type=float, default=Settings.recover_lr,
+                        help="recovery learning rate (constant; the frontier's by default)")
     parser.add_argument("--diagnose", action="store_true", help="the truncation plan/projection/ridge ablation")
     parser.add_argument("--only-finished", action="store_true",
                         help="report the points already measured under --out (falling back to --cap 0 runs), "
                              "measure nothing new")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as bench_frontier: one thread on a shared machine, fixed float sums
-    s = Settings(samples=args.samples, cap=args.cap, every=args.every)
+    s = Settings(samples=args.samples, cap=args.cap, every=args.every, recover_lr=args.recover_lr)
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(args.out, s)
     tag = f"s{s.samples}-c{s.cap}-e{s.every}"  # settings that change a point's numbers
+    if s.recover_lr != Settings.recover_lr and s.cap:
+        tag += f"-lr{s.recover_lr:g}"
     results = {"settings": {**dataclasses.asdict(s), "frontier": dataclasses.asdict(ctx.f)}, "lora": ctx.lora_info,
                "lora_score": ctx.reference, "target_accuracy": ctx.target, "points": {}, "diagnosis": {}}
     for budget in args.budgets:
