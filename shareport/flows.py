@@ -79,20 +79,27 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             budget: float | None = None, groups: int | None = None, grouping: str = "any", overwrite: bool = False,
             allow_pickle: bool = False, plot: str | None = None, progress: bool = True,
             calibration: str | None = None, base: str | None = None,
-            calibration_samples: int = CALIBRATION_SAMPLES, calibration_max_length: int = CALIBRATION_MAX_LENGTH,
-            calibration_ridge: float = DEFAULT_RIDGE) -> dict:
+            calibration_samples: int | None = None, calibration_max_length: int | None = None,
+            calibration_ridge: float | None = None) -> dict:
     """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all.
 
     ``calibration`` (data: text, jsonl or tokenized, as ``finetune`` reads it) with ``base``:
     ``calibration_samples`` examples drawn across the file (``train.data.sample_examples``), cut to
-    ``calibration_max_length`` tokens, are run through the base
-    with the LoRA attached, and every form minimises the error of the update's outputs on those inputs
-    (``shareport.convert.Calibration``) instead of the plain Frobenius error.
+    ``calibration_max_length`` tokens, are run through the base with the LoRA attached, and every form
+    minimises the error of the update's outputs on those inputs (``shareport.convert.Calibration``)
+    instead of the plain Frobenius error. The three ``calibration_*`` settings default to
+    ``CALIBRATION_SAMPLES``, ``CALIBRATION_MAX_LENGTH`` and ``converters.DEFAULT_RIDGE``; given without
+    ``calibration`` they are refused (they would do nothing).
     """
     out = out or default_convert_output(lora_dir, to)
     if (calibration is None) != (base is None):
         raise ShareportError("--calibration needs --base (the model to run the data through)" if base is None
                              else "--base is only used with --calibration DATA")
+    settings = {"--calibration-samples": calibration_samples, "--calibration-max-length": calibration_max_length,
+                "--calibration-ridge": calibration_ridge}
+    unused = [flag for flag, value in settings.items() if value is not None]
+    if calibration is None and unused:
+        raise ShareportError(f"{unused[0]} is only used with --calibration DATA")
     adapter = load_adapter(lora_dir, allow_pickle=allow_pickle, stream=True)  # inputs, then outputs, then the work
     inputs = [lora_dir] + [p for p in (calibration, base) if p]
     check_output(out, overwrite, inputs)
@@ -100,8 +107,10 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
         check_plot_path(plot, overwrite, inputs)
     stats, seconds = None, None
     if calibration is not None:
-        stats, seconds = _calibration_statistics(adapter, calibration, base, calibration_samples,
-                                                 calibration_max_length, calibration_ridge)
+        stats, seconds = _calibration_statistics(
+            adapter, calibration, base, CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
+            CALIBRATION_MAX_LENGTH if calibration_max_length is None else calibration_max_length,
+            DEFAULT_RIDGE if calibration_ridge is None else calibration_ridge)
     with _kind_progress(conversion_steps(adapter, to), progress) as tick:
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
                                          grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir),
@@ -132,16 +141,26 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
     import torch
 
     from .model import load_base_model
-    from .model.calibration import collect_statistics
-    from .train.data import load_data, pad_token_id, sample_examples
+    from .model.calibration import collect_statistics, kind_bases
+    from .train.data import SAMPLE_SEED, load_data, pad_token_id, sample_examples
 
     if samples < 1:
         raise ShareportError(f"--calibration-samples must be at least 1, got {samples}")
+    if max_length < 2:
+        raise ShareportError(f"--calibration-max-length must be at least 2, got {max_length}")
     if not ridge >= 0:
         raise ShareportError(f"--calibration-ridge must be >= 0, got {ridge}")
     data = load_data(data_path, base_dir, max_length)
     sequences = sample_examples(data, samples).sequences
     tokens = sum(len(seq) for seq in sequences)
+    # before the (slow) model load: each kind's p x p statistics need at least p tokens
+    for kind, (_, q) in kind_bases(adapter).items():
+        if tokens < q.shape[1]:
+            more = ("raise --calibration-samples" if len(sequences) < len(data)
+                    else "give more data, or raise --calibration-max-length")
+            raise ShareportError(f"{data_path}: {tokens} calibration tokens in {len(sequences)} of the file's "
+                                 f"{len(data)} example(s), fewer than the {q.shape[1]} dimensions of {kind}'s "
+                                 f"statistics; {more}")
     model = load_base_model(base_dir, adapter.task_type, carried=adapter.extra_tensors)
     started = time.perf_counter()
     try:
@@ -151,12 +170,9 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
         message = str(exc)
         raise ShareportError(message if message.startswith(str(base_dir)) else f"{base_dir}: {message}") from None
     seconds = time.perf_counter() - started
-    for kind, q in stats.bases.items():
-        if tokens < q.shape[1]:
-            raise ShareportError(f"{data_path}: {tokens} calibration tokens in {len(sequences)} example(s), fewer "
-                                 f"than the {q.shape[1]} dimensions of {kind}'s statistics; give more data")
     info = {"data": str(data_path), "base": str(base_dir), "samples": len(sequences), "examples": len(data),
-            "tokens": tokens, "max_length": max_length, "statistics_bytes": stats.nbytes()}
+            "sample_seed": SAMPLE_SEED, "tokens": tokens, "max_length": max_length,
+            "statistics_bytes": stats.nbytes()}
     return Calibration(stats.statistics, ridge, info), seconds
 
 

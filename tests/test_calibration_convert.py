@@ -204,6 +204,12 @@ def test_bad_calibration_input(setup, tmp_path, cli):
         (["--calibration", text, "--base", base, "--calibration-samples", "0"], "--calibration-samples"),
         (["--calibration", text, "--base", base, "--calibration-ridge", "-1"], "--calibration-ridge"),
         (["--calibration", tmp_path / "missing.txt", "--base", base], "missing.txt"),
+        (["--calibration-samples", "5"], "--calibration-samples is only used with --calibration"),
+        (["--calibration-ridge", "0.1"], "--calibration-ridge is only used with --calibration"),
+        (["--calibration", text, "--base", base, "--calibration-max-length", "1"], "--calibration-max-length"),
+        # one example drawn of the file's many: the fix is more samples, said before the model loads
+        (["--calibration", text, "--base", base, "--calibration-samples", "1", "--calibration-max-length", "8"],
+         "raise --calibration-samples"),
     ]
     for args, named in cases:
         out = tmp_path / "out"

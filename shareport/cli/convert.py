@@ -78,11 +78,19 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calib
     on stderr (also under "warnings" in --json). The output is shareport's native format (or
     PEFT when the result is a plain LoRA).
     """
+    source = click.get_current_context().get_parameter_source
+
+    def given(name, value):
+        # a calibration setting left at its default is passed as None, so that the library can refuse
+        # one given without --calibration (it would do nothing) and still apply the default with it
+        return None if source(name) is click.core.ParameterSource.DEFAULT else value
+
     data = flows.convert(lora_dir, to, out, rank=rank, energy=energy, budget=budget, groups=groups,
                          grouping=grouping, overwrite=overwrite, allow_pickle=allow_pickle, plot=plot,
                          progress=not as_json, calibration=calibration, base=base,
-                         calibration_samples=calibration_samples, calibration_max_length=calibration_max_length,
-                         calibration_ridge=calibration_ridge)
+                         calibration_samples=given("calibration_samples", calibration_samples),
+                         calibration_max_length=given("calibration_max_length", calibration_max_length),
+                         calibration_ridge=given("calibration_ridge", calibration_ridge))
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)

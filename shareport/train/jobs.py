@@ -131,7 +131,8 @@ def check_inputs(base_dir, data_path, adapter_dirs=(), pack: bool = False) -> li
     if not Path(data_path).exists():
         raise ShareportError(f"{data_path}: data file not found")
     if pack:
-        loads = auto_class_name(next((a.task_type for a in adapters if a.task_type), None), config)
+        # the last adapter (recovery's teacher) decides first, as recovery_job loads the base
+        loads = auto_class_name(next((a.task_type for a in reversed(adapters) if a.task_type), None), config)
         if loads != CAUSAL_LM_CLASS:
             raise ShareportError(f"--pack needs a causal LM: {base_dir} loads as {loads}, which gives one output "
                                  "per row, and a packed row holds several examples")
