@@ -104,7 +104,12 @@ def test_pack_with_a_classifier_base_is_refused_before_any_model_loads(tmp_path,
         flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
                     options=TrainingOptions(steps=1, pack=True))
     assert not (tmp_path / "out").exists()
-    # the same base without --pack gets past the check (and reaches the model load)
+    # the same base without --pack, and a causal base with it, get past the check (to the model load)
     with pytest.raises(AssertionError, match="loaded before"):
         flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
                     options=TrainingOptions(steps=1))
+    config["architectures"] = ["LlamaForCausalLM"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AssertionError, match="loaded before"):
+        flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
+                    options=TrainingOptions(steps=1, pack=True))
