@@ -154,7 +154,8 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
     sequences = sample_examples(data, samples).sequences
     tokens = sum(len(seq) for seq in sequences)
     # before the (slow) model load: each kind's p x p statistics need at least p tokens
-    for kind, (_, q) in kind_bases(adapter).items():
+    bases = kind_bases(adapter)
+    for kind, (_, q) in bases.items():
         if tokens < q.shape[1]:
             more = ("raise --calibration-samples" if len(sequences) < len(data)
                     else "give more data, or raise --calibration-max-length")
@@ -165,7 +166,8 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
     started = time.perf_counter()
     try:
         with torch.no_grad():
-            stats = collect_statistics(model, adapter, sequences, pad_token_id(model.config), where=str(base_dir))
+            stats = collect_statistics(model, adapter, sequences, pad_token_id(model.config), where=str(base_dir),
+                                       bases=bases)
     except ShareportError as exc:
         message = str(exc)
         raise ShareportError(message if message.startswith(str(base_dir)) else f"{base_dir}: {message}") from None

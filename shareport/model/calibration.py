@@ -51,13 +51,15 @@ def kind_bases(adapter: Adapter) -> dict[str, tuple[list[str], torch.Tensor]]:
 
 
 def collect_statistics(model: nn.Module, adapter: Adapter, sequences: Sequence[Sequence[int]], pad_id: int,
-                       batch_size: int = 8, where: str = "base model") -> Statistics:
+                       batch_size: int = 8, where: str = "base model",
+                       bases: dict[str, tuple[list[str], torch.Tensor]] | None = None) -> Statistics:
     """Run ``sequences`` through ``model`` with ``adapter`` attached and accumulate every site's S_l.
 
     ``model`` is left with the adapter detached. A non-finite input at any site is refused,
-    naming the site and ``where`` (the base's folder).
+    naming the site and ``where`` (the base's folder). ``bases``: ``kind_bases(adapter)`` if the
+    caller already has it (one SVD per kind saved), else computed here.
     """
-    bases = kind_bases(adapter)
+    bases = kind_bases(adapter) if bases is None else bases
     attached = attach(model, adapter, dtype=torch.float32)
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
