@@ -49,7 +49,7 @@ from converters.truncate import _plan as plan_from_spectra  # noqa: E402
 from shareport.adapter import Adapter  # noqa: E402
 from shareport.convert import kind_factors  # noqa: E402
 from shareport.model import attach, load_base_model  # noqa: E402
-from shareport.train.data import load_data, pad_token_id, sample_examples  # noqa: E402
+from shareport.train.data import collate, load_data, pad_token_id, sample_examples  # noqa: E402
 
 F64 = torch.float64
 RIDGE = 1e-2
@@ -101,16 +101,12 @@ def statistics(ctx, bases, samples: int, draws: int) -> tuple[dict, dict, int]:
     draw = torch.Generator().manual_seed(0)
     try:
         for start in range(0, len(data), 16):
-            batch = data.sequences[start:start + 16]
-            width = max(len(seq) for seq in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
+            batch = collate(data, list(range(start, min(start + 16, len(data)))), pad)
+            mask = batch["attention_mask"]
             mask_now["mask"] = mask.bool()
             tokens[0] += int(mask.sum())
-            log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
             for d in range(draws):
                 classes = torch.multinomial(log_probs.detach().exp(), 1, generator=draw)  # (batch, 1)
                 model.zero_grad(set_to_none=True)
