@@ -62,7 +62,8 @@ def test_classifier_with_labels_reports_accuracy_and_uses_lm_loss(tmp_path, cli)
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
     result = cli("finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data",
-                 tmp_path / "d.jsonl", "--steps", 4, "--batch-size", 4, "--lm-loss", 0.5, "-o", out, "--json")
+                 tmp_path / "d.jsonl", "--steps", 4, "--batch-size", 4, "--lm-loss", 0.5, "--eval-fraction", 0.2,
+                 "-o", out, "--json")
     assert result.exit_code == 0, result.output
     after = json.loads((out / "training_report.json").read_text())["after"]
     assert set(after) >= {"kl", "top1_agreement", "label_loss", "accuracy"}

@@ -78,7 +78,7 @@ def test_packed_training_equals_unpacked(tmp_path, monkeypatch):
 def test_pack_is_refused_for_a_model_without_per_position_outputs():
     job = types.SimpleNamespace(model=torch.nn.Linear(2, 2), teacher=object(), train_data=None)
     with pytest.raises(ShareportError, match="--pack needs a causal LM"):
-        recipe_module._check_losses(Recipe(pack=True), job, causal=False)
+        recipe_module._check_recipe(Recipe(pack=True), job, causal=False)
 
 
 def test_pack_with_a_classifier_base_is_refused_before_any_model_loads(tmp_path, monkeypatch):

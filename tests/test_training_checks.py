@@ -11,6 +11,7 @@ from shareport import flows
 from shareport.files.adapters import load_adapter
 from shareport.model import attach, load_base_model
 from shareport.model.fresh import fresh_adapter
+from shareport.train import evaluation as evaluation_module
 from shareport.train import recipe as recipe_module
 from shareport.train.data import BatchOrder, TokenData, load_data, save_tokenized, split_heldout
 from shareport.train.jobs import TrainingOptions
@@ -64,6 +65,7 @@ def test_no_training_batch_contains_a_heldout_example(setup, tmp_path, monkeypat
         return real_collate(data, indices, pad)
 
     monkeypatch.setattr(recipe_module, "collate", spy_collate)
+    monkeypatch.setattr(evaluation_module, "collate", spy_collate)
     monkeypatch.setattr(flows, "run", spy_run)
     flows.recover(str(setup["shared"]), str(setup["base"]), str(setup["lora"]), str(setup["tokens"]),
                   str(tmp_path / "out"), options=TrainingOptions(steps=20, eval_fraction=0.2, **SMALL))

@@ -17,6 +17,11 @@ from .training_options import echo_report, recipe_options
               help="The original LoRA that SHARED_DIR was converted from.")
 @click.option("--lm-loss", "lm_loss", default=0.0, show_default=True, type=float,
               help="Weight of the data's own loss (next-token, or the 'label' field) added to the distillation.")
+@click.option("--hidden-weight", default=0.0, show_default=True, type=float,
+              help="Weight of a second distillation signal: the last hidden states at every token against the "
+                   "teacher's (mean squared error relative to their scale), besides the output KL.")
+@click.option("--temperature", default=1.0, show_default=True, type=float,
+              help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2).")
 @recipe_options("Output adapter folder [default: SHARED_DIR-recovered beside it].")
 def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, overwrite, as_json, **training) -> None:
     """Recover a shared adapter by distilling toward the LoRA it came from (no labels needed).
@@ -26,6 +31,11 @@ def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, ove
     Runs on CUDA with bf16 autocast when present, else on the CPU; for several GPUs use
     `accelerate launch -m shareport finetune ...`. With --merges/--groups it also merges B's
     on the ASLoRA schedule while recovering.
+
+    The learning rate warms up, then decays to zero (--schedule). The held-out split is
+    evaluated at step 0, every --eval-every steps and at the end, and the best adapter seen is
+    the one written (by held-out KL): recovery never publishes an adapter worse, on held-out
+    data, than the one it was given. Modules the conversion cut to rank 0 stay unadapted.
     """
     report = flows.recover(shared_dir, base_dir, teacher_dir, data_path, out, lm_loss=lm_loss,
                            options=TrainingOptions(**training), overwrite=overwrite)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from ..train.merging import MODES, PAIRS
+from ..train.recipe import DEFAULT_LR
+from ..train.schedule import DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES
 from .options import output_option
 from .table import format_table, to_json
 
@@ -13,12 +15,22 @@ _RECIPE_OPTIONS = [
                  help="A text file (one example a line), a .jsonl with 'text' (and 'label'), or a tokenized folder."),
     click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists."),
     click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."),
-    click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),
+    click.option("--lr", default=DEFAULT_LR, show_default=True, type=float,
+                 help="AdamW's peak learning rate (after the warmup; the schedule then lowers it)."),
+    click.option("--schedule", default=DEFAULT_SCHEDULE, show_default=True,
+                 help=f"How the learning rate falls after the warmup ({'|'.join(SCHEDULES)}): to zero along a "
+                      "cosine or a line, or not at all."),
+    click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, type=float,
+                 help="Share of the steps over which the learning rate rises linearly to --lr."),
+    click.option("--eval-every", type=int, default=None,
+                 help="Evaluate the held-out split every N steps (and at step 0 and the last); the best "
+                      "adapter evaluated is the one written [default: about 10% of the run's compute]."),
     click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Global batch (all processes)."),
     click.option("--max-length", default=128, show_default=True, type=int, help="Tokens per example, at most."),
     click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch order (and init)."),
     click.option("--eval-fraction", default=0.1, show_default=True, type=float,
-                 help="Share of the examples held out (a fixed split) for evaluation before and after."),
+                 help="Share of the examples held out (a fixed split): evaluated before, during (to keep the "
+                      "best step) and after."),
     click.option("--checkpoint-every", default=0, show_default=True, type=int,
                  help="Save a resumable checkpoint every N steps (0: never)."),
     click.option("--checkpoint-dir", type=click.Path(path_type=str), default=None,
@@ -62,12 +74,50 @@ def echo_report(out: str, report: dict, as_json: bool) -> None:
     rows = [(key, _fmt(before.get(key)), _fmt(after.get(key)))
             for key in ("kl", "top1_agreement", "hidden_mse", "lm_loss", "label_loss", "accuracy") if key in after]
     click.echo(format_table(["held-out metric", "before", "after"], rows))
+    click.echo(_curve_line(report))
     params = report["parameters"]
-    click.echo(f"parameters: {params['start']:,} -> {params['end']:,}; groups per kind: "
+    click.echo(f"parameters: {params['start']:,} -> {params['end']:,}; B matrices per kind: "
                + ", ".join(f"{k}={v}" for k, v in report["groups"].items()))
     for event in report.get("merges", []):
         click.echo(f"  step {event['step']}: {event['kind']} layers {event['merged']} -> B of {event['kept']}")
+    dropped = report["inputs"].get("teacher_only_sites")
+    if dropped:
+        click.echo(f"{len(dropped)} module(s) the teacher adapts are not adapted in the student (cut to rank 0 "
+                   f"by the conversion), e.g. {dropped[0]}")
+    worse = worse_metrics(before, after)
+    if worse:
+        click.echo("held-out numbers got worse: " + "; ".join(f"{k} {b:.4g} -> {a:.4g}" for k, b, a in worse))
     click.echo(f"wrote {out}")
+
+
+def _curve_line(report: dict) -> str:
+    """Which evaluated step was written, and the held-out curve in one line."""
+    key = "kl" if "kl" in report["after"] else next(
+        (k for k in ("hidden_mse", "label_loss", "lm_loss") if k in report["after"]), None)
+    points = ", ".join(f"{p['step']}: {p[key]:.4g}" for p in report["curve"] if key in p)
+    return (f"kept step {report['best_step']} (best {report['selected_by']}; evaluated every "
+            f"{report['eval_every']} steps): {key} at step {points}")
+
+
+# metric -> whether higher is better (dict-valued metrics compare the student's number)
+_DIRECTION = {"kl": False, "top1_agreement": True, "hidden_mse": False, "lm_loss": False, "label_loss": False,
+              "accuracy": True}
+
+
+def worse_metrics(before: dict, after: dict) -> list[tuple[str, float, float]]:
+    """(metric, before, after) for every held-out number that moved the wrong way."""
+    out = []
+    for key, higher in _DIRECTION.items():
+        if key not in before or key not in after:
+            continue
+        b, a = before[key], after[key]
+        if isinstance(b, dict):
+            b, a = b.get("student"), a.get("student")
+        if b is None or a is None:
+            continue
+        if (a < b) if higher else (a > b):
+            out.append((key, b, a))
+    return out
 
 
 def _fmt(value) -> str:

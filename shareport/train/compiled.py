@@ -42,3 +42,19 @@ def compiled_blocks(model: torch.nn.Module, backend) -> Iterator[int]:
         torch._dynamo.config.suppress_errors = suppress
         for block in blocks:
             block._compiled_call_impl = None  # what nn.Module.compile set: the block runs eagerly again
+
+
+@contextlib.contextmanager
+def eager_blocks(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, compiled transformer blocks run eagerly (their compiled code is kept for
+    after). Evaluation during training runs without gradients: compiled, it would add one graph per
+    role and padding mask for a few forwards per evaluation, against dynamo's recompile limit."""
+    blocks = transformer_blocks(model)
+    saved = [block._compiled_call_impl for block in blocks]
+    for block in blocks:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, impl in zip(blocks, saved):
+            block._compiled_call_impl = impl

@@ -7,6 +7,11 @@ of a causal LM, class logits of a classifier), else the last hidden states of an
   for a sequence classifier), and top-1 agreement;
 - hidden states: mean squared error per position.
 
+Recovery can add more signal per example than one KL per sequence (a 12-class classifier's KL
+carries a few bits): with ``hidden`` the outputs also hold the last hidden state of every counted
+position (every token of a classifier's input, not only the pooled one), compared by
+:func:`hidden_sum`, and ``temperature`` softens both distributions of the KL.
+
 Every loss is returned as a (sum, count) pair rather than a mean, so that the training loop can
 divide by the count over *all* processes: the gradient is then that of the global batch mean,
 whichever way the batch was split.
@@ -30,15 +35,20 @@ class Outputs:
 
     values: torch.Tensor  # (N, V)
     is_logits: bool
+    hidden: torch.Tensor | None = None  # (N', H): the last hidden state per counted position, when asked
 
 
-def model_outputs(model, batch: dict[str, torch.Tensor], causal: bool = False) -> tuple[Outputs, object]:
+def model_outputs(model, batch: dict[str, torch.Tensor], causal: bool = False,
+                  hidden: bool = False) -> tuple[Outputs, object]:
     """Run the model; return the counted rows of its output (float32) and the raw output.
+    ``hidden``: also the last hidden state at every counted position (``Outputs.hidden``).
 
     A causal LM runs without its key/value cache: nothing here reuses it, and building it costs a
     copy of every layer's keys and values per forward (under torch.compile, also a recompile per
     layer, the cache's state differing from layer to layer)."""
     extra = {"use_cache": False} if causal else {}
+    if hidden:
+        extra["output_hidden_states"] = True
     if "position_ids" in batch:  # packed rows (collate_packed): the positions separate the examples
         raw = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **extra)
     else:
@@ -46,16 +56,31 @@ def model_outputs(model, batch: dict[str, torch.Tensor], causal: bool = False) -
     logits = getattr(raw, "logits", None)
     values = logits if logits is not None else raw.last_hidden_state
     values = values.float()
+    counted = counted_positions(batch).bool()
     if values.dim() == 3:  # per position: keep the non-padded ones
-        values = values[counted_positions(batch).bool()]
-    return Outputs(values, logits is not None), raw
+        values = values[counted]
+    states = raw.hidden_states[-1].float()[counted] if hidden and logits is not None else None
+    return Outputs(values, logits is not None, states), raw
 
 
-def distill_sum(student: Outputs, teacher: Outputs) -> tuple[torch.Tensor, int]:
-    """Summed KL(teacher || student) over rows (logits) or summed per-row MSE (hidden states)."""
+def distill_sum(student: Outputs, teacher: Outputs, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) over rows (logits) or summed per-row MSE (hidden states).
+
+    At a ``temperature`` T other than 1 both logits are divided by T and the KL is multiplied by
+    T^2, which keeps its gradient on the scale of T = 1 (Hinton et al.)."""
     if student.is_logits:
-        return kl_rows(teacher.values, student.values).sum(), student.values.shape[0]
+        if temperature == 1.0:
+            return kl_rows(teacher.values, student.values).sum(), student.values.shape[0]
+        kl = kl_rows(teacher.values / temperature, student.values / temperature).sum()
+        return kl * temperature ** 2, student.values.shape[0]
     return (student.values - teacher.values).square().mean(dim=-1).sum(), student.values.shape[0]
+
+
+def hidden_sum(student: Outputs, teacher: Outputs) -> tuple[torch.Tensor, int]:
+    """Summed per-position squared error of the last hidden states, relative to the teacher's mean
+    square (so the weight means the same for every model's scale of activations)."""
+    scale = teacher.hidden.square().mean().clamp(min=1e-12)
+    return (student.hidden - teacher.hidden).square().mean(dim=-1).sum() / scale, student.hidden.shape[0]
 
 
 def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -100,17 +125,18 @@ class EvalTotals:
         if student.is_logits:
             self.agree += int((student.values.argmax(-1) == teacher.values.argmax(-1)).sum())
 
-    def add_task(self, raw_student, raw_teacher, batch, is_causal_lm: bool) -> None:
-        """The data's own loss (and accuracy for labels) of the student, and of the teacher if any."""
+    def add_task(self, raw_student, batch, is_causal_lm: bool, correct: int | None) -> None:
+        """The student's own task loss on a batch, and (labels) how many it got right."""
         s, n = task_sum(raw_student, batch, is_causal_lm)
         self.task_student += float(s)
         self.task_count += n
-        if not is_causal_lm:
-            self.correct_student += int((raw_student.logits.argmax(-1) == batch["labels"]).sum())
-        if raw_teacher is not None:
-            self.task_teacher += float(task_sum(raw_teacher, batch, is_causal_lm)[0])
-            if not is_causal_lm:
-                self.correct_teacher += int((raw_teacher.logits.argmax(-1) == batch["labels"]).sum())
+        if correct is not None:
+            self.correct_student += correct
+
+    def add_teacher_task(self, loss_sum: float, correct: int | None) -> None:
+        self.task_teacher += loss_sum
+        if correct is not None:
+            self.correct_teacher += correct
 
     def report(self, is_causal_lm: bool, has_teacher: bool = True) -> dict:
         out: dict = {}

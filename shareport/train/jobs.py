@@ -23,7 +23,8 @@ from .accel import load_sharded_base, make_accelerator, model_dtype, shards_base
 from .checkpoint import load_checkpoint
 from .data import load_data, split_heldout
 from .merging import MergeSchedule
-from .recipe import Job, Recipe
+from .recipe import DEFAULT_LR, Job, Recipe
+from .schedule import DEFAULT_SCHEDULE, DEFAULT_WARMUP
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"
@@ -35,7 +36,7 @@ class TrainingOptions:
     """What ``finetune`` and ``train`` share: the recipe, data split, checkpoints, ASLoRA merges."""
 
     steps: int = 100
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
@@ -51,6 +52,11 @@ class TrainingOptions:
     merge_pairs: str = "adjacent"
     compile: bool = False  # torch.compile the transformer blocks for the training steps
     pack: bool = False  # several examples per row (causal LMs)
+    schedule: str = DEFAULT_SCHEDULE  # the lr after warmup (schedule.SCHEDULES)
+    warmup: float = DEFAULT_WARMUP  # share of the steps
+    eval_every: int | None = None  # None: about 10% of the run's compute (schedule.default_eval_every)
+    hidden_weight: float = 0.0  # distil the last hidden states too (recovery only)
+    temperature: float = 1.0  # of the distillation KL
 
     @property
     def merging(self) -> bool:
@@ -66,7 +72,9 @@ class TrainingOptions:
         return Recipe(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       distill_weight=distill_weight, task_weight=task_weight,
                       checkpoint_every=self.checkpoint_every, merge=schedule,
-                      compile="inductor" if self.compile else None, pack=self.pack)
+                      compile="inductor" if self.compile else None, pack=self.pack, schedule=self.schedule,
+                      warmup=self.warmup, eval_every=self.eval_every, hidden_weight=self.hidden_weight,
+                      temperature=self.temperature)
 
 
 def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int | None, start: int | None,
@@ -100,17 +108,19 @@ def _base_model(base_dir, task_type, acc, carried=None):
 
 
 def _data(data_path, base_dir, max_length: int, eval_fraction: float, eval_path=None):
-    """(train, held-out, record): the data's fixed held-out split, or all of it for training and
-    the labelled ``eval_path`` for evaluation."""
+    """(train, held-out, selection, record): the data's fixed held-out split (which also picks the
+    best step: selection None), or with a labelled ``eval_path``, that file for the reported scores
+    and the data's held-out split for picking the best step (never the test file itself)."""
     data = load_data(data_path, base_dir, max_length)
-    inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length}
+    inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length,
+              "eval_fraction": eval_fraction}
+    train, heldout = split_heldout(data, eval_fraction)
     if eval_path is None:
-        train, heldout = split_heldout(data, eval_fraction)
-        return train, heldout, {**inputs, "eval_fraction": eval_fraction}
-    heldout = load_data(eval_path, base_dir, max_length)
-    if heldout.labels is None:
+        return train, heldout, None, inputs
+    test = load_data(eval_path, base_dir, max_length)
+    if test.labels is None:
         raise ShareportError(f"{eval_path}: the evaluation rows have no 'label' field, which accuracy needs")
-    return data, heldout, {**inputs, "eval": str(eval_path), "eval_examples": len(heldout)}
+    return train, test, heldout, {**inputs, "eval": str(eval_path), "eval_examples": len(test)}
 
 
 def _resume(checkpoint_dir: Path | None, resume: bool):
@@ -144,16 +154,19 @@ def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, 
                  adapters: tuple[Adapter, Adapter] | None = None, eval_path=None) -> Job:
     """``adapters``: the student and teacher already read by :func:`check_inputs` (else read here)."""
     student, teacher_adapter = adapters or (load_adapter(shared_dir), load_adapter(teacher_dir))
-    check_pair(teacher_adapter, student)
+    dropped = check_pair(teacher_adapter, student)
     resumed, state = _resume(checkpoint_dir, resume)
     if resumed is not None:
         check_pair(teacher_adapter, resumed)
     acc = make_accelerator(merging)
-    train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction, eval_path)
+    train, heldout, selection, inputs = _data(data_path, base_dir, max_length, eval_fraction, eval_path)
     model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc, teacher_adapter.extra_tensors)
     teacher = Teacher(model, teacher_adapter)
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
-    return Job(model, resumed or student, teacher, train, heldout, acc, inputs, checkpoint_dir, state)
+    if dropped:  # sites the conversion cut to rank 0: the student recovers without them (teacher.check_pair)
+        inputs["teacher_only_sites"] = dropped
+    return Job(model, resumed or student, teacher, train, heldout, acc, inputs, checkpoint_dir, state,
+               selection=selection)
 
 
 def scratch_job(base_dir, data_path, form: str, targets: list[str], rank: int, alpha: float, seed: int,
@@ -161,7 +174,7 @@ def scratch_job(base_dir, data_path, form: str, targets: list[str], rank: int, a
                 merging: bool) -> Job:
     resumed, state = _resume(checkpoint_dir, resume)
     acc = make_accelerator(merging)
-    train, heldout, inputs = _data(data_path, base_dir, max_length, eval_fraction)
+    train, heldout, _, inputs = _data(data_path, base_dir, max_length, eval_fraction)
     model = _base_model(base_dir, None, acc)
     adapter = fresh_adapter(model, form, targets, rank, alpha, seed, base_model=str(Path(base_dir).resolve()))
     inputs.update({"base": str(base_dir), "form": form, "targets": sorted(targets), "rank": rank, "alpha": alpha})

@@ -1,14 +1,21 @@
 """The training recipe behind ``shareport finetune`` (recovery) and ``shareport train`` (from scratch).
 
-One loop, read top to bottom:
+Shaped as torchtune's recipes are, a :class:`Trainer` with four verbs, driven by :func:`run`:
 
-    set up   accelerator (CUDA + bf16 autocast when present, else CPU; N processes under
-             ``accelerate launch``/``torchrun``), data and held-out split, model, adapters, optimizer
-    resume   adapter, optimizer, ASLoRA state and step from a checkpoint
-    evaluate on the held-out split (before)
-    train    for each step: the global batch's share of this process -> teacher and student
-             forward -> loss -> backward -> AdamW step -> ASLoRA merge if due -> checkpoint
-    evaluate on the held-out split (after), return the adapter and a report
+    setup      (``Trainer.__init__``) accelerator (CUDA + bf16 autocast when present, else CPU;
+               N processes under ``accelerate launch``/``torchrun``), model, adapters, optimizer,
+               ASLoRA merger; resume from a checkpoint; evaluate the held-out split at step 0
+    train_step the global batch's share of this process -> teacher and student forward -> loss ->
+               backward -> AdamW step at the scheduled lr (``schedule.py``) -> ASLoRA merge if due
+    evaluate   the held-out split, every ``eval_every`` steps and at the last; the best adapter so
+               far (``BestKept``) is kept, by held-out KL (``train``: the task loss), ties to the earlier
+    finish     the best adapter and a report: before, after (the published adapter), the curve
+
+**Never worse.** What is published is the best of the evaluated adapters, step 0 included: a
+recovery that only makes things worse on held-out data returns its input, and an adapter equal
+to its teacher stays equal. (With ASLoRA merges, only adapters after the last merge count: an
+earlier one has the wrong number of B groups.) When the job scores on a separate test file
+(``Job.selection``), the best step is chosen on the selection split, never on the test data.
 
 The loss is a sum over this process's positions divided by the positions of the whole global
 batch, times the number of processes (DDP averages gradients over processes): the update is
@@ -19,6 +26,7 @@ distillation target is then a fixed function.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -28,28 +36,44 @@ from typing import Callable
 import torch
 
 from ..adapter import Adapter
-from .accel import average_gradients, local_parameter_bytes, parameter_bytes, peak_flops, shard_base, shards_base
-from .merging import BMerger, MergeSchedule
-from .compiled import compiled_blocks
-from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
-from .fleet_cores import train_cores
-from .data import BatchOrder, TokenData, collate, collate_packed, counted_positions, pad_token_id
-from .distill import EvalTotals, distill_sum, model_outputs, task_sum
 from ..errors import ShareportError
 from ..fleet import frozen_names
 from ..model.base import is_causal_lm
-from ..model.surgery import Attached, attach
+from ..model.surgery import attach
+from .best import BestKept, curve_point, selection_score
+from .accel import average_gradients, local_parameter_bytes, parameter_bytes, shard_base, shards_base
+from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
+from .compiled import compiled_blocks, eager_blocks
+from .data import BatchOrder, TokenData, collate, collate_packed, counted_positions, pad_token_id
+from .distill import distill_sum, hidden_sum, model_outputs, task_sum
+from .evaluation import TeacherCache, evaluate, evaluate_adapter
+from .fleet_cores import train_cores
+from .flops import matmul_parameters, throughput
+from .merging import BMerger, MergeSchedule
+from .schedule import (DEFAULT_SCHEDULE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS, check_eval_every, check_schedule,
+                       default_eval_every, eval_steps, lr_factor)
 from .teacher import Teacher
+
+__all__ = ["Job", "Recipe", "Trainer", "evaluate", "evaluate_adapter", "matmul_parameters", "run", "throughput",
+           "with_provenance"]
+
+# chosen by the sweep in tests/benchmarks/bench_recovery.py (docstrings classifier and the demo's causal LM)
+DEFAULT_LR = 1e-3
 
 
 @dataclasses.dataclass
 class Recipe:
     steps: int = 100
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR  # the peak lr, reached after the warmup
     batch_size: int = 8
     seed: int = 0
     distill_weight: float = 1.0  # 0 for `train`: no teacher
     task_weight: float = 0.0  # the data's own loss (--lm-loss)
+    hidden_weight: float = 0.0  # last hidden states at every position against the teacher's (distill.hidden_sum)
+    temperature: float = 1.0  # of the distillation KL
+    schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
+    warmup: float = DEFAULT_WARMUP  # share of the steps
+    eval_every: int | None = None  # None: schedule.default_eval_every
     checkpoint_every: int = 0
     merge: MergeSchedule | None = None
     # fused AdamW where torch has it, and no host sync per step (loss and tokens are read every
@@ -77,155 +101,291 @@ class Job:
     student: Adapter  # the adapter to train (from the checkpoint when resuming)
     teacher: Teacher | None
     train_data: TokenData
-    heldout: TokenData
+    heldout: TokenData  # what before/after are reported on
     accelerator: object
     inputs: dict  # paths and sizes recorded in the fingerprint and the report
     checkpoint_dir: Path | None = None
     resume_state: tuple[dict, dict] | None = None  # (JSON state, tensors) of the checkpoint
     progress: bool = True  # the training bar (off when a caller shows its own, e.g. the frontier)
-
-
-def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:
-    """Train; return the trained adapter and the report. ``after_step(t)`` runs after each step."""
-    acc = job.accelerator
-    model = job.model
-    causal = is_causal_lm(model)
-    _check_losses(recipe, job, causal)
-    if recipe.batch_size % acc.num_processes:
-        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the {acc.num_processes} processes")
-    pad = pad_token_id(model.config)
-
-    base_bytes = parameter_bytes(model)
-    base_params = matmul_parameters(model)
-    student = attach(model, job.student, trainable=True, dtype=torch.float32)
-    # a fleet member trains only its own cores, never the shared basis (two-sided: B = U @ C trains C)
-    cores = train_cores(student, job.student, bool(recipe.checkpoint_every or job.resume_state))
-    frozen = set(frozen_names(job.student))
-    for name in sorted(frozen & set(student.parameters)):
-        student.parameters[name].requires_grad_(False)
-    names = sorted(set(student.parameters) - frozen)
-    optimizer = torch.optim.AdamW([student.parameters[n] for n in names], lr=recipe.lr, weight_decay=0.0,
-                                  **({"fused": True} if recipe.fast else {}))
-    merger = BMerger(student, recipe.merge, optimizer) if recipe.merge else None
-    fingerprint = recipe.fingerprint(**job.inputs)
-
-    start, before = 0, None
-    if job.resume_state is not None:
-        start, before = _restore(job, student, optimizer, merger, fingerprint)
-    if before is None:
-        before = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
-
-    sharded = shards_base(acc)
-    if sharded:  # the base sharded (FSDP2), the adapter replicated: see accel.py
-        ddp_model = shard_base(model, [student.parameters[n] for n in names])
-    else:
-        ddp_model, optimizer = acc.prepare(model, optimizer)
-    order = BatchOrder(len(job.train_data), recipe.batch_size, recipe.seed)
-    share = recipe.batch_size // acc.num_processes
-    rank = acc.process_index
-
-    progress = _progress(acc, recipe.steps, start, job.progress)
-    started, tokens, last_loss = time.perf_counter(), 0, float("nan")
-    step_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # since the last sync
-    with compiled_blocks(model, recipe.compile):
-        for step in range(start, recipe.steps):
-            indices = order.batch(step)[rank * share:(rank + 1) * share]
-            if recipe.pack:  # rows as wide as the data's max_length
-                rows = collate_packed(job.train_data, indices, pad, job.inputs.get("max_length", 0))
-            else:
-                rows = collate(job.train_data, indices, pad)
-            batch = {k: v.to(acc.device) for k, v in rows.items()}
-            loss = _loss(ddp_model, model, job.teacher, batch, recipe, causal, acc)
-            acc.backward(loss)
-            if sharded:
-                average_gradients([student.parameters[n] for n in sorted(student.parameters)])  # merges retire some
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            t = step + 1
-            events = merger.observe(t) if merger else []
-            step_tokens += counted_positions(batch).sum()
-            progress.update(1)
-            if not recipe.fast or t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
-                last_loss = float(acc.reduce(loss.detach(), "mean"))
-                tokens += int(acc.reduce(step_tokens, "sum"))
-                step_tokens.zero_()
-                progress.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
-                                     **({"merged": len(merger.events)} if merger else {}))
-            if acc.is_main_process:
-                for event in events:
-                    progress.write(f"step {t}: {event.kind}: layers {event.merged} take the B of layers {event.kept} "
-                                   f"(distance {event.distance:.4g})")
-            if recipe.checkpoint_every and t % recipe.checkpoint_every == 0 and t < recipe.steps:
-                _checkpoint(job, student, optimizer, merger, fingerprint, before, order, t)
-            if after_step is not None:
-                after_step(t)
-    progress.close()
-    elapsed = time.perf_counter() - started
-
-    after = evaluate(model, student, job.teacher, job.heldout, recipe.batch_size, pad, causal, acc)
-    trained = student.to_adapter() if cores is None else cores.finish(student.to_adapter(), job.student)
-    student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
-    report = _report(job, recipe, before, after, trained, merger, acc, last_loss, tokens, elapsed)
-    report["timings"].update(throughput(base_params, job.teacher is not None, tokens, elapsed, acc.device))
-    if sharded:
-        # the detached model holds the base alone: this process's shard of it
-        report["fsdp"] = {"base_parameter_bytes": base_bytes, "base_parameter_bytes_here": local_parameter_bytes(model)}
-    return trained, report
+    # where the best step is chosen when ``heldout`` is a test file (None: on ``heldout`` itself)
+    selection: TokenData | None = None
 
 
 SYNC_EVERY = 10
 
 
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """N for the FLOP count: the weights every token is multiplied by, those of the linear layers
-    (GPT-2's Conv1D too), the output head included. Embeddings are lookups and cost no FLOPs; norms
-    and biases are negligible; attention's scores (QK^T, AV: 4 * seq * hidden per layer and token)
-    are left out, so the MFU is an underestimate (about 4% at hidden 2048, seq 512)."""
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+def run(job: Job, recipe: Recipe, after_step: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:
+    """Train; return the best adapter (see the module docstring) and the report. ``after_step(t)``
+    runs after each step."""
+    trainer = Trainer(job, recipe)
+    with compiled_blocks(job.model, recipe.compile):
+        for step in range(trainer.start, recipe.steps):
+            trainer.train_step(step)
+            trainer.after_step(step + 1)
+            if after_step is not None:
+                after_step(step + 1)
+    return trainer.finish()
 
 
-def throughput(base_params: int, teacher: bool, tokens: int, seconds: float, device: torch.device) -> dict:
-    """FLOPs per token and MFU, with ``base_params`` = :func:`matmul_parameters` (N). Per token the
-    frozen base costs 2N in the student's forward, 2N in its backward (input gradients only: the base
-    has no weight gradients) and 2N in the teacher's forward, so 6N with a teacher and 4N without (the
-    adapter's own FLOPs are negligible). MFU divides the achieved FLOP/s by the device's dense bf16
-    peak (``peak_flops``; None where unknown, e.g. CPUs)."""
-    per_token = (6 if teacher else 4) * base_params
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    peak = peak_flops(name)
-    achieved = per_token * tokens / seconds if seconds > 0 else None
-    return {"flops_per_token": per_token, "achieved_flops": achieved, "device_name": name, "peak_flops": peak,
-            "mfu": achieved / peak if achieved is not None and peak else None}
+class Trainer:
+    """One training run: ``__init__`` sets up, then ``train_step``/``after_step`` per step, ``finish``."""
+
+    def __init__(self, job: Job, recipe: Recipe):
+        self.job, self.recipe, self.acc = job, recipe, job.accelerator
+        self.model = job.model
+        self.causal = is_causal_lm(self.model)
+        _check_recipe(recipe, job, self.causal)
+        self.pad = pad_token_id(self.model.config)
+        self.base_bytes, self.base_params = parameter_bytes(self.model), matmul_parameters(self.model)
+        self.student = attach(self.model, job.student, trainable=True, dtype=torch.float32)
+        # a fleet member trains only its own cores, never the shared basis (two-sided: B = U @ C trains C)
+        self.cores = train_cores(self.student, job.student, bool(recipe.checkpoint_every or job.resume_state))
+        frozen = set(frozen_names(job.student))
+        for name in sorted(frozen & set(self.student.parameters)):
+            self.student.parameters[name].requires_grad_(False)
+        self.names = sorted(set(self.student.parameters) - frozen)
+        self.optimizer = torch.optim.AdamW([self.student.parameters[n] for n in self.names], lr=recipe.lr,
+                                           weight_decay=0.0, **({"fused": True} if recipe.fast else {}))
+        self.merger = BMerger(self.student, recipe.merge, self.optimizer) if recipe.merge else None
+        self.fingerprint = recipe.fingerprint(**job.inputs)
+        self.selection = job.selection if job.selection is not None else job.heldout
+        self.caches = {id(job.heldout): TeacherCache(), id(self.selection): TeacherCache()}
+        self.eval_every = recipe.eval_every or default_eval_every(
+            steps=recipe.steps, batch_size=recipe.batch_size, heldout_examples=len(self.selection),
+            teacher_cached=job.teacher is not None)
+        self.eval_at = set(eval_steps(recipe.steps, self.eval_every))
+        layers = max(len(sites) for sites in job.student.kinds().values())
+        self.best = BestKept(recipe.merge.last_merge_step(layers) if recipe.merge else 0)
+        self.curve: list[dict] = []  # the report's points
+        self.curve_metrics: dict[int, dict] = {}  # every evaluated step's full metrics on the selection split
+        self.start, self.before = 0, None
+        if job.resume_state is not None:
+            self.start, self.before = self._restore(job.resume_state)
+        if self.before is None:
+            self.before = self.evaluate(job.heldout)
+            self._check_heldout(self.before)
+            self._record(0, self.before if self.selection is job.heldout else self.evaluate(self.selection))
+        self.sharded = shards_base(self.acc)
+        if self.sharded:  # the base sharded (FSDP2), the adapter replicated: see accel.py
+            self.ddp_model = shard_base(self.model, [self.student.parameters[n] for n in self.names])
+        else:
+            self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.order = BatchOrder(len(job.train_data), recipe.batch_size, recipe.seed)
+        self.share = recipe.batch_size // self.acc.num_processes
+        self.progress = _progress(self.acc, recipe.steps, self.start, job.progress)
+        self.started, self.tokens, self.last_loss = time.perf_counter(), 0, float("nan")
+        self.eval_seconds = 0.0  # of the evaluations during training (part of the run's seconds)
+        self.step_tokens = torch.zeros((), dtype=torch.long, device=self.acc.device)  # since the last sync
+        self.loss = None
+
+    # ------------------------------------------------------------------------------------ steps
+    def train_step(self, step: int) -> None:
+        """One optimizer step on global batch ``step``, at the scheduled lr."""
+        recipe, acc = self.recipe, self.acc
+        rank = acc.process_index
+        indices = self.order.batch(step)[rank * self.share:(rank + 1) * self.share]
+        if recipe.pack:  # rows as wide as the data's max_length
+            rows = collate_packed(self.job.train_data, indices, self.pad, self.job.inputs.get("max_length", 0))
+        else:
+            rows = collate(self.job.train_data, indices, self.pad)
+        batch = {k: v.to(acc.device) for k, v in rows.items()}
+        self.loss = self._loss(batch)
+        acc.backward(self.loss)
+        if self.sharded:  # merges retire some parameters: average what is there now
+            average_gradients([self.student.parameters[n] for n in sorted(self.student.parameters)])
+        lr = recipe.lr * lr_factor(step, steps=recipe.steps, schedule=recipe.schedule, warmup=recipe.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_tokens += counted_positions(batch).sum()
+
+    def after_step(self, t: int) -> None:
+        """After step ``t``: ASLoRA merges, the bar, evaluation and the best kept, checkpoints."""
+        recipe, acc = self.recipe, self.acc
+        events = self.merger.observe(t) if self.merger else []
+        self.progress.update(1)
+        if not recipe.fast or t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
+            self.last_loss = float(acc.reduce(self.loss.detach(), "mean"))
+            self.tokens += int(acc.reduce(self.step_tokens, "sum"))
+            self.step_tokens.zero_()
+            self._postfix()
+        if acc.is_main_process:
+            for event in events:
+                self.progress.write(f"step {t}: {event.kind}: layers {event.merged} take the B of layers "
+                                    f"{event.kept} (distance {event.distance:.4g})")
+        if t in self.eval_at:
+            started = time.perf_counter()
+            with eager_blocks(self.model) if recipe.compile else contextlib.nullcontext():
+                self._record(t, self.evaluate(self.selection))
+            self.eval_seconds += time.perf_counter() - started
+            self._postfix()
+        if recipe.checkpoint_every and t % recipe.checkpoint_every == 0 and t < recipe.steps:
+            self._checkpoint(t)
+
+    def evaluate(self, data: TokenData) -> dict:
+        """Held-out metrics of the student as it is now (the teacher's outputs computed once per split)."""
+        return evaluate(self.model, self.student, self.job.teacher, data, self.recipe.batch_size, self.pad,
+                        self.causal, self.acc, cache=self.caches[id(data)])
+
+    def finish(self) -> tuple[Adapter, dict]:
+        """Put the best adapter's values back, read it off the model, take the adapter off; the report."""
+        self.progress.close()
+        elapsed = time.perf_counter() - self.started
+        last_step = self.curve[-1]["step"] if self.curve else None
+        if self.best.step is not None and self.best.step != last_step:
+            with torch.no_grad():
+                for name, value in self.best.tensors.items():
+                    self.student.parameters[name].copy_(value)
+        after = self._after()
+        trained = self.student.to_adapter()
+        if self.cores is not None:
+            trained = self.cores.finish(trained, self.job.student)
+        self.student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
+        report = self._report(after, trained, elapsed)
+        report["timings"].update(throughput(self.base_params, self.job.teacher is not None, self.tokens, elapsed,
+                                            self.acc.device))
+        if self.sharded:
+            # the detached model holds the base alone: this process's shard of it
+            report["fsdp"] = {"base_parameter_bytes": self.base_bytes,
+                              "base_parameter_bytes_here": local_parameter_bytes(self.model)}
+        return trained, report
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This process's share of the global batch mean loss (see the module docstring)."""
+        recipe, acc, teacher = self.recipe, self.acc, self.job.teacher
+        hidden = bool(recipe.hidden_weight)
+        total = torch.zeros((), device=acc.device)
+        with acc.autocast():
+            student_out, raw = model_outputs(self.ddp_model, batch, self.causal, hidden=hidden)
+        if recipe.distill_weight or hidden:
+            with torch.no_grad(), teacher.active(self.model), acc.autocast():
+                teacher_out, _ = model_outputs(self.model, batch, self.causal, hidden=hidden)
+        if recipe.distill_weight:
+            total = total + recipe.distill_weight * _normalised(
+                *distill_sum(student_out, teacher_out, recipe.temperature), acc)
+        if hidden:
+            total = total + recipe.hidden_weight * _normalised(*hidden_sum(student_out, teacher_out), acc)
+        if recipe.task_weight:
+            total = total + recipe.task_weight * _normalised(*task_sum(raw, batch, self.causal), acc)
+        return total
+
+    def _record(self, step: int, metrics: dict) -> None:
+        """A point of the curve; the adapter is kept if it is the best so far."""
+        self.curve.append(curve_point(step, metrics))
+        self.curve_metrics[step] = metrics
+        _, score = selection_score(metrics, self.job.teacher is not None, self.recipe.task_weight)
+        self.best.offer(step, score, self.student.parameters)
+
+    def _after(self) -> dict:
+        """The published adapter's metrics on ``heldout``: from the curve when it is the selection split."""
+        if self.selection is self.job.heldout and self.best.step is not None:
+            return self.curve_metrics[self.best.step]
+        return self.evaluate(self.job.heldout)
+
+    def _check_heldout(self, metrics: dict) -> None:
+        rows = metrics.get("positions", len(self.selection))
+        if rows < MIN_HELDOUT_ROWS or len(self.selection) < 1:
+            source = self.job.inputs.get("data", self.selection.source)
+            raise ShareportError(
+                f"{source}: the held-out split has {rows} compared row(s) (sequences for a classifier, tokens for "
+                f"a causal LM); recovery picks its best step on it and needs at least {MIN_HELDOUT_ROWS}: raise "
+                "--eval-fraction or give more data")
+
+    def _postfix(self) -> None:
+        fields = {"loss": f"{self.last_loss:.4g}",
+                  "tok_s": f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):,.0f}"}
+        if self.best.step is not None:
+            fields["best"] = f"{self.best.score:.4g}@{self.best.step}"
+        if self.merger:
+            fields["merged"] = len(self.merger.events)
+        self.progress.set_postfix(**fields)
+
+    def _checkpoint(self, t: int) -> None:
+        acc = self.acc
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            hyper, tensors = optimizer_state(self.optimizer, self.student.parameters)
+            merge_meta = None
+            if self.merger:
+                merge_meta, averages = self.merger.state()
+                tensors.update(averages)
+            best_meta, best_tensors = self.best.state()
+            tensors.update(best_tensors)
+            state = {"step": t, "data_position": self.order.position(t), "recipe": self.fingerprint,
+                     "optimizer": hyper, "merger": merge_meta, "eval_before": self.before, "curve": self.curve,
+                     "curve_metrics": self.curve_metrics, "best": best_meta}
+            save_checkpoint(self.job.checkpoint_dir, self.student.to_adapter(), state, tensors)
+        acc.wait_for_everyone()
+
+    def _restore(self, resume_state) -> tuple[int, dict]:
+        state, tensors = resume_state
+        check_same_recipe(state["recipe"], self.fingerprint, self.job.checkpoint_dir)
+        load_optimizer_state(self.optimizer, self.student.parameters, state["optimizer"], tensors)
+        if self.merger:
+            self.merger.load_state(state["merger"], tensors)
+        restore_rng(tensors)
+        self.curve = list(state.get("curve", []))
+        self.curve_metrics = {int(k): v for k, v in state.get("curve_metrics", {}).items()}
+        if state.get("best"):
+            self.best.load_state(state["best"], tensors, self.acc.device)
+        return int(state["step"]), state["eval_before"]
+
+    def _report(self, after: dict, trained: Adapter, elapsed: float) -> dict:
+        job, recipe = self.job, self.recipe
+        selected_by, _ = selection_score(after, job.teacher is not None, recipe.task_weight)
+        report = {
+            "inputs": job.inputs,
+            "recipe": recipe.fingerprint(),
+            "device": self.acc.device.type,
+            "mixed_precision": self.acc.mixed_precision,
+            "processes": self.acc.num_processes,
+            "train_examples": len(job.train_data),
+            "heldout_examples": len(job.heldout),
+            "before": self.before,
+            "after": after,
+            "best_step": self.best.step,
+            "selected_by": selected_by,
+            "eval_every": self.eval_every,
+            "curve": self.curve,
+            "final_train_loss": self.last_loss,
+            "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters()},
+            "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
+            # wall-clock numbers differ run to run: written apart (training_timings.json) so the report is reproducible
+            "timings": {"seconds": elapsed, "eval_seconds": self.eval_seconds, "tokens": self.tokens,
+                        "tokens_per_second": self.tokens / elapsed if elapsed > 0 else None},
+        }
+        if self.selection is not job.heldout:
+            report["selection_examples"] = len(self.selection)
+        if "kl" in self.before and self.before["kl"] > 0:
+            report["kl_reduction"] = 1 - after["kl"] / self.before["kl"]
+        if self.merger:
+            report["merges"] = [e.to_json() for e in self.merger.events]
+        return report
 
 
-def _check_losses(recipe: Recipe, job: Job, causal: bool) -> None:
+def _check_recipe(recipe: Recipe, job: Job, causal: bool) -> None:
     if recipe.distill_weight and job.teacher is None:
         raise ShareportError("distillation needs a teacher adapter")
+    if recipe.hidden_weight and job.teacher is None:
+        raise ShareportError("--hidden-weight distils hidden states toward a teacher; `train` has none")
     if recipe.task_weight and not causal and job.train_data.labels is None:
         raise ShareportError(f"{job.train_data.source}: the data has no 'label' field, which the task loss needs")
-    if not recipe.distill_weight and not recipe.task_weight:
+    if not recipe.distill_weight and not recipe.task_weight and not recipe.hidden_weight:
         raise ShareportError("nothing to train on: the distillation and task loss weights are both 0")
     if recipe.steps < 1:
         raise ShareportError(f"--steps must be at least 1, got {recipe.steps}")
+    if not recipe.temperature > 0:
+        raise ShareportError(f"--temperature must be > 0, got {recipe.temperature}")
+    check_schedule(recipe.schedule, recipe.warmup)
+    check_eval_every(recipe.eval_every, recipe.steps)
     if recipe.pack and not causal:
         raise ShareportError("--pack needs a causal LM: a packed row holds several examples, and a "
                              f"{type(job.model).__name__} gives one output per row")
-
-
-def _loss(ddp_model, model, teacher, batch, recipe: Recipe, causal: bool, acc) -> torch.Tensor:
-    """This process's share of the global batch mean loss (see the module docstring)."""
-    total = torch.zeros((), device=acc.device)
-    with acc.autocast():
-        student_out, raw = model_outputs(ddp_model, batch, causal)
-    if recipe.distill_weight:
-        with torch.no_grad(), teacher.active(model), acc.autocast():
-            teacher_out, _ = model_outputs(model, batch, causal)
-        total = total + recipe.distill_weight * _normalised(*distill_sum(student_out, teacher_out), acc)
-    if recipe.task_weight:
-        total = total + recipe.task_weight * _normalised(*task_sum(raw, batch, causal), acc)
-    return total
+    if recipe.batch_size % job.accelerator.num_processes:
+        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the "
+                             f"{job.accelerator.num_processes} processes")
 
 
 def _normalised(loss_sum: torch.Tensor, count: int, acc) -> torch.Tensor:
@@ -233,96 +393,11 @@ def _normalised(loss_sum: torch.Tensor, count: int, acc) -> torch.Tensor:
     return loss_sum / global_count.clamp(min=1) * acc.num_processes
 
 
-def evaluate_adapter(job: Job, adapter: Adapter, batch_size: int) -> dict:
-    """Held-out metrics of ``adapter`` on the job's base against its teacher, without training."""
-    model = job.model
-    student = attach(model, adapter, trainable=False, dtype=torch.float32)
-    try:
-        return evaluate(model, student, job.teacher, job.heldout, batch_size, pad_token_id(model.config),
-                        is_causal_lm(model), job.accelerator)
-    finally:
-        student.detach()
-
-
-@torch.no_grad()
-def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenData, batch_size: int, pad: int,
-             causal: bool, acc) -> dict:
-    """KL and top-1 agreement with the teacher (MSE for hidden states), plus the task metric.
-
-    Every process evaluates the whole held-out split (it is small), so all agree on the result.
-    """
-    totals = EvalTotals()
-    has_task = causal or heldout.labels is not None
-    for start in range(0, len(heldout), batch_size):
-        indices = list(range(start, min(start + batch_size, len(heldout))))
-        batch = {k: v.to(acc.device) for k, v in collate(heldout, indices, pad).items()}
-        with acc.autocast():
-            student_out, raw_student = model_outputs(model, batch, causal)
-            if teacher is not None:
-                with teacher.active(model):
-                    teacher_out, raw_teacher = model_outputs(model, batch, causal)
-                totals.add(student_out, teacher_out)
-            else:
-                raw_teacher = None
-        if has_task:
-            totals.add_task(raw_student, raw_teacher, batch, causal)
-    return totals.report(causal, has_teacher=teacher is not None)
-
-
 def _progress(acc, total: int, initial: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
                 disable=not (enabled and acc.is_local_main_process) or os.environ.get("SHAREPORT_NO_PROGRESS") == "1")
-
-
-def _checkpoint(job: Job, student: Attached, optimizer, merger, fingerprint, before, order, t: int) -> None:
-    acc = job.accelerator
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        hyper, tensors = optimizer_state(optimizer, student.parameters)
-        merge_meta = None
-        if merger:
-            merge_meta, averages = merger.state()
-            tensors.update(averages)
-        state = {"step": t, "data_position": order.position(t), "recipe": fingerprint, "optimizer": hyper,
-                 "merger": merge_meta, "eval_before": before}
-        save_checkpoint(job.checkpoint_dir, student.to_adapter(), state, tensors)
-    acc.wait_for_everyone()
-
-
-def _restore(job: Job, student: Attached, optimizer, merger, fingerprint) -> tuple[int, dict]:
-    state, tensors = job.resume_state
-    check_same_recipe(state["recipe"], fingerprint, job.checkpoint_dir)
-    load_optimizer_state(optimizer, student.parameters, state["optimizer"], tensors)
-    if merger:
-        merger.load_state(state["merger"], tensors)
-    restore_rng(tensors)
-    return int(state["step"]), state["eval_before"]
-
-
-def _report(job, recipe, before, after, trained: Adapter, merger, acc, last_loss, tokens, elapsed) -> dict:
-    report = {
-        "inputs": job.inputs,
-        "recipe": recipe.fingerprint(),
-        "device": acc.device.type,
-        "mixed_precision": acc.mixed_precision,
-        "processes": acc.num_processes,
-        "train_examples": len(job.train_data),
-        "heldout_examples": len(job.heldout),
-        "before": before,
-        "after": after,
-        "final_train_loss": last_loss,
-        "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters()},
-        "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
-        # wall-clock numbers differ run to run: written apart (training_timings.json) so the report is reproducible
-        "timings": {"seconds": elapsed, "tokens": tokens, "tokens_per_second": tokens / elapsed if elapsed > 0 else None},
-    }
-    if "kl" in before and before["kl"] > 0:
-        report["kl_reduction"] = 1 - after["kl"] / before["kl"]
-    if merger:
-        report["merges"] = [e.to_json() for e in merger.events]
-    return report
 
 
 def with_provenance(adapter: Adapter, entry: dict) -> Adapter:

@@ -19,16 +19,24 @@ from ..model.base import swap_module
 from ..model.surgery import LoRALinear, attach
 
 
-def check_pair(teacher: Adapter, student: Adapter) -> None:
-    """The student must adapt the same modules as the teacher, for the same task and head."""
+def check_pair(teacher: Adapter, student: Adapter) -> list[str]:
+    """The student must adapt modules the teacher adapts, with the same shapes, for the same task and
+    head. Returns the modules only the teacher adapts.
+
+    The student may leave out modules the teacher adapts: a budget that truncates a site to rank 0
+    drops it (``convert --to lora --budget``, and ``--to auto`` or fleets when truncation wins), and
+    the student then recovers with that site unadapted. The teacher's update there is still part of
+    the target, so the student's other sites learn to make up for it. (Regrowing a dropped site
+    would spend parameters the budget did not give: the user asked for that size.) A module that
+    only the student adapts has no teacher to match and is refused."""
     if teacher.task_type and student.task_type and teacher.task_type != student.task_type:
         raise ShareportError(f"teacher is a {teacher.task_type} adapter but the student is {student.task_type}")
     only_teacher = sorted(set(teacher.sites) - set(student.sites))
     only_student = sorted(set(student.sites) - set(teacher.sites))
-    if only_teacher or only_student:
-        where, path = ("teacher", only_teacher[0]) if only_teacher else ("student", only_student[0])
-        raise ShareportError(f"teacher and student adapt different modules: only the {where} adapts '{path}'")
-    for path in sorted(teacher.sites):
+    if only_student:
+        raise ShareportError(f"teacher and student adapt different modules: only the student adapts "
+                             f"'{only_student[0]}'")
+    for path in sorted(student.sites):
         if teacher.shape(path) != student.shape(path):
             raise ShareportError(
                 f"site '{path}': teacher update is {teacher.shape(path)}, student update is {student.shape(path)}"
@@ -38,6 +46,7 @@ def check_pair(teacher: Adapter, student: Adapter) -> None:
     for key in sorted(teacher.extra_tensors):
         if not torch.equal(teacher.extra_tensors[key], student.extra_tensors[key]):
             raise ShareportError(f"teacher and student carry different values for '{key}'")
+    return only_teacher
 
 
 class Teacher:

@@ -1,0 +1,73 @@
+"""When the step size shrinks and when recovery looks at held-out data: pure arithmetic, no torch.
+
+**Learning rate.** AdamW normalises every step to about ``lr`` per entry, even where the gradient
+is only noise, so at a constant ``lr`` the adapter ends as a random walk of that size around a
+good point (issue 26 measured a floor near KL 0.25 on the docstrings task, and good starts made
+worse). The schedule warms up linearly over the first ``warmup`` share of the steps (the first
+steps' moments are estimates of one or two gradients), then decays to zero: the walk shrinks with
+the step, and the last steps only polish.
+
+**Evaluation.** Recovery evaluates the held-out split at step 0, every ``eval_every`` steps and
+at the last step, and publishes the best of those adapters (``recipe.BestKept``). The default
+``eval_every`` keeps that cost at about ``EVAL_SHARE`` of the run, counted in forward passes:
+a training step costs about ``STEP_UNITS`` forwards per example (the teacher's, the student's and
+its backward, which computes input gradients only), an evaluation one forward per held-out
+example (the teacher's outputs are computed once and kept, ``evaluation.TeacherCache``) or two.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import ShareportError
+
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_SCHEDULE = "cosine"
+DEFAULT_WARMUP = 0.1  # share of the steps
+EVAL_SHARE = 0.1  # the default --eval-every keeps evaluation at about this share of the run
+STEP_UNITS = 3  # forward passes' worth of compute per training example (teacher, student, backward)
+# fewer held-out rows than this cannot tell two adapters apart: a KL over 3 sequences moves by
+# more than the gains recovery makes, and "the best step" would be noise
+MIN_HELDOUT_ROWS = 4
+
+
+def check_schedule(schedule: str, warmup: float) -> None:
+    if schedule not in SCHEDULES:
+        raise ShareportError(f"--schedule: unknown schedule '{schedule}' (known: {', '.join(SCHEDULES)})")
+    if not 0 <= warmup < 1:
+        raise ShareportError(f"--warmup must be a share of the steps in [0, 1), got {warmup}")
+
+
+def lr_factor(step: int, *, steps: int, schedule: str, warmup: float) -> float:
+    """The multiple of the base lr for the update of step ``step`` (0-based) of ``steps``.
+
+    Warmup: steps 0 .. W-1 ramp 1/W .. 1 (W = round(warmup * steps)); then "cosine" goes from 1
+    down towards 0 along half a cosine, "linear" along a line, and "constant" stays at 1. The
+    last step's factor is small but not 0 (an update of size 0 would be a wasted step)."""
+    warm = round(warmup * steps)
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    span = steps - warm
+    progress = (step - warm) / span  # 0 at the first decaying step, (span - 1) / span at the last
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_eval_every(*, steps: int, batch_size: int, heldout_examples: int, teacher_cached: bool) -> int:
+    """The fewest steps between evaluations that keeps them at about ``EVAL_SHARE`` of the run."""
+    eval_units = heldout_examples * (1 if teacher_cached else 2)
+    every = math.ceil(eval_units / (EVAL_SHARE * STEP_UNITS * batch_size))
+    return max(1, min(every, steps))
+
+
+def eval_steps(steps: int, every: int) -> list[int]:
+    """The steps after which recovery evaluates: 0 (the start), each multiple of ``every``, the last."""
+    return sorted({0, *range(every, steps + 1, every), steps})
+
+
+def check_eval_every(eval_every: int | None, steps: int) -> None:
+    if eval_every is not None and not 1 <= eval_every <= steps:
+        raise ShareportError(f"--eval-every must be between 1 and --steps ({steps}), got {eval_every}")

@@ -1,0 +1,209 @@
+"""Recovery never publishes worse than it was given, on a schedule that converges (issue 26).
+
+- the learning rate follows torch's own warmup + cosine/linear schedulers, step by step;
+- an adapter equal to its teacher stays equal, and a good start is not made worse;
+- a resumed run keeps its best-so-far in the checkpoint and still ends bit-identical;
+- a student with sites the conversion cut to rank 0 recovers (the teacher still adapts them);
+- with a separate test file, the best step is picked on the data's held-out split, not the test;
+- ``train`` keeps its best step by the held-out task loss;
+- bad schedule settings are refused in one line, nothing written.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from shareport import flows
+from shareport.convert import convert_adapter
+from shareport.files.adapters import load_adapter, save_adapter
+from shareport.train.jobs import TrainingOptions, recovery_job
+from shareport.train.data import load_data
+from shareport.train.recipe import Recipe, Trainer, evaluate_adapter, run
+from shareport.train.schedule import default_eval_every, eval_steps, lr_factor
+from tests.training_helpers import recovery_setup, write_text
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return recovery_setup(tmp_path_factory.mktemp("best"))
+
+
+def _job(setup, student=None, checkpoint_dir=None, resume=False):
+    return recovery_job(student or setup["shared"], setup["base"], setup["lora"], setup["text"], max_length=32,
+                        eval_fraction=0.1, checkpoint_dir=checkpoint_dir, resume=resume, merging=False)
+
+
+def _torch_lrs(steps: int, warmup_steps: int, schedule: str) -> list[float]:
+    """torch.optim.lr_scheduler's factors for each of ``steps`` updates: a linear warmup to 1, then
+    cosine annealing (or a linear fall) to 0 over the remaining steps."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    rest = steps - warmup_steps
+    after = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=rest) if schedule == "cosine" else
+             torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=rest))
+    if warmup_steps:
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup_steps, end_factor=1.0,
+                                                 total_iters=warmup_steps - 1)
+        sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, after], milestones=[warmup_steps])
+    else:
+        sched = after
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("steps,warmup", [(40, 0.1), (17, 0.25), (9, 0.0)])
+def test_schedule_is_torchs_warmup_then_decay(schedule, steps, warmup):
+    ours = [lr_factor(s, steps=steps, schedule=schedule, warmup=warmup) for s in range(steps)]
+    assert ours == pytest.approx(_torch_lrs(steps, round(warmup * steps), schedule), abs=1e-12)
+    span = steps - round(warmup * steps)
+    assert 0 < ours[-1] <= 1 / span + 1e-12  # decays to (nearly) zero, never a wasted zero step
+
+
+def test_trainer_applies_the_schedule_to_the_optimizer(setup):
+    job = _job(setup)
+    recipe = Recipe(steps=10, lr=4e-3, batch_size=4, warmup=0.2, schedule="linear")
+    trainer = Trainer(job, recipe)
+    seen = []
+    for step in range(recipe.steps):
+        trainer.train_step(step)
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.after_step(step + 1)
+    trainer.finish()
+    assert seen == pytest.approx([4e-3 * f for f in _torch_lrs(10, 2, "linear")], abs=1e-15)
+
+
+def test_default_eval_every_keeps_evaluation_near_a_tenth_of_the_run():
+    # 135 held-out examples (the docstrings task's 10%), batch 8: one evaluation (135 forwards with the
+    # teacher's outputs kept) per 57 steps of 8 x 3 forwards = 1368 forwards: 9.9%
+    every = default_eval_every(steps=300, batch_size=8, heldout_examples=135, teacher_cached=True)
+    assert 135 / (every * 8 * 3) <= 0.1 < 135 / ((every - 1) * 8 * 3)
+    assert default_eval_every(steps=5, batch_size=8, heldout_examples=135, teacher_cached=True) == 5
+    assert eval_steps(10, 4) == [0, 4, 8, 10]
+
+
+def test_adapter_equal_to_its_teacher_stays_equal(setup, tmp_path):
+    """The LoRA recovered toward itself at a large lr: KL 0 at step 0, and nothing after it beats 0."""
+    job = _job(setup, student=setup["lora"])
+    start = job.student
+    trained, report = run(job, Recipe(steps=6, lr=3e-2, batch_size=4, eval_every=2))
+    assert report["best_step"] == 0
+    assert report["after"]["kl"] <= 1e-6
+    for name in start.used_tensor_names():
+        assert torch.equal(trained.tensors[name], start.tensors[name].float()), name
+
+
+def test_a_good_start_is_not_made_worse(setup, tmp_path, cli):
+    """A constant lr far too large: the last step is worse than the start, and what is published is
+    the best evaluated step, whose KL an independent evaluation of the written adapter reproduces."""
+    out = tmp_path / "ruined"
+    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
+                 setup["text"], "-o", out, "--steps", 6, "--lr", 5.0, "--schedule", "constant", "--warmup", 0,
+                 "--eval-every", 3, "--batch-size", 4, "--max-length", 32)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "training_report.json").read_text())
+    kls = {p["step"]: p["kl"] for p in report["curve"]}
+    assert sorted(kls) == [0, 3, 6]
+    assert kls[6] > kls[0]  # the old recipe would have published a worse adapter than it was given
+    assert report["best_step"] == min(kls, key=lambda s: (kls[s], s)) != 6
+    assert report["after"]["kl"] == kls[report["best_step"]] <= report["before"]["kl"]
+    again = evaluate_adapter(_job(setup), load_adapter(out), 4)
+    assert again["kl"] == pytest.approx(report["after"]["kl"], rel=1e-5)
+    assert f"kept step {report['best_step']}" in result.output
+
+
+def test_resumed_run_keeps_the_best_so_far_and_ends_bit_identical(setup, tmp_path):
+    """Evaluated every 2 steps, checkpointed at 5, interrupted after 7, resumed to 12: the best step
+    (found before the interruption) and the published tensors are those of the uninterrupted run."""
+    # a constant lr far too large: no later step beats the start, so the best is in the checkpoint
+    recipe = Recipe(steps=12, lr=200.0, batch_size=4, seed=3, checkpoint_every=5, eval_every=2,
+                    schedule="constant", warmup=0.0)
+    whole, whole_report = run(_job(setup, checkpoint_dir=tmp_path / "whole"), recipe)
+    assert whole_report["best_step"] <= 5, whole_report["curve"]  # kept in the checkpoint, then beaten by none
+
+    def interrupt(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(_job(setup, checkpoint_dir=tmp_path / "cut"), recipe, after_step=interrupt)
+    resumed, resumed_report = run(_job(setup, checkpoint_dir=tmp_path / "cut", resume=True), recipe)
+    assert resumed_report["best_step"] == whole_report["best_step"]
+    assert resumed_report["curve"] == whole_report["curve"]
+    for name in whole.used_tensor_names():
+        assert torch.equal(resumed.tensors[name], whole.tensors[name]), name
+
+
+def test_sites_cut_to_rank_zero_recover_without_them(setup, tmp_path):
+    """A truncation whose budget drops some sites: recovery runs, the dropped sites stay unadapted,
+    the report names them, and held-out KL falls."""
+    lora = load_adapter(setup["lora"])
+    # scale one kind's updates down so a small budget spends nothing on them
+    tensors = dict(lora.tensors)
+    for site in lora.kinds()["self_attn.v_proj"]:
+        tensors[site.b] = tensors[site.b] * 1e-3
+    weak = lora.with_sites(tensors, dict(lora.sites), lora.form)
+    save_adapter(weak, tmp_path / "teacher", as_peft=True)
+    cut, report = convert_adapter(weak, "lora", budget=0.1)
+    dropped = sorted(p for k in report.kinds for p, r in k.site_ranks.items() if r == 0)
+    assert dropped and set(cut.sites) == set(lora.sites) - set(dropped)
+    save_adapter(cut, tmp_path / "cut", as_peft=True)
+    result = flows.recover(str(tmp_path / "cut"), str(setup["base"]), str(tmp_path / "teacher"), str(setup["text"]),
+                           str(tmp_path / "out"), options=TrainingOptions(steps=30, lr=3e-3, batch_size=4,
+                                                                           max_length=32))
+    assert result["inputs"]["teacher_only_sites"] == dropped
+    assert set(load_adapter(tmp_path / "out").sites) == set(cut.sites)
+    assert result["after"]["kl"] < result["before"]["kl"]
+
+
+def test_with_a_test_file_the_best_step_is_picked_on_the_data_not_the_test(setup, tmp_path):
+    """``frontier --eval FILE``: before/after are scored on the file; the curve and the best step come
+    from the data's own held-out split, which no training batch contains."""
+    def labelled(path, lines):
+        path.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(lines)))
+        return path
+
+    data = labelled(tmp_path / "data.jsonl", setup["text"].read_text().splitlines())
+    test = labelled(tmp_path / "test.jsonl", write_text(tmp_path / "t.txt", 30, seed=7).read_text().splitlines())
+    job = recovery_job(setup["shared"], setup["base"], setup["lora"], data, max_length=32, eval_fraction=0.1,
+                       checkpoint_dir=None, resume=False, merging=False, eval_path=test)
+    assert job.heldout.sequences == load_data(test, setup["base"], 32).sequences
+    assert not set(map(tuple, job.selection.sequences)) & set(map(tuple, job.train_data.sequences))
+    _, report = run(job, Recipe(steps=4, lr=3e-3, batch_size=4, eval_every=2))
+    on_selection = evaluate_adapter(dataclasses.replace(job, heldout=job.selection), job.student, 4)
+    assert report["curve"][0]["kl"] == pytest.approx(on_selection["kl"], rel=1e-6)
+    assert report["before"]["kl"] != pytest.approx(on_selection["kl"], rel=1e-3)
+    assert report["selection_examples"] == len(job.selection)
+
+
+def test_train_keeps_its_best_step_by_the_heldout_task_loss(setup, tmp_path):
+    report = flows.train("lora", str(setup["base"]), ["q_proj"], 2, str(setup["text"]), str(tmp_path / "t"),
+                         options=TrainingOptions(steps=8, lr=0.3, batch_size=4, max_length=32, eval_every=2,
+                                                 schedule="constant", warmup=0.0))
+    losses = {p["step"]: p["lm_loss"] for p in report["curve"]}
+    assert report["selected_by"] == "held-out lm loss"
+    assert report["best_step"] == min(losses, key=lambda s: (losses[s], s))
+    assert report["after"]["lm_loss"]["student"] == losses[report["best_step"]]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--eval-every", 0], "--eval-every must be between 1 and --steps (4), got 0"),
+    (["--eval-every", 5], "--eval-every must be between 1 and --steps (4), got 5"),
+    (["--schedule", "exponential"], "--schedule: unknown schedule 'exponential'"),
+    (["--warmup", 1.0], "--warmup must be a share of the steps in [0, 1)"),
+    (["--max-length", 3, "--eval-fraction", 0.01], "needs at least 4"),
+])
+def test_bad_schedule_settings_are_refused_in_one_line(setup, tmp_path, cli, args, words):
+    out = tmp_path / "out"
+    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
+                 setup["text"], "-o", out, "--steps", 4, "--batch-size", 4, *args)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and words in errors[0], result.output
+    assert not out.exists()
