@@ -257,3 +257,15 @@ def test_export_refusal_states_measured_and_allowed(tmp_path, monkeypatch):
     assert MESSAGE.search(str(err.value)) and "nothing was written" in str(err.value)
     assert not (tmp_path / "out").exists()
     assert isinstance(err.value, ShareportError)
+
+
+def test_atol_scales_the_whole_limit(medium):
+    """--atol stays a knob where float32's own error decides: 2 x atol doubles every limit, and atol 0
+    asks for an exact match (the strict export test relies on it)."""
+    default = verify(medium.graph, medium.base, medium.adapter)
+    doubled = verify(medium.graph, medium.base, medium.adapter, atol=2 * FP32_ATOL)
+    assert doubled.multiple == pytest.approx(2 * REFERENCE_MULTIPLE) and doubled.floor == 2 * FP32_ATOL
+    for a, b in zip(default.rows, doubled.rows):
+        assert b.limit == pytest.approx(2 * a.limit) and b.reference_error == a.reference_error
+    strict = verify(medium.graph, medium.base, medium.adapter, atol=0.0)
+    assert not strict.ok and all(r.limit == 0 for r in strict.rows)

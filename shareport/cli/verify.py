@@ -16,8 +16,8 @@ def tolerance_options(func):
                         help="fp16 graphs: allowed max abs diff as a share of max(1, max |PyTorch output|).")(func)
     return click.option("--atol", type=float, default=FP32_ATOL, show_default=True,
                         help="fp32 graphs: allowed max abs diff against float64 PyTorch where float32 PyTorch's own "
-                             f"error is small; the limit is the larger of this and {REFERENCE_MULTIPLE:g} x that "
-                             "error.")(func)
+                             f"error is small; the limit is the larger of this and {REFERENCE_MULTIPLE:g} x atol / "
+                             f"{FP32_ATOL:g} x that error.")(func)
 
 
 def render_report(report: Report) -> str:

@@ -10,7 +10,9 @@ own float32 run is from it. Per comparison (one case, one output group):
 
     max |ORT - PyTorch float64| <= max(atol, MULTIPLE x max |PyTorch float32 - PyTorch float64|)
 
-with atol 1e-4 (the floor) and MULTIPLE 8 (``REFERENCE_MULTIPLE``). float32 PyTorch is what a fixed
+with atol 1e-4 (the floor) and MULTIPLE 8 (``REFERENCE_MULTIPLE``; another ``--atol`` scales it alike,
+8 x atol / 1e-4, so the option tightens or loosens the whole limit, and ``--atol 0`` asks for an exact
+match). float32 PyTorch is what a fixed
 tolerance used to trust as the truth, but its own error grows with the model (bench_onnx's 33M-parameter
 Llama: 7e-4 on the logits), so a fixed atol refuses correct exports of every real LLM. A graph is
 accepted when it is within a small multiple of the error of the reference everyone accepts; the floor
@@ -238,7 +240,13 @@ def _in_float64(model: nn.Module):
 def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: float = FP16_RTOL, allow_pickle: bool = False,
            *, multiple: float = REFERENCE_MULTIPLE) -> Report:
     """Compare the graph in ONNX Runtime with the model in PyTorch (see the module's docstring for the
-    limits: fp32 against float64 PyTorch, within ``max(atol, multiple x float32 PyTorch's own error)``)."""
+    limits: fp32 against float64 PyTorch, within ``max(atol, multiple x float32 PyTorch's own error)``).
+
+    ``multiple`` is the multiple at the default atol; another atol scales it alike
+    (``multiple x atol / FP32_ATOL``), so ``atol`` tightens or loosens the whole limit, also where
+    float32's own error decides it: atol 0 asks for an exact match, as it always did.
+    """
+    multiple = multiple * atol / FP32_ATOL
     proto = graph_file.load_proto(graph_dir)
     info = graph_file.read_info(proto, graph_dir)
     sig = Signature.from_dict(info["signature"])
