@@ -305,7 +305,7 @@ def export(
                     verify_graph(tmp, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle),
                     graph=str(out))
                 if not report.ok:
-                    raise VerifyMismatch(report, f"verify: {out} does not match PyTorch within tolerance; nothing "
-                                                 "was written (--no-verify keeps the graph, to inspect it with "
-                                                 "shareport verify)")
+                    raise VerifyMismatch(report, f"verify: {out} does not match PyTorch within tolerance "
+                                                 f"({report.failure()}); nothing was written (--no-verify keeps the "
+                                                 "graph, to inspect it with shareport verify)")
     return ExportResult(Path(out), report, genai_note)

@@ -72,8 +72,13 @@ def main() -> None:
         make_peft_adapter(bench_model(), tmp / "lora", seed=1, r=16, lora_alpha=32,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         adapter = load_adapter(tmp / "lora")
+        checks = []  # export verifies each graph before publishing it (against float64 PyTorch)
         for mode in ("folded", "adapter"):
-            export(tmp / "lora", tmp / "base", tmp / mode, ExportOptions(mode=mode))
+            report = export(tmp / "lora", tmp / "base", tmp / mode, ExportOptions(mode=mode)).report
+            worst = max(report.rows, key=lambda r: r.max_abs / r.limit)
+            checks.append(f"verify {mode}: {'ok' if report.ok else 'FAIL'}, worst {worst.check} {worst.case}: ORT vs "
+                          f"float64 PyTorch {worst.max_abs:.2g}, allowed {worst.limit:.2g} (float32 PyTorch's own "
+                          f"error {worst.reference_error:.2g}); {report.tolerance}")
 
         folded_torch = fold(load_base_model(tmp / "base"), adapter)
         attached_torch = load_base_model(tmp / "base")
@@ -123,6 +128,7 @@ def main() -> None:
           f"{args.threads} threads, ORT on {runtime.device_name()}, {args.repeats} rounds")
     print(format_table(["batch", "seq", "engine", "median ms", "min ms", "median / ORT folded", "min / ORT folded"],
                        rows))
+    print("\n".join(checks))
     print(f"adapter_over_folded: {max(ratios):.3f}")
 
 
