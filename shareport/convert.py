@@ -75,6 +75,7 @@ class ConversionReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     candidates: list[dict] = dataclasses.field(default_factory=list)  # --to auto: every form tried
     winner: str | None = None  # --to auto: the form written
+    ranked_by: str | None = None  # --to auto: what the candidates were ranked by (the error measure's ``describes``)
 
     @property
     def ratio(self) -> float:
@@ -109,12 +110,24 @@ def frobenius_error(source: Adapter, converted: Adapter, report: ConversionRepor
     return report.error, report.energy
 
 
+frobenius_error.describes = "weights: each site's Frobenius error ||dW - dW'||^2"
+
+
 def calibrated_error(source: Adapter, converted: Adapter, report: ConversionReport) -> tuple[float, float]:
     """(calibrated objective, its value for dW' = 0) summed over kinds: ``sum_l tr((dW_l - dW'_l) S~_l
     (dW_l - dW'_l)^T)`` with each site's damped input statistics. ``--to auto`` with ``--calibration``
     ranks candidates by it."""
     return (sum(k.calibration["objective"] for k in report.kinds),
             sum(k.calibration["energy"] for k in report.kinds))
+
+
+calibrated_error.describes = "each site's output error on the calibration data"
+
+# --to auto without data: what the report says (issue 26: on a real 16-class task the weights picked
+# truncation, keeping 30% of the LoRA's accuracy, where calibrated truncation kept 82%)
+WEIGHTS_ONLY_WARNING = ("--to auto ranked the forms by their weights only; on real tasks the form that keeps the "
+                        "most of the model's outputs is often another: give --calibration DATA --base BASE to "
+                        "rank them by the model's outputs")
 
 
 @dataclasses.dataclass
@@ -515,8 +528,11 @@ def _convert_auto(adapter: Adapter, budget: float, grouping: str, progress, erro
     out, report, _, _ = min((c for c in converted.values() if c[2] <= tie), key=lambda c: c[1].parameters_after)
     for candidate in candidates:
         candidate["winner"] = candidate["form"] == report.form
-    settings = {**report.settings, "chosen_by": "auto"}
-    return out, dataclasses.replace(report, settings=settings, candidates=candidates, winner=report.form)
+    ranked_by = getattr(error_measure, "describes", "a custom error measure")
+    settings = {**report.settings, "chosen_by": "auto", "ranked_by": ranked_by}
+    warnings = list(report.warnings) + ([WEIGHTS_ONLY_WARNING] if error_measure is frobenius_error else [])
+    return out, dataclasses.replace(report, settings=settings, candidates=candidates, winner=report.form,
+                                    ranked_by=ranked_by, warnings=warnings)
 
 
 def _with_provenance(out: Adapter, source: Adapter, settings: dict, digest: str | None) -> Adapter:

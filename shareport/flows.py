@@ -48,7 +48,9 @@ from .files.atomic import MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, che
 from .files.folder import dump_json
 from .plots import check_plot_path, has_matplotlib, plot_adapter, plot_frontier
 from .summary import summarize
-from .train.frontier import DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, smallest_keeping
+from .train.frontier import (DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, point_line, smallest_keeping,
+                             stages)
+from .train.generated import check_generate
 from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
 
@@ -105,16 +107,20 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     check_output(out, overwrite, inputs)
     if plot:
         check_plot_path(plot, overwrite, inputs)
-    stats, seconds = None, None
+    stats, seconds, measure = None, None, None
     if calibration is not None:
-        stats, seconds = _calibration_statistics(
+        stats, seconds, model, sampled = _calibration_statistics(
             adapter, calibration, base, CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             CALIBRATION_MAX_LENGTH if calibration_max_length is None else calibration_max_length,
             DEFAULT_RIDGE if calibration_ridge is None else calibration_ridge)
+        if to == "auto":  # rank the candidates by what the model outputs on the calibration examples
+            from .train.evaluation import output_kl_measure
+
+            measure = output_kl_measure(model, adapter, sampled)
     with _kind_progress(conversion_steps(adapter, to), progress) as tick:
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
                                          grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir),
-                                         calibration=stats)
+                                         calibration=stats, error_measure=measure)
     data = {"output": out, **report.to_dict()}
     if stats is not None:  # not in the provenance: the same input must give the same bytes
         data["calibration"] = {**report.settings["calibration"], "seconds": seconds}
@@ -134,8 +140,9 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
 
 
 def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int, max_length: int,
-                            ridge: float) -> tuple[Calibration, float]:
-    """Every site's input statistics on the calibration data, with the LoRA attached (model/calibration.py)."""
+                            ridge: float):
+    """Every site's input statistics on the calibration data, with the LoRA attached (model/calibration.py).
+    Returns (the statistics, seconds, the base model (bare again), the examples drawn)."""
     import time
 
     import torch
@@ -151,7 +158,8 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
     if not ridge >= 0:
         raise ShareportError(f"--calibration-ridge must be >= 0, got {ridge}")
     data = load_data(data_path, base_dir, max_length)
-    sequences = sample_examples(data, samples).sequences
+    sampled = sample_examples(data, samples)
+    sequences = sampled.sequences
     tokens = sum(len(seq) for seq in sequences)
     # before the (slow) model load: each kind's p x p statistics need at least p tokens
     bases = kind_bases(adapter)
@@ -175,7 +183,7 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
     info = {"data": str(data_path), "base": str(base_dir), "samples": len(sequences), "examples": len(data),
             "sample_seed": SAMPLE_SEED, "tokens": tokens, "max_length": max_length,
             "statistics_bytes": stats.nbytes()}
-    return Calibration(stats.statistics, ridge, info), seconds
+    return Calibration(stats.statistics, ridge, info), seconds, model, sampled
 
 
 @contextlib.contextmanager
@@ -196,18 +204,28 @@ def default_recover_output(shared_dir: str) -> str:
     return str(shared_dir).rstrip("/") + "-recovered"
 
 
-def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str, out: str | None = None, *,
-            lm_loss: float = 0.0, options: TrainingOptions = TrainingOptions(), overwrite: bool = False) -> dict | None:
-    """Distil ``shared_dir`` toward ``teacher_dir``; returns the training report (None on non-main processes)."""
+def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str | None, out: str | None = None, *,
+            lm_loss: float = 0.0, options: TrainingOptions = TrainingOptions(), overwrite: bool = False,
+            generate: int | None = None) -> dict | None:
+    """Distil ``shared_dir`` toward ``teacher_dir``; returns the training report (None on non-main processes).
+
+    ``generate`` (causal LMs, instead of ``data_path``): recover on that many texts sampled from the
+    teacher (``train.generated``), seeded by ``options.seed``."""
     out = out or default_recover_output(shared_dir)
-    inputs = (shared_dir, teacher_dir, base_dir, data_path)
+    if (data_path is None) == (generate is None):
+        raise ShareportError("finetune needs --data DATA or --generate N (texts sampled from the teacher), "
+                             "and not both" if data_path is not None else
+                             "finetune needs --data DATA or --generate N (texts sampled from the teacher)")
+    check_generate(generate)
+    inputs = tuple(p for p in (shared_dir, teacher_dir, base_dir, data_path) if p is not None)
     student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir), pack=options.pack)
     check_output(out, overwrite, inputs)
     job = recovery_job(shared_dir, base_dir, teacher_dir, data_path, options.max_length, options.eval_fraction,
-                       options.checkpoint_folder(out), options.resume, options.merging, adapters=(student, teacher))
+                       options.checkpoint_folder(out), options.resume, options.merging, adapters=(student, teacher),
+                       generate=generate, seed=options.seed)
     recipe = options.recipe(job.student, distill_weight=1.0, task_weight=lm_loss)
     entry = {"step": "finetune", "teacher": teacher_dir, "data": data_path, "steps": options.steps,
-             "seed": options.seed}
+             "seed": options.seed, **({"generated": generate} if generate is not None else {})}
     return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("before", "after"))
 
 
@@ -218,6 +236,8 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
         raise ShareportError(f"--merges/--groups merge B's, which only --form aslora does (got --form {form})")
     if form == "aslora" and not options.merging:
         raise ShareportError("--form aslora needs --merges or --groups (how far to merge the B's)")
+    if data_path is None:
+        raise ShareportError("train needs --data DATA (the examples to train on)")
     inputs = (base_dir, data_path)
     check_inputs(base_dir, data_path, pack=options.pack)
     check_output(out, overwrite, inputs)
@@ -339,15 +359,7 @@ def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_pat
     cache = _PointCache(Path(f"{str(out).rstrip('/')}.cache"), {
         "lora": weights_sha256(lora_dir), "base": str(Path(base_dir).resolve()), "data": str(data_path),
         "eval": eval_path, "options": dataclasses.asdict(options)})
-    from tqdm import tqdm
-
-    with tqdm(total=len(forms) * len(budgets), desc="frontier", unit="point", file=sys.stderr,
-              disable=None if progress else True) as bar:
-        def tick(name: str) -> None:
-            bar.set_postfix_str(name)
-            bar.update(1)
-
-        reference, points = measure(job, lora, forms, budgets, options, recover_steps, cache.get, cache.put, tick)
+    reference, points = _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress)
     labelled = reference.get("accuracy") is not None
     front, chosen = pareto(points), smallest_keeping(points, keep)
     data = {
@@ -364,6 +376,25 @@ def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_pat
     if has_matplotlib():
         data["plot"] = str(Path(out) / "frontier.png")
     return data
+
+
+def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress: bool):
+    """``frontier.measure`` under one bar over every point (form, budget, converting or recovering,
+    elapsed time), each point's line printed as it finishes; all on stderr, nothing with ``progress``
+    off (--json)."""
+    from tqdm import tqdm
+
+    with tqdm(total=stages(forms, budgets, recover_steps), desc="frontier", unit="point", file=sys.stderr,
+              disable=None if progress else True, dynamic_ncols=True) as bar:
+        def on_stage(form: str, budget: float, what: str) -> None:
+            bar.set_postfix_str(f"{form} at {budget:g}: {what}")
+
+        def on_point(point) -> None:
+            bar.update(1)
+            if progress:
+                bar.write(point_line(point), file=sys.stderr)
+
+        return measure(job, lora, forms, budgets, options, recover_steps, cache.get, cache.put, on_stage, on_point)
 
 
 class _PointCache:

@@ -66,7 +66,9 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calib
     shareab  one A and one B per kind               (ShareLoRA)
     aslora   one A per kind, one B per group of layers (ASLoRA)
     lora     plain PEFT LoRA: truncated per site, or expanded from any form
-    auto     the form with the least error at --budget
+    auto     the form with the least error at --budget: with --calibration DATA
+             --base BASE, the least KL of the model's outputs to the LoRA's on
+             DATA (what a user keeps); without, the least weight error
 
     With --plot, also write a PNG of the layer distance matrix per kind with the
     chosen groups outlined, and the energy kept against the shared rank.
@@ -103,12 +105,16 @@ def render(data: dict) -> str:
         + share_of_source(data["ratio"], data["source_parameters"])
     ]
     if data["candidates"]:
-        rows = [(c["form"], c["parameters"], f"{c['ratio']:.1%}", c["relative_error"], c["retained_energy"],
-                 "yes" if c["winner"] else "") if "refused" not in c else
-                (c["form"], "-", "-", "-", "-", f"refused: {c['refused']}") for c in data["candidates"]]
-        parts.append(format_table(["form", "params", "of source LoRA", "rel. error", "energy kept", "written"], rows,
-                                  title=f"--to auto at --budget {data['settings']['budget']:g}: "
-                                        f"{data['winner']} has the least error"))
+        by_outputs = data["ranked_by"].startswith("the model's outputs")
+        # ranked by outputs: the error is the KL to the LoRA, its reference the base's (no adapter) KL
+        names = ("KL to LoRA", "sqrt(KL / base KL)", "output effect kept") if by_outputs else \
+            ("error", "rel. error", "energy kept")
+        rows = [(c["form"], c["parameters"], f"{c['ratio']:.1%}", c["error"], c["relative_error"],
+                 c["retained_energy"], "yes" if c["winner"] else "") if "refused" not in c else
+                (c["form"], "-", "-", "-", "-", "-", f"refused: {c['refused']}") for c in data["candidates"]]
+        parts.append(format_table(["form", "params", "of source LoRA", *names, "written"], rows,
+                                  title=f"--to auto at --budget {data['settings']['budget']:g}: {data['winner']} "
+                                        f"ranks first by {data['ranked_by']}"))
     if "calibration" in data:
         c = data["calibration"]
         drawn = (f"all {c['samples']:,} examples" if c["samples"] == c["examples"]

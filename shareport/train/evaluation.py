@@ -8,6 +8,8 @@ are recomputed at each evaluation, as before.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model.base import is_causal_lm
@@ -95,3 +97,42 @@ def evaluate_adapter(job, adapter, batch_size: int) -> dict:
                         is_causal_lm(model), job.accelerator)
     finally:
         student.detach()
+
+
+class _OnModelDevice:
+    """What :func:`evaluate` asks of an accelerator, for a model used outside training: its device
+    and no autocast (conversion runs in the model's own dtype)."""
+
+    def __init__(self, model):
+        self.device = next(model.parameters()).device
+
+    @staticmethod
+    def autocast():
+        return contextlib.nullcontext()
+
+
+def output_kl_measure(model, lora, data: TokenData, batch_size: int = 16):
+    """An error measure for ``convert_adapter(error_measure=...)`` (``--to auto`` with data): the
+    KL of each candidate's model outputs to the LoRA's on ``data`` (held-out-style metrics of
+    :func:`evaluate`: class logits, next-token logits, or an encoder's hidden-state MSE), against
+    the same measure of the base alone (no adapter) as the "energy". The LoRA's outputs are
+    computed once. Ranks forms by what the model outputs, which is what a user keeps or loses."""
+    acc, pad, causal = _OnModelDevice(model), pad_token_id(model.config), is_causal_lm(model)
+    teacher, cache = Teacher(model, lora), TeacherCache()
+
+    def measured(adapter) -> float:
+        attached = attach(model, adapter, trainable=False, dtype=torch.float32) if adapter is not None else None
+        try:
+            metrics = evaluate(model, attached, teacher, data, batch_size, pad, causal, acc, cache=cache)
+        finally:
+            if attached is not None:
+                attached.detach()
+        return metrics["kl"] if "kl" in metrics else metrics["hidden_mse"]
+
+    base_error = measured(None)
+
+    def measure(source, converted, report) -> tuple[float, float]:
+        return measured(converted), base_error
+
+    measure.describes = "the model's outputs: KL to the LoRA's on the calibration data"
+    return measure
