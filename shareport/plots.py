@@ -134,12 +134,12 @@ def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, yl
                    label=f"smallest keeping {keep:g}")
     ax.axhline(keep, color="red", ls=":", lw=1)
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    percent = FuncFormatter(lambda v, _: f"{v:g}%")
-    ax.xaxis.set_major_formatter(percent)
-    ax.xaxis.set_minor_formatter(percent)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
+    # ticks where the points are (the budgets asked for), not the log axis's own 10, 20, 30 ...
+    ax.xaxis.set_major_locator(FixedLocator(sorted({100 * p.budget for p in points})))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("parameters, % of the source LoRA (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")

@@ -10,6 +10,7 @@ from shareport.convert import convert_adapter
 from shareport.files import load_adapter
 from shareport.model import attach, load_base_model
 from shareport.train.data import collate, load_data, pad_token_id, split_heldout
+from shareport.train import frontier as frontier_module
 from shareport.train.frontier import Point, pareto, smallest_keeping
 from tests.training_helpers import recovery_setup
 
@@ -82,6 +83,38 @@ def test_pareto_and_smallest_keeping_are_right():
             assert any(q.parameters <= p.parameters and q.fidelity >= p.fidelity for q in front)
     assert (smallest_keeping(points, 0.9).parameters, smallest_keeping(points, 0.9).fidelity) == (20, 0.9)
     assert smallest_keeping(points, 0.99) is None
+
+
+def _points_of(*pairs):
+    return [Point("lora", 0.1, i % 2 == 1, 0, params, params / 100, 0.0, None, None, None, fid, 0.0)
+            for i, (params, fid) in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_pareto_never_holds_a_dominated_point_of_equal_size(order):
+    """``--recover-steps`` makes two points of each size; the lower one of a pair can beat every
+    smaller point and is still dominated (same size, lower fidelity). In either input order."""
+    pairs = [(10, 0.5), (20, 0.8), (20, 0.9)]
+    points = _points_of(*(pairs if order == 0 else pairs[::-1]))
+    front = pareto(points)
+    assert sorted((p.parameters, p.fidelity) for p in front) == [(10, 0.5), (20, 0.9)]
+    for p in front:  # nothing on the front is dominated by any point, strictly in one of the two
+        assert not any((q.parameters <= p.parameters and q.fidelity > p.fidelity) or
+                       (q.parameters < p.parameters and q.fidelity >= p.fidelity) for q in points)
+
+
+def test_smallest_keeping_prefers_the_higher_fidelity_among_equal_sizes():
+    for pairs in ([(20, 0.95), (20, 0.99), (30, 1.0)], [(20, 0.99), (20, 0.95), (30, 1.0)]):
+        chosen = smallest_keeping(_points_of(*pairs), 0.9)
+        assert (chosen.parameters, chosen.fidelity) == (20, 0.99)
+
+
+def test_fidelity_with_labels_is_relative_to_the_loras_accuracy():
+    """A point at accuracy 0.80 against a LoRA at 0.87 keeps 0.92 of it: --keep 0.9 is met, 0.95 is not."""
+    accuracy, fidelity = frontier_module._fidelity({"accuracy": {"student": 0.80}, "top1_agreement": 0.7}, 0.87)
+    assert accuracy == 0.80 and fidelity == pytest.approx(0.80 / 0.87)
+    point = Point("lora", 0.1, False, 0, 10, 0.1, 0.0, None, None, accuracy, fidelity, 0.0)
+    assert smallest_keeping([point], 0.9) is point and smallest_keeping([point], 0.95) is None
 
 
 def test_a_rerun_reuses_the_cached_points(run, setup, tmp_path, cli):

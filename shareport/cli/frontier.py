@@ -7,6 +7,7 @@ import click
 from .. import flows
 from ..train.frontier import DEFAULT_BUDGETS, FORMS
 from ..train.jobs import TrainingOptions
+from ..train.recipe import DEFAULT_LR
 from .options import json_option
 from .table import format_table, to_json
 
@@ -37,7 +38,8 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Name the smallest point keeping this share of the LoRA's accuracy (or top-1 agreement).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Output folder: frontier.json and frontier.png.")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Recovery: AdamW learning rate.")
+@click.option("--lr", default=DEFAULT_LR, show_default=True, type=float,
+              help="Recovery: AdamW's peak learning rate (warmup, then cosine decay; the best step is kept).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Recovery and scoring batch.")
 @click.option("--max-length", default=128, show_default=True, type=int, help="Tokens per example, at most.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the recovery batch order.")
@@ -73,9 +75,10 @@ def render(data: dict) -> str:
     table = format_table(["form", "budget", "params", "of LoRA", "state", "KL", "top-1", "accuracy",
                           "fidelity", "front"], rows)
     chosen = data["smallest_keeping"]
-    verdict = (f"smallest keeping {data['keep']:g} of the LoRA's {data['fidelity']}: {chosen['form']} at "
-               f"{chosen['ratio']:.1%} ({chosen['parameters']:,} parameters"
-               f"{', recovered' if chosen['recovered'] else ''})" if chosen else
-               f"no point keeps {data['keep']:g} of the LoRA's {data['fidelity']}")
+    kept = "accuracy" if lora.get("accuracy") else "top-1 agreement"
+    verdict = (f"smallest point keeping {data['keep']:.0%} of the LoRA's {kept}: {chosen['form']} at "
+               f"{chosen['ratio']:.1%} of its parameters ({chosen['parameters']:,}"
+               f"{', recovered' if chosen['recovered'] else ''}; fidelity {chosen['fidelity']:.4f})" if chosen else
+               f"no point keeps {data['keep']:.0%} of the LoRA's {kept}")
     tail = f"\nwrote {data['output']}" + (f" (figure: {data['plot']})" if data.get("plot") else "")
     return f"{head}\n{table}\n{verdict}{tail}"

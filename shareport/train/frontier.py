@@ -14,6 +14,7 @@ size and fidelity; the answer to "what should I ship" is the smallest point keep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -66,10 +67,12 @@ def _fidelity(metrics: dict, lora_accuracy: float | None) -> tuple[float | None,
 
 def measure(job: Job, lora: Adapter, forms, budgets, options: TrainingOptions, recover_steps: int,
             cached: Callable[[str], dict | None], store: Callable[[str, dict], None],
-            progress: Callable[[str], None]) -> tuple[dict, list[Point]]:
+            on_stage: Callable[[str, float, str], None], on_point: Callable[[Point], None]) -> tuple[dict, list[Point]]:
     """Every (form, budget) point, converted and, with ``recover_steps``, recovered.
 
     ``cached(key)``/``store(key, data)`` keep finished points so an interrupted run resumes.
+    ``on_stage(form, budget, what)`` is called as each conversion or recovery starts ("converting",
+    "recovering"), ``on_point(point)`` as each point is finished (cached ones too).
     Returns the LoRA's own metrics and the points.
     """
     reference = cached("lora-reference") or evaluate_adapter(job, lora, options.batch_size)
@@ -81,14 +84,19 @@ def measure(job: Job, lora: Adapter, forms, budgets, options: TrainingOptions, r
             key = f"{form}-{budget:g}-{recover_steps}"
             data = cached(key)
             if data is None:
-                data = [p.to_dict() for p in _point(job, lora, form, budget, options, recover_steps, lora_accuracy)]
+                stage = functools.partial(on_stage, form, budget)
+                data = [p.to_dict() for p in _point(job, lora, form, budget, options, recover_steps, lora_accuracy,
+                                                    stage, on_point)]
                 store(key, data)
+            else:
+                for d in data:
+                    on_point(Point(**d))
             points += [Point(**d) for d in data]
-            progress(key)
     return reference, points
 
 
-def _point(job, lora, form, budget, options, recover_steps, lora_accuracy) -> list[Point]:
+def _point(job, lora, form, budget, options, recover_steps, lora_accuracy, on_stage, on_point) -> list[Point]:
+    on_stage("converting")
     started = time.perf_counter()
     try:
         converted, report = convert_adapter(lora, form, budget=budget)
@@ -101,7 +109,9 @@ def _point(job, lora, form, budget, options, recover_steps, lora_accuracy) -> li
                   max_relative_error=max((k.relative_error for k in report.kinds), default=0.0))
     out = [Point(recovered=False, steps=0, kl=before.get("kl"), top1_agreement=before.get("top1_agreement"),
                  accuracy=accuracy, fidelity=fidelity, seconds=seconds, **common)]
+    on_point(out[-1])
     if recover_steps:
+        on_stage("recovering")
         started = time.perf_counter()
         recipe = dataclasses.replace(options, steps=recover_steps).recipe(converted, distill_weight=1.0, task_weight=0.0)
         _, training = run(dataclasses.replace(job, student=converted, progress=False), recipe)
@@ -110,7 +120,22 @@ def _point(job, lora, form, budget, options, recover_steps, lora_accuracy) -> li
         out.append(Point(recovered=True, steps=recover_steps, kl=after.get("kl"),
                          top1_agreement=after.get("top1_agreement"), accuracy=accuracy, fidelity=fidelity,
                          seconds=seconds + time.perf_counter() - started, **common))
+        on_point(out[-1])
     return out
+
+
+def stages(forms, budgets, recover_steps: int) -> int:
+    """How many points ``measure`` finishes (for a progress bar): one per form and budget, two when recovering."""
+    return len(forms) * len(budgets) * (2 if recover_steps else 1)
+
+
+def point_line(point: Point) -> str:
+    """One finished point, as the frontier prints it while it runs."""
+    state = f"recovered {point.steps} steps" if point.recovered else "converted"
+    kl = "-" if point.kl is None else f"{point.kl:.4f}"
+    accuracy = "" if point.accuracy is None else f", accuracy {point.accuracy:.4f}"
+    return (f"{point.form} at {point.budget:g} ({point.ratio:.1%} of the LoRA), {state}: KL {kl}{accuracy}, "
+            f"fidelity {point.fidelity:.4f} ({point.seconds:.0f} s)")
 
 
 def pareto(points: list[Point]) -> list[Point]:
