@@ -207,3 +207,71 @@ def test_bad_schedule_settings_are_refused_in_one_line(setup, tmp_path, cli, arg
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and words in errors[0], result.output
     assert not out.exists()
+
+
+def test_generate_recovers_a_causal_lm_with_no_data_file(setup, tmp_path, cli):
+    """``--generate N``: N texts sampled from the teacher are the data; the same seed, the same bytes."""
+    outs = [tmp_path / "g1", tmp_path / "g2"]
+    for out in outs:
+        result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--generate",
+                     40, "-o", out, "--steps", 20, "--lr", 3e-3, "--batch-size", 4, "--max-length", 24, "--json")
+        assert result.exit_code == 0, result.output
+    report = json.loads((outs[0] / "training_report.json").read_text())
+    assert report["inputs"]["generated"] == 40 and report["inputs"]["data"] is None
+    assert report["train_examples"] + report["heldout_examples"] == 40
+    assert report["after"]["kl"] < report["before"]["kl"]
+    for name in ("adapter_model.safetensors", "training_report.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_generated_texts_are_the_teachers_samples(setup):
+    """Start at bos, stop at eos or max_length; seeded (the same seed, the same texts; another, others),
+    and the global RNG is left as it was."""
+    from shareport.model import load_base_model
+    from shareport.train.generated import generate_data
+    from shareport.train.teacher import Teacher
+
+    model = load_base_model(setup["base"]).requires_grad_(False)
+    teacher = Teacher(model, load_adapter(setup["lora"]))
+    before = torch.get_rng_state()
+    one = generate_data(model, teacher, count=10, max_length=12, seed=1, where="base")
+    assert torch.equal(torch.get_rng_state(), before)
+    again = generate_data(model, teacher, count=10, max_length=12, seed=1, where="base")
+    other = generate_data(model, teacher, count=10, max_length=12, seed=2, where="base")
+    assert one.sequences == again.sequences != other.sequences
+    bos, eos = model.config.bos_token_id, model.config.eos_token_id
+    for seq in one.sequences:
+        assert seq[0] == bos and 2 <= len(seq) <= 12
+        assert eos not in seq[1:-1] and (len(seq) == 12 or seq[-1] == eos)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--generate", 0], "--generate must be at least 1 text, got 0"),
+    (["--generate", 5, "--data", "DATA"], "not both"),
+    ([], "finetune needs --data DATA or --generate N"),
+])
+def test_bad_generate_is_refused_in_one_line(setup, tmp_path, cli, args, words):
+    out = tmp_path / "out"
+    args = [setup["text"] if a == "DATA" else a for a in args]
+    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "-o", out,
+                 "--steps", 4, *args)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and words in errors[0], result.output
+    assert not out.exists()
+
+
+def test_generate_on_a_classifier_is_refused(tmp_path, cli):
+    from tests.tiny import make_peft_adapter, tiny_bert
+    from tests.training_helpers import save_base
+
+    base = save_base(tiny_bert(layers=2, num_labels=2), tmp_path / "cls")
+    make_peft_adapter(tiny_bert(layers=2, num_labels=2), tmp_path / "lora", seed=2, r=4, task_type="SEQ_CLS",
+                      target_modules=["query", "value"])
+    out = tmp_path / "out"
+    result = cli("finetune", tmp_path / "lora", "--base", base, "--teacher", tmp_path / "lora", "--generate", 8,
+                 "-o", out, "--steps", 2)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--generate samples texts from a causal LM" in errors[0], result.output
+    assert not out.exists()

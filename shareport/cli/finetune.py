@@ -17,13 +17,17 @@ from .training_options import echo_report, recipe_options
               help="The original LoRA that SHARED_DIR was converted from.")
 @click.option("--lm-loss", "lm_loss", default=0.0, show_default=True, type=float,
               help="Weight of the data's own loss (next-token, or the 'label' field) added to the distillation.")
+@click.option("--generate", type=int, default=None,
+              help="Causal LMs with no data: recover on N texts sampled from the teacher (base + LoRA), "
+                   "instead of --data (seeded by --seed).")
 @click.option("--hidden-weight", default=0.0, show_default=True, type=float,
               help="Weight of a second distillation signal: the last hidden states at every token against the "
                    "teacher's (mean squared error relative to their scale), besides the output KL.")
 @click.option("--temperature", default=1.0, show_default=True, type=float,
               help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2).")
 @recipe_options("Output adapter folder [default: SHARED_DIR-recovered beside it].")
-def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, overwrite, as_json, **training) -> None:
+def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, generate, data_path, out, overwrite, as_json,
+                 **training) -> None:
     """Recover a shared adapter by distilling toward the LoRA it came from (no labels needed).
 
     The student (base + SHARED_DIR) learns to match the teacher's outputs (base + the teacher
@@ -38,6 +42,6 @@ def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, data_path, out, ove
     data, than the one it was given. Modules the conversion cut to rank 0 stay unadapted.
     """
     report = flows.recover(shared_dir, base_dir, teacher_dir, data_path, out, lm_loss=lm_loss,
-                           options=TrainingOptions(**training), overwrite=overwrite)
+                           options=TrainingOptions(**training), overwrite=overwrite, generate=generate)
     if report is not None:  # the main process
         echo_report(out or flows.default_recover_output(shared_dir), report, as_json)

@@ -11,7 +11,7 @@ from .options import output_option
 from .table import format_table, to_json
 
 _RECIPE_OPTIONS = [
-    click.option("--data", "data_path", required=True, type=click.Path(path_type=str),
+    click.option("--data", "data_path", default=None, type=click.Path(path_type=str),
                  help="A text file (one example a line), a .jsonl with 'text' (and 'label'), or a tokenized folder."),
     click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists."),
     click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."),

@@ -21,6 +21,7 @@ from ..model.base import CAUSAL_LM_CLASS, auto_class_name, empty_base_model, rea
 from ..model.fresh import fresh_adapter
 from .accel import load_sharded_base, make_accelerator, model_dtype, shards_base
 from .checkpoint import load_checkpoint
+from .generated import generate_data
 from .data import load_data, split_heldout
 from .merging import MergeSchedule
 from .recipe import DEFAULT_LR, Job, Recipe
@@ -133,12 +134,13 @@ def _resume(checkpoint_dir: Path | None, resume: bool):
 
 
 def check_inputs(base_dir, data_path, adapter_dirs=(), pack: bool = False) -> list[Adapter]:
+    # data_path None: the data will be generated (finetune --generate)
     """Read what is cheap to read before any output is checked or any model loaded: the
     adapters (returned, in order), the base folder's config and the data path's existence; with
     ``pack``, that the model will be a causal LM (the recipe checks again on the loaded model)."""
     adapters = [load_adapter(folder) for folder in adapter_dirs]
     config = read_base_config(base_dir)
-    if not Path(data_path).exists():
+    if data_path is not None and not Path(data_path).exists():
         raise ShareportError(f"{data_path}: data file not found")
     if pack:
         # the last adapter (recovery's teacher) decides first, as recovery_job loads the base
@@ -151,17 +153,27 @@ def check_inputs(base_dir, data_path, adapter_dirs=(), pack: bool = False) -> li
 
 def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, eval_fraction: float,
                  checkpoint_dir: Path | None, resume: bool, merging: bool,
-                 adapters: tuple[Adapter, Adapter] | None = None, eval_path=None) -> Job:
-    """``adapters``: the student and teacher already read by :func:`check_inputs` (else read here)."""
+                 adapters: tuple[Adapter, Adapter] | None = None, eval_path=None,
+                 generate: int | None = None, seed: int = 0) -> Job:
+    """``adapters``: the student and teacher already read by :func:`check_inputs` (else read here).
+    ``generate``: no ``data_path``; that many texts sampled from the teacher are the data
+    (``generated.py``), split into training and held-out as a file would be."""
     student, teacher_adapter = adapters or (load_adapter(shared_dir), load_adapter(teacher_dir))
     dropped = check_pair(teacher_adapter, student)
     resumed, state = _resume(checkpoint_dir, resume)
     if resumed is not None:
         check_pair(teacher_adapter, resumed)
     acc = make_accelerator(merging)
-    train, heldout, selection, inputs = _data(data_path, base_dir, max_length, eval_fraction, eval_path)
+    if generate is None:
+        train, heldout, selection, inputs = _data(data_path, base_dir, max_length, eval_fraction, eval_path)
     model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc, teacher_adapter.extra_tensors)
     teacher = Teacher(model, teacher_adapter)
+    if generate is not None:
+        data = generate_data(model, teacher, count=generate, max_length=max_length, seed=seed, where=str(base_dir))
+        train, heldout = split_heldout(data, eval_fraction)
+        selection = None
+        inputs = {"data": None, "generated": generate, "generate_seed": seed, "max_length": max_length,
+                  "eval_fraction": eval_fraction}
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     if dropped:  # sites the conversion cut to rank 0: the student recovers without them (teacher.check_pair)
         inputs["teacher_only_sites"] = dropped

@@ -1,0 +1,71 @@
+"""Recovery data for a user who has none: texts sampled from the teacher (``finetune --generate N``).
+
+Sequence-level distillation (Kim & Rush, 2016): the student learns the teacher's distribution on
+the teacher's own samples, the inputs where the two must agree for generation to match. Each text
+starts at the base's beginning-of-sequence token and is sampled token by token from base + LoRA
+(temperature 1, no top-k/top-p: the teacher's distribution as it is) up to ``max_length`` tokens
+or its end-of-sequence token. The global RNG is seeded for the sampling and restored after, so the
+same seed gives the same texts and training's own randomness is untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ShareportError
+from ..model.base import is_causal_lm
+from .data import TokenData, pad_token_id
+from .teacher import Teacher
+
+CHUNK = 32  # texts sampled together
+
+
+def _token_ids(value) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    return [v for v in (value or []) if isinstance(v, int)]
+
+
+def check_generate(count: int | None) -> None:
+    if count is not None and count < 1:
+        raise ShareportError(f"--generate must be at least 1 text, got {count}")
+
+
+def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed: int, where: str) -> TokenData:
+    """``count`` token sequences sampled from ``model`` with the teacher's adapter active."""
+    check_generate(count)
+    if not is_causal_lm(model):
+        raise ShareportError(f"{where}: --generate samples texts from a causal LM; this base loads as "
+                             f"{type(model).__name__} (give --data instead)")
+    starts = _token_ids(getattr(model.config, "bos_token_id", None))
+    if not starts:
+        raise ShareportError(f"{where}: --generate starts each text at the beginning-of-sequence token, and "
+                             "config.json sets no bos_token_id (give --data instead)")
+    if max_length < 2:
+        raise ShareportError(f"--max-length must be at least 2 to generate texts, got {max_length}")
+    ends = set(_token_ids(getattr(model.config, "eos_token_id", None)))
+    device = next(model.parameters()).device
+    saved = torch.get_rng_state()
+    sequences: list[list[int]] = []
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad(), teacher.active(model):
+            for first in range(0, count, CHUNK):
+                rows = min(CHUNK, count - first)
+                prompt = torch.full((rows, 1), starts[0], dtype=torch.long, device=device)
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                     temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_length - 1,
+                                     pad_token_id=pad_token_id(model.config),
+                                     eos_token_id=sorted(ends) or None)
+                sequences += [_until_end(row, ends) for row in out.tolist()]
+    finally:
+        torch.set_rng_state(saved)
+    return TokenData(sequences, None, f"{count} texts sampled from the teacher (seed {seed})")
+
+
+def _until_end(row: list[int], ends: set[int]) -> list[int]:
+    """The sampled tokens up to and including the first end-of-sequence token (generate pads after it)."""
+    for i, token in enumerate(row[1:], start=1):
+        if token in ends:
+            return row[:i + 1]
+    return row

@@ -1,0 +1,265 @@
+"""Recovery, old recipe against new: fidelity against step, steps and wall time to 95% and 99% of the LoRA.
+
+    OMP_NUM_THREADS=1 python tests/benchmarks/bench_recovery.py --out /tmp/bench-recovery \\
+        [--tasks docstrings demo] [--forms lora sharea aslora] [--budgets 0.05 0.1 0.25 0.5] \\
+        [--recipes old new] [--steps 300] [--lrs 1e-3] [--hidden-weights 0] [--calibrated]
+
+Not collected by pytest. Every run is kept under ``--out`` (``stages.py``), so a rerun with more
+forms, budgets or recipes only computes what is new; the table and ``results.json`` cover every
+run asked for, and ``curves.png`` plots them.
+
+Tasks:
+- **docstrings**: the real MiniLM with a PEFT LoRA (r=16 on all six kinds) trained on CPython's
+  docstrings (``bench_frontier.py``'s stages: the same data and LoRA). Recovery distils toward the
+  LoRA on the train texts (no labels); the best step is picked on the train file's 10% held-out
+  split, and before/after are scored on the test split. Fidelity = accuracy / the LoRA's accuracy.
+- **demo**: ``shareport demo``'s causal LM (8-layer Llama, hidden 64, BPE vocabulary 384) and its
+  LoRA (q, v, o, down; r=8) trained on the domain corpus, recovered on that corpus. Fidelity =
+  next-token top-1 agreement with the LoRA on the held-out split.
+
+Recipes:
+- **old**: what recovery did before issue 26: constant lr (2e-3, the frontier's), no warmup, the
+  last step published whatever it is (``BestKept.offer`` patched to accept every step).
+- **new**: the library's defaults (warmup 10%, cosine decay to 0, the best evaluated step kept),
+  at each ``--lrs`` and ``--hidden-weights``.
+
+The curve is the trainer's own evaluation on the held-out split, every ``--curve-every`` steps
+(more often than the library's default, to draw the curve); "s/step" counts training alone plus
+the evaluations the library's default ``eval_every`` would make, both measured in the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import bench_frontier as frontier  # noqa: F401 (sets the paths and the offline environment)
+import torch
+
+import docstrings_data
+import minilm_end_to_end as minilm
+from stages import stage
+
+from shareport import flows
+from shareport.errors import ShareportError
+from shareport.files import load_adapter
+from shareport.train import best as best_module
+from shareport.train.jobs import TrainingOptions, recovery_job
+from shareport.train.recipe import evaluate_adapter, run
+from shareport.train.schedule import default_eval_every
+
+OLD_LR = 2e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    out: Path
+    base: Path
+    lora: Path
+    data: Path
+    test: Path | None
+    batch: int
+    max_length: int
+
+
+def docstrings_task(out: Path) -> Task:
+    root = out / "docstrings"
+    root.mkdir(parents=True, exist_ok=True)
+    s = frontier.Settings()
+    stage(root, "data", lambda: docstrings_data.write_fresh(root / "data"))
+    base = minilm.write_base_folder(root, docstrings_data.CLASSES)
+    stage(root, "lora", lambda: frontier.train_lora(base, root / "data", root, s))
+    return Task("docstrings", root, base, root / "lora", root / "data" / "train.jsonl", root / "data" / "test.jsonl",
+                batch=s.batch, max_length=s.max_length)
+
+
+def demo_task(out: Path) -> Task:
+    from shareport.demo import run as demo
+    from shareport.demo.assets import build_base, corpus
+
+    root = out / "demo"
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "domain.txt"
+
+    def build() -> dict:
+        data.write_text("\n".join(corpus(domain=True, seed=1)) + "\n", encoding="utf-8")
+        build_base(root / "base", corpus(), layers=8, hidden=64)
+        return flows.train("lora", str(root / "base"), demo.TARGETS, demo.RANK, str(data), str(root / "lora"),
+                           alpha=2.0 * demo.RANK, options=demo._recipe(demo.TRAIN_STEPS), overwrite=True)
+
+    stage(root, "lora", build)
+    return Task("demo", root, root / "base", root / "lora", data, None, batch=demo.BATCH, max_length=demo.LENGTH)
+
+
+@contextlib.contextmanager
+def last_step_published():
+    """The old recipe: every evaluated step replaces the kept one, so the last is published."""
+    original = best_module.BestKept.offer
+
+    def offer(self, step, score, parameters):
+        self.step, self.score = step, score
+        self.tensors = {n: p.detach().clone() for n, p in parameters.items()}
+        return True
+
+    best_module.BestKept.offer = offer
+    try:
+        yield
+    finally:
+        best_module.BestKept.offer = original
+
+
+def convert(task: Task, form: str, budget: float, calibrated: bool) -> Path:
+    folder = task.out / "converted" / f"{form}-{budget:g}-{'calibrated' if calibrated else 'plain'}"
+    extra = dict(calibration=str(task.data), base=str(task.base)) if calibrated else {}
+    if not folder.is_dir():
+        flows.convert(str(task.lora), form, str(folder), budget=budget, progress=False, **extra)
+    return folder
+
+
+def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidden: float, curve_every: int) -> dict:
+    job = recovery_job(student, task.base, task.lora, task.data, task.max_length, 0.1, None, False, False,
+                       eval_path=task.test)
+    job = dataclasses.replace(job, progress=False)
+    if recipe == "old":
+        options = TrainingOptions(steps=steps, lr=OLD_LR, batch_size=task.batch, max_length=task.max_length,
+                                  schedule="constant", warmup=0.0, eval_every=curve_every)
+    else:
+        options = TrainingOptions(steps=steps, lr=lr, batch_size=task.batch, max_length=task.max_length,
+                                  eval_every=curve_every, hidden_weight=hidden)
+    selection = job.selection if job.selection is not None else job.heldout
+    # the LoRA on the selection split: the reference of the curve's fidelity
+    lora_on_selection = evaluate_adapter(dataclasses.replace(job, heldout=selection), load_adapter(task.lora), 32)
+    started = time.perf_counter()
+    with last_step_published() if recipe == "old" else contextlib.nullcontext():
+        _, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
+    seconds = time.perf_counter() - started
+    timings = report["timings"]
+    evals = len(report["curve"]) - 1
+    per_eval = timings["eval_seconds"] / max(evals, 1)
+    default_every = default_eval_every(steps=steps, batch_size=task.batch, heldout_examples=len(selection),
+                                       teacher_cached=True)
+    default_evals = len(range(default_every, steps + 1, default_every)) + (steps % default_every != 0)
+    train_seconds = timings["seconds"] - timings["eval_seconds"]
+    return {"before": report["before"], "after": report["after"], "curve": report["curve"],
+            "best_step": report["best_step"], "seconds": seconds,
+            "s_per_step_train": train_seconds / steps,
+            "s_per_step_with_default_eval": (train_seconds + default_evals * per_eval) / steps,
+            "default_eval_every": default_every, "eval_share_default": default_evals * per_eval
+            / (train_seconds + default_evals * per_eval), "lora_on_selection": lora_on_selection}
+
+
+def fidelity(task: str, metrics: dict, lora: dict) -> float:
+    if task == "docstrings":
+        return metrics["accuracy"] / lora["accuracy"]["student"] if isinstance(metrics["accuracy"], float) else \
+            metrics["accuracy"]["student"] / lora["accuracy"]["student"]
+    return metrics["top1_agreement"]
+
+
+def summarise(task: str, row: dict, lora_test: dict) -> dict:
+    """Fidelity on the test split before/after, and the first curve steps reaching 95% and 99%."""
+    curve = [(p["step"], fidelity(task, p, row["lora_on_selection"])) for p in row["curve"]]
+    reach = {f"steps_{int(100 * k)}": next((t for t, f in curve if f >= k), None) for k in (0.95, 0.99)}
+    return {"fidelity_before": fidelity(task, row["before"], lora_test),
+            "fidelity_after": fidelity(task, row["after"], lora_test),
+            "kl_before": row["before"]["kl"], "kl_after": row["after"]["kl"], "curve_fidelity": curve, **reach}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | form | budget | start | recipe | lr | hidden w | steps | KL before -> after | "
+             "fidelity before -> after | best step | steps to 95% / 99% (held-out) | s/step (default eval) | "
+             "eval share |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["summary"]
+        reach = " / ".join("-" if s[k] is None else str(s[k]) for k in ("steps_95", "steps_99"))
+        lines.append(f"| {r['task']} | {r['form']} | {100 * r['budget']:g}% | {r['start']} | {r['recipe']} | "
+                     f"{r['lr']:g} | {r['hidden']:g} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
+                     f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | {r['best_step']} | {reach} | "
+                     f"{r['s_per_step_with_default_eval']:.3f} | {100 * r['eval_share_default']:.1f}% |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task):
+            steps, fids = zip(*r["summary"]["curve_fidelity"])
+            ax.plot(steps, fids, "--" if r["recipe"] == "old" else "-", marker=".",
+                    label=f"{r['form']} {100 * r['budget']:g}% {r['start']} {r['recipe']} lr {r['lr']:g}")
+        ax.axhline(0.99, color="grey", lw=0.8)
+        ax.axhline(0.95, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{task}: held-out fidelity during recovery")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy / LoRA accuracy" if task == "docstrings" else "top-1 agreement with the LoRA")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/bench-recovery")
+    parser.add_argument("--tasks", nargs="+", default=["docstrings", "demo"], choices=["docstrings", "demo"])
+    parser.add_argument("--forms", nargs="+", default=["lora", "sharea", "aslora"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
+    parser.add_argument("--recipes", nargs="+", default=["old", "new"], choices=["old", "new"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[None], help="new recipe's peak lr [library default]")
+    parser.add_argument("--hidden-weights", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--calibrated", action="store_true", help="start from calibrated conversions too")
+    parser.add_argument("--curve-every", type=int, default=25)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one thread, fixed: a shared 2-core machine (see bench_frontier)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    default_lr = TrainingOptions().lr
+    rows = []
+    for task_name in args.tasks:
+        task = docstrings_task(out) if task_name == "docstrings" else demo_task(out)
+        (task.out / "converted").mkdir(exist_ok=True)
+        job = recovery_job(task.lora, task.base, task.lora, task.data, task.max_length, 0.1, None, False, False,
+                           eval_path=task.test)
+        lora_test = stage(task.out, "lora-test", lambda: evaluate_adapter(job, load_adapter(task.lora), 32))
+        del job
+        for start in ["plain"] + (["calibrated"] if args.calibrated else []):
+            for form in args.forms:
+                for budget in args.budgets:
+                    try:
+                        student = convert(task, form, budget, start == "calibrated")
+                    except ShareportError as exc:
+                        print(f"[bench_recovery] {task_name} {form} {budget:g}: {exc}")
+                        continue
+                    for recipe in args.recipes:
+                        for lr in ([OLD_LR] if recipe == "old" else [lr or default_lr for lr in args.lrs]):
+                            for hidden in ([0.0] if recipe == "old" else args.hidden_weights):
+                                name = (f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
+                                        f"{args.steps}-e{args.curve_every}")
+                                row = stage(task.out, name, lambda: recover(task, student, recipe, args.steps, lr,
+                                                                             hidden, args.curve_every))
+                                row = {**row, "task": task_name, "form": form, "budget": budget, "start": start,
+                                       "recipe": recipe, "lr": lr, "hidden": hidden, "steps": args.steps}
+                                row["summary"] = summarise(task_name, row, lora_test)
+                                rows.append(row)
+                                print(table([row]).splitlines()[-1], flush=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    print(table(rows))
+    try:
+        plot(rows, out / "curves.png")
+        print(f"curves: {out / 'curves.png'}")
+    except ImportError:
+        pass
+    return rows
+
+
+if __name__ == "__main__":
+    main()
