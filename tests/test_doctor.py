@@ -8,6 +8,7 @@ import ctypes
 import json
 import types
 
+import numpy as np
 import pytest
 
 from shareport.export import doctor
@@ -160,6 +161,15 @@ def test_cuda_ep_ort_error_names_the_library(tmp_path):
                          "which is missing.\nmore")
     status = doctor.cuda_ep_status(_fake_ort(tmp_path, raises=error), _loads)
     assert status["missing"] == "libcudnn.so.9" and "\n" not in status["line"]
+
+
+def test_the_probe_graph_runs_in_this_onnxruntime():
+    """onnx >= 1.23 writes IR 14 by default, which ONNX Runtime 1.31 refuses: the probe must not."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(doctor.probe_model(), providers=[CPU])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.array([[0, 2, 4], [6, 8, 10]], np.float32))
 
 
 def test_cuda_ep_status_on_this_machine():

@@ -102,17 +102,26 @@ def _preload_quietly(ort) -> None:
             preload()
 
 
-def _cuda_probe_session(ort):
-    """A one-node graph (y = x + x) in a session asked for the CUDA provider alone."""
+PROBE_IR_VERSION = 10  # onnx >= 1.23 writes IR 14 by default, which ONNX Runtime 1.31 refuses
+
+
+def probe_model() -> bytes:
+    """A one-node graph, y = x + x on a float [2, 3], at an IR version every ORT >= 1.20 reads."""
     import onnx
 
     vi = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "x"], ["y"])], "cuda_probe",
                                    [vi("x", onnx.TensorProto.FLOAT, [2, 3])], [vi("y", onnx.TensorProto.FLOAT, [2, 3])])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, PROBE_IR_VERSION)
+    return model.SerializeToString()
+
+
+def _cuda_probe_session(ort):
+    """``probe_model()`` in a session asked for the CUDA provider alone."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the outcome is reported below, in one line
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[runtime.CUDA])
+    return ort.InferenceSession(probe_model(), options, providers=[runtime.CUDA])
 
 
 def cuda_ep_status(ort=None, load_library=ctypes.CDLL) -> dict:
