@@ -145,8 +145,8 @@ def cuda_ep_status(ort=None, load_library=ctypes.CDLL) -> dict:
     except OSError as exc:
         missing = missing_library(str(exc))
         if missing:
-            return broken(f"{missing} is missing (needed by {CUDA_PROVIDER_LIBRARY}; "
-                          "pip install the nvidia-* CUDA 13 wheels or put CUDA's lib folder on LD_LIBRARY_PATH)", missing)
+            return broken(f"{missing} is missing (needed by {CUDA_PROVIDER_LIBRARY}; install the nvidia-* wheel "
+                          "that has it, or put the folder that has it on LD_LIBRARY_PATH)", missing)
         return broken(f"{CUDA_PROVIDER_LIBRARY} does not load: {str(exc).splitlines()[0]}")
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     try:
