@@ -160,3 +160,31 @@ def test_device_calls_end_with_install_check_and_bench():
     assert "bench_gpu.py --cuda-ep" in calls[-1]["command"] and "check_cuda_ep.py" in calls[-1]["command"]
     assert not any("bench_gpu" in c["command"] for c in calls[:-1])
     assert all(len(c["command"]) <= 2000 for c in calls) and calls[-1]["timeout_s"] <= 600
+
+
+def test_collect_installs_once_all_parts_are_in_and_only_once(tmp_path, monkeypatch, capsys):
+    collect, folders, wheels, manifest = _fake_carry(tmp_path)
+    manifest["replaces"] = ["onnxruntime", "onnxruntime-genai"]
+    for folder in folders:
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    installed = {"onnxruntime": "1.30.0"}  # the device image's CPU wheel
+    calls = []
+
+    def pip(*args):
+        calls.append(args)
+        if args[0] == "uninstall":
+            installed.pop(args[-1])
+        else:
+            installed.update({w["dist"]: w["version"] for w in manifest["wheels"]})
+
+    monkeypatch.setattr(collect, "pip", pip)
+    monkeypatch.setattr(collect, "installed_version", installed.get)
+    staging = tmp_path / "staging"
+    for folder in folders:
+        assert collect.main([str(folder), "--staging", str(staging)]) == 0
+    assert [c[0] for c in calls] == ["uninstall", "install"] and calls[0][-1] == "onnxruntime"
+    assert {"--no-deps", "--no-index"} <= set(calls[1])
+    assert sorted(Path(a).name for a in calls[1] if a.endswith(".whl")) == sorted(w.name for w in wheels)
+    assert "removed onnxruntime 1.30.0" in capsys.readouterr().out
+    assert collect.main([str(folders[-1]), "--staging", str(staging)]) == 0  # a rerun: nothing to do
+    assert len(calls) == 2 and "already installed" in capsys.readouterr().out
