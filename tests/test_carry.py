@@ -56,7 +56,7 @@ def test_parts_arriving_in_shuffled_calls_reassemble_to_the_same_bytes(blob, tmp
         (call / parts[i]["name"]).write_bytes((tmp_path / "parts" / parts[i]["name"]).read_bytes())
         assert copy_parts(call, staging, parts) == [parts[i]["name"]]
         assert copy_parts(call, staging, parts) == []  # idempotent: a good staged copy is kept
-    out = reassemble(staging, parts, tmp_path / "out.bin", want)
+    out = reassemble(staging, parts, tmp_path / "out.bin", sha256=want)
     assert out.read_bytes() == blob[1]
 
 
@@ -81,7 +81,7 @@ def test_a_corrupt_or_missing_part_is_refused_and_nothing_is_written(blob, tmp_p
     else:
         victim.unlink()
     with pytest.raises(CarryError, match=parts[5]["name"]):
-        reassemble(tmp_path / "parts", parts, tmp_path / "out.bin", want)
+        reassemble(tmp_path / "parts", parts, tmp_path / "out.bin", sha256=want)
     assert not list(tmp_path.glob("out.bin*"))
 
 
@@ -97,7 +97,7 @@ def test_a_corrupt_carried_part_is_not_staged(blob, tmp_path):
 def test_parts_matching_a_wrong_whole_file_sha_are_refused(blob, tmp_path):
     parts, want = _split(blob, tmp_path)
     with pytest.raises(CarryError, match="sha256"):
-        reassemble(tmp_path / "parts", parts, tmp_path / "out.bin", hashlib.sha256(b"other").hexdigest())
+        reassemble(tmp_path / "parts", parts, tmp_path / "out.bin", sha256=hashlib.sha256(b"other").hexdigest())
     assert not list(tmp_path.glob("out.bin*"))
 
 
@@ -114,7 +114,7 @@ def _fake_carry(tmp_path, part_size=40_000):
     archive.parent.mkdir()
     prepare.bundle(wheels, archive, threads=1)
     parts = split_file(archive, tmp_path / "build", part_size)
-    folders = [tmp_path / f for f in prepare.place_parts(parts, tmp_path / "build", tmp_path, tmp_path)]
+    folders = [tmp_path / f for f in prepare.place_parts(parts, tmp_path / "build", tmp_path, root=tmp_path)]
     manifest = {"archive": {"name": archive.name, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()},
                 "parts": parts, "replaces": [],
                 "wheels": [{"file": w.name, "dist": w.name.split("-")[0], "version": "9.9.9", "requires": [],

@@ -55,7 +55,8 @@ def onnxruntime_dependents() -> list[str]:
         if name.lower() in ORT_DISTRIBUTIONS + GENAI_DISTRIBUTIONS:
             continue
         for requirement in dist.requires or []:
-            if "extra ==" not in requirement and re.split(r"[ <>=!~;\[(]", requirement, maxsplit=1)[0].lower() == "onnxruntime":
+            required = re.split(r"[ <>=!~;\[(]", requirement, maxsplit=1)[0].lower()
+            if required == "onnxruntime" and "extra ==" not in requirement:
                 found.add(name)
     return sorted(found)
 
@@ -207,7 +208,8 @@ def doctor(dists: dict[str, str] | None = None, *, dependents: list[str] | None 
             report["warnings"].append(f"onnxruntime {ort['version']} has no multi-LoRA API (AdapterFormat): "
                                       "adapter-mode exports need onnxruntime-gpu >= 1.20")
     else:
-        ort["cuda_ep"] = {"state": "not available", "missing": None, "line": "CUDA EP: not available (onnxruntime does not import)"}
+        ort["cuda_ep"] = {"state": "not available", "missing": None,
+                          "line": "CUDA EP: not available (onnxruntime does not import)"}
         report["warnings"].append(f"onnxruntime does not import ({ort['error']}): pip install onnxruntime-gpu")
     if report["onnxruntime_genai"]["version"] is None and not any(n in dists for n in GENAI_DISTRIBUTIONS):
         report["notes"].append("onnxruntime-genai is not installed: 'shareport generate' uses ONNX Runtime's "

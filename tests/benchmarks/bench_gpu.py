@@ -332,7 +332,7 @@ def ep_session(path: Path, provider: str):
     return sess
 
 
-def bound_decoder(sess, adapter: dict | None, how: str, device: str):
+def bound_decoder(sess, adapter: dict | None, how: str, *, device: str):
     """A greedy decode function over ``sess`` with the KV cache kept on ``device`` through IO binding.
     ``how`` says how the adapter reaches the graph: "none" (folded, or the adapter graph's empty
     defaults), "bound once" (GPU OrtValues made here, bound every step without a copy), "copied"
@@ -449,14 +449,14 @@ def cuda_ep_bench(tmp: Path, args) -> tuple[list[tuple], float | None]:
     adapter = read_onnx_adapter(exports["adapter", "fp16"] / graph_file.ADAPTER_NAME)
     sessions = {"folded": ep_session(exports["folded", "fp16"] / graph_file.GRAPH_NAME, provider),
                 "adapter": ep_session(exports["adapter", "fp16"] / graph_file.GRAPH_NAME, provider)}
-    decoders = {"folded": bound_decoder(sessions["folded"], None, "none", device)}
+    decoders = {"folded": bound_decoder(sessions["folded"], None, "none", device=device)}
     for how in ("bound once", "copied", "run options"):
-        decoders[f"adapter, {how}"] = bound_decoder(sessions["adapter"], adapter, how, device)
+        decoders[f"adapter, {how}"] = bound_decoder(sessions["adapter"], adapter, how, device=device)
     new_tokens = 8 if args.dry_run else NEW_TOKENS
     warm = {name: decode(PROMPT, new_tokens) for name, decode in decoders.items()}  # warm-up, tokens, logits
     tokens = {name: w[1] for name, w in warm.items()}
     # the adapter graph without the adapter: the distance an ignored binding would show
-    bare = bound_decoder(sessions["adapter"], None, "none", device)(PROMPT, 1)[2]
+    bare = bound_decoder(sessions["adapter"], None, "none", device=device)(PROMPT, 1)[2]
     per_round = {name: [] for name in decoders}
     for _ in range(2 if args.dry_run else args.rounds_decode):
         for name, decode in decoders.items():

@@ -77,7 +77,7 @@ def part_problems(folder: str | Path, parts: list[dict]) -> dict[str, str]:
     return problems
 
 
-def reassemble(folder: str | Path, parts: list[dict], out: str | Path, sha256: str) -> Path:
+def reassemble(folder: str | Path, parts: list[dict], out: str | Path, *, sha256: str) -> Path:
     """Concatenate ``parts`` (found in ``folder``, in the manifest's order) into ``out`` and check
     the whole file's ``sha256``; raises CarryError, leaving no ``out``, when anything is off."""
     problems = part_problems(folder, parts)

@@ -56,7 +56,7 @@ def loaded_cuda_libraries() -> list[str]:
     return [f"{name} ({folder})" for name, folder in sorted(seen.items())]
 
 
-def check(ort, dtype: np.dtype, io_binding: bool, provider: str = CUDA) -> str:
+def check(ort, dtype: np.dtype, io_binding: bool, *, provider: str = CUDA) -> str:
     rng = np.random.default_rng(0)
     model, (w1, b1, w2) = mlp(dtype, rng)
     x = rng.standard_normal((8, 64)).astype(dtype)
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     try:
         for dtype in (np.float32, np.float16):
             for io_binding in (False, True):
-                print("  " + check(ort, dtype, io_binding, provider))
+                print("  " + check(ort, dtype, io_binding, provider=provider))
     except Exception as exc:  # an assertion above, or ORT's own error
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         missing = re.search(r"([\w.+-]+\.so[\w.]*): cannot open shared object file", str(exc))

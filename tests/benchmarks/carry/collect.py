@@ -62,7 +62,7 @@ def already_installed(manifest: dict, staging: Path) -> bool:
 
 def unpack(manifest: dict, staging: Path) -> list[Path]:
     """The archive reassembled from the staged parts, checked, decompressed; the wheels, checked."""
-    archive = reassemble(staging, manifest["parts"], staging / manifest["archive"]["name"], manifest["archive"]["sha256"])
+    archive = reassemble(staging, manifest["parts"], staging / manifest["archive"]["name"], sha256=manifest["archive"]["sha256"])
     wheels_dir = staging / "wheels"
     wheels_dir.mkdir(exist_ok=True)
     with lzma.open(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -99,7 +99,7 @@ def missing_requirements(manifest: dict) -> list[str]:
     return missing
 
 
-def install(manifest: dict, staging: Path, wheels: list[Path], target: str | None) -> str:
+def install(manifest: dict, staging: Path, wheels: list[Path], *, target: str | None) -> str:
     removed = []
     if target is None:
         for dist in manifest["replaces"]:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(copied now: {', '.join(copied) or 'none'}); still missing: {listed}")
             return 3 if any(calls[name][0] <= last_here for name in problems) else 0
         wheels = unpack(manifest, args.staging)
-        print("collect: " + install(manifest, args.staging, wheels, args.target))
+        print("collect: " + install(manifest, args.staging, wheels, target=args.target))
         missing = missing_requirements(manifest)
         if missing:
             print("collect: requirements not installed here (carry them with prepare.py --extra): " + "; ".join(missing))

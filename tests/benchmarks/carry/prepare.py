@@ -105,7 +105,7 @@ def tree_bytes(root: Path) -> int:
     return sum((root / name.decode()).stat().st_size for name in listed if name and (root / name.decode()).is_file())
 
 
-def place_parts(parts: list[dict], built: Path, out: Path, root: Path) -> list[str]:
+def place_parts(parts: list[dict], built: Path, out: Path, *, root: Path) -> list[str]:
     """Move each part from ``built`` into a folder of its own, ``out/callN``; records the folder
     (relative to ``root``, as ``carry`` names it) in each part's entry and returns them in order."""
     folders = []
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         archive = build / ARCHIVE
         tool = bundle(wheels + extras, archive, args.threads)
         parts = split_file(archive, build / "parts", part_size)
-        folders = place_parts(parts, build / "parts", out, ROOT)
+        folders = place_parts(parts, build / "parts", out, root=ROOT)
         manifest = {
             "format": 1,
             "archive": {"name": ARCHIVE, "size": archive.stat().st_size, "sha256": sha256_file(archive),
