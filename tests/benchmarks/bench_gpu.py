@@ -28,6 +28,17 @@ exits 0 without measuring.
   tokens after a 16-token prompt, batch 1, interleaved rounds, median ms/token. Needs
   onnxruntime-genai-cuda.
 
+(d) ``--cuda-ep``: ONNX Runtime's CUDA provider itself (run after tests/benchmarks/carry/ installed
+  onnxruntime-gpu on the device), instead of (a)-(c): with-past exports of a Llama (``--ep-size``,
+  LoRA r=8 on q,k,v,o), folded and adapter mode, fp32 and fp16, each verified against PyTorch on the
+  CUDA provider (``shareport verify``'s checks; the four exports run in ``--export-jobs`` processes at
+  once, the LoRA factors drawn with std 0.02); then greedy decode of the fp16 pair with the KV cache
+  kept on the GPU through IO binding, median ms/token, interleaved rounds: folded; adapter with its
+  tensors bound once as GPU OrtValues; adapter with its tensors bound from host arrays at every
+  step (a host-to-device copy per step, the control); adapter through ``RunOptions`` (the
+  ``LoraAdapter`` path ``shareport`` itself uses). ``--dry-run`` runs (d) on the CPU provider with a
+  tiny model and few tokens: the same code paths, no timing worth reading.
+
 Prints one table; the last line is the recovery MFU of the fastest loop, the key figure of the scale issue's
 target (>= 40% on a >= 1B base at sequence 512).
 """
@@ -35,6 +46,9 @@ target (>= 40% on a >= 1B base at sequence 512).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -47,6 +61,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from shareport.cli.table import format_table  # noqa: E402
+from shareport.export.exporter import ExportOptions  # noqa: E402
+from shareport.flows import export as flows_export  # noqa: E402
 from shareport.export import graph_file, runtime  # noqa: E402
 from shareport.train.accel import peak_flops  # noqa: E402
 from tests.benchmarks.genai_common import llama_config  # noqa: E402
@@ -304,6 +320,167 @@ def onnx_sections(tmp: Path, args, ort_cuda: bool) -> tuple[list[tuple], list[fl
     return rows, ratios
 
 
+def ep_session(path: Path, provider: str):
+    """A session on ``provider`` alone; refuses one that silently fell back to another."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=[provider])
+    if sess.get_providers()[0] != provider:
+        raise SystemExit(f"bench_gpu: a session asked for {provider} alone runs on {sess.get_providers()[0]}")
+    return sess
+
+
+def bound_decoder(sess, adapter: dict | None, how: str, *, device: str):
+    """A greedy decode function over ``sess`` with the KV cache kept on ``device`` through IO binding.
+    ``how`` says how the adapter reaches the graph: "none" (folded, or the adapter graph's empty
+    defaults), "bound once" (GPU OrtValues made here, bound every step without a copy), "copied"
+    (host OrtValues bound every step: ORT copies them to the device at every run) or "run options"
+    (an ``ort.LoraAdapter`` made active through RunOptions). The decode function returns (ms of each
+    step after the prefill, greedy tokens, the prefill's last logits)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    dtype = np.float16 if inputs[past[0]].type == "tensor(float16)" else np.float32
+    _, kv_heads, _, head_dim = inputs[past[0]].shape
+    # the adapter's inputs are overridable initializers, which bind_cpu_input cannot name (it looks
+    # them up among the required inputs): both variants bind OrtValues, on the device or on the host
+    on_device = {n: ort.OrtValue.ortvalue_from_numpy(a, device, 0) for n, a in (adapter or {}).items()}
+    on_host = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in (adapter or {}).items()}
+    options, lora = None, None
+    if how == "run options":  # ORT 1.31 was seen to ignore this under run_with_iobinding (CPU EP): a row says
+        lora = runtime.load_lora(adapter)  # held by the closure: RunOptions may not keep it alive
+        options = ort.RunOptions()
+        options.add_active_adapter(lora)
+
+    def decode(prompt: list[int], new_tokens: int):
+        empty = np.zeros((1, kv_heads, 0, head_dim), dtype)
+        cache = {n: ort.OrtValue.ortvalue_from_numpy(empty, device, 0) for n in past}
+        ids, length, tokens, steps = list(prompt), 0, [], []
+        binding = sess.io_binding()
+        for _ in range(new_tokens):
+            start = time.perf_counter()
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            step = np.asarray([ids], np.int64)
+            binding.bind_cpu_input("input_ids", step)
+            binding.bind_cpu_input("attention_mask", np.ones((1, length + step.shape[1]), np.int64))
+            binding.bind_cpu_input("position_ids", np.arange(length, length + step.shape[1], dtype=np.int64)[None])
+            for name in past:
+                binding.bind_ortvalue_input(name, cache[name])
+            if how == "bound once":
+                for name, value in on_device.items():
+                    binding.bind_ortvalue_input(name, value)
+            elif how == "copied":
+                for name, value in on_host.items():
+                    binding.bind_ortvalue_input(name, value)
+            binding.bind_output(outputs[0], "cpu")  # the logits: greedy needs them on the host
+            for name in outputs[1:]:
+                binding.bind_output(name, device)
+            sess.run_with_iobinding(binding, options if lora is not None else None)
+            values = binding.get_outputs()
+            logits = values[0].numpy()[0, -1]  # on the host: the step has finished
+            token = int(logits.argmax())
+            steps.append((time.perf_counter() - start) * 1000)
+            cache = {name.replace("present.", "past_key_values."): v for name, v in zip(outputs[1:], values[1:])}
+            length += step.shape[1]
+            ids = [token]
+            tokens.append(token)
+            first = logits.astype(np.float64) if len(tokens) == 1 else first
+        return steps[1:], tokens, first  # steps[0] is the prefill
+
+    return decode
+
+
+def export_one(job: tuple) -> Path:
+    """One with-past export (a worker process of section (d)): ``(folder, base, lora, mode, dtype, workers)``."""
+    folder, base, lora, mode, dtype, workers = job
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    out = folder / f"{mode}-{dtype}-past"
+    flows_export(str(lora), str(base), str(out), ExportOptions(mode=mode, with_past=True, dtype=dtype), verify=False, progress=False)
+    return out
+
+
+def cuda_ep_bench(tmp: Path, args) -> tuple[list[tuple], float | None]:
+    """Section (d): verify folded and adapter exports fp32/fp16 on the CUDA provider (the CPU one with
+    ``--dry-run``), then decode latency folded vs adapter bound once vs copied each step vs RunOptions."""
+    from shareport.export import doctor
+    from shareport.export.ort_adapter import read_onnx_adapter
+    from shareport.export.verify import verify as verify_graph
+    from peft import LoraConfig, get_peft_model
+
+    from tests.benchmarks.genai_common import LORA_TARGETS, llama
+    from tests.tiny import randomize_lora
+
+    provider, device = (runtime.CPU, "cpu") if args.dry_run else (runtime.CUDA, "cuda")
+    rows = [("d", "onnxruntime", "CUDA EP", doctor.cuda_ep_status()["line"])]
+    if provider == runtime.CUDA and runtime.CUDA not in runtime.providers():
+        # runtime's own probe can refuse a working CUDA provider (its probe graph's IR version, say):
+        # verify goes through runtime.session, so use the provider this section was asked for
+        rows.append(("d", "onnxruntime", "runtime.providers() said", f"{runtime.providers()} ({runtime.provider_note()}); overridden"))
+        runtime._selection = lambda: ((runtime.CUDA, runtime.CPU), "")
+    size = {k: v for k, v in SIZES[args.ep_size].items() if k != "kv_heads"}
+    base, lora = tmp / "ep" / "base", tmp / "ep" / "lora"
+    llama(**size).save_pretrained(base)
+    peft_model = get_peft_model(llama(**size), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
+    # std 0.02, as build_on_gpu: the update stays a few percent of the base's weights. The tests'
+    # default (0.2) makes a 12-layer base's activations blow up, and fp32 misses verify's atol there.
+    randomize_lora(peft_model, seed=1, std=0.02)
+    peft_model.save_pretrained(lora)
+    jobs = [(mode, dtype) for dtype in ("fp32", "fp16") for mode in ("folded", "adapter")]
+    start = time.perf_counter()
+    # the exports are mostly single-threaded tracing: one process each (spawned: torch and fork mix badly)
+    workers = max(1, min(len(jobs), args.export_jobs))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        exports = dict(zip(jobs, pool.map(export_one, [(tmp / "ep", base, lora, mode, dtype, workers) for mode, dtype in jobs])))
+    rows.append(("d", f"export {args.ep_size} with past", f"s for {len(jobs)} exports, {workers} processes",
+                 round(time.perf_counter() - start, 1)))
+    for dtype in ("fp32", "fp16"):
+        for mode in ("folded", "adapter"):
+            report = verify_graph(exports[mode, dtype], base, lora)
+            worst = max(report.rows, key=lambda r: r.max_abs / r.limit)
+            top1 = min((r.top1 for r in report.rows if r.top1 is not None), default=None)
+            rows.append(("d", f"verify {mode} {dtype}", f"on {report.device}: ok / worst max_abs (limit) / min top1",
+                         f"{report.ok} / {worst.max_abs:.3g} ({worst.limit:.3g}, {worst.check} {worst.case} {worst.output}) / {top1}"))
+    adapter = read_onnx_adapter(exports["adapter", "fp16"] / graph_file.ADAPTER_NAME)
+    sessions = {"folded": ep_session(exports["folded", "fp16"] / graph_file.GRAPH_NAME, provider),
+                "adapter": ep_session(exports["adapter", "fp16"] / graph_file.GRAPH_NAME, provider)}
+    decoders = {"folded": bound_decoder(sessions["folded"], None, "none", device=device)}
+    for how in ("bound once", "copied", "run options"):
+        decoders[f"adapter, {how}"] = bound_decoder(sessions["adapter"], adapter, how, device=device)
+    new_tokens = 8 if args.dry_run else NEW_TOKENS
+    warm = {name: decode(PROMPT, new_tokens) for name, decode in decoders.items()}  # warm-up, tokens, logits
+    tokens = {name: w[1] for name, w in warm.items()}
+    # the adapter graph without the adapter: the distance an ignored binding would show
+    bare = bound_decoder(sessions["adapter"], None, "none", device=device)(PROMPT, 1)[2]
+    per_round = {name: [] for name in decoders}
+    for _ in range(2 if args.dry_run else args.rounds_decode):
+        for name, decode in decoders.items():
+            per_round[name].append(statistics.median(decode(PROMPT, new_tokens)[0]))
+    case = f"fp16 {args.ep_size} batch 1, prompt {len(PROMPT)} + {new_tokens}, KV on {device}"
+    medians = {name: statistics.median(ms) for name, ms in per_round.items()}
+    for name, ms in medians.items():
+        rows.append(("d", case, f"{name} median ms/token", round(ms, 3)))
+    for name in decoders:
+        if name != "folded":
+            rows.append(("d", case, f"{name} / folded", round(medians[name] / medians["folded"], 3)))
+    rows.append(("d", case, "copied / bound once", round(medians["adapter, copied"] / medians["adapter, bound once"], 3)))
+    for name in list(decoders)[1:]:
+        rows.append(("d", case, f"prefill logits max |{name} - folded|", f"{abs(warm[name][2] - warm['folded'][2]).max():.3g}"))
+    rows.append(("d", case, "prefill logits max |adapter graph, no adapter - folded|", f"{abs(bare - warm['folded'][2]).max():.3g}"))
+    same = tokens["adapter, copied"] == tokens["adapter, bound once"]
+    agree = sum(a == b for a, b in zip(tokens["folded"], tokens["adapter, bound once"])) / new_tokens
+    rows.append(("d", case, "bound once and copied: same greedy tokens / folded agrees on", f"{same} / {agree:.0%}"))
+    gap = lambda name: abs(warm[name][2] - warm["adapter, bound once"][2]).max()  # noqa: E731
+    rows.append(("d", case, "RunOptions adapter honoured under run_with_iobinding",
+                 bool(gap("adapter, run options") < 0.1 * abs(bare - warm["adapter, bound once"][2]).max())))
+    return rows, medians["adapter, bound once"] / medians["folded"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b", help="the recovery base (a)")
@@ -317,9 +494,27 @@ def main() -> None:
     parser.add_argument("--rounds-decode", type=int, default=10, help="genai decode rounds per engine (c)")
     parser.add_argument("--skip-onnx", action="store_true", help="measure (a) only")
     parser.add_argument("--smoke", action="store_true", help="check the script on the CPU: (a) only, tiny base")
+    parser.add_argument("--cuda-ep", action="store_true", help="(d) only: verify and IO-bound decode on the CUDA provider")
+    parser.add_argument("--ep-size", choices=sorted(SIZES), default="134m", help="the base of (d)")
+    parser.add_argument("--dry-run", action="store_true", help="(d) on the CPU provider, tiny base: the code paths only")
+    parser.add_argument("--export-jobs", type=int, default=4, help="(d): exports run in this many processes at once")
     args = parser.parse_args()
     if args.smoke:
         args.size, args.skip_onnx, args.seq, args.batch, args.steps, args.rounds = "tiny", True, 32, 4, 12, 1
+    if args.dry_run:
+        args.cuda_ep, args.ep_size, args.export_jobs = True, "tiny", min(args.export_jobs, 2)
+    if args.cuda_ep:
+        from shareport.export import doctor
+
+        status = doctor.cuda_ep_status()
+        if status["state"] != "working" and not args.dry_run:
+            print(f"bench_gpu --cuda-ep: {status['line']}; nothing measured.")
+            return
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+            rows, ratio = cuda_ep_bench(Path(tmp), args)
+        print(format_table(["section", "case", "measure", "value"], rows))
+        print(f"adapter_bound_over_folded_{'cpu_dry_run' if args.dry_run else 'cuda_ep'} {ratio:.3f}")
+        return
 
     torch_cuda, ort_cuda = torch.cuda.is_available(), runtime.device_name() == "cuda"
     if not torch_cuda and not ort_cuda and not args.smoke:
