@@ -103,7 +103,7 @@ def _preload_quietly(ort) -> None:
             preload()
 
 
-PROBE_IR_VERSION = 10  # onnx >= 1.23 writes IR 14 by default, which ONNX Runtime 1.31 refuses
+PROBE_IR_VERSION = runtime.PROBE_IR_VERSION
 
 
 def probe_model() -> bytes:

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+# onnx >= 1.23 writes IR 14 by default, which ONNX Runtime 1.31 refuses: a probe at that IR would
+# report a working CUDA provider as broken
+PROBE_IR_VERSION = 10
+
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -44,6 +48,7 @@ def _selection() -> tuple[tuple[str, ...], str]:
     vi = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph([node], "probe", [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])])
     probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    probe.ir_version = min(probe.ir_version, PROBE_IR_VERSION)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the failed CUDA load is expected on CPU machines; keep it quiet
     try:
