@@ -101,13 +101,21 @@ def _base_model(base_dir, task_type, acc, carried=None):
 
 def _data(data_path, base_dir, max_length: int, eval_fraction: float, eval_path=None):
     """(train, held-out, record): the data's fixed held-out split, or all of it for training and
-    the labelled ``eval_path`` for evaluation."""
+    the labelled ``eval_path`` for evaluation. Class-name labels: the record holds their indices."""
     data = load_data(data_path, base_dir, max_length)
     inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length}
+    if data.label_ids is not None:
+        inputs["label_ids"] = {"ids": data.label_ids, "from": data.label_ids_from}
     if eval_path is None:
         train, heldout = split_heldout(data, eval_fraction)
         return train, heldout, {**inputs, "eval_fraction": eval_fraction}
-    heldout = load_data(eval_path, base_dir, max_length)
+    given = (data.label_ids, data.label_ids_from) if data.label_ids is not None else None
+    heldout = load_data(eval_path, base_dir, max_length, label_mapping=given)
+    both = heldout.labels is not None and data.labels is not None
+    if both and (data.label_ids is None) != (heldout.label_ids is None):
+        kinds = {True: "class indices", False: "class names"}
+        raise ShareportError(f"{eval_path}: its labels are {kinds[heldout.label_ids is None]} and {data_path}'s are "
+                             f"{kinds[data.label_ids is None]}: give both the same kind")
     if heldout.labels is None:
         raise ShareportError(f"{eval_path}: the evaluation rows have no 'label' field, which accuracy needs")
     return data, heldout, {**inputs, "eval": str(eval_path), "eval_examples": len(heldout)}
