@@ -67,3 +67,44 @@ def test_commands_hide_the_libraries_harmless_deprecation_notices():
         warnings.simplefilter("always")
         assert CliRunner().invoke(_Group(commands={"noisy": noisy}), ["noisy"]).exit_code == 0
     assert [str(w.message) for w in seen] == ["something else"]
+
+
+# every folder parameter, given a file: (command, parameter, arguments with FILE in that parameter's place)
+FILE_FOR_FOLDER = [
+    ("inspect", "adapter_dir", ["FILE"]),
+    ("convert", "lora_dir", ["FILE", "--to", "sharea", "-o", "o"]),
+    ("convert", "base", ["lora", "--to", "sharea", "--base", "FILE", "-o", "o"]),
+    ("fleet", "lora_dirs", ["lora", "FILE", "-o", "o"]),
+    ("export", "adapter_dir", ["FILE", "--base", "b", "-o", "o"]),
+    ("export", "base_dir", ["a", "--base", "FILE", "-o", "o"]),
+    ("export-adapter", "graph_dir", ["a", "--graph", "FILE", "-o", "o"]),
+    ("verify", "graph_dir", ["FILE", "--base", "b", "--adapter", "a"]),
+    ("verify", "base_dir", ["g", "--base", "FILE", "--adapter", "a"]),
+    ("verify", "adapter_dir", ["g", "--base", "b", "--adapter", "FILE"]),
+    ("generate", "graph_dir", ["FILE", "--prompt", "hi"]),
+    ("train", "base_dir", ["--form", "sharea", "--base", "FILE", "--target", "q_proj", "--rank", "2", "--data", "d"]),
+    ("demo", "out", ["-o", "FILE"]),
+]
+# their owners move them to options.Folder (they still exit 2 with click's usage text)
+NOT_YET = {("finetune", "shared_dir"), ("finetune", "base_dir"), ("finetune", "teacher_dir"),
+           ("frontier", "lora_dir"), ("frontier", "base_dir")}
+
+
+def test_every_folder_parameter_is_listed_here():
+    import click
+
+    found = {(name, p.name) for name, command in main.commands.items() for p in command.params
+             if isinstance(p.type, click.Path) and not p.type.file_okay}
+    assert found - NOT_YET == {(name, param) for name, param, _ in FILE_FOR_FOLDER}
+
+
+@pytest.mark.parametrize("name, param, args", FILE_FOR_FOLDER, ids=[f"{c[0]}-{c[1]}" for c in FILE_FOR_FOLDER])
+def test_a_file_where_a_folder_belongs_is_one_error_line_like_a_missing_folder(name, param, args, tmp_path, cli,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("not a folder\n")
+    result = cli(name, *args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: FILE: a file, where ") and "needs a folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Usage" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]

@@ -9,12 +9,12 @@ from pathlib import Path
 import click
 
 from ..demo.run import run_demo, summary_rows
-from .options import output_option
+from .options import Folder, output_option
 from .table import format_table, to_json
 
 
 @click.command("demo")
-@output_option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@output_option("--out", type=Folder(Path), default=None,
                help="Folder for everything the demo makes [default: a new temporary folder]. It must not exist "
                     "(or be empty), unless --overwrite replaces a folder an earlier demo wrote.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if an earlier shareport run wrote it.")

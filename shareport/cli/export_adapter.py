@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from .. import flows
-from .options import allow_pickle_option, output_option, overwrite_output_option
+from .options import Folder, allow_pickle_option, output_option, overwrite_output_option
 
 
 @click.command("export-adapter")
 @click.argument("adapter_dir", metavar="ADAPTER", type=click.Path(path_type=str))
-@click.option("--graph", "graph_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+@click.option("--graph", "graph_dir", required=True, type=Folder(),
               help="A folder written by 'shareport export --mode adapter'.")
 @output_option(dest="output", type=click.Path(dir_okay=False, path_type=str), default=None,
                help="Output file [default: <--graph folder>/<adapter folder name>.onnx_adapter].")

@@ -6,11 +6,11 @@ import click
 
 from .. import flows
 from .table import format_table, human_bytes, share_of_source, to_json
-from .options import allow_pickle_option, json_option, overwrite_option, plot_option
+from .options import Folder, allow_pickle_option, json_option, overwrite_option, plot_option
 
 
 @click.command("inspect")
-@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("adapter_dir", type=Folder())
 @json_option
 @allow_pickle_option
 @plot_option
