@@ -122,6 +122,29 @@ def test_no_past_export_has_no_genai_config_says_why_and_no_cache(case):
     assert json.loads((case.folded / "config.json").read_text())["use_cache"] is True
 
 
+def test_decoder_exports_give_optimum_what_it_reads(case):
+    """No token_type_ids from the tokenizer (a decoder graph has no such input); use_cache as the graph in
+    generation_config.json too. With Optimum installed, its ORTModelForCausalLM loads the no-past folder."""
+    from transformers import AutoTokenizer
+
+    for folder in (case.plain, case.folded):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_input_names"] == [
+            "input_ids", "attention_mask"]
+        # transformers 4's PreTrainedTokenizerFast (what the file names) adds token_type_ids unless told
+        assert set(AutoTokenizer.from_pretrained(str(folder))("w5 w9")) == {"input_ids", "attention_mask"}
+    assert json.loads((case.plain / "generation_config.json").read_text())["use_cache"] is False
+    assert json.loads((case.folded / "generation_config.json").read_text())["use_cache"] is True
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError:
+        return
+    model = ORTModelForCausalLM.from_pretrained(str(case.plain), use_cache=False)
+    tok = AutoTokenizer.from_pretrained(str(case.plain))
+    out = model.generate(**tok(" ".join(f"w{i}" for i in PROMPT), return_tensors="pt"), max_new_tokens=NEW,
+                         do_sample=False)
+    assert out[0, len(PROMPT):].tolist() == torch_tokens(case.base, case.lora)
+
+
 def test_exported_tokenizer_config_names_a_class_transformers_4_knows(case):
     from transformers import AutoTokenizer
 
