@@ -108,3 +108,27 @@ def test_a_file_where_a_folder_belongs_is_one_error_line_like_a_missing_folder(n
     assert result.output.startswith("Error: FILE: a file, where ") and "needs a folder" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Usage" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_version_help_and_a_misspelt_command_import_no_torch():
+    """They used to take 4-5 s, importing torch, transformers and ONNX Runtime through every command module."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "from click.testing import CliRunner\n"
+              "from shareport.cli.main import main\n"
+              "codes = [CliRunner().invoke(main, args).exit_code for args in (['--version'], ['--help'], ['convertt'])]\n"
+              "print(codes, sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'numpy') "
+              "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[0, 0, 2] []"
+
+
+def test_the_group_help_lists_each_command_summary_as_click_would():
+    from shareport.cli.main import COMMANDS, LazyCommands, short_help
+
+    unloaded = LazyCommands(COMMANDS)
+    for name in COMMANDS:
+        assert short_help(unloaded, name, 60) == main.commands[name].get_short_help_str(60), name
+    assert not unloaded.loaded  # summaries read from source, nothing imported
