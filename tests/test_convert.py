@@ -313,6 +313,22 @@ def test_kinds_under_half_their_energy_are_warned_about(tmp_path, cli):
     assert convert_adapter(lora, "sharea", rank=16)[1].warnings == []  # lossless: nothing to say
 
 
+@pytest.mark.parametrize("to, size, hint", [
+    ("aslora", {}, "try a --budget above the default 0.25"),  # no size option given: not "a larger --budget"
+    ("sharea", {"rank": 1}, "try a larger --rank than 1"),
+    ("sharea", {"energy": 0.3}, "try a larger --energy than 0.3"),
+    ("shareab", {"budget": 0.1}, "try a larger --budget than 0.1"),
+])
+def test_low_energy_warning_names_the_option_that_set_the_size(to, size, hint):
+    gen = torch.Generator().manual_seed(1)
+    lora = Adapter.from_factors({f"model.layers.{i}.self_attn.{k}": (
+        torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), 2.0) for i in range(4)
+        for k in ("q_proj", "v_proj")})
+    _, report = convert_adapter(lora, to, **size)
+    low = [k for k in report.kinds if k.retained_energy < 0.5]
+    assert low and len(report.warnings) == len(low) and all(w.endswith(hint) for w in report.warnings)
+
+
 def test_auto_lists_forms_the_budget_cannot_pay_for():
     gen = torch.Generator().manual_seed(2)
     lora = Adapter.from_factors({f"model.layers.{i}.self_attn.q_proj": (
