@@ -113,8 +113,9 @@ def test_check_output_refusals_name_the_folder_and_the_problem(tmp_path):
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(ShareportError, match=rf"^output '{afile}' exists and is not a folder$"):
-        check_output(afile, overwrite=True)
+    for overwrite in (True, False):  # without the flag, the refusal it would meet; not a hint to pass it
+        with pytest.raises(ShareportError, match=rf"^output '{afile}' exists and is not a folder; choose another name$"):
+            check_output(afile, overwrite=overwrite)
 
     users = tmp_path / "users"
     users.mkdir()
@@ -123,6 +124,8 @@ def test_check_output_refusals_name_the_folder_and_the_problem(tmp_path):
                                              rf"{MARKER_NAME} file\) and is not empty; --overwrite replaces only "
                                              "shareport's own outputs: choose another folder$"):
         check_output(users, overwrite=True)
+    with pytest.raises(ShareportError, match="shareport did not write"):
+        check_output(users, overwrite=False)
 
     missing = tmp_path / "nowhere" / "out"
     assert check_output(missing, overwrite=False) == missing and not missing.parent.exists()  # made at publication
@@ -166,6 +169,8 @@ def test_check_output_file_refusals_name_the_file_and_the_problem(tmp_path):
               "outputs: choose another name$"
     with pytest.raises(ShareportError, match=refused):
         check_output_file(target, overwrite=True)  # no owned(): nothing existing is replaced
+    with pytest.raises(ShareportError, match=refused):
+        check_output_file(target, overwrite=False)  # not "pass --overwrite": that would be refused too
     asked = []
     with pytest.raises(ShareportError, match=refused):
         check_output_file(target, overwrite=True, owned=lambda p: asked.append(p) or False)

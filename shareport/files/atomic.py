@@ -48,13 +48,14 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str |
         inp = Path(inp).resolve()
         if _inside(resolved, inp) or _inside(inp, resolved):
             raise ShareportError(f"output '{out}' overlaps the input '{inp}'; choose another output folder")
-    if out.exists() and not overwrite:
-        raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
+    # what --overwrite would refuse is refused first, without suggesting it
     if out.exists() and not out.is_dir():
-        raise ShareportError(f"output '{out}' exists and is not a folder")
+        raise ShareportError(f"output '{out}' exists and is not a folder; choose another name")
     if out.exists() and not written_by_shareport(out):
         raise ShareportError(f"output '{out}' is a folder shareport did not write (no {MARKER_NAME} file) and is "
                              "not empty; --overwrite replaces only shareport's own outputs: choose another folder")
+    if out.exists() and not overwrite:
+        raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
     _check_parent(out, resolved.parent)
     return resolved
 
@@ -128,11 +129,11 @@ def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
         raise ShareportError(f"{what} '{path}' is a folder; give a file name")
     if path.is_symlink():
         raise ShareportError(f"{what} '{path}' is a symbolic link; give a real path")
-    if path.exists() and not overwrite:
-        raise ShareportError(f"{what} '{path}' already exists; pass --overwrite to replace it")
-    if path.exists() and not (owned is not None and owned(path)):
+    if path.exists() and not (owned is not None and owned(path)):  # refused with --overwrite too: not suggested
         raise ShareportError(f"{what} '{path}' is a file shareport did not write; --overwrite replaces only "
                              "shareport's own outputs: choose another name")
+    if path.exists() and not overwrite:
+        raise ShareportError(f"{what} '{path}' already exists; pass --overwrite to replace it")
     for folder in inputs:
         if Path(folder).resolve() in path.resolve().parents:
             raise ShareportError(f"{what} '{path}' is inside the input '{folder}'; choose another output")
