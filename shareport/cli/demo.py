@@ -25,7 +25,8 @@ def demo_cmd(out: Path | None, overwrite: bool, no_export: bool, as_json: bool) 
 
     Builds a small Llama and a tokenizer, trains a LoRA on a built-in corpus, converts it to
     ASLoRA, recovers it by distillation toward the LoRA, exports both ONNX modes and verifies
-    them against PyTorch, then prints one table. About a minute on two idle CPU cores.
+    them against PyTorch, then prints one table. About 17 minutes on a 2-core machine (measured on
+    shared, busy cores; less on idle ones).
     """
     if out is None:  # a new, empty folder of our own
         out, overwrite = Path(tempfile.mkdtemp(prefix="shareport-demo-")), True
