@@ -74,10 +74,6 @@ class SpecialTokens:
     pad: int
     note: str = ""  # what was filled in for lack of a source (empty when every id was found)
 
-    @property
-    def first_eos(self) -> int:
-        return self.eos[0] if isinstance(self.eos, list) else self.eos
-
 
 def resolve_tokens(configs, tokenizer=lambda: None, where: str = "the model") -> SpecialTokens:
     """bos/eos/pad from ``configs`` ([(file name, dict)], first found wins), else ``tokenizer()``
