@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from ..demo.run import run_demo, summary_rows
 from .options import Folder, output_option
 from .table import format_table, to_json
 
@@ -28,6 +27,8 @@ def demo_cmd(out: Path | None, overwrite: bool, no_export: bool, as_json: bool) 
     them against PyTorch, then prints one table. About 17 minutes on a 2-core machine (measured on
     shared, busy cores; less on idle ones).
     """
+    from ..demo.run import run_demo, summary_rows  # here, not at the top: usage errors and --help need no torch
+
     if out is None:  # a new, empty folder of our own
         out, overwrite = Path(tempfile.mkdtemp(prefix="shareport-demo-")), True
     start = time.perf_counter()

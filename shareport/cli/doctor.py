@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
 from .options import json_option
 from .table import to_json
 
@@ -14,6 +13,8 @@ from .table import to_json
 def doctor_cmd(as_json: bool) -> None:
     """Versions of torch, transformers, ONNX Runtime and onnxruntime-genai; which execution
     providers work; a warning when two ONNX Runtime wheels are installed together."""
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
     data = flows.doctor()
     if as_json:
         click.echo(to_json(data))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
 from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_output_option
 from .table import to_json
 
@@ -27,6 +26,8 @@ def export_adapter_cmd(adapter_dir: str, graph_dir: str, output: str | None, ove
     tensors that share a rank in the graph agree. It is written in the graph's dtype. An
     .onnx_adapter file (e.g. from Olive, names ending in '.weight') is checked and renamed.
     """
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
     data = flows.export_adapter(adapter_dir, graph_dir, output, overwrite=overwrite, allow_pickle=allow_pickle)
     if as_json:
         click.echo(to_json(data))
