@@ -187,9 +187,22 @@ def conversion_steps(adapter: Adapter, to: str) -> int:
     return len(adapter.kinds()) * (len(AUTO_FORMS) if to == "auto" else 1)
 
 
-def energy_warnings(kinds: list[KindReport], budget: float | None) -> list[str]:
-    """One line per kind keeping under ``LOW_ENERGY`` of its energy (the CLI prints them)."""
-    hint = f"a larger --budget than {budget:g}" if budget is not None else "a larger --budget"
+def size_hint(rank: int | None = None, energy: float | None = None, budget: float | None = None,
+              default_budget: float | None = None) -> str:
+    """What to try for a larger result, named by the option that set the size (or the default that did)."""
+    if rank is not None:
+        return f"a larger --rank than {rank}"
+    if energy is not None:
+        return f"a larger --energy than {energy:g}"
+    if budget is not None:
+        return f"a larger --budget than {budget:g}"
+    if default_budget is not None:
+        return f"a --budget above the default {default_budget:g}"
+    return "a larger --rank or --budget"
+
+
+def energy_warnings(kinds: list[KindReport], hint: str) -> list[str]:
+    """One line per kind keeping under ``LOW_ENERGY`` of its energy (the CLI prints them); ``hint``: :func:`size_hint`."""
     return [f"{k.kind} keeps only {k.retained_energy:.1%} of its energy (under {LOW_ENERGY:.0%}); try {hint}"
             for k in kinds if k.retained_energy < LOW_ENERGY]
 
@@ -441,6 +454,7 @@ def convert_adapter(
 
 def _convert(adapter: Adapter, to: str, rank, energy, budget, groups, grouping, progress,
              calibration: Calibration | None = None):
+    hint = size_hint(rank, energy, budget, DEFAULT_ASLORA_BUDGET if to == "aslora" else None)
     if to == "aslora" and rank is None and energy is None and budget is None:
         budget = DEFAULT_ASLORA_BUDGET  # the planner picks rank and groups (issue 13: the old rule collapsed)
     settings = {k: v for k, v in dict(to=to, rank=rank, energy=energy, budget=budget, groups=groups,
@@ -487,7 +501,7 @@ def _convert(adapter: Adapter, to: str, rank, energy, budget, groups, grouping, 
             for k in reports}}
     out = adapter.with_sites(tensors, new_sites, to)
     report = ConversionReport(to, before, out.num_parameters(), reports, source, settings,
-                              energy_warnings(reports, budget))
+                              energy_warnings(reports, hint))
     return out, report
 
 

@@ -95,6 +95,10 @@ class Fleet:
     report: FleetReport
 
 
+def _base_name(adapter: Adapter) -> str:
+    return repr(adapter.base_model) if adapter.base_model else "(none recorded: no base_model_name_or_path)"
+
+
 def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
     """Same base, same sites, same shapes, same layout; else one line naming the adapter."""
     if len(adapters) < 2:
@@ -102,8 +106,8 @@ def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
     first, name0 = adapters[0], names[0]
     for adapter, name in zip(adapters[1:], names[1:]):
         if adapter.base_model != first.base_model:
-            raise ShareportError(f"{name}: base model {adapter.base_model!r} differs from {name0}'s "
-                                 f"{first.base_model!r}; a fleet shares one base")
+            raise ShareportError(f"{name}: base model {_base_name(adapter)} differs from {name0}'s "
+                                 f"{_base_name(first)}; a fleet shares one base")
         if set(adapter.sites) != set(first.sites):
             odd = sorted(set(adapter.sites) ^ set(first.sites))[0]
             raise ShareportError(f"{name}: adapts other modules than {name0} (e.g. '{odd}'); a fleet needs the same sites")

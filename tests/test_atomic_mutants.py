@@ -113,8 +113,9 @@ def test_check_output_refusals_name_the_folder_and_the_problem(tmp_path):
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(ShareportError, match=rf"^output '{afile}' exists and is not a folder$"):
-        check_output(afile, overwrite=True)
+    for overwrite in (True, False):  # without the flag, the refusal it would meet; not a hint to pass it
+        with pytest.raises(ShareportError, match=rf"^output '{afile}' exists and is not a folder; choose another name$"):
+            check_output(afile, overwrite=overwrite)
 
     users = tmp_path / "users"
     users.mkdir()
@@ -123,11 +124,14 @@ def test_check_output_refusals_name_the_folder_and_the_problem(tmp_path):
                                              rf"{MARKER_NAME} file\) and is not empty; --overwrite replaces only "
                                              "shareport's own outputs: choose another folder$"):
         check_output(users, overwrite=True)
+    with pytest.raises(ShareportError, match="shareport did not write"):
+        check_output(users, overwrite=False)
 
     missing = tmp_path / "nowhere" / "out"
-    with pytest.raises(ShareportError, match=rf"^cannot write '{missing}': its parent folder "
-                                             rf"'{missing.parent}' does not exist$"):
-        check_output(missing, overwrite=False)
+    assert check_output(missing, overwrite=False) == missing and not missing.parent.exists()  # made at publication
+    through = afile / "below" / "out"
+    with pytest.raises(ShareportError, match=rf"^cannot write '{through}': '{afile}' is a file, not a folder$"):
+        check_output(through, overwrite=False)
 
 
 @pytest.mark.parametrize("parent_mode", [0o500, 0o600])  # not writable / not searchable
@@ -165,15 +169,35 @@ def test_check_output_file_refusals_name_the_file_and_the_problem(tmp_path):
               "outputs: choose another name$"
     with pytest.raises(ShareportError, match=refused):
         check_output_file(target, overwrite=True)  # no owned(): nothing existing is replaced
+    with pytest.raises(ShareportError, match=refused):
+        check_output_file(target, overwrite=False)  # not "pass --overwrite": that would be refused too
     asked = []
     with pytest.raises(ShareportError, match=refused):
         check_output_file(target, overwrite=True, owned=lambda p: asked.append(p) or False)
     assert asked == [target]
     assert check_output_file(str(target), overwrite=True, owned=lambda p: True) == target
     missing = tmp_path / "nowhere" / "out.png"
-    with pytest.raises(ShareportError, match=rf"^cannot write '{missing}': its parent folder "
-                                             rf"'{missing.parent}' does not exist$"):
-        check_output_file(missing, overwrite=False)
+    assert check_output_file(missing, overwrite=False) == missing and not missing.parent.exists()
+    through = target / "out.png"
+    with pytest.raises(ShareportError, match=rf"^cannot write '{through}': '{target}' is a file, not a folder$"):
+        check_output_file(through, overwrite=False)
+
+
+@pytest.mark.parametrize("publish", ["dir", "file"])
+def test_missing_parents_are_made_on_publication_and_removed_on_failure(tmp_path, publish):
+    opened = {"dir": lambda out: atomic_dir(out), "file": lambda out: atomic_file(out)}[publish]
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "a" / "b" / "out"
+    with pytest.raises(RuntimeError):
+        with opened(out):
+            assert out.parent.is_dir()
+            raise RuntimeError("the work failed")
+    assert list((tmp_path / "kept").iterdir()) == []
+    with opened(out) as tmp:
+        if publish == "file":
+            tmp.write_text("done")
+    assert out.exists() and _mode(out.parent) == 0o777 & ~current_umask()
+    assert _leftovers(out.parent) == []  # no temporary left beside it
 
 
 def test_check_output_file_refuses_a_file_inside_an_input(tmp_path):

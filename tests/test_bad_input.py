@@ -68,6 +68,16 @@ def _four_d(state):
     return {k: v[:, :, None, None].contiguous() if "lora_A" in k else v for k, v in state.items()}
 
 
+def _integer(state):
+    """The last lora_B as int32 (as a careless quantiser might leave it): refused, never cast."""
+    key = max(k for k in state if k.endswith("lora_B.weight"))
+    state[key] = (state[key] * 100).to(torch.int32)
+    return state
+
+
+INTEGER_B = "'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' has dtype int32"
+
+
 def _native(folder, form=None, rename_a=None, scale=None, format_version=None):
     """Rewrite the folder as a native (shareport) adapter, then break one thing."""
     from shareport.files.adapters import load_adapter, write_adapter_files
@@ -88,6 +98,15 @@ def _native(folder, form=None, rename_a=None, scale=None, format_version=None):
     if format_version:
         section["format_version"] = format_version
     (folder / CFG).write_text(json.dumps(cfg))
+
+
+def _native_integer(folder):
+    _native(folder)
+    state = load_file(str(folder / WTS))
+    key = sorted(state)[0]
+    state[key] = state[key].to(torch.int8)
+    save_file(state, str(folder / WTS))
+    return key
 
 
 # name -> (how to break the folder, words the error must contain)
@@ -128,6 +147,8 @@ CASES = {
     "native: missing tensor": (lambda f: _native(f, rename_a="nope"), "is missing"),
     "native: bad scale": (lambda f: _native(f, scale="x"), "invalid scale"),
     "native: wrong version": (lambda f: _native(f, format_version=9), "format_version"),
+    "integer factors": (lambda f: _edit_weights(f, _integer), INTEGER_B),
+    "native: integer factor": (_native_integer, "has dtype int8; LoRA factors must be floating point"),
 }
 
 

@@ -248,6 +248,26 @@ def test_auto_keeps_the_form_with_least_dense_error(shared_a, tmp_path, cli):
     assert best in cli("convert", tmp_path / "lora", "--to", "auto", "--budget", budget, "-o", tmp_path / "o2").stdout
 
 
+def test_auto_among_exact_forms_keeps_the_fewest_parameters(tmp_path, cli):
+    """A ShareLoRA-trained adapter at --budget 1.0: several forms are exact; ShareA, the smallest of them, wins."""
+    peft_model = make_peft_adapter(tiny_llama(layers=4), tmp_path / "tmp", r=4, target_modules=["q_proj", "v_proj"])
+    _clone_first_a(peft_model, ("q_proj", "v_proj"))
+    peft_model.save_pretrained(str(tmp_path / "sharelora"))
+    lora = load_adapter(tmp_path / "sharelora")
+    sizes = {}
+    for form in ("lora", "sharea", "shareb", "shareab", "aslora"):
+        converted, _ = convert_adapter(lora, form, budget=1.0)
+        error, energy = _dense_error(lora, converted)
+        if error <= 1e-9 * energy:
+            sizes[form] = converted.num_parameters()
+    assert len(sizes) >= 2 and min(sizes, key=sizes.get) == "sharea"
+    assert sizes["sharea"] < min(n for f, n in sizes.items() if f != "sharea")  # a larger exact form must lose
+    r = cli("convert", tmp_path / "sharelora", "--to", "auto", "--budget", 1.0, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["winner"] == "sharea"
+    assert load_adapter(tmp_path / "out").num_parameters() == sizes["sharea"]
+
+
 # ---------------------------------------------------------------- sizes, defaults, warnings
 
 def test_convert_and_inspect_state_one_size_through_recovery_and_reconversion(tmp_path, cli):
@@ -311,6 +331,22 @@ def test_kinds_under_half_their_energy_are_warned_about(tmp_path, cli):
     assert json.loads(r.stdout)["warnings"] == report.warnings
     assert r.stderr.splitlines() == [f"warning: {w}" for w in report.warnings]
     assert convert_adapter(lora, "sharea", rank=16)[1].warnings == []  # lossless: nothing to say
+
+
+@pytest.mark.parametrize("to, size, hint", [
+    ("aslora", {}, "try a --budget above the default 0.25"),  # no size option given: not "a larger --budget"
+    ("sharea", {"rank": 1}, "try a larger --rank than 1"),
+    ("sharea", {"energy": 0.3}, "try a larger --energy than 0.3"),
+    ("shareab", {"budget": 0.1}, "try a larger --budget than 0.1"),
+])
+def test_low_energy_warning_names_the_option_that_set_the_size(to, size, hint):
+    gen = torch.Generator().manual_seed(1)
+    lora = Adapter.from_factors({f"model.layers.{i}.self_attn.{k}": (
+        torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), 2.0) for i in range(4)
+        for k in ("q_proj", "v_proj")})
+    _, report = convert_adapter(lora, to, **size)
+    low = [k for k in report.kinds if k.retained_energy < 0.5]
+    assert low and len(report.warnings) == len(low) and all(w.endswith(hint) for w in report.warnings)
 
 
 def test_auto_lists_forms_the_budget_cannot_pay_for():

@@ -1,6 +1,11 @@
 """`shareport demo`, the README's main job: every step runs, recovery helps, ONNX verifies."""
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 
 
 def test_demo_runs_end_to_end(tmp_path, cli):
@@ -18,3 +23,12 @@ def test_demo_runs_end_to_end(tmp_path, cli):
         assert report[f"export_{mode}"]["latency_ms"] > 0
     for name in ("lora", "aslora", "aslora-recovered", "onnx-folded", "onnx-adapter"):
         assert (tmp_path / "demo" / name).is_dir()
+
+
+def test_the_demo_folder_the_readme_suggests_is_ignored_by_git():
+    """`shareport demo -o shareport-demo` in a clone leaves nothing for `git status` to list."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "shareport-demo/lora/adapter_config.json"], cwd=root)
+    assert result.returncode == 0

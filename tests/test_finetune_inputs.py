@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from shareport.errors import ShareportError
 from shareport.train.data import BatchOrder, load_data, save_tokenized, split_heldout
 from shareport.files.adapters import load_adapter, save_adapter
 from tests.tiny import make_peft_adapter, tiny_bert, tiny_llama
@@ -68,6 +69,55 @@ def test_classifier_with_labels_reports_accuracy_and_uses_lm_loss(tmp_path, cli)
     after = json.loads((out / "training_report.json").read_text())["after"]
     assert set(after) >= {"kl", "top1_agreement", "label_loss", "accuracy"}
     assert set(after["accuracy"]) == {"student", "teacher"}
+
+
+def _named_rows(path, names):
+    path.write_text("\n".join(json.dumps({"text": f"the {w} sat.", "label": n})
+                              for w, n in zip(["cat", "dog", "bird", "sun", "sea"] * 4, names)))
+    return path
+
+
+def test_class_name_labels_map_through_sorted_names_or_the_base_label2id(setup, tmp_path):
+    names = ["sports", "cooking", "computing", "cooking"] * 2
+    data = load_data(_named_rows(tmp_path / "d.jsonl", names), setup["base"], max_length=8)
+    vocab = sorted(set(names))
+    assert data.labels == [vocab.index(n) for n in names] and data.label_ids == {n: vocab.index(n) for n in vocab}
+    model = tiny_bert(layers=1, num_labels=2)
+    model.config.id2label, model.config.label2id = {0: "pos", 1: "neg"}, {"pos": 0, "neg": 1}  # not sorted order
+    base = save_base(model, tmp_path / "named")
+    data = load_data(_named_rows(tmp_path / "pn.jsonl", ["neg", "pos", "neg"]), base, max_length=8)
+    assert data.labels == [1, 0, 1] and data.label_ids == {"pos": 0, "neg": 1} and "label2id" in data.label_ids_from
+    with pytest.raises(ShareportError, match=r"unknown.jsonl:2: label 'meh' is not one of the labels of .*'pos', 'neg'"):
+        load_data(_named_rows(tmp_path / "unknown.jsonl", ["pos", "meh"]), base, max_length=8)
+    with pytest.raises(ShareportError, match=r"mixed.jsonl:2: 'label' is 1, but line 1 gives 'pos'"):
+        load_data(_named_rows(tmp_path / "mixed.jsonl", ["pos", 1]), base, max_length=8)
+
+
+def test_finetune_takes_class_name_labels_and_records_their_indices(tmp_path, cli):
+    base = save_base(tiny_bert(layers=2, num_labels=3), tmp_path / "cls")
+    make_peft_adapter(tiny_bert(layers=2, num_labels=3), tmp_path / "lora", seed=2, r=4, task_type="SEQ_CLS",
+                      target_modules=["query", "value"])
+    save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
+    train = _named_rows(tmp_path / "train.jsonl", ["sports", "cooking", "computing"] * 6)
+    args = ["finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data", train,
+            "--steps", 2, "--batch-size", 4]
+    result = cli(*args, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "training_report.json").read_text())
+    assert report["inputs"]["label_ids"]["ids"] == {"computing": 0, "cooking": 1, "sports": 2}
+    assert "accuracy" in report["after"]
+
+
+def test_evaluation_file_takes_the_training_mapping_and_refuses_other_names(setup, tmp_path):
+    from shareport.train.jobs import _data
+
+    train = _named_rows(tmp_path / "train.jsonl", ["b", "c", "a"] * 3)
+    _, heldout, inputs = _data(train, setup["base"], 8, 0.1, _named_rows(tmp_path / "eval.jsonl", ["c", "a"]))
+    assert heldout.labels == [2, 0] and inputs["label_ids"]["ids"] == {"a": 0, "b": 1, "c": 2}  # not its own [1, 0]
+    with pytest.raises(ShareportError, match=r"bad.jsonl:2: label 'd' is not one of the labels"):
+        _data(train, setup["base"], 8, 0.1, _named_rows(tmp_path / "bad.jsonl", ["a", "d"]))
+    with pytest.raises(ShareportError, match=r"ints.jsonl: its labels are class indices and .*train.jsonl's are class"):
+        _data(train, setup["base"], 8, 0.1, _named_rows(tmp_path / "ints.jsonl", [0, 1]))
 
 
 def _one_line_error(result, pattern):

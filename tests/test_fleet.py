@@ -172,6 +172,7 @@ def test_bad_fleets_are_refused_naming_the_adapter_and_write_nothing(loras, tmp_
         assert r.exit_code == 1, (inputs, r.output)
         line = r.output.strip()
         assert "\n" not in line and name in line and words in line, line
+        assert "None" not in line, line  # an adapter without a recorded base is said so, not as Python's None
         assert not out.exists()
 
 

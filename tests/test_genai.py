@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from shareport.errors import ShareportError
 from shareport.export import doctor, graph_file
 from shareport.export.exporter import ExportOptions, export
 from shareport.export.generate import generate_ids, genai_available
@@ -30,15 +31,17 @@ PROMPT = [5, 9, 17, 33, 40]
 NEW = 10
 
 
-def save_word_tokenizer(folder: Path) -> None:
-    """A word-level tokenizer over the tiny vocabulary: 'w5 w9' <-> [5, 9]."""
+def save_word_tokenizer(folder: Path, pad: bool = True) -> None:
+    """A word-level tokenizer over the tiny vocabulary: 'w5 w9' <-> [5, 9]; 0 is '<pad>', or without
+    ``pad`` the plain word 'w0' (the tokenizer then has no pad token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    vocab = {"<pad>" if pad else "w0": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>" if pad else "w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    special = dict(pad_token="<pad>") if pad else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", **special).save_pretrained(folder)
 
 
 def _export(adapter, base, out, **options):
@@ -67,13 +70,13 @@ def _peft(base, lora=None):
     return PeftModel.from_pretrained(model, str(lora)).eval() if lora else model
 
 
-def torch_tokens(base, lora=None, prompt=PROMPT, steps=NEW) -> list[int]:
+def torch_tokens(base, lora=None, prompt=PROMPT, steps=NEW, eos=2) -> list[int]:
     """PyTorch (PEFT) greedy ``generate``: new tokens only, stopping at the config's eos like both engines."""
     from transformers import GenerationConfig
 
     model = _peft(base, lora)
     ids = torch.tensor([prompt])
-    config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=2, pad_token_id=0)
+    config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, len(prompt):].tolist()
@@ -119,6 +122,29 @@ def test_no_past_export_has_no_genai_config_says_why_and_no_cache(case):
     assert json.loads((case.folded / "config.json").read_text())["use_cache"] is True
 
 
+def test_decoder_exports_give_optimum_what_it_reads(case):
+    """No token_type_ids from the tokenizer (a decoder graph has no such input); use_cache as the graph in
+    generation_config.json too. With Optimum installed, its ORTModelForCausalLM loads the no-past folder."""
+    from transformers import AutoTokenizer
+
+    for folder in (case.plain, case.folded):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_input_names"] == [
+            "input_ids", "attention_mask"]
+        # transformers 4's PreTrainedTokenizerFast (what the file names) adds token_type_ids unless told
+        assert set(AutoTokenizer.from_pretrained(str(folder))("w5 w9")) == {"input_ids", "attention_mask"}
+    assert json.loads((case.plain / "generation_config.json").read_text())["use_cache"] is False
+    assert json.loads((case.folded / "generation_config.json").read_text())["use_cache"] is True
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError:
+        return
+    model = ORTModelForCausalLM.from_pretrained(str(case.plain), use_cache=False)
+    tok = AutoTokenizer.from_pretrained(str(case.plain))
+    out = model.generate(**tok(" ".join(f"w{i}" for i in PROMPT), return_tensors="pt"), max_new_tokens=NEW,
+                         do_sample=False)
+    assert out[0, len(PROMPT):].tolist() == torch_tokens(case.base, case.lora)
+
+
 def test_exported_tokenizer_config_names_a_class_transformers_4_knows(case):
     from transformers import AutoTokenizer
 
@@ -139,6 +165,58 @@ def test_genai_model_type_falls_back_to_generic_decoder():
     assert data["model"]["decoder"]["num_attention_heads"] == 4 and data["model"]["context_length"] == 2048
 
 
+def _without_token_ids(base: Path) -> None:
+    """config.json with null bos/eos/pad and no generation_config.json: the ids live in the tokenizer only."""
+    config = json.loads((base / "config.json").read_text())
+    config.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "generation_config.json").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_ids(tmp_path_factory):
+    """A base whose special tokens are known only to its tokenizer, which has no pad; exported with past."""
+    root = tmp_path_factory.mktemp("tokenizer-ids")
+    base, lora = make_case(root, lambda: tiny_llama(layers=2), r=4, lora_alpha=8, target_modules=TARGETS["llama"])
+    _without_token_ids(base)
+    save_word_tokenizer(base, pad=False)
+    result = _export(lora, base, root / "out", mode="folded", with_past=True)
+    return SimpleNamespace(base=base, lora=lora, out=result.path, note=result.genai_config)
+
+
+def test_genai_config_takes_special_tokens_from_the_tokenizer_and_eos_as_pad(tokenizer_ids):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_ids.base))
+    assert tok.pad_token_id is None and (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    model = json.loads((tokenizer_ids.out / "genai_config.json").read_text())["model"]
+    assert (model["bos_token_id"], model["eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
+    assert model["pad_token_id"] == tok.eos_token_id  # what transformers' generate pads with when there is no pad
+    assert f"pad_token_id = eos {tok.eos_token_id}" in tokenizer_ids.note and "\n" not in tokenizer_ids.note
+
+
+def test_special_tokens_come_from_config_then_generation_config_then_tokenizer(tmp_path):
+    from shareport.export.genai_config import special_tokens
+
+    save_word_tokenizer(tmp_path)  # bos 1, eos 2, pad 0
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5, 6], "bos_token_id": None}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 7, "eos_token_id": 8}))
+    tokens = special_tokens(tmp_path)
+    assert (tokens.bos, tokens.eos, tokens.pad, tokens.note) == (7, [5, 6], 0, "")
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(ShareportError, match="config.json: eos_token_id must be a token id"):
+        special_tokens(tmp_path)
+
+
+def test_with_past_export_of_a_base_without_any_eos_is_refused_before_it_starts(tmp_path, cli):
+    base, lora = make_case(tmp_path, lambda: tiny_llama(layers=1), r=2, lora_alpha=4, target_modules=["q_proj"])
+    _without_token_ids(base)  # and no tokenizer files
+    result = cli("export", lora, "--base", base, "-o", tmp_path / "out", "--with-past", "--no-verify")
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert result.output.startswith(f"Error: {base}: no eos token id in config.json, generation_config.json or "
+                                    "the tokenizer") and len(result.output.strip().splitlines()) == 1
+
+
 # --- shareport generate with ONNX Runtime's loop (no genai needed) ---
 
 def test_ort_loop_matches_pytorch_peft_greedy_per_adapter(case, want, lora2_file):
@@ -151,6 +229,24 @@ def test_ort_loop_matches_pytorch_peft_greedy_per_adapter(case, want, lora2_file
     assert runs[0].tokens == want["base"]
     assert len(set(map(tuple, want.values()))) == 3, "the adapters must change the tokens for this test to mean anything"
     assert min(len(t) for t in want.values()) >= 8, want
+
+
+@pytest.mark.parametrize("given", ["int", "list", "missing"])
+def test_ort_generate_stops_at_the_eos_config_json_gives(case, want, tmp_path, given):
+    """config.json's eos_token_id as one int, a list, or absent (no genai_config.json to read instead)."""
+    import shutil
+
+    tokens = want["lora"]
+    stop = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])
+    folder = tmp_path / "folder"
+    shutil.copytree(case.folded, folder)
+    (folder / "genai_config.json").unlink()
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = {"int": tokens[stop], "list": [VOCAB - 1, tokens[stop]], "missing": None}[given]
+    (folder / "config.json").write_text(json.dumps(config))
+    _, (run,) = generate_ids(folder, PROMPT, max_new_tokens=NEW, engine="ort")
+    assert run.tokens == (tokens if given == "missing" else tokens[:stop + 1])
 
 
 def test_cli_generate_prints_the_greedy_text(case, want, cli):
@@ -221,6 +317,29 @@ def test_generate_auto_uses_genai_and_agrees_with_the_ort_loop(case, want, lora2
     engine, runs = generate_ids(case.adapted, PROMPT, [case.adapted / graph_file.ADAPTER_NAME, lora2_file],
                                 max_new_tokens=NEW)
     assert engine == "genai" and [r.tokens for r in runs] == [want["lora"], want["lora2"]]
+
+
+@needs_genai
+def test_genai_batch_of_prompts_of_different_lengths_matches_peft_per_prompt(tokenizer_ids):
+    """A batch padded with the tokenizer's pad (eos, as it has none) gives each prompt's own greedy tokens."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_ids.base))
+    pad, eos = tok.eos_token_id, tok.eos_token_id
+    prompts = [PROMPT, [7, 0, 12]]  # 0 is a plain word here: a genai that took it for the pad would mask it
+    want = [torch_tokens(tokenizer_ids.base, tokenizer_ids.lora, p, eos=eos) for p in prompts]
+    model = og.Model(str(tokenizer_ids.out))
+    width = max(map(len, prompts))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=width + NEW, do_sample=False, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([p + [pad] * (width - len(p)) for p in prompts], np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = [[int(t) for t in generator.get_sequence(i)][width:] for i in range(len(prompts))]
+    got = [g[:g.index(eos) + 1] if eos in g else g for g in got]
+    assert got == want and want[0] != want[1]
 
 
 def test_gpt2_export_is_a_generic_decoder_for_genai(tmp_path):

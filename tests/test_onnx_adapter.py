@@ -118,6 +118,28 @@ def test_export_adapter_file_follows_the_umask(qwen, cli):
         os.umask(old)
 
 
+def test_export_adapter_json_describes_the_written_file(qwen, cli):
+    import json
+
+    out = qwen.root / "as-json.onnx_adapter"
+    result = cli("export-adapter", qwen.sharea, "--graph", qwen.embedded, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    stored = read_onnx_adapter(out)
+    assert data["output"] == str(out) and data["tensors"] == len(stored) and data["note"] == ""
+    assert data["parameters"] == sum(a.size for a in stored.values()) == load_adapter(qwen.sharea).num_parameters()
+    assert {data["dtype"]} == {str(a.dtype) for a in stored.values()}
+
+
+def test_export_adapter_overwrite_refuses_a_file_that_is_not_an_ort_adapter(qwen, cli):
+    notes = qwen.root / "notes.onnx_adapter"
+    notes.write_bytes(b"my notes, not an adapter\n")
+    result = cli("export-adapter", qwen.sharea, "--graph", qwen.embedded, "-o", notes, "--overwrite")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert str(notes) in result.output and "shareport did not write" in result.output
+    assert notes.read_bytes() == b"my notes, not an adapter\n"
+
+
 def test_export_adapter_refuses_an_adapter_of_another_form(qwen, cli):
     result = cli("export-adapter", qwen.lora, "--graph", qwen.embedded, "-o", qwen.root / "x.onnx_adapter")
     assert result.exit_code != 0

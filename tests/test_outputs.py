@@ -47,9 +47,33 @@ def test_symlinked_output_is_refused(lora, tmp_path, cli):
     assert list((tmp_path / "real").iterdir()) == []
 
 
-def test_missing_parent_is_refused(lora, tmp_path, cli):
+def test_missing_parents_are_made(lora, tmp_path, cli):
     r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "no" / "such" / "out")
-    assert r.exit_code != 0 and "does not exist" in r.output
+    assert r.exit_code == 0, r.output
+    assert load_adapter(tmp_path / "no" / "such" / "out").form == "sharea"
+    r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "no" / "else" / "out", "--plot",
+            tmp_path / "figs" / "a.png")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "no" / "else" / "out").is_dir()
+
+
+def test_parents_made_for_an_output_that_fails_are_removed(lora, tmp_path, cli, monkeypatch):
+    import shareport.files.tensorfile
+
+    monkeypatch.setattr(shareport.files.tensorfile, "save_file",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    (tmp_path / "kept").mkdir()
+    r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "kept" / "new" / "deeper" / "out")
+    assert r.exit_code != 0 and "No space left on device" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "lora"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_file_on_the_output_path_is_refused_before_the_work(lora, tmp_path, cli):
+    (tmp_path / "afile").write_text("mine\n")
+    r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "afile" / "sub" / "out")
+    assert r.exit_code == 1 and r.output.strip() == (f"Error: cannot write '{tmp_path / 'afile' / 'sub' / 'out'}': "
+                                                     f"'{tmp_path / 'afile'}' is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine\n"
 
 
 def test_unwritable_output_folder(lora, tmp_path, cli, monkeypatch):

@@ -7,11 +7,11 @@ import click
 from .. import flows
 from ..convert import DEFAULT_ASLORA_BUDGET, GROUPINGS, TARGET_FORMS
 from .table import format_table, share_of_source, to_json
-from .options import allow_pickle_option, json_option, output_option, overwrite_option, plot_option
+from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_option, plot_option
 
 
 @click.command("convert")
-@click.argument("lora_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("lora_dir", type=Folder())
 @click.option("--to", "to", type=click.Choice(TARGET_FORMS), required=True,
               help="Target form. 'lora' writes a plain PEFT LoRA: each site truncated to its best rank with "
                    "--rank/--energy/--budget, else expanded exactly from any form. 'auto' (needs --budget) "
@@ -42,7 +42,7 @@ from .options import allow_pickle_option, json_option, output_option, overwrite_
                    "then minimises the error of the update's outputs on these inputs, measured with the LoRA "
                    "attached to --base, instead of the plain ||dW - dW'||_F^2; --budget and --to auto use that "
                    "error too. Needs --base.")
-@click.option("--base", "base", type=click.Path(file_okay=False, path_type=str), default=None,
+@click.option("--base", "base", type=Folder(), default=None,
               help="With --calibration: the base model folder (with its tokenizer, unless the data is tokenized).")
 @click.option("--calibration-samples", type=int, default=flows.CALIBRATION_SAMPLES, show_default=True,
               help="With --calibration: how many examples to run, drawn at random across the file (fixed seed, "

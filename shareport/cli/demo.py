@@ -8,13 +8,12 @@ from pathlib import Path
 
 import click
 
-from ..demo.run import run_demo, summary_rows
-from .options import output_option
+from .options import Folder, output_option
 from .table import format_table, to_json
 
 
 @click.command("demo")
-@output_option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@output_option("--out", type=Folder(Path), default=None,
                help="Folder for everything the demo makes [default: a new temporary folder]. It must not exist "
                     "(or be empty), unless --overwrite replaces a folder an earlier demo wrote.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if an earlier shareport run wrote it.")
@@ -25,8 +24,11 @@ def demo_cmd(out: Path | None, overwrite: bool, no_export: bool, as_json: bool) 
 
     Builds a small Llama and a tokenizer, trains a LoRA on a built-in corpus, converts it to
     ASLoRA, recovers it by distillation toward the LoRA, exports both ONNX modes and verifies
-    them against PyTorch, then prints one table. About a minute on two idle CPU cores.
+    them against PyTorch, then prints one table. About 17 minutes on a 2-core machine (measured on
+    shared, busy cores; less on idle ones).
     """
+    from ..demo.run import run_demo, summary_rows  # here, not at the top: usage errors and --help need no torch
+
     if out is None:  # a new, empty folder of our own
         out, overwrite = Path(tempfile.mkdtemp(prefix="shareport-demo-")), True
     start = time.perf_counter()

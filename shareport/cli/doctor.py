@@ -6,7 +6,6 @@ import sys
 
 import click
 
-from .. import flows
 from .options import json_option
 from .table import to_json
 
@@ -17,6 +16,8 @@ def doctor_cmd(as_json: bool) -> None:
     """Versions of torch, transformers, ONNX Runtime and onnxruntime-genai; which execution
     providers work and whether the CUDA one runs a session (or which library it misses). Exits 1
     when two ONNX Runtime (or genai) wheels are installed together, printing the one fix."""
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
     data = flows.doctor()
     if as_json:
         click.echo(to_json(data))

@@ -8,13 +8,13 @@ from .. import flows
 from ..export.exporter import ADAPTER_NAMES, DTYPES, MODES, ExportOptions
 from ..export.verify import Report, VerifyMismatch
 from .table import to_json
-from .options import allow_pickle_option, json_option, output_option, overwrite_output_option
+from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_output_option
 from .verify import emit_report, tolerance_options
 
 
 @click.command("export")
-@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Base model folder.")
+@click.argument("adapter_dir", type=Folder())
+@click.option("--base", "base_dir", required=True, type=Folder(), help="Base model folder.")
 @output_option("--onnx", dest="out_dir", shown=("-o", "--output", "--onnx"), required=True,
                type=click.Path(path_type=str), help="Output folder for the graph.")
 @click.option("--mode", type=click.Choice(MODES), default="folded", show_default=True,

@@ -6,12 +6,12 @@ import click
 
 from .. import flows
 from ..fleet import DEFAULT_BUDGET, FLEET_FORMS
-from .options import allow_pickle_option, json_option, output_option, overwrite_output_option
+from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_output_option
 from .table import format_table, human_bytes, to_json
 
 
 @click.command("fleet")
-@click.argument("lora_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=str))
+@click.argument("lora_dirs", nargs=-1, required=True, type=Folder())
 @output_option("--out", type=click.Path(path_type=str), required=True,
                help="The fleet folder: shared.safetensors, one member folder per input (named as the input "
                     "folder), fleet_report.json.")

@@ -6,12 +6,12 @@ import click
 
 from .. import flows
 from ..export.generate import ENGINES
-from .options import json_option
+from .options import Folder, json_option
 from .table import to_json
 
 
 @click.command("generate")
-@click.argument("graph_dir", metavar="OUT_DIR", type=click.Path(file_okay=False, path_type=str))
+@click.argument("graph_dir", metavar="OUT_DIR", type=Folder())
 @click.option("--prompt", required=True, help="Text to continue (encoded with the folder's tokenizer).")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(dir_okay=False, path_type=str),
               help="An .onnx_adapter to activate; repeat for one run per adapter [default: the folder's own].")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
 from .table import format_table, human_bytes, share_of_source, to_json
-from .options import allow_pickle_option, json_option, overwrite_option, plot_option
+from .options import Folder, allow_pickle_option, json_option, overwrite_option, plot_option
 
 
 @click.command("inspect")
-@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("adapter_dir", type=Folder())
 @json_option
 @allow_pickle_option
 @plot_option
@@ -22,6 +21,8 @@ def inspect_cmd(adapter_dir: str, as_json: bool, allow_pickle: bool, plot: str |
     write a PNG: per kind, the layer-by-layer distance matrix of the updates (layers that
     share a B outlined) and the energy kept against a shared rank.
     """
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
     info = flows.inspect(adapter_dir, allow_pickle=allow_pickle, plot=plot, overwrite=overwrite)
     if as_json:
         click.echo(to_json(info))

@@ -1,6 +1,10 @@
 """Options several commands share, so they read and behave the same everywhere."""
 
+import os
+
 import click
+
+from ..errors import ShareportError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 allow_pickle_option = click.option(
@@ -35,3 +39,19 @@ class OutputOption(click.Option):
 def output_option(*aliases: str, dest: str = "out", shown: tuple[str, ...] = ("-o", "--output"), **kwargs):
     """``-o/--output`` (the one documented spelling) plus hidden ``aliases`` mapping to the same parameter."""
     return click.option("-o", "--output", *aliases, dest, cls=OutputOption, shown=shown, **kwargs)
+
+
+class Folder(click.Path):
+    """A folder parameter. A file given there is bad input like a missing folder (one ``Error:`` line, exit 1),
+    not a usage error; whether the folder exists is the library's check."""
+
+    def __init__(self, path_type=str):
+        super().__init__(file_okay=False, path_type=path_type)
+
+    def convert(self, value, param, ctx):
+        if os.path.isfile(value):
+            name = "this argument" if param is None else param.human_readable_name
+            if isinstance(param, click.Option):
+                name = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+            raise ShareportError(f"{os.fsdecode(value)}: a file, where {name} needs a folder")
+        return super().convert(value, param, ctx)

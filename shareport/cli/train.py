@@ -8,12 +8,13 @@ from .. import flows
 from ..errors import ShareportError
 from ..model.fresh import SHARED
 from ..train.jobs import TrainingOptions
+from .options import Folder
 from .training_options import echo_report, recipe_options
 
 
 @click.command("train")
 @click.option("--form", required=True, type=click.Choice(sorted(SHARED)), help="Which factors are shared per kind.")
-@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+@click.option("--base", "base_dir", required=True, type=Folder(),
               help="The base model folder (a causal LM, or a classifier when DATA has labels).")
 @click.option("--target", "targets", required=True, help="Comma-separated module names to adapt, e.g. q_proj,v_proj.")
 @click.option("--rank", required=True, type=int, help="Rank r of every factor.")

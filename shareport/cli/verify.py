@@ -7,7 +7,7 @@ import click
 from .. import flows
 from ..export.verify import FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE, Report
 from .table import format_table, to_json
-from .options import allow_pickle_option, json_option
+from .options import Folder, allow_pickle_option, json_option
 
 
 def tolerance_options(func):
@@ -52,9 +52,9 @@ def emit_report(report: Report, as_json: bool, extra: dict | None = None, fail: 
 
 
 @click.command("verify")
-@click.argument("graph_dir", metavar="OUT_DIR", type=click.Path(file_okay=False, path_type=str))
-@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Base model folder.")
-@click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+@click.argument("graph_dir", metavar="OUT_DIR", type=Folder())
+@click.option("--base", "base_dir", required=True, type=Folder(), help="Base model folder.")
+@click.option("--adapter", "adapter_dir", required=True, type=Folder(),
               help="The adapter the graph was exported with (any form).")
 @tolerance_options
 @json_option

@@ -34,9 +34,9 @@ from ..files.adapters import load_adapter
 from ..files.fleet import fleet_members
 from ..files.tensorfile import read_header
 from ..model import attach, fold, load_base_model
-from ..model.base import read_base_config
+from ..model.base import CAUSAL_LM_CLASS, auto_class_name, read_base_config
 from . import graph_file
-from .genai_config import write_genai_config
+from .genai_config import special_tokens, write_genai_config
 from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
 from .slots import Slot, empty_tensors, fleet_layout, graph_tensors, slots_for
@@ -264,7 +264,10 @@ def export(
     """
     options.check()
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)  # inputs, then outputs, then the slow part
-    read_base_config(base_dir)
+    config = read_base_config(base_dir)
+    # genai_config.json's special tokens: a base without an eos id is refused here, before the slow part
+    causal = auto_class_name(adapter.task_type, config) == CAUSAL_LM_CLASS
+    tokens = special_tokens(base_dir) if options.with_past and causal else None
     check_output(out, overwrite, [adapter_dir, base_dir])
     check_memory(base_dir, options.dtype)
     dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
@@ -298,7 +301,7 @@ def export(
             if layout is not None:
                 _write_member_adapters(adapter, tmp, dtype, name)
             graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
-            genai_note = write_genai_config(tmp, sig)
+            genai_note = write_genai_config(tmp, sig, tokens)
             if verify:
                 stage("verifying against PyTorch")
                 report = dataclasses.replace(

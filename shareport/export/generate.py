@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import ShareportError
 from . import graph_file, runtime
+from .genai_config import CONFIG_FILES, read_json_object
 from .genai_config import FILE_NAME as GENAI_CONFIG
 from .ort_adapter import check_fits, match_names, read_onnx_adapter, write_onnx_adapter
 from .signature import Signature
@@ -98,9 +99,14 @@ def _adapter_plan(folder: Path, info: dict, slots: dict, adapters, no_adapter: b
 
 
 def _eos_ids(folder: Path) -> set[int]:
-    path = folder / "config.json"
-    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    """The ids generation stops at: the folder's genai_config.json (the export resolved them), else the
+    first eos_token_id in config.json, generation_config.json (an int or a list); none found: no stop."""
+    genai = read_json_object(folder / GENAI_CONFIG).get("model")
+    sources = [genai] if isinstance(genai, dict) else []
+    sources += [read_json_object(folder / name) for name in CONFIG_FILES]
+    eos = next((d["eos_token_id"] for d in sources if d.get("eos_token_id") is not None), None)
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return {i for i in ids if isinstance(i, int)}
 
 
 def ort_greedy(sess, sig: Signature, ids: list[int], max_new_tokens: int, past_dtype, lora=None,

@@ -91,11 +91,13 @@ def graph_slots(proto: onnx.ModelProto) -> dict[str, tuple[np.dtype, tuple]]:
 def copy_side_files(base_dir: str | Path, folder: Path, use_cache: bool | None = None) -> list[str]:
     """Copy config and tokenizer files so the folder is self-contained; return their names.
 
-    Two copies are adjusted so other runtimes load the folder: ``config.json`` says
-    ``use_cache`` as the graph does (Optimum reads a decoder without past as ``use_cache: false``;
-    ``use_cache=None`` leaves it), and a ``tokenizer_config.json`` naming transformers 5's
-    ``TokenizersBackend`` (unknown to transformers 4.x) names ``PreTrainedTokenizerFast``, which
-    loads the same ``tokenizer.json`` in both.
+    Copies are adjusted so other runtimes load the folder: for a decoder (``use_cache`` not None),
+    ``config.json`` and ``generation_config.json`` say ``use_cache`` as the graph does (Optimum reads
+    a decoder without past as ``use_cache: false``, and generation would ask for a cache) and
+    ``tokenizer_config.json`` names the graph's text inputs as ``model_input_names`` (a fast
+    tokenizer otherwise returns ``token_type_ids``, which a decoder graph has no input for); a
+    ``tokenizer_config.json`` naming transformers 5's ``TokenizersBackend`` (unknown to
+    transformers 4.x) names ``PreTrainedTokenizerFast``, which loads the same ``tokenizer.json`` in both.
     """
     copied = []
     for name in SIDE_FILES:
@@ -103,14 +105,19 @@ def copy_side_files(base_dir: str | Path, folder: Path, use_cache: bool | None =
         if source.is_file():
             shutil.copy2(source, folder / name)
             copied.append(name)
-    if use_cache is not None and "config.json" in copied:
-        _edit_json(folder / "config.json", {"use_cache": use_cache})
+    if use_cache is not None:
+        for name in ("config.json", "generation_config.json"):
+            if name in copied:
+                _edit_json(folder / name, {"use_cache": use_cache})
+        if "tokenizer_config.json" in copied:
+            _edit_json(folder / "tokenizer_config.json", {"model_input_names": list(DECODER_TEXT_INPUTS)})
     if "tokenizer_config.json" in copied and "tokenizer.json" in copied:
         _edit_json(folder / "tokenizer_config.json", {"tokenizer_class": PORTABLE_TOKENIZER},
                    only_if=("tokenizer_class", NEW_TOKENIZER))
     return copied
 
 
+DECODER_TEXT_INPUTS = ("input_ids", "attention_mask")  # what a decoder's tokenizer gives its graph
 NEW_TOKENIZER = "TokenizersBackend"  # transformers 5's class for a plain tokenizer.json
 PORTABLE_TOKENIZER = "PreTrainedTokenizerFast"
 

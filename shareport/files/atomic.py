@@ -5,6 +5,9 @@ place at the end, so an interrupted or failed run leaves either nothing or the p
 complete output. Inputs are never written to: the target may not be, contain, or sit inside
 an input folder.
 
+Folders missing above an output (``-o out/run1`` when ``out/`` does not exist) are made when
+it is published, and removed again when it is not, so a failed run leaves nothing.
+
 Every folder shareport publishes holds a small marker file (``.shareport``). ``--overwrite``
 replaces only a folder that has it, or an empty folder: a user's folder, a base model folder
 or anything else is refused, whatever the flag says.
@@ -45,46 +48,74 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str |
         inp = Path(inp).resolve()
         if _inside(resolved, inp) or _inside(inp, resolved):
             raise ShareportError(f"output '{out}' overlaps the input '{inp}'; choose another output folder")
-    if out.exists() and not overwrite:
-        raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
+    # what --overwrite would refuse is refused first, without suggesting it
     if out.exists() and not out.is_dir():
-        raise ShareportError(f"output '{out}' exists and is not a folder")
+        raise ShareportError(f"output '{out}' exists and is not a folder; choose another name")
     if out.exists() and not written_by_shareport(out):
         raise ShareportError(f"output '{out}' is a folder shareport did not write (no {MARKER_NAME} file) and is "
                              "not empty; --overwrite replaces only shareport's own outputs: choose another folder")
+    if out.exists() and not overwrite:
+        raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
     _check_parent(out, resolved.parent)
     return resolved
 
 
 def _check_parent(out, parent: Path) -> None:
-    """The folder an output goes into must exist and be writable (checked before the work)."""
-    if not parent.is_dir():
-        raise ShareportError(f"cannot write '{out}': its parent folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ShareportError(f"cannot write '{out}': folder '{parent}' is not writable")
+    """The folder an output goes into must be writable (checked before the work). Folders missing above
+    it are made at publication (:func:`_parents`), so it is the nearest existing one that must be a
+    writable folder."""
+    existing = parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ShareportError(f"cannot write '{out}': '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ShareportError(f"cannot write '{out}': folder '{existing}' is not writable")
+
+
+@contextlib.contextmanager
+def _parents(out, parent: Path) -> Iterator[None]:
+    """Make the folders missing above an output; remove them again (those still empty) if it is not published."""
+    missing = []
+    folder = parent
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # the deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``out``, on any error it is removed."""
     target = check_output(out, overwrite, inputs)
-    remove_stale_temporaries(target)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    except OSError as exc:
-        raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
-    try:
-        (tmp / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
-        yield tmp
-        _fsync_tree(tmp)
-        _follow_umask(tmp)
-        _replace(tmp, target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _parents(out, target.parent):
+        remove_stale_temporaries(target)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        except OSError as exc:
+            raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
+        try:
+            (tmp / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
+            yield tmp
+            _fsync_tree(tmp)
+            _follow_umask(tmp)
+            _replace(tmp, target)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ShareportError(f"cannot write '{out}': {exc.strerror or exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
@@ -98,11 +129,11 @@ def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
         raise ShareportError(f"{what} '{path}' is a folder; give a file name")
     if path.is_symlink():
         raise ShareportError(f"{what} '{path}' is a symbolic link; give a real path")
-    if path.exists() and not overwrite:
-        raise ShareportError(f"{what} '{path}' already exists; pass --overwrite to replace it")
-    if path.exists() and not (owned is not None and owned(path)):
+    if path.exists() and not (owned is not None and owned(path)):  # refused with --overwrite too: not suggested
         raise ShareportError(f"{what} '{path}' is a file shareport did not write; --overwrite replaces only "
                              "shareport's own outputs: choose another name")
+    if path.exists() and not overwrite:
+        raise ShareportError(f"{what} '{path}' already exists; pass --overwrite to replace it")
     for folder in inputs:
         if Path(folder).resolve() in path.resolve().parents:
             raise ShareportError(f"{what} '{path}' is inside the input '{folder}'; choose another output")
@@ -115,19 +146,20 @@ def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Iterabl
                 what: str = "output", owned: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it replaces ``out``, on any error it is removed."""
     path = check_output_file(out, overwrite, inputs, what, owned)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; an output follows the umask like any file
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ShareportError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _parents(path, path.parent):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; an output follows the umask like any file
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ShareportError(f"cannot write '{path}': {exc.strerror or exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def current_umask() -> int:

@@ -19,7 +19,7 @@ from ..adapter import FORMS, Adapter, Site, kinds_for_paths
 from ..errors import ShareportError
 from . import fleet
 from .folder import CONFIG_NAME, WEIGHTS_NAME, read_config
-from .tensorfile import check_finite, load_tensors
+from .tensorfile import check_finite, check_floating, load_tensors
 
 FORMAT_VERSION = 1
 EXTRA_PREFIX = "extra/"
@@ -81,6 +81,7 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
     check_finite(weights_path, stored)
     extras = {k[len(EXTRA_PREFIX):]: v for k, v in stored.items() if k.startswith(EXTRA_PREFIX)}
     pool = {k: v for k, v in stored.items() if not k.startswith(EXTRA_PREFIX)}
+    check_floating(weights_path, pool, pool)
     member, through = None, set()
     if fleet.FLEET_KEY in section:
         pool, member, through = fleet.join_shared(folder, section[fleet.FLEET_KEY], pool)

@@ -25,7 +25,7 @@ import torch
 from ..adapter import PEFT_PREFIX, UNKNOWN_LAYOUT, Adapter, kinds_for_paths
 from ..errors import ShareportError
 from .folder import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_config
-from .tensorfile import StreamedTensors, check_finite, load_pickled, load_tensors
+from .tensorfile import StreamedTensors, check_finite, check_floating, load_pickled, load_tensors
 
 
 # Config fields that change what the adapter computes and that shareport cannot represent.
@@ -138,6 +138,7 @@ def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = Fa
     if streamed:
         state.release()  # the check touched every page: let them go
     factors, extras = _split_keys(weights_path, state)
+    check_floating(weights_path, state, [key for pair in factors.values() for key in pair.values()])
 
     out = {}
     kinds = kinds_for_paths(factors)

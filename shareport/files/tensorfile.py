@@ -250,3 +250,12 @@ def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
         t = tensors[name]
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ShareportError(f"{path}: tensor '{name}' contains NaN or Inf values")
+
+
+def check_floating(path: str | os.PathLike, tensors, names) -> None:
+    """LoRA factors hold real numbers: an integer (or bool) tensor is refused, never cast."""
+    for name in sorted(names):
+        dtype = tensors[name].dtype
+        if not dtype.is_floating_point:
+            raise ShareportError(f"{path}: tensor '{name}' has dtype {str(dtype).removeprefix('torch.')}; "
+                                 "LoRA factors must be floating point (float32, float16 or bfloat16)")

@@ -3,8 +3,11 @@
 Every source becomes a list of token sequences (and, when the data has them, integer labels):
 
 - a text file (any name but ``*.jsonl``): one example per non-empty line;
-- a ``.jsonl`` file: one JSON object per line with a ``text`` string and an optional integer
-  ``label`` (all lines or none);
+- a ``.jsonl`` file: one JSON object per line with a ``text`` string and an optional ``label``
+  (all lines or none): a class index, or a class name (all names or all indices). Names become
+  indices through the base config's ``label2id`` when it names its labels (not transformers'
+  default ``LABEL_0``...), else through the sorted names of the file (:func:`label_ids`); an
+  evaluation file takes the training file's mapping, and a name it lacks is an error;
 - a tokenized folder: ``tokens.safetensors`` with a 1-D ``input_ids`` (every example's ids,
   concatenated), a 1-D ``lengths`` (one entry per example) and optionally a 1-D ``labels``.
   :func:`save_tokenized` writes one. No tokenizer is needed to read it.
@@ -43,13 +46,15 @@ class TokenData:
     sequences: list[list[int]]
     labels: list[int] | None
     source: str
+    label_ids: dict[str, int] | None = None  # class name -> index, when the file's labels are names
+    label_ids_from: str | None = None  # where that mapping came from
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def subset(self, indices: list[int]) -> "TokenData":
         labels = [self.labels[i] for i in indices] if self.labels is not None else None
-        return TokenData([self.sequences[i] for i in indices], labels, self.source)
+        return dataclasses.replace(self, sequences=[self.sequences[i] for i in indices], labels=labels)
 
 
 def load_tokenizer(base_dir: str | os.PathLike):
@@ -68,8 +73,32 @@ def load_tokenizer(base_dir: str | os.PathLike):
         raise ShareportError(f"{base_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
 
 
-def load_data(path: str | os.PathLike, base_dir: str | os.PathLike, max_length: int) -> TokenData:
-    """Read any supported source; tokenize text with the base model's tokenizer."""
+def label_ids(base_dir: str | os.PathLike, names) -> tuple[dict[str, int], str]:
+    """(class name -> index, where it came from): the base config's ``label2id`` when it names its
+    labels, else the sorted ``names``."""
+    from ..model.base import read_base_config
+
+    label2id = getattr(read_base_config(base_dir), "label2id", None) or {}
+    if label2id and any(str(name) != f"LABEL_{index}" for name, index in label2id.items()):
+        return {str(name): int(index) for name, index in label2id.items()}, f"{Path(base_dir) / 'config.json'} label2id"
+    return {name: index for index, name in enumerate(sorted(set(names)))}, "the sorted label names of the data"
+
+
+def _name_labels(path: Path, names: list[str], lines: list[int], base_dir, given) -> tuple[list[int], dict, str]:
+    """The class names of ``path`` as indices, through ``given`` (mapping, source) or :func:`label_ids`."""
+    mapping, source = given or label_ids(base_dir, names)
+    for name, line in zip(names, lines):
+        if name not in mapping:
+            known = ", ".join(repr(n) for n in sorted(mapping, key=mapping.get))
+            raise ShareportError(f"{path}:{line}: label {name!r} is not one of the labels of {source} ({known})")
+    return [mapping[name] for name in names], mapping, source
+
+
+def load_data(path: str | os.PathLike, base_dir: str | os.PathLike, max_length: int,
+              label_mapping: tuple[dict[str, int], str] | None = None) -> TokenData:
+    """Read any supported source; tokenize text with the base model's tokenizer. Class-name labels
+    become indices through ``label_mapping`` ((name -> index, its source), e.g. the training data's),
+    else through :func:`label_ids`."""
     path = Path(path)
     if max_length < 2:
         raise ShareportError(f"--max-length must be at least 2, got {max_length}")
@@ -81,10 +110,13 @@ def load_data(path: str | os.PathLike, base_dir: str | os.PathLike, max_length: 
     elif not path.is_file():
         raise ShareportError(f"{path}: data file not found")
     else:
-        texts, labels = _read_jsonl(path) if path.suffix == ".jsonl" else (_read_lines(path), None)
+        texts, labels, lines = _read_jsonl(path) if path.suffix == ".jsonl" else (_read_lines(path), None, [])
         if not texts:
             raise ShareportError(f"{path}: no examples (the file has no non-empty text)")
-        data = TokenData(_tokenize(load_tokenizer(base_dir), texts, max_length), labels, str(path))
+        mapping = source = None
+        if labels is not None and isinstance(labels[0], str):
+            labels, mapping, source = _name_labels(path, labels, lines, base_dir, label_mapping)
+        data = TokenData(_tokenize(load_tokenizer(base_dir), texts, max_length), labels, str(path), mapping, source)
     if any(len(s) == 0 for s in data.sequences):
         raise ShareportError(f"{path}: an example has no tokens after tokenization")
     return data
@@ -98,8 +130,9 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[int] | None]:
-    texts, labels = [], []
+def _read_jsonl(path: Path) -> tuple[list[str], list[int] | list[str] | None, list[int]]:
+    """(texts, labels: all indices, all names or None, each example's line number)."""
+    texts, labels, lines = [], [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -110,15 +143,22 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[int] | None]:
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ShareportError(f"{path}:{number}: expected an object with a non-empty 'text' string")
         label = row.get("label")
-        if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
-            raise ShareportError(f"{path}:{number}: 'label' must be a non-negative integer, got {label!r}")
+        index = isinstance(label, int) and not isinstance(label, bool) and label >= 0
+        if label is not None and not index and not (isinstance(label, str) and label.strip()):
+            raise ShareportError(f"{path}:{number}: 'label' must be a non-negative integer or a class name, "
+                                 f"got {label!r}")
+        first = labels[0] if labels else None
+        if label is not None and first is not None and isinstance(first, str) != isinstance(label, str):
+            raise ShareportError(f"{path}:{number}: 'label' is {label!r}, but line {lines[0]} gives "
+                                 f"{first!r}: use class names or integers, not both")
         texts.append(row["text"])
         labels.append(label)
+        lines.append(number)
     has_label = [lab is not None for lab in labels]
     if any(has_label) and not all(has_label):
         missing = has_label.index(False) + 1
         raise ShareportError(f"{path}: some examples have a 'label' and some do not (e.g. example {missing})")
-    return texts, (labels if labels and all(has_label) else None)
+    return texts, (labels if labels and all(has_label) else None), lines
 
 
 def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

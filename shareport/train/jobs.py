@@ -111,14 +111,23 @@ def _base_model(base_dir, task_type, acc, carried=None):
 def _data(data_path, base_dir, max_length: int, eval_fraction: float, eval_path=None):
     """(train, held-out, selection, record): the data's fixed held-out split (which also picks the
     best step: selection None), or with a labelled ``eval_path``, that file for the reported scores
-    and the data's held-out split for picking the best step (never the test file itself)."""
+    and the data's held-out split for picking the best step (never the test file itself).
+    Class-name labels: the record holds their indices."""
     data = load_data(data_path, base_dir, max_length)
     inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length,
               "eval_fraction": eval_fraction}
+    if data.label_ids is not None:
+        inputs["label_ids"] = {"ids": data.label_ids, "from": data.label_ids_from}
     train, heldout = split_heldout(data, eval_fraction)
     if eval_path is None:
         return train, heldout, None, inputs
-    test = load_data(eval_path, base_dir, max_length)
+    given = (data.label_ids, data.label_ids_from) if data.label_ids is not None else None
+    test = load_data(eval_path, base_dir, max_length, label_mapping=given)
+    both = test.labels is not None and data.labels is not None
+    if both and (data.label_ids is None) != (test.label_ids is None):
+        kinds = {True: "class indices", False: "class names"}
+        raise ShareportError(f"{eval_path}: its labels are {kinds[test.label_ids is None]} and {data_path}'s are "
+                             f"{kinds[data.label_ids is None]}: give both the same kind")
     if test.labels is None:
         raise ShareportError(f"{eval_path}: the evaluation rows have no 'label' field, which accuracy needs")
     return train, test, heldout, {**inputs, "eval": str(eval_path), "eval_examples": len(test)}
