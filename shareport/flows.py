@@ -410,7 +410,7 @@ class _PointCache:
 
     def put(self, name: str, data) -> None:
         if not self.folder.exists():
-            self.folder.mkdir()
+            self.folder.mkdir(parents=True)  # -o new/x: the parents are made as for every output
             (self.folder / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
         elif not (self.folder / MARKER_NAME).is_file():
             raise ShareportError(f"{self.folder}: a folder shareport did not write is where the frontier keeps its "

@@ -5,15 +5,16 @@ from __future__ import annotations
 import click
 
 from .. import flows
+from .options import Folder
 from ..train.jobs import TrainingOptions
 from .training_options import echo_report, recipe_options
 
 
 @click.command("finetune")
-@click.argument("shared_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+@click.argument("shared_dir", type=Folder())
+@click.option("--base", "base_dir", required=True, type=Folder(),
               help="The base model folder (with its tokenizer, unless DATA is tokenized).")
-@click.option("--teacher", "teacher_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+@click.option("--teacher", "teacher_dir", required=True, type=Folder(),
               help="The original LoRA that SHARED_DIR was converted from.")
 @click.option("--lm-loss", "lm_loss", default=0.0, show_default=True, type=float,
               help="Weight of the data's own loss (next-token, or the 'label' field) added to the distillation.")

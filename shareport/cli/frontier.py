@@ -8,7 +8,7 @@ from .. import flows
 from ..train.frontier import DEFAULT_BUDGETS, FORMS
 from ..train.jobs import TrainingOptions
 from ..train.recipe import DEFAULT_LR
-from .options import json_option
+from .options import Folder, json_option
 from .table import format_table, to_json
 
 
@@ -20,8 +20,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 @click.command("frontier")
-@click.argument("lora_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+@click.argument("lora_dir", type=Folder())
+@click.option("--base", "base_dir", required=True, type=Folder(),
               help="The base model folder (with its tokenizer, unless DATA is tokenized).")
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=str),
               help="Text, .jsonl (with 'label' for accuracy) or tokenized folder: recovery trains on it and, "
