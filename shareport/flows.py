@@ -51,6 +51,7 @@ from .summary import summarize
 from .train.frontier import (DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, point_line, smallest_keeping,
                              stages)
 from .train.generated import check_generate
+from .train.checkpoint import STATE_JSON
 from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
 
@@ -226,7 +227,8 @@ def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str | N
     recipe = options.recipe(job.student, distill_weight=1.0, task_weight=lm_loss)
     entry = {"step": "finetune", "teacher": teacher_dir, "data": data_path, "steps": options.steps,
              "seed": options.seed, **({"generated": generate} if generate is not None else {})}
-    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("before", "after"))
+    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("before", "after"),
+                            own_checkpoint=options.checkpoint_dir is None)
 
 
 def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: str, out: str, *, alpha: float = 8.0,
@@ -247,12 +249,17 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
                       options.eval_fraction, options.checkpoint_folder(out), options.resume, options.merging)
     recipe = options.recipe(job.student, distill_weight=0.0, task_weight=1.0)
     entry = {"step": "train", "form": form, "data": data_path, "steps": options.steps, "seed": options.seed}
-    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("after",))
+    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("after",),
+                            own_checkpoint=options.checkpoint_dir is None)
 
 
-def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tuple[str, ...]) -> dict | None:
+def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tuple[str, ...],
+                     own_checkpoint: bool) -> dict | None:
     """Run the recipe; the main process writes the adapter (with its history), the report (the same bytes for
-    the same inputs) and the timings (which are not)."""
+    the same inputs) and the timings (which are not). With ``own_checkpoint`` (the default folder beside
+    the output, not one the user named with --checkpoint-dir) the checkpoint is removed once the adapter
+    is published: its only use was to resume this run."""
+    _note_stale_checkpoint(job)
     adapter, report = run(job, recipe)
     if not job.accelerator.is_main_process:
         return None
@@ -260,7 +267,28 @@ def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tup
     reproducible = {k: v for k, v in report.items() if k != "timings"}
     save_adapter(with_provenance(adapter, entry), out, overwrite=overwrite, inputs=inputs,
                  reports={REPORT_NAME: reproducible, TIMINGS_NAME: report["timings"]})
+    folder = job.checkpoint_dir
+    if own_checkpoint and folder is not None and (Path(folder) / MARKER_NAME).is_file() \
+            and (Path(folder) / STATE_JSON).is_file():
+        import shutil
+
+        shutil.rmtree(folder)
     return report
+
+
+def _note_stale_checkpoint(job) -> None:
+    """Say so when a fresh run starts beside the checkpoint of an interrupted one (it replaces it at its
+    first checkpoint): the user may have meant --resume."""
+    folder = job.checkpoint_dir
+    if job.resume_state is not None or folder is None or not (Path(folder) / STATE_JSON).is_file():
+        return
+    try:
+        step = json.loads((Path(folder) / STATE_JSON).read_text(encoding="utf-8")).get("step")
+    except (OSError, json.JSONDecodeError):
+        step = None
+    if job.accelerator.is_main_process:
+        print(f"note: {folder} holds the checkpoint of an interrupted run (step {step}); this run starts at step 0 "
+              "and replaces it. To continue that run instead, rerun with --resume.", file=sys.stderr)
 
 
 def export(adapter_dir: str, base_dir: str, out: str, options: ExportOptions = ExportOptions(), *,

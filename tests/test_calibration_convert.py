@@ -16,7 +16,7 @@ import torch
 import converters
 from converters.types import KindResult
 from shareport import flows
-from shareport.convert import convert_adapter, kind_factors
+from shareport.convert import calibrated_error, convert_adapter, kind_factors
 from shareport.files import load_adapter, save_adapter
 from shareport.model import load_base_model
 from shareport.model.calibration import collect_statistics
@@ -225,14 +225,19 @@ def test_bad_calibration_input(setup, tmp_path, cli):
 
 
 def test_auto_and_budget_rank_by_the_calibrated_objective(setup, tmp_path):
-    """--to auto --calibration: each candidate's error is that form's calibrated conversion at the budget,
-    and the winner has the least; a calibrated --budget plan for lora is at least as good, in the
-    calibrated objective, as the plain plan's ranks converted with calibration."""
+    """The library's --to auto with calibration statistics (and no other error measure; the command
+    ranks by the model's outputs, tests/test_auto_by_outputs.py): each candidate's error is that form's
+    calibrated conversion at the budget, and the winner has the least; a calibrated --budget plan for
+    lora is at least as good, in the calibrated objective, as the plain plan's ranks converted with
+    calibration."""
     common = dict(calibration=str(setup["text"]), base=str(setup["base"]), calibration_samples=SAMPLES,
                   progress=False)
-    auto = flows.convert(str(setup["lora"]), "auto", str(tmp_path / "auto"), budget=0.15, **common)
-    errors = {c["form"]: c["error"] for c in auto["candidates"] if "refused" not in c}
-    assert auto["winner"] == min(errors, key=errors.get)
+    calibration = flows._calibration_statistics(load_adapter(setup["lora"]), str(setup["text"]), str(setup["base"]),
+                                                SAMPLES, flows.CALIBRATION_MAX_LENGTH, converters.DEFAULT_RIDGE)[0]
+    _, auto = convert_adapter(load_adapter(setup["lora"]), "auto", budget=0.15, calibration=calibration)
+    errors = {c["form"]: c["error"] for c in auto.candidates if "refused" not in c}
+    assert auto.winner == min(errors, key=errors.get)
+    assert auto.ranked_by == calibrated_error.describes
     for form in ("lora", "shareb", "sharea"):
         single = flows.convert(str(setup["lora"]), form, str(tmp_path / form), budget=0.15, **common)
         assert errors[form] == pytest.approx(sum(k["calibration"]["objective"] for k in single["kinds"]), rel=1e-9)

@@ -100,7 +100,7 @@ def test_finetune_takes_class_name_labels_and_records_their_indices(tmp_path, cl
     save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
     train = _named_rows(tmp_path / "train.jsonl", ["sports", "cooking", "computing"] * 6)
     args = ["finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data", train,
-            "--steps", 2, "--batch-size", 4]
+            "--steps", 2, "--batch-size", 4, "--eval-fraction", 0.25]  # 4 held out: the least recovery takes
     result = cli(*args, "-o", tmp_path / "o")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o" / "training_report.json").read_text())
@@ -112,7 +112,7 @@ def test_evaluation_file_takes_the_training_mapping_and_refuses_other_names(setu
     from shareport.train.jobs import _data
 
     train = _named_rows(tmp_path / "train.jsonl", ["b", "c", "a"] * 3)
-    _, heldout, inputs = _data(train, setup["base"], 8, 0.1, _named_rows(tmp_path / "eval.jsonl", ["c", "a"]))
+    _, heldout, _, inputs = _data(train, setup["base"], 8, 0.1, _named_rows(tmp_path / "eval.jsonl", ["c", "a"]))
     assert heldout.labels == [2, 0] and inputs["label_ids"]["ids"] == {"a": 0, "b": 1, "c": 2}  # not its own [1, 0]
     with pytest.raises(ShareportError, match=r"bad.jsonl:2: label 'd' is not one of the labels"):
         _data(train, setup["base"], 8, 0.1, _named_rows(tmp_path / "bad.jsonl", ["a", "d"]))
@@ -159,7 +159,8 @@ def test_bad_inputs_fail_with_one_line(setup, tmp_path, cli):
 
 def test_resume_refuses_other_options(setup, tmp_path, cli):
     args = ["finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data", setup["text"],
-            "-o", tmp_path / "o", "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 1]
+            "-o", tmp_path / "o", "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 1,
+            "--checkpoint-dir", tmp_path / "kept"]  # a folder the user names outlives the run
     assert cli(*args, "--steps", 2).exit_code == 0
     _one_line_error(cli(*args, "--steps", 3, "--lr", 0.5, "--resume", "--overwrite"), "checkpoint was made with lr=")
 

@@ -21,7 +21,7 @@ from shareport.files.adapters import load_adapter, save_adapter
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.data import load_data
 from shareport.train.recipe import Recipe, Trainer, evaluate_adapter, run
-from shareport.train.schedule import default_eval_every, eval_steps, lr_factor
+from shareport.train.schedule import STEP_UNITS, default_eval_every, eval_steps, lr_factor
 from tests.training_helpers import recovery_setup, write_text
 
 
@@ -81,9 +81,11 @@ def test_trainer_applies_the_schedule_to_the_optimizer(setup):
 
 def test_default_eval_every_keeps_evaluation_near_a_tenth_of_the_run():
     # 135 held-out examples (the docstrings task's 10%), batch 8: one evaluation (135 forwards with the
-    # teacher's outputs kept) per 57 steps of 8 x 3 forwards = 1368 forwards: 9.9%
+    # teacher's outputs kept) per N steps of 8 x STEP_UNITS forwards, the fewest N keeping it <= 10%
     every = default_eval_every(steps=300, batch_size=8, heldout_examples=135, teacher_cached=True)
-    assert 135 / (every * 8 * 3) <= 0.1 < 135 / ((every - 1) * 8 * 3)
+    assert 135 / (every * 8 * STEP_UNITS) <= 0.1 < 135 / ((every - 1) * 8 * STEP_UNITS)
+    uncached = default_eval_every(steps=300, batch_size=8, heldout_examples=135, teacher_cached=False)
+    assert 270 / (uncached * 8 * STEP_UNITS) <= 0.1 < 270 / ((uncached - 1) * 8 * STEP_UNITS)
     assert default_eval_every(steps=5, batch_size=8, heldout_examples=135, teacher_cached=True) == 5
     assert eval_steps(10, 4) == [0, 4, 8, 10]
 
@@ -275,3 +277,33 @@ def test_generate_on_a_classifier_is_refused(tmp_path, cli):
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--generate samples texts from a causal LM" in errors[0], result.output
     assert not out.exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_a_finished_run_removes_its_checkpoint(setup, tmp_path, cli, monkeypatch):
+    """Interrupted after step 3 (checkpoint at 2): the message names the checkpoint and --resume; a fresh
+    rerun says the checkpoint is there; the finished run removes OUT.checkpoint (a --checkpoint-dir stays)."""
+    from shareport.train import recipe as recipe_module
+
+    out = tmp_path / "out"
+    args = ["finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data", setup["text"],
+            "-o", out, "--steps", 4, "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 2]
+    real = recipe_module.Trainer.after_step
+
+    def interrupt(self, t):
+        real(self, t)
+        if t == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_module.Trainer, "after_step", interrupt)
+    result = cli(*args)
+    assert result.exit_code == 130
+    assert f"the last checkpoint is in {out}.checkpoint" in result.output and "--resume" in result.output
+    assert not out.exists() and (tmp_path / "out.checkpoint").is_dir()
+    monkeypatch.setattr(recipe_module.Trainer, "after_step", real)
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "holds the checkpoint of an interrupted run (step 2)" in result.output
+    assert out.is_dir() and not (tmp_path / "out.checkpoint").exists()
+    kept = tmp_path / "named"
+    assert cli(*args, "--overwrite", "--checkpoint-dir", kept).exit_code == 0
+    assert kept.is_dir()

@@ -7,7 +7,7 @@ import click
 from .. import flows
 from .options import Folder
 from ..train.jobs import TrainingOptions
-from .training_options import echo_report, recipe_options
+from .training_options import echo_report, recipe_options, resume_hint
 
 
 @click.command("finetune")
@@ -42,7 +42,9 @@ def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, generate, data_path
     the one written (by held-out KL): recovery never publishes an adapter worse, on held-out
     data, than the one it was given. Modules the conversion cut to rank 0 stay unadapted.
     """
-    report = flows.recover(shared_dir, base_dir, teacher_dir, data_path, out, lm_loss=lm_loss,
-                           options=TrainingOptions(**training), overwrite=overwrite, generate=generate)
+    options = TrainingOptions(**training)
+    with resume_hint(out or flows.default_recover_output(shared_dir), options):
+        report = flows.recover(shared_dir, base_dir, teacher_dir, data_path, out, lm_loss=lm_loss, options=options,
+                               overwrite=overwrite, generate=generate)
     if report is not None:  # the main process
         echo_report(out or flows.default_recover_output(shared_dir), report, as_json)

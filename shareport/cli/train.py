@@ -9,7 +9,7 @@ from ..errors import ShareportError
 from ..model.fresh import SHARED
 from ..train.jobs import TrainingOptions
 from .options import Folder
-from .training_options import echo_report, recipe_options
+from .training_options import echo_report, recipe_options, resume_hint
 
 
 @click.command("train")
@@ -32,7 +32,9 @@ def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, a
     if out is None:
         raise ShareportError("train needs an output folder (-o/--output)")
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
-    report = flows.train(form, base_dir, target_list, rank, data_path, out, alpha=alpha,
-                         options=TrainingOptions(**training), overwrite=overwrite)
+    options = TrainingOptions(**training)
+    with resume_hint(out, options):
+        report = flows.train(form, base_dir, target_list, rank, data_path, out, alpha=alpha, options=options,
+                             overwrite=overwrite)
     if report is not None:  # the main process
         echo_report(out, report, as_json)

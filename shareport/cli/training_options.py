@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import click
 
 from ..train.merging import MODES, PAIRS
@@ -64,6 +67,23 @@ def recipe_options(output_help: str):
             func = option(func)
         return func
     return attach
+
+
+@contextlib.contextmanager
+def resume_hint(out: str | None, options) -> Iterator[None]:
+    """On Ctrl-C: say whether a checkpoint was saved and how to continue from it, instead of click's
+    bare "Aborted!"."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        folder = options.checkpoint_folder(out) if out else None
+        if folder is not None and folder.is_dir():
+            click.echo(f"\ninterrupted: the last checkpoint is in {folder}; rerun the same command with --resume "
+                       "to continue from it", err=True)
+        else:
+            click.echo("\ninterrupted: no checkpoint was saved (--checkpoint-every N saves one every N steps)",
+                       err=True)
+        raise SystemExit(130) from None
 
 
 def echo_report(out: str, report: dict, as_json: bool) -> None:

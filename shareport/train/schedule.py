@@ -25,7 +25,11 @@ SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_SCHEDULE = "cosine"
 DEFAULT_WARMUP = 0.1  # share of the steps
 EVAL_SHARE = 0.1  # the default --eval-every keeps evaluation at about this share of the run
-STEP_UNITS = 3  # forward passes' worth of compute per training example (teacher, student, backward)
+# forward passes' worth of compute per training example, as measured against an evaluation forward
+# (bench_recovery.py, one CPU thread): 3 on paper (teacher, student, backward), but an evaluation
+# forward pays the same per-call overheads for less arithmetic, and at 3 evaluation took 7.9% (MiniLM
+# classifier) and 12.5-13.2% (the demo's small causal LM) of the run; 2 keeps both under 10%
+STEP_UNITS = 2
 # fewer held-out rows than this cannot tell two adapters apart: a KL over 3 sequences moves by
 # more than the gains recovery makes, and "the best step" would be noise
 MIN_HELDOUT_ROWS = 4

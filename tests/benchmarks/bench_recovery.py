@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -121,9 +122,15 @@ def convert(task: Task, form: str, budget: float, calibrated: bool) -> Path:
     return folder
 
 
-def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidden: float, curve_every: int) -> dict:
-    job = recovery_job(student, task.base, task.lora, task.data, task.max_length, 0.1, None, False, False,
-                       eval_path=task.test)
+def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidden: float, curve_every: int,
+            generate: int | None = None) -> dict:
+    """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
+    file (the curve is then on generated held-out texts; before/after are scored on the data's own
+    held-out split, as every other run is)."""
+    scoring = recovery_job(student, task.base, task.lora, task.data, task.max_length, 0.1, None, False, False,
+                           eval_path=task.test)
+    job = scoring if generate is None else recovery_job(
+        student, task.base, task.lora, None, task.max_length, 0.1, None, False, False, generate=generate)
     job = dataclasses.replace(job, progress=False)
     if recipe == "old":
         options = TrainingOptions(steps=steps, lr=OLD_LR, batch_size=task.batch, max_length=task.max_length,
@@ -136,21 +143,30 @@ def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidde
     lora_on_selection = evaluate_adapter(dataclasses.replace(job, heldout=selection), load_adapter(task.lora), 32)
     started = time.perf_counter()
     with last_step_published() if recipe == "old" else contextlib.nullcontext():
-        _, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
+        trained, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
     seconds = time.perf_counter() - started
+    if generate is not None:  # scored on the data's held-out split like every other run
+        report["before"] = evaluate_adapter(scoring, job.student, 32)
+        report["after"] = evaluate_adapter(scoring, trained, 32)
     timings = report["timings"]
     evals = len(report["curve"]) - 1
-    per_eval = timings["eval_seconds"] / max(evals, 1)
-    default_every = default_eval_every(steps=steps, batch_size=task.batch, heldout_examples=len(selection),
-                                       teacher_cached=True)
-    default_evals = len(range(default_every, steps + 1, default_every)) + (steps % default_every != 0)
-    train_seconds = timings["seconds"] - timings["eval_seconds"]
     return {"before": report["before"], "after": report["after"], "curve": report["curve"],
-            "best_step": report["best_step"], "seconds": seconds,
-            "s_per_step_train": train_seconds / steps,
-            "s_per_step_with_default_eval": (train_seconds + default_evals * per_eval) / steps,
-            "default_eval_every": default_every, "eval_share_default": default_evals * per_eval
-            / (train_seconds + default_evals * per_eval), "lora_on_selection": lora_on_selection}
+            "best_step": report["best_step"], "seconds": seconds, "selection_examples": len(selection),
+            "train_seconds": timings["seconds"] - timings["eval_seconds"],
+            "seconds_per_eval": timings["eval_seconds"] / max(evals, 1), "lora_on_selection": lora_on_selection}
+
+
+def step_cost(row: dict, task: Task) -> dict:
+    """Seconds per step with the evaluations the library's default ``eval_every`` makes (today's
+    default, from the run's measured training and per-evaluation times) and their share."""
+    steps = row["steps"]
+    every = default_eval_every(steps=steps, batch_size=task.batch, heldout_examples=row["selection_examples"],
+                               teacher_cached=True)
+    evals = len(range(every, steps + 1, every)) + (steps % every != 0)
+    eval_seconds = evals * row["seconds_per_eval"]
+    return {"default_eval_every": every, "s_per_step_train": row["train_seconds"] / steps,
+            "s_per_step_with_default_eval": (row["train_seconds"] + eval_seconds) / steps,
+            "eval_share_default": eval_seconds / (row["train_seconds"] + eval_seconds)}
 
 
 def fidelity(task: str, metrics: dict, lora: dict) -> float:
@@ -218,6 +234,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--hidden-weights", nargs="+", type=float, default=[0.0])
     parser.add_argument("--calibrated", action="store_true", help="start from calibrated conversions too")
     parser.add_argument("--curve-every", type=int, default=25)
+    parser.add_argument("--generate", nargs="+", type=int, default=[None],
+                        help="causal LM task: also recover on N texts sampled from the teacher (no data file)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread, fixed: a shared 2-core machine (see bench_frontier)
     out = Path(args.out)
@@ -241,13 +259,17 @@ def main(argv=None) -> list[dict]:
                         continue
                     for recipe in args.recipes:
                         for lr in ([OLD_LR] if recipe == "old" else [lr or default_lr for lr in args.lrs]):
-                            for hidden in ([0.0] if recipe == "old" else args.hidden_weights):
+                            for hidden, generate in itertools.product(
+                                    [0.0] if recipe == "old" else args.hidden_weights,
+                                    [None] if task.test else args.generate):
                                 name = (f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
-                                        f"{args.steps}-e{args.curve_every}")
+                                        f"{args.steps}-e{args.curve_every}" + (f"-gen{generate}" if generate else ""))
                                 row = stage(task.out, name, lambda: recover(task, student, recipe, args.steps, lr,
-                                                                             hidden, args.curve_every))
-                                row = {**row, "task": task_name, "form": form, "budget": budget, "start": start,
+                                                                             hidden, args.curve_every, generate))
+                                row = {**row, "task": task_name, "form": form, "budget": budget,
+                                       "start": start if generate is None else f"{start}, {generate} generated",
                                        "recipe": recipe, "lr": lr, "hidden": hidden, "steps": args.steps}
+                                row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)
                                 rows.append(row)
                                 print(table([row]).splitlines()[-1], flush=True)
