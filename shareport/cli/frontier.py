@@ -7,7 +7,7 @@ import click
 from .. import flows
 from ..train.frontier import DEFAULT_BUDGETS, FORMS
 from ..train.jobs import TrainingOptions
-from ..train.recipe import DEFAULT_LR
+from ..train.schedule import DEFAULT_LR
 from .options import Folder, json_option
 from .table import format_table, to_json
 

@@ -8,8 +8,7 @@ from typing import Iterator
 import click
 
 from ..train.merging import MODES, PAIRS
-from ..train.recipe import DEFAULT_LR
-from ..train.schedule import DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES
+from ..train.schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES
 from .options import output_option
 from .table import format_table, to_json
 

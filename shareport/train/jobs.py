@@ -24,8 +24,8 @@ from .checkpoint import load_checkpoint
 from .generated import generate_data
 from .data import load_data, split_heldout
 from .merging import MergeSchedule
-from .recipe import DEFAULT_LR, Job, Recipe
-from .schedule import DEFAULT_SCHEDULE, DEFAULT_WARMUP
+from .recipe import Job, Recipe
+from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"

@@ -50,15 +50,12 @@ from .evaluation import TeacherCache, evaluate, evaluate_adapter
 from .fleet_cores import train_cores
 from .flops import matmul_parameters, throughput
 from .merging import BMerger, MergeSchedule
-from .schedule import (DEFAULT_SCHEDULE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS, check_eval_every, check_schedule,
-                       default_eval_every, eval_steps, lr_factor)
+from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS, check_eval_every,
+                       check_schedule, default_eval_every, eval_steps, lr_factor)
 from .teacher import Teacher
 
 __all__ = ["Job", "Recipe", "Trainer", "evaluate", "evaluate_adapter", "matmul_parameters", "run", "throughput",
            "with_provenance"]
-
-# chosen by the sweep in tests/benchmarks/bench_recovery.py (docstrings classifier and the demo's causal LM)
-DEFAULT_LR = 1e-3
 
 
 @dataclasses.dataclass
