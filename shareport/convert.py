@@ -30,15 +30,12 @@ from converters.types import KindFactors, KindResult
 
 from .adapter import Adapter, Site
 from .errors import ShareportError
+from .forms import DEFAULT_ASLORA_BUDGET, GROUPINGS, TARGET_FORMS
 
-TARGET_FORMS = ("sharea", "shareb", "shareab", "aslora", "lora", "auto")
 # what --to auto tries, in this order (on equal error the first wins)
 AUTO_FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
 # --to auto: errors closer than this fraction of the energy are a tie (roundoff of lossless forms)
 AUTO_TIE = 1e-9
-GROUPINGS = ("any", "adjacent")
-# with no --rank, --energy or --budget, ASLoRA is planned at this budget (the paper's "25% of the LoRA")
-DEFAULT_ASLORA_BUDGET = converters.DEFAULT_ASLORA_BUDGET
 # a kind keeping less than this fraction of its energy gets a warning
 LOW_ENERGY = 0.5
 

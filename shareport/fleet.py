@@ -29,11 +29,10 @@ import converters
 from .adapter import Adapter, Site
 from .convert import kind_factors, source_parameters
 from .errors import ShareportError
+from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
+from .forms import FLEET_FORMS
 
-FLEET_FORMS = converters.FLEET_FORMS
 FLEET_KEY = "fleet"  # Adapter.config key (and the native config's shareport section key) of a member
-# with neither --rank nor --budget: the target size, 1/8 of the N separate LoRAs
-DEFAULT_BUDGET = 0.125
 
 
 def compose(u: torch.Tensor, core: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from converters import DEFAULT_RIDGE
 
 from .convert import Calibration, conversion_steps, convert_adapter
 from .errors import ShareportError
+from .forms import CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES
 from .fleet import build_fleet
 from .export import graph_file
 from .export.exporter import ExportOptions
@@ -54,10 +55,6 @@ from .train.generated import check_generate
 from .train.checkpoint import STATE_JSON
 from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
-
-# --calibration defaults: examples taken from the data, tokens kept of each
-CALIBRATION_SAMPLES = 128
-CALIBRATION_MAX_LENGTH = 128
 
 __all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "fleet", "generate",
            "inspect", "recover", "train", "verify"]

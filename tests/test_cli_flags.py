@@ -113,24 +113,74 @@ def test_a_file_where_a_folder_belongs_is_one_error_line_like_a_missing_folder(n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
 
 
+# one usage error per command (click's exit status 2) and what click says about it
+USAGE_ERRORS = {
+    "demo": (["demo", "--bogus"], "No such option '--bogus'"),
+    "inspect": (["inspect"], "Missing argument 'ADAPTER_DIR'"),
+    "convert": (["convert", "x", "--to", "bogus"], "Invalid value for '--to'"),
+    "fleet": (["fleet", "a", "b", "--form", "bogus"], "Invalid value for '--form'"),
+    "frontier": (["frontier", "a", "--recover-steps", "-1"], "Invalid value for '--recover-steps'"),
+    "finetune": (["finetune", "a", "--merge-mode", "bogus"], "Invalid value for '--merge-mode'"),
+    "train": (["train", "--form", "bogus"], "Invalid value for '--form'"),
+    "export": (["export", "a", "--dtype", "fp8"], "Invalid value for '--dtype'"),
+    "verify": (["verify", "a", "--atol", "x"], "Invalid value for '--atol'"),
+    "export-adapter": (["export-adapter"], "Missing argument 'ADAPTER'"),
+    "generate": (["generate", "a", "--engine", "bogus"], "Invalid value for '--engine'"),
+    "doctor": (["doctor", "--bogus"], "No such option '--bogus'"),
+}
+
+
 def test_version_help_and_usage_errors_import_no_torch(tmp_path):
-    """They used to take 4-5 s, importing torch, transformers and ONNX Runtime through every command module.
-    (Commands whose options name the libraries' constants, e.g. convert's forms, still import them.)"""
+    """They used to take 4-5 s, importing torch, transformers and ONNX Runtime through every command module
+    (the option choices and defaults of convert, export, train... came from modules that import torch)."""
+    import json
     import subprocess
     import sys
 
-    script = ("import sys\n"
-              "from click.testing import CliRunner\n"
-              "from shareport.cli.main import main\n"
-              "runs = (['--version'], ['--help'], ['convertt'], ['inspect'], ['inspect', sys.argv[1]], ['demo', '-h'],\n"
-              "        ['export-adapter', 'a', '--graph', sys.argv[1]], ['doctor', '--bogus'])\n"
-              "codes = [CliRunner().invoke(main, args).exit_code for args in runs]\n"
-              "print(codes, sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'numpy') "
-              "if m in sys.modules))\n")
+    from shareport.cli.main import COMMANDS as LAZY_COMMANDS
+
+    assert set(USAGE_ERRORS) == set(LAZY_COMMANDS)  # a new command gets a usage error here too
     afile = tmp_path / "afile"
     afile.write_text("not a folder\n")
-    out = subprocess.run([sys.executable, "-c", script, str(afile)], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[0, 0, 2, 2, 1, 0, 1, 2] []"
+    runs = [(["--version"], 0, "shareport, version"), (["--help"], 0, "Commands:"),
+            (["convertt"], 2, "No such command 'convertt'"),
+            (["inspect", str(afile)], 1, "needs a folder"),
+            (["export-adapter", "a", "--graph", str(afile)], 1, "needs a folder")]
+    for name in LAZY_COMMANDS:
+        runs.append(([name, "--help"], 0, f"Usage: main {name} "))
+        runs.append((USAGE_ERRORS[name][0], 2, USAGE_ERRORS[name][1]))
+    script = ("import json, sys\n"
+              "from click.testing import CliRunner\n"
+              "from shareport.cli.main import main\n"
+              "results = [(r.exit_code, r.output) for r in (CliRunner().invoke(main, args) for args in json.loads(sys.argv[1]))]\n"
+              "heavy = sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'numpy', 'converters') "
+              "if m in sys.modules)\n"
+              "print(json.dumps([results, heavy]))\n")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps([args for args, _, _ in runs])], capture_output=True,
+                         text=True, check=True).stdout
+    results, heavy = json.loads(out)
+    for (args, code, says), (exit_code, output) in zip(runs, results, strict=True):
+        assert (exit_code, says in output) == (code, True), (args, output)
+    assert heavy == []
+
+
+def test_the_torch_free_choices_match_the_libraries():
+    """The CLI's choices and defaults come from torch-free modules; the values the ``converters`` package
+    also defines (its package imports torch) must agree with it, and the library uses the same values."""
+    import torch
+
+    import converters
+    from converters.grouping import GROUPINGS
+    from shareport import flows, forms
+    from shareport.export.exporter import DTYPES
+
+    assert forms.DEFAULT_ASLORA_BUDGET == converters.DEFAULT_ASLORA_BUDGET
+    assert forms.FLEET_FORMS == converters.FLEET_FORMS
+    assert set(forms.GROUPINGS) == set(GROUPINGS)
+    assert forms.CALIBRATION_RIDGE == converters.DEFAULT_RIDGE
+    assert DTYPES == {"fp32": torch.float32, "fp16": torch.float16}
+    defaults = {p.name: p.default for p in main.commands["convert"].params}
+    assert defaults["calibration_ridge"] == flows.DEFAULT_RIDGE
 
 
 def test_the_group_help_lists_each_command_summary_as_click_would():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
-from ..convert import DEFAULT_ASLORA_BUDGET, GROUPINGS, TARGET_FORMS
+from ..forms import (CALIBRATION_MAX_LENGTH, CALIBRATION_RIDGE, CALIBRATION_SAMPLES, DEFAULT_ASLORA_BUDGET, GROUPINGS,
+                     TARGET_FORMS)
 from .table import format_table, share_of_source, to_json
 from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_option, plot_option
 
@@ -44,12 +44,12 @@ from .options import Folder, allow_pickle_option, json_option, output_option, ov
                    "error too. Needs --base.")
 @click.option("--base", "base", type=Folder(), default=None,
               help="With --calibration: the base model folder (with its tokenizer, unless the data is tokenized).")
-@click.option("--calibration-samples", type=int, default=flows.CALIBRATION_SAMPLES, show_default=True,
+@click.option("--calibration-samples", type=int, default=CALIBRATION_SAMPLES, show_default=True,
               help="With --calibration: how many examples to run, drawn at random across the file (fixed seed, "
                    "kept in file order; all of them if the file has fewer).")
-@click.option("--calibration-max-length", type=int, default=flows.CALIBRATION_MAX_LENGTH, show_default=True,
+@click.option("--calibration-max-length", type=int, default=CALIBRATION_MAX_LENGTH, show_default=True,
               help="With --calibration: tokens kept of each example.")
-@click.option("--calibration-ridge", type=float, default=flows.DEFAULT_RIDGE, show_default=True,
+@click.option("--calibration-ridge", type=float, default=CALIBRATION_RIDGE, show_default=True,
               help="With --calibration: damping of each site's statistics, relative to its mean eigenvalue "
                    "(GPTQ's damp_percent).")
 @overwrite_option
@@ -86,6 +86,8 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calib
         # a calibration setting left at its default is passed as None, so that the library can refuse
         # one given without --calibration (it would do nothing) and still apply the default with it
         return None if source(name) is click.core.ParameterSource.DEFAULT else value
+
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
 
     data = flows.convert(lora_dir, to, out, rank=rank, energy=energy, budget=budget, groups=groups,
                          grouping=grouping, overwrite=overwrite, allow_pickle=allow_pickle, plot=plot,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from .. import flows
-from ..export.exporter import ADAPTER_NAMES, DTYPES, MODES, ExportOptions
-from ..export.verify import Report, VerifyMismatch
+from ..export.choices import ADAPTER_NAMES, MODES, TORCH_DTYPES
 from .table import to_json
 from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_output_option
 from .verify import emit_report, tolerance_options
+
+if TYPE_CHECKING:
+    from ..export.exporter import ExportOptions
 
 
 @click.command("export")
@@ -20,7 +23,7 @@ from .verify import emit_report, tolerance_options
 @click.option("--mode", type=click.Choice(MODES), default="folded", show_default=True,
               help="folded: adapter merged into the weights. adapter: adapter tensors stay swappable graph inputs.")
 @click.option("--with-past", is_flag=True, help="Decoders: past_key_values inputs and present outputs (KV cache).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(sorted(TORCH_DTYPES)), default="fp32", show_default=True,
               help="Precision of the graph's weights and activations (fp16 is verified with a relative bound).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--embed-adapter", is_flag=True,
@@ -39,8 +42,11 @@ def export_cmd(adapter_dir, base_dir, out_dir, mode, with_past, dtype, opset, em
     The folder holds model.onnx, config and tokenizer files, and in adapter mode
     adapter.onnx_adapter (ONNX Runtime's multi-LoRA format) with the exported adapter.
     """
-    options = ExportOptions(mode=mode, with_past=with_past, dtype=dtype, opset=opset, embed_adapter=embed_adapter,
-                            adapter_names=adapter_names)
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+    from ..export.verify import Report, VerifyMismatch
+
+    options = flows.ExportOptions(mode=mode, with_past=with_past, dtype=dtype, opset=opset,
+                                  embed_adapter=embed_adapter, adapter_names=adapter_names)
     try:
         data = flows.export(adapter_dir, base_dir, out_dir, options, verify=run_verify, atol=atol, rtol=rtol,
                             overwrite=overwrite, allow_pickle=allow_pickle)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
 from .options import Folder
-from ..train.jobs import TrainingOptions
 from .training_options import echo_report, recipe_options, resume_hint
 
 
@@ -42,7 +40,9 @@ def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, generate, data_path
     the one written (by held-out KL): recovery never publishes an adapter worse, on held-out
     data, than the one it was given. Modules the conversion cut to rank 0 stay unadapted.
     """
-    options = TrainingOptions(**training)
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
+    options = flows.TrainingOptions(**training)
     with resume_hint(out or flows.default_recover_output(shared_dir), options):
         report = flows.recover(shared_dir, base_dir, teacher_dir, data_path, out, lm_loss=lm_loss, options=options,
                                overwrite=overwrite, generate=generate)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
-from ..fleet import DEFAULT_BUDGET, FLEET_FORMS
+from ..forms import DEFAULT_FLEET_BUDGET, FLEET_FORMS
 from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_output_option
 from .table import format_table, human_bytes, to_json
 
@@ -23,7 +22,7 @@ from .table import format_table, human_bytes, to_json
               help="Shared rank per kind (shareab: both U and V). Instead of --budget.")
 @click.option("--budget", type=float, default=None,
               help="A fraction of the N LoRAs' total parameters, spent over the kinds where the error drops "
-                   f"most (exact knapsack). Default when no --rank: {DEFAULT_BUDGET}.")
+                   f"most (exact knapsack). Default when no --rank: {DEFAULT_FLEET_BUDGET}.")
 @overwrite_output_option
 @allow_pickle_option
 @json_option
@@ -39,6 +38,8 @@ def fleet_cmd(lora_dirs, out, form, rank, budget, overwrite, allow_pickle, as_js
     finetune, export). Moving the whole fleet folder keeps it valid; a missing or
     changed shared file is refused, naming the member.
     """
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
     data = flows.fleet(list(lora_dirs), out, form=form, rank=rank, budget=budget, overwrite=overwrite,
                        allow_pickle=allow_pickle)
     click.echo(to_json(data) if as_json else render(data))

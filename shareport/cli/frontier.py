@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
-from ..train.frontier import DEFAULT_BUDGETS, FORMS
-from ..train.jobs import TrainingOptions
+from ..train.choices import DEFAULT_FRONTIER_BUDGETS, FRONTIER_FORMS, MAX_FRONTIER_BUDGET
 from ..train.schedule import DEFAULT_LR
 from .options import Folder, json_option
 from .table import format_table, to_json
@@ -28,9 +26,9 @@ def _floats(text: str) -> tuple[float, ...]:
                    "without --eval, its fixed held-out split scores every point.")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="A labelled .jsonl to score every point on (accuracy, KL and agreement) instead.")
-@click.option("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS), show_default=True,
-              help="Sizes to try, as fractions of the LoRA's parameters, in (0, 1.5].")
-@click.option("--forms", default=",".join(FORMS), show_default=True,
+@click.option("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_FRONTIER_BUDGETS), show_default=True,
+              help=f"Sizes to try, as fractions of the LoRA's parameters, in (0, {MAX_FRONTIER_BUDGET:g}].")
+@click.option("--forms", default=",".join(FRONTIER_FORMS), show_default=True,
               help="Forms to try ('lora' is the LoRA truncated per site).")
 @click.option("--recover-steps", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also recover every point for N distillation steps (shareport finetune's recipe) and score it again.")
@@ -54,7 +52,9 @@ def frontier_cmd(lora_dir, base_dir, data_path, eval_path, budgets, forms, recov
     form, recovered points hollow, the Pareto front drawn). Finished points are cached in
     OUTPUT.cache, so an interrupted run picks up where it stopped.
     """
-    options = TrainingOptions(lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
+    options = flows.TrainingOptions(lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
     data = flows.frontier(lora_dir, base_dir, data_path, out, eval_path=eval_path, budgets=_floats(budgets),
                           forms=tuple(f.strip() for f in forms.split(",") if f.strip()), recover_steps=recover_steps,
                           keep=keep, options=options, overwrite=overwrite, progress=not as_json)

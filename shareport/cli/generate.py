@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
-from ..export.generate import ENGINES
+from ..export.choices import ENGINES
 from .options import Folder, json_option
 from .table import to_json
 
@@ -26,6 +25,8 @@ def generate_cmd(graph_dir, prompt, adapters, no_adapter, max_new_tokens, engine
     Uses onnxruntime-genai (with the folder's genai_config.json) where it is installed,
     otherwise ONNX Runtime with past key values; both stop at eos or --max-new-tokens.
     """
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
     data = flows.generate(graph_dir, prompt, list(adapters), max_new_tokens=max_new_tokens, engine=engine,
                           no_adapter=no_adapter)
     if as_json:

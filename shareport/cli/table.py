@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Sequence
+
+# the floats of a column share one format: fixed decimals that keep this many significant digits of
+# the smallest nonzero one (so 1.0 beside 0.9964 reads 1.0000), or scientific where that takes more
+# than MAX_DECIMALS decimals or the column spans MAX_SPAN or more (1e-6 beside 2.5)
+SIGNIFICANT = 4
+MAX_DECIMALS = 6
+MAX_SPAN = 1e4
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
-    """Left-aligned text columns, right-aligned numbers, one header rule."""
-    cells = [[_cell(v) for v in row] for row in rows]
+    """Left-aligned text columns, right-aligned numbers, one header rule; one float format per column
+    (``column_format``), integers with thousands separators."""
+    specs = [column_format([row[i] for row in rows]) for i in range(len(headers))]
+    cells = [[_cell(v, spec) for v, spec in zip(row, specs)] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
@@ -27,9 +37,21 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _cell(v) -> str:
+def column_format(values: Sequence) -> str:
+    """The format spec of every float among ``values`` (a column's cells; other cells are ignored)."""
+    sizes = [abs(v) for v in values if isinstance(v, float) and math.isfinite(v) and v != 0]
+    if not sizes:  # zeros, nan, inf
+        return ",.0f"
+    low, high = min(sizes), max(sizes)
+    decimals = SIGNIFICANT - 1 - math.floor(math.log10(low))
+    if decimals > MAX_DECIMALS or high / low >= MAX_SPAN:
+        return f".{SIGNIFICANT - 1}e"
+    return f",.{max(decimals, 0)}f"
+
+
+def _cell(v, spec: str) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return format(v, spec)
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)

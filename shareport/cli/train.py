@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import flows
 from ..errors import ShareportError
-from ..model.fresh import SHARED
-from ..train.jobs import TrainingOptions
+from ..forms import SHARED
 from .options import Folder
 from .training_options import echo_report, recipe_options, resume_hint
 
@@ -32,7 +30,9 @@ def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, a
     if out is None:
         raise ShareportError("train needs an output folder (-o/--output)")
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
-    options = TrainingOptions(**training)
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
+    options = flows.TrainingOptions(**training)
     with resume_hint(out, options):
         report = flows.train(form, base_dir, target_list, rank, data_path, out, alpha=alpha, options=options,
                              overwrite=overwrite)

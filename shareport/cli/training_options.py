@@ -7,7 +7,7 @@ from typing import Iterator
 
 import click
 
-from ..train.merging import MODES, PAIRS
+from ..train.choices import MERGE_MODES, MERGE_PAIRS
 from ..train.schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES
 from .options import output_option
 from .table import format_table, to_json
@@ -42,9 +42,9 @@ _RECIPE_OPTIONS = [
     click.option("--groups", type=int, default=None, help="ASLoRA: or the number of B groups per kind to end with."),
     click.option("--merge-start", type=int, default=None, help="ASLoRA T_s: first merge after this step [steps/4, earlier when the merges would not fit]."),
     click.option("--merge-every", type=int, default=None, help="ASLoRA m: steps between merges [spread over half the run]."),
-    click.option("--merge-mode", type=click.Choice(MODES), default="tie", show_default=True,
+    click.option("--merge-mode", type=click.Choice(MERGE_MODES), default="tie", show_default=True,
                  help="tie: the lower layer takes the upper's B (the paper); mean: both take the mean."),
-    click.option("--merge-pairs", type=click.Choice(PAIRS), default="adjacent", show_default=True,
+    click.option("--merge-pairs", type=click.Choice(MERGE_PAIRS), default="adjacent", show_default=True,
                  help="Which groups may merge: neighbouring layers only, or any pair."),
     click.option("--compile", is_flag=True,
                  help="torch.compile the base's transformer blocks for the training steps: faster on a GPU "

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from .. import flows
-from ..export.verify import FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE, Report
+from ..export.choices import FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE
 from .table import format_table, to_json
 from .options import Folder, allow_pickle_option, json_option
+
+if TYPE_CHECKING:
+    from ..export.verify import Report
 
 
 def tolerance_options(func):
@@ -65,4 +69,6 @@ def verify_cmd(graph_dir: str, base_dir: str, adapter_dir: str, atol: float, rto
     Several shapes (batch 1-3, several sequence lengths, with and without past); adapter-mode
     graphs with the adapter active and without it (= base model). Exits non-zero above tolerance.
     """
+    from .. import flows  # here, not at the top: usage errors and --help need no torch
+
     emit_report(flows.verify(graph_dir, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle), as_json)

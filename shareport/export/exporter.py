@@ -36,6 +36,7 @@ from ..files.tensorfile import read_header
 from ..model import attach, fold, load_base_model
 from ..model.base import CAUSAL_LM_CLASS, auto_class_name, read_base_config
 from . import graph_file
+from .choices import ADAPTER_NAMES, MODES, TORCH_DTYPES
 from .genai_config import special_tokens, write_genai_config
 from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
@@ -44,10 +45,7 @@ from .verify import FP16_RTOL, FP32_ATOL, Report, VerifyMismatch
 from .verify import verify as verify_graph
 from .wrapper import graph_module
 
-MODES = ("folded", "adapter")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# adapter input names: shareport's pool names, or Olive's (the pool name + ".weight")
-ADAPTER_NAMES = ("shareport", "olive")
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in TORCH_DTYPES.items()}
 FORMAT_VERSION = 1
 # Memory an export needs, above the interpreter: MEMORY_FACTOR[dtype] x the base's float32 weight
 # bytes + MEMORY_FIXED. The base is loaded in float32 (and cast for fp16), the exporter's graph

@@ -28,12 +28,11 @@ import numpy as np
 
 from ..errors import ShareportError
 from . import graph_file, runtime
+from .choices import ENGINES
 from .genai_config import CONFIG_FILES, read_json_object
 from .genai_config import FILE_NAME as GENAI_CONFIG
 from .ort_adapter import check_fits, match_names, read_onnx_adapter, write_onnx_adapter
 from .signature import Signature
-
-ENGINES = ("auto", "genai", "ort")
 
 
 @dataclasses.dataclass

@@ -59,16 +59,13 @@ from ..errors import ShareportError
 from ..files.adapters import load_adapter
 from ..model import attach, load_base_model
 from . import graph_file, runtime
+from .choices import FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE
 from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
 from .slots import check_fleet_member
 from ..files.fleet import fleet_members
 from .signature import Signature, make_inputs
 from .wrapper import call_model
 
-FP32_ATOL = 1e-4
-FP16_RTOL = 2e-2
-# fp32: ORT may be this many times as far from float64 PyTorch as float32 PyTorch is (then at least atol)
-REFERENCE_MULTIPLE = 8.0
 # (batch, sequence, past) per case
 PLAIN_CASES = ((2, 5, 0), (3, 11, 0), (1, 1, 0))
 PAST_CASES = ((2, 5, 0), (2, 1, 6), (3, 3, 4))

@@ -14,11 +14,9 @@ from torch import nn
 
 from ..adapter import Adapter, Site, kinds_for_paths
 from ..errors import ShareportError
+from ..forms import SHARED
 from .base import task_type_of, weight_shape
 
-# which factors each form shares across the layers of a kind
-# ("lora" shares nothing: a plain LoRA with PEFT's default init, e.g. the demo's teacher)
-SHARED = {"lora": (), "sharea": ("A",), "shareb": ("B",), "shareab": ("A", "B"), "aslora": ("A",)}
 
 def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     """Paths of the linear-like modules that a target names, matched as PEFT's ``target_modules``

@@ -22,11 +22,10 @@ from ..adapter import Adapter
 from ..convert import convert_adapter
 from ..errors import ShareportError
 from .jobs import TrainingOptions
+from .choices import DEFAULT_FRONTIER_BUDGETS as DEFAULT_BUDGETS
+from .choices import FRONTIER_FORMS as FORMS
+from .choices import MAX_FRONTIER_BUDGET as MAX_BUDGET
 from .recipe import Job, evaluate_adapter, run
-
-FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
-DEFAULT_BUDGETS = (0.05, 0.1, 0.25, 0.5)
-MAX_BUDGET = 1.5
 
 
 def check_budgets(budgets) -> tuple[float, ...]:

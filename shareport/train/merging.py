@@ -25,9 +25,8 @@ from ..adapter import Site
 from ..errors import ShareportError
 from ..model.surgery import Attached
 from .accel import unwrap_optimizer
-
-MODES = ("tie", "mean")
-PAIRS = ("adjacent", "any")
+from .choices import MERGE_MODES as MODES
+from .choices import MERGE_PAIRS as PAIRS
 
 
 @dataclasses.dataclass(frozen=True)
