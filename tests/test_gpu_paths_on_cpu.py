@@ -50,7 +50,7 @@ def test_recovery_under_bf16_autocast_on_cpu(tmp_path, monkeypatch):
     out = tmp_path / "out"
     with cpu_accelerator(monkeypatch, "bf16"):
         report = flows.recover(str(paths["shared"]), str(paths["base"]), str(paths["lora"]), str(paths["text"]),
-                               str(out), options=TrainingOptions(steps=15, lr=1e-2, batch_size=4, max_length=24))
+                               str(out), options=TrainingOptions(steps=15, batch_size=4, max_length=24))
     assert report["mixed_precision"] == "bf16" and report["device"] == "cpu"
     assert seen["base dtypes"] == {torch.bfloat16} and seen["autocast"] == {True}, seen
     assert report["after"]["kl"] < report["before"]["kl"]

@@ -63,7 +63,8 @@ def test_finetune_export_verify_on_the_packaged_folder(tmp_path, cli):
     r = cli("convert", tmp_path / "lora", "--to", "sharea", "--rank", 2, "-o", tmp_path / "sharea")
     assert r.exit_code == 0, r.output
     r = cli("finetune", tmp_path / "sharea", "--base", MINILM, "--teacher", tmp_path / "lora", "--data",
-            tmp_path / "data.jsonl", "--steps", 2, "--batch-size", 4, "--max-length", 16, "-o", tmp_path / "rec")
+            tmp_path / "data.jsonl", "--steps", 2, "--batch-size", 4, "--max-length", 16, "--eval-fraction", 0.2,
+            "-o", tmp_path / "rec")
     assert r.exit_code == 0, r.output
     r = cli("export", tmp_path / "rec", "--base", MINILM, "--onnx", tmp_path / "onnx", "--mode", "adapter", "--json")
     assert r.exit_code == 0, r.output
