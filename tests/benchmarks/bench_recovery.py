@@ -211,7 +211,8 @@ def plot(rows: list[dict], path: Path) -> None:
         for r in (r for r in rows if r["task"] == task):
             steps, fids = zip(*r["summary"]["curve_fidelity"])
             ax.plot(steps, fids, "--" if r["recipe"] == "old" else "-", marker=".",
-                    label=f"{r['form']} {100 * r['budget']:g}% {r['start']} {r['recipe']} lr {r['lr']:g}")
+                    label=f"{r['form']} {100 * r['budget']:g}% {r['start']} {r['recipe']} lr {r['lr']:g}"
+                    + (f" hidden {r['hidden']:g}" if r["hidden"] else ""))
         ax.axhline(0.99, color="grey", lw=0.8)
         ax.axhline(0.95, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{task}: held-out fidelity during recovery")
