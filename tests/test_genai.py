@@ -492,3 +492,14 @@ def test_cpu_fallback_says_why_in_one_line(stub_ort, capsys):
     assert runtime.providers() == (runtime.CPU,) and "CUDA driver version is insufficient" in runtime.provider_note()
     calls = stub_ort([runtime.CPU])
     assert runtime.providers() == (runtime.CPU,) and runtime.provider_note() == "" and calls == []
+
+
+@pytest.mark.parametrize("mode", ["folded", "adapter"])
+def test_ort_generate_on_an_fp16_with_past_export_gives_the_fp32_tokens(case, want, tmp_path, mode):
+    """``generate --engine ort`` on an fp16 ``--with-past`` export runs (its past is fp16 too) and gives
+    the fp32 export's greedy tokens, which are PEFT's."""
+    fp16 = _export(case.lora, case.base, tmp_path / mode, mode=mode, with_past=True, dtype="fp16").path
+    engine, (run,) = generate_ids(fp16, PROMPT, max_new_tokens=NEW, engine="ort")
+    fp32 = case.folded if mode == "folded" else case.adapted
+    _, (reference,) = generate_ids(fp32, PROMPT, max_new_tokens=NEW, engine="ort")
+    assert engine == "ort" and run.tokens == reference.tokens == want["lora"]
