@@ -12,6 +12,7 @@ from shareport.train import recipe as recipe_module
 from shareport.train.data import TokenData, collate_packed
 from shareport.train.jobs import recovery_job
 from shareport.train.recipe import Recipe, run
+from shareport.train.recipe_checks import check_recipe
 from tests.tiny import tiny_llama
 from tests.training_helpers import recovery_setup
 
@@ -78,7 +79,7 @@ def test_packed_training_equals_unpacked(tmp_path, monkeypatch):
 def test_pack_is_refused_for_a_model_without_per_position_outputs():
     job = types.SimpleNamespace(model=torch.nn.Linear(2, 2), teacher=object(), train_data=None)
     with pytest.raises(ShareportError, match="--pack needs a causal LM"):
-        recipe_module._check_recipe(Recipe(pack=True), job, causal=False)
+        check_recipe(Recipe(pack=True), job, causal=False)
 
 
 def test_pack_with_a_classifier_base_is_refused_before_any_model_loads(tmp_path, monkeypatch):

@@ -50,8 +50,9 @@ from .evaluation import TeacherCache, evaluate, evaluate_adapter
 from .fleet_cores import train_cores
 from .flops import matmul_parameters, throughput
 from .merging import BMerger, MergeSchedule
-from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS, check_eval_every,
-                       check_schedule, default_eval_every, eval_steps, lr_factor)
+from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS, default_eval_every,
+                       eval_steps, lr_factor)
+from .recipe_checks import check_recipe
 from .teacher import Teacher
 
 __all__ = ["Job", "Recipe", "Trainer", "evaluate", "evaluate_adapter", "matmul_parameters", "run", "throughput",
@@ -131,7 +132,7 @@ class Trainer:
         self.job, self.recipe, self.acc = job, recipe, job.accelerator
         self.model = job.model
         self.causal = is_causal_lm(self.model)
-        _check_recipe(recipe, job, self.causal)
+        check_recipe(recipe, job, self.causal)
         self.pad = pad_token_id(self.model.config)
         self.base_bytes, self.base_params = parameter_bytes(self.model), matmul_parameters(self.model)
         self.student = attach(self.model, job.student, trainable=True, dtype=torch.float32)
@@ -160,8 +161,9 @@ class Trainer:
             self.start, self.before = self._restore(job.resume_state)
         if self.before is None:
             self.before = self.evaluate(job.heldout)
-            self._check_heldout(self.before)
-            self._record(0, self.before if self.selection is job.heldout else self.evaluate(self.selection))
+            chosen_on = self.before if self.selection is job.heldout else self.evaluate(self.selection)
+            self._check_heldout(chosen_on)  # the split that picks the best step must be able to
+            self._record(0, chosen_on)
         self.sharded = shards_base(self.acc)
         if self.sharded:  # the base sharded (FSDP2), the adapter replicated: see accel.py
             self.ddp_model = shard_base(self.model, [self.student.parameters[n] for n in self.names])
@@ -360,29 +362,6 @@ class Trainer:
         if self.merger:
             report["merges"] = [e.to_json() for e in self.merger.events]
         return report
-
-
-def _check_recipe(recipe: Recipe, job: Job, causal: bool) -> None:
-    if recipe.distill_weight and job.teacher is None:
-        raise ShareportError("distillation needs a teacher adapter")
-    if recipe.hidden_weight and job.teacher is None:
-        raise ShareportError("--hidden-weight distils hidden states toward a teacher; `train` has none")
-    if recipe.task_weight and not causal and job.train_data.labels is None:
-        raise ShareportError(f"{job.train_data.source}: the data has no 'label' field, which the task loss needs")
-    if not recipe.distill_weight and not recipe.task_weight and not recipe.hidden_weight:
-        raise ShareportError("nothing to train on: the distillation and task loss weights are both 0")
-    if recipe.steps < 1:
-        raise ShareportError(f"--steps must be at least 1, got {recipe.steps}")
-    if not recipe.temperature > 0:
-        raise ShareportError(f"--temperature must be > 0, got {recipe.temperature}")
-    check_schedule(recipe.schedule, recipe.warmup)
-    check_eval_every(recipe.eval_every, recipe.steps)
-    if recipe.pack and not causal:
-        raise ShareportError("--pack needs a causal LM: a packed row holds several examples, and a "
-                             f"{type(job.model).__name__} gives one output per row")
-    if recipe.batch_size % job.accelerator.num_processes:
-        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the "
-                             f"{job.accelerator.num_processes} processes")
 
 
 def _normalised(loss_sum: torch.Tensor, count: int, acc) -> torch.Tensor:

@@ -1,0 +1,31 @@
+"""What a training recipe must satisfy before a run starts: losses that have what they need, and
+settings in range. Raised as one-line ``ShareportError``s, before any step."""
+
+from __future__ import annotations
+
+from ..errors import ShareportError
+from .schedule import check_eval_every, check_schedule
+
+
+def check_recipe(recipe, job, causal: bool) -> None:
+    """Refuse, in one line, a recipe that cannot train on ``job`` (before anything runs)."""
+    if recipe.distill_weight and job.teacher is None:
+        raise ShareportError("distillation needs a teacher adapter")
+    if recipe.hidden_weight and job.teacher is None:
+        raise ShareportError("--hidden-weight distils hidden states toward a teacher; `train` has none")
+    if recipe.task_weight and not causal and job.train_data.labels is None:
+        raise ShareportError(f"{job.train_data.source}: the data has no 'label' field, which the task loss needs")
+    if not recipe.distill_weight and not recipe.task_weight and not recipe.hidden_weight:
+        raise ShareportError("nothing to train on: the distillation and task loss weights are both 0")
+    if recipe.steps < 1:
+        raise ShareportError(f"--steps must be at least 1, got {recipe.steps}")
+    if not recipe.temperature > 0:
+        raise ShareportError(f"--temperature must be > 0, got {recipe.temperature}")
+    check_schedule(recipe.schedule, recipe.warmup)
+    check_eval_every(recipe.eval_every, recipe.steps)
+    if recipe.pack and not causal:
+        raise ShareportError("--pack needs a causal LM: a packed row holds several examples, and a "
+                             f"{type(job.model).__name__} gives one output per row")
+    if recipe.batch_size % job.accelerator.num_processes:
+        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the "
+                             f"{job.accelerator.num_processes} processes")
