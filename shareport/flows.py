@@ -211,9 +211,8 @@ def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str | N
     teacher (``train.generated``), seeded by ``options.seed``."""
     out = out or default_recover_output(shared_dir)
     if (data_path is None) == (generate is None):
-        raise ShareportError("finetune needs --data DATA or --generate N (texts sampled from the teacher), "
-                             "and not both" if data_path is not None else
-                             "finetune needs --data DATA or --generate N (texts sampled from the teacher)")
+        both = ", and not both" if data_path is not None else ""
+        raise ShareportError(f"finetune needs --data DATA or --generate N (texts sampled from the teacher){both}")
     check_generate(generate)
     inputs = tuple(p for p in (shared_dir, teacher_dir, base_dir, data_path) if p is not None)
     student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir), pack=options.pack)
