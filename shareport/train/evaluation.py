@@ -41,10 +41,6 @@ class TeacherCache:
             return
         self.batches[start] = (outputs, task)
 
-    @property
-    def enabled(self) -> bool:
-        return self.batches is not None
-
 
 @torch.no_grad()
 def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenData, batch_size: int, pad: int,
