@@ -84,15 +84,22 @@ def _teacher_outputs(model, teacher: Teacher, batch, start: int, causal: bool, h
     return outputs, task
 
 
+def evaluate_attached(model, adapter, teacher: Teacher | None, data: TokenData, *, batch_size: int, acc,
+                      cache: TeacherCache | None = None) -> dict:
+    """:func:`evaluate` with ``adapter`` attached for the call (None: the bare base), taken off after."""
+    attached = attach(model, adapter, trainable=False, dtype=torch.float32) if adapter is not None else None
+    try:
+        return evaluate(model, attached, teacher, data, batch_size, pad_token_id(model.config), is_causal_lm(model),
+                        acc, cache=cache)
+    finally:
+        if attached is not None:
+            attached.detach()
+
+
 def evaluate_adapter(job, adapter, batch_size: int) -> dict:
     """Held-out metrics of ``adapter`` on the job's base against its teacher, without training."""
-    model = job.model
-    student = attach(model, adapter, trainable=False, dtype=torch.float32)
-    try:
-        return evaluate(model, student, job.teacher, job.heldout, batch_size, pad_token_id(model.config),
-                        is_causal_lm(model), job.accelerator)
-    finally:
-        student.detach()
+    return evaluate_attached(job.model, adapter, job.teacher, job.heldout, batch_size=batch_size,
+                             acc=job.accelerator)
 
 
 class _OnModelDevice:
@@ -113,16 +120,10 @@ def output_kl_measure(model, lora, data: TokenData, batch_size: int = 16):
     :func:`evaluate`: class logits, next-token logits, or an encoder's hidden-state MSE), against
     the same measure of the base alone (no adapter) as the "energy". The LoRA's outputs are
     computed once. Ranks forms by what the model outputs, which is what a user keeps or loses."""
-    acc, pad, causal = _OnModelDevice(model), pad_token_id(model.config), is_causal_lm(model)
-    teacher, cache = Teacher(model, lora), TeacherCache()
+    acc, teacher, cache = _OnModelDevice(model), Teacher(model, lora), TeacherCache()
 
     def measured(adapter) -> float:
-        attached = attach(model, adapter, trainable=False, dtype=torch.float32) if adapter is not None else None
-        try:
-            metrics = evaluate(model, attached, teacher, data, batch_size, pad, causal, acc, cache=cache)
-        finally:
-            if attached is not None:
-                attached.detach()
+        metrics = evaluate_attached(model, adapter, teacher, data, batch_size=batch_size, acc=acc, cache=cache)
         return metrics["kl"] if "kl" in metrics else metrics["hidden_mse"]
 
     base_error = measured(None)

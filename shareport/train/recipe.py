@@ -154,7 +154,6 @@ class Trainer:
         self.eval_at = set(eval_steps(recipe.steps, self.eval_every))
         layers = max(len(sites) for sites in job.student.kinds().values())
         self.best = BestKept(recipe.merge.last_merge_step(layers) if recipe.merge else 0)
-        self.curve: list[dict] = []  # the report's points
         self.curve_metrics: dict[int, dict] = {}  # every evaluated step's full metrics on the selection split
         self.start, self.before = 0, None
         if job.resume_state is not None:
@@ -231,8 +230,7 @@ class Trainer:
         """Put the best adapter's values back, read it off the model, take the adapter off; the report."""
         self.progress.close()
         elapsed = time.perf_counter() - self.started
-        last_step = self.curve[-1]["step"] if self.curve else None
-        if self.best.step is not None and self.best.step != last_step:
+        if self.best.step is not None and self.best.step != max(self.curve_metrics, default=None):
             with torch.no_grad():
                 for name, value in self.best.tensors.items():
                     self.student.parameters[name].copy_(value)
@@ -272,7 +270,6 @@ class Trainer:
 
     def _record(self, step: int, metrics: dict) -> None:
         """A point of the curve; the adapter is kept if it is the best so far."""
-        self.curve.append(curve_point(step, metrics))
         self.curve_metrics[step] = metrics
         _, score = selection_score(metrics, self.job.teacher is not None, self.recipe.task_weight)
         self.best.offer(step, score, self.student.parameters)
@@ -285,7 +282,7 @@ class Trainer:
 
     def _check_heldout(self, metrics: dict) -> None:
         rows = metrics.get("positions", len(self.selection))
-        if rows < MIN_HELDOUT_ROWS or len(self.selection) < 1:
+        if rows < MIN_HELDOUT_ROWS:
             source = self.job.inputs.get("data", self.selection.source)
             raise ShareportError(
                 f"{source}: the held-out split has {rows} compared row(s) (sequences for a classifier, tokens for "
@@ -313,7 +310,7 @@ class Trainer:
             best_meta, best_tensors = self.best.state()
             tensors.update(best_tensors)
             state = {"step": t, "data_position": self.order.position(t), "recipe": self.fingerprint,
-                     "optimizer": hyper, "merger": merge_meta, "eval_before": self.before, "curve": self.curve,
+                     "optimizer": hyper, "merger": merge_meta, "eval_before": self.before,
                      "curve_metrics": self.curve_metrics, "best": best_meta}
             save_checkpoint(self.job.checkpoint_dir, self.student.to_adapter(), state, tensors)
         acc.wait_for_everyone()
@@ -325,7 +322,6 @@ class Trainer:
         if self.merger:
             self.merger.load_state(state["merger"], tensors)
         restore_rng(tensors)
-        self.curve = list(state.get("curve", []))
         self.curve_metrics = {int(k): v for k, v in state.get("curve_metrics", {}).items()}
         if state.get("best"):
             self.best.load_state(state["best"], tensors, self.acc.device)
@@ -347,7 +343,7 @@ class Trainer:
             "best_step": self.best.step,
             "selected_by": selected_by,
             "eval_every": self.eval_every,
-            "curve": self.curve,
+            "curve": [curve_point(step, metrics) for step, metrics in sorted(self.curve_metrics.items())],
             "final_train_loss": self.last_loss,
             "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters()},
             "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
