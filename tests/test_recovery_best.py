@@ -205,6 +205,9 @@ def test_train_keeps_its_best_step_by_the_heldout_task_loss(setup, tmp_path):
     (["--schedule", "exponential"], "--schedule: unknown schedule 'exponential'"),
     (["--warmup", 1.0], "--warmup must be a share of the steps in [0, 1)"),
     (["--max-length", 3, "--eval-fraction", 0.01], "needs at least 4"),
+    (["--trainable", "singular"], "'singular' is not one of"),
+    (["--trainable", "cores", "--checkpoint-every", 2], "--trainable cores does not checkpoint"),
+    (["--trainable", "cores", "--merges", 1], "--trainable cores cannot run with ASLoRA merges"),
 ])
 def test_bad_schedule_settings_are_refused_in_one_line(setup, tmp_path, cli, args, words):
     out = tmp_path / "out"

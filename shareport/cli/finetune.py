@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..train.schedule import DEFAULT_TRAINABLE, TRAINABLES
 from .options import Folder
 from .training_options import echo_report, recipe_options, resume_hint
 
@@ -24,6 +25,10 @@ from .training_options import echo_report, recipe_options, resume_hint
                    "teacher's (mean squared error relative to their scale), besides the output KL.")
 @click.option("--temperature", default=1.0, show_default=True, type=float,
               help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2).")
+@click.option("--trainable", type=click.Choice(TRAINABLES), default=DEFAULT_TRAINABLE, show_default=True,
+              help="factors: every factor trains whole. cores: each factor is split once into a frozen "
+                   "orthonormal basis and a small r x r core, and only the cores train: the same form and "
+                   "size, the directions the conversion found kept, far fewer trained numbers.")
 @recipe_options("Output adapter folder [default: SHARED_DIR-recovered beside it].")
 def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, generate, data_path, out, overwrite, as_json,
                  **training) -> None:

@@ -95,7 +95,9 @@ def echo_report(out: str, report: dict, as_json: bool) -> None:
     click.echo(format_table(["held-out metric", "before", "after"], rows))
     click.echo(_curve_line(report))
     params = report["parameters"]
-    click.echo(f"parameters: {params['start']:,} -> {params['end']:,}; B matrices per kind: "
+    trained = (f" ({params['trained']:,} trained: cores between frozen bases)"
+               if report["recipe"].get("trainable") == "cores" else "")
+    click.echo(f"parameters: {params['start']:,} -> {params['end']:,}{trained}; B matrices per kind: "
                + ", ".join(f"{k}={v}" for k, v in report["groups"].items()))
     for event in report.get("merges", []):
         click.echo(f"  step {event['step']}: {event['kind']} layers {event['merged']} -> B of {event['kept']}")

@@ -25,7 +25,7 @@ from .generated import generate_data
 from .data import load_data, split_heldout
 from .merging import MergeSchedule
 from .recipe import Job, Recipe
-from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
+from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_TRAINABLE, DEFAULT_WARMUP
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"
@@ -58,6 +58,7 @@ class TrainingOptions:
     eval_every: int | None = None  # None: about 10% of the run's compute (schedule.default_eval_every)
     hidden_weight: float = 0.0  # distil the last hidden states too (recovery only)
     temperature: float = 1.0  # of the distillation KL
+    trainable: str = DEFAULT_TRAINABLE  # recovery: "factors", or "cores" between frozen bases (cores.py)
 
     @property
     def merging(self) -> bool:
@@ -75,7 +76,7 @@ class TrainingOptions:
                       checkpoint_every=self.checkpoint_every, merge=schedule,
                       compile="inductor" if self.compile else None, pack=self.pack, schedule=self.schedule,
                       warmup=self.warmup, eval_every=self.eval_every, hidden_weight=self.hidden_weight,
-                      temperature=self.temperature)
+                      temperature=self.temperature, trainable=self.trainable)
 
 
 def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int | None, start: int | None,

@@ -47,11 +47,12 @@ from .compiled import compiled_blocks, eager_blocks
 from .data import BatchOrder, TokenData, collate, collate_packed, counted_positions, pad_token_id
 from .distill import distill_sum, hidden_sum, model_outputs, task_sum
 from .evaluation import TeacherCache, evaluate, evaluate_adapter
+from .cores import train_cores_only
 from .fleet_cores import train_cores
 from .flops import matmul_parameters, throughput
 from .merging import BMerger, MergeSchedule
-from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS, default_eval_every,
-                       eval_steps, lr_factor)
+from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_TRAINABLE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS,
+                       default_eval_every, eval_steps, lr_factor)
 from .recipe_checks import check_recipe
 from .teacher import Teacher
 
@@ -69,6 +70,7 @@ class Recipe:
     task_weight: float = 0.0  # the data's own loss (--lm-loss)
     hidden_weight: float = 0.0  # last hidden states at every position against the teacher's (distill.hidden_sum)
     temperature: float = 1.0  # of the distillation KL
+    trainable: str = DEFAULT_TRAINABLE  # "factors", or "cores" between frozen orthonormal bases (cores.py)
     schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
     warmup: float = DEFAULT_WARMUP  # share of the steps
     eval_every: int | None = None  # None: schedule.default_eval_every
@@ -142,6 +144,10 @@ class Trainer:
         for name in sorted(frozen & set(self.student.parameters)):
             self.student.parameters[name].requires_grad_(False)
         self.names = sorted(set(self.student.parameters) - frozen)
+        # --trainable cores: each trainable factor (a two-sided member's B is a core already) as basis x core
+        already_cores = set(self.cores.products) if self.cores is not None else set()
+        self.bases = (train_cores_only(self.student, [n for n in self.names if n not in already_cores])
+                      if recipe.trainable == "cores" else None)
         self.optimizer = torch.optim.AdamW([self.student.parameters[n] for n in self.names], lr=recipe.lr,
                                            weight_decay=0.0, **({"fused": True} if recipe.fast else {}))
         self.merger = BMerger(self.student, recipe.merge, self.optimizer) if recipe.merge else None
@@ -236,6 +242,8 @@ class Trainer:
                     self.student.parameters[name].copy_(value)
         after = self._after()
         trained = self.student.to_adapter()
+        if self.bases is not None:
+            trained = self.bases.finish(trained, self.job.student, kept_start=self.best.step == 0)
         if self.cores is not None:
             trained = self.cores.finish(trained, self.job.student)
         self.student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
@@ -345,7 +353,8 @@ class Trainer:
             "eval_every": self.eval_every,
             "curve": [curve_point(step, metrics) for step, metrics in sorted(self.curve_metrics.items())],
             "final_train_loss": self.last_loss,
-            "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters()},
+            "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters(),
+                           "trained": sum(self.student.parameters[n].numel() for n in self.names)},
             "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
             # wall-clock numbers differ run to run: written apart (training_timings.json) so the report is reproducible
             "timings": {"seconds": elapsed, "eval_seconds": self.eval_seconds, "tokens": self.tokens,

@@ -4,7 +4,7 @@ settings in range. Raised as one-line ``ShareportError``s, before any step."""
 from __future__ import annotations
 
 from ..errors import ShareportError
-from .schedule import check_eval_every, check_schedule
+from .schedule import check_eval_every, check_schedule, check_trainable
 
 
 def check_recipe(recipe, job, causal: bool) -> None:
@@ -22,6 +22,13 @@ def check_recipe(recipe, job, causal: bool) -> None:
     if not recipe.temperature > 0:
         raise ShareportError(f"--temperature must be > 0, got {recipe.temperature}")
     check_schedule(recipe.schedule, recipe.warmup)
+    check_trainable(recipe.trainable)
+    if recipe.trainable == "cores" and recipe.merge is not None:
+        raise ShareportError("--trainable cores cannot run with ASLoRA merges (--merges/--groups): a merge replaces "
+                             "whole B factors, which then have no basis of their own; train the factors")
+    if recipe.trainable == "cores" and (recipe.checkpoint_every or job.resume_state is not None):
+        raise ShareportError("--trainable cores does not checkpoint (--checkpoint-every/--resume): a checkpoint "
+                             "would have to keep the frozen bases too; run without them")
     check_eval_every(recipe.eval_every, recipe.steps)
     if recipe.pack and not causal:
         raise ShareportError("--pack needs a causal LM: a packed row holds several examples, and a "

@@ -28,6 +28,9 @@ from ..errors import ShareportError
 # (Over 300 steps, and from good starts, 1e-3 did better on the docstrings task and worst on the demo.)
 DEFAULT_LR = 3e-3
 SCHEDULES = ("cosine", "linear", "constant")
+# what trains: every factor whole, or only a small core between frozen orthonormal bases (cores.py)
+TRAINABLES = ("factors", "cores")
+DEFAULT_TRAINABLE = "factors"
 DEFAULT_SCHEDULE = "cosine"
 DEFAULT_WARMUP = 0.1  # share of the steps
 EVAL_SHARE = 0.1  # the default --eval-every keeps evaluation at about this share of the run
@@ -39,6 +42,11 @@ STEP_UNITS = 2
 # fewer held-out rows than this cannot tell two adapters apart: a KL over 3 sequences moves by
 # more than the gains recovery makes, and "the best step" would be noise
 MIN_HELDOUT_ROWS = 4
+
+
+def check_trainable(trainable: str) -> None:
+    if trainable not in TRAINABLES:
+        raise ShareportError(f"--trainable: unknown choice '{trainable}' (known: {', '.join(TRAINABLES)})")
 
 
 def check_schedule(schedule: str, warmup: float) -> None:

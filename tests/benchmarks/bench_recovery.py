@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python tests/benchmarks/bench_recovery.py --out /tmp/bench-recovery \\
         [--tasks docstrings demo] [--forms lora sharea aslora] [--budgets 0.05 0.1 0.25 0.5] \\
-        [--recipes old new] [--steps 300] [--lrs 1e-3] [--hidden-weights 0] [--calibrated]
+        [--recipes old new] [--steps 300] [--lrs 1e-3] [--hidden-weights 0] [--calibrated] \\
+        [--trainables factors cores]
 
 Not collected by pytest. Every run is kept under ``--out`` (``stages.py``), so a rerun with more
 forms, budgets or recipes only computes what is new; the table and ``results.json`` cover every
@@ -21,7 +22,8 @@ Recipes:
 - **old**: what recovery did before issue 26: constant lr (2e-3, the frontier's), no warmup, the
   last step published whatever it is (``BestKept.offer`` patched to accept every step).
 - **new**: the library's defaults (warmup 10%, cosine decay to 0, the best evaluated step kept),
-  at each ``--lrs`` and ``--hidden-weights``.
+  at each ``--lrs``, ``--hidden-weights`` and ``--trainables`` (``factors``: every factor trains;
+  ``cores``: only r x r cores between frozen orthonormal bases, ``shareport.train.cores``).
 
 The curve is the trainer's own evaluation on the held-out split, every ``--curve-every`` steps
 (more often than the library's default, to draw the curve); "s/step" counts training alone plus
@@ -123,7 +125,7 @@ def convert(task: Task, form: str, budget: float, calibrated: bool) -> Path:
 
 
 def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidden: float, curve_every: int,
-            generate: int | None = None) -> dict:
+            generate: int | None = None, trainable: str = "factors") -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
     held-out split, as every other run is)."""
@@ -137,7 +139,7 @@ def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidde
                                   schedule="constant", warmup=0.0, eval_every=curve_every)
     else:
         options = TrainingOptions(steps=steps, lr=lr, batch_size=task.batch, max_length=task.max_length,
-                                  eval_every=curve_every, hidden_weight=hidden)
+                                  eval_every=curve_every, hidden_weight=hidden, trainable=trainable)
     selection = job.selection if job.selection is not None else job.heldout
     # the LoRA on the selection split: the reference of the curve's fidelity
     lora_on_selection = evaluate_adapter(dataclasses.replace(job, heldout=selection), load_adapter(task.lora), 32)
@@ -186,13 +188,14 @@ def summarise(task: str, row: dict, lora_test: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | form | budget | start | recipe | lr | hidden w | steps | KL before -> after | "
+    lines = ["| task | form | budget | start | recipe | trains | lr | hidden w | steps | KL before -> after | "
              "fidelity before -> after | best step | steps to 95% / 99% (held-out) | s/step (default eval) | "
-             "eval share |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "eval share |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["summary"]
         reach = " / ".join("-" if s[k] is None else str(s[k]) for k in ("steps_95", "steps_99"))
         lines.append(f"| {r['task']} | {r['form']} | {100 * r['budget']:g}% | {r['start']} | {r['recipe']} | "
+                     f"{r.get('trainable', 'factors')} | "
                      f"{r['lr']:g} | {r['hidden']:g} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
                      f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | {r['best_step']} | {reach} | "
                      f"{r['s_per_step_with_default_eval']:.3f} | {100 * r['eval_share_default']:.1f}% |")
@@ -212,6 +215,7 @@ def plot(rows: list[dict], path: Path) -> None:
             steps, fids = zip(*r["summary"]["curve_fidelity"])
             ax.plot(steps, fids, "--" if r["recipe"] == "old" else "-", marker=".",
                     label=f"{r['form']} {100 * r['budget']:g}% {r['start']} {r['recipe']} lr {r['lr']:g}"
+                    + (" cores" if r.get("trainable") == "cores" else "")
                     + (f" hidden {r['hidden']:g}" if r["hidden"] else ""))
         ax.axhline(0.99, color="grey", lw=0.8)
         ax.axhline(0.95, color="grey", lw=0.8, ls=":")
@@ -234,6 +238,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--lrs", nargs="+", type=float, default=[None], help="new recipe's peak lr [library default]")
     parser.add_argument("--hidden-weights", nargs="+", type=float, default=[0.0])
     parser.add_argument("--calibrated", action="store_true", help="start from calibrated conversions too")
+    parser.add_argument("--trainables", nargs="+", default=["factors"], choices=["factors", "cores"],
+                        help="new recipe: train every factor, or only cores between frozen bases")
     parser.add_argument("--curve-every", type=int, default=25)
     parser.add_argument("--generate", nargs="+", type=int, default=[None],
                         help="causal LM task: also recover on N texts sampled from the teacher (no data file)")
@@ -260,16 +266,20 @@ def main(argv=None) -> list[dict]:
                         continue
                     for recipe in args.recipes:
                         for lr in ([OLD_LR] if recipe == "old" else [lr or default_lr for lr in args.lrs]):
-                            for hidden, generate in itertools.product(
+                            for hidden, generate, trainable in itertools.product(
                                     [0.0] if recipe == "old" else args.hidden_weights,
-                                    [None] if task.test else args.generate):
+                                    [None] if task.test else args.generate,
+                                    ["factors"] if recipe == "old" else args.trainables):
                                 name = (f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
-                                        f"{args.steps}-e{args.curve_every}" + (f"-gen{generate}" if generate else ""))
+                                        f"{args.steps}-e{args.curve_every}" + (f"-gen{generate}" if generate else "")
+                                        + ("-cores" if trainable == "cores" else ""))
                                 row = stage(task.out, name, lambda: recover(task, student, recipe, args.steps, lr,
-                                                                             hidden, args.curve_every, generate))
+                                                                             hidden, args.curve_every, generate,
+                                                                             trainable))
                                 row = {**row, "task": task_name, "form": form, "budget": budget,
                                        "start": start if generate is None else f"{start}, {generate} generated",
-                                       "recipe": recipe, "lr": lr, "hidden": hidden, "steps": args.steps}
+                                       "recipe": recipe, "lr": lr, "hidden": hidden, "steps": args.steps,
+                                       "trainable": trainable}
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)
                                 rows.append(row)
