@@ -39,8 +39,7 @@ def one_process_run(tmp_path, cli) -> list:
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cli):
     args = one_process_run(tmp_path, cli)
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "SHAREPORT_NO_PROGRESS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "shareport", *map(str, args), "-o", str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)

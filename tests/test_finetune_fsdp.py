@@ -18,8 +18,7 @@ from tests.test_finetune_distributed import REPO, _free_port, one_process_run
 
 def _launch(args, cwd, launcher):
     """torchrun with the FSDP switch set by hand, or `accelerate launch` with the example config."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "SHAREPORT_NO_PROGRESS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if launcher == "torchrun":
         env["ACCELERATE_USE_FSDP"] = "true"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]

@@ -110,7 +110,7 @@ def test_sigkill_export_leaves_previous_complete_output(setup, tmp_path):
     output is then the previous complete one, the new complete one, or absent, never a mix. (One
     kill: every point of the publish step itself is checked in-process by test_atomic_publish.py;
     this checks that export writes only through it.)"""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SHAREPORT_NO_PROGRESS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def cmd(adapter, out):
         return [sys.executable, "-m", "shareport", "export", str(setup / adapter), "--base", str(setup / "base"),
@@ -134,7 +134,7 @@ def test_sigkill_export_leaves_previous_complete_output(setup, tmp_path):
 def test_sigkill_finetune_then_resume_matches_uninterrupted(setup, tmp_path):
     """Kill a checkpointing finetune once its first checkpoint exists; --resume finishes it with
     exactly the adapter of an uninterrupted run."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SHAREPORT_NO_PROGRESS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     shutil.copytree(setup / "lora", tmp_path / "student")
 
     def cmd(out, *extra):

@@ -4,7 +4,6 @@ and a deliberately lossy ShareA made by a dense SVD (tiny sizes make that cheap)
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 from shareport.adapter import Adapter, Site
 from tests.tiny import VOCAB
 
-os.environ.setdefault("SHAREPORT_NO_PROGRESS", "1")  # a progress bar per run only slows captured test output
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3, as tiny_llama's config expects
 CHARS = "abcdefghijklmnopqrstuvwxyz .,"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -76,9 +75,6 @@ class Recipe:
     eval_every: int | None = None  # None: schedule.default_eval_every
     checkpoint_every: int = 0
     merge: MergeSchedule | None = None
-    # fused AdamW where torch has it, and no host sync per step (loss and tokens are read every
-    # SYNC_EVERY steps and at the end); False: the foreach AdamW and a sync every step, as before
-    fast: bool = True
     # torch.compile backend for the transformer blocks during the training steps (--compile:
     # "inductor"; tests: "aot_eager"); None: eager. See compiled.py.
     compile: str | None = None
@@ -111,6 +107,8 @@ class Job:
     selection: TokenData | None = None
 
 
+# the loss and token count are read back from the device every SYNC_EVERY steps and at the last, not
+# every step: a read-back waits for the device to finish, which stalls a GPU between steps
 SYNC_EVERY = 10
 
 
@@ -149,7 +147,7 @@ class Trainer:
         self.bases = (train_cores_only(self.student, [n for n in self.names if n not in already_cores])
                       if recipe.trainable == "cores" else None)
         self.optimizer = torch.optim.AdamW([self.student.parameters[n] for n in self.names], lr=recipe.lr,
-                                           weight_decay=0.0, **({"fused": True} if recipe.fast else {}))
+                                           weight_decay=0.0, fused=True)
         self.merger = BMerger(self.student, recipe.merge, self.optimizer) if recipe.merge else None
         self.fingerprint = recipe.fingerprint(**job.inputs)
         self.selection = job.selection if job.selection is not None else job.heldout
@@ -209,7 +207,7 @@ class Trainer:
         recipe, acc = self.recipe, self.acc
         events = self.merger.observe(t) if self.merger else []
         self.progress.update(1)
-        if not recipe.fast or t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
+        if t % SYNC_EVERY == 0 or t == recipe.steps:  # the same steps on every process
             self.last_loss = float(acc.reduce(self.loss.detach(), "mean"))
             self.tokens += int(acc.reduce(self.step_tokens, "sum"))
             self.step_tokens.zero_()
@@ -377,8 +375,9 @@ def _normalised(loss_sum: torch.Tensor, count: int, acc) -> torch.Tensor:
 def _progress(acc, total: int, initial: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
+    # disable=None: shown on a terminal only (as every shareport bar), so logs and captured output stay clean
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
-                disable=not (enabled and acc.is_local_main_process) or os.environ.get("SHAREPORT_NO_PROGRESS") == "1")
+                disable=None if enabled and acc.is_local_main_process else True)
 
 
 def with_provenance(adapter: Adapter, entry: dict) -> Adapter:

@@ -50,12 +50,10 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("SHAREPORT_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_frontier as frontier  # noqa: E402  (sets the paths and the offline environment)

@@ -11,9 +11,9 @@ exits 0 without measuring.
   by ``shareport.train.recipe.run`` (what ``shareport finetune`` runs), batch 16 x seq 512, bf16
   autocast. Rows:
   - the card's measured bf16 matmul rate (8192^3), beside the datasheet's dense peak the MFU uses;
-  - tokens/s and MFU of recovery in steady state (steps 10 to ``--steps``), ``Recipe(fast=True)``
-    (fused AdamW, a host sync every 10 steps), ``fast=False`` (the loop before the throughput work)
-    and ``fast=True, compile="inductor"`` (``--compile``: the blocks through torch.compile),
+  - tokens/s and MFU of recovery in steady state (steps 10 to ``--steps``), the library's loop
+    (fused AdamW, a host sync every 10 steps), the loop before the throughput work (``old_loop.py``)
+    and the library's with ``compile="inductor"`` (``--compile``: the blocks through torch.compile),
     alternated ``--rounds`` times, medians;
   - the ceiling: the same base alone (no adapter, no loss), one no-grad forward (the teacher's) plus
     one forward and input-gradient backward (the student's), timed the same way; recovery's share of
@@ -46,6 +46,7 @@ target (>= 40% on a >= 1B base at sequence 512).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures
 import multiprocessing
 import os
@@ -172,17 +173,20 @@ def recovery(tmp: Path, args) -> tuple[list[tuple], float | None]:
             ("a", "card", "measured bf16 matmul 8192^3 TFLOP/s", round(matmul_rate() / 1e12)),
             ("a", "base", "matmul parameters N (M)", round(n / 1e6, 1))]
     run(job, Recipe(steps=3, lr=1e-4, batch_size=args.batch))  # warm-up: kernels chosen, allocator grown
-    variants = {"fast": dict(fast=True), "before": dict(fast=False)}
+    from tests.benchmarks.old_loop import old_loop
+
+    variants = {"fast": ({}, contextlib.nullcontext), "before": ({}, old_loop)}
     if not args.no_compile:
-        variants["fast+compile"] = dict(fast=True, compile="inductor")
+        variants["fast+compile"] = (dict(compile="inductor"), contextlib.nullcontext)
     rates = {name: [] for name in variants}
     reports, first = {}, {}
     for _ in range(args.rounds):
-        for name, knobs in variants.items():
+        for name, (knobs, loop) in variants.items():
             stamps = {}
             start = time.perf_counter()
-            _, report = run(job, Recipe(steps=args.steps, lr=1e-4, batch_size=args.batch, **knobs),
-                            after_step=lambda t: stamps.__setitem__(t, time.perf_counter()))
+            with loop():
+                _, report = run(job, Recipe(steps=args.steps, lr=1e-4, batch_size=args.batch, **knobs),
+                                after_step=lambda t: stamps.__setitem__(t, time.perf_counter()))
             # steady state: between two steps at which the loop synchronises (every 10th in the fast
             # loop, every step in the old one), so the first steps (and any compiling) are left out
             lo, hi = 10, args.steps

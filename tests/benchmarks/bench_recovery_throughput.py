@@ -4,9 +4,9 @@
 
 A Llama-shaped base from a config (hidden 256, 4 layers, 4 heads, vocab 4000, ~5M parameters, random
 weights), a PEFT LoRA (r=8 on q, k, v, o) converted to ShareA, distilled toward the LoRA with
-batch 8, examples of 16 to 128 tokens (max_length 128). "before": ``Recipe(fast=False)`` (foreach
-AdamW, loss and token count read back every step); "after": ``Recipe(fast=True)`` (fused AdamW,
-read back every ``SYNC_EVERY`` steps); "after+pack": "after" with ``pack=True`` (``--pack``:
+batch 8, examples of 16 to 128 tokens (max_length 128). "before": the loop as it was
+(``old_loop.py``: foreach AdamW, loss and token count read back every step); "after": the library's
+(fused AdamW, read back every ``SYNC_EVERY`` steps); "after+pack": "after" with ``pack=True`` (``--pack``:
 several examples per row, so fewer padded positions). The three alternate ``--rounds`` times on
 one job (the base loaded once); tokens/s (real tokens, padding not counted) is the median of each
 (``--profile``: the top ops of a 2-step run, evaluations included). Also prints the run's own MFU
@@ -18,6 +18,7 @@ transformers' default for these models already.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -56,12 +57,16 @@ def main() -> None:
     flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
     job = recovery_job(tmp / "sharea", base, lora, tmp / "data", 128, 0.02, None, False, False)
     job.progress = False
-    variants = {"before": dict(fast=False), "after": dict(fast=True), "after+pack": dict(fast=True, pack=True)}
+    from tests.benchmarks.old_loop import old_loop
+
+    variants = {"before": ({}, old_loop), "after": ({}, contextlib.nullcontext),
+                "after+pack": (dict(pack=True), contextlib.nullcontext)}
     rates = {name: [] for name in variants}
     last = {}
     for _ in range(args.rounds):
-        for name, knobs in variants.items():
-            _, report = run(job, Recipe(steps=args.steps, lr=1e-3, batch_size=8, **knobs))
+        for name, (knobs, loop) in variants.items():
+            with loop():
+                _, report = run(job, Recipe(steps=args.steps, lr=1e-3, batch_size=8, **knobs))
             rates[name].append(report["timings"]["tokens_per_second"])
             last[name] = report["timings"]
     print(f"threads {torch.get_num_threads()}, device {last['after']['device_name']}, "

@@ -127,7 +127,7 @@ cd "$work"
   echo "    -q"
 } > setup.cfg
 
-export OMP_NUM_THREADS=1 SHAREPORT_NO_PROGRESS=1
+export OMP_NUM_THREADS=1
 if [[ $target == verify ]]; then
   # verify.py plays no part in exporting: the graphs its tests check are made once, unmutated
   export SHAREPORT_VERIFY_GRAPHS=$work/.verify-graphs
