@@ -217,8 +217,9 @@ def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str | N
     inputs = tuple(p for p in (shared_dir, teacher_dir, base_dir, data_path) if p is not None)
     student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir), pack=options.pack)
     check_output(out, overwrite, inputs)
-    job = recovery_job(shared_dir, base_dir, teacher_dir, data_path, options.max_length, options.eval_fraction,
-                       options.checkpoint_folder(out), options.resume, options.merging, adapters=(student, teacher),
+    job = recovery_job(shared_dir, base_dir, teacher_dir, data_path=data_path, max_length=options.max_length,
+                       eval_fraction=options.eval_fraction, checkpoint_dir=options.checkpoint_folder(out),
+                       resume=options.resume, merging=options.merging, adapters=(student, teacher),
                        generate=generate, seed=options.seed)
     recipe = options.recipe(job.student, distill_weight=1.0, task_weight=lm_loss)
     entry = {"step": "finetune", "teacher": teacher_dir, "data": data_path, "steps": options.steps,
@@ -241,8 +242,9 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
     check_output(out, overwrite, inputs)
     if not targets:
         raise ShareportError("--target needs at least one module name")
-    job = scratch_job(base_dir, data_path, form, targets, rank, alpha, options.seed, options.max_length,
-                      options.eval_fraction, options.checkpoint_folder(out), options.resume, options.merging)
+    job = scratch_job(base_dir, data_path, form, targets=targets, rank=rank, alpha=alpha, seed=options.seed,
+                      max_length=options.max_length, eval_fraction=options.eval_fraction,
+                      checkpoint_dir=options.checkpoint_folder(out), resume=options.resume, merging=options.merging)
     recipe = options.recipe(job.student, distill_weight=0.0, task_weight=1.0)
     entry = {"step": "train", "form": form, "data": data_path, "steps": options.steps, "seed": options.seed}
     return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("after",),
@@ -378,8 +380,8 @@ def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_pat
     if eval_path and not Path(eval_path).is_file():
         raise ShareportError(f"{eval_path}: evaluation file not found")
     check_output(out, overwrite, inputs)
-    job = recovery_job(lora_dir, base_dir, lora_dir, data_path, options.max_length, options.eval_fraction, None,
-                       False, False, adapters=(lora, lora), eval_path=eval_path)
+    job = recovery_job(lora_dir, base_dir, lora_dir, data_path=data_path, max_length=options.max_length,
+                       eval_fraction=options.eval_fraction, adapters=(lora, lora), eval_path=eval_path)
     cache = _PointCache(Path(f"{str(out).rstrip('/')}.cache"), {
         "lora": weights_sha256(lora_dir), "base": str(Path(base_dir).resolve()), "data": str(data_path),
         "eval": eval_path, "options": dataclasses.asdict(options)})
@@ -418,7 +420,8 @@ def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, ca
             if progress:
                 bar.write(point_line(point), file=sys.stderr)
 
-        return measure(job, lora, forms, budgets, options, recover_steps, cache.get, cache.put, on_stage, on_point)
+        return measure(job, lora, forms, budgets=budgets, options=options, recover_steps=recover_steps,
+                       cached=cache.get, store=cache.put, on_stage=on_stage, on_point=on_point)
 
 
 class _PointCache:

@@ -30,7 +30,7 @@ def test_compiled_training_matches_eager(tmp_path):
     paths = recovery_setup(tmp_path, layers=3, rank=4, shared_rank=1, lines=40)
 
     def trained(backend):
-        job = recovery_job(paths["shared"], paths["base"], paths["lora"], paths["text"], 24, 0.1, None, False, False)
+        job = recovery_job(paths["shared"], paths["base"], paths["lora"], data_path=paths["text"], max_length=24)
         calls = []
         adapter, report = run(job, Recipe(steps=4, lr=3e-3, batch_size=4, compile=backend),
                               after_step=lambda t: calls.append(

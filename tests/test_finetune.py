@@ -33,7 +33,7 @@ def fp32_cpu(monkeypatch):
 
 
 def _job(setup, tmp_path, resume=False, merging=False):
-    return recovery_job(setup["shared"], setup["base"], setup["lora"], setup["text"], max_length=32,
+    return recovery_job(setup["shared"], setup["base"], setup["lora"], data_path=setup["text"], max_length=32,
                         eval_fraction=0.1, checkpoint_dir=tmp_path / "ckpt", resume=resume, merging=merging)
 
 

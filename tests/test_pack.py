@@ -62,7 +62,7 @@ def test_packed_training_equals_unpacked(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe_module, "collate_packed", spy)
 
     def trained(pack):
-        job = recovery_job(paths["shared"], paths["base"], paths["lora"], paths["text"], 64, 0.1, None, False, False)
+        job = recovery_job(paths["shared"], paths["base"], paths["lora"], data_path=paths["text"], max_length=64)
         return run(job, Recipe(steps=3, lr=3e-3, batch_size=8, task_weight=0.5, pack=pack))
 
     plain, plain_report = trained(False)

@@ -31,8 +31,8 @@ def setup(tmp_path_factory):
 
 
 def _job(setup, student=None, checkpoint_dir=None, resume=False):
-    return recovery_job(student or setup["shared"], setup["base"], setup["lora"], setup["text"], max_length=32,
-                        eval_fraction=0.1, checkpoint_dir=checkpoint_dir, resume=resume, merging=False)
+    return recovery_job(student or setup["shared"], setup["base"], setup["lora"], data_path=setup["text"],
+                        max_length=32, checkpoint_dir=checkpoint_dir, resume=resume)
 
 
 def _torch_lrs(steps: int, warmup_steps: int, schedule: str) -> list[float]:
@@ -178,8 +178,8 @@ def test_with_a_test_file_the_best_step_is_picked_on_the_data_not_the_test(setup
 
     data = labelled(tmp_path / "data.jsonl", setup["text"].read_text().splitlines())
     test = labelled(tmp_path / "test.jsonl", write_text(tmp_path / "t.txt", 30, seed=7).read_text().splitlines())
-    job = recovery_job(setup["shared"], setup["base"], setup["lora"], data, max_length=32, eval_fraction=0.1,
-                       checkpoint_dir=None, resume=False, merging=False, eval_path=test)
+    job = recovery_job(setup["shared"], setup["base"], setup["lora"], data_path=data, max_length=32,
+                       eval_path=test)
     assert job.heldout.sequences == load_data(test, setup["base"], 32).sequences
     assert not set(map(tuple, job.selection.sequences)) & set(map(tuple, job.train_data.sequences))
     _, report = run(job, Recipe(steps=4, lr=3e-3, batch_size=4, eval_every=2))

@@ -26,8 +26,8 @@ def setup(tmp_path_factory):
 
 
 def _job(setup, student=None):
-    return recovery_job(student or setup["shared"], setup["base"], setup["lora"], setup["text"], max_length=32,
-                        eval_fraction=0.1, checkpoint_dir=None, resume=False, merging=False)
+    return recovery_job(student or setup["shared"], setup["base"], setup["lora"], data_path=setup["text"],
+                        max_length=32)
 
 
 @pytest.mark.parametrize("left", [True, False])

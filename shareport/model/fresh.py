@@ -36,7 +36,7 @@ def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     return sorted(paths)
 
 
-def fresh_adapter(model: nn.Module, form: str, targets: list[str], rank: int, alpha: float, seed: int,
+def fresh_adapter(model: nn.Module, form: str, targets: list[str], *, rank: int, alpha: float, seed: int,
                   base_model: str | None = None) -> Adapter:
     if form not in SHARED:
         raise ShareportError(f"--form must be one of {', '.join(SHARED)}, got '{form}'")

@@ -43,7 +43,7 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenData, batch_size: int, pad: int,
+def evaluate(model, student: Attached, teacher: Teacher | None, *, heldout: TokenData, batch_size: int, pad: int,
              causal: bool, acc, cache: TeacherCache | None = None) -> dict:
     """KL and top-1 agreement with the teacher (MSE for hidden states), plus the task metric.
 
@@ -57,7 +57,8 @@ def evaluate(model, student: Attached, teacher: Teacher | None, heldout: TokenDa
         with acc.autocast():
             student_out, raw_student = model_outputs(model, batch, causal)
         if teacher is not None:
-            teacher_out, teacher_task = _teacher_outputs(model, teacher, batch, start, causal, has_task, acc, cache)
+            teacher_out, teacher_task = _teacher_outputs(model, teacher, batch, start=start, causal=causal,
+                                                         has_task=has_task, acc=acc, cache=cache)
             totals.add(student_out, teacher_out)
         if has_task:
             totals.add_task(raw_student, batch, causal, correct=_correct(raw_student, batch, causal))
@@ -70,7 +71,7 @@ def _correct(raw, batch, causal: bool) -> int | None:
     return None if causal else int((raw.logits.argmax(-1) == batch["labels"]).sum())
 
 
-def _teacher_outputs(model, teacher: Teacher, batch, start: int, causal: bool, has_task: bool, acc,
+def _teacher_outputs(model, teacher: Teacher, batch, *, start: int, causal: bool, has_task: bool, acc,
                      cache: TeacherCache | None):
     """(outputs, (task loss sum, correct)) of the teacher on one held-out batch, from the cache if kept."""
     kept = cache.get(start) if cache is not None else None
@@ -89,8 +90,8 @@ def evaluate_attached(model, adapter, teacher: Teacher | None, data: TokenData, 
     """:func:`evaluate` with ``adapter`` attached for the call (None: the bare base), taken off after."""
     attached = attach(model, adapter, trainable=False, dtype=torch.float32) if adapter is not None else None
     try:
-        return evaluate(model, attached, teacher, data, batch_size, pad_token_id(model.config), is_causal_lm(model),
-                        acc, cache=cache)
+        return evaluate(model, attached, teacher, heldout=data, batch_size=batch_size, pad=pad_token_id(model.config),
+                        causal=is_causal_lm(model), acc=acc, cache=cache)
     finally:
         if attached is not None:
             attached.detach()

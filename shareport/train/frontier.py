@@ -64,7 +64,7 @@ def _fidelity(metrics: dict, lora_accuracy: float | None) -> tuple[float | None,
     return accuracy, metrics["top1_agreement"]
 
 
-def measure(job: Job, lora: Adapter, forms, budgets, options: TrainingOptions, recover_steps: int,
+def measure(job: Job, lora: Adapter, forms, *, budgets, options: TrainingOptions, recover_steps: int,
             cached: Callable[[str], dict | None], store: Callable[[str, dict], None],
             on_stage: Callable[[str, float, str], None], on_point: Callable[[Point], None]) -> tuple[dict, list[Point]]:
     """Every (form, budget) point, converted and, with ``recover_steps``, recovered.
@@ -84,8 +84,9 @@ def measure(job: Job, lora: Adapter, forms, budgets, options: TrainingOptions, r
             data = cached(key)
             if data is None:
                 stage = functools.partial(on_stage, form, budget)
-                data = [p.to_dict() for p in _point(job, lora, form, budget, options, recover_steps, lora_accuracy,
-                                                    stage, on_point)]
+                data = [p.to_dict() for p in _point(job, lora, form, budget=budget, options=options,
+                                                    recover_steps=recover_steps, lora_accuracy=lora_accuracy,
+                                                    on_stage=stage, on_point=on_point)]
                 store(key, data)
             else:
                 for d in data:
@@ -94,7 +95,7 @@ def measure(job: Job, lora: Adapter, forms, budgets, options: TrainingOptions, r
     return reference, points
 
 
-def _point(job, lora, form, budget, options, recover_steps, lora_accuracy, on_stage, on_point) -> list[Point]:
+def _point(job, lora, form, *, budget, options, recover_steps, lora_accuracy, on_stage, on_point) -> list[Point]:
     on_stage("converting")
     started = time.perf_counter()
     try:

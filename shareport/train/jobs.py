@@ -69,8 +69,9 @@ class TrainingOptions:
         return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(out).rstrip("/") + ".checkpoint")
 
     def recipe(self, adapter: Adapter, distill_weight: float, task_weight: float) -> Recipe:
-        schedule = merge_schedule(adapter, self.steps, self.merges, self.groups, self.merge_start, self.merge_every,
-                                  self.merge_mode, self.merge_pairs)
+        schedule = merge_schedule(adapter, self.steps, merges=self.merges, groups=self.groups,
+                                  start=self.merge_start, every=self.merge_every, mode=self.merge_mode,
+                                  pairs=self.merge_pairs)
         return Recipe(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       distill_weight=distill_weight, task_weight=task_weight,
                       checkpoint_every=self.checkpoint_every, merge=schedule,
@@ -79,7 +80,7 @@ class TrainingOptions:
                       temperature=self.temperature, trainable=self.trainable)
 
 
-def merge_schedule(adapter: Adapter, steps: int, merges: int | None, groups: int | None, start: int | None,
+def merge_schedule(adapter: Adapter, steps: int, *, merges: int | None, groups: int | None, start: int | None,
                    every: int | None, mode: str, pairs: str) -> MergeSchedule | None:
     """The ASLoRA schedule asked for (None without --merges/--groups); it must finish within ``steps``."""
     if merges is None and groups is None:
@@ -161,9 +162,9 @@ def check_inputs(base_dir, data_path, adapter_dirs=(), pack: bool = False) -> li
     return adapters
 
 
-def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, eval_fraction: float,
-                 checkpoint_dir: Path | None, resume: bool, merging: bool,
-                 adapters: tuple[Adapter, Adapter] | None = None, eval_path=None,
+def recovery_job(shared_dir, base_dir, teacher_dir, *, data_path=None, max_length: int = 128,
+                 eval_fraction: float = 0.1, checkpoint_dir: Path | None = None, resume: bool = False,
+                 merging: bool = False, adapters: tuple[Adapter, Adapter] | None = None, eval_path=None,
                  generate: int | None = None, seed: int = 0) -> Job:
     """``adapters``: the student and teacher already read by :func:`check_inputs` (else read here).
     ``generate``: no ``data_path``; that many texts sampled from the teacher are the data
@@ -187,17 +188,19 @@ def recovery_job(shared_dir, base_dir, teacher_dir, data_path, max_length: int, 
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     if dropped:  # sites the conversion cut to rank 0: the student recovers without them (teacher.check_pair)
         inputs["teacher_only_sites"] = dropped
-    return Job(model, resumed or student, teacher, train, heldout, acc, inputs, checkpoint_dir, state,
-               selection=selection)
+    return Job(model, resumed or student, teacher, train_data=train, heldout=heldout, accelerator=acc, inputs=inputs,
+               checkpoint_dir=checkpoint_dir, resume_state=state, selection=selection)
 
 
-def scratch_job(base_dir, data_path, form: str, targets: list[str], rank: int, alpha: float, seed: int,
+def scratch_job(base_dir, data_path, form: str, *, targets: list[str], rank: int, alpha: float, seed: int,
                 max_length: int, eval_fraction: float, checkpoint_dir: Path | None, resume: bool,
                 merging: bool) -> Job:
     resumed, state = _resume(checkpoint_dir, resume)
     acc = make_accelerator(merging)
     train, heldout, _, inputs = _data(data_path, base_dir, max_length, eval_fraction)
     model = _base_model(base_dir, None, acc)
-    adapter = fresh_adapter(model, form, targets, rank, alpha, seed, base_model=str(Path(base_dir).resolve()))
+    adapter = fresh_adapter(model, form, targets, rank=rank, alpha=alpha, seed=seed,
+                            base_model=str(Path(base_dir).resolve()))
     inputs.update({"base": str(base_dir), "form": form, "targets": sorted(targets), "rank": rank, "alpha": alpha})
-    return Job(model, resumed or adapter, None, train, heldout, acc, inputs, checkpoint_dir, state)
+    return Job(model, resumed or adapter, None, train_data=train, heldout=heldout, accelerator=acc, inputs=inputs,
+               checkpoint_dir=checkpoint_dir, resume_state=state)

@@ -227,8 +227,8 @@ class Trainer:
 
     def evaluate(self, data: TokenData) -> dict:
         """Held-out metrics of the student as it is now (the teacher's outputs computed once per split)."""
-        return evaluate(self.model, self.student, self.job.teacher, data, self.recipe.batch_size, self.pad,
-                        self.causal, self.acc, cache=self.caches[id(data)])
+        return evaluate(self.model, self.student, self.job.teacher, heldout=data, batch_size=self.recipe.batch_size,
+                        pad=self.pad, causal=self.causal, acc=self.acc, cache=self.caches[id(data)])
 
     def finish(self) -> tuple[Adapter, dict]:
         """Put the best adapter's values back, read it off the model, take the adapter off; the report."""
@@ -352,7 +352,7 @@ class Trainer:
             "curve": [curve_point(step, metrics) for step, metrics in sorted(self.curve_metrics.items())],
             "final_train_loss": self.last_loss,
             "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters(),
-                           "trained": sum(self.student.parameters[n].numel() for n in self.names)},
+                           "trained": sum(p.numel() for p in self.student.parameters.values() if p.requires_grad)},
             "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
             # wall-clock numbers differ run to run: written apart (training_timings.json) so the report is reproducible
             "timings": {"seconds": elapsed, "eval_seconds": self.eval_seconds, "tokens": self.tokens,

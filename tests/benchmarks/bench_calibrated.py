@@ -161,7 +161,8 @@ def recovery_steps(ctx: Context, adapter: Adapter) -> dict:
     def after_step(t: int) -> None:
         if t % s.every == 0 or t == s.cap:
             # the student is attached to job.model: evaluate it alone (no teacher needed for accuracy)
-            metrics = evaluate(job.model, None, None, job.heldout, s.eval_batch, pad, False, job.accelerator)
+            metrics = evaluate(job.model, None, None, heldout=job.heldout, batch_size=s.eval_batch, pad=pad,
+                               causal=False, acc=job.accelerator)
             curve.append((t, metrics["accuracy"]["student"]))
             if curve[-1][1] >= ctx.target:
                 raise Reached

@@ -121,8 +121,8 @@ class Scorer:
         if task not in self.jobs:
             lora_dir, data = self.out / "loras" / task, self.out / "tasks" / task
             lora = load_adapter(lora_dir)
-            self.jobs[task] = recovery_job(lora_dir, self.base, lora_dir, data / "train.jsonl", self.s.max_length,
-                                           0.1, None, False, False, adapters=(lora, lora),
+            self.jobs[task] = recovery_job(lora_dir, self.base, lora_dir, data_path=data / "train.jsonl",
+                                           max_length=self.s.max_length, adapters=(lora, lora),
                                            eval_path=data / "test.jsonl")
         metrics = evaluate_adapter(self.jobs[task], adapter, 32)
         return {"accuracy": metrics["accuracy"]["student"], "kl": metrics["kl"]}

@@ -157,8 +157,8 @@ def options(s: Settings, steps: int, **merging) -> TrainingOptions:
 def scoring_job(out: Path, base: Path, data: Path, s: Settings):
     """The frontier's own evaluation setup: the LoRA as teacher, the test split held out."""
     lora = load_adapter(out / "lora")
-    return lora, recovery_job(out / "lora", base, out / "lora", data / "train.jsonl", s.max_length, 0.1, None,
-                              False, False, adapters=(lora, lora), eval_path=data / "test.jsonl")
+    return lora, recovery_job(out / "lora", base, out / "lora", data_path=data / "train.jsonl",
+                              max_length=s.max_length, adapters=(lora, lora), eval_path=data / "test.jsonl")
 
 
 def score(job, adapter, s: Settings) -> dict:

@@ -161,7 +161,8 @@ def recovery(tmp: Path, args) -> tuple[list[tuple], float | None]:
     rows_needed = args.batch * (args.steps + 4) + 64  # + the held-out split
     save_tokenized(tmp / "data", torch.randint(3, size["vocab"], (rows_needed, args.seq), generator=gen).tolist())
     flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
-    job = recovery_job(tmp / "sharea", base, lora, tmp / "data", args.seq, 64 / rows_needed, None, False, False)
+    job = recovery_job(tmp / "sharea", base, lora, data_path=tmp / "data", max_length=args.seq,
+                       eval_fraction=64 / rows_needed)
     job.progress = False
     n = matmul_parameters(job.model)
     card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (--smoke)"

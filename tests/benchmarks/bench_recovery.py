@@ -129,10 +129,10 @@ def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidde
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
     held-out split, as every other run is)."""
-    scoring = recovery_job(student, task.base, task.lora, task.data, task.max_length, 0.1, None, False, False,
+    scoring = recovery_job(student, task.base, task.lora, data_path=task.data, max_length=task.max_length,
                            eval_path=task.test)
     job = scoring if generate is None else recovery_job(
-        student, task.base, task.lora, None, task.max_length, 0.1, None, False, False, generate=generate)
+        student, task.base, task.lora, max_length=task.max_length, generate=generate)
     job = dataclasses.replace(job, progress=False)
     if recipe == "old":
         options = TrainingOptions(steps=steps, lr=OLD_LR, batch_size=task.batch, max_length=task.max_length,
@@ -252,7 +252,7 @@ def main(argv=None) -> list[dict]:
     for task_name in args.tasks:
         task = docstrings_task(out) if task_name == "docstrings" else demo_task(out)
         (task.out / "converted").mkdir(exist_ok=True)
-        job = recovery_job(task.lora, task.base, task.lora, task.data, task.max_length, 0.1, None, False, False,
+        job = recovery_job(task.lora, task.base, task.lora, data_path=task.data, max_length=task.max_length,
                            eval_path=task.test)
         lora_test = stage(task.out, "lora-test", lambda: evaluate_adapter(job, load_adapter(task.lora), 32))
         del job

@@ -55,7 +55,8 @@ def main() -> None:
     lengths = torch.randint(16, 129, (rows,), generator=gen).tolist()
     save_tokenized(tmp / "data", [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths])
     flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
-    job = recovery_job(tmp / "sharea", base, lora, tmp / "data", 128, 0.02, None, False, False)
+    job = recovery_job(tmp / "sharea", base, lora, data_path=tmp / "data", max_length=128,
+                       eval_fraction=0.02)
     job.progress = False
     from tests.benchmarks.old_loop import old_loop
 
