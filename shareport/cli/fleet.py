@@ -12,7 +12,7 @@ from .table import format_table, human_bytes, to_json
 @click.command("fleet")
 @click.argument("lora_dirs", nargs=-1, required=True, type=Folder(), metavar="[NAME=]LORA_DIR...")
 @output_option("--out", type=click.Path(path_type=str), required=True,
-               help="The fleet folder: shared.safetensors, one member folder per input (named as below), "
+               help="The fleet folder: shared.safetensors, one member folder per input (named as described above), "
                     "fleet_report.json.")
 @click.option("--form", type=click.Choice(FLEET_FORMS), default=None,
               help="sharea: one right basis V per kind for every adapter and layer, a B per adapter and layer "
