@@ -70,6 +70,9 @@ class FleetKindResult:
     errors: list[float]
     energies: list[float]
     error_history: list[float] = field(default_factory=list)
+    # calibrated fleets only (calibrated_fleet.py): errors/energies are then the calibrated objective,
+    # and these are each adapter's plain sum_l ||dW_il - dW'_il||_F^2
+    frobenius_errors: list[float] | None = None
 
     @property
     def error(self) -> float:
@@ -171,7 +174,23 @@ def fleet_shareab(As: list[list[Tensor]], Bts: list[list[Tensor]], rank_out: int
         raise ValueError(f"ranks must be positive, got {rank_out} and {rank_in}")
     kind, _, n_layers = _check(As, Bts)
     qb, qa, cores = _small_cores(kind)
-    k1, k2 = min(rank_out, qb.shape[1]), min(rank_in, qa.shape[1])
+    u, v, history = two_sided_bases(cores, rank_out, rank_in, max_iterations, tol)
+    site_errors = _two_sided_errors(cores, u, v)
+    dtype = kind.out_dtype
+    small = [u.T @ m @ v for m in cores]
+    core_lists = [[c.to(dtype) for c in small[i:i + n_layers]] for i in range(0, len(small), n_layers)]
+    basis_u = qb @ u
+    basis_v = (qa @ v).T
+    return FleetKindResult("shareab", basis_v.to(dtype), basis_u.to(dtype), core_lists,
+                           _per_adapter(site_errors, n_layers), _per_adapter(_site_energies(kind), n_layers),
+                           history)
+
+
+def two_sided_bases(cores: list[Tensor], rank_out: int, rank_in: int, max_iterations: int = DEFAULT_MAX_ITERATIONS,
+                    tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, list[float]]:
+    """(u (pb, k1), v (pa, k2), error history): the two-sided bases of the small cores ``M_s``, each
+    side's own optimum refined by alternation; k1 <= pb and k2 <= pa (capped)."""
+    k1, k2 = min(rank_out, cores[0].shape[0]), min(rank_in, cores[0].shape[1])
     u = _top_eigvecs(sum(m @ m.T for m in cores), k1)
     v = _top_eigvecs(sum(m.T @ m for m in cores), k2)
     energy = sum(float(m.square().sum()) for m in cores)
@@ -186,15 +205,7 @@ def fleet_shareab(As: list[list[Tensor]], Bts: list[list[Tensor]], rank_out: int
         history.append(error)
         if history[-2] - error <= tol * energy:
             break
-    site_errors = _two_sided_errors(cores, u, v)
-    dtype = kind.out_dtype
-    small = [u.T @ m @ v for m in cores]
-    core_lists = [[c.to(dtype) for c in small[i:i + n_layers]] for i in range(0, len(small), n_layers)]
-    basis_u = qb @ u
-    basis_v = (qa @ v).T
-    return FleetKindResult("shareab", basis_v.to(dtype), basis_u.to(dtype), core_lists,
-                           _per_adapter(site_errors, n_layers), _per_adapter(_site_energies(kind), n_layers),
-                           history)
+    return u, v, history
 
 
 def fleet_parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank_out: int, rank_in: int) -> int:

@@ -27,7 +27,10 @@ import torch
 import converters
 
 from .adapter import Adapter, Site
-from .convert import kind_factors, source_parameters
+from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
+from converters.factored import kind_energy
+
+from .convert import AUTO_TIE, LOW_ENERGY, Calibration, kind_factors, size_hint, source_parameters
 from .errors import ShareportError
 from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
 from .forms import FLEET_FORMS
@@ -58,8 +61,10 @@ class MemberReport:
     name: str
     lora_parameters: int  # its own LoRA's (the source LoRA's, if it was converted before)
     parameters: int  # what the member stores on its own (cores)
-    relative_error: float  # sqrt(sum ||dW - dW'||^2 / sum ||dW||^2) over all its sites
+    relative_error: float  # sqrt(sum ||dW - dW'||^2 / sum ||dW||^2) over all its sites (calibrated: the objective)
     kind_errors: dict[str, float]  # the same, per kind
+    retained_energy: float = 1.0  # 1 - relative_error^2: the share of its energy (update or outputs) kept
+    frobenius_relative_error: float | None = None  # calibrated fleets only: the plain weight error
 
 
 @dataclasses.dataclass
@@ -69,6 +74,10 @@ class FleetReport:
     shared_parameters: int
     kinds: dict[str, dict]  # per kind: ranks [k1 (U, 0 for sharea), k2 (V)], shared parameters, relative error
     settings: dict  # rank or budget as asked
+    candidates: list[dict] = dataclasses.field(default_factory=list)  # form chosen by fleet: every form tried
+    ranked_by: str | None = None  # what the candidates were ranked by (form chosen by fleet only)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # members keeping under LOW_ENERGY
+    calibration: dict | None = None  # calibrated fleets: data, base, ridge, per member samples and tokens
 
     @property
     def lora_parameters(self) -> int:
@@ -139,36 +148,111 @@ def _plan(form: str, factors: dict, rank: int | None, budget: float | None, lora
     return {kind: (o.rank, o.groups) for kind, o in chosen.items()}  # Option: rank = k1, groups = k2
 
 
-def build_fleet(adapters: list[Adapter], names: list[str], form: str = "sharea", *, rank: int | None = None,
-                budget: float | None = None) -> Fleet:
+# what a fleet's candidates are ranked by when fleet picks the form (the report's ``ranked_by``)
+RANKED_BY_WEIGHTS = "weights: the Frobenius error ||dW - dW'||^2 over every member's sites"
+RANKED_BY_OUTPUTS = "outputs: each member's output error on its own calibration data, summed"
+
+
+def fleet_bases(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """Per kind, the basis Q (n_in, p) a calibrated fleet's statistics are given in: every adapter's
+    A's of the kind, in input order (``converters.calibrated_fleet.fleet_basis``)."""
+    return {kind: fleet_basis([kind_factors(a, a.kinds()[kind])[0] for a in adapters])
+            for kind in adapters[0].kinds()}
+
+
+def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = None, *, rank: int | None = None,
+                budget: float | None = None, calibration: list[Calibration] | None = None) -> Fleet:
     """Compress ``adapters`` (same base and sites; ranks may differ) into one fleet of ``form``.
 
     ``rank``: every kind's shared rank (both sides for shareab); ``budget``: a fraction of the
     N LoRAs' total parameters, spent over the kinds for the least total squared error (exact
     knapsack over each kind's options; for shareab the options' errors are those before the
     alternating refinement). Neither: ``DEFAULT_BUDGET``.
+
+    ``form`` None: every form of ``FLEET_FORMS`` is built at the budget and the one with the least
+    error wins (errors within ``AUTO_TIE`` of the energy tie: then the fewer parameters, then the
+    order of ``FLEET_FORMS``); the report lists the candidates. A rank means another size per form,
+    so it needs a ``form``.
+
+    ``calibration`` (one per adapter, statistics in ``fleet_bases(adapters)``): every member's
+    cores are fit to its own inputs (``converters.calibrated_fleet``) and every error is that
+    output error; the budget is still spent by the plain (weight) errors.
     """
-    if form not in FLEET_FORMS:
+    if form is not None and form not in FLEET_FORMS:
         raise ShareportError(f"unknown fleet form '{form}' (expected one of {', '.join(FLEET_FORMS)})")
+    if form is None and rank is not None:
+        raise ShareportError("--rank is a different size for each form: give --form with it, or --budget "
+                             "(the same size for every form) to let fleet pick the form")
     check_compatible(adapters, names)
+    if calibration is not None and len(calibration) != len(adapters):
+        raise ShareportError(f"calibration for {len(calibration)} members, the fleet has {len(adapters)}")
     kinds = adapters[0].kinds()
     factors = {}
     for kind, sites in kinds.items():
         per_adapter = [kind_factors(adapter, sites) for adapter in adapters]
         factors[kind] = ([f[0] for f in per_adapter], [f[1] for f in per_adapter])
-    lora_counts = [source_parameters(a) for a in adapters]
-    plan = _plan(form, factors, rank, budget, sum(lora_counts))
+    inputs = _Inputs(adapters, names, kinds, factors, [source_parameters(a) for a in adapters], calibration)
+    if form is not None:
+        return _build(inputs, form, rank, budget)[0]
+    return _choose(inputs, budget)
 
+
+@dataclasses.dataclass
+class _Inputs:
+    adapters: list[Adapter]
+    names: list[str]
+    kinds: dict[str, list[Site]]
+    factors: dict[str, tuple[list, list]]  # per kind: (As[i][l], Bts[i][l])
+    lora_counts: list[int]
+    calibration: list[Calibration] | None
+
+
+def _choose(inputs: _Inputs, budget: float | None) -> Fleet:
+    """Every fleet form at ``budget``; the least error (the members' measure) wins."""
+    built, candidates = {}, []
+    # recorded in the settings (report and every member's provenance)
+    chosen = {"chosen_by": "least error",
+              "ranked_by": RANKED_BY_OUTPUTS if inputs.calibration is not None else RANKED_BY_WEIGHTS}
+    for form in FLEET_FORMS:
+        try:
+            fleet, error, energy = _build(inputs, form, None, budget, chosen)
+        except ShareportError as exc:  # e.g. a budget below this form's smallest setting
+            candidates.append({"form": form, "refused": str(exc)})
+            continue
+        built[form] = (fleet, error, energy)
+        candidates.append({"form": form, "parameters": fleet.report.parameters,
+                           "ratio": fleet.report.parameters / fleet.report.lora_parameters, "error": error,
+                           "relative_error": _relative(error, energy),
+                           "retained_energy": 1.0 - error / energy if energy > 0 else 1.0})
+    if not built:
+        raise ShareportError(candidates[0]["refused"])
+    tie = min(e for _, e, _ in built.values()) + AUTO_TIE * max(w for _, _, w in built.values())
+    fleet = min((f for f, e, _ in built.values() if e <= tie), key=lambda f: f.report.parameters)
+    for candidate in candidates:
+        candidate["winner"] = candidate["form"] == fleet.form
+    report = dataclasses.replace(fleet.report, candidates=candidates, ranked_by=chosen["ranked_by"])
+    return dataclasses.replace(fleet, report=report)
+
+
+def _build(inputs: _Inputs, form: str, rank: int | None, budget: float | None,
+           chosen: dict | None = None) -> tuple[Fleet, float, float]:
+    """One form's fleet, and (sum of the members' squared errors, of their energies) in its measure."""
+    adapters, names, kinds, calibration = inputs.adapters, inputs.names, inputs.kinds, inputs.calibration
+    plan = _plan(form, inputs.factors, rank, budget, sum(inputs.lora_counts))
     shared: dict[str, torch.Tensor] = {}
     own: list[dict[str, torch.Tensor]] = [{} for _ in adapters]
     sites: list[dict[str, Site]] = [{} for _ in adapters]
     products: list[dict[str, list[str]]] = [{} for _ in adapters]
-    errors = [[0.0, 0.0] for _ in adapters]
+    errors = [[0.0, 0.0, 0.0] for _ in adapters]  # squared error, energy, plain squared error
     kind_errors: list[dict[str, float]] = [{} for _ in adapters]
     kind_info = {}
-    for kind, (As, Bts) in factors.items():
+    for kind, (As, Bts) in inputs.factors.items():
         k1, k2 = plan[kind]
-        result = converters.fleet_kind(form, As, Bts, k2, rank_out=k1 or None)
+        if calibration is None:
+            result = converters.fleet_kind(form, As, Bts, k2, rank_out=k1 or None)
+        else:
+            stats = [c.kind_statistics(a.kinds()[kind]) for c, a in zip(calibration, adapters)]
+            result = fleet_kind_calibrated(form, As, Bts, stats, k2, rank_out=k1 or None, lam=calibration[0].ridge)
         a_name, u_name = f"{kind}.fleet_A", f"{kind}.fleet_U"
         shared[a_name] = result.basis_v.contiguous()
         if result.basis_u is not None:
@@ -186,22 +270,51 @@ def build_fleet(adapters: list[Adapter], names: list[str], form: str = "sharea",
                 sites[i][site.path] = Site(site.path, site.kind, site.layer, a_name, b_name, 1.0)
             errors[i][0] += result.errors[i]
             errors[i][1] += result.energies[i]
+            errors[i][2] += (result.frobenius_errors or result.errors)[i]
             kind_errors[i][kind] = _relative(result.errors[i], result.energies[i])
         kind_info[kind] = {"ranks": list(result.ranks), "shared_parameters": result.shared_parameters(),
                            "relative_error": _relative(result.error, result.energy),
                            "iterations": len(result.error_history) - 1}
     settings = {"rank": rank} if rank is not None else {"budget": DEFAULT_BUDGET if budget is None else budget}
+    settings.update(chosen or {})
     members, reports = [], []
     for i, (adapter, name) in enumerate(zip(adapters, names)):
         ref = {"shared": None, "sha256": None, "form": form, "names": sorted(shared), "products": products[i]}
         config = {k: v for k, v in adapter.config.items() if k == "modules_to_save"}
         member = adapter.with_sites({**own[i], **shared}, sites[i], "sharea", config={**config, FLEET_KEY: ref})
         entry = {"step": "fleet", "form": form, "members": list(names), "member": name, **settings}
-        members.append(member.with_step(entry, source_parameters=lora_counts[i]))
+        if calibration is not None:
+            entry["calibration"] = {**calibration[i].info, "ridge": calibration[i].ridge}
+        members.append(member.with_step(entry, source_parameters=inputs.lora_counts[i]))
         stored = sum(t.numel() for n, t in own[i].items() if n not in products[i])
-        reports.append(MemberReport(name, lora_counts[i], stored, _relative(*errors[i]), kind_errors[i]))
-    report = FleetReport(form, reports, sum(t.numel() for t in shared.values()), kind_info, settings)
-    return Fleet(form, list(names), shared, members, report)
+        error, energy, plain = errors[i]
+        reports.append(MemberReport(name, inputs.lora_counts[i], stored, _relative(error, energy), kind_errors[i],
+                                    retained_energy=1.0 - error / energy if energy > 0 else 1.0,
+                                    frobenius_relative_error=None if calibration is None else
+                                    _relative(plain, _frobenius_energy(inputs.factors, i))))
+    hint = size_hint(rank, None, budget, DEFAULT_BUDGET)
+    calibrated = None if calibration is None else {
+        "ridge": calibration[0].ridge, "members": {n: c.info for n, c in zip(names, calibration)}}
+    report = FleetReport(form, reports, sum(t.numel() for t in shared.values()), kind_info, settings,
+                         warnings=member_warnings(reports, hint, calibrated=calibration is not None),
+                         calibration=calibrated)
+    return (Fleet(form, list(names), shared, members, report), sum(e[0] for e in errors),
+            sum(e[1] for e in errors))
+
+
+def member_warnings(members: list[MemberReport], hint: str, calibrated: bool = False) -> list[str]:
+    """One line per member keeping under ``LOW_ENERGY`` of its energy: its squared error is more than
+    half its squared norm (relative error above sqrt(1/2) ~ 0.707); ``hint``: ``convert.size_hint``."""
+    what = "output energy on its calibration data" if calibrated else "update's energy"
+    return [f"member {m.name} keeps only {m.retained_energy:.1%} of its {what} (relative error "
+            f"{m.relative_error:.3f}, above {math.sqrt(1 - LOW_ENERGY):.3f}); try {hint}"
+            for m in members if m.retained_energy < LOW_ENERGY]
+
+
+def _frobenius_energy(factors: dict, i: int) -> float:
+    """Adapter i's sum_l ||dW_l||_F^2 over every kind, from the factors."""
+    return sum(kind_energy([bt.double() for bt in Bts[i]], [a.double() for a in As[i]])
+               for As, Bts in factors.values())
 
 
 def _relative(error: float, energy: float) -> float:

@@ -32,7 +32,7 @@ from converters import DEFAULT_RIDGE
 from .convert import Calibration, conversion_steps, convert_adapter
 from .errors import ShareportError
 from .forms import CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES
-from .fleet import build_fleet
+from .fleet import build_fleet, fleet_bases
 from .export import graph_file
 from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
@@ -44,7 +44,8 @@ from .export.verify import FP16_RTOL, FP32_ATOL, Report
 from .export.verify import verify as verify_graph
 from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
 from .files.adapters import save_fleet
-from .files.fleet import SHARED_NAME
+from .files.fleet import REPORT_NAME as FLEET_REPORT_NAME
+from .files.fleet import SHARED_NAME, member_names, split_named
 from .files.atomic import MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, check_output
 from .files.folder import dump_json
 from .plots import check_plot_path, has_matplotlib, plot_adapter, plot_frontier
@@ -447,43 +448,109 @@ class _PointCache:
             tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
 
 
-FLEET_REPORT_NAME = "fleet_report.json"
-
-
-def fleet(lora_dirs: list[str], out: str, *, form: str = "sharea", rank: int | None = None,
-          budget: float | None = None, overwrite: bool = False, allow_pickle: bool = False) -> dict:
+def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int | None = None,
+          budget: float | None = None, overwrite: bool = False, allow_pickle: bool = False,
+          calibration: list[str] | tuple | str = (), base: str | None = None) -> dict:
     """Compress N LoRAs of one base into a fleet folder: ``shared.safetensors`` once, one member folder each.
 
-    Every input is read and checked (same base, sites and shapes; no adapter given twice, by folder
-    or by bytes) before the output is checked, and both before the work; the folder appears whole or
-    not at all. The report: per member its relative error and stored parameters, the shared basis,
-    the total against the N separate LoRAs (parameters and bytes).
+    ``lora_dirs``: folders, or ``NAME=PATH`` to name a member; the others take their shortest
+    distinct path suffix (``files.fleet.member_names``). ``form`` None: the form with the least
+    error at the budget (``fleet.build_fleet``). ``calibration`` (with ``base``): data files as
+    ``finetune`` reads them, one ``FILE`` for every member and/or ``NAME=FILE`` per member; each
+    member's statistics are measured with its own LoRA attached on its own data, and its cores fit
+    to them (``CALIBRATION_SAMPLES`` examples of at most ``CALIBRATION_MAX_LENGTH`` tokens, ridge
+    ``converters.DEFAULT_RIDGE``, as ``convert`` defaults).
+
+    Every input is read and checked (names, same base, sites and shapes; no adapter given twice, by
+    folder or by bytes) before the output is checked, and both before the work; the folder appears
+    whole or not at all. The report: per member its relative error and stored parameters, the
+    shared basis, the total against the N separate LoRAs (parameters and bytes), the candidates when
+    the form was chosen, and a warning per member keeping under half its energy.
     """
-    adapters, names, seen_dirs, seen_bytes = [], [], {}, {}
-    for folder in lora_dirs:
+    calibration = [calibration] if isinstance(calibration, str) else list(calibration)
+    if calibration and base is None:
+        raise ShareportError("--calibration needs --base (the model to run the data through)")
+    if base is not None and not calibration:
+        raise ShareportError("--base is only used with --calibration DATA")
+    named = member_names([str(d) for d in lora_dirs])
+    names, paths = [n for n, _ in named], [p for _, p in named]
+    data_files = _calibration_files(calibration, names) if calibration else None
+    adapters, seen_bytes = [], {}
+    for folder in paths:
         adapter = load_adapter(folder, allow_pickle=allow_pickle)
-        resolved, digest = str(Path(folder).resolve()), weights_sha256(folder)
-        if resolved in seen_dirs:
-            raise ShareportError(f"{folder}: given twice (also as {seen_dirs[resolved]})")
+        digest = weights_sha256(folder)
         if digest is not None and digest in seen_bytes:
             raise ShareportError(f"{folder}: the same weights as {seen_bytes[digest]} (an adapter given twice)")
-        name = Path(resolved).name
-        if name in names:
-            raise ShareportError(f"{folder}: another input folder is also named '{name}'; member folders take "
-                                 "the input folders' names, rename one")
-        seen_dirs[resolved] = folder
         if digest is not None:  # a pickled-only adapter has no safetensors digest to compare
             seen_bytes[digest] = folder
         adapters.append(adapter)
-        names.append(name)
-    check_output(out, overwrite, lora_dirs)
-    result = build_fleet(adapters, names, form, rank=rank, budget=budget)
+    inputs = paths + sorted(set(data_files or [])) + ([base] if base else [])
+    check_output(out, overwrite, inputs)
+    stats, seconds = _fleet_statistics(adapters, data_files, base) if data_files else (None, None)
+    result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats)
     report = result.report.to_dict()
-    save_fleet(result, out, overwrite=overwrite, inputs=lora_dirs, reports={FLEET_REPORT_NAME: report})
-    lora_bytes = [adapter_file_size(d) for d in lora_dirs]
+    save_fleet(result, out, overwrite=overwrite, inputs=inputs, reports={FLEET_REPORT_NAME: report})
+    lora_bytes = [adapter_file_size(d) for d in paths]
     member_bytes = [adapter_file_size(Path(out) / n) for n in names]
     shared_bytes = (Path(out) / SHARED_NAME).stat().st_size
     for member, size, source in zip(report["members"], member_bytes, lora_bytes):
         member.update(bytes=size, lora_bytes=source)
-    return {"output": str(out), **report, "shared_bytes": shared_bytes, "bytes": shared_bytes + sum(member_bytes),
+    data = {"output": str(out), **report, "shared_bytes": shared_bytes, "bytes": shared_bytes + sum(member_bytes),
             "lora_bytes": sum(lora_bytes)}
+    if stats is not None:  # not in the written report: the same input must give the same bytes
+        data["calibration"] = {**data["calibration"], "seconds": seconds}
+    return data
+
+
+def _calibration_files(args: list[str], names: list[str]) -> list[str]:
+    """Per member its data file: its own ``NAME=FILE``, else the one plain ``FILE`` (shared by the rest)."""
+    shared, own = None, {}
+    for arg in args:
+        name, path = split_named(arg)
+        if name is None:
+            if shared is not None:
+                raise ShareportError(f"--calibration {arg}: a second file for every member (the first is {shared}); "
+                                     "give one FILE for all, and NAME=FILE for members with their own")
+            shared = path
+        elif name not in names:
+            raise ShareportError(f"--calibration {arg}: no member is named '{name}' (members: {', '.join(names)})")
+        elif name in own:
+            raise ShareportError(f"--calibration {arg}: member '{name}' already has {own[name]}")
+        else:
+            own[name] = path
+    missing = [n for n in names if n not in own and shared is None]
+    if missing:
+        raise ShareportError(f"--calibration: member '{missing[0]}' has no data: give NAME=FILE for it, or one "
+                             "FILE for every member without its own")
+    return [own.get(n, shared) for n in names]
+
+
+def _fleet_statistics(adapters, data_files: list[str], base_dir: str):
+    """Per member the input statistics of its own data with its own LoRA attached, in the fleet's bases
+    (``fleet.fleet_bases``: one basis per kind for every member). Returns (one ``Calibration`` per
+    member, seconds spent running the base)."""
+    import time
+
+    import torch
+
+    from .model import load_base_model
+    from .model.calibration import collect_statistics
+    from .train.data import SAMPLE_SEED, load_data, pad_token_id, sample_examples
+
+    bases = fleet_bases(adapters)
+    drawn = {path: sample_examples(load_data(path, base_dir, CALIBRATION_MAX_LENGTH), CALIBRATION_SAMPLES)
+             for path in dict.fromkeys(data_files)}  # every file read (and refused) before the slow part
+    out, seconds = [], 0.0
+    for adapter, path in zip(adapters, data_files):
+        sequences = drawn[path].sequences
+        model = load_base_model(base_dir, adapter.task_type, carried=adapter.extra_tensors)  # its own head
+        started = time.perf_counter()
+        with torch.no_grad():
+            stats = collect_statistics(model, adapter, sequences, pad_token_id(model.config), where=str(base_dir),
+                                       bases={kind: ([s.path for s in sites], bases[kind])
+                                              for kind, sites in adapter.kinds().items()})
+        seconds += time.perf_counter() - started
+        info = {"data": str(path), "base": str(base_dir), "samples": len(sequences), "sample_seed": SAMPLE_SEED,
+                "tokens": sum(len(seq) for seq in sequences), "max_length": CALIBRATION_MAX_LENGTH}
+        out.append(Calibration(stats.statistics, DEFAULT_RIDGE, info))
+    return out, seconds

@@ -75,6 +75,7 @@ FILE_FOR_FOLDER = [
     ("convert", "lora_dir", ["FILE", "--to", "sharea", "-o", "o"]),
     ("convert", "base", ["lora", "--to", "sharea", "--base", "FILE", "-o", "o"]),
     ("fleet", "lora_dirs", ["lora", "FILE", "-o", "o"]),
+    ("fleet", "base", ["a", "b", "--calibration", "d", "--base", "FILE", "-o", "o"]),
     ("export", "adapter_dir", ["FILE", "--base", "b", "-o", "o"]),
     ("export", "base_dir", ["a", "--base", "FILE", "-o", "o"]),
     ("export-adapter", "graph_dir", ["a", "--graph", "FILE", "-o", "o"]),

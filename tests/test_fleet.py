@@ -129,7 +129,7 @@ def test_moving_the_fleet_keeps_it_valid_and_output_is_byte_identical(loras, tmp
 
 def test_missing_or_changed_shared_file_is_refused_naming_the_member(loras, tmp_path, cli):
     out = tmp_path / "fleet"
-    assert cli("fleet", *dirs(loras), "-o", out, "--rank", 2).exit_code == 0
+    assert cli("fleet", *dirs(loras), "-o", out, "--form", "sharea", "--rank", 2).exit_code == 0
     shared = out / "shared.safetensors"
     data = bytearray(shared.read_bytes())
     data[-1] ^= 1  # one flipped bit in the last tensor value
@@ -166,8 +166,13 @@ def test_bad_fleets_are_refused_naming_the_adapter_and_write_nothing(loras, tmp_
              ((a, b, a), "alpha", "given twice"),
              ((a, b, copy), "copy", "same weights"),
              ((a,), "", "at least two")]
+    assert_refused(cli, tmp_path / "out", cases)
+
+
+def assert_refused(cli, out, cases):
+    """Each case (fleet arguments, a word naming the culprit, the words of the problem): exit 1, one line
+    naming both, nothing written."""
     for inputs, name, words in cases:
-        out = tmp_path / "out"
         r = cli("fleet", *inputs, "-o", out)
         assert r.exit_code == 1, (inputs, r.output)
         line = r.output.strip()

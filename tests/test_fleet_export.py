@@ -61,8 +61,9 @@ def test_one_graph_swaps_every_member_and_matches_pytorch(setup, form, tmp_path,
 
 def test_a_graph_of_one_fleet_refuses_a_member_of_another(setup, tmp_path, cli):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert cli("fleet", setup / "alpha", setup / "beta", "-o", one, "--rank", 2).exit_code == 0
-    assert cli("fleet", setup / "alpha", setup / "beta", setup / "gamma", "-o", two, "--rank", 2).exit_code == 0
+    rank = ("--form", "sharea", "--rank", 2)
+    assert cli("fleet", setup / "alpha", setup / "beta", "-o", one, *rank).exit_code == 0
+    assert cli("fleet", setup / "alpha", setup / "beta", setup / "gamma", "-o", two, *rank).exit_code == 0
     out = tmp_path / "onnx"
     assert cli("export", one / "alpha", "--base", setup / "base", "-o", out, "--mode", "adapter",
                "--no-verify").exit_code == 0

@@ -31,7 +31,7 @@ def finetune(cli, root, member, teacher, out):
 
 def test_sharea_member_trains_its_cores_only_and_stays_a_member(setup, tmp_path, cli):
     fleet = tmp_path / "fleet"
-    assert cli("fleet", *(setup / n for n in RANKS), "-o", fleet, "--rank", 2).exit_code == 0
+    assert cli("fleet", *(setup / n for n in RANKS), "-o", fleet, "--form", "sharea", "--rank", 2).exit_code == 0
     shared_bytes = (fleet / "shared.safetensors").read_bytes()
     before = load_adapter(fleet / "beta")
     out = fleet / "beta-recovered"  # beside the member: the same relative reference holds

@@ -10,23 +10,34 @@ from .table import format_table, human_bytes, to_json
 
 
 @click.command("fleet")
-@click.argument("lora_dirs", nargs=-1, required=True, type=Folder())
+@click.argument("lora_dirs", nargs=-1, required=True, type=Folder(), metavar="[NAME=]LORA_DIR...")
 @output_option("--out", type=click.Path(path_type=str), required=True,
-               help="The fleet folder: shared.safetensors, one member folder per input (named as the input "
-                    "folder), fleet_report.json.")
-@click.option("--form", type=click.Choice(FLEET_FORMS), default="sharea", show_default=True,
+               help="The fleet folder: shared.safetensors, one member folder per input (named as described above), "
+                    "fleet_report.json.")
+@click.option("--form", type=click.Choice(FLEET_FORMS), default=None,
               help="sharea: one right basis V per kind for every adapter and layer, a B per adapter and layer "
                    "(exact least squares). shareab: shared U and V per kind, a small core C per adapter and "
-                   "layer (dW = U C V; alternating refinement, the error never rises).")
+                   "layer (dW = U C V; alternating refinement, the error never rises). Default: both are built "
+                   "at --budget and the one with the least error is written (by the output error with "
+                   "--calibration, else by the weight error); the report lists both.")
 @click.option("--rank", type=int, default=None,
-              help="Shared rank per kind (shareab: both U and V). Instead of --budget.")
+              help="Shared rank per kind (shareab: both U and V). Instead of --budget; needs --form (a rank is "
+                   "a different size for each form).")
 @click.option("--budget", type=float, default=None,
               help="A fraction of the N LoRAs' total parameters, spent over the kinds where the error drops "
                    f"most (exact knapsack). Default when no --rank: {DEFAULT_FLEET_BUDGET}.")
+@click.option("--calibration", multiple=True, metavar="[NAME=]DATA",
+              help="Fit each member to the outputs of its own data (text, jsonl or tokenized, as finetune "
+                   "reads it; needs --base): DATA for every member, NAME=DATA for member NAME (repeat the "
+                   "option; a plain DATA serves the members without their own). Each member's LoRA is "
+                   "attached while its data runs through the base; its cores are then the least squares of "
+                   "its output error, and every error reported is that error.")
+@click.option("--base", type=Folder(), default=None,
+              help="The base model folder the calibration data runs through (only with --calibration).")
 @overwrite_output_option
 @allow_pickle_option
 @json_option
-def fleet_cmd(lora_dirs, out, form, rank, budget, overwrite, allow_pickle, as_json):
+def fleet_cmd(lora_dirs, out, form, rank, budget, calibration, base, overwrite, allow_pickle, as_json):
     """Compress several LoRAs (PEFT or native) of one base into a fleet.
 
     \b
@@ -34,15 +45,28 @@ def fleet_cmd(lora_dirs, out, form, rank, budget, overwrite, allow_pickle, as_js
     FLEET_DIR/<name>/                 a native adapter per input: its own cores and
                                       a reference to ../shared.safetensors (sha256)
 
+    \b
+    Member names are folder names (letters, digits, '.', '_', '-'):
+      NAME=LORA_DIR     names that member NAME
+      LORA_DIR          the shortest distinct path suffix: the trailing folders
+                        every input shares are dropped, then the fewest trailing
+                        folders no other input ends with, joined with '-'
+                        (runs/a/lora runs/b/lora -> a, b; x/lora y/lora z/b -> x-lora ...)
+    A name given twice, two inputs taking one name, or an invalid name is refused.
+
     Every member folder works with every command (inspect, convert --to lora,
     finetune, export). Moving the whole fleet folder keeps it valid; a missing or
-    changed shared file is refused, naming the member.
+    changed shared file is refused, naming the member. A member keeping under half
+    of its energy (squared error above half its squared norm: relative error above
+    0.707) gets a warning on stderr (also under "warnings" in --json).
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
     data = flows.fleet(list(lora_dirs), out, form=form, rank=rank, budget=budget, overwrite=overwrite,
-                       allow_pickle=allow_pickle)
+                       allow_pickle=allow_pickle, calibration=list(calibration), base=base)
     click.echo(to_json(data) if as_json else render(data))
+    for warning in data["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def render(data: dict) -> str:
@@ -51,9 +75,23 @@ def render(data: dict) -> str:
              f"{len(data['members'])} separate LoRAs), {human_bytes(data['bytes'])} against "
              f"{human_bytes(data['lora_bytes'])}; shared basis {data['shared_parameters']:,} parameters "
              f"({human_bytes(data['shared_bytes'])})"]
+    if data["candidates"]:
+        errors = ", ".join(f"{c['form']} {c['relative_error']:.3f}" if "refused" not in c
+                           else f"{c['form']} refused ({c['refused']})" for c in data["candidates"])
+        parts.append(f"form: {data['form']}, the least error ranked by {data['ranked_by']} "
+                     f"(relative errors: {errors})")
+    if data.get("calibration"):
+        c = data["calibration"]
+        files = sorted({m["data"] for m in c["members"].values()})
+        parts.append(f"calibrated on {', '.join(files)} through {next(iter(c['members'].values()))['base']} "
+                     f"(ridge {c['ridge']:g}, {c['seconds']:.1f} s): errors are output errors on each "
+                     "member's data; 'weight error' is the plain one")
+    calibrated = bool(data.get("calibration"))
     parts.append(format_table(
-        ["member", "rel. error", "own params", "LoRA params", "bytes", "LoRA bytes"],
-        [(m["name"], m["relative_error"], m["parameters"], m["lora_parameters"], human_bytes(m["bytes"]),
+        ["member", "rel. error", *(["weight error"] if calibrated else []), "energy kept", "own params",
+         "LoRA params", "bytes", "LoRA bytes"],
+        [(m["name"], m["relative_error"], *([m["frobenius_relative_error"]] if calibrated else []),
+          f"{m['retained_energy']:.1%}", m["parameters"], m["lora_parameters"], human_bytes(m["bytes"]),
           human_bytes(m["lora_bytes"])) for m in data["members"]]))
     parts.append(format_table(
         ["kind", "rank U", "rank V", "shared params", "rel. error"],

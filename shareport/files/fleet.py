@@ -23,6 +23,7 @@ still equal it (``member_section``); otherwise the adapter is written whole, sta
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -30,12 +31,20 @@ import torch
 from ..adapter import Adapter
 from ..errors import ShareportError
 from ..fleet import FLEET_KEY, compose, reference
+from .atomic import MARKER_NAME
 from .folder import CONFIG_NAME, file_sha256, read_config
 from .tensorfile import check_finite, load_tensors
 
 SHARED_NAME = "shared.safetensors"
+REPORT_NAME = "fleet_report.json"
 
-__all__ = ["FLEET_KEY", "SHARED_NAME", "fleet_members", "join_shared", "member_section"]
+__all__ = ["FLEET_KEY", "REPORT_NAME", "SHARED_NAME", "fleet_members", "join_shared", "member_names",
+           "member_section", "split_named"]
+
+# a member's folder name: portable on every file system, no hidden folder, no option look-alike
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters"
+JOIN = "-"  # between the folder names of a member name that needs more than one
 
 
 def _read_section(folder: Path, raw) -> dict:
@@ -130,3 +139,72 @@ def fleet_members(adapter: Adapter) -> dict[str, Path]:
                 and isinstance(section.get("shared"), str) and (folder / section["shared"]).resolve() == shared):
             members[folder.name] = folder
     return members
+
+
+def split_named(arg: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); anything else, or an argument that exists as a path (a folder
+    whose own name holds '='), -> (None, arg)."""
+    if "=" in arg and not os.path.exists(arg):
+        name, _, path = arg.partition("=")
+        return name, path
+    return None, arg
+
+
+def _check_name(name: str, what: str) -> None:
+    if not NAME_PATTERN.fullmatch(name) or name in (SHARED_NAME, REPORT_NAME, MARKER_NAME):
+        reserved = " (a name the fleet folder uses itself)" if NAME_PATTERN.fullmatch(name) else ""
+        raise ShareportError(f"{what}: '{name}' is not a valid member name{reserved}; a name is a folder "
+                             f"name: {NAME_RULE}")
+
+
+def _suffix_names(paths: list[str]) -> list[str]:
+    """Each path's shortest distinct suffix: drop the trailing folder names every path shares (e.g.
+    ``lora``), then the fewest trailing names no other path ends with, joined with ``JOIN``."""
+    parts = [Path(os.path.abspath(p)).parts[1:] for p in paths]  # [1:]: not the root
+    if len(parts) == 1:
+        return [parts[0][-1] if parts[0] else paths[0]]
+    common = 0
+    while common < min(len(p) for p in parts) - 1 and len({p[-1 - common] for p in parts}) == 1:
+        common += 1
+    rest = [p[:len(p) - common] for p in parts]
+    names = []
+    for i, mine in enumerate(rest):
+        depth = next((d for d in range(1, len(mine) + 1)
+                      if all(other[-d:] != mine[-d:] for j, other in enumerate(rest) if j != i)), len(mine))
+        names.append(JOIN.join(mine[-depth:]))
+    return names
+
+
+def member_names(args: list[str]) -> list[tuple[str, str]]:
+    """(name, path) per input, in order: ``NAME=PATH`` names its member, the others take their
+    shortest distinct path suffix (``_suffix_names``). A folder given twice, a name that is invalid
+    as a folder name, given twice, or that two inputs would both take, is refused in one line; so is a ``NAME=PATH``
+    whose PATH does not exist. Nothing is read: this runs before the inputs are loaded."""
+    split = [split_named(a) for a in args]
+    seen_paths: dict[str, str] = {}
+    for arg, (_, path) in zip(args, split):
+        resolved = str(Path(path).resolve())
+        if resolved in seen_paths:
+            raise ShareportError(f"{arg}: given twice (also as {seen_paths[resolved]})")
+        seen_paths[resolved] = arg
+    for arg, (name, path) in zip(args, split):
+        if name is not None:
+            _check_name(name, arg)
+            if not os.path.exists(path):
+                raise ShareportError(f"{arg}: {path} does not exist (NAME=PATH gives the member at PATH the "
+                                     "name NAME)")
+    unnamed = [i for i, (name, _) in enumerate(split) if name is None]
+    derived = dict(zip(unnamed, _suffix_names([split[i][1] for i in unnamed]))) if unnamed else {}
+    out, seen = [], {}
+    for i, (arg, (name, path)) in enumerate(zip(args, split)):
+        if name is None:
+            name = derived[i]
+            _check_name(name, f"{path} (its name from its folders)")
+        if name in seen:
+            how = "is given twice" if split[i][0] is not None and split[seen[name]][0] is not None else \
+                "would name two members"
+            raise ShareportError(f"{arg}: member name '{name}' {how} (also {args[seen[name]]}); member names "
+                                 "must differ: name the inputs with NAME=PATH")
+        seen[name] = i
+        out.append((name, path))
+    return out
