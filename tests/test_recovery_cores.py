@@ -70,6 +70,24 @@ def test_cores_train_inside_the_start_spaces_and_lower_the_kl(setup):
     assert report["parameters"]["end"] == report["parameters"]["start"]
 
 
+def test_a_truncated_lora_with_a_rank_per_site_trains_its_cores(setup, tmp_path):
+    """Truncation by budget gives each site its own rank: every core is r_site x r_site."""
+    from shareport.convert import convert_adapter
+    from shareport.files.adapters import save_adapter
+
+    truncated, _ = convert_adapter(load_adapter(setup["lora"]), "lora", budget=0.3)
+    ranks = {p: truncated.tensors[s.a].shape[0] for p, s in truncated.sites.items()}
+    assert len(set(ranks.values())) > 1, ranks  # the case this test is about
+    save_adapter(truncated, tmp_path / "truncated")
+    job = _job(setup, student=tmp_path / "truncated")
+    trained, report = run(job, Recipe(steps=8, lr=1e-2, batch_size=4, eval_every=4, trainable="cores"))
+    assert report["after"]["kl"] < report["before"]["kl"]
+    for path, site in truncated.sites.items():
+        assert trained.tensors[site.a].shape == truncated.tensors[site.a].shape
+        assert _residual_outside(trained.tensors[site.b], truncated.tensors[site.b], True) < 1e-4
+    assert report["parameters"]["trained"] == 2 * sum(r * r for r in ranks.values())
+
+
 def test_cores_same_input_same_bytes_and_equal_stays_equal(setup):
     recipe = Recipe(steps=4, lr=1e-2, batch_size=4, eval_every=2, trainable="cores")
     first, _ = run(_job(setup), recipe)

@@ -81,9 +81,12 @@ class Attached:
         for w in self.wrappers.values():
             w.enabled = enabled
 
-    def to_adapter(self) -> Adapter:
-        """The adapter with the attached parameters' current values (e.g. after training)."""
-        tensors = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.parameters.items()}
+    def to_adapter(self, replaced: dict[str, torch.Tensor] | None = None) -> Adapter:
+        """The adapter with the attached parameters' current values (e.g. after training), or the
+        tensors in ``replaced`` for the names it holds (a parameter that trains a stand-in, e.g. a core)."""
+        replaced = replaced or {}
+        tensors = {n: replaced[n] if n in replaced else p.detach().to("cpu", torch.float32).clone()
+                   for n, p in self.parameters.items()}
         return self.adapter.with_sites(tensors, dict(self.adapter.sites), self.adapter.form)
 
     def detach(self) -> nn.Module:

@@ -61,17 +61,17 @@ class TrainedCores:
 
     bases: dict[str, tuple[torch.Tensor, bool]]  # pool name -> (basis on the CPU, left)
 
-    def finish(self, trained: Adapter, start: Adapter, kept_start: bool) -> Adapter:
-        """``trained`` (the attached adapter read back: cores) with every factor composed back.
-        When the start was kept (the best step is 0), its tensors exactly, not a QR round trip."""
-        tensors = dict(trained.tensors)
+    def factors(self, student: Attached, start: Adapter, kept_start: bool) -> dict[str, torch.Tensor]:
+        """Every trained factor composed back from its core (for ``Attached.to_adapter``). When the
+        start was kept (the best step is 0), the start's tensors exactly, not a QR round trip."""
+        out = {}
         for name, (basis, left) in sorted(self.bases.items()):
             if kept_start:
-                tensors[name] = start.tensors[name]
-            else:
-                core = tensors[name]
-                tensors[name] = compose(basis, core) if left else compose(core, basis)
-        return trained.with_sites(tensors, dict(trained.sites), trained.form)
+                out[name] = start.tensors[name].float()
+                continue
+            core = student.parameters[name].detach().to("cpu", torch.float32)
+            out[name] = compose(basis, core) if left else compose(core, basis)
+        return out
 
 
 def train_cores_only(student: Attached, names: list[str]) -> TrainedCores:

@@ -239,9 +239,9 @@ class Trainer:
                 for name, value in self.best.tensors.items():
                     self.student.parameters[name].copy_(value)
         after = self._after()
-        trained = self.student.to_adapter()
-        if self.bases is not None:
-            trained = self.bases.finish(trained, self.job.student, kept_start=self.best.step == 0)
+        composed = (self.bases.factors(self.student, self.job.student, kept_start=self.best.step == 0)
+                    if self.bases is not None else None)
+        trained = self.student.to_adapter(composed)
         if self.cores is not None:
             trained = self.cores.finish(trained, self.job.student)
         self.student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
