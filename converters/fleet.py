@@ -43,13 +43,24 @@ from torch import Tensor
 from .budget import kind_options
 from .factored import kind_energy, row_basis, sign_fix_rows, tail_energy
 from .sharea import sharea_factors
-from .types import KindFactors, Option
+from .types import KindFactors
 
 FLEET_FORMS = ("sharea", "shareab")
 DEFAULT_MAX_ITERATIONS = 50
 DEFAULT_TOL = 1e-10
 # two-sided options are scored for ranks up to this many per side (the grid is top^2 pairs)
 MAX_OPTION_RANK = 128
+
+
+@dataclass(frozen=True)
+class FleetOption:
+    """One candidate setting of a fleet kind for ``budget.spend_budget`` (which reads ``params`` and
+    ``error``): the left (U) and right (V) shared ranks, ``rank_out`` = 0 for "sharea"."""
+
+    rank_out: int
+    rank_in: int
+    params: int
+    error: float
 
 
 @dataclass(frozen=True)
@@ -218,18 +229,18 @@ def fleet_parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank
 
 
 def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
-                  max_rank: int | None = None) -> list[Option]:
+                  max_rank: int | None = None) -> list[FleetOption]:
     """Candidate settings of one fleet kind for ``budget.spend_budget``.
 
-    sharea: ranks 1..min(n_in, sum of ranks), the exact error. shareab: every pair (k1, k2) up to
-    ``max_rank`` per side (default ``MAX_OPTION_RANK``), ``Option.rank`` = k1 and ``Option.groups``
-    = k2, with the error of the start bases truncated to (k1, k2): the starting eigenvectors are
-    nested, so one table of ``E[a, b] = sum_s (u^T M_s v)[a, b]^2`` gives every pair's kept energy.
-    Refinement can only lower that error, so it is an upper bound.
+    sharea: right ranks 1..min(n_in, sum of ranks), the exact error (ShareA's options over the
+    fleet's sites). shareab: every pair (k1, k2) up to ``max_rank`` per side (default
+    ``MAX_OPTION_RANK``), with the error of the start bases truncated to (k1, k2): the starting
+    eigenvectors are nested, so one table of ``E[a, b] = sum_s (u^T M_s v)[a, b]^2`` gives every
+    pair's kept energy. Refinement can only lower that error, so it is an upper bound.
     """
     kind, _, _ = _check(As, Bts)
     if method == "sharea":
-        return kind_options("sharea", kind, max_rank=max_rank)
+        return [FleetOption(0, o.rank, o.params, o.error) for o in kind_options("sharea", kind, max_rank=max_rank)]
     if method != "shareab":
         raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
     _, _, cores = _small_cores(kind)
@@ -239,7 +250,7 @@ def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
     v = _top_eigvecs(sum(m.T @ m for m in cores), k2)
     kept = sum((u.T @ m @ v).square() for m in cores).cumsum(0).cumsum(1)
     energy = sum(float(m.square().sum()) for m in cores)
-    return [Option(a + 1, b + 1, fleet_parameter_count("shareab", kind.n_out, kind.n_in, kind.n_sites, a + 1, b + 1),
+    return [FleetOption(a + 1, b + 1, fleet_parameter_count("shareab", kind.n_out, kind.n_in, kind.n_sites, a + 1, b + 1),
                    max(energy - float(kept[a, b]), 0.0))
             for a in range(k1) for b in range(k2)]
 
