@@ -78,6 +78,7 @@ class FleetReport:
     ranked_by: str | None = None  # what the candidates were ranked by (form chosen by fleet only)
     warnings: list[str] = dataclasses.field(default_factory=list)  # members keeping under LOW_ENERGY
     calibration: dict | None = None  # calibrated fleets: data, base, ridge, per member samples and tokens
+    additions: list[dict] = dataclasses.field(default_factory=list)  # fleet add: one entry per member added
 
     @property
     def lora_parameters(self) -> int:
@@ -89,9 +90,19 @@ class FleetReport:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        if not self.additions:  # a fleet that never grew writes the report it always did
+            del data["additions"]
         data.update(lora_parameters=self.lora_parameters, parameters=self.parameters,
                     ratio=self.parameters / self.lora_parameters)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FleetReport":
+        """The report ``to_dict`` wrote (its derived totals dropped); KeyError/TypeError if it is not one."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in data.items() if k in fields}
+        kept["members"] = [MemberReport(**m) for m in data["members"]]
+        return cls(**kept)
 
 
 @dataclasses.dataclass
@@ -185,8 +196,7 @@ def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = No
     if calibration is not None and len(calibration) != len(adapters):
         raise ShareportError(f"calibration for {len(calibration)} members, the fleet has {len(adapters)}")
     kinds = adapters[0].kinds()
-    sources = [_Source(name, adapter, {kind: kind_factors(adapter, sites) for kind, sites in kinds.items()},
-                       source_parameters(adapter), None if calibration is None else calibration[i])
+    sources = [MemberSource.read(adapter, name, None if calibration is None else calibration[i])
                for i, (adapter, name) in enumerate(zip(adapters, names))]
     if form is not None:
         return _build(sources, kinds, form, rank=rank, budget=budget)[0]
@@ -194,7 +204,7 @@ def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = No
 
 
 @dataclasses.dataclass
-class _Source:
+class MemberSource:
     """One input adapter of a fleet, as every form's build reads it."""
 
     name: str
@@ -203,6 +213,11 @@ class _Source:
     lora_parameters: int  # its own LoRA's (the source LoRA's, if it was converted before)
     calibration: Calibration | None  # its own inputs' statistics (calibrated fleets only)
 
+    @classmethod
+    def read(cls, adapter: Adapter, name: str, calibration: Calibration | None = None) -> "MemberSource":
+        return cls(name, adapter, {kind: kind_factors(adapter, sites) for kind, sites in adapter.kinds().items()},
+                   source_parameters(adapter), calibration)
+
     def weight_energy(self) -> float:
         """sum_l ||dW_l||_F^2 over every kind, from the factors."""
         return sum(kind_energy([bt.double() for bt in Bts], [a.double() for a in As])
@@ -210,7 +225,7 @@ class _Source:
 
 
 @dataclasses.dataclass
-class _Parts:
+class MemberParts:
     """What one form's build makes of one source, filled in kind by kind."""
 
     tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # own, and a two-sided one's B = U C
@@ -246,7 +261,7 @@ def basis_names(kind: str) -> tuple[str, str]:
     return f"{kind}.fleet_A", f"{kind}.fleet_U"
 
 
-def _choose(sources: list[_Source], kinds: dict[str, list[Site]], budget: float | None) -> Fleet:
+def _choose(sources: list[MemberSource], kinds: dict[str, list[Site]], budget: float | None) -> Fleet:
     """Every fleet form at ``budget``; the least error (the members' measure) wins."""
     built, candidates = {}, []
     calibrated = sources[0].calibration is not None
@@ -273,7 +288,7 @@ def _choose(sources: list[_Source], kinds: dict[str, list[Site]], budget: float 
     return dataclasses.replace(fleet, report=report)
 
 
-def _kind_result(sources: list[_Source], kind: str, form: str, rank_out: int, rank_in: int):
+def _kind_result(sources: list[MemberSource], kind: str, form: str, rank_out: int, rank_in: int):
     """One kind compressed over every source: plain, or fit to each source's calibration."""
     As, Bts = [s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]
     if sources[0].calibration is None:
@@ -283,14 +298,14 @@ def _kind_result(sources: list[_Source], kind: str, form: str, rank_out: int, ra
                                  lam=sources[0].calibration.ridge)
 
 
-def _build(sources: list[_Source], kinds: dict[str, list[Site]], form: str, *, rank: int | None,
+def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str, *, rank: int | None,
            budget: float | None, chosen: dict | None = None) -> tuple[Fleet, float, float]:
     """One form's fleet, and (sum of the members' squared errors, of their energies) in its measure."""
     lora_total = sum(s.lora_parameters for s in sources)
     plan = _plan(form, {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources])
                         for kind in kinds}, rank, budget, lora_total)
     shared: dict[str, torch.Tensor] = {}
-    parts = [_Parts() for _ in sources]
+    parts = [MemberParts() for _ in sources]
     kind_info = {}
     for kind, sites in kinds.items():
         result = _kind_result(sources, kind, form, *plan[kind])
@@ -312,8 +327,9 @@ def _build(sources: list[_Source], kinds: dict[str, list[Site]], form: str, *, r
     settings.update(chosen or {})
     names = [s.name for s in sources]
     entry = {"step": "fleet", "form": form, "members": names, **settings}
-    members = [_member(source, member, shared, form=form, entry=entry) for source, member in zip(sources, parts)]
-    reports = [_member_report(source, member) for source, member in zip(sources, parts)]
+    members = [member_adapter(source, member, shared, form=form, entry=entry)
+               for source, member in zip(sources, parts)]
+    reports = [member_report(source, member) for source, member in zip(sources, parts)]
     calibrated = sources[0].calibration is not None
     calibration = None if not calibrated else {
         "ridge": sources[0].calibration.ridge, "members": {s.name: s.calibration.info for s in sources}}
@@ -325,7 +341,8 @@ def _build(sources: list[_Source], kinds: dict[str, list[Site]], form: str, *, r
             sum(m.energy for m in parts))
 
 
-def _member(source: _Source, parts: _Parts, shared: dict[str, torch.Tensor], *, form: str, entry: dict) -> Adapter:
+def member_adapter(source: MemberSource, parts: MemberParts, shared: dict[str, torch.Tensor], *, form: str,
+                   entry: dict) -> Adapter:
     """The member adapter: the source's carried config and tensors, its own parts over the shared pool,
     and ``entry`` (the fleet step, named for this member) in its provenance."""
     ref = {"shared": None, "sha256": None, "form": form, "names": sorted(shared), "products": parts.products}
@@ -338,7 +355,7 @@ def _member(source: _Source, parts: _Parts, shared: dict[str, torch.Tensor], *, 
     return member.with_step(entry, source_parameters=source.lora_parameters)
 
 
-def _member_report(source: _Source, parts: _Parts) -> MemberReport:
+def member_report(source: MemberSource, parts: MemberParts) -> MemberReport:
     error, energy = parts.squared_error, parts.energy
     return MemberReport(source.name, source.lora_parameters, parts.stored_parameters(), _relative(error, energy),
                         parts.kind_errors, retained_energy=1.0 - error / energy if energy > 0 else 1.0,
