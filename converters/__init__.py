@@ -30,7 +30,7 @@ Calibrated (activation-weighted) projection, see calibration.py for the objectiv
 
 Fleets (N adapters of one base share a basis per kind, see fleet.py):
     fleet_kind(method, As[i][l], Bts[i][l], rank, rank_out=None) -> FleetKindResult
-    fleet_options(method, As, Bts) -> list[Option]   (for spend_budget)
+    fleet_options(method, As, Bts) -> list[FleetOption]   (for spend_budget: (k1, k2), params, error)
     spend_budget({kind: options}, budget_params) -> {kind: Option}   (exact knapsack)
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from .calibration import (DEFAULT_RIDGE, CalibratedKind, CalibratedResult, calib
                           calibration_basis, input_statistics)
 from .counting import METHODS, lora_parameter_count, parameter_count
 from .factored import sites_error
-from .fleet import FLEET_FORMS, FleetKindResult, fleet_kind, fleet_options, fleet_parameter_count
+from .fleet import FLEET_FORMS, FleetKindResult, FleetOption, fleet_kind, fleet_options, fleet_parameter_count
 from .grouping import GROUPINGS
 from .shareab import convert_shareab, shareab_spectrum
 from .sharea import convert_sharea, sharea_spectrum
@@ -70,7 +70,7 @@ __all__ = [
     "GROUPINGS", "METHODS", "KindPlan", "KindResult", "KindTruncationPlan", "Option", "TruncationPlan",
     "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
     "plan_truncation", "reconstruction_error", "spectrum", "truncate_kind",
-    "FLEET_FORMS", "FleetKindResult", "fleet_kind", "fleet_options", "fleet_parameter_count", "spend_budget",
+    "FLEET_FORMS", "FleetKindResult", "FleetOption", "fleet_kind", "fleet_options", "fleet_parameter_count", "spend_budget",
 ]
 
 _SPECTRA = {"sharea": sharea_spectrum, "shareb": shareb_spectrum, "shareab": shareab_spectrum}

@@ -40,7 +40,7 @@ from torch import Tensor
 from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_TOL, SharedRowsProblem, best_run, sharea_starts
 from .calibration import DEFAULT_RIDGE, CalibratedKind, calibration_basis, psd_roots, site_difference
 from .factored import shared_rows
-from .fleet import FLEET_FORMS, FleetKindResult, _check, _per_adapter, _top_eigvecs, two_sided_bases
+from .fleet import FLEET_FORMS, FleetKindResult, _check, _per_adapter, top_eigvecs, two_sided_bases
 
 
 def fleet_basis(As: list[list[Tensor]]) -> Tensor:
@@ -62,7 +62,7 @@ def calibrated_left_basis(ck: CalibratedKind, z: Tensor, k1: int) -> Tensor:
         _, inv_root = psd_roots(z @ ck.s[l] @ z.T)
         w = ck.b[l] @ (ck.a[l] @ ck.s[l] @ z.T) @ inv_root
         gram = gram + w @ w.T
-    return _top_eigvecs(gram, k1)
+    return top_eigvecs(gram, k1)
 
 
 def fleet_kind_calibrated(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]], S: list[list[Tensor]],

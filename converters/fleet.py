@@ -43,13 +43,24 @@ from torch import Tensor
 from .budget import kind_options
 from .factored import kind_energy, row_basis, sign_fix_rows, tail_energy
 from .sharea import sharea_factors
-from .types import KindFactors, Option
+from .types import KindFactors
 
 FLEET_FORMS = ("sharea", "shareab")
 DEFAULT_MAX_ITERATIONS = 50
 DEFAULT_TOL = 1e-10
 # two-sided options are scored for ranks up to this many per side (the grid is top^2 pairs)
 MAX_OPTION_RANK = 128
+
+
+@dataclass(frozen=True)
+class FleetOption:
+    """One candidate setting of a fleet kind for ``budget.spend_budget`` (which reads ``params`` and
+    ``error``): the left (U) and right (V) shared ranks, ``rank_out`` = 0 for "sharea"."""
+
+    rank_out: int
+    rank_in: int
+    params: int
+    error: float
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,7 @@ def _small_cores(kind: KindFactors) -> tuple[Tensor, Tensor, list[Tensor]]:
     return qb, qa, [bc.T @ ac for bc, ac in zip(b_coords, a_coords)]
 
 
-def _top_eigvecs(gram: Tensor, k: int) -> Tensor:
+def top_eigvecs(gram: Tensor, k: int) -> Tensor:
     """Top-k eigenvectors (columns) of a symmetric PSD matrix, largest first, signs fixed."""
     _, vecs = torch.linalg.eigh(gram)
     top = vecs[:, -k:].flip(1) if k else vecs[:, :0]
@@ -136,12 +147,12 @@ def _top_eigvecs(gram: Tensor, k: int) -> Tensor:
 
 def _left_given_right(cores: list[Tensor], v: Tensor, k1: int) -> Tensor:
     """Best u (pb, k1) for fixed v (pa, k2): top eigenvectors of ``sum_s (M_s v)(M_s v)^T``."""
-    return _top_eigvecs(sum((m @ v) @ (m @ v).T for m in cores), k1)
+    return top_eigvecs(sum((m @ v) @ (m @ v).T for m in cores), k1)
 
 
 def _right_given_left(cores: list[Tensor], u: Tensor, k2: int) -> Tensor:
     """Best v (pa, k2) for fixed u (pb, k1): top eigenvectors of ``sum_s (u^T M_s)^T (u^T M_s)``."""
-    return _top_eigvecs(sum((u.T @ m).T @ (u.T @ m) for m in cores), k2)
+    return top_eigvecs(sum((u.T @ m).T @ (u.T @ m) for m in cores), k2)
 
 
 def _two_sided_errors(cores: list[Tensor], u: Tensor, v: Tensor) -> list[float]:
@@ -191,8 +202,8 @@ def two_sided_bases(cores: list[Tensor], rank_out: int, rank_in: int, max_iterat
     """(u (pb, k1), v (pa, k2), error history): the two-sided bases of the small cores ``M_s``, each
     side's own optimum refined by alternation; k1 <= pb and k2 <= pa (capped)."""
     k1, k2 = min(rank_out, cores[0].shape[0]), min(rank_in, cores[0].shape[1])
-    u = _top_eigvecs(sum(m @ m.T for m in cores), k1)
-    v = _top_eigvecs(sum(m.T @ m for m in cores), k2)
+    u = top_eigvecs(sum(m @ m.T for m in cores), k1)
+    v = top_eigvecs(sum(m.T @ m for m in cores), k2)
     energy = sum(float(m.square().sum()) for m in cores)
     history = [sum(_two_sided_errors(cores, u, v))]
     for _ in range(max_iterations):
@@ -218,28 +229,28 @@ def fleet_parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank
 
 
 def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
-                  max_rank: int | None = None) -> list[Option]:
+                  max_rank: int | None = None) -> list[FleetOption]:
     """Candidate settings of one fleet kind for ``budget.spend_budget``.
 
-    sharea: ranks 1..min(n_in, sum of ranks), the exact error. shareab: every pair (k1, k2) up to
-    ``max_rank`` per side (default ``MAX_OPTION_RANK``), ``Option.rank`` = k1 and ``Option.groups``
-    = k2, with the error of the start bases truncated to (k1, k2): the starting eigenvectors are
-    nested, so one table of ``E[a, b] = sum_s (u^T M_s v)[a, b]^2`` gives every pair's kept energy.
-    Refinement can only lower that error, so it is an upper bound.
+    sharea: right ranks 1..min(n_in, sum of ranks), the exact error (ShareA's options over the
+    fleet's sites). shareab: every pair (k1, k2) up to ``max_rank`` per side (default
+    ``MAX_OPTION_RANK``), with the error of the start bases truncated to (k1, k2): the starting
+    eigenvectors are nested, so one table of ``E[a, b] = sum_s (u^T M_s v)[a, b]^2`` gives every
+    pair's kept energy. Refinement can only lower that error, so it is an upper bound.
     """
     kind, _, _ = _check(As, Bts)
     if method == "sharea":
-        return kind_options("sharea", kind, max_rank=max_rank)
+        return [FleetOption(0, o.rank, o.params, o.error) for o in kind_options("sharea", kind, max_rank=max_rank)]
     if method != "shareab":
         raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
     _, _, cores = _small_cores(kind)
     top = max_rank or MAX_OPTION_RANK
     k1, k2 = min(top, cores[0].shape[0]), min(top, cores[0].shape[1])
-    u = _top_eigvecs(sum(m @ m.T for m in cores), k1)
-    v = _top_eigvecs(sum(m.T @ m for m in cores), k2)
+    u = top_eigvecs(sum(m @ m.T for m in cores), k1)
+    v = top_eigvecs(sum(m.T @ m for m in cores), k2)
     kept = sum((u.T @ m @ v).square() for m in cores).cumsum(0).cumsum(1)
     energy = sum(float(m.square().sum()) for m in cores)
-    return [Option(a + 1, b + 1, fleet_parameter_count("shareab", kind.n_out, kind.n_in, kind.n_sites, a + 1, b + 1),
+    return [FleetOption(a + 1, b + 1, fleet_parameter_count("shareab", kind.n_out, kind.n_in, kind.n_sites, a + 1, b + 1),
                    max(energy - float(kept[a, b]), 0.0))
             for a in range(k1) for b in range(k2)]
 

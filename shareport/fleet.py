@@ -78,6 +78,7 @@ class FleetReport:
     ranked_by: str | None = None  # what the candidates were ranked by (form chosen by fleet only)
     warnings: list[str] = dataclasses.field(default_factory=list)  # members keeping under LOW_ENERGY
     calibration: dict | None = None  # calibrated fleets: data, base, ridge, per member samples and tokens
+    additions: list[dict] = dataclasses.field(default_factory=list)  # fleet add: one entry per member added
 
     @property
     def lora_parameters(self) -> int:
@@ -89,9 +90,19 @@ class FleetReport:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        if not self.additions:  # a fleet that never grew writes the report it always did
+            del data["additions"]
         data.update(lora_parameters=self.lora_parameters, parameters=self.parameters,
                     ratio=self.parameters / self.lora_parameters)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FleetReport":
+        """The report ``to_dict`` wrote (its derived totals dropped); KeyError/TypeError if it is not one."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in data.items() if k in fields}
+        kept["members"] = [MemberReport(**m) for m in data["members"]]
+        return cls(**kept)
 
 
 @dataclasses.dataclass
@@ -128,7 +139,7 @@ def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
 
 
 def _plan(form: str, factors: dict, rank: int | None, budget: float | None, lora_total: int) -> dict:
-    """Per kind (k1, k2): the left (U, shareab only) and right (V) shared ranks."""
+    """Per kind (k1, k2): the left (U, 0 for sharea) and right (V) shared ranks."""
     if rank is not None and budget is not None:
         raise ShareportError("give --rank or --budget, not both")
     if rank is not None:
@@ -143,9 +154,7 @@ def _plan(form: str, factors: dict, rank: int | None, budget: float | None, lora
         chosen = converters.spend_budget(options, math.floor(budget * lora_total))
     except ValueError as exc:
         raise ShareportError(f"--budget {budget:g}: {exc}") from None
-    if form == "sharea":
-        return {kind: (0, o.rank) for kind, o in chosen.items()}
-    return {kind: (o.rank, o.groups) for kind, o in chosen.items()}  # Option: rank = k1, groups = k2
+    return {kind: (o.rank_out, o.rank_in) for kind, o in chosen.items()}
 
 
 # what a fleet's candidates are ranked by when fleet picks the form (the report's ``ranked_by``)
@@ -187,35 +196,80 @@ def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = No
     if calibration is not None and len(calibration) != len(adapters):
         raise ShareportError(f"calibration for {len(calibration)} members, the fleet has {len(adapters)}")
     kinds = adapters[0].kinds()
-    factors = {}
-    for kind, sites in kinds.items():
-        per_adapter = [kind_factors(adapter, sites) for adapter in adapters]
-        factors[kind] = ([f[0] for f in per_adapter], [f[1] for f in per_adapter])
-    inputs = _Inputs(adapters, names, kinds, factors, [source_parameters(a) for a in adapters], calibration)
+    sources = [MemberSource.read(adapter, name, None if calibration is None else calibration[i])
+               for i, (adapter, name) in enumerate(zip(adapters, names))]
     if form is not None:
-        return _build(inputs, form, rank, budget)[0]
-    return _choose(inputs, budget)
+        return _build(sources, kinds, form, rank=rank, budget=budget)[0]
+    return _choose(sources, kinds, budget)
 
 
 @dataclasses.dataclass
-class _Inputs:
-    adapters: list[Adapter]
-    names: list[str]
-    kinds: dict[str, list[Site]]
-    factors: dict[str, tuple[list, list]]  # per kind: (As[i][l], Bts[i][l])
-    lora_counts: list[int]
-    calibration: list[Calibration] | None
+class MemberSource:
+    """One input adapter of a fleet, as every form's build reads it."""
+
+    name: str
+    adapter: Adapter
+    factors: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # per kind, layer order: (A's, scale * B's)
+    lora_parameters: int  # its own LoRA's (the source LoRA's, if it was converted before)
+    calibration: Calibration | None  # its own inputs' statistics (calibrated fleets only)
+
+    @classmethod
+    def read(cls, adapter: Adapter, name: str, calibration: Calibration | None = None) -> "MemberSource":
+        return cls(name, adapter, {kind: kind_factors(adapter, sites) for kind, sites in adapter.kinds().items()},
+                   source_parameters(adapter), calibration)
+
+    def weight_energy(self) -> float:
+        """sum_l ||dW_l||_F^2 over every kind, from the factors."""
+        return sum(kind_energy([bt.double() for bt in Bts], [a.double() for a in As])
+                   for As, Bts in self.factors.values())
 
 
-def _choose(inputs: _Inputs, budget: float | None) -> Fleet:
+@dataclasses.dataclass
+class MemberParts:
+    """What one form's build makes of one source, filled in kind by kind."""
+
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # own, and a two-sided one's B = U C
+    sites: dict[str, Site] = dataclasses.field(default_factory=dict)
+    products: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # B name -> [U name, core name]
+    squared_error: float = 0.0  # in the build's measure (calibrated: its output error)
+    energy: float = 0.0  # the same measure of dW' = 0
+    weight_squared_error: float = 0.0  # the plain sum ||dW - dW'||_F^2
+    kind_errors: dict[str, float] = dataclasses.field(default_factory=dict)  # relative, in the build's measure
+
+    def add_kind(self, kind: str, sites: list[Site], cores: list[torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
+        """The kind's sites with their cores (layer order) over the kind's shared tensors in ``shared``:
+        B = core for sharea, core stored and B = U @ core formed for shareab."""
+        a_name, u_name = basis_names(kind)
+        for site, core in zip(sites, cores):
+            b_name = f"{site.path}.lora_B"
+            if u_name not in shared:
+                self.tensors[b_name] = core.contiguous()
+            else:
+                core_name = f"{site.path}.lora_core"
+                self.tensors[core_name] = core.contiguous()
+                self.tensors[b_name] = compose(shared[u_name], self.tensors[core_name])
+                self.products[b_name] = [u_name, core_name]
+            self.sites[site.path] = Site(site.path, site.kind, site.layer, a_name, b_name, 1.0)
+
+    def stored_parameters(self) -> int:
+        """What the member stores on its own: its B's or cores, not the products formed on reading."""
+        return sum(t.numel() for n, t in self.tensors.items() if n not in self.products)
+
+
+def basis_names(kind: str) -> tuple[str, str]:
+    """(V's name, U's name) of a kind's shared basis in the pool and in ``shared.safetensors``."""
+    return f"{kind}.fleet_A", f"{kind}.fleet_U"
+
+
+def _choose(sources: list[MemberSource], kinds: dict[str, list[Site]], budget: float | None) -> Fleet:
     """Every fleet form at ``budget``; the least error (the members' measure) wins."""
     built, candidates = {}, []
+    calibrated = sources[0].calibration is not None
     # recorded in the settings (report and every member's provenance)
-    chosen = {"chosen_by": "least error",
-              "ranked_by": RANKED_BY_OUTPUTS if inputs.calibration is not None else RANKED_BY_WEIGHTS}
+    chosen = {"chosen_by": "least error", "ranked_by": RANKED_BY_OUTPUTS if calibrated else RANKED_BY_WEIGHTS}
     for form in FLEET_FORMS:
         try:
-            fleet, error, energy = _build(inputs, form, None, budget, chosen)
+            fleet, error, energy = _build(sources, kinds, form, rank=None, budget=budget, chosen=chosen)
         except ShareportError as exc:  # e.g. a budget below this form's smallest setting
             candidates.append({"form": form, "refused": str(exc)})
             continue
@@ -234,72 +288,79 @@ def _choose(inputs: _Inputs, budget: float | None) -> Fleet:
     return dataclasses.replace(fleet, report=report)
 
 
-def _build(inputs: _Inputs, form: str, rank: int | None, budget: float | None,
-           chosen: dict | None = None) -> tuple[Fleet, float, float]:
+def _kind_result(sources: list[MemberSource], kind: str, form: str, rank_out: int, rank_in: int):
+    """One kind compressed over every source: plain, or fit to each source's calibration."""
+    As, Bts = [s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]
+    if sources[0].calibration is None:
+        return converters.fleet_kind(form, As, Bts, rank_in, rank_out=rank_out or None)
+    stats = [s.calibration.kind_statistics(s.adapter.kinds()[kind]) for s in sources]
+    return fleet_kind_calibrated(form, As, Bts, stats, rank_in, rank_out=rank_out or None,
+                                 lam=sources[0].calibration.ridge)
+
+
+def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str, *, rank: int | None,
+           budget: float | None, chosen: dict | None = None) -> tuple[Fleet, float, float]:
     """One form's fleet, and (sum of the members' squared errors, of their energies) in its measure."""
-    adapters, names, kinds, calibration = inputs.adapters, inputs.names, inputs.kinds, inputs.calibration
-    plan = _plan(form, inputs.factors, rank, budget, sum(inputs.lora_counts))
+    lora_total = sum(s.lora_parameters for s in sources)
+    plan = _plan(form, {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources])
+                        for kind in kinds}, rank, budget, lora_total)
     shared: dict[str, torch.Tensor] = {}
-    own: list[dict[str, torch.Tensor]] = [{} for _ in adapters]
-    sites: list[dict[str, Site]] = [{} for _ in adapters]
-    products: list[dict[str, list[str]]] = [{} for _ in adapters]
-    errors = [[0.0, 0.0, 0.0] for _ in adapters]  # squared error, energy, plain squared error
-    kind_errors: list[dict[str, float]] = [{} for _ in adapters]
+    parts = [MemberParts() for _ in sources]
     kind_info = {}
-    for kind, (As, Bts) in inputs.factors.items():
-        k1, k2 = plan[kind]
-        if calibration is None:
-            result = converters.fleet_kind(form, As, Bts, k2, rank_out=k1 or None)
-        else:
-            stats = [c.kind_statistics(a.kinds()[kind]) for c, a in zip(calibration, adapters)]
-            result = fleet_kind_calibrated(form, As, Bts, stats, k2, rank_out=k1 or None, lam=calibration[0].ridge)
-        a_name, u_name = f"{kind}.fleet_A", f"{kind}.fleet_U"
+    for kind, sites in kinds.items():
+        result = _kind_result(sources, kind, form, *plan[kind])
+        a_name, u_name = basis_names(kind)
         shared[a_name] = result.basis_v.contiguous()
         if result.basis_u is not None:
             shared[u_name] = result.basis_u.contiguous()
-        for i in range(len(adapters)):
-            for site, core in zip(kinds[kind], result.cores[i]):
-                b_name = f"{site.path}.lora_B"
-                if result.basis_u is None:
-                    own[i][b_name] = core.contiguous()
-                else:
-                    core_name = f"{site.path}.lora_core"
-                    own[i][core_name] = core.contiguous()
-                    own[i][b_name] = compose(shared[u_name], own[i][core_name])
-                    products[i][b_name] = [u_name, core_name]
-                sites[i][site.path] = Site(site.path, site.kind, site.layer, a_name, b_name, 1.0)
-            errors[i][0] += result.errors[i]
-            errors[i][1] += result.energies[i]
-            errors[i][2] += (result.frobenius_errors or result.errors)[i]
-            kind_errors[i][kind] = _relative(result.errors[i], result.energies[i])
+        weight_errors = result.frobenius_errors or result.errors
+        for i, member in enumerate(parts):
+            member.add_kind(kind, sites, result.cores[i], shared)
+            member.squared_error += result.errors[i]
+            member.energy += result.energies[i]
+            member.weight_squared_error += weight_errors[i]
+            member.kind_errors[kind] = _relative(result.errors[i], result.energies[i])
         kind_info[kind] = {"ranks": list(result.ranks), "shared_parameters": result.shared_parameters(),
                            "relative_error": _relative(result.error, result.energy),
                            "iterations": len(result.error_history) - 1}
     settings = {"rank": rank} if rank is not None else {"budget": DEFAULT_BUDGET if budget is None else budget}
     settings.update(chosen or {})
-    members, reports = [], []
-    for i, (adapter, name) in enumerate(zip(adapters, names)):
-        ref = {"shared": None, "sha256": None, "form": form, "names": sorted(shared), "products": products[i]}
-        config = {k: v for k, v in adapter.config.items() if k == "modules_to_save"}
-        member = adapter.with_sites({**own[i], **shared}, sites[i], "sharea", config={**config, FLEET_KEY: ref})
-        entry = {"step": "fleet", "form": form, "members": list(names), "member": name, **settings}
-        if calibration is not None:
-            entry["calibration"] = {**calibration[i].info, "ridge": calibration[i].ridge}
-        members.append(member.with_step(entry, source_parameters=inputs.lora_counts[i]))
-        stored = sum(t.numel() for n, t in own[i].items() if n not in products[i])
-        error, energy, plain = errors[i]
-        reports.append(MemberReport(name, inputs.lora_counts[i], stored, _relative(error, energy), kind_errors[i],
-                                    retained_energy=1.0 - error / energy if energy > 0 else 1.0,
-                                    frobenius_relative_error=None if calibration is None else
-                                    _relative(plain, _frobenius_energy(inputs.factors, i))))
-    hint = size_hint(rank, None, budget, DEFAULT_BUDGET)
-    calibrated = None if calibration is None else {
-        "ridge": calibration[0].ridge, "members": {n: c.info for n, c in zip(names, calibration)}}
+    names = [s.name for s in sources]
+    entry = {"step": "fleet", "form": form, "members": names, **settings}
+    members = [member_adapter(source, member, shared, form=form, entry=entry)
+               for source, member in zip(sources, parts)]
+    reports = [member_report(source, member) for source, member in zip(sources, parts)]
+    calibrated = sources[0].calibration is not None
+    calibration = None if not calibrated else {
+        "ridge": sources[0].calibration.ridge, "members": {s.name: s.calibration.info for s in sources}}
     report = FleetReport(form, reports, sum(t.numel() for t in shared.values()), kind_info, settings,
-                         warnings=member_warnings(reports, hint, calibrated=calibration is not None),
-                         calibration=calibrated)
-    return (Fleet(form, list(names), shared, members, report), sum(e[0] for e in errors),
-            sum(e[1] for e in errors))
+                         warnings=member_warnings(reports, size_hint(rank, None, budget, DEFAULT_BUDGET),
+                                                  calibrated=calibrated),
+                         calibration=calibration)
+    return (Fleet(form, names, shared, members, report), sum(m.squared_error for m in parts),
+            sum(m.energy for m in parts))
+
+
+def member_adapter(source: MemberSource, parts: MemberParts, shared: dict[str, torch.Tensor], *, form: str,
+                   entry: dict) -> Adapter:
+    """The member adapter: the source's carried config and tensors, its own parts over the shared pool,
+    and ``entry`` (the fleet step, named for this member) in its provenance."""
+    ref = {"shared": None, "sha256": None, "form": form, "names": sorted(shared), "products": parts.products}
+    config = {k: v for k, v in source.adapter.config.items() if k == "modules_to_save"}
+    member = source.adapter.with_sites({**parts.tensors, **shared}, parts.sites, "sharea",
+                                       config={**config, FLEET_KEY: ref})
+    entry = {**entry, "member": source.name}
+    if source.calibration is not None:
+        entry["calibration"] = {**source.calibration.info, "ridge": source.calibration.ridge}
+    return member.with_step(entry, source_parameters=source.lora_parameters)
+
+
+def member_report(source: MemberSource, parts: MemberParts) -> MemberReport:
+    error, energy = parts.squared_error, parts.energy
+    return MemberReport(source.name, source.lora_parameters, parts.stored_parameters(), _relative(error, energy),
+                        parts.kind_errors, retained_energy=1.0 - error / energy if energy > 0 else 1.0,
+                        frobenius_relative_error=None if source.calibration is None else
+                        _relative(parts.weight_squared_error, source.weight_energy()))
 
 
 def member_warnings(members: list[MemberReport], hint: str, calibrated: bool = False) -> list[str]:
@@ -309,12 +370,6 @@ def member_warnings(members: list[MemberReport], hint: str, calibrated: bool = F
     return [f"member {m.name} keeps only {m.retained_energy:.1%} of its {what} (relative error "
             f"{m.relative_error:.3f}, above {math.sqrt(1 - LOW_ENERGY):.3f}); try {hint}"
             for m in members if m.retained_energy < LOW_ENERGY]
-
-
-def _frobenius_energy(factors: dict, i: int) -> float:
-    """Adapter i's sum_l ||dW_l||_F^2 over every kind, from the factors."""
-    return sum(kind_energy([bt.double() for bt in Bts[i]], [a.double() for a in As[i]])
-               for As, Bts in factors.values())
 
 
 def _relative(error: float, energy: float) -> float:

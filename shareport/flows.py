@@ -9,6 +9,7 @@ as is).
     inspect   adapter folder -> summary
     convert   LoRA folder -> shared (or plain) adapter folder [+ figure]
     fleet     N LoRA folders of one base -> fleet folder (shared basis once + one member folder each)
+    fleet_add fleet folder + one more LoRA -> the fleet folder grown by one member (bases grown if needed)
     recover   shared adapter + teacher LoRA + base + data -> recovered adapter folder
     train     base + data -> new adapter folder
     export    adapter + base -> verified ONNX folder
@@ -24,6 +25,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .convert import Calibration, conversion_steps, convert_adapter
 from .errors import ShareportError
 from .forms import CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES
 from .fleet import build_fleet, fleet_bases
+from .fleet_add import add_member, read_fleet
 from .export import graph_file
 from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
@@ -43,9 +46,9 @@ from .export.ort_adapter import adapter_arrays, check_fits, match_names, read_on
 from .export.verify import FP16_RTOL, FP32_ATOL, Report
 from .export.verify import verify as verify_graph
 from .files import adapter_file_size, load_adapter, save_adapter, weights_sha256
-from .files.adapters import save_fleet
+from .files.adapters import load_fleet, save_fleet
 from .files.fleet import REPORT_NAME as FLEET_REPORT_NAME
-from .files.fleet import SHARED_NAME, member_names, split_named
+from .files.fleet import SHARED_NAME, check_member_name, member_names, split_named
 from .files.atomic import MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, check_output
 from .files.folder import dump_json
 from .plots import check_plot_path, has_matplotlib, plot_adapter, plot_frontier
@@ -57,7 +60,7 @@ from .train.checkpoint import STATE_JSON
 from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
 from .train.recipe import run, with_provenance
 
-__all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "fleet", "generate",
+__all__ = ["ExportOptions", "TrainingOptions", "convert", "doctor", "export", "export_adapter", "fleet", "fleet_add", "generate",
            "inspect", "recover", "train", "verify"]
 
 
@@ -500,6 +503,53 @@ def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int 
     if stats is not None:  # not in the written report: the same input must give the same bytes
         data["calibration"] = {**data["calibration"], "seconds": seconds}
     return data
+
+
+def fleet_add(fleet_dir: str, lora_dir: str, *, out: str | None = None, max_error: float | None = None,
+              overwrite: bool = False, allow_pickle: bool = False) -> dict:
+    """Add one LoRA to a fleet folder: ``fleet_add.add_member`` (projected onto the bases, which grow
+    only when its error is over the target), written over ``fleet_dir`` in one atomic step, or to
+    ``out`` (then ``fleet_dir`` is left as it is).
+
+    ``lora_dir``: a folder, or ``NAME=PATH``; without a name the member takes its folder's name.
+    Everything is read and checked first (every member, so a changed shared file is refused; the
+    name; base, sites and shapes; the output), then the fleet is grown and written. In place, a
+    folder holding anything besides the fleet is refused (replacing it would delete that). The
+    report is the fleet's, each member with its error, plus ``added`` (the new member's error
+    before and after, the target and its rule, the kinds grown) and ``rewritten`` (the files that
+    changed)."""
+    name, path = split_named(str(lora_dir))
+    name = name if name is not None else Path(os.path.abspath(path)).name
+    check_member_name(name, str(lora_dir))
+    loaded = load_fleet(fleet_dir, allow_pickle=allow_pickle)
+    if name in loaded.members:
+        raise ShareportError(f"{lora_dir}: the fleet {fleet_dir} already has a member '{name}'; name the new one "
+                             "with NAME=PATH")
+    adapter = load_adapter(path, allow_pickle=allow_pickle)
+    target = Path(out if out is not None else fleet_dir)
+    if out is None:
+        if loaded.foreign:
+            raise ShareportError(f"{fleet_dir}: holds '{loaded.foreign[0]}', which is not part of the fleet; "
+                                 "fleet-add replaces the folder whole: move it out, or write the grown fleet "
+                                 "elsewhere with -o")
+        if not (Path(fleet_dir) / MARKER_NAME).is_file():
+            raise ShareportError(f"{fleet_dir}: has no {MARKER_NAME} marker, so shareport did not write it; "
+                                 "write the grown fleet elsewhere with -o")
+        check_output(target, True, [path])
+    else:
+        check_output(target, overwrite, [path, fleet_dir])
+    fleet = read_fleet(loaded.members, loaded.report, str(Path(fleet_dir) / FLEET_REPORT_NAME))
+    added = add_member(fleet, adapter, name, max_error=max_error)
+    unchanged = [SHARED_NAME, *fleet.names] if added.unchanged else []
+    report = added.fleet.report.to_dict()
+    save_fleet(added.fleet, target, overwrite=out is None or overwrite,
+               inputs=[path] if out is None else [path, fleet_dir], reports={FLEET_REPORT_NAME: report},
+               previous=Path(fleet_dir), unchanged=unchanged)
+    rewritten = [f"{name}/"] + ([] if added.unchanged else [SHARED_NAME, *(f"{n}/" for n in fleet.names)])
+    new = report["members"][-1]
+    return {"output": str(target), **report, "rewritten": [*rewritten, FLEET_REPORT_NAME],
+            "added": {"member": name, "relative_error": new["relative_error"], **report["additions"][-1],
+                      "warnings": report["warnings"][len(fleet.report.warnings):]}}
 
 
 def _calibration_files(args: list[str], names: list[str]) -> list[str]:

@@ -374,10 +374,10 @@ def test_fleet_kind_forms_counts_and_messages():
     assert converters.fleet_kind("shareab", As, Bts, 2).ranks == (2, 2)  # rank_out defaults to rank
     assert len(fleet_options("sharea", As, Bts, max_rank=2)) == 2
     options = fleet_options("shareab", As, Bts)  # every pair up to the two bases' sizes (7 and 6)
-    assert {(o.rank, o.groups) for o in options} == {(k1, k2) for k1 in range(1, 8) for k2 in range(1, 7)}
+    assert {(o.rank_out, o.rank_in) for o in options} == {(k1, k2) for k1 in range(1, 8) for k2 in range(1, 7)}
     for o in options:
-        assert o.params == o.rank * 7 + o.groups * 6 + 4 * o.rank * o.groups
-    (full,) = [o for o in options if (o.rank, o.groups) == (7, 6)]
+        assert o.params == o.rank_out * 7 + o.rank_in * 6 + 4 * o.rank_out * o.rank_in
+    (full,) = [o for o in options if (o.rank_out, o.rank_in) == (7, 6)]
     assert full.error <= 1e-9 * float(values.sum())
     for call, message in [
         (lambda: converters.fleet_kind("sharea", As, Bts, 0), "rank must be positive, got 0"),

@@ -145,13 +145,13 @@ def test_options_errors_match_the_dense_references():
     dws = flat(dense(As, Bts))
     s = torch.linalg.svdvals(torch.cat(dws, dim=0))
     for o in fleet_options("sharea", As, Bts):
-        assert o.error == pytest.approx(float(s[o.rank:].square().sum()), rel=1e-5, abs=1e-8)
-        assert o.params == converters.fleet_parameter_count("sharea", N_OUT, N_IN, len(dws), 0, o.rank)
+        assert o.error == pytest.approx(float(s[o.rank_in:].square().sum()), rel=1e-5, abs=1e-8)
+        assert o.params == converters.fleet_parameter_count("sharea", N_OUT, N_IN, len(dws), 0, o.rank_in)
     options = fleet_options("shareab", As, Bts, max_rank=5)
     assert len(options) == 25
     for o in options[::4]:
-        assert o.error == pytest.approx(dense_start_error(dws, o.rank, o.groups), rel=1e-5, abs=1e-8)
-        refined = fleet_shareab(As, Bts, o.rank, o.groups)
+        assert o.error == pytest.approx(dense_start_error(dws, o.rank_out, o.rank_in), rel=1e-5, abs=1e-8)
+        refined = fleet_shareab(As, Bts, o.rank_out, o.rank_in)
         assert refined.error <= o.error * (1 + 1e-9)  # the option's error is an upper bound
 
 

@@ -8,16 +8,18 @@ refuses to overwrite without ``overwrite=True``, and never writes inside an inpu
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 from ..adapter import Adapter
 from ..fleet import FLEET_KEY, Fleet, reference
 from .atomic import MARKER_NAME, MARKER_TEXT, atomic_dir
 from ..errors import ShareportError
 from . import native, peft
-from .fleet import SHARED_NAME
+from .fleet import REPORT_NAME, SHARED_NAME, folder_members, foreign_entries
 from .folder import CONFIG_NAME, WEIGHTS_NAME, dump_json, file_sha256, read_config
 from .tensorfile import save_tensors
 
@@ -70,25 +72,78 @@ def save_adapter(
 
 
 def save_fleet(fleet: Fleet, out: str | os.PathLike, overwrite: bool = False,
-               inputs: Iterable[str | os.PathLike] = (), reports: dict[str, dict] | None = None) -> Path:
+               inputs: Iterable[str | os.PathLike] = (), reports: dict[str, dict] | None = None,
+               previous: Path | None = None, unchanged: Collection[str] = ()) -> Path:
     """Write a fleet folder in one atomic step: ``shared.safetensors`` once, one native member
-    folder per adapter (its own tensors, ``../shared.safetensors`` and its sha256), ``reports``."""
+    folder per adapter (its own tensors, ``../shared.safetensors`` and its sha256), ``reports``.
+
+    ``previous``: the fleet folder this one grew from (``fleet-add``). Its entries named in
+    ``unchanged`` (``SHARED_NAME``, member names) are copied byte for byte instead of written; its
+    other members' folders are copied too, then their config and weights rewritten (so what else
+    they hold, e.g. a training report, stays beside them)."""
     for name in fleet.names:
         if not name or name.startswith(".") or "/" in name or name == SHARED_NAME:
             raise ShareportError(f"{name!r}: cannot be a fleet member's folder name; rename the adapter folder")
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         shared_path = tmp / SHARED_NAME
-        save_tensors(fleet.shared, shared_path)
+        if SHARED_NAME in unchanged:
+            shutil.copyfile(previous / SHARED_NAME, shared_path)
+        else:
+            save_tensors(fleet.shared, shared_path)
         digest = file_sha256(shared_path)
         for name, member in zip(fleet.names, fleet.members):
+            folder = tmp / name
+            if previous is not None and (previous / name).is_dir():
+                shutil.copytree(previous / name, folder, symlinks=True)
+                if name in unchanged:
+                    continue
+            else:
+                folder.mkdir()
+                (folder / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
             ref = {**reference(member), "shared": str(shared_path), "sha256": digest}
             member = dataclasses.replace(member, config={**member.config, FLEET_KEY: ref})
-            folder = tmp / name
-            folder.mkdir()
-            (folder / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
             write_adapter_files(member, folder, as_peft=False)
             if FLEET_KEY not in read_config(folder)["shareport"]:
                 raise ShareportError(f"{name}: internal error, the member does not match its shared tensors")
         for name, data in sorted((reports or {}).items()):
             (tmp / name).write_text(dump_json(data), encoding="utf-8")
     return Path(out)
+
+
+@dataclasses.dataclass
+class FleetFolder:
+    """A fleet folder as read back: its members (shared file checked) and its report."""
+
+    folder: Path
+    members: dict[str, Adapter]  # by member folder name: the report's order, then any other member
+    report: dict  # fleet_report.json as written
+
+    @property
+    def foreign(self) -> list[str]:
+        """Entries that are not the fleet's own (what replacing the folder whole would delete)."""
+        return foreign_entries(self.folder, self.members)
+
+
+def load_fleet(fleet_dir: str | os.PathLike, allow_pickle: bool = False) -> FleetFolder:
+    """Read every member of the fleet folder ``fleet_dir`` (each checks the shared file's sha256, so a
+    changed ``shared.safetensors`` is refused naming a member) and its ``fleet_report.json``."""
+    folder = Path(fleet_dir)
+    if not folder.is_dir():
+        raise ShareportError(f"{folder}: fleet folder not found")
+    if not (folder / SHARED_NAME).is_file():
+        raise ShareportError(f"{folder}: not a fleet folder (no {SHARED_NAME}; 'shareport fleet' writes one)")
+    report_path = folder / REPORT_NAME
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        listed = [m["name"] for m in report["members"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ShareportError(f"{report_path}: missing or not a fleet report ({exc})") from None
+    found = folder_members(folder)
+    if not found:
+        raise ShareportError(f"{folder}: no member folder refers to its {SHARED_NAME}")
+    missing = [name for name in listed if name not in found]
+    if missing:
+        raise ShareportError(f"{folder}: member '{missing[0]}' of {REPORT_NAME} has no folder here")
+    order = listed + sorted(set(found) - set(listed))
+    members = {name: load_adapter(found[name], allow_pickle=allow_pickle) for name in order}
+    return FleetFolder(folder, members, report)

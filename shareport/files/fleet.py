@@ -38,8 +38,8 @@ from .tensorfile import check_finite, load_tensors
 SHARED_NAME = "shared.safetensors"
 REPORT_NAME = "fleet_report.json"
 
-__all__ = ["FLEET_KEY", "REPORT_NAME", "SHARED_NAME", "fleet_members", "join_shared", "member_names",
-           "member_section", "split_named"]
+__all__ = ["FLEET_KEY", "REPORT_NAME", "SHARED_NAME", "check_member_name", "fleet_members", "folder_members",
+           "foreign_entries", "join_shared", "member_names", "member_section", "split_named"]
 
 # a member's folder name: portable on every file system, no hidden folder, no option look-alike
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -141,6 +141,30 @@ def fleet_members(adapter: Adapter) -> dict[str, Path]:
     return members
 
 
+def folder_members(fleet_dir: Path) -> dict[str, Path]:
+    """The member folders of a fleet folder, by folder name: its sub-folders whose config refers to the
+    folder's own ``shared.safetensors`` (whatever sha256 they record: reading them checks it). A
+    sub-folder that is not an adapter, or refers elsewhere, is not a member."""
+    shared = (fleet_dir / SHARED_NAME).resolve()
+    members = {}
+    for folder in sorted(p for p in fleet_dir.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):
+        try:
+            section = read_config(folder).get("shareport", {}).get(FLEET_KEY)
+        except (ShareportError, AttributeError):
+            continue
+        if isinstance(section, dict) and isinstance(section.get("shared"), str) and \
+                (folder / section["shared"]).resolve() == shared:
+            members[folder.name] = folder
+    return members
+
+
+def foreign_entries(fleet_dir: Path, members: dict[str, Path]) -> list[str]:
+    """What a fleet folder holds besides the fleet (its shared file, report, marker and members):
+    what replacing the folder whole would delete."""
+    own = {SHARED_NAME, REPORT_NAME, MARKER_NAME, *members}
+    return sorted(p.name for p in fleet_dir.iterdir() if p.name not in own)
+
+
 def split_named(arg: str) -> tuple[str | None, str]:
     """``NAME=PATH`` -> (NAME, PATH); anything else, or an argument that exists as a path (a folder
     whose own name holds '='), -> (None, arg)."""
@@ -150,7 +174,8 @@ def split_named(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
-def _check_name(name: str, what: str) -> None:
+def check_member_name(name: str, what: str) -> None:
+    """Refuse, in one line naming ``what``, a member name that cannot be a fleet folder's member folder."""
     if not NAME_PATTERN.fullmatch(name) or name in (SHARED_NAME, REPORT_NAME, MARKER_NAME):
         reserved = " (a name the fleet folder uses itself)" if NAME_PATTERN.fullmatch(name) else ""
         raise ShareportError(f"{what}: '{name}' is not a valid member name{reserved}; a name is a folder "
@@ -189,7 +214,7 @@ def member_names(args: list[str]) -> list[tuple[str, str]]:
         seen_paths[resolved] = arg
     for arg, (name, path) in zip(args, split):
         if name is not None:
-            _check_name(name, arg)
+            check_member_name(name, arg)
             if not os.path.exists(path):
                 raise ShareportError(f"{arg}: {path} does not exist (NAME=PATH gives the member at PATH the "
                                      "name NAME)")
@@ -199,7 +224,7 @@ def member_names(args: list[str]) -> list[tuple[str, str]]:
     for i, (arg, (name, path)) in enumerate(zip(args, split)):
         if name is None:
             name = derived[i]
-            _check_name(name, f"{path} (its name from its folders)")
+            check_member_name(name, f"{path} (its name from its folders)")
         if name in seen:
             how = "is given twice" if split[i][0] is not None and split[seen[name]][0] is not None else \
                 "would name two members"
