@@ -256,7 +256,7 @@ def _plan_calibrated(to: str, kinds: dict, stats: dict, rank, groups, energy, bu
     """``_plan`` in the calibrated measure (see ``Calibration`` for what is exact and what is not).
     ``stats[name]``: the kind's statistics, in its sites' order."""
     from converters import budget as planning
-    from converters.truncate import _plan as plan_from_spectra
+    from converters.truncate import plan_from_spectra
 
     try:
         if to == "lora":
