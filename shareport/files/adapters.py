@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Protocol
 
-from ..adapter import Adapter
-from ..fleet import FLEET_KEY, Fleet, reference
+import torch
+
+from ..adapter import FLEET_KEY, Adapter, reference
 from .atomic import MARKER_NAME, MARKER_TEXT, atomic_dir
 from ..errors import ShareportError
 from . import native, peft
@@ -69,7 +70,16 @@ def save_adapter(
     return Path(out)
 
 
-def save_fleet(fleet: Fleet, out: str | os.PathLike, overwrite: bool = False,
+class FleetParts(Protocol):
+    """What ``save_fleet`` writes of a ``shareport.fleet.Fleet``: named here, not imported, because
+    files/ sits below the fleet builder (tests/test_architecture.py)."""
+
+    names: list[str]
+    shared: dict[str, torch.Tensor]
+    members: list[Adapter]
+
+
+def save_fleet(fleet: FleetParts, out: str | os.PathLike, overwrite: bool = False,
                inputs: Iterable[str | os.PathLike] = (), reports: dict[str, dict] | None = None) -> Path:
     """Write a fleet folder in one atomic step: ``shared.safetensors`` once, one native member
     folder per adapter (its own tensors, ``../shared.safetensors`` and its sha256), ``reports``."""
