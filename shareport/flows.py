@@ -29,7 +29,8 @@ from pathlib import Path
 
 from converters import DEFAULT_RIDGE
 
-from .convert import Calibration, conversion_steps, convert_adapter
+from .convert import conversion_steps, convert_adapter
+from .convert_options import Calibration
 from .errors import ShareportError
 from .forms import AUTO, CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, GROUPED_FORMS, PER_SITE_FORMS
 from .fleet import build_fleet
@@ -86,7 +87,7 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     ``calibration`` (data: text, jsonl or tokenized, as ``finetune`` reads it) with ``base``:
     ``calibration_samples`` examples drawn across the file (``train.data.sample_examples``), cut to
     ``calibration_max_length`` tokens, are run through the base with the LoRA attached, and every form
-    minimises the error of the update's outputs on those inputs (``shareport.convert.Calibration``)
+    minimises the error of the update's outputs on those inputs (``shareport.convert_options.Calibration``)
     instead of the plain Frobenius error. The three ``calibration_*`` settings default to
     ``CALIBRATION_SAMPLES``, ``CALIBRATION_MAX_LENGTH`` and ``converters.DEFAULT_RIDGE``; given without
     ``calibration`` they are refused (they would do nothing).
