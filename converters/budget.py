@@ -40,7 +40,7 @@ def rank_cap(method: str, kind: KindFactors) -> int:
 
 
 def kind_parameter_count(method: str, kind: KindFactors, rank: int, groups: int | None = None) -> int:
-    return shared_form(method).parameter_count(kind.n_out, kind.n_in, kind.n_sites, rank, groups)
+    return shared_form(method).parameter_count(kind.n_out, kind.n_in, kind.n_sites, rank=rank, groups=groups)
 
 
 def kind_lora_parameter_count(kind: KindFactors) -> int:

@@ -18,4 +18,4 @@ def lora_parameter_count(n_out: int, n_in: int, ranks: list[int]) -> int:
 def parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank: int,
                     groups: int | None = None) -> int:
     """Parameters of one kind converted to ``method`` (or "lora" with every site at ``rank``)."""
-    return any_form(method).parameter_count(n_out, n_in, n_sites, rank, groups)
+    return any_form(method).parameter_count(n_out, n_in, n_sites, rank=rank, groups=groups)

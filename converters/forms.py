@@ -62,7 +62,7 @@ class Form:
     of each added rank, which ASLoRA does not have: its planning estimates with a grouping table)."""
 
     name: str
-    parameter_count: Callable[[int, int, int, int, int | None], int]  # (n_out, n_in, n_sites, rank, groups)
+    parameter_count: Callable[..., int]  # (n_out, n_in, n_sites, *, rank, groups)
     convert_calibrated: Callable[[CalibratedKind, object, Settings], CalibratedResult]
     convert: Callable[[KindFactors, int, Settings], KindResult] | None = None
     rank_cap: Callable[[KindFactors], int] | None = None  # keeps the shared factor's rows/columns orthonormal
@@ -73,7 +73,7 @@ class Form:
     per_site: bool = False  # every site keeps its own factors at its own rank
 
 
-def _aslora_count(n_out: int, n_in: int, n_sites: int, rank: int, groups: int | None) -> int:
+def _aslora_count(n_out: int, n_in: int, n_sites: int, *, rank: int, groups: int | None) -> int:
     if groups is None:
         raise ValueError("aslora needs the number of groups")
     return rank * n_in + groups * rank * n_out
@@ -94,18 +94,18 @@ def _convert_aslora_calibrated(ck: CalibratedKind, rank: int, settings: Settings
 
 ROWS = (
     Form("sharea",
-         parameter_count=lambda n_out, n_in, n_sites, rank, groups: rank * n_in + n_sites * rank * n_out,
+         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_in + n_sites * rank * n_out,
          convert=lambda kind, rank, settings: convert_sharea(kind, rank),
          convert_calibrated=lambda ck, rank, settings: convert_sharea_calibrated(
              ck, rank, settings.max_iterations, settings.tol, settings.restarts),
          rank_cap=lambda kind: kind.n_in, spectrum=sharea_spectrum),
     Form("shareb",
-         parameter_count=lambda n_out, n_in, n_sites, rank, groups: rank * n_out + n_sites * rank * n_in,
+         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_out + n_sites * rank * n_in,
          convert=lambda kind, rank, settings: convert_shareb(kind, rank),
          convert_calibrated=lambda ck, rank, settings: convert_shareb_calibrated(ck, rank),
          rank_cap=lambda kind: kind.n_out, spectrum=shareb_spectrum, exact_calibrated_spectrum=True),
     Form("shareab",
-         parameter_count=lambda n_out, n_in, n_sites, rank, groups: rank * (n_in + n_out),
+         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * (n_in + n_out),
          convert=lambda kind, rank, settings: convert_shareab(kind, rank),
          convert_calibrated=lambda ck, rank, settings: convert_shareab_calibrated(ck, rank),
          rank_cap=lambda kind: min(kind.n_in, kind.n_out), spectrum=shareab_spectrum,
@@ -113,7 +113,7 @@ ROWS = (
     Form("aslora", parameter_count=_aslora_count, convert=_convert_aslora,
          convert_calibrated=_convert_aslora_calibrated, rank_cap=lambda kind: kind.n_in, grouped=True),
     Form("lora",
-         parameter_count=lambda n_out, n_in, n_sites, rank, groups: rank * n_sites * (n_in + n_out),
+         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_sites * (n_in + n_out),
          convert_calibrated=lambda ck, ranks, settings: convert_lora_calibrated(ck, ranks), per_site=True),
 )
 FORMS = {row.name: row for row in ROWS}

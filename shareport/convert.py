@@ -82,13 +82,14 @@ def convert_adapter(
     options.check_adapter(adapter)
     measure = measure_for(calibration, adapter.kinds())
     if options.to == AUTO:
-        out, report = _convert_auto(adapter, options, progress, measure, error_measure or measure.default_error)
+        out, report = _convert_auto(adapter, options, progress=progress, measure=measure,
+                                    error_measure=error_measure or measure.default_error)
     else:
-        out, report = _convert(adapter, options, progress, measure)
+        out, report = _convert(adapter, options, progress=progress, measure=measure)
     return _with_provenance(out, adapter, report.settings, source_digest), report
 
 
-def _kind_results(adapter: Adapter, options: ConvertOptions, budget: float | None, measure: Measure):
+def _kind_results(adapter: Adapter, options: ConvertOptions, *, budget: float | None, measure: Measure):
     """(kind, its sites, its result, its calibration entry or None), one kind at a time.
 
     A budget is spent across kinds, so it needs every kind's factors at once; otherwise each
@@ -99,13 +100,13 @@ def _kind_results(adapter: Adapter, options: ConvertOptions, budget: float | Non
     for name, sites in kinds.items():
         As, Bts = factors.pop(name) if name in factors else kind_factors(adapter, sites)
         plan = plans[name] if name in plans else measure.plan({name: (As, Bts)}, options, None)[name]
-        result, entry = measure.convert(name, (As, Bts), plan, options)
+        result, entry = measure.convert(name, (As, Bts), plan=plan, options=options)
         del As, Bts  # free the kind's copies before the next one
         release_pool(adapter)
         yield name, sites, result, entry
 
 
-def _convert(adapter: Adapter, asked: ConvertOptions, progress, measure: Measure):
+def _convert(adapter: Adapter, asked: ConvertOptions, *, progress, measure: Measure):
     hint = asked.size_hint()
     options = asked.planned()
     settings = options.settings()
@@ -118,10 +119,10 @@ def _convert(adapter: Adapter, asked: ConvertOptions, progress, measure: Measure
     tensors: dict[str, torch.Tensor] = {}
     new_sites: dict[str, Site] = {}
     reports = []
-    for name, sites, result, entry in _kind_results(adapter, options, _input_budget(adapter, options.budget, source),
-                                                    measure):
-        a_names, b_names = naming.tensor_names(name, [s.path for s in sites], len(result.a_tensors),
-                                               len(result.b_tensors))
+    budget = _input_budget(adapter, options.budget, source)
+    for name, sites, result, entry in _kind_results(adapter, options, budget=budget, measure=measure):
+        a_names, b_names = naming.tensor_names(name, [s.path for s in sites], a_count=len(result.a_tensors),
+                                               b_count=len(result.b_tensors))
         site_ranks = {}
         for pos, site in enumerate(sites):
             site_ranks[site.path] = int(result.site_factors(pos)[1].shape[0])
@@ -159,7 +160,8 @@ def _input_budget(adapter: Adapter, budget: float | None, source: int) -> float 
     return budget * source / lora
 
 
-def _convert_auto(adapter: Adapter, options: ConvertOptions, progress, measure: Measure, error_measure: ErrorMeasure):
+def _convert_auto(adapter: Adapter, options: ConvertOptions, *, progress, measure: Measure,
+                  error_measure: ErrorMeasure):
     """Every form of ``AUTO_FORMS`` at ``budget``; the one with the least error wins. Errors within
     ``AUTO_TIE`` of the energy are equal (e.g. two lossless forms): then the fewest parameters win,
     then the order of ``AUTO_FORMS``."""
@@ -168,7 +170,7 @@ def _convert_auto(adapter: Adapter, options: ConvertOptions, progress, measure: 
     for form in AUTO_FORMS:
         tick = (lambda name, form=form: progress(f"{form}: {name}")) if progress else None
         try:
-            out, report = _convert(adapter, options.candidate(form), tick, measure)
+            out, report = _convert(adapter, options.candidate(form), progress=tick, measure=measure)
         except ShareportError as exc:  # e.g. a budget below this form's minimum
             candidates.append({"form": form, "refused": str(exc)})
             continue

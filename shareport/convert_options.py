@@ -61,7 +61,7 @@ class ConvertOptions:
     budget: float | None = None
     groups: int | None = None
     grouping: str = "any"
-    calibration: Calibration | None = None
+    calibration: Calibration | None = dataclasses.field(default=None, compare=False)  # tensors: not compared
 
     def __post_init__(self) -> None:
         if self.to not in TARGET_FORMS:

@@ -62,7 +62,7 @@ class Measure(Protocol):
         """Per kind of ``kinds``: its plan; ``budget`` (a fraction of a plain LoRA at the input's
         ranks, or None) replaces ``options.budget``."""
 
-    def convert(self, name: str, factors: Factors, plan, options: ConvertOptions) -> tuple[KindResult, dict | None]:
+    def convert(self, name: str, factors: Factors, *, plan, options: ConvertOptions) -> tuple[KindResult, dict | None]:
         """One kind converted by its plan, and its ``KindReport.calibration`` entry (None if none)."""
 
     def record(self, settings: dict, reports: list[KindReport]) -> None:
@@ -99,7 +99,7 @@ def plain_plan(kinds: dict[str, Factors], options: ConvertOptions, budget: float
         raise ShareportError(str(exc)) from None
 
 
-def plain_convert(to: str, factors: Factors, plan, grouping: str) -> KindResult:
+def plain_convert(to: str, factors: Factors, plan, *, grouping: str) -> KindResult:
     As, Bts = factors
     if converters.FORMS[to].per_site:
         return converters.truncate_kind(As, Bts, plan)
@@ -115,8 +115,8 @@ class FrobeniusMeasure:
     def plan(self, kinds: dict[str, Factors], options: ConvertOptions, budget: float | None) -> dict:
         return plain_plan(kinds, options, budget)
 
-    def convert(self, name: str, factors: Factors, plan, options: ConvertOptions) -> tuple[KindResult, None]:
-        return plain_convert(options.to, factors, plan, options.grouping), None
+    def convert(self, name: str, factors: Factors, *, plan, options: ConvertOptions) -> tuple[KindResult, None]:
+        return plain_convert(options.to, factors, plan, grouping=options.grouping), None
 
     def record(self, settings: dict, reports: list[KindReport]) -> None:
         pass  # a plain conversion records its options only
@@ -142,11 +142,11 @@ class CalibratedMeasure:
             if budget is None and (energy is None or not form.exact_calibrated_spectrum):
                 return plain_plan(kinds, options, budget)  # explicit rank, or the plain energy plan
             if form.exact_calibrated_spectrum:
-                options_by_kind = {name: self._spectrum_options(to, name, factors, energy)
+                options_by_kind = {name: self._spectrum_options(to, name, factors, energy=energy)
                                    for name, factors in kinds.items()}
             else:  # a budget without a calibrated spectrum: score the plain front around the plain choice
                 plain = converters.plan(to, kinds, budget=budget, groups=options.groups, grouping=options.grouping)
-                options_by_kind = {name: self._scored_candidates(name, factors, plain[name], options)
+                options_by_kind = {name: self._scored_candidates(name, factors, plain[name], options=options)
                                    for name, factors in kinds.items()}
             if energy is not None:
                 return {name: (opts[0].rank, opts[0].groups) for name, opts in options_by_kind.items()}
@@ -167,7 +167,7 @@ class CalibratedMeasure:
                                             budget=budget)
         return {name: p.ranks for name, p in plan.kinds.items()}
 
-    def _spectrum_options(self, to: str, name: str, factors: Factors, energy: float | None) -> list[Option]:
+    def _spectrum_options(self, to: str, name: str, factors: Factors, *, energy: float | None) -> list[Option]:
         """Every rank with its exact calibrated objective, energy - spectrum[:k].sum() of one rank-1 probe
         (with ``energy``: just the option that rule picks)."""
         As, Bts = factors
@@ -182,7 +182,7 @@ class CalibratedMeasure:
             return [planning.choose_by_energy(options, probe.energy, energy)]
         return options
 
-    def _scored_candidates(self, name: str, factors: Factors, chosen, options: ConvertOptions) -> list[Option]:
+    def _scored_candidates(self, name: str, factors: Factors, chosen, *, options: ConvertOptions) -> list[Option]:
         """The plain planner's setting ``chosen`` for this kind and ``CANDIDATE_NEIGHBOURS`` either side of
         it on the kind's plain Pareto front, each scored by the calibrated conversion (its damped objective)."""
         to = options.to
@@ -202,7 +202,7 @@ class CalibratedMeasure:
             scored.append(Option(o.rank, o.groups, o.params, res.objective))
         return scored
 
-    def convert(self, name: str, factors: Factors, plan, options: ConvertOptions) -> tuple[KindResult, dict]:
+    def convert(self, name: str, factors: Factors, *, plan, options: ConvertOptions) -> tuple[KindResult, dict]:
         """The calibrated result and its report entry, with the plain projection at the same plan scored alike."""
         to, stats, lam = options.to, self.stats[name], self.lam
         As, Bts = factors
@@ -212,7 +212,7 @@ class CalibratedMeasure:
             k, g = plan
             calibrated = converters.convert_kind_calibrated(to, As, Bts, stats, k, groups=g, grouping=options.grouping,
                                                             lam=lam)
-        plain = plain_convert(to, factors, plan, options.grouping)
+        plain = plain_convert(to, factors, plan, grouping=options.grouping)
         q = converters.calibration_basis(As)
         entry = {"objective": calibrated.objective, "energy": calibrated.result.energy,
                  "plain_objective": converters.calibrated_objective(As, Bts, stats, q, plain, lam=lam),
