@@ -16,6 +16,8 @@ Public API:
 
 Plain LoRA truncation (each site keeps its own A and B at a lower rank, see truncate.py):
     plan_truncation(kinds, *, rank=None, energy=None, budget=None, exact=None) -> TruncationPlan
+    plan_from_spectra(spectra, shapes, lora_ranks, *, rank=None, energy=None, budget=None, exact=None)
+        -> TruncationPlan   (the same on given per-site spectra, e.g. calibrated ones)
     truncate_kind(As, Bts, ranks) -> TruncationResult   (a KindResult with method "lora")
 
 Calibrated (activation-weighted) projection, see calibration.py for the objective and statistics:
@@ -39,28 +41,22 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .aslora import DEFAULT_MAX_ITERATIONS, convert_aslora
+from .aslora import DEFAULT_MAX_ITERATIONS
 from .budget import (ASLORA_PLAN_RANK_FACTOR, DEFAULT_ASLORA_BUDGET, DEFAULT_RANK_RULE,
                      default_groups, plan, spend_budget)
-from .calibrated_aslora import convert_aslora_calibrated
-from .calibrated_shareab import convert_shareab_calibrated
-from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL, convert_sharea_calibrated
-from .calibrated_shareb import convert_shareb_calibrated
-from .calibrated_truncation import convert_lora_calibrated, site_spectra
+from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL
+from .calibrated_truncation import site_spectra
 from .calibration import (DEFAULT_RIDGE, CalibratedKind, CalibratedResult, calibrated_objective,
                           calibration_basis, input_statistics)
 from .counting import METHODS, lora_parameter_count, parameter_count
 from .factored import sites_error
 from .fleet import FLEET_FORMS, FleetKindResult, FleetOption, fleet_kind, fleet_options, fleet_parameter_count
+from .forms import CALIBRATED_FORMS as CALIBRATED_METHODS
+from .forms import FORMS, PER_SITE_NAMES, Form, Settings, shared_form
 from .grouping import GROUPINGS
-from .shareab import convert_shareab, shareab_spectrum
-from .sharea import convert_sharea, sharea_spectrum
-from .shareb import convert_shareb, shareb_spectrum
-from .truncate import (KindTruncationPlan, TruncationPlan, TruncationResult, plan_truncation,
+from .truncate import (KindTruncationPlan, TruncationPlan, TruncationResult, plan_from_spectra, plan_truncation,
                        truncate_factors)
 from .types import KindFactors, KindPlan, KindResult, Option
-
-CALIBRATED_METHODS = ("lora", *METHODS)
 
 __all__ = [
     "CALIBRATED_METHODS", "DEFAULT_MAX_ROUNDS", "DEFAULT_RESTARTS", "DEFAULT_RIDGE", "DEFAULT_TOL", "CalibratedResult",
@@ -69,19 +65,21 @@ __all__ = [
     "ASLORA_PLAN_RANK_FACTOR", "DEFAULT_ASLORA_BUDGET", "DEFAULT_MAX_ITERATIONS", "DEFAULT_RANK_RULE",
     "GROUPINGS", "METHODS", "KindPlan", "KindResult", "KindTruncationPlan", "Option", "TruncationPlan",
     "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
-    "plan_truncation", "reconstruction_error", "spectrum", "truncate_kind",
+    "plan_from_spectra", "plan_truncation", "reconstruction_error", "spectrum", "truncate_kind",
     "FLEET_FORMS", "FleetKindResult", "FleetOption", "fleet_kind", "fleet_options", "fleet_parameter_count", "spend_budget",
+    "FORMS", "Form",
 ]
 
-_SPECTRA = {"sharea": sharea_spectrum, "shareb": shareb_spectrum, "shareab": shareab_spectrum}
+# the forms whose error falls by a known amount with each added rank
+_WITH_SPECTRUM = tuple(name for name, row in FORMS.items() if row.spectrum is not None)
 
 
 def spectrum(method: str, As: list[Tensor], Bts: list[Tensor]) -> Tensor:
     """Eigenvalues of the form's projection problem, largest first: the error falls by the
     k-th value when the rank goes from k-1 to k (ShareA/ShareB/ShareAB)."""
-    if method not in _SPECTRA:
-        raise ValueError(f"spectrum is defined for {', '.join(_SPECTRA)}, got {method!r}")
-    return _SPECTRA[method](KindFactors.from_lists(As, Bts))
+    if method not in _WITH_SPECTRUM:
+        raise ValueError(f"spectrum is defined for {', '.join(_WITH_SPECTRUM)}, got {method!r}")
+    return FORMS[method].spectrum(KindFactors.from_lists(As, Bts))
 
 
 def convert_kind(method: str, As: list[Tensor], Bts: list[Tensor], rank: int,
@@ -97,17 +95,7 @@ def convert_kind(method: str, As: list[Tensor], Bts: list[Tensor], rank: int,
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
     kind = KindFactors.from_lists(As, Bts)
-    if method == "sharea":
-        return convert_sharea(kind, rank)
-    if method == "shareb":
-        return convert_shareb(kind, rank)
-    if method == "shareab":
-        return convert_shareab(kind, rank)
-    if method == "aslora":
-        if groups is None:
-            raise ValueError("aslora needs groups (see converters.default_groups)")
-        return convert_aslora(kind, rank, groups, grouping, max_iterations)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return shared_form(method).convert(kind, rank, Settings(groups, grouping, max_iterations))
 
 
 def truncate_kind(As: list[Tensor], Bts: list[Tensor], ranks: int | Sequence[int]) -> TruncationResult:
@@ -158,19 +146,10 @@ def convert_kind_calibrated(method: str, As: list[Tensor], Bts: list[Tensor], S:
     """
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
-    if method != "lora" and not isinstance(rank, int):
-        raise ValueError(f"one rank per site is for method 'lora' only, got {method!r}")
+    form = FORMS[method]
+    if not form.per_site and not isinstance(rank, int):
+        raise ValueError(f"one rank per site is for method {PER_SITE_NAMES} only, got {method!r}")
     if isinstance(rank, int) and rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
     ck = CalibratedKind.build(As, Bts, S, lam)
-    if method == "lora":
-        return convert_lora_calibrated(ck, rank)
-    if method == "shareb":
-        return convert_shareb_calibrated(ck, rank)
-    if method == "shareab":
-        return convert_shareab_calibrated(ck, rank)
-    if method == "sharea":
-        return convert_sharea_calibrated(ck, rank, max_iterations, tol, restarts)
-    if groups is None:
-        raise ValueError("aslora needs groups (a count, see converters.default_groups, or a partition)")
-    return convert_aslora_calibrated(ck, rank, groups, grouping, regroup, max_iterations, tol, restarts)
+    return form.convert_calibrated(ck, rank, Settings(groups, grouping, max_iterations, tol, restarts, regroup))

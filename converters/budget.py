@@ -22,35 +22,25 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from .aslora import aslora_error_table
-from .counting import METHODS, lora_parameter_count, parameter_count
+from .counting import lora_parameter_count
 from .factored import kind_energy
-from .shareab import shareab_spectrum
-from .sharea import sharea_spectrum
-from .shareb import shareb_spectrum
-from .types import KindFactors, KindPlan, Option
+from .forms import shared_form
+from .types import ENERGY_SLACK, KindFactors, KindPlan, Option
 
 DEFAULT_RANK_RULE = "largest LoRA rank of the kind"
 DEFAULT_ASLORA_BUDGET = 0.25
 # ASLoRA planning scores every (rank, groups) pair with one grouping run per rank, so the
 # candidate ranks stop at this multiple of the LoRA rank (sharea/shareb/shareab use all ranks).
 ASLORA_PLAN_RANK_FACTOR = 2
-# slack for "reaches the energy target", so that a target of exactly 1.0 survives roundoff
-_ENERGY_SLACK = 1e-12
 
 
 def rank_cap(method: str, kind: KindFactors) -> int:
     """Largest rank the form allows while its shared factor keeps orthonormal rows/columns."""
-    if method in ("sharea", "aslora"):
-        return kind.n_in
-    if method == "shareb":
-        return kind.n_out
-    if method == "shareab":
-        return min(kind.n_in, kind.n_out)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return shared_form(method).rank_cap(kind)
 
 
 def kind_parameter_count(method: str, kind: KindFactors, rank: int, groups: int | None = None) -> int:
-    return parameter_count(method, kind.n_out, kind.n_in, kind.n_sites, rank, groups)
+    return shared_form(method).parameter_count(kind.n_out, kind.n_in, kind.n_sites, rank=rank, groups=groups)
 
 
 def kind_lora_parameter_count(kind: KindFactors) -> int:
@@ -63,27 +53,25 @@ def default_groups(kind: KindFactors, rank: int, fraction: float = DEFAULT_ASLOR
     return max(1, min(kind.n_sites, math.floor(allowed / (rank * kind.n_out))))
 
 
-_SPECTRA = {"sharea": sharea_spectrum, "shareb": shareb_spectrum, "shareab": shareab_spectrum}
-
-
 def kind_options(method: str, kind: KindFactors, max_rank: int | None = None,
                  groups: int | None = None, grouping: str = "any") -> list[Option]:
     """Every candidate setting of a kind up to ``max_rank`` with its parameters and error.
 
-    sharea/shareb/shareab: ranks 1..max_rank with the exact error ``energy - spectrum[:k].sum()``
-    (default max_rank: the spectrum's length, beyond which the error no longer falls).
-    aslora: pairs (k, G) (G fixed when ``groups`` is given) with the estimate of
+    A form with a spectrum (sharea/shareb/shareab): ranks 1..max_rank with the exact error
+    ``energy - spectrum[:k].sum()`` (default max_rank: the spectrum's length, beyond which the error
+    no longer falls). A grouped form (aslora): pairs (k, G) (G fixed when ``groups`` is given) with the estimate of
     ``aslora_error_table`` (default max_rank: ``ASLORA_PLAN_RANK_FACTOR`` times the LoRA rank).
     """
-    cap = rank_cap(method, kind)
-    if method == "aslora":
+    form = shared_form(method)
+    cap = form.rank_cap(kind)
+    if form.grouped:
         top = max_rank or ASLORA_PLAN_RANK_FACTOR * kind.max_rank
         ranks = list(range(1, min(top, cap) + 1))
         table = aslora_error_table(kind, ranks, grouping)
         group_counts = [min(groups, kind.n_sites)] if groups else range(1, kind.n_sites + 1)
         return [Option(k, g, kind_parameter_count(method, kind, k, g), table[k][g - 1])
                 for k in ranks for g in group_counts]
-    spectrum = _SPECTRA[method](kind)
+    spectrum = form.spectrum(kind)
     energy = kind_energy(kind.bts, kind.as_)
     top = min(max_rank or max(len(spectrum), 1), cap)
     head = spectrum[:top].cumsum(0).tolist() + [float(spectrum[:top].sum())] * max(0, top - len(spectrum))
@@ -94,7 +82,7 @@ def kind_options(method: str, kind: KindFactors, max_rank: int | None = None,
 def choose_by_energy(options: list[Option], energy: float, fraction: float) -> Option:
     """Cheapest option keeping ``fraction`` of the energy (least error among equally cheap);
     the least-error option when none reaches it."""
-    allowed = (1.0 - fraction) * energy + _ENERGY_SLACK * energy
+    allowed = (1.0 - fraction) * energy + ENERGY_SLACK * energy
     reaching = [o for o in options if o.error <= allowed]
     if reaching:
         return min(reaching, key=lambda o: (o.params, o.error))
@@ -164,8 +152,7 @@ def plan(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
 
     ``kinds`` maps a kind's name to its ``(As, Bts)`` with the scale folded into the Bts.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    shared_form(method)  # an unknown name is refused before the options are
     if sum(x is not None for x in (rank, energy, budget)) > 1:
         raise ValueError("give at most one of rank, energy and budget")
     factors = {name: KindFactors.from_lists(As, Bts) for name, (As, Bts) in kinds.items()}
@@ -194,7 +181,7 @@ def _explicit_option(method: str, kind: KindFactors, rank: int | None, groups: i
                      grouping: str) -> Option:
     """The option for a given (or default) rank, capped like the converters cap it."""
     k = min(rank if rank is not None else kind.max_rank, rank_cap(method, kind))
-    if method == "aslora":
+    if shared_form(method).grouped:
         g = min(groups, kind.n_sites) if groups is not None else default_groups(kind, k)
         error = aslora_error_table(kind, [k], grouping)[k][g - 1]
         return Option(k, g, kind_parameter_count(method, kind, k, g), error)

@@ -40,7 +40,8 @@ from torch import Tensor
 from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_TOL, SharedRowsProblem, best_run, sharea_starts
 from .calibration import DEFAULT_RIDGE, CalibratedKind, calibration_basis, psd_roots, site_difference
 from .factored import shared_rows
-from .fleet import FLEET_FORMS, FleetKindResult, _check, _per_adapter, top_eigvecs, two_sided_bases
+from .forms import FLEET_TWO_SIDED
+from .fleet import FLEET_FORMS, FleetKindResult, check_fleet_factors, per_adapter, top_eigvecs, two_sided_bases
 
 
 def fleet_basis(As: list[list[Tensor]]) -> Tensor:
@@ -79,11 +80,11 @@ def fleet_kind_calibrated(method: str, As: list[list[Tensor]], Bts: list[list[Te
         raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
     if rank < 1 or (rank_out is not None and rank_out < 1):
         raise ValueError(f"ranks must be positive, got {rank} and {rank_out}")
-    kind, n_adapters, n_layers = _check(As, Bts)
+    kind, n_adapters, n_layers = check_fleet_factors(As, Bts)
     if len(S) != n_adapters or any(len(row) != n_layers for row in S):
         raise ValueError(f"need statistics for {n_adapters} adapters x {n_layers} layers")
     ck = CalibratedKind.build(kind.as_, kind.bts, [s for row in S for s in row], lam)
-    if method == "sharea":
+    if not FLEET_TWO_SIDED[method]:
         problem = SharedRowsProblem(ck)
         start, _ = sharea_starts(problem, min(rank, ck.p), restarts=0)
         state, history, _ = best_run(problem, start, max_iterations, tol)
@@ -105,5 +106,5 @@ def fleet_kind_calibrated(method: str, As: list[list[Tensor]], Bts: list[list[Te
     dtype = kind.out_dtype
     cores = [[c.to(dtype) for c in site_cores[i:i + n_layers]] for i in range(0, ck.n_sites, n_layers)]
     basis_u = None if u is None else (ck.u @ u).to(dtype)
-    return FleetKindResult(method, v.to(dtype), basis_u, cores, _per_adapter(errors, n_layers),
-                           _per_adapter(energies, n_layers), history, _per_adapter(frobenius, n_layers))
+    return FleetKindResult(method, v.to(dtype), basis_u, cores, per_adapter(errors, n_layers),
+                           per_adapter(energies, n_layers), history, per_adapter(frobenius, n_layers))

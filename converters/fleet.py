@@ -111,7 +111,7 @@ class FleetKindResult:
         return sum(c.numel() for c in self.cores[i])
 
 
-def _check(As: list[list[Tensor]], Bts: list[list[Tensor]]) -> tuple[KindFactors, int, int]:
+def check_fleet_factors(As: list[list[Tensor]], Bts: list[list[Tensor]]) -> tuple[KindFactors, int, int]:
     """The fleet's sites flattened adapter-major (site i*L + l) and (N, L)."""
     if not As or len(As) != len(Bts):
         raise ValueError(f"need the same positive number of adapters in As and Bts, got {len(As)} and {len(Bts)}")
@@ -123,7 +123,7 @@ def _check(As: list[list[Tensor]], Bts: list[list[Tensor]]) -> tuple[KindFactors
     return flat, len(As), n_layers
 
 
-def _per_adapter(values: list[float], n_layers: int) -> list[float]:
+def per_adapter(values: list[float], n_layers: int) -> list[float]:
     return [sum(values[i:i + n_layers]) for i in range(0, len(values), n_layers)]
 
 
@@ -162,7 +162,7 @@ def _two_sided_errors(cores: list[Tensor], u: Tensor, v: Tensor) -> list[float]:
 
 def fleet_sharea(As: list[list[Tensor]], Bts: list[list[Tensor]], rank: int) -> FleetKindResult:
     """Shared right basis V (rank capped at n_in) over every adapter and layer; exact optimum."""
-    kind, _, n_layers = _check(As, Bts)
+    kind, _, n_layers = check_fleet_factors(As, Bts)
     v, bs, spectrum = sharea_factors(kind, rank)
     energies = _site_energies(kind)
     # per site ||dW - dW V^T V||^2 = ||dW||^2 - ||dW V^T||^2 (V orthonormal rows); clipped at roundoff
@@ -170,8 +170,8 @@ def fleet_sharea(As: list[list[Tensor]], Bts: list[list[Tensor]], rank: int) -> 
     dtype = kind.out_dtype
     cores = [[b.to(dtype) for b in bs[i:i + n_layers]] for i in range(0, len(bs), n_layers)]
     total = tail_energy(spectrum, v.shape[0])
-    return FleetKindResult("sharea", v.to(dtype), None, cores, _per_adapter(errors, n_layers),
-                           _per_adapter(energies, n_layers), [total])
+    return FleetKindResult("sharea", v.to(dtype), None, cores, per_adapter(errors, n_layers),
+                           per_adapter(energies, n_layers), [total])
 
 
 def fleet_shareab(As: list[list[Tensor]], Bts: list[list[Tensor]], rank_out: int, rank_in: int,
@@ -183,7 +183,7 @@ def fleet_shareab(As: list[list[Tensor]], Bts: list[list[Tensor]], rank_out: int
     """
     if rank_out < 1 or rank_in < 1:
         raise ValueError(f"ranks must be positive, got {rank_out} and {rank_in}")
-    kind, _, n_layers = _check(As, Bts)
+    kind, _, n_layers = check_fleet_factors(As, Bts)
     qb, qa, cores = _small_cores(kind)
     u, v, history = two_sided_bases(cores, rank_out, rank_in, max_iterations, tol)
     site_errors = _two_sided_errors(cores, u, v)
@@ -193,7 +193,7 @@ def fleet_shareab(As: list[list[Tensor]], Bts: list[list[Tensor]], rank_out: int
     basis_u = qb @ u
     basis_v = (qa @ v).T
     return FleetKindResult("shareab", basis_v.to(dtype), basis_u.to(dtype), core_lists,
-                           _per_adapter(site_errors, n_layers), _per_adapter(_site_energies(kind), n_layers),
+                           per_adapter(site_errors, n_layers), per_adapter(_site_energies(kind), n_layers),
                            history)
 
 
@@ -238,7 +238,7 @@ def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
     eigenvectors are nested, so one table of ``E[a, b] = sum_s (u^T M_s v)[a, b]^2`` gives every
     pair's kept energy. Refinement can only lower that error, so it is an upper bound.
     """
-    kind, _, _ = _check(As, Bts)
+    kind, _, _ = check_fleet_factors(As, Bts)
     if method == "sharea":
         return [FleetOption(0, o.rank, o.params, o.error) for o in kind_options("sharea", kind, max_rank=max_rank)]
     if method != "shareab":

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .budget import _ENERGY_SLACK
 from .factored import sign_fix_rows
-from .types import KindFactors, KindResult
+from .types import ENERGY_SLACK, KindFactors, KindResult
 
 # A budget never pays for singular values this small relative to the largest of all sites
 # (sigma_i <= 1e-12 sigma_max): roundoff of a rank-deficient site, no error to remove.
@@ -128,7 +127,7 @@ def rank_for_energy(spectrum: Tensor, fraction: float) -> int:
 
     PEFT 0.21's float ``rank`` (``_find_cutoff_index``): the smallest k with
     ``cumsum(sigma^2)[k-1] >= fraction * total``, so a zero update still gets k = 1. Here the
-    target has budget.py's slack (``_ENERGY_SLACK`` of the energy: fraction 1.0 gives the
+    target has the planners' slack (``ENERGY_SLACK`` of the energy: fraction 1.0 gives the
     numerical rank rather than whatever roundoff says), and k never exceeds the site's rank
     (PEFT's float32 dense SVD may return a k beyond it at 1.0, padding with roundoff directions).
     """
@@ -138,7 +137,7 @@ def rank_for_energy(spectrum: Tensor, fraction: float) -> int:
         return 0
     head = spectrum.cumsum(0)
     total = float(head[-1])
-    target = fraction * total - _ENERGY_SLACK * total
+    target = fraction * total - ENERGY_SLACK * total
     reaching = (head >= target).nonzero()
     return max(1, int(reaching[0]) + 1)
 
@@ -405,10 +404,12 @@ class TruncationPlan:
     error_lower_bound: float
 
 
-def _plan(spectra: dict[str, list[Tensor]], shapes: dict[str, tuple[int, int]],
+def plan_from_spectra(spectra: dict[str, list[Tensor]], shapes: dict[str, tuple[int, int]],
           lora_ranks: dict[str, list[int]], *, rank=None, energy: float | None = None,
           budget: float | None = None, exact: bool | None = None) -> TruncationPlan:
-    """``plan_truncation`` on the sites' squared singular values; ``shapes[name]`` is (n_out, n_in)."""
+    """``plan_truncation`` on given per-site spectra: ``spectra[name][l]`` is site l's error drop rank by
+    rank, descending (its squared singular values, or a calibrated spectrum); ``shapes[name]`` is
+    (n_out, n_in) and ``lora_ranks[name]`` the sites' ranks."""
     if sum(x is not None for x in (rank, energy, budget)) > 1:
         raise ValueError("give at most one of rank, energy and budget")
     names = list(spectra)
@@ -461,4 +462,4 @@ def plan_truncation(kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
         spectra[name] = [site_singular_values(a, bt).square() for a, bt in zip(kind.as_, kind.bts)]
         shapes[name] = (kind.n_out, kind.n_in)
         lora_ranks[name] = [a.shape[0] for a in kind.as_]
-    return _plan(spectra, shapes, lora_ranks, rank=rank, energy=energy, budget=budget, exact=exact)
+    return plan_from_spectra(spectra, shapes, lora_ranks, rank=rank, energy=energy, budget=budget, exact=exact)

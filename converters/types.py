@@ -9,6 +9,9 @@ from torch import Tensor
 # Two A's count as "the same matrix" (a ShareLoRA checkpoint saved through PEFT clones one
 # tensor into every layer) when they differ by no more than this, relative to their size.
 SHARED_A_RTOL = 1e-6
+# slack for "reaches the energy target", so that a target of exactly 1.0 survives roundoff
+# (budget.choose_by_energy, truncate.rank_for_energy)
+ENERGY_SLACK = 1e-12
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Iterable
 import torch
 
 from .errors import ShareportError
+from .forms import FORM_NAMES as FORMS
 
-FORMS = ("lora", "sharea", "shareb", "shareab", "aslora")
 # PEFT keys start with this; site paths never do, carried (modules_to_save) tensor keys do
 PEFT_PREFIX = "base_model.model."
 
@@ -284,3 +284,49 @@ class Adapter:
         if sorted(self.extra_tensors) != sorted(other.extra_tensors):
             return False
         return all(torch.equal(self.extra_tensors[k], other.extra_tensors[k]) for k in self.extra_tensors)
+
+
+# ---------------------------------------------------------------------------- queries on an adapter
+def kind_factors(adapter: Adapter, sites: list[Site]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The kind's A's and scaled B's, in layer order (dW_l = Bts[l] @ As[l])."""
+    As, Bts = [], []
+    for site in sites:
+        a, bt = adapter.factors(site.path, adapter.tensors[site.a].dtype)
+        As.append(a)
+        Bts.append(bt)
+    return As, Bts
+
+
+def recorded_source_parameters(adapter: Adapter) -> int | None:
+    """Parameters of the LoRA the adapter was converted from, if its provenance records them."""
+    recorded = adapter.provenance.get("source_parameters")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        return recorded
+    return None
+
+
+def source_parameters(adapter: Adapter) -> int:
+    """The denominator of every size: the source LoRA's parameters, else the adapter's own."""
+    return recorded_source_parameters(adapter) or adapter.num_parameters()
+
+
+# ---------------------------------------------------------------------------- fleet members
+FLEET_KEY = "fleet"  # Adapter.config key (and the native config's shareport section key) of a member
+
+
+def compose(u: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """A two-sided member's B = U @ C, (n_out, k1) @ (k1, k2), in float64 cast to the core's dtype:
+    one definition for building, reading and checking a member, so all three agree bit for bit."""
+    return (u.double() @ core.double()).to(core.dtype)
+
+
+def reference(adapter: Adapter) -> dict | None:
+    """The fleet reference of a member (None for any other adapter)."""
+    ref = adapter.config.get(FLEET_KEY)
+    return ref if isinstance(ref, dict) else None
+
+
+def frozen_names(adapter: Adapter) -> list[str]:
+    """Pool tensors a member shares with its fleet: training must leave them alone."""
+    ref = reference(adapter)
+    return sorted(ref["names"]) if ref else []

@@ -26,35 +26,17 @@ import torch
 
 import converters
 
-from .adapter import Adapter, Site
+from .adapter import FLEET_KEY, Adapter, Site, compose, kind_factors, source_parameters
 from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
 from converters.factored import kind_energy
+from converters.forms import FLEET_TWO_SIDED
 
-from .convert import AUTO_TIE, LOW_ENERGY, Calibration, kind_factors, size_hint, source_parameters
+from .conversion_report import LOW_ENERGY
+from .convert import AUTO_TIE
+from .convert_options import Calibration
 from .errors import ShareportError
 from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
 from .forms import FLEET_FORMS
-
-FLEET_KEY = "fleet"  # Adapter.config key (and the native config's shareport section key) of a member
-
-
-def compose(u: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-    """A two-sided member's B = U @ C, (n_out, k1) @ (k1, k2), in float64 cast to the core's dtype:
-    one definition for building, reading and checking a member, so all three agree bit for bit."""
-    return (u.double() @ core.double()).to(core.dtype)
-
-
-def reference(adapter: Adapter) -> dict | None:
-    """The fleet reference of a member (None for any other adapter)."""
-    ref = adapter.config.get(FLEET_KEY)
-    return ref if isinstance(ref, dict) else None
-
-
-def frozen_names(adapter: Adapter) -> list[str]:
-    """Pool tensors a member shares with its fleet: training must leave them alone."""
-    ref = reference(adapter)
-    return sorted(ref["names"]) if ref else []
-
 
 @dataclasses.dataclass
 class MemberReport:
@@ -145,7 +127,7 @@ def _plan(form: str, factors: dict, rank: int | None, budget: float | None, lora
     if rank is not None:
         if rank < 1:
             raise ShareportError(f"--rank must be positive, got {rank}")
-        return {kind: (rank if form == "shareab" else 0, rank) for kind in factors}
+        return {kind: (rank if FLEET_TWO_SIDED[form] else 0, rank) for kind in factors}
     budget = DEFAULT_BUDGET if budget is None else budget
     if not budget > 0:
         raise ShareportError(f"--budget must be positive, got {budget}")
@@ -334,7 +316,7 @@ def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str,
     calibration = None if not calibrated else {
         "ridge": sources[0].calibration.ridge, "members": {s.name: s.calibration.info for s in sources}}
     report = FleetReport(form, reports, sum(t.numel() for t in shared.values()), kind_info, settings,
-                         warnings=member_warnings(reports, size_hint(rank, None, budget, DEFAULT_BUDGET),
+                         warnings=member_warnings(reports, _size_hint(rank, budget),
                                                   calibrated=calibrated),
                          calibration=calibration)
     return (Fleet(form, names, shared, members, report), sum(m.squared_error for m in parts),
@@ -363,9 +345,18 @@ def member_report(source: MemberSource, parts: MemberParts) -> MemberReport:
                         _relative(parts.weight_squared_error, source.weight_energy()))
 
 
+def _size_hint(rank: int | None, budget: float | None) -> str:
+    """What to try for a fleet that keeps more, named by the option that set its size."""
+    if rank is not None:
+        return f"a larger --rank than {rank}"
+    if budget is not None:
+        return f"a larger --budget than {budget:g}"
+    return f"a --budget above the default {DEFAULT_BUDGET:g}"
+
+
 def member_warnings(members: list[MemberReport], hint: str, calibrated: bool = False) -> list[str]:
     """One line per member keeping under ``LOW_ENERGY`` of its energy: its squared error is more than
-    half its squared norm (relative error above sqrt(1/2) ~ 0.707); ``hint``: ``convert.size_hint``."""
+    half its squared norm (relative error above sqrt(1/2) ~ 0.707); ``hint``: ``_size_hint``."""
     what = "output energy on its calibration data" if calibrated else "update's energy"
     return [f"member {m.name} keeps only {m.retained_energy:.1%} of its {what} (relative error "
             f"{m.relative_error:.3f}, above {math.sqrt(1 - LOW_ENERGY):.3f}); try {hint}"

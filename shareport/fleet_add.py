@@ -29,12 +29,13 @@ import math
 import torch
 
 import converters
+from converters.forms import FLEET_TWO_SIDED
 from converters.fleet_extend import Extension, extension, pad_core, project
 
-from .adapter import Adapter
+from .adapter import FLEET_KEY, Adapter, compose, reference
 from .errors import ShareportError
-from .fleet import (FLEET_KEY, Fleet, FleetReport, MemberParts, MemberSource, basis_names, check_compatible, compose,
-                    member_adapter, member_report, member_warnings, reference)
+from .fleet import (Fleet, FleetReport, MemberParts, MemberSource, basis_names, check_compatible, member_adapter,
+                    member_report, member_warnings)
 
 # a step keeping less than this share of the new member's energy keeps nothing (roundoff)
 NO_GAIN = 1e-12
@@ -154,7 +155,7 @@ def _grown_shared(shared: dict[str, torch.Tensor], grown: dict[str, tuple[Extens
         a_name, u_name = basis_names(kind)
         v = shared[a_name]
         out[a_name] = torch.cat([v, ext.rows_v[:e2].to(v.dtype)]).contiguous()
-        if form == "shareab":
+        if FLEET_TWO_SIDED[form]:
             u = shared[u_name]
             out[u_name] = torch.cat([u, ext.cols_u[:, :e1].to(u.dtype)], dim=1).contiguous()
     return out

@@ -31,9 +31,10 @@ from pathlib import Path
 
 from converters import DEFAULT_RIDGE
 
-from .convert import Calibration, conversion_steps, convert_adapter
+from .convert import conversion_steps, convert_adapter
+from .convert_options import Calibration
 from .errors import ShareportError
-from .forms import CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES
+from .forms import AUTO, CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, GROUPED_FORMS, PER_SITE_FORMS
 from .fleet import build_fleet, fleet_bases
 from .fleet_add import add_member, read_fleet
 from .export import graph_file
@@ -90,7 +91,7 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     ``calibration`` (data: text, jsonl or tokenized, as ``finetune`` reads it) with ``base``:
     ``calibration_samples`` examples drawn across the file (``train.data.sample_examples``), cut to
     ``calibration_max_length`` tokens, are run through the base with the LoRA attached, and every form
-    minimises the error of the update's outputs on those inputs (``shareport.convert.Calibration``)
+    minimises the error of the update's outputs on those inputs (``shareport.convert_options.Calibration``)
     instead of the plain Frobenius error. The three ``calibration_*`` settings default to
     ``CALIBRATION_SAMPLES``, ``CALIBRATION_MAX_LENGTH`` and ``converters.DEFAULT_RIDGE``; given without
     ``calibration`` they are refused (they would do nothing).
@@ -115,7 +116,7 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             adapter, calibration, base, CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             CALIBRATION_MAX_LENGTH if calibration_max_length is None else calibration_max_length,
             DEFAULT_RIDGE if calibration_ridge is None else calibration_ridge)
-        if to == "auto":  # rank the candidates by what the model outputs on the calibration examples
+        if to == AUTO:  # rank the candidates by what the model outputs on the calibration examples
             from .train.evaluation import output_kl_measure
 
             measure = output_kl_measure(model, adapter, sampled)
@@ -127,13 +128,13 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     if stats is not None:  # not in the provenance: the same input must give the same bytes
         data["calibration"] = {**report.settings["calibration"], "seconds": seconds}
     if plot:
-        if result.form == "lora":  # per-site ranks: no shared rank to mark, every site its own B
+        if result.form in PER_SITE_FORMS:  # per-site ranks: no shared rank to mark, every site its own B
             plot_adapter(adapter, plot)
         else:
             plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
         data["plot"] = plot
     try:
-        save_adapter(result, out, as_peft=(result.form == "lora"), overwrite=overwrite, inputs=inputs)
+        save_adapter(result, out, as_peft=result.form in PER_SITE_FORMS, overwrite=overwrite, inputs=inputs)
     except BaseException:
         if plot:
             Path(plot).unlink(missing_ok=True)  # all outputs or none
@@ -235,9 +236,9 @@ def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str | N
 def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: str, out: str, *, alpha: float = 8.0,
           options: TrainingOptions = TrainingOptions(), overwrite: bool = False) -> dict | None:
     """Train a new adapter of ``form`` from scratch; returns the training report (None on non-main processes)."""
-    if options.merging and form != "aslora":
+    if options.merging and form not in GROUPED_FORMS:
         raise ShareportError(f"--merges/--groups merge B's, which only --form aslora does (got --form {form})")
-    if form == "aslora" and not options.merging:
+    if form in GROUPED_FORMS and not options.merging:
         raise ShareportError("--form aslora needs --merges or --groups (how far to merge the B's)")
     if data_path is None:
         raise ShareportError("train needs --data DATA (the examples to train on)")

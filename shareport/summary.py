@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import Adapter
-from .convert import recorded_source_parameters
+from .adapter import Adapter, recorded_source_parameters
 
 
 def update_norm(adapter: Adapter, path: str) -> float:

@@ -16,7 +16,9 @@ import torch
 import converters
 from converters.types import KindResult
 from shareport import flows
-from shareport.convert import calibrated_error, convert_adapter, kind_factors
+from shareport.adapter import kind_factors
+from shareport.convert import convert_adapter
+from shareport.measures import calibrated_error
 from shareport.files import load_adapter, save_adapter
 from shareport.model import load_base_model
 from shareport.model.calibration import collect_statistics

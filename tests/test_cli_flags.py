@@ -194,3 +194,17 @@ def test_the_group_help_lists_each_command_summary_as_click_would():
     for name in COMMANDS:
         assert short_help(unloaded, name, 60) == main.commands[name].get_short_help_str(60), name
     assert not unloaded.loaded  # summaries read from source, nothing imported
+
+
+def test_the_two_form_registries_agree():
+    """shareport/forms.py (names, metadata; torch-free) and converters/forms.py (the math) hold one row
+    per form each: the same forms, with the same per-site and grouped ones."""
+    import converters
+    from shareport import forms
+
+    assert set(forms.FORMS) == set(converters.FORMS)
+    for name, info in forms.FORMS.items():
+        row = converters.FORMS[name]
+        assert (info.per_site, info.grouped) == (row.per_site, row.grouped), name
+        assert info.default_budget in (None, converters.DEFAULT_ASLORA_BUDGET), name
+    assert set(forms.TARGET_FORMS) == set(forms.FORMS) | {forms.AUTO}

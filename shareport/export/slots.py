@@ -21,7 +21,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import ShareportError
-from ..fleet import reference
+from ..adapter import reference
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Protocol
 
-from ..adapter import Adapter
-from ..fleet import FLEET_KEY, Fleet, reference
+import torch
+
+from ..adapter import FLEET_KEY, Adapter, reference
 from .atomic import MARKER_NAME, MARKER_TEXT, atomic_dir
 from ..errors import ShareportError
 from . import native, peft
@@ -71,7 +72,16 @@ def save_adapter(
     return Path(out)
 
 
-def save_fleet(fleet: Fleet, out: str | os.PathLike, overwrite: bool = False,
+class FleetParts(Protocol):
+    """What ``save_fleet`` writes of a ``shareport.fleet.Fleet``: named here, not imported, because
+    files/ sits below the fleet builder (tests/test_architecture.py)."""
+
+    names: list[str]
+    shared: dict[str, torch.Tensor]
+    members: list[Adapter]
+
+
+def save_fleet(fleet: FleetParts, out: str | os.PathLike, overwrite: bool = False,
                inputs: Iterable[str | os.PathLike] = (), reports: dict[str, dict] | None = None,
                previous: Path | None = None, unchanged: Collection[str] = ()) -> Path:
     """Write a fleet folder in one atomic step: ``shared.safetensors`` once, one native member

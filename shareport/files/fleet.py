@@ -30,7 +30,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import ShareportError
-from ..fleet import FLEET_KEY, compose, reference
+from ..adapter import FLEET_KEY, compose, reference
 from .atomic import MARKER_NAME
 from .folder import CONFIG_NAME, file_sha256, read_config
 from .tensorfile import check_finite, load_tensors

@@ -21,8 +21,7 @@ from torch import nn
 
 import converters
 
-from ..adapter import Adapter
-from ..convert import kind_factors
+from ..adapter import Adapter, kind_factors
 from ..errors import ShareportError
 from .surgery import attach
 

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..adapter import Adapter
+from ..adapter import Adapter, compose
 from ..errors import ShareportError
-from ..fleet import compose
 from ..model.surgery import Attached
 
 

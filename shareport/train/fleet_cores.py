@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..adapter import Adapter
 from ..errors import ShareportError
-from ..fleet import compose, reference
+from ..adapter import compose, reference
 from ..model.surgery import Attached
 
 

@@ -34,9 +34,8 @@ from typing import Callable
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, frozen_names
 from ..errors import ShareportError
-from ..fleet import frozen_names
 from ..model.base import is_causal_lm
 from ..model.surgery import attach
 from .best import BestKept, curve_point, selection_score

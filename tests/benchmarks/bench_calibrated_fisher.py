@@ -45,7 +45,7 @@ import bench_calibrated as calibrated  # noqa: E402  (sets the paths and the off
 import torch  # noqa: E402
 
 from converters.calibration import damp, psd_roots  # noqa: E402
-from converters.truncate import _plan as plan_from_spectra  # noqa: E402
+from converters.truncate import plan_from_spectra  # noqa: E402
 from shareport.adapter import Adapter  # noqa: E402
 from shareport.convert import kind_factors  # noqa: E402
 from shareport.model import attach, load_base_model  # noqa: E402
