@@ -66,7 +66,7 @@ def fleet_needs_inputs(adapter: Adapter, members: dict[str, Adapter], where: dic
         if why:
             raise ShareportError(f"{where[name]}: fleet member '{name}' {why}, so its carried tensors (modules_to_save) "
                                  "cannot be swapped into one graph; nothing was written (export it with --mode "
-                                 "folded, or alone outside the fleet)")
+                                 "folded, or out of the fleet: convert --to lora first)")
     return True
 
 
