@@ -42,6 +42,7 @@ from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
 from .export.doctor import doctor as doctor_report
 from .export.generate import generate as generate_text
+from .export.carried import graph_inputs
 from .export.slots import check_fleet_member
 from .export.ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter, save_onnx_adapter
 from .export.verify import FP16_RTOL, FP32_ATOL, Report
@@ -309,14 +310,22 @@ def export(adapter_dir: str, base_dir: str, out: str, options: ExportOptions = E
 
 
 def _fleet_member_files(adapter_dir: str, out: str, dtype: str) -> list[dict]:
-    """Per fleet member: its ``.onnx_adapter`` (cores only) against its plain LoRA's tensors in that dtype."""
+    """Per fleet member: its ``.onnx_adapter`` (cores, and carried tensors where the graph takes them)
+    against its plain LoRA's tensors in that dtype (with the same carried tensors, which a PEFT LoRA holds too)."""
     from .files.fleet import fleet_members
 
+    members = fleet_members(load_adapter(adapter_dir))
+    if not members:
+        return []  # not a fleet's graph: its metadata need not be read (a whole graph, without external data)
+    takes_carried = bool(graph_inputs(graph_file.read_info(graph_file.load_proto(out), out)))
     rows = []
-    for name, folder in fleet_members(load_adapter(adapter_dir)).items():
+    for name, folder in members.items():
         path = Path(out) / graph_file.member_adapter_name(name)
         if path.is_file():
-            lora = load_adapter(folder).provenance.get("source_parameters") or 0
+            member = load_adapter(folder)
+            lora = member.provenance.get("source_parameters") or 0
+            if takes_carried:
+                lora += sum(t.numel() for t in member.extra_tensors.values())
             rows.append({"member": name, "file": str(path), "bytes": path.stat().st_size,
                          "plain_lora_bytes": lora * (2 if dtype == "fp16" else 4)})
     return rows
@@ -344,7 +353,7 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
     else:
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
         check_fleet_member(info, adapter, str(adapter_dir))  # a fleet's graph holds its shared basis
-        arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:")
+        arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:", carried=graph_inputs(info))
     name = Path(adapter_dir).resolve().name
     path = Path(out) if out else Path(graph_dir) / (name if name.endswith(".onnx_adapter") else f"{name}.onnx_adapter")
     save_onnx_adapter(arrays, path, overwrite=overwrite, inputs=[adapter_dir])

@@ -6,9 +6,10 @@
   adapter gives the base model) or, with ``embed``, the exported adapter's values. ORT's
   multi-LoRA API swaps them at run time; ``adapter.onnx_adapter`` holds the exported adapter.
 
-Carried tensors (PEFT ``modules_to_save``, e.g. a classifier head) are not LoRA factors and
-cannot be swapped: they are written into the base weights in both modes, so "no adapter" means
-the base model with those modules.
+Carried tensors (PEFT ``modules_to_save``, e.g. a classifier head) are not LoRA factors: they are
+written into the base weights in both modes, so "no adapter" means the base model with those
+modules. The one exception: a fleet member's adapter-mode graph whose fleet's members carry different
+tensors takes them as inputs too (``carried``), with the exported member's as defaults.
 
 The exporter's optimiser constant-folds only initializers; the adapter tensors are plain graph
 inputs while it runs and become overridable only afterwards, so it cannot fold them away.
@@ -37,6 +38,7 @@ from ..model import attach, fold, load_base_model
 from ..model.base import CAUSAL_LM_CLASS, auto_class_name, read_base_config
 from . import graph_file
 from .choices import ADAPTER_NAMES, MODES, TORCH_DTYPES
+from .carried import carried_slots, carried_tensors, fleet_needs_inputs, info_section
 from .genai_config import special_tokens, write_genai_config
 from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
@@ -133,10 +135,11 @@ def _quiet_exporter():
 
 
 def trace_to_onnx(model, sig: Signature, slots: dict[str, Slot], wiring: dict, dtype: torch.dtype, opset: int | None,
-                  constants: dict[str, torch.Tensor] | None = None):
-    """``torch.onnx.export(dynamo=True)`` of the flat wrapper; returns the ``onnx_ir`` model."""
+                  constants: dict[str, torch.Tensor] | None = None, *, carried=()):
+    """``torch.onnx.export(dynamo=True)`` of the flat wrapper; returns the ``onnx_ir`` model.
+    ``carried``: slots that stand in for the model's parameters of the same names."""
     args, shapes = _trace_inputs(sig, slots, dtype)
-    with graph_module(model, sig, wiring, constants) as module, _quiet_exporter(), torch.no_grad():
+    with graph_module(model, sig, wiring, constants, carried=carried) as module, _quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
                 module, args, dynamo=True, optimize=True, verbose=False, opset_version=opset,
@@ -173,19 +176,31 @@ def _stages(enabled: bool, total: int):
         bar.close()
 
 
-def _write_member_adapters(adapter: Adapter, folder: Path, dtype: torch.dtype, name) -> None:
-    """``<member>.onnx_adapter`` for every member of the exported member's fleet (its cores only)."""
-    for member_name, member_dir in fleet_members(adapter).items():
-        member = load_adapter(member_dir)
+def _write_member_adapters(members: dict[str, Adapter], folder: Path, dtype: torch.dtype, *, name,
+                           carried: bool) -> None:
+    """``<member>.onnx_adapter`` for every member of the exported member's fleet: its cores, and its
+    carried tensors where the graph takes them as inputs."""
+    for member_name, member in members.items():
         values = {name(n): t.numpy() for n, t in graph_tensors(member, dtype).items()}
+        if carried:
+            values.update({n: t.numpy() for n, t in carried_tensors(member, dtype).items()})
         write_onnx_adapter(values, folder / graph_file.member_adapter_name(member_name))
 
 
-def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model, layout=None) -> dict:
+def _fleet_adapters(adapter: Adapter, layout) -> tuple[dict[str, Adapter], bool]:
+    """(every member of the exported member's fleet, by name; whether the graph takes carried tensors
+    as inputs): read before any output, so a member that cannot fit the graph stops the export first."""
+    folders = fleet_members(adapter) if layout is not None else {}
+    members = {n: load_adapter(folder) for n, folder in folders.items()}
+    return members, bool(members) and fleet_needs_inputs(adapter, members, {n: str(f) for n, f in folders.items()})
+
+
+def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model, layout=None, carried=None) -> dict:
     """What verify and export-adapter need to know about the graph (stored in its metadata)."""
     fleet = {"fleet": {"sha256": layout.sha256, "members": sorted(fleet_members(adapter))}} if layout else {}
     return {
         **fleet,
+        **(info_section(carried) if carried else {}),
         "format_version": FORMAT_VERSION,
         "mode": options.mode,
         "dtype": options.dtype,
@@ -266,18 +281,21 @@ def export(
     # genai_config.json's special tokens: a base without an eos id is refused here, before the slow part
     causal = auto_class_name(adapter.task_type, config) == CAUSAL_LM_CLASS
     tokens = special_tokens(base_dir) if options.with_past and causal else None
+    dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
+    layout = fleet_layout(adapter) if adapter_mode else None
+    members, takes_carried = _fleet_adapters(adapter, layout)
     check_output(out, overwrite, [adapter_dir, base_dir])
     check_memory(base_dir, options.dtype)
-    dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
     report = None
     with _stages(progress, 4 + verify) as stage:
         stage("loading")
         model = prepare_model(base_dir, adapter, options.mode, dtype)
         sig = signature_for(model, options.with_past)
         name = (lambda n: n + OLIVE_SUFFIX) if options.adapter_names == "olive" else (lambda n: n)
-        layout = fleet_layout(adapter) if adapter_mode else None
         slots = {name(n): dataclasses.replace(s, name=name(n)) for n, s in slots_for(adapter).items()} if adapter_mode else {}
         values = {name(n): t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
+        # carried inputs keep their parameter names under either naming (see ``carried``)
+        carried = {n: t.numpy() for n, t in carried_tensors(adapter, dtype).items()} if takes_carried else {}
 
         stage("tracing and converting (slowest step)")
         wiring = {path: (name(s.a), name(s.b)) for path, s in adapter.sites.items()} if adapter_mode else {}
@@ -285,19 +303,20 @@ def export(
         if layout is not None:  # a fleet member: the shared basis is part of the graph, its cores are the slots
             constants = {n: t.to(dtype) for n, t in layout.constants.items()}
             wiring = {p: tuple(n if n in constants else name(n) for n in chain) for p, chain in layout.chains.items()}
-        ir_model = trace_to_onnx(model, sig, slots, wiring, dtype, options.opset, constants)
+        ir_model = trace_to_onnx(model, sig, {**slots, **carried_slots(carried)}, wiring, dtype, options.opset,
+                                 constants, carried=sorted(carried))
 
         stage("adding adapter slots")
         defaults = values if options.embed_adapter else {n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}
-        graph_file.make_overridable(ir_model, defaults)
+        graph_file.make_overridable(ir_model, {**defaults, **carried})  # carried: the exported member's, always
 
         stage("writing")
         with atomic_dir(out, overwrite=overwrite, inputs=[adapter_dir, base_dir]) as tmp:
-            graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model, layout))
+            graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model, layout=layout, carried=carried))
             if adapter_mode:
-                write_onnx_adapter(values, tmp / graph_file.ADAPTER_NAME)
+                write_onnx_adapter({**values, **carried}, tmp / graph_file.ADAPTER_NAME)
             if layout is not None:
-                _write_member_adapters(adapter, tmp, dtype, name)
+                _write_member_adapters(members, tmp, dtype, name=name, carried=takes_carried)
             graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
             genai_note = write_genai_config(tmp, sig, tokens)
             if verify:

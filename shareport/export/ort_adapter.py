@@ -3,7 +3,8 @@
 ORT matches adapter parameters to the graph's overridable initializers by name at run time and
 reports a mismatch obscurely (or, for a tensor it does not know, only when it runs). So every
 adapter is checked against the graph's slots before it is written: names, dtypes, static dims,
-and that tensors sharing a symbolic rank dim agree on its size.
+and that tensors sharing a symbolic rank dim agree on its size. A graph that takes carried tensors
+(a fleet's differing heads, see ``carried``) gets the adapter's own as well.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import ShareportError
 from ..files.atomic import atomic_file
+from .carried import carried_arrays
 from .slots import graph_tensors
 
 ADAPTER_VERSION = 1
@@ -129,10 +131,14 @@ def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, t
                     )
 
 
-def adapter_arrays(adapter: Adapter, slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter") -> dict[str, np.ndarray]:
-    """The adapter in the graph's layout and dtype, checked to fit the graph's slots."""
+def adapter_arrays(adapter: Adapter, slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter",
+                   carried: list[str] = ()) -> dict[str, np.ndarray]:
+    """The adapter in the graph's layout and dtype, checked to fit the graph's slots; ``carried``: the
+    graph's carried inputs (``carried.graph_inputs``), filled from the adapter's own carried tensors."""
     dtype = next(iter(slots.values()))[0] if slots else np.dtype(np.float32)
     torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
     arrays, _ = match_names({n: t.numpy() for n, t in graph_tensors(adapter, torch_dtype).items()}, slots)
+    if carried:  # already the graph's names: Olive's suffix is for LoRA factors only
+        arrays.update(carried_arrays(adapter, list(carried), torch_dtype, what))
     check_fits(arrays, slots, what)
     return arrays

@@ -29,8 +29,9 @@ class Slot:
     """One adapter input of the graph."""
 
     name: str  # the pool name; also the graph input's and the .onnx_adapter parameter's name
-    role: str  # "A" (n_in, rank) or "B" (rank, n_out); a fleet member's slots: "B" or "core", static
-    size: int  # n_in for an A, n_out for a B
+    role: str  # "A" (n_in, rank) or "B" (rank, n_out); a fleet member's slots: "B" or "core", static;
+    # "carried": a fleet's differing modules_to_save tensor (``carried``), static
+    size: int  # n_in for an A, n_out for a B, the first dim of a carried tensor
     rank_dim: str | None  # symbolic dim name of the rank (None: a static slot, see ``fixed``)
     fixed: tuple | None = None  # a fleet member's slot: its static shape (its fleet's ranks are fixed)
 

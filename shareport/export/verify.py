@@ -60,6 +60,7 @@ from ..files.adapters import load_adapter
 from ..model import attach, load_base_model
 from . import graph_file, runtime
 from .choices import FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE
+from .carried import graph_inputs, override_feeds, same_carried
 from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
 from .slots import check_fleet_member
 from ..files.fleet import fleet_members
@@ -273,15 +274,19 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
             notes += [note] if note else []
             check_fits(arrays, slots, str(shipped))
         else:
-            arrays = adapter_arrays(adapter, slots, "adapter")
+            arrays = adapter_arrays(adapter, slots, "adapter", carried=graph_inputs(info))
         lora = runtime.load_lora(arrays)
         handle = attach(model, adapter)
         checks = [("adapter active", {}, lora, True)]
+        # with no adapter active, PyTorch keeps ADAPTER_DIR's carried tensors (a head): so does ORT, fed
+        # them where the graph takes them and its defaults are another fleet member's
+        carried = override_feeds(info, adapter, graph_dtype)
         if info.get("embedded_adapter"):
-            empty = {n: np.zeros([0 if isinstance(d, str) else d for d in shape], dtype) for n, (dtype, shape) in slots.items()}
-            checks += [("embedded default", {}, None, True), ("no adapter", empty, None, False)]
+            empty = {n: np.zeros([0 if isinstance(d, str) else d for d in shape], dtype)
+                     for n, (dtype, shape) in slots.items() if n not in graph_inputs(info)}
+            checks += [("embedded default", {}, None, True), ("no adapter", {**empty, **carried}, None, False)]
         else:
-            checks += [("no adapter", {}, None, False)]
+            checks += [("no adapter", carried, None, False)]
 
     fp16 = info["dtype"] == "fp16"
 
@@ -312,7 +317,8 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
     rows = compare(checks, handle)
     if info["mode"] == "adapter" and info.get("fleet"):
         handle.detach()
-        rows += _fleet_rows(Path(graph_dir), adapter, model, compare, notes)
+        rows += _fleet_rows(Path(graph_dir), adapter, model, compare, slots=slots,
+                            takes_carried=bool(graph_inputs(info)), notes=notes)
     if fp16:
         return Report(str(graph_dir), info["mode"], info["dtype"], runtime.device_name(),
                       f"rtol {rtol:g} of max(1, max|ref|)", rows, notes)
@@ -323,9 +329,10 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
                   floor=atol, multiple=multiple)
 
 
-def _fleet_rows(graph_dir: Path, adapter, model, compare, notes: list[str]) -> list:
-    """Every member of the exported member's fleet, swapped in through its ``<member>.onnx_adapter``,
-    against PyTorch with that member attached."""
+def _fleet_rows(graph_dir: Path, adapter, model, compare, *, slots: dict, takes_carried: bool, notes: list[str]) -> list:
+    """Every member of the exported member's fleet, swapped in through its ``<member>.onnx_adapter``
+    (cores, and carried tensors such as its head where the graph takes them), against PyTorch with
+    that member attached (its head included)."""
     rows = []
     for name, folder in fleet_members(adapter).items():
         path = graph_dir / graph_file.member_adapter_name(name)
@@ -333,12 +340,9 @@ def _fleet_rows(graph_dir: Path, adapter, model, compare, notes: list[str]) -> l
             notes.append(f"fleet member {name}: no {path.name} in the folder (exported before it joined); not checked")
             continue
         member = load_adapter(folder)
-        if sorted(member.extra_tensors) != sorted(adapter.extra_tensors) or not all(
-                torch.equal(member.extra_tensors[k], adapter.extra_tensors[k]) for k in adapter.extra_tensors):
-            notes.append(f"fleet member {name}: carries its own modules_to_save (e.g. a head), which the graph bakes "
-                         "in from the exported member; swapping its cores alone cannot give its outputs; not checked")
-            continue
-        slots = graph_file.graph_slots(graph_file.load_proto(graph_dir))
+        if not takes_carried and not same_carried(member, adapter):  # checked all the same: it fails, as it should
+            notes.append(f"fleet member {name}: carries other modules_to_save (e.g. a head) than the verified adapter, "
+                         "and this graph bakes one in (an export from before fleet heads could swap): export it again")
         arrays = read_onnx_adapter(path)
         check_fits(arrays, slots, str(path))
         handle = attach(model, member)

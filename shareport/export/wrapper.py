@@ -9,6 +9,8 @@ In adapter mode every adapter tensor is an extra input. Forward hooks on the ada
 its modules and parameter names, and a tensor shared by many sites is one input read by all.
 A fleet member's shared basis is no input: ``constants`` become buffers of the wrapper (constant
 initializers of the graph) and its sites multiply along longer chains (``slots.FleetLayout``).
+``carried`` inputs (a fleet's differing heads, see ``carried``) replace the model's parameters of the
+same names for the call (``torch.func.functional_call``), so the parameters themselves go unused.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from torch import nn
 from .signature import Signature
 
 
-def call_model(model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Run ``model`` on graph-named inputs; return the graph's outputs in order."""
+def call_model(model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor],
+               overrides: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Run ``model`` on graph-named inputs; return the graph's outputs in order. ``overrides``: parameter
+    name -> tensor used in its place for this call."""
     kwargs = {name: inputs[name] for name in sig.model_inputs}
     if sig.decoder:
         kwargs["use_cache"] = sig.with_past
@@ -34,7 +38,7 @@ def call_model(model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor]
         for i in range(sig.num_layers):
             cache.update(inputs[f"past_key_values.{i}.key"], inputs[f"past_key_values.{i}.value"], i)
         kwargs["past_key_values"] = cache
-    out = model(**kwargs)
+    out = torch.func.functional_call(model, overrides, (), kwargs) if overrides else model(**kwargs)
     result = [out[sig.output]]
     if sig.with_past:
         for layer in out.past_key_values.layers:
@@ -46,7 +50,7 @@ class GraphModule(nn.Module):
     """``forward(*graph_inputs)`` -> graph outputs; adapter tensors (if any) come last."""
 
     def __init__(self, model: nn.Module, sig: Signature, slot_names: list[str], current: dict,
-                 constants: dict[str, torch.Tensor] | None = None):
+                 constants: dict[str, torch.Tensor] | None = None, carried: frozenset = frozenset()):
         super().__init__()
         self.model = model
         self.constant_names = {}  # tensor name -> buffer name (buffer names cannot hold dots)
@@ -55,13 +59,14 @@ class GraphModule(nn.Module):
             self.register_buffer(f"shared_{i}", value.contiguous())
         self.sig = sig
         self.input_names = [*sig.input_names, *slot_names]
+        self.carried = carried  # inputs that stand in for the model's parameters of the same names
         self._current = current  # read by the adapter hooks during forward
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names, flat))
         self._current.update({n: inputs[n] for n in self.input_names[len(self.sig.input_names):]})
         try:
-            return tuple(call_model(self.model, self.sig, inputs))
+            return tuple(call_model(self.model, self.sig, inputs, {n: inputs[n] for n in sorted(self.carried)}))
         finally:
             self._current.clear()
 
@@ -69,17 +74,18 @@ class GraphModule(nn.Module):
 @contextlib.contextmanager
 def graph_module(
     model: nn.Module, sig: Signature, wiring: dict[str, tuple[str, ...]] | None = None,
-    constants: dict[str, torch.Tensor] | None = None,
+    constants: dict[str, torch.Tensor] | None = None, carried=(),
 ) -> Iterator[GraphModule]:
     """A ``GraphModule`` over ``model``; ``wiring`` maps site path -> (A slot, B slot), or a longer
-    chain of names, some of them ``constants`` (a fleet's shared basis, in the graph layout).
+    chain of names, some of them ``constants`` (a fleet's shared basis, in the graph layout);
+    ``carried`` names parameters of ``model`` that become inputs too.
 
     Hooks are removed on exit, so the model is left as it was.
     """
     wiring, constants = wiring or {}, constants or {}
     current: dict[str, torch.Tensor] = {}
-    slot_names = sorted({n for chain in wiring.values() for n in chain} - set(constants))
-    module = GraphModule(model, sig, slot_names, current, constants)
+    slot_names = sorted(({n for chain in wiring.values() for n in chain} - set(constants)) | set(carried))
+    module = GraphModule(model, sig, slot_names, current, constants, frozenset(carried))
 
     def hook_for(chain: tuple[str, ...]):
         def add_update(_, args, output):
