@@ -26,3 +26,8 @@ DEFAULT_FLEET_BUDGET = 0.125
 # which factors each form shares across the layers of a kind (shareport train --form)
 # ("lora" shares nothing: a plain LoRA with PEFT's default init, e.g. the demo's teacher)
 SHARED = {"lora": (), "sharea": ("A",), "shareb": ("B",), "shareab": ("A", "B"), "aslora": ("A",)}
+
+# shareport convert --quantize: integer storage of the factors, and its default group size (along each
+# factor's model dimension; measured on the docstrings MiniLM LoRA, docs/conversion.md "Quantized storage")
+QUANTIZE_CHOICES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 64
