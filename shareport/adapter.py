@@ -21,6 +21,8 @@ from typing import Iterable
 
 import torch
 
+from converters.quantize import QuantizedTensor
+
 from .errors import ShareportError
 from .forms import FORM_NAMES as FORMS
 
@@ -125,6 +127,10 @@ class Adapter:
     e.g. a classifier head), keyed by their PEFT key; they are carried through untouched.
     ``config`` keeps the source's PEFT fields that do not change the math (target_modules,
     task_type, ...) so that writers can pass them on.
+    ``quantized`` holds, for pool tensors stored as integers, their integers and scales: the float
+    tensor in ``tensors`` is then exactly their dequantization (what every command computes with),
+    and the native writer stores the integers again (``shareport.quantization``). A new pool
+    (``with_sites``) drops it: changed tensors are no longer those integers.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -136,6 +142,7 @@ class Adapter:
     extra_tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     config: dict = dataclasses.field(default_factory=dict)
     provenance: dict = dataclasses.field(default_factory=dict)
+    quantized: dict[str, QuantizedTensor] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,6 +187,9 @@ class Adapter:
                     f"site '{path}' of kind '{site.kind}' has update shape {shape}, "
                     f"other sites of that kind have {shape_of_kind[site.kind]}"
                 )
+        for name, record in self.quantized.items():
+            if name not in self.tensors or tuple(record.values.shape) != tuple(self.tensors[name].shape):
+                raise ShareportError(f"quantized tensor '{name}' does not match the adapter's tensor of that name")
 
     # ----------------------------------------------------------------------------- queries
     def kinds(self) -> dict[str, list[Site]]:
@@ -249,7 +259,9 @@ class Adapter:
         return dataclasses.replace(self, provenance=provenance)
 
     def with_sites(self, tensors: dict[str, torch.Tensor], sites: dict[str, Site], form: str, **changes) -> "Adapter":
-        """A new adapter with another pool and site map, keeping the rest (extras, config)."""
+        """A new adapter with another pool and site map, keeping the rest (extras, config) but not the
+        integers of a quantized pool (unless ``changes`` gives ``quantized``)."""
+        changes.setdefault("quantized", {})
         return dataclasses.replace(self, tensors=tensors, sites=sites, form=form, **changes)
 
     def expand(self) -> "Adapter":

@@ -37,6 +37,7 @@ from .errors import ShareportError
 from .forms import AUTO, CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, GROUPED_FORMS, PER_SITE_FORMS
 from .fleet import build_fleet, fleet_bases
 from .fleet_add import add_member, read_fleet
+from .quantization import check_quantize_options, quantize_adapter
 from .export import graph_file
 from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
@@ -86,8 +87,14 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             allow_pickle: bool = False, plot: str | None = None, progress: bool = True,
             calibration: str | None = None, base: str | None = None,
             calibration_samples: int | None = None, calibration_max_length: int | None = None,
-            calibration_ridge: float | None = None) -> dict:
+            calibration_ridge: float | None = None, quantize: str | None = None,
+            group_size: int | None = None) -> dict:
     """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all.
+
+    ``quantize`` ("int8" or "int4", after the projection): every factor is stored as integers in groups
+    of ``group_size`` with float16 scales (``shareport.quantization``); the report's ``quantization``
+    gives the update error it adds and the bytes. A quantized result is written in the native format,
+    a plain LoRA too (PEFT stores floats only: ``--to lora`` without ``quantize`` dequantizes).
 
     ``calibration`` (data: text, jsonl or tokenized, as ``finetune`` reads it) with ``base``:
     ``calibration_samples`` examples drawn across the file (``train.data.sample_examples``), cut to
@@ -106,6 +113,7 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     unused = [flag for flag, value in settings.items() if value is not None]
     if calibration is None and unused:
         raise ShareportError(f"{unused[0]} is only used with --calibration DATA")
+    check_quantize_options(quantize, group_size)
     adapter = load_adapter(lora_dir, allow_pickle=allow_pickle, stream=True)  # inputs, then outputs, then the work
     inputs = [lora_dir] + [p for p in (calibration, base) if p]
     check_output(out, overwrite, inputs)
@@ -126,6 +134,8 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
                                          grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir),
                                          calibration=stats, error_measure=measure)
     data = {"output": out, **report.to_dict()}
+    if quantize is not None:
+        result, data["quantization"] = quantize_adapter(result, quantize, group_size)
     if stats is not None:  # not in the provenance: the same input must give the same bytes
         data["calibration"] = {**report.settings["calibration"], "seconds": seconds}
     if plot:
@@ -135,7 +145,8 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
         data["plot"] = plot
     try:
-        save_adapter(result, out, as_peft=result.form in PER_SITE_FORMS, overwrite=overwrite, inputs=inputs)
+        save_adapter(result, out, as_peft=result.form in PER_SITE_FORMS and not result.quantized, overwrite=overwrite,
+                     inputs=inputs)
     except BaseException:
         if plot:
             Path(plot).unlink(missing_ok=True)  # all outputs or none

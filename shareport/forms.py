@@ -89,3 +89,8 @@ DEFAULT_FLEET_BUDGET = 0.125
 
 # which factors each form shares across the layers of a kind (shareport train --form)
 SHARED = {row.name: row.shares for row in ROWS}
+
+# shareport convert --quantize: integer storage of the factors, and its default group size (along each
+# factor's model dimension; measured on the docstrings MiniLM LoRA, docs/conversion.md "Quantized storage")
+QUANTIZE_CHOICES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 64

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .adapter import Adapter, recorded_source_parameters
+from .quantization import storage
 
 
 def update_norm(adapter: Adapter, path: str) -> float:
@@ -52,5 +53,6 @@ def summarize(adapter: Adapter, file_size: int | None = None) -> dict:
         "lora_equivalent_parameters": adapter.num_lora_parameters(),  # a plain LoRA at these ranks
         "extra_tensors": sorted(adapter.extra_tensors),
         "file_size": file_size,
+        "storage": storage(adapter),  # bytes of the factors as stored, bits per parameter, quantization
         "kinds": kinds,
     }

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = {"converters": 0, "core": 1, "files": 2, "model": 2, "train": 3, "export": 3, "plots": 3, "flows": 4,
          "demo": 5, "cli": 6}
 CORE = {"errors", "adapter", "convert", "convert_options", "conversion_report", "measures", "fleet", "fleet_add", "forms",
-        "summary", "__init__", "__main__"}
+        "quantization", "summary", "__init__", "__main__"}
 
 
 def _modules() -> dict[str, Path]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..forms import (CALIBRATION_MAX_LENGTH, CALIBRATION_RIDGE, CALIBRATION_SAMPLES, DEFAULT_ASLORA_BUDGET, GROUPINGS,
-                     TARGET_FORMS)
-from .table import format_table, share_of_source, to_json
+from ..forms import (CALIBRATION_MAX_LENGTH, CALIBRATION_RIDGE, CALIBRATION_SAMPLES, DEFAULT_ASLORA_BUDGET,
+                     DEFAULT_GROUP_SIZE, GROUPINGS, QUANTIZE_CHOICES, TARGET_FORMS)
+from .table import format_table, human_bytes, share_of_source, to_json
 from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_option, plot_option
 
 
@@ -52,12 +52,23 @@ from .options import Folder, allow_pickle_option, json_option, output_option, ov
 @click.option("--calibration-ridge", type=float, default=CALIBRATION_RIDGE, show_default=True,
               help="With --calibration: damping of each site's statistics, relative to its mean eigenvalue "
                    "(GPTQ's damp_percent).")
+@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), default=None,
+              help="After the projection, store every factor (A and B, each unique tensor once; not carried tensors "
+                   "such as a classifier head) as integers with float16 scales, symmetric (zero point 0) in ONNX "
+                   "DequantizeLinear's convention; int4 is packed two per byte. The adapter is then written in "
+                   "shareport's native format (also for --to lora); `convert --to lora` of it writes a plain PEFT "
+                   "LoRA of the dequantized values. Default: no quantization.")
+@click.option("--group-size", type=int, default=None,
+              help=f"With --quantize: elements per float16 scale, along each factor's model dimension (A's input, "
+                   f"B's output; never the rank). A dimension that is not a multiple of it ends in a shorter group "
+                   f"(no padding is stored; as ONNX's blocked DequantizeLinear does).  [default: {DEFAULT_GROUP_SIZE}]")
 @overwrite_option
 @allow_pickle_option
 @json_option
 @plot_option
 def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calibration, base, calibration_samples,
-                calibration_max_length, calibration_ridge, overwrite, allow_pickle, as_json, plot):
+                calibration_max_length, calibration_ridge, quantize, group_size, overwrite, allow_pickle, as_json,
+                plot):
     """Convert a LoRA (PEFT or native, any form) into a shared form, or truncate it.
 
     \b
@@ -94,7 +105,8 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calib
                          progress=not as_json, calibration=calibration, base=base,
                          calibration_samples=given("calibration_samples", calibration_samples),
                          calibration_max_length=given("calibration_max_length", calibration_max_length),
-                         calibration_ridge=given("calibration_ridge", calibration_ridge))
+                         calibration_ridge=given("calibration_ridge", calibration_ridge), quantize=quantize,
+                         group_size=group_size)
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
@@ -125,6 +137,8 @@ def render(data: dict) -> str:
                      f"{c['ridge']:g}, {c['seconds']:.1f} s; errors below are output errors on those inputs")
         parts.append(format_table(["kind", "plain objective", "calibrated objective"],
                                   [(name, v["plain_objective"], v["objective"]) for name, v in c["kinds"].items()]))
+    if "quantization" in data:
+        parts.append(quantization_line(data["quantization"]))
     if data["kinds"]:
         rows = [(k["kind"], k["sites"], k["lora_rank"], _ranks(k["site_ranks"]), _groups(k["groups"], k["sites"]),
                  k["relative_error"], k["retained_energy"], k["parameters_after"],
@@ -135,6 +149,13 @@ def render(data: dict) -> str:
         if dropped:
             parts.append(f"{dropped} site(s) cut to rank 0 are no longer adapted (see site_ranks in --json)")
     return "\n\n".join(parts)
+
+
+def quantization_line(q: dict) -> str:
+    return (f"quantized {q['quantize']} in groups of {q['group_size']} (float16 scales, symmetric): "
+            f"{human_bytes(q['bytes'])} of factors = {q['bits_per_parameter']:.2f} bits per parameter "
+            f"(float32 {human_bytes(q['float32_bytes'])}, float16 {human_bytes(q['float16_bytes'])}); "
+            f"update error it adds: {q['relative_error']:.2%} relative")
 
 
 def _ranks(site_ranks: dict[str, int]) -> int | str:

@@ -44,6 +44,7 @@ def render(adapter_dir: str, info: dict) -> str:
         ("parameters", size),
         ("plain LoRA at these ranks", f"{info['lora_equivalent_parameters']:,} parameters"),
         ("file size", human_bytes(info["file_size"] or 0)),
+        ("factor storage", _storage(info["storage"])),
     ]
     if info["extra_tensors"]:
         head.append(("carried tensors", ", ".join(info["extra_tensors"])))
@@ -57,6 +58,16 @@ def render(adapter_dir: str, info: dict) -> str:
                 for row in v["layers"]]
         parts.append(format_table(["layer", "rank", "scale", "B tensor", "||dW||_F"], rows, title=f"[{kind}]"))
     return "\n\n".join(parts)
+
+
+def _storage(s: dict) -> str:
+    """Bytes and bits per parameter of the factors, and how they are quantized, if they are."""
+    text = f"{human_bytes(s['bytes'])} = {s['bits_per_parameter']:.2f} bits per parameter"
+    if s["quantized_tensors"]:
+        bits = "/".join(f"int{b}" for b in s["quantized_bits"])
+        groups = "/".join(map(str, s["group_sizes"]))
+        text += f" ({s['quantized_tensors']} tensors {bits} in groups of {groups}, float16 scales)"
+    return text
 
 
 def _ranges(values: list[int]) -> str:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from ..adapter import FORMS, Adapter, Site, kinds_for_paths
 from ..errors import ShareportError
-from . import fleet
+from . import fleet, quantized
 from .folder import CONFIG_NAME, WEIGHTS_NAME, read_config
 from .tensorfile import check_finite, check_floating, load_tensors
 
 FORMAT_VERSION = 1
+QUANTIZED_FORMAT_VERSION = 2  # integer factors (files/quantized.py): an older reader refuses them by version
 EXTRA_PREFIX = "extra/"
 
 
@@ -56,6 +57,11 @@ def dump(adapter: Adapter, folder: Path | None = None) -> tuple[dict, dict]:
     if member is not None:
         config["shareport"][fleet.FLEET_KEY], names = member
     tensors = {name: adapter.tensors[name] for name in names}
+    records = quantized.stored_records(adapter, names)
+    if records:
+        config["shareport"]["format_version"] = QUANTIZED_FORMAT_VERSION
+        config["shareport"]["quantization"], stored = quantized.dump(records)
+        tensors.update(stored)
     tensors.update({EXTRA_PREFIX + k: v for k, v in adapter.extra_tensors.items()})
     return config, tensors
 
@@ -67,8 +73,10 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
     cfg_path = folder / CONFIG_NAME
     section = config["shareport"]
     version = section.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ShareportError(f"{cfg_path}: shareport format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    if version not in (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION) or (version == QUANTIZED_FORMAT_VERSION) != (
+            "quantization" in section):
+        raise ShareportError(f"{cfg_path}: shareport format_version {version!r} is not supported (expected "
+                             f"{FORMAT_VERSION}, or {QUANTIZED_FORMAT_VERSION} with a 'quantization' section)")
     form = section.get("form")
     if form not in FORMS:
         raise ShareportError(f"{cfg_path}: unknown form {form!r} (expected one of {', '.join(FORMS)})")
@@ -81,6 +89,9 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
     check_finite(weights_path, stored)
     extras = {k[len(EXTRA_PREFIX):]: v for k, v in stored.items() if k.startswith(EXTRA_PREFIX)}
     pool = {k: v for k, v in stored.items() if not k.startswith(EXTRA_PREFIX)}
+    records = {}
+    if "quantization" in section:
+        pool, records = quantized.load(cfg_path, weights_path, section["quantization"], pool)
     check_floating(weights_path, pool, pool)
     member, through = None, set()
     if fleet.FLEET_KEY in section:
@@ -121,6 +132,7 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
             extra_tensors=extras,
             config=kept,
             provenance=provenance if isinstance(provenance, dict) else {},
+            quantized=records,
         )
     except ShareportError as exc:
         raise ShareportError(f"{folder}: {exc}") from None
