@@ -42,10 +42,18 @@ from torch import Tensor
 
 from .budget import kind_options
 from .factored import kind_energy, row_basis, sign_fix_rows, tail_energy
+from .forms import FLEET_TWO_SIDED
 from .sharea import sharea_factors
 from .types import KindFactors
 
-FLEET_FORMS = ("sharea", "shareab")
+FLEET_FORMS = tuple(FLEET_TWO_SIDED)  # "sharea" (one-sided), "shareab" (two-sided)
+
+
+def two_sided(method: str) -> bool:
+    """Whether a fleet form shares U as well as V (its row in ``converters.forms``); unknown: refused."""
+    if method not in FLEET_TWO_SIDED:
+        raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
+    return FLEET_TWO_SIDED[method]
 DEFAULT_MAX_ITERATIONS = 50
 DEFAULT_TOL = 1e-10
 # two-sided options are scored for ranks up to this many per side (the grid is top^2 pairs)
@@ -221,11 +229,9 @@ def two_sided_bases(cores: list[Tensor], rank_out: int, rank_in: int, max_iterat
 
 def fleet_parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank_out: int, rank_in: int) -> int:
     """Parameters of one fleet kind with ``n_sites`` = N*L cores (sharea: ``rank_out`` unused)."""
-    if method == "sharea":
-        return rank_in * n_in + n_sites * rank_in * n_out
-    if method == "shareab":
+    if two_sided(method):
         return rank_out * n_out + rank_in * n_in + n_sites * rank_out * rank_in
-    raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
+    return rank_in * n_in + n_sites * rank_in * n_out
 
 
 def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
@@ -239,10 +245,8 @@ def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
     pair's kept energy. Refinement can only lower that error, so it is an upper bound.
     """
     kind, _, _ = check_fleet_factors(As, Bts)
-    if method == "sharea":
+    if not two_sided(method):  # one-sided: ShareA's options over the fleet's sites
         return [FleetOption(0, o.rank, o.params, o.error) for o in kind_options("sharea", kind, max_rank=max_rank)]
-    if method != "shareab":
-        raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
     _, _, cores = _small_cores(kind)
     top = max_rank or MAX_OPTION_RANK
     k1, k2 = min(top, cores[0].shape[0]), min(top, cores[0].shape[1])
@@ -261,8 +265,6 @@ def fleet_kind(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]], ran
     ``rank_out`` defaults to ``rank``."""
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
-    if method == "sharea":
-        return fleet_sharea(As, Bts, rank)
-    if method == "shareab":
+    if two_sided(method):
         return fleet_shareab(As, Bts, rank_out or rank, rank, max_iterations)
-    raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
+    return fleet_sharea(As, Bts, rank)

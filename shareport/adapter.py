@@ -326,6 +326,16 @@ def source_parameters(adapter: Adapter) -> int:
 FLEET_KEY = "fleet"  # Adapter.config key (and the native config's shareport section key) of a member
 
 
+CLUSTER_PREFIX = "cluster"  # a clustered fleet's shared tensors: cluster<c>.<kind>.fleet_A (kind_key)
+
+
+def kind_key(kind: str, cluster: int | None) -> str:
+    """A kind's name in a fleet's shared tensors and report: the kind itself in a fleet of one
+    cluster (so those fleets are what they were before clusters), ``cluster<c>.<kind>`` for the
+    basis of cluster c (numbered from 1)."""
+    return kind if cluster is None else f"{CLUSTER_PREFIX}{cluster}.{kind}"
+
+
 def compose(u: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
     """A two-sided member's B = U @ C, (n_out, k1) @ (k1, k2), in float64 cast to the core's dtype:
     one definition for building, reading and checking a member, so all three agree bit for bit."""

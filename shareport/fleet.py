@@ -26,17 +26,20 @@ import torch
 
 import converters
 
-from .adapter import FLEET_KEY, Adapter, Site, compose, kind_factors, source_parameters
+from .adapter import FLEET_KEY, Adapter, Site, compose, kind_factors, kind_key, source_parameters
 from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
 from converters.factored import kind_energy
 from converters.forms import FLEET_TWO_SIDED
+from converters.fleet_clusters import MIN_MEMBERS, ClusterFit, assign_clusters
+from converters.fleet_clusters import groups as cluster_members
 
 from .conversion_report import LOW_ENERGY
 from .convert import AUTO_TIE
 from .convert_options import Calibration
 from .errors import ShareportError
 from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
-from .forms import FLEET_FORMS
+from .forms import AUTO_CLUSTERS, FLEET_FORMS
+from .forms import DEFAULT_FLEET_CLUSTERS as DEFAULT_CLUSTERS
 
 @dataclasses.dataclass
 class MemberReport:
@@ -61,6 +64,8 @@ class FleetReport:
     warnings: list[str] = dataclasses.field(default_factory=list)  # members keeping under LOW_ENERGY
     calibration: dict | None = None  # calibrated fleets: data, base, ridge, per member samples and tokens
     additions: list[dict] = dataclasses.field(default_factory=list)  # fleet add: one entry per member added
+    # clustered fleets, or several cluster counts tried: count, members (name -> cluster), candidates
+    clusters: dict | None = None
 
     @property
     def lora_parameters(self) -> int:
@@ -72,8 +77,9 @@ class FleetReport:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if not self.additions:  # a fleet that never grew writes the report it always did
-            del data["additions"]
+        for optional in ("additions", "clusters"):  # without them, a fleet writes the report it always did
+            if not data[optional]:
+                del data[optional]
         data.update(lora_parameters=self.lora_parameters, parameters=self.parameters,
                     ratio=self.parameters / self.lora_parameters)
         return data
@@ -152,7 +158,8 @@ def fleet_bases(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
 
 
 def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = None, *, rank: int | None = None,
-                budget: float | None = None, calibration: list[Calibration] | None = None) -> Fleet:
+                budget: float | None = None, calibration: list[Calibration] | None = None,
+                clusters: int | str = DEFAULT_CLUSTERS) -> Fleet:
     """Compress ``adapters`` (same base and sites; ranks may differ) into one fleet of ``form``.
 
     ``rank``: every kind's shared rank (both sides for shareab); ``budget``: a fraction of the
@@ -168,6 +175,9 @@ def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = No
     ``calibration`` (one per adapter, statistics in ``fleet_bases(adapters)``): every member's
     cores are fit to its own inputs (``converters.calibrated_fleet``) and every error is that
     output error; the budget is still spent by the plain (weight) errors.
+
+    ``clusters``: a number of clusters, each with its own bases (``converters.fleet_clusters``), or
+    "auto": every number from 1 to N / 2 at the budget, the least error wins (``_clustered``).
     """
     if form is not None and form not in FLEET_FORMS:
         raise ShareportError(f"unknown fleet form '{form}' (expected one of {', '.join(FLEET_FORMS)})")
@@ -180,9 +190,10 @@ def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = No
     kinds = adapters[0].kinds()
     sources = [MemberSource.read(adapter, name, None if calibration is None else calibration[i])
                for i, (adapter, name) in enumerate(zip(adapters, names))]
+    counts = cluster_counts(clusters, len(sources), rank=rank, calibrated=calibration is not None)
     if form is not None:
-        return _build(sources, kinds, form, rank=rank, budget=budget)[0]
-    return _choose(sources, kinds, budget)
+        return _clustered(sources, kinds, form, rank=rank, budget=budget, counts=counts)[0]
+    return _choose(sources, kinds, budget, counts)
 
 
 @dataclasses.dataclass
@@ -218,10 +229,12 @@ class MemberParts:
     weight_squared_error: float = 0.0  # the plain sum ||dW - dW'||_F^2
     kind_errors: dict[str, float] = dataclasses.field(default_factory=dict)  # relative, in the build's measure
 
-    def add_kind(self, kind: str, sites: list[Site], cores: list[torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
-        """The kind's sites with their cores (layer order) over the kind's shared tensors in ``shared``:
-        B = core for sharea, core stored and B = U @ core formed for shareab."""
-        a_name, u_name = basis_names(kind)
+    def add_kind(self, kind: str, sites: list[Site], cores: list[torch.Tensor], shared: dict[str, torch.Tensor],
+                 cluster: int | None = None) -> None:
+        """The kind's sites with their cores (layer order) over the kind's shared tensors in ``shared``
+        (its ``cluster``'s, in a clustered fleet): B = core for sharea, core stored and B = U @ core
+        formed for shareab."""
+        a_name, u_name = basis_names(kind_key(kind, cluster))
         for site, core in zip(sites, cores):
             b_name = f"{site.path}.lora_B"
             if u_name not in shared:
@@ -239,19 +252,23 @@ class MemberParts:
 
 
 def basis_names(kind: str) -> tuple[str, str]:
-    """(V's name, U's name) of a kind's shared basis in the pool and in ``shared.safetensors``."""
+    """(V's name, U's name) of a kind's shared basis in the pool and in ``shared.safetensors``;
+    ``kind``: a ``kind_key`` (a clustered fleet has one basis per cluster and kind)."""
     return f"{kind}.fleet_A", f"{kind}.fleet_U"
 
 
-def _choose(sources: list[MemberSource], kinds: dict[str, list[Site]], budget: float | None) -> Fleet:
-    """Every fleet form at ``budget``; the least error (the members' measure) wins."""
+def _choose(sources: list[MemberSource], kinds: dict[str, list[Site]], budget: float | None,
+            counts: list[int]) -> Fleet:
+    """Every fleet form at ``budget`` (each with its best number of clusters among ``counts``); the
+    least error (the members' measure) wins."""
     built, candidates = {}, []
     calibrated = sources[0].calibration is not None
     # recorded in the settings (report and every member's provenance)
     chosen = {"chosen_by": "least error", "ranked_by": RANKED_BY_OUTPUTS if calibrated else RANKED_BY_WEIGHTS}
     for form in FLEET_FORMS:
         try:
-            fleet, error, energy = _build(sources, kinds, form, rank=None, budget=budget, chosen=chosen)
+            fleet, error, energy = _clustered(sources, kinds, form, rank=None, budget=budget, chosen=chosen,
+                                              counts=counts)
         except ShareportError as exc:  # e.g. a budget below this form's smallest setting
             candidates.append({"form": form, "refused": str(exc)})
             continue
@@ -270,6 +287,57 @@ def _choose(sources: list[MemberSource], kinds: dict[str, list[Site]], budget: f
     return dataclasses.replace(fleet, report=report)
 
 
+def cluster_counts(clusters: int | str, n_members: int, *, rank: int | None, calibrated: bool) -> list[int]:
+    """The numbers of clusters to try: the one asked, or for "auto" 1 to N / MIN_MEMBERS (only 1 with
+    --rank, where more clusters are more parameters, not the same budget, and for calibrated fleets)."""
+    most = max(n_members // MIN_MEMBERS, 1)
+    if clusters == AUTO_CLUSTERS:
+        return [1] if rank is not None or calibrated else list(range(1, most + 1))
+    if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
+        raise ShareportError(f"--clusters must be a positive number or '{AUTO_CLUSTERS}', got {clusters!r}")
+    if clusters > most:
+        raise ShareportError(f"--clusters {clusters}: {n_members} members make at most {most} clusters of at "
+                             f"least {MIN_MEMBERS} members (a cluster of one is that LoRA converted alone)")
+    if clusters > 1 and calibrated:
+        raise ShareportError(f"--clusters {clusters}: calibrated fleets are built as one cluster; give --clusters 1 "
+                             "or leave out --calibration")
+    return [clusters]
+
+
+def _clustered(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str, *, rank: int | None,
+               budget: float | None, counts: list[int], chosen: dict | None = None) -> tuple[Fleet, float, float]:
+    """``_build`` with the members in clusters: each count in ``counts`` (1 first) with its assignment
+    (``converters.fleet_clusters.assign_clusters``, by the error of the products at the budget); the
+    least error wins (within ``AUTO_TIE`` of the energy: the fewer clusters). The report records the
+    clusters, and every count tried, when more than one cluster was made or tried."""
+    factors = {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]) for kind in kinds}
+    fraction = DEFAULT_BUDGET if budget is None else budget
+    budget_parameters = math.floor(fraction * sum(s.lora_parameters for s in sources))
+    built, candidates = [], []
+    for count in counts:
+        try:
+            fit = None if count == 1 else assign_clusters(form, factors, count, rank=rank,
+                                                          budget=None if rank is not None else budget_parameters)
+        except ValueError as exc:  # a budget below the smallest setting of this many clusters
+            if len(counts) == 1:
+                raise ShareportError(f"--budget {fraction:g}: {exc}") from None
+            candidates.append({"clusters": count, "refused": str(exc)})
+            continue
+        fleet, error, energy = _build(sources, kinds, form, rank=rank, budget=budget, chosen=chosen, clusters=fit)
+        built.append((count, fit, fleet, error, energy))
+        candidates.append({"clusters": count, "parameters": fleet.report.parameters, "error": error,
+                           "relative_error": _relative(error, energy)})
+    tie = min(b[3] for b in built) + AUTO_TIE * max(b[4] for b in built)
+    count, fit, fleet, error, energy = min((b for b in built if b[3] <= tie), key=lambda b: b[0])
+    if len(counts) == 1 and count == 1:
+        return fleet, error, energy
+    labels = fit.labels if fit is not None else [0] * len(sources)
+    record = {"count": count, "members": {s.name: c + 1 for s, c in zip(sources, labels)},
+              "chosen_by": "least error at the budget" if len(counts) > 1 else "--clusters",
+              "candidates": [{**c, "winner": c["clusters"] == count} for c in candidates]}
+    return dataclasses.replace(fleet, report=dataclasses.replace(fleet.report, clusters=record)), error, energy
+
+
 def _kind_result(sources: list[MemberSource], kind: str, form: str, rank_out: int, rank_in: int):
     """One kind compressed over every source: plain, or fit to each source's calibration."""
     As, Bts = [s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]
@@ -281,36 +349,55 @@ def _kind_result(sources: list[MemberSource], kind: str, form: str, rank_out: in
 
 
 def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str, *, rank: int | None,
-           budget: float | None, chosen: dict | None = None) -> tuple[Fleet, float, float]:
-    """One form's fleet, and (sum of the members' squared errors, of their energies) in its measure."""
-    lora_total = sum(s.lora_parameters for s in sources)
-    plan = _plan(form, {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources])
-                        for kind in kinds}, rank, budget, lora_total)
+           budget: float | None, chosen: dict | None = None,
+           clusters: ClusterFit | None = None) -> tuple[Fleet, float, float]:
+    """One form's fleet, and (sum of the members' squared errors, of their energies) in its measure.
+
+    ``clusters``: the members' clusters and each (cluster, kind)'s ranks (``converters.fleet_clusters``);
+    None: one basis per kind for the whole fleet, planned here."""
+    if clusters is None:
+        lora_total = sum(s.lora_parameters for s in sources)
+        plan = _plan(form, {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources])
+                            for kind in kinds}, rank, budget, lora_total)
+        groups = [(None, list(range(len(sources))))]
+    else:
+        plan = {(c, kind): ranks for (c, kind), ranks in clusters.ranks.items()}
+        groups = [(c + 1, members) for c, members in enumerate(cluster_members(clusters.labels))]
     shared: dict[str, torch.Tensor] = {}
+    cluster_shared: dict[int | None, dict[str, torch.Tensor]] = {}  # what each member's pool holds
     parts = [MemberParts() for _ in sources]
     kind_info = {}
-    for kind, sites in kinds.items():
-        result = _kind_result(sources, kind, form, *plan[kind])
-        a_name, u_name = basis_names(kind)
-        shared[a_name] = result.basis_v.contiguous()
-        if result.basis_u is not None:
-            shared[u_name] = result.basis_u.contiguous()
-        weight_errors = result.frobenius_errors or result.errors
-        for i, member in enumerate(parts):
-            member.add_kind(kind, sites, result.cores[i], shared)
-            member.squared_error += result.errors[i]
-            member.energy += result.energies[i]
-            member.weight_squared_error += weight_errors[i]
-            member.kind_errors[kind] = _relative(result.errors[i], result.energies[i])
-        kind_info[kind] = {"ranks": list(result.ranks), "shared_parameters": result.shared_parameters(),
-                           "relative_error": _relative(result.error, result.energy),
-                           "iterations": len(result.error_history) - 1}
+    for cluster, members in groups:
+        own = cluster_shared[cluster] = {}
+        for kind, sites in kinds.items():
+            ranks = plan[kind] if cluster is None else plan[(cluster - 1, kind)]
+            result = _kind_result([sources[i] for i in members], kind, form, *ranks)
+            key = kind_key(kind, cluster)
+            a_name, u_name = basis_names(key)
+            own[a_name] = result.basis_v.contiguous()
+            if result.basis_u is not None:
+                own[u_name] = result.basis_u.contiguous()
+            weight_errors = result.frobenius_errors or result.errors
+            for j, i in enumerate(members):
+                member = parts[i]
+                member.add_kind(kind, sites, result.cores[j], own, cluster)
+                member.squared_error += result.errors[j]
+                member.energy += result.energies[j]
+                member.weight_squared_error += weight_errors[j]
+                member.kind_errors[kind] = _relative(result.errors[j], result.energies[j])
+            kind_info[key] = {"ranks": list(result.ranks), "shared_parameters": result.shared_parameters(),
+                              "relative_error": _relative(result.error, result.energy),
+                              "iterations": len(result.error_history) - 1}
+        shared.update(own)
     settings = {"rank": rank} if rank is not None else {"budget": DEFAULT_BUDGET if budget is None else budget}
     settings.update(chosen or {})
     names = [s.name for s in sources]
     entry = {"step": "fleet", "form": form, "members": names, **settings}
-    members = [member_adapter(source, member, shared, form=form, entry=entry)
-               for source, member in zip(sources, parts)]
+    cluster_of = {i: cluster for cluster, members in groups for i in members}
+    members = [member_adapter(source, member, cluster_shared[cluster_of[i]], form=form, cluster=cluster_of[i],
+                              entry=entry if cluster_of[i] is None else
+                              {**entry, "cluster": cluster_of[i], "clusters": len(groups)})
+               for i, (source, member) in enumerate(zip(sources, parts))]
     reports = [member_report(source, member) for source, member in zip(sources, parts)]
     calibrated = sources[0].calibration is not None
     calibration = None if not calibrated else {
@@ -324,10 +411,13 @@ def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str,
 
 
 def member_adapter(source: MemberSource, parts: MemberParts, shared: dict[str, torch.Tensor], *, form: str,
-                   entry: dict) -> Adapter:
-    """The member adapter: the source's carried config and tensors, its own parts over the shared pool,
-    and ``entry`` (the fleet step, named for this member) in its provenance."""
+                   entry: dict, cluster: int | None = None) -> Adapter:
+    """The member adapter: the source's carried config and tensors, its own parts over the shared pool
+    (its ``cluster``'s tensors only, in a clustered fleet), and ``entry`` (the fleet step, named for
+    this member) in its provenance."""
     ref = {"shared": None, "sha256": None, "form": form, "names": sorted(shared), "products": parts.products}
+    if cluster is not None:  # absent in a fleet of one cluster, whose members are as they were
+        ref["cluster"] = cluster
     config = {k: v for k, v in source.adapter.config.items() if k == "modules_to_save"}
     member = source.adapter.with_sites({**parts.tensors, **shared}, parts.sites, "sharea",
                                        config={**config, FLEET_KEY: ref})

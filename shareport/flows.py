@@ -34,8 +34,8 @@ from converters import DEFAULT_RIDGE
 from .convert import conversion_steps, convert_adapter
 from .convert_options import Calibration
 from .errors import ShareportError
-from .forms import AUTO, CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, GROUPED_FORMS, PER_SITE_FORMS
-from .fleet import build_fleet, fleet_bases
+from .forms import AUTO, CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, DEFAULT_FLEET_CLUSTERS, GROUPED_FORMS, PER_SITE_FORMS
+from .fleet import build_fleet, cluster_counts, fleet_bases
 from .fleet_add import add_member, read_fleet
 from .quantization import check_quantize_options, quantize_adapter
 from .export import graph_file
@@ -474,7 +474,8 @@ class _PointCache:
 
 def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int | None = None,
           budget: float | None = None, overwrite: bool = False, allow_pickle: bool = False,
-          calibration: list[str] | tuple | str = (), base: str | None = None) -> dict:
+          calibration: list[str] | tuple | str = (), base: str | None = None,
+          clusters: int | str = DEFAULT_FLEET_CLUSTERS) -> dict:
     """Compress N LoRAs of one base into a fleet folder: ``shared.safetensors`` once, one member folder each.
 
     ``lora_dirs``: folders, or ``NAME=PATH`` to name a member; the others take their shortest
@@ -483,7 +484,8 @@ def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int 
     ``finetune`` reads them, one ``FILE`` for every member and/or ``NAME=FILE`` per member; each
     member's statistics are measured with its own LoRA attached on its own data, and its cores fit
     to them (``CALIBRATION_SAMPLES`` examples of at most ``CALIBRATION_MAX_LENGTH`` tokens, ridge
-    ``converters.DEFAULT_RIDGE``, as ``convert`` defaults).
+    ``converters.DEFAULT_RIDGE``, as ``convert`` defaults). ``clusters``: a number of clusters with a
+    basis each, or "auto" (``fleet.build_fleet``).
 
     Every input is read and checked (names, same base, sites and shapes; no adapter given twice, by
     folder or by bytes) before the output is checked, and both before the work; the folder appears
@@ -497,6 +499,7 @@ def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int 
     if base is not None and not calibration:
         raise ShareportError("--base is only used with --calibration DATA")
     named = member_names([str(d) for d in lora_dirs])
+    cluster_counts(clusters, len(named), rank=rank, calibrated=bool(calibration))  # refused before any read
     names, paths = [n for n, _ in named], [p for _, p in named]
     data_files = _calibration_files(calibration, names) if calibration else None
     adapters, seen_bytes = [], {}
@@ -511,7 +514,7 @@ def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int 
     inputs = paths + sorted(set(data_files or [])) + ([base] if base else [])
     check_output(out, overwrite, inputs)
     stats, seconds = _fleet_statistics(adapters, data_files, base) if data_files else (None, None)
-    result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats)
+    result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
     report = result.report.to_dict()
     save_fleet(result, out, overwrite=overwrite, inputs=inputs, reports={FLEET_REPORT_NAME: report})
     lora_bytes = [adapter_file_size(d) for d in paths]

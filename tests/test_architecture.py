@@ -119,12 +119,9 @@ def test_the_library_holds_nothing_only_tests_use():
 # a form's name is compared as a string only in the two registries: converters/forms.py (the math of
 # each form) and shareport/forms.py (its names, metadata and tensor naming, torch-free for --help)
 REGISTRIES = {"converters/forms.py", "shareport/forms.py"}
-# comparisons still in files other engineers own, per file: pending: fleet/export owners (issue 27)
-PENDING_FORM_COMPARISONS = {
-    "converters/fleet.py": 6,  # pending: fleet/export owners
-}
-# imports of convert or fleet below them still in files other engineers own (FLEET_KEY, compose and
-# reference are in adapter.py now; shareport/export/slots.py's import of reference also waits for them)
+# comparisons allowed outside the registries, per file (none today; the test refuses a stale entry)
+PENDING_FORM_COMPARISONS: dict[str, int] = {}
+# imports of convert or fleet below them that are allowed (none today; the test refuses a stale entry)
 PENDING_FLOOR_IMPORTS: set[tuple[str, str]] = set()
 
 

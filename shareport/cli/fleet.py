@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import click
 
-from ..forms import DEFAULT_FLEET_BUDGET, FLEET_FORMS
+from ..forms import AUTO_CLUSTERS, DEFAULT_FLEET_BUDGET, DEFAULT_FLEET_CLUSTERS, FLEET_FORMS
 from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_output_option
 from .table import format_table, human_bytes, to_json
+
+
+def _clusters(ctx, param, value: str) -> int | str:
+    """'auto' or a whole number (its range is the library's check: one line naming the problem)."""
+    if value == AUTO_CLUSTERS:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a whole number or '{AUTO_CLUSTERS}', got {value!r}") from None
 
 
 @click.command("fleet")
@@ -26,6 +36,13 @@ from .table import format_table, human_bytes, to_json
 @click.option("--budget", type=float, default=None,
               help="A fraction of the N LoRAs' total parameters, spent over the kinds where the error drops "
                    f"most (exact knapsack). Default when no --rank: {DEFAULT_FLEET_BUDGET}.")
+@click.option("--clusters", default=DEFAULT_FLEET_CLUSTERS, show_default=True, metavar="N|auto",
+              callback=_clusters,
+              help="Split the members into N clusters, each with its own shared basis (at least 2 members a "
+                   "cluster; members go where the error of their updates is least, and the budget is spent "
+                   "over every cluster's kinds). auto: 1 up to members/2 clusters are built at --budget and the least "
+                   "error wins (1 with --rank or --calibration). LoRAs from different seeds span nearly "
+                   "disjoint spaces, which one basis holds badly: clusters find the groups that share one.")
 @click.option("--calibration", multiple=True, metavar="[NAME=]DATA",
               help="Fit each member to the outputs of its own data (text, jsonl or tokenized, as finetune "
                    "reads it; needs --base): DATA for every member, NAME=DATA for member NAME (repeat the "
@@ -37,7 +54,7 @@ from .table import format_table, human_bytes, to_json
 @overwrite_output_option
 @allow_pickle_option
 @json_option
-def fleet_cmd(lora_dirs, out, form, rank, budget, calibration, base, overwrite, allow_pickle, as_json):
+def fleet_cmd(lora_dirs, out, form, rank, budget, clusters, calibration, base, overwrite, allow_pickle, as_json):
     """Compress several LoRAs (PEFT or native) of one base into a fleet.
 
     \b
@@ -63,7 +80,7 @@ def fleet_cmd(lora_dirs, out, form, rank, budget, calibration, base, overwrite, 
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
     data = flows.fleet(list(lora_dirs), out, form=form, rank=rank, budget=budget, overwrite=overwrite,
-                       allow_pickle=allow_pickle, calibration=list(calibration), base=base)
+                       allow_pickle=allow_pickle, calibration=list(calibration), base=base, clusters=clusters)
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
@@ -86,11 +103,18 @@ def render(data: dict) -> str:
         parts.append(f"calibrated on {', '.join(files)} through {next(iter(c['members'].values()))['base']} "
                      f"(ridge {c['ridge']:g}, {c['seconds']:.1f} s): errors are output errors on each "
                      "member's data; 'weight error' is the plain one")
+    clusters = data.get("clusters")
+    if clusters:
+        tried = ", ".join(f"{c['clusters']} {c['relative_error']:.3f}" if "refused" not in c
+                          else f"{c['clusters']} refused" for c in clusters["candidates"])
+        parts.append(f"clusters: {clusters['count']}, each with its own basis ({clusters['chosen_by']}; relative "
+                     f"error by number of clusters: {tried})")
     calibrated = bool(data.get("calibration"))
     parts.append(format_table(
-        ["member", "rel. error", *(["weight error"] if calibrated else []), "energy kept", "own params",
-         "LoRA params", "bytes", "LoRA bytes"],
-        [(m["name"], m["relative_error"], *([m["frobenius_relative_error"]] if calibrated else []),
+        ["member", *(["cluster"] if clusters else []), "rel. error", *(["weight error"] if calibrated else []),
+         "energy kept", "own params", "LoRA params", "bytes", "LoRA bytes"],
+        [(m["name"], *([clusters["members"][m["name"]]] if clusters else []), m["relative_error"],
+          *([m["frobenius_relative_error"]] if calibrated else []),
           f"{m['retained_energy']:.1%}", m["parameters"], m["lora_parameters"], human_bytes(m["bytes"]),
           human_bytes(m["lora_bytes"])) for m in data["members"]]))
     parts.append(format_table(

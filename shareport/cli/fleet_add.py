@@ -59,7 +59,9 @@ def render(data: dict) -> str:
     how = ("the basis is kept: its error on it is within the target" if not grown else
            "the basis grew (kind: +U columns, +V rows): " +
            ", ".join(f"{kind} +{u}/+{v}" for kind, (u, v) in sorted(grown.items())))
-    parts = [f"added {added['member']} to the fleet in {data['output']} ({data['form']}, {len(data['members'])} members)",
+    joined = f", in cluster {added['cluster']} (where its error is least)" if "cluster" in added else ""
+    parts = [f"added {added['member']} to the fleet in {data['output']} ({data['form']}, {len(data['members'])} "
+             f"members){joined}",
              f"{added['member']}: relative error {added['error_before']:.4f} on the basis as it was, target "
              f"{added['target']:.4f} ({added['rule']}); {how}; now {added['relative_error']:.4f}",
              f"rewritten: {', '.join(data['rewritten'])}; total {data['parameters']:,} parameters "

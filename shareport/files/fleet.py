@@ -7,10 +7,14 @@ A fleet folder::
                                                   "shared": "../shared.safetensors",  (relative)
                                                   "sha256": <digest of that file>,
                                                   "form": "sharea" | "shareab",
-                                                  "products": {B name: [U name, core name]}}
+                                                  "products": {B name: [U name, core name]},
+                                                  "cluster": c}  (clustered fleets only)
     FLEET_DIR/<member>/adapter_model.safetensors   the member's own tensors only
 
-Reading a member joins the shared tensors into its pool after checking the file's sha256 (a
+A clustered fleet's shared file holds one basis per cluster and kind, named
+``cluster<c>.<kind>.fleet_A`` (``adapter.kind_key``); a member's pool joins only its cluster's, and
+its fleet (``fleet_members``: what an export swaps in) is its cluster. Reading a member joins the
+shared tensors into its pool after checking the file's sha256 (a
 missing or changed file is refused, naming the member). A two-sided ("shareab") member stores
 per site a small core C (k1, k2); its B = U @ C (n_out, k2) is formed on reading (``compose``),
 so the in-memory member is a plain ShareA adapter (A = V shared, B per site) and every command
@@ -30,7 +34,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import ShareportError
-from ..adapter import FLEET_KEY, compose, reference
+from ..adapter import FLEET_KEY, compose, kind_key, reference
 from .atomic import MARKER_NAME
 from .folder import CONFIG_NAME, file_sha256, read_config
 from .tensorfile import check_finite, load_tensors
@@ -57,7 +61,19 @@ def _read_section(folder: Path, raw) -> dict:
     if not isinstance(products, dict) or not all(
             isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in products.values()):
         raise ShareportError(f"{cfg_path}: 'shareport.fleet.products' must map names to [U name, core name]")
-    return {"shared": shared, "sha256": digest, "form": raw.get("form"), "products": products}
+    cluster = raw.get("cluster")
+    if cluster is not None and (isinstance(cluster, bool) or not isinstance(cluster, int) or cluster < 1):
+        raise ShareportError(f"{cfg_path}: 'shareport.fleet.cluster' must be a positive number")
+    return {"shared": shared, "sha256": digest, "form": raw.get("form"), "products": products, "cluster": cluster}
+
+
+def cluster_tensors(shared: dict[str, torch.Tensor], cluster: int | None) -> dict[str, torch.Tensor]:
+    """The shared tensors a member of ``cluster`` uses: all of them in a fleet of one cluster, else its
+    cluster's (named ``cluster<c>.<kind>...``, ``adapter.kind_key``)."""
+    if cluster is None:
+        return shared
+    prefix = kind_key("", cluster)
+    return {name: t for name, t in shared.items() if name.startswith(prefix)}
 
 
 def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, set[str]]:
@@ -74,6 +90,10 @@ def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[s
                              "(its sha256 differs from the one in adapter_config.json)")
     shared = load_tensors(path)
     check_finite(path, shared)
+    shared = cluster_tensors(shared, section["cluster"])
+    if not shared:
+        raise ShareportError(f"{folder}: {section['shared']} holds no tensor of the member's cluster "
+                             f"{section['cluster']}")
     clash = sorted(set(shared) & set(own))
     if clash:
         raise ShareportError(f"{folder}: tensor '{clash[0]}' is both in the member and in {section['shared']}")
@@ -93,6 +113,8 @@ def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[s
         through.update((u_name, core_name))
     ref = {"shared": str(path), "sha256": section["sha256"], "form": section["form"], "names": sorted(shared),
            "products": section["products"]}
+    if section["cluster"] is not None:
+        ref["cluster"] = section["cluster"]
     return pool, ref, through
 
 
@@ -119,12 +141,15 @@ def member_section(adapter: Adapter, folder: Path) -> tuple[dict, list[str]] | N
                  | {core for _, core in ref["products"].values()})
     section = {"shared": os.path.relpath(ref["shared"], folder), "sha256": ref["sha256"], "form": ref["form"],
                "products": ref["products"]}
+    if ref.get("cluster") is not None:
+        section["cluster"] = ref["cluster"]
     return section, own
 
 
 def fleet_members(adapter: Adapter) -> dict[str, Path]:
-    """Every member of ``adapter``'s fleet in its fleet folder (the shared file's folder): the
-    sub-folders whose config points at the same shared file with the same sha256, by folder name."""
+    """Every member of ``adapter``'s fleet in its fleet folder (the shared file's folder) that shares its
+    bases: the sub-folders whose config points at the same shared file with the same sha256 and names
+    the same cluster (none in a fleet of one cluster), by folder name."""
     ref = reference(adapter)
     if ref is None or not ref.get("shared") or not ref.get("sha256"):
         return {}
@@ -136,6 +161,7 @@ def fleet_members(adapter: Adapter) -> dict[str, Path]:
         except ShareportError:
             continue
         if (isinstance(section, dict) and section.get("sha256") == ref["sha256"]
+                and section.get("cluster") == ref.get("cluster")
                 and isinstance(section.get("shared"), str) and (folder / section["shared"]).resolve() == shared):
             members[folder.name] = folder
     return members
