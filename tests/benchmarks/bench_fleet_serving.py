@@ -39,8 +39,8 @@ Measured (2026-12-07, 2 shared cores, results in docs/results.md): switching is 
 genai, 3 us whichever the way, against 22-25 us to load one separate LoRA file from the page cache
 (the target "switching members costs less than loading a separate LoRA" is met, 0.12-0.15); what
 the fleet changes is what N adapters hold: 0.15 / 0.13 of the bytes (shared basis included) and of
-the resident-memory growth at N = 8 / 50, loading 0.78 / 0.53 of the time, with the same first-token
-and decode-step CPU time (within 4%).
+the resident-memory growth at N = 8 / 50, loading in 0.53-0.78 of the time, with the same first-token
+and decode-step CPU time within the noise (ratios 0.86-1.04 over two runs).
 """
 
 from __future__ import annotations
