@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from shareport.cli.table import format_table  # noqa: E402
-from tests.benchmarks.genai_common import GenaiDecoder, export_both, interleaved_decode, llama, make_base_and_lora  # noqa: E402
+from tests.benchmarks.genai_common import (GenaiDecoder, add_llama_arguments, export_both,  # noqa: E402
+                                           interleaved_decode, llama_from_args, make_base_and_lora)
 
 PROMPT = [5 + 7 * i for i in range(16)]
 NEW_TOKENS = 64
@@ -129,16 +130,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: a pool of 2 on a shared 2-core machine waits on preempted threads and swings the ratio)")
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--rank", type=int, default=8)
+    add_llama_arguments(parser)
     args = parser.parse_args()
 
     def bench_model():
-        return llama(vocab=VOCAB, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                     intermediate=args.intermediate, context=128)
+        return llama_from_args(args, VOCAB)
 
     with tempfile.TemporaryDirectory(prefix="bench-genai-") as tmp:
         tmp = Path(tmp)

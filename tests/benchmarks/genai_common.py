@@ -36,6 +36,20 @@ def llama(vocab: int, hidden: int, layers: int, heads: int, intermediate: int, c
     return LlamaForCausalLM(llama_config(vocab, hidden, layers, heads, intermediate, context)).eval()
 
 
+def add_llama_arguments(parser, hidden: int = 256, layers: int = 4, heads: int = 4, intermediate: int = 688,
+                        rank: int = 8) -> None:
+    """``--hidden --layers --heads --intermediate --rank``: the benchmark model's shape and the LoRA rank."""
+    for name, default in (("hidden", hidden), ("layers", layers), ("heads", heads), ("intermediate", intermediate),
+                          ("rank", rank)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+
+
+def llama_from_args(args, vocab: int, context: int = 128):
+    """``llama`` of the shape ``add_llama_arguments`` read."""
+    return llama(vocab=vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                 intermediate=args.intermediate, context=context)
+
+
 def make_base_and_lora(folder: Path, build, r: int = 8) -> tuple[Path, Path]:
     """``folder/base`` (from ``build()``) and ``folder/lora`` (a PEFT LoRA, r on q,k,v,o, alpha 2r)."""
     base, lora = folder / "base", folder / "lora"
