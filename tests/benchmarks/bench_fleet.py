@@ -199,20 +199,24 @@ def run(out: Path, s: Settings) -> dict:
                             lora_bytes, weights, lora_weights))
 
     for budget in s.budgets:
-        for form in ("sharea", "shareab"):
-            fleet_dir = out / f"fleet-{form}-{budget:g}"
+        # one basis per form (--clusters 1: the rows measured before clusters), and the defaults (no
+        # --form: the form with the least error; --clusters auto: as many bases as lower the error)
+        for form, clusters in (("sharea", 1), ("shareab", 1), (None, "auto")):
+            fleet_dir = out / f"fleet-{form or 'default'}-{budget:g}"
             if not fleet_dir.is_dir():
                 try:
-                    flows.fleet([str(lora_dirs[t]) for t in tasks], str(fleet_dir), form=form, budget=budget)
+                    flows.fleet([str(lora_dirs[t]) for t in tasks], str(fleet_dir), form=form, budget=budget,
+                                clusters=clusters)
                 except Exception as exc:  # noqa: BLE001 - a budget below the form's minimum: a row saying so
                     print(f"[bench_fleet] fleet {form} at {budget:g}: {exc}", file=sys.stderr)
                     continue
             members = {t: fleet_dir / t for t in tasks}
-            add(f"fleet-{form}", budget, False, members, _fleet_bytes(fleet_dir, members),
+            name = f"fleet-{form}" if form else "fleet (defaults: form, clusters auto)"
+            add(name, budget, False, members, _fleet_bytes(fleet_dir, members),
                 peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(members)]))
             if budget == s.recover_budget:
                 rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + "-recovered"), s)
-                add(f"fleet-{form}", budget, True, rec, _fleet_bytes(fleet_dir, rec),
+                add(name, budget, True, rec, _fleet_bytes(fleet_dir, rec),
                     peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(rec)]))
         alone = {}
         for t in tasks:
