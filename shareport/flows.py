@@ -32,7 +32,7 @@ from pathlib import Path
 from converters import DEFAULT_RIDGE
 
 from .convert import conversion_steps, convert_adapter
-from .convert_options import Calibration
+from .convert_options import Calibration, ConvertOptions, parse_buckets
 from .errors import ShareportError
 from .forms import AUTO, CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, GROUPED_FORMS, PER_SITE_FORMS
 from .fleet import build_fleet, fleet_bases
@@ -88,8 +88,13 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             calibration: str | None = None, base: str | None = None,
             calibration_samples: int | None = None, calibration_max_length: int | None = None,
             calibration_ridge: float | None = None, quantize: str | None = None,
-            group_size: int | None = None) -> dict:
+            group_size: int | None = None, max_rank: int | None = None, uniform_rank: bool = False,
+            rank_buckets: str | tuple[int, ...] | None = None) -> dict:
     """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all.
+
+    ``max_rank`` / ``uniform_rank`` / ``rank_buckets`` ("4,8,16" or ranks): a serving rule for the budget
+    plan (``convert_options.ConvertOptions``), checked before anything is read; the report's ``serving``
+    gives its planned error against the unconstrained plan's and the parameters a padding server holds.
 
     ``quantize`` ("int8" or "int4", after the projection): every factor is stored as integers in groups
     of ``group_size`` with float16 scales (``shareport.quantization``); the report's ``quantization``
@@ -105,6 +110,11 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     ``calibration`` they are refused (they would do nothing).
     """
     out = out or default_convert_output(lora_dir, to)
+    if isinstance(rank_buckets, str):
+        rank_buckets = parse_buckets(rank_buckets)
+    # the options alone (no calibration yet: that form check waits for the statistics)
+    ConvertOptions(to, rank=rank, energy=energy, budget=budget, groups=groups, grouping=grouping, max_rank=max_rank,
+                   uniform_rank=uniform_rank, rank_buckets=rank_buckets)
     if (calibration is None) != (base is None):
         raise ShareportError("--calibration needs --base (the model to run the data through)" if base is None
                              else "--base is only used with --calibration DATA")
@@ -132,7 +142,8 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     with _kind_progress(conversion_steps(adapter, to), progress) as tick:
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
                                          grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir),
-                                         calibration=stats, error_measure=measure)
+                                         calibration=stats, error_measure=measure, max_rank=max_rank,
+                                         uniform_rank=uniform_rank, rank_buckets=rank_buckets)
     data = {"output": out, **report.to_dict()}
     if quantize is not None:
         result, data["quantization"] = quantize_adapter(result, quantize, group_size)
