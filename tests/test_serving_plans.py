@@ -249,3 +249,22 @@ def test_bad_serving_options_write_nothing(args, words, lora, tmp_path, cli):
     assert r.exit_code != 0 and words in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("form, ok", [("lora", True), ("shareb", True), ("sharea", False)])
+def test_calibrated_serving_plans_compare_calibrated_objectives(form, ok, tmp_path, cli):
+    """With --calibration the rule plans on the calibrated spectra (lora, shareb, shareab); sharea is refused."""
+    from tests.training_helpers import recovery_setup
+
+    paths = recovery_setup(tmp_path / "in", layers=2, rank=4, lines=24)
+    r = cli("convert", paths["lora"], "--to", form, "--budget", "0.5", "--max-rank", "1", "--calibration",
+            paths["text"], "--base", paths["base"], "--calibration-samples", 8, "-o", tmp_path / "out", "--json")
+    if not ok:
+        assert r.exit_code != 0 and "applies to --to" in r.output and not (tmp_path / "out").exists()
+        return
+    assert r.exit_code == 0, r.output
+    data = json.JSONDecoder().raw_decode(r.output[r.output.index("{"):])[0]
+    s = data["serving"]
+    assert s["max_rank"] <= 1 and s["unconstrained_error"] <= s["error"] + 1e-9
+    # the planned error is the calibrated objective the conversion reaches (exact calibrated spectra)
+    assert s["error"] == pytest.approx(sum(k["calibration"]["objective"] for k in data["kinds"]), rel=1e-4)
