@@ -30,6 +30,10 @@ Calibrated (activation-weighted) projection, see calibration.py for the objectiv
     calibrated_site_spectra(As, Bts, S, lam=DEFAULT_RIDGE) -> list[Tensor]  (per-site truncation spectra)
 ("lora" also takes one rank per site, 0 emptying a site, as a budget plan gives them.)
 
+Serving-aware budget plans (see serving.py): ``ServingRule(max_rank=R | uniform=True | buckets=(...))``
+passed as ``serving=`` to plan_truncation / plan_from_spectra (the TruncationPlan's ``unconstrained`` is
+the plan without it) and to plan; ``budget.plan_serving`` gives a shared form's pair.
+
 Fleets (N adapters of one base share a basis per kind, see fleet.py):
     fleet_kind(method, As[i][l], Bts[i][l], rank, rank_out=None) -> FleetKindResult
     fleet_options(method, As, Bts) -> list[FleetOption]   (for spend_budget: (k1, k2), params, error)
@@ -54,6 +58,7 @@ from .fleet import FLEET_FORMS, FleetKindResult, FleetOption, fleet_kind, fleet_
 from .forms import CALIBRATED_FORMS as CALIBRATED_METHODS
 from .forms import FORMS, PER_SITE_NAMES, Form, Settings, shared_form
 from .grouping import GROUPINGS
+from .serving import ServingRule
 from .truncate import (KindTruncationPlan, TruncationPlan, TruncationResult, plan_from_spectra, plan_truncation,
                        truncate_factors)
 from .types import KindFactors, KindPlan, KindResult, Option
@@ -67,7 +72,7 @@ __all__ = [
     "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
     "plan_from_spectra", "plan_truncation", "reconstruction_error", "spectrum", "truncate_kind",
     "FLEET_FORMS", "FleetKindResult", "FleetOption", "fleet_kind", "fleet_options", "fleet_parameter_count", "spend_budget",
-    "FORMS", "Form",
+    "FORMS", "Form", "ServingRule",
 ]
 
 # the forms whose error falls by a known amount with each added rank

@@ -25,6 +25,7 @@ from .aslora import aslora_error_table
 from .counting import lora_parameter_count
 from .factored import kind_energy
 from .forms import shared_form
+from .serving import ServingRule
 from .types import ENERGY_SLACK, KindFactors, KindPlan, Option
 
 DEFAULT_RANK_RULE = "largest LoRA rank of the kind"
@@ -143,15 +144,51 @@ def _per_kind(value, name: str):
     return value[name] if isinstance(value, Mapping) else value
 
 
+def spend_serving(options: Mapping[str, list[Option]], budget: int, rule: ServingRule) -> dict[str, Option]:
+    """``spend_budget`` among the options ``rule`` allows (``serving.ServingRule``; ranks per kind): exact.
+
+    ``max_rank``/``buckets``: each kind's options filtered by rank, then the same knapsack.
+    ``uniform``: for every rank k that every kind offers, the knapsack over the kinds' options at
+    rank k (ASLoRA still chooses its groups per kind); the k of least total error (ties: fewer
+    parameters, then the smaller k). ValueError when nothing allowed fits.
+    """
+    if not rule.uniform:
+        allowed = {name: [o for o in opts if rule.allows(o.rank)] for name, opts in options.items()}
+        empty = sorted(name for name, opts in allowed.items() if not opts)
+        if empty:
+            ranks = sorted({o.rank for o in options[empty[0]]})
+            raise ValueError(f"{rule.describe()} allows none of the ranks of {empty[0]} "
+                             f"({ranks[0]}-{ranks[-1]} for this form)")
+        return spend_budget(allowed, budget)
+    best, best_key = None, None
+    for k in sorted({o.rank for opts in options.values() for o in opts}):
+        at_k = {name: [o for o in opts if o.rank == k] for name, opts in options.items()}
+        if not all(at_k.values()):
+            continue
+        try:
+            chosen = spend_budget(at_k, budget)
+        except ValueError:  # the budget does not pay for rank k in every kind
+            continue
+        key = (sum(o.error for o in chosen.values()), sum(o.params for o in chosen.values()))
+        if best_key is None or key < best_key:
+            best, best_key = chosen, key
+    if best is None:
+        raise ValueError(f"a budget of {budget} parameters does not pay for one rank in every kind")
+    return best
+
+
 def plan(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
          rank: int | Mapping[str, int] | None = None,
          groups: int | Mapping[str, int] | None = None,
          energy: float | None = None, budget: float | None = None,
-         grouping: str = "any") -> dict[str, KindPlan]:
+         grouping: str = "any", serving: ServingRule | None = None) -> dict[str, KindPlan]:
     """Rank (and groups) per kind for ``method``: explicit, by energy, by budget, or the defaults.
 
     ``kinds`` maps a kind's name to its ``(As, Bts)`` with the scale folded into the Bts.
+    ``serving`` (needs ``budget``): the budget is spent under that rule (``plan_serving``).
     """
+    if serving is not None:
+        return plan_serving(method, kinds, budget=budget, serving=serving, groups=groups, grouping=grouping)[0]
     shared_form(method)  # an unknown name is refused before the options are
     if sum(x is not None for x in (rank, energy, budget)) > 1:
         raise ValueError("give at most one of rank, energy and budget")
@@ -162,8 +199,7 @@ def plan(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
         return kind_options(method, factors[name], groups=fixed_groups[name], grouping=grouping)
 
     if budget is not None:
-        total = sum(kind_lora_parameter_count(k) for k in factors.values())
-        chosen = spend_budget({name: options(name) for name in factors}, math.floor(budget * total))
+        chosen = spend_budget({name: options(name) for name in factors}, _budget_params(factors, budget))
     elif energy is not None:
         chosen = {name: choose_by_energy(options(name), kind_energy(f.bts, f.as_), energy)
                   for name, f in factors.items()}
@@ -171,6 +207,38 @@ def plan(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
         chosen = {name: _explicit_option(method, f, _per_kind(rank, name) if rank is not None else None,
                                          fixed_groups[name], grouping)
                   for name, f in factors.items()}
+    return _kind_plans(factors, chosen)
+
+
+def plan_serving(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *, budget: float,
+                 serving: ServingRule, groups: int | Mapping[str, int] | None = None,
+                 grouping: str = "any") -> tuple[dict[str, KindPlan], dict[str, KindPlan]]:
+    """(the plan under ``serving``, the unconstrained plan) at the same ``budget``, from one set of options.
+
+    The options are ``kind_options``' (ranks past the default candidates only where a bucket asks
+    for them; ``max_rank``/``uniform`` need none: the error no longer falls there)."""
+    shared_form(method)
+    if budget is None:
+        raise ValueError("a serving rule shapes a budget plan: give budget")
+    factors = {name: KindFactors.from_lists(As, Bts) for name, (As, Bts) in kinds.items()}
+    params = _budget_params(factors, budget)
+    free_options, options = {}, {}
+    for name, f in factors.items():
+        g = _per_kind(groups, name) if groups is not None else None
+        free_options[name] = options[name] = kind_options(method, f, groups=g, grouping=grouping)
+        top = max(o.rank for o in options[name])
+        if serving.buckets and serving.buckets[-1] > top:
+            extra = kind_options(method, f, max_rank=serving.buckets[-1], groups=g, grouping=grouping)
+            options[name] = options[name] + [o for o in extra if o.rank > top]
+    constrained = spend_serving(options, params, serving)
+    return _kind_plans(factors, constrained), _kind_plans(factors, spend_budget(free_options, params))
+
+
+def _budget_params(factors: Mapping[str, KindFactors], budget: float) -> int:
+    return math.floor(budget * sum(kind_lora_parameter_count(k) for k in factors.values()))
+
+
+def _kind_plans(factors: Mapping[str, KindFactors], chosen: Mapping[str, Option]) -> dict[str, KindPlan]:
     return {name: KindPlan(rank=o.rank, groups=o.groups, params=o.params, estimated_error=o.error,
                            energy=kind_energy(factors[name].bts, factors[name].as_),
                            lora_params=kind_lora_parameter_count(factors[name]))

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .factored import sign_fix_rows
+from .serving import ServingRule, choose_per_item
 from .types import ENERGY_SLACK, KindFactors, KindResult
 
 # A budget never pays for singular values this small relative to the largest of all sites
@@ -336,6 +337,53 @@ def allocate_budget(spectra: Sequence[Tensor], costs: Sequence[int], budget: int
     return Allocation(ranks, params, error, method, error if lower is None else min(lower, error))
 
 
+def allocate_serving(spectra: Sequence[Tensor], costs: Sequence[int], budget: int, rule: ServingRule, *,
+                     exact: bool | None = None) -> Allocation:
+    """``allocate_budget`` under a serving rule (``serving.ServingRule``): the least total error
+    within ``budget`` among the allocations the rule allows, exact.
+
+    - ``max_rank=R``: the same knapsack with each site's items past its R-th singular value
+      removed (a site's items are taken largest first, so "rank <= R" is exactly "none of those");
+      ``allocate_budget``'s exact search and its bound apply, the removed tail adds to both.
+    - ``uniform``: rank k at every site (``min(k, its rank)``: truncation never expands), for every k
+      from 1 to the largest numerical rank of a site; the affordable k of least error (ties: fewer
+      parameters). No site is dropped: a budget below rank 1 everywhere is refused (ValueError).
+    - ``buckets``: each site's rank is ``min(b, its rank)`` for a bucket b, by the exact multiple-choice
+      knapsack ``serving.choose_per_item``; a site drops to 0 only when the budget does not pay for
+      the smallest bucket at every site (the unconstrained planner's rule).
+    """
+    tails = [torch.cat([s.flip(0).cumsum(0).flip(0), s.new_zeros(1)]) for s in spectra]  # tails[l][k] = error(k)
+
+    def allocation(ranks: list[int], method: str = "exact", bound: float | None = None) -> Allocation:
+        error = sum(float(t[k]) for t, k in zip(tails, ranks))
+        params = sum(k * int(c) for k, c in zip(ranks, costs))
+        return Allocation(list(ranks), params, error, method, error if bound is None else min(bound, error))
+
+    if rule.max_rank is not None:
+        capped = allocate_budget([s[:rule.max_rank] for s in spectra], costs, budget, exact)
+        beyond = sum(float(t[min(rule.max_rank, len(t) - 1)]) for t in tails)
+        return allocation(capped.ranks, capped.method, capped.error_lower_bound + beyond)
+    if rule.uniform:
+        peak = max((float(s[0]) for s in spectra if len(s)), default=0.0)
+        top = max([int((s > NEGLIGIBLE_SQUARED * peak).sum()) for s in spectra] + [1])
+        plans = [allocation([min(k, len(s)) for s in spectra]) for k in range(1, top + 1)]
+        affordable = [p for p in plans if p.params <= budget]
+        if not affordable:
+            raise ValueError(f"a budget of {budget} parameters does not pay for rank 1 at every site "
+                             f"(one rank for every site needs at least {plans[0].params})")
+        return min(affordable, key=lambda p: (p.error, p.params))
+    choices = [sorted({min(b, len(s)) for b in rule.buckets}) for s in spectra]
+    if sum(c[0] * int(w) for c, w in zip(choices, costs)) > budget:
+        choices = [[0] + c if c[0] else c for c in choices]
+    # the knapsack sees negligible values as 0, so that a larger bucket is not bought for roundoff
+    peak = max((float(s[0]) for s in spectra if len(s)), default=0.0)
+    kept = [torch.where(s > NEGLIGIBLE_SQUARED * peak, s, 0.0) for s in spectra]
+    seen = [torch.cat([s.flip(0).cumsum(0).flip(0), s.new_zeros(1)]) for s in kept]
+    picked = choose_per_item([[(k * int(w), float(t[k])) for k in c] for c, w, t in zip(choices, costs, seen)],
+                             budget)
+    return allocation([c[j] for c, j in zip(choices, picked)])
+
+
 # ---------------------------------------------------------------- one kind
 
 @dataclass(frozen=True)
@@ -402,16 +450,21 @@ class TruncationPlan:
     energy: float
     lora_params: int
     error_lower_bound: float
+    unconstrained: TruncationPlan | None = None  # with a serving rule: the plan without it, same budget
 
 
 def plan_from_spectra(spectra: dict[str, list[Tensor]], shapes: dict[str, tuple[int, int]],
           lora_ranks: dict[str, list[int]], *, rank=None, energy: float | None = None,
-          budget: float | None = None, exact: bool | None = None) -> TruncationPlan:
+          budget: float | None = None, exact: bool | None = None,
+          serving: ServingRule | None = None) -> TruncationPlan:
     """``plan_truncation`` on given per-site spectra: ``spectra[name][l]`` is site l's error drop rank by
     rank, descending (its squared singular values, or a calibrated spectrum); ``shapes[name]`` is
-    (n_out, n_in) and ``lora_ranks[name]`` the sites' ranks."""
+    (n_out, n_in) and ``lora_ranks[name]`` the sites' ranks. ``serving`` (needs ``budget``): the plan
+    of ``allocate_serving``, with the unconstrained plan at the same budget in ``unconstrained``."""
     if sum(x is not None for x in (rank, energy, budget)) > 1:
         raise ValueError("give at most one of rank, energy and budget")
+    if serving is not None and budget is None:
+        raise ValueError("a serving rule shapes a budget plan: give budget")
     names = list(spectra)
     width = {name: sum(shapes[name]) for name in names}
     lora = {name: sum(lora_ranks[name]) * width[name] for name in names}
@@ -423,7 +476,8 @@ def plan_from_spectra(spectra: dict[str, list[Tensor]], shapes: dict[str, tuple[
         budget_params = math.floor(budget * sum(lora.values()))
         flat = [s for name in names for s in spectra[name]]
         costs = [width[name] for name in names for _ in spectra[name]]
-        chosen = allocate_budget(flat, costs, budget_params, exact)
+        chosen = allocate_budget(flat, costs, budget_params, exact) if serving is None else \
+            allocate_serving(flat, costs, budget_params, serving, exact=exact)
         ranks, start = {}, 0
         for name in names:
             ranks[name] = chosen.ranks[start:start + len(spectra[name])]
@@ -443,15 +497,19 @@ def plan_from_spectra(spectra: dict[str, list[Tensor]], shapes: dict[str, tuple[
         estimated_error=sum(float(s[k:].sum()) for s, k in zip(spectra[name], ranks[name])),
         energy=sum(float(s.sum()) for s in spectra[name]), lora_params=lora[name]) for name in names}
     error = sum(p.estimated_error for p in kinds.values())
+    free = None if serving is None else plan_from_spectra(spectra, shapes, lora_ranks, budget=budget, exact=exact)
     return TruncationPlan(kinds, allocation, budget_params, params=sum(p.params for p in kinds.values()),
                           error=error, energy=sum(p.energy for p in kinds.values()),
-                          lora_params=sum(lora.values()), error_lower_bound=error if bound is None else bound)
+                          lora_params=sum(lora.values()), error_lower_bound=error if bound is None else bound,
+                          unconstrained=free)
 
 
 def plan_truncation(kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
                     rank: int | Mapping[str, int] | None = None, energy: float | None = None,
-                    budget: float | None = None, exact: bool | None = None) -> TruncationPlan:
-    """Per-site ranks for plain LoRA truncation of every kind: explicit, by energy or by budget.
+                    budget: float | None = None, exact: bool | None = None,
+                    serving: ServingRule | None = None) -> TruncationPlan:
+    """Per-site ranks for plain LoRA truncation of every kind: explicit, by energy or by budget
+    (under a ``serving`` rule: see ``plan_from_spectra``).
 
     ``kinds`` maps a kind's name to its ``(As, Bts)`` (scale folded into the Bts). Only the
     sites' singular values are computed (one kind's float64 copies at a time).
@@ -462,4 +520,5 @@ def plan_truncation(kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
         spectra[name] = [site_singular_values(a, bt).square() for a, bt in zip(kind.as_, kind.bts)]
         shapes[name] = (kind.n_out, kind.n_in)
         lora_ranks[name] = [a.shape[0] for a in kind.as_]
-    return plan_from_spectra(spectra, shapes, lora_ranks, rank=rank, energy=energy, budget=budget, exact=exact)
+    return plan_from_spectra(spectra, shapes, lora_ranks, rank=rank, energy=energy, budget=budget, exact=exact,
+                             serving=serving)

@@ -47,6 +47,7 @@ class ConversionReport:
     candidates: list[dict] = dataclasses.field(default_factory=list)  # --to auto: every form tried
     winner: str | None = None  # --to auto: the form written
     ranked_by: str | None = None  # --to auto: what the candidates were ranked by (the error measure's ``describes``)
+    serving: dict | None = None  # a serving rule's plan against the unconstrained one (``measures.serving_summary``)
 
     @property
     def ratio(self) -> float:
@@ -65,6 +66,8 @@ class ConversionReport:
         for kind in data["kinds"]:
             if kind["calibration"] is None:
                 del kind["calibration"]  # plain conversions report what they always did
+        if data["serving"] is None:
+            del data["serving"]  # only a serving rule reports it
         data["ratio"] = self.ratio
         data["relative_error"] = relative(self.error, self.energy)
         return data

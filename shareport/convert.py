@@ -63,6 +63,9 @@ def convert_adapter(
     source_digest: str | None = None,
     error_measure: ErrorMeasure | None = None,
     calibration: Calibration | None = None,
+    max_rank: int | None = None,
+    uniform_rank: bool = False,
+    rank_buckets: tuple[int, ...] | None = None,
 ) -> tuple[Adapter, ConversionReport]:
     """Convert ``adapter`` to form ``to``.
 
@@ -76,9 +79,12 @@ def convert_adapter(
     ``calibration``: input statistics per site; every form then minimises the calibrated objective
     (see :class:`Calibration`), and the data, token counts, ridge and per kind the plain and calibrated
     objectives are recorded in the provenance, in the conversion step of ``history``.
+    ``max_rank`` / ``uniform_rank`` / ``rank_buckets`` (at most one, with a budget): a serving rule
+    (``ConvertOptions``); the report's ``serving`` compares the plan with the unconstrained one.
     """
     options = ConvertOptions(to, rank=rank, energy=energy, budget=budget, groups=groups, grouping=grouping,
-                             calibration=calibration)
+                             calibration=calibration, max_rank=max_rank, uniform_rank=uniform_rank,
+                             rank_buckets=rank_buckets)
     options.check_adapter(adapter)
     measure = measure_for(calibration, adapter.kinds())
     if options.to == AUTO:
@@ -89,14 +95,21 @@ def convert_adapter(
     return _with_provenance(out, adapter, report.settings, source_digest), report
 
 
-def _kind_results(adapter: Adapter, options: ConvertOptions, *, budget: float | None, measure: Measure):
+def _kind_results(adapter: Adapter, options: ConvertOptions, *, budget: float | None, measure: Measure,
+                  serving: dict):
     """(kind, its sites, its result, its calibration entry or None), one kind at a time.
 
     A budget is spent across kinds, so it needs every kind's factors at once; otherwise each
-    kind's scaled copies are made when it is converted and dropped after, to bound memory."""
+    kind's scaled copies are made when it is converted and dropped after, to bound memory.
+    With a serving rule (always a budget plan) ``serving`` receives the plan's summary."""
     kinds = adapter.kinds()
     factors = {name: kind_factors(adapter, sites) for name, sites in kinds.items()} if budget is not None else {}
-    plans = measure.plan(factors, options, budget) if budget is not None else {}
+    plans = {}
+    if options.serving is not None:
+        plans, summary = measure.plan_serving(factors, options, budget)
+        serving.update(summary)
+    elif budget is not None:
+        plans = measure.plan(factors, options, budget)
     for name, sites in kinds.items():
         As, Bts = factors.pop(name) if name in factors else kind_factors(adapter, sites)
         plan = plans[name] if name in plans else measure.plan({name: (As, Bts)}, options, None)[name]
@@ -120,7 +133,9 @@ def _convert(adapter: Adapter, asked: ConvertOptions, *, progress, measure: Meas
     new_sites: dict[str, Site] = {}
     reports = []
     budget = _input_budget(adapter, options.budget, source)
-    for name, sites, result, entry in _kind_results(adapter, options, budget=budget, measure=measure):
+    serving: dict = {}
+    for name, sites, result, entry in _kind_results(adapter, options, budget=budget, measure=measure,
+                                                    serving=serving):
         a_names, b_names = naming.tensor_names(name, [s.path for s in sites], a_count=len(result.a_tensors),
                                                b_count=len(result.b_tensors))
         site_ranks = {}
@@ -147,7 +162,7 @@ def _convert(adapter: Adapter, asked: ConvertOptions, *, progress, measure: Meas
     measure.record(settings, reports)
     out = adapter.with_sites(tensors, new_sites, options.to)
     report = ConversionReport(options.to, before, out.num_parameters(), reports, source, settings,
-                              energy_warnings(reports, hint))
+                              energy_warnings(reports, hint), serving=serving or None)
     return out, report
 
 

@@ -16,6 +16,11 @@ from .adapter import Adapter, Site
 from .errors import ShareportError
 from .forms import AUTO, FORMS, GROUPED_FORMS, GROUPINGS, TARGET_FORMS
 
+# --calibration with a serving rule: the forms whose calibrated plan is an exact spectrum knapsack (and auto,
+# whose other candidates are then refused)
+CALIBRATED_SERVING_FORMS = tuple(name for name, row in converters.FORMS.items()
+                                 if row.per_site or row.exact_calibrated_spectrum)
+
 
 @dataclasses.dataclass
 class Calibration:
@@ -48,12 +53,28 @@ class Calibration:
         return [self.statistics[s.path] for s in sites]
 
 
+def parse_buckets(text: str | None) -> tuple[int, ...] | None:
+    """``--rank-buckets 4,8,16`` as ranks (ascending, each once); anything but positive integers is refused."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        bad = next(p for p in parts if not (p.isdigit() and int(p) > 0))
+        raise ShareportError(f"--rank-buckets must be positive integers separated by commas, e.g. 4,8,16; got {bad!r}")
+    return tuple(sorted({int(p) for p in parts}))
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvertOptions:
     """``to``: a form of ``forms.TARGET_FORMS`` ("auto": every form at ``budget``, the best kept).
     At most one of ``rank``, ``energy`` (kept fraction of each kind's energy) and ``budget`` (a
     fraction of the source LoRA's parameters); ``groups``/``grouping``: ASLoRA's B groups;
-    ``calibration``: input statistics to weigh the error by (None: the Frobenius error)."""
+    ``calibration``: input statistics to weigh the error by (None: the Frobenius error).
+
+    Serving rules (at most one; they shape a budget plan, so they need ``budget`` or a form's default
+    budget): ``max_rank`` R (no site above R), ``uniform_rank`` (one rank for every site), ``rank_buckets``
+    (every rank one of these). Per site for ``lora``; per kind (the rank every site gets when the
+    result is expanded to a plain LoRA) for the shared forms. See ``converters.serving``."""
 
     to: str
     rank: int | None = None
@@ -62,6 +83,9 @@ class ConvertOptions:
     groups: int | None = None
     grouping: str = "any"
     calibration: Calibration | None = dataclasses.field(default=None, compare=False)  # tensors: not compared
+    max_rank: int | None = None
+    uniform_rank: bool = False
+    rank_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.to not in TARGET_FORMS:
@@ -87,6 +111,41 @@ class ConvertOptions:
         if self.expands and self.calibration is not None:
             raise ShareportError("--to lora with no --rank, --energy or --budget expands exactly: "
                                  "--calibration has nothing to weigh (give a size option)")
+        self._check_serving()
+
+    def _check_serving(self) -> None:
+        given = [flag for flag, value in (("--max-rank", self.max_rank), ("--uniform-rank", self.uniform_rank or None),
+                                           ("--rank-buckets", self.rank_buckets)) if value is not None]
+        if not given:
+            return
+        if len(given) > 1:
+            raise ShareportError(f"{given[0]} and {given[1]} conflict: give at most one of --max-rank, "
+                                 "--uniform-rank and --rank-buckets")
+        flag = given[0]
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ShareportError(f"--max-rank must be at least 1, got {self.max_rank}")
+        if self.rank_buckets is not None and (not self.rank_buckets or any(
+                not isinstance(b, int) or b < 1 for b in self.rank_buckets)):
+            raise ShareportError(f"--rank-buckets must be positive integers, got {list(self.rank_buckets)}")
+        if self.rank is not None:
+            raise ShareportError(f"{flag} cannot be given with --rank (--rank K already gives every site rank K); "
+                                 f"give --budget instead")
+        if self.energy is not None:
+            raise ShareportError(f"{flag} shapes a --budget plan, not an --energy one: give --budget instead")
+        default = FORMS[self.to].default_budget if self.to in FORMS else None
+        if self.budget is None and default is None:
+            raise ShareportError(f"{flag} needs --budget (the size it plans for, e.g. --budget 0.25)")
+        if self.calibration is not None and self.to not in CALIBRATED_SERVING_FORMS + (AUTO,):
+            raise ShareportError(f"{flag} with --calibration applies to --to {', '.join(CALIBRATED_SERVING_FORMS)} "
+                                 f"(the forms with a calibrated spectrum), not {self.to}")
+
+    @property
+    def serving(self) -> converters.ServingRule | None:
+        """The serving rule asked for, or None."""
+        if self.max_rank is None and not self.uniform_rank and self.rank_buckets is None:
+            return None
+        return converters.ServingRule(max_rank=self.max_rank, uniform=self.uniform_rank,
+                                      buckets=tuple(self.rank_buckets or ()))
 
     @property
     def sized(self) -> bool:
@@ -118,12 +177,14 @@ class ConvertOptions:
     def candidate(self, form: str) -> ConvertOptions:
         """``--to auto``'s options for one form: the same budget (and grouping, where the form groups)."""
         return ConvertOptions(form, budget=self.budget, grouping=self.grouping if form in GROUPED_FORMS else "any",
-                              calibration=self.calibration)
+                              calibration=self.calibration, max_rank=self.max_rank, uniform_rank=self.uniform_rank,
+                              rank_buckets=self.rank_buckets)
 
     def settings(self) -> dict:
         """What the provenance records of the options (those given, after ``planned``)."""
         given = dict(to=self.to, rank=self.rank, energy=self.energy, budget=self.budget, groups=self.groups,
-                     grouping=self.grouping)
+                     grouping=self.grouping, max_rank=self.max_rank, uniform_rank=self.uniform_rank or None,
+                     rank_buckets=list(self.rank_buckets) if self.rank_buckets else None)
         return {k: v for k, v in given.items() if v is not None}
 
     def size_hint(self) -> str:

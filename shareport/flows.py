@@ -32,7 +32,7 @@ from pathlib import Path
 from converters import DEFAULT_RIDGE
 
 from .convert import conversion_steps, convert_adapter
-from .convert_options import Calibration
+from .convert_options import Calibration, ConvertOptions, parse_buckets
 from .errors import ShareportError
 from .forms import AUTO, CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, DEFAULT_FLEET_CLUSTERS, GROUPED_FORMS, PER_SITE_FORMS
 from .fleet import build_fleet, cluster_counts, fleet_bases
@@ -56,8 +56,8 @@ from .files.atomic import MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, che
 from .files.folder import dump_json
 from .plots import check_plot_path, has_matplotlib, plot_adapter, plot_frontier
 from .summary import summarize
-from .train.frontier import (DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, point_line, smallest_keeping,
-                             stages)
+from .train.frontier import (DEFAULT_BUDGETS, FORMS, check_budgets, measure, pareto, parse_serving, point_line,
+                             smallest_keeping, stages)
 from .train.generated import check_generate
 from .train.checkpoint import STATE_JSON
 from .train.jobs import REPORT_NAME, TIMINGS_NAME, TrainingOptions, check_inputs, recovery_job, scratch_job
@@ -88,8 +88,13 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             calibration: str | None = None, base: str | None = None,
             calibration_samples: int | None = None, calibration_max_length: int | None = None,
             calibration_ridge: float | None = None, quantize: str | None = None,
-            group_size: int | None = None) -> dict:
+            group_size: int | None = None, max_rank: int | None = None, uniform_rank: bool = False,
+            rank_buckets: str | tuple[int, ...] | None = None) -> dict:
     """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all.
+
+    ``max_rank`` / ``uniform_rank`` / ``rank_buckets`` ("4,8,16" or ranks): a serving rule for the budget
+    plan (``convert_options.ConvertOptions``), checked before anything is read; the report's ``serving``
+    gives its planned error against the unconstrained plan's and the parameters a padding server holds.
 
     ``quantize`` ("int8" or "int4", after the projection): every factor is stored as integers in groups
     of ``group_size`` with float16 scales (``shareport.quantization``); the report's ``quantization``
@@ -105,6 +110,11 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     ``calibration`` they are refused (they would do nothing).
     """
     out = out or default_convert_output(lora_dir, to)
+    if isinstance(rank_buckets, str):
+        rank_buckets = parse_buckets(rank_buckets)
+    # the options alone (no calibration yet: that form check waits for the statistics)
+    ConvertOptions(to, rank=rank, energy=energy, budget=budget, groups=groups, grouping=grouping, max_rank=max_rank,
+                   uniform_rank=uniform_rank, rank_buckets=rank_buckets)
     if (calibration is None) != (base is None):
         raise ShareportError("--calibration needs --base (the model to run the data through)" if base is None
                              else "--base is only used with --calibration DATA")
@@ -132,7 +142,8 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     with _kind_progress(conversion_steps(adapter, to), progress) as tick:
         result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
                                          grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir),
-                                         calibration=stats, error_measure=measure)
+                                         calibration=stats, error_measure=measure, max_rank=max_rank,
+                                         uniform_rank=uniform_rank, rank_buckets=rank_buckets)
     data = {"output": out, **report.to_dict()}
     if quantize is not None:
         result, data["quantization"] = quantize_adapter(result, quantize, group_size)
@@ -387,14 +398,18 @@ def doctor() -> dict:
 
 def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_path: str | None = None,
              budgets=DEFAULT_BUDGETS, forms=FORMS, recover_steps: int = 0, keep: float = 0.99,
-             options: TrainingOptions = TrainingOptions(), overwrite: bool = False, progress: bool = True) -> dict:
+             options: TrainingOptions = TrainingOptions(), overwrite: bool = False, progress: bool = True,
+             serving=()) -> dict:
     """Every form at every budget, evaluated (and recovered) against the LoRA; a table's worth of
     points, the Pareto front, and the smallest point keeping ``keep`` of the LoRA's fidelity.
+    ``serving`` ("uniform", "max-rank=R", "buckets=R1,R2"): each adds a point per form and budget, planned
+    under that rule (``convert --uniform-rank`` ...), drawn as its own line.
 
     Finished points are kept in ``<out>.cache`` (a folder of ours), so a rerun with the same
     inputs resumes where an interrupted one stopped; the output folder appears at the end.
     """
     budgets = check_budgets(budgets)
+    serving = parse_serving(serving)
     unknown = sorted(set(forms) - set(FORMS))
     if unknown or not forms:
         raise ShareportError(f"--forms: unknown form '{unknown[0] if unknown else ''}' (known: {', '.join(FORMS)})")
@@ -410,32 +425,36 @@ def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_pat
     cache = _PointCache(Path(f"{str(out).rstrip('/')}.cache"), {
         "lora": weights_sha256(lora_dir), "base": str(Path(base_dir).resolve()), "data": str(data_path),
         "eval": eval_path, "options": dataclasses.asdict(options)})
-    reference, points = _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress)
+    reference, points = _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress,
+                                               serving)
     labelled = reference.get("accuracy") is not None
     front, chosen = pareto(points), smallest_keeping(points, keep)
     data = {
         "output": str(out), "lora_parameters": lora.num_parameters(), "budgets": list(budgets), "forms": list(forms),
-        "recover_steps": recover_steps, "keep": keep, "fidelity": "accuracy / LoRA accuracy" if labelled else
+        "recover_steps": recover_steps, "serving": list(serving), "keep": keep, "fidelity": "accuracy / LoRA accuracy" if labelled else
         "top-1 agreement with the LoRA", "lora": reference, "points": [p.to_dict() for p in points],
         "pareto": [p.to_dict() for p in front], "smallest_keeping": chosen.to_dict() if chosen else None,
     }
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / "frontier.json").write_text(dump_json(data), encoding="utf-8")
         if has_matplotlib():
-            plot_frontier(points, front, chosen, tmp / "frontier.png",
+            labelled_points = [dataclasses.replace(p, form=p.label) for p in points]  # a line per form and rule
+            plot_frontier(labelled_points, [dataclasses.replace(p, form=p.label) for p in front],
+                          None if chosen is None else dataclasses.replace(chosen, form=chosen.label),
+                          tmp / "frontier.png",
                           "accuracy relative to the LoRA" if labelled else "top-1 agreement with the LoRA", keep)
     if has_matplotlib():
         data["plot"] = str(Path(out) / "frontier.png")
     return data
 
 
-def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress: bool):
+def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress: bool, serving=()):
     """``frontier.measure`` under one bar over every point (form, budget, converting or recovering,
     elapsed time), each point's line printed as it finishes; all on stderr, nothing with ``progress``
     off (--json)."""
     from tqdm import tqdm
 
-    with tqdm(total=stages(forms, budgets, recover_steps), desc="frontier", unit="point", file=sys.stderr,
+    with tqdm(total=stages(forms, budgets, recover_steps, serving), desc="frontier", unit="point", file=sys.stderr,
               disable=None if progress else True, dynamic_ncols=True) as bar:
         def on_stage(form: str, budget: float, what: str) -> None:
             bar.set_postfix_str(f"{form} at {budget:g}: {what}")
@@ -446,7 +465,7 @@ def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, ca
                 bar.write(point_line(point), file=sys.stderr)
 
         return measure(job, lora, forms, budgets=budgets, options=options, recover_steps=recover_steps,
-                       cached=cache.get, store=cache.put, on_stage=on_stage, on_point=on_point)
+                       cached=cache.get, store=cache.put, on_stage=on_stage, on_point=on_point, serving=serving)
 
 
 class _PointCache:

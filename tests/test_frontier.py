@@ -131,6 +131,9 @@ def test_a_rerun_reuses_the_cached_points(run, setup, tmp_path, cli):
     (["--budgets", "1.6"], "--budgets"),
     (["--keep", "1.5"], "--keep"),
     (["--forms", "nope"], "unknown form"),
+    (["--serving", "max-rank=0"], "--serving must be"),
+    (["--serving", "uniformly"], "--serving must be"),
+    (["--serving", "buckets=4,x"], "--rank-buckets must be positive integers"),
 ])
 def test_bad_options_are_refused(extra, message, setup, tmp_path, cli):
     r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], *extra, "-o", tmp_path / "o")
@@ -149,3 +152,21 @@ def test_eval_rows_without_labels_and_a_foreign_base_are_refused(setup, tmp_path
     r = cli("frontier", setup["lora"], "--base", tmp_path / "gpt2", "--data", setup["text"], *ARGS, "-o", tmp_path / "o")
     assert r.exit_code == 1 and str(tmp_path / "gpt2") in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_serving_rules_add_their_own_points(setup, tmp_path, cli):
+    """Each --serving rule adds a point per form and budget, planned as convert plans it under that rule."""
+    r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], "--budgets", "0.5",
+            "--forms", "lora,sharea", "--max-length", 16, "--batch-size", 4, "--serving", "uniform",
+            "--serving", "max-rank=1", "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout[r.stdout.index("{"):])
+    assert data["serving"] == ["uniform", "max-rank=1"]
+    got = {(p["form"], p["serving"]): p for p in data["points"]}
+    assert set(got) == {(f, s) for f in ("lora", "sharea") for s in (None, "uniform", "max-rank=1")}
+    for (form, rule), point in got.items():
+        flags = {None: [], "uniform": ["--uniform-rank"], "max-rank=1": ["--max-rank", "1"]}[rule]
+        c = cli("convert", setup["lora"], "--to", form, "--budget", "0.5", *flags, "-o", tmp_path / f"{form}-{rule}",
+                "--json")
+        converted = json.loads(c.stdout[c.stdout.index("{"):])
+        assert point["parameters"] == converted["parameters_after"]

@@ -62,13 +62,27 @@ from .options import Folder, allow_pickle_option, json_option, output_option, ov
               help=f"With --quantize: elements per float16 scale, along each factor's model dimension (A's input, "
                    f"B's output; never the rank). A dimension that is not a multiple of it ends in a shorter group "
                    f"(no padding is stored; as ONNX's blocked DequantizeLinear does).  [default: {DEFAULT_GROUP_SIZE}]")
+@click.option("--max-rank", type=int, default=None,
+              help="Serving (with --budget): no site above rank R (vLLM's max_lora_rank, TensorRT's fixed maximum): "
+                   "the budget plan is the exact optimum under that cap. Per site for --to lora; for the shared forms "
+                   "the rank of each kind (every site's rank once expanded to a plain LoRA). The report gives the "
+                   "error against the plan without the cap and the parameters a server holds padding every site to R.")
+@click.option("--uniform-rank", is_flag=True, default=False,
+              help="Serving (with --budget): one rank for every site (shared forms: every kind), the one of least "
+                   "error the budget affords (for servers that need equal ranks: SGLang, diffusers' hotswap). "
+                   "A site whose own rank is lower keeps it. Not with --rank.")
+@click.option("--rank-buckets", default=None, metavar="R1,R2,...",
+              help="Serving (with --budget): every site's rank (shared forms: every kind's) is one of these, e.g. "
+                   "4,8,16, chosen exactly for the least error; a site may be dropped (rank 0, no longer adapted) "
+                   "only when the budget does not pay for the smallest bucket at every site. Servers pad to the "
+                   "largest rank used, which the report gives.")
 @overwrite_option
 @allow_pickle_option
 @json_option
 @plot_option
 def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calibration, base, calibration_samples,
-                calibration_max_length, calibration_ridge, quantize, group_size, overwrite, allow_pickle, as_json,
-                plot):
+                calibration_max_length, calibration_ridge, quantize, group_size, max_rank, uniform_rank, rank_buckets,
+                overwrite, allow_pickle, as_json, plot):
     """Convert a LoRA (PEFT or native, any form) into a shared form, or truncate it.
 
     \b
@@ -106,7 +120,8 @@ def convert_cmd(lora_dir, to, out, rank, energy, budget, groups, grouping, calib
                          calibration_samples=given("calibration_samples", calibration_samples),
                          calibration_max_length=given("calibration_max_length", calibration_max_length),
                          calibration_ridge=given("calibration_ridge", calibration_ridge), quantize=quantize,
-                         group_size=group_size)
+                         group_size=group_size, max_rank=max_rank, uniform_rank=uniform_rank,
+                         rank_buckets=rank_buckets)
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
@@ -139,6 +154,8 @@ def render(data: dict) -> str:
                                   [(name, v["plain_objective"], v["objective"]) for name, v in c["kinds"].items()]))
     if "quantization" in data:
         parts.append(quantization_line(data["quantization"]))
+    if "serving" in data:
+        parts.append(serving_lines(data["serving"], data["settings"]["budget"]))
     if data["kinds"]:
         rows = [(k["kind"], k["sites"], k["lora_rank"], _ranks(k["site_ranks"]), _groups(k["groups"], k["sites"]),
                  k["relative_error"], k["retained_energy"], k["parameters_after"],
@@ -156,6 +173,18 @@ def quantization_line(q: dict) -> str:
             f"{human_bytes(q['bytes'])} of factors = {q['bits_per_parameter']:.2f} bits per parameter "
             f"(float32 {human_bytes(q['float32_bytes'])}, float16 {human_bytes(q['float16_bytes'])}); "
             f"update error it adds: {q['relative_error']:.2%} relative")
+
+
+def serving_lines(s: dict, budget: float) -> str:
+    """The serving rule's price: its error against the unconstrained plan at the same budget, and padding."""
+    ranks = ",".join(map(str, s["ranks_used"]))
+    return (f"{s['rule']} at --budget {budget:g}: relative error {s['relative_error']:.4%} against "
+            f"{s['unconstrained_relative_error']:.4%} for the unconstrained plan "
+            f"({s['relative_error_difference'] * 100:+.4f} points; squared error {s['error']:.6g} vs "
+            f"{s['unconstrained_error']:.6g}); ranks used {ranks}\n"
+            f"a server padding every site to rank {s['pads_to']} holds {s['padded_parameters']:,} parameters "
+            f"(unconstrained plan: {s['unconstrained_parameters']:,} parameters, padded to its rank "
+            f"{s['unconstrained_max_rank']}: {s['unconstrained_padded_parameters']:,})")
 
 
 def _ranks(site_ranks: dict[str, int]) -> int | str:

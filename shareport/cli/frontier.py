@@ -32,6 +32,10 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Forms to try ('lora' is the LoRA truncated per site).")
 @click.option("--recover-steps", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also recover every point for N distillation steps (shareport finetune's recipe) and score it again.")
+@click.option("--serving", multiple=True, metavar="RULE",
+              help="Also plan every form and budget under a serving rule and score it as its own line: 'uniform' "
+                   "(convert --uniform-rank), 'max-rank=R' (--max-rank R) or 'buckets=R1,R2,...' (--rank-buckets). "
+                   "Repeat for several.")
 @click.option("--keep", default=0.99, show_default=True, type=float,
               help="Name the smallest point keeping this share of the LoRA's accuracy (or top-1 agreement).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
@@ -43,8 +47,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the recovery batch order.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if an earlier shareport run wrote it.")
 @json_option
-def frontier_cmd(lora_dir, base_dir, data_path, eval_path, budgets, forms, recover_steps, keep, out, lr, batch_size,
-                 max_length, seed, overwrite, as_json) -> None:
+def frontier_cmd(lora_dir, base_dir, data_path, eval_path, budgets, forms, recover_steps, serving, keep, out, lr,
+                 batch_size, max_length, seed, overwrite, as_json) -> None:
     """Convert LORA_DIR into every form at every budget, score each against the LoRA on held-out
     data (and again after --recover-steps of recovery), and name the smallest that keeps --keep.
 
@@ -57,16 +61,22 @@ def frontier_cmd(lora_dir, base_dir, data_path, eval_path, budgets, forms, recov
     options = flows.TrainingOptions(lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
     data = flows.frontier(lora_dir, base_dir, data_path, out, eval_path=eval_path, budgets=_floats(budgets),
                           forms=tuple(f.strip() for f in forms.split(",") if f.strip()), recover_steps=recover_steps,
-                          keep=keep, options=options, overwrite=overwrite, progress=not as_json)
+                          keep=keep, options=options, overwrite=overwrite, progress=not as_json, serving=serving)
     click.echo(to_json(data) if as_json else render(data))
 
 
 def render(data: dict) -> str:
-    front = {(p["form"], p["budget"], p["recovered"]) for p in data["pareto"]}
-    rows = [(p["form"], f"{p['budget']:g}", f"{p['parameters']:,}", f"{p['ratio']:.1%}",
+    def key(p):
+        return p["form"], p.get("serving"), p["budget"], p["recovered"]
+
+    def label(p):
+        return p["form"] if p.get("serving") is None else f"{p['form']} [{p['serving']}]"
+
+    front = {key(p) for p in data["pareto"]}
+    rows = [(label(p), f"{p['budget']:g}", f"{p['parameters']:,}", f"{p['ratio']:.1%}",
              f"after {p['steps']}" if p["recovered"] else "converted", p["kl"], p["top1_agreement"],
              "-" if p["accuracy"] is None else p["accuracy"], p["fidelity"],
-             "*" if (p["form"], p["budget"], p["recovered"]) in front else "")
+             "*" if key(p) in front else "")
             for p in data["points"]]
     lora = data["lora"]
     head = f"LoRA: {data['lora_parameters']:,} parameters"
@@ -76,7 +86,7 @@ def render(data: dict) -> str:
                           "fidelity", "front"], rows)
     chosen = data["smallest_keeping"]
     kept = "accuracy" if lora.get("accuracy") else "top-1 agreement"
-    verdict = (f"smallest point keeping {data['keep']:.0%} of the LoRA's {kept}: {chosen['form']} at "
+    verdict = (f"smallest point keeping {data['keep']:.0%} of the LoRA's {kept}: {label(chosen)} at "
                f"{chosen['ratio']:.1%} of its parameters ({chosen['parameters']:,}"
                f"{', recovered' if chosen['recovered'] else ''}; fidelity {chosen['fidelity']:.4f})" if chosen else
                f"no point keeps {data['keep']:.0%} of the LoRA's {kept}")

@@ -15,17 +15,44 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Callable
 
 from ..adapter import Adapter
 from ..convert import convert_adapter
+from ..convert_options import parse_buckets
 from ..errors import ShareportError
 from .jobs import TrainingOptions
 from .choices import DEFAULT_FRONTIER_BUDGETS as DEFAULT_BUDGETS
 from .choices import FRONTIER_FORMS as FORMS
 from .choices import MAX_FRONTIER_BUDGET as MAX_BUDGET
 from .recipe import Job, evaluate_adapter, run
+
+
+def parse_serving(texts) -> tuple[str, ...]:
+    """``--serving uniform|max-rank=R|buckets=R1,R2,...`` values, checked (one line on a bad one); each adds,
+    for every form and budget, a point planned under that serving rule (``convert --uniform-rank`` ...)."""
+    out = []
+    for text in texts:
+        serving_options(text)
+        if text not in out:
+            out.append(text)
+    return tuple(out)
+
+
+def serving_options(text: str | None) -> dict:
+    """The ``convert_adapter`` keywords of one ``--serving`` value (none for None)."""
+    if text is None:
+        return {}
+    if text == "uniform":
+        return {"uniform_rank": True}
+    name, _, value = text.partition("=")
+    if name == "max-rank" and value.isdigit() and int(value) > 0:
+        return {"max_rank": int(value)}
+    if name == "buckets":
+        return {"rank_buckets": parse_buckets(value)}
+    raise ShareportError(f"--serving must be uniform, max-rank=R (R >= 1) or buckets=R1,R2,...; got {text!r}")
 
 
 def check_budgets(budgets) -> tuple[float, ...]:
@@ -50,6 +77,12 @@ class Point:
     accuracy: float | None
     fidelity: float  # accuracy / LoRA accuracy, else top-1 agreement
     seconds: float  # conversion (+ recovery) wall time
+    serving: str | None = None  # the --serving rule the plan was made under (None: unconstrained)
+
+    @property
+    def label(self) -> str:
+        """The form, with its serving rule if any: one line of the frontier's figure."""
+        return self.form if self.serving is None else f"{self.form} [{self.serving}]"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -66,8 +99,11 @@ def _fidelity(metrics: dict, lora_accuracy: float | None) -> tuple[float | None,
 
 def measure(job: Job, lora: Adapter, forms, *, budgets, options: TrainingOptions, recover_steps: int,
             cached: Callable[[str], dict | None], store: Callable[[str, dict], None],
-            on_stage: Callable[[str, float, str], None], on_point: Callable[[Point], None]) -> tuple[dict, list[Point]]:
-    """Every (form, budget) point, converted and, with ``recover_steps``, recovered.
+            on_stage: Callable[[str, float, str], None], on_point: Callable[[Point], None],
+            serving: tuple[str, ...] = ()) -> tuple[dict, list[Point]]:
+    """Every (form, budget) point, converted and, with ``recover_steps``, recovered; with ``serving``
+    (``parse_serving``'s values) also one point per rule, planned under it (none where the budget
+    cannot pay for it).
 
     ``cached(key)``/``store(key, data)`` keep finished points so an interrupted run resumes.
     ``on_stage(form, budget, what)`` is called as each conversion or recovery starts ("converting",
@@ -79,14 +115,14 @@ def measure(job: Job, lora: Adapter, forms, *, budgets, options: TrainingOptions
     lora_accuracy = reference.get("accuracy", {}).get("student")
     points = []
     for form in forms:
-        for budget in budgets:
-            key = f"{form}-{budget:g}-{recover_steps}"
+        for budget, rule in itertools.product(budgets, (None,) + tuple(serving)):
+            key = f"{form}-{budget:g}-{recover_steps}" + (f"-{rule}" if rule else "")
             data = cached(key)
             if data is None:
-                stage = functools.partial(on_stage, form, budget)
+                stage = functools.partial(on_stage, form if rule is None else f"{form} [{rule}]", budget)
                 data = [p.to_dict() for p in _point(job, lora, form, budget=budget, options=options,
                                                     recover_steps=recover_steps, lora_accuracy=lora_accuracy,
-                                                    on_stage=stage, on_point=on_point)]
+                                                    on_stage=stage, on_point=on_point, serving=rule)]
                 store(key, data)
             else:
                 for d in data:
@@ -95,17 +131,18 @@ def measure(job: Job, lora: Adapter, forms, *, budgets, options: TrainingOptions
     return reference, points
 
 
-def _point(job, lora, form, *, budget, options, recover_steps, lora_accuracy, on_stage, on_point) -> list[Point]:
+def _point(job, lora, form, *, budget, options, recover_steps, lora_accuracy, on_stage, on_point,
+           serving=None) -> list[Point]:
     on_stage("converting")
     started = time.perf_counter()
     try:
-        converted, report = convert_adapter(lora, form, budget=budget)
+        converted, report = convert_adapter(lora, form, budget=budget, **serving_options(serving))
     except ShareportError:
         return []  # the budget cannot pay for this form (e.g. ShareAB's shared pair); no point
     seconds = time.perf_counter() - started
     before = evaluate_adapter(job, converted, options.batch_size)
     accuracy, fidelity = _fidelity(before, lora_accuracy)
-    common = dict(form=form, budget=budget, parameters=report.parameters_after, ratio=report.ratio,
+    common = dict(form=form, serving=serving, budget=budget, parameters=report.parameters_after, ratio=report.ratio,
                   max_relative_error=max((k.relative_error for k in report.kinds), default=0.0))
     out = [Point(recovered=False, steps=0, kl=before.get("kl"), top1_agreement=before.get("top1_agreement"),
                  accuracy=accuracy, fidelity=fidelity, seconds=seconds, **common)]
@@ -124,9 +161,10 @@ def _point(job, lora, form, *, budget, options, recover_steps, lora_accuracy, on
     return out
 
 
-def stages(forms, budgets, recover_steps: int) -> int:
-    """How many points ``measure`` finishes (for a progress bar): one per form and budget, two when recovering."""
-    return len(forms) * len(budgets) * (2 if recover_steps else 1)
+def stages(forms, budgets, recover_steps: int, serving: tuple[str, ...] = ()) -> int:
+    """How many points ``measure`` finishes (for a progress bar): one per form, budget and serving rule (and
+    the unconstrained plan), two when recovering."""
+    return len(forms) * len(budgets) * (1 + len(serving)) * (2 if recover_steps else 1)
 
 
 def point_line(point: Point) -> str:
@@ -134,7 +172,7 @@ def point_line(point: Point) -> str:
     state = f"recovered {point.steps} steps" if point.recovered else "converted"
     kl = "-" if point.kl is None else f"{point.kl:.4f}"
     accuracy = "" if point.accuracy is None else f", accuracy {point.accuracy:.4f}"
-    return (f"{point.form} at {point.budget:g} ({point.ratio:.1%} of the LoRA), {state}: KL {kl}{accuracy}, "
+    return (f"{point.label} at {point.budget:g} ({point.ratio:.1%} of the LoRA), {state}: KL {kl}{accuracy}, "
             f"fidelity {point.fidelity:.4f} ({point.seconds:.0f} s)")
 
 
