@@ -274,7 +274,7 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
             notes += [note] if note else []
             check_fits(arrays, slots, str(shipped))
         else:
-            arrays = adapter_arrays(adapter, slots, "adapter", carried=graph_inputs(info))
+            arrays = adapter_arrays(adapter, slots, "adapter", carried=graph_inputs(info), graph_info=info)
         lora = runtime.load_lora(arrays)
         handle = attach(model, adapter)
         checks = [("adapter active", {}, lora, True)]
