@@ -66,6 +66,7 @@ def test_quantized_adapter_graph_verifies_against_pytorch(case, bits):
     report = verify(result.path, case.base, case.q[bits])
     assert report.ok, report.failure()
     assert {r.check for r in report.rows} == {"adapter active", "no adapter"}
+    assert any(f"quantized ({bits} in groups of {GROUPS[bits]})" in note for note in report.notes)
     proto = onnx.load(str(result.path / graph_file.GRAPH_NAME), load_external_data=False)
     assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 21
     slots = graph_file.graph_slots(proto)

@@ -289,3 +289,14 @@ def _attr(ir, key: str, value):
     if isinstance(value, list):
         return ir.AttrInt64s(key, value)
     return ir.AttrTensor(key, value)
+
+
+def verify_notes(adapter: Adapter) -> list[str]:
+    """What ``verify`` compares for a quantized adapter (its float source is not at hand)."""
+    held = records(adapter)
+    if not held:
+        return []
+    kinds = ", ".join(sorted({f"int{r.bits} in groups of {r.group_size}" for r in held.values()}))
+    return [f"the adapter is quantized ({kinds}): PyTorch runs its dequantized factors, the values its integers "
+            "give; the float adapter it was quantized from is not kept, so the quantization error is not measured "
+            "here (convert reports it: quantization.relative_error)"]
