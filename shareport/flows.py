@@ -375,7 +375,7 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
     else:
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
         check_fleet_member(info, adapter, str(adapter_dir))  # a fleet's graph holds its shared basis
-        arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:", carried=graph_inputs(info))
+        arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:", carried=graph_inputs(info), graph_info=info)
     name = Path(adapter_dir).resolve().name
     path = Path(out) if out else Path(graph_dir) / (name if name.endswith(".onnx_adapter") else f"{name}.onnx_adapter")
     save_onnx_adapter(arrays, path, overwrite=overwrite, inputs=[adapter_dir])

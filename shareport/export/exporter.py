@@ -36,7 +36,7 @@ from ..files.fleet import fleet_members
 from ..files.tensorfile import read_header
 from ..model import attach, fold, load_base_model
 from ..model.base import CAUSAL_LM_CLASS, auto_class_name, read_base_config
-from . import graph_file
+from . import graph_file, quantized
 from .choices import ADAPTER_NAMES, MODES, TORCH_DTYPES
 from .carried import carried_slots, carried_tensors, fleet_needs_inputs, info_section
 from .genai_config import special_tokens, write_genai_config
@@ -284,6 +284,10 @@ def export(
     dtype, adapter_mode = DTYPES[options.dtype], options.mode == "adapter"
     layout = fleet_layout(adapter) if adapter_mode else None
     members, takes_carried = _fleet_adapters(adapter, layout)
+    name = (lambda n: n + OLIVE_SUFFIX) if options.adapter_names == "olive" else (lambda n: n)
+    # a quantized adapter's slots take its integers and scales, dequantized in the graph (opset >= 21)
+    qslots = quantized.plan(adapter, slots_for(adapter), name) if adapter_mode else {}
+    opset = quantized.graph_opset(options.opset, qslots)
     check_output(out, overwrite, [adapter_dir, base_dir])
     check_memory(base_dir, options.dtype)
     report = None
@@ -291,9 +295,9 @@ def export(
         stage("loading")
         model = prepare_model(base_dir, adapter, options.mode, dtype)
         sig = signature_for(model, options.with_past)
-        name = (lambda n: n + OLIVE_SUFFIX) if options.adapter_names == "olive" else (lambda n: n)
         slots = {name(n): dataclasses.replace(s, name=name(n)) for n, s in slots_for(adapter).items()} if adapter_mode else {}
         values = {name(n): t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
+        values.update(quantized.adapter_values(adapter, qslots, name))
         # carried inputs keep their parameter names under either naming (see ``carried``)
         carried = {n: t.numpy() for n, t in carried_tensors(adapter, dtype).items()} if takes_carried else {}
 
@@ -303,16 +307,20 @@ def export(
         if layout is not None:  # a fleet member: the shared basis is part of the graph, its cores are the slots
             constants = {n: t.to(dtype) for n, t in layout.constants.items()}
             wiring = {p: tuple(n if n in constants else name(n) for n in chain) for p, chain in layout.chains.items()}
-        ir_model = trace_to_onnx(model, sig, {**slots, **carried_slots(carried)}, wiring, dtype, options.opset,
+        ir_model = trace_to_onnx(model, sig, {**slots, **carried_slots(carried)}, wiring, dtype, opset,
                                  constants, carried=sorted(carried))
+        if qslots:
+            quantized.dequantize_inputs(ir_model, qslots, dtype)
 
         stage("adding adapter slots")
-        defaults = values if options.embed_adapter else {n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}
+        defaults = values if options.embed_adapter else {
+            **{n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}, **quantized.empty_values(qslots)}
         graph_file.make_overridable(ir_model, {**defaults, **carried})  # carried: the exported member's, always
 
         stage("writing")
         with atomic_dir(out, overwrite=overwrite, inputs=[adapter_dir, base_dir]) as tmp:
-            graph_file.save_graph(ir_model, tmp, _info(options, sig, adapter, ir_model, layout=layout, carried=carried))
+            graph_file.save_graph(ir_model, tmp, {**_info(options, sig, adapter, ir_model, layout=layout, carried=carried),
+                                                  **quantized.info(qslots)})
             if adapter_mode:
                 write_onnx_adapter({**values, **carried}, tmp / graph_file.ADAPTER_NAME)
             if layout is not None:

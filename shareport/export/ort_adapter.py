@@ -17,6 +17,8 @@ import torch
 from ..adapter import Adapter
 from ..errors import ShareportError
 from ..files.atomic import atomic_file
+from ..files.quantized import SCALE_PREFIX
+from . import quantized
 from .carried import carried_arrays
 from .slots import graph_tensors
 
@@ -29,8 +31,12 @@ def write_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path) -> None:
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     fmt.set_model_version(1)
-    fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in sorted(arrays.items())})
+    # an OrtValue from numpy points into the array without holding it: a copy made here (of an array that is
+    # not C-contiguous, e.g. a transposed one) must stay alive until the file is written, or garbage is written
+    kept = {n: np.ascontiguousarray(a) for n, a in sorted(arrays.items())}
+    fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in kept.items()})
     fmt.export_adapter(str(path))
+    del kept
 
 
 def save_onnx_adapter(arrays: dict[str, np.ndarray], path: str | Path, overwrite: bool = False, inputs=()) -> Path:
@@ -106,6 +112,13 @@ def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, t
     """Raise a one-line ShareportError unless ``arrays`` can be swapped into a graph with ``slots``."""
     if not slots:
         raise ShareportError("the graph has no adapter inputs (it was exported with --mode folded)")
+    graph_quantized = any(n.startswith(SCALE_PREFIX) and n[len(SCALE_PREFIX):] in slots for n in slots)
+    if graph_quantized != any(n.startswith(SCALE_PREFIX) for n in arrays):
+        raise ShareportError(
+            f"{what} holds float tensors; this graph takes a quantized adapter (integers and float16 scales): "
+            "write it from a quantized adapter folder (convert --quantize)" if graph_quantized else
+            f"{what} holds a quantized adapter (integers and scales); this graph takes float tensors: export a graph "
+            "from the quantized adapter, or write the file from a float one")
     unknown, missing = set(arrays) - set(slots), set(slots) - set(arrays)
     if unknown:
         raise ShareportError(
@@ -132,12 +145,25 @@ def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, t
 
 
 def adapter_arrays(adapter: Adapter, slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter",
-                   carried: list[str] = ()) -> dict[str, np.ndarray]:
+                   carried: list[str] = (), graph_info: dict | None = None) -> dict[str, np.ndarray]:
     """The adapter in the graph's layout and dtype, checked to fit the graph's slots; ``carried``: the
-    graph's carried inputs (``carried.graph_inputs``), filled from the adapter's own carried tensors."""
-    dtype = next(iter(slots.values()))[0] if slots else np.dtype(np.float32)
+    graph's carried inputs (``carried.graph_inputs``), filled from the adapter's own carried tensors.
+    ``graph_info``: the graph's metadata, which says which slots take integers (``quantized``); a
+    quantized adapter for a float graph, or the reverse, is refused in one line."""
+    qslots = quantized.slots_from_info(graph_info or {}, slots)
+    taken = {n for q in qslots.values() for n in q.inputs()}
+    dtype = next((d for n, (d, _) in sorted(slots.items()) if n not in taken), np.dtype(np.float32))
     torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
+    held = quantized.records(adapter)
+    if held and not qslots and slots:
+        kinds = sorted({f"int{r.bits} in groups of {r.group_size}" for r in held.values()})
+        raise ShareportError(
+            f"{what} is quantized ({', '.join(kinds)}); this graph takes float adapter tensors: export a graph from "
+            "the quantized adapter (adapter mode keeps it quantized), or use a float adapter")
     arrays, _ = match_names({n: t.numpy() for n, t in graph_tensors(adapter, torch_dtype).items()}, slots)
+    if qslots:  # the integers and scales in place of the float values of the same names
+        arrays.update(quantized.adapter_values(adapter, qslots, lambda n: n if n in slots else _other_name(n),
+                                               what=what))
     if carried:  # already the graph's names: Olive's suffix is for LoRA factors only
         arrays.update(carried_arrays(adapter, list(carried), torch_dtype, what))
     check_fits(arrays, slots, what)

@@ -58,7 +58,7 @@ from torch import nn
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
 from ..model import attach, load_base_model
-from . import graph_file, runtime
+from . import graph_file, quantized, runtime
 from .choices import FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE
 from .carried import graph_inputs, override_feeds, same_carried
 from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
@@ -255,7 +255,7 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
     model = load_base_model(base_dir, info.get("task_type") or adapter.task_type, carried=adapter.extra_tensors)
     sess = runtime.session(Path(graph_dir) / graph_file.GRAPH_NAME)
-    notes: list[str] = []
+    notes: list[str] = quantized.verify_notes(adapter)
 
     # each check: (name, ORT extra feeds, ORT adapter, PyTorch adapter enabled?)
     if info["mode"] == "folded":
@@ -274,7 +274,7 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
             notes += [note] if note else []
             check_fits(arrays, slots, str(shipped))
         else:
-            arrays = adapter_arrays(adapter, slots, "adapter", carried=graph_inputs(info))
+            arrays = adapter_arrays(adapter, slots, "adapter", carried=graph_inputs(info), graph_info=info)
         lora = runtime.load_lora(arrays)
         handle = attach(model, adapter)
         checks = [("adapter active", {}, lora, True)]
