@@ -60,7 +60,7 @@ from ..files.adapters import load_adapter
 from ..model import attach, load_base_model
 from . import graph_file, runtime
 from .choices import FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE
-from .carried import graph_inputs, override_feeds, same_carried
+from .carried import check_baked, graph_inputs, override_feeds, same_carried
 from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
 from .slots import check_fleet_member
 from ..files.fleet import fleet_members
@@ -253,6 +253,8 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
     sig = Signature.from_dict(info["signature"])
     graph_dtype = torch.float16 if info["dtype"] == "fp16" else torch.float32
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+    # another adapter's head in the graph: refused in one line naming it, not left to fail row by row
+    check_baked(info, adapter, str(adapter_dir), proto=proto, folder=graph_dir)
     model = load_base_model(base_dir, info.get("task_type") or adapter.task_type, carried=adapter.extra_tensors)
     sess = runtime.session(Path(graph_dir) / graph_file.GRAPH_NAME)
     notes: list[str] = []
