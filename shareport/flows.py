@@ -43,7 +43,7 @@ from .export.exporter import ExportOptions
 from .export.exporter import export as export_graph
 from .export.doctor import doctor as doctor_report
 from .export.generate import generate as generate_text
-from .export.carried import graph_inputs
+from .export.carried import check_baked, graph_inputs
 from .export.slots import check_fleet_member
 from .export.ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter, save_onnx_adapter
 from .export.verify import FP16_RTOL, FP32_ATOL, Report
@@ -375,6 +375,7 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
     else:
         adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle)
         check_fleet_member(info, adapter, str(adapter_dir))  # a fleet's graph holds its shared basis
+        check_baked(info, adapter, str(adapter_dir), proto=proto, folder=graph_dir)  # and maybe another's head
         arrays = adapter_arrays(adapter, slots, what=f"{adapter_dir}:", carried=graph_inputs(info), graph_info=info)
     name = Path(adapter_dir).resolve().name
     path = Path(out) if out else Path(graph_dir) / (name if name.endswith(".onnx_adapter") else f"{name}.onnx_adapter")

@@ -68,3 +68,23 @@ def torch_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         return model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+
+
+def classifier_feeds() -> dict[str, np.ndarray]:
+    """A tiny BERT classifier's inputs, with a padded row."""
+    from tests.tiny import input_ids
+
+    ids = input_ids(3, 9, seed=5).numpy()
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def peft_logits(base, lora, feeds) -> np.ndarray:
+    """PEFT's own output for the LoRA folder (its head included): the reference, independent of shareport."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), lora).eval()
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()

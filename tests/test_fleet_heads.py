@@ -13,7 +13,8 @@ import torch
 from shareport.export import runtime
 from shareport.export.ort_adapter import read_onnx_adapter, write_onnx_adapter
 from shareport.export.verify import FP32_ATOL
-from tests.tiny import TARGETS, input_ids, make_peft_adapter, tiny_bert
+from tests.onnx_cases import classifier_feeds, peft_logits
+from tests.tiny import TARGETS, make_peft_adapter, tiny_bert
 from tests.training_helpers import save_base
 
 MEMBERS = ("alpha", "beta", "gamma")
@@ -74,21 +75,7 @@ def exported(setup, tmp_path_factory):
     return fleet, root / "onnx", json.loads(r.stdout)
 
 
-def _feeds() -> dict[str, np.ndarray]:
-    ids = input_ids(3, 9, seed=5).numpy()
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0  # a padded row
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-
-
-def _peft_logits(base, lora, feeds) -> np.ndarray:
-    """PEFT's own output for the LoRA folder (its head included): the reference, independent of shareport."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), lora).eval()
-    with torch.no_grad():
-        return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+_feeds, _peft_logits = classifier_feeds, peft_logits
 
 
 def test_every_member_file_in_ort_gives_its_peft_output(setup, exported):
@@ -161,7 +148,8 @@ def test_identical_heads_keep_the_baked_graph(setup, cli, tmp_path):
     assert json.loads(r.stdout)["verify"]["ok"]
     proto = onnx.load(str(out / "model.onnx"))
     assert not set(HEAD) & {i.name for i in proto.graph.input}
-    assert "carried" not in json.loads(proto.metadata_props[0].value)
+    carried = json.loads(proto.metadata_props[0].value)["carried"]
+    assert "inputs" not in carried and sorted(carried["baked"]) == sorted(HEAD)  # baked, and recorded as such
     assert not set(HEAD) & set(read_onnx_adapter(out / "beta.onnx_adapter"))
 
 

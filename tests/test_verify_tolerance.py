@@ -1,4 +1,4 @@
-"""verify's fp32 limit follows the reference's own error (issue #28, item 15).
+"""verify's limits follow the reference's own error: fp32 (issue #28, item 15) and fp16.
 
 A fixed atol of 1e-4 against float32 PyTorch refused correct exports once the model was a few
 layers deep: float32 PyTorch is itself that far from the exact result. verify now measures ORT
@@ -25,8 +25,8 @@ import torch
 from shareport.export import graph_file, runtime
 from shareport.export.exporter import ExportOptions, export
 from shareport.export.signature import Signature, make_inputs
-from shareport.export.verify import (FP32_ATOL, PLAIN_CASES, REFERENCE_MULTIPLE, VerifyMismatch, _in_float64,
-                                     compare_outputs, limit_for, verify)
+from shareport.export.verify import (FP16_MULTIPLE, FP16_RTOL, FP32_ATOL, PLAIN_CASES, REFERENCE_MULTIPLE,
+                                     VerifyMismatch, _in_float64, compare_outputs, limit_for, verify)
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter, save_adapter
 from shareport.model import attach, load_base_model, surgery
@@ -102,24 +102,28 @@ def medium(built):
     return built("medium")
 
 
-def _independent_outputs(case, adapter_dir) -> list[dict]:
-    """Per verify case: ORT's outputs, float32 PyTorch's, and float64 PyTorch's from a model loaded in
-    float64 (not converted by verify), the adapter attached in float64."""
-    proto = graph_file.load_proto(case.graph)
-    sig = Signature.from_dict(graph_file.read_info(proto, case.graph)["signature"])
+def _independent_outputs(case, adapter_dir, graph=None, own=torch.float32) -> list[dict]:
+    """Per verify case: ORT's outputs, PyTorch's in ``own`` (the graph's dtype; key "own") and float64
+    PyTorch's, each from its own model in that dtype (not converted by verify), the adapter attached in it."""
+    graph = graph or case.graph
+    proto = graph_file.load_proto(graph)
+    sig = Signature.from_dict(graph_file.read_info(proto, graph)["signature"])
     adapter = load_adapter(adapter_dir)
     models = {}
-    for dtype in (torch.float32, torch.float64):
-        models[dtype] = load_base_model(case.base, dtype=dtype)
+    for dtype in (own, torch.float64):
+        # float16 as the exporter makes it: loaded in float32 and cast, buffers too (rotary's inv_freq; a
+        # model loaded in float16 keeps that in float32, another fp16 model whose own error differs ~2x)
+        models[dtype] = load_base_model(case.base, dtype=torch.float32 if dtype == torch.float16 else dtype)
         attach(models[dtype], adapter)
+        models[dtype].to(dtype)
     assert all(p.dtype == torch.float64 for p in models[torch.float64].parameters())
-    sess = runtime.session(Path(case.graph) / graph_file.GRAPH_NAME)
+    sess = runtime.session(Path(graph) / graph_file.GRAPH_NAME)
     out = []
     for batch, seq, past in PLAIN_CASES:
-        inputs = make_inputs(sig, batch, seq, past, seed=batch * 100 + seq, vocab=int(models[torch.float32].config.vocab_size))
+        inputs = make_inputs(sig, batch, seq, past, seed=batch * 100 + seq, vocab=int(models[own].config.vocab_size))
         row = {"case": f"b{batch} s{seq}", "ort": runtime.run(sess, {n: t.numpy() for n, t in inputs.items()})[0]}
         with torch.no_grad():
-            for dtype, key in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+            for dtype, key in ((own, "own"), (torch.float64, "fp64")):
                 row[key] = models[dtype](input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                          use_cache=False).logits.numpy()
         out.append(row)
@@ -135,7 +139,7 @@ def test_limit_is_the_larger_of_the_floor_and_the_multiple_of_float32s_own_error
     own = [e + rng.normal(scale=s, size=e.shape) for e, s in zip(exact, (3e-4, 1e-7))]  # float32 PyTorch
     got = [e + rng.normal(scale=s, size=e.shape) for e, s in zip(exact, (1e-3, 2e-5))]  # ORT
     rows = compare_outputs("folded", "b2 s3", ["logits", "present.0.key"], got, exact, "fp32", 1e-4, 2e-2,
-                           float32=own, multiple=4.0)
+                           own=own, multiple=4.0)
     for row, g, o, e in zip(rows, got, own, exact):
         own_error = float(np.abs(o - e).max())
         assert row.reference_error == pytest.approx(own_error)
@@ -146,7 +150,7 @@ def test_limit_is_the_larger_of_the_floor_and_the_multiple_of_float32s_own_error
     assert rows[0].ok and rows[1].ok
     # the same ORT error against the multiple of a smaller own error fails
     tight = compare_outputs("folded", "b2 s3", ["logits"], got[:1], exact[:1], "fp32", 1e-4, 2e-2,
-                            float32=[exact[0] + 1e-5], multiple=4.0)[0]
+                            own=[exact[0] + 1e-5], multiple=4.0)[0]
     assert tight.limit == pytest.approx(max(1e-4, 4e-5)) and not tight.ok
 
 
@@ -154,7 +158,10 @@ def test_a_non_finite_float32_error_widens_nothing():
     assert limit_for("fp32", np.zeros(3), 1e-4, 2e-2, own_error=float("inf")) == 1e-4
     assert limit_for("fp32", np.zeros(3), 1e-4, 2e-2, own_error=float("nan")) == 1e-4
     assert limit_for("fp32", np.zeros(3), 1e-4, 2e-2, own_error=1e-3) == pytest.approx(REFERENCE_MULTIPLE * 1e-3)
-    assert limit_for("fp16", np.array([3.0]), 1e-4, 2e-2, own_error=1.0) == pytest.approx(2e-2 * 3)  # fp16: rtol only
+    # fp16: the larger of rtol x max(1, max |reference|) and the multiple of float16's own error
+    assert limit_for("fp16", np.array([3.0]), 1e-4, 2e-2, own_error=1e-3, multiple=2.0) == pytest.approx(2e-2 * 3)
+    assert limit_for("fp16", np.array([3.0]), 1e-4, 2e-2, own_error=1.0, multiple=2.0) == pytest.approx(2.0)
+    assert limit_for("fp16", np.array([3.0]), 1e-4, 2e-2, own_error=float("inf"), multiple=2.0) == pytest.approx(0.06)
 
 
 def test_float64_round_trip_leaves_the_model_exactly_as_it_was(tmp_path):
@@ -189,7 +196,7 @@ def test_rows_match_an_independent_float64_model_at_every_size(sized):
     want = _independent_outputs(sized, sized.adapter)
     assert [r.case for r in report.rows] == [w["case"] for w in want]
     for row, w in zip(report.rows, want):
-        own = float(np.abs(w["fp32"].astype(np.float64) - w["fp64"]).max())
+        own = float(np.abs(w["own"].astype(np.float64) - w["fp64"]).max())
         ort = float(np.abs(w["ort"].astype(np.float64) - w["fp64"]).max())
         assert row.reference_error == pytest.approx(own, rel=1e-6, abs=1e-12)
         assert row.max_abs == pytest.approx(ort, rel=1e-6, abs=1e-12)
@@ -208,7 +215,7 @@ def test_rows_match_an_independent_float64_model_at_every_size(sized):
 
 def _old_rule_error(case) -> float:
     """max |ORT - float32 PyTorch| over verify's cases: what the fixed atol 1e-4 was compared with."""
-    return max(float(np.abs(w["ort"] - w["fp32"]).max()) for w in _independent_outputs(case, case.adapter))
+    return max(float(np.abs(w["ort"] - w["own"]).max()) for w in _independent_outputs(case, case.adapter))
 
 
 def test_a_correct_export_the_fixed_atol_refused_is_accepted(medium):
@@ -269,3 +276,39 @@ def test_atol_scales_the_whole_limit(medium):
         assert b.limit == pytest.approx(2 * a.limit) and b.reference_error == a.reference_error
     strict = verify(medium.graph, medium.base, medium.adapter, atol=0.0)
     assert not strict.ok and all(r.limit == 0 for r in strict.rows)
+
+
+# ------------------------------------------------------------------------------------------- fp16
+
+
+@pytest.fixture(params=["medium", "bench"])
+def sized16(request, built):
+    """That size's model exported folded in fp16 (once), and its adapter scaled by 1.05."""
+    if request.param == "bench" and os.environ.get("SHAREPORT_BENCH_SIZE") != "1":
+        pytest.skip("bench_onnx's 33M Llama: set SHAREPORT_BENCH_SIZE=1")
+    case = built(request.param)
+    if not hasattr(case, "fp16"):
+        case.fp16 = export(case.adapter, case.base, case.root / "fp16", ExportOptions("folded", dtype="fp16"),
+                           progress=False, verify=False).path
+        case.scaled16 = _scaled(case.root, case.adapter, 1.05)
+    return case
+
+
+def test_fp16_limit_follows_float16_pytorchs_own_error(sized16):
+    """fp16 rows against an independent float64 model and an independent float16 one: the measured
+    error, float16's own error and the limit from them; the correct export (which the fixed share of
+    the output refused) passes; 1.05 x the adapter's scale fails. (1.001 x is within fp16's own error
+    on these models: no fp16 check can see it.)"""
+    report = verify(sized16.fp16, sized16.base, sized16.adapter)
+    want = _independent_outputs(sized16, sized16.adapter, graph=sized16.fp16, own=torch.float16)
+    for row, w in zip(report.rows, want, strict=True):
+        own = float(np.abs(w["own"].astype(np.float64) - w["fp64"]).max())
+        floor = FP16_RTOL * max(1.0, float(np.abs(w["fp64"]).max()))
+        assert row.reference_error == pytest.approx(own, rel=1e-6, abs=1e-12)
+        assert row.max_abs == pytest.approx(float(np.abs(w["ort"].astype(np.float64) - w["fp64"]).max()), rel=1e-6)
+        assert row.limit == pytest.approx(max(floor, FP16_MULTIPLE * own), rel=1e-6)
+    assert report.ok, report.failure()
+    assert any(r.max_abs > FP16_RTOL * max(1.0, float(np.abs(w["fp64"]).max())) for r, w in zip(report.rows, want))
+    assert "float16 PyTorch's own error" in report.tolerance and report.multiple == FP16_MULTIPLE
+    scaled = verify(sized16.fp16, sized16.base, sized16.scaled16)
+    assert not scaled.ok and "float16 PyTorch's own error" in scaled.failure()

@@ -34,7 +34,7 @@ def render_report(report: Report) -> str:
         for r in report.rows
     ]
     headers = ["check", "case", "output", "max abs diff", "mean abs diff", "top-1 agree",
-               *(["torch fp32 own err"] if own else []), "limit", "result"]
+               *([f"torch {report.dtype} own err"] if own else []), "limit", "result"]
     table = format_table(headers, rows)
     failed = sum(not r.ok for r in report.rows)
     verdict = ("all comparisons within tolerance" if report.ok else

@@ -38,7 +38,7 @@ from ..model import attach, fold, load_base_model
 from ..model.base import CAUSAL_LM_CLASS, auto_class_name, read_base_config
 from . import graph_file, quantized
 from .choices import ADAPTER_NAMES, MODES, TORCH_DTYPES
-from .carried import carried_slots, carried_tensors, fleet_needs_inputs, info_section
+from .carried import baked_section, carried_slots, carried_tensors, fleet_needs_inputs, info_section
 from .genai_config import special_tokens, write_genai_config
 from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
@@ -196,11 +196,12 @@ def _fleet_adapters(adapter: Adapter, layout) -> tuple[dict[str, Adapter], bool]
 
 
 def _info(options: ExportOptions, sig: Signature, adapter: Adapter, ir_model, layout=None, carried=None) -> dict:
-    """What verify and export-adapter need to know about the graph (stored in its metadata)."""
+    """What verify and export-adapter need to know about the graph (stored in its metadata): with the
+    carried tensors either the inputs' defaults or what was baked in, so another adapter's are refused."""
     fleet = {"fleet": {"sha256": layout.sha256, "members": sorted(fleet_members(adapter))}} if layout else {}
     return {
         **fleet,
-        **(info_section(carried) if carried else {}),
+        **(info_section(carried) if carried else baked_section(adapter, DTYPES[options.dtype])),
         "format_version": FORMAT_VERSION,
         "mode": options.mode,
         "dtype": options.dtype,

@@ -46,10 +46,42 @@ def make_overridable(ir_model, defaults: dict[str, np.ndarray]) -> None:
         graph.register_initializer(value)
 
 
-def save_graph(ir_model, folder: Path, info: dict) -> Path:
-    """Write ``model.onnx`` (plus ``model.onnx_data`` when the weights are too big for one file)."""
+def strip_debug(ir_model) -> None:
+    """Drop what torch's exporter records about how it traced the graph: per node the stack trace
+    (absolute paths, line numbers and source text of shareport's and transformers' files), module
+    names and FX nodes; per value and graph the original names and torch.export's signature; doc
+    strings. None of it is read by a runtime, and it made the same inputs give other bytes from
+    another install path or after an edit that moved lines. The model's own metadata (ours) stays."""
     import onnx_ir as ir
 
+    graphs = [ir_model.graph, *ir_model.functions.values()]
+    seen: list = []
+    for graph in graphs:
+        values = [*graph.inputs, *graph.outputs, *getattr(graph, "initializers", {}).values()]
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            _clear(node)
+            values += [*node.inputs, *node.outputs]
+            if node.graph is not None and all(node.graph is not g for g in seen):
+                seen.append(node.graph)  # a subgraph's own metadata, as the top graph's
+        for value in values:
+            if value is not None:
+                _clear(value)
+        _clear(graph)
+    for graph in seen:
+        _clear(graph)
+
+
+def _clear(item) -> None:
+    item.metadata_props.clear()
+    item.doc_string = None
+
+
+def save_graph(ir_model, folder: Path, info: dict) -> Path:
+    """Write ``model.onnx`` (plus ``model.onnx_data`` when the weights are too big for one file),
+    without the exporter's debug records (:func:`strip_debug`), so the bytes depend on the inputs only."""
+    import onnx_ir as ir
+
+    strip_debug(ir_model)
     ir_model.metadata_props[INFO_KEY] = json.dumps(info, sort_keys=True)
     weight_bytes = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
     path = folder / GRAPH_NAME
