@@ -1,6 +1,6 @@
 """Fuzz the config and safetensors readers: every case ends in a ShareportError or a valid adapter.
 
-Run as a benchmark for the full 10k cases (``python tests/benchmarks/bench_fuzz_readers.py``);
+Run as a benchmark for the full 10k cases (``python3 -m tests.benchmarks.bench_fuzz_readers``);
 ``tests/test_fuzz_readers.py`` runs a few hundred in CI.
 """
 

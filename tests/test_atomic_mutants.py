@@ -1,6 +1,6 @@
 """The output rules of ``shareport/files/atomic.py`` one function at a time, without a command around them.
 
-Written against the surviving mutants of a mutation run (tests/benchmarks/mutation.sh atomic): each
+Written against the surviving mutants of a mutation run (tests/mutation/mutation.sh atomic): each
 refusal is checked by its message (the one line the user reads names the path and the problem), each
 publish by what lands on disk (files, modes, leftovers), each failure by what is left (nothing new).
 The reference for a mode is the POSIX rule itself, 0o777/0o666 less the umask, computed here.

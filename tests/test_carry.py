@@ -6,26 +6,18 @@ of the manifest that ``split_file`` writes."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-CARRY = Path(__file__).resolve().parent / "benchmarks" / "carry"
-sys.path.insert(0, str(CARRY))
-
-import carrylib  # noqa: E402
-from carrylib import CarryError, copy_parts, reassemble, split_file  # noqa: E402
+from tests.benchmarks.carry.carrylib import CarryError, copy_parts, reassemble, split_file
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"carry_{name}", CARRY / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"tests.benchmarks.carry.{name}")
 
 
 @pytest.fixture
@@ -157,7 +149,8 @@ def test_device_calls_end_with_install_check_and_bench():
     prepare = _load("prepare")
     calls = prepare.device_calls([".carry/call1", ".carry/call2", ".carry/call3"], bench_s=400)
     assert [c["carry"] for c in calls] == [[".carry/call1"], [".carry/call2"], [".carry/call3"]]
-    assert "bench_gpu.py --cuda-ep" in calls[-1]["command"] and "check_cuda_ep.py" in calls[-1]["command"]
+    assert "tests.benchmarks.bench_gpu --cuda-ep" in calls[-1]["command"]
+    assert "tests.benchmarks.carry.check_cuda_ep" in calls[-1]["command"]
     assert not any("bench_gpu" in c["command"] for c in calls[:-1])
     assert all(len(c["command"]) <= 2000 for c in calls) and calls[-1]["timeout_s"] <= 600
 

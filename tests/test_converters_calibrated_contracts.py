@@ -1,5 +1,5 @@
 """Fast contracts of the calibrated converters (calibration.py, calibrated_shareab.py,
-calibrated_sharea.py, calibrated_aslora.py) that survivors of tests/benchmarks/mutation.sh pointed at
+calibrated_sharea.py, calibrated_aslora.py) that survivors of tests/mutation/mutation.sh pointed at
 (issue 20); test_converters_calibrated.py's brute-force optimisers take ~30 s, this file seconds.
 
 References are independent of the factored code: the dense objective with n_in x n_in second

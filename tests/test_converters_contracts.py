@@ -1,4 +1,4 @@
-"""Converter contracts that survivors of tests/benchmarks/mutation.sh converters pointed at (issue 20):
+"""Converter contracts that survivors of tests/mutation/mutation.sh converters pointed at (issue 20):
 the one-line error messages, each result's method and spectrum, the public ``spectrum``, the zero
 and all-negligible budget corners, plan fields in every mode, and ``orthonormal_complement``.
 

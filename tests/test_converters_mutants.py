@@ -1,4 +1,4 @@
-"""Converter corners that survivors of tests/benchmarks/mutation.sh converters pointed at: explicit
+"""Converter corners that survivors of tests/mutation/mutation.sh converters pointed at: explicit
 ASLoRA plans, default groups, the energy rule's slack, truncation's rank checks and result fields.
 
 References are independent: the counting formula for parameters (brute force over G), a dense SVD

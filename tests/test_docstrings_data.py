@@ -1,14 +1,9 @@
 """The frontier benchmark's task (stdlib docstrings by package) keeps its own rules: at least 10
 classes, every class in both splits, no text in both splits, the same bytes on every build."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SPEC = importlib.util.spec_from_file_location(
-    "docstrings_data", Path(__file__).resolve().parent / "benchmarks" / "docstrings_data.py")
-docstrings_data = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(docstrings_data)
+from tests.benchmarks import docstrings_data
 
 
 def test_split_is_disjoint_deterministic_and_has_every_class(tmp_path):

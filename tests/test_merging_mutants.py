@@ -1,6 +1,6 @@
 """``shareport/train/merging.py`` beyond the happy path: the schedule's refusals and limits, size-weighted
 mean merges (values, running averages and AdamW moments), several kinds, tie-breaking, the checkpoint
-round trip. Written against the surviving mutants of tests/benchmarks/mutation.sh merging; every
+round trip. Written against the surviving mutants of tests/mutation/mutation.sh merging; every
 expected value is computed here from the rule the module docstring states (plain means, weighted means,
 Frobenius distances), on tiny models whose B's are constants."""
 

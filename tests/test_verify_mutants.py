@@ -1,7 +1,7 @@
 """``shareport/export/verify.py`` piece by piece: the comparison arithmetic against numpy written out
 here, and :func:`verify` on three small graphs (folded fp16, adapter mode with past, adapter embedded).
 
-Written against the surviving mutants of a mutation run (tests/benchmarks/mutation.sh verify). Each
+Written against the surviving mutants of a mutation run (tests/mutation/mutation.sh verify). Each
 graph is checked the way it can fail: a wrong adapter must fail the adapter rows and only those, a
 "no adapter" row must compare against the bare base, the folder's own adapter file is what runs.
 

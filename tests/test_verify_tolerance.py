@@ -49,8 +49,7 @@ def llama(hidden: int, layers: int, vocab: int, init: float):
 
 
 def bench_llama():
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-    from bench_onnx import bench_model
+    from tests.benchmarks.bench_onnx import bench_model
 
     return bench_model()
 

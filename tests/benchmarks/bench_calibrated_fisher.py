@@ -1,6 +1,6 @@
 """Would weighting each site's error by what the classifier's KL sees close issue 19's gap? Truncation, four ways.
 
-    OMP_NUM_THREADS=1 python tests/benchmarks/bench_calibrated_fisher.py [--out /tmp/bench-calibrated]
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_calibrated_fisher [--out /tmp/bench-calibrated]
         [--budget 0.1] [--samples 128] [--draws 2]
 
 Not collected by pytest. The task, LoRA, base and scoring are bench_calibrated.py's (same ``--out``,
@@ -36,20 +36,18 @@ statistics need far more data than the input ones, and even with all of it the g
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_calibrated as calibrated  # noqa: E402  (sets the paths and the offline environment)
-import torch  # noqa: E402
+from tests.benchmarks import bench_calibrated as calibrated  # first: sets the offline environment
+import torch
 
-from converters.calibration import damp, psd_roots  # noqa: E402
-from converters.truncate import plan_from_spectra  # noqa: E402
-from shareport.adapter import Adapter  # noqa: E402
-from shareport.convert import kind_factors  # noqa: E402
-from shareport.model import attach, load_base_model  # noqa: E402
-from shareport.train.data import collate, load_data, pad_token_id, sample_examples  # noqa: E402
+from converters.calibration import damp, psd_roots
+from converters.truncate import plan_from_spectra
+from shareport.adapter import Adapter
+from shareport.convert import kind_factors
+from shareport.model import attach, load_base_model
+from shareport.train.data import collate, load_data, pad_token_id, sample_examples
 
 F64 = torch.float64
 RIDGE = 1e-2

@@ -1,6 +1,6 @@
 """Calibrated projection on a 7B-shaped kind: time, rounds, gain over plain, statistics memory.
 
-    OMP_NUM_THREADS=1 python tests/benchmarks/bench_calibrated_math.py [--sites 32] [--rank 16]
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_calibrated_math [--sites 32] [--rank 16]
         [--dim 4096] [--k 16] [--truncate 8] [--groups 8] [--tokens 1024] [--lam 1e-2]
 
 Not collected by pytest. The kind: L sites, LoRA rank r, n_in = n_out = dim, random factors
@@ -20,16 +20,14 @@ ShareA's output error relative to plain ShareA's.
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-# this checkout's converters, not whichever copy an editable install points at
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import converters  # noqa: E402
-from tests.benchmarks.bench_converters_math import kind_parser  # noqa: E402
+# run from the checkout's root (python3 -m): this checkout's converters come first on sys.path,
+# not whichever copy an editable install points at
+import converters
+from tests.benchmarks.bench_converters_math import kind_parser
 
 F64 = torch.float64
 LLAMA7B_KINDS = {  # kind -> n_in

@@ -6,23 +6,21 @@ fresh subprocess, so its peak memory (VmHWM) above the interpreter's baseline ca
 One kind (q_proj) is also projected by a dense SVD of the stacked updates, the way per-module
 tools do it, and the errors are compared. Last line: the speed-up over dense.
 
-    python tests/benchmarks/bench_convert.py            # full size (the dense SVD takes minutes)
-    python tests/benchmarks/bench_convert.py --layers 8 # smaller, for a quick look
+    python3 -m tests.benchmarks.bench_convert            # full size (the dense SVD takes minutes)
+    python3 -m tests.benchmarks.bench_convert --layers 8 # smaller, for a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the -c children run here: this checkout's packages
 
 SHAPES = {  # kind -> (n_out, n_in)
     "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
@@ -75,8 +73,7 @@ print(json.dumps({'load': t1 - t0, 'convert': t2 - t1, 'save': t3 - t2, 'total':
 
 
 def run_child(src: Path, dst: Path, form: str, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form, str(threads)], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form, str(threads)], cwd=ROOT, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,6 +1,6 @@
 """Peak memory of `convert` on a LLaMA-7B-shaped LoRA, whole job and per kind (not collected by pytest).
 
-    PYTHONPATH=$PWD python3 tests/benchmarks/bench_convert_memory.py [--layers 32] [--rank 16] \
+    python3 -m tests.benchmarks.bench_convert_memory [--layers 32] [--rank 16] \
         [--dtype fp32|fp16] [--forms sharea,aslora,lora] [--estimate-70b]
 
 Writes a PEFT LoRA (bench_convert.py's shapes and factors: 7 kinds, q/k/v/o 4096x4096,
@@ -25,11 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_convert  # noqa: E402
-from bench_convert import SHAPES, make_lora  # noqa: E402
+from tests.benchmarks import bench_convert
+from tests.benchmarks.bench_convert import ROOT, SHAPES, make_lora
 
 SHAPES_70B = {
     "self_attn.q_proj": (8192, 8192), "self_attn.k_proj": (1024, 8192), "self_attn.v_proj": (1024, 8192),
@@ -79,8 +76,8 @@ print(json.dumps({'peak': max(phases), 'load': phases[0], 'save': phases[-1], 'k
 
 
 def run_child(src: Path, dst: Path, form: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form], env=env, check=True,
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form], env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,6 +1,6 @@
 """Factored ShareA projection vs a dense SVD on a 7B-shaped kind (not collected by pytest).
 
-    python3 tests/benchmarks/bench_converters_math.py [--sites 32] [--rank 16] [--dim 4096] [--k 16]
+    python3 -m tests.benchmarks.bench_converters_math [--sites 32] [--rank 16] [--dim 4096] [--k 16]
 
 The dense reference stacks the L updates into an (L n_out, n_in) matrix and takes its singular
 values (svdvals, cheaper than a full SVD); its rank-k Eckart-Young error is the tail energy.
@@ -9,15 +9,13 @@ Prints a table and a last line ``speedup_over_dense: <x>``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-# this checkout's converters, not whichever copy an editable install points at
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import converters  # noqa: E402
+# run from the checkout's root (python3 -m): this checkout's converters come first on sys.path,
+# not whichever copy an editable install points at
+import converters
 
 
 def kind_parser(doc: str) -> argparse.ArgumentParser:

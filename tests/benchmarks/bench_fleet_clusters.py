@@ -1,6 +1,6 @@
 """One basis against clusters (fleet --clusters 1 vs auto), per member, on tiny-Llama LoRAs trained briefly.
 
-    python tests/benchmarks/bench_fleet_clusters.py [--steps 40] [--out DIR]
+    python3 -m tests.benchmarks.bench_fleet_clusters [--steps 40] [--out DIR]
 
 Two fleets of 6 PEFT LoRAs (r=4 on q_proj, v_proj, down_proj of the tests' 3-layer tiny Llama), each
 trained for ``--steps`` AdamW steps on its own random next-token task (a fixed random token map):
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.tiny import VOCAB, tiny_llama  # noqa: E402
+from tests.tiny import VOCAB, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

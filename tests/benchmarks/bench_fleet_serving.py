@@ -1,7 +1,7 @@
 """Serving a fleet in onnxruntime-genai against serving N separate LoRAs (issue 29, item 7).
 
-Not collected by pytest. Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD python3
-tests/benchmarks/bench_fleet_serving.py [--sizes 8 50] [--rounds 3] [--switches 100] [--threads 1]
+Not collected by pytest. Run: ``OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_fleet_serving
+[--sizes 8 50] [--rounds 3] [--switches 100] [--threads 1]
 [--form shareab --budget 0.125] [--hidden 256 --layers 4 --heads 4 --intermediate 688 --rank 8]``
 (about 3 minutes on 2 shared cores).
 
@@ -57,13 +57,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from shareport import flows
+from shareport.cli.table import format_table
+from shareport.export.exporter import ExportOptions
+from tests.benchmarks.genai_common import LORA_TARGETS, GenaiDecoder, add_llama_arguments, llama_from_args
 
-from shareport import flows  # noqa: E402
-from shareport.cli.table import format_table  # noqa: E402
-from shareport.export.exporter import ExportOptions  # noqa: E402
-from tests.benchmarks.genai_common import LORA_TARGETS, GenaiDecoder, add_llama_arguments, llama_from_args  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the --worker processes run here, as python3 -m
 
 PROMPT_TEXT = "Serve many adapters of one base model from a single exported graph."
 NEW_TOKENS = 12  # greedy tokens compared with PyTorch
@@ -135,8 +134,8 @@ def measure(folder: Path, files: list[str], threads: int, switches: int, prompt:
 def run_worker(folder: Path, files: list[str], args, prompt: list[int]) -> dict:
     spec = json.dumps({"folder": str(folder), "files": files, "threads": args.threads,
                        "switches": args.switches, "prompt": prompt})
-    done = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    done = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_fleet_serving", "--worker", spec], cwd=ROOT,
+                          capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if done.returncode != 0:
         raise SystemExit(f"worker failed on {folder}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,13 +1,11 @@
 """Fuzz the adapter readers with 10,000 mutated folders; last line: the refused fraction."""
 
-import sys
+import argparse
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.fuzz_readers import fuzz, seed_folders  # noqa: E402
+from tests.fuzz_readers import fuzz, seed_folders
 
 
 def main(cases: int = 10_000) -> None:
@@ -21,4 +19,6 @@ def main(cases: int = 10_000) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="?", type=int, default=10_000, help="mutated folders to read (default 10000)")
+    main(parser.parse_args().cases)

@@ -1,6 +1,6 @@
 """onnxruntime-genai greedy decode on CPU: folded export vs adapter mode with the adapter active.
 
-Not collected by pytest. Run: ``PYTHONPATH=$PWD python3 tests/benchmarks/bench_genai_decode.py
+Not collected by pytest. Run: ``python3 -m tests.benchmarks.bench_genai_decode
 [--threads N] [--rounds N] [--hidden H --layers L --heads N --intermediate I --rank R]``.
 
 A Llama-shaped model from a config (default hidden 256, 4 layers, 4 heads, intermediate 688,
@@ -48,18 +48,14 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from shareport.cli.table import format_table  # noqa: E402
-from tests.benchmarks.genai_common import (GenaiDecoder, add_llama_arguments, export_both,  # noqa: E402
+from shareport.cli.table import format_table
+from tests.benchmarks.genai_common import (GenaiDecoder, add_llama_arguments, export_both,
                                            interleaved_decode, llama_from_args, make_base_and_lora)
 
 PROMPT = [5 + 7 * i for i in range(16)]

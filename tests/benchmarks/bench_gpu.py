@@ -1,6 +1,6 @@
 """GPU benchmark: recovery throughput and MFU, ORT CUDA latency and genai CUDA decode, folded vs adapter.
 
-Not collected by pytest. Run: ``PYTHONPATH=$PWD python3 tests/benchmarks/bench_gpu.py [--steps N]
+Not collected by pytest. Run: ``python3 -m tests.benchmarks.bench_gpu [--steps N]
 [--size 1b|134m] [--seq 512] [--batch 16] [--profile] [--skip-onnx]``. Without a CUDA device
 (``torch.cuda.is_available()`` false and ONNX Runtime's CUDA provider not working) it prints why and
 exits 0 without measuring.
@@ -51,22 +51,18 @@ import concurrent.futures
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from shareport.cli.table import format_table  # noqa: E402
-from shareport.export.exporter import ExportOptions  # noqa: E402
-from shareport.flows import export as flows_export  # noqa: E402
-from shareport.export import graph_file, runtime  # noqa: E402
-from shareport.train.accel import peak_flops  # noqa: E402
-from tests.benchmarks.genai_common import llama_config  # noqa: E402
+from shareport.cli.table import format_table
+from shareport.export.exporter import ExportOptions
+from shareport.flows import export as flows_export
+from shareport.export import graph_file, runtime
+from shareport.train.accel import peak_flops
+from tests.benchmarks.genai_common import llama_config
 
 SIZES = {  # llama_config arguments
     "1b": dict(vocab=32000, hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, context=2048),

@@ -1,6 +1,6 @@
 """Recovery, old recipe against new: fidelity against step, steps and wall time to 95% and 99% of the LoRA.
 
-    OMP_NUM_THREADS=1 python tests/benchmarks/bench_recovery.py --out /tmp/bench-recovery \\
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_recovery --out /tmp/bench-recovery \\
         [--tasks docstrings demo] [--forms lora sharea aslora] [--budgets 0.05 0.1 0.25 0.5] \\
         [--recipes old new] [--steps 300] [--lrs 1e-3] [--hidden-weights 0] [--calibrated] \\
         [--trainables factors cores]
@@ -40,12 +40,8 @@ import json
 import time
 from pathlib import Path
 
-import bench_frontier as frontier  # noqa: F401 (sets the paths and the offline environment)
+from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 import torch
-
-import docstrings_data
-import minilm_end_to_end as minilm
-from stages import stage
 
 from shareport import flows
 from shareport.errors import ShareportError
@@ -54,6 +50,9 @@ from shareport.train import best as best_module
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import evaluate_adapter, run
 from shareport.train.schedule import default_eval_every
+from tests.benchmarks import docstrings_data
+from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
+from tests.benchmarks.stages import stage
 
 OLD_LR = 2e-3
 

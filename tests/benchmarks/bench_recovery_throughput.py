@@ -1,6 +1,6 @@
 """Recovery throughput before and after the throughput changes, same machine, one run (not collected by pytest).
 
-    PYTHONPATH=$PWD python3 tests/benchmarks/bench_recovery_throughput.py [--steps 30] [--rounds 3]
+    python3 -m tests.benchmarks.bench_recovery_throughput [--steps 30] [--rounds 3]
 
 A Llama-shaped base from a config (hidden 256, 4 layers, 4 heads, vocab 4000, ~5M parameters, random
 weights), a PEFT LoRA (r=8 on q, k, v, o) converted to ShareA, distilled toward the LoRA with
@@ -20,16 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from tests.benchmarks.genai_common import llama, make_base_and_lora  # noqa: E402
+from tests.benchmarks.genai_common import llama, make_base_and_lora
 
 VOCAB = 4000
 

@@ -1,7 +1,7 @@
 """Hugging Face Optimum on shareport's decoder exports: does ``ORTModelForCausalLM`` load them and
 generate PEFT's greedy tokens?
 
-    OMP_NUM_THREADS=1 python tests/benchmarks/check_optimum.py [--out /tmp/check-optimum]
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.check_optimum [--out /tmp/check-optimum]
         [--venv /tmp/optimum-venv] [--spec "optimum[onnxruntime]"]
 
 Not collected by pytest (Optimum pins other transformers versions than the project's). In the
@@ -36,7 +36,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["w5 w9 w17 w33 w40", "w7 w3"]  # each alone, then both as one batch (different lengths)
 NEW = 10
 # name -> (ExportOptions fields, the reference its tokens should equal)
@@ -197,7 +196,6 @@ def main() -> int:
     if args.child:
         child(args.child)
         return 0
-    sys.path.insert(0, str(ROOT))  # shareport and tests/ from this checkout, in the project's environment
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     refs, folders = build(out)

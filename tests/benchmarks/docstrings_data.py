@@ -39,7 +39,7 @@ Build it in a fresh interpreter (run this file as a script, as ``bench_frontier.
 libraries patch a few stdlib functions when imported (with torch loaded, three docstrings fewer
 count as the stdlib's own), which would change the data.
 
-``python tests/benchmarks/docstrings_data.py OUT`` writes ``OUT/train.jsonl``, ``OUT/test.jsonl``
+``python3 -m tests.benchmarks.docstrings_data OUT`` writes ``OUT/train.jsonl``, ``OUT/test.jsonl``
 (rows ``{"text", "label", "name", "source"}``) and ``OUT/meta.json`` (classes, counts, Python version,
 the sha256 of both files).
 """
@@ -191,6 +191,7 @@ def read_split(out: Path, split: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python tests/benchmarks/docstrings_data.py OUT_DIR")
+    # no argparse: this interpreter imports nothing beyond what write() needs (see the docstring)
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        raise SystemExit("usage: python3 -m tests.benchmarks.docstrings_data OUT_DIR")
     print(json.dumps(write(Path(sys.argv[1])), indent=2))

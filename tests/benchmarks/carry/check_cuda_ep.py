@@ -1,6 +1,6 @@
 """On the device, after collect.py: does ONNX Runtime's CUDA provider really run, and compute right?
 
-    python3 tests/benchmarks/carry/check_cuda_ep.py [--cpu]
+    python3 -m tests.benchmarks.carry.check_cuda_ep [--cpu]
 
 ``onnxruntime.preload_dlls()`` first (CUDA 13 libraries from torch's nvidia-* wheels), then
 ``shareport doctor``'s check (the provider library loads, or the loader names the missing library;
@@ -12,18 +12,16 @@ when all pass; 2 with the missing library's name; 1 on any other failure.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from shareport.export.doctor import PROBE_IR_VERSION, cuda_ep_status  # noqa: E402
+from shareport.export.doctor import PROBE_IR_VERSION, cuda_ep_status
 
 CUDA = "CUDAExecutionProvider"
 CUDA_LIBRARIES = ("libcudart", "libcublas", "libcublasLt", "libcurand", "libcudnn", "libcuda.")
@@ -82,9 +80,12 @@ def check(ort, dtype: np.dtype, io_binding: bool, *, provider: str = CUDA) -> st
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="run the checks on the CPU provider (to try them here)")
+    args = parser.parse_args(argv)
     import onnxruntime as ort
 
-    provider = "CPUExecutionProvider" if argv == ["--cpu"] else CUDA  # --cpu: try the checks themselves here
+    provider = "CPUExecutionProvider" if args.cpu else CUDA
     print(f"onnxruntime {ort.__version__} ({ort.__file__}); providers listed: {', '.join(ort.get_available_providers())}")
     status = cuda_ep_status(ort) if provider == CUDA else {"state": "working", "line": "--cpu: the CPU provider"}
     print(status["line"])

@@ -1,7 +1,7 @@
 """On the device: gather the parts that ``prepare.py`` split, and once all have arrived, check,
 unpack and install the wheels (stdlib only; idempotent across calls).
 
-    python3 tests/benchmarks/carry/collect.py .carry/callN [--staging /tmp/shareport-carry]
+    python3 -m tests.benchmarks.carry.collect .carry/callN [--staging /tmp/shareport-carry]
 
 Each call copies the part it carried into the staging folder (outside the working tree, so it
 survives between the calls of one warm machine). With every part there it reassembles the archive,
@@ -25,9 +25,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from carrylib import CarryError, copy_parts, part_problems, reassemble, sha256_file  # noqa: E402
+from tests.benchmarks.carry.carrylib import CarryError, copy_parts, part_problems, reassemble, sha256_file
 
 STAMP = "installed.json"
 

@@ -1,7 +1,7 @@
 """Download the ONNX Runtime CUDA wheels for the device, compress them, and split them into
 per-call folders that each fit one ``run`` call's 64 MiB (runs here, not on the device).
 
-    python3 tests/benchmarks/carry/prepare.py [--part-mib 60] [--out .carry]
+    python3 -m tests.benchmarks.carry.prepare [--part-mib 60] [--out .carry]
 
 Writes ``.carry/callN/`` (one part + ``manifest.json`` each; ``carry`` names one folder per call)
 and ``.carry/manifest.json``: every wheel's and part's sha256 and the ordered device calls. The
@@ -22,11 +22,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(HERE))
+from tests.benchmarks.carry.carrylib import CarryError, sha256_file, split_file
 
-from carrylib import CarryError, sha256_file, split_file  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
 
 MIB = 1 << 20
 CALL_LIMIT_MIB = 64  # one run call's working tree, carried folders included
@@ -38,7 +36,7 @@ WHEELS = ["onnxruntime-gpu==1.31.1", "onnxruntime-genai-cuda==0.18.0"]
 REPLACES = ["onnxruntime", "onnxruntime-genai"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 ARCHIVE = "shareport-wheels.tar.xz"
-BENCH = ("PYTHONUNBUFFERED=1 timeout -k 10 {bench_s} python3 tests/benchmarks/bench_gpu.py --cuda-ep "
+BENCH = ("PYTHONUNBUFFERED=1 timeout -k 10 {bench_s} python3 -m tests.benchmarks.bench_gpu --cuda-ep "
          "2>&1 | tee $OUT/bench_gpu.log")
 
 
@@ -122,9 +120,9 @@ def device_calls(folders: list[str], bench_s: int) -> list[dict]:
     """The ordered run calls: one per folder; the last also installs, checks the CUDA EP and benchmarks."""
     calls = []
     for i, folder in enumerate(folders):
-        command = f"set -o pipefail; python3 tests/benchmarks/carry/collect.py {folder}"
+        command = f"set -o pipefail; python3 -m tests.benchmarks.carry.collect {folder}"
         if i == len(folders) - 1:
-            command += (" && python3 tests/benchmarks/carry/check_cuda_ep.py && "
+            command += (" && python3 -m tests.benchmarks.carry.check_cuda_ep && "
                         + BENCH.format(bench_s=bench_s))
         calls.append({"call": i + 1, "carry": [folder], "command": command,
                       "timeout_s": 60 if i < len(folders) - 1 else bench_s + 90})

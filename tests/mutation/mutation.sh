@@ -2,7 +2,7 @@
 # Mutation testing of the parts whose tests issue 20 audited, with mutmut 3.x
 # (pip install 'mutmut>=3.8,<4'). Not collected by pytest, not run in CI: it takes long.
 #
-#   bash tests/benchmarks/mutation.sh [converters|atomic|verify|merging|all] [--max-children N]
+#   bash tests/mutation/mutation.sh [converters|atomic|verify|merging|all] [--max-children N]
 #
 # Each target is mutated alone, with only the test files that exercise it. The run happens in
 # a copy of the working tree under ${MUTATION_DIR:-/tmp/shareport-mutation}/<target>, with its
@@ -17,7 +17,7 @@
 #   verify.py     not run: every mutant re-exported ONNX graphs in its fixtures (~30 s each)
 #
 # Measured 2026-11-30 (issue 20, branch mut20; load 7-10 on 2 cores, --max-children 1), with the
-# selections below (MUTATION_DIR=/tmp/mut20 bash tests/benchmarks/mutation.sh TARGET). Survivors of
+# selections below (MUTATION_DIR=/tmp/mut20 bash tests/mutation/mutation.sh TARGET). Survivors of
 # each run were then re-run one by one against the tests written for them, in the run's mutants/
 # folder: MUTANT_UNDER_TEST=NAME python3 -m pytest -x -q tests/test_<target>_mutants.py
 #   atomic.py     run 91.7% (154/168, 790 s); re-runs kill 10 of the 14 -> 97.6% (164/168), 4 equivalent
@@ -36,7 +36,7 @@
 # against the final test file (MUTANT_UNDER_TEST=NAME pytest tests/test_converters_contracts.py in
 # the run's mutants/ folder). One module, e.g. (2-7 min each here):
 #   MUTATION_ONLY=converters/truncate.py MUTATION_CHILDREN=2 MUTATION_TESTS="$(ls tests/test_converters_*.py |
-#     grep -v _calibrated.py | tr '\n' ' ')" bash tests/benchmarks/mutation.sh converters
+#     grep -v _calibrated.py | tr '\n' ' ')" bash tests/mutation/mutation.sh converters
 #   module                  before                      after (run -> with re-runs)
 #   sharea.py               96.1% (73/76)               100%  (76/76)
 #   shareb.py               90.5% (38/42)               97.6% (41/42) -> 100% (42/42)
@@ -59,7 +59,7 @@
 # fast selection tests/test_converters_calibrated_contracts.py alone (~5 s; test_converters_calibrated.py's
 # brute-force optimisers take ~30 s per mutant), e.g.
 #   MUTATION_DIR=/tmp/mut20c MUTATION_ONLY=converters/calibrated_sharea.py MUTATION_CHILDREN=1
-#     MUTATION_TESTS="tests/test_converters_calibrated_contracts.py" bash tests/benchmarks/mutation.sh converters
+#     MUTATION_TESTS="tests/test_converters_calibrated_contracts.py" bash tests/mutation/mutation.sh converters
 # "Before": the file's first version (for calibrated_aslora.py: with the tests added for calibration.py,
 # none yet for ASLoRA; for calibrated_shareb.py: everything but its own ShareB test); survivors then
 # re-run one by one in mutants/ (MUTANT_UNDER_TEST=NAME pytest tests/test_converters_calibrated_contracts.py),
@@ -74,7 +74,7 @@
 #   calibrated_shareb.py    86.4% (51/59, 20 s)         100%  (59/59, 19 s)
 #   the four above shareb: 96.8% (1073/1109) after. converters/ whole, every module measured after
 #   (4153 mutants): 96.2% (3996/4153 = 2923 + 1073 killed).
-# Survivors judged equivalent: tests/benchmarks/mutation_equivalent.md.
+# Survivors judged equivalent: tests/mutation/mutation_equivalent.md.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
