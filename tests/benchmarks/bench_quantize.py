@@ -1,6 +1,6 @@
 """Quantized storage measured on a trained LoRA: error, bytes and task accuracy of int8 and int4.
 
-    OMP_NUM_THREADS=2 python tests/benchmarks/bench_quantize.py --lora LORA --base BASE --data DATA [--out OUT]
+    OMP_NUM_THREADS=2 python3 -m tests.benchmarks.bench_quantize --lora LORA --base BASE --data DATA [--out OUT]
         [--forms lora,sharea,...] [--skip-task]
 
 Not collected by pytest. LORA, BASE and DATA are bench_frontier.py's docstrings LoRA (MiniLM, r=16 on
