@@ -234,8 +234,8 @@ def test_auto_and_budget_rank_by_the_calibrated_objective(setup, tmp_path):
     calibration."""
     common = dict(calibration=str(setup["text"]), base=str(setup["base"]), calibration_samples=SAMPLES,
                   progress=False)
-    calibration = flows._calibration_statistics(load_adapter(setup["lora"]), str(setup["text"]), str(setup["base"]),
-                                                SAMPLES, flows.CALIBRATION_MAX_LENGTH, converters.DEFAULT_RIDGE)[0]
+    calibration = flows.adapters._calibration_statistics(load_adapter(setup["lora"]), str(setup["text"]), str(setup["base"]),
+                                                SAMPLES, flows.adapters.CALIBRATION_MAX_LENGTH, converters.DEFAULT_RIDGE)[0]
     _, auto = convert_adapter(load_adapter(setup["lora"]), "auto", budget=0.15, calibration=calibration)
     errors = {c["form"]: c["error"] for c in auto.candidates if "refused" not in c}
     assert auto.winner == min(errors, key=errors.get)

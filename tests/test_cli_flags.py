@@ -184,7 +184,7 @@ def test_the_torch_free_choices_match_the_libraries():
     assert forms.CALIBRATION_RIDGE == converters.DEFAULT_RIDGE
     assert DTYPES == {"fp32": torch.float32, "fp16": torch.float16}
     defaults = {p.name: p.default for p in main.commands["convert"].params}
-    assert defaults["calibration_ridge"] == flows.DEFAULT_RIDGE
+    assert defaults["calibration_ridge"] == converters.DEFAULT_RIDGE
 
 
 def test_the_group_help_lists_each_command_summary_as_click_would():

@@ -39,14 +39,14 @@ def test_recovery_under_bf16_autocast_on_cpu(tmp_path, monkeypatch):
     """What a CUDA machine gets (bf16 base, fp32 adapter, autocast), with the CPU's bf16 autocast."""
     paths = recovery_setup(tmp_path, layers=2, rank=4, shared_rank=1, lines=40)
     seen = {"autocast": set()}
-    real_run = flows.run
+    real_run = flows.training.run
 
     def spy_run(job, recipe, after_step=None):
         seen["base dtypes"] = {p.dtype for p in job.model.parameters()}
         job.model.register_forward_pre_hook(lambda m, a: seen["autocast"].add(torch.is_autocast_enabled("cpu")))
         return real_run(job, recipe, after_step)
 
-    monkeypatch.setattr(flows, "run", spy_run)
+    monkeypatch.setattr(flows.training, "run", spy_run)
     out = tmp_path / "out"
     with cpu_accelerator(monkeypatch, "bf16"):
         report = flows.recover(str(paths["shared"]), str(paths["base"]), str(paths["lora"]), str(paths["text"]),

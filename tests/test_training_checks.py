@@ -66,7 +66,7 @@ def test_no_training_batch_contains_a_heldout_example(setup, tmp_path, monkeypat
 
     monkeypatch.setattr(recipe_module, "collate", spy_collate)
     monkeypatch.setattr(evaluation_module, "collate", spy_collate)
-    monkeypatch.setattr(flows, "run", spy_run)
+    monkeypatch.setattr(flows.training, "run", spy_run)
     flows.recover(str(setup["shared"]), str(setup["base"]), str(setup["lora"]), str(setup["tokens"]),
                   str(tmp_path / "out"), options=TrainingOptions(steps=20, eval_fraction=0.2, **SMALL))
     everything = [tuple(s) for s in load_data(setup["tokens"], setup["base"], 24).sequences]

@@ -67,7 +67,7 @@ class Progress:  # flows.convert's progress hook: the same per-kind callback the
         return tick
     def __exit__(self, *exc):
         return False
-flows._kind_progress = Progress
+flows.adapters._kind_progress = Progress
 options = {'aslora': {'rank': 16}, 'lora': {'rank': 8}}.get(form, {})
 data = flows.convert(src, form, dst, progress=False, **options)
 phases.append(status('VmHWM') - base)  # after the last kind: writing the output
