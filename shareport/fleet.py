@@ -33,65 +33,13 @@ from converters.forms import FLEET_TWO_SIDED
 from converters.fleet_clusters import MIN_MEMBERS, ClusterFit, assign_clusters
 from converters.fleet_clusters import groups as cluster_members
 
-from .conversion_report import LOW_ENERGY
 from .convert import AUTO_TIE
 from .convert_options import Calibration
 from .errors import ShareportError
+from .fleet_report import FleetReport, MemberReport, member_warnings, size_hint
 from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
 from .forms import AUTO_CLUSTERS, FLEET_FORMS
 from .forms import DEFAULT_FLEET_CLUSTERS as DEFAULT_CLUSTERS
-
-@dataclasses.dataclass
-class MemberReport:
-    name: str
-    lora_parameters: int  # its own LoRA's (the source LoRA's, if it was converted before)
-    parameters: int  # what the member stores on its own (cores)
-    relative_error: float  # sqrt(sum ||dW - dW'||^2 / sum ||dW||^2) over all its sites (calibrated: the objective)
-    kind_errors: dict[str, float]  # the same, per kind
-    retained_energy: float = 1.0  # 1 - relative_error^2: the share of its energy (update or outputs) kept
-    frobenius_relative_error: float | None = None  # calibrated fleets only: the plain weight error
-
-
-@dataclasses.dataclass
-class FleetReport:
-    form: str
-    members: list[MemberReport]
-    shared_parameters: int
-    kinds: dict[str, dict]  # per kind: ranks [k1 (U, 0 for sharea), k2 (V)], shared parameters, relative error
-    settings: dict  # rank or budget as asked
-    candidates: list[dict] = dataclasses.field(default_factory=list)  # form chosen by fleet: every form tried
-    ranked_by: str | None = None  # what the candidates were ranked by (form chosen by fleet only)
-    warnings: list[str] = dataclasses.field(default_factory=list)  # members keeping under LOW_ENERGY
-    calibration: dict | None = None  # calibrated fleets: data, base, ridge, per member samples and tokens
-    additions: list[dict] = dataclasses.field(default_factory=list)  # fleet add: one entry per member added
-    # clustered fleets, or several cluster counts tried: count, members (name -> cluster), candidates
-    clusters: dict | None = None
-
-    @property
-    def lora_parameters(self) -> int:
-        return sum(m.lora_parameters for m in self.members)
-
-    @property
-    def parameters(self) -> int:
-        return self.shared_parameters + sum(m.parameters for m in self.members)
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        for optional in ("additions", "clusters"):  # without them, a fleet writes the report it always did
-            if not data[optional]:
-                del data[optional]
-        data.update(lora_parameters=self.lora_parameters, parameters=self.parameters,
-                    ratio=self.parameters / self.lora_parameters)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FleetReport":
-        """The report ``to_dict`` wrote (its derived totals dropped); KeyError/TypeError if it is not one."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kept = {k: v for k, v in data.items() if k in fields}
-        kept["members"] = [MemberReport(**m) for m in data["members"]]
-        return cls(**kept)
-
 
 @dataclasses.dataclass
 class Fleet:
@@ -403,7 +351,7 @@ def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str,
     calibration = None if not calibrated else {
         "ridge": sources[0].calibration.ridge, "members": {s.name: s.calibration.info for s in sources}}
     report = FleetReport(form, reports, sum(t.numel() for t in shared.values()), kind_info, settings,
-                         warnings=member_warnings(reports, _size_hint(rank, budget),
+                         warnings=member_warnings(reports, size_hint(rank, budget, DEFAULT_BUDGET),
                                                   calibrated=calibrated),
                          calibration=calibration)
     return (Fleet(form, names, shared, members, report), sum(m.squared_error for m in parts),
@@ -433,24 +381,6 @@ def member_report(source: MemberSource, parts: MemberParts) -> MemberReport:
                         parts.kind_errors, retained_energy=1.0 - error / energy if energy > 0 else 1.0,
                         frobenius_relative_error=None if source.calibration is None else
                         _relative(parts.weight_squared_error, source.weight_energy()))
-
-
-def _size_hint(rank: int | None, budget: float | None) -> str:
-    """What to try for a fleet that keeps more, named by the option that set its size."""
-    if rank is not None:
-        return f"a larger --rank than {rank}"
-    if budget is not None:
-        return f"a larger --budget than {budget:g}"
-    return f"a --budget above the default {DEFAULT_BUDGET:g}"
-
-
-def member_warnings(members: list[MemberReport], hint: str, calibrated: bool = False) -> list[str]:
-    """One line per member keeping under ``LOW_ENERGY`` of its energy: its squared error is more than
-    half its squared norm (relative error above sqrt(1/2) ~ 0.707); ``hint``: ``_size_hint``."""
-    what = "output energy on its calibration data" if calibrated else "update's energy"
-    return [f"member {m.name} keeps only {m.retained_energy:.1%} of its {what} (relative error "
-            f"{m.relative_error:.3f}, above {math.sqrt(1 - LOW_ENERGY):.3f}); try {hint}"
-            for m in members if m.retained_energy < LOW_ENERGY]
 
 
 def _relative(error: float, energy: float) -> float:

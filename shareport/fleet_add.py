@@ -39,8 +39,8 @@ from converters.fleet_extend import Extension, extension, pad_core, project
 
 from .adapter import FLEET_KEY, Adapter, compose, kind_key, reference
 from .errors import ShareportError
-from .fleet import (Fleet, FleetReport, MemberParts, MemberSource, basis_names, check_compatible, member_adapter,
-                    member_report, member_warnings)
+from .fleet import Fleet, MemberParts, MemberSource, basis_names, check_compatible, member_adapter, member_report
+from .fleet_report import FleetReport, member_warnings
 
 # a step keeping less than this share of the new member's energy keeps nothing (roundoff)
 NO_GAIN = 1e-12

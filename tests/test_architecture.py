@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a room may import rooms of a lower rank (and itself); README, "Architecture"
 RANKS = {"converters": 0, "core": 1, "files": 2, "model": 2, "train": 3, "export": 3, "plots": 3, "flows": 4,
          "demo": 5, "cli": 6}
-CORE = {"errors", "adapter", "convert", "convert_options", "conversion_report", "measures", "fleet", "fleet_add", "forms",
+CORE = {"errors", "adapter", "convert", "convert_options", "conversion_report", "measures", "fleet", "fleet_add", "fleet_report", "forms",
         "quantization", "summary", "__init__", "__main__"}
 
 
