@@ -39,6 +39,7 @@ Fleets (N adapters of one base share a basis per kind, see fleet.py):
     fleet_options(method, As, Bts) -> list[FleetOption]   (for spend_budget: (k1, k2), params, error)
     spend_budget({kind: options}, budget_params) -> {kind: Option}   (exact knapsack)
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,12 +47,24 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .aslora import DEFAULT_MAX_ITERATIONS
-from .budget import (ASLORA_PLAN_RANK_FACTOR, DEFAULT_ASLORA_BUDGET, DEFAULT_RANK_RULE,
-                     default_groups, plan, spend_budget)
+from .budget import (
+    ASLORA_PLAN_RANK_FACTOR,
+    DEFAULT_ASLORA_BUDGET,
+    DEFAULT_RANK_RULE,
+    default_groups,
+    plan,
+    spend_budget,
+)
 from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL
 from .calibrated_truncation import site_spectra
-from .calibration import (DEFAULT_RIDGE, CalibratedKind, CalibratedResult, calibrated_objective,
-                          calibration_basis, input_statistics)
+from .calibration import (
+    DEFAULT_RIDGE,
+    CalibratedKind,
+    CalibratedResult,
+    calibrated_objective,
+    calibration_basis,
+    input_statistics,
+)
 from .counting import METHODS, lora_parameter_count, parameter_count
 from .factored import sites_error
 from .fleet import FLEET_FORMS, FleetKindResult, FleetOption, fleet_kind, fleet_options, fleet_parameter_count
@@ -59,20 +72,60 @@ from .forms import CALIBRATED_FORMS as CALIBRATED_METHODS
 from .forms import FORMS, PER_SITE_NAMES, Form, Settings, shared_form
 from .grouping import GROUPINGS
 from .serving import ServingRule
-from .truncate import (KindTruncationPlan, TruncationPlan, TruncationResult, plan_from_spectra, plan_truncation,
-                       truncate_factors)
+from .truncate import (
+    KindTruncationPlan,
+    TruncationPlan,
+    TruncationResult,
+    plan_from_spectra,
+    plan_truncation,
+    truncate_factors,
+)
 from .types import KindFactors, KindPlan, KindResult, Option
 
 __all__ = [
-    "CALIBRATED_METHODS", "DEFAULT_MAX_ROUNDS", "DEFAULT_RESTARTS", "DEFAULT_RIDGE", "DEFAULT_TOL", "CalibratedResult",
-    "calibrated_objective", "calibrated_site_spectra", "calibration_basis", "convert_kind_calibrated",
+    "CALIBRATED_METHODS",
+    "DEFAULT_MAX_ROUNDS",
+    "DEFAULT_RESTARTS",
+    "DEFAULT_RIDGE",
+    "DEFAULT_TOL",
+    "CalibratedResult",
+    "calibrated_objective",
+    "calibrated_site_spectra",
+    "calibration_basis",
+    "convert_kind_calibrated",
     "input_statistics",
-    "ASLORA_PLAN_RANK_FACTOR", "DEFAULT_ASLORA_BUDGET", "DEFAULT_MAX_ITERATIONS", "DEFAULT_RANK_RULE",
-    "GROUPINGS", "METHODS", "KindPlan", "KindResult", "KindTruncationPlan", "Option", "TruncationPlan",
-    "TruncationResult", "convert_kind", "default_groups", "lora_parameter_count", "parameter_count", "plan",
-    "plan_from_spectra", "plan_truncation", "reconstruction_error", "spectrum", "truncate_kind",
-    "FLEET_FORMS", "FleetKindResult", "FleetOption", "fleet_kind", "fleet_options", "fleet_parameter_count", "spend_budget",
-    "FORMS", "Form", "ServingRule",
+    "ASLORA_PLAN_RANK_FACTOR",
+    "DEFAULT_ASLORA_BUDGET",
+    "DEFAULT_MAX_ITERATIONS",
+    "DEFAULT_RANK_RULE",
+    "GROUPINGS",
+    "METHODS",
+    "KindPlan",
+    "KindResult",
+    "KindTruncationPlan",
+    "Option",
+    "TruncationPlan",
+    "TruncationResult",
+    "convert_kind",
+    "default_groups",
+    "lora_parameter_count",
+    "parameter_count",
+    "plan",
+    "plan_from_spectra",
+    "plan_truncation",
+    "reconstruction_error",
+    "spectrum",
+    "truncate_kind",
+    "FLEET_FORMS",
+    "FleetKindResult",
+    "FleetOption",
+    "fleet_kind",
+    "fleet_options",
+    "fleet_parameter_count",
+    "spend_budget",
+    "FORMS",
+    "Form",
+    "ServingRule",
 ]
 
 # the forms whose error falls by a known amount with each added rank
@@ -87,9 +140,15 @@ def spectrum(method: str, As: list[Tensor], Bts: list[Tensor]) -> Tensor:
     return FORMS[method].spectrum(KindFactors.from_lists(As, Bts))
 
 
-def convert_kind(method: str, As: list[Tensor], Bts: list[Tensor], rank: int,
-                 groups: int | None = None, grouping: str = "any",
-                 max_iterations: int = DEFAULT_MAX_ITERATIONS) -> KindResult:
+def convert_kind(
+    method: str,
+    As: list[Tensor],
+    Bts: list[Tensor],
+    rank: int,
+    groups: int | None = None,
+    grouping: str = "any",
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+) -> KindResult:
     """Convert one kind to ``method`` at ``rank`` (ASLoRA also needs ``groups``).
 
     ``rank`` may exceed the LoRA rank; it is capped where the shared factor could no longer
@@ -125,19 +184,28 @@ def reconstruction_error(As: list[Tensor], Bts: list[Tensor], result: KindResult
     return sites_error(kind.bts, kind.as_, [b.double() for b in site_bs], [a.double() for a in site_as])
 
 
-def calibrated_site_spectra(As: list[Tensor], Bts: list[Tensor], S: list[Tensor],
-                            lam: float = DEFAULT_RIDGE) -> list[Tensor]:
+def calibrated_site_spectra(
+    As: list[Tensor], Bts: list[Tensor], S: list[Tensor], lam: float = DEFAULT_RIDGE
+) -> list[Tensor]:
     """Per site, the decreases of its calibrated objective (damped by ``lam``) rank by rank,
     descending: what ``plan_truncation``'s budget/energy rules need, in the calibrated measure."""
     return site_spectra(CalibratedKind.build(As, Bts, S, lam))
 
 
-def convert_kind_calibrated(method: str, As: list[Tensor], Bts: list[Tensor], S: list[Tensor],
-                            rank: int | Sequence[int],
-                            groups: int | list[list[int]] | None = None, grouping: str = "any",
-                            lam: float = DEFAULT_RIDGE, regroup: bool = True,
-                            max_iterations: int = DEFAULT_MAX_ROUNDS, tol: float = DEFAULT_TOL,
-                            restarts: int = DEFAULT_RESTARTS) -> CalibratedResult:
+def convert_kind_calibrated(
+    method: str,
+    As: list[Tensor],
+    Bts: list[Tensor],
+    S: list[Tensor],
+    rank: int | Sequence[int],
+    groups: int | list[list[int]] | None = None,
+    grouping: str = "any",
+    lam: float = DEFAULT_RIDGE,
+    regroup: bool = True,
+    max_iterations: int = DEFAULT_MAX_ROUNDS,
+    tol: float = DEFAULT_TOL,
+    restarts: int = DEFAULT_RESTARTS,
+) -> CalibratedResult:
     """Convert one kind to ``method`` minimising the calibrated objective (calibration.py).
 
     ``S[l]`` (p, p) is site l's input second moment in the basis ``calibration_basis(As)``; each is

@@ -15,6 +15,7 @@ That gives an alternation in which no step can raise the error:
 B's are handled as coordinates in an orthonormal basis U of the stacked B's column space
 (``dW_l A^T = U P_l``), so grouping works on (p_B, k) points instead of (n_out, k) ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,9 @@ def _check(kind: KindFactors, rank: int, groups: int) -> tuple[int, int]:
     return min(rank, kind.n_in), min(groups, kind.n_sites)
 
 
-def convert_aslora(kind: KindFactors, rank: int, groups: int, grouping: str = "any",
-                   max_iterations: int = DEFAULT_MAX_ITERATIONS) -> KindResult:
+def convert_aslora(
+    kind: KindFactors, rank: int, groups: int, grouping: str = "any", max_iterations: int = DEFAULT_MAX_ITERATIONS
+) -> KindResult:
     """ASLoRA at ``rank`` (capped at n_in) with ``groups`` B's (capped at the number of sites)."""
     k, n_groups = _check(kind, rank, groups)
     bases = _Bases(kind)
@@ -99,9 +101,18 @@ def convert_aslora(kind: KindFactors, rank: int, groups: int, grouping: str = "a
     # the reported error is recomputed from the final factors, independently of the formula above
     exact = sites_error(kind.bts, kind.as_, [b_groups[g] for g in b_index], [a] * kind.n_sites)
     return KindResult.from_float64(
-        kind, "aslora", [a], b_groups, a_index=[0] * kind.n_sites, b_index=b_index,
-        groups=partition, error=exact, energy=bases.energy,
-        spectrum=bases.grouped_directions(partition)[1], error_history=history)
+        kind,
+        "aslora",
+        [a],
+        b_groups,
+        a_index=[0] * kind.n_sites,
+        b_index=b_index,
+        groups=partition,
+        error=exact,
+        energy=bases.energy,
+        spectrum=bases.grouped_directions(partition)[1],
+        error_history=history,
+    )
 
 
 def aslora_error_table(kind: KindFactors, ranks: list[int], grouping: str = "any") -> dict[int, list[float]]:

@@ -14,6 +14,7 @@ Defaults (no mode given), cited by the CLI's help:
 - ASLoRA: groups = the most groups that keep the kind within ``DEFAULT_ASLORA_BUDGET`` of its
   LoRA parameters at that rank (the paper's "less than 25%": 5 groups for RoBERTa-base r=8).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,9 @@ def default_groups(kind: KindFactors, rank: int, fraction: float = DEFAULT_ASLOR
     return max(1, min(kind.n_sites, math.floor(allowed / (rank * kind.n_out))))
 
 
-def kind_options(method: str, kind: KindFactors, max_rank: int | None = None,
-                 groups: int | None = None, grouping: str = "any") -> list[Option]:
+def kind_options(
+    method: str, kind: KindFactors, max_rank: int | None = None, groups: int | None = None, grouping: str = "any"
+) -> list[Option]:
     """Every candidate setting of a kind up to ``max_rank`` with its parameters and error.
 
     A form with a spectrum (sharea/shareb/shareab): ranks 1..max_rank with the exact error
@@ -70,14 +72,17 @@ def kind_options(method: str, kind: KindFactors, max_rank: int | None = None,
         ranks = list(range(1, min(top, cap) + 1))
         table = aslora_error_table(kind, ranks, grouping)
         group_counts = [min(groups, kind.n_sites)] if groups else range(1, kind.n_sites + 1)
-        return [Option(k, g, kind_parameter_count(method, kind, k, g), table[k][g - 1])
-                for k in ranks for g in group_counts]
+        return [
+            Option(k, g, kind_parameter_count(method, kind, k, g), table[k][g - 1]) for k in ranks for g in group_counts
+        ]
     spectrum = form.spectrum(kind)
     energy = kind_energy(kind.bts, kind.as_)
     top = min(max_rank or max(len(spectrum), 1), cap)
     head = spectrum[:top].cumsum(0).tolist() + [float(spectrum[:top].sum())] * max(0, top - len(spectrum))
-    return [Option(k, None, kind_parameter_count(method, kind, k), max(energy - head[k - 1], 0.0))
-            for k in range(1, top + 1)]
+    return [
+        Option(k, None, kind_parameter_count(method, kind, k), max(energy - head[k - 1], 0.0))
+        for k in range(1, top + 1)
+    ]
 
 
 def choose_by_energy(options: list[Option], energy: float, fraction: float) -> Option:
@@ -117,8 +122,9 @@ def spend_budget(options: Mapping[str, list[Option]], budget: int) -> dict[str, 
     for i in range(len(names) - 1, -1, -1):
         rest[i] = rest[i + 1] + fronts[names[i]][0].params
     if rest[0] > budget:
-        raise ValueError(f"budget of {budget} parameters is below the minimum of {rest[0]} "
-                         "(rank 1, one group, in every kind)")
+        raise ValueError(
+            f"budget of {budget} parameters is below the minimum of {rest[0]} (rank 1, one group, in every kind)"
+        )
     states: list[tuple] = [(0, 0.0, None)]  # (parameters, error, (previous state, option index))
     for i, name in enumerate(names):
         room = budget - rest[i + 1]
@@ -157,8 +163,9 @@ def spend_serving(options: Mapping[str, list[Option]], budget: int, rule: Servin
         empty = sorted(name for name, opts in allowed.items() if not opts)
         if empty:
             ranks = sorted({o.rank for o in options[empty[0]]})
-            raise ValueError(f"{rule.describe()} allows none of the ranks of {empty[0]} "
-                             f"({ranks[0]}-{ranks[-1]} for this form)")
+            raise ValueError(
+                f"{rule.describe()} allows none of the ranks of {empty[0]} ({ranks[0]}-{ranks[-1]} for this form)"
+            )
         return spend_budget(allowed, budget)
     best, best_key = None, None
     for k in sorted({o.rank for opts in options.values() for o in opts}):
@@ -177,11 +184,17 @@ def spend_serving(options: Mapping[str, list[Option]], budget: int, rule: Servin
     return best
 
 
-def plan(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
-         rank: int | Mapping[str, int] | None = None,
-         groups: int | Mapping[str, int] | None = None,
-         energy: float | None = None, budget: float | None = None,
-         grouping: str = "any", serving: ServingRule | None = None) -> dict[str, KindPlan]:
+def plan(
+    method: str,
+    kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]],
+    *,
+    rank: int | Mapping[str, int] | None = None,
+    groups: int | Mapping[str, int] | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    grouping: str = "any",
+    serving: ServingRule | None = None,
+) -> dict[str, KindPlan]:
     """Rank (and groups) per kind for ``method``: explicit, by energy, by budget, or the defaults.
 
     ``kinds`` maps a kind's name to its ``(As, Bts)`` with the scale folded into the Bts.
@@ -201,18 +214,28 @@ def plan(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
     if budget is not None:
         chosen = spend_budget({name: options(name) for name in factors}, _budget_params(factors, budget))
     elif energy is not None:
-        chosen = {name: choose_by_energy(options(name), kind_energy(f.bts, f.as_), energy)
-                  for name, f in factors.items()}
+        chosen = {
+            name: choose_by_energy(options(name), kind_energy(f.bts, f.as_), energy) for name, f in factors.items()
+        }
     else:
-        chosen = {name: _explicit_option(method, f, _per_kind(rank, name) if rank is not None else None,
-                                         fixed_groups[name], grouping)
-                  for name, f in factors.items()}
+        chosen = {
+            name: _explicit_option(
+                method, f, _per_kind(rank, name) if rank is not None else None, fixed_groups[name], grouping
+            )
+            for name, f in factors.items()
+        }
     return _kind_plans(factors, chosen)
 
 
-def plan_serving(method: str, kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *, budget: float,
-                 serving: ServingRule, groups: int | Mapping[str, int] | None = None,
-                 grouping: str = "any") -> tuple[dict[str, KindPlan], dict[str, KindPlan]]:
+def plan_serving(
+    method: str,
+    kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]],
+    *,
+    budget: float,
+    serving: ServingRule,
+    groups: int | Mapping[str, int] | None = None,
+    grouping: str = "any",
+) -> tuple[dict[str, KindPlan], dict[str, KindPlan]]:
     """(the plan under ``serving``, the unconstrained plan) at the same ``budget``, from one set of options.
 
     The options are ``kind_options``' (ranks past the default candidates only where a bucket asks
@@ -239,14 +262,20 @@ def _budget_params(factors: Mapping[str, KindFactors], budget: float) -> int:
 
 
 def _kind_plans(factors: Mapping[str, KindFactors], chosen: Mapping[str, Option]) -> dict[str, KindPlan]:
-    return {name: KindPlan(rank=o.rank, groups=o.groups, params=o.params, estimated_error=o.error,
-                           energy=kind_energy(factors[name].bts, factors[name].as_),
-                           lora_params=kind_lora_parameter_count(factors[name]))
-            for name, o in chosen.items()}
+    return {
+        name: KindPlan(
+            rank=o.rank,
+            groups=o.groups,
+            params=o.params,
+            estimated_error=o.error,
+            energy=kind_energy(factors[name].bts, factors[name].as_),
+            lora_params=kind_lora_parameter_count(factors[name]),
+        )
+        for name, o in chosen.items()
+    }
 
 
-def _explicit_option(method: str, kind: KindFactors, rank: int | None, groups: int | None,
-                     grouping: str) -> Option:
+def _explicit_option(method: str, kind: KindFactors, rank: int | None, groups: int | None, grouping: str) -> Option:
     """The option for a given (or default) rank, capped like the converters cap it."""
     k = min(rank if rank is not None else kind.max_rank, rank_cap(method, kind))
     if shared_form(method).grouped:

@@ -20,6 +20,7 @@ given by the caller is used as is, with A the optimal rows for it in each of the
 the proposal's partition for a count of groups. Each start is alternated to convergence and
 the lowest objective kept (local minima: see calibrated_sharea.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,17 @@ from torch import Tensor
 
 from .aslora import DEFAULT_MAX_ITERATIONS as PLAIN_MAX_ITERATIONS
 from .aslora import convert_aslora
-from .calibrated_sharea import (DEFAULT_MAX_ROUNDS, DEFAULT_RESTARTS, DEFAULT_TOL, AlternationState,
-                                SharedRowsProblem, best_run, mean_whitening, random_rows, shared_a_result)
+from .calibrated_sharea import (
+    DEFAULT_MAX_ROUNDS,
+    DEFAULT_RESTARTS,
+    DEFAULT_TOL,
+    AlternationState,
+    SharedRowsProblem,
+    best_run,
+    mean_whitening,
+    random_rows,
+    shared_a_result,
+)
 from .calibration import CalibratedKind, CalibratedResult, orthonormal_rows, psd_roots
 from .factored import stack_directions
 from .grouping import GROUPINGS, group_points
@@ -58,8 +68,9 @@ def propose_partition(problem: SharedRowsProblem, z: Tensor, n_groups: int, grou
     return group_points(torch.stack([p @ root for p in points]), n_groups, grouping, w)
 
 
-def aslora_starts(problem: SharedRowsProblem, k: int, groups: int | list[list[int]], grouping: str,
-                  restarts: int) -> list[AlternationState]:
+def aslora_starts(
+    problem: SharedRowsProblem, k: int, groups: int | list[list[int]], grouping: str, restarts: int
+) -> list[AlternationState]:
     """Starts: plain ASLoRA, mean-whitened ASLoRA, then random rows."""
     ck = problem.ck
     root, inv_root = mean_whitening(ck)
@@ -88,10 +99,16 @@ def check_partition(partition: list[list[int]], n_sites: int) -> list[list[int]]
     return sorted((sorted(g) for g in partition), key=lambda g: g[0])
 
 
-def convert_aslora_calibrated(ck: CalibratedKind, rank: int, groups: int | list[list[int]],
-                              grouping: str = "any",
-                              regroup: bool = True, max_iterations: int = DEFAULT_MAX_ROUNDS,
-                              tol: float = DEFAULT_TOL, restarts: int = DEFAULT_RESTARTS) -> CalibratedResult:
+def convert_aslora_calibrated(
+    ck: CalibratedKind,
+    rank: int,
+    groups: int | list[list[int]],
+    grouping: str = "any",
+    regroup: bool = True,
+    max_iterations: int = DEFAULT_MAX_ROUNDS,
+    tol: float = DEFAULT_TOL,
+    restarts: int = DEFAULT_RESTARTS,
+) -> CalibratedResult:
     """ASLoRA at ``rank`` (capped at n_in) with ``groups`` B's: a count (capped at the number of
     sites; the partition is found) or a partition (a list of lists of site positions).
 

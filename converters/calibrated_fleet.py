@@ -32,6 +32,7 @@ Bases:
 Both are never worse in the calibrated objective than the plain fleet at the same ranks: the
 plain bases are among those searched (sharea) or the U-step and cores only lower it (shareab).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,8 @@ from torch import Tensor
 from .calibrated_sharea import DEFAULT_MAX_ROUNDS, DEFAULT_TOL, SharedRowsProblem, best_run, sharea_starts
 from .calibration import DEFAULT_RIDGE, CalibratedKind, calibration_basis, psd_roots, site_difference
 from .factored import shared_rows
-from .forms import FLEET_TWO_SIDED
 from .fleet import FLEET_FORMS, FleetKindResult, check_fleet_factors, per_adapter, top_eigvecs, two_sided_bases
+from .forms import FLEET_TWO_SIDED
 
 
 def fleet_basis(As: list[list[Tensor]]) -> Tensor:
@@ -52,8 +53,10 @@ def fleet_basis(As: list[list[Tensor]]) -> Tensor:
 
 def weighted_cores(ck: CalibratedKind, z: Tensor) -> list[Tensor]:
     """Per site the best ``P (p_B, k)`` for rows z (k, p): ``D S z^T (z S z^T)^+`` (weighted least squares)."""
-    return [(ck.b[l] @ (ck.a[l] @ ck.s[l] @ z.T)) @ torch.linalg.pinv(z @ ck.s[l] @ z.T, hermitian=True)
-            for l in range(ck.n_sites)]
+    return [
+        (ck.b[l] @ (ck.a[l] @ ck.s[l] @ z.T)) @ torch.linalg.pinv(z @ ck.s[l] @ z.T, hermitian=True)
+        for l in range(ck.n_sites)
+    ]
 
 
 def calibrated_left_basis(ck: CalibratedKind, z: Tensor, k1: int) -> Tensor:
@@ -66,9 +69,17 @@ def calibrated_left_basis(ck: CalibratedKind, z: Tensor, k1: int) -> Tensor:
     return top_eigvecs(gram, k1)
 
 
-def fleet_kind_calibrated(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]], S: list[list[Tensor]],
-                          rank: int, rank_out: int | None = None, lam: float = DEFAULT_RIDGE,
-                          max_iterations: int = DEFAULT_MAX_ROUNDS, tol: float = DEFAULT_TOL) -> FleetKindResult:
+def fleet_kind_calibrated(
+    method: str,
+    As: list[list[Tensor]],
+    Bts: list[list[Tensor]],
+    S: list[list[Tensor]],
+    rank: int,
+    rank_out: int | None = None,
+    lam: float = DEFAULT_RIDGE,
+    max_iterations: int = DEFAULT_MAX_ROUNDS,
+    tol: float = DEFAULT_TOL,
+) -> FleetKindResult:
     """One kind of a fleet minimising the calibrated objective; ``S[i][l]`` (p, p) in ``fleet_basis(As)``.
 
     Layout as ``fleet.fleet_kind`` (``rank``: V's rank; shareab's ``rank_out`` defaults to it);
@@ -104,7 +115,15 @@ def fleet_kind_calibrated(method: str, As: list[list[Tensor]], Bts: list[list[Te
     frobenius = [float((ck.b[l] @ ck.a[l] - lefts[l] @ z).square().sum()) for l in range(ck.n_sites)]
     energies = [ck.site_energy(l) for l in range(ck.n_sites)]
     dtype = kind.out_dtype
-    cores = [[c.to(dtype) for c in site_cores[i:i + n_layers]] for i in range(0, ck.n_sites, n_layers)]
+    cores = [[c.to(dtype) for c in site_cores[i : i + n_layers]] for i in range(0, ck.n_sites, n_layers)]
     basis_u = None if u is None else (ck.u @ u).to(dtype)
-    return FleetKindResult(method, v.to(dtype), basis_u, cores, per_adapter(errors, n_layers),
-                           per_adapter(energies, n_layers), history, per_adapter(frobenius, n_layers))
+    return FleetKindResult(
+        method,
+        v.to(dtype),
+        basis_u,
+        cores,
+        per_adapter(errors, n_layers),
+        per_adapter(energies, n_layers),
+        history,
+        per_adapter(frobenius, n_layers),
+    )

@@ -41,6 +41,7 @@ benchmark kind (32 sites, p = 512, k = 16) five ShareA starts (both structured, 
 reached the same objective to 1e-9, while the two ASLoRA starts ended 0.08% apart. Small kinds
 are cheap, so raise ``restarts`` there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .calibration import (CalibratedKind, CalibratedResult, finish, orthonormal_rows, psd_eigh,
-                          psd_roots, site_difference)
+from .calibration import (
+    CalibratedKind,
+    CalibratedResult,
+    finish,
+    orthonormal_rows,
+    psd_eigh,
+    psd_roots,
+    site_difference,
+)
 from .factored import shared_rows, stack_directions
 
 DEFAULT_MAX_ROUNDS = 100
@@ -107,8 +115,11 @@ class SharedRowsProblem:
 
     def objective(self, z: Tensor, partition: list[list[int]], ps: list[Tensor]) -> float:
         """Exact ``sum_g sum_{l in g} tr((D_l - P_g z) S_l (...)^T)`` (no expansion of the square)."""
-        return sum(site_difference(self.ck.b[l], self.ck.a[l], p_g, z, self.ck.s[l])
-                   for g, p_g in zip(partition, ps) for l in g)
+        return sum(
+            site_difference(self.ck.b[l], self.ck.a[l], p_g, z, self.ck.s[l])
+            for g, p_g in zip(partition, ps)
+            for l in g
+        )
 
     def state(self, z: Tensor, partition: list[list[int]]) -> AlternationState:
         ps = self.b_step(z, partition)
@@ -156,8 +167,9 @@ class SharedRowsProblem:
         return z
 
 
-def alternate(problem: SharedRowsProblem, start: AlternationState, max_iterations: int, tol: float,
-              regroup=None) -> tuple[AlternationState, list[float], int]:
+def alternate(
+    problem: SharedRowsProblem, start: AlternationState, max_iterations: int, tol: float, regroup=None
+) -> tuple[AlternationState, list[float], int]:
     """Rounds of (A-step, B-step[, regroup]) from ``start``; returns the state, history, rounds run.
 
     Each round also tries the A-step's move stretched by a factor ``beta`` (ALS line search, as in
@@ -193,8 +205,9 @@ def alternate(problem: SharedRowsProblem, start: AlternationState, max_iteration
     return st, history, rounds
 
 
-def best_run(problem: SharedRowsProblem, starts: list[AlternationState], max_iterations: int, tol: float,
-             regroup=None) -> tuple[AlternationState, list[float], tuple[int, int]]:
+def best_run(
+    problem: SharedRowsProblem, starts: list[AlternationState], max_iterations: int, tol: float, regroup=None
+) -> tuple[AlternationState, list[float], tuple[int, int]]:
     """Alternate from every start; keep the lowest objective (the first on ties).
 
     Returns its final state and history, and (rounds of the kept run, rounds over all starts).
@@ -211,8 +224,7 @@ def best_run(problem: SharedRowsProblem, starts: list[AlternationState], max_ite
 def random_rows(problem: SharedRowsProblem, k: int, count: int) -> list[Tensor]:
     """``count`` random orthonormal (k, p) row blocks, from a generator with a fixed seed."""
     gen = torch.Generator().manual_seed(RESTART_SEED)
-    return [orthonormal_rows(torch.randn(k, problem.ck.p, generator=gen, dtype=torch.float64))
-            for _ in range(count)]
+    return [orthonormal_rows(torch.randn(k, problem.ck.p, generator=gen, dtype=torch.float64)) for _ in range(count)]
 
 
 def mean_whitening(ck: CalibratedKind) -> tuple[Tensor, Tensor]:
@@ -236,8 +248,15 @@ def sharea_starts(problem: SharedRowsProblem, k: int, restarts: int) -> tuple[li
     return [problem.state(z, singletons) for z in rows], white_spectrum
 
 
-def shared_a_result(problem: SharedRowsProblem, st: AlternationState, method: str, rank: int,
-                    spectrum: Tensor, history: list[float], rounds: tuple[int, int]) -> CalibratedResult:
+def shared_a_result(
+    problem: SharedRowsProblem,
+    st: AlternationState,
+    method: str,
+    rank: int,
+    spectrum: Tensor,
+    history: list[float],
+    rounds: tuple[int, int],
+) -> CalibratedResult:
     """The final factors: sign-fixed orthonormal rows (padded beyond p), B's refit for them."""
     ck = problem.ck
     a = shared_rows(ck.q, st.z.T, rank)
@@ -249,13 +268,28 @@ def shared_a_result(problem: SharedRowsProblem, st: AlternationState, method: st
     for g, members in enumerate(st.partition):
         for l in members:
             b_index[l] = g
-    return finish(ck, method, [a], b_groups, a_index=[0] * ck.n_sites, b_index=b_index,
-                  groups=st.partition, spectrum=spectrum, history=history, iterations=rounds[0],
-                  total_iterations=rounds[1])
+    return finish(
+        ck,
+        method,
+        [a],
+        b_groups,
+        a_index=[0] * ck.n_sites,
+        b_index=b_index,
+        groups=st.partition,
+        spectrum=spectrum,
+        history=history,
+        iterations=rounds[0],
+        total_iterations=rounds[1],
+    )
 
 
-def convert_sharea_calibrated(ck: CalibratedKind, rank: int, max_iterations: int = DEFAULT_MAX_ROUNDS,
-                              tol: float = DEFAULT_TOL, restarts: int = DEFAULT_RESTARTS) -> CalibratedResult:
+def convert_sharea_calibrated(
+    ck: CalibratedKind,
+    rank: int,
+    max_iterations: int = DEFAULT_MAX_ROUNDS,
+    tol: float = DEFAULT_TOL,
+    restarts: int = DEFAULT_RESTARTS,
+) -> CalibratedResult:
     """ShareA at ``rank`` (capped at n_in; rows beyond p are zero-energy padding)."""
     if rank < 1 or restarts < 0:
         raise ValueError(f"rank must be positive and restarts >= 0, got {rank}, {restarts}")

@@ -15,6 +15,7 @@ rank-k M_s is therefore ``trunc_k(N) S^{-1/2}`` (Eckart-Young on N), and
 With S_l = I this is the plain form: N = sqrt(L) * mean D. The shared A gets orthonormal rows
 spanning M's row space and B = M A^T, as in plain ShareAB.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,5 +40,13 @@ def convert_shareab_calibrated(ck: CalibratedKind, rank: int) -> CalibratedResul
     a = shared_rows(ck.q, z.T, k)
     b = ck.u @ (m_small @ (a @ ck.q).T)
     sites = list(range(ck.n_sites))
-    return finish(ck, "shareab", [a], [b], a_index=[0] * ck.n_sites, b_index=[0] * ck.n_sites,
-                  groups=[sites], spectrum=sigma.square())
+    return finish(
+        ck,
+        "shareab",
+        [a],
+        [b],
+        a_index=[0] * ck.n_sites,
+        b_index=[0] * ck.n_sites,
+        groups=[sites],
+        spectrum=sigma.square(),
+    )

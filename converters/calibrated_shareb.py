@@ -11,6 +11,7 @@ the horizontal stack ``[b_1 F_1, ..., b_L F_L]`` (p_B, sum r_l): the plain Share
 (``stack_directions`` on the transposes) applies with A_l A_l^T replaced by A_l C_l A_l^T.
 objective(k) = energy - spectrum[:k].sum(), exact over all updates of the form.
 """
+
 from __future__ import annotations
 
 from .calibration import CalibratedKind, CalibratedResult, finish, psd_factor
@@ -27,5 +28,6 @@ def convert_shareb_calibrated(ck: CalibratedKind, rank: int) -> CalibratedResult
     # A'_l = U^T Bt_l A_l: the plain ShareB site factor, transposed
     as_ = [best_b(a.T, bt.T, b_rows).T for a, bt in zip(ck.kind.as_, ck.kind.bts)]
     sites = list(range(ck.n_sites))
-    return finish(ck, "shareb", as_, [b_rows.T], a_index=sites, b_index=[0] * ck.n_sites,
-                  groups=[sites], spectrum=spectrum)
+    return finish(
+        ck, "shareb", as_, [b_rows.T], a_index=sites, b_index=[0] * ck.n_sites, groups=[sites], spectrum=spectrum
+    )

@@ -14,6 +14,7 @@ eigenvectors of the (r, r) ``T (a S a^T) T^T``, whose eigenvalues are the per-ra
 Exact over all rank-k updates of the site (not only those in span(Q)); ranks above r_l keep
 the site unchanged.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,8 +26,7 @@ from .calibration import CalibratedKind, CalibratedResult, finish, psd_eigh
 from .factored import sign_fix_rows
 
 
-def site_truncation(bt: Tensor, a: Tensor, a_coords: Tensor, s: Tensor,
-                    rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def site_truncation(bt: Tensor, a: Tensor, a_coords: Tensor, s: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """One site: B' (n_out, k_l), A' (k_l, n_in) with k_l = min(rank, r, n_out), and the spectrum
     (min(r, n_out),), descending."""
     o, t = torch.linalg.qr(bt, mode="reduced")
@@ -69,5 +69,14 @@ def convert_lora_calibrated(ck: CalibratedKind, rank: int | Sequence[int]) -> Ca
     width = max(v.shape[0] for v in spectra)
     spectrum = torch.stack([torch.nn.functional.pad(v, (0, width - v.shape[0])) for v in spectra]).sum(0)
     sites = list(range(ck.n_sites))
-    return finish(ck, "lora", as_, bs, a_index=sites, b_index=sites, groups=[[l] for l in sites],
-                  spectrum=spectrum, rank=max(a.shape[0] for a in as_))
+    return finish(
+        ck,
+        "lora",
+        as_,
+        bs,
+        a_index=sites,
+        b_index=sites,
+        groups=[[l] for l in sites],
+        spectrum=spectrum,
+        rank=max(a.shape[0] for a in as_),
+    )

@@ -57,6 +57,7 @@ grows the objective tends to ``lam * sum_l (tr(S_l)/p) ||dW_l - dW'_l||_F^2``: t
 objective with each site weighted by its mean input energy, which is exactly the plain one when
 the sites' traces are equal (and for per-site truncation always).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -205,8 +206,9 @@ def check_statistics(S: list[Tensor], n_sites: int, p: int) -> list[Tensor]:
     out = []
     for pos, s in enumerate(S):
         if s.shape != (p, p):
-            raise ValueError(f"site {pos}: statistics must be ({p}, {p}) in the basis of "
-                             f"calibration_basis(As), got {tuple(s.shape)}")
+            raise ValueError(
+                f"site {pos}: statistics must be ({p}, {p}) in the basis of calibration_basis(As), got {tuple(s.shape)}"
+            )
         s64 = s.detach().to(F64)
         if not bool(torch.isfinite(s64).all()):
             raise ValueError(f"site {pos}: statistics contain non-finite values")
@@ -214,8 +216,9 @@ def check_statistics(S: list[Tensor], n_sites: int, p: int) -> list[Tensor]:
     return out
 
 
-def factors_objective(kind: KindFactors, q: Tensor, s: list[Tensor],
-                      site_bs: list[Tensor], site_as: list[Tensor]) -> float:
+def factors_objective(
+    kind: KindFactors, q: Tensor, s: list[Tensor], site_bs: list[Tensor], site_as: list[Tensor]
+) -> float:
     """``sum_l tr((dW_l - B'_l A'_l) C_l (...)^T)`` from full-size factors, with ``S_l = Q^T C_l Q``.
 
     Only the part of each A'_l inside span(Q) can be scored; a part outside with a non-zero
@@ -226,8 +229,9 @@ def factors_objective(kind: KindFactors, q: Tensor, s: list[Tensor],
         a_coords, a2_coords = a @ q, a2 @ q
         outside = product_sq_norm(b2, a2 - a2_coords @ q.T)
         if outside > _OUTSIDE_SPAN_RTOL * (product_sq_norm(b2, a2) + product_sq_norm(bt, a)):
-            raise ValueError(f"site {pos}: the update has rows outside the statistics basis "
-                             "(was Q computed from these A's?)")
+            raise ValueError(
+                f"site {pos}: the update has rows outside the statistics basis (was Q computed from these A's?)"
+            )
         total += site_difference(bt, a_coords, b2, a2_coords, s[pos])
     return total
 
@@ -265,10 +269,20 @@ class CalibratedResult:
         return self.result.error_history
 
 
-def finish(ck: CalibratedKind, method: str, a_tensors: list[Tensor], b_tensors: list[Tensor],
-           a_index: list[int], b_index: list[int], groups: list[list[int]], spectrum: Tensor,
-           history: list[float] | None = None, iterations: int = 0, total_iterations: int = 0,
-           rank: int | None = None) -> CalibratedResult:
+def finish(
+    ck: CalibratedKind,
+    method: str,
+    a_tensors: list[Tensor],
+    b_tensors: list[Tensor],
+    a_index: list[int],
+    b_index: list[int],
+    groups: list[list[int]],
+    spectrum: Tensor,
+    history: list[float] | None = None,
+    iterations: int = 0,
+    total_iterations: int = 0,
+    rank: int | None = None,
+) -> CalibratedResult:
     """Score float64 factors (damped, raw, Frobenius) and wrap them as a CalibratedResult.
 
     The objective is recomputed from the factors themselves, the way ``calibrated_objective``
@@ -282,19 +296,39 @@ def finish(ck: CalibratedKind, method: str, a_tensors: list[Tensor], b_tensors: 
     # the alternations' history is their own (small-basis) bookkeeping; closed forms have one entry
     history = list(history) if history else [objective]
     result = KindResult(
-        method=method, a_tensors=[a.to(ck.kind.out_dtype) for a in a_tensors],
-        b_tensors=[b.to(ck.kind.out_dtype) for b in b_tensors], a_index=a_index, b_index=b_index,
-        rank=a_tensors[0].shape[0] if rank is None else rank, groups=groups, error=objective,
-        energy=ck.energy(), spectrum=spectrum, already_shared=ck.kind.a_is_shared(),
-        error_history=history)
-    return CalibratedResult(result=result, objective=objective, raw_objective=raw,
-                            raw_energy=ck.energy(raw=True),
-                            frobenius_error=sites_error(ck.kind.bts, ck.kind.as_, site_bs, site_as),
-                            iterations=iterations, total_iterations=total_iterations, lam=ck.lam)
+        method=method,
+        a_tensors=[a.to(ck.kind.out_dtype) for a in a_tensors],
+        b_tensors=[b.to(ck.kind.out_dtype) for b in b_tensors],
+        a_index=a_index,
+        b_index=b_index,
+        rank=a_tensors[0].shape[0] if rank is None else rank,
+        groups=groups,
+        error=objective,
+        energy=ck.energy(),
+        spectrum=spectrum,
+        already_shared=ck.kind.a_is_shared(),
+        error_history=history,
+    )
+    return CalibratedResult(
+        result=result,
+        objective=objective,
+        raw_objective=raw,
+        raw_energy=ck.energy(raw=True),
+        frobenius_error=sites_error(ck.kind.bts, ck.kind.as_, site_bs, site_as),
+        iterations=iterations,
+        total_iterations=total_iterations,
+        lam=ck.lam,
+    )
 
 
-def calibrated_objective(As: list[Tensor], Bts: list[Tensor], S: list[Tensor], Q: Tensor,
-                         result: KindResult | CalibratedResult, lam: float = 0.0) -> float:
+def calibrated_objective(
+    As: list[Tensor],
+    Bts: list[Tensor],
+    S: list[Tensor],
+    Q: Tensor,
+    result: KindResult | CalibratedResult,
+    lam: float = 0.0,
+) -> float:
     """The calibrated objective of a result's stored factors, recomputed (float64, factored).
 
     ``S[l]`` (p, p) are the statistics in basis ``Q`` (n_in, p) (from ``calibration_basis``),

@@ -2,6 +2,7 @@
 
 Each form's formula is its row's ``parameter_count`` (forms.py, where the table of them is).
 """
+
 from __future__ import annotations
 
 from .forms import SHARED_FORMS as METHODS
@@ -15,7 +16,6 @@ def lora_parameter_count(n_out: int, n_in: int, ranks: list[int]) -> int:
     return sum(ranks) * (n_in + n_out)
 
 
-def parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank: int,
-                    groups: int | None = None) -> int:
+def parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank: int, groups: int | None = None) -> int:
     """Parameters of one kind converted to ``method`` (or "lora" with every site at ``rank``)."""
     return any_form(method).parameter_count(n_out, n_in, n_sites, rank=rank, groups=groups)

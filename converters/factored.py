@@ -8,6 +8,7 @@ Notation: the stacked A's ``S = [A_1; ...; A_L]`` (p, n_in) have the thin QR ``S
 so ``A_l = R_l^T Q^T`` with ``R_l`` the columns of R that belong to site l. We call
 ``coords_l = R_l^T`` (r_l, p'): the coordinates of A_l's rows in the orthonormal basis Q.
 """
+
 from __future__ import annotations
 
 import torch
@@ -129,8 +130,6 @@ def tail_energy(spectrum: Tensor, k: int) -> float:
     return float(spectrum[k:].sum())
 
 
-def sites_error(kind_bts: list[Tensor], kind_as: list[Tensor],
-                site_bs: list[Tensor], site_as: list[Tensor]) -> float:
+def sites_error(kind_bts: list[Tensor], kind_as: list[Tensor], site_bs: list[Tensor], site_as: list[Tensor]) -> float:
     """``sum_l ||Bt_l A_l - B'_l A'_l||_F^2`` for the original and converted factors, factored."""
-    return sum(difference_sq_norm(bt, a, b2, a2)
-               for bt, a, b2, a2 in zip(kind_bts, kind_as, site_bs, site_as))
+    return sum(difference_sq_norm(bt, a, b2, a2) for bt, a, b2, a2 in zip(kind_bts, kind_as, site_bs, site_as))

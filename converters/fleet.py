@@ -33,6 +33,7 @@ Budget: ``fleet_options`` lists each kind's candidate settings (parameters, exac
 sharea; the error of the un-refined start for shareab, an upper bound of what refinement reaches)
 for ``budget.spend_budget``, the exact multiple-choice knapsack over the kinds.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ def two_sided(method: str) -> bool:
     if method not in FLEET_TWO_SIDED:
         raise ValueError(f"fleet method must be one of {FLEET_FORMS}, got {method!r}")
     return FLEET_TWO_SIDED[method]
+
+
 DEFAULT_MAX_ITERATIONS = 50
 DEFAULT_TOL = 1e-10
 # two-sided options are scored for ranks up to this many per side (the grid is top^2 pairs)
@@ -132,7 +135,7 @@ def check_fleet_factors(As: list[list[Tensor]], Bts: list[list[Tensor]]) -> tupl
 
 
 def per_adapter(values: list[float], n_layers: int) -> list[float]:
-    return [sum(values[i:i + n_layers]) for i in range(0, len(values), n_layers)]
+    return [sum(values[i : i + n_layers]) for i in range(0, len(values), n_layers)]
 
 
 def _site_energies(kind: KindFactors) -> list[float]:
@@ -176,14 +179,21 @@ def fleet_sharea(As: list[list[Tensor]], Bts: list[list[Tensor]], rank: int) -> 
     # per site ||dW - dW V^T V||^2 = ||dW||^2 - ||dW V^T||^2 (V orthonormal rows); clipped at roundoff
     errors = [max(e - float(b.square().sum()), 0.0) for e, b in zip(energies, bs)]
     dtype = kind.out_dtype
-    cores = [[b.to(dtype) for b in bs[i:i + n_layers]] for i in range(0, len(bs), n_layers)]
+    cores = [[b.to(dtype) for b in bs[i : i + n_layers]] for i in range(0, len(bs), n_layers)]
     total = tail_energy(spectrum, v.shape[0])
-    return FleetKindResult("sharea", v.to(dtype), None, cores, per_adapter(errors, n_layers),
-                           per_adapter(energies, n_layers), [total])
+    return FleetKindResult(
+        "sharea", v.to(dtype), None, cores, per_adapter(errors, n_layers), per_adapter(energies, n_layers), [total]
+    )
 
 
-def fleet_shareab(As: list[list[Tensor]], Bts: list[list[Tensor]], rank_out: int, rank_in: int,
-                  max_iterations: int = DEFAULT_MAX_ITERATIONS, tol: float = DEFAULT_TOL) -> FleetKindResult:
+def fleet_shareab(
+    As: list[list[Tensor]],
+    Bts: list[list[Tensor]],
+    rank_out: int,
+    rank_in: int,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    tol: float = DEFAULT_TOL,
+) -> FleetKindResult:
     """Two-sided: shared U (n_out, k1), V (k2, n_in), cores (k1, k2); k1 <= pb, k2 <= pa (capped).
 
     Starts from each side's own optimum, then alternates the two exact half-steps until a round
@@ -197,16 +207,27 @@ def fleet_shareab(As: list[list[Tensor]], Bts: list[list[Tensor]], rank_out: int
     site_errors = _two_sided_errors(cores, u, v)
     dtype = kind.out_dtype
     small = [u.T @ m @ v for m in cores]
-    core_lists = [[c.to(dtype) for c in small[i:i + n_layers]] for i in range(0, len(small), n_layers)]
+    core_lists = [[c.to(dtype) for c in small[i : i + n_layers]] for i in range(0, len(small), n_layers)]
     basis_u = qb @ u
     basis_v = (qa @ v).T
-    return FleetKindResult("shareab", basis_v.to(dtype), basis_u.to(dtype), core_lists,
-                           per_adapter(site_errors, n_layers), per_adapter(_site_energies(kind), n_layers),
-                           history)
+    return FleetKindResult(
+        "shareab",
+        basis_v.to(dtype),
+        basis_u.to(dtype),
+        core_lists,
+        per_adapter(site_errors, n_layers),
+        per_adapter(_site_energies(kind), n_layers),
+        history,
+    )
 
 
-def two_sided_bases(cores: list[Tensor], rank_out: int, rank_in: int, max_iterations: int = DEFAULT_MAX_ITERATIONS,
-                    tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, list[float]]:
+def two_sided_bases(
+    cores: list[Tensor],
+    rank_out: int,
+    rank_in: int,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    tol: float = DEFAULT_TOL,
+) -> tuple[Tensor, Tensor, list[float]]:
     """(u (pb, k1), v (pa, k2), error history): the two-sided bases of the small cores ``M_s``, each
     side's own optimum refined by alternation; k1 <= pb and k2 <= pa (capped)."""
     k1, k2 = min(rank_out, cores[0].shape[0]), min(rank_in, cores[0].shape[1])
@@ -234,8 +255,9 @@ def fleet_parameter_count(method: str, n_out: int, n_in: int, n_sites: int, rank
     return rank_in * n_in + n_sites * rank_in * n_out
 
 
-def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
-                  max_rank: int | None = None) -> list[FleetOption]:
+def fleet_options(
+    method: str, As: list[list[Tensor]], Bts: list[list[Tensor]], max_rank: int | None = None
+) -> list[FleetOption]:
     """Candidate settings of one fleet kind for ``budget.spend_budget``.
 
     sharea: right ranks 1..min(n_in, sum of ranks), the exact error (ShareA's options over the
@@ -254,13 +276,26 @@ def fleet_options(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]],
     v = top_eigvecs(sum(m.T @ m for m in cores), k2)
     kept = sum((u.T @ m @ v).square() for m in cores).cumsum(0).cumsum(1)
     energy = sum(float(m.square().sum()) for m in cores)
-    return [FleetOption(a + 1, b + 1, fleet_parameter_count("shareab", kind.n_out, kind.n_in, kind.n_sites, a + 1, b + 1),
-                   max(energy - float(kept[a, b]), 0.0))
-            for a in range(k1) for b in range(k2)]
+    return [
+        FleetOption(
+            a + 1,
+            b + 1,
+            fleet_parameter_count("shareab", kind.n_out, kind.n_in, kind.n_sites, a + 1, b + 1),
+            max(energy - float(kept[a, b]), 0.0),
+        )
+        for a in range(k1)
+        for b in range(k2)
+    ]
 
 
-def fleet_kind(method: str, As: list[list[Tensor]], Bts: list[list[Tensor]], rank: int,
-               rank_out: int | None = None, max_iterations: int = DEFAULT_MAX_ITERATIONS) -> FleetKindResult:
+def fleet_kind(
+    method: str,
+    As: list[list[Tensor]],
+    Bts: list[list[Tensor]],
+    rank: int,
+    rank_out: int | None = None,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+) -> FleetKindResult:
     """Compress one kind of a fleet: ``rank`` is the right (V) rank; shareab's left rank
     ``rank_out`` defaults to ``rank``."""
     if rank < 1:

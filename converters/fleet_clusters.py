@@ -29,6 +29,7 @@ when an assignment repeats. Moving a member also moves parameters (its cores) an
 error need not fall every round: hence the best one seen, not the last. Ties go to the lower
 index; clusters are numbered by their first member, so the same input gives the same labels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,8 +70,9 @@ def _subset(kinds: KindsFactors, members: list[int], kind: str) -> tuple[list[li
     return [As[i] for i in members], [Bts[i] for i in members]
 
 
-def cluster_plan(method: str, kinds: KindsFactors, labels: list[int], *, budget: int | None = None,
-                 rank: int | None = None) -> dict[tuple[int, str], tuple[int, int]]:
+def cluster_plan(
+    method: str, kinds: KindsFactors, labels: list[int], *, budget: int | None = None, rank: int | None = None
+) -> dict[tuple[int, str], tuple[int, int]]:
     """(rank_out, rank_in) per (cluster, kind): every pair at ``rank``, or ``budget`` parameters spent
     over all pairs for the least total error (ValueError when it is below the smallest setting)."""
     if (rank is None) == (budget is None):
@@ -83,13 +85,16 @@ def cluster_plan(method: str, kinds: KindsFactors, labels: list[int], *, budget:
     return {pair: (o.rank_out, o.rank_in) for pair, o in spend_budget(options, budget).items()}
 
 
-def fit_clusters(method: str, kinds: KindsFactors, labels: list[int], *, budget: int | None = None,
-                 rank: int | None = None) -> ClusterFit:
+def fit_clusters(
+    method: str, kinds: KindsFactors, labels: list[int], *, budget: int | None = None, rank: int | None = None
+) -> ClusterFit:
     """The assignment's plan and every (cluster, kind)'s fleet kind."""
     ranks = cluster_plan(method, kinds, labels, budget=budget, rank=rank)
     members = groups(labels)
-    fitted = {(c, kind): fleet_kind(method, *_subset(kinds, members[c], kind), rank_in, rank_out=rank_out or None)
-              for (c, kind), (rank_out, rank_in) in ranks.items()}
+    fitted = {
+        (c, kind): fleet_kind(method, *_subset(kinds, members[c], kind), rank_in, rank_out=rank_out or None)
+        for (c, kind), (rank_out, rank_in) in ranks.items()
+    }
     return ClusterFit(list(labels), ranks, fitted, sum(r.error for r in fitted.values()))
 
 
@@ -159,14 +164,23 @@ def member_costs(kinds: KindsFactors, fit: ClusterFit, n_clusters: int) -> list[
     return cost
 
 
-def assign_clusters(method: str, kinds: KindsFactors, n_clusters: int, *, budget: int | None = None,
-                    rank: int | None = None, max_rounds: int = DEFAULT_ROUNDS) -> ClusterFit:
+def assign_clusters(
+    method: str,
+    kinds: KindsFactors,
+    n_clusters: int,
+    *,
+    budget: int | None = None,
+    rank: int | None = None,
+    max_rounds: int = DEFAULT_ROUNDS,
+) -> ClusterFit:
     """The least-error assignment of the members to ``n_clusters`` clusters found by k-subspaces from
     the farthest-first start (see the module), fitted at ``budget`` parameters or ``rank``."""
     n = len(next(iter(kinds.values()))[0])
     if not 1 <= n_clusters <= max(1, n // MIN_MEMBERS):
-        raise ValueError(f"{n_clusters} clusters of at least {MIN_MEMBERS} members need at least "
-                         f"{MIN_MEMBERS * n_clusters} members, got {n}")
+        raise ValueError(
+            f"{n_clusters} clusters of at least {MIN_MEMBERS} members need at least "
+            f"{MIN_MEMBERS * n_clusters} members, got {n}"
+        )
     labels = [0] * n if n_clusters == 1 else canonical(initial_labels(kinds, n_clusters))
     best, seen = None, set()
     for round_ in range(max_rounds):

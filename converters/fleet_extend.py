@@ -18,6 +18,7 @@ so the kept energy never falls with e, and ``kept[e]`` is computed exactly for e
 estimated. The old members keep their reconstruction exactly by padding their cores with zeros
 (``pad_core``): ``[U X] [[C, 0], [0, 0]] [V; W] = U C V``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -114,8 +115,9 @@ def _left_directions(As: list[Tensor], Bts: list[Tensor], u: Tensor, cap: int) -
     return _orthonormal_rows((q @ top).T, u.T).T
 
 
-def extension(As: list[Tensor], Bts: list[Tensor], basis_v: Tensor, basis_u: Tensor | None = None,
-              max_steps: int | None = None) -> Extension:
+def extension(
+    As: list[Tensor], Bts: list[Tensor], basis_v: Tensor, basis_u: Tensor | None = None, max_steps: int | None = None
+) -> Extension:
     """The directions that extend one kind's bases for a new adapter, and ``kept[e]`` for every e.
 
     Each side is capped at what it can still take (n_in - k2 rows, n_out - k1 columns) and at the

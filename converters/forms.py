@@ -21,6 +21,7 @@ G groups (unique tensors count once):
     shareab  k (n_in + n_out)
     aslora   k n_in + G k n_out
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,8 +36,8 @@ from .calibrated_shareab import convert_shareab_calibrated
 from .calibrated_shareb import convert_shareb_calibrated
 from .calibrated_truncation import convert_lora_calibrated
 from .calibration import CalibratedKind, CalibratedResult
-from .shareab import convert_shareab, shareab_spectrum
 from .sharea import convert_sharea, sharea_spectrum
+from .shareab import convert_shareab, shareab_spectrum
 from .shareb import convert_shareb, shareb_spectrum
 from .types import KindFactors, KindResult
 
@@ -88,33 +89,61 @@ def _convert_aslora(kind: KindFactors, rank: int, settings: Settings) -> KindRes
 def _convert_aslora_calibrated(ck: CalibratedKind, rank: int, settings: Settings) -> CalibratedResult:
     if settings.groups is None:
         raise ValueError("aslora needs groups (a count, see converters.default_groups, or a partition)")
-    return convert_aslora_calibrated(ck, rank, settings.groups, settings.grouping, settings.regroup,
-                                     settings.max_iterations, settings.tol, settings.restarts)
+    return convert_aslora_calibrated(
+        ck,
+        rank,
+        settings.groups,
+        settings.grouping,
+        settings.regroup,
+        settings.max_iterations,
+        settings.tol,
+        settings.restarts,
+    )
 
 
 ROWS = (
-    Form("sharea",
-         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_in + n_sites * rank * n_out,
-         convert=lambda kind, rank, settings: convert_sharea(kind, rank),
-         convert_calibrated=lambda ck, rank, settings: convert_sharea_calibrated(
-             ck, rank, settings.max_iterations, settings.tol, settings.restarts),
-         rank_cap=lambda kind: kind.n_in, spectrum=sharea_spectrum),
-    Form("shareb",
-         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_out + n_sites * rank * n_in,
-         convert=lambda kind, rank, settings: convert_shareb(kind, rank),
-         convert_calibrated=lambda ck, rank, settings: convert_shareb_calibrated(ck, rank),
-         rank_cap=lambda kind: kind.n_out, spectrum=shareb_spectrum, exact_calibrated_spectrum=True),
-    Form("shareab",
-         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * (n_in + n_out),
-         convert=lambda kind, rank, settings: convert_shareab(kind, rank),
-         convert_calibrated=lambda ck, rank, settings: convert_shareab_calibrated(ck, rank),
-         rank_cap=lambda kind: min(kind.n_in, kind.n_out), spectrum=shareab_spectrum,
-         exact_calibrated_spectrum=True),
-    Form("aslora", parameter_count=_aslora_count, convert=_convert_aslora,
-         convert_calibrated=_convert_aslora_calibrated, rank_cap=lambda kind: kind.n_in, grouped=True),
-    Form("lora",
-         parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_sites * (n_in + n_out),
-         convert_calibrated=lambda ck, ranks, settings: convert_lora_calibrated(ck, ranks), per_site=True),
+    Form(
+        "sharea",
+        parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_in + n_sites * rank * n_out,
+        convert=lambda kind, rank, settings: convert_sharea(kind, rank),
+        convert_calibrated=lambda ck, rank, settings: convert_sharea_calibrated(
+            ck, rank, settings.max_iterations, settings.tol, settings.restarts
+        ),
+        rank_cap=lambda kind: kind.n_in,
+        spectrum=sharea_spectrum,
+    ),
+    Form(
+        "shareb",
+        parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_out + n_sites * rank * n_in,
+        convert=lambda kind, rank, settings: convert_shareb(kind, rank),
+        convert_calibrated=lambda ck, rank, settings: convert_shareb_calibrated(ck, rank),
+        rank_cap=lambda kind: kind.n_out,
+        spectrum=shareb_spectrum,
+        exact_calibrated_spectrum=True,
+    ),
+    Form(
+        "shareab",
+        parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * (n_in + n_out),
+        convert=lambda kind, rank, settings: convert_shareab(kind, rank),
+        convert_calibrated=lambda ck, rank, settings: convert_shareab_calibrated(ck, rank),
+        rank_cap=lambda kind: min(kind.n_in, kind.n_out),
+        spectrum=shareab_spectrum,
+        exact_calibrated_spectrum=True,
+    ),
+    Form(
+        "aslora",
+        parameter_count=_aslora_count,
+        convert=_convert_aslora,
+        convert_calibrated=_convert_aslora_calibrated,
+        rank_cap=lambda kind: kind.n_in,
+        grouped=True,
+    ),
+    Form(
+        "lora",
+        parameter_count=lambda n_out, n_in, n_sites, *, rank, groups: rank * n_sites * (n_in + n_out),
+        convert_calibrated=lambda ck, ranks, settings: convert_lora_calibrated(ck, ranks),
+        per_site=True,
+    ),
 )
 FORMS = {row.name: row for row in ROWS}
 # the forms that share a factor across a kind's layers (one rank per kind), and the one that shares none

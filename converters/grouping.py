@@ -10,6 +10,7 @@ exactly the reconstruction error added by the grouping (reference.md section 2).
 - ``contiguous_partitions``: the best partition into G runs of adjacent sites, exactly, by the
   O(L^2 G) dynamic programme over run costs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -128,8 +129,9 @@ def run_costs(points: Tensor, weights: Tensor | None = None) -> np.ndarray:
     return cost
 
 
-def contiguous_partitions(points: Tensor, max_groups: int,
-                          weights: Tensor | None = None) -> list[tuple[list[list[int]], float]]:
+def contiguous_partitions(
+    points: Tensor, max_groups: int, weights: Tensor | None = None
+) -> list[tuple[list[list[int]], float]]:
     """Best partition into G runs of adjacent points, for every G = 1..max_groups: (groups, cost).
 
     ``best[g, j]`` = least cost of splitting the first j points into g runs
@@ -158,8 +160,9 @@ def contiguous_partitions(points: Tensor, max_groups: int,
     return results
 
 
-def group_points(points: Tensor, n_groups: int, grouping: str = "any",
-                 weights: Tensor | None = None) -> list[list[int]]:
+def group_points(
+    points: Tensor, n_groups: int, grouping: str = "any", weights: Tensor | None = None
+) -> list[list[int]]:
     """Partition into ``n_groups``: Ward ("any") or the exact contiguous optimum ("adjacent")."""
     if grouping == "any":
         return ward_tree(points, weights).partition(n_groups)

@@ -22,6 +22,7 @@ zero nibble to whole bytes), which is also how shareport stores them (safetensor
 Shapes: ``x`` any shape; ``values`` the shape of ``x``; ``scales`` the shape of ``x`` with ``D`` (the
 size along ``axis``) replaced by ``ceil(D / group_size)``. Pure tensor math, no I/O.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,9 @@ def quantize(x: Tensor, bits: int, group_size: int, axis: int) -> QuantizedTenso
     # an all-zero group has scale 0: its integers are 0 (y = 0 * 0), not 0/0
     q = torch.where(s64 > 0, torch.round(grouped / torch.where(s64 > 0, s64, 1.0)), 0.0).clamp(-qmax, qmax)
     values = q.reshape(*x64.shape[:-1], groups * group_size)[..., :size].to(torch.int8)
-    return QuantizedTensor(values.movedim(-1, axis).contiguous(), scales.movedim(-1, axis).contiguous(),
-                           bits, axis, group_size)
+    return QuantizedTensor(
+        values.movedim(-1, axis).contiguous(), scales.movedim(-1, axis).contiguous(), bits, axis, group_size
+    )
 
 
 def dequantize(values: Tensor, scales: Tensor, group_size: int, axis: int) -> Tensor:

@@ -16,6 +16,7 @@ at every site, the unconstrained planner's rule; ``uniform`` never drops (it ref
 ``choose_per_item`` is the exact multiple-choice knapsack the buckets need: each item (site) picks
 one of a few (cost, error) options.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -4,6 +4,7 @@
 subspace of the vertical stack ``[dW_1; ...; dW_L]`` (Eckart-Young); each ``B_l = dW_l A^T``.
 The error is the stack's energy beyond rank k. Everything is computed factored (see factored.py).
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -31,6 +32,14 @@ def convert_sharea(kind: KindFactors, rank: int) -> KindResult:
     a, bs, spectrum = sharea_factors(kind, rank)
     sites = list(range(kind.n_sites))
     return KindResult.from_float64(
-        kind, "sharea", [a], bs, a_index=[0] * kind.n_sites, b_index=sites,
-        groups=[[pos] for pos in sites], error=tail_energy(spectrum, a.shape[0]),
-        energy=kind_energy(kind.bts, kind.as_), spectrum=spectrum)
+        kind,
+        "sharea",
+        [a],
+        bs,
+        a_index=[0] * kind.n_sites,
+        b_index=sites,
+        groups=[[pos] for pos in sites],
+        error=tail_energy(spectrum, a.shape[0]),
+        energy=kind_energy(kind.bts, kind.as_),
+        spectrum=spectrum,
+    )

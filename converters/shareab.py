@@ -9,6 +9,7 @@ M is handled in the two small bases: ``Bt_l = U Tb_l`` (column space of the stac
 ``A_l = Ta_l Q^T`` (row space of the stacked A's), so ``dW_l = U (Tb_l Ta_l) Q^T`` and every
 update is a small (p_B, p_A) core.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,6 +50,14 @@ def convert_shareab(kind: KindFactors, rank: int) -> KindResult:
     b = u @ (mean @ (q.T @ a.T))
     spectrum = kind.n_sites * s.square()
     return KindResult.from_float64(
-        kind, "shareab", [a], [b], a_index=[0] * kind.n_sites, b_index=[0] * kind.n_sites,
-        groups=[list(range(kind.n_sites))], error=scatter + float(spectrum[k:].sum()),
-        energy=scatter + float(spectrum.sum()), spectrum=spectrum)
+        kind,
+        "shareab",
+        [a],
+        [b],
+        a_index=[0] * kind.n_sites,
+        b_index=[0] * kind.n_sites,
+        groups=[list(range(kind.n_sites))],
+        error=scatter + float(spectrum[k:].sum()),
+        energy=scatter + float(spectrum.sum()),
+        spectrum=spectrum,
+    )

@@ -24,6 +24,7 @@ Every mode keeps rank >= 1 at a site with rank >= 1 (PEFT never writes a rank-0 
 only a budget too small for rank 1 everywhere lets sites drop to 0, which the caller then writes
 as "module not adapted".
 """
+
 from __future__ import annotations
 
 import math
@@ -110,11 +111,18 @@ def truncate_site(a: Tensor, bt: Tensor, rank: int, out_dtype: torch.dtype | Non
     a_k = a_k * signs[:, None]
     b_k = left[:, :k] * (s[:k] * signs)
     energy = float(s.square().sum())
-    return SiteTruncation(a=a_k.to(out_dtype).contiguous(), b=b_k.to(out_dtype).contiguous(),
-                          singular_values=s, rank=k, error=float(s[k:].square().sum()), energy=energy)
+    return SiteTruncation(
+        a=a_k.to(out_dtype).contiguous(),
+        b=b_k.to(out_dtype).contiguous(),
+        singular_values=s,
+        rank=k,
+        error=float(s[k:].square().sum()),
+        energy=energy,
+    )
 
 
 # ---------------------------------------------------------------- rank choice
+
 
 def ranks_for_rank(spectra: Sequence[Tensor], rank: int) -> list[int]:
     """Every site at ``min(rank, its number of singular values)``; ``spectra[l]`` is sigma^2 of site l."""
@@ -164,8 +172,8 @@ class _Class:
     """The optional singular values (items) of all sites that share one cost per rank."""
 
     weight: int
-    values: Tensor                 # descending (stable: site order, then index within site)
-    sites: Tensor                  # the site each value belongs to
+    values: Tensor  # descending (stable: site order, then index within site)
+    sites: Tensor  # the site each value belongs to
     prefix: Tensor = field(init=False)  # prefix[n] = sum of the top n values
 
     def __post_init__(self):
@@ -252,8 +260,9 @@ def _exact_counts(classes: list[_Class], spare: int, prefix: list[int]) -> list[
     """
     weights = [c.weight for c in classes]
     radius = 2 * max(weights) // math.gcd(*weights) - 1
-    ranges = [torch.arange(max(0, prefix[j] - radius), min(c.count, prefix[j] + radius) + 1)
-              for j, c in enumerate(classes)]
+    ranges = [
+        torch.arange(max(0, prefix[j] - radius), min(c.count, prefix[j] + radius) + 1) for j, c in enumerate(classes)
+    ]
     last = max(range(len(classes)), key=lambda j: (len(ranges[j]), -j))  # the widest is not enumerated
     others = [j for j in range(len(classes)) if j != last]
     ranges = [ranges[j] for j in others]
@@ -279,8 +288,9 @@ def _exact_counts(classes: list[_Class], spare: int, prefix: list[int]) -> list[
     return counts
 
 
-def allocate_budget(spectra: Sequence[Tensor], costs: Sequence[int], budget: int,
-                    exact: bool | None = None) -> Allocation:
+def allocate_budget(
+    spectra: Sequence[Tensor], costs: Sequence[int], budget: int, exact: bool | None = None
+) -> Allocation:
     """Per-site ranks with ``sum_l k_l costs[l] <= budget`` minimising ``sum_l tail_l(k_l)``.
 
     ``spectra[l]``: site l's squared singular values, descending; ``costs[l]``: its parameters per
@@ -337,8 +347,9 @@ def allocate_budget(spectra: Sequence[Tensor], costs: Sequence[int], budget: int
     return Allocation(ranks, params, error, method, error if lower is None else min(lower, error))
 
 
-def allocate_serving(spectra: Sequence[Tensor], costs: Sequence[int], budget: int, rule: ServingRule, *,
-                     exact: bool | None = None) -> Allocation:
+def allocate_serving(
+    spectra: Sequence[Tensor], costs: Sequence[int], budget: int, rule: ServingRule, *, exact: bool | None = None
+) -> Allocation:
     """``allocate_budget`` under a serving rule (``serving.ServingRule``): the least total error
     within ``budget`` among the allocations the rule allows, exact.
 
@@ -360,7 +371,7 @@ def allocate_serving(spectra: Sequence[Tensor], costs: Sequence[int], budget: in
         return Allocation(list(ranks), params, error, method, error if bound is None else min(bound, error))
 
     if rule.max_rank is not None:
-        capped = allocate_budget([s[:rule.max_rank] for s in spectra], costs, budget, exact)
+        capped = allocate_budget([s[: rule.max_rank] for s in spectra], costs, budget, exact)
         beyond = sum(float(t[min(rule.max_rank, len(t) - 1)]) for t in tails)
         return allocation(capped.ranks, capped.method, capped.error_lower_bound + beyond)
     if rule.uniform:
@@ -369,8 +380,10 @@ def allocate_serving(spectra: Sequence[Tensor], costs: Sequence[int], budget: in
         plans = [allocation([min(k, len(s)) for s in spectra]) for k in range(1, top + 1)]
         affordable = [p for p in plans if p.params <= budget]
         if not affordable:
-            raise ValueError(f"a budget of {budget} parameters does not pay for rank 1 at every site "
-                             f"(one rank for every site needs at least {plans[0].params})")
+            raise ValueError(
+                f"a budget of {budget} parameters does not pay for rank 1 at every site "
+                f"(one rank for every site needs at least {plans[0].params})"
+            )
         return min(affordable, key=lambda p: (p.error, p.params))
     choices = [sorted({min(b, len(s)) for b in rule.buckets}) for s in spectra]
     if sum(c[0] * int(w) for c, w in zip(choices, costs)) > budget:
@@ -379,12 +392,12 @@ def allocate_serving(spectra: Sequence[Tensor], costs: Sequence[int], budget: in
     peak = max((float(s[0]) for s in spectra if len(s)), default=0.0)
     kept = [torch.where(s > NEGLIGIBLE_SQUARED * peak, s, 0.0) for s in spectra]
     seen = [torch.cat([s.flip(0).cumsum(0).flip(0), s.new_zeros(1)]) for s in kept]
-    picked = choose_per_item([[(k * int(w), float(t[k])) for k in c] for c, w, t in zip(choices, costs, seen)],
-                             budget)
+    picked = choose_per_item([[(k * int(w), float(t[k])) for k in c] for c, w, t in zip(choices, costs, seen)], budget)
     return allocation([c[j] for c, j in zip(choices, picked)])
 
 
 # ---------------------------------------------------------------- one kind
+
 
 @dataclass(frozen=True)
 class TruncationResult(KindResult):
@@ -409,14 +422,25 @@ def truncate_factors(kind: KindFactors, ranks: Sequence[int]) -> TruncationResul
     error = sum(s.error for s in sites)
     spectrum = torch.sort(torch.cat([s.singular_values.square() for s in sites]), descending=True).values
     return TruncationResult(
-        method="lora", a_tensors=[s.a for s in sites], b_tensors=[s.b for s in sites],
-        a_index=positions, b_index=positions, rank=max(s.rank for s in sites),
-        groups=[[pos] for pos in positions], error=error, energy=sum(s.energy for s in sites),
-        spectrum=spectrum, already_shared=kind.a_is_shared(), error_history=[error],
-        ranks=[s.rank for s in sites], site_singular_values=[s.singular_values for s in sites])
+        method="lora",
+        a_tensors=[s.a for s in sites],
+        b_tensors=[s.b for s in sites],
+        a_index=positions,
+        b_index=positions,
+        rank=max(s.rank for s in sites),
+        groups=[[pos] for pos in positions],
+        error=error,
+        energy=sum(s.energy for s in sites),
+        spectrum=spectrum,
+        already_shared=kind.a_is_shared(),
+        error_history=[error],
+        ranks=[s.rank for s in sites],
+        site_singular_values=[s.singular_values for s in sites],
+    )
 
 
 # ---------------------------------------------------------------- a whole adapter
+
 
 @dataclass(frozen=True)
 class KindTruncationPlan:
@@ -453,10 +477,17 @@ class TruncationPlan:
     unconstrained: TruncationPlan | None = None  # with a serving rule: the plan without it, same budget
 
 
-def plan_from_spectra(spectra: dict[str, list[Tensor]], shapes: dict[str, tuple[int, int]],
-          lora_ranks: dict[str, list[int]], *, rank=None, energy: float | None = None,
-          budget: float | None = None, exact: bool | None = None,
-          serving: ServingRule | None = None) -> TruncationPlan:
+def plan_from_spectra(
+    spectra: dict[str, list[Tensor]],
+    shapes: dict[str, tuple[int, int]],
+    lora_ranks: dict[str, list[int]],
+    *,
+    rank=None,
+    energy: float | None = None,
+    budget: float | None = None,
+    exact: bool | None = None,
+    serving: ServingRule | None = None,
+) -> TruncationPlan:
     """``plan_truncation`` on given per-site spectra: ``spectra[name][l]`` is site l's error drop rank by
     rank, descending (its squared singular values, or a calibrated spectrum); ``shapes[name]`` is
     (n_out, n_in) and ``lora_ranks[name]`` the sites' ranks. ``serving`` (needs ``budget``): the plan
@@ -476,38 +507,61 @@ def plan_from_spectra(spectra: dict[str, list[Tensor]], shapes: dict[str, tuple[
         budget_params = math.floor(budget * sum(lora.values()))
         flat = [s for name in names for s in spectra[name]]
         costs = [width[name] for name in names for _ in spectra[name]]
-        chosen = allocate_budget(flat, costs, budget_params, exact) if serving is None else \
-            allocate_serving(flat, costs, budget_params, serving, exact=exact)
+        chosen = (
+            allocate_budget(flat, costs, budget_params, exact)
+            if serving is None
+            else allocate_serving(flat, costs, budget_params, serving, exact=exact)
+        )
         ranks, start = {}, 0
         for name in names:
-            ranks[name] = chosen.ranks[start:start + len(spectra[name])]
+            ranks[name] = chosen.ranks[start : start + len(spectra[name])]
             start += len(spectra[name])
         allocation, bound = chosen.method, chosen.error_lower_bound
     elif energy is not None:
         ranks = {name: [rank_for_energy(s, energy) for s in spectra[name]] for name in names}
         allocation = "energy"
     else:
+
         def explicit(name):
             k = rank[name] if isinstance(rank, Mapping) else rank
             return ranks_for_rank(spectra[name], k) if k is not None else [len(s) for s in spectra[name]]
+
         ranks = {name: explicit(name) for name in names}
         allocation = "rank"
-    kinds = {name: KindTruncationPlan(
-        ranks=ranks[name], params=sum(ranks[name]) * width[name],
-        estimated_error=sum(float(s[k:].sum()) for s, k in zip(spectra[name], ranks[name])),
-        energy=sum(float(s.sum()) for s in spectra[name]), lora_params=lora[name]) for name in names}
+    kinds = {
+        name: KindTruncationPlan(
+            ranks=ranks[name],
+            params=sum(ranks[name]) * width[name],
+            estimated_error=sum(float(s[k:].sum()) for s, k in zip(spectra[name], ranks[name])),
+            energy=sum(float(s.sum()) for s in spectra[name]),
+            lora_params=lora[name],
+        )
+        for name in names
+    }
     error = sum(p.estimated_error for p in kinds.values())
     free = None if serving is None else plan_from_spectra(spectra, shapes, lora_ranks, budget=budget, exact=exact)
-    return TruncationPlan(kinds, allocation, budget_params, params=sum(p.params for p in kinds.values()),
-                          error=error, energy=sum(p.energy for p in kinds.values()),
-                          lora_params=sum(lora.values()), error_lower_bound=error if bound is None else bound,
-                          unconstrained=free)
+    return TruncationPlan(
+        kinds,
+        allocation,
+        budget_params,
+        params=sum(p.params for p in kinds.values()),
+        error=error,
+        energy=sum(p.energy for p in kinds.values()),
+        lora_params=sum(lora.values()),
+        error_lower_bound=error if bound is None else bound,
+        unconstrained=free,
+    )
 
 
-def plan_truncation(kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
-                    rank: int | Mapping[str, int] | None = None, energy: float | None = None,
-                    budget: float | None = None, exact: bool | None = None,
-                    serving: ServingRule | None = None) -> TruncationPlan:
+def plan_truncation(
+    kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]],
+    *,
+    rank: int | Mapping[str, int] | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    exact: bool | None = None,
+    serving: ServingRule | None = None,
+) -> TruncationPlan:
     """Per-site ranks for plain LoRA truncation of every kind: explicit, by energy or by budget
     (under a ``serving`` rule: see ``plan_from_spectra``).
 
@@ -520,5 +574,6 @@ def plan_truncation(kinds: Mapping[str, tuple[list[Tensor], list[Tensor]]], *,
         spectra[name] = [site_singular_values(a, bt).square() for a, bt in zip(kind.as_, kind.bts)]
         shapes[name] = (kind.n_out, kind.n_in)
         lora_ranks[name] = [a.shape[0] for a in kind.as_]
-    return plan_from_spectra(spectra, shapes, lora_ranks, rank=rank, energy=energy, budget=budget, exact=exact,
-                             serving=serving)
+    return plan_from_spectra(
+        spectra, shapes, lora_ranks, rank=rank, energy=energy, budget=budget, exact=exact, serving=serving
+    )

@@ -1,4 +1,5 @@
 """Dataclasses shared by the converters: one kind's input, a conversion result, a plan entry."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,8 +36,10 @@ class KindFactors:
             if a.dim() != 2 or bt.dim() != 2:
                 raise ValueError(f"site {pos}: A and B must be matrices")
             if a.shape[1] != n_in or bt.shape[0] != n_out:
-                raise ValueError(f"site {pos}: shape A {tuple(a.shape)} / B {tuple(bt.shape)} differs "
-                                 f"from the kind's (n_out={n_out}, n_in={n_in})")
+                raise ValueError(
+                    f"site {pos}: shape A {tuple(a.shape)} / B {tuple(bt.shape)} differs "
+                    f"from the kind's (n_out={n_out}, n_in={n_in})"
+                )
             if bt.shape[1] != a.shape[0]:
                 raise ValueError(f"site {pos}: B has {bt.shape[1]} columns but A has {a.shape[0]} rows")
         out_dtype = torch.promote_types(As[0].dtype, torch.float32)
@@ -69,8 +72,7 @@ class KindFactors:
         if first.numel() == 0:
             return all(a.shape == first.shape for a in self.as_)
         tol = SHARED_A_RTOL * float(first.abs().max())
-        return all(a.shape == first.shape and float((a - first).abs().max()) <= tol
-                   for a in self.as_[1:])
+        return all(a.shape == first.shape and float((a - first).abs().max()) <= tol for a in self.as_[1:])
 
 
 @dataclass(frozen=True)
@@ -102,19 +104,36 @@ class KindResult:
     error_history: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_float64(cls, kind: KindFactors, method: str, a_tensors: list[Tensor],
-                     b_tensors: list[Tensor], a_index: list[int], b_index: list[int],
-                     groups: list[list[int]], error: float, energy: float, spectrum: Tensor,
-                     error_history: list[float] | None = None) -> "KindResult":
+    def from_float64(
+        cls,
+        kind: KindFactors,
+        method: str,
+        a_tensors: list[Tensor],
+        b_tensors: list[Tensor],
+        a_index: list[int],
+        b_index: list[int],
+        groups: list[list[int]],
+        error: float,
+        energy: float,
+        spectrum: Tensor,
+        error_history: list[float] | None = None,
+    ) -> "KindResult":
         """Assemble a result from float64 factors: casts them to the kind's output dtype, reads
         the rank off the shared factor and records whether the input's A's were shared."""
-        return cls(method=method,
-                   a_tensors=[a.to(kind.out_dtype) for a in a_tensors],
-                   b_tensors=[b.to(kind.out_dtype) for b in b_tensors],
-                   a_index=a_index, b_index=b_index, rank=a_tensors[0].shape[0], groups=groups,
-                   error=error, energy=energy, spectrum=spectrum,
-                   already_shared=kind.a_is_shared(),
-                   error_history=error_history if error_history is not None else [error])
+        return cls(
+            method=method,
+            a_tensors=[a.to(kind.out_dtype) for a in a_tensors],
+            b_tensors=[b.to(kind.out_dtype) for b in b_tensors],
+            a_index=a_index,
+            b_index=b_index,
+            rank=a_tensors[0].shape[0],
+            groups=groups,
+            error=error,
+            energy=energy,
+            spectrum=spectrum,
+            already_shared=kind.a_is_shared(),
+            error_history=error_history if error_history is not None else [error],
+        )
 
     @property
     def relative_error(self) -> float:

@@ -51,8 +51,7 @@ FORMS = ("sharea", "shareb", "shareab", "aslora")
 SCRATCH_FORMS = ("sharea", "aslora")  # ShareLoRA and ASLoRA, the forms their papers train from scratch
 BUDGETS = (0.50, 0.25, 0.10)
 TARGETS = ["query", "value"]  # the ShareLoRA/ASLoRA papers' setting for BERT-like models
-BASE_FILES = ("model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json")
+BASE_FILES = ("model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +73,32 @@ class Settings:
     threads: int = 2  # fixed, because a different thread count may change float sums
 
 
-FULL = Settings(train_steps=200, batch_size=16, lr=1e-3, n_train=3000, n_test=300, probe_sentences=1000,
-                recover_steps=60, recover_lr=2e-3, recover_batch_size=8)
+FULL = Settings(
+    train_steps=200,
+    batch_size=16,
+    lr=1e-3,
+    n_train=3000,
+    n_test=300,
+    probe_sentences=1000,
+    recover_steps=60,
+    recover_lr=2e-3,
+    recover_batch_size=8,
+)
 # --fast: the same pipeline, shorter, for tests (one budget, the two forms that have a
 # from-scratch counterpart, fewer test sentences)
-FAST = Settings(train_steps=40, batch_size=8, lr=3e-3, n_train=320, n_test=90, probe_sentences=160,
-                recover_steps=20, recover_lr=2e-3, recover_batch_size=8, budgets=(0.50,), forms=SCRATCH_FORMS)
+FAST = Settings(
+    train_steps=40,
+    batch_size=8,
+    lr=3e-3,
+    n_train=320,
+    n_test=90,
+    probe_sentences=160,
+    recover_steps=20,
+    recover_lr=2e-3,
+    recover_batch_size=8,
+    budgets=(0.50,),
+    forms=SCRATCH_FORMS,
+)
 
 
 # ------------------------------------------------------------------------------ model and data
@@ -100,8 +119,12 @@ def write_base_folder(out: Path, labels=LABELS) -> Path:
     src, base = minilm_dir(), out / "base"
     base.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
-    config.update(architectures=["BertForSequenceClassification"], num_labels=len(labels),
-                  id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    config.update(
+        architectures=["BertForSequenceClassification"],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
     (base / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in BASE_FILES:
         link = base / name
@@ -132,8 +155,9 @@ def predict(model, inputs: dict[str, torch.Tensor], batch_size: int = 64) -> tor
     """Logits of the whole split, in eval mode; batches of similar length, returned in input order."""
     model.eval()
     order = inputs["attention_mask"].sum(-1).argsort(stable=True)
-    logits = torch.cat([model(**trimmed(inputs, order[i:i + batch_size])).logits
-                        for i in range(0, order.numel(), batch_size)])
+    logits = torch.cat(
+        [model(**trimmed(inputs, order[i : i + batch_size])).logits for i in range(0, order.numel(), batch_size)]
+    )
     return logits[order.argsort()]
 
 
@@ -180,8 +204,9 @@ def train_lora(base_dir: Path, inputs, labels, settings: Settings):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(settings.seed)
-    config = LoraConfig(task_type="SEQ_CLS", r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
-                        target_modules=TARGETS)
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=TARGETS
+    )
     model = get_peft_model(load_base_model(base_dir, "SEQ_CLS"), config).eval()
 
     def loss_of_batch(idx):
@@ -255,11 +280,17 @@ def evaluate_form(form, budget, lora, ctx) -> dict:
     converted, report, folder = steps.convert(lora, form, budget, ctx["out"] / "adapters" / name)
     converted_logits = attached_logits(ctx["model"], converted, ctx["test"])
     row = {
-        "form": form, "budget": budget, "parameters": converted.num_parameters(),
-        "ratio": report.ratio, "plan": describe(report),
+        "form": form,
+        "budget": budget,
+        "parameters": converted.num_parameters(),
+        "ratio": report.ratio,
+        "plan": describe(report),
         "relative_error": max(k.relative_error for k in report.kinds),
         "converted": accuracy(converted_logits, ctx["labels"]),
-        "recovered": None, "recovery_kl": None, "onnx": None, "scratch": None,
+        "recovered": None,
+        "recovery_kl": None,
+        "onnx": None,
+        "scratch": None,
     }
     skip, work = ctx["skip"], ctx["out"] / "work" / name
     exported_dir, exported_logits = folder, converted_logits  # the recovered adapter, when there is one
@@ -278,21 +309,27 @@ def recover_form(converted_dir: Path, out_dir: Path, ctx) -> dict:
     and the held-out KL to the LoRA before and after (from the command's report)."""
     settings = ctx["settings"]
     recipe = steps.Recipe(settings.recover_steps, settings.recover_lr, settings.recover_batch_size, seed=settings.seed)
-    folder, report = steps.recover(converted_dir, ctx["lora_dir"], ctx["base_dir"], ctx["texts_file"], out_dir,
-                                   recipe)
+    folder, report = steps.recover(converted_dir, ctx["lora_dir"], ctx["base_dir"], ctx["texts_file"], out_dir, recipe)
     logits = attached_logits(ctx["model"], load_adapter(folder), ctx["test"])
-    return {"folder": folder, "logits": logits, "recovered": accuracy(logits, ctx["labels"]),
-            "recovery_kl": [report["before"]["kl"], report["after"]["kl"]]}
+    return {
+        "folder": folder,
+        "logits": logits,
+        "recovered": accuracy(logits, ctx["labels"]),
+        "recovery_kl": [report["before"]["kl"], report["after"]["kl"]],
+    }
 
 
 def export_form(adapter_dir: Path, torch_logits: torch.Tensor, graph_dir: Path, ctx) -> dict:
     """ONNX Runtime's test accuracy for the exported adapter, and how far its logits are from
     PyTorch's (``torch_logits``, the same adapter attached) on the whole test split."""
     run = steps.onnx_logits(adapter_dir, ctx["base_dir"], graph_dir, ctx["test"], ctx["settings"].threads)
-    return {"accuracy": accuracy(run.logits, ctx["labels"]),
-            "same_predictions": bool(torch.equal(run.logits.argmax(-1), torch_logits.argmax(-1))),
-            "max_logit_diff": float((run.logits - torch_logits).abs().max()),
-            "verified": run.verified, "verify_max_abs": run.verify_max_abs}
+    return {
+        "accuracy": accuracy(run.logits, ctx["labels"]),
+        "same_predictions": bool(torch.equal(run.logits.argmax(-1), torch_logits.argmax(-1))),
+        "max_logit_diff": float((run.logits - torch_logits).abs().max()),
+        "verified": run.verified,
+        "verify_max_abs": run.verify_max_abs,
+    }
 
 
 # ---------------------------------------------------------------------------- from scratch
@@ -321,13 +358,25 @@ def scratch_form(form: str, budget: float, lora, out_dir: Path, ctx) -> dict:
     """`shareport train --form` at the same budget, scored with the LoRA's head carried."""
     settings = ctx["settings"]
     rank, groups = scratch_plan(lora, form, budget)
-    folder, _ = steps.train_from_scratch(form, ctx["head_base_dir"], ctx["labelled_file"], out_dir, TARGETS, rank,
-                                         # alpha = 2r keeps the LoRA's scale alpha/r = 2
-                                         settings.alpha / settings.rank * rank, train_recipe(settings),
-                                         groups if form == "aslora" else None)
+    folder, _ = steps.train_from_scratch(
+        form,
+        ctx["head_base_dir"],
+        ctx["labelled_file"],
+        out_dir,
+        TARGETS,
+        rank,
+        # alpha = 2r keeps the LoRA's scale alpha/r = 2
+        settings.alpha / settings.rank * rank,
+        train_recipe(settings),
+        groups if form == "aslora" else None,
+    )
     trained = dataclasses.replace(load_adapter(folder), extra_tensors=dict(lora.extra_tensors))
-    return {"accuracy": accuracy(attached_logits(ctx["model"], trained, ctx["test"]), ctx["labels"]),
-            "parameters": trained.num_parameters(), "rank": rank, "groups": groups}
+    return {
+        "accuracy": accuracy(attached_logits(ctx["model"], trained, ctx["test"]), ctx["labels"]),
+        "parameters": trained.num_parameters(),
+        "rank": rank,
+        "groups": groups,
+    }
 
 
 def write_head_base(base_dir: Path, lora, out: Path) -> Path:
@@ -356,15 +405,26 @@ def write_training_files(work: Path, texts: list[str], labels: torch.Tensor) -> 
     work.mkdir(parents=True, exist_ok=True)
     texts_file, labelled = work / "train_texts.txt", work / "train_labelled.jsonl"
     texts_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    labelled.write_text("".join(json.dumps({"text": t, "label": int(y)}) + "\n" for t, y in zip(texts, labels)),
-                        encoding="utf-8")
+    labelled.write_text(
+        "".join(json.dumps({"text": t, "label": int(y)}) + "\n" for t, y in zip(texts, labels)), encoding="utf-8"
+    )
     return texts_file, labelled
 
 
 # ------------------------------------------------------------------------------------- report
 def table(results: dict) -> str:
-    header = ["adapter", "budget", "factor params", "plan", "max rel. error", "converted", "recovered",
-              "KL to LoRA: converted -> recovered", "ONNX (adapter mode)", "from scratch (plan, params)"]
+    header = [
+        "adapter",
+        "budget",
+        "factor params",
+        "plan",
+        "max rel. error",
+        "converted",
+        "recovered",
+        "KL to LoRA: converted -> recovered",
+        "ONNX (adapter mode)",
+        "from scratch (plan, params)",
+    ]
     lora_params = results["lora"]["parameters"]
     rank = f"r{results['settings']['rank']}"
     rows = [
@@ -374,9 +434,20 @@ def table(results: dict) -> str:
         ["lora (shareport attach)", "100%", lora_params, rank, "0", steps.cell(results["lora"]["attached"]), *"----"],
     ]
     for r in results["forms"]:
-        rows.append([r["form"], f"{r['budget']:.0%}", f"{r['parameters']} ({r['ratio']:.1%})", r["plan"],
-                     f"{r['relative_error']:.3f}", steps.cell(r["converted"]), steps.cell(r["recovered"]),
-                     kl_cell(r["recovery_kl"]), onnx_cell(r["onnx"]), scratch_cell(r)])
+        rows.append(
+            [
+                r["form"],
+                f"{r['budget']:.0%}",
+                f"{r['parameters']} ({r['ratio']:.1%})",
+                r["plan"],
+                f"{r['relative_error']:.3f}",
+                steps.cell(r["converted"]),
+                steps.cell(r["recovered"]),
+                kl_cell(r["recovery_kl"]),
+                onnx_cell(r["onnx"]),
+                scratch_cell(r),
+            ]
+        )
     return steps.markdown_table(header, rows)
 
 
@@ -425,16 +496,30 @@ def run(settings: Settings, out: Path, skip: set[str]) -> dict:
     diff = check_attach_matches_peft(peft_logits, attached)
 
     texts_file, labelled_file = write_training_files(out / "work", train_texts, train_labels)
-    ctx = dict(out=out, model=model, test=test_inputs, labels=test_labels, skip=skip, lora_dir=lora_dir,
-               base_dir=base_dir, texts_file=texts_file, labelled_file=labelled_file, settings=settings,
-               head_base_dir=None if "scratch" in skip else write_head_base(base_dir, lora, out / "base-lora-head"))
+    ctx = dict(
+        out=out,
+        model=model,
+        test=test_inputs,
+        labels=test_labels,
+        skip=skip,
+        lora_dir=lora_dir,
+        base_dir=base_dir,
+        texts_file=texts_file,
+        labelled_file=labelled_file,
+        settings=settings,
+        head_base_dir=None if "scratch" in skip else write_head_base(base_dir, lora, out / "base-lora-head"),
+    )
     forms = [evaluate_form(form, budget, lora, ctx) for form in settings.forms for budget in settings.budgets]
     return {
         "settings": dataclasses.asdict(settings),
         "skipped": sorted(skip),
         "baselines": baselines,
-        "lora": {"peft": accuracy(peft_logits, test_labels), "attached": accuracy(attached, test_labels),
-                 "max_logit_diff_vs_peft": diff, "parameters": lora.num_parameters()},
+        "lora": {
+            "peft": accuracy(peft_logits, test_labels),
+            "attached": accuracy(attached, test_labels),
+            "max_logit_diff_vs_peft": diff,
+            "parameters": lora.num_parameters(),
+        },
         "forms": forms,
     }
 

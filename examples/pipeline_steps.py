@@ -40,8 +40,14 @@ class Recipe:
     seed: int = 0
 
     def options(self, **merging) -> flows.TrainingOptions:
-        return flows.TrainingOptions(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
-                                     max_length=self.max_length, seed=self.seed, **merging)
+        return flows.TrainingOptions(
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            seed=self.seed,
+            **merging,
+        )
 
 
 def convert(lora: Adapter, form: str, budget: float | None, out_dir: Path) -> tuple[Adapter, ConversionReport, Path]:
@@ -53,24 +59,50 @@ def convert(lora: Adapter, form: str, budget: float | None, out_dir: Path) -> tu
     return converted, report, folder
 
 
-def recover(converted_dir: Path, teacher_dir: Path, base_dir: Path, data: Path, out_dir: Path,
-            recipe: Recipe) -> tuple[Path, dict]:
+def recover(
+    converted_dir: Path, teacher_dir: Path, base_dir: Path, data: Path, out_dir: Path, recipe: Recipe
+) -> tuple[Path, dict]:
     """`shareport finetune`: distil the converted adapter toward the original LoRA (``teacher_dir``)
     on the unlabelled inputs in ``data``. Returns the recovered folder and the command's report."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    report = flows.recover(str(converted_dir), str(base_dir), str(teacher_dir), str(data), str(out_dir),
-                           options=recipe.options(), overwrite=True)
+    report = flows.recover(
+        str(converted_dir),
+        str(base_dir),
+        str(teacher_dir),
+        str(data),
+        str(out_dir),
+        options=recipe.options(),
+        overwrite=True,
+    )
     return out_dir, report
 
 
-def train_from_scratch(form: str, base_dir: Path, data: Path, out_dir: Path, targets: list[str], rank: int,
-                       alpha: float, recipe: Recipe, groups: int | None = None) -> tuple[Path, dict]:
+def train_from_scratch(
+    form: str,
+    base_dir: Path,
+    data: Path,
+    out_dir: Path,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    recipe: Recipe,
+    groups: int | None = None,
+) -> tuple[Path, dict]:
     """`shareport train --form FORM`: a new adapter (ShareLoRA init) trained on the labelled
     ``data``; ASLoRA merges B's down to ``groups`` per kind on its schedule."""
     merging = {"groups": groups} if form == "aslora" else {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    report = flows.train(form, str(base_dir), targets, rank, str(data), str(out_dir), alpha=alpha,
-                         options=recipe.options(**merging), overwrite=True)
+    report = flows.train(
+        form,
+        str(base_dir),
+        targets,
+        rank,
+        str(data),
+        str(out_dir),
+        alpha=alpha,
+        options=recipe.options(**merging),
+        overwrite=True,
+    )
     return out_dir, report
 
 
@@ -83,8 +115,14 @@ class OnnxRun:
     verify_max_abs: float
 
 
-def onnx_logits(adapter_dir: Path, base_dir: Path, graph_dir: Path, inputs: dict[str, torch.Tensor],
-                threads: int, batch_size: int = 64) -> OnnxRun:
+def onnx_logits(
+    adapter_dir: Path,
+    base_dir: Path,
+    graph_dir: Path,
+    inputs: dict[str, torch.Tensor],
+    threads: int,
+    batch_size: int = 64,
+) -> OnnxRun:
     """`shareport export --mode adapter` of base + adapter (verified against PyTorch by the
     command), then the logits ONNX Runtime gives for ``inputs`` with the exported adapter active.
 
@@ -95,16 +133,18 @@ def onnx_logits(adapter_dir: Path, base_dir: Path, graph_dir: Path, inputs: dict
     from shareport.export.ort_adapter import read_onnx_adapter
 
     graph_dir.parent.mkdir(parents=True, exist_ok=True)
-    report = flows.export(str(adapter_dir), str(base_dir), str(graph_dir), ExportOptions(mode="adapter"),
-                          overwrite=True)
+    report = flows.export(
+        str(adapter_dir), str(base_dir), str(graph_dir), ExportOptions(mode="adapter"), overwrite=True
+    )
     lora = runtime.load_lora(read_onnx_adapter(graph_dir / graph_file.ADAPTER_NAME))
     sess = runtime.session(graph_dir / graph_file.GRAPH_NAME, threads=threads)
-    names = [i.name for i in sess.get_inputs() if i.name in ("input_ids", "attention_mask", "token_type_ids",
-                                                               "position_ids")]
+    names = [
+        i.name for i in sess.get_inputs() if i.name in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    ]
     rows = inputs["input_ids"].shape[0]
     chunks = []
     for start in range(0, rows, batch_size):
-        feeds = graph_feeds({k: v[start:start + batch_size] for k, v in inputs.items()}, names)
+        feeds = graph_feeds({k: v[start : start + batch_size] for k, v in inputs.items()}, names)
         chunks.append(torch.from_numpy(runtime.run(sess, feeds, lora)[0]))
     worst = max(r["max_abs"] for r in report["verify"]["rows"])
     return OnnxRun(torch.cat(chunks), bool(report["verify"]["ok"]), worst)
@@ -154,11 +194,16 @@ def run_example(argv, doc: str, default_out: str, skippable: tuple[str, ...], ru
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(default_out), help="folder for results and adapters")
     parser.add_argument("--fast", action="store_true", help="short run, for tests")
-    parser.add_argument("--skip", nargs="*", default=[], choices=skippable,
-                        help="leave out slow steps (their columns read 'skipped')")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads [the settings' own, 2, with which the README's numbers were made; "
-                             "another count may change float sums in the last digits]")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=skippable, help="leave out slow steps (their columns read 'skipped')"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads [the settings' own, 2, with which the README's numbers were made; "
+        "another count may change float sums in the last digits]",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     settings = fast if args.fast else full

@@ -32,9 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_steps as steps  # noqa: E402
 
-from shareport.train.data import save_tokenized  # noqa: E402
 from shareport.files.adapters import load_adapter  # noqa: E402
 from shareport.model import attach, load_base_model  # noqa: E402
+from shareport.train.data import save_tokenized  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 128
@@ -60,8 +60,16 @@ class Settings:
 
 
 FULL = Settings(layers=8, train_steps=300, batch_size=16, seq_len=32, n_eval=64, recover_steps=100)
-FAST = Settings(layers=4, train_steps=40, batch_size=8, seq_len=24, n_eval=16, recover_steps=20, lr=5e-3,
-                plans=(("default", None), ("budget 50%", 0.5)))
+FAST = Settings(
+    layers=4,
+    train_steps=40,
+    batch_size=8,
+    seq_len=24,
+    n_eval=16,
+    recover_steps=20,
+    lr=5e-3,
+    plans=(("default", None), ("budget 50%", 0.5)),
+)
 
 
 # ------------------------------------------------------------------------------ model and data
@@ -70,10 +78,19 @@ def build_base(settings: Settings, out: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(settings.seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=settings.layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         initializer_range=settings.init_std)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=settings.init_std,
+    )
     LlamaForCausalLM(config).save_pretrained(str(out / "base"))
     return out / "base"
 
@@ -94,8 +111,9 @@ def train_lora(base_dir: Path, settings: Settings):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(settings.seed)
-    config = LoraConfig(task_type="CAUSAL_LM", r=settings.rank, lora_alpha=settings.alpha,
-                        lora_dropout=0.0, target_modules=TARGETS)
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=TARGETS
+    )
     model = get_peft_model(load_base_model(base_dir, "CAUSAL_LM"), config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -140,29 +158,60 @@ def fidelity(reference: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -
 
 def kind_rows(report) -> list[dict]:
     """The conversion report per kind, as shown to the user."""
-    return [{"kind": k.kind, "rank": k.rank, "groups": k.groups, "relative_error": k.relative_error,
-             "retained_energy": k.retained_energy, "parameters": k.parameters_after} for k in report.kinds]
+    return [
+        {
+            "kind": k.kind,
+            "rank": k.rank,
+            "groups": k.groups,
+            "relative_error": k.relative_error,
+            "retained_energy": k.retained_energy,
+            "parameters": k.parameters_after,
+        }
+        for k in report.kinds
+    ]
 
 
 def evaluate_plan(label: str, budget: float | None, lora, ctx) -> dict:
     """Convert to ASLoRA with one plan; fidelity before recovery, after it, and in ONNX Runtime."""
     name = label.replace(" ", "-").replace("%", "")
     converted, report, folder = steps.convert(lora, "aslora", budget, ctx["out"] / "adapters" / f"aslora-{name}")
-    row = {"plan": label, "parameters": converted.num_parameters(), "ratio": report.ratio,
-           "kinds": kind_rows(report),
-           "converted": fidelity(ctx["reference"], attached_logits(ctx["model"], converted, ctx["ids"]), ctx["ids"]),
-           "recovered": None, "onnx": None}
+    row = {
+        "plan": label,
+        "parameters": converted.num_parameters(),
+        "ratio": report.ratio,
+        "kinds": kind_rows(report),
+        "converted": fidelity(ctx["reference"], attached_logits(ctx["model"], converted, ctx["ids"]), ctx["ids"]),
+        "recovered": None,
+        "onnx": None,
+    }
     work = ctx["out"] / "work" / name
     settings = ctx["settings"]
     recipe = steps.Recipe(settings.recover_steps, settings.lr, settings.batch_size, settings.seq_len, settings.seed)
-    recovered = steps.run_step("recover", ctx["skip"], steps.recover, folder, ctx["lora_dir"], ctx["base_dir"],
-                               ctx["data_dir"], work / "recovered", recipe)
+    recovered = steps.run_step(
+        "recover",
+        ctx["skip"],
+        steps.recover,
+        folder,
+        ctx["lora_dir"],
+        ctx["base_dir"],
+        ctx["data_dir"],
+        work / "recovered",
+        recipe,
+    )
     if recovered is not None:
         folder = recovered[0]
         logits = attached_logits(ctx["model"], load_adapter(folder), ctx["ids"])
         row["recovered"] = fidelity(ctx["reference"], logits, ctx["ids"])
-    onnx = steps.run_step("export", ctx["skip"], steps.onnx_logits, folder, ctx["base_dir"], work / "onnx",
-                          {"input_ids": ctx["ids"]}, settings.threads)
+    onnx = steps.run_step(
+        "export",
+        ctx["skip"],
+        steps.onnx_logits,
+        folder,
+        ctx["base_dir"],
+        work / "onnx",
+        {"input_ids": ctx["ids"]},
+        settings.threads,
+    )
     if onnx is not None:
         row["onnx"] = fidelity(ctx["reference"], onnx.logits, ctx["ids"])
     return row
@@ -173,19 +222,33 @@ def tables(results: dict) -> str:
     def fid(f):
         return ["skipped"] * 3 if f is None else [f"{f['kl']:.4f}", f"{f['top1']:.3f}", f"{f['rule_accuracy']:.3f}"]
 
-    header = ["adapter", "factor params", "KL to LoRA", "top-1 agreement", "rule accuracy",
-              "recovered KL", "ONNX KL"]
+    header = ["adapter", "factor params", "KL to LoRA", "top-1 agreement", "rule accuracy", "recovered KL", "ONNX KL"]
     lora_row = ["lora (shareport attach)", results["lora"]["parameters"], *fid(results["lora"]["attached"]), "-", "-"]
     base_row = ["base, no adapter", 0, *fid(results["base"]), "-", "-"]
     rows = [base_row, lora_row]
     for r in results["plans"]:
-        rows.append([f"aslora, {r['plan']}", f"{r['parameters']} ({r['ratio']:.1%})", *fid(r["converted"]),
-                     steps.cell(r["recovered"] and r["recovered"]["kl"], "{:.4f}"),
-                     steps.cell(r["onnx"] and r["onnx"]["kl"], "{:.4f}")])
+        rows.append(
+            [
+                f"aslora, {r['plan']}",
+                f"{r['parameters']} ({r['ratio']:.1%})",
+                *fid(r["converted"]),
+                steps.cell(r["recovered"] and r["recovered"]["kl"], "{:.4f}"),
+                steps.cell(r["onnx"] and r["onnx"]["kl"], "{:.4f}"),
+            ]
+        )
     kinds_header = ["plan", "kind", "rank", "groups of layers", "rel. error", "retained energy"]
-    kinds = [[r["plan"], k["kind"], k["rank"], " ".join(str(g) for g in k["groups"]),
-              f"{k['relative_error']:.3f}", f"{k['retained_energy']:.3f}"]
-             for r in results["plans"] for k in r["kinds"]]
+    kinds = [
+        [
+            r["plan"],
+            k["kind"],
+            k["rank"],
+            " ".join(str(g) for g in k["groups"]),
+            f"{k['relative_error']:.3f}",
+            f"{k['retained_energy']:.3f}",
+        ]
+        for r in results["plans"]
+        for k in r["kinds"]
+    ]
     return steps.markdown_table(header, rows) + "\n\nConversion report:\n\n" + steps.markdown_table(kinds_header, kinds)
 
 
@@ -211,14 +274,26 @@ def run(settings: Settings, out: Path, skip: set[str]) -> dict:
     train_ids = rule_sequences(settings.train_steps * settings.batch_size, settings, seed=settings.seed + 1)
     (out / "work").mkdir(parents=True, exist_ok=True)
     data_dir = save_tokenized(out / "work" / "distill_inputs", train_ids.tolist(), overwrite=True)
-    ctx = dict(out=out, model=model, ids=ids, reference=reference, skip=skip, lora_dir=lora_dir,
-               base_dir=base_dir, data_dir=data_dir, settings=settings)
+    ctx = dict(
+        out=out,
+        model=model,
+        ids=ids,
+        reference=reference,
+        skip=skip,
+        lora_dir=lora_dir,
+        base_dir=base_dir,
+        data_dir=data_dir,
+        settings=settings,
+    )
     return {
         "settings": dataclasses.asdict(settings),
         "skipped": sorted(skip),
         "base": fidelity(reference, base_logits, ids),
-        "lora": {"attached": fidelity(reference, attached, ids), "max_logit_diff_vs_peft": diff,
-                 "parameters": lora.num_parameters()},
+        "lora": {
+            "attached": fidelity(reference, attached, ids),
+            "max_logit_diff_vs_peft": diff,
+            "parameters": lora.num_parameters(),
+        },
         "plans": [evaluate_plan(label, budget, lora, ctx) for label, budget in settings.plans],
     }
 

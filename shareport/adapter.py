@@ -33,7 +33,7 @@ PEFT_PREFIX = "base_model.model."
 def carried_parameter_name(key: str) -> str:
     """The base model's parameter name for a carried (``modules_to_save``) PEFT key:
     ``base_model.model.classifier.modules_to_save.default.weight`` -> ``classifier.weight``."""
-    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
     return name.replace(".modules_to_save.default.", ".")
 
 

@@ -81,5 +81,8 @@ def relative(error: float, energy: float) -> float:
 def energy_warnings(kinds: list[KindReport], hint: str) -> list[str]:
     """One line per kind keeping under ``LOW_ENERGY`` of its energy (the CLI prints them); ``hint``:
     ``ConvertOptions.size_hint``."""
-    return [f"{k.kind} keeps only {k.retained_energy:.1%} of its energy (under {LOW_ENERGY:.0%}); try {hint}"
-            for k in kinds if k.retained_energy < LOW_ENERGY]
+    return [
+        f"{k.kind} keeps only {k.retained_energy:.1%} of its energy (under {LOW_ENERGY:.0%}); try {hint}"
+        for k in kinds
+        if k.retained_energy < LOW_ENERGY
+    ]

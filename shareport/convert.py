@@ -33,9 +33,11 @@ AUTO_TIE = 1e-9
 
 # --to auto without data: what the report says (issue 26: on a real 16-class task the weights picked
 # truncation, keeping 30% of the LoRA's accuracy, where calibrated truncation kept 82%)
-WEIGHTS_ONLY_WARNING = ("--to auto ranked the forms by their weights only; on real tasks the form that keeps the "
-                        "most of the model's outputs is often another: give --calibration DATA --base BASE to "
-                        "rank them by the model's outputs")
+WEIGHTS_ONLY_WARNING = (
+    "--to auto ranked the forms by their weights only; on real tasks the form that keeps the "
+    "most of the model's outputs is often another: give --calibration DATA --base BASE to "
+    "rank them by the model's outputs"
+)
 
 
 def conversion_steps(adapter: Adapter, to: str) -> int:
@@ -82,21 +84,30 @@ def convert_adapter(
     ``max_rank`` / ``uniform_rank`` / ``rank_buckets`` (at most one, with a budget): a serving rule
     (``ConvertOptions``); the report's ``serving`` compares the plan with the unconstrained one.
     """
-    options = ConvertOptions(to, rank=rank, energy=energy, budget=budget, groups=groups, grouping=grouping,
-                             calibration=calibration, max_rank=max_rank, uniform_rank=uniform_rank,
-                             rank_buckets=rank_buckets)
+    options = ConvertOptions(
+        to,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        groups=groups,
+        grouping=grouping,
+        calibration=calibration,
+        max_rank=max_rank,
+        uniform_rank=uniform_rank,
+        rank_buckets=rank_buckets,
+    )
     options.check_adapter(adapter)
     measure = measure_for(calibration, adapter.kinds())
     if options.to == AUTO:
-        out, report = _convert_auto(adapter, options, progress=progress, measure=measure,
-                                    error_measure=error_measure or measure.default_error)
+        out, report = _convert_auto(
+            adapter, options, progress=progress, measure=measure, error_measure=error_measure or measure.default_error
+        )
     else:
         out, report = _convert(adapter, options, progress=progress, measure=measure)
     return _with_provenance(out, adapter, report.settings, source_digest), report
 
 
-def _kind_results(adapter: Adapter, options: ConvertOptions, *, budget: float | None, measure: Measure,
-                  serving: dict):
+def _kind_results(adapter: Adapter, options: ConvertOptions, *, budget: float | None, measure: Measure, serving: dict):
     """(kind, its sites, its result, its calibration entry or None), one kind at a time.
 
     A budget is spent across kinds, so it needs every kind's factors at once; otherwise each
@@ -134,10 +145,10 @@ def _convert(adapter: Adapter, asked: ConvertOptions, *, progress, measure: Meas
     reports = []
     budget = _input_budget(adapter, options.budget, source)
     serving: dict = {}
-    for name, sites, result, entry in _kind_results(adapter, options, budget=budget, measure=measure,
-                                                    serving=serving):
-        a_names, b_names = naming.tensor_names(name, [s.path for s in sites], a_count=len(result.a_tensors),
-                                               b_count=len(result.b_tensors))
+    for name, sites, result, entry in _kind_results(adapter, options, budget=budget, measure=measure, serving=serving):
+        a_names, b_names = naming.tensor_names(
+            name, [s.path for s in sites], a_count=len(result.a_tensors), b_count=len(result.b_tensors)
+        )
         site_ranks = {}
         for pos, site in enumerate(sites):
             site_ranks[site.path] = int(result.site_factors(pos)[1].shape[0])
@@ -146,23 +157,44 @@ def _convert(adapter: Adapter, asked: ConvertOptions, *, progress, measure: Meas
             a, b = a_names[result.a_index[pos]], b_names[result.b_index[pos]]
             tensors[a], tensors[b] = result.a_tensors[result.a_index[pos]], result.b_tensors[result.b_index[pos]]
             new_sites[site.path] = Site(site.path, site.kind, site.layer, a, b, 1.0)
-        reports.append(KindReport(
-            kind=name, sites=len(sites), lora_rank=max(adapter.rank(s.path) for s in sites), rank=result.rank,
-            groups=[[sites[i].layer for i in g] for g in result.groups],
-            relative_error=result.relative_error, retained_energy=result.retained_energy,
-            parameters_before=sum(adapter.tensors[n].numel() for n in {x for s in sites for x in (s.a, s.b)}),
-            parameters_after=result.parameter_count(), already_shared=result.already_shared,
-            site_ranks=site_ranks, error=result.error, energy=result.energy, calibration=entry))
+        reports.append(
+            KindReport(
+                kind=name,
+                sites=len(sites),
+                lora_rank=max(adapter.rank(s.path) for s in sites),
+                rank=result.rank,
+                groups=[[sites[i].layer for i in g] for g in result.groups],
+                relative_error=result.relative_error,
+                retained_energy=result.retained_energy,
+                parameters_before=sum(adapter.tensors[n].numel() for n in {x for s in sites for x in (s.a, s.b)}),
+                parameters_after=result.parameter_count(),
+                already_shared=result.already_shared,
+                site_ranks=site_ranks,
+                error=result.error,
+                energy=result.energy,
+                calibration=entry,
+            )
+        )
         del result  # free the kind's factors before the next one
         if progress:
             progress(name)
     if not new_sites:
-        raise ShareportError(f"a budget of {math.floor(options.budget * source)} parameters does not pay for rank 1 "
-                             "at any site: nothing would stay adapted")
+        raise ShareportError(
+            f"a budget of {math.floor(options.budget * source)} parameters does not pay for rank 1 "
+            "at any site: nothing would stay adapted"
+        )
     measure.record(settings, reports)
     out = adapter.with_sites(tensors, new_sites, options.to)
-    report = ConversionReport(options.to, before, out.num_parameters(), reports, source, settings,
-                              energy_warnings(reports, hint), serving=serving or None)
+    report = ConversionReport(
+        options.to,
+        before,
+        out.num_parameters(),
+        reports,
+        source,
+        settings,
+        energy_warnings(reports, hint),
+        serving=serving or None,
+    )
     return out, report
 
 
@@ -175,8 +207,9 @@ def _input_budget(adapter: Adapter, budget: float | None, source: int) -> float 
     return budget * source / lora
 
 
-def _convert_auto(adapter: Adapter, options: ConvertOptions, *, progress, measure: Measure,
-                  error_measure: ErrorMeasure):
+def _convert_auto(
+    adapter: Adapter, options: ConvertOptions, *, progress, measure: Measure, error_measure: ErrorMeasure
+):
     """Every form of ``AUTO_FORMS`` at ``budget``; the one with the least error wins. Errors within
     ``AUTO_TIE`` of the energy are equal (e.g. two lossless forms): then the fewest parameters win,
     then the order of ``AUTO_FORMS``."""
@@ -190,13 +223,22 @@ def _convert_auto(adapter: Adapter, options: ConvertOptions, *, progress, measur
             candidates.append({"form": form, "refused": str(exc)})
             continue
         error, energy = error_measure(adapter, out, report)
-        candidates.append({"form": form, "parameters": report.parameters_after, "ratio": report.ratio,
-                           "error": error, "relative_error": relative(error, energy),
-                           "retained_energy": 1.0 - error / energy if energy > 0 else 1.0})
+        candidates.append(
+            {
+                "form": form,
+                "parameters": report.parameters_after,
+                "ratio": report.ratio,
+                "error": error,
+                "relative_error": relative(error, energy),
+                "retained_energy": 1.0 - error / energy if energy > 0 else 1.0,
+            }
+        )
         converted[form] = (out, report, error, energy)
     if not converted:
-        raise ShareportError(f"--budget {options.budget:g} is too small for every form ({candidates[0]['form']}: "
-                             f"{candidates[0]['refused']})")
+        raise ShareportError(
+            f"--budget {options.budget:g} is too small for every form ({candidates[0]['form']}: "
+            f"{candidates[0]['refused']})"
+        )
     least = min(error for _, _, error, _ in converted.values())
     tie = least + AUTO_TIE * max(energy for _, _, _, energy in converted.values())
     out, report, _, _ = min((c for c in converted.values() if c[2] <= tie), key=lambda c: c[1].parameters_after)
@@ -205,8 +247,9 @@ def _convert_auto(adapter: Adapter, options: ConvertOptions, *, progress, measur
     ranked_by = getattr(error_measure, "describes", "a custom error measure")
     settings = {**report.settings, "chosen_by": AUTO, "ranked_by": ranked_by}
     warnings = list(report.warnings) + ([WEIGHTS_ONLY_WARNING] if error_measure is frobenius_error else [])
-    return out, dataclasses.replace(report, settings=settings, candidates=candidates, winner=report.form,
-                                    ranked_by=ranked_by, warnings=warnings)
+    return out, dataclasses.replace(
+        report, settings=settings, candidates=candidates, winner=report.form, ranked_by=ranked_by, warnings=warnings
+    )
 
 
 def _with_provenance(out: Adapter, source: Adapter, settings: dict, digest: str | None) -> Adapter:

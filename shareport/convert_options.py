@@ -18,8 +18,9 @@ from .forms import AUTO, FORMS, GROUPED_FORMS, GROUPINGS, TARGET_FORMS
 
 # --calibration with a serving rule: the forms whose calibrated plan is an exact spectrum knapsack (and auto,
 # whose other candidates are then refused)
-CALIBRATED_SERVING_FORMS = tuple(name for name, row in converters.FORMS.items()
-                                 if row.per_site or row.exact_calibrated_spectrum)
+CALIBRATED_SERVING_FORMS = tuple(
+    name for name, row in converters.FORMS.items() if row.per_site or row.exact_calibrated_spectrum
+)
 
 
 @dataclasses.dataclass
@@ -109,43 +110,58 @@ class ConvertOptions:
         if self.calibration is not None and not self.calibration.ridge >= 0:
             raise ShareportError(f"--calibration-ridge must be >= 0, got {self.calibration.ridge}")
         if self.expands and self.calibration is not None:
-            raise ShareportError("--to lora with no --rank, --energy or --budget expands exactly: "
-                                 "--calibration has nothing to weigh (give a size option)")
+            raise ShareportError(
+                "--to lora with no --rank, --energy or --budget expands exactly: "
+                "--calibration has nothing to weigh (give a size option)"
+            )
         self._check_serving()
 
     def _check_serving(self) -> None:
-        given = [flag for flag, value in (("--max-rank", self.max_rank), ("--uniform-rank", self.uniform_rank or None),
-                                           ("--rank-buckets", self.rank_buckets)) if value is not None]
+        given = [
+            flag
+            for flag, value in (
+                ("--max-rank", self.max_rank),
+                ("--uniform-rank", self.uniform_rank or None),
+                ("--rank-buckets", self.rank_buckets),
+            )
+            if value is not None
+        ]
         if not given:
             return
         if len(given) > 1:
-            raise ShareportError(f"{given[0]} and {given[1]} conflict: give at most one of --max-rank, "
-                                 "--uniform-rank and --rank-buckets")
+            raise ShareportError(
+                f"{given[0]} and {given[1]} conflict: give at most one of --max-rank, --uniform-rank and --rank-buckets"
+            )
         flag = given[0]
         if self.max_rank is not None and self.max_rank < 1:
             raise ShareportError(f"--max-rank must be at least 1, got {self.max_rank}")
-        if self.rank_buckets is not None and (not self.rank_buckets or any(
-                not isinstance(b, int) or b < 1 for b in self.rank_buckets)):
+        if self.rank_buckets is not None and (
+            not self.rank_buckets or any(not isinstance(b, int) or b < 1 for b in self.rank_buckets)
+        ):
             raise ShareportError(f"--rank-buckets must be positive integers, got {list(self.rank_buckets)}")
         if self.rank is not None:
-            raise ShareportError(f"{flag} cannot be given with --rank (--rank K already gives every site rank K); "
-                                 f"give --budget instead")
+            raise ShareportError(
+                f"{flag} cannot be given with --rank (--rank K already gives every site rank K); give --budget instead"
+            )
         if self.energy is not None:
             raise ShareportError(f"{flag} shapes a --budget plan, not an --energy one: give --budget instead")
         default = FORMS[self.to].default_budget if self.to in FORMS else None
         if self.budget is None and default is None:
             raise ShareportError(f"{flag} needs --budget (the size it plans for, e.g. --budget 0.25)")
         if self.calibration is not None and self.to not in CALIBRATED_SERVING_FORMS + (AUTO,):
-            raise ShareportError(f"{flag} with --calibration applies to --to {', '.join(CALIBRATED_SERVING_FORMS)} "
-                                 f"(the forms with a calibrated spectrum), not {self.to}")
+            raise ShareportError(
+                f"{flag} with --calibration applies to --to {', '.join(CALIBRATED_SERVING_FORMS)} "
+                f"(the forms with a calibrated spectrum), not {self.to}"
+            )
 
     @property
     def serving(self) -> converters.ServingRule | None:
         """The serving rule asked for, or None."""
         if self.max_rank is None and not self.uniform_rank and self.rank_buckets is None:
             return None
-        return converters.ServingRule(max_rank=self.max_rank, uniform=self.uniform_rank,
-                                      buckets=tuple(self.rank_buckets or ()))
+        return converters.ServingRule(
+            max_rank=self.max_rank, uniform=self.uniform_rank, buckets=tuple(self.rank_buckets or ())
+        )
 
     @property
     def sized(self) -> bool:
@@ -163,8 +179,10 @@ class ConvertOptions:
             return
         for kind, sites in sorted(adapter.kinds().items()):
             if self.groups > len(sites):
-                raise ShareportError(f"--groups {self.groups} is more than the {len(sites)} layers of {kind} "
-                                     f"(a kind has at most one B group per layer)")
+                raise ShareportError(
+                    f"--groups {self.groups} is more than the {len(sites)} layers of {kind} "
+                    f"(a kind has at most one B group per layer)"
+                )
 
     def planned(self) -> ConvertOptions:
         """With the form's default budget where no size was given (ASLoRA: the planner picks rank and
@@ -176,15 +194,29 @@ class ConvertOptions:
 
     def candidate(self, form: str) -> ConvertOptions:
         """``--to auto``'s options for one form: the same budget (and grouping, where the form groups)."""
-        return ConvertOptions(form, budget=self.budget, grouping=self.grouping if form in GROUPED_FORMS else "any",
-                              calibration=self.calibration, max_rank=self.max_rank, uniform_rank=self.uniform_rank,
-                              rank_buckets=self.rank_buckets)
+        return ConvertOptions(
+            form,
+            budget=self.budget,
+            grouping=self.grouping if form in GROUPED_FORMS else "any",
+            calibration=self.calibration,
+            max_rank=self.max_rank,
+            uniform_rank=self.uniform_rank,
+            rank_buckets=self.rank_buckets,
+        )
 
     def settings(self) -> dict:
         """What the provenance records of the options (those given, after ``planned``)."""
-        given = dict(to=self.to, rank=self.rank, energy=self.energy, budget=self.budget, groups=self.groups,
-                     grouping=self.grouping, max_rank=self.max_rank, uniform_rank=self.uniform_rank or None,
-                     rank_buckets=list(self.rank_buckets) if self.rank_buckets else None)
+        given = dict(
+            to=self.to,
+            rank=self.rank,
+            energy=self.energy,
+            budget=self.budget,
+            groups=self.groups,
+            grouping=self.grouping,
+            max_rank=self.max_rank,
+            uniform_rank=self.uniform_rank or None,
+            rank_buckets=list(self.rank_buckets) if self.rank_buckets else None,
+        )
         return {k: v for k, v in given.items() if v is not None}
 
     def size_hint(self) -> str:

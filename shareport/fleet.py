@@ -25,21 +25,21 @@ import math
 import torch
 
 import converters
-
-from .adapter import FLEET_KEY, Adapter, Site, compose, kind_factors, kind_key, source_parameters
 from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
 from converters.factored import kind_energy
-from converters.forms import FLEET_TWO_SIDED
 from converters.fleet_clusters import MIN_MEMBERS, ClusterFit, assign_clusters
 from converters.fleet_clusters import groups as cluster_members
+from converters.forms import FLEET_TWO_SIDED
 
+from .adapter import FLEET_KEY, Adapter, Site, compose, kind_factors, kind_key, source_parameters
 from .convert import AUTO_TIE
 from .convert_options import Calibration
 from .errors import ShareportError
 from .fleet_report import FleetReport, MemberReport, member_warnings, size_hint
-from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
 from .forms import AUTO_CLUSTERS, FLEET_FORMS
+from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
 from .forms import DEFAULT_FLEET_CLUSTERS as DEFAULT_CLUSTERS
+
 
 @dataclasses.dataclass
 class Fleet:
@@ -61,15 +61,20 @@ def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
     first, name0 = adapters[0], names[0]
     for adapter, name in zip(adapters[1:], names[1:]):
         if adapter.base_model != first.base_model:
-            raise ShareportError(f"{name}: base model {_base_name(adapter)} differs from {name0}'s "
-                                 f"{_base_name(first)}; a fleet shares one base")
+            raise ShareportError(
+                f"{name}: base model {_base_name(adapter)} differs from {name0}'s "
+                f"{_base_name(first)}; a fleet shares one base"
+            )
         if set(adapter.sites) != set(first.sites):
             odd = sorted(set(adapter.sites) ^ set(first.sites))[0]
-            raise ShareportError(f"{name}: adapts other modules than {name0} (e.g. '{odd}'); a fleet needs the same sites")
+            raise ShareportError(
+                f"{name}: adapts other modules than {name0} (e.g. '{odd}'); a fleet needs the same sites"
+            )
         for path in sorted(first.sites):
             if adapter.shape(path) != first.shape(path):
-                raise ShareportError(f"{name}: '{path}' has update shape {adapter.shape(path)}, {name0}'s is "
-                                     f"{first.shape(path)}")
+                raise ShareportError(
+                    f"{name}: '{path}' has update shape {adapter.shape(path)}, {name0}'s is {first.shape(path)}"
+                )
         if adapter.fan_in_fan_out != first.fan_in_fan_out or adapter.task_type != first.task_type:
             raise ShareportError(f"{name}: task type / fan_in_fan_out differ from {name0}'s")
 
@@ -101,13 +106,19 @@ RANKED_BY_OUTPUTS = "outputs: each member's output error on its own calibration 
 def fleet_bases(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
     """Per kind, the basis Q (n_in, p) a calibrated fleet's statistics are given in: every adapter's
     A's of the kind, in input order (``converters.calibrated_fleet.fleet_basis``)."""
-    return {kind: fleet_basis([kind_factors(a, a.kinds()[kind])[0] for a in adapters])
-            for kind in adapters[0].kinds()}
+    return {kind: fleet_basis([kind_factors(a, a.kinds()[kind])[0] for a in adapters]) for kind in adapters[0].kinds()}
 
 
-def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = None, *, rank: int | None = None,
-                budget: float | None = None, calibration: list[Calibration] | None = None,
-                clusters: int | str = DEFAULT_CLUSTERS) -> Fleet:
+def build_fleet(
+    adapters: list[Adapter],
+    names: list[str],
+    form: str | None = None,
+    *,
+    rank: int | None = None,
+    budget: float | None = None,
+    calibration: list[Calibration] | None = None,
+    clusters: int | str = DEFAULT_CLUSTERS,
+) -> Fleet:
     """Compress ``adapters`` (same base and sites; ranks may differ) into one fleet of ``form``.
 
     ``rank``: every kind's shared rank (both sides for shareab); ``budget``: a fraction of the
@@ -130,14 +141,18 @@ def build_fleet(adapters: list[Adapter], names: list[str], form: str | None = No
     if form is not None and form not in FLEET_FORMS:
         raise ShareportError(f"unknown fleet form '{form}' (expected one of {', '.join(FLEET_FORMS)})")
     if form is None and rank is not None:
-        raise ShareportError("--rank is a different size for each form: give --form with it, or --budget "
-                             "(the same size for every form) to let fleet pick the form")
+        raise ShareportError(
+            "--rank is a different size for each form: give --form with it, or --budget "
+            "(the same size for every form) to let fleet pick the form"
+        )
     check_compatible(adapters, names)
     if calibration is not None and len(calibration) != len(adapters):
         raise ShareportError(f"calibration for {len(calibration)} members, the fleet has {len(adapters)}")
     kinds = adapters[0].kinds()
-    sources = [MemberSource.read(adapter, name, None if calibration is None else calibration[i])
-               for i, (adapter, name) in enumerate(zip(adapters, names))]
+    sources = [
+        MemberSource.read(adapter, name, None if calibration is None else calibration[i])
+        for i, (adapter, name) in enumerate(zip(adapters, names))
+    ]
     counts = cluster_counts(clusters, len(sources), rank=rank, calibrated=calibration is not None)
     if form is not None:
         return _clustered(sources, kinds, form, rank=rank, budget=budget, counts=counts)[0]
@@ -156,13 +171,19 @@ class MemberSource:
 
     @classmethod
     def read(cls, adapter: Adapter, name: str, calibration: Calibration | None = None) -> "MemberSource":
-        return cls(name, adapter, {kind: kind_factors(adapter, sites) for kind, sites in adapter.kinds().items()},
-                   source_parameters(adapter), calibration)
+        return cls(
+            name,
+            adapter,
+            {kind: kind_factors(adapter, sites) for kind, sites in adapter.kinds().items()},
+            source_parameters(adapter),
+            calibration,
+        )
 
     def weight_energy(self) -> float:
         """sum_l ||dW_l||_F^2 over every kind, from the factors."""
-        return sum(kind_energy([bt.double() for bt in Bts], [a.double() for a in As])
-                   for As, Bts in self.factors.values())
+        return sum(
+            kind_energy([bt.double() for bt in Bts], [a.double() for a in As]) for As, Bts in self.factors.values()
+        )
 
 
 @dataclasses.dataclass
@@ -177,8 +198,14 @@ class MemberParts:
     weight_squared_error: float = 0.0  # the plain sum ||dW - dW'||_F^2
     kind_errors: dict[str, float] = dataclasses.field(default_factory=dict)  # relative, in the build's measure
 
-    def add_kind(self, kind: str, sites: list[Site], cores: list[torch.Tensor], shared: dict[str, torch.Tensor],
-                 cluster: int | None = None) -> None:
+    def add_kind(
+        self,
+        kind: str,
+        sites: list[Site],
+        cores: list[torch.Tensor],
+        shared: dict[str, torch.Tensor],
+        cluster: int | None = None,
+    ) -> None:
         """The kind's sites with their cores (layer order) over the kind's shared tensors in ``shared``
         (its ``cluster``'s, in a clustered fleet): B = core for sharea, core stored and B = U @ core
         formed for shareab."""
@@ -205,8 +232,9 @@ def basis_names(kind: str) -> tuple[str, str]:
     return f"{kind}.fleet_A", f"{kind}.fleet_U"
 
 
-def _choose(sources: list[MemberSource], kinds: dict[str, list[Site]], budget: float | None,
-            counts: list[int]) -> Fleet:
+def _choose(
+    sources: list[MemberSource], kinds: dict[str, list[Site]], budget: float | None, counts: list[int]
+) -> Fleet:
     """Every fleet form at ``budget`` (each with its best number of clusters among ``counts``); the
     least error (the members' measure) wins."""
     built, candidates = {}, []
@@ -215,16 +243,23 @@ def _choose(sources: list[MemberSource], kinds: dict[str, list[Site]], budget: f
     chosen = {"chosen_by": "least error", "ranked_by": RANKED_BY_OUTPUTS if calibrated else RANKED_BY_WEIGHTS}
     for form in FLEET_FORMS:
         try:
-            fleet, error, energy = _clustered(sources, kinds, form, rank=None, budget=budget, chosen=chosen,
-                                              counts=counts)
+            fleet, error, energy = _clustered(
+                sources, kinds, form, rank=None, budget=budget, chosen=chosen, counts=counts
+            )
         except ShareportError as exc:  # e.g. a budget below this form's smallest setting
             candidates.append({"form": form, "refused": str(exc)})
             continue
         built[form] = (fleet, error, energy)
-        candidates.append({"form": form, "parameters": fleet.report.parameters,
-                           "ratio": fleet.report.parameters / fleet.report.lora_parameters, "error": error,
-                           "relative_error": _relative(error, energy),
-                           "retained_energy": 1.0 - error / energy if energy > 0 else 1.0})
+        candidates.append(
+            {
+                "form": form,
+                "parameters": fleet.report.parameters,
+                "ratio": fleet.report.parameters / fleet.report.lora_parameters,
+                "error": error,
+                "relative_error": _relative(error, energy),
+                "retained_energy": 1.0 - error / energy if energy > 0 else 1.0,
+            }
+        )
     if not built:
         raise ShareportError(candidates[0]["refused"])
     tie = min(e for _, e, _ in built.values()) + AUTO_TIE * max(w for _, _, w in built.values())
@@ -244,16 +279,28 @@ def cluster_counts(clusters: int | str, n_members: int, *, rank: int | None, cal
     if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
         raise ShareportError(f"--clusters must be a positive number or '{AUTO_CLUSTERS}', got {clusters!r}")
     if clusters > most:
-        raise ShareportError(f"--clusters {clusters}: {n_members} members make at most {most} clusters of at "
-                             f"least {MIN_MEMBERS} members (a cluster of one is that LoRA converted alone)")
+        raise ShareportError(
+            f"--clusters {clusters}: {n_members} members make at most {most} clusters of at "
+            f"least {MIN_MEMBERS} members (a cluster of one is that LoRA converted alone)"
+        )
     if clusters > 1 and calibrated:
-        raise ShareportError(f"--clusters {clusters}: calibrated fleets are built as one cluster; give --clusters 1 "
-                             "or leave out --calibration")
+        raise ShareportError(
+            f"--clusters {clusters}: calibrated fleets are built as one cluster; give --clusters 1 "
+            "or leave out --calibration"
+        )
     return [clusters]
 
 
-def _clustered(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str, *, rank: int | None,
-               budget: float | None, counts: list[int], chosen: dict | None = None) -> tuple[Fleet, float, float]:
+def _clustered(
+    sources: list[MemberSource],
+    kinds: dict[str, list[Site]],
+    form: str,
+    *,
+    rank: int | None,
+    budget: float | None,
+    counts: list[int],
+    chosen: dict | None = None,
+) -> tuple[Fleet, float, float]:
     """``_build`` with the members in clusters: each count in ``counts`` (1 first) with its assignment
     (``converters.fleet_clusters.assign_clusters``, by the error of the products at the budget); the
     least error wins (within ``AUTO_TIE`` of the energy: the fewer clusters). The report records the
@@ -264,8 +311,13 @@ def _clustered(sources: list[MemberSource], kinds: dict[str, list[Site]], form: 
     built, candidates = [], []
     for count in counts:
         try:
-            fit = None if count == 1 else assign_clusters(form, factors, count, rank=rank,
-                                                          budget=None if rank is not None else budget_parameters)
+            fit = (
+                None
+                if count == 1
+                else assign_clusters(
+                    form, factors, count, rank=rank, budget=None if rank is not None else budget_parameters
+                )
+            )
         except ValueError as exc:  # a budget below the smallest setting of this many clusters
             if len(counts) == 1:
                 raise ShareportError(f"--budget {fraction:g}: {exc}") from None
@@ -273,16 +325,25 @@ def _clustered(sources: list[MemberSource], kinds: dict[str, list[Site]], form: 
             continue
         fleet, error, energy = _build(sources, kinds, form, rank=rank, budget=budget, chosen=chosen, clusters=fit)
         built.append((count, fit, fleet, error, energy))
-        candidates.append({"clusters": count, "parameters": fleet.report.parameters, "error": error,
-                           "relative_error": _relative(error, energy)})
+        candidates.append(
+            {
+                "clusters": count,
+                "parameters": fleet.report.parameters,
+                "error": error,
+                "relative_error": _relative(error, energy),
+            }
+        )
     tie = min(b[3] for b in built) + AUTO_TIE * max(b[4] for b in built)
     count, fit, fleet, error, energy = min((b for b in built if b[3] <= tie), key=lambda b: b[0])
     if len(counts) == 1 and count == 1:
         return fleet, error, energy
     labels = fit.labels if fit is not None else [0] * len(sources)
-    record = {"count": count, "members": {s.name: c + 1 for s, c in zip(sources, labels)},
-              "chosen_by": "least error at the budget" if len(counts) > 1 else "--clusters",
-              "candidates": [{**c, "winner": c["clusters"] == count} for c in candidates]}
+    record = {
+        "count": count,
+        "members": {s.name: c + 1 for s, c in zip(sources, labels)},
+        "chosen_by": "least error at the budget" if len(counts) > 1 else "--clusters",
+        "candidates": [{**c, "winner": c["clusters"] == count} for c in candidates],
+    }
     return dataclasses.replace(fleet, report=dataclasses.replace(fleet.report, clusters=record)), error, energy
 
 
@@ -292,21 +353,34 @@ def _kind_result(sources: list[MemberSource], kind: str, form: str, rank_out: in
     if sources[0].calibration is None:
         return converters.fleet_kind(form, As, Bts, rank_in, rank_out=rank_out or None)
     stats = [s.calibration.kind_statistics(s.adapter.kinds()[kind]) for s in sources]
-    return fleet_kind_calibrated(form, As, Bts, stats, rank_in, rank_out=rank_out or None,
-                                 lam=sources[0].calibration.ridge)
+    return fleet_kind_calibrated(
+        form, As, Bts, stats, rank_in, rank_out=rank_out or None, lam=sources[0].calibration.ridge
+    )
 
 
-def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str, *, rank: int | None,
-           budget: float | None, chosen: dict | None = None,
-           clusters: ClusterFit | None = None) -> tuple[Fleet, float, float]:
+def _build(
+    sources: list[MemberSource],
+    kinds: dict[str, list[Site]],
+    form: str,
+    *,
+    rank: int | None,
+    budget: float | None,
+    chosen: dict | None = None,
+    clusters: ClusterFit | None = None,
+) -> tuple[Fleet, float, float]:
     """One form's fleet, and (sum of the members' squared errors, of their energies) in its measure.
 
     ``clusters``: the members' clusters and each (cluster, kind)'s ranks (``converters.fleet_clusters``);
     None: one basis per kind for the whole fleet, planned here."""
     if clusters is None:
         lora_total = sum(s.lora_parameters for s in sources)
-        plan = _plan(form, {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources])
-                            for kind in kinds}, rank, budget, lora_total)
+        plan = _plan(
+            form,
+            {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]) for kind in kinds},
+            rank,
+            budget,
+            lora_total,
+        )
         groups = [(None, list(range(len(sources))))]
     else:
         plan = {(c, kind): ranks for (c, kind), ranks in clusters.ranks.items()}
@@ -333,33 +407,61 @@ def _build(sources: list[MemberSource], kinds: dict[str, list[Site]], form: str,
                 member.energy += result.energies[j]
                 member.weight_squared_error += weight_errors[j]
                 member.kind_errors[kind] = _relative(result.errors[j], result.energies[j])
-            kind_info[key] = {"ranks": list(result.ranks), "shared_parameters": result.shared_parameters(),
-                              "relative_error": _relative(result.error, result.energy),
-                              "iterations": len(result.error_history) - 1}
+            kind_info[key] = {
+                "ranks": list(result.ranks),
+                "shared_parameters": result.shared_parameters(),
+                "relative_error": _relative(result.error, result.energy),
+                "iterations": len(result.error_history) - 1,
+            }
         shared.update(own)
     settings = {"rank": rank} if rank is not None else {"budget": DEFAULT_BUDGET if budget is None else budget}
     settings.update(chosen or {})
     names = [s.name for s in sources]
     entry = {"step": "fleet", "form": form, "members": names, **settings}
     cluster_of = {i: cluster for cluster, members in groups for i in members}
-    members = [member_adapter(source, member, cluster_shared[cluster_of[i]], form=form, cluster=cluster_of[i],
-                              entry=entry if cluster_of[i] is None else
-                              {**entry, "cluster": cluster_of[i], "clusters": len(groups)})
-               for i, (source, member) in enumerate(zip(sources, parts))]
+    members = [
+        member_adapter(
+            source,
+            member,
+            cluster_shared[cluster_of[i]],
+            form=form,
+            cluster=cluster_of[i],
+            entry=entry if cluster_of[i] is None else {**entry, "cluster": cluster_of[i], "clusters": len(groups)},
+        )
+        for i, (source, member) in enumerate(zip(sources, parts))
+    ]
     reports = [member_report(source, member) for source, member in zip(sources, parts)]
     calibrated = sources[0].calibration is not None
-    calibration = None if not calibrated else {
-        "ridge": sources[0].calibration.ridge, "members": {s.name: s.calibration.info for s in sources}}
-    report = FleetReport(form, reports, sum(t.numel() for t in shared.values()), kind_info, settings,
-                         warnings=member_warnings(reports, size_hint(rank, budget, DEFAULT_BUDGET),
-                                                  calibrated=calibrated),
-                         calibration=calibration)
-    return (Fleet(form, names, shared, members, report), sum(m.squared_error for m in parts),
-            sum(m.energy for m in parts))
+    calibration = (
+        None
+        if not calibrated
+        else {"ridge": sources[0].calibration.ridge, "members": {s.name: s.calibration.info for s in sources}}
+    )
+    report = FleetReport(
+        form,
+        reports,
+        sum(t.numel() for t in shared.values()),
+        kind_info,
+        settings,
+        warnings=member_warnings(reports, size_hint(rank, budget, DEFAULT_BUDGET), calibrated=calibrated),
+        calibration=calibration,
+    )
+    return (
+        Fleet(form, names, shared, members, report),
+        sum(m.squared_error for m in parts),
+        sum(m.energy for m in parts),
+    )
 
 
-def member_adapter(source: MemberSource, parts: MemberParts, shared: dict[str, torch.Tensor], *, form: str,
-                   entry: dict, cluster: int | None = None) -> Adapter:
+def member_adapter(
+    source: MemberSource,
+    parts: MemberParts,
+    shared: dict[str, torch.Tensor],
+    *,
+    form: str,
+    entry: dict,
+    cluster: int | None = None,
+) -> Adapter:
     """The member adapter: the source's carried config and tensors, its own parts over the shared pool
     (its ``cluster``'s tensors only, in a clustered fleet), and ``entry`` (the fleet step, named for
     this member) in its provenance."""
@@ -367,8 +469,9 @@ def member_adapter(source: MemberSource, parts: MemberParts, shared: dict[str, t
     if cluster is not None:  # absent in a fleet of one cluster, whose members are as they were
         ref["cluster"] = cluster
     config = {k: v for k, v in source.adapter.config.items() if k == "modules_to_save"}
-    member = source.adapter.with_sites({**parts.tensors, **shared}, parts.sites, "sharea",
-                                       config={**config, FLEET_KEY: ref})
+    member = source.adapter.with_sites(
+        {**parts.tensors, **shared}, parts.sites, "sharea", config={**config, FLEET_KEY: ref}
+    )
     entry = {**entry, "member": source.name}
     if source.calibration is not None:
         entry["calibration"] = {**source.calibration.info, "ridge": source.calibration.ridge}
@@ -377,10 +480,17 @@ def member_adapter(source: MemberSource, parts: MemberParts, shared: dict[str, t
 
 def member_report(source: MemberSource, parts: MemberParts) -> MemberReport:
     error, energy = parts.squared_error, parts.energy
-    return MemberReport(source.name, source.lora_parameters, parts.stored_parameters(), _relative(error, energy),
-                        parts.kind_errors, retained_energy=1.0 - error / energy if energy > 0 else 1.0,
-                        frobenius_relative_error=None if source.calibration is None else
-                        _relative(parts.weight_squared_error, source.weight_energy()))
+    return MemberReport(
+        source.name,
+        source.lora_parameters,
+        parts.stored_parameters(),
+        _relative(error, energy),
+        parts.kind_errors,
+        retained_energy=1.0 - error / energy if energy > 0 else 1.0,
+        frobenius_relative_error=None
+        if source.calibration is None
+        else _relative(parts.weight_squared_error, source.weight_energy()),
+    )
 
 
 def _relative(error: float, energy: float) -> float:

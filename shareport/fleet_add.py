@@ -34,8 +34,8 @@ import math
 import torch
 
 import converters
-from converters.forms import FLEET_TWO_SIDED
 from converters.fleet_extend import Extension, extension, pad_core, project
+from converters.forms import FLEET_TWO_SIDED
 
 from .adapter import FLEET_KEY, Adapter, compose, kind_key, reference
 from .errors import ShareportError
@@ -65,8 +65,9 @@ class Addition:
 
 def worst_error(report: FleetReport) -> float:
     """The worst member's relative weight error (what a new member's error is measured in)."""
-    return max(m.relative_error if m.frobenius_relative_error is None else m.frobenius_relative_error
-               for m in report.members)
+    return max(
+        m.relative_error if m.frobenius_relative_error is None else m.frobenius_relative_error for m in report.members
+    )
 
 
 def add_member(fleet: Fleet, adapter: Adapter, name: str, *, max_error: float | None = None) -> Addition:
@@ -85,8 +86,10 @@ def add_member(fleet: Fleet, adapter: Adapter, name: str, *, max_error: float | 
     error_before = _relative_total(_projected(fleet.shared, source, cluster))
     grown = {} if error_before <= target else _grow(fleet, source, target, cluster)
     shared = _grown_shared(fleet.shared, grown, fleet.form, cluster)
-    members = [_padded(m, shared, grown, cluster) if grown and reference(m).get("cluster") == cluster else m
-               for m in fleet.members]
+    members = [
+        _padded(m, shared, grown, cluster) if grown and reference(m).get("cluster") == cluster else m
+        for m in fleet.members
+    ]
     if grown:  # every member's reference names the new shared file's tensors
         members = [_renamed(m, shared) for m in members]
     parts = MemberParts()
@@ -99,14 +102,25 @@ def add_member(fleet: Fleet, adapter: Adapter, name: str, *, max_error: float | 
     sizes = {kind_key(kind, cluster): list(ext.sizes(steps)) for kind, (ext, steps) in sorted(grown.items())}
     record = {"target": target, "rule": rule, "grown": sizes, **({} if cluster is None else {"cluster": cluster})}
     own_shared = {n: t for n, t in shared.items() if n in _cluster_names(shared, cluster)}
-    new = member_adapter(source, parts, own_shared, form=fleet.form, cluster=cluster,
-                         entry={"step": "fleet add", "form": fleet.form, **record})
+    new = member_adapter(
+        source,
+        parts,
+        own_shared,
+        form=fleet.form,
+        cluster=cluster,
+        entry={"step": "fleet add", "form": fleet.form, **record},
+    )
     names = [*fleet.names, name]
-    report = _grown_report(fleet.report, member_report(source, parts), shared=shared,
-                           stored=dict(zip(fleet.names, map(_stored, members))),
-                           addition={"member": name, "error_before": error_before, **record})
-    return Addition(Fleet(fleet.form, names, shared, [*members, new], report), sizes, error_before, target, rule,
-                    cluster)
+    report = _grown_report(
+        fleet.report,
+        member_report(source, parts),
+        shared=shared,
+        stored=dict(zip(fleet.names, map(_stored, members))),
+        addition={"member": name, "error_before": error_before, **record},
+    )
+    return Addition(
+        Fleet(fleet.form, names, shared, [*members, new], report), sizes, error_before, target, rule, cluster
+    )
 
 
 def _cluster_names(shared: dict[str, torch.Tensor], cluster: int | None) -> set[str]:
@@ -121,7 +135,9 @@ def _renamed(member: Adapter, shared: dict[str, torch.Tensor]) -> Adapter:
     ref = reference(member)
     names = _cluster_names(shared, ref.get("cluster"))
     tensors = {**member.tensors, **{n: shared[n] for n in names}}
-    return dataclasses.replace(member, tensors=tensors, config={**member.config, FLEET_KEY: {**ref, "names": sorted(names)}})
+    return dataclasses.replace(
+        member, tensors=tensors, config={**member.config, FLEET_KEY: {**ref, "names": sorted(names)}}
+    )
 
 
 def _projected(shared: dict[str, torch.Tensor], source: MemberSource, cluster: int | None = None) -> dict:
@@ -149,14 +165,20 @@ def _grow(fleet: Fleet, source: MemberSource, target: float, cluster: int | None
     kept = sum(ext.kept[0] for ext, _ in extensions.values())
     steps = dict.fromkeys(extensions, 0)
     n_members = sum(reference(m).get("cluster") == cluster for m in fleet.members) + 1
-    while energy > 0 and energy - kept > target ** 2 * energy:
+    while energy > 0 and energy - kept > target**2 * energy:
         best = None
         for kind, (ext, n_layers) in extensions.items():
             if steps[kind] == ext.steps:
                 continue
             gain = ext.kept[steps[kind] + 1] - ext.kept[steps[kind]]
-            cost = _step_cost(fleet, kind_key(kind, cluster), ext, steps[kind], n_sites=n_members * n_layers,
-                              n_out=source.factors[kind][1][0].shape[0])
+            cost = _step_cost(
+                fleet,
+                kind_key(kind, cluster),
+                ext,
+                steps[kind],
+                n_sites=n_members * n_layers,
+                n_out=source.factors[kind][1][0].shape[0],
+            )
             if gain > NO_GAIN * energy and (best is None or gain / cost > best[0]):
                 best = (gain / cost, kind, gain)
         if best is None:
@@ -172,13 +194,16 @@ def _step_cost(fleet: Fleet, kind: str, ext: Extension, step: int, *, n_sites: i
     a_name, u_name = basis_names(kind)
     v = fleet.shared[a_name]
     k1 = fleet.shared[u_name].shape[1] if u_name in fleet.shared else 0
-    size = [converters.fleet_parameter_count(fleet.form, n_out, v.shape[1], n_sites, k1 + e1, v.shape[0] + e2)
-            for e1, e2 in (ext.sizes(step), ext.sizes(step + 1))]
+    size = [
+        converters.fleet_parameter_count(fleet.form, n_out, v.shape[1], n_sites, k1 + e1, v.shape[0] + e2)
+        for e1, e2 in (ext.sizes(step), ext.sizes(step + 1))
+    ]
     return max(size[1] - size[0], 1)
 
 
-def _grown_shared(shared: dict[str, torch.Tensor], grown: dict[str, tuple[Extension, int]],
-                  form: str, cluster: int | None) -> dict[str, torch.Tensor]:
+def _grown_shared(
+    shared: dict[str, torch.Tensor], grown: dict[str, tuple[Extension, int]], form: str, cluster: int | None
+) -> dict[str, torch.Tensor]:
     """The shared tensors with each grown kind's new directions (of ``cluster``'s bases) appended (V's rows,
     U's columns)."""
     out = dict(shared)
@@ -193,8 +218,9 @@ def _grown_shared(shared: dict[str, torch.Tensor], grown: dict[str, tuple[Extens
     return out
 
 
-def _padded(member: Adapter, shared: dict[str, torch.Tensor], grown: dict[str, tuple[Extension, int]],
-            cluster: int | None) -> Adapter:
+def _padded(
+    member: Adapter, shared: dict[str, torch.Tensor], grown: dict[str, tuple[Extension, int]], cluster: int | None
+) -> Adapter:
     """An existing member over the grown bases: its cores of the grown kinds padded with zeros, so its
     updates are unchanged; its B = U C re-formed from the padded core."""
     ref = reference(member)
@@ -210,8 +236,10 @@ def _padded(member: Adapter, shared: dict[str, torch.Tensor], grown: dict[str, t
             tensors[site.b] = compose(shared[basis_names(kind_key(site.kind, cluster))[1]], tensors[core])
         else:
             tensors[site.b] = pad_core(member.tensors[site.b], 0, e2).contiguous()
-    entry = {"step": "fleet add: padded", "grown": {kind_key(k, cluster): list(ext.sizes(e))
-                                                    for k, (ext, e) in sorted(grown.items())}}
+    entry = {
+        "step": "fleet add: padded",
+        "grown": {kind_key(k, cluster): list(ext.sizes(e)) for k, (ext, e) in sorted(grown.items())},
+    }
     return dataclasses.replace(member, tensors=tensors).with_step(entry)
 
 
@@ -224,8 +252,9 @@ def _stored(member: Adapter) -> int:
     return sum(member.tensors[n].numel() for n in own)
 
 
-def _grown_report(report: FleetReport, new, *, shared: dict[str, torch.Tensor], stored: dict[str, int],
-                  addition: dict) -> FleetReport:
+def _grown_report(
+    report: FleetReport, new, *, shared: dict[str, torch.Tensor], stored: dict[str, int], addition: dict
+) -> FleetReport:
     """The report with the new member, the grown kinds' ranks and sizes, every member's stored size and
     the addition recorded; the other members' errors are as they were (their updates did not change)."""
     reports = [dataclasses.replace(m, parameters=stored.get(m.name, m.parameters)) for m in report.members]
@@ -238,9 +267,15 @@ def _grown_report(report: FleetReport, new, *, shared: dict[str, torch.Tensor], 
         kinds[kind]["ranks"] = [shared[u_name].shape[1] if u_name in shared else 0, shared[a_name].shape[0]]
         kinds[kind]["shared_parameters"] = sum(shared[n].numel() for n in (a_name, u_name) if n in shared)
     hint = "a lower --max-error (the basis grows until the new member's error is at most it)"
-    return dataclasses.replace(report, members=[*reports, new], shared_parameters=sum(t.numel() for t in shared.values()),
-                               kinds=kinds, warnings=[*report.warnings, *member_warnings([new], hint)],
-                               additions=[*report.additions, addition], clusters=clusters)
+    return dataclasses.replace(
+        report,
+        members=[*reports, new],
+        shared_parameters=sum(t.numel() for t in shared.values()),
+        kinds=kinds,
+        warnings=[*report.warnings, *member_warnings([new], hint)],
+        additions=[*report.additions, addition],
+        clusters=clusters,
+    )
 
 
 def read_fleet(members: dict[str, Adapter], report: dict, where: str) -> Fleet:

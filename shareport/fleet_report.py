@@ -49,8 +49,11 @@ class FleetReport:
         for optional in ("additions", "clusters"):  # without them, a fleet writes the report it always did
             if not data[optional]:
                 del data[optional]
-        data.update(lora_parameters=self.lora_parameters, parameters=self.parameters,
-                    ratio=self.parameters / self.lora_parameters)
+        data.update(
+            lora_parameters=self.lora_parameters,
+            parameters=self.parameters,
+            ratio=self.parameters / self.lora_parameters,
+        )
         return data
 
     @classmethod
@@ -75,6 +78,9 @@ def member_warnings(members: list[MemberReport], hint: str, calibrated: bool = F
     """One line per member keeping under ``LOW_ENERGY`` of its energy: its squared error is more than
     half its squared norm (relative error above sqrt(1/2) ~ 0.707); ``hint``: ``size_hint``."""
     what = "output energy on its calibration data" if calibrated else "update's energy"
-    return [f"member {m.name} keeps only {m.retained_energy:.1%} of its {what} (relative error "
-            f"{m.relative_error:.3f}, above {math.sqrt(1 - LOW_ENERGY):.3f}); try {hint}"
-            for m in members if m.retained_energy < LOW_ENERGY]
+    return [
+        f"member {m.name} keeps only {m.retained_energy:.1%} of its {what} (relative error "
+        f"{m.relative_error:.3f}, above {math.sqrt(1 - LOW_ENERGY):.3f}); try {hint}"
+        for m in members
+        if m.retained_energy < LOW_ENERGY
+    ]

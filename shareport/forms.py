@@ -36,10 +36,12 @@ class FormInfo:
     per_site: bool = False  # every site keeps its own factors at its own rank: a plain PEFT LoRA
     default_budget: float | None = None  # with no --rank, --energy or --budget: planned at this budget
 
-    def tensor_names(self, kind: str, site_paths: list[str], *, a_count: int,
-                     b_count: int) -> tuple[list[str], list[str]]:
+    def tensor_names(
+        self, kind: str, site_paths: list[str], *, a_count: int, b_count: int
+    ) -> tuple[list[str], list[str]]:
         """Pool names of a converted kind's ``a_count`` unique A's and ``b_count`` unique B's
         (``site_paths`` in the kind's layer order); a lone tensor of a shared form is the kind's."""
+
         def per_site(count: int, which: str) -> list[str]:
             return [f"{site_paths[i]}.lora_{which}" for i in range(count)]
 

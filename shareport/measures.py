@@ -31,6 +31,8 @@ from .errors import ShareportError
 ErrorMeasure = Callable[[Adapter, Adapter, ConversionReport], "tuple[float, float]"]
 # a kind's factors as the converters take them: (As, scaled Bts), in layer order
 Factors = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Planned:
     """A kind's planned setting as ``_per_kind_summary`` reads it (a calibrated spectrum's option)."""
@@ -60,8 +62,7 @@ def calibrated_error(source: Adapter, converted: Adapter, report: ConversionRepo
     """(calibrated objective, its value for dW' = 0) summed over kinds: ``sum_l tr((dW_l - dW'_l) S~_l
     (dW_l - dW'_l)^T)`` with each site's damped input statistics. ``--to auto`` with ``--calibration``
     ranks candidates by it."""
-    return (sum(k.calibration["objective"] for k in report.kinds),
-            sum(k.calibration["energy"] for k in report.kinds))
+    return (sum(k.calibration["objective"] for k in report.kinds), sum(k.calibration["energy"] for k in report.kinds))
 
 
 calibrated_error.describes = "each site's output error on the calibration data"
@@ -100,8 +101,9 @@ def plain_plan(kinds: dict[str, Factors], options: ConvertOptions, budget: float
             return {name: p.ranks for name, p in plan.kinds.items()}
         if budget is not None or energy is not None:
             # a budget is spent across every kind given; energy is chosen per kind
-            plans = converters.plan(to, kinds, budget=budget, energy=energy, groups=options.groups,
-                                    grouping=options.grouping)
+            plans = converters.plan(
+                to, kinds, budget=budget, energy=energy, groups=options.groups, grouping=options.grouping
+            )
             return {name: (p.rank, p.groups) for name, p in plans.items()}
         out = {}
         for name, (As, Bts) in kinds.items():
@@ -115,8 +117,18 @@ def plain_plan(kinds: dict[str, Factors], options: ConvertOptions, budget: float
         raise ShareportError(str(exc)) from None
 
 
-def serving_summary(rule: converters.ServingRule, *, error: float, free_error: float, energy: float,
-                    params: int, free_params: int, ranks: list[int], free_ranks: list[int], widths: list[int]) -> dict:
+def serving_summary(
+    rule: converters.ServingRule,
+    *,
+    error: float,
+    free_error: float,
+    energy: float,
+    params: int,
+    free_params: int,
+    ranks: list[int],
+    free_ranks: list[int],
+    widths: list[int],
+) -> dict:
     """What a serving rule costs, against the unconstrained plan at the same budget: both planned errors
     (squared, summed over sites, and relative: sqrt(error / energy)), their differences, the parameters, and
     what a server pays when it pads every site (``widths[l] = n_in + n_out``, one per site, ``ranks`` the
@@ -125,12 +137,21 @@ def serving_summary(rule: converters.ServingRule, *, error: float, free_error: f
     pads_to = rule.pads_to(ranks)
     rel, free_rel = relative(error, energy), relative(free_error, energy)
     return {
-        "rule": rule.describe(), "error": error, "unconstrained_error": free_error,
-        "error_difference": error - free_error, "relative_error": rel, "unconstrained_relative_error": free_rel,
-        "relative_error_difference": rel - free_rel, "energy": energy,
-        "parameters": params, "unconstrained_parameters": free_params,
-        "ranks_used": sorted(set(ranks)), "max_rank": max(ranks, default=0), "unconstrained_max_rank": free_max,
-        "pads_to": pads_to, "padded_parameters": padded_parameters(widths, pads_to),
+        "rule": rule.describe(),
+        "error": error,
+        "unconstrained_error": free_error,
+        "error_difference": error - free_error,
+        "relative_error": rel,
+        "unconstrained_relative_error": free_rel,
+        "relative_error_difference": rel - free_rel,
+        "energy": energy,
+        "parameters": params,
+        "unconstrained_parameters": free_params,
+        "ranks_used": sorted(set(ranks)),
+        "max_rank": max(ranks, default=0),
+        "unconstrained_max_rank": free_max,
+        "pads_to": pads_to,
+        "padded_parameters": padded_parameters(widths, pads_to),
         "unconstrained_padded_parameters": padded_parameters(widths, free_max),
     }
 
@@ -146,9 +167,17 @@ def _per_site_summary(rule, plan, widths: dict[str, int]) -> dict:
     def ranks(p):
         return [k for kp in p.kinds.values() for k in kp.ranks]
 
-    return serving_summary(rule, error=plan.error, free_error=free.error, energy=plan.energy, params=plan.params,
-                           free_params=free.params, ranks=ranks(plan), free_ranks=ranks(free),
-                           widths=[widths[name] for name, kp in plan.kinds.items() for _ in kp.ranks])
+    return serving_summary(
+        rule,
+        error=plan.error,
+        free_error=free.error,
+        energy=plan.energy,
+        params=plan.params,
+        free_params=free.params,
+        ranks=ranks(plan),
+        free_ranks=ranks(free),
+        widths=[widths[name] for name, kp in plan.kinds.items() for _ in kp.ranks],
+    )
 
 
 def _per_kind_summary(rule, plans: dict, free: dict, kinds: dict[str, Factors]) -> dict:
@@ -159,12 +188,17 @@ def _per_kind_summary(rule, plans: dict, free: dict, kinds: dict[str, Factors]) 
     def ranks(p):
         return [p[name].rank for name in kinds for _ in range(sites[name])]
 
-    return serving_summary(rule, error=sum(p.estimated_error for p in plans.values()),
-                           free_error=sum(p.estimated_error for p in free.values()),
-                           energy=sum(p.energy for p in plans.values()),
-                           params=sum(p.params for p in plans.values()), free_params=sum(p.params for p in free.values()),
-                           ranks=ranks(plans), free_ranks=ranks(free),
-                           widths=[widths[name] for name in kinds for _ in range(sites[name])])
+    return serving_summary(
+        rule,
+        error=sum(p.estimated_error for p in plans.values()),
+        free_error=sum(p.estimated_error for p in free.values()),
+        energy=sum(p.energy for p in plans.values()),
+        params=sum(p.params for p in plans.values()),
+        free_params=sum(p.params for p in free.values()),
+        ranks=ranks(plans),
+        free_ranks=ranks(free),
+        widths=[widths[name] for name in kinds for _ in range(sites[name])],
+    )
 
 
 def plain_serving_plan(kinds: dict[str, Factors], options: ConvertOptions, budget: float) -> tuple[dict, dict]:
@@ -174,8 +208,9 @@ def plain_serving_plan(kinds: dict[str, Factors], options: ConvertOptions, budge
         if converters.FORMS[options.to].per_site:
             plan = converters.plan_truncation(kinds, budget=budget, serving=rule)
             return {name: p.ranks for name, p in plan.kinds.items()}, _per_site_summary(rule, plan, _widths(kinds))
-        plans, free = planning.plan_serving(options.to, kinds, budget=budget, serving=rule, groups=options.groups,
-                                            grouping=options.grouping)
+        plans, free = planning.plan_serving(
+            options.to, kinds, budget=budget, serving=rule, groups=options.groups, grouping=options.grouping
+        )
         return {name: (p.rank, p.groups) for name, p in plans.items()}, _per_kind_summary(rule, plans, free, kinds)
     except ValueError as exc:
         raise ShareportError(_serving_message(options, exc)) from None
@@ -231,12 +266,15 @@ class CalibratedMeasure:
             if budget is None and (energy is None or not form.exact_calibrated_spectrum):
                 return plain_plan(kinds, options, budget)  # explicit rank, or the plain energy plan
             if form.exact_calibrated_spectrum:
-                options_by_kind = {name: self._spectrum_options(to, name, factors, energy=energy)
-                                   for name, factors in kinds.items()}
+                options_by_kind = {
+                    name: self._spectrum_options(to, name, factors, energy=energy) for name, factors in kinds.items()
+                }
             else:  # a budget without a calibrated spectrum: score the plain front around the plain choice
                 plain = converters.plan(to, kinds, budget=budget, groups=options.groups, grouping=options.grouping)
-                options_by_kind = {name: self._scored_candidates(name, factors, plain[name], options=options)
-                                   for name, factors in kinds.items()}
+                options_by_kind = {
+                    name: self._scored_candidates(name, factors, plain[name], options=options)
+                    for name, factors in kinds.items()
+                }
             if energy is not None:
                 return {name: (opts[0].rank, opts[0].groups) for name, opts in options_by_kind.items()}
             total = sum(planning.kind_lora_parameter_count(KindFactors.from_lists(*f)) for f in kinds.values())
@@ -262,21 +300,25 @@ class CalibratedMeasure:
             free = planning.spend_budget(options_by_kind, params)
             plans = {name: _Planned(o.rank, o.params, o.error, energies[name]) for name, o in chosen.items()}
             frees = {name: _Planned(o.rank, o.params, o.error, energies[name]) for name, o in free.items()}
-            return ({name: (o.rank, o.groups) for name, o in chosen.items()},
-                    _per_kind_summary(rule, plans, frees, kinds))
+            return (
+                {name: (o.rank, o.groups) for name, o in chosen.items()},
+                _per_kind_summary(rule, plans, frees, kinds),
+            )
         except ValueError as exc:
             raise ShareportError(_serving_message(options, exc)) from None
 
-    def _per_site_truncation_plan(self, kinds: dict[str, Factors], options: ConvertOptions, budget: float | None,
-                                  serving=None):
+    def _per_site_truncation_plan(
+        self, kinds: dict[str, Factors], options: ConvertOptions, budget: float | None, serving=None
+    ):
         """Each site's calibrated spectrum, planned as truncation plans squared singular values."""
         spectra, shapes, lora_ranks = {}, {}, {}
         for name, (As, Bts) in kinds.items():
             spectra[name] = converters.calibrated_site_spectra(As, Bts, self.stats[name], self.lam)
             shapes[name] = (Bts[0].shape[0], As[0].shape[1])
             lora_ranks[name] = [a.shape[0] for a in As]
-        return converters.plan_from_spectra(spectra, shapes, lora_ranks, rank=options.rank, energy=options.energy,
-                                            budget=budget, serving=serving)
+        return converters.plan_from_spectra(
+            spectra, shapes, lora_ranks, rank=options.rank, energy=options.energy, budget=budget, serving=serving
+        )
 
     def _per_site_plan(self, kinds: dict[str, Factors], options: ConvertOptions, budget: float | None) -> dict:
         plan = self._per_site_truncation_plan(kinds, options, budget)
@@ -297,9 +339,10 @@ class CalibratedMeasure:
         probe = converters.convert_kind_calibrated(to, As, Bts, self.stats[name], 1, lam=self.lam).result
         top = min(len(probe.spectrum), planning.rank_cap(to, kind))
         drops = probe.spectrum[:top].cumsum(0).tolist()
-        options = [Option(k, None, planning.kind_parameter_count(to, kind, k), max(probe.energy - drops[k - 1], 0.0))
-                   for k in range(1, top + 1)] or [Option(1, None, planning.kind_parameter_count(to, kind, 1),
-                                                          probe.energy)]
+        options = [
+            Option(k, None, planning.kind_parameter_count(to, kind, k), max(probe.energy - drops[k - 1], 0.0))
+            for k in range(1, top + 1)
+        ] or [Option(1, None, planning.kind_parameter_count(to, kind, 1), probe.energy)]
         return options, probe.energy
 
     def _scored_candidates(self, name: str, factors: Factors, chosen, *, options: ConvertOptions) -> list[Option]:
@@ -308,17 +351,19 @@ class CalibratedMeasure:
         to = options.to
         As, Bts = factors
         kind = KindFactors.from_lists(As, Bts)
-        front = planning.pareto_front(planning.kind_options(to, kind, groups=options.groups,
-                                                            grouping=options.grouping))
-        here = next((i for i, o in enumerate(front) if (o.rank, o.groups) == (chosen.rank, chosen.groups)),
-                    min(range(len(front)), key=lambda i: abs(front[i].params - chosen.params)))
-        picks = front[max(0, here - CANDIDATE_NEIGHBOURS):here + CANDIDATE_NEIGHBOURS + 1]
+        front = planning.pareto_front(planning.kind_options(to, kind, groups=options.groups, grouping=options.grouping))
+        here = next(
+            (i for i, o in enumerate(front) if (o.rank, o.groups) == (chosen.rank, chosen.groups)),
+            min(range(len(front)), key=lambda i: abs(front[i].params - chosen.params)),
+        )
+        picks = front[max(0, here - CANDIDATE_NEIGHBOURS) : here + CANDIDATE_NEIGHBOURS + 1]
         if (chosen.rank, chosen.groups) not in {(o.rank, o.groups) for o in picks}:
             picks.append(Option(chosen.rank, chosen.groups, chosen.params, chosen.estimated_error))
         scored = []
         for o in picks:
-            res = converters.convert_kind_calibrated(to, As, Bts, self.stats[name], o.rank, groups=o.groups,
-                                                     grouping=options.grouping, lam=self.lam)
+            res = converters.convert_kind_calibrated(
+                to, As, Bts, self.stats[name], o.rank, groups=o.groups, grouping=options.grouping, lam=self.lam
+            )
             scored.append(Option(o.rank, o.groups, o.params, res.objective))
         return scored
 
@@ -330,19 +375,31 @@ class CalibratedMeasure:
             calibrated = converters.convert_kind_calibrated(to, As, Bts, stats, list(plan), lam=lam)
         else:
             k, g = plan
-            calibrated = converters.convert_kind_calibrated(to, As, Bts, stats, k, groups=g, grouping=options.grouping,
-                                                            lam=lam)
+            calibrated = converters.convert_kind_calibrated(
+                to, As, Bts, stats, k, groups=g, grouping=options.grouping, lam=lam
+            )
         plain = plain_convert(to, factors, plan, grouping=options.grouping)
         q = converters.calibration_basis(As)
-        entry = {"objective": calibrated.objective, "energy": calibrated.result.energy,
-                 "plain_objective": converters.calibrated_objective(As, Bts, stats, q, plain, lam=lam),
-                 "raw_objective": calibrated.raw_objective, "raw_energy": calibrated.raw_energy,
-                 "plain_raw_objective": converters.calibrated_objective(As, Bts, stats, q, plain, lam=0.0),
-                 "frobenius_error": calibrated.frobenius_error, "frobenius_energy": plain.energy,
-                 "plain_frobenius_error": plain.error, "iterations": calibrated.iterations}
+        entry = {
+            "objective": calibrated.objective,
+            "energy": calibrated.result.energy,
+            "plain_objective": converters.calibrated_objective(As, Bts, stats, q, plain, lam=lam),
+            "raw_objective": calibrated.raw_objective,
+            "raw_energy": calibrated.raw_energy,
+            "plain_raw_objective": converters.calibrated_objective(As, Bts, stats, q, plain, lam=0.0),
+            "frobenius_error": calibrated.frobenius_error,
+            "frobenius_energy": plain.energy,
+            "plain_frobenius_error": plain.error,
+            "iterations": calibrated.iterations,
+        }
         return calibrated.result, entry
 
     def record(self, settings: dict, reports: list[KindReport]) -> None:
-        settings["calibration"] = {**self.calibration.info, "ridge": self.lam, "kinds": {
-            k.kind: {"plain_objective": k.calibration["plain_objective"], "objective": k.calibration["objective"]}
-            for k in reports}}
+        settings["calibration"] = {
+            **self.calibration.info,
+            "ridge": self.lam,
+            "kinds": {
+                k.kind: {"plain_objective": k.calibration["plain_objective"], "objective": k.calibration["objective"]}
+                for k in reports
+            },
+        }

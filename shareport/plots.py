@@ -53,7 +53,9 @@ def _pyplot():
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ShareportError("--plot needs matplotlib: pip install 'shareport[plot]' (or pip install matplotlib)") from None
+        raise ShareportError(
+            "--plot needs matplotlib: pip install 'shareport[plot]' (or pip install matplotlib)"
+        ) from None
     return plt
 
 
@@ -75,8 +77,9 @@ def _is_our_figure(path: Path) -> bool:
     return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + _SOFTWARE.encode() in head
 
 
-def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | None = None,
-                 ranks: dict[str, int] | None = None) -> Path:
+def plot_adapter(
+    source: Adapter, path: str | os.PathLike, grouped: Adapter | None = None, ranks: dict[str, int] | None = None
+) -> Path:
     """Write the figure for ``source``; groups come from ``grouped`` (default: the source itself).
 
     One row per kind: left, the distance matrix of the source's updates with each group of
@@ -94,11 +97,18 @@ def plot_adapter(source: Adapter, path: str | os.PathLike, grouped: Adapter | No
         ax = axes[row][0]
         if len(paths) == 1:  # a 1x1 matrix says nothing: say so in words
             ax.axis("off")
-            ax.text(0.5, 0.5, f"{kind}: one layer ({layers[0]})\nno distances between layers, no groups",
-                    ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                f"{kind}: one layer ({layers[0]})\nno distances between layers, no groups",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         else:
-            _distance_panel(plt, fig, ax, kind, layers, update_distances(source, paths),
-                            [grouped.sites[p].b for p in paths])
+            _distance_panel(
+                plt, fig, ax, kind, layers, update_distances(source, paths), [grouped.sites[p].b for p in paths]
+            )
         curve = energy_curve(source, paths)
         ax = axes[row][1]
         ax.plot(range(1, len(curve) + 1), curve.numpy(), marker=".")
@@ -124,14 +134,33 @@ def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, yl
         for recovered, style in ((False, dict(marker="o")), (True, dict(marker="o", mfc="none", ls="--"))):
             pts = sorted((p for p in points if p.form == form and p.recovered == recovered), key=lambda p: p.ratio)
             if pts:
-                ax.plot([100 * p.ratio for p in pts], [p.fidelity for p in pts], color=colors(i), **style,
-                        label=f"{form}{' recovered' if recovered else ''}")
+                ax.plot(
+                    [100 * p.ratio for p in pts],
+                    [p.fidelity for p in pts],
+                    color=colors(i),
+                    **style,
+                    label=f"{form}{' recovered' if recovered else ''}",
+                )
     if front:
-        ax.step([100 * p.ratio for p in front], [p.fidelity for p in front], where="post", color="black", lw=1,
-                alpha=0.6, label="Pareto front")
+        ax.step(
+            [100 * p.ratio for p in front],
+            [p.fidelity for p in front],
+            where="post",
+            color="black",
+            lw=1,
+            alpha=0.6,
+            label="Pareto front",
+        )
     if chosen is not None:
-        ax.scatter([100 * chosen.ratio], [chosen.fidelity], s=220, facecolors="none", edgecolors="red", lw=2,
-                   label=f"smallest keeping {keep:g}")
+        ax.scatter(
+            [100 * chosen.ratio],
+            [chosen.fidelity],
+            s=220,
+            facecolors="none",
+            edgecolors="red",
+            lw=2,
+            label=f"smallest keeping {keep:g}",
+        )
     ax.axhline(keep, color="red", ls=":", lw=1)
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator

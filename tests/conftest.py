@@ -19,10 +19,22 @@ warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 # (`-n auto --dist loadfile`) each file runs whole on one worker, and a long file started last keeps
 # one worker busy while the others idle: starting the longest first (longest-processing-time order)
 # keeps the workers' finishing times close. A file missing here only runs later; nothing is skipped.
-LONGEST_FIRST = ("test_example_decoder.py", "test_demo.py", "test_examples.py", "test_hardening_models.py",
-                 "test_genai.py", "test_onnx_export.py", "test_verify_mutants.py", "test_finetune_fsdp.py",
-                 "test_onnx_adapter.py", "test_bad_input_commands.py", "test_fleet_export.py",
-                 "test_calibration_convert.py", "test_verify_strict.py", "test_minilm_heads.py")
+LONGEST_FIRST = (
+    "test_example_decoder.py",
+    "test_demo.py",
+    "test_examples.py",
+    "test_hardening_models.py",
+    "test_genai.py",
+    "test_onnx_export.py",
+    "test_verify_mutants.py",
+    "test_finetune_fsdp.py",
+    "test_onnx_adapter.py",
+    "test_bad_input_commands.py",
+    "test_fleet_export.py",
+    "test_calibration_convert.py",
+    "test_verify_strict.py",
+    "test_minilm_heads.py",
+)
 
 
 def pytest_configure(config):

@@ -2,6 +2,7 @@
 
 Everything here forms the dense updates dW_l and uses plain SVDs; it is only usable at test sizes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -11,8 +12,16 @@ import torch
 F64 = torch.float64
 
 
-def random_kind(gen: torch.Generator, n_sites: int, n_out: int, n_in: int, ranks,
-                dtype=torch.float32, shared_a: bool = False, common: float = 0.0):
+def random_kind(
+    gen: torch.Generator,
+    n_sites: int,
+    n_out: int,
+    n_in: int,
+    ranks,
+    dtype=torch.float32,
+    shared_a: bool = False,
+    common: float = 0.0,
+):
     """Random As/Bts; ``common`` mixes a shared component into every A and B (layers that agree),
     ``shared_a`` makes every A identical (a ShareLoRA checkpoint)."""
     ranks = [ranks] * n_sites if isinstance(ranks, int) else list(ranks)
@@ -31,8 +40,14 @@ def random_kind(gen: torch.Generator, n_sites: int, n_out: int, n_in: int, ranks
 
 def llama_like(gen: torch.Generator, n_sites: int = 32):
     """Several kinds with different shapes and mixed per-site ranks, small dims (fast tests)."""
-    shapes = {"q_proj": (24, 24), "k_proj": (8, 24), "v_proj": (8, 24), "o_proj": (24, 24),
-              "gate_proj": (40, 24), "down_proj": (24, 40)}
+    shapes = {
+        "q_proj": (24, 24),
+        "k_proj": (8, 24),
+        "v_proj": (8, 24),
+        "o_proj": (24, 24),
+        "gate_proj": (40, 24),
+        "down_proj": (24, 40),
+    }
     kinds = {}
     for i, (name, (n_out, n_in)) in enumerate(shapes.items()):
         ranks = [2 + (l + i) % 5 for l in range(n_sites)]

@@ -49,8 +49,13 @@ def load(mode: str, base: str):
     if mode == "whole":
         model = load_base_model(base, task, carried=carried)
     else:
-        model = load_sharded_base(empty_base_model(base, task, carried=carried), stream_model_weights(base),
-                                  torch.device("cpu"), base, carried)
+        model = load_sharded_base(
+            empty_base_model(base, task, carried=carried),
+            stream_model_weights(base),
+            torch.device("cpu"),
+            base,
+            carried,
+        )
     with torch.no_grad():  # as attach() copies a carried head into the (whole, never sharded) parameters
         for name, value in carried.items():
             model.get_parameter(name).copy_(value)
@@ -76,8 +81,13 @@ def main() -> None:
     model = load(mode, bases[0])
     with torch.no_grad():  # transformers maps the file: a page is resident once read
         touched = sum(float((p.to_local() if isinstance(p, DTensor) else p).sum()) for p in model.parameters())
-    record = {"peak": status("VmHWM") - before, "held": local_parameter_bytes(model), "whole": parameter_bytes(model),
-              "touched": touched, "logits": {}}
+    record = {
+        "peak": status("VmHWM") - before,
+        "held": local_parameter_bytes(model),
+        "whole": parameter_bytes(model),
+        "touched": touched,
+        "logits": {},
+    }
     del model
     for base in bases if mode == "sharded" else ():
         model = load(mode, base)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter, save_adapter
-from tests.fuzzing import WEIGHT_MUTATIONS, mutate_config
 from shareport.files.folder import CONFIG_NAME, WEIGHTS_NAME
+from tests.fuzzing import WEIGHT_MUTATIONS, mutate_config
 
 
 def fuzz(good_folders: list[Path], cases: int, seed: int = 0) -> Counter:
@@ -56,7 +56,8 @@ def seed_folders(root: Path) -> list[Path]:
     gen = torch.Generator().manual_seed(0)
     factors = {
         f"model.layers.{i}.self_attn.{k}": (torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen), 2.0)
-        for i in range(2) for k in ("q_proj", "v_proj")
+        for i in range(2)
+        for k in ("q_proj", "v_proj")
     }
     adapter = Adapter.from_factors(factors, task_type="CAUSAL_LM")
     save_adapter(adapter, root / "peft", as_peft=True)

@@ -11,8 +11,20 @@ import json
 import random
 import struct
 
-CONFIG_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out",
-                 "layers_to_transform", "peft_type", "use_dora", "modules_to_save", "task_type", "shareport")
+CONFIG_FIELDS = (
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "fan_in_fan_out",
+    "layers_to_transform",
+    "peft_type",
+    "use_dora",
+    "modules_to_save",
+    "task_type",
+    "shareport",
+)
 ODD_VALUES = (None, 0, -1, 1.5, "8", True, [], {}, [1, "x"], {"q_proj": "x"}, {"form": "nope"}, 1 << 62, float("inf"))
 
 

@@ -27,7 +27,9 @@ def tie(adapter: Adapter, form: str, b_groups: list[list[int]] | None = None) ->
     return adapter.with_sites({n: t for n, t in adapter.tensors.items() if n in used}, sites, form)
 
 
-def make_case(folder: Path, build, form: str = "lora", seed: int = 1, b_groups=None, **lora_kwargs) -> tuple[Path, Path]:
+def make_case(
+    folder: Path, build, form: str = "lora", seed: int = 1, b_groups=None, **lora_kwargs
+) -> tuple[Path, Path]:
     """Write ``folder/base`` (the model) and ``folder/<form>`` (its adapter); return both paths."""
     base, adapter_dir = folder / "base", folder / form
     if not base.exists():

@@ -7,10 +7,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # a room may import rooms of a lower rank (and itself); README, "Architecture"
-RANKS = {"converters": 0, "core": 1, "files": 2, "model": 2, "train": 3, "export": 3, "plots": 3, "flows": 4,
-         "demo": 5, "cli": 6}
-CORE = {"errors", "adapter", "convert", "convert_options", "conversion_report", "measures", "fleet", "fleet_add", "fleet_report", "forms",
-        "quantization", "summary", "__init__", "__main__"}
+RANKS = {
+    "converters": 0,
+    "core": 1,
+    "files": 2,
+    "model": 2,
+    "train": 3,
+    "export": 3,
+    "plots": 3,
+    "flows": 4,
+    "demo": 5,
+    "cli": 6,
+}
+CORE = {
+    "errors",
+    "adapter",
+    "convert",
+    "convert_options",
+    "conversion_report",
+    "measures",
+    "fleet",
+    "fleet_add",
+    "fleet_report",
+    "forms",
+    "quantization",
+    "summary",
+    "__init__",
+    "__main__",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -77,8 +101,11 @@ def test_rooms_import_one_way():
 
 def test_converters_never_import_shareport():
     graph = _graph()
-    assert not [m for m, targets in graph.items() if m.startswith("converters") and
-                any(t.startswith("shareport") for t in targets)]
+    assert not [
+        m
+        for m, targets in graph.items()
+        if m.startswith("converters") and any(t.startswith("shareport") for t in targets)
+    ]
 
 
 def test_no_import_cycle():
@@ -91,7 +118,7 @@ def test_no_import_cycle():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -193,8 +220,13 @@ def _private_uses(module: str, path: Path, known: set[str]) -> list[str]:
                 elif alias.name.startswith("_") and not alias.name.startswith("__") and base != module:
                     wrong.append(f"{module}: from {base} import {alias.name}")
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and isinstance(node.value, ast.Name) and node.value.id in bound):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+        ):
             wrong.append(f"{module}: {bound[node.value.id]}.{node.attr}")
     return wrong
 
@@ -210,19 +242,30 @@ def test_the_private_scan_sees_both_spellings(tmp_path):
     sample.write_text("import converters\nfrom converters.truncate import _plan\nx = converters._SPECTRA\n")
     known = set(_modules())
     assert _private_uses("shareport.sample", sample, known) == [
-        "shareport.sample: from converters.truncate import _plan", "shareport.sample: converters._SPECTRA"]
+        "shareport.sample: from converters.truncate import _plan",
+        "shareport.sample: converters._SPECTRA",
+    ]
 
 
 # the floors: below the conversion and the fleet builder, the adapter's queries live in adapter.py
-ABOVE = {"shareport.convert", "shareport.convert_options", "shareport.conversion_report", "shareport.measures",
-         "shareport.fleet"}
+ABOVE = {
+    "shareport.convert",
+    "shareport.convert_options",
+    "shareport.conversion_report",
+    "shareport.measures",
+    "shareport.fleet",
+}
 
 
 def test_files_model_and_summary_never_import_convert_or_fleet():
     found = set()
     for module, targets in _graph().items():
         below = module.startswith(("shareport.files", "shareport.model")) or module in (
-            "shareport.adapter", "shareport.summary", "shareport.forms", "shareport.errors")
+            "shareport.adapter",
+            "shareport.summary",
+            "shareport.forms",
+            "shareport.errors",
+        )
         if below:
             found |= {(module, target) for target in targets & ABOVE}
     wrong = sorted(found - PENDING_FLOOR_IMPORTS)

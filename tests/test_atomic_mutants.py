@@ -16,9 +16,17 @@ import pytest
 
 from shareport.errors import ShareportError
 from shareport.files import atomic
-from shareport.files.atomic import (MARKER_NAME, MARKER_TEXT, atomic_dir, atomic_file, check_output,
-                                    check_output_file, current_umask, remove_stale_temporaries,
-                                    written_by_shareport)
+from shareport.files.atomic import (
+    MARKER_NAME,
+    MARKER_TEXT,
+    atomic_dir,
+    atomic_file,
+    check_output,
+    check_output_file,
+    current_umask,
+    remove_stale_temporaries,
+    written_by_shareport,
+)
 
 
 def _mode(path: Path) -> int:
@@ -48,8 +56,11 @@ def _dead_pid() -> int:
 def _owner_bits_access(path, mode) -> bool:
     """``os.access`` as a non-root owner sees it: only the owner's permission bits count."""
     bits = stat.S_IMODE(os.stat(path).st_mode)
-    wanted = (stat.S_IRUSR if mode & os.R_OK else 0) | (stat.S_IWUSR if mode & os.W_OK else 0) | \
-             (stat.S_IXUSR if mode & os.X_OK else 0)
+    wanted = (
+        (stat.S_IRUSR if mode & os.R_OK else 0)
+        | (stat.S_IWUSR if mode & os.W_OK else 0)
+        | (stat.S_IXUSR if mode & os.X_OK else 0)
+    )
     return bits & wanted == wanted
 
 
@@ -114,15 +125,20 @@ def test_check_output_refusals_name_the_folder_and_the_problem(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     for overwrite in (True, False):  # without the flag, the refusal it would meet; not a hint to pass it
-        with pytest.raises(ShareportError, match=rf"^output '{afile}' exists and is not a folder; choose another name$"):
+        with pytest.raises(
+            ShareportError, match=rf"^output '{afile}' exists and is not a folder; choose another name$"
+        ):
             check_output(afile, overwrite=overwrite)
 
     users = tmp_path / "users"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    with pytest.raises(ShareportError, match=rf"^output '{users}' is a folder shareport did not write \(no "
-                                             rf"{MARKER_NAME} file\) and is not empty; --overwrite replaces only "
-                                             "shareport's own outputs: choose another folder$"):
+    with pytest.raises(
+        ShareportError,
+        match=rf"^output '{users}' is a folder shareport did not write \(no "
+        rf"{MARKER_NAME} file\) and is not empty; --overwrite replaces only "
+        "shareport's own outputs: choose another folder$",
+    ):
         check_output(users, overwrite=True)
     with pytest.raises(ShareportError, match="shareport did not write"):
         check_output(users, overwrite=False)
@@ -141,8 +157,11 @@ def test_check_output_needs_a_writable_searchable_parent(tmp_path, monkeypatch, 
     parent.mkdir()
     parent.chmod(parent_mode)
     try:
-        with pytest.raises(ShareportError, match=rf"^cannot write '{parent / 'out'}': folder '{parent}' is not "
-                                                 "writable$"):
+        with pytest.raises(
+            ShareportError,
+            match=rf"^cannot write '{parent / 'out'}': folder '{parent}' is not "
+            "writable$",
+        ):
             check_output(parent / "out", overwrite=False)
         with pytest.raises(ShareportError, match="is not writable"):
             check_output_file(parent / "out.png", overwrite=False)
@@ -165,8 +184,10 @@ def test_check_output_file_refusals_name_the_file_and_the_problem(tmp_path):
         check_output_file(link, overwrite=True, owned=lambda p: True)
     with pytest.raises(ShareportError, match=rf"^output '{target}' already exists; pass --overwrite to replace it$"):
         check_output_file(target, overwrite=False, owned=lambda p: True)
-    refused = rf"^output '{target}' is a file shareport did not write; --overwrite replaces only shareport's own " \
-              "outputs: choose another name$"
+    refused = (
+        rf"^output '{target}' is a file shareport did not write; --overwrite replaces only shareport's own "
+        "outputs: choose another name$"
+    )
     with pytest.raises(ShareportError, match=refused):
         check_output_file(target, overwrite=True)  # no owned(): nothing existing is replaced
     with pytest.raises(ShareportError, match=refused):
@@ -204,8 +225,11 @@ def test_check_output_file_refuses_a_file_inside_an_input(tmp_path):
     inp = tmp_path / "in"
     (inp / "deeper").mkdir(parents=True)
     for out in (inp / "a.onnx_adapter", inp / "deeper" / "a.onnx_adapter"):
-        with pytest.raises(ShareportError, match=rf"^adapter '{out}' is inside the input '{inp}'; choose another "
-                                                 "output$"):
+        with pytest.raises(
+            ShareportError,
+            match=rf"^adapter '{out}' is inside the input '{inp}'; choose another "
+            "output$",
+        ):
             check_output_file(out, overwrite=False, inputs=[tmp_path / "other", inp], what="adapter")
     beside = tmp_path / "in.onnx_adapter"
     assert check_output_file(beside, overwrite=False, inputs=[inp]) == beside
@@ -245,8 +269,9 @@ def test_atomic_dir_leaves_a_symlinks_target_alone(tmp_path, umask):
 def test_atomic_dir_fsyncs_every_file_before_publishing(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or
-                        real_fsync(fd))
+    monkeypatch.setattr(
+        atomic.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
+    )
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "sub").mkdir()
         (tmp / "sub" / "w.bin").write_bytes(b"w")
@@ -329,10 +354,12 @@ def test_stale_temporaries_of_dead_writers_are_removed_only(tmp_path):
 
 def _undeletable(calls):
     """shutil.rmtree as it behaves on a folder it cannot delete (a read-only mount, a busy file)."""
+
     def rmtree(path, ignore_errors=False, **kwargs):
         calls.append(Path(path))
         if not ignore_errors:
             raise PermissionError(13, "Permission denied", str(path))
+
     return rmtree
 
 
@@ -366,9 +393,15 @@ def test_stale_folder_names_with_more_dashes(tmp_path):
 
 
 def test_asking_whether_a_writer_lives_does_not_signal_it():
-    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-                              "signal.signal(signal.SIGINT, signal.SIG_DFL); print('ready', flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+            "signal.signal(signal.SIGINT, signal.SIG_DFL); print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert child.stdout.readline() == b"ready\n"
         assert atomic._alive(child.pid)

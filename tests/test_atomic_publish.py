@@ -14,8 +14,13 @@ from pathlib import Path
 from shareport.files.atomic import MARKER_NAME, atomic_dir, atomic_file
 
 OLD = {"config.json": b'{"old": 1}', "weights.bin": bytes(range(200)) * 50, "sub/notes.txt": b"old notes"}
-NEW = {"config.json": b'{"new": 22}', "weights.bin": bytes(range(100)) * 80, "extra.txt": b"only new",
-       "sub/other.txt": b"new notes", "sub/more.txt": b"more"}
+NEW = {
+    "config.json": b'{"new": 22}',
+    "weights.bin": bytes(range(100)) * 80,
+    "extra.txt": b"only new",
+    "sub/other.txt": b"new notes",
+    "sub/more.txt": b"more",
+}
 
 
 def _state(target: Path):
@@ -23,8 +28,11 @@ def _state(target: Path):
         return None
     if target.is_file():
         return hashlib.sha256(target.read_bytes()).hexdigest()
-    return {p.relative_to(target).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(target.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(target).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(target.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _write(folder: Path, files: dict) -> None:
@@ -79,8 +87,7 @@ def test_file_publish_is_one_rename(tmp_path):
     with atomic_file(target) as tmp:
         tmp.write_bytes(b"old" * 1000)
     old = _state(target)
-    watch = _publish_watched(target, atomic_file(target, overwrite=True, owned=lambda path: True),
-                             b"new content" * 500)
+    watch = _publish_watched(target, atomic_file(target, overwrite=True, owned=lambda path: True), b"new content" * 500)
     new = _state(target)
     assert old != new and watch.calls > 2
     assert all(s in (old, new) for s in watch.states), "the file was missing or partial while it was replaced"

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shareport import flows
 from shareport import convert as convert_module
+from shareport import flows
 from shareport.convert import WEIGHTS_ONLY_WARNING
 from shareport.files import load_adapter
 from shareport.model import attach, load_base_model

@@ -119,16 +119,22 @@ CASES = {
     "huge declared shape": (_huge_header, "does not fit the file"),
     "A/B shape mismatch": (lambda f: _edit_weights(f, _shrink_B), "disagree on the rank"),
     "unknown key layout": (
-        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "base_model.model.", "")), "unknown key layout"),
+        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "base_model.model.", "")),
+        "unknown key layout",
+    ),
     "no numbered blocks": (
-        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "model.layers.", "model.layers_")), "unknown key layout"),
+        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "model.layers.", "model.layers_")),
+        "unknown key layout",
+    ),
     "DoRA": (lambda f: _edit_config(f, use_dora=True), "DoRA"),
     "lora bias": (lambda f: _edit_config(f, lora_bias=True), "lora_bias"),
     "rank disagrees with config": (lambda f: _edit_config(f, r=3), "says r=3"),
     "r of wrong type": (lambda f: _edit_config(f, r="8"), "field 'r' must be int"),
     "NaN weights": (lambda f: _edit_weights(f, _nan), "NaN or Inf"),
     "embedding LoRA": (
-        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "lora_A.weight", "lora_embedding_A")), "embedding LoRA"),
+        lambda f: _edit_weights(f, lambda s: _rename_keys(s, "lora_A.weight", "lora_embedding_A")),
+        "embedding LoRA",
+    ),
     "not LoRA": (lambda f: _edit_config(f, peft_type="IA3"), "peft_type 'IA3'"),
     "Inf weights": (lambda f: _edit_weights(f, _inf), "NaN or Inf"),
     "zero rank": (lambda f: _edit_weights(f, _zero_rank), "rank 0"),
@@ -153,8 +159,11 @@ CASES = {
 
 
 def _checksums(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")

@@ -31,21 +31,73 @@ def inputs(tmp_path_factory, good_adapter):  # noqa: F811
 
 
 COMMANDS = {
-    "finetune": lambda i: lambda bad, out: ["finetune", bad, "--base", i.base, "--teacher", i.good, "--data", i.text,
-                                            "-o", out, "--steps", 1],
-    "finetune-teacher": lambda i: lambda bad, out: ["finetune", i.good, "--base", i.base, "--teacher", bad, "--data",
-                                                    i.text, "-o", out, "--steps", 1],
+    "finetune": lambda i: (
+        lambda bad, out: [
+            "finetune",
+            bad,
+            "--base",
+            i.base,
+            "--teacher",
+            i.good,
+            "--data",
+            i.text,
+            "-o",
+            out,
+            "--steps",
+            1,
+        ]
+    ),
+    "finetune-teacher": lambda i: (
+        lambda bad, out: [
+            "finetune",
+            i.good,
+            "--base",
+            i.base,
+            "--teacher",
+            bad,
+            "--data",
+            i.text,
+            "-o",
+            out,
+            "--steps",
+            1,
+        ]
+    ),
     "export": lambda i: lambda bad, out: ["export", bad, "--base", i.base, "--onnx", out],
     "verify": lambda i: lambda bad, out: ["verify", i.graph, "--base", i.base, "--adapter", bad],
-    "export-adapter": lambda i: lambda bad, out: ["export-adapter", bad, "--graph", i.graph, "-o",
-                                                  f"{out}.onnx_adapter"],
-    "train-resume": lambda i: lambda bad, out: ["train", "--form", "lora", "--base", i.base, "--data", i.text,
-                                                "--target", "q_proj,v_proj", "--rank", 2, "--steps", 1, "--resume",
-                                                "--checkpoint-dir", bad, "-o", out],
+    "export-adapter": lambda i: (
+        lambda bad, out: ["export-adapter", bad, "--graph", i.graph, "-o", f"{out}.onnx_adapter"]
+    ),
+    "train-resume": lambda i: (
+        lambda bad, out: [
+            "train",
+            "--form",
+            "lora",
+            "--base",
+            i.base,
+            "--data",
+            i.text,
+            "--target",
+            "q_proj,v_proj",
+            "--rank",
+            2,
+            "--steps",
+            1,
+            "--resume",
+            "--checkpoint-dir",
+            bad,
+            "-o",
+            out,
+        ]
+    ),
 }
 # the native cases rewrite the whole folder, dropping the checkpoint's state file
-PAIRS = [(name, command) for command in sorted(COMMANDS) for name in sorted(CASES)
-         if not (command == "train-resume" and name.startswith("native:"))]
+PAIRS = [
+    (name, command)
+    for command in sorted(COMMANDS)
+    for name in sorted(CASES)
+    if not (command == "train-resume" and name.startswith("native:"))
+]
 
 
 @pytest.mark.parametrize("name, command", PAIRS)

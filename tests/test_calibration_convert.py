@@ -18,13 +18,13 @@ from converters.types import KindResult
 from shareport import flows
 from shareport.adapter import kind_factors
 from shareport.convert import convert_adapter
-from shareport.measures import calibrated_error
 from shareport.files import load_adapter, save_adapter
+from shareport.measures import calibrated_error
 from shareport.model import load_base_model
 from shareport.model.calibration import collect_statistics
 from shareport.train.data import load_data, sample_examples
-from tests.training_helpers import recovery_setup, save_base, write_text
 from tests.tiny import tiny_llama
+from tests.training_helpers import recovery_setup, save_base, write_text
 
 SAMPLES = 24
 
@@ -48,8 +48,11 @@ def test_calibration_examples_are_drawn_across_a_label_sorted_file(setup, tmp_pa
     N, which would be the first labels only), in file order, the same each time; all when N >= the file."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     # distinct texts in the tokenizer's alphabet: the label's letter, then the example's two letters
-    rows = [{"text": f"{letters[label]} {letters[i % 26]}{letters[i // 26]}", "label": label}
-            for label in range(10) for i in range(30)]
+    rows = [
+        {"text": f"{letters[label]} {letters[i % 26]}{letters[i // 26]}", "label": label}
+        for label in range(10)
+        for i in range(30)
+    ]
     path = tmp_path / "sorted.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = load_data(path, setup["base"], 64)
@@ -75,8 +78,11 @@ def test_statistics_match_peft_inputs(setup):
     for name, module in peft_model.named_modules():
         path = name.removeprefix("base_model.model.")
         if path in captured:
-            handles.append(module.register_forward_pre_hook(
-                lambda mod, args, path=path: captured[path].append(args[0].reshape(-1, args[0].shape[-1]).clone())))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda mod, args, path=path: captured[path].append(args[0].reshape(-1, args[0].shape[-1]).clone())
+                )
+            )
     with torch.no_grad():
         for seq in sequences:
             peft_model(input_ids=torch.tensor([seq]))
@@ -104,16 +110,30 @@ def _written_objective(source, written, stats, ridge) -> dict[str, float]:
             if s.path in written.sites:
                 a, bt = written.factors(s.path, torch.float64)
             else:  # cut to rank 0 by a budget
-                a, bt = torch.zeros(0, As[0].shape[1], dtype=torch.float64), torch.zeros(Bts[0].shape[0], 0,
-                                                                                          dtype=torch.float64)
+                a, bt = (
+                    torch.zeros(0, As[0].shape[1], dtype=torch.float64),
+                    torch.zeros(Bts[0].shape[0], 0, dtype=torch.float64),
+                )
             a_list.append(a)
             b_list.append(bt)
         n = len(sites)
-        result = KindResult("lora", a_list, b_list, list(range(n)), list(range(n)), 1, [[i] for i in range(n)],
-                            0.0, 0.0, torch.zeros(0), False)
+        result = KindResult(
+            "lora",
+            a_list,
+            b_list,
+            list(range(n)),
+            list(range(n)),
+            1,
+            [[i] for i in range(n)],
+            0.0,
+            0.0,
+            torch.zeros(0),
+            False,
+        )
         q = converters.calibration_basis(As)
-        out[kind] = converters.calibrated_objective(As, Bts, [stats.statistics[s.path] for s in sites], q, result,
-                                                    lam=ridge)
+        out[kind] = converters.calibrated_objective(
+            As, Bts, [stats.statistics[s.path] for s in sites], q, result, lam=ridge
+        )
     return out
 
 
@@ -123,8 +143,16 @@ CALIBRATED = ["sharea", "shareb", "shareab", "aslora", "lora"]
 @pytest.mark.parametrize("to", CALIBRATED)
 def test_reported_objective_is_the_written_adapters(setup, tmp_path, to):
     adapter, _, stats = _statistics(setup)
-    data = flows.convert(str(setup["lora"]), to, str(tmp_path / "out"), budget=0.25, calibration=str(setup["text"]),
-                         base=str(setup["base"]), calibration_samples=SAMPLES, progress=False)
+    data = flows.convert(
+        str(setup["lora"]),
+        to,
+        str(tmp_path / "out"),
+        budget=0.25,
+        calibration=str(setup["text"]),
+        base=str(setup["base"]),
+        calibration_samples=SAMPLES,
+        progress=False,
+    )
     written = load_adapter(tmp_path / "out")
     # a plain PEFT LoRA (--to lora) has no provenance: the report holds the same record
     recorded = written.provenance["history"][-1]["calibration"] if to != "lora" else data["calibration"]
@@ -145,8 +173,16 @@ def test_calibrated_never_worse_than_plain_at_the_same_rank(setup, tmp_path, to)
     objective is that of the adapter plain ``convert`` writes."""
     adapter, _, stats = _statistics(setup)
     options = dict(rank=2, groups=2 if to == "aslora" else None)
-    data = flows.convert(str(setup["lora"]), to, str(tmp_path / "cal"), calibration=str(setup["text"]),
-                         base=str(setup["base"]), calibration_samples=SAMPLES, progress=False, **options)
+    data = flows.convert(
+        str(setup["lora"]),
+        to,
+        str(tmp_path / "cal"),
+        calibration=str(setup["text"]),
+        base=str(setup["base"]),
+        calibration_samples=SAMPLES,
+        progress=False,
+        **options,
+    )
     flows.convert(str(setup["lora"]), to, str(tmp_path / "plain"), progress=False, **options)
     plain = _written_objective(adapter, load_adapter(tmp_path / "plain"), stats, converters.DEFAULT_RIDGE)
     for kind in data["kinds"]:
@@ -160,21 +196,29 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("to,options", [("sharea", ["--rank", "3"]), ("aslora", []), ("lora", ["--budget", "0.3"]),
-                                        ("auto", ["--budget", "0.25"])])
+@pytest.mark.parametrize(
+    "to,options",
+    [("sharea", ["--rank", "3"]), ("aslora", []), ("lora", ["--budget", "0.3"]), ("auto", ["--budget", "0.25"])],
+)
 def test_without_calibration_nothing_changes(setup, tmp_path, cli, to, options):
     """No --calibration: the CLI writes exactly what the plain library call writes, with no trace of
     calibration in the provenance or the report."""
     result = cli("convert", setup["lora"], "--to", to, *options, "-o", tmp_path / "cli", "--json")
     assert result.exit_code == 0, result.output
-    assert "\"calibration\"" not in result.output
+    assert '"calibration"' not in result.output
     kwargs = {"rank": 3} if to == "sharea" else {"budget": float(options[1])} if options else {}
     from shareport.files import weights_sha256
+
     out, _ = convert_adapter(load_adapter(setup["lora"]), to, source_digest=weights_sha256(setup["lora"]), **kwargs)
     save_adapter(out, tmp_path / "lib", as_peft=out.form == "lora")
     assert _digest(tmp_path / "cli") == _digest(tmp_path / "lib")
-    assert "calibration" not in json.loads((tmp_path / "cli" / "adapter_config.json").read_text()).get(
-        "shareport", {}).get("provenance", {}).get("history", [{}])[-1]
+    assert (
+        "calibration"
+        not in json.loads((tmp_path / "cli" / "adapter_config.json").read_text())
+        .get("shareport", {})
+        .get("provenance", {})
+        .get("history", [{}])[-1]
+    )
 
 
 def _bad_base(root: Path, kind: str) -> Path:
@@ -210,8 +254,10 @@ def test_bad_calibration_input(setup, tmp_path, cli):
         (["--calibration-ridge", "0.1"], "--calibration-ridge is only used with --calibration"),
         (["--calibration", text, "--base", base, "--calibration-max-length", "1"], "--calibration-max-length"),
         # one example drawn of the file's many: the fix is more samples, said before the model loads
-        (["--calibration", text, "--base", base, "--calibration-samples", "1", "--calibration-max-length", "8"],
-         "raise --calibration-samples"),
+        (
+            ["--calibration", text, "--base", base, "--calibration-samples", "1", "--calibration-max-length", "8"],
+            "raise --calibration-samples",
+        ),
     ]
     for args, named in cases:
         out = tmp_path / "out"
@@ -221,8 +267,20 @@ def test_bad_calibration_input(setup, tmp_path, cli):
         assert "\n" not in line and named in line, (args, line)
         assert not out.exists()
     # the non-finite case names the site and the base
-    result = cli("convert", lora, "--to", "sharea", "--rank", "2", "-o", tmp_path / "out", "--calibration", text,
-                 "--base", tmp_path / "base-inf")
+    result = cli(
+        "convert",
+        lora,
+        "--to",
+        "sharea",
+        "--rank",
+        "2",
+        "-o",
+        tmp_path / "out",
+        "--calibration",
+        text,
+        "--base",
+        tmp_path / "base-inf",
+    )
     assert "non-finite" in result.output and "base-inf" in result.output
 
 
@@ -232,10 +290,15 @@ def test_auto_and_budget_rank_by_the_calibrated_objective(setup, tmp_path):
     calibrated conversion at the budget, and the winner has the least; a calibrated --budget plan for
     lora is at least as good, in the calibrated objective, as the plain plan's ranks converted with
     calibration."""
-    common = dict(calibration=str(setup["text"]), base=str(setup["base"]), calibration_samples=SAMPLES,
-                  progress=False)
-    calibration = flows.adapters._calibration_statistics(load_adapter(setup["lora"]), str(setup["text"]), str(setup["base"]),
-                                                SAMPLES, flows.adapters.CALIBRATION_MAX_LENGTH, converters.DEFAULT_RIDGE)[0]
+    common = dict(calibration=str(setup["text"]), base=str(setup["base"]), calibration_samples=SAMPLES, progress=False)
+    calibration = flows.adapters._calibration_statistics(
+        load_adapter(setup["lora"]),
+        str(setup["text"]),
+        str(setup["base"]),
+        SAMPLES,
+        flows.adapters.CALIBRATION_MAX_LENGTH,
+        converters.DEFAULT_RIDGE,
+    )[0]
     _, auto = convert_adapter(load_adapter(setup["lora"]), "auto", budget=0.15, calibration=calibration)
     errors = {c["form"]: c["error"] for c in auto.candidates if "refused" not in c}
     assert auto.winner == min(errors, key=errors.get)
@@ -250,6 +313,6 @@ def test_auto_and_budget_rank_by_the_calibrated_objective(setup, tmp_path):
         sites = adapter.kinds()[kind["kind"]]
         As, Bts = kind_factors(adapter, sites)
         total += converters.convert_kind_calibrated(
-            "lora", As, Bts, [stats.statistics[s.path] for s in sites],
-            [kind["site_ranks"][s.path] for s in sites]).objective
+            "lora", As, Bts, [stats.statistics[s.path] for s in sites], [kind["site_ranks"][s.path] for s in sites]
+        ).objective
     assert errors["lora"] <= total * (1 + 1e-9)

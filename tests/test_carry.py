@@ -107,10 +107,21 @@ def _fake_carry(tmp_path, part_size=40_000):
     prepare.bundle(wheels, archive, threads=1)
     parts = split_file(archive, tmp_path / "build", part_size)
     folders = [tmp_path / f for f in prepare.place_parts(parts, tmp_path / "build", tmp_path, root=tmp_path)]
-    manifest = {"archive": {"name": archive.name, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()},
-                "parts": parts, "replaces": [],
-                "wheels": [{"file": w.name, "dist": w.name.split("-")[0], "version": "9.9.9", "requires": [],
-                            "sha256": hashlib.sha256(w.read_bytes()).hexdigest()} for w in wheels]}
+    manifest = {
+        "archive": {"name": archive.name, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()},
+        "parts": parts,
+        "replaces": [],
+        "wheels": [
+            {
+                "file": w.name,
+                "dist": w.name.split("-")[0],
+                "version": "9.9.9",
+                "requires": [],
+                "sha256": hashlib.sha256(w.read_bytes()).hexdigest(),
+            }
+            for w in wheels
+        ],
+    }
     for folder in folders:
         (folder / "manifest.json").write_text(json.dumps(manifest))
     return collect, folders, wheels, manifest

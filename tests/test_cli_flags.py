@@ -11,8 +11,13 @@ COMMANDS = [
     ("export", ["ADAPTER", "--base", "BASE"], "out_dir", ["-o", "--output", "--onnx"], []),
     ("export-adapter", ["ADAPTER", "--graph", "GRAPH"], "output", ["-o", "--output"], []),
     ("finetune", ["SHARED", "--base", "B", "--teacher", "T", "--data", "D"], "out", ["-o", "--output"], ["--out"]),
-    ("train", ["--form", "lora", "--base", "B", "--target", "q_proj", "--rank", "2", "--data", "D"], "out",
-     ["-o", "--output"], ["--out"]),
+    (
+        "train",
+        ["--form", "lora", "--base", "B", "--target", "q_proj", "--rank", "2", "--data", "D"],
+        "out",
+        ["-o", "--output"],
+        ["--out"],
+    ),
     ("demo", [], "out", ["-o", "--output"], ["--out"]),
 ]
 
@@ -99,14 +104,19 @@ NOT_YET: set = set()
 def test_every_folder_parameter_is_listed_here():
     import click
 
-    found = {(name, p.name) for name, command in main.commands.items() for p in command.params
-             if isinstance(p.type, click.Path) and not p.type.file_okay}
+    found = {
+        (name, p.name)
+        for name, command in main.commands.items()
+        for p in command.params
+        if isinstance(p.type, click.Path) and not p.type.file_okay
+    }
     assert found - NOT_YET == {(name, param) for name, param, _ in FILE_FOR_FOLDER}
 
 
 @pytest.mark.parametrize("name, param, args", FILE_FOR_FOLDER, ids=[f"{c[0]}-{c[1]}" for c in FILE_FOR_FOLDER])
-def test_a_file_where_a_folder_belongs_is_one_error_line_like_a_missing_folder(name, param, args, tmp_path, cli,
-                                                                                monkeypatch):
+def test_a_file_where_a_folder_belongs_is_one_error_line_like_a_missing_folder(
+    name, param, args, tmp_path, cli, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "FILE").write_text("not a folder\n")
     result = cli(name, *args)
@@ -146,22 +156,31 @@ def test_version_help_and_usage_errors_import_no_torch(tmp_path):
     assert set(USAGE_ERRORS) == set(LAZY_COMMANDS)  # a new command gets a usage error here too
     afile = tmp_path / "afile"
     afile.write_text("not a folder\n")
-    runs = [(["--version"], 0, "shareport, version"), (["--help"], 0, "Commands:"),
-            (["convertt"], 2, "No such command 'convertt'"),
-            (["inspect", str(afile)], 1, "needs a folder"),
-            (["export-adapter", "a", "--graph", str(afile)], 1, "needs a folder")]
+    runs = [
+        (["--version"], 0, "shareport, version"),
+        (["--help"], 0, "Commands:"),
+        (["convertt"], 2, "No such command 'convertt'"),
+        (["inspect", str(afile)], 1, "needs a folder"),
+        (["export-adapter", "a", "--graph", str(afile)], 1, "needs a folder"),
+    ]
     for name in LAZY_COMMANDS:
         runs.append(([name, "--help"], 0, f"Usage: main {name} "))
         runs.append((USAGE_ERRORS[name][0], 2, USAGE_ERRORS[name][1]))
-    script = ("import json, sys\n"
-              "from click.testing import CliRunner\n"
-              "from shareport.cli.main import main\n"
-              "results = [(r.exit_code, r.output) for r in (CliRunner().invoke(main, args) for args in json.loads(sys.argv[1]))]\n"
-              "heavy = sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'numpy', 'converters') "
-              "if m in sys.modules)\n"
-              "print(json.dumps([results, heavy]))\n")
-    out = subprocess.run([sys.executable, "-c", script, json.dumps([args for args, _, _ in runs])], capture_output=True,
-                         text=True, check=True).stdout
+    script = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from shareport.cli.main import main\n"
+        "results = [(r.exit_code, r.output) for r in (CliRunner().invoke(main, args) for args in json.loads(sys.argv[1]))]\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'numpy', 'converters') "
+        "if m in sys.modules)\n"
+        "print(json.dumps([results, heavy]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([args for args, _, _ in runs])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     results, heavy = json.loads(out)
     for (args, code, says), (exit_code, output) in zip(runs, results, strict=True):
         assert (exit_code, says in output) == (code, True), (args, output)
@@ -175,7 +194,7 @@ def test_the_torch_free_choices_match_the_libraries():
 
     import converters
     from converters.grouping import GROUPINGS
-    from shareport import flows, forms
+    from shareport import forms
     from shareport.export.exporter import DTYPES
 
     assert forms.DEFAULT_ASLORA_BUDGET == converters.DEFAULT_ASLORA_BUDGET

@@ -32,9 +32,13 @@ def test_compiled_training_matches_eager(tmp_path):
     def trained(backend):
         job = recovery_job(paths["shared"], paths["base"], paths["lora"], data_path=paths["text"], max_length=24)
         calls = []
-        adapter, report = run(job, Recipe(steps=4, lr=3e-3, batch_size=4, compile=backend),
-                              after_step=lambda t: calls.append(
-                                  [b._compiled_call_impl is not None for b in transformer_blocks(job.model)]))
+        adapter, report = run(
+            job,
+            Recipe(steps=4, lr=3e-3, batch_size=4, compile=backend),
+            after_step=lambda t: calls.append(
+                [b._compiled_call_impl is not None for b in transformer_blocks(job.model)]
+            ),
+        )
         return adapter, report, calls
 
     eager, eager_report, _ = trained(None)

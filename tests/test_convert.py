@@ -30,8 +30,9 @@ def _merged_deltas(peft_model, base, fan_in_fan_out=False):
 def test_shared_form_expanded_to_peft_has_same_updates(form, family, tmp_path, cli):
     build = {"llama": tiny_llama, "gpt2": tiny_gpt2}[family]
     fifo = family == "gpt2"
-    make_peft_adapter(build(), tmp_path / "lora", r=4, lora_alpha=8, target_modules=TARGETS[family],
-                      fan_in_fan_out=fifo)
+    make_peft_adapter(
+        build(), tmp_path / "lora", r=4, lora_alpha=8, target_modules=TARGETS[family], fan_in_fan_out=fifo
+    )
     r = cli("convert", tmp_path / "lora", "--to", form, "--rank", 3, "-o", tmp_path / "shared", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)  # low-energy warnings go to stderr
@@ -52,8 +53,10 @@ def test_reported_error_matches_updates(tmp_path, cli):
     shared, report = convert_adapter(lora, "aslora", rank=2, groups=2, grouping="adjacent")
     for kr in report.kinds:
         sites = lora.kinds()[kr.kind]
-        err = sum(float((lora.update(s.path, torch.float64) - shared.update(s.path, torch.float64)).square().sum())
-                  for s in sites)
+        err = sum(
+            float((lora.update(s.path, torch.float64) - shared.update(s.path, torch.float64)).square().sum())
+            for s in sites
+        )
         energy = sum(float(lora.update(s.path, torch.float64).square().sum()) for s in sites)
         assert kr.relative_error == pytest.approx((err / energy) ** 0.5, rel=1e-5)
         assert len(kr.groups) == 2 and all(g == list(range(g[0], g[-1] + 1)) for g in kr.groups)
@@ -85,8 +88,12 @@ def test_roberta_base_parameter_counts():
     gen = torch.Generator().manual_seed(0)
     factors = {
         f"roberta.encoder.layer.{i}.attention.self.{k}": (
-            torch.randn(8, 768, generator=gen), torch.randn(768, 8, generator=gen), 2.0)
-        for i in range(12) for k in ("query", "value")
+            torch.randn(8, 768, generator=gen),
+            torch.randn(768, 8, generator=gen),
+            2.0,
+        )
+        for i in range(12)
+        for k in ("query", "value")
     }
     lora = Adapter.from_factors(factors)
     assert lora.num_parameters() == 294_912
@@ -97,20 +104,26 @@ def test_roberta_base_parameter_counts():
     assert convert_adapter(lora, "aslora")[0].num_parameters() <= 0.25 * 294_912  # the default budget
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--to", "sharea", "--rank", "0"], "--rank must be at least 1"),
-    (["--to", "sharea", "--rank", "2", "--energy", "0.9"], "at most one of"),
-    (["--to", "sharea", "--energy", "1.5"], "--energy must be"),
-    (["--to", "sharea", "--groups", "2"], "--groups applies to --to aslora"),
-    (["--to", "sharea", "--grouping", "adjacent"], "--grouping applies to --to aslora"),
-    (["--to", "aslora", "--budget", "0.00001"], "budget"),
-    (["--to", "auto"], "--to auto needs --budget"),
-    (["--to", "auto", "--rank", "2"], "--to auto needs --budget"),
-    (["--to", "auto", "--budget", "0.5", "--groups", "2"], "--groups applies to --to aslora"),
-    (["--to", "lora", "--budget", "0.001"], "does not pay for rank 1 at any site"),
-    (["--to", "aslora", "--groups", "3"], "--groups 3 is more than the 2 layers of self_attn.q_proj"),
-    (["--to", "aslora", "--groups", "3", "--rank", "1"], "--groups 3 is more than the 2 layers of self_attn.q_proj"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--to", "sharea", "--rank", "0"], "--rank must be at least 1"),
+        (["--to", "sharea", "--rank", "2", "--energy", "0.9"], "at most one of"),
+        (["--to", "sharea", "--energy", "1.5"], "--energy must be"),
+        (["--to", "sharea", "--groups", "2"], "--groups applies to --to aslora"),
+        (["--to", "sharea", "--grouping", "adjacent"], "--grouping applies to --to aslora"),
+        (["--to", "aslora", "--budget", "0.00001"], "budget"),
+        (["--to", "auto"], "--to auto needs --budget"),
+        (["--to", "auto", "--rank", "2"], "--to auto needs --budget"),
+        (["--to", "auto", "--budget", "0.5", "--groups", "2"], "--groups applies to --to aslora"),
+        (["--to", "lora", "--budget", "0.001"], "does not pay for rank 1 at any site"),
+        (["--to", "aslora", "--groups", "3"], "--groups 3 is more than the 2 layers of self_attn.q_proj"),
+        (
+            ["--to", "aslora", "--groups", "3", "--rank", "1"],
+            "--groups 3 is more than the 2 layers of self_attn.q_proj",
+        ),
+    ],
+)
 def test_bad_options_write_nothing(args, words, tmp_path, cli):
     make_peft_adapter(tiny_llama(layers=2), tmp_path / "lora", r=2, target_modules=["q_proj"])
     r = cli("convert", tmp_path / "lora", *args, "-o", tmp_path / "out")
@@ -132,6 +145,7 @@ def test_convert_refuses_existing_output_and_is_deterministic(tmp_path, cli):
 
 # ---------------------------------------------------------------- --to lora: truncation
 
+
 def _dense_error(lora: Adapter, other: Adapter) -> tuple[float, float]:
     """(sum ||dW - dW'||^2, sum ||dW||^2) from dense updates; a site ``other`` lacks applies none."""
     error = energy = 0.0
@@ -151,8 +165,9 @@ def test_truncated_lora_equals_peft_convert_to_lora(size, tmp_path, cli):
     from tests.test_converters_truncate import quiet_convert
     from tests.tiny import input_ids
 
-    peft_model = make_peft_adapter(tiny_llama(layers=2, seed=3), tmp_path / "lora", r=8, lora_alpha=16,
-                                   target_modules=["q_proj", "v_proj"], seed=5)
+    peft_model = make_peft_adapter(
+        tiny_llama(layers=2, seed=3), tmp_path / "lora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], seed=5
+    )
     r = cli("convert", tmp_path / "lora", "--to", "lora", *size, "-o", tmp_path / "cut", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
@@ -161,11 +176,14 @@ def test_truncated_lora_equals_peft_convert_to_lora(size, tmp_path, cli):
     config, state = quiet_convert(peft_model, size[1])
     site_ranks = {path: k for kind in report["kinds"] for path, k in kind["site_ranks"].items()}
     for path in ours.sites:
-        peft_a, peft_b = state[f"base_model.model.{path}.lora_A.weight"], state[f"base_model.model.{path}.lora_B.weight"]
+        peft_a, peft_b = (
+            state[f"base_model.model.{path}.lora_A.weight"],
+            state[f"base_model.model.{path}.lora_B.weight"],
+        )
         assert ours.rank(path) == site_ranks[path] == peft_a.shape[0]  # same rank per module
-        torch.testing.assert_close(ours.update(path), peft_b @ peft_a * config.lora_alpha / config.r, atol=1e-5,
-                                   rtol=0)
+        torch.testing.assert_close(ours.update(path), peft_b @ peft_a * config.lora_alpha / config.r, atol=1e-5, rtol=0)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         save_as_lora(tmp_path / "peft-cut", peft_model, rank=size[1])
@@ -215,6 +233,7 @@ def test_truncation_budget_is_kept_and_its_error_is_the_plans(tmp_path, cli):
 
 # ---------------------------------------------------------------- --to auto
 
+
 @pytest.mark.parametrize("shared_a", [False, True])
 def test_auto_keeps_the_form_with_least_dense_error(shared_a, tmp_path, cli):
     """Each candidate expanded and compared densely with the LoRA; a ShareLoRA-like adapter
@@ -232,8 +251,9 @@ def test_auto_keeps_the_form_with_least_dense_error(shared_a, tmp_path, cli):
         dense[form] = (*_dense_error(lora, converted), converted.num_parameters())
     least = min(error for error, _, _ in dense.values())
     # errors within 1e-9 of the energy tie (lossless forms): the fewest parameters, then the first form
-    best = min((f for f, (error, energy, _) in dense.items() if error <= least + 1e-9 * energy),
-               key=lambda f: dense[f][2])
+    best = min(
+        (f for f, (error, energy, _) in dense.items() if error <= least + 1e-9 * energy), key=lambda f: dense[f][2]
+    )
     r = cli("convert", tmp_path / "lora", "--to", "auto", "--budget", budget, "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
@@ -269,6 +289,7 @@ def test_auto_among_exact_forms_keeps_the_fewest_parameters(tmp_path, cli):
 
 
 # ---------------------------------------------------------------- sizes, defaults, warnings
+
 
 def test_convert_and_inspect_state_one_size_through_recovery_and_reconversion(tmp_path, cli):
     from shareport.files.adapters import save_adapter
@@ -307,9 +328,11 @@ def test_convert_and_inspect_state_one_size_through_recovery_and_reconversion(tm
 
 def test_default_aslora_is_the_planner_at_a_quarter():
     gen = torch.Generator().manual_seed(1)
-    factors = {f"model.layers.{i}.self_attn.{k}": (torch.randn(4, 32, generator=gen),
-                                                    torch.randn(32, 4, generator=gen), 2.0)
-               for i in range(4) for k in ("q_proj", "v_proj")}
+    factors = {
+        f"model.layers.{i}.self_attn.{k}": (torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), 2.0)
+        for i in range(4)
+        for k in ("q_proj", "v_proj")
+    }
     lora = Adapter.from_factors(factors)
     default, report = convert_adapter(lora, "aslora")
     planned, planned_report = convert_adapter(lora, "aslora", budget=0.25)
@@ -333,17 +356,28 @@ def test_kinds_under_half_their_energy_are_warned_about(tmp_path, cli):
     assert convert_adapter(lora, "sharea", rank=16)[1].warnings == []  # lossless: nothing to say
 
 
-@pytest.mark.parametrize("to, size, hint", [
-    ("aslora", {}, "try a --budget above the default 0.25"),  # no size option given: not "a larger --budget"
-    ("sharea", {"rank": 1}, "try a larger --rank than 1"),
-    ("sharea", {"energy": 0.3}, "try a larger --energy than 0.3"),
-    ("shareab", {"budget": 0.1}, "try a larger --budget than 0.1"),
-])
+@pytest.mark.parametrize(
+    "to, size, hint",
+    [
+        ("aslora", {}, "try a --budget above the default 0.25"),  # no size option given: not "a larger --budget"
+        ("sharea", {"rank": 1}, "try a larger --rank than 1"),
+        ("sharea", {"energy": 0.3}, "try a larger --energy than 0.3"),
+        ("shareab", {"budget": 0.1}, "try a larger --budget than 0.1"),
+    ],
+)
 def test_low_energy_warning_names_the_option_that_set_the_size(to, size, hint):
     gen = torch.Generator().manual_seed(1)
-    lora = Adapter.from_factors({f"model.layers.{i}.self_attn.{k}": (
-        torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), 2.0) for i in range(4)
-        for k in ("q_proj", "v_proj")})
+    lora = Adapter.from_factors(
+        {
+            f"model.layers.{i}.self_attn.{k}": (
+                torch.randn(4, 32, generator=gen),
+                torch.randn(32, 4, generator=gen),
+                2.0,
+            )
+            for i in range(4)
+            for k in ("q_proj", "v_proj")
+        }
+    )
     _, report = convert_adapter(lora, to, **size)
     low = [k for k in report.kinds if k.retained_energy < 0.5]
     assert low and len(report.warnings) == len(low) and all(w.endswith(hint) for w in report.warnings)
@@ -351,8 +385,16 @@ def test_low_energy_warning_names_the_option_that_set_the_size(to, size, hint):
 
 def test_auto_lists_forms_the_budget_cannot_pay_for():
     gen = torch.Generator().manual_seed(2)
-    lora = Adapter.from_factors({f"model.layers.{i}.self_attn.q_proj": (
-        torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), 1.0) for i in range(4)})
+    lora = Adapter.from_factors(
+        {
+            f"model.layers.{i}.self_attn.q_proj": (
+                torch.randn(4, 32, generator=gen),
+                torch.randn(32, 4, generator=gen),
+                1.0,
+            )
+            for i in range(4)
+        }
+    )
     # 71 parameters: rank 1 at one site (64) or shared (64); sharea/shareb need 160 at rank 1
     out, report = convert_adapter(lora, "auto", budget=71 / lora.num_parameters())
     refused = {c["form"] for c in report.candidates if "refused" in c}

@@ -1,10 +1,10 @@
 """ASLoRA: exact reported error, optimal adjacent grouping at fixed A, a monotone alternation."""
+
 import pytest
 import torch
 
 import converters
-from tests.converters_reference import (as_sets, contiguous_splits, dense_error, grouped_error_at,
-                                        random_kind)
+from tests.converters_reference import as_sets, contiguous_splits, dense_error, grouped_error_at, random_kind
 
 
 def test_reported_error_is_the_dense_error_and_alternation_never_increases_it():
@@ -21,8 +21,7 @@ def test_reported_error_is_the_dense_error_and_alternation_never_increases_it():
         assert all(later <= earlier for earlier, later in zip(history, history[1:]))
         assert history[-1] == pytest.approx(result.error, rel=1e-6)
         # the start of the alternation: ShareA's A and its grouping, recomputed densely
-        start = converters.convert_kind("aslora", As, Bts, rank=4, groups=3, grouping=grouping,
-                                        max_iterations=0)
+        start = converters.convert_kind("aslora", As, Bts, rank=4, groups=3, grouping=grouping, max_iterations=0)
         start_dense = grouped_error_at(As, Bts, start.a_tensors[0], start.groups)
         assert start.error == pytest.approx(start_dense, rel=1e-5)
         assert result.error <= start_dense * (1 + 1e-6)
@@ -41,8 +40,7 @@ def test_alternation_improves_on_the_first_grouping_somewhere():
 def test_adjacent_grouping_at_shareas_a_is_the_brute_force_optimum():
     gen = torch.Generator().manual_seed(22)
     As, Bts = random_kind(gen, 6, 8, 9, ranks=3, dtype=torch.float64)
-    result = converters.convert_kind("aslora", As, Bts, rank=3, groups=3, grouping="adjacent",
-                                     max_iterations=0)
+    result = converters.convert_kind("aslora", As, Bts, rank=3, groups=3, grouping="adjacent", max_iterations=0)
     a = result.a_tensors[0]
     best = min(grouped_error_at(As, Bts, a, p) for p in contiguous_splits(6, 3))
     assert result.error == pytest.approx(best, rel=1e-9)

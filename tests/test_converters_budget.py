@@ -1,4 +1,5 @@
 """Parameter counts, energy-based ranks and budget spending."""
+
 import math
 
 import pytest
@@ -7,8 +8,7 @@ import torch
 import converters
 from converters.budget import default_groups, kind_options, spend_budget
 from converters.types import KindFactors, Option
-from tests.converters_reference import (best_shareab, eckart_young_shareb, eckart_young_sharea,
-                                        energy, random_kind)
+from tests.converters_reference import best_shareab, eckart_young_sharea, eckart_young_shareb, energy, random_kind
 
 DENSE_OPTIMUM = {"sharea": eckart_young_sharea, "shareb": eckart_young_shareb, "shareab": best_shareab}
 
@@ -59,14 +59,17 @@ def test_energy_selection_picks_the_smallest_rank_reaching_it(method, target):
         assert chosen.rank == 1 or retained(chosen.rank - 1) < target
     else:  # unreachable (ShareAB cannot beat the layers' spread): the best it can do
         assert all(retained(k) <= retained(chosen.rank) + 1e-9 for k in range(1, 11))
-    assert chosen.estimated_error == pytest.approx(DENSE_OPTIMUM[method](As, Bts, chosen.rank),
-                                                   rel=1e-6, abs=1e-9 * total)
+    assert chosen.estimated_error == pytest.approx(
+        DENSE_OPTIMUM[method](As, Bts, chosen.rank), rel=1e-6, abs=1e-9 * total
+    )
 
 
 def contrasting_kinds(gen):
     """One kind whose layers agree (low-rank stack) and one whose layers do not."""
-    return {"agree": random_kind(gen, 8, 16, 16, ranks=4, common=3.0),
-            "spread": random_kind(gen, 8, 16, 16, ranks=4, common=0.0)}
+    return {
+        "agree": random_kind(gen, 8, 16, 16, ranks=4, common=3.0),
+        "spread": random_kind(gen, 8, 16, 16, ranks=4, common=0.0),
+    }
 
 
 def test_budget_is_never_exceeded_and_beats_a_uniform_rank():
@@ -144,8 +147,11 @@ def test_spend_budget_is_the_exhaustive_optimum(seed):
     rng = random.Random(seed)
     options = {}
     for kind in range(rng.randint(1, 4)):
-        opts = [Option(k, g, k * 3 + k * g * rng.randint(1, 3), float(rng.randint(0, 40)))
-                for k in range(1, rng.randint(2, 4)) for g in range(1, rng.randint(2, 4))]
+        opts = [
+            Option(k, g, k * 3 + k * g * rng.randint(1, 3), float(rng.randint(0, 40)))
+            for k in range(1, rng.randint(2, 4))
+            for g in range(1, rng.randint(2, 4))
+        ]
         options[f"kind{kind}"] = opts
     names = sorted(options)
     combos = list(itertools.product(*(options[n] for n in names)))

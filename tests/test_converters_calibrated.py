@@ -4,6 +4,7 @@ References: the dense objective ``sum_l tr((dW_l - B'_l A'_l) C_l (...)^T)`` wit
 from sampled inputs, an autograd optimiser of that dense objective (Adam, then L-BFGS, several
 random starts) over each form's parametrisation, and the plain converters.
 """
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -73,8 +74,15 @@ def optimise(loss, shapes, seed, starts=3, adam_steps=300, lbfgs_steps=300):
             adam.zero_grad()
             loss(*params).backward()
             adam.step()
-        lbfgs = torch.optim.LBFGS(params, lr=1, max_iter=lbfgs_steps, tolerance_grad=1e-14,
-                                  tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+        lbfgs = torch.optim.LBFGS(
+            params,
+            lr=1,
+            max_iter=lbfgs_steps,
+            tolerance_grad=1e-14,
+            tolerance_change=1e-16,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             lbfgs.zero_grad()
@@ -119,6 +127,7 @@ def max_rel_diff(xs, ys):
 
 # ---------------------------------------------------------------- the objective itself
 
+
 @pytest.mark.parametrize("method", ["lora", *SHARED])
 @pytest.mark.parametrize("lam", [0.0, 0.05])
 def test_factored_objective_is_the_dense_objective(method, lam):
@@ -152,6 +161,7 @@ def test_input_statistics_are_the_projected_second_moment():
 
 # ---------------------------------------------------------------- against a brute-force optimiser
 
+
 def test_exact_forms_reach_the_brute_force_optimum():
     As, Bts, cs, q, S = tiny_case(3)
     L, n_out, n_in, p, k = 3, 8, 10, q.shape[1], 2
@@ -179,8 +189,7 @@ def test_alternating_forms_reach_the_brute_force_optimum(seed):
     groups = [[0, 1], [2, 3]]
     aslora = convert("aslora", As, Bts, S, k, groups=groups, regroup=False, restarts=8)
     assert aslora.result.groups == groups
-    best = optimise(lambda z, b: dense_objective(As, Bts, cs, b[[0, 0, 1, 1]], z @ q.T),
-                    [(k, p), (2, n_out, k)], seed)
+    best = optimise(lambda z, b: dense_objective(As, Bts, cs, b[[0, 0, 1, 1]], z @ q.T), [(k, p), (2, n_out, k)], seed)
     assert aslora.objective <= best * (1 + 1e-3)
 
 
@@ -198,6 +207,7 @@ def test_one_shared_c_makes_the_span_q_restriction_lossless():
 
 
 # ---------------------------------------------------------------- identity statistics, ridge, plain
+
 
 @pytest.mark.parametrize("method", SHARED)
 def test_identity_statistics_give_todays_projection(method):
@@ -241,8 +251,8 @@ def test_huge_ridge_weighs_sites_by_their_mean_input_energy():
     p = q.shape[1]
     weights = [float(torch.trace(s)) / p for s in S]
     ours = convert("shareb", As, Bts, S, 2, lam=1e9)
-    scaled = converters.convert_kind("shareb", As, [bt * w ** 0.5 for bt, w in zip(Bts, weights)], 2)
-    expected = [m / w ** 0.5 for m, w in zip(products(scaled), weights)]
+    scaled = converters.convert_kind("shareb", As, [bt * w**0.5 for bt, w in zip(Bts, weights)], 2)
+    expected = [m / w**0.5 for m, w in zip(products(scaled), weights)]
     assert max_rel_diff(products(ours), expected) <= 1e-6
     # the per-site truncation has no cross-site weights: any ridge gives PEFT's truncation in the limit
     truncation = convert("lora", As, Bts, S, 1, lam=1e9)
@@ -267,12 +277,15 @@ def test_calibrated_never_loses_to_plain_on_its_own_objective(method, lam):
 
 # ---------------------------------------------------------------- the alternation and the closed forms
 
+
 @pytest.mark.parametrize("seed", [12, 13, 14])
 def test_alternation_history_never_increases(seed):
     As, Bts, _, _, S = tiny_case(seed, n_sites=6, n_out=10, n_in=12, ranks=3, deviation=0.8)
-    runs = [convert("sharea", As, Bts, S, 3, restarts=2, tol=1e-10),
-            convert("aslora", As, Bts, S, 3, groups=3, grouping="any", restarts=2),
-            convert("aslora", As, Bts, S, 3, groups=3, grouping="adjacent")]
+    runs = [
+        convert("sharea", As, Bts, S, 3, restarts=2, tol=1e-10),
+        convert("aslora", As, Bts, S, 3, groups=3, grouping="any", restarts=2),
+        convert("aslora", As, Bts, S, 3, groups=3, grouping="adjacent"),
+    ]
     for res in runs:
         history = res.objective_history
         assert all(later <= earlier for earlier, later in zip(history, history[1:]))
@@ -308,8 +321,9 @@ def test_same_input_gives_identical_output():
     As, Bts, _, _, S = tiny_case(17, n_sites=5, n_out=9, n_in=10, ranks=2)
     for method in ["lora", *SHARED]:
         first = convert(method, As, Bts, S, 2, lam=1e-2, restarts=2)
-        again = convert(method, [a.clone() for a in As], [b.clone() for b in Bts], [s.clone() for s in S], 2,
-                        lam=1e-2, restarts=2)
+        again = convert(
+            method, [a.clone() for a in As], [b.clone() for b in Bts], [s.clone() for s in S], 2, lam=1e-2, restarts=2
+        )
         assert all(torch.equal(x, y) for x, y in zip(first.result.a_tensors, again.result.a_tensors))
         assert all(torch.equal(x, y) for x, y in zip(first.result.b_tensors, again.result.b_tensors))
         assert first.objective_history == again.objective_history and first.result.groups == again.result.groups
@@ -349,15 +363,23 @@ def test_bad_input_is_refused():
 
 # ---------------------------------------------------------------- a few random kinds (hypothesis, sparingly)
 
+
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.sampled_from(["lora", *SHARED]), st.integers(1, 4), st.integers(1, 4),
-       st.integers(2, 4), st.integers(1, 3))
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["lora", *SHARED]),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.integers(2, 4),
+    st.integers(1, 3),
+)
 def test_random_kinds_score_densely_and_never_lose_to_plain(seed, method, k, n_sites, r, groups):
     As, Bts, cs, q, S = tiny_case(seed, n_sites=n_sites, n_out=7, n_in=8, ranks=r, n_samples=6)  # singular C's
     groups = min(groups, n_sites)
     res = convert(method, As, Bts, S, k, lam=1e-2, groups=groups, tol=1e-9)
-    assert res.objective == pytest.approx(result_objective(As, Bts, damped_dense(cs, q, 1e-2), res),
-                                          rel=1e-8, abs=1e-12 * res.result.energy)
+    assert res.objective == pytest.approx(
+        result_objective(As, Bts, damped_dense(cs, q, 1e-2), res), rel=1e-8, abs=1e-12 * res.result.energy
+    )
     if method != "lora":
         today = plain(method, As, Bts, k, groups=groups)
         plain_value = converters.calibrated_objective(As, Bts, S, q, today, lam=1e-2)

@@ -6,6 +6,7 @@ References are independent of the factored code: the dense objective with n_in x
 moments (test_converters_calibrated.py's helpers), dense eigen / least-squares solves of each
 closed-form piece, the plain converters for identity statistics, and the documented messages.
 """
+
 import re
 
 import pytest
@@ -13,16 +14,38 @@ import torch
 
 import converters
 from converters import calibrated_sharea as csa
-from converters.calibrated_aslora import (check_partition, convert_aslora_calibrated, grouped_directions,
-                                          propose_partition)
+from converters.calibrated_aslora import (
+    check_partition,
+    convert_aslora_calibrated,
+    grouped_directions,
+    propose_partition,
+)
 from converters.calibrated_shareab import convert_shareab_calibrated
-from converters.calibration import (CalibratedKind, check_statistics, damp, factors_objective, finish,
-                                    orthonormal_rows, psd_eigh, psd_factor, psd_roots, site_difference,
-                                    weighted_sq_norm)
+from converters.calibration import (
+    CalibratedKind,
+    check_statistics,
+    damp,
+    factors_objective,
+    finish,
+    orthonormal_rows,
+    psd_eigh,
+    psd_factor,
+    psd_roots,
+    site_difference,
+    weighted_sq_norm,
+)
 from converters.grouping import group_points
 from tests.converters_reference import F64, dense_updates, random_kind
-from tests.test_converters_calibrated import (convert, damped_dense, dense_objective, max_rel_diff, plain,
-                                              products, result_objective, tiny_case)
+from tests.test_converters_calibrated import (
+    convert,
+    damped_dense,
+    dense_objective,
+    max_rel_diff,
+    plain,
+    products,
+    result_objective,
+    tiny_case,
+)
 
 
 def _sym_psd(gen, p, rank=None):
@@ -54,6 +77,7 @@ def _dense_c_tilde(cs, q, lam):
 
 
 # ---------------------------------------------------------------- calibration.py: small pieces
+
 
 def test_input_statistics_shapes_counts_and_refusals():
     gen = torch.Generator().manual_seed(1)
@@ -102,7 +126,9 @@ def test_psd_helpers_against_dense_eigen():
     torch.testing.assert_close(psd_roots(tiny)[1], torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=F64)))
     # the cutoff is relative to the largest eigenvalue, however small: a tiny but well-conditioned m
     small = torch.diag(torch.tensor([1e-10, 4e-20], dtype=F64))
-    torch.testing.assert_close(psd_roots(small)[1], torch.diag(torch.tensor([1e5, 5e9], dtype=F64)), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(
+        psd_roots(small)[1], torch.diag(torch.tensor([1e5, 5e9], dtype=F64)), rtol=1e-12, atol=0.0
+    )
     # the zero matrix has no inverse root anywhere (0 is not above a cutoff of 0)
     assert torch.equal(psd_roots(torch.zeros(3, 3, dtype=F64))[1], torch.zeros(3, 3, dtype=F64))
     empty = psd_roots(torch.zeros(0, 0, dtype=F64))
@@ -117,7 +143,11 @@ def test_orthonormal_rows_and_weighted_norms_against_dense():
     assert rows.shape == (3, 5)
     torch.testing.assert_close(rows @ rows.T, torch.eye(3, dtype=F64), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(z @ rows.T @ rows, z, rtol=1e-12, atol=1e-12)
-    left, right, s = torch.randn(6, 3, generator=gen, dtype=F64), torch.randn(3, 5, generator=gen, dtype=F64), _sym_psd(gen, 5)
+    left, right, s = (
+        torch.randn(6, 3, generator=gen, dtype=F64),
+        torch.randn(3, 5, generator=gen, dtype=F64),
+        _sym_psd(gen, 5),
+    )
     e = left @ right
     assert weighted_sq_norm(left, right, s) == pytest.approx(float(torch.trace(e @ s @ e.T)), rel=1e-12)
     assert weighted_sq_norm(left, right, -s) == 0.0  # clamped: never negative
@@ -134,8 +164,10 @@ def test_check_statistics_messages_and_symmetrisation():
     torch.testing.assert_close(out[1], (s.double() + s.double().T) / 2)
     with pytest.raises(ValueError, match="^need one statistics matrix per site: 2 sites, 1 matrices$"):
         check_statistics([s], 2, 3)
-    with pytest.raises(ValueError, match=re.escape("site 1: statistics must be (3, 3) in the basis of "
-                                                   "calibration_basis(As), got (3, 2)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("site 1: statistics must be (3, 3) in the basis of calibration_basis(As), got (3, 2)"),
+    ):
         check_statistics([s, s[:, :2]], 2, 3)
     for bad in (float("nan"), float("inf")):
         broken = s.clone()
@@ -171,15 +203,18 @@ def test_factors_objective_and_calibrated_objective_refuse_rows_outside_span():
     outside = torch.linalg.qr(torch.randn(8, 8, dtype=F64, generator=torch.Generator().manual_seed(0))).Q
     outside = (outside - q @ (q.T @ outside))[:, :2].T  # (2, 8) rows orthogonal to span(Q)
     bs = [torch.ones(6, 2, dtype=F64)] * 3
-    with pytest.raises(ValueError, match=re.escape("site 0: the update has rows outside the statistics basis "
-                                                   "(was Q computed from these A's?)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("site 0: the update has rows outside the statistics basis (was Q computed from these A's?)"),
+    ):
         factors_objective(ck.kind, ck.q, ck.s, bs, [outside] * 3)
     # a zero B makes the outside rows harmless; rows inside are scored densely
     zero = [torch.zeros(6, 2, dtype=F64)] * 3
     inside = [q[:, :2].T] * 3
     got = factors_objective(ck.kind, ck.q, ck.s, [zero[0], bs[1], bs[2]], [outside, inside[1], inside[2]])
-    assert got == pytest.approx(float(dense_objective(As, Bts, cs, [zero[0], bs[1], bs[2]],
-                                                      [inside[0], inside[1], inside[2]])), rel=1e-10)
+    assert got == pytest.approx(
+        float(dense_objective(As, Bts, cs, [zero[0], bs[1], bs[2]], [inside[0], inside[1], inside[2]])), rel=1e-10
+    )
     res = converters.convert_kind_calibrated("shareb", As, Bts, S, 2, lam=0.0)
     with pytest.raises(ValueError, match=re.escape(f"Q must have 8 rows, got (7, {q.shape[1]})")):
         converters.calibrated_objective(As, Bts, S, q[:7], res)
@@ -199,8 +234,11 @@ def test_span_checks_are_relative_and_accept_what_they_document():
     As, Bts, cs, q, S = tiny_case(9, n_sites=3, n_out=6, n_in=8, ranks=2)
     As, Bts = [100 * a for a in As], [100 * bt for bt in Bts]  # squared norms ~1e8: an absolute test fails
     ck = CalibratedKind.build(As, Bts, S, 0.0)
-    normal = torch.linalg.qr(torch.cat([q, torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(5))],
-                                       dim=1)).Q[:, -2:].T  # rows orthogonal to span(Q)
+    normal = (
+        torch.linalg.qr(torch.cat([q, torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(5))], dim=1))
+        .Q[:, -2:]
+        .T
+    )  # rows orthogonal to span(Q)
     inside = [q[:, :2].T * 10] * 3
     leaky = [a + 1e-4 * normal for a in inside]  # leak ~1e-10 relative
     bs = [bt.clone() for bt in Bts]
@@ -210,8 +248,9 @@ def test_span_checks_are_relative_and_accept_what_they_document():
     zero_bts = [torch.zeros_like(Bts[0]), Bts[1], Bts[2]]
     zk = CalibratedKind.build(As, zero_bts, S, 0.0)
     got = factors_objective(zk.kind, zk.q, zk.s, [torch.zeros(6, 2, dtype=F64), bs[1], bs[2]], inside)
-    assert got == pytest.approx(float(dense_objective(As, zero_bts, cs, [torch.zeros(6, 2, dtype=F64), bs[1], bs[2]],
-                                                      inside)), rel=1e-9)
+    assert got == pytest.approx(
+        float(dense_objective(As, zero_bts, cs, [torch.zeros(6, 2, dtype=F64), bs[1], bs[2]], inside)), rel=1e-9
+    )
     res = converters.convert_kind_calibrated("shareb", As, Bts, S, 2, lam=0.0)
     tilted = torch.linalg.qr(q + 1e-6 * normal.T[:, :1].expand(8, q.shape[1])).Q  # A's leak ~1e-12 relative
     assert converters.calibrated_objective(As, Bts, S, tilted, res) == pytest.approx(res.raw_objective, rel=1e-4)
@@ -224,8 +263,9 @@ def test_span_checks_are_relative_and_accept_what_they_document():
 
 def test_calibrated_objective_takes_results_of_any_dtype_and_defaults_to_raw():
     As, Bts, cs, q, S = tiny_case(10, n_sites=3, n_out=6, n_in=8, ranks=2)
-    res32 = converters.convert_kind_calibrated("sharea", [a.float() for a in As], [bt.float() for bt in Bts],
-                                               S, 2, lam=0.2)
+    res32 = converters.convert_kind_calibrated(
+        "sharea", [a.float() for a in As], [bt.float() for bt in Bts], S, 2, lam=0.2
+    )
     want = result_objective(As, Bts, cs, res32)
     assert converters.calibrated_objective(As, Bts, S, q, res32) == pytest.approx(want, rel=1e-6)
     assert converters.calibrated_objective(As, Bts, S, q.float(), res32.result) == pytest.approx(want, rel=1e-5)
@@ -239,24 +279,47 @@ def test_finish_fields():
     ck = CalibratedKind.build(As32, Bts32, S, 0.1)
     a = [orthonormal_rows(torch.randn(2, ck.p, dtype=F64, generator=torch.Generator().manual_seed(2))) @ ck.q.T]
     b = [torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
-    out = finish(ck, "aslora", a, b, a_index=[0, 0, 0], b_index=[1, 0, 1], groups=[[1], [0, 2]],
-                 spectrum=torch.ones(2, dtype=F64), history=[9.0, 8.0], iterations=4, total_iterations=7, rank=5)
+    out = finish(
+        ck,
+        "aslora",
+        a,
+        b,
+        a_index=[0, 0, 0],
+        b_index=[1, 0, 1],
+        groups=[[1], [0, 2]],
+        spectrum=torch.ones(2, dtype=F64),
+        history=[9.0, 8.0],
+        iterations=4,
+        total_iterations=7,
+        rank=5,
+    )
     r = out.result
     assert (r.method, r.a_index, r.b_index, r.groups, r.rank, r.already_shared) == (
-        "aslora", [0, 0, 0], [1, 0, 1], [[1], [0, 2]], 5, False)
+        "aslora",
+        [0, 0, 0],
+        [1, 0, 1],
+        [[1], [0, 2]],
+        5,
+        False,
+    )
     assert all(t.dtype == torch.float32 for t in r.a_tensors + r.b_tensors)
     assert (out.iterations, out.total_iterations, out.lam, out.objective_history) == (4, 7, 0.1, [9.0, 8.0])
     site_bs, site_as = [b[1], b[0], b[1]], a * 3
-    assert out.objective == r.error == pytest.approx(
-        float(dense_objective(As, Bts, damped_dense(cs, q, 0.1), site_bs, site_as)), rel=1e-6)
+    assert (
+        out.objective
+        == r.error
+        == pytest.approx(float(dense_objective(As, Bts, damped_dense(cs, q, 0.1), site_bs, site_as)), rel=1e-6)
+    )
     assert out.raw_objective == pytest.approx(float(dense_objective(As, Bts, cs, site_bs, site_as)), rel=1e-6)
     dws = dense_updates(As32, Bts32)
     assert out.raw_energy == pytest.approx(sum(float(torch.trace(dw @ c @ dw.T)) for dw, c in zip(dws, cs)), rel=1e-6)
     assert r.energy == pytest.approx(ck.energy(), rel=1e-12) and r.energy > out.raw_energy
     assert out.frobenius_error == pytest.approx(
-        sum(float((dw - bb @ aa).square().sum()) for dw, bb, aa in zip(dws, site_bs, site_as)), rel=1e-6)
-    closed = finish(ck, "shareab", a, b[:1], a_index=[0] * 3, b_index=[0] * 3, groups=[[0, 1, 2]],
-                    spectrum=torch.ones(1, dtype=F64))
+        sum(float((dw - bb @ aa).square().sum()) for dw, bb, aa in zip(dws, site_bs, site_as)), rel=1e-6
+    )
+    closed = finish(
+        ck, "shareab", a, b[:1], a_index=[0] * 3, b_index=[0] * 3, groups=[[0, 1, 2]], spectrum=torch.ones(1, dtype=F64)
+    )
     assert closed.objective_history == [closed.objective] and closed.result.rank == 2
     assert (closed.iterations, closed.total_iterations) == (0, 0)
     shared = converters.convert_kind_calibrated("shareab", [As[0]] * 3, Bts, [S[0]] * 3, 1)
@@ -264,6 +327,7 @@ def test_finish_fields():
 
 
 # ---------------------------------------------------------------- calibrated_shareab.py
+
 
 def _dense_shareab(As, Bts, c_tilde, k):
     """Best rank-k M (rows in span(Q)) for sum_l tr((dW_l - M) C_l (...)^T), by a dense eigen solve:
@@ -291,7 +355,9 @@ def test_shareab_is_the_dense_closed_form(lam):
         assert max_rel_diff(products(res), [m] * 3) <= 1e-8
         torch.testing.assert_close(res.result.spectrum[:4], decreases[:4], rtol=1e-8, atol=1e-10 * float(decreases[0]))
         assert res.objective == pytest.approx(res.result.energy - float(decreases[:k].sum()), rel=1e-9)
-        assert res.objective == pytest.approx(float(dense_objective(As, Bts, c_tilde, [m] * 3, [torch.eye(9, dtype=F64)] * 3)), rel=1e-9)
+        assert res.objective == pytest.approx(
+            float(dense_objective(As, Bts, c_tilde, [m] * 3, [torch.eye(9, dtype=F64)] * 3)), rel=1e-9
+        )
         (a,) = res.result.a_tensors
         (b,) = res.result.b_tensors
         assert a.shape == (k, 9) and b.shape == (7, k)
@@ -324,6 +390,7 @@ def test_shareab_identity_statistics_caps_and_refusal():
 
 # ---------------------------------------------------------------- calibrated_shareb.py
 
+
 def test_shareb_is_the_dense_eigen_solve():
     """Module doc: U is the top-k eigenvectors of G = sum_l dW_l C~_l dW_l^T, A'_l = U^T dW_l, and
     objective(k) = energy - (top k eigenvalues of G)."""
@@ -349,6 +416,7 @@ def test_shareb_is_the_dense_eigen_solve():
 
 
 # ---------------------------------------------------------------- calibrated_sharea.py
+
 
 def _problem(seed, lam=0.05, **kw):
     args = dict(n_sites=4, n_out=7, n_in=9, ranks=2) | kw
@@ -404,7 +472,9 @@ def test_a_step_solves_the_normal_equations(partition):
     # within CG_TOL of the right-hand side (relative): CG stops at once and returns Z as given
     rhs_norm = float(sum((p_g.T @ ck.b[l] @ ck.a[l] @ ck.s[l] for g, p_g in zip(partition, st.p) for l in g)).norm())
     assert rhs_norm > 10  # so that a target of CG_TOL / |rhs| would be a different one
-    near = want + 1e-12 * torch.randn(want.shape, dtype=F64, generator=torch.Generator().manual_seed(2)) * float(want.norm())
+    near = want + 1e-12 * torch.randn(want.shape, dtype=F64, generator=torch.Generator().manual_seed(2)) * float(
+        want.norm()
+    )
     solved = csa.AlternationState(near, partition, st.p, st.objective)
     assert torch.equal(problem.a_step(solved), near)
 
@@ -442,8 +512,13 @@ def test_sharea_identity_statistics_give_plain_sharea_and_fields():
     As, Bts, identity = _identity_case(34, n_sites=4, n_out=7, n_in=8, ranks=2)
     for k in (1, 3):
         r = _same_as_plain("sharea", As, Bts, identity, k, 1e-8).result
-        assert (r.method, r.rank, r.a_index, r.b_index, r.groups) == ("sharea", k, [0] * 4, [0, 1, 2, 3],
-                                                                      [[0], [1], [2], [3]])
+        assert (r.method, r.rank, r.a_index, r.b_index, r.groups) == (
+            "sharea",
+            k,
+            [0] * 4,
+            [0, 1, 2, 3],
+            [[0], [1], [2], [3]],
+        )
         assert len(r.b_tensors) == 4 and r.a_tensors[0].shape == (k, 8)
 
 
@@ -495,7 +570,9 @@ def test_sharea_ranks_beyond_p_and_refusals():
         assert b.shape == (6, 9) and not bool(b[:, 2:].any())  # padding rows get zero B columns
     assert res.objective <= 1e-20 * res.result.energy
     for rank, restarts in ((0, 0), (1, -1)):
-        with pytest.raises(ValueError, match=re.escape(f"rank must be positive and restarts >= 0, got {rank}, {restarts}")):
+        with pytest.raises(
+            ValueError, match=re.escape(f"rank must be positive and restarts >= 0, got {rank}, {restarts}")
+        ):
             csa.convert_sharea_calibrated(ck, rank, restarts=restarts)
 
 
@@ -540,7 +617,7 @@ def test_alternate_and_best_run_bookkeeping(monkeypatch):
     assert 1 <= rounds < 200 and len(history) <= rounds + 1
     # stops on a round that gains less than tol, and after max_iterations at most
     _, short, n = csa.alternate(problem, start, 2, 1e-9)
-    assert n == 2 and short == history[:len(short)] and len(short) <= 3
+    assert n == 2 and short == history[: len(short)] and len(short) <= 3
     _, _, n = csa.alternate(problem, start, 200, 1.0)  # no round gains all of the objective
     assert n == 1
     # the stretched step is taken when it is lower (and never leaves Z non-orthonormal)
@@ -611,8 +688,10 @@ def test_alternate_line_search_follows_the_documented_schedule():
     exponent, current, exponents = 1, start, []  # beta = 2 ** exponent, exponent in 1..6
     for moved, refit, stretched in zip(problem.moved, problem.scored[::2], problem.scored[1::2]):
         torch.testing.assert_close(refit.z, orthonormal_rows(moved), rtol=0, atol=0)
-        beta = 2.0 ** exponent
-        torch.testing.assert_close(stretched.z, orthonormal_rows(current.z + beta * (moved - current.z)), rtol=0, atol=0)
+        beta = 2.0**exponent
+        torch.testing.assert_close(
+            stretched.z, orthonormal_rows(current.z + beta * (moved - current.z)), rtol=0, atol=0
+        )
         exponents.append(exponent)
         lower = stretched if stretched.objective < refit.objective else refit
         exponent = min(exponent + 1, 6) if lower is stretched else max(exponent - 1, 1)
@@ -672,6 +751,7 @@ def test_alternate_beta_doubles_up_to_64_and_equal_points_are_no_step():
 
 # ---------------------------------------------------------------- calibrated_aslora.py
 
+
 def test_grouped_directions_against_dense():
     gen = torch.Generator().manual_seed(40)
     bts = [torch.randn(5, 2, generator=gen, dtype=F64) for _ in range(4)]
@@ -697,7 +777,9 @@ def test_aslora_validation_messages():
     As, Bts, identity = _identity_case(41, n_sites=3)
     ck = CalibratedKind.build(As, Bts, identity, 0.0)
     for rank, restarts in ((0, 0), (1, -2)):
-        with pytest.raises(ValueError, match=re.escape(f"rank must be positive and restarts >= 0, got {rank}, {restarts}")):
+        with pytest.raises(
+            ValueError, match=re.escape(f"rank must be positive and restarts >= 0, got {rank}, {restarts}")
+        ):
             convert_aslora_calibrated(ck, rank, 2, restarts=restarts)
     with pytest.raises(ValueError, match=re.escape("grouping must be one of ('any', 'adjacent'), got 'near'")):
         convert_aslora_calibrated(ck, 1, 2, grouping="near")
@@ -722,8 +804,9 @@ def test_aslora_identity_statistics_give_plain_aslora(grouping):
         r = ours.result
         assert (r.method, r.rank, len(r.b_tensors)) == ("aslora", k, groups)
         # the spectrum of the kept partition's stack (mean-whitened, here unweighted)
-        torch.testing.assert_close(r.spectrum, grouped_directions(Bts, As, r.groups)[1], rtol=1e-9,
-                                   atol=1e-12 * float(r.spectrum[0]))
+        torch.testing.assert_close(
+            r.spectrum, grouped_directions(Bts, As, r.groups)[1], rtol=1e-9, atol=1e-12 * float(r.spectrum[0])
+        )
 
 
 def test_aslora_given_partition_objective_and_b_optimality():

@@ -5,6 +5,7 @@ and all-negligible budget corners, plan fields in every mode, and ``orthonormal_
 References are independent: dense SVDs of the multiplied-out updates, brute force over every
 rank vector or option combination, and the documented formulas for counts and defaults.
 """
+
 import itertools
 import re
 
@@ -38,57 +39,99 @@ _S = [torch.eye(converters.calibration_basis(_AS).shape[1], dtype=F64)] * 4
 
 BAD_CALLS = [
     # A 1-D A with a matching B: only the dimension check catches it
-    (lambda: truncate.truncate_site(torch.ones(3), torch.ones(4, 3), 1),
-     "need A (r, n_in) and B (n_out, r), got (3,) and (4, 3)"),
+    (
+        lambda: truncate.truncate_site(torch.ones(3), torch.ones(4, 3), 1),
+        "need A (r, n_in) and B (n_out, r), got (3,) and (4, 3)",
+    ),
     # matrices whose inner sizes differ: only the shape check catches it
-    (lambda: truncate.truncate_site(torch.ones(3, 5), torch.ones(4, 2), 1),
-     "need A (r, n_in) and B (n_out, r), got (3, 5) and (4, 2)"),
+    (
+        lambda: truncate.truncate_site(torch.ones(3, 5), torch.ones(4, 2), 1),
+        "need A (r, n_in) and B (n_out, r), got (3, 5) and (4, 2)",
+    ),
     (lambda: truncate.truncate_site(torch.ones(2, 5), torch.ones(4, 2), -1), "rank must be non-negative, got -1"),
     (lambda: truncate.rank_for_energy(_SITE, 0.0), "energy fraction must be in (0, 1], got 0.0"),
     (lambda: truncate.rank_for_energy(_SITE, 1.5), "energy fraction must be in (0, 1], got 1.5"),
     (lambda: truncate.allocate_budget([_SITE], [3, 4], 9), "need one cost per site, got 2 costs for 1 sites"),
     (lambda: truncate.allocate_budget([_SITE], [0], 9), "every site's cost per rank must be positive"),
     (lambda: truncate.allocate_budget([_SITE], [3], -1), "budget must be non-negative, got -1"),
-    (lambda: truncate.allocate_budget(*_over_the_exact_limit(), exact=True),
-     f"the exact budget search exceeds {truncate.EXACT_CANDIDATE_LIMIT} candidates"),
-    (lambda: converters.plan_truncation({"k": (_AS, _BTS)}, rank=1, energy=0.5),
-     "give at most one of rank, energy and budget"),
-    (lambda: converters.plan_truncation({"k": (_AS, _BTS)}, budget=0),
-     "budget must be a positive fraction of the LoRA's parameters, got 0"),
+    (
+        lambda: truncate.allocate_budget(*_over_the_exact_limit(), exact=True),
+        f"the exact budget search exceeds {truncate.EXACT_CANDIDATE_LIMIT} candidates",
+    ),
+    (
+        lambda: converters.plan_truncation({"k": (_AS, _BTS)}, rank=1, energy=0.5),
+        "give at most one of rank, energy and budget",
+    ),
+    (
+        lambda: converters.plan_truncation({"k": (_AS, _BTS)}, budget=0),
+        "budget must be a positive fraction of the LoRA's parameters, got 0",
+    ),
     (lambda: grouping_costs(torch.ones(3, 2), "nearby"), "grouping must be one of ('any', 'adjacent'), got 'nearby'"),
     (lambda: group_points(torch.ones(3, 2), 2, "nearby"), "grouping must be one of ('any', 'adjacent'), got 'nearby'"),
     (lambda: converters.parameter_count("aslora", 4, 5, 3, 2), "aslora needs the number of groups"),
-    (lambda: converters.parameter_count("dora", 4, 5, 3, 2),
-     "method must be 'lora' or one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'"),
-    (lambda: rank_cap("lora", KindFactors.from_lists(_AS, _BTS)),
-     "method must be one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'lora'"),
-    (lambda: plan("dora", {"k": (_AS, _BTS)}), "method must be one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'"),
+    (
+        lambda: converters.parameter_count("dora", 4, 5, 3, 2),
+        "method must be 'lora' or one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'",
+    ),
+    (
+        lambda: rank_cap("lora", KindFactors.from_lists(_AS, _BTS)),
+        "method must be one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'lora'",
+    ),
+    (
+        lambda: plan("dora", {"k": (_AS, _BTS)}),
+        "method must be one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'",
+    ),
     (lambda: plan("sharea", {"k": (_AS, _BTS)}, rank=1, budget=0.5), "give at most one of rank, energy and budget"),
     # the minimum is every kind's cheapest option together (10 + 20), not the later kinds' alone
-    (lambda: spend_budget({"x": [Option(1, None, 10, 1.0)], "y": [Option(1, None, 20, 1.0)]}, 29),
-     "budget of 29 parameters is below the minimum of 30 (rank 1, one group, in every kind)"),
+    (
+        lambda: spend_budget({"x": [Option(1, None, 10, 1.0)], "y": [Option(1, None, 20, 1.0)]}, 29),
+        "budget of 29 parameters is below the minimum of 30 (rank 1, one group, in every kind)",
+    ),
     (lambda: KindFactors.from_lists([], []), "need the same positive number of A's and B's, got 0 and 0"),
     (lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(6)], _BTS[:2]), "site 1: A and B must be matrices"),
-    (lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(2, 5)], _BTS[:2]),
-     "site 1: shape A (2, 5) / B (7, 2) differs from the kind's (n_out=7, n_in=6)"),
-    (lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(2, 6)], _BTS[:1] + [torch.ones(7, 3)]),
-     "site 1: B has 3 columns but A has 2 rows"),
-    (lambda: converters.convert_kind_calibrated("dora", _AS, _BTS, _S, 1),
-     "method must be one of ('lora', 'sharea', 'shareb', 'shareab', 'aslora'), got 'dora'"),
-    (lambda: converters.convert_kind_calibrated("sharea", _AS, _BTS, _S, [1] * 4),
-     "one rank per site is for method 'lora' only, got 'sharea'"),
+    (
+        lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(2, 5)], _BTS[:2]),
+        "site 1: shape A (2, 5) / B (7, 2) differs from the kind's (n_out=7, n_in=6)",
+    ),
+    (
+        lambda: KindFactors.from_lists(_AS[:1] + [torch.ones(2, 6)], _BTS[:1] + [torch.ones(7, 3)]),
+        "site 1: B has 3 columns but A has 2 rows",
+    ),
+    (
+        lambda: converters.convert_kind_calibrated("dora", _AS, _BTS, _S, 1),
+        "method must be one of ('lora', 'sharea', 'shareb', 'shareab', 'aslora'), got 'dora'",
+    ),
+    (
+        lambda: converters.convert_kind_calibrated("sharea", _AS, _BTS, _S, [1] * 4),
+        "one rank per site is for method 'lora' only, got 'sharea'",
+    ),
     (lambda: converters.convert_kind_calibrated("shareb", _AS, _BTS, _S, 0), "rank must be positive, got 0"),
-    (lambda: converters.convert_kind_calibrated("aslora", _AS, _BTS, _S, 1),
-     "aslora needs groups (a count, see converters.default_groups, or a partition)"),
+    (
+        lambda: converters.convert_kind_calibrated("aslora", _AS, _BTS, _S, 1),
+        "aslora needs groups (a count, see converters.default_groups, or a partition)",
+    ),
     (lambda: converters.spectrum("aslora", _AS, _BTS), "spectrum is defined for sharea, shareb, shareab, got 'aslora'"),
-    (lambda: orthonormal_complement(torch.eye(5, 3, dtype=F64), 3), "cannot add 3 orthonormal directions to 3 in dimension 5"),
-    (lambda: shared_rows(torch.eye(5, 2, dtype=F64), torch.eye(2, dtype=F64), 0),
-     "rank 0 must be between 1 and 5 (orthonormal rows of length 5)"),
+    (
+        lambda: orthonormal_complement(torch.eye(5, 3, dtype=F64), 3),
+        "cannot add 3 orthonormal directions to 3 in dimension 5",
+    ),
+    (
+        lambda: shared_rows(torch.eye(5, 2, dtype=F64), torch.eye(2, dtype=F64), 0),
+        "rank 0 must be between 1 and 5 (orthonormal rows of length 5)",
+    ),
     (lambda: converters.convert_kind("sharea", _AS, _BTS, rank=0), "rank must be positive, got 0"),
-    (lambda: converters.convert_kind("aslora", _AS, _BTS, rank=1), "aslora needs groups (see converters.default_groups)"),
-    (lambda: converters.convert_kind("aslora", _AS, _BTS, rank=1, groups=0), "rank and groups must be positive, got rank=1, groups=0"),
-    (lambda: converters.convert_kind("dora", _AS, _BTS, rank=1),
-     "method must be one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'"),
+    (
+        lambda: converters.convert_kind("aslora", _AS, _BTS, rank=1),
+        "aslora needs groups (see converters.default_groups)",
+    ),
+    (
+        lambda: converters.convert_kind("aslora", _AS, _BTS, rank=1, groups=0),
+        "rank and groups must be positive, got rank=1, groups=0",
+    ),
+    (
+        lambda: converters.convert_kind("dora", _AS, _BTS, rank=1),
+        "method must be one of ('sharea', 'shareb', 'shareab', 'aslora'), got 'dora'",
+    ),
 ]
 
 
@@ -193,19 +236,25 @@ def test_greedy_fills_an_exact_fit_and_its_bound_stays_below_the_optimum():
 def test_truncation_plan_fields_in_every_mode():
     """Three kinds of 1, 2 and 2 sites: the budget's ranks go back to the right kind (brute force over
     all 5 sites), the totals are the kinds' sums and the lower bound is the error unless greedy."""
-    kinds = {"a": _kind(63, n_sites=1, n_out=5, n_in=4), "b": _kind(64, n_sites=2, n_out=3, n_in=6),
-             "c": _kind(65, n_sites=2, n_out=8, n_in=8)}
+    kinds = {
+        "a": _kind(63, n_sites=1, n_out=5, n_in=4),
+        "b": _kind(64, n_sites=2, n_out=3, n_in=6),
+        "c": _kind(65, n_sites=2, n_out=8, n_in=8),
+    }
     widths = {"a": 9, "b": 9, "c": 16}
     lora = {name: 2 * len(As) * widths[name] for name, (As, _) in kinds.items()}
     spectra = {name: [torch.linalg.svdvals(d).square()[:2] for d in dense_updates(*k)] for name, k in kinds.items()}
     for mode in ({"rank": 1}, {"energy": 0.8}, {}, {"budget": 0.6}):
         p = converters.plan_truncation(kinds, **mode)
-        assert p.lora_params == sum(lora.values()) and p.energy == pytest.approx(sum(energy(*k) for k in kinds.values()))
+        assert p.lora_params == sum(lora.values()) and p.energy == pytest.approx(
+            sum(energy(*k) for k in kinds.values())
+        )
         assert p.error == pytest.approx(sum(kp.estimated_error for kp in p.kinds.values()))
         for name, kp in p.kinds.items():
             assert kp.lora_params == lora[name] and kp.energy == pytest.approx(energy(*kinds[name]))
-            assert kp.estimated_error == pytest.approx(sum(float(s[k:].sum()) for s, k in zip(spectra[name], kp.ranks)),
-                                                       abs=1e-9)
+            assert kp.estimated_error == pytest.approx(
+                sum(float(s[k:].sum()) for s, k in zip(spectra[name], kp.ranks)), abs=1e-9
+            )
         if "budget" not in mode:
             assert p.budget is None and p.error_lower_bound == p.error
     p = converters.plan_truncation(kinds, budget=0.6)
@@ -235,8 +284,10 @@ def test_options_stop_at_the_spectrum_and_the_front_falls_strictly():
 
 def test_budget_ties_go_to_the_fewer_parameters():
     """Least total error 0.5 at 30 and at 40 parameters: the cheaper one is chosen (brute force)."""
-    options = {"x": [Option(1, None, 10, 0.5), Option(2, None, 30, 0.0)],
-               "y": [Option(1, None, 10, 0.5), Option(2, None, 20, 0.0)]}
+    options = {
+        "x": [Option(1, None, 10, 0.5), Option(2, None, 30, 0.0)],
+        "y": [Option(1, None, 10, 0.5), Option(2, None, 20, 0.0)],
+    }
     combos = [c for c in itertools.product(options["x"], options["y"]) if sum(o.params for o in c) <= 45]
     best = min(combos, key=lambda c: (sum(o.error for o in c), sum(o.params for o in c)))
     chosen = spend_budget(options, 45)
@@ -257,8 +308,10 @@ def test_aslora_plan_keeps_fixed_groups_and_grouping_in_every_mode():
                 table = aslora_error_table(KindFactors.from_lists(*kinds[name]), [p.rank], grouping)
                 assert p.estimated_error == pytest.approx(table[p.rank][1], rel=1e-12, abs=1e-12)
     # the estimates differ between the groupings on "q" (seed 45: its best pairs are not neighbours)
-    assert (plan("aslora", kinds, groups=2, grouping="adjacent", energy=0.9)["q"].estimated_error
-            != plan("aslora", kinds, groups=2, grouping="any", energy=0.9)["q"].estimated_error)
+    assert (
+        plan("aslora", kinds, groups=2, grouping="adjacent", energy=0.9)["q"].estimated_error
+        != plan("aslora", kinds, groups=2, grouping="any", energy=0.9)["q"].estimated_error
+    )
 
 
 def test_grouping_defaults_are_any():
@@ -335,7 +388,9 @@ def test_aslora_alternation_ends_at_a_fixed_point_on_a_tiny_scale():
     stack = torch.cat([len(g) ** 0.5 * torch.stack([dws[l] for l in g]).mean(0) for g in result.groups])
     _, values, vh = torch.linalg.svd(stack, full_matrices=False)
     assert grouped_error_at(As, Bts, vh[:2], result.groups) >= result.error - scale
-    torch.testing.assert_close(result.spectrum[:len(values)], values.square(), rtol=1e-9, atol=1e-12 * float(values[0]) ** 2)
+    torch.testing.assert_close(
+        result.spectrum[: len(values)], values.square(), rtol=1e-9, atol=1e-12 * float(values[0]) ** 2
+    )
     # convert_aslora's own default grouping is "any" as well
     kind = KindFactors.from_lists(As, Bts)
     assert convert_aslora(kind, 2, 3).groups == result.groups
@@ -365,12 +420,22 @@ def test_fleet_kind_forms_counts_and_messages():
     one = converters.fleet_kind("sharea", As, Bts, 1)
     assert (one.method, one.basis_v.dtype, one.cores[1][1].dtype) == ("sharea", torch.float32, torch.float32)
     assert one.error == pytest.approx(float(values[1:].sum()), rel=1e-9)
-    assert one.error_history == [pytest.approx(one.error, rel=1e-9)] and dense_error(one) == pytest.approx(one.error, rel=1e-5)
+    assert one.error_history == [pytest.approx(one.error, rel=1e-9)] and dense_error(one) == pytest.approx(
+        one.error, rel=1e-5
+    )
     two = converters.fleet_kind("shareab", As, Bts, 2, rank_out=3, max_iterations=1)
-    assert (two.method, two.ranks, two.basis_u.dtype, two.basis_v.dtype) == ("shareab", (3, 2), torch.float32, torch.float32)
+    assert (two.method, two.ranks, two.basis_u.dtype, two.basis_v.dtype) == (
+        "shareab",
+        (3, 2),
+        torch.float32,
+        torch.float32,
+    )
     assert len(two.error_history) <= 2 and dense_error(two) == pytest.approx(two.error, rel=1e-5)
-    assert two.shared_parameters() + sum(two.adapter_parameters(i) for i in range(2)) == \
-        converters.fleet_parameter_count("shareab", 7, 6, 4, 3, 2) == 3 * 7 + 2 * 6 + 4 * 3 * 2
+    assert (
+        two.shared_parameters() + sum(two.adapter_parameters(i) for i in range(2))
+        == converters.fleet_parameter_count("shareab", 7, 6, 4, 3, 2)
+        == 3 * 7 + 2 * 6 + 4 * 3 * 2
+    )
     assert converters.fleet_kind("shareab", As, Bts, 2).ranks == (2, 2)  # rank_out defaults to rank
     assert len(fleet_options("sharea", As, Bts, max_rank=2)) == 2
     options = fleet_options("shareab", As, Bts)  # every pair up to the two bases' sizes (7 and 6)
@@ -381,10 +446,19 @@ def test_fleet_kind_forms_counts_and_messages():
     assert full.error <= 1e-9 * float(values.sum())
     for call, message in [
         (lambda: converters.fleet_kind("sharea", As, Bts, 0), "rank must be positive, got 0"),
-        (lambda: converters.fleet_kind("sharea", As, Bts[:1], 1), "need the same positive number of adapters in As and Bts, got 2 and 1"),
-        (lambda: converters.fleet_kind("sharea", As, [Bts[0], Bts[1][:1]], 1), "adapter 1: 2 A's and 1 B's, expected 2 layers"),
+        (
+            lambda: converters.fleet_kind("sharea", As, Bts[:1], 1),
+            "need the same positive number of adapters in As and Bts, got 2 and 1",
+        ),
+        (
+            lambda: converters.fleet_kind("sharea", As, [Bts[0], Bts[1][:1]], 1),
+            "adapter 1: 2 A's and 1 B's, expected 2 layers",
+        ),
         (lambda: fleet_shareab(As, Bts, 0, 2), "ranks must be positive, got 0 and 2"),
-        (lambda: converters.fleet_parameter_count("aslora", 7, 6, 4, 1, 1), "fleet method must be one of ('sharea', 'shareab'), got 'aslora'"),
+        (
+            lambda: converters.fleet_parameter_count("aslora", 7, 6, 4, 1, 1),
+            "fleet method must be one of ('sharea', 'shareab'), got 'aslora'",
+        ),
         (lambda: fleet_options("aslora", As, Bts), "fleet method must be one of ('sharea', 'shareab'), got 'aslora'"),
     ]:
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -441,11 +515,13 @@ def test_calibrated_site_spectra_and_per_site_ranks_match_dense_eigenvalues():
     As, Bts, cs, q, S = tiny_case(71, n_sites=3, n_out=6, n_in=8, ranks=[3, 2, 3])
     lam = 0.05
     damped = damped_dense(cs, q, lam)
-    want = [torch.linalg.eigvalsh(dw @ c @ dw.T).flip(0)[:r] for dw, c, r in zip(dense_updates(As, Bts), damped, [3, 2, 3])]
+    want = [
+        torch.linalg.eigvalsh(dw @ c @ dw.T).flip(0)[:r] for dw, c, r in zip(dense_updates(As, Bts), damped, [3, 2, 3])
+    ]
     got = converters.calibrated_site_spectra(As, Bts, S, lam)
     assert len(got) == 3
     for g, w in zip(got, want):
-        torch.testing.assert_close(g[:len(w)], w, rtol=1e-9, atol=1e-12 * float(w[0]))
+        torch.testing.assert_close(g[: len(w)], w, rtol=1e-9, atol=1e-12 * float(w[0]))
     result = converters.convert_kind_calibrated("lora", As, Bts, S, [1, 0, 2], lam=lam)
     assert (result.result.method, result.result.rank, result.result.groups) == ("lora", 2, [[0], [1], [2]])
     assert [a.shape[0] for a in result.result.a_tensors] == [1, 0, 2]  # the rank is the largest, not the first

@@ -1,4 +1,5 @@
 """Ward greedy and the contiguous DP against independent references (scipy, brute force)."""
+
 import numpy as np
 import pytest
 import torch
@@ -23,8 +24,7 @@ def test_contiguous_dp_equals_brute_force(seed, weighted):
     rng = np.random.default_rng(seed)
     points = rng.normal(size=(6, 5))
     weights = rng.uniform(0.5, 3.0, size=6) if weighted else None
-    results = contiguous_partitions(torch.from_numpy(points), 6,
-                                    None if weights is None else torch.from_numpy(weights))
+    results = contiguous_partitions(torch.from_numpy(points), 6, None if weights is None else torch.from_numpy(weights))
     for g, (groups, cost) in enumerate(results, start=1):
         best = min(scatter_np(points, p, weights) for p in contiguous_splits(6, g))
         assert cost == pytest.approx(best, rel=1e-10, abs=1e-12)

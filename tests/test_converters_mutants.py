@@ -28,8 +28,11 @@ def test_default_groups_is_the_most_within_a_quarter(n_sites, n_out, n_in, r, ra
     kind = KindFactors.from_lists(As, Bts)
     rank = r * rank_factor
     allowed = 0.25 * converters.lora_parameter_count(n_out, n_in, [r] * n_sites)
-    fitting = [g for g in range(1, n_sites + 1) if converters.parameter_count("aslora", n_out, n_in, n_sites, rank, g)
-               <= allowed]
+    fitting = [
+        g
+        for g in range(1, n_sites + 1)
+        if converters.parameter_count("aslora", n_out, n_in, n_sites, rank, g) <= allowed
+    ]
     assert default_groups(kind, rank) == max(fitting, default=1)
 
 
@@ -39,7 +42,12 @@ def test_explicit_aslora_plan_is_its_enumerated_option_and_bounds_the_conversion
     for rank, groups in [(2, 3), (4, 2), (3, 1), (2, 5)]:
         plan = converters.plan("aslora", {"k": (As, Bts)}, rank=rank, groups=groups)["k"]
         (option,) = [o for o in kind_options("aslora", kind, max_rank=rank, groups=groups) if o.rank == rank]
-        assert (plan.rank, plan.groups, plan.params, plan.estimated_error) == (rank, groups, option.params, option.error)
+        assert (plan.rank, plan.groups, plan.params, plan.estimated_error) == (
+            rank,
+            groups,
+            option.params,
+            option.error,
+        )
         assert plan.params == converters.parameter_count("aslora", 9, 7, 5, rank, groups)
         converted = converters.convert_kind("aslora", As, Bts, rank=rank, groups=groups)
         # the estimate is ShareA's error plus the grouping's cost: between the ShareA optimum and the
@@ -112,9 +120,11 @@ def test_truncation_result_fields_match_a_dense_svd(shared_a):
     assert len(result.site_singular_values) == len(result.ranks) == 5
     assert result.already_shared is shared_a
     assert result.error_history == [result.error]
-    assert result.error == pytest.approx(sum(float(v[k:].square().sum()) for v, k in zip(values, [1, 2, 3, 2, 1])),
-                                         abs=1e-9)
+    assert result.error == pytest.approx(
+        sum(float(v[k:].square().sum()) for v, k in zip(values, [1, 2, 3, 2, 1])), abs=1e-9
+    )
     for got, want in zip(result.site_singular_values, values):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(result.spectrum.double(), torch.sort(torch.cat(values).square(), descending=True).values,
-                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        result.spectrum.double(), torch.sort(torch.cat(values).square(), descending=True).values, rtol=1e-6, atol=1e-9
+    )

@@ -1,10 +1,18 @@
 """ShareA / ShareB / ShareAB reach the Eckart-Young optimum of a dense SVD, factored."""
+
 import pytest
 import torch
 
 import converters
-from tests.converters_reference import (best_shareab, dense_error, eckart_young_shareb,
-                                        eckart_young_sharea, energy, llama_like, random_kind)
+from tests.converters_reference import (
+    best_shareab,
+    dense_error,
+    eckart_young_sharea,
+    eckart_young_shareb,
+    energy,
+    llama_like,
+    random_kind,
+)
 
 DENSE_OPTIMUM = {"sharea": eckart_young_sharea, "shareb": eckart_young_shareb, "shareab": best_shareab}
 

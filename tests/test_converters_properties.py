@@ -1,4 +1,5 @@
 """Hypothesis properties on small random kinds (float64, so the checks can be tight)."""
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,8 +30,7 @@ def convert(method, As, Bts, rank, groups, grouping):
     return converters.convert_kind(method, As, Bts, rank=rank, groups=groups, grouping=grouping)
 
 
-@given(kinds(), st.sampled_from(METHODS), st.integers(1, 8), st.integers(1, 5),
-       st.sampled_from(["any", "adjacent"]))
+@given(kinds(), st.sampled_from(METHODS), st.integers(1, 8), st.integers(1, 5), st.sampled_from(["any", "adjacent"]))
 def test_reported_error_is_the_reconstruction_error(kind, method, rank, groups, grouping):
     As, Bts = kind
     result = convert(method, As, Bts, rank, groups, grouping)
@@ -45,12 +45,10 @@ def test_parameter_count_is_the_formula(kind, method, rank, groups):
     result = convert(method, As, Bts, rank, groups, "any")
     n_groups = len(result.b_tensors) if method == "aslora" else None
     n_out, n_in = Bts[0].shape[0], As[0].shape[1]
-    assert result.parameter_count() == converters.parameter_count(
-        method, n_out, n_in, len(As), result.rank, n_groups)
+    assert result.parameter_count() == converters.parameter_count(method, n_out, n_in, len(As), result.rank, n_groups)
 
 
-@given(kinds(), st.sampled_from(METHODS), st.integers(1, 8), st.integers(1, 5),
-       st.sampled_from(["any", "adjacent"]))
+@given(kinds(), st.sampled_from(METHODS), st.integers(1, 8), st.integers(1, 5), st.sampled_from(["any", "adjacent"]))
 def test_reconverting_an_expanded_result_at_its_own_rank_is_lossless(kind, method, rank, groups, grouping):
     As, Bts = kind
     first = convert(method, As, Bts, rank, groups, grouping)

@@ -1,4 +1,5 @@
 """Plain LoRA truncation: dense SVD truncation per site, PEFT's convert_to_lora, exhaustive budgets."""
+
 import copy
 import itertools
 import math
@@ -43,14 +44,19 @@ def test_every_rank_is_the_dense_svd_truncation_and_its_error():
             assert float((site.b @ site.a - dense_truncation(dw, k)).norm()) <= 1e-8 * norm
             dense_error = float((dw - site.b @ site.a).square().sum())
             assert site.error == pytest.approx(dense_error, rel=1e-8, abs=1e-12 * norm**2)
-            assert site.error == pytest.approx(float(torch.linalg.svdvals(dw)[k:].square().sum()),
-                                               rel=1e-8, abs=1e-12 * norm**2)
+            assert site.error == pytest.approx(
+                float(torch.linalg.svdvals(dw)[k:].square().sum()), rel=1e-8, abs=1e-12 * norm**2
+            )
             # PEFT's split: A has orthonormal rows, B = U_k S_k
             assert torch.allclose(site.a @ site.a.T, torch.eye(site.rank, dtype=F64), atol=1e-12)
-        assert torch.allclose(site.singular_values, torch.linalg.svdvals(dw)[:len(site.singular_values)],
-                              rtol=1e-10, atol=1e-12 * norm)
-        assert all(site.error_at(k) == pytest.approx(float(torch.linalg.svdvals(dw)[k:].square().sum()),
-                                                     rel=1e-8, abs=1e-12 * norm**2) for k in range(r + 1))
+        assert torch.allclose(
+            site.singular_values, torch.linalg.svdvals(dw)[: len(site.singular_values)], rtol=1e-10, atol=1e-12 * norm
+        )
+        assert all(
+            site.error_at(k)
+            == pytest.approx(float(torch.linalg.svdvals(dw)[k:].square().sum()), rel=1e-8, abs=1e-12 * norm**2)
+            for k in range(r + 1)
+        )
 
 
 def test_truncate_kind_reports_sites_layout_and_errors():
@@ -69,8 +75,13 @@ def test_truncate_kind_reports_sites_layout_and_errors():
     assert result.parameter_count() == converters.lora_parameter_count(10, 14, result.ranks)
     # the merged spectrum: least error with t ranks spread over the kind's sites
     assert result.energy - float(result.spectrum[:8].sum()) == pytest.approx(
-        min(sum(t[k] for t, k in zip(tails, ks)) for ks in itertools.product(*[range(len(t)) for t in tails])
-            if sum(ks) == 8), rel=1e-9)
+        min(
+            sum(t[k] for t, k in zip(tails, ks))
+            for ks in itertools.product(*[range(len(t)) for t in tails])
+            if sum(ks) == 8
+        ),
+        rel=1e-9,
+    )
     with pytest.raises(ValueError):
         converters.truncate_kind(As, Bts, [1, 2])
     with pytest.raises(ValueError):
@@ -115,13 +126,13 @@ def test_energy_picks_the_smallest_rank_reaching_it(target):
     plan = converters.plan_truncation({"k": (As, Bts)}, energy=target)
     for tail, k in zip(dense_tails(As, Bts), plan.kinds["k"].ranks):
         total = tail[0]
-        brute = next((j for j in range(1, len(tail)) if tail[j] <= (1 - target) * total + 1e-12 * total),
-                     len(tail) - 1)
+        brute = next((j for j in range(1, len(tail)) if tail[j] <= (1 - target) * total + 1e-12 * total), len(tail) - 1)
         assert k == brute
     assert plan.allocation == "energy"
 
 
 # ---------------------------------------------------------------- budgets
+
 
 def exhaustive(tails, costs, budget):
     """Least total error over every rank combination within the budget (rank >= 1 if affordable)."""
@@ -140,8 +151,10 @@ def knapsack_dp(tails, costs, budget):
     inf = float("inf")
     dp = [0.0] * (budget + 1)
     for tail, cost in zip(tails, costs):
-        dp = [min((dp[b - k * cost] + tail[k] for k in range(floor, len(tail)) if k * cost <= b), default=inf)
-              for b in range(budget + 1)]
+        dp = [
+            min((dp[b - k * cost] + tail[k] for k in range(floor, len(tail)) if k * cost <= b), default=inf)
+            for b in range(budget + 1)
+        ]
     return dp[budget]
 
 
@@ -175,8 +188,9 @@ def test_exact_budget_is_the_exhaustive_optimum_and_greedy_stays_within_its_boun
         greedy = truncate.allocate_budget(spectra, costs, budget, exact=False)
         for chosen in (exact, greedy):
             assert chosen.params == sum(k * c for k, c in zip(chosen.ranks, costs)) <= budget
-            assert chosen.error == pytest.approx(sum(t[k] for t, k in zip(tails, chosen.ranks)),
-                                                 rel=1e-9, abs=1e-12 * energy)
+            assert chosen.error == pytest.approx(
+                sum(t[k] for t, k in zip(tails, chosen.ranks)), rel=1e-9, abs=1e-12 * energy
+            )
         assert exact.method == "exact"
         assert exact.error == pytest.approx(optimum, rel=1e-9, abs=1e-12 * energy), case
         assert greedy.error >= optimum - 1e-12 * energy
@@ -195,9 +209,16 @@ def test_exact_search_is_exact_where_its_proximity_ball_cuts_the_ranges():
     for case in range(300):
         cost_set = rng.choice([[6, 9], [4, 6, 10], [6, 10, 15], [8, 12]])
         costs = [rng.choice(cost_set) for _ in range(rng.randint(4, 12))]
-        spectra = [torch.tensor(sorted((rng.random() ** rng.choice([1, 3]) * rng.choice([1, 5])
-                                        for _ in range(rng.randint(1, 4))), reverse=True), dtype=F64)
-                   for _ in costs]
+        spectra = [
+            torch.tensor(
+                sorted(
+                    (rng.random() ** rng.choice([1, 3]) * rng.choice([1, 5]) for _ in range(rng.randint(1, 4))),
+                    reverse=True,
+                ),
+                dtype=F64,
+            )
+            for _ in costs
+        ]
         tails = [[float(s[k:].sum()) for k in range(len(s) + 1)] for s in spectra]
         budget = rng.randint(0, sum(len(s) * c for s, c in zip(spectra, costs)))
         chosen = truncate.allocate_budget(spectra, costs, budget, exact=True)
@@ -212,12 +233,11 @@ def test_greedy_misses_where_a_dear_site_is_worth_more_and_reports_its_bound():
     spectra = [torch.tensor([9.5], dtype=F64), torch.tensor([6.0, 1.0], dtype=F64)]
     greedy = truncate.allocate_budget(spectra, [10, 6], 10, exact=False)
     exact = truncate.allocate_budget(spectra, [10, 6], 10)
-    assert (greedy.ranks, greedy.error) == ([0, 1], 10.5)   # rank 1 everywhere costs 16 > 10
+    assert (greedy.ranks, greedy.error) == ([0, 1], 10.5)  # rank 1 everywhere costs 16 > 10
     assert (exact.ranks, exact.error) == ([1, 0], 7.0)
     assert greedy.error_lower_bound == pytest.approx(16.5 - (6.0 + 9.5 * 4 / 10))
     # equal costs: greedy is optimal (the LP's partial item cannot be taken by anyone)
-    same = truncate.allocate_budget([torch.tensor([5.0, 4.0, 1.0]), torch.tensor([4.5, 0.5])], [7, 7], 28,
-                                    exact=False)
+    same = truncate.allocate_budget([torch.tensor([5.0, 4.0, 1.0]), torch.tensor([4.5, 0.5])], [7, 7], 28, exact=False)
     assert same.ranks == [3, 1] and same.error == pytest.approx(0.5)  # rank 1 each, then 4.0 and 1.0
 
 
@@ -260,6 +280,7 @@ def test_plan_budget_spans_kinds_and_never_exceeds_it():
 
 # ---------------------------------------------------------------- PEFT's own truncation
 
+
 @pytest.fixture(scope="module")
 def peft_lora():
     """A tiny Llama with a random (non-zero B) PEFT LoRA r=8 on q_proj, v_proj; and its base copy."""
@@ -276,8 +297,11 @@ def lora_sites(model):
     """{module name: (A, B scaled)} of a PEFT LoRA model's adapted modules."""
     from peft.tuners.lora import LoraLayer
 
-    return {name: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach() * m.scaling["default"])
-            for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {
+        name: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach() * m.scaling["default"])
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
 
 
 def quiet_convert(model, rank):

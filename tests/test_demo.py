@@ -11,7 +11,7 @@ import pytest
 def test_demo_runs_end_to_end(tmp_path, cli):
     r = cli("demo", "--out", tmp_path / "demo", "--json")
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output[r.output.index("{"):])
+    report = json.loads(r.output[r.output.index("{") :])
     convert, finetune = report["convert"], report["finetune"]
     assert convert["form"] == "aslora" and convert["ratio"] <= 0.25
     assert any(1 < len(k["groups"]) < k["sites"] for k in convert["kinds"]), "ASLoRA should group some layers"

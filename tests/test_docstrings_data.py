@@ -12,8 +12,10 @@ def test_split_is_disjoint_deterministic_and_has_every_class(tmp_path):
     for split in ("train", "test"):
         assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
     assert meta == again
-    rows = {split: [json.loads(line) for line in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
-            for split in ("train", "test")}
+    rows = {
+        split: [json.loads(line) for line in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "test")
+    }
     classes = docstrings_data.CLASSES
     assert len(classes) >= 10
     for split, split_rows in rows.items():

@@ -15,15 +15,28 @@ from shareport.export import doctor
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # Requires-Dist (unconditional) of the real wheels, read off their METADATA (0.18.0 / 1.31.1 / 1.32.0)
-REQUIRES = {"onnxruntime-genai": {"onnxruntime"}, "onnxruntime-genai-cuda": {"onnxruntime-gpu"},
-            "onnxruntime-gpu": set(), "onnxruntime": set()}
-PACKAGE = {"onnxruntime": "onnxruntime", "onnxruntime-gpu": "onnxruntime",
-           "onnxruntime-genai": "onnxruntime_genai", "onnxruntime-genai-cuda": "onnxruntime_genai"}
+REQUIRES = {
+    "onnxruntime-genai": {"onnxruntime"},
+    "onnxruntime-genai-cuda": {"onnxruntime-gpu"},
+    "onnxruntime-gpu": set(),
+    "onnxruntime": set(),
+}
+PACKAGE = {
+    "onnxruntime": "onnxruntime",
+    "onnxruntime-gpu": "onnxruntime",
+    "onnxruntime-genai": "onnxruntime_genai",
+    "onnxruntime-genai-cuda": "onnxruntime_genai",
+}
 CLASHING = [
     {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"},
     {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1", "onnxruntime-genai": "0.18.0"},
     {"onnxruntime-gpu": "1.31.1", "onnxruntime-genai": "0.18.0", "onnxruntime-genai-cuda": "0.18.0"},
-    {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1", "onnxruntime-genai": "0.18.0", "onnxruntime-genai-cuda": "0.18.0"},
+    {
+        "onnxruntime": "1.32.0",
+        "onnxruntime-gpu": "1.31.1",
+        "onnxruntime-genai": "0.18.0",
+        "onnxruntime-genai-cuda": "0.18.0",
+    },
 ]
 
 
@@ -54,8 +67,11 @@ def test_the_clash_fix_leaves_one_owner_per_package_and_pip_check_clean(dists):
 
 
 def test_no_clash_no_fix_and_the_cuda_wheels_pass():
-    report = doctor.doctor({"onnxruntime-gpu": "1.31.1", "onnxruntime-genai-cuda": "0.18.0"}, dependents=[],
-                           cuda=lambda: {"state": "x", "missing": None, "line": "x"})
+    report = doctor.doctor(
+        {"onnxruntime-gpu": "1.31.1", "onnxruntime-genai-cuda": "0.18.0"},
+        dependents=[],
+        cuda=lambda: {"state": "x", "missing": None, "line": "x"},
+    )
     assert report["clashes"] == [] and report["fix"] is None
 
 
@@ -63,10 +79,18 @@ def test_other_dependents_of_the_cpu_wheel_are_named(monkeypatch):
     def dist(name, requires):
         return types.SimpleNamespace(metadata={"Name": name}, requires=requires)
 
-    monkeypatch.setattr(doctor.metadata, "distributions", lambda: [
-        dist("optimum", ["onnxruntime>=1.17", "numpy"]), dist("other", ["onnxruntime-gpu"]),
-        dist("extra-only", ['onnxruntime; extra == "cpu"']), dist("onnxruntime-genai", ["onnxruntime"]),
-        dist("rapidocr", ["onnxruntime (>=1.7)"]), dist("none", None)])
+    monkeypatch.setattr(
+        doctor.metadata,
+        "distributions",
+        lambda: [
+            dist("optimum", ["onnxruntime>=1.17", "numpy"]),
+            dist("other", ["onnxruntime-gpu"]),
+            dist("extra-only", ['onnxruntime; extra == "cpu"']),
+            dist("onnxruntime-genai", ["onnxruntime"]),
+            dist("rapidocr", ["onnxruntime (>=1.7)"]),
+            dist("none", None),
+        ],
+    )
     assert doctor.onnxruntime_dependents() == ["optimum", "rapidocr"]
     report = doctor.doctor(CLASHING[0], cuda=lambda: {"state": "x", "missing": None, "line": "x"})
     assert any("optimum, rapidocr" in w for w in report["warnings"])
@@ -77,8 +101,16 @@ def stub_machine(monkeypatch):
     def stub(dists):
         monkeypatch.setattr(doctor, "installed_distributions", lambda: dict(dists))
         monkeypatch.setattr(doctor, "onnxruntime_dependents", lambda: [])
-        monkeypatch.setattr(doctor, "cuda_ep_status", lambda: {"state": "not working", "missing": "libcudart.so.13",
-                                                               "line": "CUDA EP: not working: libcudart.so.13 is missing"})
+        monkeypatch.setattr(
+            doctor,
+            "cuda_ep_status",
+            lambda: {
+                "state": "not working",
+                "missing": "libcudart.so.13",
+                "line": "CUDA EP: not working: libcudart.so.13 is missing",
+            },
+        )
+
     return stub
 
 
@@ -88,10 +120,12 @@ def test_cli_exits_non_zero_on_a_clash_and_prints_the_fix(cli, stub_machine):
     assert result.exit_code == 1
     lines = result.output.splitlines()
     assert "CUDA EP: not working: libcudart.so.13 is missing" in lines
-    assert lines[-1] == ("fix: pip uninstall -y onnxruntime onnxruntime-gpu onnxruntime-genai "
-                         "&& pip install onnxruntime-gpu onnxruntime-genai-cuda")
+    assert lines[-1] == (
+        "fix: pip uninstall -y onnxruntime onnxruntime-gpu onnxruntime-genai "
+        "&& pip install onnxruntime-gpu onnxruntime-genai-cuda"
+    )
     as_json = cli("doctor", "--json")
-    assert as_json.exit_code == 1 and json.loads(as_json.output)["fix"] == lines[-1][len("fix: "):]
+    assert as_json.exit_code == 1 and json.loads(as_json.output)["fix"] == lines[-1][len("fix: ") :]
 
 
 def test_cli_exits_zero_without_a_clash(cli, stub_machine):
@@ -101,6 +135,7 @@ def test_cli_exits_zero_without_a_clash(cli, stub_machine):
 
 
 # --- the CUDA provider, with a stand-in onnxruntime ---
+
 
 def _fake_ort(tmp_path, listed=(CUDA, CPU), runs_on=CUDA, raises=None, add=lambda x: x + x):
     fake = types.ModuleType("onnxruntime")
@@ -114,8 +149,7 @@ def _fake_ort(tmp_path, listed=(CUDA, CPU), runs_on=CUDA, raises=None, add=lambd
         assert providers == [CUDA]
         if raises:
             raise raises
-        return types.SimpleNamespace(get_providers=lambda: [runs_on, CPU],
-                                     run=lambda names, feeds: [add(feeds["x"])])
+        return types.SimpleNamespace(get_providers=lambda: [runs_on, CPU], run=lambda names, feeds: [add(feeds["x"])])
 
     fake.InferenceSession = session
     return fake
@@ -127,7 +161,11 @@ def _loads(path):
 
 def test_cuda_ep_not_listed_is_the_cpu_build(tmp_path):
     status = doctor.cuda_ep_status(_fake_ort(tmp_path, listed=(CPU,)), _loads)
-    assert status == {"state": "not available", "missing": None, "line": "CUDA EP: not available (CPU build of onnxruntime)"}
+    assert status == {
+        "state": "not available",
+        "missing": None,
+        "line": "CUDA EP: not available (CPU build of onnxruntime)",
+    }
 
 
 def test_cuda_ep_missing_library_is_named_from_the_loader(tmp_path):
@@ -157,8 +195,9 @@ def test_cuda_ep_silent_fallback_to_cpu_is_not_working(tmp_path):
 
 
 def test_cuda_ep_ort_error_names_the_library(tmp_path):
-    error = RuntimeError('Error loading "/x/libonnxruntime_providers_cuda.so" which depends on "libcudnn.so.9" '
-                         "which is missing.\nmore")
+    error = RuntimeError(
+        'Error loading "/x/libonnxruntime_providers_cuda.so" which depends on "libcudnn.so.9" which is missing.\nmore'
+    )
     status = doctor.cuda_ep_status(_fake_ort(tmp_path, raises=error), _loads)
     assert status["missing"] == "libcudnn.so.9" and "\n" not in status["line"]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from shareport.files.folder import WEIGHTS_NAME
-from tests.tiny import make_peft_adapter, tiny_gpt2
+from tests.tiny import tiny_gpt2
 from tests.training_helpers import recovery_setup, save_base
 
 
@@ -31,19 +31,43 @@ def test_a_truncated_input_is_reported_before_an_existing_output(setup, tmp_path
     out = tmp_path / "exists"
     out.mkdir()
     (out / "x").write_text("user file")
-    for args in (["finetune", setup["broken"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
-                  setup["text"], "-o", out],
-                 ["convert", setup["broken"], "--to", "sharea", "-o", out],
-                 ["export", setup["broken"], "--base", setup["base"], "--onnx", out]):
+    for args in (
+        [
+            "finetune",
+            setup["broken"],
+            "--base",
+            setup["base"],
+            "--teacher",
+            setup["lora"],
+            "--data",
+            setup["text"],
+            "-o",
+            out,
+        ],
+        ["convert", setup["broken"], "--to", "sharea", "-o", out],
+        ["export", setup["broken"], "--base", setup["base"], "--onnx", out],
+    ):
         line = _one_error_line(cli(*args))
         assert str(setup["broken"]) in line and "already exists" not in line
 
 
 @pytest.mark.parametrize("command", ["export", "finetune"])
 def test_a_base_of_another_architecture_is_named(command, setup, tmp_path, cli):
-    args = {"export": ["export", setup["lora"], "--base", setup["gpt2"], "--onnx", tmp_path / "o"],
-            "finetune": ["finetune", setup["shared"], "--base", setup["gpt2"], "--teacher", setup["lora"],
-                         "--data", setup["text"], "-o", tmp_path / "o"]}[command]
+    args = {
+        "export": ["export", setup["lora"], "--base", setup["gpt2"], "--onnx", tmp_path / "o"],
+        "finetune": [
+            "finetune",
+            setup["shared"],
+            "--base",
+            setup["gpt2"],
+            "--teacher",
+            setup["lora"],
+            "--data",
+            setup["text"],
+            "-o",
+            tmp_path / "o",
+        ],
+    }[command]
     line = _one_error_line(cli(*args))
     assert str(setup["gpt2"]) in line and "has no module" in line
     assert not (tmp_path / "o").exists()

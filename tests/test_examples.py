@@ -11,6 +11,7 @@ import pytest
 
 from tests.examples_runner import load_example, run_example
 
+
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     """The MiniLM example in --fast mode with every step: convert, recover, export, from scratch."""
@@ -79,7 +80,9 @@ def test_minilm_from_scratch_fills_its_budget_and_learns(minilm):
         assert example.factor_parameters(lora, form, s["rank"] + 1, s["groups"]) > budget_params
         assert s["accuracy"] > minilm.results["baselines"]["trained_head"], form
     trained = load_adapter(minilm.out / "work" / "aslora-50" / "scratch")
-    assert {len({site.b for site in sites}) for sites in trained.kinds().values()} == {rows_of(minilm)["aslora"]["scratch"]["groups"]}
+    assert {len({site.b for site in sites}) for sites in trained.kinds().values()} == {
+        rows_of(minilm)["aslora"]["scratch"]["groups"]
+    }
 
 
 def test_minilm_recovery_rerun_is_bit_identical(minilm, tmp_path):
@@ -87,7 +90,13 @@ def test_minilm_recovery_rerun_is_bit_identical(minilm, tmp_path):
     example, steps = load_example("minilm_end_to_end"), load_example("pipeline_steps")
     settings, work = example.FAST, minilm.out / "work"
     recipe = steps.Recipe(settings.recover_steps, settings.recover_lr, settings.recover_batch_size, seed=settings.seed)
-    again, _ = steps.recover(minilm.out / "adapters" / "aslora-50", minilm.out / "lora", minilm.out / "base",
-                             work / "train_texts.txt", tmp_path / "recovered", recipe)
+    again, _ = steps.recover(
+        minilm.out / "adapters" / "aslora-50",
+        minilm.out / "lora",
+        minilm.out / "base",
+        work / "train_texts.txt",
+        tmp_path / "recovered",
+        recipe,
+    )
     name = "adapter_model.safetensors"
     assert (again / name).read_bytes() == (work / "aslora-50" / "recovered" / name).read_bytes()

@@ -39,15 +39,26 @@ def _install(root: Path, moved: bool) -> Path:
 
 def _export(install: Path, adapter: Path, base: Path, out: Path) -> Path:
     env = {**os.environ, "PYTHONPATH": str(install), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", EXPORT, str(install), str(adapter), str(base), str(out)],
-                          cwd=install, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", EXPORT, str(install), str(adapter), str(base), str(out)],
+        cwd=install,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 
 def test_two_installs_write_the_same_bytes_and_the_graph_verifies(tmp_path):
-    base, adapter = make_case(tmp_path / "case", lambda: tiny_llama(layers=2), r=4, lora_alpha=8,
-                              target_modules=["q_proj", "v_proj", "down_proj"])
+    base, adapter = make_case(
+        tmp_path / "case",
+        lambda: tiny_llama(layers=2),
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
     one = _export(_install(tmp_path / "a", moved=False), adapter, base, tmp_path / "out-a")
     two = _export(_install(tmp_path / "another" / "install", moved=True), adapter, base, tmp_path / "out-b")
     for name in (graph_file.GRAPH_NAME, graph_file.ADAPTER_NAME):

@@ -29,8 +29,16 @@ HEAD = ("classifier.bias", "classifier.weight")
 
 def _lora(folder, seed: int, head_seed: int | None):
     """A PEFT LoRA on the tiny BERT classifier; its head drawn from ``head_seed`` (None: PEFT's copy of the base's)."""
-    peft_model = make_peft_adapter(tiny_bert(num_labels=3), folder, seed=seed, r=2, lora_alpha=4,
-                                   target_modules=TARGETS["bert"], task_type="SEQ_CLS", modules_to_save=["classifier"])
+    peft_model = make_peft_adapter(
+        tiny_bert(num_labels=3),
+        folder,
+        seed=seed,
+        r=2,
+        lora_alpha=4,
+        target_modules=TARGETS["bert"],
+        task_type="SEQ_CLS",
+        modules_to_save=["classifier"],
+    )
     if head_seed is not None:  # a trained head has moved away from the base's
         carried = peft_model.base_model.model.classifier.modules_to_save.default
         gen = torch.Generator().manual_seed(head_seed)
@@ -52,8 +60,9 @@ def case(tmp_path_factory):
     headless = load_adapter(root / "other_head")
     headless.extra_tensors = {}
     save_adapter(headless, root / "headless", as_peft=True)
-    graph = export(root / "alpha", root / "base", root / "onnx", ExportOptions(mode="adapter"), progress=False,
-                   verify=False).path
+    graph = export(
+        root / "alpha", root / "base", root / "onnx", ExportOptions(mode="adapter"), progress=False, verify=False
+    ).path
     return root, graph
 
 
@@ -79,11 +88,14 @@ def graph(request, case, tmp_path):
     return graph if request.param == "recorded" else _unrecorded(graph, tmp_path / "old")
 
 
-@pytest.mark.parametrize("name, why", [
-    ("other_head", "carries another 'classifier.bias'"),
-    ("base_head", "carries another 'classifier.bias'"),
-    ("headless", "carries no 'classifier.bias'"),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("other_head", "carries another 'classifier.bias'"),
+        ("base_head", "carries another 'classifier.bias'"),
+        ("headless", "carries no 'classifier.bias'"),
+    ],
+)
 def test_export_adapter_refuses_another_head_and_writes_nothing(case, graph, cli, tmp_path, name, why):
     root, _ = case
     if name == "headless" and graph != case[1]:
@@ -106,7 +118,9 @@ def test_an_adapter_with_the_same_head_is_accepted_and_runs_as_peft(case, graph,
     r = cli("export-adapter", root / "same_head", "--graph", graph, "-o", out)
     assert r.exit_code == 0, r.output
     feeds = _feeds()
-    got = runtime.run(runtime.session(graph / graph_file.GRAPH_NAME), feeds, runtime.load_lora(read_onnx_adapter(out)))[0]
+    got = runtime.run(runtime.session(graph / graph_file.GRAPH_NAME), feeds, runtime.load_lora(read_onnx_adapter(out)))[
+        0
+    ]
     want = _peft_logits(root / "base", root / "same_head", feeds)
     assert np.abs(got - want).max() <= FP32_ATOL
     assert np.abs(want - _peft_logits(root / "base", root / "alpha", feeds)).max() > 0.1  # not alpha's outputs

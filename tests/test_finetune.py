@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shareport.train.data import BatchOrder, collate
-from shareport.train.recipe import Recipe, run
 from shareport.files.adapters import load_adapter
-from shareport.train.jobs import merge_schedule, recovery_job
 from shareport.model import attach, load_base_model
+from shareport.train.data import BatchOrder, collate
+from shareport.train.jobs import merge_schedule, recovery_job
+from shareport.train.recipe import Recipe, run
 from shareport.train.teacher import Teacher
 from tests.training_helpers import cpu_accelerator, recovery_setup
 
@@ -33,8 +33,17 @@ def fp32_cpu(monkeypatch):
 
 
 def _job(setup, tmp_path, resume=False, merging=False):
-    return recovery_job(setup["shared"], setup["base"], setup["lora"], data_path=setup["text"], max_length=32,
-                        eval_fraction=0.1, checkpoint_dir=tmp_path / "ckpt", resume=resume, merging=merging)
+    return recovery_job(
+        setup["shared"],
+        setup["base"],
+        setup["lora"],
+        data_path=setup["text"],
+        max_length=32,
+        eval_fraction=0.1,
+        checkpoint_dir=tmp_path / "ckpt",
+        resume=resume,
+        merging=merging,
+    )
 
 
 def _first_step_reference(setup, job, lm_weight: float = 0.0, batch_size: int = 4):
@@ -74,8 +83,9 @@ def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path, 
     a_name = shared.kinds()["self_attn.q_proj"][0].a
     trained, _ = run(job, Recipe(steps=1, lr=lr, batch_size=4))
     _, _, grad = _first_step_reference(setup, job)
-    torch.testing.assert_close(trained.tensors[a_name], _adamw_first_step(shared.tensors[a_name], grad, lr),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        trained.tensors[a_name], _adamw_first_step(shared.tensors[a_name], grad, lr), atol=1e-6, rtol=1e-5
+    )
     assert trained.sites == shared.sites  # still one A for every q_proj site
 
 
@@ -84,9 +94,28 @@ def test_lm_loss_weight_enters_the_loss_and_the_update(setup, tmp_path, cli, fp3
     its gradient, which is not the update of the KL alone."""
     lr, weight = 1e-2, 3.0
     out = tmp_path / "lm"
-    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
-                 setup["text"], "-o", out, "--steps", 1, "--lr", lr, "--batch-size", 4, "--max-length", 32,
-                 "--lm-loss", weight)
+    result = cli(
+        "finetune",
+        setup["shared"],
+        "--base",
+        setup["base"],
+        "--teacher",
+        setup["lora"],
+        "--data",
+        setup["text"],
+        "-o",
+        out,
+        "--steps",
+        1,
+        "--lr",
+        lr,
+        "--batch-size",
+        4,
+        "--max-length",
+        32,
+        "--lm-loss",
+        weight,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "training_report.json").read_text())
     job = _job(setup, tmp_path)  # the same data split and first batch as the command's
@@ -121,9 +150,27 @@ def student_wrappers(model):
 
 def test_lossy_sharea_is_recovered_halving_heldout_kl(setup, tmp_path, cli):
     out = tmp_path / "recovered"
-    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
-                 setup["text"], "-o", out, "--steps", 100, "--lr", 3e-3, "--batch-size", 8, "--max-length", 32,
-                 "--json")
+    result = cli(
+        "finetune",
+        setup["shared"],
+        "--base",
+        setup["base"],
+        "--teacher",
+        setup["lora"],
+        "--data",
+        setup["text"],
+        "-o",
+        out,
+        "--steps",
+        100,
+        "--lr",
+        3e-3,
+        "--batch-size",
+        8,
+        "--max-length",
+        32,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "training_report.json").read_text())
     before, after = report["before"], report["after"]
@@ -141,8 +188,24 @@ def test_identical_runs_write_identical_reports_and_adapters(setup, tmp_path, cl
     """Timings go to training_timings.json; everything else is the same bytes run after run."""
     outs = [tmp_path / "one", tmp_path / "two"]
     for out in outs:
-        result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
-                     setup["text"], "-o", out, "--steps", 3, "--batch-size", 4, "--max-length", 16)
+        result = cli(
+            "finetune",
+            setup["shared"],
+            "--base",
+            setup["base"],
+            "--teacher",
+            setup["lora"],
+            "--data",
+            setup["text"],
+            "-o",
+            out,
+            "--steps",
+            3,
+            "--batch-size",
+            4,
+            "--max-length",
+            16,
+        )
         assert result.exit_code == 0, result.output
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir())
@@ -161,8 +224,9 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(setup, tmp_path):
     checkpoint) and at 8 (after the resume)."""
 
     def recipe(job):
-        schedule = merge_schedule(job.student, 12, merges=2, groups=None, start=0, every=4, mode="tie",
-                                  pairs="adjacent")
+        schedule = merge_schedule(
+            job.student, 12, merges=2, groups=None, start=0, every=4, mode="tie", pairs="adjacent"
+        )
         return Recipe(steps=12, lr=3e-3, batch_size=4, seed=5, checkpoint_every=5, merge=schedule)
 
     whole_job = _job(setup, tmp_path / "whole", merging=True)

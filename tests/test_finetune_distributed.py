@@ -27,9 +27,30 @@ def one_process_run(tmp_path, cli) -> list:
     """A tiny recovery with ASLoRA merges, run in this process into ``tmp_path/one``; returns its
     arguments (without ``-o``) for the multi-process runs to repeat."""
     paths = recovery_setup(tmp_path, layers=2, lines=60)
-    args = ["finetune", paths["shared"], "--base", paths["base"], "--teacher", paths["lora"], "--data", paths["text"],
-            "--steps", 6, "--lr", 3e-3, "--batch-size", 4, "--max-length", 24, "--merges", 1, "--merge-start", 2,
-            "--merge-every", 2]
+    args = [
+        "finetune",
+        paths["shared"],
+        "--base",
+        paths["base"],
+        "--teacher",
+        paths["lora"],
+        "--data",
+        paths["text"],
+        "--steps",
+        6,
+        "--lr",
+        3e-3,
+        "--batch-size",
+        4,
+        "--max-length",
+        24,
+        "--merges",
+        1,
+        "--merge-start",
+        2,
+        "--merge-every",
+        2,
+    ]
     one = cli(*args, "-o", tmp_path / "one")
     assert one.exit_code == 0, one.output
     return args
@@ -40,8 +61,20 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cli):
     args = one_process_run(tmp_path, cli)
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "shareport", *map(str, args), "-o", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "shareport",
+        *map(str, args),
+        "-o",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -23,8 +23,16 @@ def _launch(args, cwd, launcher):
         env["ACCELERATE_USE_FSDP"] = "true"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "examples" / "fsdp.yaml"),
-               "--mixed_precision", "no", "--main_process_port"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "examples" / "fsdp.yaml"),
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+        ]
     cmd += [str(_free_port()), "-m", "shareport", *map(str, args)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -42,16 +50,18 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, cli):
     args = one_process_run(tmp_path, cli)
 
     checkpoints = tmp_path / "ckpt"
-    _launch([*args, "-o", tmp_path / "fsdp", "--checkpoint-every", 3, "--checkpoint-dir", checkpoints], tmp_path,
-            "torchrun")
+    _launch(
+        [*args, "-o", tmp_path / "fsdp", "--checkpoint-every", 3, "--checkpoint-dir", checkpoints], tmp_path, "torchrun"
+    )
     report_one = json.loads((tmp_path / "one" / "training_report.json").read_text())
     report = json.loads((tmp_path / "fsdp" / "training_report.json").read_text())
     assert report["processes"] == 2 and "fsdp" not in report_one
     # the base is sharded: this process holds part of it (dim-0 shards, the first one rounded up)
     held, whole = report["fsdp"]["base_parameter_bytes_here"], report["fsdp"]["base_parameter_bytes"]
     assert whole == 4 * sum(t.numel() for t in _base_tensors(tmp_path / "base")) and whole / 2 <= held < whole
-    assert [(e["step"], e["kind"], e["kept"], e["merged"]) for e in report["merges"]] == \
-        [(e["step"], e["kind"], e["kept"], e["merged"]) for e in report_one["merges"]]
+    assert [(e["step"], e["kind"], e["kept"], e["merged"]) for e in report["merges"]] == [
+        (e["step"], e["kind"], e["kept"], e["merged"]) for e in report_one["merges"]
+    ]
     _assert_same(tmp_path / "one", tmp_path / "fsdp")
     assert report["after"]["kl"] == pytest.approx(report_one["after"]["kl"], rel=1e-4)
 

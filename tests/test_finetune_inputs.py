@@ -5,8 +5,8 @@ import json
 import pytest
 
 from shareport.errors import ShareportError
-from shareport.train.data import BatchOrder, load_data, save_tokenized, split_heldout
 from shareport.files.adapters import load_adapter, save_adapter
+from shareport.train.data import BatchOrder, load_data, save_tokenized, split_heldout
 from tests.tiny import make_peft_adapter, tiny_bert, tiny_llama
 from tests.training_helpers import recovery_setup, save_base, sharea_by_svd, write_text
 
@@ -46,8 +46,25 @@ def test_encoder_recovery_uses_hidden_state_mse(tmp_path, cli):
     make_peft_adapter(tiny_bert(layers=2), tmp_path / "lora", seed=2, r=4, target_modules=["query", "value"])
     save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
     write_text(tmp_path / "t.txt", 40)
-    result = cli("finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data",
-                 tmp_path / "t.txt", "--steps", 15, "--lr", 5e-3, "--batch-size", 4, "--max-length", 16, "--json")
+    result = cli(
+        "finetune",
+        tmp_path / "shared",
+        "--base",
+        base,
+        "--teacher",
+        tmp_path / "lora",
+        "--data",
+        tmp_path / "t.txt",
+        "--steps",
+        15,
+        "--lr",
+        5e-3,
+        "--batch-size",
+        4,
+        "--max-length",
+        16,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "shared-recovered" / "training_report.json").read_text())
     assert report["after"]["hidden_mse"] < report["before"]["hidden_mse"]
@@ -56,15 +73,39 @@ def test_encoder_recovery_uses_hidden_state_mse(tmp_path, cli):
 
 def test_classifier_with_labels_reports_accuracy_and_uses_lm_loss(tmp_path, cli):
     base = save_base(tiny_bert(layers=2, num_labels=2), tmp_path / "cls")
-    make_peft_adapter(tiny_bert(layers=2, num_labels=2), tmp_path / "lora", seed=2, r=4, task_type="SEQ_CLS",
-                      target_modules=["query", "value"])
+    make_peft_adapter(
+        tiny_bert(layers=2, num_labels=2),
+        tmp_path / "lora",
+        seed=2,
+        r=4,
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+    )
     save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
     rows = [{"text": f"the {w} sat.", "label": i % 2} for i, w in enumerate(["cat", "dog", "bird", "sun"] * 5)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
-    result = cli("finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data",
-                 tmp_path / "d.jsonl", "--steps", 4, "--batch-size", 4, "--lm-loss", 0.5, "--eval-fraction", 0.2,
-                 "-o", out, "--json")
+    result = cli(
+        "finetune",
+        tmp_path / "shared",
+        "--base",
+        base,
+        "--teacher",
+        tmp_path / "lora",
+        "--data",
+        tmp_path / "d.jsonl",
+        "--steps",
+        4,
+        "--batch-size",
+        4,
+        "--lm-loss",
+        0.5,
+        "--eval-fraction",
+        0.2,
+        "-o",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     after = json.loads((out / "training_report.json").read_text())["after"]
     assert set(after) >= {"kl", "top1_agreement", "label_loss", "accuracy"}
@@ -72,8 +113,12 @@ def test_classifier_with_labels_reports_accuracy_and_uses_lm_loss(tmp_path, cli)
 
 
 def _named_rows(path, names):
-    path.write_text("\n".join(json.dumps({"text": f"the {w} sat.", "label": n})
-                              for w, n in zip(["cat", "dog", "bird", "sun", "sea"] * 4, names)))
+    path.write_text(
+        "\n".join(
+            json.dumps({"text": f"the {w} sat.", "label": n})
+            for w, n in zip(["cat", "dog", "bird", "sun", "sea"] * 4, names)
+        )
+    )
     return path
 
 
@@ -87,7 +132,9 @@ def test_class_name_labels_map_through_sorted_names_or_the_base_label2id(setup, 
     base = save_base(model, tmp_path / "named")
     data = load_data(_named_rows(tmp_path / "pn.jsonl", ["neg", "pos", "neg"]), base, max_length=8)
     assert data.labels == [1, 0, 1] and data.label_ids == {"pos": 0, "neg": 1} and "label2id" in data.label_ids_from
-    with pytest.raises(ShareportError, match=r"unknown.jsonl:2: label 'meh' is not one of the labels of .*'pos', 'neg'"):
+    with pytest.raises(
+        ShareportError, match=r"unknown.jsonl:2: label 'meh' is not one of the labels of .*'pos', 'neg'"
+    ):
         load_data(_named_rows(tmp_path / "unknown.jsonl", ["pos", "meh"]), base, max_length=8)
     with pytest.raises(ShareportError, match=r"mixed.jsonl:2: 'label' is 1, but line 1 gives 'pos'"):
         load_data(_named_rows(tmp_path / "mixed.jsonl", ["pos", 1]), base, max_length=8)
@@ -95,12 +142,32 @@ def test_class_name_labels_map_through_sorted_names_or_the_base_label2id(setup, 
 
 def test_finetune_takes_class_name_labels_and_records_their_indices(tmp_path, cli):
     base = save_base(tiny_bert(layers=2, num_labels=3), tmp_path / "cls")
-    make_peft_adapter(tiny_bert(layers=2, num_labels=3), tmp_path / "lora", seed=2, r=4, task_type="SEQ_CLS",
-                      target_modules=["query", "value"])
+    make_peft_adapter(
+        tiny_bert(layers=2, num_labels=3),
+        tmp_path / "lora",
+        seed=2,
+        r=4,
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+    )
     save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
     train = _named_rows(tmp_path / "train.jsonl", ["sports", "cooking", "computing"] * 6)
-    args = ["finetune", tmp_path / "shared", "--base", base, "--teacher", tmp_path / "lora", "--data", train,
-            "--steps", 2, "--batch-size", 4, "--eval-fraction", 0.25]  # 4 held out: the least recovery takes
+    args = [
+        "finetune",
+        tmp_path / "shared",
+        "--base",
+        base,
+        "--teacher",
+        tmp_path / "lora",
+        "--data",
+        train,
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--eval-fraction",
+        0.25,
+    ]  # 4 held out: the least recovery takes
     result = cli(*args, "-o", tmp_path / "o")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o" / "training_report.json").read_text())
@@ -129,38 +196,107 @@ def _one_line_error(result, pattern):
 
 def test_bad_inputs_fail_with_one_line(setup, tmp_path, cli):
     common = ["--base", setup["base"], "--teacher", setup["lora"], "--steps", 1]
-    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "missing.txt", "-o", tmp_path / "o1"),
-                    "data file not found")
+    _one_line_error(
+        cli("finetune", setup["shared"], *common, "--data", tmp_path / "missing.txt", "-o", tmp_path / "o1"),
+        "data file not found",
+    )
     (tmp_path / "empty.txt").write_text("\n  \n")
-    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "empty.txt", "-o", tmp_path / "o2"),
-                    "no examples")
+    _one_line_error(
+        cli("finetune", setup["shared"], *common, "--data", tmp_path / "empty.txt", "-o", tmp_path / "o2"),
+        "no examples",
+    )
     bare = save_base(tiny_llama(layers=2), tmp_path / "bare", tokenizer=False)
-    _one_line_error(cli("finetune", setup["shared"], "--base", bare, "--teacher", setup["lora"], "--data",
-                        setup["text"], "-o", tmp_path / "o3"), "no tokenizer")
+    _one_line_error(
+        cli(
+            "finetune",
+            setup["shared"],
+            "--base",
+            bare,
+            "--teacher",
+            setup["lora"],
+            "--data",
+            setup["text"],
+            "-o",
+            tmp_path / "o3",
+        ),
+        "no tokenizer",
+    )
     make_peft_adapter(tiny_llama(layers=2), tmp_path / "other", r=2, target_modules=["q_proj"])
-    _one_line_error(cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", tmp_path / "other",
-                        "--data", setup["text"], "-o", tmp_path / "o4"), "teacher and student adapt different modules")
-    _one_line_error(cli("finetune", setup["shared"], *common, "--data", setup["text"], "-o", tmp_path / "o5",
-                        "--resume"), "no checkpoint")
+    _one_line_error(
+        cli(
+            "finetune",
+            setup["shared"],
+            "--base",
+            setup["base"],
+            "--teacher",
+            tmp_path / "other",
+            "--data",
+            setup["text"],
+            "-o",
+            tmp_path / "o4",
+        ),
+        "teacher and student adapt different modules",
+    )
+    _one_line_error(
+        cli("finetune", setup["shared"], *common, "--data", setup["text"], "-o", tmp_path / "o5", "--resume"),
+        "no checkpoint",
+    )
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"nope": 1}\n')
-    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "bad.jsonl", "-o", tmp_path / "o6"),
-                    "bad.jsonl:2")
-    _one_line_error(cli("finetune", setup["lora"], *common, "--data", setup["text"], "-o", tmp_path / "o7",
-                        "--merges", 1), "one shared A per kind")
-    _one_line_error(cli("finetune", setup["shared"], *common, "--data", setup["text"], "-o", tmp_path / "o8",
-                        "--merges", 1, "--merge-start", 5), "merge schedule ends at step 6")
+    _one_line_error(
+        cli("finetune", setup["shared"], *common, "--data", tmp_path / "bad.jsonl", "-o", tmp_path / "o6"),
+        "bad.jsonl:2",
+    )
+    _one_line_error(
+        cli("finetune", setup["lora"], *common, "--data", setup["text"], "-o", tmp_path / "o7", "--merges", 1),
+        "one shared A per kind",
+    )
+    _one_line_error(
+        cli(
+            "finetune",
+            setup["shared"],
+            *common,
+            "--data",
+            setup["text"],
+            "-o",
+            tmp_path / "o8",
+            "--merges",
+            1,
+            "--merge-start",
+            5,
+        ),
+        "merge schedule ends at step 6",
+    )
     (tmp_path / "not-tokens").mkdir()
     (tmp_path / "not-tokens" / "train.txt").write_text("hello\n")
-    _one_line_error(cli("finetune", setup["shared"], *common, "--data", tmp_path / "not-tokens", "-o", tmp_path / "o9"),
-                    "not-tokens: a folder without tokens.safetensors: give a text file (one example a line), a "
-                    ".jsonl with 'text', or a folder written by shareport.train.data.save_tokenized")
+    _one_line_error(
+        cli("finetune", setup["shared"], *common, "--data", tmp_path / "not-tokens", "-o", tmp_path / "o9"),
+        "not-tokens: a folder without tokens.safetensors: give a text file (one example a line), a "
+        ".jsonl with 'text', or a folder written by shareport.train.data.save_tokenized",
+    )
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 10))
 
 
 def test_resume_refuses_other_options(setup, tmp_path, cli):
-    args = ["finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data", setup["text"],
-            "-o", tmp_path / "o", "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 1,
-            "--checkpoint-dir", tmp_path / "kept"]  # a folder the user names outlives the run
+    args = [
+        "finetune",
+        setup["shared"],
+        "--base",
+        setup["base"],
+        "--teacher",
+        setup["lora"],
+        "--data",
+        setup["text"],
+        "-o",
+        tmp_path / "o",
+        "--batch-size",
+        4,
+        "--max-length",
+        16,
+        "--checkpoint-every",
+        1,
+        "--checkpoint-dir",
+        tmp_path / "kept",
+    ]  # a folder the user names outlives the run
     assert cli(*args, "--steps", 2).exit_code == 0
     _one_line_error(cli(*args, "--steps", 3, "--lr", 0.5, "--resume", "--overwrite"), "checkpoint was made with lr=")
 
@@ -168,8 +304,22 @@ def test_resume_refuses_other_options(setup, tmp_path, cli):
 def test_short_run_with_default_merge_schedule_merges_within_the_steps(tmp_path, cli):
     """6 layers, 5 merges per kind in 5 steps: the default T_s moves to 0 (it used to refuse)."""
     paths = recovery_setup(tmp_path, layers=6, lines=40)
-    args = ["finetune", paths["shared"], "--base", paths["base"], "--teacher", paths["lora"], "--data", paths["text"],
-            "--batch-size", 2, "--max-length", 16, "--merges", 5]
+    args = [
+        "finetune",
+        paths["shared"],
+        "--base",
+        paths["base"],
+        "--teacher",
+        paths["lora"],
+        "--data",
+        paths["text"],
+        "--batch-size",
+        2,
+        "--max-length",
+        16,
+        "--merges",
+        5,
+    ]
     r = cli(*args, "-o", tmp_path / "o", "--steps", 5)
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "o" / "training_report.json").read_text())

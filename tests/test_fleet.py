@@ -1,4 +1,5 @@
 """Fleets of real PEFT LoRAs on a tiny Llama: in-memory members, the fleet folder, the command."""
+
 import hashlib
 import json
 import shutil
@@ -52,17 +53,20 @@ def test_members_reproduce_the_fleet_math_and_share_the_basis(loras, form):
     if form == "sharea":
         for kind in adapters[0].kinds():
             info = fleet.report.kinds[kind]
-            err = sum(m.kind_errors[kind] ** 2 * sum(float(a.update(s.path, torch.float64).square().sum())
-                                                     for s in a.kinds()[kind])
-                      for m, a in zip(fleet.report.members, adapters))
+            err = sum(
+                m.kind_errors[kind] ** 2
+                * sum(float(a.update(s.path, torch.float64).square().sum()) for s in a.kinds()[kind])
+                for m, a in zip(fleet.report.members, adapters)
+            )
             assert err == pytest.approx(dense_stack_error(adapters, kind, 3), rel=1e-4)
             assert info["ranks"] == [0, 3]
     else:
         for member in fleet.members:
             for b_name, (u_name, core_name) in member.config["fleet"]["products"].items():
                 assert member.tensors[core_name].shape == (3, 3)
-                torch.testing.assert_close(member.tensors[b_name].double(),
-                                           fleet.shared[u_name].double() @ member.tensors[core_name].double())
+                torch.testing.assert_close(
+                    member.tensors[b_name].double(), fleet.shared[u_name].double() @ member.tensors[core_name].double()
+                )
 
 
 def test_budget_is_a_fraction_of_the_fleets_lora_parameters(loras):
@@ -88,8 +92,14 @@ def test_fleet_folder_members_load_alone_and_expand_exactly(loras, form, tmp_pat
     r = cli("fleet", *dirs(loras), "-o", out, "--form", form, "--rank", 3, "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert sorted(p.name for p in out.iterdir()) == [".shareport", "alpha", "beta", "fleet_report.json", "gamma",
-                                                     "shared.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".shareport",
+        "alpha",
+        "beta",
+        "fleet_report.json",
+        "gamma",
+        "shared.safetensors",
+    ]
     digest = sha(out / "shared.safetensors")
     in_memory = build_fleet([load_adapter(d) for d in dirs(loras)], list(RANKS), form, rank=3)
     for name, expected in zip(RANKS, in_memory.members):
@@ -98,8 +108,13 @@ def test_fleet_folder_members_load_alone_and_expand_exactly(loras, form, tmp_pat
         assert config["shareport"]["fleet"]["sha256"] == digest
         member = load_adapter(out / name)
         assert member.max_update_diff(expected) == 0.0
-        stored = set(json.loads((out / name / "adapter_model.safetensors").read_bytes()[8:][
-            :int.from_bytes((out / name / "adapter_model.safetensors").read_bytes()[:8], "little")]))
+        stored = set(
+            json.loads(
+                (out / name / "adapter_model.safetensors").read_bytes()[8:][
+                    : int.from_bytes((out / name / "adapter_model.safetensors").read_bytes()[:8], "little")
+                ]
+            )
+        )
         assert not any(n.endswith("fleet_A") or n.endswith("fleet_U") for n in stored)  # shared: not in the member
         # convert --to lora: the exact expansion, as PEFT reads it
         r = cli("convert", out / name, "--to", "lora", "-o", tmp_path / f"{name}-lora")
@@ -150,8 +165,7 @@ def test_bad_fleets_are_refused_naming_the_adapter_and_write_nothing(loras, tmp_
     other_sites = tmp_path / "other_sites"
     make_peft_adapter(tiny_llama(), other_sites, seed=9, r=2, target_modules=["q_proj", "v_proj"])
     other_shape = tmp_path / "other_shape"
-    make_peft_adapter(tiny_llama(seed=0).__class__(_wider_config()), other_shape, seed=9, r=2,
-                      target_modules=TARGETS)
+    make_peft_adapter(tiny_llama(seed=0).__class__(_wider_config()), other_shape, seed=9, r=2, target_modules=TARGETS)
     other_base = tmp_path / "other_base"
     shutil.copytree(loras / "beta", other_base)
     config = json.loads((other_base / "adapter_config.json").read_text())
@@ -160,12 +174,14 @@ def test_bad_fleets_are_refused_naming_the_adapter_and_write_nothing(loras, tmp_
     copy = tmp_path / "copy"
     shutil.copytree(loras / "beta", copy)
     a, b = loras / "alpha", loras / "beta"
-    cases = [((a, other_sites), "other_sites", "other modules"),
-             ((a, other_shape), "other_shape", "update shape"),
-             ((a, other_base), "other_base", "base model"),
-             ((a, b, a), "alpha", "given twice"),
-             ((a, b, copy), "copy", "same weights"),
-             ((a,), "", "at least two")]
+    cases = [
+        ((a, other_sites), "other_sites", "other modules"),
+        ((a, other_shape), "other_shape", "update shape"),
+        ((a, other_base), "other_base", "base model"),
+        ((a, b, a), "alpha", "given twice"),
+        ((a, b, copy), "copy", "same weights"),
+        ((a,), "", "at least two"),
+    ]
     assert_refused(cli, tmp_path / "out", cases)
 
 

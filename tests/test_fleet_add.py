@@ -1,5 +1,6 @@
 """fleet-add: a new PEFT LoRA projected onto a built fleet, the basis grown only when its error asks,
 the other members' updates bit-identical, scored against dense least squares on the stored bases."""
+
 import hashlib
 import json
 import shutil
@@ -54,8 +55,11 @@ def cli_module():
 
 def tree(folder):
     """Every file under ``folder`` -> its sha256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def dense_projection_error(lora, member):
@@ -74,8 +78,9 @@ def dense_projection_error(lora, member):
 
 
 def dense_error(lora, member):
-    err = sum(float((lora.update(p, torch.float64) - member.update(p, torch.float64)).square().sum())
-              for p in lora.sites)
+    err = sum(
+        float((lora.update(p, torch.float64) - member.update(p, torch.float64)).square().sum()) for p in lora.sites
+    )
     return (err / sum(float(lora.update(p, torch.float64).square().sum()) for p in lora.sites)) ** 0.5
 
 
@@ -97,8 +102,9 @@ def test_within_the_worst_error_the_fleet_keeps_its_bytes(loras, fleets, form, t
     assert added["grown"] == {}
     assert added["relative_error"] == pytest.approx(data["members"][0]["relative_error"], rel=1e-5)  # alpha's
     after = tree(fleet)
-    assert {k: v for k, v in after.items() if not k.startswith("twin/") and k != "fleet_report.json"} == \
-        {k: v for k, v in before.items() if k != "fleet_report.json"}
+    assert {k: v for k, v in after.items() if not k.startswith("twin/") and k != "fleet_report.json"} == {
+        k: v for k, v in before.items() if k != "fleet_report.json"
+    }
     assert data["rewritten"] == ["twin/", "fleet_report.json"]
     member, lora = load_adapter(fleet / "twin"), load_adapter(loras / "twin")
     assert added["relative_error"] == pytest.approx(dense_error(lora, member), rel=1e-5)
@@ -145,7 +151,7 @@ def test_a_grown_basis_pads_the_others_so_their_updates_are_bit_identical(loras,
     # the stored sizes are the files': a member's own tensors
     for m in data["members"]:
         header = (fleet / m["name"] / "adapter_model.safetensors").read_bytes()
-        meta = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
+        meta = json.loads(header[8 : 8 + int.from_bytes(header[:8], "little")])
         assert m["parameters"] == sum(torch.Size(v["shape"]).numel() for k, v in meta.items() if k != "__metadata__")
 
 

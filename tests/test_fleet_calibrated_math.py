@@ -1,6 +1,7 @@
 """Calibrated fleet math (converters/calibrated_fleet.py) against dense references: each site's
 weighted error tr(E C E^T) with a dense n_in x n_in second moment, and dense weighted least squares
 for the cores."""
+
 import pytest
 import torch
 
@@ -47,8 +48,10 @@ def site_update(result, i, l):
 
 
 def dense_objective(result, dws, q, stats):
-    return [sum(weighted_error(d - site_update(result, i, l), damped_dense(q, stats[i][l]))
-                for l, d in enumerate(row)) for i, row in enumerate(dws)]
+    return [
+        sum(weighted_error(d - site_update(result, i, l), damped_dense(q, stats[i][l])) for l, d in enumerate(row))
+        for i, row in enumerate(dws)
+    ]
 
 
 def weighted_core(d, u, v, c):
@@ -56,8 +59,9 @@ def weighted_core(d, u, v, c):
     return u.T @ d @ c @ v.T @ torch.linalg.pinv(v @ c @ v.T, hermitian=True)
 
 
-@pytest.mark.parametrize("method,ranks", [("sharea", (None, 3)), ("sharea", (None, 10)), ("shareab", (2, 3)),
-                                          ("shareab", (4, 2))])
+@pytest.mark.parametrize(
+    "method,ranks", [("sharea", (None, 3)), ("sharea", (None, 10)), ("shareab", (2, 3)), ("shareab", (4, 2))]
+)
 def test_errors_are_the_dense_weighted_errors_and_cores_the_weighted_least_squares(method, ranks):
     As, Bts = random_fleet(11)
     dws = dense(As, Bts)
@@ -67,10 +71,16 @@ def test_errors_are_the_dense_weighted_errors_and_cores_the_weighted_least_squar
     assert result.errors == pytest.approx(dense_objective(result, dws, q, stats), rel=1e-4, abs=1e-6)
     assert result.energies == pytest.approx(
         [sum(weighted_error(d, damped_dense(q, stats[i][l])) for l, d in enumerate(row)) for i, row in enumerate(dws)],
-        rel=1e-9)
+        rel=1e-9,
+    )
     assert result.frobenius_errors == pytest.approx(
-        [sum(float((d - site_update(result, i, l)).square().sum()) for l, d in enumerate(row))
-         for i, row in enumerate(dws)], rel=1e-4, abs=1e-6)
+        [
+            sum(float((d - site_update(result, i, l)).square().sum()) for l, d in enumerate(row))
+            for i, row in enumerate(dws)
+        ],
+        rel=1e-4,
+        abs=1e-6,
+    )
     v = result.basis_v.to(F64)
     u = torch.eye(dws[0][0].shape[0], dtype=F64) if result.basis_u is None else result.basis_u.to(F64)
     for i, row in enumerate(dws):
@@ -79,8 +89,9 @@ def test_errors_are_the_dense_weighted_errors_and_cores_the_weighted_least_squar
             torch.testing.assert_close(result.cores[i][l].to(F64), expected, atol=2e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("method,k1,k2", [("sharea", None, 2), ("sharea", None, 5), ("shareab", 2, 2),
-                                          ("shareab", 3, 4)])
+@pytest.mark.parametrize(
+    "method,k1,k2", [("sharea", None, 2), ("sharea", None, 5), ("shareab", 2, 2), ("shareab", 3, 4)]
+)
 def test_never_worse_than_the_plain_fleet_in_the_weighted_error(method, k1, k2):
     As, Bts = random_fleet(12)
     dws = dense(As, Bts)

@@ -1,6 +1,7 @@
 """``shareport fleet`` with no --form: the form with the least error wins, checked against each form built
 on its own and scored densely; the warning for members keeping under half their energy; calibrated
 fleets (--calibration [NAME=]DATA --base) scored by each member's dense output error."""
+
 import json
 import math
 import re
@@ -32,8 +33,13 @@ def shared_a(tmp_path_factory):
     for name in RANKS:
         path = root / name / "adapter_model.safetensors"
         tensors = load_file(path)
-        save_file({k: first[re.sub(r"layers\.\d+\.", "layers.0.", k)].clone() if "lora_A" in k else v
-                   for k, v in tensors.items()}, path)
+        save_file(
+            {
+                k: first[re.sub(r"layers\.\d+\.", "layers.0.", k)].clone() if "lora_A" in k else v
+                for k, v in tensors.items()
+            },
+            path,
+        )
     return root
 
 
@@ -50,8 +56,10 @@ def dense_member_errors(originals, members):
     return out
 
 
-@pytest.mark.parametrize("which, budget, winner", [("loras", 0.3, "shareab"), ("shared_a", 0.3, "sharea"),
-                                                   ("shared_a", 0.6, "sharea"), ("loras", 0.125, "shareab")])
+@pytest.mark.parametrize(
+    "which, budget, winner",
+    [("loras", 0.3, "shareab"), ("shared_a", 0.3, "sharea"), ("shared_a", 0.6, "sharea"), ("loras", 0.125, "shareab")],
+)
 def test_default_form_has_the_lower_dense_error(which, budget, winner, request):
     adapters = [load_adapter(d) for d in dirs(request.getfixturevalue(which))]
     chosen = build_fleet(adapters, list(RANKS), budget=budget)
@@ -90,8 +98,9 @@ def test_a_member_keeping_under_half_its_energy_is_warned_about(which, budget, r
     low = [name for name, (err, energy) in zip(RANKS, dense) if err > 0.5 * energy]  # relative error > sqrt(1/2)
     warned = [name for name in RANKS if any(f"member {name} " in w for w in data["warnings"])]
     assert warned == low
-    assert [line for line in r.stderr.splitlines() if line.startswith("warning: member")] == \
-        [f"warning: {w}" for w in data["warnings"]]
+    assert [line for line in r.stderr.splitlines() if line.startswith("warning: member")] == [
+        f"warning: {w}" for w in data["warnings"]
+    ]
     if which == "loras":
         assert low, "random LoRAs at 1/8 should lose more than half of some member's energy"
     else:
@@ -115,8 +124,10 @@ def site_moments(root, lora_dir, text):
     inputs: dict[str, list] = {}
     handles = []
     for path in load_adapter(lora_dir).sites:
+
         def hook(module, args, path=path):
             inputs.setdefault(path, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+
         handles.append(model.base_model.model.get_submodule(path).register_forward_pre_hook(hook))
     with torch.no_grad():
         for seq in sequences:
@@ -135,8 +146,9 @@ def dense_calibrated(originals, members, moments, bases):
         for path, site in original.sites.items():
             q = bases[site.kind]
             c = moment[path]
-            c = c + CALIBRATION_RIDGE * float(torch.trace(q.T @ c @ q)) / q.shape[1] * torch.eye(c.shape[0],
-                                                                                                dtype=c.dtype)
+            c = c + CALIBRATION_RIDGE * float(torch.trace(q.T @ c @ q)) / q.shape[1] * torch.eye(
+                c.shape[0], dtype=c.dtype
+            )
             dw = original.update(path, torch.float64)
             e = dw - member.update(path, torch.float64)
             err += float(torch.trace(e @ c @ e.T))
@@ -148,11 +160,21 @@ def dense_calibrated(originals, members, moments, bases):
 def test_calibrated_choice_uses_each_members_dense_output_error(calibrated_setup, tmp_path, cli):
     root = calibrated_setup
     lora_dirs = [root / name for name in RANKS]
-    calibration = ["--calibration", f"alpha={root / 'own.txt'}", "--calibration", root / "train.txt",
-                   "--base", root / "base", "--budget", 0.3]
+    calibration = [
+        "--calibration",
+        f"alpha={root / 'own.txt'}",
+        "--calibration",
+        root / "train.txt",
+        "--base",
+        root / "base",
+        "--budget",
+        0.3,
+    ]
     originals = [load_adapter(d) for d in lora_dirs]
-    moments = [site_moments(root, d, root / ("own.txt" if name == "alpha" else "train.txt"))
-               for name, d in zip(RANKS, lora_dirs)]
+    moments = [
+        site_moments(root, d, root / ("own.txt" if name == "alpha" else "train.txt"))
+        for name, d in zip(RANKS, lora_dirs)
+    ]
     bases = fleet_bases(originals)
     dense, plain = {}, {}
     for form in FLEET_FORMS:
@@ -165,8 +187,9 @@ def test_calibrated_choice_uses_each_members_dense_output_error(calibrated_setup
             assert m["relative_error"] == pytest.approx(math.sqrt(err / energy), rel=1e-3)
         dense[form] = (sum(e for e, _ in errors), sum(w for _, w in errors))
         # fitting to the outputs beats the plain fleet of the same form and size in that error
-        assert cli("fleet", *lora_dirs, "-o", tmp_path / f"plain-{form}", "--form", form, "--budget", 0.3
-                   ).exit_code == 0
+        assert (
+            cli("fleet", *lora_dirs, "-o", tmp_path / f"plain-{form}", "--form", form, "--budget", 0.3).exit_code == 0
+        )
         plain_members = [load_adapter(tmp_path / f"plain-{form}" / name) for name in RANKS]
         plain[form] = sum(e for e, _ in dense_calibrated(originals, plain_members, moments, bases))
         assert dense[form][0] < plain[form]
@@ -179,7 +202,10 @@ def test_calibrated_choice_uses_each_members_dense_output_error(calibrated_setup
         err, energy = dense[c["form"]]
         assert c["relative_error"] == pytest.approx(math.sqrt(err / energy), rel=1e-3)
     assert {n: m["data"] for n, m in data["calibration"]["members"].items()} == {
-        "alpha": str(root / "own.txt"), "beta": str(root / "train.txt"), "gamma": str(root / "train.txt")}
+        "alpha": str(root / "own.txt"),
+        "beta": str(root / "train.txt"),
+        "gamma": str(root / "train.txt"),
+    }
     report = json.loads((tmp_path / "auto" / "fleet_report.json").read_text())
     assert "seconds" not in report["calibration"]  # the written report: the same bytes for the same inputs
 
@@ -191,11 +217,15 @@ def test_bad_calibration_arguments_are_one_line_and_write_nothing(calibrated_set
     lora_dirs = [root / name for name in RANKS]
     base = ("--base", root / "base")
     text = root / "train.txt"
-    assert_refused(cli, tmp_path / "out", [
-        ((*lora_dirs, "--calibration", text), "--calibration", "needs --base"),
-        ((*lora_dirs, *base), "--base", "only used with --calibration"),
-        ((*lora_dirs, "--calibration", f"delta={text}", "--calibration", text, *base), "delta", "no member"),
-        ((*lora_dirs, "--calibration", f"alpha={text}", *base), "beta", "has no data"),
-        ((*lora_dirs, "--calibration", text, "--calibration", root / "own.txt", *base), "own.txt", "second file"),
-        ((*lora_dirs, "--calibration", root / "none.txt", *base), "none.txt", "not found"),
-    ])
+    assert_refused(
+        cli,
+        tmp_path / "out",
+        [
+            ((*lora_dirs, "--calibration", text), "--calibration", "needs --base"),
+            ((*lora_dirs, *base), "--base", "only used with --calibration"),
+            ((*lora_dirs, "--calibration", f"delta={text}", "--calibration", text, *base), "delta", "no member"),
+            ((*lora_dirs, "--calibration", f"alpha={text}", *base), "beta", "has no data"),
+            ((*lora_dirs, "--calibration", text, "--calibration", root / "own.txt", *base), "own.txt", "second file"),
+            ((*lora_dirs, "--calibration", root / "none.txt", *base), "none.txt", "not found"),
+        ],
+    )

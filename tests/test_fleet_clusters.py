@@ -3,6 +3,7 @@ LoRAs whose updates live in disjoint spaces (each group's A's read, and B's writ
 coordinates): auto finds the groups and beats one basis at the same budget; every member's reported
 error is the dense error of its update; members load, expand and attach like any adapter; fleet-add
 joins the right cluster."""
+
 import hashlib
 import json
 
@@ -31,7 +32,7 @@ def _confine(folder, group):
         axis = 1 if "lora_A" in name else 0  # A (r, n_in), B (n_out, r)
         half = t.shape[axis] // 2
         keep = torch.zeros(t.shape[axis], dtype=t.dtype)
-        keep[half * group:half * (group + 1)] = 1
+        keep[half * group : half * (group + 1)] = 1
         tensors[name] = t * (keep[None, :] if axis else keep[:, None])
     save_file(tensors, weights)
 
@@ -84,7 +85,8 @@ def test_auto_finds_the_groups_and_beats_one_basis_at_the_same_budget(loras, for
     candidates = {c["clusters"]: c for c in auto.report.clusters["candidates"]}
     assert set(candidates) == {1, 2} and candidates[2]["winner"]
     assert candidates[1]["relative_error"] == pytest.approx(
-        (sum(e for e, _ in dense_one) / sum(w for _, w in dense_one)) ** 0.5, rel=1e-4)
+        (sum(e for e, _ in dense_one) / sum(w for _, w in dense_one)) ** 0.5, rel=1e-4
+    )
 
 
 def test_each_clusters_basis_is_the_dense_optimum_of_its_members(loras):
@@ -97,13 +99,16 @@ def test_each_clusters_basis_is_the_dense_optimum_of_its_members(loras):
         inside = [i for i, name in enumerate(GROUPS) if clusters[name] == cluster]
         for kind in originals[0].kinds():
             expected = stack_tail([originals[i] for i in inside], kind, 2)
-            got = sum(fleet.report.members[i].kind_errors[kind] ** 2 *
-                      sum(float(originals[i].update(s.path, F64).square().sum()) for s in originals[i].kinds()[kind])
-                      for i in inside)
+            got = sum(
+                fleet.report.members[i].kind_errors[kind] ** 2
+                * sum(float(originals[i].update(s.path, F64).square().sum()) for s in originals[i].kinds()[kind])
+                for i in inside
+            )
             assert got == pytest.approx(expected, rel=1e-4)
             assert fleet.report.kinds[f"cluster{cluster}.{kind}"]["ranks"] == [0, 2]
         assert sum(dense[i][0] for i in inside) == pytest.approx(
-            sum(stack_tail([originals[i] for i in inside], k, 2) for k in originals[0].kinds()), rel=1e-4)
+            sum(stack_tail([originals[i] for i in inside], k, 2) for k in originals[0].kinds()), rel=1e-4
+        )
 
 
 def test_the_assignment_keeps_every_cluster_at_least_two_members():
@@ -133,8 +138,9 @@ def test_clustered_members_are_ordinary_adapters(loras, form, tmp_path, cli):
         assert member.max_update_diff(expected) == 0.0
         assert all(n.startswith(f"cluster{cluster}.") for n in member.config["fleet"]["names"])
         # its fleet, as export swaps it, is its cluster
-        assert sorted(fleet_members(member)) == sorted(n for n, c in data["clusters"]["members"].items()
-                                                       if c == cluster)
+        assert sorted(fleet_members(member)) == sorted(
+            n for n, c in data["clusters"]["members"].items() if c == cluster
+        )
         r = cli("convert", out / name, "--to", "lora", "-o", tmp_path / f"{name}-lora")
         assert r.exit_code == 0, r.output
         merged = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / f"{name}-lora")).merge_and_unload()
@@ -162,17 +168,23 @@ def test_same_input_same_bytes_and_one_cluster_is_the_fleet_it_was(loras, tmp_pa
     assert all(sha(tmp_path / "default" / f) == sha(tmp_path / "single" / f) for f in files)
     report = json.loads((tmp_path / "single" / "fleet_report.json").read_text())
     assert "clusters" not in report
-    assert "cluster" not in json.loads((tmp_path / "single" / "a1" / "adapter_config.json").read_text())[
-        "shareport"]["fleet"]
+    assert (
+        "cluster"
+        not in json.loads((tmp_path / "single" / "a1" / "adapter_config.json").read_text())["shareport"]["fleet"]
+    )
 
 
 def test_bad_cluster_requests_are_refused_in_one_line(loras, tmp_path, cli):
     four = [loras / n for n in GROUPS]
     out = tmp_path / "out"
-    for args, words in [(("--clusters", 0), "--clusters must be a positive"),
-                        (("--clusters", 3), "at most 2 clusters of at least 2 members"),
-                        (("--clusters", 2, "--calibration", loras / "a1" / "adapter_config.json", "--base",
-                          loras / "a1"), "calibrated fleets are built as one cluster")]:
+    for args, words in [
+        (("--clusters", 0), "--clusters must be a positive"),
+        (("--clusters", 3), "at most 2 clusters of at least 2 members"),
+        (
+            ("--clusters", 2, "--calibration", loras / "a1" / "adapter_config.json", "--base", loras / "a1"),
+            "calibrated fleets are built as one cluster",
+        ),
+    ]:
         r = cli("fleet", *four, "-o", out, *args)
         assert r.exit_code == 1, r.output
         assert "\n" not in r.output.strip() and words in r.output, r.output
@@ -200,6 +212,6 @@ def test_fleet_add_joins_the_cluster_where_its_error_is_least(loras, tmp_path, c
         for path in member.sites:
             assert torch.equal(member.update(path), grown[name].update(path))
     new = grown["b3"]
-    (error, energy), = dense_errors([load_adapter(loras / "b3")], [new])
+    ((error, energy),) = dense_errors([load_adapter(loras / "b3")], [new])
     assert data["added"]["relative_error"] == pytest.approx((error / energy) ** 0.5, rel=1e-4)
     assert sorted(fleet_members(new)) == sorted(["b1", "b2", "b3"])

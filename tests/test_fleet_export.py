@@ -1,4 +1,5 @@
 """Export of a fleet member: the shared basis is in the graph, each member's .onnx_adapter holds its cores."""
+
 import json
 
 import numpy as np
@@ -18,8 +19,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet-export")
     save_base(tiny_llama(layers=2), root / "base")
     for seed, (name, r) in enumerate(RANKS.items()):
-        make_peft_adapter(tiny_llama(layers=2), root / name, seed=seed + 1, r=r, lora_alpha=2 * r,
-                          target_modules=["q_proj", "v_proj"])
+        make_peft_adapter(
+            tiny_llama(layers=2), root / name, seed=seed + 1, r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]
+        )
     return root
 
 
@@ -65,12 +67,16 @@ def test_a_graph_of_one_fleet_refuses_a_member_of_another(setup, tmp_path, cli):
     assert cli("fleet", setup / "alpha", setup / "beta", "-o", one, *rank).exit_code == 0
     assert cli("fleet", setup / "alpha", setup / "beta", setup / "gamma", "-o", two, *rank).exit_code == 0
     out = tmp_path / "onnx"
-    assert cli("export", one / "alpha", "--base", setup / "base", "-o", out, "--mode", "adapter",
-               "--no-verify").exit_code == 0
+    assert (
+        cli("export", one / "alpha", "--base", setup / "base", "-o", out, "--mode", "adapter", "--no-verify").exit_code
+        == 0
+    )
     r = cli("export-adapter", two / "alpha", "--graph", out, "-o", tmp_path / "x.onnx_adapter")
     assert r.exit_code == 1 and "not a member of the fleet" in r.output and str(two / "alpha") in r.output
     r = cli("verify", out, "--base", setup / "base", "--adapter", two / "beta")
     assert r.exit_code == 1 and "not a member of the fleet" in r.output
     r = cli("export-adapter", one / "beta", "--graph", out, "-o", tmp_path / "beta.onnx_adapter")
     assert r.exit_code == 0, r.output
-    assert read_onnx_adapter(tmp_path / "beta.onnx_adapter").keys() == read_onnx_adapter(out / "beta.onnx_adapter").keys()
+    assert (
+        read_onnx_adapter(tmp_path / "beta.onnx_adapter").keys() == read_onnx_adapter(out / "beta.onnx_adapter").keys()
+    )

@@ -1,6 +1,7 @@
 """converters/fleet_extend.py against dense references: a new adapter's cores are the dense least squares
 on the fleet's bases, each step's kept energy is that of the dense projection on the grown bases, the new
 directions are those of the dense residual's SVD, and padded cores leave the old updates bit-identical."""
+
 import pytest
 import torch
 
@@ -36,7 +37,9 @@ def test_projection_and_every_step_match_the_dense_projection(method):
     assert all(b >= a - 1e-9 * energy for a, b in zip(ext.kept, ext.kept[1:]))  # nested: never falls
     assert ext.kept[-1] == pytest.approx(energy, rel=1e-6)  # the whole residual spanned: nothing left
     grown_v = torch.cat([v, ext.rows_v])
-    torch.testing.assert_close(grown_v @ grown_v.T, torch.eye(grown_v.shape[0], dtype=F64), atol=1e-6, rtol=0)  # V: float32
+    torch.testing.assert_close(
+        grown_v @ grown_v.T, torch.eye(grown_v.shape[0], dtype=F64), atol=1e-6, rtol=0
+    )  # V: float32
     # the first right step is the residual stack's top right singular vector (dense SVD), up to sign
     residual = torch.cat([d - d @ v.T @ v for d in dws])
     top = torch.linalg.svd(residual).Vh[0]

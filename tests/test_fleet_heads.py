@@ -25,8 +25,16 @@ def _lora(folder, seed: int, labels: int = 3, head: bool = True):
     """A real PEFT LoRA on the tiny BERT classifier, its head drawn apart from the others' (or none)."""
     from shareport.files.adapters import load_adapter, save_adapter
 
-    peft_model = make_peft_adapter(tiny_bert(num_labels=labels), folder, seed=seed, r=2, lora_alpha=4,
-                                   target_modules=TARGETS["bert"], task_type="SEQ_CLS", modules_to_save=["classifier"])
+    peft_model = make_peft_adapter(
+        tiny_bert(num_labels=labels),
+        folder,
+        seed=seed,
+        r=2,
+        lora_alpha=4,
+        target_modules=TARGETS["bert"],
+        task_type="SEQ_CLS",
+        modules_to_save=["classifier"],
+    )
     # PEFT copies the base's head; a trained one has moved away from it, each its own way
     carried = peft_model.base_model.model.classifier.modules_to_save.default
     gen = torch.Generator().manual_seed(100 + seed)
@@ -116,7 +124,9 @@ def test_verify_with_another_member_and_export_adapter_carry_its_head(setup, exp
     shipped = _export_adapter_as_shipped(cli, fleet / "gamma", onnx_dir, tmp_path / "gamma.onnx_adapter")
     # a file without the head the graph takes is refused, with one line
     write_onnx_adapter({n: a for n, a in shipped.items() if n not in HEAD}, tmp_path / "headless.onnx_adapter")
-    r = cli("export-adapter", tmp_path / "headless.onnx_adapter", "--graph", onnx_dir, "-o", tmp_path / "x.onnx_adapter")
+    r = cli(
+        "export-adapter", tmp_path / "headless.onnx_adapter", "--graph", onnx_dir, "-o", tmp_path / "x.onnx_adapter"
+    )
     assert r.exit_code == 1 and "classifier" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx_adapter").exists()
 
@@ -153,10 +163,13 @@ def test_identical_heads_keep_the_baked_graph(setup, cli, tmp_path):
     assert not set(HEAD) & set(read_onnx_adapter(out / "beta.onnx_adapter"))
 
 
-@pytest.mark.parametrize("odd, why", [
-    (dict(labels=4), "of shape (4,), the exported member's is (3,)"),  # another number of classes
-    (dict(head=False), "lacks the carried tensor"),  # no head at all
-])
+@pytest.mark.parametrize(
+    "odd, why",
+    [
+        (dict(labels=4), "of shape (4,), the exported member's is (3,)"),  # another number of classes
+        (dict(head=False), "lacks the carried tensor"),  # no head at all
+    ],
+)
 def test_a_member_whose_head_cannot_fit_refuses_the_export(setup, cli, tmp_path, odd, why):
     _lora(tmp_path / "odd", seed=9, **odd)
     (tmp_path / "alpha").symlink_to(setup / "alpha")
@@ -171,11 +184,25 @@ def test_a_member_whose_head_cannot_fit_refuses_the_export(setup, cli, tmp_path,
 def test_embedded_olive_named_graph_keeps_the_heads_parameter_names(setup, exported, cli, tmp_path):
     fleet, _, _ = exported
     out = tmp_path / "onnx"
-    r = cli("export", fleet / "beta", "--base", setup / "base", "-o", out, "--mode", "adapter", "--embed-adapter",
-            "--adapter-names", "olive", "--json")
+    r = cli(
+        "export",
+        fleet / "beta",
+        "--base",
+        setup / "base",
+        "-o",
+        out,
+        "--mode",
+        "adapter",
+        "--embed-adapter",
+        "--adapter-names",
+        "olive",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)["verify"]
-    assert report["ok"] and {"embedded default", "no adapter", "member gamma"} <= {row["check"] for row in report["rows"]}
+    assert report["ok"] and {"embedded default", "no adapter", "member gamma"} <= {
+        row["check"] for row in report["rows"]
+    }
     inputs = {i.name for i in onnx.load(str(out / "model.onnx")).graph.input}
     assert set(HEAD) <= inputs and all(n.endswith("lora_B.weight") for n in inputs - set(HEAD) - set(_feeds()))
     _export_adapter_as_shipped(cli, fleet / "gamma", out, tmp_path / "gamma.onnx_adapter")
@@ -192,7 +219,7 @@ def test_a_graph_that_bakes_one_head_fails_verify_for_the_others(setup, exported
     r = cli("export", fleet / "alpha", "--base", setup / "base", "-o", out, "--mode", "adapter", "--no-verify")
     assert r.exit_code == 0, r.output
     r = cli("verify", out, "--base", setup / "base", "--adapter", fleet / "alpha", "--json")
-    report = json.loads(r.stdout[r.stdout.index("{"):])
+    report = json.loads(r.stdout[r.stdout.index("{") :])
     assert r.exit_code != 0 and not report["ok"]
     failed = {row["check"] for row in report["rows"] if not row["ok"]}
     assert failed == {"member beta", "member gamma"}

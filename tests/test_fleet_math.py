@@ -1,10 +1,11 @@
 """Fleet math (converters/fleet.py) against dense references: SVDs of the stacked dense updates,
 least-squares solves for the cores, and a dense alternation for the two-sided bases."""
+
 import pytest
 import torch
 
 import converters
-from converters.fleet import fleet_options, fleet_shareab, fleet_sharea
+from converters.fleet import fleet_options, fleet_sharea, fleet_shareab
 from tests.converters_reference import F64, random_kind
 
 N_OUT, N_IN, LAYERS = 14, 11, 3
@@ -36,8 +37,10 @@ def site_update(result, i, l):
 
 
 def dense_errors(result, dws):
-    return [sum(float((d - site_update(result, i, l)).square().sum()) for l, d in enumerate(row))
-            for i, row in enumerate(dws)]
+    return [
+        sum(float((d - site_update(result, i, l)).square().sum()) for l, d in enumerate(row))
+        for i, row in enumerate(dws)
+    ]
 
 
 @pytest.mark.parametrize("k", [1, 3, 6, 9])
@@ -145,7 +148,7 @@ def test_options_errors_match_the_dense_references():
     dws = flat(dense(As, Bts))
     s = torch.linalg.svdvals(torch.cat(dws, dim=0))
     for o in fleet_options("sharea", As, Bts):
-        assert o.error == pytest.approx(float(s[o.rank_in:].square().sum()), rel=1e-5, abs=1e-8)
+        assert o.error == pytest.approx(float(s[o.rank_in :].square().sum()), rel=1e-5, abs=1e-8)
         assert o.params == converters.fleet_parameter_count("sharea", N_OUT, N_IN, len(dws), 0, o.rank_in)
     options = fleet_options("shareab", As, Bts, max_rank=5)
     assert len(options) == 25
@@ -162,8 +165,9 @@ def test_budget_spends_the_knapsack_exactly_over_kinds():
         budget = 300
         chosen = converters.spend_budget(options, budget)
         assert sum(o.params for o in chosen.values()) <= budget
-        best = min(oq.error + ov.error for oq in options["q"] for ov in options["v"]
-                   if oq.params + ov.params <= budget)  # exhaustive
+        best = min(
+            oq.error + ov.error for oq in options["q"] for ov in options["v"] if oq.params + ov.params <= budget
+        )  # exhaustive
         assert sum(o.error for o in chosen.values()) == pytest.approx(best, rel=1e-12)
 
 

@@ -1,5 +1,6 @@
 """Fleet member names: shortest distinct path suffixes, NAME=PATH, and the names refused (one line,
 nothing written). The inputs are real PEFT LoRAs (tests/test_fleet.py's)."""
+
 import json
 import shutil
 
@@ -10,12 +11,15 @@ from shareport.files.fleet import member_names
 from tests.test_fleet import assert_refused, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
 
 
-@pytest.mark.parametrize("paths, names", [
-    (["/r/a/run1/lora", "/r/a/run2/lora"], ["run1", "run2"]),  # the shared trailing 'lora' is dropped
-    (["/r/x/alpha", "/r/y/alpha", "/r/y/beta"], ["x-alpha", "y-alpha", "beta"]),  # as deep as needed, each
-    (["/r/x/lora", "/r/y/lora", "/r/z/final"], ["x-lora", "y-lora", "final"]),  # 'lora' is not everyone's
-    (["/r/one"], ["one"]),
-])
+@pytest.mark.parametrize(
+    "paths, names",
+    [
+        (["/r/a/run1/lora", "/r/a/run2/lora"], ["run1", "run2"]),  # the shared trailing 'lora' is dropped
+        (["/r/x/alpha", "/r/y/alpha", "/r/y/beta"], ["x-alpha", "y-alpha", "beta"]),  # as deep as needed, each
+        (["/r/x/lora", "/r/y/lora", "/r/z/final"], ["x-lora", "y-lora", "final"]),  # 'lora' is not everyone's
+        (["/r/one"], ["one"]),
+    ],
+)
 def test_names_are_the_shortest_distinct_path_suffixes(paths, names):
     assert [n for n, _ in member_names(paths)] == names
 
@@ -48,14 +52,16 @@ def test_bad_names_are_one_line_and_write_nothing(loras, tmp_path, cli):  # noqa
     # two inputs whose shortest distinct suffixes join to one name: a/b-c and a-b/c both need two folders
     clash = _layout(loras, tmp_path / "clash", ["a/b-c", "a-b/c", "z/b-c"])
     shutil.copytree(a, tmp_path / "clash" / "w" / "c")
-    cases = [((f"x={a}", f"x={b}"), "x=", "'x' is given twice"),
-             ((f"beta={a}", b, c), "beta", "would name two members"),
-             ((*clash, tmp_path / "clash" / "w" / "c"), "a-b-c", "would name two members"),
-             ((spaced, b, c), "my lora", "not a valid member name"),
-             ((f".hidden={a}", b), ".hidden", "not a valid member name"),
-             ((f"shared.safetensors={a}", b), "shared.safetensors", "the fleet folder uses itself"),
-             ((f"x={tmp_path / 'nowhere'}", b), "nowhere", "does not exist"),
-             ((a, b, "--calibration", tmp_path / "d.txt"), "--calibration", "needs --base")]
+    cases = [
+        ((f"x={a}", f"x={b}"), "x=", "'x' is given twice"),
+        ((f"beta={a}", b, c), "beta", "would name two members"),
+        ((*clash, tmp_path / "clash" / "w" / "c"), "a-b-c", "would name two members"),
+        ((spaced, b, c), "my lora", "not a valid member name"),
+        ((f".hidden={a}", b), ".hidden", "not a valid member name"),
+        ((f"shared.safetensors={a}", b), "shared.safetensors", "the fleet folder uses itself"),
+        ((f"x={tmp_path / 'nowhere'}", b), "nowhere", "does not exist"),
+        ((a, b, "--calibration", tmp_path / "d.txt"), "--calibration", "needs --base"),
+    ]
     assert_refused(cli, tmp_path / "out", cases)
 
 

@@ -17,17 +17,25 @@ CASES = {
     "llama": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"])),
     "llama-patterns": (
         tiny_llama,
-        dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], rank_pattern={"q_proj": 2, "layers.1.mlp.up_proj": 6},
-             alpha_pattern={"v_proj": 3, "down_proj": 5}),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=TARGETS["llama"],
+            rank_pattern={"q_proj": 2, "layers.1.mlp.up_proj": 6},
+            alpha_pattern={"v_proj": 3, "down_proj": 5},
+        ),
     ),
-    "llama-rslora": (tiny_llama, dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                                      layers_to_transform=[0, 2])),
+    "llama-rslora": (
+        tiny_llama,
+        dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2]),
+    ),
     "qwen2": (tiny_qwen2, dict(r=4, lora_alpha=16, target_modules=TARGETS["qwen2"])),
     "gpt2": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=TARGETS["gpt2"], fan_in_fan_out=True)),
     "bert": (tiny_bert, dict(r=4, lora_alpha=8, target_modules=TARGETS["bert"])),
-    "bert-cls": (lambda: tiny_bert(num_labels=3),
-                 dict(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"],
-                      task_type="SEQ_CLS")),
+    "bert-cls": (
+        lambda: tiny_bert(num_labels=3),
+        dict(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
+    ),
 }
 
 

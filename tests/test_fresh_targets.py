@@ -12,15 +12,18 @@ from tests.tiny import tiny_bert, tiny_llama
 def peft_paths(build, targets) -> list[str]:
     model = get_peft_model(build(), LoraConfig(r=2, target_modules=targets))
     prefix = "base_model.model."
-    return sorted(name[len(prefix):] for name, module in model.named_modules() if isinstance(module, LoraLayer))
+    return sorted(name[len(prefix) :] for name, module in model.named_modules() if isinstance(module, LoraLayer))
 
 
-@pytest.mark.parametrize("build, targets", [
-    (tiny_bert, ["query", "key", "value", "output.dense", "intermediate.dense"]),  # not the pooler's dense
-    (tiny_bert, ["dense"]),  # every dense, the pooler's included
-    (tiny_llama, ["q_proj", "v_proj"]),
-    (tiny_llama, ["self_attn.o_proj", "mlp.down_proj"]),
-])
+@pytest.mark.parametrize(
+    "build, targets",
+    [
+        (tiny_bert, ["query", "key", "value", "output.dense", "intermediate.dense"]),  # not the pooler's dense
+        (tiny_bert, ["dense"]),  # every dense, the pooler's included
+        (tiny_llama, ["q_proj", "v_proj"]),
+        (tiny_llama, ["self_attn.o_proj", "mlp.down_proj"]),
+    ],
+)
 def test_targets_match_peft(build, targets):
     assert target_paths(build(), targets) == peft_paths(build, targets)
 

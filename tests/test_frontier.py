@@ -9,8 +9,8 @@ import torch
 from shareport.convert import convert_adapter
 from shareport.files import load_adapter
 from shareport.model import attach, load_base_model
-from shareport.train.data import collate, load_data, pad_token_id, split_heldout
 from shareport.train import frontier as frontier_module
+from shareport.train.data import collate, load_data, pad_token_id, split_heldout
 from shareport.train.frontier import Point, pareto, smallest_keeping
 from tests.training_helpers import recovery_setup
 
@@ -29,10 +29,28 @@ def run(setup, tmp_path_factory):
     from shareport.cli.main import main
 
     out = tmp_path_factory.mktemp("fr") / "out"
-    r = CliRunner().invoke(main, [str(a) for a in ("frontier", setup["lora"], "--base", setup["base"], "--data",
-                                                    setup["text"], *ARGS, "--recover-steps", 2, "-o", out, "--json")])
+    r = CliRunner().invoke(
+        main,
+        [
+            str(a)
+            for a in (
+                "frontier",
+                setup["lora"],
+                "--base",
+                setup["base"],
+                "--data",
+                setup["text"],
+                *ARGS,
+                "--recover-steps",
+                2,
+                "-o",
+                out,
+                "--json",
+            )
+        ],
+    )
     assert r.exit_code == 0, r.output
-    return out, json.loads(r.stdout[r.stdout.index("{"):])
+    return out, json.loads(r.stdout[r.stdout.index("{") :])
 
 
 def _kl(setup, adapter) -> float:
@@ -55,7 +73,8 @@ def _kl(setup, adapter) -> float:
 def test_every_point_is_scored_and_the_converted_kl_is_independent(run, setup):
     out, data = run
     assert {(p["form"], p["budget"], p["recovered"]) for p in data["points"]} == {
-        (f, b, r) for f in ("lora", "sharea") for b in (0.25, 0.5) for r in (False, True)}
+        (f, b, r) for f in ("lora", "sharea") for b in (0.25, 0.5) for r in (False, True)
+    }
     lora = load_adapter(setup["lora"])
     for p in data["points"]:
         assert p["parameters"] <= p["budget"] * lora.num_parameters() + 1
@@ -63,8 +82,9 @@ def test_every_point_is_scored_and_the_converted_kl_is_independent(run, setup):
             converted, _ = convert_adapter(lora, p["form"], budget=0.25)
             assert p["kl"] == pytest.approx(_kl(setup, converted), rel=1e-3, abs=1e-7)
     recovered = {(p["form"], p["budget"]): p["kl"] for p in data["points"] if p["recovered"]}
-    assert any(recovered[k] < p["kl"] for p in data["points"] if not p["recovered"]
-               for k in [(p["form"], p["budget"])]), "recovery should lower some KL"
+    assert any(
+        recovered[k] < p["kl"] for p in data["points"] if not p["recovered"] for k in [(p["form"], p["budget"])]
+    ), "recovery should lower some KL"
     saved = json.loads((out / "frontier.json").read_text())
     assert saved["points"] == data["points"]
     if data.get("plot"):
@@ -86,8 +106,10 @@ def test_pareto_and_smallest_keeping_are_right():
 
 
 def _points_of(*pairs):
-    return [Point("lora", 0.1, i % 2 == 1, 0, params, params / 100, 0.0, None, None, None, fid, 0.0)
-            for i, (params, fid) in enumerate(pairs)]
+    return [
+        Point("lora", 0.1, i % 2 == 1, 0, params, params / 100, 0.0, None, None, None, fid, 0.0)
+        for i, (params, fid) in enumerate(pairs)
+    ]
 
 
 @pytest.mark.parametrize("order", [0, 1])
@@ -99,8 +121,11 @@ def test_pareto_never_holds_a_dominated_point_of_equal_size(order):
     front = pareto(points)
     assert sorted((p.parameters, p.fidelity) for p in front) == [(10, 0.5), (20, 0.9)]
     for p in front:  # nothing on the front is dominated by any point, strictly in one of the two
-        assert not any((q.parameters <= p.parameters and q.fidelity > p.fidelity) or
-                       (q.parameters < p.parameters and q.fidelity >= p.fidelity) for q in points)
+        assert not any(
+            (q.parameters <= p.parameters and q.fidelity > p.fidelity)
+            or (q.parameters < p.parameters and q.fidelity >= p.fidelity)
+            for q in points
+        )
 
 
 def test_smallest_keeping_prefers_the_higher_fidelity_among_equal_sizes():
@@ -119,22 +144,38 @@ def test_fidelity_with_labels_is_relative_to_the_loras_accuracy():
 
 def test_a_rerun_reuses_the_cached_points(run, setup, tmp_path, cli):
     out, data = run
-    r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], *ARGS, "--recover-steps", 2,
-            "-o", out, "--overwrite", "--json")
+    r = cli(
+        "frontier",
+        setup["lora"],
+        "--base",
+        setup["base"],
+        "--data",
+        setup["text"],
+        *ARGS,
+        "--recover-steps",
+        2,
+        "-o",
+        out,
+        "--overwrite",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
-    again = json.loads(r.stdout[r.stdout.index("{"):])
+    again = json.loads(r.stdout[r.stdout.index("{") :])
     assert again["points"] == data["points"]  # seconds included: the points were read back, not remeasured
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--budgets", "0,0.5"], "--budgets"),
-    (["--budgets", "1.6"], "--budgets"),
-    (["--keep", "1.5"], "--keep"),
-    (["--forms", "nope"], "unknown form"),
-    (["--serving", "max-rank=0"], "--serving must be"),
-    (["--serving", "uniformly"], "--serving must be"),
-    (["--serving", "buckets=4,x"], "--rank-buckets must be positive integers"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budgets", "0,0.5"], "--budgets"),
+        (["--budgets", "1.6"], "--budgets"),
+        (["--keep", "1.5"], "--keep"),
+        (["--forms", "nope"], "unknown form"),
+        (["--serving", "max-rank=0"], "--serving must be"),
+        (["--serving", "uniformly"], "--serving must be"),
+        (["--serving", "buckets=4,x"], "--rank-buckets must be positive integers"),
+    ],
+)
 def test_bad_options_are_refused(extra, message, setup, tmp_path, cli):
     r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], *extra, "-o", tmp_path / "o")
     assert r.exit_code == 1 and message in r.output and not (tmp_path / "o").exists()
@@ -142,31 +183,74 @@ def test_bad_options_are_refused(extra, message, setup, tmp_path, cli):
 
 def test_eval_rows_without_labels_and_a_foreign_base_are_refused(setup, tmp_path, cli):
     (tmp_path / "eval.jsonl").write_text('{"text": "no label here"}\n{"text": "nor here"}\n')
-    r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], "--eval",
-            tmp_path / "eval.jsonl", *ARGS, "-o", tmp_path / "o")
+    r = cli(
+        "frontier",
+        setup["lora"],
+        "--base",
+        setup["base"],
+        "--data",
+        setup["text"],
+        "--eval",
+        tmp_path / "eval.jsonl",
+        *ARGS,
+        "-o",
+        tmp_path / "o",
+    )
     assert r.exit_code == 1 and "label" in r.output and str(tmp_path / "eval.jsonl") in r.output
     from tests.tiny import tiny_gpt2
     from tests.training_helpers import save_base
 
     save_base(tiny_gpt2(layers=2), tmp_path / "gpt2")
-    r = cli("frontier", setup["lora"], "--base", tmp_path / "gpt2", "--data", setup["text"], *ARGS, "-o", tmp_path / "o")
+    r = cli(
+        "frontier", setup["lora"], "--base", tmp_path / "gpt2", "--data", setup["text"], *ARGS, "-o", tmp_path / "o"
+    )
     assert r.exit_code == 1 and str(tmp_path / "gpt2") in r.output
     assert not (tmp_path / "o").exists()
 
 
 def test_serving_rules_add_their_own_points(setup, tmp_path, cli):
     """Each --serving rule adds a point per form and budget, planned as convert plans it under that rule."""
-    r = cli("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], "--budgets", "0.5",
-            "--forms", "lora,sharea", "--max-length", 16, "--batch-size", 4, "--serving", "uniform",
-            "--serving", "max-rank=1", "-o", tmp_path / "out", "--json")
+    r = cli(
+        "frontier",
+        setup["lora"],
+        "--base",
+        setup["base"],
+        "--data",
+        setup["text"],
+        "--budgets",
+        "0.5",
+        "--forms",
+        "lora,sharea",
+        "--max-length",
+        16,
+        "--batch-size",
+        4,
+        "--serving",
+        "uniform",
+        "--serving",
+        "max-rank=1",
+        "-o",
+        tmp_path / "out",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
-    data = json.loads(r.stdout[r.stdout.index("{"):])
+    data = json.loads(r.stdout[r.stdout.index("{") :])
     assert data["serving"] == ["uniform", "max-rank=1"]
     got = {(p["form"], p["serving"]): p for p in data["points"]}
     assert set(got) == {(f, s) for f in ("lora", "sharea") for s in (None, "uniform", "max-rank=1")}
     for (form, rule), point in got.items():
         flags = {None: [], "uniform": ["--uniform-rank"], "max-rank=1": ["--max-rank", "1"]}[rule]
-        c = cli("convert", setup["lora"], "--to", form, "--budget", "0.5", *flags, "-o", tmp_path / f"{form}-{rule}",
-                "--json")
-        converted = json.loads(c.stdout[c.stdout.index("{"):])
+        c = cli(
+            "convert",
+            setup["lora"],
+            "--to",
+            form,
+            "--budget",
+            "0.5",
+            *flags,
+            "-o",
+            tmp_path / f"{form}-{rule}",
+            "--json",
+        )
+        converted = json.loads(c.stdout[c.stdout.index("{") :])
         assert point["parameters"] == converted["parameters_after"]

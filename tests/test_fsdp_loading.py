@@ -23,7 +23,7 @@ from shareport.model.base import checkpoint_name, load_base_model
 from tests.test_finetune_distributed import REPO, _free_port
 from tests.tiny import tiny_bert, tiny_llama
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 def _llama(folder, **sizes):
@@ -48,26 +48,66 @@ def _shard_bytes(base, rank: int, world: int) -> int:
 
 @pytest.mark.distributed
 def test_each_process_loads_and_holds_only_its_shard(tmp_path):
-    big = _llama(tmp_path / "big", vocab_size=8192, hidden_size=384, intermediate_size=1536, num_hidden_layers=4,
-                 num_attention_heads=6, num_key_value_heads=6)  # 15.7M parameters, 60 MiB in fp32
-    tied = _llama(tmp_path / "tied", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    big = _llama(
+        tmp_path / "big",
+        vocab_size=8192,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+    )  # 15.7M parameters, 60 MiB in fp32
+    tied = _llama(
+        tmp_path / "tied",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     tiny = tmp_path / "tiny"
     tiny_llama(layers=2).save_pretrained(str(tiny))
     bert = tmp_path / "bert"  # a bare encoder checkpoint, its 3-label head carried by the adapter
     tiny_bert(layers=2).save_pretrained(str(bert))
     torch.manual_seed(5)
-    save_file({"classifier.weight": torch.randn(3, 32), "classifier.bias": torch.randn(3)},
-              str(bert / "carried.safetensors"))
+    save_file(
+        {"classifier.weight": torch.randn(3, 32), "classifier.bias": torch.randn(3)}, str(bert / "carried.safetensors")
+    )
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     worker = str(REPO / "tests" / "fsdp_load_worker.py")
     (tmp_path / "whole").mkdir()
-    alone = subprocess.Popen([sys.executable, worker, "whole", str(tmp_path / "whole"), str(big), str(tiny)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), worker, "sharded", str(tmp_path), str(big), str(tiny), str(tied),
-                           str(bert)], env=env, capture_output=True, text=True, timeout=200)
+    alone = subprocess.Popen(
+        [sys.executable, worker, "whole", str(tmp_path / "whole"), str(big), str(tiny)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            worker,
+            "sharded",
+            str(tmp_path),
+            str(big),
+            str(tiny),
+            str(tied),
+            str(bert),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert alone.wait(timeout=200) == 0, alone.stderr.read()[-3000:]
 
@@ -124,9 +164,12 @@ def test_model_weights_are_read_from_one_file_or_the_shards_an_index_lists(tmp_p
 def test_checkpoint_names_follow_the_base_models_prefix():
     from transformers import BertConfig, BertForSequenceClassification
 
-    model = BertForSequenceClassification(BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=8))
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
     bare = {"embeddings.word_embeddings.weight"}
     assert checkpoint_name(model, "bert.embeddings.word_embeddings.weight", bare) == "embeddings.word_embeddings.weight"
-    assert checkpoint_name(model, "bert.pooler.dense.weight", {"bert.pooler.dense.weight"}) == "bert.pooler.dense.weight"
+    assert (
+        checkpoint_name(model, "bert.pooler.dense.weight", {"bert.pooler.dense.weight"}) == "bert.pooler.dense.weight"
+    )
     assert checkpoint_name(model, "classifier.weight", bare) is None

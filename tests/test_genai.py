@@ -20,13 +20,15 @@ import torch
 from shareport.errors import ShareportError
 from shareport.export import doctor, graph_file
 from shareport.export.exporter import ExportOptions, export
-from shareport.export.generate import generate_ids, genai_available
+from shareport.export.generate import genai_available, generate_ids
 from shareport.export.ort_adapter import read_onnx_adapter, write_onnx_adapter
 from tests.onnx_cases import make_case
 from tests.tiny import TARGETS, VOCAB, make_peft_adapter, tiny_llama
 
-needs_genai = pytest.mark.skipif(not genai_available(), reason="onnxruntime_genai is not importable "
-                                 "(pip install --no-deps onnxruntime-genai, or onnxruntime-genai-cuda)")
+needs_genai = pytest.mark.skipif(
+    not genai_available(),
+    reason="onnxruntime_genai is not importable (pip install --no-deps onnxruntime-genai, or onnxruntime-genai-cuda)",
+)
 PROMPT = [5, 9, 17, 33, 40]
 NEW = 10
 
@@ -58,8 +60,16 @@ def case(tmp_path_factory):
     folded = _export(lora, base, root / "folded", mode="folded", with_past=True)
     adapted = _export(lora, base, root / "adapted", mode="adapter", with_past=True)
     plain = _export(lora, base, root / "plain", mode="folded")
-    return SimpleNamespace(root=root, base=base, lora=lora, lora2=lora2, folded=folded.path, adapted=adapted.path,
-                           plain=plain.path, notes={"folded": folded.genai_config, "plain": plain.genai_config})
+    return SimpleNamespace(
+        root=root,
+        base=base,
+        lora=lora,
+        lora2=lora2,
+        folded=folded.path,
+        adapted=adapted.path,
+        plain=plain.path,
+        notes={"folded": folded.genai_config, "plain": plain.genai_config},
+    )
 
 
 def _peft(base, lora=None):
@@ -79,14 +89,17 @@ def torch_tokens(base, lora=None, prompt=PROMPT, steps=NEW, eos=2) -> list[int]:
     config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
 def want(case):
     """Greedy tokens per adapter: the exported LoRA, the second one, none (the base model)."""
-    return {"lora": torch_tokens(case.base, case.lora), "lora2": torch_tokens(case.base, case.lora2),
-            "base": torch_tokens(case.base)}
+    return {
+        "lora": torch_tokens(case.base, case.lora),
+        "lora2": torch_tokens(case.base, case.lora2),
+        "base": torch_tokens(case.base),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +111,7 @@ def lora2_file(case):
 
 # --- genai_config.json and side files (no genai needed) ---
 
+
 def test_with_past_export_writes_genai_config_from_the_model(case):
     config = json.loads((case.folded / "genai_config.json").read_text())
     model, decoder = config["model"], config["model"]["decoder"]
@@ -105,11 +119,18 @@ def test_with_past_export_writes_genai_config_from_the_model(case):
     assert (model["bos_token_id"], model["eos_token_id"], model["pad_token_id"]) == (1, 2, 0)
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"]) == (4, 2, 8)
     assert (decoder["num_hidden_layers"], decoder["hidden_size"], decoder["filename"]) == (2, 32, "model.onnx")
-    assert decoder["inputs"] == {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                                 "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                                 "past_value_names": "past_key_values.%d.value"}
-    assert decoder["outputs"] == {"logits": "logits", "present_key_names": "present.%d.key",
-                                  "present_value_names": "present.%d.value"}
+    assert decoder["inputs"] == {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "position_ids": "position_ids",
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
+    assert decoder["outputs"] == {
+        "logits": "logits",
+        "present_key_names": "present.%d.key",
+        "present_value_names": "present.%d.value",
+    }
     assert config["search"]["past_present_share_buffer"] is False and config["search"]["do_sample"] is False
     assert (case.adapted / "genai_config.json").is_file()
     assert "wrote genai_config.json" in case.notes["folded"]
@@ -129,7 +150,9 @@ def test_decoder_exports_give_optimum_what_it_reads(case):
 
     for folder in (case.plain, case.folded):
         assert json.loads((folder / "tokenizer_config.json").read_text())["model_input_names"] == [
-            "input_ids", "attention_mask"]
+            "input_ids",
+            "attention_mask",
+        ]
         # transformers 4's PreTrainedTokenizerFast (what the file names) adds token_type_ids unless told
         assert set(AutoTokenizer.from_pretrained(str(folder))("w5 w9")) == {"input_ids", "attention_mask"}
     assert json.loads((case.plain / "generation_config.json").read_text())["use_cache"] is False
@@ -140,16 +163,19 @@ def test_decoder_exports_give_optimum_what_it_reads(case):
         return
     model = ORTModelForCausalLM.from_pretrained(str(case.plain), use_cache=False)
     tok = AutoTokenizer.from_pretrained(str(case.plain))
-    out = model.generate(**tok(" ".join(f"w{i}" for i in PROMPT), return_tensors="pt"), max_new_tokens=NEW,
-                         do_sample=False)
-    assert out[0, len(PROMPT):].tolist() == torch_tokens(case.base, case.lora)
+    out = model.generate(
+        **tok(" ".join(f"w{i}" for i in PROMPT), return_tensors="pt"), max_new_tokens=NEW, do_sample=False
+    )
+    assert out[0, len(PROMPT) :].tolist() == torch_tokens(case.base, case.lora)
 
 
 def test_exported_tokenizer_config_names_a_class_transformers_4_knows(case):
     from transformers import AutoTokenizer
 
     assert json.loads((case.base / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
-    assert json.loads((case.folded / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (
+        json.loads((case.folded / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    )
     tok = AutoTokenizer.from_pretrained(str(case.folded))
     assert tok("w5 w9 w17")["input_ids"] == [5, 9, 17]
 
@@ -213,21 +239,29 @@ def test_with_past_export_of_a_base_without_any_eos_is_refused_before_it_starts(
     _without_token_ids(base)  # and no tokenizer files
     result = cli("export", lora, "--base", base, "-o", tmp_path / "out", "--with-past", "--no-verify")
     assert result.exit_code == 1 and not (tmp_path / "out").exists()
-    assert result.output.startswith(f"Error: {base}: no eos token id in config.json, generation_config.json or "
-                                    "the tokenizer") and len(result.output.strip().splitlines()) == 1
+    assert (
+        result.output.startswith(
+            f"Error: {base}: no eos token id in config.json, generation_config.json or the tokenizer"
+        )
+        and len(result.output.strip().splitlines()) == 1
+    )
 
 
 # --- shareport generate with ONNX Runtime's loop (no genai needed) ---
 
+
 def test_ort_loop_matches_pytorch_peft_greedy_per_adapter(case, want, lora2_file):
     engine, runs = generate_ids(case.folded, PROMPT, max_new_tokens=NEW, engine="ort")
     assert engine == "ort" and runs[0].tokens == want["lora"]
-    _, runs = generate_ids(case.adapted, PROMPT, [case.adapted / graph_file.ADAPTER_NAME, lora2_file],
-                           max_new_tokens=NEW, engine="ort")
+    _, runs = generate_ids(
+        case.adapted, PROMPT, [case.adapted / graph_file.ADAPTER_NAME, lora2_file], max_new_tokens=NEW, engine="ort"
+    )
     assert [r.tokens for r in runs] == [want["lora"], want["lora2"]]
     _, runs = generate_ids(case.adapted, PROMPT, max_new_tokens=NEW, engine="ort", no_adapter=True)
     assert runs[0].tokens == want["base"]
-    assert len(set(map(tuple, want.values()))) == 3, "the adapters must change the tokens for this test to mean anything"
+    assert len(set(map(tuple, want.values()))) == 3, (
+        "the adapters must change the tokens for this test to mean anything"
+    )
     assert min(len(t) for t in want.values()) >= 8, want
 
 
@@ -246,7 +280,7 @@ def test_ort_generate_stops_at_the_eos_config_json_gives(case, want, tmp_path, g
     config["eos_token_id"] = {"int": tokens[stop], "list": [VOCAB - 1, tokens[stop]], "missing": None}[given]
     (folder / "config.json").write_text(json.dumps(config))
     _, (run,) = generate_ids(folder, PROMPT, max_new_tokens=NEW, engine="ort")
-    assert run.tokens == (tokens if given == "missing" else tokens[:stop + 1])
+    assert run.tokens == (tokens if given == "missing" else tokens[: stop + 1])
 
 
 def test_cli_generate_prints_the_greedy_text(case, want, cli):
@@ -276,6 +310,7 @@ def test_generate_refuses_a_graph_without_past_and_adapters_on_folded(case, cli)
 
 # --- onnxruntime-genai ---
 
+
 def _og_tokens(folder, adapters=None, name=None, prompt=PROMPT, steps=NEW) -> list[int]:
     import onnxruntime_genai as og
 
@@ -288,7 +323,7 @@ def _og_tokens(folder, adapters=None, name=None, prompt=PROMPT, steps=NEW) -> li
     generator.append_tokens(np.asarray([prompt], np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    return [int(t) for t in generator.get_sequence(0)][len(prompt) :]
 
 
 @needs_genai
@@ -314,8 +349,9 @@ def test_genai_adapters_switch_per_generator(case, want, lora2_file):
 
 @needs_genai
 def test_generate_auto_uses_genai_and_agrees_with_the_ort_loop(case, want, lora2_file):
-    engine, runs = generate_ids(case.adapted, PROMPT, [case.adapted / graph_file.ADAPTER_NAME, lora2_file],
-                                max_new_tokens=NEW)
+    engine, runs = generate_ids(
+        case.adapted, PROMPT, [case.adapted / graph_file.ADAPTER_NAME, lora2_file], max_new_tokens=NEW
+    )
     assert engine == "genai" and [r.tokens for r in runs] == [want["lora"], want["lora2"]]
 
 
@@ -338,7 +374,7 @@ def test_genai_batch_of_prompts_of_different_lengths_matches_peft_per_prompt(tok
     while not generator.is_done():
         generator.generate_next_token()
     got = [[int(t) for t in generator.get_sequence(i)][width:] for i in range(len(prompts))]
-    got = [g[:g.index(eos) + 1] if eos in g else g for g in got]
+    got = [g[: g.index(eos) + 1] if eos in g else g for g in got]
     assert got == want and want[0] != want[1]
 
 
@@ -356,6 +392,7 @@ def test_gpt2_export_is_a_generic_decoder_for_genai(tmp_path):
 
 
 # --- Olive's adapter names ---
+
 
 def _olive_file(case, tmp_path, arrays=None) -> Path:
     arrays = arrays or read_onnx_adapter(case.adapted / graph_file.ADAPTER_NAME)
@@ -387,8 +424,9 @@ def test_export_with_olive_names_verifies_and_takes_shareport_adapters(case, tmp
     from shareport import flows
 
     out = tmp_path / "olive-names"
-    result = export(case.lora, case.base, out, ExportOptions(mode="adapter", with_past=True, adapter_names="olive"),
-                    progress=False)
+    result = export(
+        case.lora, case.base, out, ExportOptions(mode="adapter", with_past=True, adapter_names="olive"), progress=False
+    )
     assert result.report.ok
     names = read_onnx_adapter(out / graph_file.ADAPTER_NAME)
     assert names and all(n.endswith(".lora_A.weight") or n.endswith(".lora_B.weight") for n in names)
@@ -414,6 +452,7 @@ def test_verify_accepts_a_shipped_adapter_with_olive_names(case, tmp_path):
 
 # --- doctor ---
 
+
 def test_doctor_warns_when_two_onnxruntime_wheels_are_installed():
     clash = doctor.doctor({"onnxruntime": "1.31.0", "onnxruntime-gpu": "1.31.1", "onnxruntime-genai": "0.18.0"})
     (line,) = clash["warnings"]
@@ -433,6 +472,7 @@ def test_doctor_cli_reports_versions_and_working_providers(cli):
 
 # --- provider selection (runtime.providers) with a stubbed onnxruntime ---
 
+
 def _fake_ort(listed, runs_on=None, raises=None, preload=True):
     """An ``onnxruntime`` stand-in: ``runs_on`` is what a session reports, ``raises`` what it throws."""
     import types
@@ -449,9 +489,11 @@ def _fake_ort(listed, runs_on=None, raises=None, preload=True):
 
     fake.InferenceSession = session
     if preload:
+
         def preload_dlls():
             calls.append("preload")
             print("Failed to load libcudart.so.12: cannot open shared object file")
+
         fake.preload_dlls = preload_dlls
     return fake, calls
 
@@ -488,7 +530,9 @@ def test_cpu_fallback_says_why_in_one_line(stub_ort, capsys):
     note = runtime.provider_note()
     assert "libcudart.so.12" in note and note.endswith(f"using {runtime.CPU}") and "\n" not in note
     assert capsys.readouterr().out == ""
-    stub_ort([runtime.CUDA, runtime.CPU], raises=RuntimeError("CUDA driver version is insufficient\nmore"), preload=False)
+    stub_ort(
+        [runtime.CUDA, runtime.CPU], raises=RuntimeError("CUDA driver version is insufficient\nmore"), preload=False
+    )
     assert runtime.providers() == (runtime.CPU,) and "CUDA driver version is insufficient" in runtime.provider_note()
     calls = stub_ort([runtime.CPU])
     assert runtime.providers() == (runtime.CPU,) and runtime.provider_note() == "" and calls == []

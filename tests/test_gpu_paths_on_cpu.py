@@ -49,8 +49,14 @@ def test_recovery_under_bf16_autocast_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(flows.training, "run", spy_run)
     out = tmp_path / "out"
     with cpu_accelerator(monkeypatch, "bf16"):
-        report = flows.recover(str(paths["shared"]), str(paths["base"]), str(paths["lora"]), str(paths["text"]),
-                               str(out), options=TrainingOptions(steps=15, batch_size=4, max_length=24))
+        report = flows.recover(
+            str(paths["shared"]),
+            str(paths["base"]),
+            str(paths["lora"]),
+            str(paths["text"]),
+            str(out),
+            options=TrainingOptions(steps=15, batch_size=4, max_length=24),
+        )
     assert report["mixed_precision"] == "bf16" and report["device"] == "cpu"
     assert seen["base dtypes"] == {torch.bfloat16} and seen["autocast"] == {True}, seen
     assert report["after"]["kl"] < report["before"]["kl"]
@@ -140,12 +146,15 @@ class FakeOrt:
         return list(self.available)
 
 
-@pytest.mark.parametrize("available, probe, chosen", [
-    ([runtime.CUDA, runtime.CPU], [runtime.CUDA, runtime.CPU], (runtime.CUDA, runtime.CPU)),  # CUDA really works
-    ([runtime.CUDA, runtime.CPU], [runtime.CPU], (runtime.CPU,)),  # listed, but the session fell back to CPU
-    ([runtime.CUDA, runtime.CPU], "raise", (runtime.CPU,)),  # listed, session creation fails
-    ([runtime.CPU], [runtime.CPU], (runtime.CPU,)),  # CPU-only build: no probe at all
-])
+@pytest.mark.parametrize(
+    "available, probe, chosen",
+    [
+        ([runtime.CUDA, runtime.CPU], [runtime.CUDA, runtime.CPU], (runtime.CUDA, runtime.CPU)),  # CUDA really works
+        ([runtime.CUDA, runtime.CPU], [runtime.CPU], (runtime.CPU,)),  # listed, but the session fell back to CPU
+        ([runtime.CUDA, runtime.CPU], "raise", (runtime.CPU,)),  # listed, session creation fails
+        ([runtime.CPU], [runtime.CPU], (runtime.CPU,)),  # CPU-only build: no probe at all
+    ],
+)
 def test_provider_selection_trusts_only_a_probe_that_ran_on_cuda(available, probe, chosen, monkeypatch, tmp_path):
     fake = FakeOrt(available, probe)
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", fake)

@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tree(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +41,21 @@ def setup(tmp_path_factory):
     base.resize_token_embeddings(len(tokenizer))
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
-    make_peft_adapter(tiny_llama(layers=2).__class__(base.config), root / "lora", r=2,
-                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    make_peft_adapter(tiny_llama(layers=2).__class__(base.config), root / "lora2", seed=7, r=2,
-                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    make_peft_adapter(
+        tiny_llama(layers=2).__class__(base.config),
+        root / "lora",
+        r=2,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
+    make_peft_adapter(
+        tiny_llama(layers=2).__class__(base.config),
+        root / "lora2",
+        seed=7,
+        r=2,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
     tiny_gpt2(layers=2).save_pretrained(root / "gpt2")
     save_tokenized(root / "tokens", [[1, 5 + i, 9, 12] for i in range(8)])
     (root / "text.txt").write_text("\n".join(lines) + "\n")
@@ -51,8 +65,10 @@ def setup(tmp_path_factory):
 def _renamed_site(src, dst):
     adapter = load_adapter(src)
     path = sorted(adapter.sites)[0]
-    factors = {p.replace("q_proj", "qq_proj"): (adapter.tensors[s.a], adapter.tensors[s.b], s.scale)
-               for p, s in adapter.sites.items()}
+    factors = {
+        p.replace("q_proj", "qq_proj"): (adapter.tensors[s.a], adapter.tensors[s.b], s.scale)
+        for p, s in adapter.sites.items()
+    }
     from shareport.adapter import Adapter
 
     save_adapter(Adapter.from_factors(factors), dst, as_peft=True)
@@ -62,23 +78,73 @@ def _renamed_site(src, dst):
 BAD = {
     # name -> (command builder, words in the error)
     "export: site missing from base": (
-        lambda r, o: ["export", r / "renamed", "--base", r / "base", "--onnx", o], "no module"),
+        lambda r, o: ["export", r / "renamed", "--base", r / "base", "--onnx", o],
+        "no module",
+    ),
     "export: base of another architecture": (
-        lambda r, o: ["export", r / "lora", "--base", r / "gpt2", "--onnx", o], "no module"),
+        lambda r, o: ["export", r / "lora", "--base", r / "gpt2", "--onnx", o],
+        "no module",
+    ),
     "export: base folder without config": (
-        lambda r, o: ["export", r / "lora", "--base", r / "lora", "--onnx", o], "config.json"),
+        lambda r, o: ["export", r / "lora", "--base", r / "lora", "--onnx", o],
+        "config.json",
+    ),
     "finetune: teacher of another structure": (
-        lambda r, o: ["finetune", r / "lora", "--base", r / "base", "--teacher", r / "renamed", "--data",
-                      r / "text.txt", "-o", o, "--steps", 1], "adapt different modules"),
+        lambda r, o: [
+            "finetune",
+            r / "lora",
+            "--base",
+            r / "base",
+            "--teacher",
+            r / "renamed",
+            "--data",
+            r / "text.txt",
+            "-o",
+            o,
+            "--steps",
+            1,
+        ],
+        "adapt different modules",
+    ),
     "finetune: missing data file": (
-        lambda r, o: ["finetune", r / "lora", "--base", r / "base", "--teacher", r / "lora", "--data",
-                      r / "nope.txt", "-o", o, "--steps", 1], "nope.txt"),
+        lambda r, o: [
+            "finetune",
+            r / "lora",
+            "--base",
+            r / "base",
+            "--teacher",
+            r / "lora",
+            "--data",
+            r / "nope.txt",
+            "-o",
+            o,
+            "--steps",
+            1,
+        ],
+        "nope.txt",
+    ),
     # tokenized data: the GPT-2 base has no tokenizer, and the architecture check must be what fails
     "finetune: base of another architecture": (
-        lambda r, o: ["finetune", r / "lora", "--base", r / "gpt2", "--teacher", r / "lora", "--data",
-                      r / "tokens", "-o", o, "--steps", 1], "no module 'model.layers.0.self_attn.q_proj'"),
+        lambda r, o: [
+            "finetune",
+            r / "lora",
+            "--base",
+            r / "gpt2",
+            "--teacher",
+            r / "lora",
+            "--data",
+            r / "tokens",
+            "-o",
+            o,
+            "--steps",
+            1,
+        ],
+        "no module 'model.layers.0.self_attn.q_proj'",
+    ),
     "verify: not an exported folder": (
-        lambda r, o: ["verify", r / "lora", "--base", r / "base", "--adapter", r / "lora"], "model.onnx"),
+        lambda r, o: ["verify", r / "lora", "--base", r / "base", "--adapter", r / "lora"],
+        "model.onnx",
+    ),
 }
 
 
@@ -99,8 +165,17 @@ def test_bad_model_inputs_fail_cleanly(name, setup, tmp_path, cli):
 
 def test_export_is_byte_deterministic(setup, tmp_path, cli):
     for name in ("a", "b"):
-        r = cli("export", setup / "lora", "--base", setup / "base", "--onnx", tmp_path / name, "--mode", "adapter",
-                "--no-verify")
+        r = cli(
+            "export",
+            setup / "lora",
+            "--base",
+            setup / "base",
+            "--onnx",
+            tmp_path / name,
+            "--mode",
+            "adapter",
+            "--no-verify",
+        )
         assert r.exit_code == 0, r.output
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
 
@@ -113,8 +188,22 @@ def test_sigkill_export_leaves_previous_complete_output(setup, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def cmd(adapter, out):
-        return [sys.executable, "-m", "shareport", "export", str(setup / adapter), "--base", str(setup / "base"),
-                "--onnx", str(out), "--mode", "adapter", "--embed-adapter", "--no-verify", "--overwrite"]
+        return [
+            sys.executable,
+            "-m",
+            "shareport",
+            "export",
+            str(setup / adapter),
+            "--base",
+            str(setup / "base"),
+            "--onnx",
+            str(out),
+            "--mode",
+            "adapter",
+            "--embed-adapter",
+            "--no-verify",
+            "--overwrite",
+        ]
 
     out = tmp_path / "onnx"
     subprocess.run(cmd("lora", out), env=env, check=True, capture_output=True)
@@ -138,10 +227,30 @@ def test_sigkill_finetune_then_resume_matches_uninterrupted(setup, tmp_path):
     shutil.copytree(setup / "lora", tmp_path / "student")
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "shareport", "finetune", str(tmp_path / "student"), "--base",
-                str(setup / "base"), "--teacher", str(setup / "lora"), "--data", str(setup / "text.txt"),
-                "-o", str(out), "--steps", "30", "--batch-size", "4", "--max-length", "16",
-                "--checkpoint-every", "3", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "shareport",
+            "finetune",
+            str(tmp_path / "student"),
+            "--base",
+            str(setup / "base"),
+            "--teacher",
+            str(setup / "lora"),
+            "--data",
+            str(setup / "text.txt"),
+            "-o",
+            str(out),
+            "--steps",
+            "30",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "16",
+            "--checkpoint-every",
+            "3",
+            *extra,
+        ]
 
     subprocess.run(cmd(tmp_path / "whole"), env=env, check=True, capture_output=True)
     checkpoint = tmp_path / "killed.checkpoint"

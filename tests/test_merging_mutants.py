@@ -49,17 +49,22 @@ def _one_step(handle, optimizer) -> None:
 # ---------------------------------------------------------------------------------------------- schedule
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(start=0, every=1), "give exactly one of --merges and --groups"),
-    (dict(start=0, every=1, merges=1, groups=1), "give exactly one of --merges and --groups"),
-    (dict(start=-1, every=1, merges=1), "--merge-start must be >= 0 and --merge-every >= 1, got -1 and 1"),
-    (dict(start=0, every=0, merges=1), "--merge-start must be >= 0 and --merge-every >= 1, got 0 and 0"),
-    (dict(start=0, every=1, merges=0), "--merges and --groups must be at least 1"),
-    (dict(start=0, every=1, groups=0), "--merges and --groups must be at least 1"),
-    (dict(start=0, every=1, merges=1, mode="median"), "merge mode must be one of ('tie', 'mean') and pairs one of "
-                                                      "('adjacent', 'any')"),
-    (dict(start=0, every=1, merges=1, pairs="far"), "merge mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(start=0, every=1), "give exactly one of --merges and --groups"),
+        (dict(start=0, every=1, merges=1, groups=1), "give exactly one of --merges and --groups"),
+        (dict(start=-1, every=1, merges=1), "--merge-start must be >= 0 and --merge-every >= 1, got -1 and 1"),
+        (dict(start=0, every=0, merges=1), "--merge-start must be >= 0 and --merge-every >= 1, got 0 and 0"),
+        (dict(start=0, every=1, merges=0), "--merges and --groups must be at least 1"),
+        (dict(start=0, every=1, groups=0), "--merges and --groups must be at least 1"),
+        (
+            dict(start=0, every=1, merges=1, mode="median"),
+            "merge mode must be one of ('tie', 'mean') and pairs one of ('adjacent', 'any')",
+        ),
+        (dict(start=0, every=1, merges=1, pairs="far"), "merge mode must be one of"),
+    ],
+)
 def test_schedule_refusals(fields, message):
     with pytest.raises(ShareportError) as info:
         MergeSchedule(**fields)
@@ -111,9 +116,12 @@ def test_spread_keeps_given_values_and_fields():
 
 
 def test_spread_refusal_names_the_numbers():
-    with pytest.raises(ShareportError, match=r"^--steps 3 is too short for 4 merge\(s\) per kind \(one merge step "
-                                             r"each, after step 0: at least 4 steps\); raise --steps, or merge less "
-                                             r"\(--merges/--groups\)$"):
+    with pytest.raises(
+        ShareportError,
+        match=r"^--steps 3 is too short for 4 merge\(s\) per kind \(one merge step "
+        r"each, after step 0: at least 4 steps\); raise --steps, or merge less "
+        r"\(--merges/--groups\)$",
+    ):
         MergeSchedule.spread(3, 6, merges=4)
 
 
@@ -238,7 +246,8 @@ def test_checkpoint_state_round_trip():
     again, opt2 = _attached([0.0, 1.0, 5.0, 6.0])
     restored = BMerger(again, MergeSchedule(start=1, every=1, merges=2), opt2)
     restored._rewire(  # the first merge's grouping, as the checkpoint's adapter holds it
-        restored.groups(Q)[0], restored.groups(Q)[1])
+        restored.groups(Q)[0], restored.groups(Q)[1]
+    )
     restored.load_state(meta, {k: v.double() for k, v in tensors.items()})
     assert (restored.observed, restored.remaining) == (2, {Q: 1})
     assert restored.events == merger.events and isinstance(restored.events[0], MergeEvent)
@@ -246,6 +255,9 @@ def test_checkpoint_state_round_trip():
         assert restored.averages[name].dtype == torch.float32 and torch.equal(restored.averages[name], avg)
 
     fresh, opt3 = _attached([0.0, 1.0, 5.0, 6.0])  # not rewired: four B's, the checkpoint has three
-    with pytest.raises(ShareportError, match=r"^checkpoint's ASLoRA running averages do not match the adapter's B "
-                                             r"tensors$"):
+    with pytest.raises(
+        ShareportError,
+        match=r"^checkpoint's ASLoRA running averages do not match the adapter's B "
+        r"tensors$",
+    ):
         BMerger(fresh, MergeSchedule(start=1, every=1, merges=2), opt3).load_state(meta, tensors)

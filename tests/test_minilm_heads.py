@@ -23,8 +23,9 @@ def _peft_lora(folder: Path, labels: int, seed: int):
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=labels)
-    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                                  target_modules=["query", "value"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
     randomize_lora(peft_model, seed=seed, std=0.05)
     peft_model.save_pretrained(folder)
     return peft_model.eval()
@@ -34,8 +35,9 @@ def _ids(tokenizer_dir: Path) -> dict:
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    return dict(tok(["a short sentence", "another, somewhat longer sentence to classify"], padding=True,
-                    return_tensors="pt"))
+    return dict(
+        tok(["a short sentence", "another, somewhat longer sentence to classify"], padding=True, return_tensors="pt")
+    )
 
 
 @pytest.mark.parametrize("labels", [3, 16])
@@ -57,18 +59,36 @@ def test_base_is_built_with_the_heads_label_count_and_matches_peft(labels, tmp_p
 
 def test_finetune_export_verify_on_the_packaged_folder(tmp_path, cli):
     _peft_lora(tmp_path / "lora", 3, seed=0)
-    rows = [{"text": f"sentence {i} about the topic {['sport', 'music', 'food'][i % 3]}", "label": i % 3}
-            for i in range(24)]
+    rows = [
+        {"text": f"sentence {i} about the topic {['sport', 'music', 'food'][i % 3]}", "label": i % 3} for i in range(24)
+    ]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = cli("convert", tmp_path / "lora", "--to", "sharea", "--rank", 2, "-o", tmp_path / "sharea")
     assert r.exit_code == 0, r.output
-    r = cli("finetune", tmp_path / "sharea", "--base", MINILM, "--teacher", tmp_path / "lora", "--data",
-            tmp_path / "data.jsonl", "--steps", 2, "--batch-size", 4, "--max-length", 16, "--eval-fraction", 0.2,
-            "-o", tmp_path / "rec")
+    r = cli(
+        "finetune",
+        tmp_path / "sharea",
+        "--base",
+        MINILM,
+        "--teacher",
+        tmp_path / "lora",
+        "--data",
+        tmp_path / "data.jsonl",
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--max-length",
+        16,
+        "--eval-fraction",
+        0.2,
+        "-o",
+        tmp_path / "rec",
+    )
     assert r.exit_code == 0, r.output
     r = cli("export", tmp_path / "rec", "--base", MINILM, "--onnx", tmp_path / "onnx", "--mode", "adapter", "--json")
     assert r.exit_code == 0, r.output
-    report = json.loads(r.stdout[r.stdout.index("{"):])
+    report = json.loads(r.stdout[r.stdout.index("{") :])
     assert report["verify"]["ok"]
     r = cli("verify", tmp_path / "onnx", "--base", MINILM, "--adapter", tmp_path / "rec")
     assert r.exit_code == 0, r.output

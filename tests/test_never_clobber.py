@@ -21,8 +21,11 @@ def setup(tmp_path_factory):
 
 
 def _tree(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _user_folder(root: Path) -> Path:
@@ -37,10 +40,45 @@ def _commands(s, out):
     return {
         "convert": ["convert", s["lora"], "--to", "sharea", "-o", out],
         "convert --to lora": ["convert", s["shared"], "--to", "lora", "-o", out],
-        "finetune": ["finetune", s["shared"], "--base", s["base"], "--teacher", s["lora"], "--data", s["text"],
-                     "--steps", 1, "--batch-size", 2, "--max-length", 16, "-o", out],
-        "train": ["train", "--form", "sharea", "--base", s["base"], "--data", s["text"], "--target", "q_proj",
-                  "--rank", 2, "--steps", 1, "--batch-size", 2, "--max-length", 16, "-o", out],
+        "finetune": [
+            "finetune",
+            s["shared"],
+            "--base",
+            s["base"],
+            "--teacher",
+            s["lora"],
+            "--data",
+            s["text"],
+            "--steps",
+            1,
+            "--batch-size",
+            2,
+            "--max-length",
+            16,
+            "-o",
+            out,
+        ],
+        "train": [
+            "train",
+            "--form",
+            "sharea",
+            "--base",
+            s["base"],
+            "--data",
+            s["text"],
+            "--target",
+            "q_proj",
+            "--rank",
+            2,
+            "--steps",
+            1,
+            "--batch-size",
+            2,
+            "--max-length",
+            16,
+            "-o",
+            out,
+        ],
         "export": ["export", s["lora"], "--base", s["base"], "--onnx", out, "--no-verify"],
     }
 

@@ -34,8 +34,17 @@ def qwen(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen2")
     base, sharea = make_case(root, tiny_qwen2, "sharea", r=4, **OPTS)
     _, lora = make_case(root, tiny_qwen2, "lora", seed=5, r=4, **OPTS)
-    fp16 = export(sharea, base, root / "fp16", ExportOptions("adapter", with_past=True, dtype="fp16"), progress=False, verify=False).path
-    embedded = export(sharea, base, root / "embedded", ExportOptions("adapter", embed_adapter=True), progress=False, verify=False).path
+    fp16 = export(
+        sharea,
+        base,
+        root / "fp16",
+        ExportOptions("adapter", with_past=True, dtype="fp16"),
+        progress=False,
+        verify=False,
+    ).path
+    embedded = export(
+        sharea, base, root / "embedded", ExportOptions("adapter", embed_adapter=True), progress=False, verify=False
+    ).path
     return SimpleNamespace(root=root, base=base, sharea=sharea, lora=lora, fp16=fp16, embedded=embedded)
 
 
@@ -90,7 +99,9 @@ def test_export_adapter_swaps_in_an_adapter_of_another_rank(qwen, cli):
 
     sig = Signature.from_dict(graph_file.read_info(graph_file.load_proto(qwen.embedded), qwen.embedded)["signature"])
     inputs = make_inputs(sig, batch=2, seq=6, vocab=64)
-    got = runtime.run(runtime.session(qwen.embedded / graph_file.GRAPH_NAME), {n: t.numpy() for n, t in inputs.items()}, lora)
+    got = runtime.run(
+        runtime.session(qwen.embedded / graph_file.GRAPH_NAME), {n: t.numpy() for n, t in inputs.items()}, lora
+    )
     model = load_base_model(qwen.base)
     attach(model, load_adapter(other))
     with torch.no_grad():

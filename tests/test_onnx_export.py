@@ -37,7 +37,8 @@ def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     base, adapter = make_case(root, lambda: tiny_llama(layers=2), r=4, lora_alpha=8, target_modules=TARGETS["llama"])
     return SimpleNamespace(
-        base=base, adapter=adapter,
+        base=base,
+        adapter=adapter,
         folded=_export(adapter, base, root / "folded", mode="folded", with_past=True),
         adapted=_export(adapter, base, root / "adapted", mode="adapter", with_past=True),
     )
@@ -46,10 +47,19 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
-    base, adapter = make_case(root, tiny_gpt2, "aslora", b_groups=[[0, 1], [2]], r=4, lora_alpha=8,
-                              target_modules=TARGETS["gpt2"], fan_in_fan_out=True)
+    base, adapter = make_case(
+        root,
+        tiny_gpt2,
+        "aslora",
+        b_groups=[[0, 1], [2]],
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS["gpt2"],
+        fan_in_fan_out=True,
+    )
     return SimpleNamespace(
-        base=base, adapter=adapter,
+        base=base,
+        adapter=adapter,
         adapted=_export(adapter, base, root / "adapted", mode="adapter", with_past=True),
         fp16=_export(adapter, base, root / "fp16", mode="folded", dtype="fp16", opset=18),
     )

@@ -6,7 +6,6 @@ by hand for a swapped adapter), ONNX Runtime's own ``DequantizeLinear`` on the f
 the float16 export's file for the bytes.
 """
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,21 +15,19 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file
 
+from converters.quantize import quantize
 from shareport import flows
-from shareport.errors import ShareportError
 from shareport.export import graph_file, runtime
 from shareport.export.exporter import ExportOptions, export
 from shareport.export.ort_adapter import read_onnx_adapter
 from shareport.export.quantized import QuantizedSlot, dequantize_nodes, pack_rows
 from shareport.export.signature import Signature, make_inputs
-from shareport.export.slots import graph_tensors
 from shareport.export.verify import verify
 from shareport.export.wrapper import call_model
 from shareport.files.adapters import load_adapter
 from shareport.files.folder import WEIGHTS_NAME
 from shareport.files.quantized import SCALE_PREFIX
 from shareport.model import attach, load_base_model
-from converters.quantize import quantize
 from tests.onnx_cases import make_case
 from tests.tiny import make_peft_adapter, tiny_llama
 
@@ -166,23 +163,37 @@ def test_folded_export_folds_the_dequantized_factors(case):
 
 
 def test_fp16_embedded_quantized_graph_verifies(case):
-    result = export(case.q["int4"], case.base, case.root / "int4-fp16", ExportOptions("adapter", dtype="fp16",
-                    embed_adapter=True), progress=False)
+    result = export(
+        case.q["int4"],
+        case.base,
+        case.root / "int4-fp16",
+        ExportOptions("adapter", dtype="fp16", embed_adapter=True),
+        progress=False,
+    )
     assert result.report.ok, result.report.failure()
     assert {r.check for r in result.report.rows} == {"adapter active", "embedded default", "no adapter"}
 
 
 def test_same_input_gives_the_same_bytes(case, tmp_path):
-    again = export(case.q["int4"], case.base, tmp_path / "again", ExportOptions("adapter"), progress=False, verify=False)
+    again = export(
+        case.q["int4"], case.base, tmp_path / "again", ExportOptions("adapter"), progress=False, verify=False
+    )
     for name in (graph_file.GRAPH_NAME, graph_file.ADAPTER_NAME):
         assert (again.path / name).read_bytes() == (case.graphs["int4"].path / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("source, graph, words", [
-    ("lora", "int4", "is float; this graph takes it quantized (int4 in groups of 12): convert the adapter with "
-                     "--quantize int4 --group-size 12"),
-    ("int8", "int4", "is int8 in groups of 16; this graph takes int4 in groups of 12"),
-])
+@pytest.mark.parametrize(
+    "source, graph, words",
+    [
+        (
+            "lora",
+            "int4",
+            "is float; this graph takes it quantized (int4 in groups of 12): convert the adapter with "
+            "--quantize int4 --group-size 12",
+        ),
+        ("int8", "int4", "is int8 in groups of 16; this graph takes int4 in groups of 12"),
+    ],
+)
 def test_export_adapter_refuses_another_precision_in_one_line(case, cli, tmp_path, source, graph, words):
     folder = case.lora if source == "lora" else case.q[source]
     out = tmp_path / "x.onnx_adapter"
@@ -193,15 +204,22 @@ def test_export_adapter_refuses_another_precision_in_one_line(case, cli, tmp_pat
 
 
 def test_float_and_quantized_graphs_refuse_each_others_adapters(case, cli, tmp_path):
-    float_graph = export(case.lora, case.base, case.root / "float", ExportOptions("adapter"), progress=False,
-                         verify=False).path
+    float_graph = export(
+        case.lora, case.base, case.root / "float", ExportOptions("adapter"), progress=False, verify=False
+    ).path
     out = tmp_path / "x.onnx_adapter"
     cases = [
         (case.q["int4"], float_graph, "is quantized (int4 in groups of 12); this graph takes float adapter tensors"),
-        (float_graph / graph_file.ADAPTER_NAME, case.graphs["int4"].path, "holds float tensors; this graph takes a "
-                                                                           "quantized adapter"),
-        (case.graphs["int4"].path / graph_file.ADAPTER_NAME, float_graph, "holds a quantized adapter (integers and "
-                                                                           "scales); this graph takes float tensors"),
+        (
+            float_graph / graph_file.ADAPTER_NAME,
+            case.graphs["int4"].path,
+            "holds float tensors; this graph takes a quantized adapter",
+        ),
+        (
+            case.graphs["int4"].path / graph_file.ADAPTER_NAME,
+            float_graph,
+            "holds a quantized adapter (integers and scales); this graph takes float tensors",
+        ),
     ]
     for source, graph, words in cases:
         result = cli("export-adapter", source, "--graph", graph, "-o", out)
@@ -211,8 +229,9 @@ def test_float_and_quantized_graphs_refuse_each_others_adapters(case, cli, tmp_p
 
 
 def test_an_opset_below_21_is_refused_before_anything_is_written(case, cli, tmp_path):
-    result = cli("export", case.q["int8"], "--base", case.base, "-o", tmp_path / "o", "--mode", "adapter",
-                 "--opset", "20")
+    result = cli(
+        "export", case.q["int8"], "--base", case.base, "-o", tmp_path / "o", "--mode", "adapter", "--opset", "20"
+    )
     assert result.exit_code != 0
     assert "--opset 20 cannot hold a quantized adapter" in result.output.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
@@ -236,16 +255,19 @@ def test_the_graphs_dequantization_is_the_float_exports_value_bit_for_bit(bits, 
     scales = (record.scales if role == "A" else record.scales.T).contiguous().numpy()
     ints = values.contiguous().numpy() if bits == 8 else pack_rows(values).numpy()
     feeds = {"t": ints, "scale/t": scales, "scaling/t": np.array([scale], np.float32)}
-    inputs = {n: ir.Value(name=n, shape=ir.Shape(list(s)), type=ir.TensorType(ir.DataType.from_numpy(d)))
-              for n, (d, s) in qslot.inputs().items()}
+    inputs = {
+        n: ir.Value(name=n, shape=ir.Shape(list(s)), type=ir.TensorType(ir.DataType.from_numpy(d)))
+        for n, (d, s) in qslot.inputs().items()
+    }
     nodes, out = dequantize_nodes(qslot, inputs)
     graph = ir.Graph(list(inputs.values()), [out], nodes=nodes, opset_imports={"": 21})
     model = ir.serde.serialize_model(ir.Model(graph, ir_version=10))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: feeds[n] for n in inputs})[0]
     np.testing.assert_array_equal(got, want)
-    empty = sess.run(None, {n: np.zeros([0 if d == "rank" else d for d in s], t)
-                            for n, (t, s) in qslot.inputs().items()})[0]
+    empty = sess.run(
+        None, {n: np.zeros([0 if d == "rank" else d for d in s], t) for n, (t, s) in qslot.inputs().items()}
+    )[0]
     assert empty.size == 0
 
 
@@ -255,15 +277,30 @@ def test_int4_onnx_adapter_is_under_three_tenths_of_the_float16_one(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=512, intermediate_size=768, num_hidden_layers=1,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=512,
+        intermediate_size=768,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base = tmp_path / "base"
     LlamaForCausalLM(config).eval().save_pretrained(base)
     lora = tmp_path / "lora"
     torch.manual_seed(0)
-    make_peft_adapter(LlamaForCausalLM(config).eval(), lora, seed=2, r=8, lora_alpha=16,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    make_peft_adapter(
+        LlamaForCausalLM(config).eval(),
+        lora,
+        seed=2,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     int4 = _convert(lora, tmp_path / "int4", "int4", None)
     fp16 = export(lora, base, tmp_path / "fp16", ExportOptions("adapter", dtype="fp16"), progress=False, verify=False)
     q = export(int4, base, tmp_path / "q", ExportOptions("adapter", dtype="fp16"), progress=False)

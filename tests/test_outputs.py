@@ -22,10 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _adapter(layers=4, n=64, r=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return Adapter.from_factors({
-        f"model.layers.{i}.self_attn.{k}": (torch.randn(r, n, generator=gen), torch.randn(n, r, generator=gen), 2.0)
-        for i in range(layers) for k in ("q_proj", "v_proj")
-    })
+    return Adapter.from_factors(
+        {
+            f"model.layers.{i}.self_attn.{k}": (torch.randn(r, n, generator=gen), torch.randn(n, r, generator=gen), 2.0)
+            for i in range(layers)
+            for k in ("q_proj", "v_proj")
+        }
+    )
 
 
 @pytest.fixture
@@ -35,8 +38,11 @@ def lora(tmp_path):
 
 
 def _tree(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_symlinked_output_is_refused(lora, tmp_path, cli):
@@ -51,8 +57,9 @@ def test_missing_parents_are_made(lora, tmp_path, cli):
     r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "no" / "such" / "out")
     assert r.exit_code == 0, r.output
     assert load_adapter(tmp_path / "no" / "such" / "out").form == "sharea"
-    r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "no" / "else" / "out", "--plot",
-            tmp_path / "figs" / "a.png")
+    r = cli(
+        "convert", lora, "--to", "sharea", "-o", tmp_path / "no" / "else" / "out", "--plot", tmp_path / "figs" / "a.png"
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "no" / "else" / "out").is_dir()
 
@@ -60,8 +67,11 @@ def test_missing_parents_are_made(lora, tmp_path, cli):
 def test_parents_made_for_an_output_that_fails_are_removed(lora, tmp_path, cli, monkeypatch):
     import shareport.files.tensorfile
 
-    monkeypatch.setattr(shareport.files.tensorfile, "save_file",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(
+        shareport.files.tensorfile,
+        "save_file",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
     (tmp_path / "kept").mkdir()
     r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "kept" / "new" / "deeper" / "out")
     assert r.exit_code != 0 and "No space left on device" in r.output
@@ -71,8 +81,9 @@ def test_parents_made_for_an_output_that_fails_are_removed(lora, tmp_path, cli, 
 def test_a_file_on_the_output_path_is_refused_before_the_work(lora, tmp_path, cli):
     (tmp_path / "afile").write_text("mine\n")
     r = cli("convert", lora, "--to", "sharea", "-o", tmp_path / "afile" / "sub" / "out")
-    assert r.exit_code == 1 and r.output.strip() == (f"Error: cannot write '{tmp_path / 'afile' / 'sub' / 'out'}': "
-                                                     f"'{tmp_path / 'afile'}' is a file, not a folder")
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: cannot write '{tmp_path / 'afile' / 'sub' / 'out'}': '{tmp_path / 'afile'}' is a file, not a folder"
+    )
     assert (tmp_path / "afile").read_text() == "mine\n"
 
 
@@ -107,8 +118,11 @@ def test_failed_overwrite_keeps_previous_output(lora, tmp_path, cli, monkeypatch
     before = _tree(tmp_path / "out")
     import shareport.files.tensorfile
 
-    monkeypatch.setattr(shareport.files.tensorfile, "save_file",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(
+        shareport.files.tensorfile,
+        "save_file",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
     r = cli("convert", lora, "--to", "aslora", "-o", tmp_path / "out", "--overwrite")
     assert r.exit_code != 0
     assert _tree(tmp_path / "out") == before
@@ -119,8 +133,21 @@ def test_sigkill_leaves_no_or_previous_complete_output(tmp_path):
     """Kill `shareport convert` at random points; the output is absent, the old one, or the new one."""
     save_adapter(_adapter(layers=8, n=256, r=8, seed=1), tmp_path / "lora", as_peft=True)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "shareport", "convert", str(tmp_path / "lora"), "--to", "aslora",
-           "--grouping", "adjacent", "-o", str(out), "--overwrite", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shareport",
+        "convert",
+        str(tmp_path / "lora"),
+        "--to",
+        "aslora",
+        "--grouping",
+        "adjacent",
+        "-o",
+        str(out),
+        "--overwrite",
+        "--json",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)

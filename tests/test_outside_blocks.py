@@ -8,8 +8,9 @@ from tests.tiny import make_peft_adapter, tiny_bert
 
 
 def test_pooler_is_its_own_cleanly_named_kind(tmp_path, cli):
-    make_peft_adapter(tiny_bert(layers=3, num_labels=3), tmp_path / "lora", r=2, target_modules=["dense"],
-                      task_type="SEQ_CLS")
+    make_peft_adapter(
+        tiny_bert(layers=3, num_labels=3), tmp_path / "lora", r=2, target_modules=["dense"], task_type="SEQ_CLS"
+    )
     adapter = load_adapter(tmp_path / "lora")
     pooler = adapter.sites["bert.pooler.dense"]
     assert pooler.kind == "pooler.dense" and adapter.outside_kinds() == ["pooler.dense"]
@@ -27,8 +28,9 @@ def test_pooler_is_its_own_cleanly_named_kind(tmp_path, cli):
 
 def test_converting_keeps_the_pooler_update(tmp_path, cli):
     """The pooler kind has one site: any form keeps its update exactly at its own rank."""
-    make_peft_adapter(tiny_bert(layers=3, num_labels=3), tmp_path / "lora", r=2, target_modules=["dense"],
-                      task_type="SEQ_CLS")
+    make_peft_adapter(
+        tiny_bert(layers=3, num_labels=3), tmp_path / "lora", r=2, target_modules=["dense"], task_type="SEQ_CLS"
+    )
     assert cli("convert", tmp_path / "lora", "--to", "sharea", "--rank", 2, "-o", tmp_path / "out").exit_code == 0
     lora, out = load_adapter(tmp_path / "lora"), load_adapter(tmp_path / "out")
     diff = (lora.update("bert.pooler.dense") - out.update("bert.pooler.dense")).abs().max()

@@ -101,16 +101,39 @@ def test_pack_with_a_classifier_base_is_refused_before_any_model_loads(tmp_path,
         raise AssertionError("the base model was loaded before --pack was checked")
 
     monkeypatch.setattr(jobs, "load_base_model", no_load)
-    with pytest.raises(ShareportError, match="--pack needs a causal LM: .* loads as AutoModelForSequenceClassification"):
-        flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
-                    options=TrainingOptions(steps=1, pack=True))
+    with pytest.raises(
+        ShareportError, match="--pack needs a causal LM: .* loads as AutoModelForSequenceClassification"
+    ):
+        flows.train(
+            "lora",
+            str(paths["base"]),
+            ["q_proj"],
+            2,
+            str(paths["text"]),
+            str(tmp_path / "out"),
+            options=TrainingOptions(steps=1, pack=True),
+        )
     assert not (tmp_path / "out").exists()
     # the same base without --pack, and a causal base with it, get past the check (to the model load)
     with pytest.raises(AssertionError, match="loaded before"):
-        flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
-                    options=TrainingOptions(steps=1))
+        flows.train(
+            "lora",
+            str(paths["base"]),
+            ["q_proj"],
+            2,
+            str(paths["text"]),
+            str(tmp_path / "out"),
+            options=TrainingOptions(steps=1),
+        )
     config["architectures"] = ["LlamaForCausalLM"]
     config_path.write_text(json.dumps(config))
     with pytest.raises(AssertionError, match="loaded before"):
-        flows.train("lora", str(paths["base"]), ["q_proj"], 2, str(paths["text"]), str(tmp_path / "out"),
-                    options=TrainingOptions(steps=1, pack=True))
+        flows.train(
+            "lora",
+            str(paths["base"]),
+            ["q_proj"],
+            2,
+            str(paths["text"]),
+            str(tmp_path / "out"),
+            options=TrainingOptions(steps=1, pack=True),
+        )

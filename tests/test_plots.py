@@ -61,9 +61,19 @@ def test_one_layer_kind_is_text_axes_are_labelled_and_rank_ticks_are_integers(tm
     from shareport.plots import _is_our_figure, plot_adapter
 
     gen = torch.Generator().manual_seed(0)
-    factors = {f"model.layers.{i}.self_attn.q_proj": (torch.randn(2, 16, generator=gen), torch.randn(16, 2, generator=gen),
-                                                      2.0) for i in range(3)}
-    factors["model.layers.2.mlp.down_proj"] = (torch.randn(2, 16, generator=gen), torch.randn(16, 2, generator=gen), 2.0)
+    factors = {
+        f"model.layers.{i}.self_attn.q_proj": (
+            torch.randn(2, 16, generator=gen),
+            torch.randn(16, 2, generator=gen),
+            2.0,
+        )
+        for i in range(3)
+    }
+    factors["model.layers.2.mlp.down_proj"] = (
+        torch.randn(2, 16, generator=gen),
+        torch.randn(16, 2, generator=gen),
+        2.0,
+    )
     adapter = Adapter.from_factors(factors)
     figures, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))

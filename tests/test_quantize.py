@@ -59,14 +59,22 @@ def test_each_form_quantizes_within_half_a_scale_of_the_float_conversion(form, b
         assert record.bits == int(bits[3:]) and record.group_size == 64
         # groups run along the model dimension: A (r, n_in) along axis 1, B (n_out, r) along axis 0
         assert record.axis == (1 if name.endswith("lora_A") else 0)
-        scale = record.scales.double().repeat_interleave(64, record.axis).narrow(record.axis, 0,
-                                                                                  record.values.shape[record.axis])
+        scale = (
+            record.scales.double()
+            .repeat_interleave(64, record.axis)
+            .narrow(record.axis, 0, record.values.shape[record.axis])
+        )
         error = (quantized.tensors[name].double() - reference.tensors[name].double()).abs()
         assert bool((error <= scale / 2 * (1 + 1e-9)).all()), name
     q = report["quantization"]
     assert q["quantize"] == bits and 0 < q["relative_error"] < (0.01 if bits == "int8" else 0.25)
-    assert quantized.provenance["history"][-1] == {"step": "quantize", "quantize": bits, "bits": int(bits[3:]),
-                                                   "group_size": 64, "scheme": "symmetric"}
+    assert quantized.provenance["history"][-1] == {
+        "step": "quantize",
+        "quantize": bits,
+        "bits": int(bits[3:]),
+        "group_size": 64,
+        "scheme": "symmetric",
+    }
 
 
 def test_a_quantized_adapter_is_resaved_byte_for_byte(lora, tmp_path, cli):
@@ -121,8 +129,11 @@ def test_inspect_counts_the_files_bytes(bits, lora, tmp_path, cli):
     assert result.exit_code == 0, result.output
     storage = json.loads(result.stdout)["storage"]
     # independent: bytes from the file's own header; parameters from the float conversion's shapes
-    stored = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in _header(folder / WTS).items()
-                 if not k.startswith("extra/"))
+    stored = sum(
+        e["data_offsets"][1] - e["data_offsets"][0]
+        for k, e in _header(folder / WTS).items()
+        if not k.startswith("extra/")
+    )
     parameters = sum(math.prod(e["shape"]) for e in _header(tmp_path / "float" / WTS).values())
     assert storage["bytes"] == stored
     assert storage["bits_per_parameter"] == pytest.approx(8 * stored / parameters)
@@ -134,11 +145,14 @@ def test_inspect_counts_the_files_bytes(bits, lora, tmp_path, cli):
     assert f"{storage['bits_per_parameter']:.2f} bits per parameter" in text
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--quantize", "int3"], "Invalid value for '--quantize'"),
-    (["--quantize", "int4", "--group-size", "0"], "--group-size must be a positive"),
-    (["--group-size", "32"], "--group-size is only used with --quantize"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--quantize", "int3"], "Invalid value for '--quantize'"),
+        (["--quantize", "int4", "--group-size", "0"], "--group-size must be a positive"),
+        (["--group-size", "32"], "--group-size is only used with --quantize"),
+    ],
+)
 def test_bad_options_are_refused_and_nothing_is_written(args, words, lora, tmp_path, cli):
     result = cli("convert", lora, "--to", "shareab", "-o", tmp_path / "out", *args)
     assert result.exit_code != 0 and words in result.output
@@ -179,10 +193,15 @@ def _version_one(folder):
     (folder / CFG).write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("breaker, words", [
-    (_drop_scale, "or its scales are missing"), (_widen_scale, "must be float16"),
-    (_bad_bits, "needs bits (4 or 8)"), (_version_one, "format_version 1 is not supported"),
-])
+@pytest.mark.parametrize(
+    "breaker, words",
+    [
+        (_drop_scale, "or its scales are missing"),
+        (_widen_scale, "must be float16"),
+        (_bad_bits, "needs bits (4 or 8)"),
+        (_version_one, "format_version 1 is not supported"),
+    ],
+)
 def test_a_broken_quantized_adapter_is_refused_in_one_line(breaker, words, lora, tmp_path, cli):
     _convert(cli, lora, tmp_path / "q", "--to", "shareab", "--rank", "3", "--quantize", "int4")
     shutil.copytree(tmp_path / "q", tmp_path / "bad")

@@ -76,8 +76,13 @@ def _dequantize_in_ort(q, scales_dtype):
         ints = helper.make_tensor("x", TensorProto.INT8, shape, q.values.numpy().tobytes(), raw=True)
     scale_type = TensorProto.FLOAT16 if scales_dtype == np.float16 else TensorProto.FLOAT
     node = helper.make_node("DequantizeLinear", ["x", "s"], ["y"], axis=q.axis, block_size=q.group_size)
-    graph = helper.make_graph([node], "dq", [helper.make_tensor_value_info("s", scale_type, list(q.scales.shape))],
-                              [helper.make_tensor_value_info("y", scale_type, shape)], initializer=[ints])
+    graph = helper.make_graph(
+        [node],
+        "dq",
+        [helper.make_tensor_value_info("s", scale_type, list(q.scales.shape))],
+        [helper.make_tensor_value_info("y", scale_type, shape)],
+        initializer=[ints],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     onnx.checker.check_model(model)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

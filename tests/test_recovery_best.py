@@ -18,8 +18,8 @@ import torch
 from shareport import flows
 from shareport.convert import convert_adapter
 from shareport.files.adapters import load_adapter, save_adapter
-from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.data import load_data
+from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import Recipe, Trainer, evaluate_adapter, run
 from shareport.train.schedule import STEP_UNITS, default_eval_every, eval_steps, lr_factor
 from tests.training_helpers import recovery_setup, write_text
@@ -31,8 +31,15 @@ def setup(tmp_path_factory):
 
 
 def _job(setup, student=None, checkpoint_dir=None, resume=False):
-    return recovery_job(student or setup["shared"], setup["base"], setup["lora"], data_path=setup["text"],
-                        max_length=32, checkpoint_dir=checkpoint_dir, resume=resume)
+    return recovery_job(
+        student or setup["shared"],
+        setup["base"],
+        setup["lora"],
+        data_path=setup["text"],
+        max_length=32,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
 
 
 def _torch_lrs(steps: int, warmup_steps: int, schedule: str) -> list[float]:
@@ -41,11 +48,15 @@ def _torch_lrs(steps: int, warmup_steps: int, schedule: str) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1.0)
     rest = steps - warmup_steps
-    after = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=rest) if schedule == "cosine" else
-             torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=rest))
+    after = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=rest)
+        if schedule == "cosine"
+        else torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=rest)
+    )
     if warmup_steps:
-        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup_steps, end_factor=1.0,
-                                                 total_iters=warmup_steps - 1)
+        warm = torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1
+        )
         sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, after], milestones=[warmup_steps])
     else:
         sched = after
@@ -105,9 +116,32 @@ def test_a_good_start_is_not_made_worse(setup, tmp_path, cli):
     """A constant lr far too large: the last step is worse than the start, and what is published is
     the best evaluated step, whose KL an independent evaluation of the written adapter reproduces."""
     out = tmp_path / "ruined"
-    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
-                 setup["text"], "-o", out, "--steps", 6, "--lr", 5.0, "--schedule", "constant", "--warmup", 0,
-                 "--eval-every", 3, "--batch-size", 4, "--max-length", 32)
+    result = cli(
+        "finetune",
+        setup["shared"],
+        "--base",
+        setup["base"],
+        "--teacher",
+        setup["lora"],
+        "--data",
+        setup["text"],
+        "-o",
+        out,
+        "--steps",
+        6,
+        "--lr",
+        5.0,
+        "--schedule",
+        "constant",
+        "--warmup",
+        0,
+        "--eval-every",
+        3,
+        "--batch-size",
+        4,
+        "--max-length",
+        32,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "training_report.json").read_text())
     kls = {p["step"]: p["kl"] for p in report["curve"]}
@@ -139,8 +173,9 @@ def test_resumed_run_keeps_the_best_so_far_and_ends_bit_identical(setup, tmp_pat
         run(_job(setup, student=setup["lora"], checkpoint_dir=tmp_path / "cut"), recipe, after_step=interrupt)
     _, state, tensors = load_checkpoint(tmp_path / "cut")
     assert state["best"]["step"] == 0 and state["step"] == 5 and any(k.startswith("best/") for k in tensors)
-    resumed, resumed_report = run(_job(setup, student=setup["lora"], checkpoint_dir=tmp_path / "cut",
-                                       resume=True), recipe)
+    resumed, resumed_report = run(
+        _job(setup, student=setup["lora"], checkpoint_dir=tmp_path / "cut", resume=True), recipe
+    )
     assert resumed_report["best_step"] == whole_report["best_step"]
     assert resumed_report["curve"] == whole_report["curve"]
     for name in whole.used_tensor_names():
@@ -161,9 +196,14 @@ def test_sites_cut_to_rank_zero_recover_without_them(setup, tmp_path):
     dropped = sorted(p for k in report.kinds for p, r in k.site_ranks.items() if r == 0)
     assert dropped and set(cut.sites) == set(lora.sites) - set(dropped)
     save_adapter(cut, tmp_path / "cut", as_peft=True)
-    result = flows.recover(str(tmp_path / "cut"), str(setup["base"]), str(tmp_path / "teacher"), str(setup["text"]),
-                           str(tmp_path / "out"), options=TrainingOptions(steps=30, lr=3e-3, batch_size=4,
-                                                                           max_length=32))
+    result = flows.recover(
+        str(tmp_path / "cut"),
+        str(setup["base"]),
+        str(tmp_path / "teacher"),
+        str(setup["text"]),
+        str(tmp_path / "out"),
+        options=TrainingOptions(steps=30, lr=3e-3, batch_size=4, max_length=32),
+    )
     assert result["inputs"]["teacher_only_sites"] == dropped
     assert set(load_adapter(tmp_path / "out").sites) == set(cut.sites)
     assert result["after"]["kl"] < result["before"]["kl"]
@@ -172,14 +212,14 @@ def test_sites_cut_to_rank_zero_recover_without_them(setup, tmp_path):
 def test_with_a_test_file_the_best_step_is_picked_on_the_data_not_the_test(setup, tmp_path):
     """``frontier --eval FILE``: before/after are scored on the file; the curve and the best step come
     from the data's own held-out split, which no training batch contains."""
+
     def labelled(path, lines):
         path.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(lines)))
         return path
 
     data = labelled(tmp_path / "data.jsonl", setup["text"].read_text().splitlines())
     test = labelled(tmp_path / "test.jsonl", write_text(tmp_path / "t.txt", 30, seed=7).read_text().splitlines())
-    job = recovery_job(setup["shared"], setup["base"], setup["lora"], data_path=data, max_length=32,
-                       eval_path=test)
+    job = recovery_job(setup["shared"], setup["base"], setup["lora"], data_path=data, max_length=32, eval_path=test)
     assert job.heldout.sequences == load_data(test, setup["base"], 32).sequences
     assert not set(map(tuple, job.selection.sequences)) & set(map(tuple, job.train_data.sequences))
     _, report = run(job, Recipe(steps=4, lr=3e-3, batch_size=4, eval_every=2))
@@ -190,29 +230,55 @@ def test_with_a_test_file_the_best_step_is_picked_on_the_data_not_the_test(setup
 
 
 def test_train_keeps_its_best_step_by_the_heldout_task_loss(setup, tmp_path):
-    report = flows.train("lora", str(setup["base"]), ["q_proj"], 2, str(setup["text"]), str(tmp_path / "t"),
-                         options=TrainingOptions(steps=8, lr=0.3, batch_size=4, max_length=32, eval_every=2,
-                                                 schedule="constant", warmup=0.0))
+    report = flows.train(
+        "lora",
+        str(setup["base"]),
+        ["q_proj"],
+        2,
+        str(setup["text"]),
+        str(tmp_path / "t"),
+        options=TrainingOptions(
+            steps=8, lr=0.3, batch_size=4, max_length=32, eval_every=2, schedule="constant", warmup=0.0
+        ),
+    )
     losses = {p["step"]: p["lm_loss"] for p in report["curve"]}
     assert report["selected_by"] == "held-out lm loss"
     assert report["best_step"] == min(losses, key=lambda s: (losses[s], s))
     assert report["after"]["lm_loss"]["student"] == losses[report["best_step"]]
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--eval-every", 0], "--eval-every must be between 1 and --steps (4), got 0"),
-    (["--eval-every", 5], "--eval-every must be between 1 and --steps (4), got 5"),
-    (["--schedule", "exponential"], "--schedule: unknown schedule 'exponential'"),
-    (["--warmup", 1.0], "--warmup must be a share of the steps in [0, 1)"),
-    (["--max-length", 3, "--eval-fraction", 0.01], "needs at least 4"),
-    (["--trainable", "singular"], "'singular' is not one of"),
-    (["--trainable", "cores", "--checkpoint-every", 2], "--trainable cores does not checkpoint"),
-    (["--trainable", "cores", "--merges", 1], "--trainable cores cannot run with ASLoRA merges"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--eval-every", 0], "--eval-every must be between 1 and --steps (4), got 0"),
+        (["--eval-every", 5], "--eval-every must be between 1 and --steps (4), got 5"),
+        (["--schedule", "exponential"], "--schedule: unknown schedule 'exponential'"),
+        (["--warmup", 1.0], "--warmup must be a share of the steps in [0, 1)"),
+        (["--max-length", 3, "--eval-fraction", 0.01], "needs at least 4"),
+        (["--trainable", "singular"], "'singular' is not one of"),
+        (["--trainable", "cores", "--checkpoint-every", 2], "--trainable cores does not checkpoint"),
+        (["--trainable", "cores", "--merges", 1], "--trainable cores cannot run with ASLoRA merges"),
+    ],
+)
 def test_bad_schedule_settings_are_refused_in_one_line(setup, tmp_path, cli, args, words):
     out = tmp_path / "out"
-    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
-                 setup["text"], "-o", out, "--steps", 4, "--batch-size", 4, *args)
+    result = cli(
+        "finetune",
+        setup["shared"],
+        "--base",
+        setup["base"],
+        "--teacher",
+        setup["lora"],
+        "--data",
+        setup["text"],
+        "-o",
+        out,
+        "--steps",
+        4,
+        "--batch-size",
+        4,
+        *args,
+    )
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and words in errors[0], result.output
@@ -223,8 +289,27 @@ def test_generate_recovers_a_causal_lm_with_no_data_file(setup, tmp_path, cli):
     """``--generate N``: N texts sampled from the teacher are the data; the same seed, the same bytes."""
     outs = [tmp_path / "g1", tmp_path / "g2"]
     for out in outs:
-        result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--generate",
-                     40, "-o", out, "--steps", 20, "--lr", 3e-3, "--batch-size", 4, "--max-length", 24, "--json")
+        result = cli(
+            "finetune",
+            setup["shared"],
+            "--base",
+            setup["base"],
+            "--teacher",
+            setup["lora"],
+            "--generate",
+            40,
+            "-o",
+            out,
+            "--steps",
+            20,
+            "--lr",
+            3e-3,
+            "--batch-size",
+            4,
+            "--max-length",
+            24,
+            "--json",
+        )
         assert result.exit_code == 0, result.output
     report = json.loads((outs[0] / "training_report.json").read_text())
     assert report["inputs"]["generated"] == 40 and report["inputs"]["data"] is None
@@ -255,16 +340,20 @@ def test_generated_texts_are_the_teachers_samples(setup):
         assert eos not in seq[1:-1] and (len(seq) == 12 or seq[-1] == eos)
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--generate", 0], "--generate must be at least 1 text, got 0"),
-    (["--generate", 5, "--data", "DATA"], "not both"),
-    ([], "finetune needs --data DATA or --generate N"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--generate", 0], "--generate must be at least 1 text, got 0"),
+        (["--generate", 5, "--data", "DATA"], "not both"),
+        ([], "finetune needs --data DATA or --generate N"),
+    ],
+)
 def test_bad_generate_is_refused_in_one_line(setup, tmp_path, cli, args, words):
     out = tmp_path / "out"
     args = [setup["text"] if a == "DATA" else a for a in args]
-    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "-o", out,
-                 "--steps", 4, *args)
+    result = cli(
+        "finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "-o", out, "--steps", 4, *args
+    )
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and words in errors[0], result.output
@@ -276,11 +365,29 @@ def test_generate_on_a_classifier_is_refused(tmp_path, cli):
     from tests.training_helpers import save_base
 
     base = save_base(tiny_bert(layers=2, num_labels=2), tmp_path / "cls")
-    make_peft_adapter(tiny_bert(layers=2, num_labels=2), tmp_path / "lora", seed=2, r=4, task_type="SEQ_CLS",
-                      target_modules=["query", "value"])
+    make_peft_adapter(
+        tiny_bert(layers=2, num_labels=2),
+        tmp_path / "lora",
+        seed=2,
+        r=4,
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+    )
     out = tmp_path / "out"
-    result = cli("finetune", tmp_path / "lora", "--base", base, "--teacher", tmp_path / "lora", "--generate", 8,
-                 "-o", out, "--steps", 2)
+    result = cli(
+        "finetune",
+        tmp_path / "lora",
+        "--base",
+        base,
+        "--teacher",
+        tmp_path / "lora",
+        "--generate",
+        8,
+        "-o",
+        out,
+        "--steps",
+        2,
+    )
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--generate samples texts from a causal LM" in errors[0], result.output
@@ -293,8 +400,26 @@ def test_ctrl_c_says_how_to_resume_and_a_finished_run_removes_its_checkpoint(set
     from shareport.train import recipe as recipe_module
 
     out = tmp_path / "out"
-    args = ["finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data", setup["text"],
-            "-o", out, "--steps", 4, "--batch-size", 4, "--max-length", 16, "--checkpoint-every", 2]
+    args = [
+        "finetune",
+        setup["shared"],
+        "--base",
+        setup["base"],
+        "--teacher",
+        setup["lora"],
+        "--data",
+        setup["text"],
+        "-o",
+        out,
+        "--steps",
+        4,
+        "--batch-size",
+        4,
+        "--max-length",
+        16,
+        "--checkpoint-every",
+        2,
+    ]
     real = recipe_module.Trainer.after_step
 
     def interrupt(self, t):

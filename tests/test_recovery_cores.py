@@ -26,8 +26,9 @@ def setup(tmp_path_factory):
 
 
 def _job(setup, student=None):
-    return recovery_job(student or setup["shared"], setup["base"], setup["lora"], data_path=setup["text"],
-                        max_length=32)
+    return recovery_job(
+        student or setup["shared"], setup["base"], setup["lora"], data_path=setup["text"], max_length=32
+    )
 
 
 @pytest.mark.parametrize("left", [True, False])
@@ -103,9 +104,26 @@ def test_cores_same_input_same_bytes_and_equal_stays_equal(setup):
 
 def test_finetune_cli_reports_the_cores(setup, tmp_path, cli):
     out = tmp_path / "cores"
-    result = cli("finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "--data",
-                 setup["text"], "-o", out, "--steps", 4, "--batch-size", 4, "--max-length", 32,
-                 "--trainable", "cores")
+    result = cli(
+        "finetune",
+        setup["shared"],
+        "--base",
+        setup["base"],
+        "--teacher",
+        setup["lora"],
+        "--data",
+        setup["text"],
+        "-o",
+        out,
+        "--steps",
+        4,
+        "--batch-size",
+        4,
+        "--max-length",
+        32,
+        "--trainable",
+        "cores",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "training_report.json").read_text())
     assert report["recipe"]["trainable"] == "cores"

@@ -1,6 +1,7 @@
 """Serving-aware plans (--max-rank, --uniform-rank, --rank-buckets) against independent references:
 brute-force enumerations of every allowed allocation with dense-SVD errors, a loop over single ranks,
 the unconstrained plan never worse, the padded count by its hand formula, and bad input refused."""
+
 import itertools
 import json
 import math
@@ -78,8 +79,11 @@ def test_uniform_rank_is_the_best_single_rank_the_budget_affords(seed):
     for fraction in FRACTIONS:
         budget = math.floor(fraction * _lora_params(sites))
         # a loop over single ranks k, each site at min(k, its rank), dense SVD errors
-        loop = [(sum(t[min(k, len(t) - 1)] for _, t in sites), k) for k in range(1, 5)
-                if sum(min(k, len(t) - 1) * w for w, t in sites) <= budget]
+        loop = [
+            (sum(t[min(k, len(t) - 1)] for _, t in sites), k)
+            for k in range(1, 5)
+            if sum(min(k, len(t) - 1) * w for w, t in sites) <= budget
+        ]
         if not loop:
             with pytest.raises(ValueError, match="does not pay for rank 1 at every site"):
                 converters.plan_truncation(kinds, budget=fraction, serving=ServingRule(uniform=True))
@@ -119,12 +123,18 @@ def test_bucket_plan_is_the_brute_force_optimum_over_the_buckets(seed, buckets):
 def test_choose_per_item_matches_enumeration():
     gen = torch.Generator().manual_seed(5)
     for _ in range(30):
-        items = [[(int(c), float(e)) for c, e in zip(torch.randint(0, 9, (3,), generator=gen),
-                                                      torch.rand(3, generator=gen, dtype=F64))] for _ in range(4)]
+        items = [
+            [
+                (int(c), float(e))
+                for c, e in zip(torch.randint(0, 9, (3,), generator=gen), torch.rand(3, generator=gen, dtype=F64))
+            ]
+            for _ in range(4)
+        ]
         for budget in (0, 5, 12, 40):
             picked = choose_per_item(items, budget)
-            feasible = [sum(o[1] for o in combo) for combo in itertools.product(*items)
-                        if sum(o[0] for o in combo) <= budget]
+            feasible = [
+                sum(o[1] for o in combo) for combo in itertools.product(*items) if sum(o[0] for o in combo) <= budget
+            ]
             if not feasible:
                 assert picked is None
                 continue
@@ -133,6 +143,7 @@ def test_choose_per_item_matches_enumeration():
 
 
 # ---------------------------------------------------------------- shared forms: the rank per kind
+
 
 def _shared_kinds(seed: int):
     gen = torch.Generator().manual_seed(seed)
@@ -153,13 +164,18 @@ def test_sharea_rank_per_kind_is_the_brute_force_optimum(rule, seed):
     ranks = range(1, 6)
     for fraction in (0.3, 0.5, 0.8, 1.2):
         budget = math.floor(fraction * lora)
-        feasible = [(sum(eckart_young_sharea(*kinds[n], k) for n, k in zip(names, combo)), combo)
-                    for combo in itertools.product(ranks, repeat=len(names))
-                    if sum(params(n, k) for n, k in zip(names, combo)) <= budget
-                    and all(rule.allows(k) for k in combo) and (not rule.uniform or len(set(combo)) == 1)]
-        free = min(sum(eckart_young_sharea(*kinds[n], k) for n, k in zip(names, combo))
-                   for combo in itertools.product(ranks, repeat=len(names))
-                   if sum(params(n, k) for n, k in zip(names, combo)) <= budget)
+        feasible = [
+            (sum(eckart_young_sharea(*kinds[n], k) for n, k in zip(names, combo)), combo)
+            for combo in itertools.product(ranks, repeat=len(names))
+            if sum(params(n, k) for n, k in zip(names, combo)) <= budget
+            and all(rule.allows(k) for k in combo)
+            and (not rule.uniform or len(set(combo)) == 1)
+        ]
+        free = min(
+            sum(eckart_young_sharea(*kinds[n], k) for n, k in zip(names, combo))
+            for combo in itertools.product(ranks, repeat=len(names))
+            if sum(params(n, k) for n, k in zip(names, combo)) <= budget
+        )
         if not feasible:
             with pytest.raises(ValueError):
                 converters.budget.plan_serving("sharea", kinds, budget=fraction, serving=rule)
@@ -174,6 +190,7 @@ def test_sharea_rank_per_kind_is_the_brute_force_optimum(rule, seed):
 
 # ---------------------------------------------------------------- the command line
 
+
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serving") / "lora"
@@ -186,8 +203,11 @@ def _widths(folder) -> int:
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    return sum(t.shape[1] + tensors[name.replace("lora_A", "lora_B")].shape[0]
-               for name, t in tensors.items() if "lora_A" in name)
+    return sum(
+        t.shape[1] + tensors[name.replace("lora_A", "lora_B")].shape[0]
+        for name, t in tensors.items()
+        if "lora_A" in name
+    )
 
 
 @pytest.mark.parametrize("form", ["lora", "sharea", "aslora"])
@@ -221,29 +241,36 @@ def test_uniform_and_bucket_plans_write_those_ranks(lora, tmp_path, cli):
 
 def test_same_input_gives_the_same_bytes(lora, tmp_path, cli):
     for out in ("a", "b"):
-        assert cli("convert", lora, "--to", "lora", "--budget", "0.4", "--rank-buckets", "1,2",
-                   "-o", tmp_path / out).exit_code == 0
+        assert (
+            cli(
+                "convert", lora, "--to", "lora", "--budget", "0.4", "--rank-buckets", "1,2", "-o", tmp_path / out
+            ).exit_code
+            == 0
+        )
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--to", "lora", "--budget", "0.5", "--max-rank", "0"], "--max-rank must be at least 1, got 0"),
-    (["--to", "lora", "--budget", "0.5", "--max-rank", "-3"], "--max-rank must be at least 1"),
-    (["--to", "lora", "--budget", "0.5", "--rank-buckets", "4,x"], "--rank-buckets must be positive integers"),
-    (["--to", "lora", "--budget", "0.5", "--rank-buckets", "0,8"], "--rank-buckets must be positive integers"),
-    (["--to", "lora", "--budget", "0.5", "--rank-buckets", "2.5"], "--rank-buckets must be positive integers"),
-    (["--to", "lora", "--budget", "0.5", "--rank-buckets", ""], "--rank-buckets must be positive integers"),
-    (["--to", "lora", "--uniform-rank", "--rank", "2"], "--uniform-rank cannot be given with --rank"),
-    (["--to", "sharea", "--max-rank", "2", "--rank", "2"], "--max-rank cannot be given with --rank"),
-    (["--to", "lora", "--budget", "0.5", "--uniform-rank", "--rank-buckets", "2,4"], "conflict"),
-    (["--to", "lora", "--budget", "0.5", "--uniform-rank", "--max-rank", "2"], "conflict"),
-    (["--to", "lora", "--energy", "0.9", "--max-rank", "2"], "not an --energy one"),
-    (["--to", "lora", "--uniform-rank"], "--uniform-rank needs --budget"),
-    (["--to", "sharea", "--rank-buckets", "2"], "--rank-buckets needs --budget"),
-    (["--to", "lora", "--budget", "0.01", "--uniform-rank"], "does not pay for rank 1 at every site"),
-    (["--to", "sharea", "--budget", "0.5", "--rank-buckets", "50"], "allows none of the ranks"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--to", "lora", "--budget", "0.5", "--max-rank", "0"], "--max-rank must be at least 1, got 0"),
+        (["--to", "lora", "--budget", "0.5", "--max-rank", "-3"], "--max-rank must be at least 1"),
+        (["--to", "lora", "--budget", "0.5", "--rank-buckets", "4,x"], "--rank-buckets must be positive integers"),
+        (["--to", "lora", "--budget", "0.5", "--rank-buckets", "0,8"], "--rank-buckets must be positive integers"),
+        (["--to", "lora", "--budget", "0.5", "--rank-buckets", "2.5"], "--rank-buckets must be positive integers"),
+        (["--to", "lora", "--budget", "0.5", "--rank-buckets", ""], "--rank-buckets must be positive integers"),
+        (["--to", "lora", "--uniform-rank", "--rank", "2"], "--uniform-rank cannot be given with --rank"),
+        (["--to", "sharea", "--max-rank", "2", "--rank", "2"], "--max-rank cannot be given with --rank"),
+        (["--to", "lora", "--budget", "0.5", "--uniform-rank", "--rank-buckets", "2,4"], "conflict"),
+        (["--to", "lora", "--budget", "0.5", "--uniform-rank", "--max-rank", "2"], "conflict"),
+        (["--to", "lora", "--energy", "0.9", "--max-rank", "2"], "not an --energy one"),
+        (["--to", "lora", "--uniform-rank"], "--uniform-rank needs --budget"),
+        (["--to", "sharea", "--rank-buckets", "2"], "--rank-buckets needs --budget"),
+        (["--to", "lora", "--budget", "0.01", "--uniform-rank"], "does not pay for rank 1 at every site"),
+        (["--to", "sharea", "--budget", "0.5", "--rank-buckets", "50"], "allows none of the ranks"),
+    ],
+)
 def test_bad_serving_options_write_nothing(args, words, lora, tmp_path, cli):
     r = cli("convert", lora, *args, "-o", tmp_path / "out")
     assert r.exit_code != 0 and words in r.output, r.output
@@ -257,13 +284,30 @@ def test_calibrated_serving_plans_compare_calibrated_objectives(form, ok, tmp_pa
     from tests.training_helpers import recovery_setup
 
     paths = recovery_setup(tmp_path / "in", layers=2, rank=4, lines=24)
-    r = cli("convert", paths["lora"], "--to", form, "--budget", "0.5", "--max-rank", "1", "--calibration",
-            paths["text"], "--base", paths["base"], "--calibration-samples", 8, "-o", tmp_path / "out", "--json")
+    r = cli(
+        "convert",
+        paths["lora"],
+        "--to",
+        form,
+        "--budget",
+        "0.5",
+        "--max-rank",
+        "1",
+        "--calibration",
+        paths["text"],
+        "--base",
+        paths["base"],
+        "--calibration-samples",
+        8,
+        "-o",
+        tmp_path / "out",
+        "--json",
+    )
     if not ok:
         assert r.exit_code != 0 and "applies to --to" in r.output and not (tmp_path / "out").exists()
         return
     assert r.exit_code == 0, r.output
-    data = json.JSONDecoder().raw_decode(r.output[r.output.index("{"):])[0]
+    data = json.JSONDecoder().raw_decode(r.output[r.output.index("{") :])[0]
     s = data["serving"]
     assert s["max_rank"] <= 1 and s["unconstrained_error"] <= s["error"] + 1e-9
     # the planned error is the calibrated objective the conversion reaches (exact calibrated spectra)

@@ -16,8 +16,13 @@ from shareport.files.tensorfile import StreamedTensors
 from tests.tiny import make_peft_adapter, tiny_gpt2, tiny_llama
 
 FORMS = [  # (form, options): every form and every way of sizing one
-    ("sharea", {"rank": 3}), ("shareb", {"energy": 0.9}), ("shareab", {"rank": 2}),
-    ("aslora", {}), ("lora", {"budget": 0.3}), ("lora", {}), ("auto", {"budget": 0.25}),
+    ("sharea", {"rank": 3}),
+    ("shareb", {"energy": 0.9}),
+    ("shareab", {"rank": 2}),
+    ("aslora", {}),
+    ("lora", {"budget": 0.3}),
+    ("lora", {}),
+    ("auto", {"budget": 0.25}),
 ]
 # every form on Llama; GPT-2's transposed Conv1D factors and fp16 storage on two
 CASES = [("llama", *c) for c in FORMS] + [(w, *FORMS[i]) for w in ("gpt2", "half") for i in (0, 4)]
@@ -26,8 +31,9 @@ CASES = [("llama", *c) for c in FORMS] + [(w, *FORMS[i]) for w in ("gpt2", "half
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
-    make_peft_adapter(tiny_llama(layers=3), root / "llama", r=4, lora_alpha=8,
-                      target_modules=["q_proj", "v_proj", "down_proj"])
+    make_peft_adapter(
+        tiny_llama(layers=3), root / "llama", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
     make_peft_adapter(tiny_gpt2(), root / "gpt2", r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     # half precision, as adapters trained in bf16/fp16 are stored
     half = root / "half"
@@ -62,10 +68,16 @@ def test_streamed_adapter_holds_no_tensor(loras):
 
 def test_streamed_tensors_equal_the_library_reader_for_every_dtype(tmp_path):
     tensors = {
-        "f64": torch.randn(3, 5, dtype=torch.float64), "f16": torch.randn(7, 3).half(),
-        "bf16": torch.randn(9, 2).bfloat16(), "i8": torch.arange(-6, 7).to(torch.int8), "bool": torch.rand(5) > 0.5,
-        "empty": torch.empty(0, 4), "scalar": torch.tensor(3.0), "u16": torch.arange(7).to(torch.uint16),
-        "f8": torch.randn(5).to(torch.float8_e4m3fn), "big": torch.randn(70_001),  # spans pages, odd offset after
+        "f64": torch.randn(3, 5, dtype=torch.float64),
+        "f16": torch.randn(7, 3).half(),
+        "bf16": torch.randn(9, 2).bfloat16(),
+        "i8": torch.arange(-6, 7).to(torch.int8),
+        "bool": torch.rand(5) > 0.5,
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.0),
+        "u16": torch.arange(7).to(torch.uint16),
+        "f8": torch.randn(5).to(torch.float8_e4m3fn),
+        "big": torch.randn(70_001),  # spans pages, odd offset after
         "i64": torch.arange(5),
     }
     path = tmp_path / "t.safetensors"
@@ -112,16 +124,23 @@ def test_streamed_read_keeps_every_check(loras, tmp_path):
     def forge_shape(path):  # a header claiming a larger tensor than its bytes
         data = path.read_bytes()
         (n,) = struct.unpack("<Q", data[:8])
-        header = data[8:8 + n].decode().replace('"shape":[4,', '"shape":[40,', 1)
+        header = data[8 : 8 + n].decode().replace('"shape":[4,', '"shape":[40,', 1)
         header = header.ljust(n)[:n]
-        path.write_bytes(data[:8] + header.encode() + data[8 + n:])
+        path.write_bytes(data[:8] + header.encode() + data[8 + n :])
 
     cases = {
         "nan": (broken("nan", mutate=nan), "contains NaN or Inf"),
         "truncated": (broken("truncated", raw=truncate), "truncated or corrupt"),
         "forged": (broken("forged", raw=forge_shape), "does not fit the file"),
-        "rank": (broken("rank", mutate=lambda t: t.update({k: v[:3] for k, v in t.items() if "lora_A" in k
-                                                           and "layers.1.self_attn.q" in k})), "rank"),
+        "rank": (
+            broken(
+                "rank",
+                mutate=lambda t: t.update(
+                    {k: v[:3] for k, v in t.items() if "lora_A" in k and "layers.1.self_attn.q" in k}
+                ),
+            ),
+            "rank",
+        ),
     }
     for name, (folder, message) in cases.items():
         with pytest.raises(ShareportError, match=message) as streamed:

@@ -14,7 +14,7 @@ def _column(table: str, index: int) -> list[str]:
     rule = lines[1]
     starts = [i for i, c in enumerate(rule) if c == "-" and (i == 0 or rule[i - 1] == " ")]
     ends = [i + 1 for i, c in enumerate(rule) if c == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")]
-    return [line.ljust(len(rule))[starts[index]:ends[index]] for line in lines[2:]]
+    return [line.ljust(len(rule))[starts[index] : ends[index]] for line in lines[2:]]
 
 
 def test_one_next_to_a_near_one_shows_the_same_decimals_right_aligned():
@@ -66,6 +66,6 @@ def test_every_float_of_a_column_has_one_shape_and_reads_back_close(values):
             assert math.isclose(back, value, rel_tol=5e-4, abs_tol=0)
         else:  # within half a unit of the last decimal, which keeps 4 significant digits of the smallest
             decimals = len(cell.partition(".")[2])
-            assert abs(back - value) <= 0.5 * 10 ** -decimals * (1 + 1e-9) + 1e-9 * abs(value)
+            assert abs(back - value) <= 0.5 * 10**-decimals * (1 + 1e-9) + 1e-9 * abs(value)
             if nonzero:
                 assert abs(back - value) <= 5e-4 * min(nonzero) * (1 + 1e-9)

@@ -13,7 +13,9 @@ def test_flops_per_token_and_mfu():
     # student forward 2N + input-gradient backward 2N + teacher forward 2N
     assert cpu["flops_per_token"] == 6_000 and cpu["achieved_flops"] == pytest.approx(6_000 * 500 / 2.0)
     assert cpu["peak_flops"] is None and cpu["mfu"] is None and cpu["device_name"] == "cpu"
-    assert throughput(1_000, teacher=False, tokens=1, seconds=1.0, device=torch.device("cpu"))["flops_per_token"] == 4_000
+    assert (
+        throughput(1_000, teacher=False, tokens=1, seconds=1.0, device=torch.device("cpu"))["flops_per_token"] == 4_000
+    )
 
 
 def test_peak_table_matches_the_card_name():
@@ -32,4 +34,7 @@ def test_flop_parameters_are_the_matmul_weights_from_the_config():
     assert matmul_parameters(model) < sum(p.numel() for p in model.parameters())  # embeddings are no FLOPs
     gpt2 = tiny_gpt2(layers=2)  # Conv1D layers: qkv (h x 3h), proj, fc (h x 4h), proj; the head is tied
     g = gpt2.config
-    assert matmul_parameters(gpt2) == g.n_layer * (3 * g.n_embd ** 2 + g.n_embd ** 2 + 8 * g.n_embd ** 2) + g.vocab_size * g.n_embd
+    assert (
+        matmul_parameters(gpt2)
+        == g.n_layer * (3 * g.n_embd**2 + g.n_embd**2 + 8 * g.n_embd**2) + g.vocab_size * g.n_embd
+    )

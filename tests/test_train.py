@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from shareport.train.merging import BMerger, MergeSchedule
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter
 from shareport.model.fresh import fresh_adapter
 from shareport.model.surgery import attach
+from shareport.train.merging import BMerger, MergeSchedule
 from tests.tiny import tiny_llama
 from tests.training_helpers import save_base, write_text
 
@@ -37,9 +37,35 @@ def test_aslora_merges_on_schedule_and_ends_with_the_groups(base_and_text, tmp_p
     """T_s=2, m=3, 4 layers -> merges at steps 5, 8, 11 (with --groups 1) or 5, 8 (--merges 2)."""
     base, text = base_and_text
     out = tmp_path / "aslora"
-    result = cli("train", "--form", "aslora", "--base", base, "--data", text, "--target", "q_proj,v_proj",
-                 "--rank", 4, "--steps", 12, "--lr", 1e-2, "--batch-size", 4, "--max-length", 24,
-                 "--merge-start", 2, "--merge-every", 3, *limit, "--json", "-o", out)
+    result = cli(
+        "train",
+        "--form",
+        "aslora",
+        "--base",
+        base,
+        "--data",
+        text,
+        "--target",
+        "q_proj,v_proj",
+        "--rank",
+        4,
+        "--steps",
+        12,
+        "--lr",
+        1e-2,
+        "--batch-size",
+        4,
+        "--max-length",
+        24,
+        "--merge-start",
+        2,
+        "--merge-every",
+        3,
+        *limit,
+        "--json",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "training_report.json").read_text())
     groups = 4 - limit[1] if limit[0] == "--merges" else limit[1]
@@ -100,15 +126,16 @@ def test_merge_uses_the_mean_of_every_observed_b_not_the_last():
         _set_bs(handle, bs)
         assert merger.observe(step) == []
         for site in sites:
-            torch.testing.assert_close(merger.averages[site.b].double(),
-                                       torch.full(merger.averages[site.b].shape, float(means[step - 1, site.layer]),
-                                                  dtype=torch.float64))
+            torch.testing.assert_close(
+                merger.averages[site.b].double(),
+                torch.full(merger.averages[site.b].shape, float(means[step - 1, site.layer]), dtype=torch.float64),
+            )
     _set_bs(handle, seen[2])
     (event,) = merger.observe(3)
     gaps = (means[2, 1:] - means[2, :-1]).abs()  # adjacent pairs (l, l+1)
     assert int(gaps.argmin()) == 1 and event.merged == [1] and event.kept == [2]
     numel = handle.parameters[sites[2].b].numel()
-    assert event.distance == pytest.approx(float(gaps.min()) * numel ** 0.5, rel=1e-5)  # Frobenius of a constant
+    assert event.distance == pytest.approx(float(gaps.min()) * numel**0.5, rel=1e-5)  # Frobenius of a constant
     for site in (sites[0], sites[2], sites[3]):
         assert float(merger.averages[site.b].flatten()[0]) == pytest.approx(float(means[2, site.layer]), rel=1e-6)
 
@@ -125,7 +152,9 @@ def test_mean_merge_averages_values_and_optimizer_moments():
     keep = sites[event.kept[0]].b
     lower, upper = (f"model.layers.{i}.self_attn.q_proj.lora_B" for i in (event.merged[0], event.kept[0]))
     torch.testing.assert_close(handle.parameters[keep].detach(), (values_before[lower] + values_before[upper]) / 2)
-    torch.testing.assert_close(opt.state[handle.parameters[keep]]["exp_avg"], (state_before[lower] + state_before[upper]) / 2)
+    torch.testing.assert_close(
+        opt.state[handle.parameters[keep]]["exp_avg"], (state_before[lower] + state_before[upper]) / 2
+    )
     assert lower not in handle.parameters
 
 

@@ -47,7 +47,7 @@ def test_batch_order_reads_each_epoch_as_a_permutation_of_the_training_examples(
     order = BatchOrder(7, 3, seed=4)
     stream = [i for step in range(14) for i in order.batch(step)]  # 42 positions = 6 epochs
     for epoch in range(6):
-        assert sorted(stream[epoch * 7:(epoch + 1) * 7]) == list(range(7))
+        assert sorted(stream[epoch * 7 : (epoch + 1) * 7]) == list(range(7))
 
 
 def test_no_training_batch_contains_a_heldout_example(setup, tmp_path, monkeypatch):
@@ -67,8 +67,14 @@ def test_no_training_batch_contains_a_heldout_example(setup, tmp_path, monkeypat
     monkeypatch.setattr(recipe_module, "collate", spy_collate)
     monkeypatch.setattr(evaluation_module, "collate", spy_collate)
     monkeypatch.setattr(flows.training, "run", spy_run)
-    flows.recover(str(setup["shared"]), str(setup["base"]), str(setup["lora"]), str(setup["tokens"]),
-                  str(tmp_path / "out"), options=TrainingOptions(steps=20, eval_fraction=0.2, **SMALL))
+    flows.recover(
+        str(setup["shared"]),
+        str(setup["base"]),
+        str(setup["lora"]),
+        str(setup["tokens"]),
+        str(tmp_path / "out"),
+        options=TrainingOptions(steps=20, eval_fraction=0.2, **SMALL),
+    )
     everything = [tuple(s) for s in load_data(setup["tokens"], setup["base"], 24).sequences]
     heldout = set(seen["eval"])
     assert len(heldout) == 6 and heldout < set(everything)
@@ -86,8 +92,10 @@ def _documented_default(steps: int, layers: int, merges=None, groups=None) -> tu
     return start, every
 
 
-@pytest.mark.parametrize("steps, merges, groups", [(12, 1, None), (100, 3, None), (80, None, 1), (200, None, 2),
-                                                   (37, 2, None), (1000, None, 3), (6, None, 1)])
+@pytest.mark.parametrize(
+    "steps, merges, groups",
+    [(12, 1, None), (100, 3, None), (80, None, 1), (200, None, 2), (37, 2, None), (1000, None, 3), (6, None, 1)],
+)
 def test_default_merge_schedule_is_the_documented_one(steps, merges, groups):
     layers = 4
     adapter = fresh_adapter(tiny_llama(layers=layers), "sharea", ["q_proj"], rank=2, alpha=2, seed=0)
@@ -118,12 +126,14 @@ def test_merges_follow_the_running_average_not_the_current_b():
             assert events == []
             mean = [sum(v[l] for v in history[:step]) / step for l in range(3)]
             for site in sites:
-                torch.testing.assert_close(merger.averages[site.b], torch.full_like(merger.averages[site.b], mean[site.layer]))
+                torch.testing.assert_close(
+                    merger.averages[site.b], torch.full_like(merger.averages[site.b], mean[site.layer])
+                )
     mean = [sum(v[l] for v in history) / len(history) for l in range(3)]  # [0, 6.25, 20]
     (event,) = events
     assert (event.merged, event.kept) == ([0], [1])  # the current B's would merge 1 and 2
     numel = handle.parameters[sites[1].b].numel()
-    assert event.distance == pytest.approx((mean[1] - mean[0]) * numel ** 0.5, rel=1e-5)
+    assert event.distance == pytest.approx((mean[1] - mean[0]) * numel**0.5, rel=1e-5)
 
 
 def _merger(values, **schedule):
@@ -175,8 +185,18 @@ def _heldout_lm_loss(base, adapter_dir, data_path, max_length, fraction) -> floa
 
 def test_lm_loss_changes_training_and_is_reported_exactly(setup, tmp_path):
     options = TrainingOptions(steps=8, lr=1e-2, **SMALL)
-    reports = {w: flows.recover(str(setup["shared"]), str(setup["base"]), str(setup["lora"]), str(setup["text"]),
-                                str(tmp_path / f"w{w}"), lm_loss=w, options=options) for w in (0.0, 1.0)}
+    reports = {
+        w: flows.recover(
+            str(setup["shared"]),
+            str(setup["base"]),
+            str(setup["lora"]),
+            str(setup["text"]),
+            str(tmp_path / f"w{w}"),
+            lm_loss=w,
+            options=options,
+        )
+        for w in (0.0, 1.0)
+    }
     trained = {w: load_adapter(tmp_path / f"w{w}") for w in reports}
     assert any(not torch.equal(trained[0.0].tensors[n], trained[1.0].tensors[n]) for n in trained[0.0].tensors)
     # the task loss (cross-entropy of a near-uniform 64-way model, ~4) is in the training loss
@@ -190,8 +210,15 @@ def test_lm_loss_changes_training_and_is_reported_exactly(setup, tmp_path):
 # ---------------------------------------------------------------------------------------- learning
 def test_train_moves_the_adapter_and_lowers_the_task_loss(setup, tmp_path):
     out = tmp_path / "lora"
-    report = flows.train("lora", str(setup["base"]), ["q_proj", "v_proj"], 4, str(setup["text"]), str(out),
-                         options=TrainingOptions(steps=12, lr=2e-2, seed=3, **SMALL))
+    report = flows.train(
+        "lora",
+        str(setup["base"]),
+        ["q_proj", "v_proj"],
+        4,
+        str(setup["text"]),
+        str(out),
+        options=TrainingOptions(steps=12, lr=2e-2, seed=3, **SMALL),
+    )
     init = fresh_adapter(load_base_model(setup["base"]), "lora", ["q_proj", "v_proj"], rank=4, alpha=8.0, seed=3)
     trained = load_adapter(out)
     assert set(trained.tensors) == set(init.tensors)

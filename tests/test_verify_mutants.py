@@ -23,15 +23,29 @@ from shareport.errors import ShareportError
 from shareport.export import graph_file, runtime
 from shareport.export.exporter import ExportOptions, export
 from shareport.export.ort_adapter import OLIVE_SUFFIX, adapter_arrays, read_onnx_adapter, write_onnx_adapter
-from shareport.export.verify import (FP16_RTOL, FP32_ATOL, PAST_CASES, PLAIN_CASES, Comparison, Report,
-                                     VerifyMismatch, _feeds, _torch_outputs, compare_outputs, limit_for, verify)
+from shareport.export.verify import (
+    FP16_RTOL,
+    FP32_ATOL,
+    PAST_CASES,
+    PLAIN_CASES,
+    Comparison,
+    Report,
+    VerifyMismatch,
+    _feeds,
+    _torch_outputs,
+    compare_outputs,
+    limit_for,
+    verify,
+)
 from shareport.files.adapters import load_adapter, save_adapter
 from tests.onnx_cases import make_case
 from tests.tiny import tiny_llama
 
-GRAPHS = {"fp16": ExportOptions("folded", dtype="fp16", with_past=True),
-          "adapter": ExportOptions("adapter", with_past=True),
-          "embedded": ExportOptions("adapter", embed_adapter=True)}
+GRAPHS = {
+    "fp16": ExportOptions("folded", dtype="fp16", with_past=True),
+    "adapter": ExportOptions("adapter", with_past=True),
+    "embedded": ExportOptions("adapter", embed_adapter=True),
+}
 
 
 def build_graphs(root: Path) -> SimpleNamespace:
@@ -45,8 +59,13 @@ def build_graphs(root: Path) -> SimpleNamespace:
         for name, options in GRAPHS.items():
             export(adapter, base, root / name, options, progress=False, verify=False)
         (root / "done").write_text(recipe)
-    return SimpleNamespace(root=root, base=root / "base", lora=root / "lora", other=root / "other" / "lora",
-                           **{name: root / name for name in GRAPHS})
+    return SimpleNamespace(
+        root=root,
+        base=root / "base",
+        lora=root / "lora",
+        other=root / "other" / "lora",
+        **{name: root / name for name in GRAPHS},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +90,12 @@ def _by_check(report) -> dict[str, list[Comparison]]:
 
 def test_compare_outputs_groups_present_and_measures_like_numpy():
     rng = np.random.default_rng(0)
-    want = [rng.normal(size=(2, 3, 7)).astype(np.float32), rng.normal(size=(2, 1, 3, 4)).astype(np.float32),
-            rng.normal(size=(2, 1, 5, 4)).astype(np.float32), rng.normal(size=(2, 6)).astype(np.float32)]
+    want = [
+        rng.normal(size=(2, 3, 7)).astype(np.float32),
+        rng.normal(size=(2, 1, 3, 4)).astype(np.float32),
+        rng.normal(size=(2, 1, 5, 4)).astype(np.float32),
+        rng.normal(size=(2, 6)).astype(np.float32),
+    ]
     got = [w + rng.normal(scale=s, size=w.shape).astype(np.float32) for w, s in zip(want, (1e-5, 3e-5, 2e-4, 1e-6))]
     got[0][1, 2] = want[0][1, 2][::-1]  # one position's argmax moves
     names = ["logits", "present.0.key", "present.0.value", "pooled"]
@@ -81,9 +104,11 @@ def test_compare_outputs_groups_present_and_measures_like_numpy():
     for row, idx in zip(rows, ([0], [1, 2], [3])):
         diff = np.concatenate([np.abs(got[i].astype(np.float64) - want[i].astype(np.float64)).ravel() for i in idx])
         assert (row.check, row.case, row.limit) == ("folded", "b2 s3", 1e-4)
-        assert row.max_abs == pytest.approx(diff.max(), rel=1e-12) and row.mean_abs == pytest.approx(diff.mean(), rel=1e-12)
+        assert row.max_abs == pytest.approx(diff.max(), rel=1e-12) and row.mean_abs == pytest.approx(
+            diff.mean(), rel=1e-12
+        )
         assert row.ok == (diff.max() <= 1e-4)
-    same = (got[0].argmax(-1) == want[0].argmax(-1))
+    same = got[0].argmax(-1) == want[0].argmax(-1)
     assert rows[0].top1 == pytest.approx(same.mean()) and 0 < rows[0].top1 < 1
     assert rows[1].top1 is None and rows[2].top1 is None
     assert [r.ok for r in rows] == [False, False, True]  # logits' moved row; present's 2e-4 noise
@@ -116,15 +141,24 @@ def test_compare_outputs_edge_cases():
 
 
 def test_report_ok_and_its_dict_round_trip():
-    rows = [Comparison("folded", "b1 s1", "logits", 0.0, 0.0, 1.0, 1e-4, True),
-            Comparison("folded", "b1 s1", "present.*", 1.0, 0.5, None, 1e-4, False)]
+    rows = [
+        Comparison("folded", "b1 s1", "logits", 0.0, 0.0, 1.0, 1e-4, True),
+        Comparison("folded", "b1 s1", "present.*", 1.0, 0.5, None, 1e-4, False),
+    ]
     report = Report("g", "folded", "fp32", "cpu", "atol 0.0001", rows, ["a note"])
     assert not report.ok and Report("g", "folded", "fp32", "cpu", "t", rows[:1]).ok
     assert Report("g", "folded", "fp32", "cpu", "t", []).ok and Report("g", "m", "d", "c", "t", []).notes == []
     data = report.to_dict()
-    assert data["ok"] is False and data["rows"][1] == {"check": "folded", "case": "b1 s1", "output": "present.*",
-                                                       "max_abs": 1.0, "mean_abs": 0.5, "top1": None, "limit": 1e-4,
-                                                       "ok": False}
+    assert data["ok"] is False and data["rows"][1] == {
+        "check": "folded",
+        "case": "b1 s1",
+        "output": "present.*",
+        "max_abs": 1.0,
+        "mean_abs": 0.5,
+        "top1": None,
+        "limit": 1e-4,
+        "ok": False,
+    }
     assert (data["graph"], data["tolerance"], data["notes"]) == ("g", "atol 0.0001", ["a note"])
     again = Report.from_dict(data)
     assert again == report and again.to_dict() == data
@@ -206,8 +240,9 @@ def test_olive_named_shipped_file_is_mapped_and_noted(graphs, tmp_path):
     write_onnx_adapter({name + OLIVE_SUFFIX: a for name, a in arrays.items()}, shipped)
     report = verify(olive, graphs.base, graphs.lora)
     assert report.ok
-    assert report.notes == [f"{shipped}: mapped {len(arrays)} tensor names between Olive's '<name>{OLIVE_SUFFIX}' "
-                            "and the graph's names"]
+    assert report.notes == [
+        f"{shipped}: mapped {len(arrays)} tensor names between Olive's '<name>{OLIVE_SUFFIX}' and the graph's names"
+    ]
 
 
 def test_embedded_graph_checks_default_and_zero_rank(graphs):

@@ -25,10 +25,16 @@ def _export(adapter, base, out, **options):
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("strict")
-    base, adapter = make_case(root, lambda: tiny_llama(layers=2), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    return SimpleNamespace(root=root, base=base, adapter=adapter,
-                           fp32=_export(adapter, base, root / "fp32", mode="folded"),
-                           fp16=_export(adapter, base, root / "fp16", mode="folded", dtype="fp16"))
+    base, adapter = make_case(
+        root, lambda: tiny_llama(layers=2), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+    )
+    return SimpleNamespace(
+        root=root,
+        base=base,
+        adapter=adapter,
+        fp32=_export(adapter, base, root / "fp32", mode="folded"),
+        fp16=_export(adapter, base, root / "fp16", mode="folded", dtype="fp16"),
+    )
 
 
 def _scaled(case, factor: float):

@@ -22,29 +22,51 @@ import numpy as np
 import pytest
 import torch
 
+from shareport.errors import ShareportError
 from shareport.export import graph_file, runtime
 from shareport.export.exporter import ExportOptions, export
 from shareport.export.signature import Signature, make_inputs
-from shareport.export.verify import (FP16_MULTIPLE, FP16_RTOL, FP32_ATOL, PLAIN_CASES, REFERENCE_MULTIPLE,
-                                     VerifyMismatch, _in_float64, compare_outputs, limit_for, verify)
-from shareport.errors import ShareportError
+from shareport.export.verify import (
+    FP16_MULTIPLE,
+    FP16_RTOL,
+    FP32_ATOL,
+    PLAIN_CASES,
+    REFERENCE_MULTIPLE,
+    VerifyMismatch,
+    _in_float64,
+    compare_outputs,
+    limit_for,
+    verify,
+)
 from shareport.files.adapters import load_adapter, save_adapter
 from shareport.model import attach, load_base_model, surgery
 from tests.onnx_cases import make_case
 from tests.tiny import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MESSAGE = re.compile(r"ORT differs from float64 PyTorch by (\S+), allowed (\S+) \(the larger of (\S+) x float32 "
-                     r"PyTorch's own error (\S+) and the floor (\S+)\)")
+MESSAGE = re.compile(
+    r"ORT differs from float64 PyTorch by (\S+), allowed (\S+) \(the larger of (\S+) x float32 "
+    r"PyTorch's own error (\S+) and the floor (\S+)\)"
+)
 
 
 def llama(hidden: int, layers: int, vocab: int, init: float):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=init)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=init,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -123,8 +145,9 @@ def _independent_outputs(case, adapter_dir, graph=None, own=torch.float32) -> li
         row = {"case": f"b{batch} s{seq}", "ort": runtime.run(sess, {n: t.numpy() for n, t in inputs.items()})[0]}
         with torch.no_grad():
             for dtype, key in ((own, "own"), (torch.float64, "fp64")):
-                row[key] = models[dtype](input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                         use_cache=False).logits.numpy()
+                row[key] = models[dtype](
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+                ).logits.numpy()
         out.append(row)
     return out
 
@@ -137,8 +160,9 @@ def test_limit_is_the_larger_of_the_floor_and_the_multiple_of_float32s_own_error
     exact = [rng.normal(size=(2, 3, 50)), rng.normal(size=(2, 1, 3, 4))]
     own = [e + rng.normal(scale=s, size=e.shape) for e, s in zip(exact, (3e-4, 1e-7))]  # float32 PyTorch
     got = [e + rng.normal(scale=s, size=e.shape) for e, s in zip(exact, (1e-3, 2e-5))]  # ORT
-    rows = compare_outputs("folded", "b2 s3", ["logits", "present.0.key"], got, exact, "fp32", 1e-4, 2e-2,
-                           own=own, multiple=4.0)
+    rows = compare_outputs(
+        "folded", "b2 s3", ["logits", "present.0.key"], got, exact, "fp32", 1e-4, 2e-2, own=own, multiple=4.0
+    )
     for row, g, o, e in zip(rows, got, own, exact):
         own_error = float(np.abs(o - e).max())
         assert row.reference_error == pytest.approx(own_error)
@@ -148,8 +172,9 @@ def test_limit_is_the_larger_of_the_floor_and_the_multiple_of_float32s_own_error
     assert rows[0].limit > 1e-4 and rows[1].limit == 1e-4  # widened by float32's error / the floor
     assert rows[0].ok and rows[1].ok
     # the same ORT error against the multiple of a smaller own error fails
-    tight = compare_outputs("folded", "b2 s3", ["logits"], got[:1], exact[:1], "fp32", 1e-4, 2e-2,
-                            own=[exact[0] + 1e-5], multiple=4.0)[0]
+    tight = compare_outputs(
+        "folded", "b2 s3", ["logits"], got[:1], exact[:1], "fp32", 1e-4, 2e-2, own=[exact[0] + 1e-5], multiple=4.0
+    )[0]
     assert tight.limit == pytest.approx(max(1e-4, 4e-5)) and not tight.ok
 
 
@@ -166,8 +191,9 @@ def test_a_non_finite_float32_error_widens_nothing():
 def test_float64_round_trip_leaves_the_model_exactly_as_it_was(tmp_path):
     """In place and back: same values bit for bit, same dtypes, the attached (shared) parameters the
     same objects, and float64 inside."""
-    base, lora = make_case(tmp_path, lambda: tiny_llama(layers=2), "sharea", r=4, lora_alpha=8,
-                           target_modules=["q_proj", "v_proj"])
+    base, lora = make_case(
+        tmp_path, lambda: tiny_llama(layers=2), "sharea", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+    )
     model = load_base_model(base)
     handle = attach(model, load_adapter(lora))
     shared = {id(w.lora_A) for w in handle.wrappers.values()}
@@ -287,8 +313,14 @@ def sized16(request, built):
         pytest.skip("bench_onnx's 33M Llama: set SHAREPORT_BENCH_SIZE=1")
     case = built(request.param)
     if not hasattr(case, "fp16"):
-        case.fp16 = export(case.adapter, case.base, case.root / "fp16", ExportOptions("folded", dtype="fp16"),
-                           progress=False, verify=False).path
+        case.fp16 = export(
+            case.adapter,
+            case.base,
+            case.root / "fp16",
+            ExportOptions("folded", dtype="fp16"),
+            progress=False,
+            verify=False,
+        ).path
         case.scaled16 = _scaled(case.root, case.adapter, 1.05)
     return case
 

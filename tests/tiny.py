@@ -18,9 +18,16 @@ def _tiny_decoder(config_class, model_class, layers: int, seed: int):
     """Llama-style decoders (Llama, Qwen2) share their config fields."""
     torch.manual_seed(seed)
     cfg = config_class(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return model_class(cfg).eval()
 
@@ -41,8 +48,9 @@ def tiny_gpt2(layers: int = 3, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
-                     bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -50,8 +58,15 @@ def tiny_bert(layers: int = 3, seed: int = 0, num_labels: int | None = None):
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=48, max_position_embeddings=64, num_labels=num_labels or 2)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=num_labels or 2,
+    )
     model = BertForSequenceClassification(cfg) if num_labels else BertModel(cfg)
     return model.eval()
 

@@ -12,11 +12,12 @@ import torch
 from shareport.adapter import Adapter, Site
 from tests.tiny import VOCAB
 
-
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3, as tiny_llama's config expects
 CHARS = "abcdefghijklmnopqrstuvwxyz .,"
-WORDS = ("the a cat dog sat on mat ran far and then slept near tree house bird sang loud quiet small big red "
-         "blue old new day night sun moon").split()
+WORDS = (
+    "the a cat dog sat on mat ran far and then slept near tree house bird sang loud quiet small big red "
+    "blue old new day night sun moon"
+).split()
 
 
 def save_char_tokenizer(folder: str | Path) -> None:
@@ -29,8 +30,9 @@ def save_char_tokenizer(folder: str | Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(str(folder))
 
 
@@ -71,8 +73,9 @@ def recovery_setup(root: str | Path, layers: int = 3, rank: int = 8, shared_rank
     root = Path(root)
     paths = {"base": root / "base", "lora": root / "lora", "shared": root / "sharea", "text": root / "train.txt"}
     save_base(tiny_llama(layers), paths["base"])
-    make_peft_adapter(tiny_llama(layers), paths["lora"], seed=1, r=rank, lora_alpha=2 * rank,
-                      target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(
+        tiny_llama(layers), paths["lora"], seed=1, r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]
+    )
     save_adapter(sharea_by_svd(load_adapter(paths["lora"]), shared_rank), paths["shared"])
     write_text(paths["text"], lines)
     return paths

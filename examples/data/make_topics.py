@@ -54,8 +54,11 @@ ACTIVITIES = {
         ("chop onions for the soup", "chopped onions for the soup", "chopping onions for the soup"),
         ("whisk eggs for an omelette", "whisked eggs for an omelette", "whisking eggs for an omelette"),
         ("knead dough for pizza", "kneaded dough for pizza", "kneading dough for pizza"),
-        ("grill vegetables on the barbecue", "grilled vegetables on the barbecue",
-         "grilling vegetables on the barbecue"),
+        (
+            "grill vegetables on the barbecue",
+            "grilled vegetables on the barbecue",
+            "grilling vegetables on the barbecue",
+        ),
         ("season the stew with thyme", "seasoned the stew with thyme", "seasoning the stew with thyme"),
         ("fry dumplings in a wok", "fried dumplings in a wok", "frying dumplings in a wok"),
         ("decorate a chocolate cake", "decorated a chocolate cake", "decorating a chocolate cake"),
@@ -71,8 +74,7 @@ ACTIVITIES = {
         ("write unit tests for the API", "wrote unit tests for the API", "writing unit tests for the API"),
         ("debug a memory leak", "debugged a memory leak", "debugging a memory leak"),
         ("deploy the web server", "deployed the web server", "deploying the web server"),
-        ("install a new operating system", "installed a new operating system",
-         "installing a new operating system"),
+        ("install a new operating system", "installed a new operating system", "installing a new operating system"),
         ("optimize a slow query", "optimized a slow query", "optimizing a slow query"),
         ("review a pull request", "reviewed a pull request", "reviewing a pull request"),
         ("configure the firewall", "configured the firewall", "configuring the firewall"),
@@ -83,10 +85,44 @@ ACTIVITIES = {
     ],
 }
 
-NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemi", "Liam",
-         "Mei", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tariq", "Uma", "Victor", "Wen", "Yusuf"]
-WHEN = ["this morning", "on Saturday", "last night", "after lunch", "yesterday", "on Monday", "today",
-        "over the weekend", "before dinner", "late on Friday"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Elif",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kemi",
+    "Liam",
+    "Mei",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tariq",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Yusuf",
+]
+WHEN = [
+    "this morning",
+    "on Saturday",
+    "last night",
+    "after lunch",
+    "yesterday",
+    "on Monday",
+    "today",
+    "over the weekend",
+    "before dinner",
+    "late on Friday",
+]
 
 # Templates with a distractor: {main_*} is the labelled activity, {other_*} the one not done
 # (or only a backdrop). The main clause comes first in some, last in others.
@@ -119,7 +155,9 @@ def make_sentence(rng: random.Random) -> dict:
         "name": rng.choice(NAMES),
         "when": when,
         "when_cap": when[0].upper() + when[1:],
-        "main_base": main[0], "main_past": main[1], "main_ger": main[2],
+        "main_base": main[0],
+        "main_past": main[1],
+        "main_ger": main[2],
     }
     if rng.random() < DISTRACTOR_SHARE:
         other_topic = rng.choice([t for i, t in enumerate(LABELS) if i != label])

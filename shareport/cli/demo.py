@@ -13,9 +13,13 @@ from .table import format_table, to_json
 
 
 @click.command("demo")
-@output_option("--out", type=Folder(Path), default=None,
-               help="Folder for everything the demo makes [default: a new temporary folder]. It must not exist "
-                    "(or be empty), unless --overwrite replaces a folder an earlier demo wrote.")
+@output_option(
+    "--out",
+    type=Folder(Path),
+    default=None,
+    help="Folder for everything the demo makes [default: a new temporary folder]. It must not exist "
+    "(or be empty), unless --overwrite replaces a folder an earlier demo wrote.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if an earlier shareport run wrote it.")
 @click.option("--no-export", is_flag=True, help="Stop after recovery (skip ONNX export and verification).")
 @click.option("--json", "as_json", is_flag=True, help="Print every step's report as JSON.")
@@ -39,5 +43,7 @@ def demo_cmd(out: Path | None, overwrite: bool, no_export: bool, as_json: bool) 
         return
     click.echo(format_table(["", "result"], summary_rows(reports), title="shareport demo"))
     if reports["convert"].get("plot"):
-        click.echo(f"\nfigure of the conversion (layer distances, groups, energy vs rank): {reports['convert']['plot']}")
+        click.echo(
+            f"\nfigure of the conversion (layer distances, groups, energy vs rank): {reports['convert']['plot']}"
+        )
     click.echo(f"\neverything is in {out} ({elapsed:.0f} s)")

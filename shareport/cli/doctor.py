@@ -24,7 +24,9 @@ def doctor_cmd(as_json: bool) -> None:
         sys.exit(1 if data["clashes"] else 0)
     for name in ("torch", "transformers", "onnxruntime", "onnxruntime_genai"):
         info = data[name]
-        click.echo(f"{name}: {info['version'] or 'not importable'}" + (f" ({info['error']})" if info.get("error") else ""))
+        click.echo(
+            f"{name}: {info['version'] or 'not importable'}" + (f" ({info['error']})" if info.get("error") else "")
+        )
     ort = data["onnxruntime"]
     if ort["version"]:
         click.echo(f"providers listed: {', '.join(ort['providers_listed'])}")

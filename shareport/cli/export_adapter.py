@@ -10,15 +10,21 @@ from .table import to_json
 
 @click.command("export-adapter")
 @click.argument("adapter_dir", metavar="ADAPTER", type=click.Path(path_type=str))
-@click.option("--graph", "graph_dir", required=True, type=Folder(),
-              help="A folder written by 'shareport export --mode adapter'.")
-@output_option(dest="output", type=click.Path(dir_okay=False, path_type=str), default=None,
-               help="Output file [default: <--graph folder>/<adapter folder name>.onnx_adapter].")
+@click.option(
+    "--graph", "graph_dir", required=True, type=Folder(), help="A folder written by 'shareport export --mode adapter'."
+)
+@output_option(
+    dest="output",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="Output file [default: <--graph folder>/<adapter folder name>.onnx_adapter].",
+)
 @overwrite_output_option
 @json_option
 @allow_pickle_option
-def export_adapter_cmd(adapter_dir: str, graph_dir: str, output: str | None, overwrite: bool, as_json: bool,
-                       allow_pickle: bool) -> None:
+def export_adapter_cmd(
+    adapter_dir: str, graph_dir: str, output: str | None, overwrite: bool, as_json: bool, allow_pickle: bool
+) -> None:
     """Write ADAPTER (a folder, or an .onnx_adapter file) as an .onnx_adapter for the graph in OUT_DIR.
 
     The adapter must have the graph's structure: the same tensor names (so the same form and
@@ -34,4 +40,6 @@ def export_adapter_cmd(adapter_dir: str, graph_dir: str, output: str | None, ove
         return
     if data["note"]:
         click.echo(f"note: {data['note']}")
-    click.echo(f"wrote {data['output']} ({data['tensors']} tensors, {data['parameters']:,} parameters, {data['dtype']})")
+    click.echo(
+        f"wrote {data['output']} ({data['tensors']} tensors, {data['parameters']:,} parameters, {data['dtype']})"
+    )

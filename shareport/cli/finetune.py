@@ -11,27 +11,63 @@ from .training_options import echo_report, recipe_options, resume_hint
 
 @click.command("finetune")
 @click.argument("shared_dir", type=Folder())
-@click.option("--base", "base_dir", required=True, type=Folder(),
-              help="The base model folder (with its tokenizer, unless DATA is tokenized).")
-@click.option("--teacher", "teacher_dir", required=True, type=Folder(),
-              help="The original LoRA that SHARED_DIR was converted from.")
-@click.option("--lm-loss", "lm_loss", default=0.0, show_default=True, type=float,
-              help="Weight of the data's own loss (next-token, or the 'label' field) added to the distillation.")
-@click.option("--generate", type=int, default=None,
-              help="Causal LMs with no data: recover on N texts sampled from the teacher (base + LoRA), "
-                   "instead of --data (seeded by --seed).")
-@click.option("--hidden-weight", default=0.0, show_default=True, type=float,
-              help="Weight of a second distillation signal: the last hidden states at every token against the "
-                   "teacher's (mean squared error relative to their scale), besides the output KL.")
-@click.option("--temperature", default=1.0, show_default=True, type=float,
-              help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2).")
-@click.option("--trainable", type=click.Choice(TRAINABLES), default=DEFAULT_TRAINABLE, show_default=True,
-              help="factors: every factor trains whole. cores: each factor is split once into a frozen "
-                   "orthonormal basis and a small r x r core, and only the cores train: the same form and "
-                   "size, the directions the conversion found kept, far fewer trained numbers.")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=Folder(),
+    help="The base model folder (with its tokenizer, unless DATA is tokenized).",
+)
+@click.option(
+    "--teacher",
+    "teacher_dir",
+    required=True,
+    type=Folder(),
+    help="The original LoRA that SHARED_DIR was converted from.",
+)
+@click.option(
+    "--lm-loss",
+    "lm_loss",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Weight of the data's own loss (next-token, or the 'label' field) added to the distillation.",
+)
+@click.option(
+    "--generate",
+    type=int,
+    default=None,
+    help="Causal LMs with no data: recover on N texts sampled from the teacher (base + LoRA), "
+    "instead of --data (seeded by --seed).",
+)
+@click.option(
+    "--hidden-weight",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Weight of a second distillation signal: the last hidden states at every token against the "
+    "teacher's (mean squared error relative to their scale), besides the output KL.",
+)
+@click.option(
+    "--temperature",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2).",
+)
+@click.option(
+    "--trainable",
+    type=click.Choice(TRAINABLES),
+    default=DEFAULT_TRAINABLE,
+    show_default=True,
+    help="factors: every factor trains whole. cores: each factor is split once into a frozen "
+    "orthonormal basis and a small r x r core, and only the cores train: the same form and "
+    "size, the directions the conversion found kept, far fewer trained numbers.",
+)
 @recipe_options("Output adapter folder [default: SHARED_DIR-recovered beside it].")
-def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, generate, data_path, out, overwrite, as_json,
-                 **training) -> None:
+def finetune_cmd(
+    shared_dir, base_dir, teacher_dir, lm_loss, generate, data_path, out, overwrite, as_json, **training
+) -> None:
     """Recover a shared adapter by distilling toward the LoRA it came from (no labels needed).
 
     The student (base + SHARED_DIR) learns to match the teacher's outputs (base + the teacher
@@ -49,7 +85,16 @@ def finetune_cmd(shared_dir, base_dir, teacher_dir, lm_loss, generate, data_path
 
     options = flows.TrainingOptions(**training)
     with resume_hint(out or flows.default_recover_output(shared_dir), options):
-        report = flows.recover(shared_dir, base_dir, teacher_dir, data_path, out, lm_loss=lm_loss, options=options,
-                               overwrite=overwrite, generate=generate)
+        report = flows.recover(
+            shared_dir,
+            base_dir,
+            teacher_dir,
+            data_path,
+            out,
+            lm_loss=lm_loss,
+            options=options,
+            overwrite=overwrite,
+            generate=generate,
+        )
     if report is not None:  # the main process
         echo_report(out or flows.default_recover_output(shared_dir), report, as_json)

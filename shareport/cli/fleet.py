@@ -21,36 +21,65 @@ def _clusters(ctx, param, value: str) -> int | str:
 
 @click.command("fleet")
 @click.argument("lora_dirs", nargs=-1, required=True, type=Folder(), metavar="[NAME=]LORA_DIR...")
-@output_option("--out", type=click.Path(path_type=str), required=True,
-               help="The fleet folder: shared.safetensors, one member folder per input (named as described above), "
-                    "fleet_report.json.")
-@click.option("--form", type=click.Choice(FLEET_FORMS), default=None,
-              help="sharea: one right basis V per kind for every adapter and layer, a B per adapter and layer "
-                   "(exact least squares). shareab: shared U and V per kind, a small core C per adapter and "
-                   "layer (dW = U C V; alternating refinement, the error never rises). Default: both are built "
-                   "at --budget and the one with the least error is written (by the output error with "
-                   "--calibration, else by the weight error); the report lists both.")
-@click.option("--rank", type=int, default=None,
-              help="Shared rank per kind (shareab: both U and V). Instead of --budget; needs --form (a rank is "
-                   "a different size for each form).")
-@click.option("--budget", type=float, default=None,
-              help="A fraction of the N LoRAs' total parameters, spent over the kinds where the error drops "
-                   f"most (exact knapsack). Default when no --rank: {DEFAULT_FLEET_BUDGET}.")
-@click.option("--clusters", default=DEFAULT_FLEET_CLUSTERS, show_default=True, metavar="N|auto",
-              callback=_clusters,
-              help="Split the members into N clusters, each with its own shared basis (at least 2 members a "
-                   "cluster; members go where the error of their updates is least, and the budget is spent "
-                   "over every cluster's kinds). auto: 1 up to members/2 clusters are built at --budget and the least "
-                   "error wins (1 with --rank or --calibration). LoRAs from different seeds span nearly "
-                   "disjoint spaces, which one basis holds badly: clusters find the groups that share one.")
-@click.option("--calibration", multiple=True, metavar="[NAME=]DATA",
-              help="Fit each member to the outputs of its own data (text, jsonl or tokenized, as finetune "
-                   "reads it; needs --base): DATA for every member, NAME=DATA for member NAME (repeat the "
-                   "option; a plain DATA serves the members without their own). Each member's LoRA is "
-                   "attached while its data runs through the base; its cores are then the least squares of "
-                   "its output error, and every error reported is that error.")
-@click.option("--base", type=Folder(), default=None,
-              help="The base model folder the calibration data runs through (only with --calibration).")
+@output_option(
+    "--out",
+    type=click.Path(path_type=str),
+    required=True,
+    help="The fleet folder: shared.safetensors, one member folder per input (named as described above), "
+    "fleet_report.json.",
+)
+@click.option(
+    "--form",
+    type=click.Choice(FLEET_FORMS),
+    default=None,
+    help="sharea: one right basis V per kind for every adapter and layer, a B per adapter and layer "
+    "(exact least squares). shareab: shared U and V per kind, a small core C per adapter and "
+    "layer (dW = U C V; alternating refinement, the error never rises). Default: both are built "
+    "at --budget and the one with the least error is written (by the output error with "
+    "--calibration, else by the weight error); the report lists both.",
+)
+@click.option(
+    "--rank",
+    type=int,
+    default=None,
+    help="Shared rank per kind (shareab: both U and V). Instead of --budget; needs --form (a rank is "
+    "a different size for each form).",
+)
+@click.option(
+    "--budget",
+    type=float,
+    default=None,
+    help="A fraction of the N LoRAs' total parameters, spent over the kinds where the error drops "
+    f"most (exact knapsack). Default when no --rank: {DEFAULT_FLEET_BUDGET}.",
+)
+@click.option(
+    "--clusters",
+    default=DEFAULT_FLEET_CLUSTERS,
+    show_default=True,
+    metavar="N|auto",
+    callback=_clusters,
+    help="Split the members into N clusters, each with its own shared basis (at least 2 members a "
+    "cluster; members go where the error of their updates is least, and the budget is spent "
+    "over every cluster's kinds). auto: 1 up to members/2 clusters are built at --budget and the least "
+    "error wins (1 with --rank or --calibration). LoRAs from different seeds span nearly "
+    "disjoint spaces, which one basis holds badly: clusters find the groups that share one.",
+)
+@click.option(
+    "--calibration",
+    multiple=True,
+    metavar="[NAME=]DATA",
+    help="Fit each member to the outputs of its own data (text, jsonl or tokenized, as finetune "
+    "reads it; needs --base): DATA for every member, NAME=DATA for member NAME (repeat the "
+    "option; a plain DATA serves the members without their own). Each member's LoRA is "
+    "attached while its data runs through the base; its cores are then the least squares of "
+    "its output error, and every error reported is that error.",
+)
+@click.option(
+    "--base",
+    type=Folder(),
+    default=None,
+    help="The base model folder the calibration data runs through (only with --calibration).",
+)
 @overwrite_output_option
 @allow_pickle_option
 @json_option
@@ -79,46 +108,92 @@ def fleet_cmd(lora_dirs, out, form, rank, budget, clusters, calibration, base, o
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
-    data = flows.fleet(list(lora_dirs), out, form=form, rank=rank, budget=budget, overwrite=overwrite,
-                       allow_pickle=allow_pickle, calibration=list(calibration), base=base, clusters=clusters)
+    data = flows.fleet(
+        list(lora_dirs),
+        out,
+        form=form,
+        rank=rank,
+        budget=budget,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        calibration=list(calibration),
+        base=base,
+        clusters=clusters,
+    )
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
 
 
 def render(data: dict) -> str:
-    parts = [f"fleet of {len(data['members'])} adapters ({data['form']}) written to {data['output']}",
-             f"total {data['parameters']:,} parameters ({data['ratio']:.1%} of {data['lora_parameters']:,} in "
-             f"{len(data['members'])} separate LoRAs), {human_bytes(data['bytes'])} against "
-             f"{human_bytes(data['lora_bytes'])}; shared basis {data['shared_parameters']:,} parameters "
-             f"({human_bytes(data['shared_bytes'])})"]
+    parts = [
+        f"fleet of {len(data['members'])} adapters ({data['form']}) written to {data['output']}",
+        f"total {data['parameters']:,} parameters ({data['ratio']:.1%} of {data['lora_parameters']:,} in "
+        f"{len(data['members'])} separate LoRAs), {human_bytes(data['bytes'])} against "
+        f"{human_bytes(data['lora_bytes'])}; shared basis {data['shared_parameters']:,} parameters "
+        f"({human_bytes(data['shared_bytes'])})",
+    ]
     if data["candidates"]:
-        errors = ", ".join(f"{c['form']} {c['relative_error']:.3f}" if "refused" not in c
-                           else f"{c['form']} refused ({c['refused']})" for c in data["candidates"])
-        parts.append(f"form: {data['form']}, the least error ranked by {data['ranked_by']} "
-                     f"(relative errors: {errors})")
+        errors = ", ".join(
+            f"{c['form']} {c['relative_error']:.3f}" if "refused" not in c else f"{c['form']} refused ({c['refused']})"
+            for c in data["candidates"]
+        )
+        parts.append(f"form: {data['form']}, the least error ranked by {data['ranked_by']} (relative errors: {errors})")
     if data.get("calibration"):
         c = data["calibration"]
         files = sorted({m["data"] for m in c["members"].values()})
-        parts.append(f"calibrated on {', '.join(files)} through {next(iter(c['members'].values()))['base']} "
-                     f"(ridge {c['ridge']:g}, {c['seconds']:.1f} s): errors are output errors on each "
-                     "member's data; 'weight error' is the plain one")
+        parts.append(
+            f"calibrated on {', '.join(files)} through {next(iter(c['members'].values()))['base']} "
+            f"(ridge {c['ridge']:g}, {c['seconds']:.1f} s): errors are output errors on each "
+            "member's data; 'weight error' is the plain one"
+        )
     clusters = data.get("clusters")
     if clusters:
-        tried = ", ".join(f"{c['clusters']} {c['relative_error']:.3f}" if "refused" not in c
-                          else f"{c['clusters']} refused" for c in clusters["candidates"])
-        parts.append(f"clusters: {clusters['count']}, each with its own basis ({clusters['chosen_by']}; relative "
-                     f"error by number of clusters: {tried})")
+        tried = ", ".join(
+            f"{c['clusters']} {c['relative_error']:.3f}" if "refused" not in c else f"{c['clusters']} refused"
+            for c in clusters["candidates"]
+        )
+        parts.append(
+            f"clusters: {clusters['count']}, each with its own basis ({clusters['chosen_by']}; relative "
+            f"error by number of clusters: {tried})"
+        )
     calibrated = bool(data.get("calibration"))
-    parts.append(format_table(
-        ["member", *(["cluster"] if clusters else []), "rel. error", *(["weight error"] if calibrated else []),
-         "energy kept", "own params", "LoRA params", "bytes", "LoRA bytes"],
-        [(m["name"], *([clusters["members"][m["name"]]] if clusters else []), m["relative_error"],
-          *([m["frobenius_relative_error"]] if calibrated else []),
-          f"{m['retained_energy']:.1%}", m["parameters"], m["lora_parameters"], human_bytes(m["bytes"]),
-          human_bytes(m["lora_bytes"])) for m in data["members"]]))
-    parts.append(format_table(
-        ["kind", "rank U", "rank V", "shared params", "rel. error"],
-        [(k, v["ranks"][0] or "-", v["ranks"][1], v["shared_parameters"], v["relative_error"])
-         for k, v in sorted(data["kinds"].items())]))
+    parts.append(
+        format_table(
+            [
+                "member",
+                *(["cluster"] if clusters else []),
+                "rel. error",
+                *(["weight error"] if calibrated else []),
+                "energy kept",
+                "own params",
+                "LoRA params",
+                "bytes",
+                "LoRA bytes",
+            ],
+            [
+                (
+                    m["name"],
+                    *([clusters["members"][m["name"]]] if clusters else []),
+                    m["relative_error"],
+                    *([m["frobenius_relative_error"]] if calibrated else []),
+                    f"{m['retained_energy']:.1%}",
+                    m["parameters"],
+                    m["lora_parameters"],
+                    human_bytes(m["bytes"]),
+                    human_bytes(m["lora_bytes"]),
+                )
+                for m in data["members"]
+            ],
+        )
+    )
+    parts.append(
+        format_table(
+            ["kind", "rank U", "rank V", "shared params", "rel. error"],
+            [
+                (k, v["ranks"][0] or "-", v["ranks"][1], v["shared_parameters"], v["relative_error"])
+                for k, v in sorted(data["kinds"].items())
+            ],
+        )
+    )
     return "\n\n".join(parts)

@@ -11,13 +11,20 @@ from .table import format_table, to_json
 @click.command("fleet-add")
 @click.argument("fleet_dir", type=Folder())
 @click.argument("lora_dir", type=Folder(), metavar="[NAME=]LORA_DIR")
-@click.option("--max-error", type=float, default=None,
-              help="The new member's largest relative error before the basis grows (0 to 1). Default: the worst "
-                   "existing member's relative error, so the new member is never the fleet's worst by more than "
-                   "what growing the basis cannot fix.")
-@output_option(type=click.Path(path_type=str), default=None,
-               help="Write the grown fleet to this new folder and leave FLEET_DIR as it is. Default: FLEET_DIR is "
-                    "replaced in one step (it must hold only the fleet).")
+@click.option(
+    "--max-error",
+    type=float,
+    default=None,
+    help="The new member's largest relative error before the basis grows (0 to 1). Default: the worst "
+    "existing member's relative error, so the new member is never the fleet's worst by more than "
+    "what growing the basis cannot fix.",
+)
+@output_option(
+    type=click.Path(path_type=str),
+    default=None,
+    help="Write the grown fleet to this new folder and leave FLEET_DIR as it is. Default: FLEET_DIR is "
+    "replaced in one step (it must hold only the fleet).",
+)
 @overwrite_output_option
 @allow_pickle_option
 @json_option
@@ -46,8 +53,9 @@ def fleet_add_cmd(fleet_dir, lora_dir, max_error, out, overwrite, allow_pickle, 
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
-    data = flows.fleet_add(fleet_dir, lora_dir, out=out, max_error=max_error, overwrite=overwrite,
-                           allow_pickle=allow_pickle)
+    data = flows.fleet_add(
+        fleet_dir, lora_dir, out=out, max_error=max_error, overwrite=overwrite, allow_pickle=allow_pickle
+    )
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["added"]["warnings"]:  # the others' were given when they joined
         click.echo(f"warning: {warning}", err=True)
@@ -56,18 +64,28 @@ def fleet_add_cmd(fleet_dir, lora_dir, max_error, out, overwrite, allow_pickle, 
 def render(data: dict) -> str:
     added = data["added"]
     grown = added["grown"]
-    how = ("the basis is kept: its error on it is within the target" if not grown else
-           "the basis grew (kind: +U columns, +V rows): " +
-           ", ".join(f"{kind} +{u}/+{v}" for kind, (u, v) in sorted(grown.items())))
+    how = (
+        "the basis is kept: its error on it is within the target"
+        if not grown
+        else "the basis grew (kind: +U columns, +V rows): "
+        + ", ".join(f"{kind} +{u}/+{v}" for kind, (u, v) in sorted(grown.items()))
+    )
     joined = f", in cluster {added['cluster']} (where its error is least)" if "cluster" in added else ""
-    parts = [f"added {added['member']} to the fleet in {data['output']} ({data['form']}, {len(data['members'])} "
-             f"members){joined}",
-             f"{added['member']}: relative error {added['error_before']:.4f} on the basis as it was, target "
-             f"{added['target']:.4f} ({added['rule']}); {how}; now {added['relative_error']:.4f}",
-             f"rewritten: {', '.join(data['rewritten'])}; total {data['parameters']:,} parameters "
-             f"({data['ratio']:.1%} of {data['lora_parameters']:,} in {len(data['members'])} separate LoRAs)"]
-    parts.append(format_table(
-        ["member", "rel. error", "energy kept", "own params", "LoRA params"],
-        [(m["name"], m["relative_error"], f"{m['retained_energy']:.1%}", m["parameters"], m["lora_parameters"])
-         for m in data["members"]]))
+    parts = [
+        f"added {added['member']} to the fleet in {data['output']} ({data['form']}, {len(data['members'])} "
+        f"members){joined}",
+        f"{added['member']}: relative error {added['error_before']:.4f} on the basis as it was, target "
+        f"{added['target']:.4f} ({added['rule']}); {how}; now {added['relative_error']:.4f}",
+        f"rewritten: {', '.join(data['rewritten'])}; total {data['parameters']:,} parameters "
+        f"({data['ratio']:.1%} of {data['lora_parameters']:,} in {len(data['members'])} separate LoRAs)",
+    ]
+    parts.append(
+        format_table(
+            ["member", "rel. error", "energy kept", "own params", "LoRA params"],
+            [
+                (m["name"], m["relative_error"], f"{m['retained_energy']:.1%}", m["parameters"], m["lora_parameters"])
+                for m in data["members"]
+            ],
+        )
+    )
     return "\n\n".join(parts)

@@ -12,12 +12,22 @@ from .table import to_json
 @click.command("generate")
 @click.argument("graph_dir", metavar="OUT_DIR", type=Folder())
 @click.option("--prompt", required=True, help="Text to continue (encoded with the folder's tokenizer).")
-@click.option("--adapter", "adapters", multiple=True, type=click.Path(dir_okay=False, path_type=str),
-              help="An .onnx_adapter to activate; repeat for one run per adapter [default: the folder's own].")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="An .onnx_adapter to activate; repeat for one run per adapter [default: the folder's own].",
+)
 @click.option("--no-adapter", is_flag=True, help="Run the graph without any adapter (the base model).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
-              help="genai: onnxruntime-genai; ort: ONNX Runtime with shareport's loop; auto: genai where installed.")
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="auto",
+    show_default=True,
+    help="genai: onnxruntime-genai; ort: ONNX Runtime with shareport's loop; auto: genai where installed.",
+)
 @json_option
 def generate_cmd(graph_dir, prompt, adapters, no_adapter, max_new_tokens, engine, as_json) -> None:
     """Greedy continuation of --prompt by a graph exported with --with-past.
@@ -27,8 +37,9 @@ def generate_cmd(graph_dir, prompt, adapters, no_adapter, max_new_tokens, engine
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
-    data = flows.generate(graph_dir, prompt, list(adapters), max_new_tokens=max_new_tokens, engine=engine,
-                          no_adapter=no_adapter)
+    data = flows.generate(
+        graph_dir, prompt, list(adapters), max_new_tokens=max_new_tokens, engine=engine, no_adapter=no_adapter
+    )
     if as_json:
         click.echo(to_json(data))
         return

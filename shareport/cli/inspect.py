@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .table import format_table, human_bytes, share_of_source, to_json
 from .options import Folder, allow_pickle_option, json_option, overwrite_option, plot_option
+from .table import format_table, human_bytes, share_of_source, to_json
 
 
 @click.command("inspect")
@@ -50,12 +50,15 @@ def render(adapter_dir: str, info: dict) -> str:
         head.append(("carried tensors", ", ".join(info["extra_tensors"])))
     parts = ["\n".join(f"{k:>25}: {v}" for k, v in head)]
     summary_rows = [
-        (k, f"{v['shape'][0]}x{v['shape'][1]}", v["sites"], v["unique_A"], v["unique_B"]) for k, v in info["kinds"].items()
+        (k, f"{v['shape'][0]}x{v['shape'][1]}", v["sites"], v["unique_A"], v["unique_B"])
+        for k, v in info["kinds"].items()
     ]
     parts.append(format_table(["kind", "update shape", "sites", "unique A", "unique B"], summary_rows))
     for kind, v in info["kinds"].items():
-        rows = [(row["layer"] if row["layer"] >= 0 else "-", row["rank"], row["scale"], row["B"], row["update_norm"])
-                for row in v["layers"]]
+        rows = [
+            (row["layer"] if row["layer"] >= 0 else "-", row["rank"], row["scale"], row["B"], row["update_norm"])
+            for row in v["layers"]
+        ]
         parts.append(format_table(["layer", "rank", "scale", "B tensor", "||dW||_F"], rows, title=f"[{kind}]"))
     return "\n\n".join(parts)
 

@@ -26,10 +26,18 @@ from ..errors import ShareportError
 
 # command name -> (module in shareport.cli, the click command in it)
 COMMANDS = {
-    "demo": ("demo", "demo_cmd"), "inspect": ("inspect", "inspect_cmd"), "convert": ("convert", "convert_cmd"),
-    "fleet": ("fleet", "fleet_cmd"), "fleet-add": ("fleet_add", "fleet_add_cmd"), "frontier": ("frontier", "frontier_cmd"), "finetune": ("finetune", "finetune_cmd"),
-    "train": ("train", "train_cmd"), "export": ("export", "export_cmd"), "verify": ("verify", "verify_cmd"),
-    "export-adapter": ("export_adapter", "export_adapter_cmd"), "generate": ("generate", "generate_cmd"),
+    "demo": ("demo", "demo_cmd"),
+    "inspect": ("inspect", "inspect_cmd"),
+    "convert": ("convert", "convert_cmd"),
+    "fleet": ("fleet", "fleet_cmd"),
+    "fleet-add": ("fleet_add", "fleet_add_cmd"),
+    "frontier": ("frontier", "frontier_cmd"),
+    "finetune": ("finetune", "finetune_cmd"),
+    "train": ("train", "train_cmd"),
+    "export": ("export", "export_cmd"),
+    "verify": ("verify", "verify_cmd"),
+    "export-adapter": ("export_adapter", "export_adapter_cmd"),
+    "generate": ("generate", "generate_cmd"),
     "doctor": ("doctor", "doctor_cmd"),
 }
 

@@ -12,10 +12,14 @@ allow_pickle_option = click.option(
     is_flag=True,
     help="Allow reading a pickled adapter_model.bin (with torch.load(weights_only=True)). Off by default.",
 )
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace outputs that exist (the output and the --plot figure).")
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Replace outputs that exist (the output and the --plot figure)."
+)
 overwrite_output_option = click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 plot_option = click.option(
-    "--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
     help="Also write a PNG figure here (needs matplotlib: pip install 'shareport[plot]').",
 )
 

@@ -12,8 +12,13 @@ from .training_options import echo_report, recipe_options, resume_hint
 
 @click.command("train")
 @click.option("--form", required=True, type=click.Choice(sorted(SHARED)), help="Which factors are shared per kind.")
-@click.option("--base", "base_dir", required=True, type=Folder(),
-              help="The base model folder (a causal LM, or a classifier when DATA has labels).")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=Folder(),
+    help="The base model folder (a causal LM, or a classifier when DATA has labels).",
+)
 @click.option("--target", "targets", required=True, help="Comma-separated module names to adapt, e.g. q_proj,v_proj.")
 @click.option("--rank", required=True, type=int, help="Rank r of every factor.")
 @click.option("--alpha", default=8.0, show_default=True, type=float, help="LoRA alpha; the scale is alpha / r.")
@@ -34,7 +39,8 @@ def train_cmd(form, base_dir, targets, rank, alpha, data_path, out, overwrite, a
 
     options = flows.TrainingOptions(**training)
     with resume_hint(out, options):
-        report = flows.train(form, base_dir, target_list, rank, data_path, out, alpha=alpha, options=options,
-                             overwrite=overwrite)
+        report = flows.train(
+            form, base_dir, target_list, rank, data_path, out, alpha=alpha, options=options, overwrite=overwrite
+        )
     if report is not None:  # the main process
         echo_report(out, report, as_json)

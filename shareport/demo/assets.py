@@ -14,14 +14,58 @@ from pathlib import Path
 
 import torch
 
-SUBJECTS = ["the engineer", "the model", "a small adapter", "the compiler", "my colleague", "the runtime",
-            "the old server", "a careful reviewer", "the graph", "the tokenizer", "our team", "the student"]
-VERBS = ["exports", "compresses", "verifies", "merges", "loads", "trains", "shares", "measures", "folds",
-         "inspects", "converts", "recovers"]
-OBJECTS = ["the weights", "every layer", "a shared matrix", "the low rank factors", "two adapters",
-           "the attention heads", "a quantised graph", "the update", "its own output", "the test set"]
-ENDINGS = ["before lunch", "on the cpu", "without a gpu", "in one pass", "with great care", "every night",
-           "for the release", "in a few seconds", "after the merge", "as expected"]
+SUBJECTS = [
+    "the engineer",
+    "the model",
+    "a small adapter",
+    "the compiler",
+    "my colleague",
+    "the runtime",
+    "the old server",
+    "a careful reviewer",
+    "the graph",
+    "the tokenizer",
+    "our team",
+    "the student",
+]
+VERBS = [
+    "exports",
+    "compresses",
+    "verifies",
+    "merges",
+    "loads",
+    "trains",
+    "shares",
+    "measures",
+    "folds",
+    "inspects",
+    "converts",
+    "recovers",
+]
+OBJECTS = [
+    "the weights",
+    "every layer",
+    "a shared matrix",
+    "the low rank factors",
+    "two adapters",
+    "the attention heads",
+    "a quantised graph",
+    "the update",
+    "its own output",
+    "the test set",
+]
+ENDINGS = [
+    "before lunch",
+    "on the cpu",
+    "without a gpu",
+    "in one pass",
+    "with great care",
+    "every night",
+    "for the release",
+    "in a few seconds",
+    "after the merge",
+    "as expected",
+]
 CONNECTORS = ["and then", "because", "while", "so that", "although"]
 
 
@@ -63,8 +107,12 @@ def build_tokenizer(lines: list[str], vocab_size: int = 384):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(lines, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -86,8 +134,9 @@ def pretrain(model, tokenizer, lines: list[str], steps: int, batch: int = 16, le
     model.eval()
 
 
-def build_base(out: str | Path, lines: list[str], layers: int = 6, hidden: int = 128, seed: int = 0,
-               pretrain_steps: int = 150) -> Path:
+def build_base(
+    out: str | Path, lines: list[str], layers: int = 6, hidden: int = 128, seed: int = 0, pretrain_steps: int = 150
+) -> Path:
     """Write a small Llama, pretrained briefly on ``lines``, and its tokenizer to ``out``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,9 +144,16 @@ def build_base(out: str | Path, lines: list[str], layers: int = 6, hidden: int =
     tokenizer = build_tokenizer(lines)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
     pretrain(model, tokenizer, lines, pretrain_steps, seed=seed)

@@ -64,19 +64,27 @@ def _steps(out: Path, export: bool) -> dict:
     build_base(base, corpus(), layers=8, hidden=64)
     reports: dict = {}
     step("training a LoRA that adapts it to a domain corpus")
-    reports["train"] = flows.train("lora", str(base), TARGETS, RANK, str(data), str(out / "lora"), alpha=2.0 * RANK,
-                                   options=_recipe(TRAIN_STEPS))
+    reports["train"] = flows.train(
+        "lora", str(base), TARGETS, RANK, str(data), str(out / "lora"), alpha=2.0 * RANK, options=_recipe(TRAIN_STEPS)
+    )
     step("converting the LoRA to ASLoRA")
     figure = str(out / "aslora.png") if has_matplotlib() else None
     reports["convert"] = flows.convert(str(out / "lora"), "aslora", str(out / "aslora"), plot=figure, progress=False)
     step("recovering the ASLoRA by distillation toward the LoRA")
-    reports["finetune"] = flows.recover(str(out / "aslora"), str(base), str(out / "lora"), str(data),
-                                        str(out / "aslora-recovered"), options=_recipe(RECOVER_STEPS))
+    reports["finetune"] = flows.recover(
+        str(out / "aslora"),
+        str(base),
+        str(out / "lora"),
+        str(data),
+        str(out / "aslora-recovered"),
+        options=_recipe(RECOVER_STEPS),
+    )
     if export:
         for mode in ("folded", "adapter"):
             step(f"exporting ONNX ({mode}) and verifying it against PyTorch")
-            reports[f"export_{mode}"] = flows.export(str(out / "aslora-recovered"), str(base), str(out / f"onnx-{mode}"),
-                                                     ExportOptions(mode=mode))
+            reports[f"export_{mode}"] = flows.export(
+                str(out / "aslora-recovered"), str(base), str(out / f"onnx-{mode}"), ExportOptions(mode=mode)
+            )
             reports[f"export_{mode}"]["latency_ms"] = ort_latency_ms(out / f"onnx-{mode}")
     return reports
 
@@ -112,7 +120,10 @@ def summary_rows(reports: dict) -> list[tuple[str, str]]:
         ("LoRA parameters", f"{conv['parameters_before']:,}"),
         ("ASLoRA parameters", f"{conv['parameters_after']:,} ({conv['ratio']:.1%} of the LoRA)"),
         ("ASLoRA groups per kind", ", ".join(f"{k['kind']}={len(k['groups'])}" for k in conv["kinds"])),
-        ("relative error of the projection", ", ".join(f"{k['kind']}={k['relative_error']:.3f}" for k in conv["kinds"])),
+        (
+            "relative error of the projection",
+            ", ".join(f"{k['kind']}={k['relative_error']:.3f}" for k in conv["kinds"]),
+        ),
         ("KL to the LoRA: converted -> recovered", f"{before['kl']:.4g} -> {after['kl']:.4g}"),
         ("top-1 agreement: converted -> recovered", f"{before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}"),
     ]

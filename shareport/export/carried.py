@@ -78,19 +78,23 @@ def fleet_needs_inputs(adapter: Adapter, members: dict[str, Adapter], where: dic
         have = {n: tuple(t.shape) for n, t in carried_tensors(member).items()}
         why = _misfit(have, want)
         if why:
-            raise ShareportError(f"{where[name]}: fleet member '{name}' {why}, so its carried tensors (modules_to_save) "
-                                 "cannot be swapped into one graph; nothing was written (export it with --mode "
-                                 "folded, or out of the fleet: convert --to lora first)")
+            raise ShareportError(
+                f"{where[name]}: fleet member '{name}' {why}, so its carried tensors (modules_to_save) "
+                "cannot be swapped into one graph; nothing was written (export it with --mode "
+                "folded, or out of the fleet: convert --to lora first)"
+            )
     return True
 
 
 def _misfit(have: dict[str, tuple], want: dict[str, tuple]) -> str:
     """'' when ``have`` fills the inputs ``want`` (name -> shape), else why not, in words."""
     how, name = first_difference(have, want)
-    return {"extra": f"carries '{name}', which the exported member does not",
-            "missing": f"lacks the carried tensor '{name}' that the exported member has",
-            "other": f"carries '{name}' of shape {have.get(name)}, the exported member's is {want.get(name)}",
-            "": ""}[how]
+    return {
+        "extra": f"carries '{name}', which the exported member does not",
+        "missing": f"lacks the carried tensor '{name}' that the exported member has",
+        "other": f"carries '{name}' of shape {have.get(name)}, the exported member's is {want.get(name)}",
+        "": "",
+    }[how]
 
 
 def first_difference(have: dict, want: dict) -> tuple[str, str]:
@@ -110,8 +114,10 @@ def carried_arrays(adapter: Adapter, inputs: list[str], dtype: torch.dtype, what
     if missing:
         raise ShareportError(f"{what} carries no '{missing[0]}' (modules_to_save), which the graph takes as an input")
     if extra:
-        raise ShareportError(f"{what} carries '{extra[0]}' (modules_to_save), which is not an input of the graph: "
-                             "its outputs would use another adapter's")
+        raise ShareportError(
+            f"{what} carries '{extra[0]}' (modules_to_save), which is not an input of the graph: "
+            "its outputs would use another adapter's"
+        )
     return {n: t.numpy() for n, t in mine.items()}
 
 
@@ -173,17 +179,21 @@ def check_baked(info: dict, adapter: Adapter, what: str, *, proto: onnx.ModelPro
     else:
         why = _initializer_misfit(mine, proto, folder)
     if why:
-        raise ShareportError(f"{what}: {why}; with this graph its outputs would be wrong (export the graph "
-                             "from this adapter, or from a fleet whose members' heads differ: those are inputs)")
+        raise ShareportError(
+            f"{what}: {why}; with this graph its outputs would be wrong (export the graph "
+            "from this adapter, or from a fleet whose members' heads differ: those are inputs)"
+        )
 
 
 def _baked_misfit(mine: dict[str, str], baked: dict[str, str]) -> str:
     """'' when the digests ``mine`` are the ``baked`` ones, else why not, in words."""
     how, name = first_difference(mine, baked)
-    return {"extra": f"carries '{name}' (modules_to_save), which the graph does not bake in: it has the base model's",
-            "missing": f"carries no '{name}' (modules_to_save), which the graph bakes in from the exported adapter",
-            "other": f"carries another '{name}' (modules_to_save) than the one the graph bakes in",
-            "": ""}[how]
+    return {
+        "extra": f"carries '{name}' (modules_to_save), which the graph does not bake in: it has the base model's",
+        "missing": f"carries no '{name}' (modules_to_save), which the graph bakes in from the exported adapter",
+        "other": f"carries another '{name}' (modules_to_save) than the one the graph bakes in",
+        "": "",
+    }[how]
 
 
 def _initializer_misfit(mine: dict[str, np.ndarray], proto: onnx.ModelProto, folder) -> str:
@@ -192,8 +202,10 @@ def _initializer_misfit(mine: dict[str, np.ndarray], proto: onnx.ModelProto, fol
     for name in sorted(mine):
         init = inits.get(GRAPH_PREFIX + name)
         if init is None:
-            return (f"carries '{name}' (modules_to_save), and this graph (exported before shareport recorded what it "
-                    "bakes in) has no initializer of that name to check it against: export the graph again")
+            return (
+                f"carries '{name}' (modules_to_save), and this graph (exported before shareport recorded what it "
+                "bakes in) has no initializer of that name to check it against: export the graph again"
+            )
         baked = onnx.numpy_helper.to_array(init, base_dir=str(folder))  # reads external data where it is there
         if baked.shape != mine[name].shape or not np.array_equal(baked, mine[name]):
             return f"carries another '{name}' (modules_to_save) than the one the graph bakes in"

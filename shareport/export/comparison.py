@@ -75,12 +75,16 @@ class Comparison:
         """One line: where, measured against allowed, and where the allowed value comes from."""
         where = f"{self.check}, {self.case}, {self.output}"
         if self.reference_error is None:
-            return (f"{where}: ORT differs from PyTorch by {self.max_abs:.3g}, allowed {self.limit:.3g} "
-                    "(fp16: rtol of max(1, max |PyTorch|))")
+            return (
+                f"{where}: ORT differs from PyTorch by {self.max_abs:.3g}, allowed {self.limit:.3g} "
+                "(fp16: rtol of max(1, max |PyTorch|))"
+            )
         own = f"{multiple:g} x {REFERENCE_NAMES[dtype]} PyTorch's own error {self.reference_error:.3g}"
         bound = f"the floor {floor:g}" if dtype == "fp32" else f"{floor:g} x max(1, max |PyTorch|)"
-        return (f"{where}: ORT differs from float64 PyTorch by {self.max_abs:.3g}, allowed {self.limit:.3g} "
-                f"(the larger of {own} and {bound})")
+        return (
+            f"{where}: ORT differs from float64 PyTorch by {self.max_abs:.3g}, allowed {self.limit:.3g} "
+            f"(the larger of {own} and {bound})"
+        )
 
 
 @dataclasses.dataclass
@@ -109,8 +113,10 @@ class Report:
         name = REFERENCE_NAMES[self.dtype]
         own = f"; {name} PyTorch's own error here: up to {max(errors):.2g}" if errors else ""
         floor = f"the floor {self.floor:g}" if self.dtype == "fp32" else f"{self.floor:g} x max(1, max |PyTorch|)"
-        return (f"ORT against float64 PyTorch; limit per comparison: the larger of {floor} and "
-                f"{self.multiple:g} x {name} PyTorch's own error against float64{own}")
+        return (
+            f"ORT against float64 PyTorch; limit per comparison: the larger of {floor} and "
+            f"{self.multiple:g} x {name} PyTorch's own error against float64{own}"
+        )
 
     def failure(self) -> str:
         """The failed comparison furthest over its limit, with measured and allowed values ('' if none)."""
@@ -145,8 +151,15 @@ class VerifyMismatch(ShareportError):
         self.report = report
 
 
-def limit_for(dtype: str, reference: np.ndarray, atol: float, rtol: float, *, own_error: float | None = None,
-              multiple: float = REFERENCE_MULTIPLE) -> float:
+def limit_for(
+    dtype: str,
+    reference: np.ndarray,
+    atol: float,
+    rtol: float,
+    *,
+    own_error: float | None = None,
+    multiple: float = REFERENCE_MULTIPLE,
+) -> float:
     """The larger of a floor and ``multiple`` x the reference's own error (``own_error``: max |PyTorch
     in the graph's dtype - PyTorch float64|). The floor: fp32 atol; fp16 rtol x max(1, max |reference|).
     A non-finite own error (PyTorch overflowed) widens nothing: its failure is no excuse for ORT's."""
@@ -157,8 +170,17 @@ def limit_for(dtype: str, reference: np.ndarray, atol: float, rtol: float, *, ow
 
 
 def compare_outputs(
-    check: str, case: str, names: list[str], got: list[np.ndarray], want: list[np.ndarray], dtype: str, atol: float,
-    rtol: float, *, own: list[np.ndarray] | None = None, multiple: float = REFERENCE_MULTIPLE,
+    check: str,
+    case: str,
+    names: list[str],
+    got: list[np.ndarray],
+    want: list[np.ndarray],
+    dtype: str,
+    atol: float,
+    rtol: float,
+    *,
+    own: list[np.ndarray] | None = None,
+    multiple: float = REFERENCE_MULTIPLE,
 ) -> list[Comparison]:
     """One row for the main output, one for all ``present.*`` together.
 
@@ -186,6 +208,17 @@ def compare_outputs(
             top1 = float((g.argmax(-1) == w.argmax(-1)).mean())
         max_abs = float(diff.max()) if diff.size else 0.0
         limit = limit_for(dtype, reference, atol, rtol, own_error=own_error, multiple=multiple)
-        rows.append(Comparison(check, case, output, max_abs, float(diff.mean()) if diff.size else 0.0, top1, limit,
-                               bool(np.isfinite(diff).all()) and max_abs <= limit, own_error))
+        rows.append(
+            Comparison(
+                check,
+                case,
+                output,
+                max_abs,
+                float(diff.mean()) if diff.size else 0.0,
+                top1,
+                limit,
+                bool(np.isfinite(diff).all()) and max_abs <= limit,
+                own_error,
+            )
+        )
     return rows

@@ -77,15 +77,20 @@ def clashes(dists: dict[str, str]) -> list[str]:
         owners = [n for n in group if n in dists]
         if len(owners) > 1:
             listed = " and ".join(f"{n} {dists[n]}" for n in owners)
-            warnings.append(f"{listed} are installed together and both own the '{package}/' package: the one "
-                            f"installed last overwrote the other (fix: {fix_command(dists)})")
+            warnings.append(
+                f"{listed} are installed together and both own the '{package}/' package: the one "
+                f"installed last overwrote the other (fix: {fix_command(dists)})"
+            )
     return warnings
 
 
 def missing_library(message: str) -> str | None:
     """The shared library a loader error names as missing (glibc's dlopen, or ORT's own wording)."""
-    for pattern in (r"([\w.+-]+\.so[\w.]*): cannot open shared object file", r'depends on "([^"]+)" which is missing',
-                    r"([\w.+-]+\.so[\w.]*): cannot open"):
+    for pattern in (
+        r"([\w.+-]+\.so[\w.]*): cannot open shared object file",
+        r'depends on "([^"]+)" which is missing',
+        r"([\w.+-]+\.so[\w.]*): cannot open",
+    ):
         found = re.search(pattern, message)
         if found:
             return Path(found.group(1)).name
@@ -111,8 +116,12 @@ def probe_model() -> bytes:
     import onnx
 
     vi = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "x"], ["y"])], "cuda_probe",
-                                   [vi("x", onnx.TensorProto.FLOAT, [2, 3])], [vi("y", onnx.TensorProto.FLOAT, [2, 3])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "x"], ["y"])],
+        "cuda_probe",
+        [vi("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [vi("y", onnx.TensorProto.FLOAT, [2, 3])],
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, PROBE_IR_VERSION)
     return model.SerializeToString()
@@ -146,8 +155,11 @@ def cuda_ep_status(ort=None, load_library=ctypes.CDLL) -> dict:
     except OSError as exc:
         missing = missing_library(str(exc))
         if missing:
-            return broken(f"{missing} is missing (needed by {CUDA_PROVIDER_LIBRARY}; install the nvidia-* wheel "
-                          "that has it, or put the folder that has it on LD_LIBRARY_PATH)", missing)
+            return broken(
+                f"{missing} is missing (needed by {CUDA_PROVIDER_LIBRARY}; install the nvidia-* wheel "
+                "that has it, or put the folder that has it on LD_LIBRARY_PATH)",
+                missing,
+            )
         return broken(f"{CUDA_PROVIDER_LIBRARY} does not load: {str(exc).splitlines()[0]}")
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     try:
@@ -192,8 +204,10 @@ def doctor(dists: dict[str, str] | None = None, *, dependents: list[str] | None 
     if clash:
         others = onnxruntime_dependents() if dependents is None else dependents
         if others:
-            report["warnings"].append(f"{', '.join(others)} require(s) the CPU wheel 'onnxruntime' by name: after the "
-                                      "fix pip check names them, though they run on onnxruntime-gpu's package")
+            report["warnings"].append(
+                f"{', '.join(others)} require(s) the CPU wheel 'onnxruntime' by name: after the "
+                "fix pip check names them, though they run on onnxruntime-gpu's package"
+            )
     ort = report["onnxruntime"]
     if ort["version"] is not None:
         import onnxruntime
@@ -205,13 +219,20 @@ def doctor(dists: dict[str, str] | None = None, *, dependents: list[str] | None 
         ort["cuda_ep"] = (cuda or cuda_ep_status)()
         ort["multi_lora"] = hasattr(onnxruntime, "AdapterFormat") and hasattr(onnxruntime, "LoraAdapter")
         if not ort["multi_lora"]:
-            report["warnings"].append(f"onnxruntime {ort['version']} has no multi-LoRA API (AdapterFormat): "
-                                      "adapter-mode exports need onnxruntime-gpu >= 1.20")
+            report["warnings"].append(
+                f"onnxruntime {ort['version']} has no multi-LoRA API (AdapterFormat): "
+                "adapter-mode exports need onnxruntime-gpu >= 1.20"
+            )
     else:
-        ort["cuda_ep"] = {"state": "not available", "missing": None,
-                          "line": "CUDA EP: not available (onnxruntime does not import)"}
+        ort["cuda_ep"] = {
+            "state": "not available",
+            "missing": None,
+            "line": "CUDA EP: not available (onnxruntime does not import)",
+        }
         report["warnings"].append(f"onnxruntime does not import ({ort['error']}): pip install onnxruntime-gpu")
     if report["onnxruntime_genai"]["version"] is None and not any(n in dists for n in GENAI_DISTRIBUTIONS):
-        report["notes"].append("onnxruntime-genai is not installed: 'shareport generate' uses ONNX Runtime's "
-                               "loop (pip install 'shareport[genai]' adds it)")
+        report["notes"].append(
+            "onnxruntime-genai is not installed: 'shareport generate' uses ONNX Runtime's "
+            "loop (pip install 'shareport[genai]' adds it)"
+        )
     return report

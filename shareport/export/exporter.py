@@ -29,16 +29,16 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter
-from ..files.atomic import atomic_dir, check_output
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
+from ..files.atomic import atomic_dir, check_output
 from ..files.fleet import fleet_members
 from ..files.tensorfile import read_header
 from ..model import attach, fold, load_base_model
 from ..model.base import CAUSAL_LM_CLASS, auto_class_name, read_base_config
 from . import graph_file, quantized
-from .choices import ADAPTER_NAMES, MODES, TORCH_DTYPES
 from .carried import baked_section, carried_slots, carried_tensors, fleet_needs_inputs, info_section
+from .choices import ADAPTER_NAMES, MODES, TORCH_DTYPES
 from .genai_config import special_tokens, write_genai_config
 from .ort_adapter import OLIVE_SUFFIX, write_onnx_adapter
 from .signature import Signature, dynamic_axes, make_inputs, signature_for
@@ -84,7 +84,9 @@ class ExportOptions:
             if not 18 <= self.opset <= newest:
                 raise ShareportError(f"--opset {self.opset} is not supported: use 18 to {newest}")
         if self.adapter_names not in ADAPTER_NAMES:
-            raise ShareportError(f"unknown adapter names '{self.adapter_names}' (expected {' or '.join(ADAPTER_NAMES)})")
+            raise ShareportError(
+                f"unknown adapter names '{self.adapter_names}' (expected {' or '.join(ADAPTER_NAMES)})"
+            )
         if self.adapter_names != "shareport" and self.mode != "adapter":
             raise ShareportError("--adapter-names needs --mode adapter (a folded graph has no adapter inputs)")
         if self.embed_adapter and self.mode != "adapter":
@@ -134,16 +136,31 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def trace_to_onnx(model, sig: Signature, slots: dict[str, Slot], wiring: dict, dtype: torch.dtype, opset: int | None,
-                  constants: dict[str, torch.Tensor] | None = None, *, carried=()):
+def trace_to_onnx(
+    model,
+    sig: Signature,
+    slots: dict[str, Slot],
+    wiring: dict,
+    dtype: torch.dtype,
+    opset: int | None,
+    constants: dict[str, torch.Tensor] | None = None,
+    *,
+    carried=(),
+):
     """``torch.onnx.export(dynamo=True)`` of the flat wrapper; returns the ``onnx_ir`` model.
     ``carried``: slots that stand in for the model's parameters of the same names."""
     args, shapes = _trace_inputs(sig, slots, dtype)
     with graph_module(model, sig, wiring, constants, carried=carried) as module, _quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
-                module, args, dynamo=True, optimize=True, verbose=False, opset_version=opset,
-                input_names=module.input_names, output_names=sig.output_names,
+                module,
+                args,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+                opset_version=opset,
+                input_names=module.input_names,
+                output_names=sig.output_names,
                 dynamic_shapes=(shapes,),  # forward(*flat): one entry, the tuple for the *args
             )
         except Exception as exc:
@@ -159,8 +176,9 @@ def _stages(enabled: bool, total: int):
     """A one-line progress display on stderr; yields ``stage(name)``, called as each stage begins."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="export: ", file=sys.stderr, disable=not enabled,
-               bar_format="{desc}[{n}/{total}, {elapsed}]")
+    bar = tqdm(
+        total=total, desc="export: ", file=sys.stderr, disable=not enabled, bar_format="{desc}[{n}/{total}, {elapsed}]"
+    )
     started = [False]
 
     def stage(name: str) -> None:
@@ -176,8 +194,9 @@ def _stages(enabled: bool, total: int):
         bar.close()
 
 
-def _write_member_adapters(members: dict[str, Adapter], folder: Path, dtype: torch.dtype, *, name,
-                           carried: bool) -> None:
+def _write_member_adapters(
+    members: dict[str, Adapter], folder: Path, dtype: torch.dtype, *, name, carried: bool
+) -> None:
     """``<member>.onnx_adapter`` for every member of the exported member's fleet: its cores, and its
     carried tensors where the graph takes them as inputs."""
     for member_name, member in members.items():
@@ -263,12 +282,21 @@ def check_memory(base_dir, dtype: str) -> None:
         raise ShareportError(
             f"{base_dir}: exporting this base ({base_parameters(base_dir) / 1e9:.2f}B parameters, {dtype}) needs "
             f"about {need / 2**30:.1f} GiB of memory and {have / 2**30:.1f} GiB is available; free memory, "
-            f"try {hint}or set {SKIP_MEMORY_CHECK}=1 to export anyway")
+            f"try {hint}or set {SKIP_MEMORY_CHECK}=1 to export anyway"
+        )
 
 
 def export(
-    adapter_dir, base_dir, out, options: ExportOptions, overwrite: bool = False, progress: bool = True,
-    allow_pickle: bool = False, verify: bool = True, atol: float = FP32_ATOL, rtol: float = FP16_RTOL,
+    adapter_dir,
+    base_dir,
+    out,
+    options: ExportOptions,
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    verify: bool = True,
+    atol: float = FP32_ATOL,
+    rtol: float = FP16_RTOL,
 ) -> ExportResult:
     """Export, verify against PyTorch, and only then publish the folder (atomically).
 
@@ -296,7 +324,11 @@ def export(
         stage("loading")
         model = prepare_model(base_dir, adapter, options.mode, dtype)
         sig = signature_for(model, options.with_past)
-        slots = {name(n): dataclasses.replace(s, name=name(n)) for n, s in slots_for(adapter).items()} if adapter_mode else {}
+        slots = (
+            {name(n): dataclasses.replace(s, name=name(n)) for n, s in slots_for(adapter).items()}
+            if adapter_mode
+            else {}
+        )
         values = {name(n): t.numpy() for n, t in graph_tensors(adapter, dtype).items()} if adapter_mode else {}
         values.update(quantized.adapter_values(adapter, qslots, name))
         # carried inputs keep their parameter names under either naming (see ``carried``)
@@ -308,20 +340,27 @@ def export(
         if layout is not None:  # a fleet member: the shared basis is part of the graph, its cores are the slots
             constants = {n: t.to(dtype) for n, t in layout.constants.items()}
             wiring = {p: tuple(n if n in constants else name(n) for n in chain) for p, chain in layout.chains.items()}
-        ir_model = trace_to_onnx(model, sig, {**slots, **carried_slots(carried)}, wiring, dtype, opset,
-                                 constants, carried=sorted(carried))
+        ir_model = trace_to_onnx(
+            model, sig, {**slots, **carried_slots(carried)}, wiring, dtype, opset, constants, carried=sorted(carried)
+        )
         if qslots:
             quantized.dequantize_inputs(ir_model, qslots, dtype)
 
         stage("adding adapter slots")
-        defaults = values if options.embed_adapter else {
-            **{n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}, **quantized.empty_values(qslots)}
+        defaults = (
+            values
+            if options.embed_adapter
+            else {**{n: t.numpy() for n, t in empty_tensors(slots, dtype).items()}, **quantized.empty_values(qslots)}
+        )
         graph_file.make_overridable(ir_model, {**defaults, **carried})  # carried: the exported member's, always
 
         stage("writing")
         with atomic_dir(out, overwrite=overwrite, inputs=[adapter_dir, base_dir]) as tmp:
-            graph_file.save_graph(ir_model, tmp, {**_info(options, sig, adapter, ir_model, layout=layout, carried=carried),
-                                                  **quantized.info(qslots)})
+            graph_file.save_graph(
+                ir_model,
+                tmp,
+                {**_info(options, sig, adapter, ir_model, layout=layout, carried=carried), **quantized.info(qslots)},
+            )
             if adapter_mode:
                 write_onnx_adapter({**values, **carried}, tmp / graph_file.ADAPTER_NAME)
             if layout is not None:
@@ -332,9 +371,13 @@ def export(
                 stage("verifying against PyTorch")
                 report = dataclasses.replace(
                     verify_graph(tmp, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle),
-                    graph=str(out))
+                    graph=str(out),
+                )
                 if not report.ok:
-                    raise VerifyMismatch(report, f"verify: {out} does not match PyTorch within tolerance "
-                                                 f"({report.failure()}); nothing was written (--no-verify keeps the "
-                                                 "graph, to inspect it with shareport verify)")
+                    raise VerifyMismatch(
+                        report,
+                        f"verify: {out} does not match PyTorch within tolerance "
+                        f"({report.failure()}); nothing was written (--no-verify keeps the "
+                        "graph, to inspect it with shareport verify)",
+                    )
     return ExportResult(Path(out), report, genai_note)

@@ -37,11 +37,14 @@ from .signature import Signature
 FILE_NAME = "genai_config.json"
 # model types onnxruntime-genai 0.18 accepts for a plain Optimum-style decoder graph; not "gpt2",
 # whose genai model expects another cache layout ("Model input was not found") where "decoder" runs
-KNOWN_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "granite", "olmo",
-                         "nemotron", "smollm3"})
+KNOWN_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "granite", "olmo", "nemotron", "smollm3"}
+)
 GENERIC_TYPE = "decoder"
-NO_PAST = (f"no {FILE_NAME}: onnxruntime-genai needs past_key_values inputs (export with --with-past); "
-           "a graph without them runs wrong after the first token")
+NO_PAST = (
+    f"no {FILE_NAME}: onnxruntime-genai needs past_key_values inputs (export with --with-past); "
+    "a graph without them runs wrong after the first token"
+)
 NOT_DECODER = f"no {FILE_NAME}: not a decoder"
 TOKENS = ("bos", "eos", "pad")
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -96,10 +99,14 @@ def resolve_tokens(configs, tokenizer=lambda: None, where: str = "the model") ->
                 found[token] = int(loaded[0][token])
     sources = ", ".join(Path(name).name for name, _ in configs) + " or the tokenizer"
     if "eos" not in found:
-        raise ShareportError(f"{where}: no eos token id in {sources}; onnxruntime-genai's {FILE_NAME} needs one "
-                             "(set eos_token_id in config.json, or export without --with-past)")
+        raise ShareportError(
+            f"{where}: no eos token id in {sources}; onnxruntime-genai's {FILE_NAME} needs one "
+            "(set eos_token_id in config.json, or export without --with-past)"
+        )
     first_eos = found["eos"][0] if isinstance(found["eos"], list) else found["eos"]
-    notes = [f"{token}_token_id = eos {first_eos} (none in {sources})" for token in ("pad", "bos") if token not in found]
+    notes = [
+        f"{token}_token_id = eos {first_eos} (none in {sources})" for token in ("pad", "bos") if token not in found
+    ]
     if isinstance(found.get("pad"), list):
         found["pad"] = found["pad"][0]
     return SpecialTokens(found.get("bos", first_eos), found["eos"], found.get("pad", first_eos), "; ".join(notes))
@@ -133,8 +140,9 @@ def special_tokens(folder: str | Path) -> SpecialTokens:
     return resolve_tokens([(str(folder / n), d) for n, d in configs], lambda: _tokenizer_ids(folder), str(folder))
 
 
-def genai_config(config: dict, sig: Signature, graph_name: str = "model.onnx", tokens: SpecialTokens | None = None
-                 ) -> dict:
+def genai_config(
+    config: dict, sig: Signature, graph_name: str = "model.onnx", tokens: SpecialTokens | None = None
+) -> dict:
     """The ``genai_config.json`` content for a with-past decoder graph of a model with ``config``
     (special tokens: ``tokens``, else the ids in ``config``)."""
     if not (sig.decoder and sig.with_past):
@@ -159,16 +167,37 @@ def genai_config(config: dict, sig: Signature, graph_name: str = "model.onnx", t
             "past_key_names": "past_key_values.%d.key",
             "past_value_names": "past_key_values.%d.value",
         },
-        "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
     }
     search = {
-        "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context, "min_length": 0,
-        "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
-        "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
+        "do_sample": False,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "max_length": context,
+        "min_length": 0,
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "diversity_penalty": 0.0,
+        "early_stopping": True,
         "past_present_share_buffer": False,  # true makes genai pass a full-length cache: Concat fails
     }
-    model = {"type": model_type, "context_length": context, "vocab_size": sig.vocab_size or int(config["vocab_size"]),
-             "bos_token_id": tokens.bos, "eos_token_id": tokens.eos, "pad_token_id": tokens.pad, "decoder": decoder}
+    model = {
+        "type": model_type,
+        "context_length": context,
+        "vocab_size": sig.vocab_size or int(config["vocab_size"]),
+        "bos_token_id": tokens.bos,
+        "eos_token_id": tokens.eos,
+        "pad_token_id": tokens.pad,
+        "decoder": decoder,
+    }
     return {"model": model, "search": search}
 
 

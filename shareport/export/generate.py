@@ -71,8 +71,10 @@ def _graph(folder: Path) -> tuple[Signature, dict, dict]:
     info = graph_file.read_info(proto, folder)
     sig = Signature.from_dict(info["signature"])
     if not (sig.decoder and sig.with_past):
-        raise ShareportError(f"{folder}: generate needs a decoder exported with --with-past "
-                             "(a graph without past recomputes the whole sequence and genai runs it wrong)")
+        raise ShareportError(
+            f"{folder}: generate needs a decoder exported with --with-past "
+            "(a graph without past recomputes the whole sequence and genai runs it wrong)"
+        )
     return sig, info, graph_file.graph_slots(proto)
 
 
@@ -108,15 +110,20 @@ def _eos_ids(folder: Path) -> set[int]:
     return {i for i in ids if isinstance(i, int)}
 
 
-def ort_greedy(sess, sig: Signature, ids: list[int], max_new_tokens: int, past_dtype, lora=None,
-               eos: set[int] = frozenset()) -> list[int]:
+def ort_greedy(
+    sess, sig: Signature, ids: list[int], max_new_tokens: int, past_dtype, lora=None, eos: set[int] = frozenset()
+) -> list[int]:
     """Greedy decoding of one sequence with a with-past graph: prefill, then one token per step."""
     past = {n: np.zeros((1, sig.kv_heads, 0, sig.head_dim), past_dtype) for n in sig.past_names}
     step, length, out = np.asarray([ids], np.int64), 0, []
     for _ in range(max_new_tokens):
         n = step.shape[1]
-        feeds = {"input_ids": step, "attention_mask": np.ones((1, length + n), np.int64),
-                 "position_ids": np.arange(length, length + n, dtype=np.int64)[None], **past}
+        feeds = {
+            "input_ids": step,
+            "attention_mask": np.ones((1, length + n), np.int64),
+            "position_ids": np.arange(length, length + n, dtype=np.int64)[None],
+            **past,
+        }
         outputs = runtime.run(sess, feeds, lora)
         token = int(outputs[0][0, -1].argmax())
         out.append(token)
@@ -164,14 +171,15 @@ def _run_genai(folder: Path, plan, ids: list[int], max_new_tokens: int) -> list[
             generator.append_tokens(np.asarray([ids], np.int32))
             while not generator.is_done():
                 generator.generate_next_token()
-            tokens = [int(t) for t in generator.get_sequence(0)][len(ids):]
+            tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :]
             del generator
             runs.append(Run(path, tokens, note=note))
     return runs
 
 
-def generate_ids(folder, ids: list[int], adapters=(), max_new_tokens: int = 32, engine: str = "auto",
-                 no_adapter: bool = False) -> tuple[str, list[Run]]:
+def generate_ids(
+    folder, ids: list[int], adapters=(), max_new_tokens: int = 32, engine: str = "auto", no_adapter: bool = False
+) -> tuple[str, list[Run]]:
     """Greedy continuation of ``ids`` once per adapter; returns (engine used, runs)."""
     folder = Path(folder)
     sig, info, slots = _graph(folder)
@@ -197,8 +205,9 @@ def load_tokenizer(folder: Path):
         raise ShareportError(f"{folder}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]})") from None
 
 
-def generate(folder, prompt: str, adapters=(), max_new_tokens: int = 32, engine: str = "auto",
-             no_adapter: bool = False) -> dict:
+def generate(
+    folder, prompt: str, adapters=(), max_new_tokens: int = 32, engine: str = "auto", no_adapter: bool = False
+) -> dict:
     """Greedy text for ``prompt``, once per adapter; the report ``shareport generate`` prints."""
     folder = Path(folder)
     _graph(folder)  # a wrong folder fails before the tokenizer is loaded
@@ -207,5 +216,10 @@ def generate(folder, prompt: str, adapters=(), max_new_tokens: int = 32, engine:
     used, runs = generate_ids(folder, ids, adapters, max_new_tokens, engine, no_adapter)
     for run in runs:
         run.text = tokenizer.decode(run.tokens, skip_special_tokens=True)
-    return {"graph": str(folder), "engine": used, "prompt": prompt, "prompt_ids": list(ids),
-            "runs": [dataclasses.asdict(r) for r in runs]}
+    return {
+        "graph": str(folder),
+        "engine": used,
+        "prompt": prompt,
+        "prompt_ids": list(ids),
+        "runs": [dataclasses.asdict(r) for r in runs],
+    }

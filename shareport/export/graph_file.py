@@ -24,9 +24,20 @@ INFO_KEY = "shareport.export"
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # files a runtime needs next to the graph (config and tokenizer), copied when BASE_DIR has them
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -144,8 +155,11 @@ def copy_side_files(base_dir: str | Path, folder: Path, use_cache: bool | None =
         if "tokenizer_config.json" in copied:
             _edit_json(folder / "tokenizer_config.json", {"model_input_names": list(DECODER_TEXT_INPUTS)})
     if "tokenizer_config.json" in copied and "tokenizer.json" in copied:
-        _edit_json(folder / "tokenizer_config.json", {"tokenizer_class": PORTABLE_TOKENIZER},
-                   only_if=("tokenizer_class", NEW_TOKENIZER))
+        _edit_json(
+            folder / "tokenizer_config.json",
+            {"tokenizer_class": PORTABLE_TOKENIZER},
+            only_if=("tokenizer_class", NEW_TOKENIZER),
+        )
     return copied
 
 

@@ -103,8 +103,11 @@ def match_names(arrays: dict[str, np.ndarray], slots: dict[str, tuple], what: st
             mapped += 1
         else:
             renamed[name] = array
-    note = (f"{what}: mapped {mapped} tensor names between Olive's '<name>{OLIVE_SUFFIX}' and the graph's names"
-            if mapped else "")
+    note = (
+        f"{what}: mapped {mapped} tensor names between Olive's '<name>{OLIVE_SUFFIX}' and the graph's names"
+        if mapped
+        else ""
+    )
     return renamed, note
 
 
@@ -112,13 +115,15 @@ def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, t
     """Raise a one-line ShareportError unless ``arrays`` can be swapped into a graph with ``slots``."""
     if not slots:
         raise ShareportError("the graph has no adapter inputs (it was exported with --mode folded)")
-    graph_quantized = any(n.startswith(SCALE_PREFIX) and n[len(SCALE_PREFIX):] in slots for n in slots)
+    graph_quantized = any(n.startswith(SCALE_PREFIX) and n[len(SCALE_PREFIX) :] in slots for n in slots)
     if graph_quantized != any(n.startswith(SCALE_PREFIX) for n in arrays):
         raise ShareportError(
             f"{what} holds float tensors; this graph takes a quantized adapter (integers and float16 scales): "
-            "write it from a quantized adapter folder (convert --quantize)" if graph_quantized else
-            f"{what} holds a quantized adapter (integers and scales); this graph takes float tensors: export a graph "
-            "from the quantized adapter, or write the file from a float one")
+            "write it from a quantized adapter folder (convert --quantize)"
+            if graph_quantized
+            else f"{what} holds a quantized adapter (integers and scales); this graph takes float tensors: export a graph "
+            "from the quantized adapter, or write the file from a float one"
+        )
     unknown, missing = set(arrays) - set(slots), set(slots) - set(arrays)
     if unknown:
         raise ShareportError(
@@ -144,8 +149,13 @@ def check_fits(arrays: dict[str, np.ndarray], slots: dict[str, tuple[np.dtype, t
                     )
 
 
-def adapter_arrays(adapter: Adapter, slots: dict[str, tuple[np.dtype, tuple]], what: str = "adapter",
-                   carried: list[str] = (), graph_info: dict | None = None) -> dict[str, np.ndarray]:
+def adapter_arrays(
+    adapter: Adapter,
+    slots: dict[str, tuple[np.dtype, tuple]],
+    what: str = "adapter",
+    carried: list[str] = (),
+    graph_info: dict | None = None,
+) -> dict[str, np.ndarray]:
     """The adapter in the graph's layout and dtype, checked to fit the graph's slots; ``carried``: the
     graph's carried inputs (``carried.graph_inputs``), filled from the adapter's own carried tensors.
     ``graph_info``: the graph's metadata, which says which slots take integers (``quantized``); a
@@ -159,11 +169,13 @@ def adapter_arrays(adapter: Adapter, slots: dict[str, tuple[np.dtype, tuple]], w
         kinds = sorted({f"int{r.bits} in groups of {r.group_size}" for r in held.values()})
         raise ShareportError(
             f"{what} is quantized ({', '.join(kinds)}); this graph takes float adapter tensors: export a graph from "
-            "the quantized adapter (adapter mode keeps it quantized), or use a float adapter")
+            "the quantized adapter (adapter mode keeps it quantized), or use a float adapter"
+        )
     arrays, _ = match_names({n: t.numpy() for n, t in graph_tensors(adapter, torch_dtype).items()}, slots)
     if qslots:  # the integers and scales in place of the float values of the same names
-        arrays.update(quantized.adapter_values(adapter, qslots, lambda n: n if n in slots else _other_name(n),
-                                               what=what))
+        arrays.update(
+            quantized.adapter_values(adapter, qslots, lambda n: n if n in slots else _other_name(n), what=what)
+        )
     if carried:  # already the graph's names: Olive's suffix is for LoRA factors only
         arrays.update(carried_arrays(adapter, list(carried), torch_dtype, what))
     check_fits(arrays, slots, what)

@@ -114,10 +114,13 @@ def plan(adapter: Adapter, slots: dict[str, Slot], name=lambda n: n) -> dict[str
     for pool, record in sorted(quantized.items()):
         slot = slots[pool]
         if record.axis != GRAPH_AXIS[slot.role]:
-            raise ShareportError(f"quantized tensor '{pool}' is grouped along its rank (axis {record.axis}); an "
-                                 "adapter-mode graph dequantizes factors grouped along the model dimension")
-        out[name(pool)] = QuantizedSlot(name(pool), slot.role, record.bits, record.group_size, slot.size,
-                                        slot.rank_dim, scaled=slot.role == carrier)
+            raise ShareportError(
+                f"quantized tensor '{pool}' is grouped along its rank (axis {record.axis}); an "
+                "adapter-mode graph dequantizes factors grouped along the model dimension"
+            )
+        out[name(pool)] = QuantizedSlot(
+            name(pool), slot.role, record.bits, record.group_size, slot.size, slot.rank_dim, scaled=slot.role == carrier
+        )
     return out
 
 
@@ -126,8 +129,10 @@ def graph_opset(requested: int | None, qslots: dict) -> int | None:
     if not qslots:
         return requested
     if requested is not None and requested < MIN_OPSET:
-        raise ShareportError(f"--opset {requested} cannot hold a quantized adapter: the graph dequantizes it with "
-                             f"blocked DequantizeLinear, which needs opset {MIN_OPSET} or later")
+        raise ShareportError(
+            f"--opset {requested} cannot hold a quantized adapter: the graph dequantizes it with "
+            f"blocked DequantizeLinear, which needs opset {MIN_OPSET} or later"
+        )
     return MIN_OPSET if requested is None else requested
 
 
@@ -135,8 +140,12 @@ def info(qslots: dict[str, QuantizedSlot]) -> dict:
     """What the graph's metadata records of its quantized inputs (export-adapter checks adapters against it)."""
     if not qslots:
         return {}
-    return {INFO_KEY: {n: {"bits": q.bits, "group_size": q.group_size, "role": q.role, "size": q.size}
-                       for n, q in sorted(qslots.items())}}
+    return {
+        INFO_KEY: {
+            n: {"bits": q.bits, "group_size": q.group_size, "role": q.role, "size": q.size}
+            for n, q in sorted(qslots.items())
+        }
+    }
 
 
 def pack_rows(values: torch.Tensor) -> torch.Tensor:
@@ -160,8 +169,9 @@ def slot_arrays(qslot: QuantizedSlot, record: QuantizedTensor, scale: float) -> 
     return out
 
 
-def adapter_values(adapter: Adapter, qslots: dict[str, QuantizedSlot], name=lambda n: n, *,
-                   what: str = "adapter") -> dict[str, np.ndarray]:
+def adapter_values(
+    adapter: Adapter, qslots: dict[str, QuantizedSlot], name=lambda n: n, *, what: str = "adapter"
+) -> dict[str, np.ndarray]:
     """Every quantized slot's arrays for ``adapter`` (``name``: pool name -> graph name). Refuses, in one
     line, an adapter whose tensors are not quantized as the graph takes them."""
     held = {name(pool): (pool, record) for pool, record in records(adapter).items()}
@@ -173,12 +183,14 @@ def adapter_values(adapter: Adapter, qslots: dict[str, QuantizedSlot], name=lamb
         if graph_name not in held:
             raise ShareportError(
                 f"{what} tensor '{graph_name}' is float; this graph takes it quantized (int{qslot.bits} in groups of "
-                f"{qslot.group_size}): convert the adapter with --quantize int{qslot.bits} --group-size {qslot.group_size}")
+                f"{qslot.group_size}): convert the adapter with --quantize int{qslot.bits} --group-size {qslot.group_size}"
+            )
         pool, record = held[graph_name]
         if (record.bits, record.group_size) != (qslot.bits, qslot.group_size):
             raise ShareportError(
                 f"{what} tensor '{graph_name}' is int{record.bits} in groups of {record.group_size}; this graph takes "
-                f"int{qslot.bits} in groups of {qslot.group_size}")
+                f"int{qslot.bits} in groups of {qslot.group_size}"
+            )
         out.update(slot_arrays(qslot, record, scale_of[graph_name]))
     return out
 
@@ -193,13 +205,20 @@ def slots_from_info(graph_info: dict, slots: dict[str, tuple[np.dtype, tuple]]) 
     out = {}
     for graph_name, entry in sorted((graph_info.get(INFO_KEY) or {}).items()):
         rank_dim = slots[graph_name][1][0]
-        out[graph_name] = QuantizedSlot(graph_name, entry["role"], entry["bits"], entry["group_size"], entry["size"],
-                                        rank_dim, scaled=SCALING_PREFIX + graph_name in slots)
+        out[graph_name] = QuantizedSlot(
+            graph_name,
+            entry["role"],
+            entry["bits"],
+            entry["group_size"],
+            entry["size"],
+            rank_dim,
+            scaled=SCALING_PREFIX + graph_name in slots,
+        )
     return out
 
 
 def describe(qslots: dict[str, QuantizedSlot]) -> str:
-    """"int4 in groups of 64" (or the set of schemes a mixed graph takes)."""
+    """ "int4 in groups of 64" (or the set of schemes a mixed graph takes)."""
     kinds = sorted({(q.bits, q.group_size) for q in qslots.values()})
     return ", ".join(f"int{b} in groups of {g}" for b, g in kinds)
 
@@ -214,15 +233,17 @@ def dequantize_inputs(ir_model, qslots: dict[str, QuantizedSlot], dtype: torch.d
 
     graph = ir_model.graph
     if ir_model.opset_imports.get("", 0) < MIN_OPSET:
-        raise ShareportError(f"internal: a quantized graph needs opset {MIN_OPSET}, the exporter gave "
-                             f"{ir_model.opset_imports.get('')}")
+        raise ShareportError(
+            f"internal: a quantized graph needs opset {MIN_OPSET}, the exporter gave {ir_model.opset_imports.get('')}"
+        )
     first = graph.node(0)
     for graph_name, qslot in sorted(qslots.items()):
         old = next(v for v in graph.inputs if v.name == graph_name)
         old.name = f"{graph_name}/float"  # frees the name for the integers' input
-        new_inputs = {n: ir.Value(name=n, shape=ir.Shape(list(shape)),
-                                  type=ir.TensorType(ir.DataType.from_numpy(dtype_)))
-                      for n, (dtype_, shape) in qslot.inputs().items()}
+        new_inputs = {
+            n: ir.Value(name=n, shape=ir.Shape(list(shape)), type=ir.TensorType(ir.DataType.from_numpy(dtype_)))
+            for n, (dtype_, shape) in qslot.inputs().items()
+        }
         nodes, value = dequantize_nodes(qslot, new_inputs, float16=dtype == torch.float16)
         graph.insert_before(first, nodes)
         old.replace_all_uses_with(value)
@@ -240,8 +261,14 @@ def dequantize_nodes(qslot: QuantizedSlot, inputs: dict, float16: bool = False):
     tag = qslot.name
 
     def op(op_type: str, args, attrs=None, out: str = ""):
-        node = ir.Node("", op_type, args, attributes=[_attr(ir, k, v) for k, v in (attrs or {}).items()],
-                       num_outputs=1, name=f"{tag}/{out or op_type}")
+        node = ir.Node(
+            "",
+            op_type,
+            args,
+            attributes=[_attr(ir, k, v) for k, v in (attrs or {}).items()],
+            num_outputs=1,
+            name=f"{tag}/{out or op_type}",
+        )
         node.outputs[0].name = f"{tag}/{out or op_type}"
         nodes.append(node)
         return node.outputs[0]
@@ -256,20 +283,38 @@ def dequantize_nodes(qslot: QuantizedSlot, inputs: dict, float16: bool = False):
         low = op("BitwiseAnd", [offset, const(np.array(0x0F, np.uint8), "x0f")], out="low")
         high = op("BitShift", [offset, const(np.array(4, np.uint8), "four")], {"direction": "RIGHT"}, out="high")
         last = const(np.array([-1], np.int64), "last_axis")
-        pairs = op("Concat", [op("Unsqueeze", [low, last], out="low_1"), op("Unsqueeze", [high, last], out="high_1")],
-                   {"axis": -1}, out="pairs")  # (r, ceil(D/2), 2): element 2i, then 2i + 1
+        pairs = op(
+            "Concat",
+            [op("Unsqueeze", [low, last], out="low_1"), op("Unsqueeze", [high, last], out="high_1")],
+            {"axis": -1},
+            out="pairs",
+        )  # (r, ceil(D/2), 2): element 2i, then 2i + 1
         # [-1, 2w] rather than [0, -1]: a zero-rank (empty) input must reshape too
         ints = op("Reshape", [pairs, const(np.array([-1, 2 * qslot.width], np.int64), "row_shape")], out="nibbles")
         if qslot.size % 2:  # drop the padding nibble of each row
-            ints = op("Slice", [ints, const(np.array([0], np.int64), "zero"),
-                                const(np.array([qslot.size], np.int64), "size"), const(np.array([1], np.int64), "one")],
-                      out="unpadded")
-        zero_point = op("Expand", [const(np.array(8, np.uint8), "eight"), op("Shape", [scales], out="scale_shape")],
-                        out="zero_point")
+            ints = op(
+                "Slice",
+                [
+                    ints,
+                    const(np.array([0], np.int64), "zero"),
+                    const(np.array([qslot.size], np.int64), "size"),
+                    const(np.array([1], np.int64), "one"),
+                ],
+                out="unpadded",
+            )
+        zero_point = op(
+            "Expand",
+            [const(np.array(8, np.uint8), "eight"), op("Shape", [scales], out="scale_shape")],
+            out="zero_point",
+        )
     scales32 = op("Cast", [scales], {"to": ir.DataType.FLOAT}, out="scales_f32")
     # (r, D) float32, exact: q * scale holds 8 + 11 significant bits
-    value = op("DequantizeLinear", [ints, scales32] + ([zero_point] if zero_point is not None else []),
-               {"axis": 1, "block_size": qslot.group_size}, out="dequantized")
+    value = op(
+        "DequantizeLinear",
+        [ints, scales32] + ([zero_point] if zero_point is not None else []),
+        {"axis": 1, "block_size": qslot.group_size},
+        out="dequantized",
+    )
     if qslot.scaled:
         value = op("Mul", [value, inputs[qslot.scaling_name]], out="scaled")
     if qslot.role == "A":  # (r, n_in) -> A_g = A^T (n_in, r)
@@ -297,6 +342,8 @@ def verify_notes(adapter: Adapter) -> list[str]:
     if not held:
         return []
     kinds = ", ".join(sorted({f"int{r.bits} in groups of {r.group_size}" for r in held.values()}))
-    return [f"the adapter is quantized ({kinds}): PyTorch runs its dequantized factors, the values its integers "
-            "give; the float adapter it was quantized from is not kept, so the quantization error is not measured "
-            "here (convert reports it: quantization.relative_error)"]
+    return [
+        f"the adapter is quantized ({kinds}): PyTorch runs its dequantized factors, the values its integers "
+        "give; the float adapter it was quantized from is not kept, so the quantization error is not measured "
+        "here (convert reports it: quantization.relative_error)"
+    ]

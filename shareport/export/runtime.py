@@ -46,7 +46,9 @@ def _selection() -> tuple[tuple[str, ...], str]:
         said = next((line for line in captured.getvalue().splitlines() if line.strip()), "")
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     vi = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph([node], "probe", [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [node], "probe", [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])]
+    )
     probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     probe.ir_version = min(probe.ir_version, PROBE_IR_VERSION)
     options = ort.SessionOptions()

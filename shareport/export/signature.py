@@ -19,6 +19,7 @@ import torch
 from ..errors import ShareportError
 from ..model.base import is_causal_lm
 
+
 @dataclasses.dataclass(frozen=True)
 class Signature:
     decoder: bool
@@ -69,8 +70,14 @@ def signature_for(model, with_past: bool) -> Signature:
         return Signature(False, False, inputs, "logits" if has_head else "last_hidden_state")
     layers, kv_heads, head_dim = _cache_layout(model) if with_past else (0, 0, 0)
     return Signature(
-        True, with_past, ("input_ids", "attention_mask", "position_ids"), "logits",
-        layers, kv_heads, head_dim, int(config.vocab_size),
+        True,
+        with_past,
+        ("input_ids", "attention_mask", "position_ids"),
+        "logits",
+        layers,
+        kv_heads,
+        head_dim,
+        int(config.vocab_size),
     )
 
 
@@ -85,7 +92,13 @@ def _cache_layout(model) -> tuple[int, int, int]:
 
 
 def make_inputs(
-    sig: Signature, batch: int, seq: int, past: int = 0, dtype: torch.dtype = torch.float32, seed: int = 0, vocab: int = 0
+    sig: Signature,
+    batch: int,
+    seq: int,
+    past: int = 0,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    vocab: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Inputs of the given shape, in the graph's order: random tokens, full mask, random past."""
     gen = torch.Generator().manual_seed(seed)

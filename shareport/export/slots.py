@@ -19,9 +19,8 @@ import re
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, reference
 from ..errors import ShareportError
-from ..adapter import reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +82,10 @@ def slots_for(adapter: Adapter) -> dict[str, Slot]:
     """The graph's adapter inputs for ``adapter``, by name."""
     layout = fleet_layout(adapter)
     if layout is not None:
-        return {n: Slot(n, "core" if n in layout.cores else "B", int(t.shape[1]), None, tuple(t.shape))
-                for n, t in layout.member.items()}
+        return {
+            n: Slot(n, "core" if n in layout.cores else "B", int(t.shape[1]), None, tuple(t.shape))
+            for n, t in layout.member.items()
+        }
     roles, groups = _roles(adapter), _rank_groups(adapter)
     slots = {}
     for name in adapter.used_tensor_names():
@@ -95,7 +96,7 @@ def slots_for(adapter: Adapter) -> dict[str, Slot]:
 
 
 def scale_carrier(adapter: Adapter) -> str:
-    """"B" when every B's sites agree on the scale (the usual case), else "A" if every A's do."""
+    """ "B" when every B's sites agree on the scale (the usual case), else "A" if every A's do."""
     for role in ("B", "A"):
         scales: dict[str, set[float]] = {}
         for site in adapter.sites.values():
@@ -127,8 +128,10 @@ def graph_tensors(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[
 def empty_tensors(slots: dict[str, Slot], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Zero-rank values: x @ A_g @ B_g is then exactly zero, so the graph computes the base model
     (a fleet member's static slots: zeros of their shape, the same zero update)."""
-    return {name: torch.zeros(slot.fixed if slot.fixed is not None else slot.shape(0), dtype=dtype)
-            for name, slot in slots.items()}
+    return {
+        name: torch.zeros(slot.fixed if slot.fixed is not None else slot.shape(0), dtype=dtype)
+        for name, slot in slots.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,5 +183,7 @@ def check_fleet_member(info: dict, adapter: Adapter, where: str) -> None:
         return
     layout = fleet_layout(adapter)
     if layout is None or layout.sha256 != fleet["sha256"]:
-        raise ShareportError(f"{where}: not a member of the fleet this graph was exported for (its shared "
-                             f"basis is in the graph; shared file sha256 {fleet['sha256'][:12]}...)")
+        raise ShareportError(
+            f"{where}: not a member of the fleet this graph was exported for (its shared "
+            f"basis is in the graph; shared file sha256 {fleet['sha256'][:12]}...)"
+        )

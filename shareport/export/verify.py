@@ -27,16 +27,16 @@ from torch import nn
 
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
+from ..files.fleet import fleet_members
 from ..model import attach, load_base_model
 from . import graph_file, quantized, runtime
-from .choices import FP16_MULTIPLE, FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE
 from .carried import check_baked, graph_inputs, override_feeds, same_carried
-from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
-from .slots import check_fleet_member
-from ..files.fleet import fleet_members
-from .signature import Signature, make_inputs
-from .wrapper import call_model
+from .choices import FP16_MULTIPLE, FP16_RTOL, FP32_ATOL, REFERENCE_MULTIPLE
 from .comparison import Comparison, Report, VerifyMismatch, compare_outputs, limit_for  # noqa: F401 (verify's API)
+from .ort_adapter import adapter_arrays, check_fits, match_names, read_onnx_adapter
+from .signature import Signature, make_inputs
+from .slots import check_fleet_member
+from .wrapper import call_model
 
 # (batch, sequence, past) per case
 PLAIN_CASES = ((2, 5, 0), (3, 11, 0), (1, 1, 0))
@@ -47,8 +47,9 @@ def _feeds(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, np.
     return {n: (t.to(dtype) if t.is_floating_point() else t).numpy() for n, t in inputs.items()}
 
 
-def _torch_outputs(model, sig: Signature, inputs: dict[str, torch.Tensor], *,
-                   dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
+def _torch_outputs(
+    model, sig: Signature, inputs: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32
+) -> list[np.ndarray]:
     """The model's outputs as numpy in ``dtype``, floating inputs cast to it (the model must hold it)."""
     cast = {n: t.to(dtype) if t.is_floating_point() else t for n, t in inputs.items()}
     with torch.no_grad():
@@ -61,8 +62,13 @@ def _in_float64(model: nn.Module):
     its own dtype (exact: float64 holds every float32/16 value). Converted in place, so the weights
     take twice their float32 memory while inside, not three times; parameter objects (the attached
     adapter's, shared between sites) stay the same objects."""
-    kept = [(store, key, t.dtype) for module in model.modules() for store in (module._parameters, module._buffers)
-            for key, t in store.items() if t is not None and t.is_floating_point()]
+    kept = [
+        (store, key, t.dtype)
+        for module in model.modules()
+        for store in (module._parameters, module._buffers)
+        for key, t in store.items()
+        if t is not None and t.is_floating_point()
+    ]
     if any(t.device.type != "cpu" for t in model.parameters()):
         raise ShareportError("verify: the float64 reference runs on CPU; the model is elsewhere")
     try:
@@ -104,8 +110,16 @@ def _in_float16(model: nn.Module):
                 store[key] = t
 
 
-def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: float = FP16_RTOL, allow_pickle: bool = False,
-           *, multiple: float = REFERENCE_MULTIPLE) -> Report:
+def verify(
+    graph_dir,
+    base_dir,
+    adapter_dir,
+    atol: float = FP32_ATOL,
+    rtol: float = FP16_RTOL,
+    allow_pickle: bool = False,
+    *,
+    multiple: float = REFERENCE_MULTIPLE,
+) -> Report:
     """Compare the graph in ONNX Runtime with the model in PyTorch (see the module's docstring for the
     limits: fp32 against float64 PyTorch, within ``max(atol, multiple x float32 PyTorch's own error)``).
 
@@ -151,8 +165,11 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
         # them where the graph takes them and its defaults are another fleet member's
         carried = override_feeds(info, adapter, graph_dtype)
         if info.get("embedded_adapter"):
-            empty = {n: np.zeros([0 if isinstance(d, str) else d for d in shape], dtype)
-                     for n, (dtype, shape) in slots.items() if n not in graph_inputs(info)}
+            empty = {
+                n: np.zeros([0 if isinstance(d, str) else d for d in shape], dtype)
+                for n, (dtype, shape) in slots.items()
+                if n not in graph_inputs(info)
+            }
             checks += [("embedded default", {}, None, True), ("no adapter", {**empty, **carried}, None, False)]
         else:
             checks += [("no adapter", carried, None, False)]
@@ -163,8 +180,9 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
         names = [o.name for o in sess.get_outputs()]
         runs = []  # (check, case, inputs, enabled, ORT's outputs, PyTorch float32's)
         for batch, seq, past in PAST_CASES if sig.with_past else PLAIN_CASES:
-            inputs = make_inputs(sig, batch, seq, past, graph_dtype, seed=batch * 100 + seq,
-                                 vocab=int(model.config.vocab_size))
+            inputs = make_inputs(
+                sig, batch, seq, past, graph_dtype, seed=batch * 100 + seq, vocab=int(model.config.vocab_size)
+            )
             case = f"b{batch} s{seq}" + (f" p{past}" if sig.with_past else "")
             for check, extra, lora, enabled in checks:
                 handle.set_enabled(enabled)
@@ -184,29 +202,66 @@ def verify(graph_dir, base_dir, adapter_dir, atol: float = FP32_ATOL, rtol: floa
             for (check, case, inputs, enabled, got, _), own in zip(runs, owns):
                 handle.set_enabled(enabled)
                 exact = _torch_outputs(model, sig, inputs, dtype=torch.float64)
-                rows += compare_outputs(check, case, names, got, exact, info["dtype"], atol, rtol, own=own,
-                                        multiple=fp16_multiple if fp16 else multiple)
+                rows += compare_outputs(
+                    check,
+                    case,
+                    names,
+                    got,
+                    exact,
+                    info["dtype"],
+                    atol,
+                    rtol,
+                    own=own,
+                    multiple=fp16_multiple if fp16 else multiple,
+                )
         return rows
 
     rows = compare(checks, handle)
     if info["mode"] == "adapter" and info.get("fleet"):
         handle.detach()
-        rows += _fleet_rows(Path(graph_dir), adapter, model, compare, slots=slots,
-                            takes_carried=bool(graph_inputs(info)), notes=notes)
+        rows += _fleet_rows(
+            Path(graph_dir), adapter, model, compare, slots=slots, takes_carried=bool(graph_inputs(info)), notes=notes
+        )
     if fp16:
-        widened = [r.limit for r in rows if r.reference_error is not None and r.limit == fp16_multiple * r.reference_error]
+        widened = [
+            r.limit for r in rows if r.reference_error is not None and r.limit == fp16_multiple * r.reference_error
+        ]
         tolerance = f"rtol {rtol:g} of max(1, max|ref|)" + (
-            f" or {fp16_multiple:g} x float16 PyTorch's own error, up to {max(widened):.2g}" if widened else "")
-        return Report(str(graph_dir), info["mode"], info["dtype"], runtime.device_name(), tolerance, rows, notes,
-                      floor=rtol, multiple=fp16_multiple)
+            f" or {fp16_multiple:g} x float16 PyTorch's own error, up to {max(widened):.2g}" if widened else ""
+        )
+        return Report(
+            str(graph_dir),
+            info["mode"],
+            info["dtype"],
+            runtime.device_name(),
+            tolerance,
+            rows,
+            notes,
+            floor=rtol,
+            multiple=fp16_multiple,
+        )
     widest = max((r.limit for r in rows), default=atol)
-    tolerance = f"atol {atol:g}" if widest <= atol else (
-        f"atol {atol:g} or {multiple:g} x float32 PyTorch's own error, up to {widest:.2g}")
-    return Report(str(graph_dir), info["mode"], info["dtype"], runtime.device_name(), tolerance, rows, notes,
-                  floor=atol, multiple=multiple)
+    tolerance = (
+        f"atol {atol:g}"
+        if widest <= atol
+        else (f"atol {atol:g} or {multiple:g} x float32 PyTorch's own error, up to {widest:.2g}")
+    )
+    return Report(
+        str(graph_dir),
+        info["mode"],
+        info["dtype"],
+        runtime.device_name(),
+        tolerance,
+        rows,
+        notes,
+        floor=atol,
+        multiple=multiple,
+    )
 
 
-def _fleet_rows(graph_dir: Path, adapter, model, compare, *, slots: dict, takes_carried: bool, notes: list[str]) -> list:
+def _fleet_rows(
+    graph_dir: Path, adapter, model, compare, *, slots: dict, takes_carried: bool, notes: list[str]
+) -> list:
     """Every member of the exported member's fleet, swapped in through its ``<member>.onnx_adapter``
     (cores, and carried tensors such as its head where the graph takes them), against PyTorch with
     that member attached (its head included)."""
@@ -218,8 +273,10 @@ def _fleet_rows(graph_dir: Path, adapter, model, compare, *, slots: dict, takes_
             continue
         member = load_adapter(folder)
         if not takes_carried and not same_carried(member, adapter):  # checked all the same: it fails, as it should
-            notes.append(f"fleet member {name}: carries other modules_to_save (e.g. a head) than the verified adapter, "
-                         "and this graph bakes one in (an export from before fleet heads could swap): export it again")
+            notes.append(
+                f"fleet member {name}: carries other modules_to_save (e.g. a head) than the verified adapter, "
+                "and this graph bakes one in (an export from before fleet heads could swap): export it again"
+            )
         arrays = read_onnx_adapter(path)
         check_fits(arrays, slots, str(path))
         handle = attach(model, member)

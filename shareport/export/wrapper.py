@@ -24,8 +24,9 @@ from torch import nn
 from .signature import Signature
 
 
-def call_model(model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor],
-               overrides: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+def call_model(
+    model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor], overrides: dict[str, torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """Run ``model`` on graph-named inputs; return the graph's outputs in order. ``overrides``: parameter
     name -> tensor used in its place for this call."""
     kwargs = {name: inputs[name] for name in sig.model_inputs}
@@ -49,8 +50,15 @@ def call_model(model: nn.Module, sig: Signature, inputs: dict[str, torch.Tensor]
 class GraphModule(nn.Module):
     """``forward(*graph_inputs)`` -> graph outputs; adapter tensors (if any) come last."""
 
-    def __init__(self, model: nn.Module, sig: Signature, slot_names: list[str], current: dict,
-                 constants: dict[str, torch.Tensor] | None = None, carried: frozenset = frozenset()):
+    def __init__(
+        self,
+        model: nn.Module,
+        sig: Signature,
+        slot_names: list[str],
+        current: dict,
+        constants: dict[str, torch.Tensor] | None = None,
+        carried: frozenset = frozenset(),
+    ):
         super().__init__()
         self.model = model
         self.constant_names = {}  # tensor name -> buffer name (buffer names cannot hold dots)
@@ -64,7 +72,7 @@ class GraphModule(nn.Module):
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names, flat))
-        self._current.update({n: inputs[n] for n in self.input_names[len(self.sig.input_names):]})
+        self._current.update({n: inputs[n] for n in self.input_names[len(self.sig.input_names) :]})
         try:
             return tuple(call_model(self.model, self.sig, inputs, {n: inputs[n] for n in sorted(self.carried)}))
         finally:
@@ -73,8 +81,11 @@ class GraphModule(nn.Module):
 
 @contextlib.contextmanager
 def graph_module(
-    model: nn.Module, sig: Signature, wiring: dict[str, tuple[str, ...]] | None = None,
-    constants: dict[str, torch.Tensor] | None = None, carried=(),
+    model: nn.Module,
+    sig: Signature,
+    wiring: dict[str, tuple[str, ...]] | None = None,
+    constants: dict[str, torch.Tensor] | None = None,
+    carried=(),
 ) -> Iterator[GraphModule]:
     """A ``GraphModule`` over ``model``; ``wiring`` maps site path -> (A slot, B slot), or a longer
     chain of names, some of them ``constants`` (a fleet's shared basis, in the graph layout);
@@ -96,7 +107,9 @@ def graph_module(
 
         return add_update
 
-    handles = [model.get_submodule(path).register_forward_hook(hook_for(chain)) for path, chain in sorted(wiring.items())]
+    handles = [
+        model.get_submodule(path).register_forward_hook(hook_for(chain)) for path, chain in sorted(wiring.items())
+    ]
     try:
         yield module
     finally:

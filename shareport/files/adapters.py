@@ -17,9 +17,9 @@ from typing import Collection, Iterable, Protocol
 import torch
 
 from ..adapter import FLEET_KEY, Adapter, reference
-from .atomic import MARKER_NAME, MARKER_TEXT, atomic_dir
 from ..errors import ShareportError
 from . import native, peft
+from .atomic import MARKER_NAME, MARKER_TEXT, atomic_dir
 from .fleet import REPORT_NAME, SHARED_NAME, folder_members, foreign_entries
 from .folder import CONFIG_NAME, WEIGHTS_NAME, dump_json, file_sha256, read_config
 from .tensorfile import save_tensors
@@ -81,9 +81,15 @@ class FleetParts(Protocol):
     members: list[Adapter]
 
 
-def save_fleet(fleet: FleetParts, out: str | os.PathLike, overwrite: bool = False,
-               inputs: Iterable[str | os.PathLike] = (), reports: dict[str, dict] | None = None,
-               previous: Path | None = None, unchanged: Collection[str] = ()) -> Path:
+def save_fleet(
+    fleet: FleetParts,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    reports: dict[str, dict] | None = None,
+    previous: Path | None = None,
+    unchanged: Collection[str] = (),
+) -> Path:
     """Write a fleet folder in one atomic step: ``shared.safetensors`` once, one native member
     folder per adapter (its own tensors, ``../shared.safetensors`` and its sha256), ``reports``.
 

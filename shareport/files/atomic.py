@@ -24,7 +24,6 @@ from typing import Callable, Iterable, Iterator
 
 from ..errors import ShareportError
 
-
 MARKER_NAME = ".shareport"
 MARKER_TEXT = "This folder was written by shareport; 'shareport ... --overwrite' may replace it.\n"
 
@@ -52,8 +51,10 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str |
     if out.exists() and not out.is_dir():
         raise ShareportError(f"output '{out}' exists and is not a folder; choose another name")
     if out.exists() and not written_by_shareport(out):
-        raise ShareportError(f"output '{out}' is a folder shareport did not write (no {MARKER_NAME} file) and is "
-                             "not empty; --overwrite replaces only shareport's own outputs: choose another folder")
+        raise ShareportError(
+            f"output '{out}' is a folder shareport did not write (no {MARKER_NAME} file) and is "
+            "not empty; --overwrite replaces only shareport's own outputs: choose another folder"
+        )
     if out.exists() and not overwrite:
         raise ShareportError(f"output '{out}' already exists; pass --overwrite to replace it")
     _check_parent(out, resolved.parent)
@@ -95,7 +96,9 @@ def _parents(out, parent: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+def atomic_dir(
+    out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``out``, on any error it is removed."""
     target = check_output(out, overwrite, inputs)
     with _parents(out, target.parent):
@@ -118,8 +121,13 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
             raise
 
 
-def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
-                      what: str = "output", owned: Callable[[Path], bool] | None = None) -> Path:
+def check_output_file(
+    out: str | os.PathLike,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output",
+    owned: Callable[[Path], bool] | None = None,
+) -> Path:
     """:func:`check_output`'s rules for a single file (a figure, an ``.onnx_adapter``).
 
     ``owned(path)`` tells whether an existing file is one shareport wrote (only such a file is
@@ -130,8 +138,10 @@ def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
     if path.is_symlink():
         raise ShareportError(f"{what} '{path}' is a symbolic link; give a real path")
     if path.exists() and not (owned is not None and owned(path)):  # refused with --overwrite too: not suggested
-        raise ShareportError(f"{what} '{path}' is a file shareport did not write; --overwrite replaces only "
-                             "shareport's own outputs: choose another name")
+        raise ShareportError(
+            f"{what} '{path}' is a file shareport did not write; --overwrite replaces only "
+            "shareport's own outputs: choose another name"
+        )
     if path.exists() and not overwrite:
         raise ShareportError(f"{what} '{path}' already exists; pass --overwrite to replace it")
     for folder in inputs:
@@ -142,8 +152,13 @@ def check_output_file(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
 
 
 @contextlib.contextmanager
-def atomic_file(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
-                what: str = "output", owned: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def atomic_file(
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output",
+    owned: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it replaces ``out``, on any error it is removed."""
     path = check_output_file(out, overwrite, inputs, what, owned)
     with _parents(path, path.parent):
@@ -187,7 +202,7 @@ def remove_stale_temporaries(target: Path) -> None:
     """
     prefix = f".{target.name}.tmp-"
     for path in target.parent.glob(prefix + "*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
+        pid = path.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import FLEET_KEY, Adapter, compose, kind_key, reference
 from ..errors import ShareportError
-from ..adapter import FLEET_KEY, compose, kind_key, reference
 from .atomic import MARKER_NAME
 from .folder import CONFIG_NAME, file_sha256, read_config
 from .tensorfile import check_finite, load_tensors
@@ -42,8 +41,19 @@ from .tensorfile import check_finite, load_tensors
 SHARED_NAME = "shared.safetensors"
 REPORT_NAME = "fleet_report.json"
 
-__all__ = ["FLEET_KEY", "REPORT_NAME", "SHARED_NAME", "check_member_name", "fleet_members", "folder_members",
-           "foreign_entries", "join_shared", "member_names", "member_section", "split_named"]
+__all__ = [
+    "FLEET_KEY",
+    "REPORT_NAME",
+    "SHARED_NAME",
+    "check_member_name",
+    "fleet_members",
+    "folder_members",
+    "foreign_entries",
+    "join_shared",
+    "member_names",
+    "member_section",
+    "split_named",
+]
 
 # a member's folder name: portable on every file system, no hidden folder, no option look-alike
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -59,7 +69,8 @@ def _read_section(folder: Path, raw) -> dict:
     if not isinstance(shared, str) or not shared or not isinstance(digest, str):
         raise ShareportError(f"{cfg_path}: 'shareport.fleet' must name its shared file and its sha256")
     if not isinstance(products, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in products.values()):
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in products.values()
+    ):
         raise ShareportError(f"{cfg_path}: 'shareport.fleet.products' must map names to [U name, core name]")
     cluster = raw.get("cluster")
     if cluster is not None and (isinstance(cluster, bool) or not isinstance(cluster, int) or cluster < 1):
@@ -83,17 +94,19 @@ def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[s
     section = _read_section(folder, raw)
     path = (folder / section["shared"]).resolve()
     if not path.is_file():
-        raise ShareportError(f"{folder}: fleet member's shared file {section['shared']} is missing "
-                             f"(looked for {path})")
+        raise ShareportError(f"{folder}: fleet member's shared file {section['shared']} is missing (looked for {path})")
     if file_sha256(path) != section["sha256"]:
-        raise ShareportError(f"{folder}: fleet member's shared file {section['shared']} was changed "
-                             "(its sha256 differs from the one in adapter_config.json)")
+        raise ShareportError(
+            f"{folder}: fleet member's shared file {section['shared']} was changed "
+            "(its sha256 differs from the one in adapter_config.json)"
+        )
     shared = load_tensors(path)
     check_finite(path, shared)
     shared = cluster_tensors(shared, section["cluster"])
     if not shared:
-        raise ShareportError(f"{folder}: {section['shared']} holds no tensor of the member's cluster "
-                             f"{section['cluster']}")
+        raise ShareportError(
+            f"{folder}: {section['shared']} holds no tensor of the member's cluster {section['cluster']}"
+        )
     clash = sorted(set(shared) & set(own))
     if clash:
         raise ShareportError(f"{folder}: tensor '{clash[0]}' is both in the member and in {section['shared']}")
@@ -105,14 +118,20 @@ def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[s
                 raise ShareportError(f"{folder}: tensor '{name}' used to form '{b_name}' is missing")
         u, core = pool[u_name], pool[core_name]
         if u.dim() != 2 or core.dim() != 2 or u.shape[1] != core.shape[0]:
-            raise ShareportError(f"{folder}: '{u_name}' {tuple(u.shape)} and '{core_name}' {tuple(core.shape)} "
-                                 f"cannot form '{b_name}'")
+            raise ShareportError(
+                f"{folder}: '{u_name}' {tuple(u.shape)} and '{core_name}' {tuple(core.shape)} cannot form '{b_name}'"
+            )
         if b_name in pool:
             raise ShareportError(f"{folder}: '{b_name}' is stored and also formed from '{core_name}'")
         pool[b_name] = compose(u, core)
         through.update((u_name, core_name))
-    ref = {"shared": str(path), "sha256": section["sha256"], "form": section["form"], "names": sorted(shared),
-           "products": section["products"]}
+    ref = {
+        "shared": str(path),
+        "sha256": section["sha256"],
+        "form": section["form"],
+        "names": sorted(shared),
+        "products": section["products"],
+    }
     if section["cluster"] is not None:
         ref["cluster"] = section["cluster"]
     return pool, ref, through
@@ -137,10 +156,13 @@ def member_section(adapter: Adapter, folder: Path) -> tuple[dict, list[str]] | N
             return None  # B moved off U @ C (e.g. trained): store it whole
     if not set(ref["products"]) <= used:
         return None
-    own = sorted((used - set(ref["names"]) - set(ref["products"]))
-                 | {core for _, core in ref["products"].values()})
-    section = {"shared": os.path.relpath(ref["shared"], folder), "sha256": ref["sha256"], "form": ref["form"],
-               "products": ref["products"]}
+    own = sorted((used - set(ref["names"]) - set(ref["products"])) | {core for _, core in ref["products"].values()})
+    section = {
+        "shared": os.path.relpath(ref["shared"], folder),
+        "sha256": ref["sha256"],
+        "form": ref["form"],
+        "products": ref["products"],
+    }
     if ref.get("cluster") is not None:
         section["cluster"] = ref["cluster"]
     return section, own
@@ -160,9 +182,13 @@ def fleet_members(adapter: Adapter) -> dict[str, Path]:
             section = read_config(folder).get("shareport", {}).get(FLEET_KEY)
         except ShareportError:
             continue
-        if (isinstance(section, dict) and section.get("sha256") == ref["sha256"]
-                and section.get("cluster") == ref.get("cluster")
-                and isinstance(section.get("shared"), str) and (folder / section["shared"]).resolve() == shared):
+        if (
+            isinstance(section, dict)
+            and section.get("sha256") == ref["sha256"]
+            and section.get("cluster") == ref.get("cluster")
+            and isinstance(section.get("shared"), str)
+            and (folder / section["shared"]).resolve() == shared
+        ):
             members[folder.name] = folder
     return members
 
@@ -178,8 +204,11 @@ def folder_members(fleet_dir: Path) -> dict[str, Path]:
             section = read_config(folder).get("shareport", {}).get(FLEET_KEY)
         except (ShareportError, AttributeError):
             continue
-        if isinstance(section, dict) and isinstance(section.get("shared"), str) and \
-                (folder / section["shared"]).resolve() == shared:
+        if (
+            isinstance(section, dict)
+            and isinstance(section.get("shared"), str)
+            and (folder / section["shared"]).resolve() == shared
+        ):
             members[folder.name] = folder
     return members
 
@@ -204,8 +233,9 @@ def check_member_name(name: str, what: str) -> None:
     """Refuse, in one line naming ``what``, a member name that cannot be a fleet folder's member folder."""
     if not NAME_PATTERN.fullmatch(name) or name in (SHARED_NAME, REPORT_NAME, MARKER_NAME):
         reserved = " (a name the fleet folder uses itself)" if NAME_PATTERN.fullmatch(name) else ""
-        raise ShareportError(f"{what}: '{name}' is not a valid member name{reserved}; a name is a folder "
-                             f"name: {NAME_RULE}")
+        raise ShareportError(
+            f"{what}: '{name}' is not a valid member name{reserved}; a name is a folder name: {NAME_RULE}"
+        )
 
 
 def _suffix_names(paths: list[str]) -> list[str]:
@@ -217,11 +247,17 @@ def _suffix_names(paths: list[str]) -> list[str]:
     common = 0
     while common < min(len(p) for p in parts) - 1 and len({p[-1 - common] for p in parts}) == 1:
         common += 1
-    rest = [p[:len(p) - common] for p in parts]
+    rest = [p[: len(p) - common] for p in parts]
     names = []
     for i, mine in enumerate(rest):
-        depth = next((d for d in range(1, len(mine) + 1)
-                      if all(other[-d:] != mine[-d:] for j, other in enumerate(rest) if j != i)), len(mine))
+        depth = next(
+            (
+                d
+                for d in range(1, len(mine) + 1)
+                if all(other[-d:] != mine[-d:] for j, other in enumerate(rest) if j != i)
+            ),
+            len(mine),
+        )
         names.append(JOIN.join(mine[-depth:]))
     return names
 
@@ -242,8 +278,7 @@ def member_names(args: list[str]) -> list[tuple[str, str]]:
         if name is not None:
             check_member_name(name, arg)
             if not os.path.exists(path):
-                raise ShareportError(f"{arg}: {path} does not exist (NAME=PATH gives the member at PATH the "
-                                     "name NAME)")
+                raise ShareportError(f"{arg}: {path} does not exist (NAME=PATH gives the member at PATH the name NAME)")
     unnamed = [i for i, (name, _) in enumerate(split) if name is None]
     derived = dict(zip(unnamed, _suffix_names([split[i][1] for i in unnamed]))) if unnamed else {}
     out, seen = [], {}
@@ -252,10 +287,15 @@ def member_names(args: list[str]) -> list[tuple[str, str]]:
             name = derived[i]
             check_member_name(name, f"{path} (its name from its folders)")
         if name in seen:
-            how = "is given twice" if split[i][0] is not None and split[seen[name]][0] is not None else \
-                "would name two members"
-            raise ShareportError(f"{arg}: member name '{name}' {how} (also {args[seen[name]]}); member names "
-                                 "must differ: name the inputs with NAME=PATH")
+            how = (
+                "is given twice"
+                if split[i][0] is not None and split[seen[name]][0] is not None
+                else "would name two members"
+            )
+            raise ShareportError(
+                f"{arg}: member name '{name}' {how} (also {args[seen[name]]}); member names "
+                "must differ: name the inputs with NAME=PATH"
+            )
         seen[name] = i
         out.append((name, path))
     return out

@@ -35,9 +35,7 @@ def dump(adapter: Adapter, folder: Path | None = None) -> tuple[dict, dict]:
     written into ``folder`` stores only its own tensors and a relative reference to its shared file."""
     paths = sorted(adapter.sites)
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    sites = {
-        p: {"A": adapter.sites[p].a, "B": adapter.sites[p].b, "scale": adapter.sites[p].scale} for p in paths
-    }
+    sites = {p: {"A": adapter.sites[p].a, "B": adapter.sites[p].b, "scale": adapter.sites[p].scale} for p in paths}
     config = {
         "base_model_name_or_path": adapter.base_model,
         "task_type": adapter.task_type,
@@ -74,9 +72,12 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
     section = config["shareport"]
     version = section.get("format_version")
     if version not in (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION) or (version == QUANTIZED_FORMAT_VERSION) != (
-            "quantization" in section):
-        raise ShareportError(f"{cfg_path}: shareport format_version {version!r} is not supported (expected "
-                             f"{FORMAT_VERSION}, or {QUANTIZED_FORMAT_VERSION} with a 'quantization' section)")
+        "quantization" in section
+    ):
+        raise ShareportError(
+            f"{cfg_path}: shareport format_version {version!r} is not supported (expected "
+            f"{FORMAT_VERSION}, or {QUANTIZED_FORMAT_VERSION} with a 'quantization' section)"
+        )
     form = section.get("form")
     if form not in FORMS:
         raise ShareportError(f"{cfg_path}: unknown form {form!r} (expected one of {', '.join(FORMS)})")
@@ -87,7 +88,7 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
     weights_path = folder / WEIGHTS_NAME
     stored = load_tensors(weights_path)
     check_finite(weights_path, stored)
-    extras = {k[len(EXTRA_PREFIX):]: v for k, v in stored.items() if k.startswith(EXTRA_PREFIX)}
+    extras = {k[len(EXTRA_PREFIX) :]: v for k, v in stored.items() if k.startswith(EXTRA_PREFIX)}
     pool = {k: v for k, v in stored.items() if not k.startswith(EXTRA_PREFIX)}
     records = {}
     if "quantization" in section:

@@ -27,7 +27,6 @@ from ..errors import ShareportError
 from .folder import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_config
 from .tensorfile import StreamedTensors, check_finite, check_floating, load_pickled, load_tensors
 
-
 # Config fields that change what the adapter computes and that shareport cannot represent.
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora)",
@@ -60,7 +59,9 @@ def _check_items(path: Path, name: str, value, types: tuple) -> None:
     items = value.values() if isinstance(value, dict) else value
     for item in items:
         if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
-            raise ShareportError(f"{path}: field '{name}' holds {item!r}, expected {' or '.join(t.__name__ for t in types)}")
+            raise ShareportError(
+                f"{path}: field '{name}' holds {item!r}, expected {' or '.join(t.__name__ for t in types)}"
+            )
     if isinstance(value, dict):
         for key in value:
             try:
@@ -159,9 +160,7 @@ def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = Fa
             raise ShareportError(f"{weights_path}: module '{path}' has rank 0 (empty LoRA factors)")
         expected = pattern_value(rank_pattern, path, r)
         if rank != expected:
-            raise ShareportError(
-                f"{weights_path}: module '{path}' has rank {rank} but {CONFIG_NAME} says r={expected}"
-            )
+            raise ShareportError(f"{weights_path}: module '{path}' has rank {rank} but {CONFIG_NAME} says r={expected}")
         if layers is not None and kinds[path][1] not in layers:
             raise ShareportError(
                 f"{weights_path}: module '{path}' is in layer {kinds[path][1]}, outside layers_to_transform {layers}"
@@ -176,9 +175,7 @@ def load(folder: str | Path, config: dict | None = None, allow_pickle: bool = Fa
     if isinstance(target_modules, list):
         _check_items(cfg_path, "target_modules", target_modules, (str,))
     kept = {
-        k: config[k]
-        for k in ("target_modules", "modules_to_save", "bias", "revision")
-        if config.get(k) is not None
+        k: config[k] for k in ("target_modules", "modules_to_save", "bias", "revision") if config.get(k) is not None
     }
     if modules_to_save is not None:
         kept["modules_to_save"] = sorted(set(modules_to_save))
@@ -212,13 +209,15 @@ def _split_keys(weights_path: Path, state: dict) -> tuple[dict, dict]:
         match = _FACTOR_KEY.match(key)
         if match is None:
             if ".lora_" in key:
-                raise ShareportError(f"{weights_path}: unsupported LoRA tensor '{key}' (LoRA bias or an unknown variant)")
+                raise ShareportError(
+                    f"{weights_path}: unsupported LoRA tensor '{key}' (LoRA bias or an unknown variant)"
+                )
             extras[key] = state[key]
             continue
         path = match["path"]
         if not path.startswith(PEFT_PREFIX):
             raise ShareportError(f"{weights_path}: unknown key layout '{key}' (PEFT keys start with '{PEFT_PREFIX}')")
-        path = path[len(PEFT_PREFIX):]
+        path = path[len(PEFT_PREFIX) :]
         factors.setdefault(path, {})[match["which"]] = key
     if not factors:
         raise ShareportError(f"{weights_path}: no LoRA tensors found (expected keys like '<module>.lora_A.weight')")

@@ -23,14 +23,38 @@ from safetensors.torch import load_file, save_file
 from ..errors import ShareportError
 
 _ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 _TORCH_DTYPE = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
-    "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -75,9 +99,7 @@ def _check_entry(path: Path, name: str, entry, data_len: int) -> None:
     begin, end = offsets
     nbytes = math.prod(shape) * _ITEMSIZE[dtype]
     if not 0 <= begin <= end <= data_len or end - begin != nbytes:
-        raise ShareportError(
-            f"{path}: tensor '{name}' (shape {shape}) does not fit the file: truncated or corrupt"
-        )
+        raise ShareportError(f"{path}: tensor '{name}' (shape {shape}) does not fit the file: truncated or corrupt")
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -150,8 +172,9 @@ class StreamedTensors(Mapping):
         with open(self.path, "rb") as fh:
             mapped = mmap.mmap(fh.fileno(), start - aligned + end - begin, offset=aligned, access=mmap.ACCESS_COPY)
         # the tensor holds the map (through the buffer it was made from): dropping it unmaps
-        flat = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // _ITEMSIZE[entry["dtype"]],
-                                offset=start - aligned)
+        flat = torch.frombuffer(
+            mapped, dtype=dtype, count=(end - begin) // _ITEMSIZE[entry["dtype"]], offset=start - aligned
+        )
         return flat.view(shape)
 
     def __iter__(self):
@@ -257,5 +280,7 @@ def check_floating(path: str | os.PathLike, tensors, names) -> None:
     for name in sorted(names):
         dtype = tensors[name].dtype
         if not dtype.is_floating_point:
-            raise ShareportError(f"{path}: tensor '{name}' has dtype {str(dtype).removeprefix('torch.')}; "
-                                 "LoRA factors must be floating point (float32, float16 or bfloat16)")
+            raise ShareportError(
+                f"{path}: tensor '{name}' has dtype {str(dtype).removeprefix('torch.')}; "
+                "LoRA factors must be floating point (float32, float16 or bfloat16)"
+            )

@@ -28,6 +28,21 @@ from .fleets import fleet, fleet_add
 from .onnx import doctor, export, export_adapter, generate, verify
 from .training import default_recover_output, frontier, recover, train
 
-__all__ = ["ExportOptions", "TrainingOptions", "convert", "default_convert_output", "default_recover_output", "doctor",
-           "export", "export_adapter", "fleet", "fleet_add", "frontier", "generate", "inspect", "recover", "train",
-           "verify"]
+__all__ = [
+    "ExportOptions",
+    "TrainingOptions",
+    "convert",
+    "default_convert_output",
+    "default_recover_output",
+    "doctor",
+    "export",
+    "export_adapter",
+    "fleet",
+    "fleet_add",
+    "frontier",
+    "generate",
+    "inspect",
+    "recover",
+    "train",
+    "verify",
+]

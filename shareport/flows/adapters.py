@@ -1,7 +1,6 @@
 """``inspect`` and ``convert``: an adapter folder in, a summary or a converted adapter folder out
 (with calibration statistics drawn from data when asked). See ``shareport.flows``."""
 
-
 from __future__ import annotations
 
 import contextlib
@@ -41,14 +40,31 @@ def default_convert_output(lora_dir: str, to: str) -> str:
     return f"{str(lora_dir).rstrip('/')}-{to}"
 
 
-def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None = None, energy: float | None = None,
-            budget: float | None = None, groups: int | None = None, grouping: str = "any", overwrite: bool = False,
-            allow_pickle: bool = False, plot: str | None = None, progress: bool = True,
-            calibration: str | None = None, base: str | None = None,
-            calibration_samples: int | None = None, calibration_max_length: int | None = None,
-            calibration_ridge: float | None = None, quantize: str | None = None,
-            group_size: int | None = None, max_rank: int | None = None, uniform_rank: bool = False,
-            rank_buckets: str | tuple[int, ...] | None = None) -> dict:
+def convert(
+    lora_dir: str,
+    to: str,
+    out: str | None = None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    groups: int | None = None,
+    grouping: str = "any",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    plot: str | None = None,
+    progress: bool = True,
+    calibration: str | None = None,
+    base: str | None = None,
+    calibration_samples: int | None = None,
+    calibration_max_length: int | None = None,
+    calibration_ridge: float | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    max_rank: int | None = None,
+    uniform_rank: bool = False,
+    rank_buckets: str | tuple[int, ...] | None = None,
+) -> dict:
     """Convert a LoRA folder into ``to``; the output (and the figure, if asked) appear together or not at all.
 
     ``max_rank`` / ``uniform_rank`` / ``rank_buckets`` ("4,8,16" or ranks): a serving rule for the budget
@@ -72,13 +88,28 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     if isinstance(rank_buckets, str):
         rank_buckets = parse_buckets(rank_buckets)
     # the options alone (no calibration yet: that form check waits for the statistics)
-    ConvertOptions(to, rank=rank, energy=energy, budget=budget, groups=groups, grouping=grouping, max_rank=max_rank,
-                   uniform_rank=uniform_rank, rank_buckets=rank_buckets)
+    ConvertOptions(
+        to,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        groups=groups,
+        grouping=grouping,
+        max_rank=max_rank,
+        uniform_rank=uniform_rank,
+        rank_buckets=rank_buckets,
+    )
     if (calibration is None) != (base is None):
-        raise ShareportError("--calibration needs --base (the model to run the data through)" if base is None
-                             else "--base is only used with --calibration DATA")
-    settings = {"--calibration-samples": calibration_samples, "--calibration-max-length": calibration_max_length,
-                "--calibration-ridge": calibration_ridge}
+        raise ShareportError(
+            "--calibration needs --base (the model to run the data through)"
+            if base is None
+            else "--base is only used with --calibration DATA"
+        )
+    settings = {
+        "--calibration-samples": calibration_samples,
+        "--calibration-max-length": calibration_max_length,
+        "--calibration-ridge": calibration_ridge,
+    }
     unused = [flag for flag, value in settings.items() if value is not None]
     if calibration is None and unused:
         raise ShareportError(f"{unused[0]} is only used with --calibration DATA")
@@ -91,18 +122,34 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     stats, seconds, measure = None, None, None
     if calibration is not None:
         stats, seconds, model, sampled = _calibration_statistics(
-            adapter, calibration, base, CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
+            adapter,
+            calibration,
+            base,
+            CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             CALIBRATION_MAX_LENGTH if calibration_max_length is None else calibration_max_length,
-            DEFAULT_RIDGE if calibration_ridge is None else calibration_ridge)
+            DEFAULT_RIDGE if calibration_ridge is None else calibration_ridge,
+        )
         if to == AUTO:  # rank the candidates by what the model outputs on the calibration examples
             from ..train.evaluation import output_kl_measure
 
             measure = output_kl_measure(model, adapter, sampled)
     with _kind_progress(conversion_steps(adapter, to), progress) as tick:
-        result, report = convert_adapter(adapter, to, rank=rank, energy=energy, budget=budget, groups=groups,
-                                         grouping=grouping, progress=tick, source_digest=weights_sha256(lora_dir),
-                                         calibration=stats, error_measure=measure, max_rank=max_rank,
-                                         uniform_rank=uniform_rank, rank_buckets=rank_buckets)
+        result, report = convert_adapter(
+            adapter,
+            to,
+            rank=rank,
+            energy=energy,
+            budget=budget,
+            groups=groups,
+            grouping=grouping,
+            progress=tick,
+            source_digest=weights_sha256(lora_dir),
+            calibration=stats,
+            error_measure=measure,
+            max_rank=max_rank,
+            uniform_rank=uniform_rank,
+            rank_buckets=rank_buckets,
+        )
     data = {"output": out, **report.to_dict()}
     if quantize is not None:
         result, data["quantization"] = quantize_adapter(result, quantize, group_size)
@@ -115,8 +162,13 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
             plot_adapter(adapter, plot, grouped=result, ranks={k.kind: k.rank for k in report.kinds})
         data["plot"] = plot
     try:
-        save_adapter(result, out, as_peft=result.form in PER_SITE_FORMS and not result.quantized, overwrite=overwrite,
-                     inputs=inputs)
+        save_adapter(
+            result,
+            out,
+            as_peft=result.form in PER_SITE_FORMS and not result.quantized,
+            overwrite=overwrite,
+            inputs=inputs,
+        )
     except BaseException:
         if plot:
             Path(plot).unlink(missing_ok=True)  # all outputs or none
@@ -124,8 +176,7 @@ def convert(lora_dir: str, to: str, out: str | None = None, *, rank: int | None 
     return data
 
 
-def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int, max_length: int,
-                            ridge: float):
+def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int, max_length: int, ridge: float):
     """Every site's input statistics on the calibration data, with the LoRA attached (model/calibration.py).
     Returns (the statistics, seconds, the base model (bare again), the examples drawn)."""
     import time
@@ -150,24 +201,37 @@ def _calibration_statistics(adapter, data_path: str, base_dir: str, samples: int
     bases = kind_bases(adapter)
     for kind, (_, q) in bases.items():
         if tokens < q.shape[1]:
-            more = ("raise --calibration-samples" if len(sequences) < len(data)
-                    else "give more data, or raise --calibration-max-length")
-            raise ShareportError(f"{data_path}: {tokens} calibration tokens in {len(sequences)} of the file's "
-                                 f"{len(data)} example(s), fewer than the {q.shape[1]} dimensions of {kind}'s "
-                                 f"statistics; {more}")
+            more = (
+                "raise --calibration-samples"
+                if len(sequences) < len(data)
+                else "give more data, or raise --calibration-max-length"
+            )
+            raise ShareportError(
+                f"{data_path}: {tokens} calibration tokens in {len(sequences)} of the file's "
+                f"{len(data)} example(s), fewer than the {q.shape[1]} dimensions of {kind}'s "
+                f"statistics; {more}"
+            )
     model = load_base_model(base_dir, adapter.task_type, carried=adapter.extra_tensors)
     started = time.perf_counter()
     try:
         with torch.no_grad():
-            stats = collect_statistics(model, adapter, sequences, pad_token_id(model.config), where=str(base_dir),
-                                       bases=bases)
+            stats = collect_statistics(
+                model, adapter, sequences, pad_token_id(model.config), where=str(base_dir), bases=bases
+            )
     except ShareportError as exc:
         message = str(exc)
         raise ShareportError(message if message.startswith(str(base_dir)) else f"{base_dir}: {message}") from None
     seconds = time.perf_counter() - started
-    info = {"data": str(data_path), "base": str(base_dir), "samples": len(sequences), "examples": len(data),
-            "sample_seed": SAMPLE_SEED, "tokens": tokens, "max_length": max_length,
-            "statistics_bytes": stats.nbytes()}
+    info = {
+        "data": str(data_path),
+        "base": str(base_dir),
+        "samples": len(sequences),
+        "examples": len(data),
+        "sample_seed": SAMPLE_SEED,
+        "tokens": tokens,
+        "max_length": max_length,
+        "statistics_bytes": stats.nbytes(),
+    }
     return Calibration(stats.statistics, ridge, info), seconds, model, sampled
 
 
@@ -176,8 +240,10 @@ def _kind_progress(steps: int, enabled: bool):
     """One bar over the kinds being converted (stderr; off when not a terminal)."""
     from tqdm import tqdm
 
-    with tqdm(total=steps, desc="converting", unit="kind", file=sys.stderr,
-              disable=None if enabled else True, leave=False) as bar:
+    with tqdm(
+        total=steps, desc="converting", unit="kind", file=sys.stderr, disable=None if enabled else True, leave=False
+    ) as bar:
+
         def tick(name: str) -> None:
             bar.set_postfix_str(name)
             bar.update(1)

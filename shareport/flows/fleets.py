@@ -1,7 +1,6 @@
 """``fleet`` and ``fleet_add``: N LoRAs of one base into a fleet folder, and one more member into it.
 See ``shareport.flows``."""
 
-
 from __future__ import annotations
 
 import os
@@ -25,10 +24,19 @@ from ..forms import (
 )
 
 
-def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int | None = None,
-          budget: float | None = None, overwrite: bool = False, allow_pickle: bool = False,
-          calibration: list[str] | tuple | str = (), base: str | None = None,
-          clusters: int | str = DEFAULT_FLEET_CLUSTERS) -> dict:
+def fleet(
+    lora_dirs: list[str],
+    out: str,
+    *,
+    form: str | None = None,
+    rank: int | None = None,
+    budget: float | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    calibration: list[str] | tuple | str = (),
+    base: str | None = None,
+    clusters: int | str = DEFAULT_FLEET_CLUSTERS,
+) -> dict:
     """Compress N LoRAs of one base into a fleet folder: ``shared.safetensors`` once, one member folder each.
 
     ``lora_dirs``: folders, or ``NAME=PATH`` to name a member; the others take their shortest
@@ -75,15 +83,27 @@ def fleet(lora_dirs: list[str], out: str, *, form: str | None = None, rank: int 
     shared_bytes = (Path(out) / SHARED_NAME).stat().st_size
     for member, size, source in zip(report["members"], member_bytes, lora_bytes):
         member.update(bytes=size, lora_bytes=source)
-    data = {"output": str(out), **report, "shared_bytes": shared_bytes, "bytes": shared_bytes + sum(member_bytes),
-            "lora_bytes": sum(lora_bytes)}
+    data = {
+        "output": str(out),
+        **report,
+        "shared_bytes": shared_bytes,
+        "bytes": shared_bytes + sum(member_bytes),
+        "lora_bytes": sum(lora_bytes),
+    }
     if stats is not None:  # not in the written report: the same input must give the same bytes
         data["calibration"] = {**data["calibration"], "seconds": seconds}
     return data
 
 
-def fleet_add(fleet_dir: str, lora_dir: str, *, out: str | None = None, max_error: float | None = None,
-              overwrite: bool = False, allow_pickle: bool = False) -> dict:
+def fleet_add(
+    fleet_dir: str,
+    lora_dir: str,
+    *,
+    out: str | None = None,
+    max_error: float | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
     """Add one LoRA to a fleet folder: ``fleet_add.add_member`` (projected onto the bases, which grow
     only when its error is over the target), written over ``fleet_dir`` in one atomic step, or to
     ``out`` (then ``fleet_dir`` is left as it is).
@@ -100,18 +120,23 @@ def fleet_add(fleet_dir: str, lora_dir: str, *, out: str | None = None, max_erro
     check_member_name(name, str(lora_dir))
     loaded = load_fleet(fleet_dir, allow_pickle=allow_pickle)
     if name in loaded.members:
-        raise ShareportError(f"{lora_dir}: the fleet {fleet_dir} already has a member '{name}'; name the new one "
-                             "with NAME=PATH")
+        raise ShareportError(
+            f"{lora_dir}: the fleet {fleet_dir} already has a member '{name}'; name the new one with NAME=PATH"
+        )
     adapter = load_adapter(path, allow_pickle=allow_pickle)
     target = Path(out if out is not None else fleet_dir)
     if out is None:
         if loaded.foreign:
-            raise ShareportError(f"{fleet_dir}: holds '{loaded.foreign[0]}', which is not part of the fleet; "
-                                 "fleet-add replaces the folder whole: move it out, or write the grown fleet "
-                                 "elsewhere with -o")
+            raise ShareportError(
+                f"{fleet_dir}: holds '{loaded.foreign[0]}', which is not part of the fleet; "
+                "fleet-add replaces the folder whole: move it out, or write the grown fleet "
+                "elsewhere with -o"
+            )
         if not (Path(fleet_dir) / MARKER_NAME).is_file():
-            raise ShareportError(f"{fleet_dir}: has no {MARKER_NAME} marker, so shareport did not write it; "
-                                 "write the grown fleet elsewhere with -o")
+            raise ShareportError(
+                f"{fleet_dir}: has no {MARKER_NAME} marker, so shareport did not write it; "
+                "write the grown fleet elsewhere with -o"
+            )
         check_output(target, True, [path])
     else:
         check_output(target, overwrite, [path, fleet_dir])
@@ -119,14 +144,28 @@ def fleet_add(fleet_dir: str, lora_dir: str, *, out: str | None = None, max_erro
     added = add_member(fleet, adapter, name, max_error=max_error)
     unchanged = [SHARED_NAME, *fleet.names] if added.unchanged else []
     report = added.fleet.report.to_dict()
-    save_fleet(added.fleet, target, overwrite=out is None or overwrite,
-               inputs=[path] if out is None else [path, fleet_dir], reports={FLEET_REPORT_NAME: report},
-               previous=Path(fleet_dir), unchanged=unchanged)
+    save_fleet(
+        added.fleet,
+        target,
+        overwrite=out is None or overwrite,
+        inputs=[path] if out is None else [path, fleet_dir],
+        reports={FLEET_REPORT_NAME: report},
+        previous=Path(fleet_dir),
+        unchanged=unchanged,
+    )
     rewritten = [f"{name}/"] + ([] if added.unchanged else [SHARED_NAME, *(f"{n}/" for n in fleet.names)])
     new = report["members"][-1]
-    return {"output": str(target), **report, "rewritten": [*rewritten, FLEET_REPORT_NAME],
-            "added": {"member": name, "relative_error": new["relative_error"], **report["additions"][-1],
-                      "warnings": report["warnings"][len(fleet.report.warnings):]}}
+    return {
+        "output": str(target),
+        **report,
+        "rewritten": [*rewritten, FLEET_REPORT_NAME],
+        "added": {
+            "member": name,
+            "relative_error": new["relative_error"],
+            **report["additions"][-1],
+            "warnings": report["warnings"][len(fleet.report.warnings) :],
+        },
+    }
 
 
 def _calibration_files(args: list[str], names: list[str]) -> list[str]:
@@ -136,8 +175,10 @@ def _calibration_files(args: list[str], names: list[str]) -> list[str]:
         name, path = split_named(arg)
         if name is None:
             if shared is not None:
-                raise ShareportError(f"--calibration {arg}: a second file for every member (the first is {shared}); "
-                                     "give one FILE for all, and NAME=FILE for members with their own")
+                raise ShareportError(
+                    f"--calibration {arg}: a second file for every member (the first is {shared}); "
+                    "give one FILE for all, and NAME=FILE for members with their own"
+                )
             shared = path
         elif name not in names:
             raise ShareportError(f"--calibration {arg}: no member is named '{name}' (members: {', '.join(names)})")
@@ -147,8 +188,10 @@ def _calibration_files(args: list[str], names: list[str]) -> list[str]:
             own[name] = path
     missing = [n for n in names if n not in own and shared is None]
     if missing:
-        raise ShareportError(f"--calibration: member '{missing[0]}' has no data: give NAME=FILE for it, or one "
-                             "FILE for every member without its own")
+        raise ShareportError(
+            f"--calibration: member '{missing[0]}' has no data: give NAME=FILE for it, or one "
+            "FILE for every member without its own"
+        )
     return [own.get(n, shared) for n in names]
 
 
@@ -165,19 +208,32 @@ def _fleet_statistics(adapters, data_files: list[str], base_dir: str):
     from ..train.data import SAMPLE_SEED, load_data, pad_token_id, sample_examples
 
     bases = fleet_bases(adapters)
-    drawn = {path: sample_examples(load_data(path, base_dir, CALIBRATION_MAX_LENGTH), CALIBRATION_SAMPLES)
-             for path in dict.fromkeys(data_files)}  # every file read (and refused) before the slow part
+    drawn = {
+        path: sample_examples(load_data(path, base_dir, CALIBRATION_MAX_LENGTH), CALIBRATION_SAMPLES)
+        for path in dict.fromkeys(data_files)
+    }  # every file read (and refused) before the slow part
     out, seconds = [], 0.0
     for adapter, path in zip(adapters, data_files):
         sequences = drawn[path].sequences
         model = load_base_model(base_dir, adapter.task_type, carried=adapter.extra_tensors)  # its own head
         started = time.perf_counter()
         with torch.no_grad():
-            stats = collect_statistics(model, adapter, sequences, pad_token_id(model.config), where=str(base_dir),
-                                       bases={kind: ([s.path for s in sites], bases[kind])
-                                              for kind, sites in adapter.kinds().items()})
+            stats = collect_statistics(
+                model,
+                adapter,
+                sequences,
+                pad_token_id(model.config),
+                where=str(base_dir),
+                bases={kind: ([s.path for s in sites], bases[kind]) for kind, sites in adapter.kinds().items()},
+            )
         seconds += time.perf_counter() - started
-        info = {"data": str(path), "base": str(base_dir), "samples": len(sequences), "sample_seed": SAMPLE_SEED,
-                "tokens": sum(len(seq) for seq in sequences), "max_length": CALIBRATION_MAX_LENGTH}
+        info = {
+            "data": str(path),
+            "base": str(base_dir),
+            "samples": len(sequences),
+            "sample_seed": SAMPLE_SEED,
+            "tokens": sum(len(seq) for seq in sequences),
+            "max_length": CALIBRATION_MAX_LENGTH,
+        }
         out.append(Calibration(stats.statistics, DEFAULT_RIDGE, info))
     return out, seconds

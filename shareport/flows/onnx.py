@@ -1,7 +1,6 @@
 """``export``, ``verify``, ``export_adapter``, ``generate`` and ``doctor``: ONNX folders made, checked and
 run. Exports are verified before they are published. See ``shareport.flows``."""
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,14 +18,40 @@ from ..export.verify import verify as verify_graph
 from ..files import load_adapter
 
 
-def export(adapter_dir: str, base_dir: str, out: str, options: ExportOptions = ExportOptions(), *,
-           verify: bool = True, atol: float = FP32_ATOL, rtol: float = FP16_RTOL, overwrite: bool = False,
-           allow_pickle: bool = False, progress: bool = True) -> dict:
+def export(
+    adapter_dir: str,
+    base_dir: str,
+    out: str,
+    options: ExportOptions = ExportOptions(),
+    *,
+    verify: bool = True,
+    atol: float = FP32_ATOL,
+    rtol: float = FP16_RTOL,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict:
     """Export, verify in the temporary folder, publish: a mismatch publishes nothing (``VerifyMismatch``)."""
-    result = export_graph(adapter_dir, base_dir, out, options, overwrite=overwrite, progress=progress,
-                          allow_pickle=allow_pickle, verify=verify, atol=atol, rtol=rtol)
-    summary = {"graph": out, "mode": options.mode, "dtype": options.dtype, "with_past": options.with_past,
-               "embedded_adapter": options.embed_adapter, "genai_config": result.genai_config}
+    result = export_graph(
+        adapter_dir,
+        base_dir,
+        out,
+        options,
+        overwrite=overwrite,
+        progress=progress,
+        allow_pickle=allow_pickle,
+        verify=verify,
+        atol=atol,
+        rtol=rtol,
+    )
+    summary = {
+        "graph": out,
+        "mode": options.mode,
+        "dtype": options.dtype,
+        "with_past": options.with_past,
+        "embedded_adapter": options.embed_adapter,
+        "genai_config": result.genai_config,
+    }
     members = _fleet_member_files(adapter_dir, out, options.dtype) if options.mode == "adapter" else []
     if members:
         summary["fleet_members"] = members
@@ -50,18 +75,32 @@ def _fleet_member_files(adapter_dir: str, out: str, dtype: str) -> list[dict]:
             lora = member.provenance.get("source_parameters") or 0
             if takes_carried:
                 lora += sum(t.numel() for t in member.extra_tensors.values())
-            rows.append({"member": name, "file": str(path), "bytes": path.stat().st_size,
-                         "plain_lora_bytes": lora * (2 if dtype == "fp16" else 4)})
+            rows.append(
+                {
+                    "member": name,
+                    "file": str(path),
+                    "bytes": path.stat().st_size,
+                    "plain_lora_bytes": lora * (2 if dtype == "fp16" else 4),
+                }
+            )
     return rows
 
 
-def verify(graph_dir: str, base_dir: str, adapter_dir: str, *, atol: float = FP32_ATOL, rtol: float = FP16_RTOL,
-           allow_pickle: bool = False) -> Report:
+def verify(
+    graph_dir: str,
+    base_dir: str,
+    adapter_dir: str,
+    *,
+    atol: float = FP32_ATOL,
+    rtol: float = FP16_RTOL,
+    allow_pickle: bool = False,
+) -> Report:
     return verify_graph(graph_dir, base_dir, adapter_dir, atol=atol, rtol=rtol, allow_pickle=allow_pickle)
 
 
-def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, overwrite: bool = False,
-                   allow_pickle: bool = False) -> dict:
+def export_adapter(
+    adapter_dir: str, graph_dir: str, out: str | None = None, *, overwrite: bool = False, allow_pickle: bool = False
+) -> dict:
     """An ``.onnx_adapter`` of ``adapter_dir`` for the graph in ``graph_dir`` (refuses one that does not fit).
 
     ``adapter_dir`` may also be an ``.onnx_adapter`` file (e.g. Olive's, whose ``.weight`` name
@@ -83,15 +122,28 @@ def export_adapter(adapter_dir: str, graph_dir: str, out: str | None = None, *, 
     path = Path(out) if out else Path(graph_dir) / (name if name.endswith(".onnx_adapter") else f"{name}.onnx_adapter")
     save_onnx_adapter(arrays, path, overwrite=overwrite, inputs=[adapter_dir])
     first = next(iter(arrays.values()))
-    return {"output": str(path), "tensors": len(arrays), "parameters": sum(a.size for a in arrays.values()),
-            "dtype": str(first.dtype), "note": note}
+    return {
+        "output": str(path),
+        "tensors": len(arrays),
+        "parameters": sum(a.size for a in arrays.values()),
+        "dtype": str(first.dtype),
+        "note": note,
+    }
 
 
-def generate(graph_dir: str, prompt: str, adapters: list[str] | tuple = (), *, max_new_tokens: int = 32,
-             engine: str = "auto", no_adapter: bool = False) -> dict:
+def generate(
+    graph_dir: str,
+    prompt: str,
+    adapters: list[str] | tuple = (),
+    *,
+    max_new_tokens: int = 32,
+    engine: str = "auto",
+    no_adapter: bool = False,
+) -> dict:
     """Greedy text from a with-past export, once per adapter (onnxruntime-genai, else ONNX Runtime)."""
-    return generate_text(graph_dir, prompt, adapters, max_new_tokens=max_new_tokens, engine=engine,
-                         no_adapter=no_adapter)
+    return generate_text(
+        graph_dir, prompt, adapters, max_new_tokens=max_new_tokens, engine=engine, no_adapter=no_adapter
+    )
 
 
 def doctor() -> dict:

@@ -1,7 +1,6 @@
 """``finetune`` (recover), ``train`` and ``frontier``: training runs from folders, written atomically with
 their reports and provenance; under several processes only the main one writes. See ``shareport.flows``."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -19,9 +18,9 @@ from ..forms import (
 )
 from ..plots import has_matplotlib, plot_frontier
 from ..train.checkpoint import STATE_JSON
+from ..train.choices import DEFAULT_FRONTIER_BUDGETS as DEFAULT_BUDGETS
+from ..train.choices import FRONTIER_FORMS as FORMS
 from ..train.frontier import (
-    DEFAULT_BUDGETS,
-    FORMS,
     check_budgets,
     measure,
     pareto,
@@ -39,9 +38,18 @@ def default_recover_output(shared_dir: str) -> str:
     return str(shared_dir).rstrip("/") + "-recovered"
 
 
-def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str | None, out: str | None = None, *,
-            lm_loss: float = 0.0, options: TrainingOptions = TrainingOptions(), overwrite: bool = False,
-            generate: int | None = None) -> dict | None:
+def recover(
+    shared_dir: str,
+    base_dir: str,
+    teacher_dir: str,
+    data_path: str | None,
+    out: str | None = None,
+    *,
+    lm_loss: float = 0.0,
+    options: TrainingOptions = TrainingOptions(),
+    overwrite: bool = False,
+    generate: int | None = None,
+) -> dict | None:
     """Distil ``shared_dir`` toward ``teacher_dir``; returns the training report (None on non-main processes).
 
     ``generate`` (causal LMs, instead of ``data_path``): recover on that many texts sampled from the
@@ -54,19 +62,53 @@ def recover(shared_dir: str, base_dir: str, teacher_dir: str, data_path: str | N
     inputs = tuple(p for p in (shared_dir, teacher_dir, base_dir, data_path) if p is not None)
     student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir), pack=options.pack)
     check_output(out, overwrite, inputs)
-    job = recovery_job(shared_dir, base_dir, teacher_dir, data_path=data_path, max_length=options.max_length,
-                       eval_fraction=options.eval_fraction, checkpoint_dir=options.checkpoint_folder(out),
-                       resume=options.resume, merging=options.merging, adapters=(student, teacher),
-                       generate=generate, seed=options.seed)
+    job = recovery_job(
+        shared_dir,
+        base_dir,
+        teacher_dir,
+        data_path=data_path,
+        max_length=options.max_length,
+        eval_fraction=options.eval_fraction,
+        checkpoint_dir=options.checkpoint_folder(out),
+        resume=options.resume,
+        merging=options.merging,
+        adapters=(student, teacher),
+        generate=generate,
+        seed=options.seed,
+    )
     recipe = options.recipe(job.student, distill_weight=1.0, task_weight=lm_loss)
-    entry = {"step": "finetune", "teacher": teacher_dir, "data": data_path, "steps": options.steps,
-             "seed": options.seed, **({"generated": generate} if generate is not None else {})}
-    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("before", "after"),
-                            own_checkpoint=options.checkpoint_dir is None)
+    entry = {
+        "step": "finetune",
+        "teacher": teacher_dir,
+        "data": data_path,
+        "steps": options.steps,
+        "seed": options.seed,
+        **({"generated": generate} if generate is not None else {}),
+    }
+    return _train_and_write(
+        job,
+        recipe,
+        out,
+        overwrite,
+        inputs,
+        entry,
+        keep=("before", "after"),
+        own_checkpoint=options.checkpoint_dir is None,
+    )
 
 
-def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: str, out: str, *, alpha: float = 8.0,
-          options: TrainingOptions = TrainingOptions(), overwrite: bool = False) -> dict | None:
+def train(
+    form: str,
+    base_dir: str,
+    targets: list[str],
+    rank: int,
+    data_path: str,
+    out: str,
+    *,
+    alpha: float = 8.0,
+    options: TrainingOptions = TrainingOptions(),
+    overwrite: bool = False,
+) -> dict | None:
     """Train a new adapter of ``form`` from scratch; returns the training report (None on non-main processes)."""
     if options.merging and form not in GROUPED_FORMS:
         raise ShareportError(f"--merges/--groups merge B's, which only --form aslora does (got --form {form})")
@@ -79,17 +121,30 @@ def train(form: str, base_dir: str, targets: list[str], rank: int, data_path: st
     check_output(out, overwrite, inputs)
     if not targets:
         raise ShareportError("--target needs at least one module name")
-    job = scratch_job(base_dir, data_path, form, targets=targets, rank=rank, alpha=alpha, seed=options.seed,
-                      max_length=options.max_length, eval_fraction=options.eval_fraction,
-                      checkpoint_dir=options.checkpoint_folder(out), resume=options.resume, merging=options.merging)
+    job = scratch_job(
+        base_dir,
+        data_path,
+        form,
+        targets=targets,
+        rank=rank,
+        alpha=alpha,
+        seed=options.seed,
+        max_length=options.max_length,
+        eval_fraction=options.eval_fraction,
+        checkpoint_dir=options.checkpoint_folder(out),
+        resume=options.resume,
+        merging=options.merging,
+    )
     recipe = options.recipe(job.student, distill_weight=0.0, task_weight=1.0)
     entry = {"step": "train", "form": form, "data": data_path, "steps": options.steps, "seed": options.seed}
-    return _train_and_write(job, recipe, out, overwrite, inputs, entry, keep=("after",),
-                            own_checkpoint=options.checkpoint_dir is None)
+    return _train_and_write(
+        job, recipe, out, overwrite, inputs, entry, keep=("after",), own_checkpoint=options.checkpoint_dir is None
+    )
 
 
-def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tuple[str, ...],
-                     own_checkpoint: bool) -> dict | None:
+def _train_and_write(
+    job, recipe, out, overwrite, inputs, entry: dict, keep: tuple[str, ...], own_checkpoint: bool
+) -> dict | None:
     """Run the recipe; the main process writes the adapter (with its history), the report (the same bytes for
     the same inputs) and the timings (which are not). With ``own_checkpoint`` (the default folder beside
     the output, not one the user named with --checkpoint-dir) the checkpoint is removed once the adapter
@@ -100,11 +155,20 @@ def _train_and_write(job, recipe, out, overwrite, inputs, entry: dict, keep: tup
         return None
     entry = {**entry, **{k: report[k] for k in keep}}
     reproducible = {k: v for k, v in report.items() if k != "timings"}
-    save_adapter(with_provenance(adapter, entry), out, overwrite=overwrite, inputs=inputs,
-                 reports={REPORT_NAME: reproducible, TIMINGS_NAME: report["timings"]})
+    save_adapter(
+        with_provenance(adapter, entry),
+        out,
+        overwrite=overwrite,
+        inputs=inputs,
+        reports={REPORT_NAME: reproducible, TIMINGS_NAME: report["timings"]},
+    )
     folder = job.checkpoint_dir
-    if own_checkpoint and folder is not None and (Path(folder) / MARKER_NAME).is_file() \
-            and (Path(folder) / STATE_JSON).is_file():
+    if (
+        own_checkpoint
+        and folder is not None
+        and (Path(folder) / MARKER_NAME).is_file()
+        and (Path(folder) / STATE_JSON).is_file()
+    ):
         import shutil
 
         shutil.rmtree(folder)
@@ -122,14 +186,29 @@ def _note_stale_checkpoint(job) -> None:
     except (OSError, json.JSONDecodeError):
         step = None
     if job.accelerator.is_main_process:
-        print(f"note: {folder} holds the checkpoint of an interrupted run (step {step}); this run starts at step 0 "
-              "and replaces it. To continue that run instead, rerun with --resume.", file=sys.stderr)
+        print(
+            f"note: {folder} holds the checkpoint of an interrupted run (step {step}); this run starts at step 0 "
+            "and replaces it. To continue that run instead, rerun with --resume.",
+            file=sys.stderr,
+        )
 
 
-def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_path: str | None = None,
-             budgets=DEFAULT_BUDGETS, forms=FORMS, recover_steps: int = 0, keep: float = 0.99,
-             options: TrainingOptions = TrainingOptions(), overwrite: bool = False, progress: bool = True,
-             serving=()) -> dict:
+def frontier(
+    lora_dir: str,
+    base_dir: str,
+    data_path: str,
+    out: str,
+    *,
+    eval_path: str | None = None,
+    budgets=DEFAULT_BUDGETS,
+    forms=FORMS,
+    recover_steps: int = 0,
+    keep: float = 0.99,
+    options: TrainingOptions = TrainingOptions(),
+    overwrite: bool = False,
+    progress: bool = True,
+    serving=(),
+) -> dict:
     """Every form at every budget, evaluated (and recovered) against the LoRA; a table's worth of
     points, the Pareto front, and the smallest point keeping ``keep`` of the LoRA's fidelity.
     ``serving`` ("uniform", "max-rank=R", "buckets=R1,R2"): each adds a point per form and budget, planned
@@ -150,29 +229,57 @@ def frontier(lora_dir: str, base_dir: str, data_path: str, out: str, *, eval_pat
     if eval_path and not Path(eval_path).is_file():
         raise ShareportError(f"{eval_path}: evaluation file not found")
     check_output(out, overwrite, inputs)
-    job = recovery_job(lora_dir, base_dir, lora_dir, data_path=data_path, max_length=options.max_length,
-                       eval_fraction=options.eval_fraction, adapters=(lora, lora), eval_path=eval_path)
-    cache = _PointCache(Path(f"{str(out).rstrip('/')}.cache"), {
-        "lora": weights_sha256(lora_dir), "base": str(Path(base_dir).resolve()), "data": str(data_path),
-        "eval": eval_path, "options": dataclasses.asdict(options)})
-    reference, points = _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress,
-                                               serving)
+    job = recovery_job(
+        lora_dir,
+        base_dir,
+        lora_dir,
+        data_path=data_path,
+        max_length=options.max_length,
+        eval_fraction=options.eval_fraction,
+        adapters=(lora, lora),
+        eval_path=eval_path,
+    )
+    cache = _PointCache(
+        Path(f"{str(out).rstrip('/')}.cache"),
+        {
+            "lora": weights_sha256(lora_dir),
+            "base": str(Path(base_dir).resolve()),
+            "data": str(data_path),
+            "eval": eval_path,
+            "options": dataclasses.asdict(options),
+        },
+    )
+    reference, points = _measure_with_progress(
+        job, lora, forms, budgets, options, recover_steps, cache, progress, serving
+    )
     labelled = reference.get("accuracy") is not None
     front, chosen = pareto(points), smallest_keeping(points, keep)
     data = {
-        "output": str(out), "lora_parameters": lora.num_parameters(), "budgets": list(budgets), "forms": list(forms),
-        "recover_steps": recover_steps, "serving": list(serving), "keep": keep, "fidelity": "accuracy / LoRA accuracy" if labelled else
-        "top-1 agreement with the LoRA", "lora": reference, "points": [p.to_dict() for p in points],
-        "pareto": [p.to_dict() for p in front], "smallest_keeping": chosen.to_dict() if chosen else None,
+        "output": str(out),
+        "lora_parameters": lora.num_parameters(),
+        "budgets": list(budgets),
+        "forms": list(forms),
+        "recover_steps": recover_steps,
+        "serving": list(serving),
+        "keep": keep,
+        "fidelity": "accuracy / LoRA accuracy" if labelled else "top-1 agreement with the LoRA",
+        "lora": reference,
+        "points": [p.to_dict() for p in points],
+        "pareto": [p.to_dict() for p in front],
+        "smallest_keeping": chosen.to_dict() if chosen else None,
     }
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / "frontier.json").write_text(dump_json(data), encoding="utf-8")
         if has_matplotlib():
             labelled_points = [dataclasses.replace(p, form=p.label) for p in points]  # a line per form and rule
-            plot_frontier(labelled_points, [dataclasses.replace(p, form=p.label) for p in front],
-                          None if chosen is None else dataclasses.replace(chosen, form=chosen.label),
-                          tmp / "frontier.png",
-                          "accuracy relative to the LoRA" if labelled else "top-1 agreement with the LoRA", keep)
+            plot_frontier(
+                labelled_points,
+                [dataclasses.replace(p, form=p.label) for p in front],
+                None if chosen is None else dataclasses.replace(chosen, form=chosen.label),
+                tmp / "frontier.png",
+                "accuracy relative to the LoRA" if labelled else "top-1 agreement with the LoRA",
+                keep,
+            )
     if has_matplotlib():
         data["plot"] = str(Path(out) / "frontier.png")
     return data
@@ -184,8 +291,15 @@ def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, ca
     off (--json)."""
     from tqdm import tqdm
 
-    with tqdm(total=stages(forms, budgets, recover_steps, serving), desc="frontier", unit="point", file=sys.stderr,
-              disable=None if progress else True, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=stages(forms, budgets, recover_steps, serving),
+        desc="frontier",
+        unit="point",
+        file=sys.stderr,
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    ) as bar:
+
         def on_stage(form: str, budget: float, what: str) -> None:
             bar.set_postfix_str(f"{form} at {budget:g}: {what}")
 
@@ -194,8 +308,19 @@ def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, ca
             if progress:
                 bar.write(point_line(point), file=sys.stderr)
 
-        return measure(job, lora, forms, budgets=budgets, options=options, recover_steps=recover_steps,
-                       cached=cache.get, store=cache.put, on_stage=on_stage, on_point=on_point, serving=serving)
+        return measure(
+            job,
+            lora,
+            forms,
+            budgets=budgets,
+            options=options,
+            recover_steps=recover_steps,
+            cached=cache.get,
+            store=cache.put,
+            on_stage=on_stage,
+            on_point=on_point,
+            serving=serving,
+        )
 
 
 class _PointCache:
@@ -214,8 +339,10 @@ class _PointCache:
             self.folder.mkdir(parents=True)  # -o new/x: the parents are made as for every output
             (self.folder / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
         elif not (self.folder / MARKER_NAME).is_file():
-            raise ShareportError(f"{self.folder}: a folder shareport did not write is where the frontier keeps its "
-                                 "cache; move it away")
-        with atomic_file(self.folder / f"{self.key}-{name}.json", overwrite=True,
-                         owned=lambda p: True) as tmp:  # our cache folder, our files
+            raise ShareportError(
+                f"{self.folder}: a folder shareport did not write is where the frontier keeps its cache; move it away"
+            )
+        with atomic_file(
+            self.folder / f"{self.key}-{name}.json", overwrite=True, owned=lambda p: True
+        ) as tmp:  # our cache folder, our files
             tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")

@@ -90,8 +90,12 @@ def read_base_config(base_dir: str | os.PathLike):
         raise ShareportError(f"{base_dir}/config.json: cannot read model config ({str(exc).splitlines()[0]})") from None
 
 
-def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, dtype: torch.dtype = torch.float32,
-                    carried: Mapping[str, torch.Tensor] | None = None):
+def load_base_model(
+    base_dir: str | os.PathLike,
+    task_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    carried: Mapping[str, torch.Tensor] | None = None,
+):
     """Load a transformers model from a local folder (never from a hub), in eval mode.
 
     ``carried``: the adapter's ``modules_to_save`` tensors. A classifier head among them sets
@@ -102,8 +106,14 @@ def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, d
     auto, config = _auto_and_config(base_dir, task_type, carried or {})
     try:
         with _quiet_transformers():
-            model, info = auto.from_pretrained(str(base_dir), config=config, local_files_only=True, dtype=dtype,
-                                               use_safetensors=True, output_loading_info=True)
+            model, info = auto.from_pretrained(
+                str(base_dir),
+                config=config,
+                local_files_only=True,
+                dtype=dtype,
+                use_safetensors=True,
+                output_loading_info=True,
+            )
     except Exception as exc:
         raise ShareportError(f"{base_dir}: cannot load the base model ({str(exc).splitlines()[0]})") from None
     supplied = {carried_parameter_name(k) for k in carried or {}}
@@ -114,8 +124,12 @@ def load_base_model(base_dir: str | os.PathLike, task_type: str | None = None, d
     return model.eval()
 
 
-def empty_base_model(base_dir: str | os.PathLike, task_type: str | None = None, dtype: torch.dtype = torch.float32,
-                     carried: Mapping[str, torch.Tensor] | None = None):
+def empty_base_model(
+    base_dir: str | os.PathLike,
+    task_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    carried: Mapping[str, torch.Tensor] | None = None,
+):
     """The model :func:`load_base_model` would load, with no weight read: its parameters are on the
     meta device (shapes and dtypes only), its buffers (e.g. rotary frequencies, which no checkpoint
     holds) computed as usual. For a caller that places each weight itself (``shareport.train.accel``
@@ -142,7 +156,7 @@ def checkpoint_name(model: nn.Module, name: str, keys) -> str | None:
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates = [name]
     if prefix:
-        candidates += [name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
+        candidates += [name[len(prefix) + 1 :]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
     return next((key for key in candidates if key in keys), None)
 
 
@@ -153,8 +167,10 @@ def _auto_and_config(base_dir: Path, task_type: str | None, carried: Mapping[str
     config = read_base_config(base_dir)
     labels = head_labels(carried, config)
     if labels is not None:
-        note(f"{base_dir}: the adapter's classifier head has {labels} labels, the base config "
-             f"{config.num_labels}; building the base with num_labels={labels}")
+        note(
+            f"{base_dir}: the adapter's classifier head has {labels} labels, the base config "
+            f"{config.num_labels}; building the base with num_labels={labels}"
+        )
         config.num_labels = labels
     return getattr(transformers, auto_class_name(task_type, config)), config
 
@@ -180,7 +196,9 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        raise ShareportError(f"the base model has no module '{path}' (adapter made for another architecture?)") from None
+        raise ShareportError(
+            f"the base model has no module '{path}' (adapter made for another architecture?)"
+        ) from None
 
 
 def swap_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:

@@ -49,9 +49,15 @@ def kind_bases(adapter: Adapter) -> dict[str, tuple[list[str], torch.Tensor]]:
     return out
 
 
-def collect_statistics(model: nn.Module, adapter: Adapter, sequences: Sequence[Sequence[int]], pad_id: int,
-                       batch_size: int = 8, where: str = "base model",
-                       bases: dict[str, tuple[list[str], torch.Tensor]] | None = None) -> Statistics:
+def collect_statistics(
+    model: nn.Module,
+    adapter: Adapter,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    where: str = "base model",
+    bases: dict[str, tuple[list[str], torch.Tensor]] | None = None,
+) -> Statistics:
     """Run ``sequences`` through ``model`` with ``adapter`` attached and accumulate every site's S_l.
 
     ``model`` is left with the adapter detached. A non-finite input at any site is refused,
@@ -77,6 +83,7 @@ def collect_statistics(model: nn.Module, adapter: Adapter, sequences: Sequence[S
             projected = rows.to(F64) @ q_dev
             sums[path] += (projected.T @ projected).cpu()
             counts[path] += rows.shape[0]
+
         return hook
 
     try:
@@ -87,13 +94,13 @@ def collect_statistics(model: nn.Module, adapter: Adapter, sequences: Sequence[S
                 handles.append(attached.wrappers[path].register_forward_pre_hook(hook_for(path, q)))
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
-                batch = sequences[start:start + batch_size]
+                batch = sequences[start : start + batch_size]
                 width = max(len(s) for s in batch)
                 ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for row, seq in enumerate(batch):
-                    ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-                    mask[row, :len(seq)] = 1
+                    ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+                    mask[row, : len(seq)] = 1
                 mask_now["mask"] = mask.bool().to(device)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:

@@ -23,11 +23,13 @@ def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     matches: the path equals the target or ends with ``.<target>``. So ``q_proj`` is every
     layer's ``q_proj``, and ``output.dense`` is BERT's two output layers but not its pooler's
     ``dense``."""
+
     def named(path: str, target: str) -> bool:
         return path == target or path.endswith("." + target)
 
     paths = [
-        path for path, module in model.named_modules()
+        path
+        for path, module in model.named_modules()
         if any(named(path, t) for t in targets) and getattr(module, "weight", None) is not None
     ]
     missing = [t for t in targets if not any(named(p, t) for p in paths)]
@@ -36,8 +38,16 @@ def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     return sorted(paths)
 
 
-def fresh_adapter(model: nn.Module, form: str, targets: list[str], *, rank: int, alpha: float, seed: int,
-                  base_model: str | None = None) -> Adapter:
+def fresh_adapter(
+    model: nn.Module,
+    form: str,
+    targets: list[str],
+    *,
+    rank: int,
+    alpha: float,
+    seed: int,
+    base_model: str | None = None,
+) -> Adapter:
     if form not in SHARED:
         raise ShareportError(f"--form must be one of {', '.join(SHARED)}, got '{form}'")
     if rank < 1:
@@ -57,8 +67,14 @@ def fresh_adapter(model: nn.Module, form: str, targets: list[str], *, rank: int,
         if b_name not in tensors:
             tensors[b_name] = torch.zeros(n_out, rank)
         sites[path] = Site(path, kind, layer, a_name, b_name, alpha / rank)
-    return Adapter(tensors=tensors, sites=sites, form=form, base_model=base_model, task_type=task_type_of(model),
-                   config={"target_modules": sorted(set(targets))})
+    return Adapter(
+        tensors=tensors,
+        sites=sites,
+        form=form,
+        base_model=base_model,
+        task_type=task_type_of(model),
+        config={"target_modules": sorted(set(targets))},
+    )
 
 
 def _kaiming_uniform(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,12 +10,14 @@ Folding writes ``W += dW`` (transposed for GPT-2's Conv1D, which stores W as (in
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 from torch import nn
 
 from ..adapter import Adapter, Site, carried_parameter_name
 from ..errors import ShareportError
 from .base import get_module, is_conv1d, swap_module, weight_shape
+
 
 class LoRALinear(nn.Module):
     """A linear (or Conv1D) layer plus ``scale * (x A^T) B^T``; A and B may be shared."""
@@ -85,8 +87,10 @@ class Attached:
         """The adapter with the attached parameters' current values (e.g. after training), or the
         tensors in ``replaced`` for the names it holds (a parameter that trains a stand-in, e.g. a core)."""
         replaced = replaced or {}
-        tensors = {n: replaced[n] if n in replaced else p.detach().to("cpu", torch.float32).clone()
-                   for n, p in self.parameters.items()}
+        tensors = {
+            n: replaced[n] if n in replaced else p.detach().to("cpu", torch.float32).clone()
+            for n, p in self.parameters.items()
+        }
         return self.adapter.with_sites(tensors, dict(self.adapter.sites), self.adapter.form)
 
     def detach(self) -> nn.Module:
@@ -126,7 +130,9 @@ def _load_extras(model: nn.Module, adapter: Adapter) -> None:
     for key, value in sorted(adapter.extra_tensors.items()):
         name = carried_parameter_name(key)
         if name not in state:
-            raise ShareportError(f"{_where(model)}carried tensor '{key}' has no matching parameter '{name}' in the base model")
+            raise ShareportError(
+                f"{_where(model)}carried tensor '{key}' has no matching parameter '{name}' in the base model"
+            )
         if state[name].shape != value.shape:
             raise ShareportError(
                 f"{_where(model)}carried tensor '{key}' has shape {tuple(value.shape)}, the base model's is "

@@ -104,8 +104,9 @@ def _fully_shard(model: torch.nn.Module, ignored: set, mesh=None) -> None:
     fully_shard(model, mesh=mesh, ignored_params=ignored)
 
 
-def load_sharded_base(model: torch.nn.Module, weights, device: torch.device, where: str,
-                      carried: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+def load_sharded_base(
+    model: torch.nn.Module, weights, device: torch.device, where: str, carried: dict[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
     """Shard ``model`` as :func:`shard_base` does and give this process its shard of every weight, never
     the whole base: the memory-bounded way FSDP2 loads a model (build it on the meta device,
     ``fully_shard`` it, then load each parameter's local shard into a ``DTensor`` and assign it).
@@ -142,8 +143,10 @@ def load_sharded_base(model: torch.nn.Module, weights, device: torch.device, whe
         for name in names:
             if name in carried:
                 return carried[name] if start is None else carried[name][start:stop]
-        raise ShareportError(f"{where}: '{names[0]}' is not in the checkpoint; loading the base sharded (FSDP) "
-                             "needs every weight in it (or in the adapter's modules_to_save)")
+        raise ShareportError(
+            f"{where}: '{names[0]}' is not in the checkpoint; loading the base sharded (FSDP) "
+            "needs every weight in it (or in the adapter's modules_to_save)"
+        )
 
     aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -191,7 +194,7 @@ def average_gradients(parameters) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 

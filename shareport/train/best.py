@@ -29,13 +29,15 @@ class BestKept:
         return True
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        return ({"step": self.step, "score": self.score if self.step is not None else None},
-                {f"best/{n}": t.cpu() for n, t in self.tensors.items()})
+        return (
+            {"step": self.step, "score": self.score if self.step is not None else None},
+            {f"best/{n}": t.cpu() for n, t in self.tensors.items()},
+        )
 
     def load_state(self, meta: dict, tensors: dict[str, torch.Tensor], device) -> None:
         self.step = meta["step"]
         self.score = float("inf") if meta["score"] is None else meta["score"]
-        self.tensors = {k[len("best/"):]: v.to(device) for k, v in tensors.items() if k.startswith("best/")}
+        self.tensors = {k[len("best/") :]: v.to(device) for k, v in tensors.items() if k.startswith("best/")}
 
 
 def selection_score(metrics: dict, has_teacher: bool, task_weight: float = 0.0) -> tuple[str, float]:
@@ -48,8 +50,10 @@ def selection_score(metrics: dict, has_teacher: bool, task_weight: float = 0.0) 
         return f"held-out {task_key.replace('_', ' ')}", metrics[task_key]["student"]
     name, value = ("KL", metrics["kl"]) if "kl" in metrics else ("hidden MSE", metrics["hidden_mse"])
     if task_weight and task_key in metrics:
-        return (f"held-out {name} + {task_weight:g} x {task_key.replace('_', ' ')}",
-                value + task_weight * metrics[task_key]["student"])
+        return (
+            f"held-out {name} + {task_weight:g} x {task_key.replace('_', ' ')}",
+            value + task_weight * metrics[task_key]["student"],
+        )
     return f"held-out {name}", value
 
 

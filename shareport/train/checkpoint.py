@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter
-from ..files.atomic import atomic_dir
 from ..errors import ShareportError
-from .accel import unwrap_optimizer
 from ..files.adapters import load_adapter, write_adapter_files
+from ..files.atomic import atomic_dir
 from ..files.folder import dump_json
 from ..files.tensorfile import load_tensors, save_tensors
+from .accel import unwrap_optimizer
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -48,8 +48,9 @@ def optimizer_state(optimizer, parameters: dict[str, torch.nn.Parameter]) -> tup
     return hyper, tensors
 
 
-def load_optimizer_state(optimizer, parameters: dict[str, torch.nn.Parameter], hyper: dict,
-                         tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_state(
+    optimizer, parameters: dict[str, torch.nn.Parameter], hyper: dict, tensors: dict[str, torch.Tensor]
+) -> None:
     opt = unwrap_optimizer(optimizer)
     group = opt.param_groups[0]
     for key, value in hyper.items():
@@ -57,7 +58,7 @@ def load_optimizer_state(optimizer, parameters: dict[str, torch.nn.Parameter], h
     by_param: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
-            name, _, field = key[len("optim/"):].rpartition("/")
+            name, _, field = key[len("optim/") :].rpartition("/")
             by_param.setdefault(name, {})[field] = value
     unknown = sorted(set(by_param) - set(parameters))
     if unknown:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ..files.atomic import atomic_dir
 from ..errors import ShareportError
+from ..files.atomic import atomic_dir
 from ..files.tensorfile import load_tensors, save_tensors
 
 TOKENS_NAME = "tokens.safetensors"
@@ -94,8 +94,12 @@ def _name_labels(path: Path, names: list[str], lines: list[int], base_dir, given
     return [mapping[name] for name in names], mapping, source
 
 
-def load_data(path: str | os.PathLike, base_dir: str | os.PathLike, max_length: int,
-              label_mapping: tuple[dict[str, int], str] | None = None) -> TokenData:
+def load_data(
+    path: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    max_length: int,
+    label_mapping: tuple[dict[str, int], str] | None = None,
+) -> TokenData:
     """Read any supported source; tokenize text with the base model's tokenizer. Class-name labels
     become indices through ``label_mapping`` ((name -> index, its source), e.g. the training data's),
     else through :func:`label_ids`."""
@@ -104,8 +108,10 @@ def load_data(path: str | os.PathLike, base_dir: str | os.PathLike, max_length: 
         raise ShareportError(f"--max-length must be at least 2, got {max_length}")
     if path.is_dir():
         if not (path / TOKENS_NAME).is_file():
-            raise ShareportError(f"{path}: a folder without {TOKENS_NAME}: give a text file (one example a line), "
-                                 "a .jsonl with 'text', or a folder written by shareport.train.data.save_tokenized")
+            raise ShareportError(
+                f"{path}: a folder without {TOKENS_NAME}: give a text file (one example a line), "
+                "a .jsonl with 'text', or a folder written by shareport.train.data.save_tokenized"
+            )
         data = _read_tokenized(path, max_length)
     elif not path.is_file():
         raise ShareportError(f"{path}: data file not found")
@@ -145,12 +151,15 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[int] | list[str] | None, li
         label = row.get("label")
         index = isinstance(label, int) and not isinstance(label, bool) and label >= 0
         if label is not None and not index and not (isinstance(label, str) and label.strip()):
-            raise ShareportError(f"{path}:{number}: 'label' must be a non-negative integer or a class name, "
-                                 f"got {label!r}")
+            raise ShareportError(
+                f"{path}:{number}: 'label' must be a non-negative integer or a class name, got {label!r}"
+            )
         first = labels[0] if labels else None
         if label is not None and first is not None and isinstance(first, str) != isinstance(label, str):
-            raise ShareportError(f"{path}:{number}: 'label' is {label!r}, but line {lines[0]} gives "
-                                 f"{first!r}: use class names or integers, not both")
+            raise ShareportError(
+                f"{path}:{number}: 'label' is {label!r}, but line {lines[0]} gives "
+                f"{first!r}: use class names or integers, not both"
+            )
         texts.append(row["text"])
         labels.append(label)
         lines.append(number)
@@ -185,8 +194,9 @@ def _read_tokenized(folder: Path, max_length: int) -> TokenData:
     return TokenData(sequences, labels.tolist() if labels is not None else None, str(folder))
 
 
-def save_tokenized(folder: str | os.PathLike, sequences: list[list[int]], labels: list[int] | None = None,
-                   overwrite: bool = False) -> Path:
+def save_tokenized(
+    folder: str | os.PathLike, sequences: list[list[int]], labels: list[int] | None = None, overwrite: bool = False
+) -> Path:
     """Write a tokenized data folder (the format :func:`load_data` reads)."""
     tensors = {
         "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int64),
@@ -204,7 +214,9 @@ def split_heldout(data: TokenData, fraction: float) -> tuple[TokenData, TokenDat
     if not 0 < fraction < 1:
         raise ShareportError(f"--eval-fraction must be between 0 and 1, got {fraction}")
     if len(data) < 2:
-        raise ShareportError(f"{data.source}: need at least 2 examples (one to train on, one held out), got {len(data)}")
+        raise ShareportError(
+            f"{data.source}: need at least 2 examples (one to train on, one held out), got {len(data)}"
+        )
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_eval = min(len(data) - 1, max(1, round(len(data) * fraction)))
     return data.subset(sorted(order[n_eval:])), data.subset(sorted(order[:n_eval]))
@@ -303,10 +315,10 @@ def collate_packed(data: TokenData, indices: list[int], pad_id: int, width: int 
         at = 0
         for k in members:
             n = len(seqs[k])
-            ids[r, at:at + n] = torch.tensor(seqs[k], dtype=torch.long)
-            positions[r, at:at + n] = torch.arange(n)
-            loss_mask[r, at:at + n] = 1
-            segments[r, at:at + n] = k
+            ids[r, at : at + n] = torch.tensor(seqs[k], dtype=torch.long)
+            positions[r, at : at + n] = torch.arange(n)
+            loss_mask[r, at : at + n] = 1
+            segments[r, at : at + n] = k
             at += n
         positions[r, at:] = torch.arange(width - at)
     return {"input_ids": ids, "position_ids": positions, "loss_mask": loss_mask, "segments": segments}

@@ -38,8 +38,9 @@ class Outputs:
     hidden: torch.Tensor | None = None  # (N', H): the last hidden state per counted position, when asked
 
 
-def model_outputs(model, batch: dict[str, torch.Tensor], causal: bool = False,
-                  hidden: bool = False) -> tuple[Outputs, object]:
+def model_outputs(
+    model, batch: dict[str, torch.Tensor], causal: bool = False, hidden: bool = False
+) -> tuple[Outputs, object]:
     """Run the model; return the counted rows of its output (float32) and the raw output.
     ``hidden``: also the last hidden state at every counted position (``Outputs.hidden``).
 
@@ -72,7 +73,7 @@ def distill_sum(student: Outputs, teacher: Outputs, temperature: float = 1.0) ->
         if temperature == 1.0:
             return kl_rows(teacher.values, student.values).sum(), student.values.shape[0]
         kl = kl_rows(teacher.values / temperature, student.values / temperature).sum()
-        return kl * temperature ** 2, student.values.shape[0]
+        return kl * temperature**2, student.values.shape[0]
     return (student.values - teacher.values).square().mean(dim=-1).sum(), student.values.shape[0]
 
 

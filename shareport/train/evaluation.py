@@ -43,8 +43,18 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def evaluate(model, student: Attached, teacher: Teacher | None, *, heldout: TokenData, batch_size: int, pad: int,
-             causal: bool, acc, cache: TeacherCache | None = None) -> dict:
+def evaluate(
+    model,
+    student: Attached,
+    teacher: Teacher | None,
+    *,
+    heldout: TokenData,
+    batch_size: int,
+    pad: int,
+    causal: bool,
+    acc,
+    cache: TeacherCache | None = None,
+) -> dict:
     """KL and top-1 agreement with the teacher (MSE for hidden states), plus the task metric.
 
     Every process evaluates the whole held-out split (it is small), so all agree on the result.
@@ -57,8 +67,9 @@ def evaluate(model, student: Attached, teacher: Teacher | None, *, heldout: Toke
         with acc.autocast():
             student_out, raw_student = model_outputs(model, batch, causal)
         if teacher is not None:
-            teacher_out, teacher_task = _teacher_outputs(model, teacher, batch, start=start, causal=causal,
-                                                         has_task=has_task, acc=acc, cache=cache)
+            teacher_out, teacher_task = _teacher_outputs(
+                model, teacher, batch, start=start, causal=causal, has_task=has_task, acc=acc, cache=cache
+            )
             totals.add(student_out, teacher_out)
         if has_task:
             totals.add_task(raw_student, batch, causal, correct=_correct(raw_student, batch, causal))
@@ -71,8 +82,9 @@ def _correct(raw, batch, causal: bool) -> int | None:
     return None if causal else int((raw.logits.argmax(-1) == batch["labels"]).sum())
 
 
-def _teacher_outputs(model, teacher: Teacher, batch, *, start: int, causal: bool, has_task: bool, acc,
-                     cache: TeacherCache | None):
+def _teacher_outputs(
+    model, teacher: Teacher, batch, *, start: int, causal: bool, has_task: bool, acc, cache: TeacherCache | None
+):
     """(outputs, (task loss sum, correct)) of the teacher on one held-out batch, from the cache if kept."""
     kept = cache.get(start) if cache is not None else None
     if kept is not None:
@@ -85,13 +97,23 @@ def _teacher_outputs(model, teacher: Teacher, batch, *, start: int, causal: bool
     return outputs, task
 
 
-def evaluate_attached(model, adapter, teacher: Teacher | None, data: TokenData, *, batch_size: int, acc,
-                      cache: TeacherCache | None = None) -> dict:
+def evaluate_attached(
+    model, adapter, teacher: Teacher | None, data: TokenData, *, batch_size: int, acc, cache: TeacherCache | None = None
+) -> dict:
     """:func:`evaluate` with ``adapter`` attached for the call (None: the bare base), taken off after."""
     attached = attach(model, adapter, trainable=False, dtype=torch.float32) if adapter is not None else None
     try:
-        return evaluate(model, attached, teacher, heldout=data, batch_size=batch_size, pad=pad_token_id(model.config),
-                        causal=is_causal_lm(model), acc=acc, cache=cache)
+        return evaluate(
+            model,
+            attached,
+            teacher,
+            heldout=data,
+            batch_size=batch_size,
+            pad=pad_token_id(model.config),
+            causal=is_causal_lm(model),
+            acc=acc,
+            cache=cache,
+        )
     finally:
         if attached is not None:
             attached.detach()
@@ -99,8 +121,7 @@ def evaluate_attached(model, adapter, teacher: Teacher | None, data: TokenData, 
 
 def evaluate_adapter(job, adapter, batch_size: int) -> dict:
     """Held-out metrics of ``adapter`` on the job's base against its teacher, without training."""
-    return evaluate_attached(job.model, adapter, job.teacher, job.heldout, batch_size=batch_size,
-                             acc=job.accelerator)
+    return evaluate_attached(job.model, adapter, job.teacher, job.heldout, batch_size=batch_size, acc=job.accelerator)
 
 
 class _OnModelDevice:

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..adapter import Adapter
+from ..adapter import Adapter, compose, reference
 from ..errors import ShareportError
-from ..adapter import compose, reference
 from ..model.surgery import Attached
 
 
@@ -61,8 +60,10 @@ def train_cores(student: Attached, member: Adapter, checkpointing: bool) -> Core
     if not products:
         return None
     if checkpointing:
-        raise ShareportError("checkpoints (--checkpoint-every/--resume) of a two-sided fleet member's cores are "
-                             "not supported; run without them")
+        raise ShareportError(
+            "checkpoints (--checkpoint-every/--resume) of a two-sided fleet member's cores are "
+            "not supported; run without them"
+        )
     cores = {}
     for path, wrapper in sorted(student.wrappers.items()):
         b_name = member.sites[path].b

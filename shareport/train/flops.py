@@ -12,8 +12,9 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     (GPT-2's Conv1D too), the output head included. Embeddings are lookups and cost no FLOPs; norms
     and biases are negligible; attention's scores (QK^T, AV: 4 * seq * hidden per layer and token)
     are left out, so the MFU is an underestimate (about 4% at hidden 2048, seq 512)."""
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    return sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    )
 
 
 def throughput(base_params: int, teacher: bool, tokens: int, seconds: float, device: torch.device) -> dict:
@@ -26,5 +27,10 @@ def throughput(base_params: int, teacher: bool, tokens: int, seconds: float, dev
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak = peak_flops(name)
     achieved = per_token * tokens / seconds if seconds > 0 else None
-    return {"flops_per_token": per_token, "achieved_flops": achieved, "device_name": name, "peak_flops": peak,
-            "mfu": achieved / peak if achieved is not None and peak else None}
+    return {
+        "flops_per_token": per_token,
+        "achieved_flops": achieved,
+        "device_name": name,
+        "peak_flops": peak,
+        "mfu": achieved / peak if achieved is not None and peak else None,
+    }

@@ -23,10 +23,8 @@ from ..adapter import Adapter
 from ..convert import convert_adapter
 from ..convert_options import parse_buckets
 from ..errors import ShareportError
-from .jobs import TrainingOptions
-from .choices import DEFAULT_FRONTIER_BUDGETS as DEFAULT_BUDGETS
-from .choices import FRONTIER_FORMS as FORMS
 from .choices import MAX_FRONTIER_BUDGET as MAX_BUDGET
+from .jobs import TrainingOptions
 from .recipe import Job, evaluate_adapter, run
 
 
@@ -97,10 +95,20 @@ def _fidelity(metrics: dict, lora_accuracy: float | None) -> tuple[float | None,
     return accuracy, metrics["top1_agreement"]
 
 
-def measure(job: Job, lora: Adapter, forms, *, budgets, options: TrainingOptions, recover_steps: int,
-            cached: Callable[[str], dict | None], store: Callable[[str, dict], None],
-            on_stage: Callable[[str, float, str], None], on_point: Callable[[Point], None],
-            serving: tuple[str, ...] = ()) -> tuple[dict, list[Point]]:
+def measure(
+    job: Job,
+    lora: Adapter,
+    forms,
+    *,
+    budgets,
+    options: TrainingOptions,
+    recover_steps: int,
+    cached: Callable[[str], dict | None],
+    store: Callable[[str, dict], None],
+    on_stage: Callable[[str, float, str], None],
+    on_point: Callable[[Point], None],
+    serving: tuple[str, ...] = (),
+) -> tuple[dict, list[Point]]:
     """Every (form, budget) point, converted and, with ``recover_steps``, recovered; with ``serving``
     (``parse_serving``'s values) also one point per rule, planned under it (none where the budget
     cannot pay for it).
@@ -120,9 +128,21 @@ def measure(job: Job, lora: Adapter, forms, *, budgets, options: TrainingOptions
             data = cached(key)
             if data is None:
                 stage = functools.partial(on_stage, form if rule is None else f"{form} [{rule}]", budget)
-                data = [p.to_dict() for p in _point(job, lora, form, budget=budget, options=options,
-                                                    recover_steps=recover_steps, lora_accuracy=lora_accuracy,
-                                                    on_stage=stage, on_point=on_point, serving=rule)]
+                data = [
+                    p.to_dict()
+                    for p in _point(
+                        job,
+                        lora,
+                        form,
+                        budget=budget,
+                        options=options,
+                        recover_steps=recover_steps,
+                        lora_accuracy=lora_accuracy,
+                        on_stage=stage,
+                        on_point=on_point,
+                        serving=rule,
+                    )
+                ]
                 store(key, data)
             else:
                 for d in data:
@@ -131,8 +151,9 @@ def measure(job: Job, lora: Adapter, forms, *, budgets, options: TrainingOptions
     return reference, points
 
 
-def _point(job, lora, form, *, budget, options, recover_steps, lora_accuracy, on_stage, on_point,
-           serving=None) -> list[Point]:
+def _point(
+    job, lora, form, *, budget, options, recover_steps, lora_accuracy, on_stage, on_point, serving=None
+) -> list[Point]:
     on_stage("converting")
     started = time.perf_counter()
     try:
@@ -142,21 +163,48 @@ def _point(job, lora, form, *, budget, options, recover_steps, lora_accuracy, on
     seconds = time.perf_counter() - started
     before = evaluate_adapter(job, converted, options.batch_size)
     accuracy, fidelity = _fidelity(before, lora_accuracy)
-    common = dict(form=form, serving=serving, budget=budget, parameters=report.parameters_after, ratio=report.ratio,
-                  max_relative_error=max((k.relative_error for k in report.kinds), default=0.0))
-    out = [Point(recovered=False, steps=0, kl=before.get("kl"), top1_agreement=before.get("top1_agreement"),
-                 accuracy=accuracy, fidelity=fidelity, seconds=seconds, **common)]
+    common = dict(
+        form=form,
+        serving=serving,
+        budget=budget,
+        parameters=report.parameters_after,
+        ratio=report.ratio,
+        max_relative_error=max((k.relative_error for k in report.kinds), default=0.0),
+    )
+    out = [
+        Point(
+            recovered=False,
+            steps=0,
+            kl=before.get("kl"),
+            top1_agreement=before.get("top1_agreement"),
+            accuracy=accuracy,
+            fidelity=fidelity,
+            seconds=seconds,
+            **common,
+        )
+    ]
     on_point(out[-1])
     if recover_steps:
         on_stage("recovering")
         started = time.perf_counter()
-        recipe = dataclasses.replace(options, steps=recover_steps).recipe(converted, distill_weight=1.0, task_weight=0.0)
+        recipe = dataclasses.replace(options, steps=recover_steps).recipe(
+            converted, distill_weight=1.0, task_weight=0.0
+        )
         _, training = run(dataclasses.replace(job, student=converted, progress=False), recipe)
         after = training["after"]
         accuracy, fidelity = _fidelity(after, lora_accuracy)
-        out.append(Point(recovered=True, steps=recover_steps, kl=after.get("kl"),
-                         top1_agreement=after.get("top1_agreement"), accuracy=accuracy, fidelity=fidelity,
-                         seconds=seconds + time.perf_counter() - started, **common))
+        out.append(
+            Point(
+                recovered=True,
+                steps=recover_steps,
+                kl=after.get("kl"),
+                top1_agreement=after.get("top1_agreement"),
+                accuracy=accuracy,
+                fidelity=fidelity,
+                seconds=seconds + time.perf_counter() - started,
+                **common,
+            )
+        )
         on_point(out[-1])
     return out
 
@@ -172,8 +220,10 @@ def point_line(point: Point) -> str:
     state = f"recovered {point.steps} steps" if point.recovered else "converted"
     kl = "-" if point.kl is None else f"{point.kl:.4f}"
     accuracy = "" if point.accuracy is None else f", accuracy {point.accuracy:.4f}"
-    return (f"{point.label} at {point.budget:g} ({point.ratio:.1%} of the LoRA), {state}: KL {kl}{accuracy}, "
-            f"fidelity {point.fidelity:.4f} ({point.seconds:.0f} s)")
+    return (
+        f"{point.label} at {point.budget:g} ({point.ratio:.1%} of the LoRA), {state}: KL {kl}{accuracy}, "
+        f"fidelity {point.fidelity:.4f} ({point.seconds:.0f} s)"
+    )
 
 
 def pareto(points: list[Point]) -> list[Point]:

@@ -35,12 +35,16 @@ def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed:
     """``count`` token sequences sampled from ``model`` with the teacher's adapter active."""
     check_generate(count)
     if not is_causal_lm(model):
-        raise ShareportError(f"{where}: --generate samples texts from a causal LM; this base loads as "
-                             f"{type(model).__name__} (give --data instead)")
+        raise ShareportError(
+            f"{where}: --generate samples texts from a causal LM; this base loads as "
+            f"{type(model).__name__} (give --data instead)"
+        )
     starts = _token_ids(getattr(model.config, "bos_token_id", None))
     if not starts:
-        raise ShareportError(f"{where}: --generate starts each text at the beginning-of-sequence token, and "
-                             "config.json sets no bos_token_id (give --data instead)")
+        raise ShareportError(
+            f"{where}: --generate starts each text at the beginning-of-sequence token, and "
+            "config.json sets no bos_token_id (give --data instead)"
+        )
     if max_length < 2:
         raise ShareportError(f"--max-length must be at least 2 to generate texts, got {max_length}")
     ends = set(_token_ids(getattr(model.config, "eos_token_id", None)))
@@ -53,10 +57,17 @@ def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed:
             for first in range(0, count, CHUNK):
                 rows = min(CHUNK, count - first)
                 prompt = torch.full((rows, 1), starts[0], dtype=torch.long, device=device)
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                     temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_length - 1,
-                                     pad_token_id=pad_token_id(model.config),
-                                     eos_token_id=sorted(ends) or None)
+                out = model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_length - 1,
+                    pad_token_id=pad_token_id(model.config),
+                    eos_token_id=sorted(ends) or None,
+                )
                 sequences += [_until_end(row, ends) for row in out.tolist()]
     finally:
         torch.set_rng_state(saved)
@@ -67,5 +78,5 @@ def _until_end(row: list[int], ends: set[int]) -> list[int]:
     """The sampled tokens up to and including the first end-of-sequence token (generate pads after it)."""
     for i, token in enumerate(row[1:], start=1):
         if token in ends:
-            return row[:i + 1]
+            return row[: i + 1]
     return row

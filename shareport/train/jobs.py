@@ -21,8 +21,8 @@ from ..model.base import CAUSAL_LM_CLASS, auto_class_name, empty_base_model, rea
 from ..model.fresh import fresh_adapter
 from .accel import load_sharded_base, make_accelerator, model_dtype, shards_base
 from .checkpoint import load_checkpoint
-from .generated import generate_data
 from .data import load_data, split_heldout
+from .generated import generate_data
 from .merging import MergeSchedule
 from .recipe import Job, Recipe
 from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_TRAINABLE, DEFAULT_WARMUP
@@ -69,31 +69,62 @@ class TrainingOptions:
         return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(out).rstrip("/") + ".checkpoint")
 
     def recipe(self, adapter: Adapter, distill_weight: float, task_weight: float) -> Recipe:
-        schedule = merge_schedule(adapter, self.steps, merges=self.merges, groups=self.groups,
-                                  start=self.merge_start, every=self.merge_every, mode=self.merge_mode,
-                                  pairs=self.merge_pairs)
-        return Recipe(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                      distill_weight=distill_weight, task_weight=task_weight,
-                      checkpoint_every=self.checkpoint_every, merge=schedule,
-                      compile="inductor" if self.compile else None, pack=self.pack, schedule=self.schedule,
-                      warmup=self.warmup, eval_every=self.eval_every, hidden_weight=self.hidden_weight,
-                      temperature=self.temperature, trainable=self.trainable)
+        schedule = merge_schedule(
+            adapter,
+            self.steps,
+            merges=self.merges,
+            groups=self.groups,
+            start=self.merge_start,
+            every=self.merge_every,
+            mode=self.merge_mode,
+            pairs=self.merge_pairs,
+        )
+        return Recipe(
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            distill_weight=distill_weight,
+            task_weight=task_weight,
+            checkpoint_every=self.checkpoint_every,
+            merge=schedule,
+            compile="inductor" if self.compile else None,
+            pack=self.pack,
+            schedule=self.schedule,
+            warmup=self.warmup,
+            eval_every=self.eval_every,
+            hidden_weight=self.hidden_weight,
+            temperature=self.temperature,
+            trainable=self.trainable,
+        )
 
 
-def merge_schedule(adapter: Adapter, steps: int, *, merges: int | None, groups: int | None, start: int | None,
-                   every: int | None, mode: str, pairs: str) -> MergeSchedule | None:
+def merge_schedule(
+    adapter: Adapter,
+    steps: int,
+    *,
+    merges: int | None,
+    groups: int | None,
+    start: int | None,
+    every: int | None,
+    mode: str,
+    pairs: str,
+) -> MergeSchedule | None:
     """The ASLoRA schedule asked for (None without --merges/--groups); it must finish within ``steps``."""
     if merges is None and groups is None:
         if start is not None or every is not None:
             raise ShareportError("--merge-start/--merge-every need --merges or --groups")
         return None
     layers = max(len(sites) for sites in adapter.kinds().values())
-    schedule = MergeSchedule.spread(steps, layers, merges=merges, groups=groups, start=start, every=every,
-                                    mode=mode, pairs=pairs)
+    schedule = MergeSchedule.spread(
+        steps, layers, merges=merges, groups=groups, start=start, every=every, mode=mode, pairs=pairs
+    )
     last = schedule.last_merge_step(layers)
     if last > steps:
-        raise ShareportError(f"the merge schedule ends at step {last}, after the last step ({steps}); "
-                             "lower --merge-start/--merge-every or raise --steps")
+        raise ShareportError(
+            f"the merge schedule ends at step {last}, after the last step ({steps}); "
+            "lower --merge-start/--merge-every or raise --steps"
+        )
     return schedule
 
 
@@ -116,8 +147,12 @@ def _data(data_path, base_dir, max_length: int, eval_fraction: float, eval_path=
     and the data's held-out split for picking the best step (never the test file itself).
     Class-name labels: the record holds their indices."""
     data = load_data(data_path, base_dir, max_length)
-    inputs = {"data": str(data_path), "data_examples": len(data), "max_length": max_length,
-              "eval_fraction": eval_fraction}
+    inputs = {
+        "data": str(data_path),
+        "data_examples": len(data),
+        "max_length": max_length,
+        "eval_fraction": eval_fraction,
+    }
     if data.label_ids is not None:
         inputs["label_ids"] = {"ids": data.label_ids, "from": data.label_ids_from}
     train, heldout = split_heldout(data, eval_fraction)
@@ -128,8 +163,10 @@ def _data(data_path, base_dir, max_length: int, eval_fraction: float, eval_path=
     both = test.labels is not None and data.labels is not None
     if both and (data.label_ids is None) != (test.label_ids is None):
         kinds = {True: "class indices", False: "class names"}
-        raise ShareportError(f"{eval_path}: its labels are {kinds[test.label_ids is None]} and {data_path}'s are "
-                             f"{kinds[data.label_ids is None]}: give both the same kind")
+        raise ShareportError(
+            f"{eval_path}: its labels are {kinds[test.label_ids is None]} and {data_path}'s are "
+            f"{kinds[data.label_ids is None]}: give both the same kind"
+        )
     if test.labels is None:
         raise ShareportError(f"{eval_path}: the evaluation rows have no 'label' field, which accuracy needs")
     return train, test, heldout, {**inputs, "eval": str(eval_path), "eval_examples": len(test)}
@@ -157,15 +194,29 @@ def check_inputs(base_dir, data_path, adapter_dirs=(), pack: bool = False) -> li
         # the last adapter (recovery's teacher) decides first, as recovery_job loads the base
         loads = auto_class_name(next((a.task_type for a in reversed(adapters) if a.task_type), None), config)
         if loads != CAUSAL_LM_CLASS:
-            raise ShareportError(f"--pack needs a causal LM: {base_dir} loads as {loads}, which gives one output "
-                                 "per row, and a packed row holds several examples")
+            raise ShareportError(
+                f"--pack needs a causal LM: {base_dir} loads as {loads}, which gives one output "
+                "per row, and a packed row holds several examples"
+            )
     return adapters
 
 
-def recovery_job(shared_dir, base_dir, teacher_dir, *, data_path=None, max_length: int = 128,
-                 eval_fraction: float = 0.1, checkpoint_dir: Path | None = None, resume: bool = False,
-                 merging: bool = False, adapters: tuple[Adapter, Adapter] | None = None, eval_path=None,
-                 generate: int | None = None, seed: int = 0) -> Job:
+def recovery_job(
+    shared_dir,
+    base_dir,
+    teacher_dir,
+    *,
+    data_path=None,
+    max_length: int = 128,
+    eval_fraction: float = 0.1,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    merging: bool = False,
+    adapters: tuple[Adapter, Adapter] | None = None,
+    eval_path=None,
+    generate: int | None = None,
+    seed: int = 0,
+) -> Job:
     """``adapters``: the student and teacher already read by :func:`check_inputs` (else read here).
     ``generate``: no ``data_path``; that many texts sampled from the teacher are the data
     (``generated.py``), split into training and held-out as a file would be."""
@@ -183,24 +234,61 @@ def recovery_job(shared_dir, base_dir, teacher_dir, *, data_path=None, max_lengt
         data = generate_data(model, teacher, count=generate, max_length=max_length, seed=seed, where=str(base_dir))
         train, heldout = split_heldout(data, eval_fraction)
         selection = None
-        inputs = {"data": None, "generated": generate, "generate_seed": seed, "max_length": max_length,
-                  "eval_fraction": eval_fraction}
+        inputs = {
+            "data": None,
+            "generated": generate,
+            "generate_seed": seed,
+            "max_length": max_length,
+            "eval_fraction": eval_fraction,
+        }
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     if dropped:  # sites the conversion cut to rank 0: the student recovers without them (teacher.check_pair)
         inputs["teacher_only_sites"] = dropped
-    return Job(model, resumed or student, teacher, train_data=train, heldout=heldout, accelerator=acc, inputs=inputs,
-               checkpoint_dir=checkpoint_dir, resume_state=state, selection=selection)
+    return Job(
+        model,
+        resumed or student,
+        teacher,
+        train_data=train,
+        heldout=heldout,
+        accelerator=acc,
+        inputs=inputs,
+        checkpoint_dir=checkpoint_dir,
+        resume_state=state,
+        selection=selection,
+    )
 
 
-def scratch_job(base_dir, data_path, form: str, *, targets: list[str], rank: int, alpha: float, seed: int,
-                max_length: int, eval_fraction: float, checkpoint_dir: Path | None, resume: bool,
-                merging: bool) -> Job:
+def scratch_job(
+    base_dir,
+    data_path,
+    form: str,
+    *,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    seed: int,
+    max_length: int,
+    eval_fraction: float,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    merging: bool,
+) -> Job:
     resumed, state = _resume(checkpoint_dir, resume)
     acc = make_accelerator(merging)
     train, heldout, _, inputs = _data(data_path, base_dir, max_length, eval_fraction)
     model = _base_model(base_dir, None, acc)
-    adapter = fresh_adapter(model, form, targets, rank=rank, alpha=alpha, seed=seed,
-                            base_model=str(Path(base_dir).resolve()))
+    adapter = fresh_adapter(
+        model, form, targets, rank=rank, alpha=alpha, seed=seed, base_model=str(Path(base_dir).resolve())
+    )
     inputs.update({"base": str(base_dir), "form": form, "targets": sorted(targets), "rank": rank, "alpha": alpha})
-    return Job(model, resumed or adapter, None, train_data=train, heldout=heldout, accelerator=acc, inputs=inputs,
-               checkpoint_dir=checkpoint_dir, resume_state=state)
+    return Job(
+        model,
+        resumed or adapter,
+        None,
+        train_data=train,
+        heldout=heldout,
+        accelerator=acc,
+        inputs=inputs,
+        checkpoint_dir=checkpoint_dir,
+        resume_state=state,
+    )

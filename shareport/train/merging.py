@@ -42,7 +42,9 @@ class MergeSchedule:
         if (self.merges is None) == (self.groups is None):
             raise ShareportError("give exactly one of --merges and --groups")
         if self.start < 0 or self.every < 1:
-            raise ShareportError(f"--merge-start must be >= 0 and --merge-every >= 1, got {self.start} and {self.every}")
+            raise ShareportError(
+                f"--merge-start must be >= 0 and --merge-every >= 1, got {self.start} and {self.every}"
+            )
         if (self.merges is not None and self.merges < 1) or (self.groups is not None and self.groups < 1):
             raise ShareportError("--merges and --groups must be at least 1")
         if self.mode not in MODES or self.pairs not in PAIRS:
@@ -87,7 +89,8 @@ class MergeSchedule:
                 raise ShareportError(
                     f"--steps {steps} is too short for {needed} merge(s) per kind{given} (one merge step each, "
                     f"after step 0: at least {needed * every} steps); raise --steps, or merge less "
-                    "(--merges/--groups)")
+                    "(--merges/--groups)"
+                )
             start = min(steps // 4, steps - needed * every)
         return cls(**{**fields, "start": start, "every": every})
 
@@ -123,7 +126,9 @@ class BMerger:
         self.remaining = {kind: schedule.merges_needed(len(sites)) for kind, sites in attached.adapter.kinds().items()}
 
     def _b_params(self) -> dict:
-        return {name: self.attached.parameters[name] for name in sorted({s.b for s in self.attached.adapter.sites.values()})}
+        return {
+            name: self.attached.parameters[name] for name in sorted({s.b for s in self.attached.adapter.sites.values()})
+        }
 
     def groups(self, kind: str) -> list[list[Site]]:
         """The kind's groups (sites that share a B), ordered by their lowest layer."""
@@ -194,7 +199,7 @@ class BMerger:
         self.remaining = {k: int(v) for k, v in meta["remaining"].items()}
         self.events = [MergeEvent(**e) for e in meta["events"]]
         names = set(self.averages)
-        loaded = {k[len("average/"):]: v for k, v in tensors.items() if k.startswith("average/")}
+        loaded = {k[len("average/") :]: v for k, v in tensors.items() if k.startswith("average/")}
         if set(loaded) != names:
             raise ShareportError("checkpoint's ASLoRA running averages do not match the adapter's B tensors")
         self.averages = {n: loaded[n].float().to(self.averages[n].device) for n in sorted(names)}

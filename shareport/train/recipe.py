@@ -38,24 +38,41 @@ from ..adapter import Adapter, frozen_names
 from ..errors import ShareportError
 from ..model.base import is_causal_lm
 from ..model.surgery import attach
-from .best import BestKept, curve_point, selection_score
 from .accel import average_gradients, local_parameter_bytes, parameter_bytes, shard_base, shards_base
+from .best import BestKept, curve_point, selection_score
 from .checkpoint import check_same_recipe, load_optimizer_state, optimizer_state, restore_rng, save_checkpoint
 from .compiled import compiled_blocks, eager_blocks
+from .cores import train_cores_only
 from .data import BatchOrder, TokenData, collate, collate_packed, counted_positions, pad_token_id
 from .distill import distill_sum, hidden_sum, model_outputs, task_sum
 from .evaluation import TeacherCache, evaluate, evaluate_adapter
-from .cores import train_cores_only
 from .fleet_cores import train_cores
 from .flops import matmul_parameters, throughput
 from .merging import BMerger, MergeSchedule
-from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_TRAINABLE, DEFAULT_WARMUP, MIN_HELDOUT_ROWS,
-                       default_eval_every, eval_steps, lr_factor)
 from .recipe_checks import check_recipe
+from .schedule import (
+    DEFAULT_LR,
+    DEFAULT_SCHEDULE,
+    DEFAULT_TRAINABLE,
+    DEFAULT_WARMUP,
+    MIN_HELDOUT_ROWS,
+    default_eval_every,
+    eval_steps,
+    lr_factor,
+)
 from .teacher import Teacher
 
-__all__ = ["Job", "Recipe", "Trainer", "evaluate", "evaluate_adapter", "matmul_parameters", "run", "throughput",
-           "with_provenance"]
+__all__ = [
+    "Job",
+    "Recipe",
+    "Trainer",
+    "evaluate",
+    "evaluate_adapter",
+    "matmul_parameters",
+    "run",
+    "throughput",
+    "with_provenance",
+]
 
 
 @dataclasses.dataclass
@@ -143,17 +160,24 @@ class Trainer:
         self.names = sorted(set(self.student.parameters) - frozen)
         # --trainable cores: each trainable factor (a two-sided member's B is a core already) as basis x core
         already_cores = set(self.cores.products) if self.cores is not None else set()
-        self.bases = (train_cores_only(self.student, [n for n in self.names if n not in already_cores])
-                      if recipe.trainable == "cores" else None)
-        self.optimizer = torch.optim.AdamW([self.student.parameters[n] for n in self.names], lr=recipe.lr,
-                                           weight_decay=0.0, fused=True)
+        self.bases = (
+            train_cores_only(self.student, [n for n in self.names if n not in already_cores])
+            if recipe.trainable == "cores"
+            else None
+        )
+        self.optimizer = torch.optim.AdamW(
+            [self.student.parameters[n] for n in self.names], lr=recipe.lr, weight_decay=0.0, fused=True
+        )
         self.merger = BMerger(self.student, recipe.merge, self.optimizer) if recipe.merge else None
         self.fingerprint = recipe.fingerprint(**job.inputs)
         self.selection = job.selection if job.selection is not None else job.heldout
         self.caches = {id(job.heldout): TeacherCache(), id(self.selection): TeacherCache()}
         self.eval_every = recipe.eval_every or default_eval_every(
-            steps=recipe.steps, batch_size=recipe.batch_size, heldout_examples=len(self.selection),
-            teacher_cached=job.teacher is not None)
+            steps=recipe.steps,
+            batch_size=recipe.batch_size,
+            heldout_examples=len(self.selection),
+            teacher_cached=job.teacher is not None,
+        )
         self.eval_at = set(eval_steps(recipe.steps, self.eval_every))
         layers = max(len(sites) for sites in job.student.kinds().values())
         self.best = BestKept(recipe.merge.last_merge_step(layers) if recipe.merge else 0)
@@ -184,7 +208,7 @@ class Trainer:
         """One optimizer step on global batch ``step``, at the scheduled lr."""
         recipe, acc = self.recipe, self.acc
         rank = acc.process_index
-        indices = self.order.batch(step)[rank * self.share:(rank + 1) * self.share]
+        indices = self.order.batch(step)[rank * self.share : (rank + 1) * self.share]
         if recipe.pack:  # rows as wide as the data's max_length
             rows = collate_packed(self.job.train_data, indices, self.pad, self.job.inputs.get("max_length", 0))
         else:
@@ -213,8 +237,10 @@ class Trainer:
             self._postfix()
         if acc.is_main_process:
             for event in events:
-                self.progress.write(f"step {t}: {event.kind}: layers {event.merged} take the B of layers "
-                                    f"{event.kept} (distance {event.distance:.4g})")
+                self.progress.write(
+                    f"step {t}: {event.kind}: layers {event.merged} take the B of layers "
+                    f"{event.kept} (distance {event.distance:.4g})"
+                )
         if t in self.eval_at:
             started = time.perf_counter()
             with eager_blocks(self.model) if recipe.compile else contextlib.nullcontext():
@@ -226,8 +252,17 @@ class Trainer:
 
     def evaluate(self, data: TokenData) -> dict:
         """Held-out metrics of the student as it is now (the teacher's outputs computed once per split)."""
-        return evaluate(self.model, self.student, self.job.teacher, heldout=data, batch_size=self.recipe.batch_size,
-                        pad=self.pad, causal=self.causal, acc=self.acc, cache=self.caches[id(data)])
+        return evaluate(
+            self.model,
+            self.student,
+            self.job.teacher,
+            heldout=data,
+            batch_size=self.recipe.batch_size,
+            pad=self.pad,
+            causal=self.causal,
+            acc=self.acc,
+            cache=self.caches[id(data)],
+        )
 
     def finish(self) -> tuple[Adapter, dict]:
         """Put the best adapter's values back, read it off the model, take the adapter off; the report."""
@@ -238,19 +273,25 @@ class Trainer:
                 for name, value in self.best.tensors.items():
                     self.student.parameters[name].copy_(value)
         after = self._after()
-        composed = (self.bases.factors(self.student, self.job.student, kept_start=self.best.step == 0)
-                    if self.bases is not None else None)
+        composed = (
+            self.bases.factors(self.student, self.job.student, kept_start=self.best.step == 0)
+            if self.bases is not None
+            else None
+        )
         trained = self.student.to_adapter(composed)
         if self.cores is not None:
             trained = self.cores.finish(trained, self.job.student)
         self.student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
         report = self._report(after, trained, elapsed)
-        report["timings"].update(throughput(self.base_params, self.job.teacher is not None, self.tokens, elapsed,
-                                            self.acc.device))
+        report["timings"].update(
+            throughput(self.base_params, self.job.teacher is not None, self.tokens, elapsed, self.acc.device)
+        )
         if self.sharded:
             # the detached model holds the base alone: this process's shard of it
-            report["fsdp"] = {"base_parameter_bytes": self.base_bytes,
-                              "base_parameter_bytes_here": local_parameter_bytes(self.model)}
+            report["fsdp"] = {
+                "base_parameter_bytes": self.base_bytes,
+                "base_parameter_bytes_here": local_parameter_bytes(self.model),
+            }
         return trained, report
 
     # ---------------------------------------------------------------------------------- helpers
@@ -266,7 +307,8 @@ class Trainer:
                 teacher_out, _ = model_outputs(self.model, batch, self.causal, hidden=hidden)
         if recipe.distill_weight:
             total = total + recipe.distill_weight * _normalised(
-                *distill_sum(student_out, teacher_out, recipe.temperature), acc)
+                *distill_sum(student_out, teacher_out, recipe.temperature), acc
+            )
         if hidden:
             total = total + recipe.hidden_weight * _normalised(*hidden_sum(student_out, teacher_out), acc)
         if recipe.task_weight:
@@ -292,11 +334,14 @@ class Trainer:
             raise ShareportError(
                 f"{source}: the held-out split has {rows} compared row(s) (sequences for a classifier, tokens for "
                 f"a causal LM); recovery picks its best step on it and needs at least {MIN_HELDOUT_ROWS}: raise "
-                "--eval-fraction or give more data")
+                "--eval-fraction or give more data"
+            )
 
     def _postfix(self) -> None:
-        fields = {"loss": f"{self.last_loss:.4g}",
-                  "tok_s": f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):,.0f}"}
+        fields = {
+            "loss": f"{self.last_loss:.4g}",
+            "tok_s": f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):,.0f}",
+        }
         if self.best.step is not None:
             fields["best"] = f"{self.best.score:.4g}@{self.best.step}"
         if self.merger:
@@ -314,9 +359,16 @@ class Trainer:
                 tensors.update(averages)
             best_meta, best_tensors = self.best.state()
             tensors.update(best_tensors)
-            state = {"step": t, "data_position": self.order.position(t), "recipe": self.fingerprint,
-                     "optimizer": hyper, "merger": merge_meta, "eval_before": self.before,
-                     "curve_metrics": self.curve_metrics, "best": best_meta}
+            state = {
+                "step": t,
+                "data_position": self.order.position(t),
+                "recipe": self.fingerprint,
+                "optimizer": hyper,
+                "merger": merge_meta,
+                "eval_before": self.before,
+                "curve_metrics": self.curve_metrics,
+                "best": best_meta,
+            }
             save_checkpoint(self.job.checkpoint_dir, self.student.to_adapter(), state, tensors)
         acc.wait_for_everyone()
 
@@ -350,12 +402,19 @@ class Trainer:
             "eval_every": self.eval_every,
             "curve": [curve_point(step, metrics) for step, metrics in sorted(self.curve_metrics.items())],
             "final_train_loss": self.last_loss,
-            "parameters": {"start": job.student.num_parameters(), "end": trained.num_parameters(),
-                           "trained": sum(p.numel() for p in self.student.parameters.values() if p.requires_grad)},
+            "parameters": {
+                "start": job.student.num_parameters(),
+                "end": trained.num_parameters(),
+                "trained": sum(p.numel() for p in self.student.parameters.values() if p.requires_grad),
+            },
             "groups": {kind: len({s.b for s in sites}) for kind, sites in trained.kinds().items()},
             # wall-clock numbers differ run to run: written apart (training_timings.json) so the report is reproducible
-            "timings": {"seconds": elapsed, "eval_seconds": self.eval_seconds, "tokens": self.tokens,
-                        "tokens_per_second": self.tokens / elapsed if elapsed > 0 else None},
+            "timings": {
+                "seconds": elapsed,
+                "eval_seconds": self.eval_seconds,
+                "tokens": self.tokens,
+                "tokens_per_second": self.tokens / elapsed if elapsed > 0 else None,
+            },
         }
         if self.selection is not job.heldout:
             report["selection_examples"] = len(self.selection)
@@ -375,8 +434,14 @@ def _progress(acc, total: int, initial: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
     # disable=None: shown on a terminal only (as every shareport bar), so logs and captured output stay clean
-    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
-                disable=None if enabled and acc.is_local_main_process else True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if enabled and acc.is_local_main_process else True,
+    )
 
 
 def with_provenance(adapter: Adapter, entry: dict) -> Adapter:

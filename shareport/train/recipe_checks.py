@@ -24,15 +24,22 @@ def check_recipe(recipe, job, causal: bool) -> None:
     check_schedule(recipe.schedule, recipe.warmup)
     check_trainable(recipe.trainable)
     if recipe.trainable == "cores" and recipe.merge is not None:
-        raise ShareportError("--trainable cores cannot run with ASLoRA merges (--merges/--groups): a merge replaces "
-                             "whole B factors, which then have no basis of their own; train the factors")
+        raise ShareportError(
+            "--trainable cores cannot run with ASLoRA merges (--merges/--groups): a merge replaces "
+            "whole B factors, which then have no basis of their own; train the factors"
+        )
     if recipe.trainable == "cores" and (recipe.checkpoint_every or job.resume_state is not None):
-        raise ShareportError("--trainable cores does not checkpoint (--checkpoint-every/--resume): a checkpoint "
-                             "would have to keep the frozen bases too; run without them")
+        raise ShareportError(
+            "--trainable cores does not checkpoint (--checkpoint-every/--resume): a checkpoint "
+            "would have to keep the frozen bases too; run without them"
+        )
     check_eval_every(recipe.eval_every, recipe.steps)
     if recipe.pack and not causal:
-        raise ShareportError("--pack needs a causal LM: a packed row holds several examples, and a "
-                             f"{type(job.model).__name__} gives one output per row")
+        raise ShareportError(
+            "--pack needs a causal LM: a packed row holds several examples, and a "
+            f"{type(job.model).__name__} gives one output per row"
+        )
     if recipe.batch_size % job.accelerator.num_processes:
-        raise ShareportError(f"--batch-size {recipe.batch_size} must be a multiple of the "
-                             f"{job.accelerator.num_processes} processes")
+        raise ShareportError(
+            f"--batch-size {recipe.batch_size} must be a multiple of the {job.accelerator.num_processes} processes"
+        )

@@ -34,8 +34,9 @@ def check_pair(teacher: Adapter, student: Adapter) -> list[str]:
     only_teacher = sorted(set(teacher.sites) - set(student.sites))
     only_student = sorted(set(student.sites) - set(teacher.sites))
     if only_student:
-        raise ShareportError(f"teacher and student adapt different modules: only the student adapts "
-                             f"'{only_student[0]}'")
+        raise ShareportError(
+            f"teacher and student adapt different modules: only the student adapts '{only_student[0]}'"
+        )
     for path in sorted(student.sites):
         if teacher.shape(path) != student.shape(path):
             raise ShareportError(

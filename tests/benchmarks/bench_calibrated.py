@@ -44,6 +44,7 @@ limits truncation: calibrating on the test split's own statistics, which no esti
 gives 0.71x the plain KL, and the plain projection at the calibrated plan's ranks does as well:
 the per-site output error is aligned with KL only so far.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,6 @@ import math
 import time
 from pathlib import Path
 
-from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 import torch
 
 import converters
@@ -62,10 +62,12 @@ from shareport.adapter import Adapter
 from shareport.convert import kind_factors
 from shareport.errors import ShareportError
 from shareport.files import load_adapter
+from shareport.forms import CALIBRATION_SAMPLES
 from shareport.model import load_base_model
 from shareport.model.calibration import collect_statistics
 from shareport.train.data import load_data, pad_token_id, sample_examples
 from shareport.train.recipe import evaluate, run
+from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 from tests.benchmarks import docstrings_data
 from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
 from tests.benchmarks.stages import stage
@@ -77,7 +79,7 @@ ALSO = 0.95  # read off the same curves, for when 99% is not reached
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    samples: int = flows.CALIBRATION_SAMPLES  # calibration sequences (drawn across the train split)
+    samples: int = CALIBRATION_SAMPLES  # calibration sequences (drawn across the train split)
     cap: int = 150  # recovery steps at most
     every: int = 10  # held-out accuracy every this many steps
     eval_batch: int = 32
@@ -114,8 +116,9 @@ class Context:
         """Each site's input second moment (basis Q of its kind) on ``split``: the calibration
         samples ("calibration") or the whole test split ("test"), with the LoRA attached."""
         if split not in self._stats:
-            path, limit = ((self.calibration, self.s.samples) if split == "calibration"
-                           else (self.data / "test.jsonl", None))
+            path, limit = (
+                (self.calibration, self.s.samples) if split == "calibration" else (self.data / "test.jsonl", None)
+            )
             data = load_data(path, self.base, self.f.max_length)
             # the very examples flows.convert calibrates on (drawn across the file, not the first N)
             sequences = (sample_examples(data, limit) if limit else data).sequences
@@ -157,8 +160,16 @@ def recovery_steps(ctx: Context, adapter: Adapter) -> dict:
     def after_step(t: int) -> None:
         if t % s.every == 0 or t == s.cap:
             # the student is attached to job.model: evaluate it alone (no teacher needed for accuracy)
-            metrics = evaluate(job.model, None, None, heldout=job.heldout, batch_size=s.eval_batch, pad=pad,
-                               causal=False, acc=job.accelerator)
+            metrics = evaluate(
+                job.model,
+                None,
+                None,
+                heldout=job.heldout,
+                batch_size=s.eval_batch,
+                pad=pad,
+                causal=False,
+                acc=job.accelerator,
+            )
             curve.append((t, metrics["accuracy"]["student"]))
             if curve[-1][1] >= ctx.target:
                 raise Reached
@@ -169,9 +180,12 @@ def recovery_steps(ctx: Context, adapter: Adapter) -> dict:
             run(job, recipe, after_step)
         except Reached:
             pass
-    return {"curve": curve, "seconds": time.perf_counter() - started,
-            "steps_99": first_reaching(curve, ctx.target),
-            "steps_95": first_reaching(curve, ALSO / KEEP * ctx.target)}
+    return {
+        "curve": curve,
+        "seconds": time.perf_counter() - started,
+        "steps_99": first_reaching(curve, ctx.target),
+        "steps_95": first_reaching(curve, ALSO / KEEP * ctx.target),
+    }
 
 
 def first_reaching(curve, target: float) -> int | None:
@@ -189,18 +203,25 @@ def describe(ctx: Context, adapter: Adapter) -> dict:
 def convert(ctx: Context, form: str, budget: float, mode: str, **extra) -> tuple[Adapter, dict]:
     folder = ctx.out / "converted" / f"{form}-{budget:g}-{mode}"
     if mode != "plain":
-        extra = dict(calibration=str(ctx.calibration), base=str(ctx.base), calibration_samples=ctx.s.samples,
-                     calibration_max_length=ctx.f.max_length, **extra)
+        extra = dict(
+            calibration=str(ctx.calibration),
+            base=str(ctx.base),
+            calibration_samples=ctx.s.samples,
+            calibration_max_length=ctx.f.max_length,
+            **extra,
+        )
     started = time.perf_counter()
-    report = flows.convert(str(ctx.out / "lora"), form, str(folder), budget=budget, overwrite=True,
-                           progress=False, **extra)
+    report = flows.convert(
+        str(ctx.out / "lora"), form, str(folder), budget=budget, overwrite=True, progress=False, **extra
+    )
     info = {"ratio": report["ratio"], "convert_seconds": time.perf_counter() - started}
     if "calibration" in report:
         info["calibration"] = report["calibration"]
         info["iterations"] = {k["kind"]: k["calibration"]["iterations"] for k in report["kinds"]}
         # the converter's own undamped objective: the output_error_calibration column recomputed
-        info["reported_output_error"] = (sum(k["calibration"]["raw_objective"] for k in report["kinds"])
-                                         / sum(k["calibration"]["raw_energy"] for k in report["kinds"]))
+        info["reported_output_error"] = sum(k["calibration"]["raw_objective"] for k in report["kinds"]) / sum(
+            k["calibration"]["raw_energy"] for k in report["kinds"]
+        )
     return load_adapter(folder), info
 
 
@@ -219,8 +240,9 @@ def from_kind_results(ctx: Context, results: dict) -> Adapter:
         for pos, site in enumerate(sites):
             b, a = results[kind].site_factors(pos)
             factors[site.path] = (a.float(), b.float(), 1.0)
-    return Adapter.from_factors(factors, task_type=ctx.lora.task_type, extra_tensors=dict(ctx.lora.extra_tensors),
-                                config=dict(ctx.lora.config))
+    return Adapter.from_factors(
+        factors, task_type=ctx.lora.task_type, extra_tensors=dict(ctx.lora.extra_tensors), config=dict(ctx.lora.config)
+    )
 
 
 def diagnose_truncation(ctx: Context, budget: float) -> dict:
@@ -238,12 +260,19 @@ def diagnose_truncation(ctx: Context, budget: float) -> dict:
         As, Bts = kind_factors(ctx.lora, sites)
         S = [stats.statistics[site.path] for site in sites]
         swapped["calibrated projection, plain plan"][kind] = converters.convert_kind_calibrated(
-            "lora", As, Bts, S, [plain.rank(site.path) for site in sites], lam=lam).result
+            "lora", As, Bts, S, [plain.rank(site.path) for site in sites], lam=lam
+        ).result
         swapped["plain projection, calibrated plan"][kind] = converters.truncate_kind(
-            As, Bts, [calibrated.rank(site.path) for site in sites])
+            As, Bts, [calibrated.rank(site.path) for site in sites]
+        )
         swapped[oracle][kind] = converters.convert_kind_calibrated(
-            "lora", As, Bts, [test_stats.statistics[site.path] for site in sites],
-            [calibrated.rank(site.path) for site in sites], lam=lam).result
+            "lora",
+            As,
+            Bts,
+            [test_stats.statistics[site.path] for site in sites],
+            [calibrated.rank(site.path) for site in sites],
+            lam=lam,
+        ).result
     rows = {}
     for name, results in swapped.items():
         rows[name] = describe(ctx, from_kind_results(ctx, results))
@@ -251,7 +280,8 @@ def diagnose_truncation(ctx: Context, budget: float) -> dict:
     rows[f"calibrated, ridge {100 * lam:g}"] = {**describe(ctx, ridged), "ratio": info["ratio"]}
     rows["plan ranks (plain | calibrated)"] = {
         kind: [[plain.rank(s.path) for s in sites], [calibrated.rank(s.path) for s in sites]]
-        for kind, sites in ctx.lora.kinds().items()}
+        for kind, sites in ctx.lora.kinds().items()
+    }
     return rows
 
 
@@ -263,8 +293,21 @@ def steps_cell(rec: dict | None, key: str, cap: int) -> str:
 
 
 def table(results: dict, s: Settings) -> str:
-    header = ("budget", "form", "mode", "params", "KL to LoRA", "agree", "acc", "out.err calib", "out.err test",
-              "steps 99%", "steps 95%", "best acc", "convert s")
+    header = (
+        "budget",
+        "form",
+        "mode",
+        "params",
+        "KL to LoRA",
+        "agree",
+        "acc",
+        "out.err calib",
+        "out.err test",
+        "steps 99%",
+        "steps 95%",
+        "best acc",
+        "convert s",
+    )
     rows = []
     for key, p in sorted(results["points"].items(), key=lambda kv: (float(kv[0].split("-")[1]), kv[0])):
         form, budget, mode = key.split("-")
@@ -273,14 +316,27 @@ def table(results: dict, s: Settings) -> str:
             continue
         rec = p["recovery"]
         best = f"{max(a for _, a in rec['curve']):.3f}" if rec else "-"
-        rows.append((f"{float(budget):.0%}", form, mode, f"{p['ratio']:.1%}", f"{p['kl']:.4f}",
-                     f"{p['top1_agreement']:.3f}", f"{p['accuracy']:.3f}", f"{p['output_error_calibration']:.4f}",
-                     f"{p['output_error_test']:.4f}", steps_cell(rec, "steps_99", s.cap),
-                     steps_cell(rec, "steps_95", s.cap), best,
-                     f"{p['convert_seconds']:.1f}"))
+        rows.append(
+            (
+                f"{float(budget):.0%}",
+                form,
+                mode,
+                f"{p['ratio']:.1%}",
+                f"{p['kl']:.4f}",
+                f"{p['top1_agreement']:.3f}",
+                f"{p['accuracy']:.3f}",
+                f"{p['output_error_calibration']:.4f}",
+                f"{p['output_error_test']:.4f}",
+                steps_cell(rec, "steps_99", s.cap),
+                steps_cell(rec, "steps_95", s.cap),
+                best,
+                f"{p['convert_seconds']:.1f}",
+            )
+        )
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths))
-                     for r in [header, tuple("-" * w for w in widths), *rows])
+    return "\n".join(
+        "  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in [header, tuple("-" * w for w in widths), *rows]
+    )
 
 
 def geometric_mean(values) -> float:
@@ -305,8 +361,11 @@ def ratios(results: dict, budget: float, s: Settings) -> dict:
             if a is None and b is None:
                 steps.setdefault(key, {})[form] = None  # neither reached: no ratio
             else:
-                a, b, bound = (s.cap if a is None else a), (s.cap if b is None else b), \
-                    ("<=" if b is None else (">=" if a is None else ""))
+                a, b, bound = (
+                    (s.cap if a is None else a),
+                    (s.cap if b is None else b),
+                    ("<=" if b is None else (">=" if a is None else "")),
+                )
                 steps.setdefault(key, {})[form] = (bound, a / b if b else (1.0 if a == 0 else math.inf))
     return {"kl": kl, "kl_geometric_mean": geometric_mean(kl.values()), "steps": steps}
 
@@ -324,12 +383,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=Settings.samples, help="calibration sequences")
     parser.add_argument("--cap", type=int, default=Settings.cap, help="recovery steps at most (0: no recovery)")
     parser.add_argument("--every", type=int, default=Settings.every, help="held-out accuracy every N steps")
-    parser.add_argument("--recover-lr", type=float, default=Settings.recover_lr,
-                        help="recovery learning rate (constant; the frontier's by default)")
+    parser.add_argument(
+        "--recover-lr",
+        type=float,
+        default=Settings.recover_lr,
+        help="recovery learning rate (constant; the frontier's by default)",
+    )
     parser.add_argument("--diagnose", action="store_true", help="the truncation plan/projection/ridge ablation")
-    parser.add_argument("--only-finished", action="store_true",
-                        help="report the points already measured under --out (falling back to --cap 0 runs), "
-                             "measure nothing new")
+    parser.add_argument(
+        "--only-finished",
+        action="store_true",
+        help="report the points already measured under --out (falling back to --cap 0 runs), measure nothing new",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as bench_frontier: one thread on a shared machine, fixed float sums
     s = Settings(samples=args.samples, cap=args.cap, every=args.every, recover_lr=args.recover_lr)
@@ -338,8 +403,14 @@ def main(argv=None) -> dict:
     tag = f"s{s.samples}-c{s.cap}-e{s.every}"  # settings that change a point's numbers
     if s.recover_lr != Settings.recover_lr and s.cap:
         tag += f"-lr{s.recover_lr:g}"
-    results = {"settings": {**dataclasses.asdict(s), "frontier": dataclasses.asdict(ctx.f)}, "lora": ctx.lora_info,
-               "lora_score": ctx.reference, "target_accuracy": ctx.target, "points": {}, "diagnosis": {}}
+    results = {
+        "settings": {**dataclasses.asdict(s), "frontier": dataclasses.asdict(ctx.f)},
+        "lora": ctx.lora_info,
+        "lora_score": ctx.reference,
+        "target_accuracy": ctx.target,
+        "points": {},
+        "diagnosis": {},
+    }
     for budget in args.budgets:
         for form in args.forms:
             for mode in ("plain", "calibrated"):
@@ -353,39 +424,51 @@ def main(argv=None) -> dict:
                     continue
                 results["points"][key] = stage(args.out, name, lambda: point(ctx, form, budget, mode))
         if args.diagnose and not args.only_finished:
-            results["diagnosis"][f"{budget:g}"] = stage(args.out, f"diagnose-oracle-lora-{budget:g}-s{s.samples}",
-                                                        lambda: diagnose_truncation(ctx, budget))
+            results["diagnosis"][f"{budget:g}"] = stage(
+                args.out, f"diagnose-oracle-lora-{budget:g}-s{s.samples}", lambda: diagnose_truncation(ctx, budget)
+            )
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
-    print(f"LoRA: held-out accuracy {ctx.reference['accuracy']:.4f} ({ctx.lora_info['steps']} steps, "
-          f"{ctx.lora_info['seconds']:.0f} s); recovery target {KEEP:.0%} = {ctx.target:.4f}; "
-          f"recovery b{ctx.f.batch} lr {ctx.f.recover_lr:g}, scored every {s.every} steps up to {s.cap}")
+    print(
+        f"LoRA: held-out accuracy {ctx.reference['accuracy']:.4f} ({ctx.lora_info['steps']} steps, "
+        f"{ctx.lora_info['seconds']:.0f} s); recovery target {KEEP:.0%} = {ctx.target:.4f}; "
+        f"recovery b{ctx.f.batch} lr {ctx.f.recover_lr:g}, scored every {s.every} steps up to {s.cap}"
+    )
     print(table(results, s))
     for budget, rows in results["diagnosis"].items():
         print(f"truncation at {float(budget):.0%}, before recovery:")
         for name, row in rows.items():
             if "kl" in row:
-                print(f"  {name}: KL {row['kl']:.4f}, agreement {row['top1_agreement']:.3f}, accuracy "
-                      f"{row['accuracy']:.3f}, output error calib {row['output_error_calibration']:.4f} / "
-                      f"test {row['output_error_test']:.4f}")
+                print(
+                    f"  {name}: KL {row['kl']:.4f}, agreement {row['top1_agreement']:.3f}, accuracy "
+                    f"{row['accuracy']:.3f}, output error calib {row['output_error_calibration']:.4f} / "
+                    f"test {row['output_error_test']:.4f}"
+                )
             else:
                 print(f"  {name}: " + "; ".join(f"{k} {v[0]} | {v[1]}" for k, v in row.items()))
     calibrated = [p for k, p in results["points"].items() if k.endswith("calibrated") and "calibration" in p]
     if calibrated:
         info = calibrated[0]["calibration"]
         seconds = sorted(p["calibration"]["seconds"] for p in calibrated)
-        print(f"calibration: {info['samples']} sequences, {info['tokens']} tokens, "
-              f"{seconds[len(seconds) // 2]:.2f} s to collect (median of {len(seconds)}; model load excluded), "
-              f"statistics {info['statistics_bytes'] / 1024:.0f} KiB (float64, p x p per site)")
+        print(
+            f"calibration: {info['samples']} sequences, {info['tokens']} tokens, "
+            f"{seconds[len(seconds) // 2]:.2f} s to collect (median of {len(seconds)}; model load excluded), "
+            f"statistics {info['statistics_bytes'] / 1024:.0f} KiB (float64, p x p per site)"
+        )
     at = min(args.budgets, key=lambda b: abs(b - 0.1))
     r = ratios(results, at, s)
     results["ratios"] = r
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     for key, label in (("steps_95", f"{ALSO:.0%}"), ("steps_99", f"{KEEP:.0%}")) if s.cap else ():
-        print(f"recovery steps to {label} of the LoRA's accuracy, calibrated/plain at {at:.0%} "
-              f"(cap {s.cap} counts for not reached): " + ratio_line(r["steps"].get(key, {})))
-    print(f"KL calibrated/plain at {at:.0%}: " + ", ".join(f"{f} {v:.3f}" for f, v in r["kl"].items())
-          + f"; geometric mean {r['kl_geometric_mean']:.3f}")
+        print(
+            f"recovery steps to {label} of the LoRA's accuracy, calibrated/plain at {at:.0%} "
+            f"(cap {s.cap} counts for not reached): " + ratio_line(r["steps"].get(key, {}))
+        )
+    print(
+        f"KL calibrated/plain at {at:.0%}: "
+        + ", ".join(f"{f} {v:.3f}" for f, v in r["kl"].items())
+        + f"; geometric mean {r['kl_geometric_mean']:.3f}"
+    )
     return results
 
 

@@ -33,13 +33,13 @@ with the library's default 128 texts input 0.74x, fisher 0.88x (0.84x with 8 dra
 statistics need far more data than the input ones, and even with all of it the gain is short of the
 0.5x issue 19 asks. Not adopted in the library for that reason.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
 
-from tests.benchmarks import bench_calibrated as calibrated  # first: sets the offline environment
 import torch
 
 from converters.calibration import damp, psd_roots
@@ -48,6 +48,7 @@ from shareport.adapter import Adapter
 from shareport.convert import kind_factors
 from shareport.model import attach, load_base_model
 from shareport.train.data import collate, load_data, pad_token_id, sample_examples
+from tests.benchmarks import bench_calibrated as calibrated  # first: sets the offline environment
 
 F64 = torch.float64
 RIDGE = 1e-2
@@ -92,6 +93,7 @@ def statistics(ctx, bases, samples: int, draws: int) -> tuple[dict, dict, int]:
             x = args[0].detach()[mask_now["mask"]].to(F64) @ p  # (tokens, r): padding left out
             s[path] += x.T @ x
             output.register_hook(on_grad)
+
         return hook
 
     handles = [attached.wrappers[path].register_forward_hook(hook_for(path)) for path in bases]
@@ -113,8 +115,11 @@ def statistics(ctx, bases, samples: int, draws: int) -> tuple[dict, dict, int]:
         for handle in handles:
             handle.remove()
         attached.detach()
-    return ({path: m / tokens[0] for path, m in s.items()},
-            {path: m / (len(data) * draws) for path, m in g.items()}, len(data))
+    return (
+        {path: m / tokens[0] for path, m in s.items()},
+        {path: m / (len(data) * draws) for path, m in g.items()},
+        len(data),
+    )
 
 
 def truncated(ctx, bases, s, g, use_input: bool, use_output: bool, budget: float) -> Adapter:
@@ -139,8 +144,9 @@ def truncated(ctx, bases, s, g, use_input: bool, use_output: bool, budget: float
         for site, k, (b, a) in zip(sites, plan.kinds[kind].ranks, parts[kind]):
             if k:
                 factors[site.path] = (a[:k].float(), b[:, :k].float(), 1.0)
-    return Adapter.from_factors(factors, task_type=lora.task_type, extra_tensors=dict(lora.extra_tensors),
-                                config=dict(lora.config))
+    return Adapter.from_factors(
+        factors, task_type=lora.task_type, extra_tensors=dict(lora.extra_tensors), config=dict(lora.config)
+    )
 
 
 def main(argv=None) -> dict:
@@ -161,15 +167,21 @@ def main(argv=None) -> dict:
     for name, (use_input, use_output) in VARIANTS.items():
         adapter = truncated(ctx, bases, s, g, use_input, use_output, args.budget)
         rows[name] = {**calibrated.frontier.score(ctx.job(), adapter, ctx.f), "parameters": adapter.num_parameters()}
-    print(f"truncation at {args.budget:.0%} of the LoRA, {texts:,} calibration texts, {args.draws} draws; "
-          f"statistics (input and output, with a backward pass per draw) {seconds:.1f} s")
+    print(
+        f"truncation at {args.budget:.0%} of the LoRA, {texts:,} calibration texts, {args.draws} draws; "
+        f"statistics (input and output, with a backward pass per draw) {seconds:.1f} s"
+    )
     print(f"{'weights':<8}  {'KL to LoRA':>10}  {'agree':>6}  {'acc':>6}  {'params':>7}")
     for name, row in rows.items():
-        print(f"{name:<8}  {row['kl']:>10.4f}  {row['top1_agreement']:>6.3f}  {row['accuracy']:>6.3f}  "
-              f"{row['parameters']:>7,}")
+        print(
+            f"{name:<8}  {row['kl']:>10.4f}  {row['top1_agreement']:>6.3f}  {row['accuracy']:>6.3f}  "
+            f"{row['parameters']:>7,}"
+        )
     plain = rows["plain"]["kl"]
-    print(f"KL relative to plain truncation at {args.budget:.0%}: input {rows['input']['kl'] / plain:.3f}, "
-          f"fisher {rows['fisher']['kl'] / plain:.3f}")
+    print(
+        f"KL relative to plain truncation at {args.budget:.0%}: input {rows['input']['kl'] / plain:.3f}, "
+        f"fisher {rows['fisher']['kl'] / plain:.3f}"
+    )
     return rows
 
 

@@ -18,6 +18,7 @@ statistics. Then the memory of the statistics for a LLaMA-7B LoRA (7 kinds x 32 
 the basis (p x p) against full input second moments (n_in x n_in). Last line: the calibrated
 ShareA's output error relative to plain ShareA's.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,15 +32,20 @@ from tests.benchmarks.bench_converters_math import kind_parser
 
 F64 = torch.float64
 LLAMA7B_KINDS = {  # kind -> n_in
-    "q_proj": 4096, "k_proj": 4096, "v_proj": 4096, "o_proj": 4096,
-    "gate_proj": 4096, "up_proj": 4096, "down_proj": 11008,
+    "q_proj": 4096,
+    "k_proj": 4096,
+    "v_proj": 4096,
+    "o_proj": 4096,
+    "gate_proj": 4096,
+    "up_proj": 4096,
+    "down_proj": 11008,
 }
 
 
 def make_kind(n_sites: int, rank: int, dim: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     common = torch.randn(rank, dim, generator=gen, dtype=F64)
-    As = [(0.7 * common + torch.randn(rank, dim, generator=gen, dtype=F64)) / dim ** 0.5 for _ in range(n_sites)]
+    As = [(0.7 * common + torch.randn(rank, dim, generator=gen, dtype=F64)) / dim**0.5 for _ in range(n_sites)]
     decay = torch.logspace(0, -1, rank, dtype=F64)
     Bts = [torch.randn(dim, rank, generator=gen, dtype=F64) * decay for _ in range(n_sites)]
     return As, Bts
@@ -54,8 +60,9 @@ def make_statistics(q: torch.Tensor, n_sites: int, tokens: int, seed: int = 1) -
     for layer in range(n_sites):
         own = torch.randn(dim, 32, generator=gen, dtype=F64)
         directions = q.T @ (torch.cat([shared, own], dim=1) * scales * (1 + 0.1 * layer))  # (p, 64)
-        x = (torch.randn(tokens, 64, generator=gen, dtype=F64) @ directions.T
-             + 0.05 * torch.randn(tokens, p, generator=gen, dtype=F64))
+        x = torch.randn(tokens, 64, generator=gen, dtype=F64) @ directions.T + 0.05 * torch.randn(
+            tokens, p, generator=gen, dtype=F64
+        )
         stats.append(x.T @ x / tokens)
     return stats
 
@@ -85,18 +92,23 @@ def main() -> None:
     small_identity = [torch.eye(small_q.shape[1], dtype=F64)] * 2
     converters.convert_kind_calibrated("sharea", small_As, small_Bts, small_identity, 2)
 
-    print(f"kind: L={args.sites} r={args.rank} n_in=n_out={args.dim} p={p} k={args.k} "
-          f"truncate={args.truncate} groups={args.groups} tokens={args.tokens} lam={args.lam} "
-          f"threads={torch.get_num_threads()}")
-    header = (f"{'form':<9}{'wall s':>8}{'cpu s':>8}{'rounds':>10}{'calibrated':>14}{'plain':>14}"
-              f"{'cal/plain':>10}{'frob cal/plain':>16}")
+    print(
+        f"kind: L={args.sites} r={args.rank} n_in=n_out={args.dim} p={p} k={args.k} "
+        f"truncate={args.truncate} groups={args.groups} tokens={args.tokens} lam={args.lam} "
+        f"threads={torch.get_num_threads()}"
+    )
+    header = (
+        f"{'form':<9}{'wall s':>8}{'cpu s':>8}{'rounds':>10}{'calibrated':>14}{'plain':>14}"
+        f"{'cal/plain':>10}{'frob cal/plain':>16}"
+    )
     print(header)
     ratios = {}
     for method in ("lora", "shareb", "shareab", "sharea", "aslora"):
         groups = args.groups if method == "aslora" else None
         k = args.truncate if method == "lora" else args.k
-        res, wall, cpu = timed(lambda: converters.convert_kind_calibrated(
-            method, As, Bts, S, k, groups=groups, lam=args.lam))
+        res, wall, cpu = timed(
+            lambda: converters.convert_kind_calibrated(method, As, Bts, S, k, groups=groups, lam=args.lam)
+        )
         if method == "lora":  # the plain truncation: the calibrated one with identity statistics
             plain = converters.convert_kind_calibrated("lora", As, Bts, identity, k, lam=0.0).result
         else:
@@ -104,12 +116,14 @@ def main() -> None:
         plain_raw = converters.calibrated_objective(As, Bts, S, q, plain)
         ratios[method] = res.raw_objective / plain_raw
         rounds = f"{res.iterations}/{res.total_iterations}"
-        print(f"{method:<9}{wall:>8.2f}{cpu:>8.2f}{rounds:>10}{res.raw_objective:>14.6g}{plain_raw:>14.6g}"
-              f"{ratios[method]:>10.4f}{res.frobenius_error / plain.error:>16.4f}")
+        print(
+            f"{method:<9}{wall:>8.2f}{cpu:>8.2f}{rounds:>10}{res.raw_objective:>14.6g}{plain_raw:>14.6g}"
+            f"{ratios[method]:>10.4f}{res.frobenius_error / plain.error:>16.4f}"
+        )
 
     layers, lora_rank = 32, 16  # LLaMA-7B with an r=16 LoRA on every projection: p = 512 per kind
     basis_entries = sum(min(n_in, layers * lora_rank) ** 2 for n_in in LLAMA7B_KINDS.values()) * layers
-    full_entries = sum(n_in ** 2 for n_in in LLAMA7B_KINDS.values()) * layers
+    full_entries = sum(n_in**2 for n_in in LLAMA7B_KINDS.values()) * layers
     print("\nstatistics for a LLaMA-7B LoRA, 7 kinds x 32 layers, r=16 (p = 512 per kind):")
     print(f"{'storage':<34}{'float64':>14}{'float32':>14}")
     print(f"{'basis S_l (p x p)':<34}{basis_entries * 8 / 2**20:>11.0f} MiB{basis_entries * 4 / 2**20:>10.0f} MiB")

@@ -23,8 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # the -c children run here: this checkout's packages
 
 SHAPES = {  # kind -> (n_out, n_in)
-    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
     "mlp.down_proj": (4096, 11008),
 }
 
@@ -73,8 +77,13 @@ print(json.dumps({'load': t1 - t0, 'convert': t2 - t1, 'save': t3 - t2, 'total':
 
 
 def run_child(src: Path, dst: Path, form: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form, str(threads)], cwd=ROOT, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(dst), form, str(threads)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -104,9 +113,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for every job (1: stable on a shared machine, where two "
-                             "threads with one busy core can run many times slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every job (1: stable on a shared machine, where two "
+        "threads with one busy core can run many times slower)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -123,8 +136,10 @@ def main() -> None:
     print(f"{'job':<16}{'load s':>9}{'convert s':>11}{'save s':>9}{'total s':>9}{'x load+save':>13}{'peak/size':>11}")
     base_total = rows[0][1]["total"]
     for name, t in rows:
-        print(f"{name:<16}{t['load']:>9.2f}{t['convert']:>11.2f}{t['save']:>9.2f}{t['total']:>9.2f}"
-              f"{t['total'] / base_total:>13.2f}{t['peak_above_baseline'] / size:>11.2f}")
+        print(
+            f"{name:<16}{t['load']:>9.2f}{t['convert']:>11.2f}{t['save']:>9.2f}{t['total']:>9.2f}"
+            f"{t['total'] / base_total:>13.2f}{t['peak_above_baseline'] / size:>11.2f}"
+        )
 
     d = dense_vs_factored(src, "self_attn.q_proj", args.rank)
     print(f"\nShareA of self_attn.q_proj at rank {args.rank}:")

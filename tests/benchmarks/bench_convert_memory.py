@@ -29,8 +29,12 @@ from tests.benchmarks import bench_convert
 from tests.benchmarks.bench_convert import ROOT, SHAPES, make_lora
 
 SHAPES_70B = {
-    "self_attn.q_proj": (8192, 8192), "self_attn.k_proj": (1024, 8192), "self_attn.v_proj": (1024, 8192),
-    "self_attn.o_proj": (8192, 8192), "mlp.gate_proj": (28672, 8192), "mlp.up_proj": (28672, 8192),
+    "self_attn.q_proj": (8192, 8192),
+    "self_attn.k_proj": (1024, 8192),
+    "self_attn.v_proj": (1024, 8192),
+    "self_attn.o_proj": (8192, 8192),
+    "mlp.gate_proj": (28672, 8192),
+    "mlp.up_proj": (28672, 8192),
     "mlp.down_proj": (8192, 28672),
 }
 
@@ -77,8 +81,14 @@ print(json.dumps({'peak': max(phases), 'load': phases[0], 'save': phases[-1], 'k
 
 def run_child(src: Path, dst: Path, form: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), form], env=env, cwd=ROOT, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(dst), form],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -107,8 +117,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--forms", default="sharea,aslora,lora")
     parser.add_argument("--estimate-70b", action="store_true")
-    parser.add_argument("--shape", choices=("7b", "70b"), default="7b",
-                        help="70b: the 70B shapes (use with --layers 80 --rank 64 to run the real size)")
+    parser.add_argument(
+        "--shape",
+        choices=("7b", "70b"),
+        default="7b",
+        help="70b: the 70B shapes (use with --layers 80 --rank 64 to run the real size)",
+    )
     args = parser.parse_args()
     shapes = SHAPES if args.shape == "7b" else SHAPES_70B
     bench_convert.SHAPES = shapes  # make_lora's shapes
@@ -122,30 +136,40 @@ def main() -> None:
     make_lora(src, args.layers, args.rank)
     if args.dtype == "fp16":
         adapter = load_adapter(src)
-        half = {p: (adapter.tensors[s.a].half(), adapter.tensors[s.b].half(), s.scale) for p, s in adapter.sites.items()}
+        half = {
+            p: (adapter.tensors[s.a].half(), adapter.tensors[s.b].half(), s.scale) for p, s in adapter.sites.items()
+        }
         save_adapter(Adapter.from_factors(half, task_type="CAUSAL_LM"), src, as_peft=True, overwrite=True)
         del adapter, half
     size = (src / "adapter_model.safetensors").stat().st_size
     itemsize = 4 if args.dtype == "fp32" else 2
-    print(f"LoRA ({args.shape} shapes): {args.layers} layers, r={args.rank}, {args.dtype}, {size / 2**20:.1f} MiB, torch threads 1")
-    print(f"{'form':<8}{'peak MiB':>10}{'peak/size':>11}{'read/size':>11}{'write/size':>12}"
-          f"{'worst kind (extra/kind bytes)':>32}")
+    print(
+        f"LoRA ({args.shape} shapes): {args.layers} layers, r={args.rank}, {args.dtype}, {size / 2**20:.1f} MiB, torch threads 1"
+    )
+    print(
+        f"{'form':<8}{'peak MiB':>10}{'peak/size':>11}{'read/size':>11}{'write/size':>12}"
+        f"{'worst kind (extra/kind bytes)':>32}"
+    )
     results = {}
     for form in args.forms.split(","):
         res = run_child(src, work / form, form)
         here = kind_bytes(shapes, args.layers, args.rank, itemsize)
         worst = max(res["kinds"], key=lambda k: (k["peak"] - k["start"]) / here[k["kind"]])
         factor = (worst["peak"] - worst["start"]) / here[worst["kind"]]
-        print(f"{form:<8}{res['peak'] / 2**20:>10.1f}{res['peak'] / size:>11.2f}{res['load'] / size:>11.2f}"
-              f"{res['save'] / size:>12.2f}{worst['kind']:>24} {factor:>6.2f}")
+        print(
+            f"{form:<8}{res['peak'] / 2**20:>10.1f}{res['peak'] / size:>11.2f}{res['load'] / size:>11.2f}"
+            f"{res['save'] / size:>12.2f}{worst['kind']:>24} {factor:>6.2f}"
+        )
         results[form] = res
     print(f"peak_over_size: {max(r['peak'] for r in results.values()) / size:.2f}")
     if args.estimate_70b:
         for form, res in results.items():
             peak, ratio = estimate(res, size, args.layers, args.rank, itemsize)
             big = sum(kind_bytes(SHAPES_70B, 80, 64, itemsize).values())
-            print(f"70B-shaped ({form}, 80 layers, r=64, {args.dtype}, {big / 2**30:.2f} GiB): estimated peak "
-                  f"{peak / 2**30:.2f} GiB above baseline ({ratio:.2f}x the adapter)")
+            print(
+                f"70B-shaped ({form}, 80 layers, r=64, {args.dtype}, {big / 2**30:.2f} GiB): estimated peak "
+                f"{peak / 2**30:.2f} GiB above baseline ({ratio:.2f}x the adapter)"
+            )
     del torch
 
 

@@ -6,6 +6,7 @@ The dense reference stacks the L updates into an (L n_out, n_in) matrix and take
 values (svdvals, cheaper than a full SVD); its rank-k Eckart-Young error is the tail energy.
 Prints a table and a last line ``speedup_over_dense: <x>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def kind_parser(doc: str) -> argparse.ArgumentParser:
 def make_kind(n_sites: int, rank: int, dim: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     common = torch.randn(rank, dim, generator=gen)
-    As = [(0.7 * common + torch.randn(rank, dim, generator=gen)) / dim ** 0.5 for _ in range(n_sites)]
+    As = [(0.7 * common + torch.randn(rank, dim, generator=gen)) / dim**0.5 for _ in range(n_sites)]
     decay = torch.logspace(0, -1, rank)
     Bts = [torch.randn(dim, rank, generator=gen) * decay for _ in range(n_sites)]
     return As, Bts
@@ -60,12 +61,12 @@ def main() -> None:
     reference = dense_error(As, Bts, args.k)
     dense_s = time.perf_counter() - start
 
-    print(f"kind: L={args.sites} r={args.rank} n_in=n_out={args.dim} k={args.k}, "
-          f"threads={torch.get_num_threads()}")
+    print(f"kind: L={args.sites} r={args.rank} n_in=n_out={args.dim} k={args.k}, threads={torch.get_num_threads()}")
     print(f"{'method':<28}{'seconds':>10}{'error':>16}{'rel. error':>12}")
     print(f"{'factored (median of 3)':<28}{factored_s:>10.3f}{result.error:>16.6f}{result.relative_error:>12.6f}")
-    print(f"{'dense svdvals of stack':<28}{dense_s:>10.3f}{reference:>16.6f}"
-          f"{(reference / result.energy) ** 0.5:>12.6f}")
+    print(
+        f"{'dense svdvals of stack':<28}{dense_s:>10.3f}{reference:>16.6f}{(reference / result.energy) ** 0.5:>12.6f}"
+    )
     print(f"error_relative_difference: {abs(result.error - reference) / reference:.2e}")
     print(f"speedup_over_dense: {dense_s / factored_s:.1f}")
 

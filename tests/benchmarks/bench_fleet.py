@@ -98,15 +98,18 @@ def docstring_rows() -> tuple[list[dict], list[dict], tuple[str, ...]]:
     torch's imports patch stdlib functions."""
     with tempfile.TemporaryDirectory(prefix="docstrings-") as tmp:
         docstrings_data.write_fresh(Path(tmp))
-        return (docstrings_data.read_split(Path(tmp), "train"), docstrings_data.read_split(Path(tmp), "test"),
-                tuple(docstrings_data.CLASSES))
+        return (
+            docstrings_data.read_split(Path(tmp), "train"),
+            docstrings_data.read_split(Path(tmp), "test"),
+            tuple(docstrings_data.CLASSES),
+        )
 
 
 def write_tasks(out: Path, s: Settings) -> list[str]:
     """One folder per task with ``train.jsonl`` / ``test.jsonl`` (labels 0..2); returns the task names."""
     train, test, classes = docstring_rows()
     names = []
-    for subset in TASKS[:s.tasks]:
+    for subset in TASKS[: s.tasks]:
         name = "-".join(classes[c] for c in subset)
         folder = out / "tasks" / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -133,9 +136,15 @@ class Scorer:
         if task not in self.jobs:
             lora_dir, data = self.out / "loras" / task, self.out / "tasks" / task
             lora = load_adapter(lora_dir)
-            self.jobs[task] = recovery_job(lora_dir, self.base, lora_dir, data_path=data / "train.jsonl",
-                                           max_length=self.s.max_length, adapters=(lora, lora),
-                                           eval_path=data / "test.jsonl")
+            self.jobs[task] = recovery_job(
+                lora_dir,
+                self.base,
+                lora_dir,
+                data_path=data / "train.jsonl",
+                max_length=self.s.max_length,
+                adapters=(lora, lora),
+                eval_path=data / "test.jsonl",
+            )
         metrics = evaluate_adapter(self.jobs[task], adapter, 32)
         return {"accuracy": metrics["accuracy"]["student"], "kl": metrics["kl"]}
 
@@ -147,26 +156,54 @@ def score_folders(score: Scorer, folders: dict[str, Path]) -> dict:
 def recover_all(out: Path, base: Path, folders: dict[str, Path], dest: Path, s: Settings) -> dict[str, Path]:
     """Each adapter fine-tuned toward its own LoRA on its task's train texts (labels unused)."""
     recovered = {}
-    options = TrainingOptions(steps=s.recover_steps, lr=s.recover_lr, batch_size=s.recover_batch,
-                              max_length=s.max_length, seed=s.seed)
+    options = TrainingOptions(
+        steps=s.recover_steps, lr=s.recover_lr, batch_size=s.recover_batch, max_length=s.max_length, seed=s.seed
+    )
     dest.mkdir(parents=True, exist_ok=True)
     for task, folder in folders.items():
         target = dest / task
         if not (target / "adapter_config.json").is_file():
-            flows.recover(str(folder), str(base), str(out / "loras" / task), str(out / "tasks" / task / "train.jsonl"),
-                          str(target), options=options)
+            flows.recover(
+                str(folder),
+                str(base),
+                str(out / "loras" / task),
+                str(out / "tasks" / task / "train.jsonl"),
+                str(target),
+                options=options,
+            )
         recovered[task] = target
     return recovered
 
 
-def summary(name: str, budget: float, recovered: bool, scores: dict, lora_scores: dict, parameters: int,
-            total_bytes: int, lora_parameters: int, lora_bytes: int, weights: int, lora_weights: int) -> dict:
+def summary(
+    name: str,
+    budget: float,
+    recovered: bool,
+    scores: dict,
+    lora_scores: dict,
+    parameters: int,
+    total_bytes: int,
+    lora_parameters: int,
+    lora_bytes: int,
+    weights: int,
+    lora_weights: int,
+) -> dict:
     retained = [scores[t]["accuracy"] / lora_scores[t]["accuracy"] for t in scores]
-    return {"method": name, "budget": budget, "recovered": recovered, "parameters": parameters,
-            "share_of_loras": parameters / lora_parameters, "bytes": total_bytes, "bytes_share": total_bytes / lora_bytes,
-            "weights": weights, "weights_share": weights / lora_weights,
-            "mean_retained": sum(retained) / len(retained), "min_retained": min(retained),
-            "mean_kl": sum(scores[t]["kl"] for t in scores) / len(scores), "per_task": scores}
+    return {
+        "method": name,
+        "budget": budget,
+        "recovered": recovered,
+        "parameters": parameters,
+        "share_of_loras": parameters / lora_parameters,
+        "bytes": total_bytes,
+        "bytes_share": total_bytes / lora_bytes,
+        "weights": weights,
+        "weights_share": weights / lora_weights,
+        "mean_retained": sum(retained) / len(retained),
+        "min_retained": min(retained),
+        "mean_kl": sum(scores[t]["kl"] for t in scores) / len(scores),
+        "per_task": scores,
+    }
 
 
 def run(out: Path, s: Settings) -> dict:
@@ -175,8 +212,13 @@ def run(out: Path, s: Settings) -> dict:
     tasks = stage(out, "tasks", lambda: write_tasks(out, s))
     for i, task in enumerate(tasks):
         if not (out / "loras" / task / "adapter_config.json").is_file():
-            stage(out, f"lora-{task}", lambda: train_lora(base, out / "tasks" / task, out / "loras" / task, s,
-                                                          s.seed + (0 if s.same_seed else i)))
+            stage(
+                out,
+                f"lora-{task}",
+                lambda: train_lora(
+                    base, out / "tasks" / task, out / "loras" / task, s, s.seed + (0 if s.same_seed else i)
+                ),
+            )
     lora_dirs = {t: out / "loras" / t for t in tasks}
     loras = {t: load_adapter(d) for t, d in lora_dirs.items()}
     lora_parameters = sum(a.num_parameters() for a in loras.values())
@@ -187,12 +229,26 @@ def run(out: Path, s: Settings) -> dict:
     rows = []
 
     def add(name, budget, recovered, folders, total_bytes, weights, parameters=None):
-        scores = stage(out, f"score-{name}-{budget:g}{'-recovered' if recovered else ''}",
-                       lambda: score_folders(score, folders))
+        scores = stage(
+            out, f"score-{name}-{budget:g}{'-recovered' if recovered else ''}", lambda: score_folders(score, folders)
+        )
         if parameters is None:
             parameters = sum(_stored_parameters(f) for f in folders.values()) + _shared_parameters(folders)
-        rows.append(summary(name, budget, recovered, scores, lora_scores, parameters, total_bytes, lora_parameters,
-                            lora_bytes, weights, lora_weights))
+        rows.append(
+            summary(
+                name,
+                budget,
+                recovered,
+                scores,
+                lora_scores,
+                parameters,
+                total_bytes,
+                lora_parameters,
+                lora_bytes,
+                weights,
+                lora_weights,
+            )
+        )
 
     for budget in s.budgets:
         # one basis per form (--clusters 1: the rows measured before clusters), and the defaults (no
@@ -201,61 +257,105 @@ def run(out: Path, s: Settings) -> dict:
             fleet_dir = out / f"fleet-{form or 'default'}-{budget:g}"
             if not fleet_dir.is_dir():
                 try:
-                    flows.fleet([str(lora_dirs[t]) for t in tasks], str(fleet_dir), form=form, budget=budget,
-                                clusters=clusters)
+                    flows.fleet(
+                        [str(lora_dirs[t]) for t in tasks], str(fleet_dir), form=form, budget=budget, clusters=clusters
+                    )
                 except Exception as exc:  # noqa: BLE001 - a budget below the form's minimum: a row saying so
                     print(f"[bench_fleet] fleet {form} at {budget:g}: {exc}", file=sys.stderr)
                     continue
             members = {t: fleet_dir / t for t in tasks}
             name = f"fleet-{form}" if form else "fleet (defaults: form, clusters auto)"
-            add(name, budget, False, members, _fleet_bytes(fleet_dir, members),
-                peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(members)]))
+            add(
+                name,
+                budget,
+                False,
+                members,
+                _fleet_bytes(fleet_dir, members),
+                peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(members)]),
+            )
             if budget == s.recover_budget:
                 rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + "-recovered"), s)
-                add(name, budget, True, rec, _fleet_bytes(fleet_dir, rec),
-                    peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(rec)]))
+                add(
+                    name,
+                    budget,
+                    True,
+                    rec,
+                    _fleet_bytes(fleet_dir, rec),
+                    peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(rec)]),
+                )
         alone = {}
         for t in tasks:
             alone[t] = out / f"alone-{budget:g}" / t
             if not alone[t].is_dir():
                 alone[t].parent.mkdir(parents=True, exist_ok=True)
                 flows.convert(str(lora_dirs[t]), "auto", str(alone[t]), budget=budget, progress=False)
-        add("alone (convert --to auto)", budget, False, alone, sum(adapter_file_size(f) for f in alone.values()),
-            peers.tensor_bytes(_weights_files(alone)))
+        add(
+            "alone (convert --to auto)",
+            budget,
+            False,
+            alone,
+            sum(adapter_file_size(f) for f in alone.values()),
+            peers.tensor_bytes(_weights_files(alone)),
+        )
         if budget == s.recover_budget:
             rec = recover_all(out, base, alone, out / f"alone-{budget:g}-recovered", s)
-            add("alone (convert --to auto)", budget, True, rec, sum(adapter_file_size(f) for f in rec.values()),
-                peers.tensor_bytes(_weights_files(rec)))
+            add(
+                "alone (convert --to auto)",
+                budget,
+                True,
+                rec,
+                sum(adapter_file_size(f) for f in rec.values()),
+                peers.tensor_bytes(_weights_files(rec)),
+            )
         rank = math.floor(budget * s.rank)
         if rank >= 1:
             cut = {t: _peft_cut(base, lora_dirs[t], out / f"peft-r{rank}" / t, rank) for t in tasks}
             heads = sum(sum(v.numel() * v.element_size() for v in loras[t].extra_tensors.values()) for t in tasks)
-            add(f"peft save_as_lora r{rank}", budget, False, cut,
+            add(
+                f"peft save_as_lora r{rank}",
+                budget,
+                False,
+                cut,
                 sum(adapter_file_size(f) for f in cut.values()) + heads,
-                peers.tensor_bytes(_weights_files(cut)) + heads)
+                peers.tensor_bytes(_weights_files(cut)) + heads,
+            )
         if s.peers:
             add_peers(out, budget, lora_dirs, rows, lora_weights, add, last=budget == max(s.budgets))
-    results = {"settings": dataclasses.asdict(s), "tasks": tasks, "lora_parameters": lora_parameters,
-               "lora_bytes": lora_bytes, "lora_weights": lora_weights, "lora": lora_scores, "rows": rows}
+    results = {
+        "settings": dataclasses.asdict(s),
+        "tasks": tasks,
+        "lora_parameters": lora_parameters,
+        "lora_bytes": lora_bytes,
+        "lora_weights": lora_weights,
+        "lora": lora_scores,
+        "rows": rows,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
 
 
-def add_peers(out: Path, budget: float, lora_dirs: dict[str, Path], rows: list[dict], lora_weights: int, add,
-              last: bool) -> None:
+def add_peers(
+    out: Path, budget: float, lora_dirs: dict[str, Path], rows: list[dict], lora_weights: int, add, last: bool
+) -> None:
     """lorashare and vLoRA at the stored bytes of shareport's fleet at this budget (its ``shareab``
     row, else ``budget`` x the LoRAs' bytes): each at the k nearest in bytes (``fleet_peers``), every
     member rebuilt by the peer's own reconstruction and scored as the other rows; vLoRA also with its
     NF4-packed save, and (at the largest budget) exported without ``--alpha``, as its README shows."""
+
     def check():
         with tempfile.TemporaryDirectory(prefix="peers-exact-") as tmp:
             return peers.exactness(lora_dirs, Path(tmp))
+
     exact = stage(out, "peer-exactness", check)
-    print(f"[bench_fleet] peers with every direction kept, against the LoRAs: {json.dumps(exact, sort_keys=True)}",
-          file=sys.stderr)
+    print(
+        f"[bench_fleet] peers with every direction kept, against the LoRAs: {json.dumps(exact, sort_keys=True)}",
+        file=sys.stderr,
+    )
     bad = [k for k in ("lorashare", "vlora") if exact[k]["max_rel_error"] > 1e-4 or not exact[k]["heads_equal"]]
     if bad:
-        raise SystemExit(f"[bench_fleet] rebuilt members differ from their LoRAs at full k: {bad} (see peer-exactness.json)")
+        raise SystemExit(
+            f"[bench_fleet] rebuilt members differ from their LoRAs at full k: {bad} (see peer-exactness.json)"
+        )
     fleet = [r for r in rows if r["budget"] == budget and r["method"] == "fleet-shareab" and not r["recovered"]]
     target = fleet[0]["weights"] if fleet else round(budget * lora_weights)
     heads = sum(peers.head_bytes(d) for d in lora_dirs.values())
@@ -268,6 +368,7 @@ def add_peers(out: Path, budget: float, lora_dirs: dict[str, Path], rows: list[d
                 with tempfile.TemporaryDirectory(prefix="vlora-") as tmp:
                     options = peers.vlora_choices(lora_dirs, Path(tmp), nf4=kind == "vlora-nf4")
             return {str(k): v for k, v in options.items()}
+
         options = {int(k): v for k, v in stage(out, f"peer-bytes-{kind}", measure).items()}
         return peers.choose(options, target)
 
@@ -277,18 +378,41 @@ def add_peers(out: Path, budget: float, lora_dirs: dict[str, Path], rows: list[d
 
     k = choices("lorashare")
     members, info = build(f"peer-lorashare-k{k}", lambda o: peers.lorashare_build(lora_dirs, k, o))
-    add(f"lorashare k={info['k']}", budget, False, members, _files_bytes(out / f"peer-lorashare-k{k}" / "checkpoint"),
-        info["bytes"], info["parameters"])
+    add(
+        f"lorashare k={info['k']}",
+        budget,
+        False,
+        members,
+        _files_bytes(out / f"peer-lorashare-k{k}" / "checkpoint"),
+        info["bytes"],
+        info["parameters"],
+    )
     for kind, label in (("vlora", "vLoRA"), ("vlora-nf4", "vLoRA nf4")):
         k = choices(kind)
-        members, info = build(f"peer-{kind}-k{k}", lambda o: peers.vlora_build(lora_dirs, k, o, nf4=kind == "vlora-nf4"))
-        add(f"{label} k={k}", budget, False, members,
-            _files_bytes(out / f"peer-{kind}-k{k}" / "checkpoint") + heads, info["bytes"], info["parameters"])
+        members, info = build(
+            f"peer-{kind}-k{k}", lambda o: peers.vlora_build(lora_dirs, k, o, nf4=kind == "vlora-nf4")
+        )
+        add(
+            f"{label} k={k}",
+            budget,
+            False,
+            members,
+            _files_bytes(out / f"peer-{kind}-k{k}" / "checkpoint") + heads,
+            info["bytes"],
+            info["parameters"],
+        )
     if last:  # the silent halving, measured: scale alpha/r = 1 instead of the LoRA's 2
         k = choices("vlora")
         members, info = build(f"peer-vlora-noalpha-k{k}", lambda o: peers.vlora_build(lora_dirs, k, o, alpha=False))
-        add(f"vLoRA k={k} no --alpha", budget, False, members,
-            _files_bytes(out / f"peer-vlora-noalpha-k{k}" / "checkpoint") + heads, info["bytes"], info["parameters"])
+        add(
+            f"vLoRA k={k} no --alpha",
+            budget,
+            False,
+            members,
+            _files_bytes(out / f"peer-vlora-noalpha-k{k}" / "checkpoint") + heads,
+            info["bytes"],
+            info["parameters"],
+        )
 
 
 def _weights_files(folders: dict[str, Path]) -> list[Path]:
@@ -304,8 +428,11 @@ def _stored_parameters(folder: Path) -> int:
     """Factor parameters a folder stores itself (a fleet member: its cores; the shared file is counted once)."""
     from shareport.files.tensorfile import load_tensors
 
-    return sum(t.numel() for k, t in load_tensors(folder / "adapter_model.safetensors").items()
-               if "lora_" in k and not k.startswith("extra/"))  # factors: lora_A/B, lora_core; not a head
+    return sum(
+        t.numel()
+        for k, t in load_tensors(folder / "adapter_model.safetensors").items()
+        if "lora_" in k and not k.startswith("extra/")
+    )  # factors: lora_A/B, lora_core; not a head
 
 
 def _shared_parameters(folders: dict[str, Path]) -> int:
@@ -336,18 +463,24 @@ def _peft_cut(base: Path, lora_dir: Path, out: Path, rank: int) -> Path:
 
 
 def table(results: dict) -> str:
-    lines = [f"{len(results['tasks'])} LoRAs: {results['lora_parameters']:,} parameters, "
-             f"{results['lora_bytes']:,} bytes; LoRA accuracy per task: "
-             + ", ".join(f"{results['lora'][t]['accuracy']:.3f}" for t in results["tasks"]),
-             f"{'method':<28} {'budget':>7} {'recov':>5} {'params':>9} {'of LoRAs':>8} {'bytes':>10} "
-             f"{'of bytes':>8} {'weights':>8} {'mean ret':>8} {'min ret':>8} {'mean KL':>8}"]
+    lines = [
+        f"{len(results['tasks'])} LoRAs: {results['lora_parameters']:,} parameters, "
+        f"{results['lora_bytes']:,} bytes; LoRA accuracy per task: "
+        + ", ".join(f"{results['lora'][t]['accuracy']:.3f}" for t in results["tasks"]),
+        f"{'method':<28} {'budget':>7} {'recov':>5} {'params':>9} {'of LoRAs':>8} {'bytes':>10} "
+        f"{'of bytes':>8} {'weights':>8} {'mean ret':>8} {'min ret':>8} {'mean KL':>8}",
+    ]
     for r in results["rows"]:
-        lines.append(f"{r['method']:<28} {r['budget']:>7.4g} {'yes' if r['recovered'] else 'no':>5} "
-                     f"{r['parameters']:>9,} {r['share_of_loras']:>8.1%} {r['bytes']:>10,} {r['bytes_share']:>8.1%} "
-                     f"{r['weights_share']:>8.1%} {r['mean_retained']:>8.3f} {r['min_retained']:>8.3f} "
-                     f"{r['mean_kl']:>8.4f}")
-    lines.append("params: stored parameters without heads; bytes: weight files on disk; weights: every stored tensor's "
-                 "bytes plus the heads each member needs (the same count for every method, the peers' budget axis)")
+        lines.append(
+            f"{r['method']:<28} {r['budget']:>7.4g} {'yes' if r['recovered'] else 'no':>5} "
+            f"{r['parameters']:>9,} {r['share_of_loras']:>8.1%} {r['bytes']:>10,} {r['bytes_share']:>8.1%} "
+            f"{r['weights_share']:>8.1%} {r['mean_retained']:>8.3f} {r['min_retained']:>8.3f} "
+            f"{r['mean_kl']:>8.4f}"
+        )
+    lines.append(
+        "params: stored parameters without heads; bytes: weight files on disk; weights: every stored tensor's "
+        "bytes plus the heads each member needs (the same count for every method, the peers' budget axis)"
+    )
     return "\n".join(lines)
 
 
@@ -356,8 +489,10 @@ def peer_lines(results: dict, s: Settings) -> list[str]:
     lines = []
     for budget in s.budgets:
         rows = [r for r in results["rows"] if r["budget"] == budget and not r["recovered"]]
-        parts = [f"{r['method']} {r['weights_share']:.1%}: {r['min_retained']:.3f} / {r['mean_retained']:.3f}"
-                 for r in sorted(rows, key=lambda r: (-r["min_retained"], -r["mean_retained"]))]
+        parts = [
+            f"{r['method']} {r['weights_share']:.1%}: {r['min_retained']:.3f} / {r['mean_retained']:.3f}"
+            for r in sorted(rows, key=lambda r: (-r["min_retained"], -r["mean_retained"]))
+        ]
         if parts:
             lines.append(f"budget {budget:g}, before recovery, min / mean retained, best first: " + "; ".join(parts))
     return lines
@@ -370,11 +505,13 @@ def key_line(results: dict, s: Settings) -> str:
     if not fleets or not alone:
         return "key: no recovered fleet/alone rows at the recovery budget"
     best = max(fleets, key=lambda r: (r["min_retained"], r["mean_retained"]))
-    return (f"key: at {s.recover_budget:g} of the LoRAs ({best['bytes_share']:.1%} of their bytes), the best "
-            f"recovered fleet ({best['method']}) keeps min {best['min_retained']:.3f} / mean "
-            f"{best['mean_retained']:.3f} of each LoRA's accuracy; each converted alone, recovered: min "
-            f"{alone[0]['min_retained']:.3f} / mean {alone[0]['mean_retained']:.3f} "
-            f"({alone[0]['bytes_share']:.1%} of the bytes)")
+    return (
+        f"key: at {s.recover_budget:g} of the LoRAs ({best['bytes_share']:.1%} of their bytes), the best "
+        f"recovered fleet ({best['method']}) keeps min {best['min_retained']:.3f} / mean "
+        f"{best['mean_retained']:.3f} of each LoRA's accuracy; each converted alone, recovered: min "
+        f"{alone[0]['min_retained']:.3f} / mean {alone[0]['mean_retained']:.3f} "
+        f"({alone[0]['bytes_share']:.1%} of the bytes)"
+    )
 
 
 def main() -> None:
@@ -385,16 +522,28 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=None, help="override the recovery steps")
     parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
-    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
-                        help="also compress with lorashare and vlora-dev at the same bytes (fleet_peers.py); default: "
-                             "on when both import")
-    parser.add_argument("--same-seed", action="store_true",
-                        help="train every LoRA from the same seed (the same random A init, as a script that always "
-                             "calls set_seed(42) gets); by default each task has its own seed")
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also compress with lorashare and vlora-dev at the same bytes (fleet_peers.py); default: "
+        "on when both import",
+    )
+    parser.add_argument(
+        "--same-seed",
+        action="store_true",
+        help="train every LoRA from the same seed (the same random A init, as a script that always "
+        "calls set_seed(42) gets); by default each task has its own seed",
+    )
     args = parser.parse_args()
     s = FAST if args.fast else Settings()
-    overrides = {"lora_steps": args.lora_steps, "recover_steps": args.recover_steps, "max_length": args.max_length,
-                 "budgets": tuple(args.budgets) if args.budgets else None, "same_seed": args.same_seed or None}
+    overrides = {
+        "lora_steps": args.lora_steps,
+        "recover_steps": args.recover_steps,
+        "max_length": args.max_length,
+        "budgets": tuple(args.budgets) if args.budgets else None,
+        "same_seed": args.same_seed or None,
+    }
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     absent = peers.missing()
     if absent and args.peers:

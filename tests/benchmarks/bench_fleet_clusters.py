@@ -12,6 +12,7 @@ Each fleet is built with ``shareport fleet`` at --budget 1/8 and 1/4, --clusters
 form chosen by fleet); the table prints every member's relative weight error, the clusters auto
 chose, and the parameters of both (at most the budget).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,25 @@ def train_lora(folder: Path, init_seed: int, task_seed: int, steps: int) -> None
 
 
 def fleet(loras: list[Path], out: Path, budget: float, clusters: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "shareport", "fleet", *map(str, loras), "-o", str(out), "--budget",
-                        str(budget), "--clusters", clusters, "--json"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shareport",
+            "fleet",
+            *map(str, loras),
+            "-o",
+            str(out),
+            "--budget",
+            str(budget),
+            "--clusters",
+            clusters,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(r.stdout)
 
 
@@ -77,9 +95,11 @@ def main() -> None:
                 groups = "-" if not chosen else " ".join(str(chosen["members"][m["name"]]) for m in data["members"])
                 errors = [m["relative_error"] for m in data["members"]]
                 total = f"{next(c for c in data['candidates'] if c.get('winner'))['relative_error']:.3f}"
-                print(f"| {case} | 1/{round(1 / budget)} | {clusters} | {groups} | {data['form']} | "
-                      f"{data['parameters']:,} ({data['ratio']:.1%}) | {' '.join(f'{e:.3f}' for e in errors)} | "
-                      f"{max(errors):.3f} | {total} |")
+                print(
+                    f"| {case} | 1/{round(1 / budget)} | {clusters} | {groups} | {data['form']} | "
+                    f"{data['parameters']:,} ({data['ratio']:.1%}) | {' '.join(f'{e:.3f}' for e in errors)} | "
+                    f"{max(errors):.3f} | {total} |"
+                )
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def rss_kib() -> dict[str, int]:
 
 # --- the worker: one (N, way) in a fresh process ---
 
+
 def measure(folder: Path, files: list[str], threads: int, switches: int, prompt: list[int]) -> dict:
     """Load every file into one og.Adapters, then serve ``switches`` requests a, a, b, b, ...: see the module doc."""
     before_model = rss_kib()
@@ -116,12 +117,15 @@ def measure(folder: Path, files: list[str], threads: int, switches: int, prompt:
         if k >= 0:
             requests.append((t1 - t0, t2 - t1, c2 - c1, t3 - t2, c3 - c2))
     served = rss_kib()
-    out = {"model_rss_mib": (before["VmRSS"] - before_model["VmRSS"]) / 1024,
-           "load_s": sum(load_s), "load_ms_median": statistics.median(load_s) * 1000,
-           "load_ms_first": load_s[0] * 1000,
-           **{f"growth_{k}_mib": (after[k] - before[k]) / 1024 for k in after},
-           **{f"served_{k}_mib": (served[k] - before[k]) / 1024 for k in after},
-           "file_bytes": sum(os.path.getsize(p) for p in files)}
+    out = {
+        "model_rss_mib": (before["VmRSS"] - before_model["VmRSS"]) / 1024,
+        "load_s": sum(load_s),
+        "load_ms_median": statistics.median(load_s) * 1000,
+        "load_ms_first": load_s[0] * 1000,
+        **{f"growth_{k}_mib": (after[k] - before[k]) / 1024 for k in after},
+        **{f"served_{k}_mib": (served[k] - before[k]) / 1024 for k in after},
+        "file_bytes": sum(os.path.getsize(p) for p in files),
+    }
     switched, same = requests[0::2], requests[1::2]
     for kind, values in (("switch", switched), ("same", same)):
         for i, what in enumerate(("set_ms", "first_token_ms", "first_token_cpu_ms", "step_ms", "step_cpu_ms")):
@@ -132,16 +136,24 @@ def measure(folder: Path, files: list[str], threads: int, switches: int, prompt:
 
 
 def run_worker(folder: Path, files: list[str], args, prompt: list[int]) -> dict:
-    spec = json.dumps({"folder": str(folder), "files": files, "threads": args.threads,
-                       "switches": args.switches, "prompt": prompt})
-    done = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_fleet_serving", "--worker", spec], cwd=ROOT,
-                          capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    spec = json.dumps(
+        {"folder": str(folder), "files": files, "threads": args.threads, "switches": args.switches, "prompt": prompt}
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_fleet_serving", "--worker", spec],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+    )
     if done.returncode != 0:
         raise SystemExit(f"worker failed on {folder}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- building the models, adapters and exports ---
+
 
 def save_bpe_tokenizer(folder: Path) -> None:
     """A byte-level BPE tokenizer (the GPT-2 / Llama-3 kind genai's tokenizer reads; a word-level one
@@ -156,11 +168,16 @@ def save_bpe_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([inspect.getdoc(m) for m in (docs1, docs2, inspect)], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(
+        folder
+    )
 
 
 def build(tmp: Path, args) -> dict:
@@ -175,32 +192,43 @@ def build(tmp: Path, args) -> dict:
     loras = []
     for i in range(max(args.sizes)):
         loras.append(tmp / "loras" / f"lora{i:02d}")
-        make_peft_adapter(base_model(), loras[-1], seed=100 + i, r=args.rank, lora_alpha=2 * args.rank,
-                          target_modules=LORA_TARGETS)
+        make_peft_adapter(
+            base_model(), loras[-1], seed=100 + i, r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS
+        )
     options = ExportOptions(mode="adapter", with_past=True)
     started = time.perf_counter()
     separate = tmp / "separate"
     flows.export(str(loras[0]), str(base), str(separate), options, verify=False, progress=False)
     separate_files = [str(separate / "adapter.onnx_adapter")] + [
         flows.export_adapter(str(lora), str(separate), str(separate / f"{lora.name}.onnx_adapter"))["output"]
-        for lora in loras[1:]]
+        for lora in loras[1:]
+    ]
     ways = {}
     for n in args.sizes:
         fleet_dir, graph = tmp / f"fleet{n}", tmp / f"fleet{n}-onnx"
-        report = flows.fleet([f"m{i:02d}={lora}" for i, lora in enumerate(loras[:n])], str(fleet_dir),
-                             form=args.form, budget=args.budget)
+        report = flows.fleet(
+            [f"m{i:02d}={lora}" for i, lora in enumerate(loras[:n])], str(fleet_dir), form=args.form, budget=args.budget
+        )
         summary = flows.export(str(fleet_dir / "m00"), str(base), str(graph), options, verify=False, progress=False)
         files = [row["file"] for row in summary["fleet_members"]]
         assert len(files) == n, summary["fleet_members"]
         errors = [m["relative_error"] for m in report["members"]]
-        ways[n] = {"fleet": (graph, files, fleet_dir), "separate": (separate, separate_files[:n], None),
-                   "fleet_report": report, "errors": errors}
-    print(f"built {max(args.sizes)} LoRAs, {len(args.sizes)} fleets and their exports in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+        ways[n] = {
+            "fleet": (graph, files, fleet_dir),
+            "separate": (separate, separate_files[:n], None),
+            "fleet_report": report,
+            "errors": errors,
+        }
+    print(
+        f"built {max(args.sizes)} LoRAs, {len(args.sizes)} fleets and their exports in "
+        f"{time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return {"base": base, "loras": loras, "ways": ways}
 
 
 # --- correctness: genai greedy against PyTorch ---
+
 
 def torch_member_tokens(base: Path, member: Path, prompt: list[int], steps: int, eos: int = 2) -> list[int]:
     """PyTorch greedy with a fleet member attached by shareport's surgery (as ``verify`` attaches it)."""
@@ -216,7 +244,7 @@ def torch_member_tokens(base: Path, member: Path, prompt: list[int], steps: int,
     config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def check_tokens(built: dict, args) -> tuple[list[int], list[str]]:
@@ -247,10 +275,14 @@ def check_tokens(built: dict, args) -> tuple[list[int], list[str]]:
                     raise SystemExit(f"N={n} {kind} adapter {i}: genai {got[i]} != PyTorch {want}")
             want_base = torch_tokens(base, None, prompt, NEW_TOKENS)
             if got[picks[0]] == got[picks[1]] or want_base in got.values():
-                raise SystemExit(f"N={n} {kind}: adapters {picks} give the same tokens as each other or the base "
-                                 f"({got}, base {want_base}): the check would not see a wrong switch")
-            lines.append(f"N={n} {kind}: adapters {picks} in genai = PyTorch ({got[picks[0]][:6]}..., "
-                         f"{got[picks[1]][:6]}...; base {want_base[:6]}...)")
+                raise SystemExit(
+                    f"N={n} {kind}: adapters {picks} give the same tokens as each other or the base "
+                    f"({got}, base {want_base}): the check would not see a wrong switch"
+                )
+            lines.append(
+                f"N={n} {kind}: adapters {picks} in genai = PyTorch ({got[picks[0]][:6]}..., "
+                f"{got[picks[1]][:6]}...; base {want_base[:6]}...)"
+            )
     return prompt, lines
 
 
@@ -267,8 +299,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(measure(Path(spec["folder"]), spec["files"], spec["threads"], spec["switches"],
-                                 spec["prompt"])))
+        print(
+            json.dumps(measure(Path(spec["folder"]), spec["files"], spec["threads"], spec["switches"], spec["prompt"]))
+        )
         return
     with tempfile.TemporaryDirectory(prefix="bench-fleet-serving-") as tmp:
         built = build(Path(tmp), args)
@@ -278,62 +311,104 @@ def main() -> None:
         results = {(n, kind): [] for n in args.sizes for kind in WAYS}
         for r in range(args.rounds):
             for n in args.sizes:
-                for kind in (WAYS if r % 2 == 0 else WAYS[::-1]):
+                for kind in WAYS if r % 2 == 0 else WAYS[::-1]:
                     graph, files, _ = built["ways"][n][kind]
                     results[n, kind].append(run_worker(graph, files, args, prompt))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
-        graph_bytes = {(n, kind): (built["ways"][n][kind][0] / "model.onnx").stat().st_size
-                       + sum(p.stat().st_size for p in built["ways"][n][kind][0].glob("model.onnx.data"))
-                       for n in args.sizes for kind in WAYS}
+        graph_bytes = {
+            (n, kind): (built["ways"][n][kind][0] / "model.onnx").stat().st_size
+            + sum(p.stat().st_size for p in built["ways"][n][kind][0].glob("model.onnx.data"))
+            for n in args.sizes
+            for kind in WAYS
+        }
         report(args, built, results, graph_bytes)
 
 
 def report(args, built: dict, results: dict, graph_bytes: dict) -> None:
     """The table and the ratios; bytes held = the adapter files plus, for the fleet, what its graph
     holds more than the plain one (the shared basis, stored once)."""
+
     def med(n, kind, key):
         return statistics.median(r[key] for r in results[n, kind])
 
     def held(n, kind):
         return med(n, kind, "file_bytes") + graph_bytes[n, kind] - graph_bytes[n, "separate"]
 
-    print(f"Llama-shaped, hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}; LoRAs r={args.rank} on "
-          f"q,k,v,o; fleet --form {args.form} --budget {args.budget}; onnxruntime-genai "
-          f"{__import__('onnxruntime_genai').__version__} on cpu, {args.threads} intra-op thread(s), fp32, prompt "
-          f"{len(built['prompt'])} tokens, {args.switches} requests per process, {args.rounds} rounds (medians)")
+    print(
+        f"Llama-shaped, hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}; LoRAs r={args.rank} on "
+        f"q,k,v,o; fleet --form {args.form} --budget {args.budget}; onnxruntime-genai "
+        f"{__import__('onnxruntime_genai').__version__} on cpu, {args.threads} intra-op thread(s), fp32, prompt "
+        f"{len(built['prompt'])} tokens, {args.switches} requests per process, {args.rounds} rounds (medians)"
+    )
     rows = []
     for n in args.sizes:
         errors = built["ways"][n]["errors"]
-        print(f"N={n} fleet member relative errors: min {min(errors):.3f}, mean {statistics.fmean(errors):.3f}, "
-              f"max {max(errors):.3f}")
+        print(
+            f"N={n} fleet member relative errors: min {min(errors):.3f}, mean {statistics.fmean(errors):.3f}, "
+            f"max {max(errors):.3f}"
+        )
         for kind in WAYS:
-            rows.append((n, kind, f"{med(n, kind, 'file_bytes'):,.0f}", f"{held(n, kind):,.0f}",
-                         round(med(n, kind, "load_s") * 1000, 3), round(med(n, kind, "load_ms_median"), 4),
-                         round(med(n, kind, "growth_VmRSS_mib"), 2), round(med(n, kind, "growth_RssAnon_mib"), 2),
-                         round(med(n, kind, "served_VmRSS_mib"), 2),
-                         round(med(n, kind, "switch_set_ms"), 4), round(med(n, kind, "same_set_ms"), 4),
-                         round(med(n, kind, "switch_first_token_cpu_ms"), 3),
-                         round(med(n, kind, "switch_extra_cpu_ms") * 1000, 1),
-                         round(med(n, kind, "switch_step_cpu_ms"), 3)))
-    print(format_table(["N", "way", "adapter file bytes", "+ shared basis", "load ms (all N)", "load ms/adapter",
-                        "RSS growth MiB", "of it anon", "RSS after serving", "switch ms", "same ms",
-                        "first token CPU ms after switch", "its extra us", "decode step CPU ms"], rows))
+            rows.append(
+                (
+                    n,
+                    kind,
+                    f"{med(n, kind, 'file_bytes'):,.0f}",
+                    f"{held(n, kind):,.0f}",
+                    round(med(n, kind, "load_s") * 1000, 3),
+                    round(med(n, kind, "load_ms_median"), 4),
+                    round(med(n, kind, "growth_VmRSS_mib"), 2),
+                    round(med(n, kind, "growth_RssAnon_mib"), 2),
+                    round(med(n, kind, "served_VmRSS_mib"), 2),
+                    round(med(n, kind, "switch_set_ms"), 4),
+                    round(med(n, kind, "same_set_ms"), 4),
+                    round(med(n, kind, "switch_first_token_cpu_ms"), 3),
+                    round(med(n, kind, "switch_extra_cpu_ms") * 1000, 1),
+                    round(med(n, kind, "switch_step_cpu_ms"), 3),
+                )
+            )
+    print(
+        format_table(
+            [
+                "N",
+                "way",
+                "adapter file bytes",
+                "+ shared basis",
+                "load ms (all N)",
+                "load ms/adapter",
+                "RSS growth MiB",
+                "of it anon",
+                "RSS after serving",
+                "switch ms",
+                "same ms",
+                "first token CPU ms after switch",
+                "its extra us",
+                "decode step CPU ms",
+            ],
+            rows,
+        )
+    )
     for n in args.sizes:
+
         def ratio(key, n=n):
             return med(n, "fleet", key) / med(n, "separate", key)
+
         switch = med(n, "fleet", "switch_set_ms")
         load = med(n, "separate", "load_ms_median")
-        print(f"N={n} fleet/separate: file bytes {ratio('file_bytes'):.3f} (with the shared basis "
-              f"{held(n, 'fleet') / held(n, 'separate'):.3f}), load {ratio('load_s'):.3f}, RSS growth "
-              f"{ratio('growth_VmRSS_mib'):.3f} (after serving {ratio('served_VmRSS_mib'):.3f}), switch "
-              f"{ratio('switch_set_ms'):.3f}, first token after switch {ratio('switch_first_token_cpu_ms'):.3f} CPU "
-              f"({ratio('switch_first_token_ms'):.3f} wall), decode step {ratio('switch_step_cpu_ms'):.3f} CPU "
-              f"({ratio('switch_step_ms'):.3f} wall)")
-        print(f"N={n} target: switching members (set_active_adapter) {switch * 1000:.1f} us against loading one "
-              f"separate LoRA file {load * 1000:.1f} us: {'met' if switch < load else 'MISSED'} "
-              f"(switch_over_lora_load {switch / load:.3f}); the first token after a switch, paired with the next "
-              f"request's (same adapter): {med(n, 'fleet', 'switch_extra_cpu_ms') * 1000:+.1f} us CPU (fleet), "
-              f"{med(n, 'separate', 'switch_extra_cpu_ms') * 1000:+.1f} us (separate)")
+        print(
+            f"N={n} fleet/separate: file bytes {ratio('file_bytes'):.3f} (with the shared basis "
+            f"{held(n, 'fleet') / held(n, 'separate'):.3f}), load {ratio('load_s'):.3f}, RSS growth "
+            f"{ratio('growth_VmRSS_mib'):.3f} (after serving {ratio('served_VmRSS_mib'):.3f}), switch "
+            f"{ratio('switch_set_ms'):.3f}, first token after switch {ratio('switch_first_token_cpu_ms'):.3f} CPU "
+            f"({ratio('switch_first_token_ms'):.3f} wall), decode step {ratio('switch_step_cpu_ms'):.3f} CPU "
+            f"({ratio('switch_step_ms'):.3f} wall)"
+        )
+        print(
+            f"N={n} target: switching members (set_active_adapter) {switch * 1000:.1f} us against loading one "
+            f"separate LoRA file {load * 1000:.1f} us: {'met' if switch < load else 'MISSED'} "
+            f"(switch_over_lora_load {switch / load:.3f}); the first token after a switch, paired with the next "
+            f"request's (same adapter): {med(n, 'fleet', 'switch_extra_cpu_ms') * 1000:+.1f} us CPU (fleet), "
+            f"{med(n, 'separate', 'switch_extra_cpu_ms') * 1000:+.1f} us (separate)"
+        )
 
 
 if __name__ == "__main__":

@@ -83,16 +83,18 @@ class Settings:
     seed: int = 0
 
 
-FAST = Settings(lora_steps=40, recover_steps=10, budgets=(0.1,), peft_ranks=(2,), peft_energies=(0.9,),
-                scratch_forms=("aslora",))
+FAST = Settings(
+    lora_steps=40, recover_steps=10, budgets=(0.1,), peft_ranks=(2,), peft_energies=(0.9,), scratch_forms=("aslora",)
+)
 
 
 def encoded(base: Path, path: Path, max_length: int):
     from transformers import AutoTokenizer
 
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    enc = AutoTokenizer.from_pretrained(base)([r["text"] for r in rows], padding=True, truncation=True,
-                                              max_length=max_length, return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(base)(
+        [r["text"] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     return inputs, torch.tensor([r["label"] for r in rows])
 
@@ -114,8 +116,12 @@ def fit_peft_lora(base: Path, train_jsonl: Path, targets: list[str], s, seed: in
         return torch.nn.functional.cross_entropy(model(**minilm.trimmed(inputs, idx)).logits, labels[idx])
 
     started = time.perf_counter()
-    minilm.train(loss_of_batch, [p for p in model.parameters() if p.requires_grad], labels.shape[0],
-                 minilm.steps.Recipe(s.lora_steps, s.lora_lr, s.lora_batch, seed=seed))
+    minilm.train(
+        loss_of_batch,
+        [p for p in model.parameters() if p.requires_grad],
+        labels.shape[0],
+        minilm.steps.Recipe(s.lora_steps, s.lora_lr, s.lora_batch, seed=seed),
+    )
     return model, time.perf_counter() - started
 
 
@@ -124,8 +130,12 @@ def train_lora(base: Path, data: Path, out: Path, s: Settings) -> dict:
     model, seconds = fit_peft_lora(base, data / "train.jsonl", TARGETS, s, s.seed)
     model.save_pretrained(out / "lora")
     test_inputs, test_labels = encoded(base, data / "test.jsonl", s.max_length)
-    return {"seconds": seconds, "steps": s.lora_steps, "batch": s.lora_batch,
-            "peft_accuracy": minilm.accuracy(minilm.predict(model, test_inputs), test_labels)}
+    return {
+        "seconds": seconds,
+        "steps": s.lora_steps,
+        "batch": s.lora_batch,
+        "peft_accuracy": minilm.accuracy(minilm.predict(model, test_inputs), test_labels),
+    }
 
 
 def head_only(base: Path, data: Path, s: Settings) -> dict:
@@ -144,26 +154,41 @@ def head_only(base: Path, data: Path, s: Settings) -> dict:
         return torch.nn.functional.cross_entropy(head(features[idx]), labels[idx])
 
     minilm.train(loss_of_batch, list(head.parameters()), labels.shape[0], minilm.PROBE)
-    return {"accuracy": minilm.accuracy(head(test_features).detach(), test_labels),
-            "seconds": time.perf_counter() - started, "steps": minilm.PROBE.steps}
+    return {
+        "accuracy": minilm.accuracy(head(test_features).detach(), test_labels),
+        "seconds": time.perf_counter() - started,
+        "steps": minilm.PROBE.steps,
+    }
 
 
 def options(s: Settings, steps: int, **merging) -> TrainingOptions:
-    return TrainingOptions(steps=steps, lr=s.recover_lr, batch_size=s.batch, max_length=s.max_length, seed=s.seed,
-                           **merging)
+    return TrainingOptions(
+        steps=steps, lr=s.recover_lr, batch_size=s.batch, max_length=s.max_length, seed=s.seed, **merging
+    )
 
 
 def scoring_job(out: Path, base: Path, data: Path, s: Settings):
     """The frontier's own evaluation setup: the LoRA as teacher, the test split held out."""
     lora = load_adapter(out / "lora")
-    return lora, recovery_job(out / "lora", base, out / "lora", data_path=data / "train.jsonl",
-                              max_length=s.max_length, adapters=(lora, lora), eval_path=data / "test.jsonl")
+    return lora, recovery_job(
+        out / "lora",
+        base,
+        out / "lora",
+        data_path=data / "train.jsonl",
+        max_length=s.max_length,
+        adapters=(lora, lora),
+        eval_path=data / "test.jsonl",
+    )
 
 
 def score(job, adapter, s: Settings) -> dict:
     metrics = evaluate_adapter(job, adapter, 32)
-    return {"accuracy": metrics["accuracy"]["student"], "kl": metrics["kl"],
-            "top1_agreement": metrics["top1_agreement"], "parameters": adapter.num_parameters()}
+    return {
+        "accuracy": metrics["accuracy"]["student"],
+        "kl": metrics["kl"],
+        "top1_agreement": metrics["top1_agreement"],
+        "parameters": adapter.num_parameters(),
+    }
 
 
 def peft_truncations(out: Path, base: Path, data: Path, s: Settings) -> list[dict]:
@@ -182,8 +207,15 @@ def peft_truncations(out: Path, base: Path, data: Path, s: Settings) -> list[dic
         seconds = time.perf_counter() - started
         cut = load_adapter(folder)
         row = score(job, cut, s)
-        rows.append({"rank": rank, "kind": "energy" if isinstance(rank, float) else "rank", "seconds": seconds,
-                     "ratio": row["parameters"] / lora.num_parameters(), **row})
+        rows.append(
+            {
+                "rank": rank,
+                "kind": "energy" if isinstance(rank, float) else "rank",
+                "seconds": seconds,
+                "ratio": row["parameters"] / lora.num_parameters(),
+                **row,
+            }
+        )
     return rows
 
 
@@ -194,9 +226,16 @@ def parameters_of(lora, form: str, rank: int) -> int:
     for sites in lora.kinds().values():
         n_out, n_in = lora.shape(sites[0].path)
         layers = len(sites)
-        total += rank * {"lora": layers * (n_in + n_out), "sharea": n_in + layers * n_out,
-                         "shareb": layers * n_in + n_out, "shareab": n_in + n_out,
-                         "aslora": n_in + max(1, layers // 2) * n_out}[form]
+        total += (
+            rank
+            * {
+                "lora": layers * (n_in + n_out),
+                "sharea": n_in + layers * n_out,
+                "shareb": layers * n_in + n_out,
+                "shareab": n_in + n_out,
+                "aslora": n_in + max(1, layers // 2) * n_out,
+            }[form]
+        )
     return total
 
 
@@ -214,44 +253,87 @@ def scratch(out: Path, base: Path, data: Path, s: Settings, form: str) -> list[d
         rank += 1
     merging = {"groups": max(1, layers // 2)} if form == "aslora" else {}
     # the recovery's steps, batch and lr; then the LoRA's whole budget (its steps, batch, lr)
-    for steps, recipe in ((s.recover_steps, options(s, s.recover_steps, **merging)),
-                          (s.lora_steps, dataclasses.replace(options(s, s.lora_steps, **merging),
-                                                             batch_size=s.lora_batch, lr=s.lora_lr))):
+    for steps, recipe in (
+        (s.recover_steps, options(s, s.recover_steps, **merging)),
+        (s.lora_steps, dataclasses.replace(options(s, s.lora_steps, **merging), batch_size=s.lora_batch, lr=s.lora_lr)),
+    ):
         folder = out / "scratch" / f"{form}-{steps}"
         started = time.perf_counter()
-        flows.train(form, str(head_base), TARGETS, rank, str(data / "train.jsonl"), str(folder),
-                    alpha=s.alpha / s.rank * rank, options=recipe, overwrite=True)
+        flows.train(
+            form,
+            str(head_base),
+            TARGETS,
+            rank,
+            str(data / "train.jsonl"),
+            str(folder),
+            alpha=s.alpha / s.rank * rank,
+            options=recipe,
+            overwrite=True,
+        )
         seconds = time.perf_counter() - started
         trained = dataclasses.replace(load_adapter(folder), extra_tensors=dict(lora.extra_tensors))
-        rows.append({"form": form, "rank": rank, "steps": steps, "batch": recipe.batch_size, "seconds": seconds,
-                     "ratio": trained.num_parameters() / lora.num_parameters(), **score(job, trained, s)})
+        rows.append(
+            {
+                "form": form,
+                "rank": rank,
+                "steps": steps,
+                "batch": recipe.batch_size,
+                "seconds": seconds,
+                "ratio": trained.num_parameters() / lora.num_parameters(),
+                **score(job, trained, s),
+            }
+        )
     return rows
 
 
 # ---------------------------------------------------------------------------------------- report
 def table(results: dict) -> str:
     lora_acc = results["frontier"]["lora"]["accuracy"]["student"]
-    lines = ["| method | budget | params (% of LoRA) | steps | accuracy | rel. to LoRA | KL to LoRA | agreement | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | budget | params (% of LoRA) | steps | accuracy | rel. to LoRA | KL to LoRA | agreement | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def row(method, budget, params, ratio, steps, acc, kl, agree, seconds):
-        lines.append(f"| {method} | {budget} | {params:,} ({100 * ratio:.1f}%) | {steps} | {acc:.3f} | "
-                     f"{acc / lora_acc:.3f} | {kl:.4f} | {agree:.3f} | {seconds:.0f} |")
+        lines.append(
+            f"| {method} | {budget} | {params:,} ({100 * ratio:.1f}%) | {steps} | {acc:.3f} | "
+            f"{acc / lora_acc:.3f} | {kl:.4f} | {agree:.3f} | {seconds:.0f} |"
+        )
 
     n = results["frontier"]["lora_parameters"]
-    lines.append(f"| head only (frozen encoder) | - | 0 | {results['head']['steps']} | {results['head']['accuracy']:.3f} | "
-                 f"{results['head']['accuracy'] / lora_acc:.3f} | - | - | {results['head']['seconds']:.0f} |")
+    lines.append(
+        f"| head only (frozen encoder) | - | 0 | {results['head']['steps']} | {results['head']['accuracy']:.3f} | "
+        f"{results['head']['accuracy'] / lora_acc:.3f} | - | - | {results['head']['seconds']:.0f} |"
+    )
     row("LoRA (PEFT, r=16)", "100%", n, 1.0, results["lora"]["steps"], lora_acc, 0.0, 1.0, results["lora"]["seconds"])
     for p in sorted(results["frontier"]["points"], key=lambda p: (p["budget"], p["form"], p["recovered"])):
         name = f"shareport {p['form']}" + (" + recovery" if p["recovered"] else "")
-        row(name, f"{100 * p['budget']:g}%", p["parameters"], p["ratio"], p["steps"], p["accuracy"], p["kl"],
-            p["top1_agreement"], p["seconds"])
+        row(
+            name,
+            f"{100 * p['budget']:g}%",
+            p["parameters"],
+            p["ratio"],
+            p["steps"],
+            p["accuracy"],
+            p["kl"],
+            p["top1_agreement"],
+            p["seconds"],
+        )
     for p in results["peft"]:
         name = f"PEFT save_as_lora rank={p['rank']}" if p["kind"] == "rank" else f"PEFT save_as_lora energy={p['rank']}"
         row(name, "-", p["parameters"], p["ratio"], 0, p["accuracy"], p["kl"], p["top1_agreement"], p["seconds"])
     for p in results["scratch"]:
-        row(f"from scratch {p['form']} r={p['rank']}", f"{100 * results['settings']['scratch_budget']:g}%",
-            p["parameters"], p["ratio"], p["steps"], p["accuracy"], p["kl"], p["top1_agreement"], p["seconds"])
+        row(
+            f"from scratch {p['form']} r={p['rank']}",
+            f"{100 * results['settings']['scratch_budget']:g}%",
+            p["parameters"],
+            p["ratio"],
+            p["steps"],
+            p["accuracy"],
+            p["kl"],
+            p["top1_agreement"],
+            p["seconds"],
+        )
     return "\n".join(lines)
 
 
@@ -260,8 +342,11 @@ def targets(results: dict) -> dict:
     lora_acc = results["frontier"]["lora"]["accuracy"]["student"]
     points = results["frontier"]["points"]
     recovered = [p for p in points if p["recovered"]]
-    out = {"lora_accuracy": lora_acc, "head_only_accuracy": results["head"]["accuracy"],
-           "lora_gain_over_head_points": 100 * (lora_acc - results["head"]["accuracy"])}
+    out = {
+        "lora_accuracy": lora_acc,
+        "head_only_accuracy": results["head"]["accuracy"],
+        "lora_gain_over_head_points": 100 * (lora_acc - results["head"]["accuracy"]),
+    }
     per_budget = {}
     for budget in sorted({p["budget"] for p in points}):
         best = max((p for p in recovered if p["budget"] == budget), key=lambda p: p["accuracy"], default=None)
@@ -271,23 +356,32 @@ def targets(results: dict) -> dict:
         rivals = [q for q in results["peft"] if q["parameters"] >= best["parameters"]]
         rival = min(rivals, key=lambda q: q["parameters"]) if rivals else None
         per_budget[f"{budget:g}"] = {
-            "best_recovered": f"{best['form']} ({best['parameters']} params)", "accuracy": best["accuracy"],
+            "best_recovered": f"{best['form']} ({best['parameters']} params)",
+            "accuracy": best["accuracy"],
             "relative_to_lora": best["accuracy"] / lora_acc,
-            "peft_at_same_or_larger": None if rival is None else
-            {"rank": rival["rank"], "parameters": rival["parameters"], "accuracy": rival["accuracy"]},
-            "beats_peft": None if rival is None else best["accuracy"] >= rival["accuracy"]}
+            "peft_at_same_or_larger": None
+            if rival is None
+            else {"rank": rival["rank"], "parameters": rival["parameters"], "accuracy": rival["accuracy"]},
+            "beats_peft": None if rival is None else best["accuracy"] >= rival["accuracy"],
+        }
     out["per_budget"] = per_budget
     # recovery time to reach the from-scratch accuracy of the same form (full budget), against its wall time
     speed = {}
     for row in results["scratch"]:
         if row["steps"] != results["settings"]["lora_steps"]:
             continue
-        rec = [p for p in recovered if p["form"] == row["form"] and p["budget"] == results["settings"]["scratch_budget"]]
+        rec = [
+            p for p in recovered if p["form"] == row["form"] and p["budget"] == results["settings"]["scratch_budget"]
+        ]
         if rec:
-            speed[row["form"]] = {"scratch_accuracy": row["accuracy"], "scratch_seconds": row["seconds"],
-                                  "recovered_accuracy": rec[0]["accuracy"], "recovery_seconds": rec[0]["seconds"],
-                                  "time_ratio": rec[0]["seconds"] / row["seconds"],
-                                  "reaches": rec[0]["accuracy"] >= row["accuracy"]}
+            speed[row["form"]] = {
+                "scratch_accuracy": row["accuracy"],
+                "scratch_seconds": row["seconds"],
+                "recovered_accuracy": rec[0]["accuracy"],
+                "recovery_seconds": rec[0]["seconds"],
+                "time_ratio": rec[0]["seconds"] / row["seconds"],
+                "reaches": rec[0]["accuracy"] >= row["accuracy"],
+            }
     out["recovery_vs_scratch"] = speed
     return out
 
@@ -297,7 +391,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="/tmp/bench-frontier")
     parser.add_argument("--fast", action="store_true", help="a short smoke run (tiny step counts, one budget)")
     parser.add_argument("--budgets", type=float, nargs="+", help="a subset of the budgets (default 0.05 0.1 0.25 0.5)")
-    parser.add_argument("--scratch-forms", nargs="*", choices=FORMS, help="which forms to train from scratch (default: all)")
+    parser.add_argument(
+        "--scratch-forms", nargs="*", choices=FORMS, help="which forms to train from scratch (default: all)"
+    )
     args = parser.parse_args(argv)
     # one thread, fixed: another count may change float sums, and on a shared 2-core machine a
     # pool of 2 waits on preempted threads (measured 10-25x slower under load)
@@ -321,19 +417,37 @@ def main(argv=None) -> dict:
     order = sorted(s.budgets, key=lambda b: (PRIORITY.index(b) if b in PRIORITY else len(PRIORITY), b))
     for n in range(1, len(order) + 1):
         name = "frontier-" + "-".join(f"{b:g}" for b in order[:n])
-        results["frontier"] = stage(out, name, lambda: flows.frontier(
-            str(out / "lora"), str(base), str(data / "train.jsonl"), str(out / "frontier"),
-            eval_path=str(data / "test.jsonl"), budgets=order[:n], recover_steps=s.recover_steps,
-            options=options(s, s.recover_steps), overwrite=True, progress=True))
-    results["scratch"] = [row for form in s.scratch_forms
-                          for row in stage(out, f"scratch-{form}", lambda: scratch(out, base, data, s, form))]
+        results["frontier"] = stage(
+            out,
+            name,
+            lambda: flows.frontier(
+                str(out / "lora"),
+                str(base),
+                str(data / "train.jsonl"),
+                str(out / "frontier"),
+                eval_path=str(data / "test.jsonl"),
+                budgets=order[:n],
+                recover_steps=s.recover_steps,
+                options=options(s, s.recover_steps),
+                overwrite=True,
+                progress=True,
+            ),
+        )
+    results["scratch"] = [
+        row
+        for form in s.scratch_forms
+        for row in stage(out, f"scratch-{form}", lambda: scratch(out, base, data, s, form))
+    ]
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(table(results))
     print(json.dumps(results["targets"], indent=2))
     ten = results["targets"]["per_budget"].get("0.1")
-    print(f"best recovered shareport point at 10%: {ten['relative_to_lora']:.3f} of the LoRA's accuracy"
-          if ten else "no recovered point at 10%")
+    print(
+        f"best recovered shareport point at 10%: {ten['relative_to_lora']:.3f} of the LoRA's accuracy"
+        if ten
+        else "no recovered point at 10%"
+    )
     return results
 
 

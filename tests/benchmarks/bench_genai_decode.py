@@ -55,8 +55,14 @@ from pathlib import Path
 import numpy as np
 
 from shareport.cli.table import format_table
-from tests.benchmarks.genai_common import (GenaiDecoder, add_llama_arguments, export_both,
-                                           interleaved_decode, llama_from_args, make_base_and_lora)
+from tests.benchmarks.genai_common import (
+    GenaiDecoder,
+    add_llama_arguments,
+    export_both,
+    interleaved_decode,
+    llama_from_args,
+    make_base_and_lora,
+)
 
 PROMPT = [5 + 7 * i for i in range(16)]
 NEW_TOKENS = 64
@@ -87,14 +93,20 @@ def site_chain_us(sites: int, hidden: int, rank: int, threads: int, reps: int = 
     def session(n: int):
         nodes, inputs, prev = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, hidden])], "x"
         for i in range(n):
-            inputs += [helper.make_tensor_value_info(f"A{i}", TensorProto.FLOAT, [hidden, rank]),
-                       helper.make_tensor_value_info(f"B{i}", TensorProto.FLOAT, [rank, hidden])]
-            nodes += [helper.make_node("MatMul", ["x", f"A{i}"], [f"xa{i}"]),
-                      helper.make_node("MatMul", [f"xa{i}", f"B{i}"], [f"d{i}"]),
-                      helper.make_node("Add", [prev, f"d{i}"], [f"y{i}"])]
+            inputs += [
+                helper.make_tensor_value_info(f"A{i}", TensorProto.FLOAT, [hidden, rank]),
+                helper.make_tensor_value_info(f"B{i}", TensorProto.FLOAT, [rank, hidden]),
+            ]
+            nodes += [
+                helper.make_node("MatMul", ["x", f"A{i}"], [f"xa{i}"]),
+                helper.make_node("MatMul", [f"xa{i}", f"B{i}"], [f"d{i}"]),
+                helper.make_node("Add", [prev, f"d{i}"], [f"y{i}"]),
+            ]
             prev = f"y{i}"
         nodes.append(helper.make_node("Identity", [prev], ["out"]))
-        graph = helper.make_graph(nodes, "sites", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+        graph = helper.make_graph(
+            nodes, "sites", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
@@ -124,7 +136,12 @@ def site_chain_us(sites: int, hidden: int, rank: int, threads: int, reps: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: a pool of 2 on a shared 2-core machine waits on preempted threads and swings the ratio)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1: a pool of 2 on a shared 2-core machine waits on preempted threads and swings the ratio)",
+    )
     parser.add_argument("--rounds", type=int, default=40)
     add_llama_arguments(parser)
     args = parser.parse_args()
@@ -137,8 +154,10 @@ def main() -> None:
         base, lora = make_base_and_lora(tmp, bench_model, r=args.rank)
         folders = export_both(tmp, base, lora, with_past=True)
         n_params = sum(p.numel() for p in bench_model().parameters())
-        decoders = {"genai folded": GenaiDecoder(folders["folded"], args.threads),
-                    "genai adapter mode (active)": GenaiDecoder(folders["adapter"], args.threads, adapter=True)}
+        decoders = {
+            "genai folded": GenaiDecoder(folders["folded"], args.threads),
+            "genai adapter mode (active)": GenaiDecoder(folders["adapter"], args.threads, adapter=True),
+        }
         stats = interleaved_decode(decoders, PROMPT, NEW_TOKENS, args.rounds)
         nodes = {mode: ort_node_counts(folder / "model.onnx") for mode, folder in folders.items()}
     sites = args.layers * 4  # q, k, v, o
@@ -146,25 +165,52 @@ def main() -> None:
 
     folded = stats["genai folded"]["median_ms_per_token"]
     folded_cpu = stats["genai folded"]["cpu_ms_per_token"]
-    rows = [(name, round(s["prefill_ms"], 2), round(s["median_ms_per_token"], 3), round(s["mean_ms_per_token"], 3),
-             round(s["median_ms_per_token"] / folded, 3), round(s["cpu_ms_per_token"], 3),
-             round(s["cpu_ms_per_token"] / folded_cpu, 3)) for name, s in stats.items()]
-    print(f"Llama-shaped, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate "
-          f"{args.intermediate}, {n_params / 1e6:.1f}M parameters, LoRA r={args.rank} on q,k,v,o, fp32, batch 1, "
-          f"prompt {len(PROMPT)} + {NEW_TOKENS} new tokens, onnxruntime-genai on cpu, "
-          f"{args.threads} intra-op threads, {args.rounds} rounds")
-    print(format_table(["engine", "median prefill ms", "median ms/token", "mean ms/token", "median / folded",
-                        "CPU ms/token", "CPU / folded"], rows))
+    rows = [
+        (
+            name,
+            round(s["prefill_ms"], 2),
+            round(s["median_ms_per_token"], 3),
+            round(s["mean_ms_per_token"], 3),
+            round(s["median_ms_per_token"] / folded, 3),
+            round(s["cpu_ms_per_token"], 3),
+            round(s["cpu_ms_per_token"] / folded_cpu, 3),
+        )
+        for name, s in stats.items()
+    ]
+    print(
+        f"Llama-shaped, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate "
+        f"{args.intermediate}, {n_params / 1e6:.1f}M parameters, LoRA r={args.rank} on q,k,v,o, fp32, batch 1, "
+        f"prompt {len(PROMPT)} + {NEW_TOKENS} new tokens, onnxruntime-genai on cpu, "
+        f"{args.threads} intra-op threads, {args.rounds} rounds"
+    )
+    print(
+        format_table(
+            [
+                "engine",
+                "median prefill ms",
+                "median ms/token",
+                "mean ms/token",
+                "median / folded",
+                "CPU ms/token",
+                "CPU / folded",
+            ],
+            rows,
+        )
+    )
     same = stats["genai adapter mode (active)"]["tokens"] == stats["genai folded"]["tokens"]
     print(f"adapter mode's greedy tokens equal folded's (adapter really active): {same}")
     adapter = stats["genai adapter mode (active)"]
     extra = nodes["adapter"] - nodes["folded"]
-    print(f"nodes per decode step (ORT-optimized graph): folded {nodes['folded'].total()}, adapter "
-          f"{nodes['adapter'].total()} (+{extra.total()}: {dict(sorted(extra.items()))}, {sites} sites; "
-          f"removed: {dict(nodes['folded'] - nodes['adapter']) or 'none'})")
+    print(
+        f"nodes per decode step (ORT-optimized graph): folded {nodes['folded'].total()}, adapter "
+        f"{nodes['adapter'].total()} (+{extra.total()}: {dict(sorted(extra.items()))}, {sites} sites; "
+        f"removed: {dict(nodes['folded'] - nodes['adapter']) or 'none'})"
+    )
     measured = (adapter["cpu_ms_per_token"] - folded_cpu) * 1000
-    print(f"extra CPU per token: measured {measured:.0f} us; the {sites} sites alone in a graph of their own "
-          f"{chain_us:.0f} us ({chain_us / max(extra.total(), 1):.2f} us per extra node)")
+    print(
+        f"extra CPU per token: measured {measured:.0f} us; the {sites} sites alone in a graph of their own "
+        f"{chain_us:.0f} us ({chain_us / max(extra.total(), 1):.2f} us per extra node)"
+    )
     print(f"adapter_over_folded_decode {adapter['median_ms_per_token'] / folded:.3f}")
     if args.threads == 1:  # ORT then runs every kernel on the calling thread: its CPU time is the step's work
         print(f"adapter_over_folded_decode_cpu {adapter['cpu_ms_per_token'] / folded_cpu:.3f}")

@@ -46,8 +46,8 @@ target (>= 40% on a >= 1B base at sequence 512).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -58,9 +58,9 @@ from pathlib import Path
 import torch
 
 from shareport.cli.table import format_table
+from shareport.export import graph_file, runtime
 from shareport.export.exporter import ExportOptions
 from shareport.flows import export as flows_export
-from shareport.export import graph_file, runtime
 from shareport.train.accel import peak_flops
 from tests.benchmarks.genai_common import llama_config
 
@@ -123,7 +123,7 @@ def matmul_rate() -> float:
     """The card's bf16 matmul FLOP/s on an 8192^3 product of random data."""
     n = 8192 if DEVICE.type == "cuda" else 256
     a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n ** 3 / (cuda_ms(lambda: a @ b, 10) / 1000)
+    return 2 * n**3 / (cuda_ms(lambda: a @ b, 10) / 1000)
 
 
 def ceiling(model, batch: int, seq: int, vocab: int, repeats: int = 8) -> tuple[float, float]:
@@ -157,18 +157,21 @@ def recovery(tmp: Path, args) -> tuple[list[tuple], float | None]:
     rows_needed = args.batch * (args.steps + 4) + 64  # + the held-out split
     save_tokenized(tmp / "data", torch.randint(3, size["vocab"], (rows_needed, args.seq), generator=gen).tolist())
     flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
-    job = recovery_job(tmp / "sharea", base, lora, data_path=tmp / "data", max_length=args.seq,
-                       eval_fraction=64 / rows_needed)
+    job = recovery_job(
+        tmp / "sharea", base, lora, data_path=tmp / "data", max_length=args.seq, eval_fraction=64 / rows_needed
+    )
     job.progress = False
     n = matmul_parameters(job.model)
     card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (--smoke)"
     peak = peak_flops(card)
     tokens_per_step = args.batch * args.seq
 
-    rows = [("a", "card", "name", card), ("a", "card", "datasheet dense bf16 TFLOP/s (MFU's peak)",
-                                          round(peak / 1e12) if peak else "not in table"),
-            ("a", "card", "measured bf16 matmul 8192^3 TFLOP/s", round(matmul_rate() / 1e12)),
-            ("a", "base", "matmul parameters N (M)", round(n / 1e6, 1))]
+    rows = [
+        ("a", "card", "name", card),
+        ("a", "card", "datasheet dense bf16 TFLOP/s (MFU's peak)", round(peak / 1e12) if peak else "not in table"),
+        ("a", "card", "measured bf16 matmul 8192^3 TFLOP/s", round(matmul_rate() / 1e12)),
+        ("a", "base", "matmul parameters N (M)", round(n / 1e6, 1)),
+    ]
     run(job, Recipe(steps=3, lr=1e-4, batch_size=args.batch))  # warm-up: kernels chosen, allocator grown
     from tests.benchmarks.old_loop import old_loop
 
@@ -182,8 +185,11 @@ def recovery(tmp: Path, args) -> tuple[list[tuple], float | None]:
             stamps = {}
             start = time.perf_counter()
             with loop():
-                _, report = run(job, Recipe(steps=args.steps, lr=1e-4, batch_size=args.batch, **knobs),
-                                after_step=lambda t: stamps.__setitem__(t, time.perf_counter()))
+                _, report = run(
+                    job,
+                    Recipe(steps=args.steps, lr=1e-4, batch_size=args.batch, **knobs),
+                    after_step=lambda t: stamps.__setitem__(t, time.perf_counter()),
+                )
             # steady state: between two steps at which the loop synchronises (every 10th in the fast
             # loop, every step in the old one), so the first steps (and any compiling) are left out
             lo, hi = 10, args.steps
@@ -198,25 +204,43 @@ def recovery(tmp: Path, args) -> tuple[list[tuple], float | None]:
         rows.append(("a", f"{case}, {name}", "tokens/s (steady, median)", round(tps)))
         rows.append(("a", f"{case}, {name}", "ms/step", round(tokens_per_step / tps * 1000, 1)))
         rows.append(("a", f"{case}, {name}", "MFU", f"{mfu[name]:.1%}" if mfu[name] is not None else "n/a"))
-        rows.append(("a", f"{case}, {name}", "s to step 10 (first round: evaluation, compiling)",
-                     round(first[name], 1)))
-        rows.append(("a", f"{case}, {name}", "held-out KL before -> after",
-                     f"{reports[name]['before']['kl']:.4g} -> {reports[name]['after']['kl']:.4g}"))
+        rows.append(
+            ("a", f"{case}, {name}", "s to step 10 (first round: evaluation, compiling)", round(first[name], 1))
+        )
+        rows.append(
+            (
+                "a",
+                f"{case}, {name}",
+                "held-out KL before -> after",
+                f"{reports[name]['before']['kl']:.4g} -> {reports[name]['after']['kl']:.4g}",
+            )
+        )
     if "fast+compile" in variants:
         from torch._dynamo.utils import counters
 
         rows.append(("a", "compile", "graphs compiled (all rounds)", counters["stats"]["unique_graphs"]))
     timings = reports["fast"]["timings"]
-    rows.append(("a", "report field", "training_timings mfu (fast, whole run)",
-                 f"{timings['mfu']:.1%}" if timings["mfu"] else "n/a"))
+    rows.append(
+        (
+            "a",
+            "report field",
+            "training_timings mfu (fast, whole run)",
+            f"{timings['mfu']:.1%}" if timings["mfu"] else "n/a",
+        )
+    )
 
     t_fwd, t_fwd_bwd = ceiling(job.model, args.batch, args.seq, size["vocab"])
     ceiling_step = t_fwd + t_fwd_bwd
-    rows.append(("a", "base alone", "ms: no-grad forward / forward+input backward",
-                 f"{t_fwd:.1f} / {t_fwd_bwd:.1f}"))
+    rows.append(("a", "base alone", "ms: no-grad forward / forward+input backward", f"{t_fwd:.1f} / {t_fwd_bwd:.1f}"))
     if peak:
-        rows.append(("a", "base alone", "MFU of one step's model work (the ceiling)",
-                     f"{6 * n * tokens_per_step / (ceiling_step / 1000) / peak:.1%}"))
+        rows.append(
+            (
+                "a",
+                "base alone",
+                "MFU of one step's model work (the ceiling)",
+                f"{6 * n * tokens_per_step / (ceiling_step / 1000) / peak:.1%}",
+            )
+        )
     for name in variants:
         step_ms = tokens_per_step / statistics.median(rates[name]) * 1000
         rows.append(("a", "base alone", f"recovery step ({name}) / ceiling step", round(step_ms / ceiling_step, 3)))
@@ -260,8 +284,10 @@ def ort_latency(tmp: Path, base: Path, lora: Path, repeats: int) -> tuple[list[t
     rows, ratios = [], []
     for batch, seq in SHAPES:
         feeds = {n: t.numpy() for n, t in make_inputs(sig, batch, seq, vocab=SIZES["134m"]["vocab"]).items()}
-        engines = {"ORT folded": lambda: runtime.run(sessions["folded"], feeds),
-                   "ORT adapter (active)": lambda: runtime.run(sessions["adapter"], feeds, lora_arrays)}
+        engines = {
+            "ORT folded": lambda: runtime.run(sessions["folded"], feeds),
+            "ORT adapter (active)": lambda: runtime.run(sessions["adapter"], feeds, lora_arrays),
+        }
         times = {name: [] for name in engines}
         for fn in engines.values():  # warm-up: kernels, allocator
             fn()
@@ -283,8 +309,10 @@ def genai_decode(tmp: Path, base: Path, lora: Path, rounds: int) -> tuple[list[t
     from tests.benchmarks.genai_common import GenaiDecoder, export_both, interleaved_decode
 
     folders = export_both(tmp, base, lora, with_past=True, dtype="fp16")
-    decoders = {"genai folded": GenaiDecoder(folders["folded"], threads=1, provider="cuda"),
-                "genai adapter (active)": GenaiDecoder(folders["adapter"], threads=1, provider="cuda", adapter=True)}
+    decoders = {
+        "genai folded": GenaiDecoder(folders["folded"], threads=1, provider="cuda"),
+        "genai adapter (active)": GenaiDecoder(folders["adapter"], threads=1, provider="cuda", adapter=True),
+    }
     stats = interleaved_decode(decoders, PROMPT, NEW_TOKENS, rounds)
     case = f"fp16 batch 1, prompt {len(PROMPT)} + {NEW_TOKENS}"
     rows = [("c", case, f"{name} median ms/token", round(s["median_ms_per_token"], 3)) for name, s in stats.items()]
@@ -299,13 +327,16 @@ def onnx_sections(tmp: Path, args, ort_cuda: bool) -> tuple[list[tuple], list[fl
     rows, ratios = [], []
     try:
         import onnxruntime_genai as og
+
         genai_cuda = og.is_cuda_available()
         genai_note = "onnxruntime-genai has no CUDA here"
     except ImportError:
         genai_cuda, genai_note = False, "onnxruntime-genai is not installed"
     if not ort_cuda and not genai_cuda:
-        return [("b", "ORT", "skipped", runtime.provider_note() or "no CUDA provider"),
-                ("c", "genai", "skipped", genai_note)], []
+        return [
+            ("b", "ORT", "skipped", runtime.provider_note() or "no CUDA provider"),
+            ("c", "genai", "skipped", genai_note),
+        ], []
     base, lora = make_base_and_lora(tmp / "onnx", lambda: llama(**SIZES["134m"]), r=8)
     if ort_cuda:
         ort_rows, ratios = ort_latency(tmp / "onnx", base, lora, args.repeats)
@@ -391,7 +422,8 @@ def bound_decoder(sess, adapter: dict | None, how: str, *, device: str):
             length += step.shape[1]
             ids = [token]
             tokens.append(token)
-            first = logits.astype(np.float64) if len(tokens) == 1 else first
+            if len(tokens) == 1:
+                first = logits.astype(np.float64)
         return steps[1:], tokens, first  # steps[0] is the prefill
 
     return decode
@@ -402,18 +434,25 @@ def export_one(job: tuple) -> Path:
     folder, base, lora, mode, dtype, workers = job
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     out = folder / f"{mode}-{dtype}-past"
-    flows_export(str(lora), str(base), str(out), ExportOptions(mode=mode, with_past=True, dtype=dtype), verify=False, progress=False)
+    flows_export(
+        str(lora),
+        str(base),
+        str(out),
+        ExportOptions(mode=mode, with_past=True, dtype=dtype),
+        verify=False,
+        progress=False,
+    )
     return out
 
 
 def cuda_ep_bench(tmp: Path, args) -> tuple[list[tuple], float | None]:
     """Section (d): verify folded and adapter exports fp32/fp16 on the CUDA provider (the CPU one with
     ``--dry-run``), then decode latency folded vs adapter bound once vs copied each step vs RunOptions."""
+    from peft import LoraConfig, get_peft_model
+
     from shareport.export import doctor
     from shareport.export.ort_adapter import read_onnx_adapter
     from shareport.export.verify import verify as verify_graph
-    from peft import LoraConfig, get_peft_model
-
     from tests.benchmarks.genai_common import LORA_TARGETS, llama
     from tests.tiny import randomize_lora
 
@@ -422,7 +461,14 @@ def cuda_ep_bench(tmp: Path, args) -> tuple[list[tuple], float | None]:
     if provider == runtime.CUDA and runtime.CUDA not in runtime.providers():
         # runtime's own probe can refuse a working CUDA provider (its probe graph's IR version, say):
         # verify goes through runtime.session, so use the provider this section was asked for
-        rows.append(("d", "onnxruntime", "runtime.providers() said", f"{runtime.providers()} ({runtime.provider_note()}); overridden"))
+        rows.append(
+            (
+                "d",
+                "onnxruntime",
+                "runtime.providers() said",
+                f"{runtime.providers()} ({runtime.provider_note()}); overridden",
+            )
+        )
         runtime._selection = lambda: ((runtime.CUDA, runtime.CPU), "")
     size = {k: v for k, v in SIZES[args.ep_size].items() if k != "kv_heads"}
     base, lora = tmp / "ep" / "base", tmp / "ep" / "lora"
@@ -437,19 +483,35 @@ def cuda_ep_bench(tmp: Path, args) -> tuple[list[tuple], float | None]:
     # the exports are mostly single-threaded tracing: one process each (spawned: torch and fork mix badly)
     workers = max(1, min(len(jobs), args.export_jobs))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        exports = dict(zip(jobs, pool.map(export_one, [(tmp / "ep", base, lora, mode, dtype, workers) for mode, dtype in jobs])))
-    rows.append(("d", f"export {args.ep_size} with past", f"s for {len(jobs)} exports, {workers} processes",
-                 round(time.perf_counter() - start, 1)))
+        exports = dict(
+            zip(jobs, pool.map(export_one, [(tmp / "ep", base, lora, mode, dtype, workers) for mode, dtype in jobs]))
+        )
+    rows.append(
+        (
+            "d",
+            f"export {args.ep_size} with past",
+            f"s for {len(jobs)} exports, {workers} processes",
+            round(time.perf_counter() - start, 1),
+        )
+    )
     for dtype in ("fp32", "fp16"):
         for mode in ("folded", "adapter"):
             report = verify_graph(exports[mode, dtype], base, lora)
             worst = max(report.rows, key=lambda r: r.max_abs / r.limit)
             top1 = min((r.top1 for r in report.rows if r.top1 is not None), default=None)
-            rows.append(("d", f"verify {mode} {dtype}", f"on {report.device}: ok / worst max_abs (limit) / min top1",
-                         f"{report.ok} / {worst.max_abs:.3g} ({worst.limit:.3g}, {worst.check} {worst.case} {worst.output}) / {top1}"))
+            rows.append(
+                (
+                    "d",
+                    f"verify {mode} {dtype}",
+                    f"on {report.device}: ok / worst max_abs (limit) / min top1",
+                    f"{report.ok} / {worst.max_abs:.3g} ({worst.limit:.3g}, {worst.check} {worst.case} {worst.output}) / {top1}",
+                )
+            )
     adapter = read_onnx_adapter(exports["adapter", "fp16"] / graph_file.ADAPTER_NAME)
-    sessions = {"folded": ep_session(exports["folded", "fp16"] / graph_file.GRAPH_NAME, provider),
-                "adapter": ep_session(exports["adapter", "fp16"] / graph_file.GRAPH_NAME, provider)}
+    sessions = {
+        "folded": ep_session(exports["folded", "fp16"] / graph_file.GRAPH_NAME, provider),
+        "adapter": ep_session(exports["adapter", "fp16"] / graph_file.GRAPH_NAME, provider),
+    }
     decoders = {"folded": bound_decoder(sessions["folded"], None, "none", device=device)}
     for how in ("bound once", "copied", "run options"):
         decoders[f"adapter, {how}"] = bound_decoder(sessions["adapter"], adapter, how, device=device)
@@ -469,23 +531,42 @@ def cuda_ep_bench(tmp: Path, args) -> tuple[list[tuple], float | None]:
     for name in decoders:
         if name != "folded":
             rows.append(("d", case, f"{name} / folded", round(medians[name] / medians["folded"], 3)))
-    rows.append(("d", case, "copied / bound once", round(medians["adapter, copied"] / medians["adapter, bound once"], 3)))
+    rows.append(
+        ("d", case, "copied / bound once", round(medians["adapter, copied"] / medians["adapter, bound once"], 3))
+    )
     for name in list(decoders)[1:]:
-        rows.append(("d", case, f"prefill logits max |{name} - folded|", f"{abs(warm[name][2] - warm['folded'][2]).max():.3g}"))
-    rows.append(("d", case, "prefill logits max |adapter graph, no adapter - folded|", f"{abs(bare - warm['folded'][2]).max():.3g}"))
+        rows.append(
+            ("d", case, f"prefill logits max |{name} - folded|", f"{abs(warm[name][2] - warm['folded'][2]).max():.3g}")
+        )
+    rows.append(
+        (
+            "d",
+            case,
+            "prefill logits max |adapter graph, no adapter - folded|",
+            f"{abs(bare - warm['folded'][2]).max():.3g}",
+        )
+    )
     same = tokens["adapter, copied"] == tokens["adapter, bound once"]
     agree = sum(a == b for a, b in zip(tokens["folded"], tokens["adapter, bound once"])) / new_tokens
     rows.append(("d", case, "bound once and copied: same greedy tokens / folded agrees on", f"{same} / {agree:.0%}"))
     gap = lambda name: abs(warm[name][2] - warm["adapter, bound once"][2]).max()  # noqa: E731
-    rows.append(("d", case, "RunOptions adapter honoured under run_with_iobinding",
-                 bool(gap("adapter, run options") < 0.1 * abs(bare - warm["adapter, bound once"][2]).max())))
+    rows.append(
+        (
+            "d",
+            case,
+            "RunOptions adapter honoured under run_with_iobinding",
+            bool(gap("adapter, run options") < 0.1 * abs(bare - warm["adapter, bound once"][2]).max()),
+        )
+    )
     return rows, medians["adapter, bound once"] / medians["folded"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b", help="the recovery base (a)")
-    parser.add_argument("--steps", type=int, default=30, help="recovery steps per timed run (steady state: 10 to the last)")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="recovery steps per timed run (steady state: 10 to the last)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave out the --compile variant")
     parser.add_argument("--rounds", type=int, default=2, help="timed recovery runs per loop variant")
     parser.add_argument("--batch", type=int, default=16)
@@ -495,9 +576,13 @@ def main() -> None:
     parser.add_argument("--rounds-decode", type=int, default=10, help="genai decode rounds per engine (c)")
     parser.add_argument("--skip-onnx", action="store_true", help="measure (a) only")
     parser.add_argument("--smoke", action="store_true", help="check the script on the CPU: (a) only, tiny base")
-    parser.add_argument("--cuda-ep", action="store_true", help="(d) only: verify and IO-bound decode on the CUDA provider")
+    parser.add_argument(
+        "--cuda-ep", action="store_true", help="(d) only: verify and IO-bound decode on the CUDA provider"
+    )
     parser.add_argument("--ep-size", choices=sorted(SIZES), default="134m", help="the base of (d)")
-    parser.add_argument("--dry-run", action="store_true", help="(d) on the CPU provider, tiny base: the code paths only")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="(d) on the CPU provider, tiny base: the code paths only"
+    )
     parser.add_argument("--export-jobs", type=int, default=4, help="(d): exports run in this many processes at once")
     args = parser.parse_args()
     if args.smoke:
@@ -520,8 +605,10 @@ def main() -> None:
     torch_cuda, ort_cuda = torch.cuda.is_available(), runtime.device_name() == "cuda"
     if not torch_cuda and not ort_cuda and not args.smoke:
         note = runtime.provider_note()
-        print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False and ONNX Runtime's "
-              f"CUDA provider does not work{': ' + note if note else ''}); nothing measured.")
+        print(
+            "bench_gpu: no CUDA device here (torch.cuda.is_available() is False and ONNX Runtime's "
+            f"CUDA provider does not work{': ' + note if note else ''}); nothing measured."
+        )
         return
 
     rows, ratios, mfu = [], [], None

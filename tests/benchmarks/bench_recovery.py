@@ -40,7 +40,6 @@ import json
 import time
 from pathlib import Path
 
-from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 import torch
 
 from shareport import flows
@@ -50,6 +49,7 @@ from shareport.train import best as best_module
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import evaluate_adapter, run
 from shareport.train.schedule import default_eval_every
+from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 from tests.benchmarks import docstrings_data
 from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
 from tests.benchmarks.stages import stage
@@ -76,8 +76,16 @@ def docstrings_task(out: Path) -> Task:
     stage(root, "data", lambda: docstrings_data.write_fresh(root / "data"))
     base = minilm.write_base_folder(root, docstrings_data.CLASSES)
     stage(root, "lora", lambda: frontier.train_lora(base, root / "data", root, s))
-    return Task("docstrings", root, base, root / "lora", root / "data" / "train.jsonl", root / "data" / "test.jsonl",
-                batch=s.batch, max_length=s.max_length)
+    return Task(
+        "docstrings",
+        root,
+        base,
+        root / "lora",
+        root / "data" / "train.jsonl",
+        root / "data" / "test.jsonl",
+        batch=s.batch,
+        max_length=s.max_length,
+    )
 
 
 def demo_task(out: Path) -> Task:
@@ -91,8 +99,17 @@ def demo_task(out: Path) -> Task:
     def build() -> dict:
         data.write_text("\n".join(corpus(domain=True, seed=1)) + "\n", encoding="utf-8")
         build_base(root / "base", corpus(), layers=8, hidden=64)
-        return flows.train("lora", str(root / "base"), demo.TARGETS, demo.RANK, str(data), str(root / "lora"),
-                           alpha=2.0 * demo.RANK, options=demo._recipe(demo.TRAIN_STEPS), overwrite=True)
+        return flows.train(
+            "lora",
+            str(root / "base"),
+            demo.TARGETS,
+            demo.RANK,
+            str(data),
+            str(root / "lora"),
+            alpha=2.0 * demo.RANK,
+            options=demo._recipe(demo.TRAIN_STEPS),
+            overwrite=True,
+        )
 
     stage(root, "lora", build)
     return Task("demo", root, root / "base", root / "lora", data, None, batch=demo.BATCH, max_length=demo.LENGTH)
@@ -123,22 +140,49 @@ def convert(task: Task, form: str, budget: float, calibrated: bool) -> Path:
     return folder
 
 
-def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidden: float, curve_every: int,
-            generate: int | None = None, trainable: str = "factors") -> dict:
+def recover(
+    task: Task,
+    student: Path,
+    recipe: str,
+    steps: int,
+    lr: float,
+    hidden: float,
+    curve_every: int,
+    generate: int | None = None,
+    trainable: str = "factors",
+) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
     held-out split, as every other run is)."""
-    scoring = recovery_job(student, task.base, task.lora, data_path=task.data, max_length=task.max_length,
-                           eval_path=task.test)
-    job = scoring if generate is None else recovery_job(
-        student, task.base, task.lora, max_length=task.max_length, generate=generate)
+    scoring = recovery_job(
+        student, task.base, task.lora, data_path=task.data, max_length=task.max_length, eval_path=task.test
+    )
+    job = (
+        scoring
+        if generate is None
+        else recovery_job(student, task.base, task.lora, max_length=task.max_length, generate=generate)
+    )
     job = dataclasses.replace(job, progress=False)
     if recipe == "old":
-        options = TrainingOptions(steps=steps, lr=OLD_LR, batch_size=task.batch, max_length=task.max_length,
-                                  schedule="constant", warmup=0.0, eval_every=curve_every)
+        options = TrainingOptions(
+            steps=steps,
+            lr=OLD_LR,
+            batch_size=task.batch,
+            max_length=task.max_length,
+            schedule="constant",
+            warmup=0.0,
+            eval_every=curve_every,
+        )
     else:
-        options = TrainingOptions(steps=steps, lr=lr, batch_size=task.batch, max_length=task.max_length,
-                                  eval_every=curve_every, hidden_weight=hidden, trainable=trainable)
+        options = TrainingOptions(
+            steps=steps,
+            lr=lr,
+            batch_size=task.batch,
+            max_length=task.max_length,
+            eval_every=curve_every,
+            hidden_weight=hidden,
+            trainable=trainable,
+        )
     selection = job.selection if job.selection is not None else job.heldout
     # the LoRA on the selection split: the reference of the curve's fidelity
     lora_on_selection = evaluate_adapter(dataclasses.replace(job, heldout=selection), load_adapter(task.lora), 32)
@@ -151,29 +195,43 @@ def recover(task: Task, student: Path, recipe: str, steps: int, lr: float, hidde
         report["after"] = evaluate_adapter(scoring, trained, 32)
     timings = report["timings"]
     evals = len(report["curve"]) - 1
-    return {"before": report["before"], "after": report["after"], "curve": report["curve"],
-            "best_step": report["best_step"], "seconds": seconds, "selection_examples": len(selection),
-            "train_seconds": timings["seconds"] - timings["eval_seconds"],
-            "seconds_per_eval": timings["eval_seconds"] / max(evals, 1), "lora_on_selection": lora_on_selection}
+    return {
+        "before": report["before"],
+        "after": report["after"],
+        "curve": report["curve"],
+        "best_step": report["best_step"],
+        "seconds": seconds,
+        "selection_examples": len(selection),
+        "train_seconds": timings["seconds"] - timings["eval_seconds"],
+        "seconds_per_eval": timings["eval_seconds"] / max(evals, 1),
+        "lora_on_selection": lora_on_selection,
+    }
 
 
 def step_cost(row: dict, task: Task) -> dict:
     """Seconds per step with the evaluations the library's default ``eval_every`` makes (today's
     default, from the run's measured training and per-evaluation times) and their share."""
     steps = row["steps"]
-    every = default_eval_every(steps=steps, batch_size=task.batch, heldout_examples=row["selection_examples"],
-                               teacher_cached=True)
+    every = default_eval_every(
+        steps=steps, batch_size=task.batch, heldout_examples=row["selection_examples"], teacher_cached=True
+    )
     evals = len(range(every, steps + 1, every)) + (steps % every != 0)
     eval_seconds = evals * row["seconds_per_eval"]
-    return {"default_eval_every": every, "s_per_step_train": row["train_seconds"] / steps,
-            "s_per_step_with_default_eval": (row["train_seconds"] + eval_seconds) / steps,
-            "eval_share_default": eval_seconds / (row["train_seconds"] + eval_seconds)}
+    return {
+        "default_eval_every": every,
+        "s_per_step_train": row["train_seconds"] / steps,
+        "s_per_step_with_default_eval": (row["train_seconds"] + eval_seconds) / steps,
+        "eval_share_default": eval_seconds / (row["train_seconds"] + eval_seconds),
+    }
 
 
 def fidelity(task: str, metrics: dict, lora: dict) -> float:
     if task == "docstrings":
-        return metrics["accuracy"] / lora["accuracy"]["student"] if isinstance(metrics["accuracy"], float) else \
-            metrics["accuracy"]["student"] / lora["accuracy"]["student"]
+        return (
+            metrics["accuracy"] / lora["accuracy"]["student"]
+            if isinstance(metrics["accuracy"], float)
+            else metrics["accuracy"]["student"] / lora["accuracy"]["student"]
+        )
     return metrics["top1_agreement"]
 
 
@@ -181,23 +239,33 @@ def summarise(task: str, row: dict, lora_test: dict) -> dict:
     """Fidelity on the test split before/after, and the first curve steps reaching 95% and 99%."""
     curve = [(p["step"], fidelity(task, p, row["lora_on_selection"])) for p in row["curve"]]
     reach = {f"steps_{int(100 * k)}": next((t for t, f in curve if f >= k), None) for k in (0.95, 0.99)}
-    return {"fidelity_before": fidelity(task, row["before"], lora_test),
-            "fidelity_after": fidelity(task, row["after"], lora_test),
-            "kl_before": row["before"]["kl"], "kl_after": row["after"]["kl"], "curve_fidelity": curve, **reach}
+    return {
+        "fidelity_before": fidelity(task, row["before"], lora_test),
+        "fidelity_after": fidelity(task, row["after"], lora_test),
+        "kl_before": row["before"]["kl"],
+        "kl_after": row["after"]["kl"],
+        "curve_fidelity": curve,
+        **reach,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | form | budget | start | recipe | trains | lr | hidden w | steps | KL before -> after | "
-             "fidelity before -> after | best step | steps to 95% / 99% (held-out) | s/step (default eval) | "
-             "eval share |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | form | budget | start | recipe | trains | lr | hidden w | steps | KL before -> after | "
+        "fidelity before -> after | best step | steps to 95% / 99% (held-out) | s/step (default eval) | "
+        "eval share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         s = r["summary"]
         reach = " / ".join("-" if s[k] is None else str(s[k]) for k in ("steps_95", "steps_99"))
-        lines.append(f"| {r['task']} | {r['form']} | {100 * r['budget']:g}% | {r['start']} | {r['recipe']} | "
-                     f"{r.get('trainable', 'factors')} | "
-                     f"{r['lr']:g} | {r['hidden']:g} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
-                     f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | {r['best_step']} | {reach} | "
-                     f"{r['s_per_step_with_default_eval']:.3f} | {100 * r['eval_share_default']:.1f}% |")
+        lines.append(
+            f"| {r['task']} | {r['form']} | {100 * r['budget']:g}% | {r['start']} | {r['recipe']} | "
+            f"{r.get('trainable', 'factors')} | "
+            f"{r['lr']:g} | {r['hidden']:g} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
+            f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | {r['best_step']} | {reach} | "
+            f"{r['s_per_step_with_default_eval']:.3f} | {100 * r['eval_share_default']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -212,10 +280,15 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task):
             steps, fids = zip(*r["summary"]["curve_fidelity"])
-            ax.plot(steps, fids, "--" if r["recipe"] == "old" else "-", marker=".",
-                    label=f"{r['form']} {100 * r['budget']:g}% {r['start']} {r['recipe']} lr {r['lr']:g}"
-                    + (" cores" if r.get("trainable") == "cores" else "")
-                    + (f" hidden {r['hidden']:g}" if r["hidden"] else ""))
+            ax.plot(
+                steps,
+                fids,
+                "--" if r["recipe"] == "old" else "-",
+                marker=".",
+                label=f"{r['form']} {100 * r['budget']:g}% {r['start']} {r['recipe']} lr {r['lr']:g}"
+                + (" cores" if r.get("trainable") == "cores" else "")
+                + (f" hidden {r['hidden']:g}" if r["hidden"] else ""),
+            )
         ax.axhline(0.99, color="grey", lw=0.8)
         ax.axhline(0.95, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{task}: held-out fidelity during recovery")
@@ -237,11 +310,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--lrs", nargs="+", type=float, default=[None], help="new recipe's peak lr [library default]")
     parser.add_argument("--hidden-weights", nargs="+", type=float, default=[0.0])
     parser.add_argument("--calibrated", action="store_true", help="start from calibrated conversions too")
-    parser.add_argument("--trainables", nargs="+", default=["factors"], choices=["factors", "cores"],
-                        help="new recipe: train every factor, or only cores between frozen bases")
+    parser.add_argument(
+        "--trainables",
+        nargs="+",
+        default=["factors"],
+        choices=["factors", "cores"],
+        help="new recipe: train every factor, or only cores between frozen bases",
+    )
     parser.add_argument("--curve-every", type=int, default=25)
-    parser.add_argument("--generate", nargs="+", type=int, default=[None],
-                        help="causal LM task: also recover on N texts sampled from the teacher (no data file)")
+    parser.add_argument(
+        "--generate",
+        nargs="+",
+        type=int,
+        default=[None],
+        help="causal LM task: also recover on N texts sampled from the teacher (no data file)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread, fixed: a shared 2-core machine (see bench_frontier)
     out = Path(args.out)
@@ -251,9 +334,10 @@ def main(argv=None) -> list[dict]:
     for task_name in args.tasks:
         task = docstrings_task(out) if task_name == "docstrings" else demo_task(out)
         (task.out / "converted").mkdir(exist_ok=True)
-        job = recovery_job(task.lora, task.base, task.lora, data_path=task.data, max_length=task.max_length,
-                           eval_path=task.test)
-        lora_test = stage(task.out, "lora-test", lambda: evaluate_adapter(job, load_adapter(task.lora), 32))
+        job = recovery_job(
+            task.lora, task.base, task.lora, data_path=task.data, max_length=task.max_length, eval_path=task.test
+        )
+        lora_test = stage(task.out, "lora-test", lambda job=job: evaluate_adapter(job, load_adapter(task.lora), 32))
         del job
         for start in ["plain"] + (["calibrated"] if args.calibrated else []):
             for form in args.forms:
@@ -264,21 +348,45 @@ def main(argv=None) -> list[dict]:
                         print(f"[bench_recovery] {task_name} {form} {budget:g}: {exc}")
                         continue
                     for recipe in args.recipes:
-                        for lr in ([OLD_LR] if recipe == "old" else [lr or default_lr for lr in args.lrs]):
+                        for lr in [OLD_LR] if recipe == "old" else [lr or default_lr for lr in args.lrs]:
                             for hidden, generate, trainable in itertools.product(
-                                    [0.0] if recipe == "old" else args.hidden_weights,
-                                    [None] if task.test else args.generate,
-                                    ["factors"] if recipe == "old" else args.trainables):
-                                name = (f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
-                                        f"{args.steps}-e{args.curve_every}" + (f"-gen{generate}" if generate else "")
-                                        + ("-cores" if trainable == "cores" else ""))
-                                row = stage(task.out, name, lambda: recover(task, student, recipe, args.steps, lr,
-                                                                             hidden, args.curve_every, generate,
-                                                                             trainable))
-                                row = {**row, "task": task_name, "form": form, "budget": budget,
-                                       "start": start if generate is None else f"{start}, {generate} generated",
-                                       "recipe": recipe, "lr": lr, "hidden": hidden, "steps": args.steps,
-                                       "trainable": trainable}
+                                [0.0] if recipe == "old" else args.hidden_weights,
+                                [None] if task.test else args.generate,
+                                ["factors"] if recipe == "old" else args.trainables,
+                            ):
+                                name = (
+                                    f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
+                                    f"{args.steps}-e{args.curve_every}"
+                                    + (f"-gen{generate}" if generate else "")
+                                    + ("-cores" if trainable == "cores" else "")
+                                )
+                                row = stage(
+                                    task.out,
+                                    name,
+                                    lambda: recover(
+                                        task,
+                                        student,
+                                        recipe,
+                                        args.steps,
+                                        lr,
+                                        hidden,
+                                        args.curve_every,
+                                        generate,
+                                        trainable,
+                                    ),
+                                )
+                                row = {
+                                    **row,
+                                    "task": task_name,
+                                    "form": form,
+                                    "budget": budget,
+                                    "start": start if generate is None else f"{start}, {generate} generated",
+                                    "recipe": recipe,
+                                    "lr": lr,
+                                    "hidden": hidden,
+                                    "steps": args.steps,
+                                    "trainable": trainable,
+                                }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)
                                 rows.append(row)

@@ -43,21 +43,24 @@ def main() -> None:
     from shareport.train.recipe import Recipe, run
 
     tmp = Path(tempfile.mkdtemp(prefix="shareport-throughput-"))
-    base, lora = make_base_and_lora(tmp, lambda: llama(vocab=VOCAB, hidden=256, layers=4, heads=4, intermediate=688,
-                                                       context=256))
+    base, lora = make_base_and_lora(
+        tmp, lambda: llama(vocab=VOCAB, hidden=256, layers=4, heads=4, intermediate=688, context=256)
+    )
     gen = torch.Generator().manual_seed(0)
     rows = 8 * (args.steps + 4)
     # lengths 16..128, as text lines of varied length tokenize: what packing (--pack) is for
     lengths = torch.randint(16, 129, (rows,), generator=gen).tolist()
     save_tokenized(tmp / "data", [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths])
     flows.convert(str(lora), "sharea", str(tmp / "sharea"), progress=False)
-    job = recovery_job(tmp / "sharea", base, lora, data_path=tmp / "data", max_length=128,
-                       eval_fraction=0.02)
+    job = recovery_job(tmp / "sharea", base, lora, data_path=tmp / "data", max_length=128, eval_fraction=0.02)
     job.progress = False
     from tests.benchmarks.old_loop import old_loop
 
-    variants = {"before": ({}, old_loop), "after": ({}, contextlib.nullcontext),
-                "after+pack": (dict(pack=True), contextlib.nullcontext)}
+    variants = {
+        "before": ({}, old_loop),
+        "after": ({}, contextlib.nullcontext),
+        "after+pack": (dict(pack=True), contextlib.nullcontext),
+    }
     rates = {name: [] for name in variants}
     last = {}
     for _ in range(args.rounds):
@@ -66,13 +69,17 @@ def main() -> None:
                 _, report = run(job, Recipe(steps=args.steps, lr=1e-3, batch_size=8, **knobs))
             rates[name].append(report["timings"]["tokens_per_second"])
             last[name] = report["timings"]
-    print(f"threads {torch.get_num_threads()}, device {last['after']['device_name']}, "
-          f"{last['after']['flops_per_token'] / 6:,.0f} base parameters, {args.steps} steps x 8 examples of 16-128 tokens")
+    print(
+        f"threads {torch.get_num_threads()}, device {last['after']['device_name']}, "
+        f"{last['after']['flops_per_token'] / 6:,.0f} base parameters, {args.steps} steps x 8 examples of 16-128 tokens"
+    )
     for name in variants:
         t = last[name]
-        print(f"{name:<7} tokens/s median {statistics.median(rates[name]):>9,.0f}  (rounds: "
-              f"{', '.join(f'{r:,.0f}' for r in rates[name])})  achieved {t['achieved_flops'] / 1e9:.1f} GFLOP/s"
-              f"  MFU {t['mfu']}")
+        print(
+            f"{name:<7} tokens/s median {statistics.median(rates[name]):>9,.0f}  (rounds: "
+            f"{', '.join(f'{r:,.0f}' for r in rates[name])})  achieved {t['achieved_flops'] / 1e9:.1f} GFLOP/s"
+            f"  MFU {t['mfu']}"
+        )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -60,7 +60,7 @@ def generate_all(model, tok) -> dict:
         enc = tok(texts, return_tensors="pt", padding=True)
         with torch.no_grad():
             ids = model.generate(**enc, max_new_tokens=NEW, do_sample=False)
-        return ids[:, enc["input_ids"].shape[1]:].tolist()
+        return ids[:, enc["input_ids"].shape[1] :].tolist()
 
     side = tok.padding_side
     out = {"padding_side": side, "alone": [new_tokens([p], side)[0] for p in PROMPTS]}
@@ -97,8 +97,9 @@ def child(folders: list[str]) -> None:
                 break
             except Exception as exc:  # noqa: BLE001 - what Optimum says is the result
                 text = str(exc).strip()
-                run.setdefault("errors", []).append(f"{kwargs}: {type(exc).__name__}: "
-                                                    f"{text.splitlines()[0][:160] if text else ''}")
+                run.setdefault("errors", []).append(
+                    f"{kwargs}: {type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
+                )
                 run["error"] = run["errors"][-1]
         result["runs"][Path(folder).name] = run
     print("RESULT " + json.dumps(result))
@@ -134,8 +135,9 @@ def build(out: Path) -> tuple[dict, dict[str, Path]]:
     ref_file = out / "peft.json"
     if not ref_file.is_file():
         tok_folder = folders["folded"]  # the exported tokenizer: what Optimum's users tokenize with
-        ref_file.write_text(json.dumps({"lora": peft_reference(base, lora, tok_folder),
-                                        "base": peft_reference(base, None, tok_folder)}))
+        ref_file.write_text(
+            json.dumps({"lora": peft_reference(base, lora, tok_folder), "base": peft_reference(base, None, tok_folder)})
+        )
     return json.loads(ref_file.read_text()), folders
 
 
@@ -178,11 +180,19 @@ def table(refs: dict, runs: dict) -> tuple[list[list[str]], list[str]]:
                 notes.append(f"gives the {other} model's tokens")
             failed.append(name)
         if not same_side:
-            notes.append(f"{run['padding_side']}-padded batch differs from PEFT's on the same batch at "
-                         f"{sum(a != b for x, y in zip(run['batch'], ref['batch']) for a, b in zip(x, y))} of "
-                         f"{NEW * len(PROMPTS)} tokens")
-        rows.append([name, loads, f"alone {yes(alone)}, left batch {yes(left)}, "
-                     f"{run['padding_side']} batch {yes(same_side)}", "; ".join(notes)])
+            notes.append(
+                f"{run['padding_side']}-padded batch differs from PEFT's on the same batch at "
+                f"{sum(a != b for x, y in zip(run['batch'], ref['batch']) for a, b in zip(x, y))} of "
+                f"{NEW * len(PROMPTS)} tokens"
+            )
+        rows.append(
+            [
+                name,
+                loads,
+                f"alone {yes(alone)}, left batch {yes(left)}, {run['padding_side']} batch {yes(same_side)}",
+                "; ".join(notes),
+            ]
+        )
     return rows, failed
 
 
@@ -201,20 +211,23 @@ def main() -> int:
     refs, folders = build(out)
     python = make_venv(Path(args.venv), args.spec)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's packages, not the project's
-    proc = subprocess.run([str(python), __file__, "--child", *map(str, folders.values())], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(python), __file__, "--child", *map(str, folders.values())], env=env, capture_output=True, text=True
+    )
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
         print(f"the Optimum child failed (exit {proc.returncode})")
         return 1
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     print("versions (venv): " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
     print(f"prompts: {PROMPTS}, each alone and as a batch; {NEW} new tokens, greedy")
     for who, key in (("PEFT (LoRA)", "lora"), ("base model", "base")):
         ref = refs[key]
-        print(f"{who}: alone {ref['alone']}, {ref['padding_side']}-padded batch {ref['batch']}, "
-              f"left-padded batch {ref['batch_left']}")
+        print(
+            f"{who}: alone {ref['alone']}, {ref['padding_side']}-padded batch {ref['batch']}, "
+            f"left-padded batch {ref['batch_left']}"
+        )
     rows, failed = table(refs, result["runs"])
     header = ["variant", "loads?", "tokens equal?", "notes"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
@@ -222,8 +235,10 @@ def main() -> int:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)) + " | " + r[3])
     for name, run in result["runs"].items():
         if "alone" in run:
-            print(f"{name}: alone {run['alone']}, {run['padding_side']}-padded batch {run['batch']}, "
-                  f"left-padded batch {run['batch_left']}")
+            print(
+                f"{name}: alone {run['alone']}, {run['padding_side']}-padded batch {run['batch']}, "
+                f"left-padded batch {run['batch_left']}"
+            )
     if failed:
         print("FAILED: " + ", ".join(failed))
         return 1

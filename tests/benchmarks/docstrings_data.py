@@ -59,8 +59,20 @@ import sys
 import warnings
 from pathlib import Path
 
-CLASSES = ("asyncio", "collections", "email", "http", "importlib", "inspect", "logging",
-           "multiprocessing", "typing", "unittest", "urllib", "xml")
+CLASSES = (
+    "asyncio",
+    "collections",
+    "email",
+    "http",
+    "importlib",
+    "inspect",
+    "logging",
+    "multiprocessing",
+    "typing",
+    "unittest",
+    "urllib",
+    "xml",
+)
 MIN_CHARS = 40
 MAX_CHARS = 400
 PER_CLASS = 220
@@ -72,8 +84,11 @@ def _import(name: str):
     if name.endswith("__main__") or ".test" in name or "idle_test" in name:
         return None
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             return importlib.import_module(name)
     except BaseException:  # noqa: BLE001 - a module that cannot load here is simply not a source
@@ -155,7 +170,7 @@ def build_rows() -> tuple[list[dict], list[dict]]:
     for label, package in enumerate(CLASSES):
         texts = sorted((t for t, owners in by_text.items() if owners == {package}), key=_text_hash)[:PER_CLASS]
         rows += [{"text": t, "label": label, "name": package, "source": source_of[(t, package)]} for t in texts]
-    cut = int(TEST_SHARE * 2 ** 64)
+    cut = int(TEST_SHARE * 2**64)
     test = sorted((r for r in rows if _text_hash(r["text"]) < cut), key=lambda r: (r["label"], r["source"]))
     train = sorted((r for r in rows if _text_hash(r["text"]) >= cut), key=lambda r: (r["label"], r["source"]))
     assert not {r["text"] for r in train} & {r["text"] for r in test}, "train and test overlap"
@@ -166,9 +181,15 @@ def write(out: Path) -> dict:
     """Write ``train.jsonl``, ``test.jsonl`` and ``meta.json`` under ``out``; returns the metadata."""
     train, test = build_rows()
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"source": "docstrings of CPython's standard library, labelled by top-level package",
-            "python": sys.version.split()[0], "classes": list(CLASSES),
-            "min_chars": MIN_CHARS, "max_chars": MAX_CHARS, "per_class": PER_CLASS, "test_share": TEST_SHARE}
+    meta = {
+        "source": "docstrings of CPython's standard library, labelled by top-level package",
+        "python": sys.version.split()[0],
+        "classes": list(CLASSES),
+        "min_chars": MIN_CHARS,
+        "max_chars": MAX_CHARS,
+        "per_class": PER_CLASS,
+        "test_share": TEST_SHARE,
+    }
     for split, rows in (("train", train), ("test", test)):
         path = out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")

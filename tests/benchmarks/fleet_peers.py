@@ -48,9 +48,11 @@ def missing() -> str | None:
             absent.append(package)
     if not absent:
         return None
-    return ("peers not importable (" + ", ".join(absent) + "): run the benchmark with a venv that has them, e.g. "
-            "python3 -m venv --system-site-packages /work/peer-venv && /work/peer-venv/bin/pip install --no-deps "
-            "lorashare==0.1.3 vlora-dev==1.0.0 click")
+    return (
+        "peers not importable (" + ", ".join(absent) + "): run the benchmark with a venv that has them, e.g. "
+        "python3 -m venv --system-site-packages /work/peer-venv && /work/peer-venv/bin/pip install --no-deps "
+        "lorashare==0.1.3 vlora-dev==1.0.0 click"
+    )
 
 
 def _tensors(files):
@@ -113,16 +115,21 @@ def lorashare_build(lora_dirs: dict[str, Path], k: int, out: Path) -> dict:
         share.reconstruct(name, output_dir=str(members / name))
     stored = sorted(ckpt.rglob("*.safetensors"))
     factors = [p for p in stored if p.name != "classifier_head.safetensors"]
-    return {"k": share.config.num_components, "bytes": tensor_bytes(stored), "parameters": _float_numel(factors),
-            "members": {n: str(members / n) for n in lora_dirs}}
+    return {
+        "k": share.config.num_components,
+        "bytes": tensor_bytes(stored),
+        "parameters": _float_numel(factors),
+        "members": {n: str(members / n) for n in lora_dirs},
+    }
 
 
 def _vlora_subspace(lora_dirs: dict[str, Path], k: int):
     import vlora
     from vlora import SharedSubspace
 
-    return SharedSubspace.from_adapters([vlora.load_adapter(p) for p in lora_dirs.values()],
-                                        task_ids=list(lora_dirs), num_components=k)
+    return SharedSubspace.from_adapters(
+        [vlora.load_adapter(p) for p in lora_dirs.values()], task_ids=list(lora_dirs), num_components=k
+    )
 
 
 def vlora_save(lora_dirs: dict[str, Path], k: int, ckpt: Path, nf4: bool) -> dict:
@@ -210,10 +217,12 @@ def exactness(lora_dirs: dict[str, Path], scratch: Path) -> dict:
     vLoRA exported without ``--alpha`` gives the ratio of its update to the LoRA's."""
     n, shapes = len(lora_dirs), _lora_shapes(next(iter(lora_dirs.values())))
     r, d = min(shapes[0]), min(max(s) for s in shapes)
-    built = {"lorashare": lorashare_build(lora_dirs, d, scratch / "lorashare"),
-             "lorashare-k=N*r": lorashare_build(lora_dirs, n * r, scratch / "lorashare-nr"),
-             "vlora": vlora_build(lora_dirs, n - 1, scratch / "vlora"),
-             "vlora-noalpha": vlora_build(lora_dirs, n - 1, scratch / "vlora-noalpha", alpha=False)}
+    built = {
+        "lorashare": lorashare_build(lora_dirs, d, scratch / "lorashare"),
+        "lorashare-k=N*r": lorashare_build(lora_dirs, n * r, scratch / "lorashare-nr"),
+        "vlora": vlora_build(lora_dirs, n - 1, scratch / "vlora"),
+        "vlora-noalpha": vlora_build(lora_dirs, n - 1, scratch / "vlora-noalpha", alpha=False),
+    }
     report = {}
     for kind, info in built.items():
         worst, ratio, heads_equal = 0.0, [], True
@@ -226,6 +235,10 @@ def exactness(lora_dirs: dict[str, Path], scratch: Path) -> dict:
                 worst = max(worst, float((got[site] - d).norm() / d.norm()))
                 ratio.append(float((got[site] * d).sum() / (d * d).sum()))
             heads_equal &= set(head) == set(ref_head) and all(head[k].equal(ref_head[k]) for k in ref_head)
-        report[kind] = {"k": info["k"], "max_rel_error": worst, "update_ratio_mean": sum(ratio) / len(ratio),
-                        "heads_equal": heads_equal}
+        report[kind] = {
+            "k": info["k"],
+            "max_rel_error": worst,
+            "update_ratio_mean": sum(ratio) / len(ratio),
+            "heads_equal": heads_equal,
+        }
     return report

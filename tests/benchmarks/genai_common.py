@@ -20,13 +20,23 @@ from tests.tiny import make_peft_adapter
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def llama_config(vocab: int, hidden: int, layers: int, heads: int, intermediate: int, context: int,
-                 kv_heads: int | None = None):
+def llama_config(
+    vocab: int, hidden: int, layers: int, heads: int, intermediate: int, context: int, kv_heads: int | None = None
+):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                       max_position_embeddings=context, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=context,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def llama(vocab: int, hidden: int, layers: int, heads: int, intermediate: int, context: int, seed: int = 0):
@@ -36,18 +46,30 @@ def llama(vocab: int, hidden: int, layers: int, heads: int, intermediate: int, c
     return LlamaForCausalLM(llama_config(vocab, hidden, layers, heads, intermediate, context)).eval()
 
 
-def add_llama_arguments(parser, hidden: int = 256, layers: int = 4, heads: int = 4, intermediate: int = 688,
-                        rank: int = 8) -> None:
+def add_llama_arguments(
+    parser, hidden: int = 256, layers: int = 4, heads: int = 4, intermediate: int = 688, rank: int = 8
+) -> None:
     """``--hidden --layers --heads --intermediate --rank``: the benchmark model's shape and the LoRA rank."""
-    for name, default in (("hidden", hidden), ("layers", layers), ("heads", heads), ("intermediate", intermediate),
-                          ("rank", rank)):
+    for name, default in (
+        ("hidden", hidden),
+        ("layers", layers),
+        ("heads", heads),
+        ("intermediate", intermediate),
+        ("rank", rank),
+    ):
         parser.add_argument(f"--{name}", type=int, default=default)
 
 
 def llama_from_args(args, vocab: int, context: int = 128):
     """``llama`` of the shape ``add_llama_arguments`` read."""
-    return llama(vocab=vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                 intermediate=args.intermediate, context=context)
+    return llama(
+        vocab=vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate,
+        context=context,
+    )
 
 
 def make_base_and_lora(folder: Path, build, r: int = 8) -> tuple[Path, Path]:
@@ -63,8 +85,14 @@ def export_both(folder: Path, base: Path, lora: Path, with_past: bool, dtype: st
     out = {}
     for mode in ("folded", "adapter"):
         out[mode] = folder / f"{mode}-{dtype}{'-past' if with_past else ''}"
-        flows.export(str(lora), str(base), str(out[mode]),
-                     ExportOptions(mode=mode, with_past=with_past, dtype=dtype), verify=False, progress=False)
+        flows.export(
+            str(lora),
+            str(base),
+            str(out[mode]),
+            ExportOptions(mode=mode, with_past=with_past, dtype=dtype),
+            verify=False,
+            progress=False,
+        )
     return out
 
 
@@ -78,8 +106,15 @@ class GenaiDecoder:
 
         self.og = og
         config = og.Config(str(folder))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        config.overlay(
+            json.dumps(
+                {
+                    "model": {
+                        "decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}
+                    }
+                }
+            )
+        )
         config.clear_providers()
         if provider != "cpu":
             config.append_provider(provider)
@@ -110,7 +145,7 @@ class GenaiDecoder:
             generator.generate_next_token()
             cpu.append(time.thread_time() - start_cpu)
             steps.append(time.perf_counter() - start)
-        tokens = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+        tokens = [int(t) for t in generator.get_sequence(0)][len(prompt) :]
         del generator
         return prefill, steps, cpu, tokens
 
@@ -134,8 +169,13 @@ def interleaved_decode(decoders: dict, prompt: list[int], new_tokens: int, round
             per_token[name].append(statistics.median(steps) * 1000)
             mean_token[name].append(statistics.fmean(steps) * 1000)
             cpu_token[name].append(statistics.median(cpu) * 1000)
-    return {name: {"prefill_ms": statistics.median(prefill[name]),
-                   "median_ms_per_token": statistics.median(per_token[name]),
-                   "mean_ms_per_token": statistics.median(mean_token[name]),
-                   "cpu_ms_per_token": statistics.median(cpu_token[name]), "tokens": tokens[name]}
-            for name in decoders}
+    return {
+        name: {
+            "prefill_ms": statistics.median(prefill[name]),
+            "median_ms_per_token": statistics.median(per_token[name]),
+            "mean_ms_per_token": statistics.median(mean_token[name]),
+            "cpu_ms_per_token": statistics.median(cpu_token[name]),
+            "tokens": tokens[name],
+        }
+        for name in decoders
+    }

@@ -95,7 +95,9 @@ def reassemble(folder: str | Path, parts: list[dict], out: str | Path, *, sha256
                     sink.write(block)
     if digest.hexdigest() != sha256:
         tmp.unlink()
-        raise CarryError(f"reassembled {out.name} has sha256 {digest.hexdigest()[:16]}…, the manifest says {sha256[:16]}…")
+        raise CarryError(
+            f"reassembled {out.name} has sha256 {digest.hexdigest()[:16]}…, the manifest says {sha256[:16]}…"
+        )
     tmp.replace(out)
     return out
 
@@ -112,7 +114,9 @@ def copy_parts(src: str | Path, staging: str | Path, parts: list[dict]) -> list[
             continue
         problem = check_part(source, entry)
         if problem:
-            raise CarryError(f"carried part {entry['name']} is corrupt ({problem}): prepare it again and re-run this call")
+            raise CarryError(
+                f"carried part {entry['name']} is corrupt ({problem}): prepare it again and re-run this call"
+            )
         tmp = staging / (entry["name"] + ".tmp")
         shutil.copyfile(source, tmp)
         tmp.replace(staging / entry["name"])

@@ -29,14 +29,26 @@ CUDA_LIBRARIES = ("libcudart", "libcublas", "libcublasLt", "libcurand", "libcudn
 
 def mlp(dtype: np.dtype, rng: np.random.Generator) -> tuple[bytes, list[np.ndarray]]:
     """y = relu(x @ w1 + b1) @ w2, weights as initializers; returns (model bytes, [w1, b1, w2])."""
-    weights = [rng.standard_normal((64, 128)) * 0.1, rng.standard_normal(128) * 0.1, rng.standard_normal((128, 32)) * 0.1]
+    weights = [
+        rng.standard_normal((64, 128)) * 0.1,
+        rng.standard_normal(128) * 0.1,
+        rng.standard_normal((128, 32)) * 0.1,
+    ]
     weights = [w.astype(dtype) for w in weights]
     elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
-             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["batch", 64])],
-                              [helper.make_tensor_value_info("y", elem, ["batch", 32])],
-                              [numpy_helper.from_array(w, n) for w, n in zip(weights, ["w1", "b1", "w2"])])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", elem, ["batch", 64])],
+        [helper.make_tensor_value_info("y", elem, ["batch", 32])],
+        [numpy_helper.from_array(w, n) for w, n in zip(weights, ["w1", "b1", "w2"])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, PROBE_IR_VERSION)  # onnx >= 1.23 writes 14; ORT 1.31 reads <= 13
     onnx.checker.check_model(model)
@@ -86,7 +98,9 @@ def main(argv: list[str]) -> int:
     import onnxruntime as ort
 
     provider = "CPUExecutionProvider" if args.cpu else CUDA
-    print(f"onnxruntime {ort.__version__} ({ort.__file__}); providers listed: {', '.join(ort.get_available_providers())}")
+    print(
+        f"onnxruntime {ort.__version__} ({ort.__file__}); providers listed: {', '.join(ort.get_available_providers())}"
+    )
     status = cuda_ep_status(ort) if provider == CUDA else {"state": "working", "line": "--cpu: the CPU provider"}
     print(status["line"])
     if status["state"] != "working":

@@ -60,7 +60,9 @@ def already_installed(manifest: dict, staging: Path) -> bool:
 
 def unpack(manifest: dict, staging: Path) -> list[Path]:
     """The archive reassembled from the staged parts, checked, decompressed; the wheels, checked."""
-    archive = reassemble(staging, manifest["parts"], staging / manifest["archive"]["name"], sha256=manifest["archive"]["sha256"])
+    archive = reassemble(
+        staging, manifest["parts"], staging / manifest["archive"]["name"], sha256=manifest["archive"]["sha256"]
+    )
     wheels_dir = staging / "wheels"
     wheels_dir.mkdir(exist_ok=True)
     with lzma.open(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -117,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="the carried folder (.carry/callN)")
     parser.add_argument("--staging", type=Path, default=Path("/tmp/shareport-carry"))
-    parser.add_argument("--target", default=None, help="pip install --target DIR instead of into this Python "
-                        "(nothing uninstalled; for a trial run)")
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="pip install --target DIR instead of into this Python (nothing uninstalled; for a trial run)",
+    )
     args = parser.parse_args(argv)
     try:
         manifest = load_manifest(args.folder, args.staging)
@@ -133,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
             calls = {p["name"]: (i, p.get("folder", "?")) for i, p in enumerate(manifest["parts"])}
             have = len(manifest["parts"]) - len(problems)
             listed = ", ".join(f"{calls[name][1]}/{name}" for name in problems)
-            print(f"collect: {have} of {len(manifest['parts'])} parts staged in {args.staging} "
-                  f"(copied now: {', '.join(copied) or 'none'}); still missing: {listed}")
+            print(
+                f"collect: {have} of {len(manifest['parts'])} parts staged in {args.staging} "
+                f"(copied now: {', '.join(copied) or 'none'}); still missing: {listed}"
+            )
             return 3 if any(calls[name][0] <= last_here for name in problems) else 0
         wheels = unpack(manifest, args.staging)
         print("collect: " + install(manifest, args.staging, wheels, target=args.target))
         missing = missing_requirements(manifest)
         if missing:
-            print("collect: requirements not installed here (carry them with prepare.py --extra): " + "; ".join(missing))
+            print(
+                "collect: requirements not installed here (carry them with prepare.py --extra): " + "; ".join(missing)
+            )
     except CarryError as exc:
         print(f"collect: {exc}", file=sys.stderr)
         return 1

@@ -36,14 +36,29 @@ WHEELS = ["onnxruntime-gpu==1.31.1", "onnxruntime-genai-cuda==0.18.0"]
 REPLACES = ["onnxruntime", "onnxruntime-genai"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 ARCHIVE = "shareport-wheels.tar.xz"
-BENCH = ("PYTHONUNBUFFERED=1 timeout -k 10 {bench_s} python3 -m tests.benchmarks.bench_gpu --cuda-ep "
-         "2>&1 | tee $OUT/bench_gpu.log")
+BENCH = (
+    "PYTHONUNBUFFERED=1 timeout -k 10 {bench_s} python3 -m tests.benchmarks.bench_gpu --cuda-ep "
+    "2>&1 | tee $OUT/bench_gpu.log"
+)
 
 
 def download(specs: list[str], dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--python-version", "3.12", "--implementation", "cp",
-               "--only-binary", ":all:", "--no-deps", "-d", str(dest)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--only-binary",
+        ":all:",
+        "--no-deps",
+        "-d",
+        str(dest),
+    ]
     for platform in PLATFORMS:
         command += ["--platform", platform]
     result = subprocess.run(command + specs, capture_output=True, text=True)
@@ -69,8 +84,14 @@ def wheel_info(path: Path) -> dict:
     fields = [line.split(": ", 1) for line in lines if ": " in line]
     name = next(v for k, v in fields if k == "Name")
     requires = [v for k, v in fields if k == "Requires-Dist" and "extra ==" not in v]
-    return {"file": path.name, "dist": name, "version": next(v for k, v in fields if k == "Version"),
-            "size": path.stat().st_size, "sha256": sha256_file(path), "requires": requires}
+    return {
+        "file": path.name,
+        "dist": name,
+        "version": next(v for k, v in fields if k == "Version"),
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "requires": requires,
+    }
 
 
 def bundle(wheels: list[Path], out: Path, threads: int) -> str:
@@ -98,8 +119,12 @@ def bundle(wheels: list[Path], out: Path, threads: int) -> str:
 
 def tree_bytes(root: Path) -> int:
     """What a run call sends besides the carried folders: tracked and untracked-not-ignored files."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     return sum((root / name.decode()).stat().st_size for name in listed if name and (root / name.decode()).is_file())
 
 
@@ -122,19 +147,30 @@ def device_calls(folders: list[str], bench_s: int) -> list[dict]:
     for i, folder in enumerate(folders):
         command = f"set -o pipefail; python3 -m tests.benchmarks.carry.collect {folder}"
         if i == len(folders) - 1:
-            command += (" && python3 -m tests.benchmarks.carry.check_cuda_ep && "
-                        + BENCH.format(bench_s=bench_s))
-        calls.append({"call": i + 1, "carry": [folder], "command": command,
-                      "timeout_s": 60 if i < len(folders) - 1 else bench_s + 90})
+            command += " && python3 -m tests.benchmarks.carry.check_cuda_ep && " + BENCH.format(bench_s=bench_s)
+        calls.append(
+            {
+                "call": i + 1,
+                "carry": [folder],
+                "command": command,
+                "timeout_s": 60 if i < len(folders) - 1 else bench_s + 90,
+            }
+        )
     return calls
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / ".carry", help="an ignored folder of the repo (default .carry)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / ".carry", help="an ignored folder of the repo (default .carry)"
+    )
     parser.add_argument("--part-mib", type=float, default=60.0, help="the most MiB one part (one call) holds")
-    parser.add_argument("--wheel", action="append", default=None, help="NAME==VERSION (repeatable; default the ORT CUDA pair)")
-    parser.add_argument("--extra", action="append", default=[], help="NAME==VERSION of a pure dependency the device lacks")
+    parser.add_argument(
+        "--wheel", action="append", default=None, help="NAME==VERSION (repeatable; default the ORT CUDA pair)"
+    )
+    parser.add_argument(
+        "--extra", action="append", default=[], help="NAME==VERSION of a pure dependency the device lacks"
+    )
     parser.add_argument("--threads", type=int, default=2, help="xz threads")
     parser.add_argument("--bench-s", type=int, default=420, help="the bench's time limit in the last call")
     args = parser.parse_args(argv)
@@ -143,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         tree = tree_bytes(ROOT)
         room = CALL_LIMIT_MIB * MIB - tree - 64 * 1024  # the manifest and some slack
         if part_size < 1 or part_size > room:
-            raise CarryError(f"--part-mib {args.part_mib:g} does not fit one call: the tree already sends "
-                             f"{tree / MIB:.1f} MiB of {CALL_LIMIT_MIB}, leaving {room / MIB:.1f} MiB")
+            raise CarryError(
+                f"--part-mib {args.part_mib:g} does not fit one call: the tree already sends "
+                f"{tree / MIB:.1f} MiB of {CALL_LIMIT_MIB}, leaving {room / MIB:.1f} MiB"
+            )
         out = args.out.resolve()
-        if not str(out).startswith(str(ROOT)) or subprocess.run(
-                ["git", "check-ignore", "-q", str(out / "x")], cwd=ROOT).returncode != 0:
+        if (
+            not str(out).startswith(str(ROOT))
+            or subprocess.run(["git", "check-ignore", "-q", str(out / "x")], cwd=ROOT).returncode != 0
+        ):
             raise CarryError(f"{args.out} is not an ignored folder inside the repo (add it to .gitignore)")
         wheels = download(args.wheel or WHEELS, out / "download")
         extras = download(args.extra, out / "download") if args.extra else []
@@ -161,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         folders = place_parts(parts, build / "parts", out, root=ROOT)
         manifest = {
             "format": 1,
-            "archive": {"name": ARCHIVE, "size": archive.stat().st_size, "sha256": sha256_file(archive),
-                        "compression": tool},
+            "archive": {
+                "name": ARCHIVE,
+                "size": archive.stat().st_size,
+                "sha256": sha256_file(archive),
+                "compression": tool,
+            },
             "wheels": [wheel_info(w) for w in wheels],
             "extras": [wheel_info(w) for w in extras],
             "replaces": REPLACES,
@@ -180,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: {exc}", file=sys.stderr)
         return 1
     total = sum(w["size"] for w in manifest["wheels"] + manifest["extras"])
-    print(f"wheels: {len(wheels) + len(extras)}, {total / MIB:.1f} MiB; {ARCHIVE} ({tool}): "
-          f"{manifest['archive']['size'] / MIB:.1f} MiB; tree sent with each call: {tree / MIB:.1f} MiB")
+    print(
+        f"wheels: {len(wheels) + len(extras)}, {total / MIB:.1f} MiB; {ARCHIVE} ({tool}): "
+        f"{manifest['archive']['size'] / MIB:.1f} MiB; tree sent with each call: {tree / MIB:.1f} MiB"
+    )
     for part in parts:
         print(f"  {part['folder']}/{part['name']}: {part['size'] / MIB:.2f} MiB")
     print(f"device calls: {len(manifest['calls'])} (plan: {out / 'manifest.json'})")
