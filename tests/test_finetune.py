@@ -13,7 +13,7 @@ from shareport.train.data import BatchOrder, collate
 from shareport.train.jobs import merge_schedule, recovery_job
 from shareport.train.recipe import Recipe, run
 from shareport.train.teacher import Teacher
-from tests.training_helpers import cpu_accelerator, recovery_setup
+from tests.training_helpers import cpu_accelerator, finetune_args, recovery_setup
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +95,7 @@ def test_lm_loss_weight_enters_the_loss_and_the_update(setup, tmp_path, cli, fp3
     lr, weight = 1e-2, 3.0
     out = tmp_path / "lm"
     result = cli(
-        "finetune",
-        setup["shared"],
-        "--base",
-        setup["base"],
-        "--teacher",
-        setup["lora"],
-        "--data",
-        setup["text"],
-        "-o",
-        out,
+        *finetune_args(setup, out),
         "--steps",
         1,
         "--lr",
@@ -151,16 +142,7 @@ def student_wrappers(model):
 def test_lossy_sharea_is_recovered_halving_heldout_kl(setup, tmp_path, cli):
     out = tmp_path / "recovered"
     result = cli(
-        "finetune",
-        setup["shared"],
-        "--base",
-        setup["base"],
-        "--teacher",
-        setup["lora"],
-        "--data",
-        setup["text"],
-        "-o",
-        out,
+        *finetune_args(setup, out),
         "--steps",
         100,
         "--lr",
@@ -189,16 +171,7 @@ def test_identical_runs_write_identical_reports_and_adapters(setup, tmp_path, cl
     outs = [tmp_path / "one", tmp_path / "two"]
     for out in outs:
         result = cli(
-            "finetune",
-            setup["shared"],
-            "--base",
-            setup["base"],
-            "--teacher",
-            setup["lora"],
-            "--data",
-            setup["text"],
-            "-o",
-            out,
+            *finetune_args(setup, out),
             "--steps",
             3,
             "--batch-size",

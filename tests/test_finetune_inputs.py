@@ -8,7 +8,7 @@ from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter, save_adapter
 from shareport.train.data import BatchOrder, load_data, save_tokenized, split_heldout
 from tests.tiny import make_peft_adapter, tiny_bert, tiny_llama
-from tests.training_helpers import recovery_setup, save_base, sharea_by_svd, write_text
+from tests.training_helpers import finetune_args, recovery_setup, save_base, sharea_by_svd, write_text
 
 
 @pytest.fixture(scope="module")
@@ -278,16 +278,7 @@ def test_bad_inputs_fail_with_one_line(setup, tmp_path, cli):
 
 def test_resume_refuses_other_options(setup, tmp_path, cli):
     args = [
-        "finetune",
-        setup["shared"],
-        "--base",
-        setup["base"],
-        "--teacher",
-        setup["lora"],
-        "--data",
-        setup["text"],
-        "-o",
-        tmp_path / "o",
+        *finetune_args(setup, tmp_path / "o"),
         "--batch-size",
         4,
         "--max-length",

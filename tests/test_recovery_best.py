@@ -22,7 +22,7 @@ from shareport.train.data import load_data
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import Recipe, Trainer, evaluate_adapter, run
 from shareport.train.schedule import STEP_UNITS, default_eval_every, eval_steps, lr_factor
-from tests.training_helpers import recovery_setup, write_text
+from tests.training_helpers import finetune_args, recovery_setup, write_text
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +117,7 @@ def test_a_good_start_is_not_made_worse(setup, tmp_path, cli):
     the best evaluated step, whose KL an independent evaluation of the written adapter reproduces."""
     out = tmp_path / "ruined"
     result = cli(
-        "finetune",
-        setup["shared"],
-        "--base",
-        setup["base"],
-        "--teacher",
-        setup["lora"],
-        "--data",
-        setup["text"],
-        "-o",
-        out,
+        *finetune_args(setup, out),
         "--steps",
         6,
         "--lr",
@@ -263,16 +254,7 @@ def test_train_keeps_its_best_step_by_the_heldout_task_loss(setup, tmp_path):
 def test_bad_schedule_settings_are_refused_in_one_line(setup, tmp_path, cli, args, words):
     out = tmp_path / "out"
     result = cli(
-        "finetune",
-        setup["shared"],
-        "--base",
-        setup["base"],
-        "--teacher",
-        setup["lora"],
-        "--data",
-        setup["text"],
-        "-o",
-        out,
+        *finetune_args(setup, out),
         "--steps",
         4,
         "--batch-size",
@@ -401,16 +383,7 @@ def test_ctrl_c_says_how_to_resume_and_a_finished_run_removes_its_checkpoint(set
 
     out = tmp_path / "out"
     args = [
-        "finetune",
-        setup["shared"],
-        "--base",
-        setup["base"],
-        "--teacher",
-        setup["lora"],
-        "--data",
-        setup["text"],
-        "-o",
-        out,
+        *finetune_args(setup, out),
         "--steps",
         4,
         "--batch-size",

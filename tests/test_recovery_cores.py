@@ -17,7 +17,7 @@ from shareport.files.adapters import load_adapter
 from shareport.train.cores import split
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import Recipe, run
-from tests.training_helpers import recovery_setup
+from tests.training_helpers import finetune_args, recovery_setup
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +105,7 @@ def test_cores_same_input_same_bytes_and_equal_stays_equal(setup):
 def test_finetune_cli_reports_the_cores(setup, tmp_path, cli):
     out = tmp_path / "cores"
     result = cli(
-        "finetune",
-        setup["shared"],
-        "--base",
-        setup["base"],
-        "--teacher",
-        setup["lora"],
-        "--data",
-        setup["text"],
-        "-o",
-        out,
+        *finetune_args(setup, out),
         "--steps",
         4,
         "--batch-size",

@@ -101,3 +101,19 @@ def cpu_accelerator(monkeypatch, mixed_precision: str):
         yield
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def finetune_args(paths: dict, out) -> list:
+    """``shareport finetune``'s arguments for a ``recovery_setup``: the ShareA toward its LoRA on the text, to ``out``."""
+    return [
+        "finetune",
+        paths["shared"],
+        "--base",
+        paths["base"],
+        "--teacher",
+        paths["lora"],
+        "--data",
+        paths["text"],
+        "-o",
+        out,
+    ]
