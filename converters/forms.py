@@ -5,7 +5,7 @@ and its error spectrum, and says how it is planned (``per_site``: each site at i
 chosen from the sites' spectra by ``truncate.py``; otherwise one rank per kind, chosen over the
 form's options by ``budget.py``, with ``grouped`` forms choosing a number of B groups too).
 The planners, ``convert_kind`` and the counts look a form up here and read its row; no other
-module compares a form's name (tests/test_architecture.py holds them to it). The registry sits
+module compares a form's name (tests/end_to_end/test_architecture.py holds them to it). The registry sits
 below the planners so that they can look forms up by name without an import cycle.
 
 Adding a form: its math as ``converters/<form>.py`` (a ``KindFactors`` in, a ``KindResult``

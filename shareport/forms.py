@@ -4,8 +4,8 @@ One row per form (``ROWS``): which factors it shares across a kind's layers, whe
 are shared per group of layers (ASLoRA: ``--groups``, ``--grouping``, train's merging), whether
 every site keeps its own rank (plain LoRA: truncated per site, written as PEFT), the budget it
 is planned at when no size is given, and how its tensors are named in the pool. The math of
-each form is its row in ``converters/forms.py``; tests/test_cli_flags.py checks the two agree.
-A form's name is compared as a string only in these two registries (tests/test_architecture.py).
+each form is its row in ``converters/forms.py``; tests/cli/test_cli_flags.py checks the two agree.
+A form's name is compared as a string only in these two registries (tests/end_to_end/test_architecture.py).
 
 Pool names, so that a shared tensor has one name used by many sites:
 
@@ -20,7 +20,7 @@ Kind names hold no layer index and site paths always do, so the two never collid
 No torch here: the command line names these in its options' choices and defaults, and ``--help``
 or a usage error should not wait seconds for torch to load. The library modules import them from
 here. Three mirror a value of ``converters`` (whose package imports torch);
-tests/test_cli_flags.py checks that they agree.
+tests/cli/test_cli_flags.py checks that they agree.
 """
 
 from __future__ import annotations

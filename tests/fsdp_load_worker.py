@@ -1,4 +1,4 @@
-"""One process of tests/test_fsdp_loading.py (run by torchrun, or alone for the whole-load reference).
+"""One process of tests/model/test_fsdp_loading.py (run by torchrun, or alone for the whole-load reference).
 
     python tests/fsdp_load_worker.py sharded|whole OUT_DIR BASE [BASE...]
 

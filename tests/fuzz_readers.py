@@ -1,7 +1,7 @@
 """Fuzz the config and safetensors readers: every case ends in a ShareportError or a valid adapter.
 
 Run as a benchmark for the full 10k cases (``python3 -m tests.benchmarks.bench_fuzz_readers``);
-``tests/test_fuzz_readers.py`` runs a few hundred in CI.
+``tests/files/test_fuzz_readers.py`` runs a few hundred in CI.
 """
 
 from __future__ import annotations

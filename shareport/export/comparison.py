@@ -18,7 +18,7 @@ Why 8: ORT is another float32 implementation (other summation orders, fused kern
 also rounds W + s*B*A to float32, which the attached reference never does). Measured ORT/PyTorch
 ratios of those max errors, where above the floor: 0.3 to 2.4 on most model/adapter draws, 3.4 on the
 worst (4-layer, hidden 256, random r=16 LoRA); 8 leaves twice that. A real error is far above it: an
-adapter scale off by 1.001 gives 50 to 600 times float32's own error (tests/test_verify_tolerance.py).
+adapter scale off by 1.001 gives 50 to 600 times float32's own error (tests/export/test_verify_tolerance.py).
 
 The float64 run converts the model in place to float64 and back (exact: float64 holds every float32
 value), on CPU, once per set of checks: it holds the weights at twice their float32 size for that

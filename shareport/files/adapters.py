@@ -74,7 +74,7 @@ def save_adapter(
 
 class FleetParts(Protocol):
     """What ``save_fleet`` writes of a ``shareport.fleet.Fleet``: named here, not imported, because
-    files/ sits below the fleet builder (tests/test_architecture.py)."""
+    files/ sits below the fleet builder (tests/end_to_end/test_architecture.py)."""
 
     names: list[str]
     shared: dict[str, torch.Tensor]

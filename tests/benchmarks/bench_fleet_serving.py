@@ -251,7 +251,7 @@ def check_tokens(built: dict, args) -> tuple[list[int], list[str]]:
     """Genai's prompt ids, and one line per adapter checked; raises when genai and PyTorch disagree."""
     import onnxruntime_genai as og
 
-    from tests.test_genai import _og_tokens, torch_tokens
+    from tests.export.test_genai import _og_tokens, torch_tokens
 
     base, lines = built["base"], []
     for n, way in built["ways"].items():

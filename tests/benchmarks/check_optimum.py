@@ -118,8 +118,8 @@ def peft_reference(base: Path, lora: Path | None, tok_folder: Path) -> dict:
 def build(out: Path) -> tuple[dict, dict[str, Path]]:
     """The case, the exports and PEFT's tokens (kept under ``out``: a rerun reuses them)."""
     from shareport.export.exporter import ExportOptions, export
+    from tests.export.test_genai import save_word_tokenizer
     from tests.onnx_cases import make_case
-    from tests.test_genai import save_word_tokenizer
     from tests.tiny import TARGETS, tiny_llama
 
     base, lora = out / "base", out / "lora"

@@ -19,7 +19,7 @@
 # Measured 2026-11-30 (issue 20, branch mut20; load 7-10 on 2 cores, --max-children 1), with the
 # selections below (MUTATION_DIR=/tmp/mut20 bash tests/mutation/mutation.sh TARGET). Survivors of
 # each run were then re-run one by one against the tests written for them, in the run's mutants/
-# folder: MUTANT_UNDER_TEST=NAME python3 -m pytest -x -q tests/test_<target>_mutants.py
+# folder: MUTANT_UNDER_TEST=NAME python3 -m pytest -x -q tests/<room>/test_<target>_mutants.py
 #   atomic.py     run 91.7% (154/168, 790 s); re-runs kill 10 of the 14 -> 97.6% (164/168), 4 equivalent
 #   verify.py     run 88.7% (305/344, 634 s, graphs built once beforehand); re-runs kill 16 of the 39
 #                 -> 93.3% (321/344); 15 equivalent, 8 need a classifier graph (BERT, out of scope)
@@ -33,9 +33,9 @@
 # have only a partial before. "After": MUTATION_ONLY=converters/NAME.py with the fast selection
 # (every test_converters_*.py except test_converters_calibrated.py; calibrated_* and __init__ keep it;
 # fleet.py: test_fleet_math.py + test_converters_contracts.py), then the survivors re-run one by one
-# against the final test file (MUTANT_UNDER_TEST=NAME pytest tests/test_converters_contracts.py in
+# against the final test file (MUTANT_UNDER_TEST=NAME pytest tests/converters/test_converters_contracts.py in
 # the run's mutants/ folder). One module, e.g. (2-7 min each here):
-#   MUTATION_ONLY=converters/truncate.py MUTATION_CHILDREN=2 MUTATION_TESTS="$(ls tests/test_converters_*.py |
+#   MUTATION_ONLY=converters/truncate.py MUTATION_CHILDREN=2 MUTATION_TESTS="$(ls tests/converters/test_converters_*.py |
 #     grep -v _calibrated.py | tr '\n' ' ')" bash tests/mutation/mutation.sh converters
 #   module                  before                      after (run -> with re-runs)
 #   sharea.py               96.1% (73/76)               100%  (76/76)
@@ -56,13 +56,13 @@
 #   with calibrated_shareb's 59/59); the before run had 1812 killed of 2480 checked (73.1%; 87.7%
 #   without fleet.py's 414 untested).
 # The calibrated modules (issue 20, branch mut20c, 2026-11-30, load ~2.7, --max-children 1) with the
-# fast selection tests/test_converters_calibrated_contracts.py alone (~5 s; test_converters_calibrated.py's
+# fast selection tests/converters/test_converters_calibrated_contracts.py alone (~5 s; test_converters_calibrated.py's
 # brute-force optimisers take ~30 s per mutant), e.g.
 #   MUTATION_DIR=/tmp/mut20c MUTATION_ONLY=converters/calibrated_sharea.py MUTATION_CHILDREN=1
-#     MUTATION_TESTS="tests/test_converters_calibrated_contracts.py" bash tests/mutation/mutation.sh converters
+#     MUTATION_TESTS="tests/converters/test_converters_calibrated_contracts.py" bash tests/mutation/mutation.sh converters
 # "Before": the file's first version (for calibrated_aslora.py: with the tests added for calibration.py,
 # none yet for ASLoRA; for calibrated_shareb.py: everything but its own ShareB test); survivors then
-# re-run one by one in mutants/ (MUTANT_UNDER_TEST=NAME pytest tests/test_converters_calibrated_contracts.py),
+# re-run one by one in mutants/ (MUTANT_UNDER_TEST=NAME pytest tests/converters/test_converters_calibrated_contracts.py),
 # tests added; "after": a fresh run with the final file (calibration, ShareAB and ASLoRA before the
 # ShareB and line-search tests were added last, which can only kill more, and reach none of their
 # survivors). The survivors left are listed in mutation_equivalent.md.
@@ -85,16 +85,16 @@ children=(--max-children "${MUTATION_CHILDREN:-1}")
 
 declare -A MUTATE TESTS
 MUTATE[converters]="converters/*"
-TESTS[converters]="tests/test_converters_aslora.py tests/test_converters_budget.py tests/test_converters_grouping.py
-tests/test_converters_projection.py tests/test_converters_properties.py tests/test_converters_truncate.py
-tests/test_converters_calibrated.py tests/test_converters_mutants.py tests/test_converters_contracts.py tests/test_fleet_math.py"
+TESTS[converters]="tests/converters/test_converters_aslora.py tests/converters/test_converters_budget.py tests/converters/test_converters_grouping.py
+tests/converters/test_converters_projection.py tests/converters/test_converters_properties.py tests/converters/test_converters_truncate.py
+tests/converters/test_converters_calibrated.py tests/converters/test_converters_mutants.py tests/converters/test_converters_contracts.py tests/converters/test_fleet_math.py"
 MUTATE[atomic]="shareport/files/atomic.py"
-TESTS[atomic]="tests/test_atomic_mutants.py tests/test_atomic_publish.py tests/test_outputs.py"
+TESTS[atomic]="tests/files/test_atomic_mutants.py tests/files/test_atomic_publish.py tests/files/test_outputs.py"
 MUTATE[verify]="shareport/export/verify.py"
 # the graphs are exported once, before mutmut (see below): only this file's tests use the cache
-TESTS[verify]="tests/test_verify_mutants.py"
+TESTS[verify]="tests/export/test_verify_mutants.py"
 MUTATE[merging]="shareport/train/merging.py"
-TESTS[merging]="tests/test_merging_mutants.py tests/test_train.py tests/test_training_checks.py tests/test_finetune.py"
+TESTS[merging]="tests/train/test_merging_mutants.py tests/train/test_train.py tests/train/test_training_checks.py tests/train/test_finetune.py"
 
 if [[ $target == all ]]; then
   for t in converters atomic merging verify; do bash "$0" "$t" "${children[@]}"; done
@@ -131,7 +131,7 @@ export OMP_NUM_THREADS=1
 if [[ $target == verify ]]; then
   # verify.py plays no part in exporting: the graphs its tests check are made once, unmutated
   export SHAREPORT_VERIFY_GRAPHS=$work/.verify-graphs
-  python3 -c "import sys; from pathlib import Path; from tests.test_verify_mutants import build_graphs; build_graphs(Path(sys.argv[1]))" \
+  python3 -c "import sys; from pathlib import Path; from tests.export.test_verify_mutants import build_graphs; build_graphs(Path(sys.argv[1]))" \
     "$SHAREPORT_VERIFY_GRAPHS" > graphs.log 2>&1 || { tail -30 graphs.log; exit 1; }
 fi
 start=$(date +%s)

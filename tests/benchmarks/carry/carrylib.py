@@ -1,6 +1,6 @@
 """Split a file into checksummed parts and put it back together (stdlib only: it runs on the device).
 
-``prepare.py`` (here) and ``collect.py`` (on the device) share this; ``tests/test_carry.py`` tests it.
+``prepare.py`` (here) and ``collect.py`` (on the device) share this; ``tests/export/test_carry.py`` tests it.
 A part is refused when its size or sha256 differs from the manifest's, so a truncated or corrupted
 transfer is named, never installed.
 """

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from shareport.files.adapters import load_adapter
-from tests.test_finetune_distributed import REPO, _free_port, one_process_run
+from tests.train.test_finetune_distributed import REPO, _free_port, one_process_run
 
 
 def _launch(args, cwd, launcher):

@@ -16,7 +16,7 @@ import pytest
 from shareport.files.adapters import load_adapter, save_adapter
 from tests.tiny import make_peft_adapter, tiny_gpt2, tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tree(folder):

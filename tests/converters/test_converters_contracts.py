@@ -510,7 +510,7 @@ def test_calibrated_site_spectra_and_per_site_ranks_match_dense_eigenvalues():
     and a per-site rank list leaves each site its dense tail (0 empties a site)."""
     from converters.calibrated_truncation import convert_lora_calibrated
     from converters.calibration import CalibratedKind
-    from tests.test_converters_calibrated import damped_dense, tiny_case
+    from tests.converters.test_converters_calibrated import damped_dense, tiny_case
 
     As, Bts, cs, q, S = tiny_case(71, n_sites=3, n_out=6, n_in=8, ranks=[3, 2, 3])
     lam = 0.05
@@ -539,7 +539,7 @@ def test_calibrated_site_spectra_and_per_site_ranks_match_dense_eigenvalues():
 def test_calibrated_aslora_regroups_by_default():
     """Given a poor partition, the default moves sites (seed 77) and reaches a lower dense objective
     than regroup=False, which keeps the partition as given."""
-    from tests.test_converters_calibrated import result_objective, tiny_case
+    from tests.converters.test_converters_calibrated import result_objective, tiny_case
 
     As, Bts, cs, _, S = tiny_case(77, n_sites=4, n_out=6, n_in=8, ranks=2)
     given = [[0, 3], [1, 2]]

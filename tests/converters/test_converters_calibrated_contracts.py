@@ -35,8 +35,7 @@ from converters.calibration import (
     weighted_sq_norm,
 )
 from converters.grouping import group_points
-from tests.converters_reference import F64, dense_updates, random_kind
-from tests.test_converters_calibrated import (
+from tests.converters.test_converters_calibrated import (
     convert,
     damped_dense,
     dense_objective,
@@ -46,6 +45,7 @@ from tests.test_converters_calibrated import (
     result_objective,
     tiny_case,
 )
+from tests.converters_reference import F64, dense_updates, random_kind
 
 
 def _sym_psd(gen, p, rank=None):

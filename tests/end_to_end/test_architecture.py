@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # a room may import rooms of a lower rank (and itself); README, "Architecture"
 RANKS = {
     "converters": 0,

@@ -1,5 +1,5 @@
 """Fleet member names: shortest distinct path suffixes, NAME=PATH, and the names refused (one line,
-nothing written). The inputs are real PEFT LoRAs (tests/test_fleet.py's)."""
+nothing written). The inputs are real PEFT LoRAs (tests/converters/test_fleet.py's)."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ import pytest
 
 from shareport.errors import ShareportError
 from shareport.files.fleet import member_names
-from tests.test_fleet import assert_refused, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
+from tests.converters.test_fleet import assert_refused, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
 
 
 @pytest.mark.parametrize(

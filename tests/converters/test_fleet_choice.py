@@ -16,9 +16,9 @@ from shareport.files.adapters import load_adapter
 from shareport.fleet import build_fleet, fleet_bases
 from shareport.forms import CALIBRATION_MAX_LENGTH, CALIBRATION_RIDGE, CALIBRATION_SAMPLES, FLEET_FORMS
 from shareport.train.data import load_data, sample_examples
-from tests.test_fleet import RANKS, TARGETS, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
-from tests.test_fleet_finetune import setup  # noqa: F401  (a module-scoped fixture)
+from tests.converters.test_fleet import RANKS, TARGETS, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
 from tests.tiny import make_peft_adapter, tiny_llama
+from tests.train.test_fleet_finetune import setup  # noqa: F401  (a module-scoped fixture)
 from tests.training_helpers import write_text
 
 
@@ -211,7 +211,7 @@ def test_calibrated_choice_uses_each_members_dense_output_error(calibrated_setup
 
 
 def test_bad_calibration_arguments_are_one_line_and_write_nothing(calibrated_setup, tmp_path, cli):
-    from tests.test_fleet import assert_refused
+    from tests.converters.test_fleet import assert_refused
 
     root = calibrated_setup
     lora_dirs = [root / name for name in RANKS]

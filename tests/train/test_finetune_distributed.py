@@ -14,7 +14,7 @@ import torch
 from shareport.files.adapters import load_adapter
 from tests.training_helpers import recovery_setup
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

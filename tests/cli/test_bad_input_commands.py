@@ -12,7 +12,7 @@ import pytest
 
 from shareport.export.exporter import ExportOptions, export
 from shareport.train.checkpoint import FORMAT, STATE_JSON
-from tests.test_bad_input import CASES, check_refused, good_adapter  # noqa: F401 (a fixture)
+from tests.cli.test_bad_input import CASES, check_refused, good_adapter  # noqa: F401 (a fixture)
 from tests.tiny import tiny_llama
 from tests.training_helpers import save_base, write_text
 

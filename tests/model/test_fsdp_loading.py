@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from shareport.errors import ShareportError
 from shareport.files.tensorfile import StreamedTensors, stream_model_weights
 from shareport.model.base import checkpoint_name, load_base_model
-from tests.test_finetune_distributed import REPO, _free_port
 from tests.tiny import tiny_bert, tiny_llama
+from tests.train.test_finetune_distributed import REPO, _free_port
 
 MiB = 2**20
 

@@ -19,7 +19,7 @@ from shareport.export.verify import verify
 from tests.onnx_cases import make_case
 from tests.tiny import tiny_llama
 
-PACKAGE = Path(__file__).resolve().parents[1] / "shareport"
+PACKAGE = Path(__file__).resolve().parents[2] / "shareport"
 EXPORT = """
 import sys, shareport
 from shareport.export.exporter import ExportOptions, export

@@ -8,8 +8,8 @@ import torch
 from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
 from converters.calibration import damp
 from converters.fleet import fleet_kind
+from tests.converters.test_fleet_math import N_IN, dense, random_fleet
 from tests.converters_reference import F64
-from tests.test_fleet_math import N_IN, dense, random_fleet
 
 LAM = 1e-2
 

@@ -7,8 +7,8 @@ import torch
 
 import converters
 from converters.fleet_extend import extension, pad_core, project
+from tests.converters.test_fleet_math import LAYERS, random_fleet
 from tests.converters_reference import F64
-from tests.test_fleet_math import LAYERS, random_fleet
 
 
 def dense_kept(dws, v, u=None):

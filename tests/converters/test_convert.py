@@ -162,7 +162,7 @@ def test_truncated_lora_equals_peft_convert_to_lora(size, tmp_path, cli):
     """Our written PEFT folder against PEFT 0.21's own truncation of the same LoRA, same ranks."""
     from peft import save_as_lora
 
-    from tests.test_converters_truncate import quiet_convert
+    from tests.converters.test_converters_truncate import quiet_convert
     from tests.tiny import input_ids
 
     peft_model = make_peft_adapter(

@@ -17,7 +17,7 @@ import torch
 from shareport.adapter import Adapter
 from shareport.files.adapters import load_adapter, save_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _adapter(layers=4, n=64, r=4, seed=0):

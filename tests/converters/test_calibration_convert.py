@@ -286,7 +286,7 @@ def test_bad_calibration_input(setup, tmp_path, cli):
 
 def test_auto_and_budget_rank_by_the_calibrated_objective(setup, tmp_path):
     """The library's --to auto with calibration statistics (and no other error measure; the command
-    ranks by the model's outputs, tests/test_auto_by_outputs.py): each candidate's error is that form's
+    ranks by the model's outputs, tests/converters/test_auto_by_outputs.py): each candidate's error is that form's
     calibrated conversion at the budget, and the winner has the least; a calibrated --budget plan for
     lora is at least as good, in the calibrated objective, as the plain plan's ranks converted with
     calibration."""

@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end(tmp_path, cli):
 
 def test_the_demo_folder_the_readme_suggests_is_ignored_by_git():
     """`shareport demo -o shareport-demo` in a clone leaves nothing for `git status` to list."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if shutil.which("git") is None or not (root / ".git").exists():
         pytest.skip("not a git checkout")
     result = subprocess.run(["git", "check-ignore", "-q", "shareport-demo/lora/adapter_config.json"], cwd=root)
