@@ -124,18 +124,25 @@ def plot_adapter(
     return _save(plt, fig, path)
 
 
-def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, ylabel: str, keep: float) -> Path:
-    """Fidelity against percent of the LoRA's parameters: one line per form (converted points
-    filled, recovered points hollow), the Pareto front as a step line, the chosen point ringed."""
+def plot_frontier(
+    points: list, front: list, chosen, path: str | os.PathLike, ylabel: str, keep: float, *, size: str = "parameters"
+) -> Path:
+    """Fidelity against percent of the LoRA's parameters (``size`` "parameters") or against the bytes
+    the factors are stored in ("bytes"): one line per form (converted points filled, recovered points
+    hollow), the Pareto front as a step line, the chosen point ringed."""
     plt = _pyplot()
+
+    def x(p):
+        return p.bytes if size == "bytes" else 100 * p.ratio
+
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab10")
     for i, form in enumerate(sorted({p.form for p in points})):
         for recovered, style in ((False, dict(marker="o")), (True, dict(marker="o", mfc="none", ls="--"))):
-            pts = sorted((p for p in points if p.form == form and p.recovered == recovered), key=lambda p: p.ratio)
+            pts = sorted((p for p in points if p.form == form and p.recovered == recovered), key=x)
             if pts:
                 ax.plot(
-                    [100 * p.ratio for p in pts],
+                    [x(p) for p in pts],
                     [p.fidelity for p in pts],
                     color=colors(i),
                     **style,
@@ -143,7 +150,7 @@ def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, yl
                 )
     if front:
         ax.step(
-            [100 * p.ratio for p in front],
+            [x(p) for p in front],
             [p.fidelity for p in front],
             where="post",
             color="black",
@@ -153,7 +160,7 @@ def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, yl
         )
     if chosen is not None:
         ax.scatter(
-            [100 * chosen.ratio],
+            [x(chosen)],
             [chosen.fidelity],
             s=220,
             facecolors="none",
@@ -165,11 +172,14 @@ def plot_frontier(points: list, front: list, chosen, path: str | os.PathLike, yl
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    # ticks where the points are (the budgets asked for), not the log axis's own 10, 20, 30 ...
-    ax.xaxis.set_major_locator(FixedLocator(sorted({100 * p.budget for p in points})))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
-    ax.set_xlabel("parameters, % of the source LoRA (log scale)")
+    if size == "bytes":
+        ax.set_xlabel("bytes of the stored factors (log scale)")
+    else:
+        # ticks where the points are (the budgets asked for), not the log axis's own 10, 20, 30 ...
+        ax.xaxis.set_major_locator(FixedLocator(sorted({100 * p.budget for p in points})))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.set_xlabel("parameters, % of the source LoRA (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2, loc="lower right")

@@ -67,6 +67,29 @@ def quantize_adapter(adapter: Adapter, quantize_as: str, group_size: int | None 
     return out, {**settings, "relative_error": relative_update_error(adapter, out), **storage(out)}
 
 
+# the precisions a frontier scores each point at (``shareport frontier --precisions``): float32 is the
+# converted adapter itself, float16 its factors rounded to half precision, int8/int4 ``quantize_adapter``
+STORED_PRECISIONS = ("fp32", "fp16") + QUANTIZE_CHOICES
+_FLOATS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def stored_as(adapter: Adapter, precision: str, group_size: int | None = None) -> tuple[Adapter, int]:
+    """The adapter as it reads back after its factors are stored at ``precision`` (one of
+    ``STORED_PRECISIONS``; floats as float32 values), and the bytes those stored factors take: the
+    integers and float16 scales for int8/int4 (``storage``), else 4 or 2 bytes a parameter."""
+    if precision in BITS:
+        quantized, report = quantize_adapter(adapter, precision, group_size)
+        return quantized, report["bytes"]
+    if precision not in _FLOATS:
+        raise ShareportError(f"unknown precision {precision!r} (expected one of {', '.join(STORED_PRECISIONS)})")
+    dtype = _FLOATS[precision]
+    tensors = dict(adapter.tensors)
+    for name in adapter.used_tensor_names():
+        tensors[name] = tensors[name].detach().to(dtype).to(torch.float32)
+    out = dataclasses.replace(adapter, tensors=tensors, quantized={})
+    return out, adapter.num_parameters() * torch.empty((), dtype=dtype).element_size()
+
+
 def relative_update_error(reference: Adapter, other: Adapter) -> float:
     """sqrt(sum_l ||dW'_l - dW_l||_F^2 / sum_l ||dW_l||_F^2) over the sites, factored (no dense update)."""
     error = energy = 0.0

@@ -69,6 +69,15 @@ def _floats(text: str) -> tuple[float, ...]:
     "Repeat for several.",
 )
 @click.option(
+    "--precisions",
+    default=None,
+    metavar="LIST",
+    help="Also score every point with its factors stored at each of these precisions, comma-separated: "
+    "fp16, int8, int4 (int8/int4 as `convert --quantize` stores them: integers with float16 scales, "
+    "default group size). Every point then gives its bytes, the front and --keep's choice are by bytes, "
+    "and the figure is fidelity against bytes, a line per form and precision.",
+)
+@click.option(
     "--keep",
     default=0.99,
     show_default=True,
@@ -106,6 +115,7 @@ def frontier_cmd(
     forms,
     recover_steps,
     serving,
+    precisions,
     keep,
     out,
     lr,
@@ -139,16 +149,20 @@ def frontier_cmd(
         overwrite=overwrite,
         progress=not as_json,
         serving=serving,
+        precisions=() if precisions is None else tuple(p.strip() for p in precisions.split(",")),
     )
     click.echo(to_json(data) if as_json else render(data))
 
 
 def render(data: dict) -> str:
     def key(p):
-        return p["form"], p.get("serving"), p["budget"], p["recovered"]
+        return p["form"], p.get("serving"), p["budget"], p["recovered"], p.get("precision")
 
     def label(p):
-        return p["form"] if p.get("serving") is None else f"{p['form']} [{p['serving']}]"
+        text = p["form"] if p.get("serving") is None else f"{p['form']} [{p['serving']}]"
+        return text if p.get("precision") is None else f"{text} {p['precision']}"
+
+    sized = "precisions" in data  # --precisions: a bytes column, and size means bytes
 
     front = {key(p) for p in data["pareto"]}
     rows = [
@@ -156,6 +170,7 @@ def render(data: dict) -> str:
             label(p),
             f"{p['budget']:g}",
             f"{p['parameters']:,}",
+            *([f"{p['bytes']:,}"] if sized else []),
             f"{p['ratio']:.1%}",
             f"after {p['steps']}" if p["recovered"] else "converted",
             p["kl"],
@@ -170,14 +185,15 @@ def render(data: dict) -> str:
     head = f"LoRA: {data['lora_parameters']:,} parameters"
     if lora.get("accuracy"):
         head += f", accuracy {lora['accuracy']['student']:.4g}"
-    table = format_table(
-        ["form", "budget", "params", "of LoRA", "state", "KL", "top-1", "accuracy", "fidelity", "front"], rows
-    )
+    head += f", {data['lora_float32_bytes']:,} bytes in float32" if sized else ""
+    columns = ["form", "budget", "params", *(["bytes"] if sized else []), "of LoRA", "state"]
+    table = format_table([*columns, "KL", "top-1", "accuracy", "fidelity", "front"], rows)
     chosen = data["smallest_keeping"]
     kept = "accuracy" if lora.get("accuracy") else "top-1 agreement"
     verdict = (
         f"smallest point keeping {data['keep']:.0%} of the LoRA's {kept}: {label(chosen)} at "
         f"{chosen['ratio']:.1%} of its parameters ({chosen['parameters']:,}"
+        f"{'; ' + format(chosen['bytes'], ',') + ' bytes' if sized else ''}"
         f"{', recovered' if chosen['recovered'] else ''}; fidelity {chosen['fidelity']:.4f})"
         if chosen
         else f"no point keeps {data['keep']:.0%} of the LoRA's {kept}"

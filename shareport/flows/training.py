@@ -24,6 +24,7 @@ from ..train.frontier import (
     check_budgets,
     measure,
     pareto,
+    parse_precisions,
     parse_serving,
     point_line,
     smallest_keeping,
@@ -208,17 +209,24 @@ def frontier(
     overwrite: bool = False,
     progress: bool = True,
     serving=(),
+    precisions=(),
 ) -> dict:
     """Every form at every budget, evaluated (and recovered) against the LoRA; a table's worth of
     points, the Pareto front, and the smallest point keeping ``keep`` of the LoRA's fidelity.
     ``serving`` ("uniform", "max-rank=R", "buckets=R1,R2"): each adds a point per form and budget, planned
     under that rule (``convert --uniform-rank`` ...), drawn as its own line.
+    ``precisions`` ("fp16", "int8", "int4"): every point is also scored with its factors stored so (as
+    ``convert --quantize`` stores them, default group size), every point records its bytes (``bytes``,
+    ``precision``), size is measured in bytes (the front, the smallest point keeping ``keep``) and the
+    figure is fidelity against bytes, a line per form and precision. Without them the output is as before.
 
     Finished points are kept in ``<out>.cache`` (a folder of ours), so a rerun with the same
     inputs resumes where an interrupted one stopped; the output folder appears at the end.
     """
     budgets = check_budgets(budgets)
     serving = parse_serving(serving)
+    precisions = parse_precisions(precisions)
+    size = "bytes" if precisions else "parameters"
     unknown = sorted(set(forms) - set(FORMS))
     if unknown or not forms:
         raise ShareportError(f"--forms: unknown form '{unknown[0] if unknown else ''}' (known: {', '.join(FORMS)})")
@@ -250,10 +258,10 @@ def frontier(
         },
     )
     reference, points = _measure_with_progress(
-        job, lora, forms, budgets, options, recover_steps, cache, progress, serving
+        job, lora, forms, budgets, options, recover_steps, cache, progress, serving, precisions
     )
     labelled = reference.get("accuracy") is not None
-    front, chosen = pareto(points), smallest_keeping(points, keep)
+    front, chosen = pareto(points, size=size), smallest_keeping(points, keep, size=size)
     data = {
         "output": str(out),
         "lora_parameters": lora.num_parameters(),
@@ -261,6 +269,7 @@ def frontier(
         "forms": list(forms),
         "recover_steps": recover_steps,
         "serving": list(serving),
+        **({"precisions": list(precisions), "lora_float32_bytes": 4 * lora.num_parameters()} if precisions else {}),
         "keep": keep,
         "fidelity": "accuracy / LoRA accuracy" if labelled else "top-1 agreement with the LoRA",
         "lora": reference,
@@ -279,20 +288,23 @@ def frontier(
                 tmp / "frontier.png",
                 "accuracy relative to the LoRA" if labelled else "top-1 agreement with the LoRA",
                 keep,
+                size=size,
             )
     if has_matplotlib():
         data["plot"] = str(Path(out) / "frontier.png")
     return data
 
 
-def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, cache, progress: bool, serving=()):
+def _measure_with_progress(
+    job, lora, forms, budgets, options, recover_steps, cache, progress: bool, serving=(), precisions=()
+):
     """``frontier.measure`` under one bar over every point (form, budget, converting or recovering,
     elapsed time), each point's line printed as it finishes; all on stderr, nothing with ``progress``
     off (--json)."""
     from tqdm import tqdm
 
     with tqdm(
-        total=stages(forms, budgets, recover_steps, serving),
+        total=stages(forms, budgets, recover_steps, serving, precisions),
         desc="frontier",
         unit="point",
         file=sys.stderr,
@@ -320,6 +332,7 @@ def _measure_with_progress(job, lora, forms, budgets, options, recover_steps, ca
             on_stage=on_stage,
             on_point=on_point,
             serving=serving,
+            precisions=precisions,
         )
 
 

@@ -9,6 +9,11 @@ finetune`` and evaluated again. One base model and one teacher serve every point
 The fidelity of a point is its accuracy relative to the LoRA's (labelled data), else its top-1
 agreement with the LoRA. The Pareto front is the set of points no other point beats in both
 size and fidelity; the answer to "what should I ship" is the smallest point keeping ``keep``.
+
+With ``precisions`` (``--precisions fp16,int8,int4``) every point is also scored as stored at each
+precision (``shareport.quantization.stored_as``: float16 factors, or integers with float16 scales as
+``convert --quantize`` writes them) and every point, the float32 one included, records the bytes its
+factors take so stored; size is then bytes, not parameters (the front and the smallest point).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..adapter import Adapter
 from ..convert import convert_adapter
 from ..convert_options import parse_buckets
 from ..errors import ShareportError
+from ..quantization import STORED_PRECISIONS, stored_as
 from .choices import MAX_FRONTIER_BUDGET as MAX_BUDGET
 from .jobs import TrainingOptions
 from .recipe import Job, evaluate_adapter, run
@@ -53,6 +59,24 @@ def serving_options(text: str | None) -> dict:
     raise ShareportError(f"--serving must be uniform, max-rank=R (R >= 1) or buckets=R1,R2,...; got {text!r}")
 
 
+PRECISIONS = STORED_PRECISIONS[1:]  # fp32 is every point's own: always scored
+
+
+def parse_precisions(texts) -> tuple[str, ...]:
+    """``--precisions`` values (e.g. ("fp16", "int8", "int4")), checked (one line on a bad one), each once,
+    in the order given."""
+    out = []
+    for text in texts:
+        if text not in PRECISIONS:
+            raise ShareportError(
+                f"--precisions must be comma-separated values of {', '.join(PRECISIONS)} "
+                f"(float32 is always scored); got {text!r}"
+            )
+        if text not in out:
+            out.append(text)
+    return tuple(out)
+
+
 def check_budgets(budgets) -> tuple[float, ...]:
     budgets = tuple(sorted(set(float(b) for b in budgets)))
     bad = [b for b in budgets if not 0 < b <= MAX_BUDGET]
@@ -76,14 +100,23 @@ class Point:
     fidelity: float  # accuracy / LoRA accuracy, else top-1 agreement
     seconds: float  # conversion (+ recovery) wall time
     serving: str | None = None  # the --serving rule the plan was made under (None: unconstrained)
+    precision: str | None = None  # with --precisions: how the factors are stored ("fp32", "fp16", "int8", "int4")
+    bytes: int | None = None  # with --precisions: the bytes the factors take, stored at ``precision``
 
     @property
     def label(self) -> str:
-        """The form, with its serving rule if any: one line of the frontier's figure."""
-        return self.form if self.serving is None else f"{self.form} [{self.serving}]"
+        """The form, with its serving rule and precision if any: one line of the frontier's figure."""
+        label = self.form if self.serving is None else f"{self.form} [{self.serving}]"
+        return label if self.precision is None else f"{label} {self.precision}"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field; ``precision`` and ``bytes`` only when set (without --precisions the output is
+        what it was before they existed)."""
+        data = dataclasses.asdict(self)
+        for name in ("precision", "bytes"):
+            if data[name] is None:
+                del data[name]
+        return data
 
 
 def _fidelity(metrics: dict, lora_accuracy: float | None) -> tuple[float | None, float]:
@@ -108,10 +141,12 @@ def measure(
     on_stage: Callable[[str, float, str], None],
     on_point: Callable[[Point], None],
     serving: tuple[str, ...] = (),
+    precisions: tuple[str, ...] = (),
 ) -> tuple[dict, list[Point]]:
     """Every (form, budget) point, converted and, with ``recover_steps``, recovered; with ``serving``
     (``parse_serving``'s values) also one point per rule, planned under it (none where the budget
-    cannot pay for it).
+    cannot pay for it); with ``precisions`` (``parse_precisions``'s values) every such point also
+    stored at each precision (after its recovery, for a recovered one), and every point given its bytes.
 
     ``cached(key)``/``store(key, data)`` keep finished points so an interrupted run resumes.
     ``on_stage(form, budget, what)`` is called as each conversion or recovery starts ("converting",
@@ -125,6 +160,7 @@ def measure(
     for form in forms:
         for budget, rule in itertools.product(budgets, (None,) + tuple(serving)):
             key = f"{form}-{budget:g}-{recover_steps}" + (f"-{rule}" if rule else "")
+            key += f"-bytes-{'+'.join(precisions)}" if precisions else ""
             data = cached(key)
             if data is None:
                 stage = functools.partial(on_stage, form if rule is None else f"{form} [{rule}]", budget)
@@ -141,6 +177,7 @@ def measure(
                         on_stage=stage,
                         on_point=on_point,
                         serving=rule,
+                        precisions=precisions,
                     )
                 ]
                 store(key, data)
@@ -152,7 +189,18 @@ def measure(
 
 
 def _point(
-    job, lora, form, *, budget, options, recover_steps, lora_accuracy, on_stage, on_point, serving=None
+    job,
+    lora,
+    form,
+    *,
+    budget,
+    options,
+    recover_steps,
+    lora_accuracy,
+    on_stage,
+    on_point,
+    serving=None,
+    precisions=(),
 ) -> list[Point]:
     on_stage("converting")
     started = time.perf_counter()
@@ -161,8 +209,6 @@ def _point(
     except ShareportError:
         return []  # the budget cannot pay for this form (e.g. ShareAB's shared pair); no point
     seconds = time.perf_counter() - started
-    before = evaluate_adapter(job, converted, options.batch_size)
-    accuracy, fidelity = _fidelity(before, lora_accuracy)
     common = dict(
         form=form,
         serving=serving,
@@ -171,48 +217,51 @@ def _point(
         ratio=report.ratio,
         max_relative_error=max((k.relative_error for k in report.kinds), default=0.0),
     )
-    out = [
-        Point(
-            recovered=False,
-            steps=0,
-            kl=before.get("kl"),
-            top1_agreement=before.get("top1_agreement"),
+
+    def scored(metrics, **fields) -> Point:
+        accuracy, fidelity = _fidelity(metrics, lora_accuracy)
+        point = Point(
+            kl=metrics.get("kl"),
+            top1_agreement=metrics.get("top1_agreement"),
             accuracy=accuracy,
             fidelity=fidelity,
-            seconds=seconds,
             **common,
+            **fields,
         )
-    ]
-    on_point(out[-1])
+        on_point(point)
+        return point
+
+    def stored(adapter, **fields) -> list[Point]:
+        """The adapter at each precision (float32 first, as it is), each scored; none without precisions."""
+        out = []
+        for precision in (STORED_PRECISIONS[0],) * bool(precisions) + tuple(precisions):
+            if precision != STORED_PRECISIONS[0]:
+                on_stage(f"storing as {precision}")
+            as_stored, size = stored_as(adapter, precision)
+            metrics = fields.pop("metrics", None) or evaluate_adapter(job, as_stored, options.batch_size)
+            out.append(scored(metrics, precision=precision, bytes=size, **fields))
+        return out
+
+    before = evaluate_adapter(job, converted, options.batch_size)
+    facts = dict(recovered=False, steps=0, seconds=seconds)
+    out = stored(converted, metrics=before, **facts) if precisions else [scored(before, **facts)]
     if recover_steps:
         on_stage("recovering")
         started = time.perf_counter()
         recipe = dataclasses.replace(options, steps=recover_steps).recipe(
             converted, distill_weight=1.0, task_weight=0.0
         )
-        _, training = run(dataclasses.replace(job, student=converted, progress=False), recipe)
+        student, training = run(dataclasses.replace(job, student=converted, progress=False), recipe)
         after = training["after"]
-        accuracy, fidelity = _fidelity(after, lora_accuracy)
-        out.append(
-            Point(
-                recovered=True,
-                steps=recover_steps,
-                kl=after.get("kl"),
-                top1_agreement=after.get("top1_agreement"),
-                accuracy=accuracy,
-                fidelity=fidelity,
-                seconds=seconds + time.perf_counter() - started,
-                **common,
-            )
-        )
-        on_point(out[-1])
+        facts = dict(recovered=True, steps=recover_steps, seconds=seconds + time.perf_counter() - started)
+        out += stored(student, metrics=after, **facts) if precisions else [scored(after, **facts)]
     return out
 
 
-def stages(forms, budgets, recover_steps: int, serving: tuple[str, ...] = ()) -> int:
+def stages(forms, budgets, recover_steps: int, serving: tuple[str, ...] = (), precisions: tuple[str, ...] = ()) -> int:
     """How many points ``measure`` finishes (for a progress bar): one per form, budget and serving rule (and
-    the unconstrained plan), two when recovering."""
-    return len(forms) * len(budgets) * (1 + len(serving)) * (2 if recover_steps else 1)
+    the unconstrained plan) and stored precision (and float32), two when recovering."""
+    return len(forms) * len(budgets) * (1 + len(serving)) * (1 + len(precisions)) * (2 if recover_steps else 1)
 
 
 def point_line(point: Point) -> str:
@@ -220,22 +269,24 @@ def point_line(point: Point) -> str:
     state = f"recovered {point.steps} steps" if point.recovered else "converted"
     kl = "-" if point.kl is None else f"{point.kl:.4f}"
     accuracy = "" if point.accuracy is None else f", accuracy {point.accuracy:.4f}"
+    size = f"{point.ratio:.1%} of the LoRA" + ("" if point.bytes is None else f", {point.bytes:,} bytes")
     return (
-        f"{point.label} at {point.budget:g} ({point.ratio:.1%} of the LoRA), {state}: KL {kl}{accuracy}, "
+        f"{point.label} at {point.budget:g} ({size}), {state}: KL {kl}{accuracy}, "
         f"fidelity {point.fidelity:.4f} ({point.seconds:.0f} s)"
     )
 
 
-def pareto(points: list[Point]) -> list[Point]:
-    """Points that no other point beats in both size (fewer parameters) and fidelity, by size."""
+def pareto(points: list[Point], *, size: str = "parameters") -> list[Point]:
+    """Points that no other point beats in both size (fewer ``size``: "parameters" or "bytes") and
+    fidelity, by size."""
     front, best = [], float("-inf")
-    for p in sorted(points, key=lambda p: (p.parameters, -p.fidelity)):
+    for p in sorted(points, key=lambda p: (getattr(p, size), -p.fidelity)):
         if p.fidelity > best:
             front.append(p)
             best = p.fidelity
     return front
 
 
-def smallest_keeping(points: list[Point], keep: float) -> Point | None:
+def smallest_keeping(points: list[Point], keep: float, *, size: str = "parameters") -> Point | None:
     good = [p for p in points if p.fidelity >= keep]
-    return min(good, key=lambda p: (p.parameters, -p.fidelity)) if good else None
+    return min(good, key=lambda p: (getattr(p, size), -p.fidelity)) if good else None

@@ -16,7 +16,10 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
    into every form (truncated ``lora``, ``sharea``, ``shareb``, ``shareab``, ``aslora``) at 5, 10,
    25 and 50% of its parameters, scores each on the test split, recovers each for
    ``RECOVER_STEPS`` steps (label-free distillation toward the LoRA on the train texts) and scores
-   again.
+   again. With ``--precisions`` (default fp16, int8, int4; ``shareport frontier --precisions``) every
+   point is also scored with its factors stored at each precision, int8/int4 as ``convert
+   --quantize`` stores them, and given its bytes: the "bytes" targets compare each against the same
+   point in float32 and against the fp32 LoRA's bytes (issue #30's int8 and int4 targets).
 4. **PEFT**: ``peft.save_as_lora`` of the LoRA at every integer rank below 16 that a budget maps to
    (1, 2, 4, 8 = 6.25, 12.5, 25, 50%) and at energy thresholds.
 5. **From scratch**: ``shareport.flows.train`` (what ``shareport train --form`` runs) of each form at
@@ -306,8 +309,12 @@ def table(results: dict) -> str:
         f"{results['head']['accuracy'] / lora_acc:.3f} | - | - | {results['head']['seconds']:.0f} |"
     )
     row("LoRA (PEFT, r=16)", "100%", n, 1.0, results["lora"]["steps"], lora_acc, 0.0, 1.0, results["lora"]["seconds"])
-    for p in sorted(results["frontier"]["points"], key=lambda p: (p["budget"], p["form"], p["recovered"])):
-        name = f"shareport {p['form']}" + (" + recovery" if p["recovered"] else "")
+    for p in sorted(
+        results["frontier"]["points"],
+        key=lambda p: (p["budget"], p["form"], p["recovered"], PRECISION_ORDER.index(p.get("precision", "fp32"))),
+    ):
+        stored = "" if p.get("precision", "fp32") == "fp32" else f" {p['precision']} ({p['bytes']:,} bytes)"
+        name = f"shareport {p['form']}{stored}" + (" + recovery" if p["recovered"] else "")
         row(
             name,
             f"{100 * p['budget']:g}%",
@@ -340,7 +347,8 @@ def table(results: dict) -> str:
 def targets(results: dict) -> dict:
     """The issue's targets, computed from the rows."""
     lora_acc = results["frontier"]["lora"]["accuracy"]["student"]
-    points = results["frontier"]["points"]
+    stored = [p for p in results["frontier"]["points"] if p.get("precision", "fp32") != "fp32"]
+    points = [p for p in results["frontier"]["points"] if p.get("precision", "fp32") == "fp32"]
     recovered = [p for p in points if p["recovered"]]
     out = {
         "lora_accuracy": lora_acc,
@@ -383,7 +391,51 @@ def targets(results: dict) -> dict:
                 "reaches": rec[0]["accuracy"] >= row["accuracy"],
             }
     out["recovery_vs_scratch"] = speed
+    if stored:
+        out["bytes"] = bytes_targets(results["frontier"], points, stored)
     return out
+
+
+PRECISION_ORDER = ("fp32", "fp16", "int8", "int4")
+
+
+def bytes_targets(frontier: dict, floats: list[dict], stored: list[dict]) -> dict:
+    """Every stored point against the same point in float32 (accuracy points lost) and its bytes against
+    the fp32 LoRA's; issue #30's targets: int8 costs <= 0.2 points anywhere before recovery, and int4 at
+    25% after recovery keeps >= 99% of the LoRA's accuracy at <= 1/25 of its fp32 bytes (best form)."""
+    lora_acc, lora_bytes = frontier["lora"]["accuracy"]["student"], frontier["lora_float32_bytes"]
+
+    def key(p):
+        return p["form"], p.get("serving"), p["budget"], p["recovered"]
+
+    float_of = {key(p): p for p in floats}
+    rows = [
+        {
+            "form": p["form"],
+            "budget": p["budget"],
+            "recovered": p["recovered"],
+            "precision": p["precision"],
+            "bytes": p["bytes"],
+            "of_lora_float32_bytes": p["bytes"] / lora_bytes,
+            "accuracy": p["accuracy"],
+            "relative_to_lora": p["accuracy"] / lora_acc,
+            "points_lost_to_float": 100 * (float_of[key(p)]["accuracy"] - p["accuracy"]),
+        }
+        for p in stored
+    ]
+    int8 = [r for r in rows if r["precision"] == "int8" and not r["recovered"]]
+    int4 = [r for r in rows if r["precision"] == "int4" and r["recovered"] and r["budget"] == 0.25]
+    best4 = max(int4, key=lambda r: r["accuracy"], default=None)
+    return {
+        "lora_float32_bytes": lora_bytes,
+        "points": rows,
+        "int8_worst_points_lost_before_recovery": max((r["points_lost_to_float"] for r in int8), default=None),
+        "int8_within_0.2_points": None if not int8 else all(r["points_lost_to_float"] <= 0.2 for r in int8),
+        "int4_best_recovered_at_25": best4,
+        "int4_target_met": None
+        if best4 is None
+        else best4["relative_to_lora"] >= 0.99 and best4["of_lora_float32_bytes"] <= 1 / 25,
+    }
 
 
 def main(argv=None) -> dict:
@@ -394,7 +446,13 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--scratch-forms", nargs="*", choices=FORMS, help="which forms to train from scratch (default: all)"
     )
+    parser.add_argument(
+        "--precisions",
+        default="fp16,int8,int4",
+        help="shareport frontier --precisions: also score every point stored at these (comma-separated; '' for none)",
+    )
     args = parser.parse_args(argv)
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
     # one thread, fixed: another count may change float sums, and on a shared 2-core machine a
     # pool of 2 waits on preempted threads (measured 10-25x slower under load)
     torch.set_num_threads(1)
@@ -416,7 +474,7 @@ def main(argv=None) -> dict:
     # frontier's own cache, so the last call, with every budget, reuses them all
     order = sorted(s.budgets, key=lambda b: (PRIORITY.index(b) if b in PRIORITY else len(PRIORITY), b))
     for n in range(1, len(order) + 1):
-        name = "frontier-" + "-".join(f"{b:g}" for b in order[:n])
+        name = "frontier-" + "-".join(f"{b:g}" for b in order[:n]) + "".join(f"-{p}" for p in precisions)
         results["frontier"] = stage(
             out,
             name,
@@ -431,6 +489,7 @@ def main(argv=None) -> dict:
                 options=options(s, s.recover_steps),
                 overwrite=True,
                 progress=True,
+                precisions=precisions,
             ),
         )
     results["scratch"] = [

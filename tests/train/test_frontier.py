@@ -2,6 +2,7 @@
 smallest point keeping --keep, resumable, and clean refusals."""
 
 import json
+import struct
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from shareport.model import attach, load_base_model
 from shareport.train import frontier as frontier_module
 from shareport.train.data import collate, load_data, pad_token_id, split_heldout
 from shareport.train.frontier import Point, pareto, smallest_keeping
+from shareport.train.jobs import recovery_job
+from shareport.train.recipe import evaluate_adapter
 from tests.training_helpers import recovery_setup
 
 ARGS = ("--budgets", "0.25,0.5", "--forms", "lora,sharea", "--max-length", 16, "--batch-size", 4)
@@ -22,35 +25,22 @@ def setup(tmp_path_factory):
     return recovery_setup(tmp_path_factory.mktemp("frontier"), layers=2, lines=48)
 
 
-@pytest.fixture(scope="module")
-def run(setup, tmp_path_factory):
+def _frontier(setup, out, *extra) -> dict:
+    """``shareport frontier`` of the fixture's LoRA into ``out`` with ``extra`` options, its --json output."""
     from click.testing import CliRunner
 
     from shareport.cli.main import main
 
-    out = tmp_path_factory.mktemp("fr") / "out"
-    r = CliRunner().invoke(
-        main,
-        [
-            str(a)
-            for a in (
-                "frontier",
-                setup["lora"],
-                "--base",
-                setup["base"],
-                "--data",
-                setup["text"],
-                *ARGS,
-                "--recover-steps",
-                2,
-                "-o",
-                out,
-                "--json",
-            )
-        ],
-    )
+    args = ("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], *extra, "-o", out, "--json")
+    r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exit_code == 0, r.output
-    return out, json.loads(r.stdout[r.stdout.index("{") :])
+    return json.loads(r.stdout[r.stdout.index("{") :])
+
+
+@pytest.fixture(scope="module")
+def run(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fr") / "out"
+    return out, _frontier(setup, out, *ARGS, "--recover-steps", 2)
 
 
 def _kl(setup, adapter) -> float:
@@ -174,6 +164,10 @@ def test_a_rerun_reuses_the_cached_points(run, setup, tmp_path, cli):
         (["--serving", "max-rank=0"], "--serving must be"),
         (["--serving", "uniformly"], "--serving must be"),
         (["--serving", "buckets=4,x"], "--rank-buckets must be positive integers"),
+        (["--precisions", "int3"], "--precisions must be"),
+        (["--precisions", "int8,fp8"], "--precisions must be"),
+        (["--precisions", ""], "--precisions must be"),
+        (["--precisions", "fp32"], "float32 is always scored"),
     ],
 )
 def test_bad_options_are_refused(extra, message, setup, tmp_path, cli):
@@ -254,3 +248,63 @@ def test_serving_rules_add_their_own_points(setup, tmp_path, cli):
         )
         converted = json.loads(c.stdout[c.stdout.index("{") :])
         assert point["parameters"] == converted["parameters_after"]
+
+
+def _stored_bytes(folder) -> int:
+    """Bytes of every tensor in a written adapter, from its safetensors header's own offsets."""
+    with open(folder / "adapter_model.safetensors", "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
+
+
+@pytest.fixture(scope="module")
+def stored_run(setup, tmp_path_factory):
+    """The frontier with --precisions (one repeated) and without, on the same inputs."""
+    out = tmp_path_factory.mktemp("fb")
+    args = ("--budgets", "0.5", "--forms", "lora,sharea", "--max-length", 16, "--batch-size", 4)
+    return _frontier(setup, out / "stored", *args, "--precisions", "int8,fp16,int4,int8"), _frontier(
+        setup, out / "plain", *args
+    )
+
+
+def test_precisions_give_the_bytes_and_fidelity_of_the_quantized_files(stored_run, setup, tmp_path, cli):
+    """Each int8/int4 point's bytes are those of `convert --quantize`'s file (its header's offsets) and its
+    scores are those of that file's adapter, evaluated here; fp32's bytes are the float conversion's file."""
+    data, _ = stored_run
+    assert data["precisions"] == ["int8", "fp16", "int4"]
+    got = {(p["form"], p["precision"]): p for p in data["points"]}
+    assert set(got) == {(f, q) for f in ("lora", "sharea") for q in ("fp32", "int8", "fp16", "int4")}
+    lora = load_adapter(setup["lora"])
+    assert data["lora_float32_bytes"] == 4 * lora.num_parameters()
+    job = recovery_job(setup["lora"], setup["base"], setup["lora"], data_path=setup["text"], max_length=16)
+    for form in ("lora", "sharea"):
+        for precision in ("fp32", "int8", "int4"):
+            folder = tmp_path / f"{form}-{precision}"
+            flags = [] if precision == "fp32" else ["--quantize", precision]
+            c = cli("convert", setup["lora"], "--to", form, "--budget", "0.5", *flags, "-o", folder, "--json")
+            assert c.exit_code == 0, c.output
+            point = got[(form, precision)]
+            assert point["bytes"] == _stored_bytes(folder)
+            metrics = evaluate_adapter(job, load_adapter(folder), 4)
+            assert point["kl"] == pytest.approx(metrics["kl"], rel=1e-6, abs=1e-9)
+            assert point["top1_agreement"] == metrics["top1_agreement"] == point["fidelity"]
+        assert got[(form, "fp16")]["bytes"] == 2 * got[(form, "fp32")]["parameters"]
+        assert got[(form, "int4")]["bytes"] < got[(form, "int8")]["bytes"] < got[(form, "fp16")]["bytes"]
+    # the front and the choice are by bytes: no point on it is beaten by a smaller or equal one
+    for p in data["pareto"]:
+        assert not any(q["bytes"] <= p["bytes"] and q["fidelity"] > p["fidelity"] for q in data["points"])
+
+
+def test_without_precisions_the_output_is_as_before(stored_run):
+    """No precision or bytes key anywhere without the flag; its points are the flag's float32 points."""
+    data, plain = stored_run
+    assert "precisions" not in plain and "lora_float32_bytes" not in plain
+    assert all(set(p) == set(Point.__dataclass_fields__) - {"precision", "bytes"} for p in plain["points"])
+
+    def scores(p):
+        return p["form"], p["parameters"], p["kl"], p["top1_agreement"], p["fidelity"]
+
+    fp32 = [p for p in data["points"] if p["precision"] == "fp32"]
+    assert sorted(map(scores, fp32)) == sorted(map(scores, plain["points"]))
