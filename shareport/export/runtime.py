@@ -53,12 +53,17 @@ def _selection() -> tuple[tuple[str, ...], str]:
     probe.ir_version = min(probe.ir_version, PROBE_IR_VERSION)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the failed CUDA load is expected on CPU machines; keep it quiet
+    # the provider library's load error goes to ORT's default logger, not the session's: silence that
+    # too for the probe, then put back ORT's default (warnings; ORT has no getter for the level)
+    ort.set_default_logger_severity(4)
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
         working = session.get_providers()[0] == CUDA
     except Exception as exc:
         said = said or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         working = False
+    finally:
+        ort.set_default_logger_severity(2)
     if working:
         return (CUDA, CPU), ""
     why = f" ({said.strip()[:160]})" if said else " (no GPU, or no CUDA/cuDNN libraries found)"

@@ -223,3 +223,22 @@ def test_cuda_ep_status_on_this_machine():
             ctypes.CDLL(status["missing"])
     else:
         assert status["state"] == "working" or "CUDA EP: not working" in status["line"]
+
+
+def test_the_cuda_probe_prints_nothing_where_cuda_is_listed_but_cannot_run():
+    """onnxruntime-gpu on a machine without CUDA logs the failed provider load through ORT's default
+    logger (a red ``[E:onnxruntime`` line in the middle of an export); the probe keeps it quiet and
+    says why in its note instead. Where CUDA is not listed, or works, there is nothing to check."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    from shareport.export import runtime
+
+    if runtime.CUDA not in ort.get_available_providers() or runtime.providers()[0] == runtime.CUDA:
+        pytest.skip("CUDA is not listed here, or it runs")
+    code = "from shareport.export import runtime; print(runtime.providers())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "CPUExecutionProvider" in done.stdout
+    assert "onnxruntime" not in done.stderr, done.stderr[-500:]
