@@ -55,7 +55,8 @@ def _selection() -> tuple[tuple[str, ...], str]:
     options.log_severity_level = 4  # the failed CUDA load is expected on CPU machines; keep it quiet
     # the provider library's load error goes to ORT's default logger, not the session's: silence that
     # too for the probe, then put back ORT's default (warnings; ORT has no getter for the level)
-    ort.set_default_logger_severity(4)
+    set_severity = getattr(ort, "set_default_logger_severity", lambda level: None)  # absent in stubs
+    set_severity(4)
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
         working = session.get_providers()[0] == CUDA
@@ -63,7 +64,7 @@ def _selection() -> tuple[tuple[str, ...], str]:
         said = said or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         working = False
     finally:
-        ort.set_default_logger_severity(2)
+        set_severity(2)
     if working:
         return (CUDA, CPU), ""
     why = f" ({said.strip()[:160]})" if said else " (no GPU, or no CUDA/cuDNN libraries found)"
