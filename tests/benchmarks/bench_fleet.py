@@ -568,6 +568,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
     parser.add_argument(
+        "--recover-budget",
+        type=float,
+        default=None,
+        help="the budget whose rows are also recovered (default 0.125; with --budgets that leave it out: "
+        "the smallest of them)",
+    )
+    parser.add_argument(
         "--peers",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -606,6 +613,13 @@ def main() -> None:
         "fleet_forms": tuple(args.fleet_forms) if args.fleet_forms else None,
     }
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if args.recover_budget is not None:
+        s = dataclasses.replace(s, recover_budget=args.recover_budget)
+    if s.recover_budget not in s.budgets:  # else no row would be recovered, silently
+        if args.recover_budget is not None:
+            parser.error(f"--recover-budget {args.recover_budget:g} is not one of the budgets {s.budgets}")
+        s = dataclasses.replace(s, recover_budget=min(s.budgets))
+        print(f"[bench_fleet] recovery at {s.recover_budget:g}, the smallest budget", file=sys.stderr)
     absent = peers.missing()
     if absent and args.peers:
         parser.error(absent)
