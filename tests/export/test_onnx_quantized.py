@@ -29,7 +29,7 @@ from shareport.files.folder import WEIGHTS_NAME
 from shareport.files.quantized import SCALE_PREFIX
 from shareport.model import attach, load_base_model
 from tests.onnx_cases import make_case
-from tests.tiny import make_peft_adapter, tiny_llama
+from tests.tiny import make_peft_adapter, tiny_llama, wide_llama_with_lora
 
 # rank 3 and alpha 8: s = 8/3, which no float16 scale can absorb exactly; groups of 12 leave a short
 # last group on the 32-wide model dims, 16 divides them
@@ -274,33 +274,8 @@ def test_the_graphs_dequantization_is_the_float_exports_value_bit_for_bit(bits, 
 def test_int4_onnx_adapter_is_under_three_tenths_of_the_float16_one(tmp_path):
     """On a Llama with 512-wide layers (rank 8, groups of 64): the int4 graph verifies and its
     ``.onnx_adapter`` is <= 0.3x the bytes of the float16 export's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=512,
-        intermediate_size=768,
-        num_hidden_layers=1,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    base = tmp_path / "base"
-    LlamaForCausalLM(config).eval().save_pretrained(base)
-    lora = tmp_path / "lora"
-    torch.manual_seed(0)
-    make_peft_adapter(
-        LlamaForCausalLM(config).eval(),
-        lora,
-        seed=2,
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-    )
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    wide_llama_with_lora(base, lora)
     int4 = _convert(lora, tmp_path / "int4", "int4", None)
     fp16 = export(lora, base, tmp_path / "fp16", ExportOptions("adapter", dtype="fp16"), progress=False, verify=False)
     q = export(int4, base, tmp_path / "q", ExportOptions("adapter", dtype="fp16"), progress=False)
