@@ -78,6 +78,22 @@ def relative(error: float, energy: float) -> float:
     return math.sqrt(error / energy) if energy > 0 else 0.0
 
 
+def size_hint(
+    *, rank: int | None = None, energy: float | None = None, budget: float | None = None, default_budget: float | None
+) -> str:
+    """What to try for a result that keeps more, named by the option that set its size (or the
+    default budget that did): one wording for conversions and fleets."""
+    if rank is not None:
+        return f"a larger --rank than {rank}"
+    if energy is not None:
+        return f"a larger --energy than {energy:g}"
+    if budget is not None:
+        return f"a larger --budget than {budget:g}"
+    if default_budget is not None:
+        return f"a --budget above the default {default_budget:g}"
+    return "a larger --rank or --budget"
+
+
 def energy_warnings(kinds: list[KindReport], hint: str) -> list[str]:
     """One line per kind keeping under ``LOW_ENERGY`` of its energy (the CLI prints them); ``hint``:
     ``ConvertOptions.size_hint``."""

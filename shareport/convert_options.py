@@ -13,6 +13,7 @@ import torch
 import converters
 
 from .adapter import Adapter, Site
+from .conversion_report import size_hint
 from .errors import ShareportError
 from .forms import AUTO, FORMS, GROUPED_FORMS, GROUPINGS, TARGET_FORMS
 
@@ -222,12 +223,4 @@ class ConvertOptions:
     def size_hint(self) -> str:
         """What to try for a larger result, named by the option that set the size (or the default that did)."""
         default = FORMS[self.to].default_budget if self.to in FORMS else None
-        if self.rank is not None:
-            return f"a larger --rank than {self.rank}"
-        if self.energy is not None:
-            return f"a larger --energy than {self.energy:g}"
-        if self.budget is not None:
-            return f"a larger --budget than {self.budget:g}"
-        if default is not None:
-            return f"a --budget above the default {default:g}"
-        return "a larger --rank or --budget"
+        return size_hint(rank=self.rank, energy=self.energy, budget=self.budget, default_budget=default)

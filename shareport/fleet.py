@@ -32,10 +32,11 @@ from converters.fleet_clusters import groups as cluster_members
 from converters.forms import FLEET_TWO_SIDED
 
 from .adapter import FLEET_KEY, Adapter, Site, compose, kind_factors, kind_key, source_parameters
+from .conversion_report import size_hint
 from .convert import AUTO_TIE
 from .convert_options import Calibration
 from .errors import ShareportError
-from .fleet_report import FleetReport, MemberReport, member_warnings, size_hint
+from .fleet_report import FleetReport, MemberReport, member_warnings
 from .forms import AUTO_CLUSTERS, FLEET_FORMS
 from .forms import DEFAULT_FLEET_BUDGET as DEFAULT_BUDGET
 from .forms import DEFAULT_FLEET_CLUSTERS as DEFAULT_CLUSTERS
@@ -443,7 +444,9 @@ def _build(
         sum(t.numel() for t in shared.values()),
         kind_info,
         settings,
-        warnings=member_warnings(reports, size_hint(rank, budget, DEFAULT_BUDGET), calibrated=calibrated),
+        warnings=member_warnings(
+            reports, size_hint(rank=rank, budget=budget, default_budget=DEFAULT_BUDGET), calibrated=calibrated
+        ),
         calibration=calibration,
     )
     return (

@@ -65,18 +65,9 @@ class FleetReport:
         return cls(**kept)
 
 
-def size_hint(rank: int | None, budget: float | None, default_budget: float) -> str:
-    """What to try for a fleet that keeps more, named by the option that set its size."""
-    if rank is not None:
-        return f"a larger --rank than {rank}"
-    if budget is not None:
-        return f"a larger --budget than {budget:g}"
-    return f"a --budget above the default {default_budget:g}"
-
-
 def member_warnings(members: list[MemberReport], hint: str, calibrated: bool = False) -> list[str]:
     """One line per member keeping under ``LOW_ENERGY`` of its energy: its squared error is more than
-    half its squared norm (relative error above sqrt(1/2) ~ 0.707); ``hint``: ``size_hint``."""
+    half its squared norm (relative error above sqrt(1/2) ~ 0.707); ``hint``: ``conversion_report.size_hint``."""
     what = "output energy on its calibration data" if calibrated else "update's energy"
     return [
         f"member {m.name} keeps only {m.retained_energy:.1%} of its {what} (relative error "
