@@ -32,7 +32,7 @@ from ..errors import ShareportError
 from ..model.surgery import Attached
 
 
-class _Basis(nn.Module):
+class Basis(nn.Module):
     """factor = basis @ core (``left``: B) or core @ basis (``right``: A); the basis a frozen buffer."""
 
     def __init__(self, basis: torch.Tensor, left: bool):
@@ -92,6 +92,6 @@ def train_cores_only(student: Attached, names: list[str]) -> TrainedCores:
             parameter.set_(core.to(parameter.device, parameter.dtype))
         on_device = basis.to(parameter.device, parameter.dtype)
         for wrapper, attr in users[name]:
-            parametrize.register_parametrization(wrapper, attr, _Basis(on_device, roles[name]), unsafe=True)
+            parametrize.register_parametrization(wrapper, attr, Basis(on_device, roles[name]), unsafe=True)
         bases[name] = (basis, roles[name])
     return TrainedCores(bases)

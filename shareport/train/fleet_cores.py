@@ -5,8 +5,9 @@ ordinary adapter, B would train as a whole (n_out, k2) matrix and leave span(U).
 B is re-parametrised on its wrapper (``torch.nn.utils.parametrize``): the trainable tensor is the
 core C (k1, k2) and the wrapper computes ``B = U @ C`` with U a frozen buffer, so the gradient
 reaches C only and the trained member is still ``U C V``: the same shared file, new cores.
-parametrize keeps the parameter *object* and gives it C's shape and values (``set_``), so the
-pool name of B keeps naming the one trainable tensor of that site (now the core) for the optimizer.
+B's parameter *object* takes C's shape and values (``set_``) and is kept by parametrize, so the pool
+name of B keeps naming the one trainable tensor of that site (now the core) for the optimizer; the
+basis is ``cores.Basis``, the one ``--trainable cores`` uses.
 """
 
 from __future__ import annotations
@@ -20,20 +21,7 @@ from torch.nn.utils import parametrize
 from ..adapter import Adapter, compose, reference
 from ..errors import ShareportError
 from ..model.surgery import Attached
-
-
-class _LeftBasis(nn.Module):
-    """B = U @ C; ``right_inverse`` gives C = U^T B (exact for B in span(U), U orthonormal columns)."""
-
-    def __init__(self, u: torch.Tensor):
-        super().__init__()
-        self.register_buffer("u", u)
-
-    def forward(self, core: torch.Tensor) -> torch.Tensor:
-        return self.u @ core
-
-    def right_inverse(self, b: torch.Tensor) -> torch.Tensor:
-        return self.u.T @ b
+from .cores import Basis
 
 
 @dataclasses.dataclass
@@ -72,9 +60,9 @@ def train_cores(student: Attached, member: Adapter, checkpointing: bool) -> Core
         u_name, core_name = products[b_name]
         b = wrapper.lora_B
         u = member.tensors[u_name].to(b.device, b.dtype)
-        parametrize.register_parametrization(wrapper, "lora_B", _LeftBasis(u), unsafe=True)
+        with torch.no_grad():  # the parameter object becomes the core (cores.py: the optimizer keeps it)
+            b.set_(member.tensors[core_name].to(b.device, b.dtype).clone())
+        parametrize.register_parametrization(wrapper, "lora_B", Basis(u, left=True), unsafe=True)
         core = wrapper.parametrizations.lora_B.original
-        with torch.no_grad():
-            core.copy_(member.tensors[core_name].to(core.device, core.dtype))
         cores[core_name] = core
     return Cores(products, cores)
