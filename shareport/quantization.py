@@ -7,7 +7,11 @@ This module decides what is quantized along which axis and what it costs:
   e.g. a classifier head) are not factors and stay as they are;
 - A (r, n_in) in groups along n_in (axis 1), B (n_out, r) along n_out (axis 0): along the model
   dimension, never the rank, so every group lies inside one rank component (one row of A, one
-  column of B) and shares its magnitude, and the group size does not depend on the rank.
+  column of B) and shares its magnitude, and the group size does not depend on the rank;
+- a fleet member (``shareport fleet --quantize``) stores what the fleet stores: its shared V as an A,
+  and for a two-sided member the shared U (n_out, k1) as a B and its core C (k1, k2) along k2 (as an
+  A: both of C's dims are ranks, and a row of C is one of U's components), never the product
+  B = U C, which is formed again from the dequantized U and C (``adapter.compose``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from converters.factored import difference_sq_norm, product_sq_norm
 from converters.quantize import quantize
 
-from .adapter import Adapter
+from .adapter import Adapter, compose, reference
 from .errors import ShareportError
 from .forms import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES
 
@@ -28,11 +32,24 @@ BITS = {name: int(name.removeprefix("int")) for name in QUANTIZE_CHOICES}  # "in
 SCHEME = "symmetric"  # zero point 0; see converters/quantize.py
 
 
+def _products(adapter: Adapter) -> dict[str, list[str]]:
+    """A two-sided fleet member's products (B name -> [U name, core name]); empty for any other adapter."""
+    ref = reference(adapter)
+    return dict(ref.get("products") or {}) if ref is not None else {}
+
+
 def factor_axes(adapter: Adapter) -> dict[str, int]:
-    """The axis each used pool tensor is grouped along: 1 for an A (r, n_in), 0 for a B (n_out, r)."""
+    """The axis each stored factor is grouped along: 1 for an A (r, n_in), 0 for a B (n_out, r); a fleet
+    member's product B = U C is not stored, its U (a B) and core (along its second dim) are."""
+    products = _products(adapter)
     axes = {}
     for site in adapter.sites.values():
-        axes[site.a], axes[site.b] = 1, 0
+        axes[site.a] = 1
+        if site.b in products:
+            u_name, core_name = products[site.b]
+            axes[u_name], axes[core_name] = 0, 1
+        else:
+            axes[site.b] = 0
     return dict(sorted(axes.items()))
 
 
@@ -61,6 +78,8 @@ def quantize_adapter(adapter: Adapter, quantize_as: str, group_size: int | None 
         except ValueError as exc:
             raise ShareportError(f"tensor '{name}': {exc}") from None
         tensors[name] = records[name].dequantize()
+    for b_name, (u_name, core_name) in _products(adapter).items():  # what reading the member forms again
+        tensors[b_name] = compose(tensors[u_name], tensors[core_name])
     out = dataclasses.replace(adapter, tensors=tensors, quantized=records)
     settings = {"quantize": quantize_as, "bits": bits, "group_size": group_size, "scheme": SCHEME}
     out = out.with_step({"step": "quantize", **settings})
@@ -101,19 +120,25 @@ def relative_update_error(reference: Adapter, other: Adapter) -> float:
     return math.sqrt(error / energy) if energy > 0 else 0.0
 
 
+def _stored_bytes(adapter: Adapter, name: str) -> int:
+    record, tensor = adapter.quantized.get(name), adapter.tensors[name]
+    return record.stored_bytes() if record is not None else tensor.numel() * tensor.element_size()
+
+
 def storage(adapter: Adapter) -> dict:
     """Bytes of the factors as stored (integers and scales for quantized ones, else their dtype),
-    bits per factor parameter, and the same factors' bytes in float32 and float16."""
-    names = adapter.used_tensor_names()
-    stored = 0
-    for name in names:
-        record = adapter.quantized.get(name)
-        tensor = adapter.tensors[name]
-        stored += record.stored_bytes() if record is not None else tensor.numel() * tensor.element_size()
-    parameters = adapter.num_parameters()
+    bits per factor parameter, and the same factors' bytes in float32 and float16. A fleet member's
+    factors are what the fleet stores for it (``factor_axes``): ``shared_bytes`` is the part in the
+    fleet's shared file, stored once for every member."""
+    names = list(factor_axes(adapter))
+    stored = sum(_stored_bytes(adapter, name) for name in names)
+    parameters = sum(adapter.tensors[name].numel() for name in names)
     records = [adapter.quantized[n] for n in names if n in adapter.quantized]
+    ref = reference(adapter)
+    shared = {} if ref is None else {"shared_bytes": sum(_stored_bytes(adapter, n) for n in names if n in ref["names"])}
     return {
         "bytes": stored,
+        **shared,
         "bits_per_parameter": 8 * stored / parameters if parameters else 0.0,
         "float32_bytes": 4 * parameters,
         "float16_bytes": 2 * parameters,
@@ -121,3 +146,54 @@ def storage(adapter: Adapter) -> dict:
         "quantized_bits": sorted({r.bits for r in records}),
         "group_sizes": sorted({r.group_size for r in records}),
     }
+
+
+def quantize_fleet(fleet, loras: list[Adapter], quantize_as: str, group_size: int | None = None) -> tuple:
+    """A built fleet (``shareport.fleet.Fleet``: ``shared``, ``members``) with every stored factor quantized
+    as ``quantize_adapter`` does one adapter's: the shared bases and each member's own B's or cores. Each
+    member is quantized on its own; a shared tensor is the same input in every member of its cluster, so
+    it quantizes to the same integers in each (checked), which ``files.adapters.save_fleet`` stores once.
+
+    Returns (the fleet, its ``shared`` the dequantized bases; a report: the settings, per member
+    ``loras``' weight error against its LoRA in float and quantized and the error quantization adds to the
+    member, and the stored bytes)."""
+    members, rows, shared = [], [], {}
+    settings = None
+    for member, lora in zip(fleet.members, loras):
+        quantized, report = quantize_adapter(member, quantize_as, group_size)
+        settings = {k: report[k] for k in ("quantize", "bits", "group_size", "scheme")}
+        for name in reference(member)["names"]:
+            known = shared.setdefault(name, quantized.tensors[name])
+            if not torch.equal(known, quantized.tensors[name]):
+                raise ShareportError(f"internal error: shared tensor '{name}' quantized differently in two members")
+        members.append(quantized)
+        parts = storage(quantized)
+        rows.append(
+            {
+                "float_relative_error": relative_update_error(lora, member),
+                "relative_error": relative_update_error(lora, quantized),
+                "added_relative_error": report["relative_error"],
+                "bytes": parts["bytes"] - parts["shared_bytes"],
+                "float16_bytes": parts["float16_bytes"] - 2 * _shared_parameters(quantized),
+            }
+        )
+    records = {n: r for m in members for n, r in m.quantized.items() if n in shared}
+    shared_bytes = sum(r.stored_bytes() for r in records.values())
+    shared_parameters = sum(r.values.numel() for r in records.values())
+    parameters = shared_parameters + sum(r["float16_bytes"] // 2 for r in rows)
+    stored = shared_bytes + sum(r["bytes"] for r in rows)
+    report = {
+        **settings,
+        "shared_bytes": shared_bytes,
+        "bytes": stored,
+        "bits_per_parameter": 8 * stored / parameters if parameters else 0.0,
+        "float32_bytes": 4 * parameters,
+        "float16_bytes": 2 * parameters,
+        "members": rows,
+    }
+    return dataclasses.replace(fleet, shared={**fleet.shared, **shared}, members=members), report
+
+
+def _shared_parameters(member: Adapter) -> int:
+    names = set(reference(member)["names"])
+    return sum(member.tensors[n].numel() for n in factor_axes(member) if n in names)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..forms import AUTO_CLUSTERS, DEFAULT_FLEET_BUDGET, DEFAULT_FLEET_CLUSTERS, FLEET_FORMS
+from ..forms import (
+    AUTO_CLUSTERS,
+    DEFAULT_FLEET_BUDGET,
+    DEFAULT_FLEET_CLUSTERS,
+    DEFAULT_GROUP_SIZE,
+    FLEET_FORMS,
+    QUANTIZE_CHOICES,
+)
 from .options import Folder, allow_pickle_option, json_option, output_option, overwrite_output_option
 from .table import format_table, human_bytes, to_json
 
@@ -80,10 +87,41 @@ def _clusters(ctx, param, value: str) -> int | str:
     default=None,
     help="The base model folder the calibration data runs through (only with --calibration).",
 )
+@click.option(
+    "--quantize",
+    default=None,
+    metavar="|".join(QUANTIZE_CHOICES),
+    help="After the fleet is built, store every factor it stores (each shared basis once, each member's "
+    "B's or cores) as integers with float16 scales, symmetric, as convert --quantize does (int4 packed "
+    "two per byte). The report gives each member's weight error against its LoRA in float and quantized; "
+    "export --mode adapter of a member keeps its cores as integers (each <member>.onnx_adapter), "
+    "dequantized in the graph. fleet-add refuses a quantized fleet. Default: float.",
+)
+@click.option(
+    "--group-size",
+    type=int,
+    default=None,
+    help="With --quantize: elements per float16 scale, along each factor's model dimension (a core's "
+    f"second rank).  [default: {DEFAULT_GROUP_SIZE}]",
+)
 @overwrite_output_option
 @allow_pickle_option
 @json_option
-def fleet_cmd(lora_dirs, out, form, rank, budget, clusters, calibration, base, overwrite, allow_pickle, as_json):
+def fleet_cmd(
+    lora_dirs,
+    out,
+    form,
+    rank,
+    budget,
+    clusters,
+    calibration,
+    base,
+    quantize,
+    group_size,
+    overwrite,
+    allow_pickle,
+    as_json,
+):
     """Compress several LoRAs (PEFT or native) of one base into a fleet.
 
     \b
@@ -105,6 +143,10 @@ def fleet_cmd(lora_dirs, out, form, rank, budget, clusters, calibration, base, o
     changed shared file is refused, naming the member. A member keeping under half
     of its energy (squared error above half its squared norm: relative error above
     0.707) gets a warning on stderr (also under "warnings" in --json).
+
+    With --quantize int8|int4, every stored factor is written as integers with
+    float16 scales (shared.safetensors and each member's own file; the configs
+    record the scheme); reading a member gives its dequantized factors.
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
@@ -119,6 +161,8 @@ def fleet_cmd(lora_dirs, out, form, rank, budget, clusters, calibration, base, o
         calibration=list(calibration),
         base=base,
         clusters=clusters,
+        quantize=quantize,
+        group_size=group_size,
     )
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
@@ -157,6 +201,9 @@ def render(data: dict) -> str:
             f"clusters: {clusters['count']}, each with its own basis ({clusters['chosen_by']}; relative "
             f"error by number of clusters: {tried})"
         )
+    quantization = data.get("quantization")
+    if quantization:
+        parts.append(quantization_line(quantization))
     calibrated = bool(data.get("calibration"))
     parts.append(
         format_table(
@@ -165,6 +212,7 @@ def render(data: dict) -> str:
                 *(["cluster"] if clusters else []),
                 "rel. error",
                 *(["weight error"] if calibrated else []),
+                *([f"{quantization['quantize']} weight error"] if quantization else []),
                 "energy kept",
                 "own params",
                 "LoRA params",
@@ -177,6 +225,7 @@ def render(data: dict) -> str:
                     *([clusters["members"][m["name"]]] if clusters else []),
                     m["relative_error"],
                     *([m["frobenius_relative_error"]] if calibrated else []),
+                    *([m["quantization"]["relative_error"]] if quantization else []),
                     f"{m['retained_energy']:.1%}",
                     m["parameters"],
                     m["lora_parameters"],
@@ -197,3 +246,13 @@ def render(data: dict) -> str:
         )
     )
     return "\n\n".join(parts)
+
+
+def quantization_line(q: dict) -> str:
+    return (
+        f"quantized {q['quantize']} in groups of {q['group_size']} (float16 scales, symmetric): "
+        f"{human_bytes(q['bytes'])} of factors = {q['bits_per_parameter']:.2f} bits per parameter, shared "
+        f"basis {human_bytes(q['shared_bytes'])} (float16 {human_bytes(q['float16_bytes'])}, float32 "
+        f"{human_bytes(q['float32_bytes'])}); '{q['quantize']} weight error' is each member's against its "
+        "LoRA once quantized"
+    )

@@ -18,7 +18,7 @@ import torch
 
 from ..adapter import FLEET_KEY, Adapter, reference
 from ..errors import ShareportError
-from . import native, peft
+from . import native, peft, quantized
 from .atomic import MARKER_NAME, MARKER_TEXT, atomic_dir
 from .fleet import REPORT_NAME, SHARED_NAME, folder_members, foreign_entries
 from .folder import CONFIG_NAME, WEIGHTS_NAME, dump_json, file_sha256, read_config
@@ -96,16 +96,21 @@ def save_fleet(
     ``previous``: the fleet folder this one grew from (``fleet-add``). Its entries named in
     ``unchanged`` (``SHARED_NAME``, member names) are copied byte for byte instead of written; its
     other members' folders are copied too, then their config and weights rewritten (so what else
-    they hold, e.g. a training report, stays beside them)."""
+    they hold, e.g. a training report, stays beside them).
+
+    A quantized fleet (its members hold ``quantized`` records of shared tensors, ``fleet --quantize``)
+    stores those tensors' integers and scales, and each member's reference records how (``files/fleet.py``)."""
     for name in fleet.names:
         if not name or name.startswith(".") or "/" in name or name == SHARED_NAME:
             raise ShareportError(f"{name!r}: cannot be a fleet member's folder name; rename the adapter folder")
+    records = _shared_records(fleet)
+    section, stored = quantized.dump(records) if records else (None, {})
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         shared_path = tmp / SHARED_NAME
         if SHARED_NAME in unchanged:
             shutil.copyfile(previous / SHARED_NAME, shared_path)
         else:
-            save_tensors(fleet.shared, shared_path)
+            save_tensors({**{n: t for n, t in fleet.shared.items() if n not in records}, **stored}, shared_path)
         digest = file_sha256(shared_path)
         for name, member in zip(fleet.names, fleet.members):
             folder = tmp / name
@@ -117,6 +122,9 @@ def save_fleet(
                 folder.mkdir()
                 (folder / MARKER_NAME).write_text(MARKER_TEXT, encoding="utf-8")
             ref = {**reference(member), "shared": str(shared_path), "sha256": digest}
+            ref.pop("quantization", None)  # the file just written says how it is stored, nothing older
+            if section is not None:
+                ref["quantization"] = section
             member = dataclasses.replace(member, config={**member.config, FLEET_KEY: ref})
             write_adapter_files(member, folder, as_peft=False)
             if FLEET_KEY not in read_config(folder)["shareport"]:
@@ -124,6 +132,15 @@ def save_fleet(
         for name, data in sorted((reports or {}).items()):
             (tmp / name).write_text(dump_json(data), encoding="utf-8")
     return Path(out)
+
+
+def _shared_records(fleet: FleetParts) -> dict:
+    """The quantized shared tensors (the members' records whose float values are the shared tensors)."""
+    found = {}
+    for member in fleet.members:
+        held = quantized.stored_records(member, [n for n in member.quantized if n in fleet.shared])
+        found.update({n: r for n, r in held.items() if torch.equal(fleet.shared[n], r.dequantize())})
+    return found
 
 
 @dataclasses.dataclass

@@ -8,7 +8,8 @@ A fleet folder::
                                                   "sha256": <digest of that file>,
                                                   "form": "sharea" | "shareab",
                                                   "products": {B name: [U name, core name]},
-                                                  "cluster": c}  (clustered fleets only)
+                                                  "cluster": c,  (clustered fleets only)
+                                                  "quantization": {...}}  (quantized fleets only)
     FLEET_DIR/<member>/adapter_model.safetensors   the member's own tensors only
 
 A clustered fleet's shared file holds one basis per cluster and kind, named
@@ -22,6 +23,12 @@ works on it. The in-memory reference is ``Adapter.config["fleet"]``, with the sh
 absolute path; writing the adapter again keeps it a member (a relative reference from the new
 folder) only while the shared file is unchanged and the adapter's shared tensors and products
 still equal it (``member_section``); otherwise the adapter is written whole, standalone.
+
+A quantized fleet (``fleet --quantize``) stores its shared tensors as ``files/quantized.py`` stores a
+native adapter's (integers, ``scale/NAME`` float16 scales), and every member's ``shareport.fleet``
+records that file's ``quantization`` section (the scheme and each shared tensor's bits, axis, group
+size, shape), beside the member's own ``shareport.quantization``: the config is where every reader
+looks, and the sha256 ties the two. Reading dequantizes the shared file before anything else.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ import torch
 
 from ..adapter import FLEET_KEY, Adapter, compose, kind_key, reference
 from ..errors import ShareportError
+from . import quantized
 from .atomic import MARKER_NAME
 from .folder import CONFIG_NAME, file_sha256, read_config
-from .tensorfile import check_finite, load_tensors
+from .tensorfile import check_finite, check_floating, load_tensors
 
 SHARED_NAME = "shared.safetensors"
 REPORT_NAME = "fleet_report.json"
@@ -75,7 +83,20 @@ def _read_section(folder: Path, raw) -> dict:
     cluster = raw.get("cluster")
     if cluster is not None and (isinstance(cluster, bool) or not isinstance(cluster, int) or cluster < 1):
         raise ShareportError(f"{cfg_path}: 'shareport.fleet.cluster' must be a positive number")
-    return {"shared": shared, "sha256": digest, "form": raw.get("form"), "products": products, "cluster": cluster}
+    out = {"shared": shared, "sha256": digest, "form": raw.get("form"), "products": products, "cluster": cluster}
+    if "quantization" in raw:
+        out["quantization"] = raw["quantization"]
+    return out
+
+
+def read_shared(path: Path, section: dict | None, cfg_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the shared file's float tensors, the quantized ones' records): ``section`` is the members'
+    ``shareport.fleet.quantization`` (None: a float fleet); errors name the config and the file."""
+    shared = load_tensors(path)
+    check_finite(path, shared)
+    if section is None:
+        return shared, {}
+    return quantized.load(cfg_path, path, section, shared)
 
 
 def cluster_tensors(shared: dict[str, torch.Tensor], cluster: int | None) -> dict[str, torch.Tensor]:
@@ -87,8 +108,11 @@ def cluster_tensors(shared: dict[str, torch.Tensor], cluster: int | None) -> dic
     return {name: t for name, t in shared.items() if name.startswith(prefix)}
 
 
-def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, set[str]]:
-    """(pool, in-memory reference, names used only through products) of a member folder.
+def join_shared(
+    folder: Path, raw, own: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict, set[str], dict]:
+    """(pool, in-memory reference, names used only through products, the shared tensors' quantization
+    records) of a member folder.
 
     ``raw``: the config's ``shareport.fleet``; ``own``: the member's stored tensors."""
     section = _read_section(folder, raw)
@@ -100,9 +124,10 @@ def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[s
             f"{folder}: fleet member's shared file {section['shared']} was changed "
             "(its sha256 differs from the one in adapter_config.json)"
         )
-    shared = load_tensors(path)
-    check_finite(path, shared)
+    shared, records = read_shared(path, section.get("quantization"), folder / CONFIG_NAME)
+    check_floating(path, shared, shared)
     shared = cluster_tensors(shared, section["cluster"])
+    records = {name: r for name, r in records.items() if name in shared}
     if not shared:
         raise ShareportError(
             f"{folder}: {section['shared']} holds no tensor of the member's cluster {section['cluster']}"
@@ -134,7 +159,9 @@ def join_shared(folder: Path, raw, own: dict[str, torch.Tensor]) -> tuple[dict[s
     }
     if section["cluster"] is not None:
         ref["cluster"] = section["cluster"]
-    return pool, ref, through
+    if "quantization" in section:
+        ref["quantization"] = section["quantization"]
+    return pool, ref, through, records
 
 
 def member_section(adapter: Adapter, folder: Path) -> tuple[dict, list[str]] | None:
@@ -143,7 +170,7 @@ def member_section(adapter: Adapter, folder: Path) -> tuple[dict, list[str]] | N
     ref = reference(adapter)
     if ref is None or not Path(ref["shared"]).is_file() or file_sha256(ref["shared"]) != ref["sha256"]:
         return None
-    shared = load_tensors(ref["shared"])
+    shared, _ = read_shared(Path(ref["shared"]), ref.get("quantization"), folder / CONFIG_NAME)
     for name in ref["names"]:
         mine = adapter.tensors.get(name)
         if mine is None or mine.dtype != shared[name].dtype or not torch.equal(mine, shared[name]):
@@ -165,6 +192,8 @@ def member_section(adapter: Adapter, folder: Path) -> tuple[dict, list[str]] | N
     }
     if ref.get("cluster") is not None:
         section["cluster"] = ref["cluster"]
+    if ref.get("quantization") is not None:
+        section["quantization"] = ref["quantization"]
     return section, own
 
 

@@ -96,7 +96,8 @@ def load(folder: str | Path, config: dict | None = None) -> Adapter:
     check_floating(weights_path, pool, pool)
     member, through = None, set()
     if fleet.FLEET_KEY in section:
-        pool, member, through = fleet.join_shared(folder, section[fleet.FLEET_KEY], pool)
+        pool, member, through, shared_records = fleet.join_shared(folder, section[fleet.FLEET_KEY], pool)
+        records = {**records, **shared_records}
 
     kinds = kinds_for_paths(raw_sites)
     sites = {}

@@ -22,6 +22,7 @@ from ..forms import (
     CALIBRATION_SAMPLES,
     DEFAULT_FLEET_CLUSTERS,
 )
+from ..quantization import check_quantize_options, quantize_fleet
 
 
 def fleet(
@@ -36,6 +37,8 @@ def fleet(
     calibration: list[str] | tuple | str = (),
     base: str | None = None,
     clusters: int | str = DEFAULT_FLEET_CLUSTERS,
+    quantize: str | None = None,
+    group_size: int | None = None,
 ) -> dict:
     """Compress N LoRAs of one base into a fleet folder: ``shared.safetensors`` once, one member folder each.
 
@@ -46,7 +49,10 @@ def fleet(
     member's statistics are measured with its own LoRA attached on its own data, and its cores fit
     to them (``CALIBRATION_SAMPLES`` examples of at most ``CALIBRATION_MAX_LENGTH`` tokens, ridge
     ``converters.DEFAULT_RIDGE``, as ``convert`` defaults). ``clusters``: a number of clusters with a
-    basis each, or "auto" (``fleet.build_fleet``).
+    basis each, or "auto" (``fleet.build_fleet``). ``quantize`` ("int8" or "int4", after the fleet is
+    built): every stored factor (shared bases, each member's B's or cores) as integers in groups of
+    ``group_size`` with float16 scales (``quantization.quantize_fleet``); the report's ``quantization``
+    has the bytes and, per member, its weight error against its LoRA in float and quantized.
 
     Every input is read and checked (names, same base, sites and shapes; no adapter given twice, by
     folder or by bytes) before the output is checked, and both before the work; the folder appears
@@ -54,6 +60,7 @@ def fleet(
     shared basis, the total against the N separate LoRAs (parameters and bytes), the candidates when
     the form was chosen, and a warning per member keeping under half its energy.
     """
+    check_quantize_options(quantize, group_size)  # before anything is read
     calibration = [calibration] if isinstance(calibration, str) else list(calibration)
     if calibration and base is None:
         raise ShareportError("--calibration needs --base (the model to run the data through)")
@@ -77,6 +84,9 @@ def fleet(
     stats, seconds = _fleet_statistics(adapters, data_files, base) if data_files else (None, None)
     result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
     report = result.report.to_dict()
+    if quantize is not None:
+        result, quantization = quantize_fleet(result, adapters, quantize, group_size)
+        _add_quantization(report, quantization)
     save_fleet(result, out, overwrite=overwrite, inputs=inputs, reports={FLEET_REPORT_NAME: report})
     lora_bytes = [adapter_file_size(d) for d in paths]
     member_bytes = [adapter_file_size(Path(out) / n) for n in names]
@@ -93,6 +103,16 @@ def fleet(
     if stats is not None:  # not in the written report: the same input must give the same bytes
         data["calibration"] = {**data["calibration"], "seconds": seconds}
     return data
+
+
+def _add_quantization(report: dict, quantization: dict) -> None:
+    """The quantized fleet's report: ``quantization`` (settings, bytes) at the top, and per member its
+    float and quantized weight errors against its LoRA (``relative_error`` stays the fleet's float one,
+    so a calibrated fleet's output error keeps its meaning)."""
+    rows = quantization.pop("members")
+    report["quantization"] = quantization
+    for member, row in zip(report["members"], rows):
+        member["quantization"] = row
 
 
 def fleet_add(
@@ -119,6 +139,14 @@ def fleet_add(
     name = name if name is not None else Path(os.path.abspath(path)).name
     check_member_name(name, str(lora_dir))
     loaded = load_fleet(fleet_dir, allow_pickle=allow_pickle)
+    quantized = next((m for m, a in loaded.members.items() if a.quantized), None)
+    if quantized is not None:
+        # growing the bases pads cores and projects onto bases the integers only approximate: refused
+        # rather than written with new members fit to dequantized bases and old ones re-quantized
+        raise ShareportError(
+            f"{Path(fleet_dir) / quantized}: a member of a quantized fleet (integer factors); fleet-add "
+            "grows float fleets only: build the fleet again with the new LoRA and --quantize"
+        )
     if name in loaded.members:
         raise ShareportError(
             f"{lora_dir}: the fleet {fleet_dir} already has a member '{name}'; name the new one with NAME=PATH"
