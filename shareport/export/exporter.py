@@ -195,12 +195,13 @@ def _stages(enabled: bool, total: int):
 
 
 def _write_member_adapters(
-    members: dict[str, Adapter], folder: Path, dtype: torch.dtype, *, name, carried: bool
+    members: dict[str, Adapter], folder: Path, dtype: torch.dtype, *, name, carried: bool, qslots: dict
 ) -> None:
-    """``<member>.onnx_adapter`` for every member of the exported member's fleet: its cores, and its
-    carried tensors where the graph takes them as inputs."""
+    """``<member>.onnx_adapter`` for every member of the exported member's fleet: its cores (a quantized
+    fleet's: their integers and scales, ``qslots``), and its carried tensors where the graph takes them."""
     for member_name, member in members.items():
         values = {name(n): t.numpy() for n, t in graph_tensors(member, dtype).items()}
+        values.update(quantized.adapter_values(member, qslots, name, what=f"fleet member {member_name}"))
         if carried:
             values.update({n: t.numpy() for n, t in carried_tensors(member, dtype).items()})
         write_onnx_adapter(values, folder / graph_file.member_adapter_name(member_name))
@@ -364,7 +365,7 @@ def export(
             if adapter_mode:
                 write_onnx_adapter({**values, **carried}, tmp / graph_file.ADAPTER_NAME)
             if layout is not None:
-                _write_member_adapters(members, tmp, dtype, name=name, carried=takes_carried)
+                _write_member_adapters(members, tmp, dtype, name=name, carried=takes_carried, qslots=qslots)
             graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
             genai_note = write_genai_config(tmp, sig, tokens)
             if verify:

@@ -36,6 +36,13 @@ value plus a float16 scale per group, about 0.27 of the float16 file at groups o
 Blocked ``DequantizeLinear`` (``block_size``) needs opset 21, so such a graph is exported at 21 or
 later. ``scaling`` is 1-d (1,), not a scalar: ORT's adapter format refuses 0-d tensors too ("Lora Param
 '...': dims is missing or empty").
+
+A quantized fleet member (``fleet --quantize``): its slots are its own tensors (``slots.fleet_layout``),
+each quantized as above with its static rank in the rank's place and ``scaling/NAME`` on every one (each
+slot folds its site's s): a ShareA member's B (a B), a two-sided member's core C (k1, k2), grouped along
+k2 as stored, taken as an A is (C rank first, dequantized, times s, transposed: C_g = (s C)^T, the float
+layout's value). The shared basis stays the graph's constants, their dequantized values: they are in
+every member's graph once, and the integers matter for what is swapped.
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ import torch
 
 from converters.quantize import QuantizedTensor
 
-from ..adapter import Adapter
+from ..adapter import Adapter, reference
 from ..errors import ShareportError
 from ..files.quantized import SCALE_PREFIX, stored_records
-from .slots import Slot, scale_carrier
+from .slots import Slot, fleet_layout, scale_carrier
 
 SCALING_PREFIX = "scaling/"
 MIN_OPSET = 21  # DequantizeLinear with block_size
@@ -67,8 +74,8 @@ class QuantizedSlot:
     role: str  # "A" or "B"
     bits: int
     group_size: int
-    size: int  # D: n_in for an A, n_out for a B
-    rank_dim: str
+    size: int  # D: n_in for an A, n_out for a B (a fleet's core: k2)
+    rank_dim: str | int  # a fleet member's slot: its static rank
     scaled: bool  # carries the sites' scale s (``slots.scale_carrier``)
 
     @property
@@ -99,16 +106,21 @@ class QuantizedSlot:
 
 
 def records(adapter: Adapter) -> dict[str, QuantizedTensor]:
-    """The adapter's pool tensors still held as their integers (a changed tensor is float again)."""
-    return stored_records(adapter, adapter.used_tensor_names())
+    """The adapter's slot tensors still held as their integers (a changed tensor is float again): a
+    fleet member's own tensors (its shared basis is not a slot), else every used pool tensor."""
+    layout = fleet_layout(adapter)
+    names = sorted(layout.member) if layout is not None else adapter.used_tensor_names()
+    return stored_records(adapter, names)
 
 
 def plan(adapter: Adapter, slots: dict[str, Slot], name=lambda n: n) -> dict[str, QuantizedSlot]:
     """The quantized slots of ``adapter``'s adapter-mode graph, by graph name (``name`` maps a pool
-    name to it); empty for a float adapter. A fleet member's graph (static slots) stays float."""
+    name to it); empty for a float adapter."""
     quantized = records(adapter)
-    if not quantized or any(s.fixed is not None for s in slots.values()):
+    if not quantized:
         return {}
+    if any(s.fixed is not None for s in slots.values()):
+        return _fleet_plan(quantized, slots, name)
     carrier = scale_carrier(adapter)
     out = {}
     for pool, record in sorted(quantized.items()):
@@ -120,6 +132,29 @@ def plan(adapter: Adapter, slots: dict[str, Slot], name=lambda n: n) -> dict[str
             )
         out[name(pool)] = QuantizedSlot(
             name(pool), slot.role, record.bits, record.group_size, slot.size, slot.rank_dim, scaled=slot.role == carrier
+        )
+    return out
+
+
+def _fleet_plan(quantized: dict[str, QuantizedTensor], slots: dict[str, Slot], name) -> dict[str, QuantizedSlot]:
+    """A fleet member's slots: static, each scaled; a core (k1, k2) is taken as an A (see the docstring)."""
+    missing = sorted(set(slots) - set(quantized))
+    if missing:  # e.g. a member whose core was trained after quantization: one graph takes one precision
+        raise ShareportError(
+            f"fleet member tensor '{missing[0]}' is float while its others are quantized; one graph takes "
+            "all of a member's tensors in one precision: quantize the member again, or export --mode folded"
+        )
+    out = {}
+    for pool, record in sorted(quantized.items()):
+        role = "B" if slots[pool].role == "B" else "A"
+        if record.axis != GRAPH_AXIS[role]:
+            raise ShareportError(
+                f"quantized fleet tensor '{pool}' is grouped along axis {record.axis}; the graph dequantizes "
+                f"it along axis {GRAPH_AXIS[role]}"
+            )
+        rank, size = record.values.shape if role == "A" else reversed(record.values.shape)
+        out[name(pool)] = QuantizedSlot(
+            name(pool), role, record.bits, record.group_size, int(size), int(rank), scaled=True
         )
     return out
 
@@ -175,9 +210,12 @@ def adapter_values(
     """Every quantized slot's arrays for ``adapter`` (``name``: pool name -> graph name). Refuses, in one
     line, an adapter whose tensors are not quantized as the graph takes them."""
     held = {name(pool): (pool, record) for pool, record in records(adapter).items()}
+    products = (reference(adapter) or {}).get("products") or {}
     scale_of = {}
     for site in adapter.sites.values():
         scale_of[name(site.a)], scale_of[name(site.b)] = site.scale, site.scale
+        if site.b in products:  # a two-sided fleet member's core carries its site's s
+            scale_of[name(products[site.b][1])] = site.scale
     out = {}
     for graph_name, qslot in sorted(qslots.items()):
         if graph_name not in held:
@@ -196,8 +234,13 @@ def adapter_values(
 
 
 def empty_values(qslots: dict[str, QuantizedSlot]) -> dict[str, np.ndarray]:
-    """Zero-rank inputs (the graph then computes the base model); s is 0, which changes nothing at rank 0."""
-    return {n: np.zeros(shape, dtype) for q in qslots.values() for n, (dtype, shape) in q.inputs(0).items()}
+    """Zero-rank inputs (the graph then computes the base model); s is 0, which changes nothing at rank 0.
+    A fleet member's static slots: zeros of their shape (zero scales and s), the same zero update."""
+    return {
+        n: np.zeros(shape, dtype)
+        for q in qslots.values()
+        for n, (dtype, shape) in q.inputs(0 if isinstance(q.rank_dim, str) else None).items()
+    }
 
 
 def slots_from_info(graph_info: dict, slots: dict[str, tuple[np.dtype, tuple]]) -> dict[str, QuantizedSlot]:
