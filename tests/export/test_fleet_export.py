@@ -16,7 +16,11 @@ RANKS = {"alpha": 4, "beta": 2, "gamma": 3}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fleet-export")
+    return make_case(tmp_path_factory.mktemp("fleet-export"))
+
+
+def make_case(root):
+    """A tiny base (``root/base``) and three LoRAs of it, ``root/<name>`` for each of ``RANKS``."""
     save_base(tiny_llama(layers=2), root / "base")
     for seed, (name, r) in enumerate(RANKS.items()):
         make_peft_adapter(

@@ -16,21 +16,12 @@ from shareport.export.signature import Signature, make_inputs
 from shareport.export.wrapper import call_model
 from shareport.files.adapters import load_adapter
 from shareport.model import attach, load_base_model
-from tests.tiny import make_peft_adapter, tiny_llama
-from tests.training_helpers import save_base
-
-RANKS = {"alpha": 4, "beta": 2, "gamma": 3}
+from tests.export.test_fleet_export import RANKS, make_case  # the float fleet export's base and three LoRAs
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fleet-export-quantized")
-    save_base(tiny_llama(layers=2), root / "base")
-    for seed, (name, r) in enumerate(RANKS.items()):
-        make_peft_adapter(
-            tiny_llama(layers=2), root / name, seed=seed + 1, r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]
-        )
-    return root
+    return make_case(tmp_path_factory.mktemp("fleet-export-quantized"))
 
 
 def _ort_dequantize(values: np.ndarray, scales: np.ndarray, *, bits: int, size: int) -> np.ndarray:

@@ -4,7 +4,6 @@ by an independent numpy reference; the report's errors against the LoRAs; refusa
 
 import json
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from converters.factored import difference_sq_norm, product_sq_norm
 from shareport.files import load_adapter
+from shareport.files.tensorfile import read_header
 from tests.tiny import make_peft_adapter, tiny_llama
 
 RANKS = {"alpha": 4, "beta": 2, "gamma": 3}
@@ -34,16 +34,8 @@ def _fleet(cli, loras, out, *args):
     return json.loads(result.stdout)
 
 
-def _header(path):
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
 def _data_bytes(path) -> int:
-    return sum(e["data_offsets"][1] - e["data_offsets"][0] for e in _header(path).values())
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for e in read_header(path).values())
 
 
 def _reference(x: torch.Tensor, bits: str, axis: int, group: int = 64) -> np.ndarray:
@@ -70,7 +62,7 @@ def _reference(x: torch.Tensor, bits: str, axis: int, group: int = 64) -> np.nda
 def test_every_stored_factor_is_the_float_fleets_quantized(form, bits, loras, tmp_path, cli):
     plain = _fleet(cli, loras, tmp_path / "float", "--form", form, "--rank", 3)
     report = _fleet(cli, loras, tmp_path / "q", "--form", form, "--rank", 3, "--quantize", bits)
-    header = _header(tmp_path / "q" / "shared.safetensors")
+    header = read_header(tmp_path / "q" / "shared.safetensors")
     for name in RANKS:
         ref, got = load_adapter(tmp_path / "float" / name), load_adapter(tmp_path / "q" / name)
         fleet = got.config["fleet"]
