@@ -156,3 +156,28 @@ def test_fleet_add_refuses_a_quantized_fleet_naming_a_member(loras, tmp_path, cl
         assert f"{fleet / 'alpha'}: a member of a quantized fleet" in result.output
     assert not (tmp_path / "grown").exists()
     assert {p: p.read_bytes() for p in fleet.rglob("*") if p.is_file()} == before
+
+
+def test_a_clustered_fleet_stores_every_clusters_bases_quantized_once(loras, tmp_path, cli):
+    make_peft_adapter(
+        tiny_llama(layers=2), tmp_path / "delta", seed=9, r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"]
+    )
+    args = ("--form", "shareab", "--rank", 2, "--clusters", 2)
+    paths = [*(loras / n for n in RANKS), tmp_path / "delta"]
+    result = cli("fleet", *paths, "-o", tmp_path / "q", "--json", *args, "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    assert cli("fleet", *paths, "-o", tmp_path / "float", *args).exit_code == 0
+    header = read_header(tmp_path / "q" / "shared.safetensors")
+    seen = set()
+    for name in [*RANKS, "delta"]:
+        got, ref = load_adapter(tmp_path / "q" / name), load_adapter(tmp_path / "float" / name)
+        cluster = got.config["fleet"]["cluster"]
+        shared = got.config["fleet"]["names"]
+        assert shared and all(n.startswith(f"cluster{cluster}.") for n in shared)
+        for n in shared:  # its cluster's bases: the float fleet's, quantized
+            assert header[n]["dtype"] == "I8" and n in got.quantized
+            np.testing.assert_array_equal(
+                got.tensors[n].double().numpy(), _reference(ref.tensors[n], "int8", 0 if n.endswith("fleet_U") else 1)
+            )
+        seen.update(shared)
+    assert seen == {n for n in header if not n.startswith("scale/")}  # every cluster's, each once
