@@ -114,3 +114,19 @@ def test_a_folded_export_of_a_quantized_member_folds_its_dequantized_update(setu
     want = (weight + update).numpy()
     # MatMul's weight is W^T (n_in, n_out); square here, so both orientations are tried
     assert any(b.shape == want.shape and np.allclose(b, want, atol=1e-6) for a in folded for b in (a, a.T))
+
+
+def test_an_fp16_graph_with_olive_names_takes_every_members_integers(setup, tmp_path, cli):
+    fleet = tmp_path / "fleet"
+    r = cli("fleet", *(setup / n for n in RANKS), "-o", fleet, "--form", "sharea", "--rank", 3, "--quantize", "int4")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "onnx"
+    args = ("--mode", "adapter", "--dtype", "fp16", "--adapter-names", "olive", "--json")
+    r = cli("export", fleet / "alpha", "--base", setup / "base", "-o", out, *args)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["verify"]["ok"] and {f"member {n}" for n in RANKS} <= {x["check"] for x in data["verify"]["rows"]}
+    for name in RANKS:
+        arrays = read_onnx_adapter(out / f"{name}.onnx_adapter")
+        ints = {n: a for n, a in arrays.items() if not n.startswith(("scale/", "scaling/"))}
+        assert ints and all(n.endswith(".weight") and a.dtype == np.uint8 for n, a in ints.items())
