@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, reference
 from ..errors import ShareportError
 from ..files.adapters import load_adapter
 from ..files.atomic import atomic_dir, check_output
@@ -195,13 +195,13 @@ def _stages(enabled: bool, total: int):
 
 
 def _write_member_adapters(
-    members: dict[str, Adapter], folder: Path, dtype: torch.dtype, *, name, carried: bool, qslots: dict
+    members: dict[str, Adapter], folder: Path, dtype: torch.dtype, *, name, carried: bool, integers: dict
 ) -> None:
     """``<member>.onnx_adapter`` for every member of the exported member's fleet: its cores (a quantized
-    fleet's: their integers and scales, ``qslots``), and its carried tensors where the graph takes them."""
+    fleet's: their integers and scales, ``integers``), and its carried tensors where the graph takes them."""
     for member_name, member in members.items():
         values = {name(n): t.numpy() for n, t in graph_tensors(member, dtype).items()}
-        values.update(quantized.adapter_values(member, qslots, name, what=f"fleet member {member_name}"))
+        values.update(integers[member_name])
         if carried:
             values.update({n: t.numpy() for n, t in carried_tensors(member, dtype).items()})
         write_onnx_adapter(values, folder / graph_file.member_adapter_name(member_name))
@@ -318,6 +318,10 @@ def export(
     # a quantized adapter's slots take its integers and scales, dequantized in the graph (opset >= 21)
     qslots = quantized.plan(adapter, slots_for(adapter), name) if adapter_mode else {}
     opset = quantized.graph_opset(options.opset, qslots)
+    # every member file checked (and its integers taken) before the slow part; the fleet folder names it
+    integers = (
+        quantized.member_values(members, qslots, name, Path(reference(adapter)["shared"]).parent) if members else {}
+    )
     check_output(out, overwrite, [adapter_dir, base_dir])
     check_memory(base_dir, options.dtype)
     report = None
@@ -365,7 +369,7 @@ def export(
             if adapter_mode:
                 write_onnx_adapter({**values, **carried}, tmp / graph_file.ADAPTER_NAME)
             if layout is not None:
-                _write_member_adapters(members, tmp, dtype, name=name, carried=takes_carried, qslots=qslots)
+                _write_member_adapters(members, tmp, dtype, name=name, carried=takes_carried, integers=integers)
             graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
             genai_note = write_genai_config(tmp, sig, tokens)
             if verify:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -230,6 +231,22 @@ def adapter_values(
                 f"int{qslot.bits} in groups of {qslot.group_size}"
             )
         out.update(slot_arrays(qslot, record, scale_of[graph_name]))
+    return out
+
+
+def member_values(members: dict[str, Adapter], qslots: dict[str, QuantizedSlot], name, fleet_dir) -> dict:
+    """Per member of a quantized fleet's graph (by name) its quantized slots' arrays, computed before
+    anything is written: a member whose own tensors are float (e.g. trained after quantization) is
+    refused in one line naming its folder, since its file could only hold other values than its own."""
+    out = {}
+    for member_name, member in members.items():
+        if qslots and not records(member):
+            raise ShareportError(
+                f"{Path(fleet_dir) / member_name}: a member of this quantized fleet whose own tensors are float "
+                "(trained or converted after quantization); the graph takes every member's as integers: move it "
+                "out of the fleet folder, or export it itself (its graph takes float tensors)"
+            )
+        out[member_name] = adapter_values(member, qslots, name, what=f"fleet member {member_name}")
     return out
 
 

@@ -2,6 +2,7 @@
 <member>.onnx_adapter holds them), checked against PyTorch running the dequantized member and against
 ONNX Runtime's own DequantizeLinear of the file's integers; a folded graph folds the dequantized update."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from shareport.export import graph_file, runtime
 from shareport.export.ort_adapter import read_onnx_adapter
 from shareport.export.signature import Signature, make_inputs
 from shareport.export.wrapper import call_model
-from shareport.files.adapters import load_adapter
+from shareport.files.adapters import load_adapter, save_adapter
 from shareport.model import attach, load_base_model
 from tests.export.test_fleet_export import RANKS, make_case  # the float fleet export's base and three LoRAs
 
@@ -130,3 +131,26 @@ def test_an_fp16_graph_with_olive_names_takes_every_members_integers(setup, tmp_
         arrays = read_onnx_adapter(out / f"{name}.onnx_adapter")
         ints = {n: a for n, a in arrays.items() if not n.startswith(("scale/", "scaling/"))}
         assert ints and all(n.endswith(".weight") and a.dtype == np.uint8 for n, a in ints.items())
+
+
+def test_a_float_member_beside_quantized_ones_is_refused_by_their_graph_and_exports_its_own(setup, tmp_path, cli):
+    """A member whose cores are float again (as finetune writes one) cannot fill an integer graph's slots:
+    the quantized members' export is refused naming it, nothing written; its own export is a float graph
+    that the quantized members fit too (their dequantized values)."""
+    fleet = tmp_path / "fleet"
+    r = cli("fleet", *(setup / n for n in RANKS), "-o", fleet, "--form", "shareab", "--rank", 3, "--quantize", "int8")
+    assert r.exit_code == 0, r.output
+    member = load_adapter(fleet / "beta")
+    save_adapter(dataclasses.replace(member, quantized={}), fleet / "floaty")
+    assert load_adapter(fleet / "floaty").config["fleet"]["sha256"] == member.config["fleet"]["sha256"]
+    r = cli("export", fleet / "alpha", "--base", setup / "base", "-o", tmp_path / "q", "--mode", "adapter")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{fleet / 'floaty'}: a member of this quantized fleet whose own tensors are float" in r.output
+    assert not (tmp_path / "q").exists()
+    r = cli("export", fleet / "floaty", "--base", setup / "base", "-o", tmp_path / "f", "--mode", "adapter", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["verify"]["ok"]
+    assert (
+        read_onnx_adapter(tmp_path / "f" / "alpha.onnx_adapter")["model.layers.0.self_attn.q_proj.lora_core"].dtype
+        == np.float32
+    )
