@@ -148,7 +148,7 @@ def storage(adapter: Adapter) -> dict:
     }
 
 
-def quantize_fleet(fleet, loras: list[Adapter], quantize_as: str, group_size: int | None = None) -> tuple:
+def quantize_fleet(fleet, loras: list[Adapter], quantize_as: str, *, group_size: int | None = None) -> tuple:
     """A built fleet (``shareport.fleet.Fleet``: ``shared``, ``members``) with every stored factor quantized
     as ``quantize_adapter`` does one adapter's: the shared bases and each member's own B's or cores. Each
     member is quantized on its own; a shared tensor is the same input in every member of its cluster, so

@@ -320,7 +320,9 @@ def export(
     opset = quantized.graph_opset(options.opset, qslots)
     # every member file checked (and its integers taken) before the slow part; the fleet folder names it
     integers = (
-        quantized.member_values(members, qslots, name, Path(reference(adapter)["shared"]).parent) if members else {}
+        quantized.member_values(members, qslots, name, fleet_dir=Path(reference(adapter)["shared"]).parent)
+        if members
+        else {}
     )
     check_output(out, overwrite, [adapter_dir, base_dir])
     check_memory(base_dir, options.dtype)

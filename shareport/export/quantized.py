@@ -155,7 +155,13 @@ def _fleet_plan(quantized: dict[str, QuantizedTensor], slots: dict[str, Slot], n
             )
         rank, size = record.values.shape if role == "A" else reversed(record.values.shape)
         out[name(pool)] = QuantizedSlot(
-            name(pool), role, record.bits, record.group_size, int(size), int(rank), scaled=True
+            name(pool),
+            role,
+            record.bits,
+            group_size=record.group_size,
+            size=int(size),
+            rank_dim=int(rank),
+            scaled=True,
         )
     return out
 
@@ -234,7 +240,7 @@ def adapter_values(
     return out
 
 
-def member_values(members: dict[str, Adapter], qslots: dict[str, QuantizedSlot], name, fleet_dir) -> dict:
+def member_values(members: dict[str, Adapter], qslots: dict[str, QuantizedSlot], name, *, fleet_dir) -> dict:
     """Per member of a quantized fleet's graph (by name) its quantized slots' arrays, computed before
     anything is written: a member whose own tensors are float (e.g. trained after quantization) is
     refused in one line naming its folder, since its file could only hold other values than its own."""

@@ -85,7 +85,7 @@ def fleet(
     result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
     report = result.report.to_dict()
     if quantize is not None:
-        result, quantization = quantize_fleet(result, adapters, quantize, group_size)
+        result, quantization = quantize_fleet(result, adapters, quantize, group_size=group_size)
         _add_quantization(report, quantization)
     save_fleet(result, out, overwrite=overwrite, inputs=inputs, reports={FLEET_REPORT_NAME: report})
     lora_bytes = [adapter_file_size(d) for d in paths]
