@@ -117,3 +117,21 @@ def finetune_args(paths: dict, out) -> list:
         "-o",
         out,
     ]
+
+
+def classifier_lora(root: str | Path, num_labels: int = 2) -> tuple[Path, Path]:
+    """A saved 2-layer tiny BERT classifier (character tokenizer) and a PEFT SEQ_CLS LoRA (r=4 on
+    query and value, seed 2) for it: (base folder, LoRA folder) under ``root``."""
+    from tests.tiny import make_peft_adapter, tiny_bert
+
+    root = Path(root)
+    base = save_base(tiny_bert(layers=2, num_labels=num_labels), root / "cls")
+    make_peft_adapter(
+        tiny_bert(layers=2, num_labels=num_labels),
+        root / "lora",
+        seed=2,
+        r=4,
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+    )
+    return base, root / "lora"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..train.schedule import DEFAULT_TRAINABLE, TRAINABLES
+from ..train.schedule import CLASSIFIER_TEMPERATURE, DEFAULT_TRAINABLE, TOKEN_TEMPERATURE, TRAINABLES
 from .options import Folder
 from .training_options import echo_report, recipe_options, resume_hint
 
@@ -50,10 +50,11 @@ from .training_options import echo_report, recipe_options, resume_hint
 )
 @click.option(
     "--temperature",
-    default=1.0,
-    show_default=True,
+    default=None,
     type=float,
-    help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2).",
+    help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2). "
+    f"[default: by the output: {CLASSIFIER_TEMPERATURE:g} for a classifier's classes, "
+    f"{TOKEN_TEMPERATURE:g} for a causal LM's tokens, as measured on one task of each]",
 )
 @click.option(
     "--trainable",

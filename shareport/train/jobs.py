@@ -57,7 +57,7 @@ class TrainingOptions:
     warmup: float = DEFAULT_WARMUP  # share of the steps
     eval_every: int | None = None  # None: about 10% of the run's compute (schedule.default_eval_every)
     hidden_weight: float = 0.0  # distil the last hidden states too (recovery only)
-    temperature: float = 1.0  # of the distillation KL
+    temperature: float | None = None  # of the distillation KL; None: by the output (schedule.default_temperature)
     trainable: str = DEFAULT_TRAINABLE  # recovery: "factors", or "cores" between frozen bases (cores.py)
 
     @property

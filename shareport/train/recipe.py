@@ -57,6 +57,7 @@ from .schedule import (
     DEFAULT_WARMUP,
     MIN_HELDOUT_ROWS,
     default_eval_every,
+    default_temperature,
     eval_steps,
     lr_factor,
 )
@@ -84,7 +85,7 @@ class Recipe:
     distill_weight: float = 1.0  # 0 for `train`: no teacher
     task_weight: float = 0.0  # the data's own loss (--lm-loss)
     hidden_weight: float = 0.0  # last hidden states at every position against the teacher's (distill.hidden_sum)
-    temperature: float = 1.0  # of the distillation KL
+    temperature: float | None = None  # of the distillation KL; None: schedule.default_temperature
     trainable: str = DEFAULT_TRAINABLE  # "factors", or "cores" between frozen orthonormal bases (cores.py)
     schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
     warmup: float = DEFAULT_WARMUP  # share of the steps
@@ -149,6 +150,8 @@ class Trainer:
         self.model = job.model
         self.causal = is_causal_lm(self.model)
         check_recipe(recipe, job, self.causal)
+        if recipe.temperature is None:  # by the output; the report's recipe and a checkpoint record the value
+            recipe = self.recipe = dataclasses.replace(recipe, temperature=default_temperature(causal=self.causal))
         self.pad = pad_token_id(self.model.config)
         self.base_bytes, self.base_params = parameter_bytes(self.model), matmul_parameters(self.model)
         self.student = attach(self.model, job.student, trainable=True, dtype=torch.float32)

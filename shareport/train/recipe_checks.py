@@ -19,7 +19,7 @@ def check_recipe(recipe, job, causal: bool) -> None:
         raise ShareportError("nothing to train on: the distillation and task loss weights are both 0")
     if recipe.steps < 1:
         raise ShareportError(f"--steps must be at least 1, got {recipe.steps}")
-    if not recipe.temperature > 0:
+    if recipe.temperature is not None and not recipe.temperature > 0:
         raise ShareportError(f"--temperature must be > 0, got {recipe.temperature}")
     check_schedule(recipe.schedule, recipe.warmup)
     check_trainable(recipe.trainable)

@@ -8,7 +8,14 @@ from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter, save_adapter
 from shareport.train.data import BatchOrder, load_data, save_tokenized, split_heldout
 from tests.tiny import make_peft_adapter, tiny_bert, tiny_llama
-from tests.training_helpers import finetune_args, recovery_setup, save_base, sharea_by_svd, write_text
+from tests.training_helpers import (
+    classifier_lora,
+    finetune_args,
+    recovery_setup,
+    save_base,
+    sharea_by_svd,
+    write_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +79,7 @@ def test_encoder_recovery_uses_hidden_state_mse(tmp_path, cli):
 
 
 def test_classifier_with_labels_reports_accuracy_and_uses_lm_loss(tmp_path, cli):
-    base = save_base(tiny_bert(layers=2, num_labels=2), tmp_path / "cls")
-    make_peft_adapter(
-        tiny_bert(layers=2, num_labels=2),
-        tmp_path / "lora",
-        seed=2,
-        r=4,
-        task_type="SEQ_CLS",
-        target_modules=["query", "value"],
-    )
+    base, _ = classifier_lora(tmp_path)
     save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
     rows = [{"text": f"the {w} sat.", "label": i % 2} for i, w in enumerate(["cat", "dog", "bird", "sun"] * 5)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -141,15 +140,7 @@ def test_class_name_labels_map_through_sorted_names_or_the_base_label2id(setup, 
 
 
 def test_finetune_takes_class_name_labels_and_records_their_indices(tmp_path, cli):
-    base = save_base(tiny_bert(layers=2, num_labels=3), tmp_path / "cls")
-    make_peft_adapter(
-        tiny_bert(layers=2, num_labels=3),
-        tmp_path / "lora",
-        seed=2,
-        r=4,
-        task_type="SEQ_CLS",
-        target_modules=["query", "value"],
-    )
+    base, _ = classifier_lora(tmp_path, num_labels=3)
     save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
     train = _named_rows(tmp_path / "train.jsonl", ["sports", "cooking", "computing"] * 6)
     args = [

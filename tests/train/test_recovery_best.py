@@ -343,18 +343,9 @@ def test_bad_generate_is_refused_in_one_line(setup, tmp_path, cli, args, words):
 
 
 def test_generate_on_a_classifier_is_refused(tmp_path, cli):
-    from tests.tiny import make_peft_adapter, tiny_bert
-    from tests.training_helpers import save_base
+    from tests.training_helpers import classifier_lora
 
-    base = save_base(tiny_bert(layers=2, num_labels=2), tmp_path / "cls")
-    make_peft_adapter(
-        tiny_bert(layers=2, num_labels=2),
-        tmp_path / "lora",
-        seed=2,
-        r=4,
-        task_type="SEQ_CLS",
-        target_modules=["query", "value"],
-    )
+    base, _ = classifier_lora(tmp_path)
     out = tmp_path / "out"
     result = cli(
         "finetune",
