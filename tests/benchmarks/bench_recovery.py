@@ -52,6 +52,8 @@ from shareport.train.schedule import default_eval_every
 from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 from tests.benchmarks import docstrings_data
 from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
+from tests.benchmarks.lr_backoff import lr_backoff
+from tests.benchmarks.site_distill import site_distillation
 from tests.benchmarks.stages import stage
 
 OLD_LR = 2e-3
@@ -150,6 +152,10 @@ def recover(
     curve_every: int,
     generate: int | None = None,
     trainable: str = "factors",
+    temperature: float | None = None,
+    batch: int | None = None,
+    site: float = 0.0,
+    backoff: bool = False,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
@@ -172,22 +178,28 @@ def recover(
             schedule="constant",
             warmup=0.0,
             eval_every=curve_every,
+            temperature=1.0,  # the KL as it was
         )
     else:
         options = TrainingOptions(
             steps=steps,
             lr=lr,
-            batch_size=task.batch,
+            batch_size=batch or task.batch,
             max_length=task.max_length,
             eval_every=curve_every,
             hidden_weight=hidden,
             trainable=trainable,
+            temperature=temperature,
         )
     selection = job.selection if job.selection is not None else job.heldout
     # the LoRA on the selection split: the reference of the curve's fidelity
     lora_on_selection = evaluate_adapter(dataclasses.replace(job, heldout=selection), load_adapter(task.lora), 32)
     started = time.perf_counter()
-    with last_step_published() if recipe == "old" else contextlib.nullcontext():
+    with (
+        last_step_published() if recipe == "old" else contextlib.nullcontext(),
+        site_distillation(site) if site else contextlib.nullcontext(),
+        lr_backoff() if backoff else contextlib.nullcontext(),
+    ):
         trained, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
     seconds = time.perf_counter() - started
     if generate is not None:  # scored on the data's held-out split like every other run
@@ -205,6 +217,7 @@ def recover(
         "train_seconds": timings["seconds"] - timings["eval_seconds"],
         "seconds_per_eval": timings["eval_seconds"] / max(evals, 1),
         "lora_on_selection": lora_on_selection,
+        "temperature_used": report["recipe"]["temperature"],
     }
 
 
@@ -213,7 +226,10 @@ def step_cost(row: dict, task: Task) -> dict:
     default, from the run's measured training and per-evaluation times) and their share."""
     steps = row["steps"]
     every = default_eval_every(
-        steps=steps, batch_size=task.batch, heldout_examples=row["selection_examples"], teacher_cached=True
+        steps=steps,
+        batch_size=row.get("batch", task.batch),
+        heldout_examples=row["selection_examples"],
+        teacher_cached=True,
     )
     evals = len(range(every, steps + 1, every)) + (steps % every != 0)
     eval_seconds = evals * row["seconds_per_eval"]
@@ -251,10 +267,10 @@ def summarise(task: str, row: dict, lora_test: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| task | form | budget | start | recipe | trains | lr | hidden w | steps | KL before -> after | "
+        "| task | form | budget | start | recipe | trains | lr | backoff | hidden w | site w | T | batch | steps | KL before -> after | "
         "fidelity before -> after | best step | steps to 95% / 99% (held-out) | s/step (default eval) | "
         "eval share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["summary"]
@@ -262,7 +278,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['task']} | {r['form']} | {100 * r['budget']:g}% | {r['start']} | {r['recipe']} | "
             f"{r.get('trainable', 'factors')} | "
-            f"{r['lr']:g} | {r['hidden']:g} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
+            f"{r['lr']:g} | {'yes' if r.get('backoff') else 'no'} | {r['hidden']:g} | {r.get('site', 0.0):g} | {r.get('temperature_used', r.get('temperature', 1.0)):g} | {r.get('batch', '-')} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
             f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | {r['best_step']} | {reach} | "
             f"{r['s_per_step_with_default_eval']:.3f} | {100 * r['eval_share_default']:.1f}% |"
         )
@@ -317,6 +333,31 @@ def main(argv=None) -> list[dict]:
         choices=["factors", "cores"],
         help="new recipe: train every factor, or only cores between frozen bases",
     )
+    parser.add_argument(
+        "--temperatures",
+        nargs="+",
+        type=float,
+        default=[None],
+        help="new recipe: the distillation KL's temperature [library default, by the output]",
+    )
+    parser.add_argument(
+        "--site-weights",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="new recipe: weight of each adapted site's update error (site_distill.py)",
+    )
+    parser.add_argument(
+        "--backoff",
+        nargs="+",
+        type=int,
+        default=[0],
+        choices=[0, 1],
+        help="new recipe: 1 = halve the lr and return to the best adapter at a regressing evaluation (lr_backoff.py)",
+    )
+    parser.add_argument(
+        "--batch-sizes", nargs="+", type=int, default=[None], help="new recipe: the batch size [the task's own]"
+    )
     parser.add_argument("--curve-every", type=int, default=25)
     parser.add_argument(
         "--generate",
@@ -349,16 +390,26 @@ def main(argv=None) -> list[dict]:
                         continue
                     for recipe in args.recipes:
                         for lr in [OLD_LR] if recipe == "old" else [lr or default_lr for lr in args.lrs]:
-                            for hidden, generate, trainable in itertools.product(
+                            for hidden, generate, trainable, temperature, batch, site, backoff in itertools.product(
                                 [0.0] if recipe == "old" else args.hidden_weights,
                                 [None] if task.test else args.generate,
                                 ["factors"] if recipe == "old" else args.trainables,
+                                [1.0] if recipe == "old" else args.temperatures,
+                                [None] if recipe == "old" else args.batch_sizes,
+                                [0.0] if recipe == "old" else args.site_weights,
+                                [0] if recipe == "old" else args.backoff,
                             ):
                                 name = (
                                     f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
                                     f"{args.steps}-e{args.curve_every}"
                                     + (f"-gen{generate}" if generate else "")
                                     + ("-cores" if trainable == "cores" else "")
+                                    # no suffix: T = 1 (runs from before the default followed the output)
+                                    + ("-Tauto" if temperature is None else "")
+                                    + (f"-T{temperature:g}" if temperature not in (None, 1.0) else "")
+                                    + (f"-b{batch}" if batch else "")
+                                    + (f"-s{site:g}" if site else "")
+                                    + ("-backoff" if backoff else "")
                                 )
                                 row = stage(
                                     task.out,
@@ -373,6 +424,10 @@ def main(argv=None) -> list[dict]:
                                         args.curve_every,
                                         generate,
                                         trainable,
+                                        temperature,
+                                        batch,
+                                        site,
+                                        bool(backoff),
                                     ),
                                 )
                                 row = {
@@ -386,6 +441,10 @@ def main(argv=None) -> list[dict]:
                                     "hidden": hidden,
                                     "steps": args.steps,
                                     "trainable": trainable,
+                                    "temperature": temperature,
+                                    "batch": batch or task.batch,
+                                    "site": site,
+                                    "backoff": bool(backoff),
                                 }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)
