@@ -156,6 +156,7 @@ def recover(
     batch: int | None = None,
     site: float = 0.0,
     backoff: bool = False,
+    seed: int = 0,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
@@ -190,6 +191,7 @@ def recover(
             hidden_weight=hidden,
             trainable=trainable,
             temperature=temperature,
+            seed=seed,
         )
     selection = job.selection if job.selection is not None else job.heldout
     # the LoRA on the selection split: the reference of the curve's fidelity
@@ -348,6 +350,9 @@ def main(argv=None) -> list[dict]:
         help="new recipe: weight of each adapted site's update error (site_distill.py)",
     )
     parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="new recipe: seeds of the batch order (the spread of a run)"
+    )
+    parser.add_argument(
         "--backoff",
         nargs="+",
         type=int,
@@ -390,7 +395,16 @@ def main(argv=None) -> list[dict]:
                         continue
                     for recipe in args.recipes:
                         for lr in [OLD_LR] if recipe == "old" else [lr or default_lr for lr in args.lrs]:
-                            for hidden, generate, trainable, temperature, batch, site, backoff in itertools.product(
+                            for (
+                                hidden,
+                                generate,
+                                trainable,
+                                temperature,
+                                batch,
+                                site,
+                                backoff,
+                                seed,
+                            ) in itertools.product(
                                 [0.0] if recipe == "old" else args.hidden_weights,
                                 [None] if task.test else args.generate,
                                 ["factors"] if recipe == "old" else args.trainables,
@@ -398,6 +412,7 @@ def main(argv=None) -> list[dict]:
                                 [None] if recipe == "old" else args.batch_sizes,
                                 [0.0] if recipe == "old" else args.site_weights,
                                 [0] if recipe == "old" else args.backoff,
+                                [0] if recipe == "old" else args.seeds,
                             ):
                                 name = (
                                     f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
@@ -410,6 +425,7 @@ def main(argv=None) -> list[dict]:
                                     + (f"-b{batch}" if batch else "")
                                     + (f"-s{site:g}" if site else "")
                                     + ("-backoff" if backoff else "")
+                                    + (f"-seed{seed}" if seed else "")
                                 )
                                 row = stage(
                                     task.out,
@@ -428,6 +444,7 @@ def main(argv=None) -> list[dict]:
                                         batch,
                                         site,
                                         bool(backoff),
+                                        seed,
                                     ),
                                 )
                                 row = {
@@ -445,6 +462,7 @@ def main(argv=None) -> list[dict]:
                                     "batch": batch or task.batch,
                                     "site": site,
                                     "backoff": bool(backoff),
+                                    "seed": seed,
                                 }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)
