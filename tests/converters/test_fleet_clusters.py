@@ -265,3 +265,19 @@ def test_auto_searches_few_counts_and_finds_the_true_clusters_at_large_n():
     assert sum(e for e, _ in dense) <= 1e-9 * energy
     assert fleet.report.parameters <= budget * lora_total
     assert all(c["error"] > 1e-6 * energy for count, c in tried.items() if count != groups)
+
+
+def test_bench_fleet_counts_every_clusters_shared_parameters(loras, tmp_path, cli):
+    """bench_fleet's "params": the members' own factors plus every cluster's bases once, which is what the
+    files hold (the reference: every tensor of shared.safetensors, read as stored)."""
+    from tests.benchmarks.bench_fleet import _shared_parameters, _stored_parameters
+
+    fleet = tmp_path / "fleet"
+    r = cli("fleet", *(loras / n for n in GROUPS), "-o", fleet, "--form", "shareab", "--budget", 0.25, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["clusters"]["count"] == 2
+    stored = load_file(fleet / "shared.safetensors")
+    assert _shared_parameters({n: fleet / n for n in GROUPS}) == sum(t.numel() for t in stored.values())
+    members = sum(_stored_parameters(fleet / n) for n in GROUPS)
+    assert members + _shared_parameters({n: fleet / n for n in GROUPS}) == data["parameters"]
