@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 from torch import Tensor
 
 from .aslora import aslora_error_table
@@ -104,6 +105,38 @@ def pareto_front(options: list[Option]) -> list[Option]:
     return front
 
 
+# relative margin of the knapsack's pruning (``spend_budget``), far above float64 summation error
+PRUNE_MARGIN = 1e-9
+
+
+def _relaxed(fronts) -> tuple[np.ndarray, np.ndarray]:
+    """The linear relaxation of choosing one option from each of ``fronts`` (Pareto fronts): the least
+    total error as a piecewise linear function of the parameters, as (parameters, error) breakpoints:
+    from every kind's cheapest option, along every kind's lower convex hull, steepest segments first.
+    At any parameters it is at most the least error of a choice that costs no more (a lower bound)."""
+    base_params, base_error, segments = 0, 0.0, []
+    for front in fronts:
+        hull = []
+        for o in front:  # ascending parameters, falling error: the lower convex hull
+            while len(hull) >= 2 and (hull[-1].error - hull[-2].error) * (o.params - hull[-1].params) >= (
+                o.error - hull[-1].error
+            ) * (hull[-1].params - hull[-2].params):
+                hull.pop()
+            hull.append(o)
+        base_params, base_error = base_params + hull[0].params, base_error + hull[0].error
+        segments += [(b.params - a.params, b.error - a.error) for a, b in zip(hull, hull[1:])]
+    segments.sort(key=lambda s: s[1] / s[0])  # the most error removed per parameter first
+    params = np.cumsum([base_params] + [p for p, _ in segments], dtype=np.float64)
+    errors = np.cumsum([base_error] + [e for _, e in segments], dtype=np.float64)
+    return params, errors
+
+
+def _relaxed_feasible(params: np.ndarray, errors: np.ndarray, budget: int) -> float:
+    """A total error some choice within ``budget`` reaches: the relaxation's last breakpoint that fits
+    (a hull vertex of every kind)."""
+    return float(errors[np.searchsorted(params, budget, side="right") - 1])
+
+
 def spend_budget(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option]:
     """One option per kind with total parameters <= ``budget`` and the least total error: exact.
 
@@ -125,24 +158,41 @@ def spend_budget(options: Mapping[str, list[Option]], budget: int) -> dict[str, 
         raise ValueError(
             f"budget of {budget} parameters is below the minimum of {rest[0]} (rank 1, one group, in every kind)"
         )
-    states: list[tuple] = [(0, 0.0, None)]  # (parameters, error, (previous state, option index))
+    # the states as arrays, ascending parameters, strictly falling error; per kind, (state, option) of each
+    params, errors = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64)
+    steps = []
+    bounds = [_relaxed(fronts[n] for n in names[i:]) for i in range(len(names) + 1)]
+    best_known = _relaxed_feasible(*bounds[0], budget)
     for i, name in enumerate(names):
         room = budget - rest[i + 1]
-        grown = []
-        for state in states:
-            for j, option in enumerate(fronts[name]):  # ascending parameters
-                if state[0] + option.params > room:
-                    break
-                grown.append((state[0] + option.params, state[1] + option.error, (state, j)))
-        grown.sort(key=lambda s: (s[0], s[1]))
-        states = []
-        for state in grown:
-            if not states or state[1] < states[-1][1]:
-                states.append(state)
-    state, chosen = states[-1], {}  # the front's last state has the least error
-    for name in reversed(names):
-        state, j = state[2]
-        chosen[name] = fronts[name][j]
+        front = fronts[name]  # ascending parameters
+        grown_params, grown_errors, grown_from, grown_option = [], [], [], []
+        for j, option in enumerate(front):
+            fits = np.flatnonzero(params + option.params <= room)
+            if not len(fits):
+                break  # the dearer options fit no state either
+            grown_params.append(params[fits] + option.params)
+            grown_errors.append(errors[fits] + option.error)
+            grown_from.append(fits)
+            grown_option.append(np.full(len(fits), j))
+        grown = [np.concatenate(g) for g in (grown_params, grown_errors, grown_from, grown_option)]
+        # least parameters, then least error; full ties in the order state by state, option by option
+        order = np.lexsort((grown[3], grown[2], grown[1], grown[0]))
+        grown = [g[order] for g in grown]
+        # the Pareto front: a state whose error is below every earlier one's (float64 as Python's floats)
+        earlier = np.minimum.accumulate(np.concatenate(([np.inf], grown[1][:-1])))
+        keep = grown[1] < earlier
+        # a state whose least possible total (its error plus the relaxed bound of the kinds after it, in
+        # the room it leaves) is over a known solution's leads to no optimum: dropped. The margin covers
+        # the float sums' order, so every state an optimum (or a tie of it) passes through stays.
+        least = grown[1] + np.interp(budget - grown[0], *bounds[i + 1], left=np.inf)
+        keep &= least <= best_known + PRUNE_MARGIN * abs(best_known) + PRUNE_MARGIN
+        params, errors = grown[0][keep], grown[1][keep]
+        steps.append((grown[2][keep], grown[3][keep]))
+    state, chosen = len(params) - 1, {}  # the front's last state has the least error
+    for name, (came_from, option) in zip(reversed(names), reversed(steps)):
+        chosen[name] = fronts[name][option[state]]
+        state = came_from[state]
     return {name: chosen[name] for name in names}
 
 

@@ -27,7 +27,7 @@ import torch
 import converters
 from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
 from converters.factored import kind_energy
-from converters.fleet_clusters import MIN_MEMBERS, ClusterFit, assign_clusters
+from converters.fleet_clusters import MIN_MEMBERS, ClusterFit, assign_clusters, search_counts
 from converters.fleet_clusters import groups as cluster_members
 from converters.forms import FLEET_TWO_SIDED
 
@@ -137,7 +137,7 @@ def build_fleet(
     output error; the budget is still spent by the plain (weight) errors.
 
     ``clusters``: a number of clusters, each with its own bases (``converters.fleet_clusters``), or
-    "auto": every number from 1 to N / 2 at the budget, the least error wins (``_clustered``).
+    "auto": numbers from 1 to N / 2 at the budget, searched for the least error (``_clustered``).
     """
     if form is not None and form not in FLEET_FORMS:
         raise ShareportError(f"unknown fleet form '{form}' (expected one of {', '.join(FLEET_FORMS)})")
@@ -272,7 +272,8 @@ def _choose(
 
 
 def cluster_counts(clusters: int | str, n_members: int, *, rank: int | None, calibrated: bool) -> list[int]:
-    """The numbers of clusters to try: the one asked, or for "auto" 1 to N / MIN_MEMBERS (only 1 with
+    """The numbers of clusters to try: the one asked, or for "auto" 1 to N / MIN_MEMBERS, searched among
+    (``_clustered``; only 1 with
     --rank, where more clusters are more parameters, not the same budget, and for calibrated fleets)."""
     most = max(n_members // MIN_MEMBERS, 1)
     if clusters == AUTO_CLUSTERS:
@@ -302,15 +303,18 @@ def _clustered(
     counts: list[int],
     chosen: dict | None = None,
 ) -> tuple[Fleet, float, float]:
-    """``_build`` with the members in clusters: each count in ``counts`` (1 first) with its assignment
+    """``_build`` with the members in clusters: each count in ``counts`` with its assignment
     (``converters.fleet_clusters.assign_clusters``, by the error of the products at the budget); the
-    least error wins (within ``AUTO_TIE`` of the energy: the fewer clusters). The report records the
-    clusters, and every count tried, when more than one cluster was made or tried."""
+    least error wins (within ``AUTO_TIE`` of the energy: the fewer clusters). Several counts ("auto"):
+    not every one is built, ``converters.fleet_clusters.search_counts`` picks which (1 first, then powers
+    of two and the largest, then bisection beside the best). The report records the clusters, and every
+    count tried, when more than one cluster was made or tried."""
     factors = {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]) for kind in kinds}
     fraction = DEFAULT_BUDGET if budget is None else budget
     budget_parameters = math.floor(fraction * sum(s.lora_parameters for s in sources))
     built, candidates = [], []
-    for count in counts:
+
+    def evaluate(count: int) -> float | None:
         try:
             fit = (
                 None
@@ -323,7 +327,7 @@ def _clustered(
             if len(counts) == 1:
                 raise ShareportError(f"--budget {fraction:g}: {exc}") from None
             candidates.append({"clusters": count, "refused": str(exc)})
-            continue
+            return None
         fleet, error, energy = _build(sources, kinds, form, rank=rank, budget=budget, chosen=chosen, clusters=fit)
         built.append((count, fit, fleet, error, energy))
         candidates.append(
@@ -334,6 +338,15 @@ def _clustered(
                 "relative_error": _relative(error, energy),
             }
         )
+        return error
+
+    if len(counts) == 1:
+        evaluate(counts[0])
+    else:
+        # the search's own tie, in the same measure (weights: calibrated fleets have one count)
+        search_counts(counts, evaluate, AUTO_TIE * sum(s.weight_energy() for s in sources))
+        built.sort(key=lambda b: b[0])
+        candidates.sort(key=lambda c: c["clusters"])
     tie = min(b[3] for b in built) + AUTO_TIE * max(b[4] for b in built)
     count, fit, fleet, error, energy = min((b for b in built if b[3] <= tie), key=lambda b: b[0])
     if len(counts) == 1 and count == 1:
@@ -394,7 +407,11 @@ def _build(
         own = cluster_shared[cluster] = {}
         for kind, sites in kinds.items():
             ranks = plan[kind] if cluster is None else plan[(cluster - 1, kind)]
-            result = _kind_result([sources[i] for i in members], kind, form, *ranks)
+            if clusters is not None and sources[0].calibration is None:
+                # the assignment already fit it (``fit_clusters``: the same call _kind_result makes)
+                result = clusters.kinds[(cluster - 1, kind)]
+            else:
+                result = _kind_result([sources[i] for i in members], kind, form, *ranks)
             key = kind_key(kind, cluster)
             a_name, u_name = basis_names(key)
             own[a_name] = result.basis_v.contiguous()

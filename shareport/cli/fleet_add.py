@@ -46,19 +46,39 @@ def fleet_add_cmd(fleet_dir, lora_dir, max_error, out, overwrite, allow_pickle, 
                     shared.safetensors and their folders are rewritten
 
     \b
-    NAME=LORA_DIR names the new member; otherwise it takes its folder's name.
+    NAME=LORA_DIR names the new member; otherwise it takes its shortest
+    distinct path suffix, as in 'shareport fleet': run4/lora beside the
+    input run1/lora of member run1 is run4 (the trailing folders it shares
+    with a member's input still on disk dropped, then the fewest trailing
+    folder names that no member has).
     Refused in one line, nothing written: a name the fleet has, a LoRA of
     another base or other sites or shapes, a fleet whose shared.safetensors
     changed (sha256), a fleet folder holding anything else (without -o).
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
+    lora_dir = _named(fleet_dir, lora_dir)
     data = flows.fleet_add(
         fleet_dir, lora_dir, out=out, max_error=max_error, overwrite=overwrite, allow_pickle=allow_pickle
     )
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["added"]["warnings"]:  # the others' were given when they joined
         click.echo(f"warning: {warning}", err=True)
+
+
+def _named(fleet_dir: str, lora_dir: str) -> str:
+    """``NAME=LORA_DIR``: as given, or named by ``fleet_add.added_member_name`` among the fleet's members."""
+    from pathlib import Path
+
+    from ..files.fleet import check_member_name, folder_members, split_named
+    from ..fleet_add import added_member_name
+
+    name, path = split_named(lora_dir)
+    if name is not None:
+        return lora_dir
+    name = added_member_name(path, list(folder_members(Path(fleet_dir))))
+    check_member_name(name, f"{path} (its name from its folders)")
+    return f"{name}={path}"
 
 
 def render(data: dict) -> str:

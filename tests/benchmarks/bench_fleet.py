@@ -481,11 +481,15 @@ def _stored_parameters(folder: Path) -> int:
 
 
 def _shared_parameters(folders: dict[str, Path]) -> int:
-    first = load_adapter(next(iter(folders.values())))
-    ref = first.config.get("fleet")
-    if not ref:
-        return 0
-    return sum(first.tensors[n].numel() for n in ref["names"])
+    """Parameters of the shared bases the members read, each counted once: every member's (a clustered
+    fleet's member joins only its own cluster's bases, so one member alone undercounts)."""
+    shared = {}
+    for folder in folders.values():
+        member = load_adapter(folder)
+        ref = member.config.get("fleet")
+        if ref:
+            shared.update({(ref.get("shared"), n): member.tensors[n].numel() for n in ref["names"]})
+    return sum(shared.values())
 
 
 def _fleet_bytes(fleet_dir: Path, members: dict[str, Path]) -> int:

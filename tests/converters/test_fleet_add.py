@@ -191,3 +191,28 @@ def test_bad_input_is_one_line_and_writes_nothing(loras, fleets, tmp_path, cli):
         assert len(lines) == 1 and message in lines[0], (args, r.output)
         assert {p: tree(p) for p in trees} == trees
         assert sorted(p.name for p in tmp_path.iterdir()) == ["changed", "fleet", "foreign"]
+
+
+def test_the_new_member_is_named_as_fleet_names_its_inputs(loras, tmp_path, cli):
+    """Without NAME=, the new member takes the name ``fleet`` gives it among the fleet's inputs and itself
+    (the reference: ``member_names`` over all of them), distinct from every member; NAME=PATH names it."""
+    from shareport.files.fleet import member_names
+
+    for run, source in {"run1": "alpha", "run2": "beta", "run4": "delta"}.items():
+        shutil.copytree(loras / source, tmp_path / "a" / run / "lora")
+    shutil.copytree(loras / "gamma", tmp_path / "b" / "run1" / "lora")
+    shutil.copytree(loras / "twin", tmp_path / "b" / "run2" / "lora")
+    inputs = [tmp_path / "a" / "run1" / "lora", tmp_path / "a" / "run2" / "lora"]
+    fleet = tmp_path / "fleet"
+    assert cli("fleet", *inputs, "-o", fleet, "--form", "sharea", "--rank", 3).exit_code == 0
+    names = [m["name"] for m in json.loads((fleet / "fleet_report.json").read_text())["members"]]
+    assert names == ["run1", "run2"]
+    for new in (tmp_path / "a" / "run4" / "lora", tmp_path / "b" / "run1" / "lora"):  # run4; b-run1 (run1 is taken)
+        expected = member_names([*map(str, inputs), str(new)])[-1][0]
+        assert expected not in names and expected != "lora"  # "lora": the folder's name, as it was
+        data = grow(cli, fleet, new)
+        assert data["added"]["member"] == expected and (fleet / expected).is_dir()
+        names.append(expected)
+        inputs.append(new)
+    data = grow(cli, fleet, f"mine={tmp_path / 'b' / 'run2' / 'lora'}")
+    assert data["added"]["member"] == "mine" and [m["name"] for m in data["members"]] == [*names, "mine"]

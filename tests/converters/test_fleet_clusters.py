@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from converters.fleet_clusters import MIN_MEMBERS, assign_clusters, balanced
+from shareport.adapter import Adapter
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter
 from shareport.files.fleet import fleet_members
@@ -215,3 +216,68 @@ def test_fleet_add_joins_the_cluster_where_its_error_is_least(loras, tmp_path, c
     ((error, energy),) = dense_errors([load_adapter(loras / "b3")], [new])
     assert data["added"]["relative_error"] == pytest.approx((error / energy) ** 0.5, rel=1e-4)
     assert sorted(fleet_members(new)) == sorted(["b1", "b2", "b3"])
+
+
+def test_auto_searches_few_counts_and_finds_the_true_clusters_at_large_n():
+    """48 members drawn from 3 disjoint subspaces (each group's A's read one rank-2 space of its own block of
+    inputs, its B's write one of its own block of outputs), at a budget of every member's core at rank 2
+    plus 3 bases, with less than a fourth basis to spare: 3 clusters, one per group, hold every update
+    exactly, and no other count can (fewer: a basis must hold two groups' spaces; more: a basis more than
+    the budget allows, so a rank less somewhere). auto finds the groups while building far fewer than the
+    24 counts, and every count it built is worse than 3."""
+    groups, per, rank, layers, block = 3, 16, 2, 2, 6
+    width = groups * block
+    gen = torch.Generator().manual_seed(0)
+
+    def space(g):  # (rank, width): a random rank-2 space inside group g's block
+        out = torch.zeros(rank, width, dtype=F64)
+        out[:, g * block : (g + 1) * block] = torch.linalg.qr(torch.randn(block, rank, generator=gen, dtype=F64))[0].T
+        return out
+
+    spaces = [(space(g), space(g)) for g in range(groups)]
+    truth = [i % groups for i in range(groups * per)]  # interleaved
+    originals = [
+        Adapter.from_factors(
+            {
+                f"model.layers.{layer}.proj": (
+                    (torch.randn(rank, rank, generator=gen, dtype=F64) @ spaces[g][0]).float(),
+                    (spaces[g][1].T @ torch.randn(rank, rank, generator=gen, dtype=F64)).float(),
+                    1.0,
+                )
+                for layer in range(layers)
+            }
+        )
+        for g in truth
+    ]
+    names = [f"m{i}" for i in range(len(originals))]
+    lora_total = sum(a.num_parameters() for a in originals)
+    cores = len(originals) * layers * width * rank  # sharea: every member's B (width, rank) per layer
+    budget = (cores + groups * rank * width + rank * width // 2) / lora_total
+    fleet = build_fleet(originals, names, "sharea", budget=budget, clusters="auto")
+    record = fleet.report.clusters
+    tried = {c["clusters"]: c for c in record["candidates"]}
+    assert len(tried) <= 8 < len(originals) // MIN_MEMBERS / 2
+    assert record["count"] == groups
+    # the groups, whatever their numbers
+    assert len({(record["members"][n], g) for n, g in zip(names, truth)}) == groups
+    energy = sum(float(a.update(p, F64).square().sum()) for a in originals for p in a.sites)
+    dense = dense_errors(originals, fleet.members)
+    assert sum(e for e, _ in dense) <= 1e-9 * energy
+    assert fleet.report.parameters <= budget * lora_total
+    assert all(c["error"] > 1e-6 * energy for count, c in tried.items() if count != groups)
+
+
+def test_bench_fleet_counts_every_clusters_shared_parameters(loras, tmp_path, cli):
+    """bench_fleet's "params": the members' own factors plus every cluster's bases once, which is what the
+    files hold (the reference: every tensor of shared.safetensors, read as stored)."""
+    from tests.benchmarks.bench_fleet import _shared_parameters, _stored_parameters
+
+    fleet = tmp_path / "fleet"
+    r = cli("fleet", *(loras / n for n in GROUPS), "-o", fleet, "--form", "shareab", "--budget", 0.25, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["clusters"]["count"] == 2
+    stored = load_file(fleet / "shared.safetensors")
+    assert _shared_parameters({n: fleet / n for n in GROUPS}) == sum(t.numel() for t in stored.values())
+    members = sum(_stored_parameters(fleet / n) for n in GROUPS)
+    assert members + _shared_parameters({n: fleet / n for n in GROUPS}) == data["parameters"]
