@@ -88,7 +88,8 @@ CALIBRATION_RIDGE = 1e-2
 FLEET_FORMS = ("sharea", "shareab")
 # fleet with neither --rank nor --budget: the target size, 1/8 of the N separate LoRAs
 DEFAULT_FLEET_BUDGET = 0.125
-# shareport fleet --clusters: "auto" tries 1 to N/2 clusters at the budget (docs/fleets.md, measured)
+# shareport fleet --clusters: "auto" searches 1 to N/2 clusters at the budget, about 2 log2(N/2) + 2 of
+# them (converters.fleet_clusters.search_counts; docs/fleets.md, measured)
 AUTO_CLUSTERS = "auto"
 DEFAULT_FLEET_CLUSTERS = AUTO_CLUSTERS
 

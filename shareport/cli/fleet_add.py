@@ -57,28 +57,12 @@ def fleet_add_cmd(fleet_dir, lora_dir, max_error, out, overwrite, allow_pickle, 
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
-    lora_dir = _named(fleet_dir, lora_dir)
     data = flows.fleet_add(
         fleet_dir, lora_dir, out=out, max_error=max_error, overwrite=overwrite, allow_pickle=allow_pickle
     )
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["added"]["warnings"]:  # the others' were given when they joined
         click.echo(f"warning: {warning}", err=True)
-
-
-def _named(fleet_dir: str, lora_dir: str) -> str:
-    """``NAME=LORA_DIR``: as given, or named by ``fleet_add.added_member_name`` among the fleet's members."""
-    from pathlib import Path
-
-    from ..files.fleet import check_member_name, folder_members, split_named
-    from ..fleet_add import added_member_name
-
-    name, path = split_named(lora_dir)
-    if name is not None:
-        return lora_dir
-    name = added_member_name(path, list(folder_members(Path(fleet_dir))))
-    check_member_name(name, f"{path} (its name from its folders)")
-    return f"{name}={path}"
 
 
 def render(data: dict) -> str:

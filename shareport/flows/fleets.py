@@ -3,7 +3,6 @@ See ``shareport.flows``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from converters import DEFAULT_RIDGE
@@ -14,9 +13,9 @@ from ..files import adapter_file_size, load_adapter, weights_sha256
 from ..files.adapters import load_fleet, save_fleet
 from ..files.atomic import MARKER_NAME, check_output
 from ..files.fleet import REPORT_NAME as FLEET_REPORT_NAME
-from ..files.fleet import SHARED_NAME, check_member_name, member_names, split_named
+from ..files.fleet import SHARED_NAME, check_member_name, folder_members, member_names, split_named
 from ..fleet import build_fleet, cluster_counts, fleet_bases
-from ..fleet_add import add_member, read_fleet
+from ..fleet_add import add_member, added_member_name, read_fleet
 from ..forms import (
     CALIBRATION_MAX_LENGTH,
     CALIBRATION_SAMPLES,
@@ -128,7 +127,8 @@ def fleet_add(
     only when its error is over the target), written over ``fleet_dir`` in one atomic step, or to
     ``out`` (then ``fleet_dir`` is left as it is).
 
-    ``lora_dir``: a folder, or ``NAME=PATH``; without a name the member takes its folder's name.
+    ``lora_dir``: a folder, or ``NAME=PATH``; without a name the member is named as ``fleet`` would have
+    named it among the members' inputs (``fleet_add.added_member_name``: ``run4/lora`` -> ``run4``).
     Everything is read and checked first (every member, so a changed shared file is refused; the
     name; base, sites and shapes; the output), then the fleet is grown and written. In place, a
     folder holding anything besides the fleet is refused (replacing it would delete that). The
@@ -136,8 +136,11 @@ def fleet_add(
     before and after, the target and its rule, the kinds grown) and ``rewritten`` (the files that
     changed)."""
     name, path = split_named(str(lora_dir))
-    name = name if name is not None else Path(os.path.abspath(path)).name
-    check_member_name(name, str(lora_dir))
+    if name is None:
+        name = added_member_name(path, list(folder_members(Path(fleet_dir))))
+        check_member_name(name, f"{path} (its name from its folders)")
+    else:
+        check_member_name(name, str(lora_dir))
     loaded = load_fleet(fleet_dir, allow_pickle=allow_pickle)
     quantized = next((m for m, a in loaded.members.items() if a.quantized), None)
     if quantized is not None:
