@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..train.schedule import CLASSIFIER_TEMPERATURE, DEFAULT_TRAINABLE, TOKEN_TEMPERATURE, TRAINABLES
+from ..train.schedule import (
+    CLASSIFIER_SITE_WEIGHT,
+    CLASSIFIER_TEMPERATURE,
+    DEFAULT_TRAINABLE,
+    TOKEN_SITE_WEIGHT,
+    TOKEN_TEMPERATURE,
+    TRAINABLES,
+)
 from .options import Folder
 from .training_options import echo_report, recipe_options, resume_hint
 
@@ -55,6 +62,15 @@ from .training_options import echo_report, recipe_options, resume_hint
     help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2). "
     f"[default: by the output: {CLASSIFIER_TEMPERATURE:g} for a classifier's classes, "
     f"{TOKEN_TEMPERATURE:g} for a causal LM's tokens, as measured on one task of each]",
+)
+@click.option(
+    "--site-weight",
+    default=None,
+    type=float,
+    help="Weight of each adapted site's update (dW x at every token) against the teacher's, relative to "
+    "its energy and averaged over the sites, besides the output KL. "
+    f"[default: by the output: {CLASSIFIER_SITE_WEIGHT:g} for a classifier, {TOKEN_SITE_WEIGHT:g} for a "
+    "causal LM, as measured on tasks of each]",
 )
 @click.option(
     "--trainable",

@@ -29,6 +29,9 @@ class LoRALinear(nn.Module):
         self.lora_B = lora_B  # (n_out, r)
         self.scale = scale
         self.enabled = True
+        # recovery's site distillation (train/sites.py): while True, forward keeps its update in ``update``
+        self.recording = False
+        self.update: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -40,7 +43,10 @@ class LoRALinear(nn.Module):
         # PEFT's order (product, scale, sum). Measured on an H200 (1.1B base, b16 x s512): folding the
         # scale and the sum into one addmm was within noise in eager mode (+3%) and 4% slower under
         # --compile, where inductor fuses the scale and the sum into the GEMM's epilogue anyway.
-        return out + (x @ a.T) @ b.T * self.scale
+        update = (x @ a.T) @ b.T * self.scale
+        if self.recording:
+            self.update = update
+        return out + update
 
 
 def _where(model: nn.Module) -> str:

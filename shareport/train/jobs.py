@@ -58,6 +58,7 @@ class TrainingOptions:
     eval_every: int | None = None  # None: about 10% of the run's compute (schedule.default_eval_every)
     hidden_weight: float = 0.0  # distil the last hidden states too (recovery only)
     temperature: float | None = None  # of the distillation KL; None: by the output (schedule.default_temperature)
+    site_weight: float | None = None  # each site's update against the teacher's; None: schedule.default_site_weight
     trainable: str = DEFAULT_TRAINABLE  # recovery: "factors", or "cores" between frozen bases (cores.py)
 
     @property
@@ -95,6 +96,7 @@ class TrainingOptions:
             eval_every=self.eval_every,
             hidden_weight=self.hidden_weight,
             temperature=self.temperature,
+            site_weight=self.site_weight,
             trainable=self.trainable,
         )
 

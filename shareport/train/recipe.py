@@ -36,7 +36,7 @@ import torch
 
 from ..adapter import Adapter, frozen_names
 from ..errors import ShareportError
-from ..model.base import is_causal_lm
+from ..model.base import is_causal_lm, task_type_of
 from ..model.surgery import attach
 from .accel import average_gradients, local_parameter_bytes, parameter_bytes, shard_base, shards_base
 from .best import BestKept, curve_point, selection_score
@@ -57,10 +57,12 @@ from .schedule import (
     DEFAULT_WARMUP,
     MIN_HELDOUT_ROWS,
     default_eval_every,
+    default_site_weight,
     default_temperature,
     eval_steps,
     lr_factor,
 )
+from .sites import recording, site_sum
 from .teacher import Teacher
 
 __all__ = [
@@ -86,6 +88,8 @@ class Recipe:
     task_weight: float = 0.0  # the data's own loss (--lm-loss)
     hidden_weight: float = 0.0  # last hidden states at every position against the teacher's (distill.hidden_sum)
     temperature: float | None = None  # of the distillation KL; None: schedule.default_temperature
+    # each adapted site's update against the teacher's (sites.py); None: schedule.default_site_weight
+    site_weight: float | None = None
     trainable: str = DEFAULT_TRAINABLE  # "factors", or "cores" between frozen orthonormal bases (cores.py)
     schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
     warmup: float = DEFAULT_WARMUP  # share of the steps
@@ -150,8 +154,19 @@ class Trainer:
         self.model = job.model
         self.causal = is_causal_lm(self.model)
         check_recipe(recipe, job, self.causal)
-        if recipe.temperature is None:  # by the output; the report's recipe and a checkpoint record the value
-            recipe = self.recipe = dataclasses.replace(recipe, temperature=default_temperature(causal=self.causal))
+        # unset signal settings follow the output (schedule.py); the report's recipe and a checkpoint record the values
+        classifier = task_type_of(self.model) == "SEQ_CLS"
+        recipe = self.recipe = dataclasses.replace(
+            recipe,
+            temperature=default_temperature(classifier=classifier)
+            if recipe.temperature is None
+            else recipe.temperature,
+            site_weight=(
+                (default_site_weight(classifier=classifier) if job.teacher is not None else 0.0)
+                if recipe.site_weight is None
+                else recipe.site_weight
+            ),
+        )
         self.pad = pad_token_id(self.model.config)
         self.base_bytes, self.base_params = parameter_bytes(self.model), matmul_parameters(self.model)
         self.student = attach(self.model, job.student, trainable=True, dtype=torch.float32)
@@ -303,11 +318,21 @@ class Trainer:
         recipe, acc, teacher = self.recipe, self.acc, self.job.teacher
         hidden = bool(recipe.hidden_weight)
         total = torch.zeros((), device=acc.device)
-        with acc.autocast():
+        sites = bool(recipe.site_weight)
+        mine = self.student.wrappers
+        theirs = {p: w for p, w in teacher.wrappers.items() if p in mine} if sites else {}
+        with recording(mine) if sites else contextlib.nullcontext(), acc.autocast():
             student_out, raw = model_outputs(self.ddp_model, batch, self.causal, hidden=hidden)
-        if recipe.distill_weight or hidden:
-            with torch.no_grad(), teacher.active(self.model), acc.autocast():
+        if recipe.distill_weight or hidden or sites:
+            with (
+                torch.no_grad(),
+                teacher.active(self.model),
+                recording(theirs) if sites else contextlib.nullcontext(),
+                acc.autocast(),
+            ):
                 teacher_out, _ = model_outputs(self.model, batch, self.causal, hidden=hidden)
+        if sites:
+            total = total + recipe.site_weight * _normalised(*site_sum(mine, theirs, counted_positions(batch)), acc)
         if recipe.distill_weight:
             total = total + recipe.distill_weight * _normalised(
                 *distill_sum(student_out, teacher_out, recipe.temperature), acc
