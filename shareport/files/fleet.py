@@ -328,3 +328,33 @@ def member_names(args: list[str]) -> list[tuple[str, str]]:
         seen[name] = i
         out.append((name, path))
     return out
+
+
+def added_member_name(path: str, names: list[str]) -> str:
+    """The name ``fleet`` would have given the LoRA at ``path`` among the inputs of a fleet whose members
+    are ``names``: its shortest distinct path suffix. The inputs' paths are not recorded, so the
+    trailing folder names they shared are those the path shares with a member's input still on disk
+    (``run4/lora`` beside ``run1/lora`` of member ``run1``: ``lora``); they are dropped, then the fewest
+    trailing folder names that are no member's name are joined with ``JOIN`` (``run4``; ``runs-run4``
+    when ``run4`` is taken). Nothing left that is distinct: the whole path's, which the caller refuses.
+    """
+    parts = Path(os.path.abspath(path)).parts[1:]  # [1:]: not the root
+    above = Path(os.path.abspath(path)).parents
+    # the longest tail (at most all but one folder) that a member's input <above>/<member>/<tail> has too
+    common = max(
+        (
+            c
+            for c in range(1, len(parts))
+            if any(
+                (above[c] / name).joinpath(*parts[len(parts) - c :]).is_dir() and name != parts[len(parts) - c - 1]
+                for name in names
+            )
+        ),
+        default=0,
+    )
+    rest = parts[: len(parts) - common]
+    taken = set(names)
+    return next(
+        (JOIN.join(rest[-d:]) for d in range(1, len(rest) + 1) if JOIN.join(rest[-d:]) not in taken),
+        JOIN.join(rest),
+    )

@@ -13,9 +13,9 @@ from ..files import adapter_file_size, load_adapter, weights_sha256
 from ..files.adapters import load_fleet, save_fleet
 from ..files.atomic import MARKER_NAME, check_output
 from ..files.fleet import REPORT_NAME as FLEET_REPORT_NAME
-from ..files.fleet import SHARED_NAME, check_member_name, folder_members, member_names, split_named
+from ..files.fleet import SHARED_NAME, added_member_name, check_member_name, folder_members, member_names, split_named
 from ..fleet import build_fleet, cluster_counts, fleet_bases
-from ..fleet_add import add_member, added_member_name, read_fleet
+from ..fleet_add import add_member, read_fleet
 from ..forms import (
     CALIBRATION_MAX_LENGTH,
     CALIBRATION_SAMPLES,
@@ -128,7 +128,7 @@ def fleet_add(
     ``out`` (then ``fleet_dir`` is left as it is).
 
     ``lora_dir``: a folder, or ``NAME=PATH``; without a name the member is named as ``fleet`` would have
-    named it among the members' inputs (``fleet_add.added_member_name``: ``run4/lora`` -> ``run4``).
+    named it among the members' inputs (``files.fleet.added_member_name``: ``run4/lora`` -> ``run4``).
     Everything is read and checked first (every member, so a changed shared file is refused; the
     name; base, sites and shapes; the output), then the fleet is grown and written. In place, a
     folder holding anything besides the fleet is refused (replacing it would delete that). The
