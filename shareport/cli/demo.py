@@ -28,8 +28,8 @@ def demo_cmd(out: Path | None, overwrite: bool, no_export: bool, as_json: bool) 
 
     Builds a small Llama and a tokenizer, trains a LoRA on a built-in corpus, converts it to
     ASLoRA, recovers it by distillation toward the LoRA, exports both ONNX modes and verifies
-    them against PyTorch, then prints one table. About 17 minutes on a 2-core machine (measured on
-    shared, busy cores; less on idle ones).
+    them against PyTorch, then prints one table. Under a minute on a 2-core machine (35-40 s measured
+    from a fresh clone; longer while other jobs load the cores).
     """
     from ..demo.run import run_demo, summary_rows  # here, not at the top: usage errors and --help need no torch
 

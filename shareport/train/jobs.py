@@ -17,7 +17,7 @@ from ..errors import ShareportError
 from ..files import load_adapter
 from ..files.tensorfile import stream_model_weights
 from ..model import load_base_model
-from ..model.base import CAUSAL_LM_CLASS, auto_class_name, empty_base_model, read_base_config
+from ..model.base import CAUSAL_LM_CLASS, auto_class_name, empty_base_model, read_base_config, task_type_of
 from ..model.fresh import fresh_adapter
 from .accel import load_sharded_base, make_accelerator, model_dtype, shards_base
 from .checkpoint import load_checkpoint
@@ -174,6 +174,27 @@ def _data(data_path, base_dir, max_length: int, eval_fraction: float, eval_path=
     return train, test, heldout, {**inputs, "eval": str(eval_path), "eval_examples": len(test)}
 
 
+def check_labels(model, base_dir, *splits) -> None:
+    """A classifier's labels must be its classes: a label past the last one would end the run in
+    torch's cross-entropy (a traceback), and one that names no class would score every accuracy
+    against a class the model cannot output. Checked once the model is loaded, before any step."""
+    if task_type_of(model) != "SEQ_CLS":
+        return
+    classes = int(model.config.num_labels)
+    for data in splits:
+        if data is None or data.labels is None:
+            continue
+        bad = sorted({label for label in data.labels if label >= classes})
+        if not bad:
+            continue
+        names = {index: name for name, index in (data.label_ids or {}).items()}
+        shown = f"'{names[bad[0]]}' (class {bad[0]} by {data.label_ids_from})" if bad[0] in names else str(bad[0])
+        raise ShareportError(
+            f"{data.source}: label {shown} is not a class of {base_dir}, which has {classes} "
+            f"(0..{classes - 1}){f'; {len(bad)} labels are out of range' if len(bad) > 1 else ''}"
+        )
+
+
 def _resume(checkpoint_dir: Path | None, resume: bool):
     if not resume:
         return None, None
@@ -231,6 +252,8 @@ def recovery_job(
     if generate is None:
         train, heldout, selection, inputs = _data(data_path, base_dir, max_length, eval_fraction, eval_path)
     model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc, teacher_adapter.extra_tensors)
+    if generate is None:
+        check_labels(model, base_dir, train, heldout, selection)
     teacher = Teacher(model, teacher_adapter)
     if generate is not None:
         data = generate_data(model, teacher, count=generate, max_length=max_length, seed=seed, where=str(base_dir))
@@ -279,6 +302,7 @@ def scratch_job(
     acc = make_accelerator(merging)
     train, heldout, _, inputs = _data(data_path, base_dir, max_length, eval_fraction)
     model = _base_model(base_dir, None, acc)
+    check_labels(model, base_dir, train, heldout)
     adapter = fresh_adapter(
         model, form, targets, rank=rank, alpha=alpha, seed=seed, base_model=str(Path(base_dir).resolve())
     )

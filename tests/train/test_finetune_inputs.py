@@ -309,3 +309,26 @@ def test_short_run_with_default_merge_schedule_merges_within_the_steps(tmp_path,
     assert set(report["groups"].values()) == {1}
     _one_line_error(cli(*args, "-o", tmp_path / "o2", "--steps", 4), "--steps 4 is too short for 5 merge(s) per kind")
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize(
+    "labels, words",
+    [
+        (["sports", "cooking", "computing", "music"] * 4, "label 'sports' (class 3 by the sorted label names"),
+        ([0, 1, 2, 7] * 4, "label 7 is not a class of"),
+    ],
+)
+def test_labels_past_the_classifiers_classes_are_refused_in_one_line(tmp_path, cli, labels, words):
+    """A 3-class classifier with four label names (or an integer label 7): one Error line naming the
+    data file and the base's class count, nothing written (it was a cross-entropy traceback, or with an
+    integer an accuracy scored against a class the model cannot output)."""
+    base, _ = classifier_lora(tmp_path, num_labels=3)
+    save_adapter(sharea_by_svd(load_adapter(tmp_path / "lora"), 1), tmp_path / "shared")
+    data = _named_rows(tmp_path / "d.jsonl", labels)
+    out = tmp_path / "out"
+    args = ["--base", base, "--teacher", tmp_path / "lora", "--data", data, "--steps", 2, "-o", out]
+    result = cli("finetune", tmp_path / "shared", *args)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and words in errors[0] and "has 3 (0..2)" in errors[0] and str(data) in errors[0]
+    assert not out.exists()
