@@ -90,7 +90,7 @@ def _floats(text: str) -> tuple[float, ...]:
     "out",
     required=True,
     type=click.Path(path_type=str),
-    help="Output folder: frontier.json and frontier.png.",
+    help="Output folder: frontier.json and frontier.png (with matplotlib).",
 )
 @click.option(
     "--lr",
@@ -128,9 +128,10 @@ def frontier_cmd(
     """Convert LORA_DIR into every form at every budget, score each against the LoRA on held-out
     data (and again after --recover-steps of recovery), and name the smallest that keeps --keep.
 
-    Writes frontier.json (every point) and frontier.png (fidelity against size, one line per
-    form, recovered points hollow, the Pareto front drawn). Finished points are cached in
-    OUTPUT.cache, so an interrupted run picks up where it stopped.
+    Writes frontier.json (every point) and, with matplotlib installed, frontier.png (fidelity
+    against size, one line per form, recovered points hollow, the Pareto front drawn). Finished
+    points are cached in OUTPUT.cache, so an interrupted run picks up where it stopped; a finished
+    run removes the cache.
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
@@ -198,5 +199,7 @@ def render(data: dict) -> str:
         if chosen
         else f"no point keeps {data['keep']:.0%} of the LoRA's {kept}"
     )
-    tail = f"\nwrote {data['output']}" + (f" (figure: {data['plot']})" if data.get("plot") else "")
+    tail = f"\nwrote {data['output']}" + (
+        f" (figure: {data['plot']})" if data.get("plot") else f" (no figure: {data['plot_missing']})"
+    )
     return f"{head}\n{table}\n{verdict}{tail}"

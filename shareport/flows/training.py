@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -221,7 +222,8 @@ def frontier(
     figure is fidelity against bytes, a line per form and precision. Without them the output is as before.
 
     Finished points are kept in ``<out>.cache`` (a folder of ours), so a rerun with the same
-    inputs resumes where an interrupted one stopped; the output folder appears at the end.
+    inputs resumes where an interrupted one stopped; the output folder appears at the end, and the
+    cache is removed then (as a finished ``finetune`` removes its checkpoint).
     """
     budgets = check_budgets(budgets)
     serving = parse_serving(serving)
@@ -292,6 +294,9 @@ def frontier(
             )
     if has_matplotlib():
         data["plot"] = str(Path(out) / "frontier.png")
+    else:  # said, rather than a figure the help promises silently missing
+        data["plot_missing"] = "matplotlib is not installed: `pip install matplotlib` draws frontier.png"
+    cache.remove()  # the output holds every point now; the cache only served an interrupted run
     return data
 
 
@@ -346,6 +351,11 @@ class _PointCache:
     def get(self, name: str):
         path = self.folder / f"{self.key}-{name}.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def remove(self) -> None:
+        """Delete the cache folder, only if it is ours (the marker shareport writes in it)."""
+        if (self.folder / MARKER_NAME).is_file():
+            shutil.rmtree(self.folder)
 
     def put(self, name: str, data) -> None:
         if not self.folder.exists():

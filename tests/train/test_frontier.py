@@ -132,26 +132,31 @@ def test_fidelity_with_labels_is_relative_to_the_loras_accuracy():
     assert smallest_keeping([point], 0.9) is point and smallest_keeping([point], 0.95) is None
 
 
-def test_a_rerun_reuses_the_cached_points(run, setup, tmp_path, cli):
-    out, data = run
-    r = cli(
-        "frontier",
-        setup["lora"],
-        "--base",
-        setup["base"],
-        "--data",
-        setup["text"],
-        *ARGS,
-        "--recover-steps",
-        2,
-        "-o",
-        out,
-        "--overwrite",
-        "--json",
-    )
+def test_an_interrupted_runs_points_are_reused_and_a_finished_run_removes_its_cache(run, setup, cli, monkeypatch):
+    """A finished run leaves no ``OUT.cache``; a run interrupted while writing its output (every point
+    measured and cached) leaves it, and the rerun reads those points back instead of remeasuring."""
+    from pathlib import Path
+
+    import shareport.flows.training as training
+
+    out, _ = run
+    cache = Path(f"{out}.cache")
+    assert not cache.exists()
+    args = ("frontier", setup["lora"], "--base", setup["base"], "--data", setup["text"], *ARGS)
+    args += ("--recover-steps", 2, "-o", out, "--overwrite", "--json")
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "atomic_dir", interrupted)
+    assert cli(*args).exit_code != 0 and cache.is_dir()
+    seconds = {p["seconds"] for f in cache.glob("*.json") for p in json.loads(f.read_text()) if isinstance(p, dict)}
+    monkeypatch.undo()
+    r = cli(*args)
     assert r.exit_code == 0, r.output
     again = json.loads(r.stdout[r.stdout.index("{") :])
-    assert again["points"] == data["points"]  # seconds included: the points were read back, not remeasured
+    # seconds included: the points were read back, not remeasured
+    assert {p["seconds"] for p in again["points"]} <= seconds and not cache.exists()
 
 
 @pytest.mark.parametrize(
