@@ -185,6 +185,11 @@ def echo_report(out: str, report: dict, as_json: bool) -> None:
             f"{len(dropped)} module(s) the teacher adapts are not adapted in the student (cut to rank 0 "
             f"by the conversion), e.g. {dropped[0]}"
         )
+    if report.get("best_step") == 0 and len(report.get("curve", [])) > 1:
+        click.echo(
+            "no evaluated step beat the start: the adapter is written as it was given "
+            f"(the lr, {report['recipe']['lr']:g}, may be too large for it: try a smaller --lr)"
+        )
     worse = worse_metrics(before, after)
     if worse:
         click.echo("held-out numbers got worse: " + "; ".join(f"{k} {b:.4g} -> {a:.4g}" for k, b, a in worse))

@@ -143,6 +143,8 @@ def test_a_good_start_is_not_made_worse(setup, tmp_path, cli):
     again = evaluate_adapter(_job(setup), load_adapter(out), 4)
     assert again["kl"] == pytest.approx(report["after"]["kl"], rel=1e-5)
     assert f"kept step {report['best_step']}" in result.output
+    # the start itself kept: said plainly, with the lr to blame
+    assert (report["best_step"] == 0) == ("no evaluated step beat the start" in result.output)
 
 
 def test_resumed_run_keeps_the_best_so_far_and_ends_bit_identical(setup, tmp_path):
@@ -404,3 +406,17 @@ def test_ctrl_c_says_how_to_resume_and_a_finished_run_removes_its_checkpoint(set
     kept = tmp_path / "named"
     assert cli(*args, "--overwrite", "--checkpoint-dir", kept).exit_code == 0
     assert kept.is_dir()
+
+
+def test_a_start_no_step_beats_is_written_as_given_and_said_so(setup, tmp_path, cli):
+    """The LoRA as its own student (KL 0 at the start): no evaluated step can beat it, the start is
+    written bit for bit, and the closing lines say so rather than only 'kept step 0'."""
+    out = tmp_path / "kept"
+    args = ["finetune", setup["lora"], "--base", setup["base"], "--teacher", setup["lora"], "--data", setup["text"]]
+    result = cli(*args, "-o", out, "--steps", 4, "--eval-every", 2, "--batch-size", 4, "--max-length", 32)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["best_step"] == 0 and len(report["curve"]) == 3
+    assert "no evaluated step beat the start" in result.output
+    start, written = load_adapter(setup["lora"]), load_adapter(out)
+    assert all(torch.equal(written.tensors[n], start.tensors[n].float()) for n in start.tensors)
