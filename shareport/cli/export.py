@@ -110,6 +110,7 @@ def export_cmd(
         emit_report(exc.report, as_json, extra=_summary(out_dir, options), fail=False)
         raise
     members = {"fleet_members": data["fleet_members"]} if "fleet_members" in data else {}
+    warned = {"warnings": data["warnings"]}
     if not as_json:
         click.echo(f"wrote {out_dir} ({mode}, {dtype}{', with past' if with_past else ''})")
         click.echo(data["genai_config"])
@@ -119,9 +120,13 @@ def export_cmd(
                 f"{m['plain_lora_bytes']:,} bytes)"
             )
     if data["verify"] is not None:
-        emit_report(Report.from_dict(data["verify"]), as_json, extra={**_summary(out_dir, options), **members})
+        emit_report(
+            Report.from_dict(data["verify"]), as_json, extra={**_summary(out_dir, options), **members, **warned}
+        )
     elif as_json:
         click.echo(to_json(data))
+    for warning in data["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _summary(out_dir: str, options: ExportOptions) -> dict:

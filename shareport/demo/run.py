@@ -16,6 +16,7 @@ collected into one table.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -52,8 +53,21 @@ def run_demo(out: Path, export: bool = True, overwrite: bool = False) -> dict:
     hf_logging.disable_progress_bar()  # shareport's own bars say what is happening
     with atomic_dir(out, overwrite=overwrite) as tmp:
         reports = _steps(tmp, export)
+        record_final_paths(tmp, Path(out).resolve())
     # the steps ran in the temporary folder that became ``out``: report the final paths
     return json.loads(json.dumps(reports).replace(str(tmp), str(Path(out).resolve())))
+
+
+def record_final_paths(tmp: Path, final: Path) -> None:
+    """The steps wrote in the temporary folder, recording paths under ``tmp`` (the adapters' base,
+    their reports' inputs), which are gone once ``tmp`` is renamed to ``final``: record the paths
+    under ``final`` instead (what ``inspect`` shows and converted adapters carry on)."""
+    old, new = (json.dumps(str(p))[1:-1] for p in (tmp, final))  # as JSON spells them
+    for path in sorted(tmp.rglob("*.json")):
+        text = path.read_text(encoding="utf-8")
+        fixed = re.sub(re.escape(old) + r'(?=["/\\])', lambda _: new, text)
+        if fixed != text:
+            path.write_text(fixed, encoding="utf-8")
 
 
 def _steps(out: Path, export: bool) -> dict:

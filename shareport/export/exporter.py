@@ -239,6 +239,7 @@ class ExportResult:
     path: Path
     report: Report | None  # the verification of the published graph (None with verify=False)
     genai_config: str = ""  # what was done about onnxruntime-genai's config (written, or why not)
+    warnings: tuple[str, ...] = ()  # e.g. a base without tokenizer files: the folder cannot generate from text
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -372,7 +373,8 @@ def export(
                 write_onnx_adapter({**values, **carried}, tmp / graph_file.ADAPTER_NAME)
             if layout is not None:
                 _write_member_adapters(members, tmp, dtype, name=name, carried=takes_carried, integers=integers)
-            graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
+            copied = graph_file.copy_side_files(base_dir, tmp, use_cache=sig.with_past if sig.decoder else None)
+            warned = tuple(w for w in [graph_file.tokenizer_warning(base_dir, copied)] if w)
             genai_note = write_genai_config(tmp, sig, tokens)
             if verify:
                 stage("verifying against PyTorch")
@@ -387,4 +389,4 @@ def export(
                         f"({report.failure()}); nothing was written (--no-verify keeps the "
                         "graph, to inspect it with shareport verify)",
                     )
-    return ExportResult(Path(out), report, genai_note)
+    return ExportResult(Path(out), report, genai_note, warned)

@@ -197,7 +197,7 @@ def generate_ids(
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+    if not any((folder / name).is_file() for name in graph_file.TOKENIZER_NEEDED):
         raise ShareportError(f"{folder}: no tokenizer files (the base model folder had none when it was exported)")
     try:
         return AutoTokenizer.from_pretrained(str(folder))

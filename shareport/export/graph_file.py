@@ -39,6 +39,23 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# what ``shareport generate`` loads a tokenizer from (onnxruntime-genai reads tokenizer.json): a folder
+# without either cannot turn text into token ids
+TOKENIZER_NEEDED = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tokenizer_warning(base_dir: str | Path, copied: list[str]) -> str | None:
+    """The warning for an export whose base gave no tokenizer files (None where it gave one).
+
+    Not a refusal: a graph for an app that tokenizes text itself needs none."""
+    if any(name in copied for name in TOKENIZER_NEEDED):
+        return None
+    return (
+        f"{base_dir} has no tokenizer files ({' or '.join(TOKENIZER_NEEDED)}), so the export holds no "
+        "tokenizer: 'shareport generate' and onnxruntime-genai cannot tokenize text with it; put the "
+        "base model's tokenizer files in that folder and export again (an app that tokenizes text "
+        "itself can use the graph as it is)"
+    )
 
 
 def member_adapter_name(member: str) -> str:

@@ -223,12 +223,7 @@ def verify(
             Path(graph_dir), adapter, model, compare, slots=slots, takes_carried=bool(graph_inputs(info)), notes=notes
         )
     if fp16:
-        widened = [
-            r.limit for r in rows if r.reference_error is not None and r.limit == fp16_multiple * r.reference_error
-        ]
-        tolerance = f"rtol {rtol:g} of max(1, max|ref|)" + (
-            f" or {fp16_multiple:g} x float16 PyTorch's own error, up to {max(widened):.2g}" if widened else ""
-        )
+        tolerance = _tolerance(f"{rtol:g} x max(1, max|ref|)", fp16_multiple, "float16", rows)
         return Report(
             str(graph_dir),
             info["mode"],
@@ -240,12 +235,7 @@ def verify(
             floor=rtol,
             multiple=fp16_multiple,
         )
-    widest = max((r.limit for r in rows), default=atol)
-    tolerance = (
-        f"atol {atol:g}"
-        if widest <= atol
-        else (f"atol {atol:g} or {multiple:g} x float32 PyTorch's own error, up to {widest:.2g}")
-    )
+    tolerance = _tolerance(f"{atol:g}", multiple, "float32", rows)
     return Report(
         str(graph_dir),
         info["mode"],
@@ -257,6 +247,14 @@ def verify(
         floor=atol,
         multiple=multiple,
     )
+
+
+def _tolerance(floor: str, multiple: float, reference: str, rows) -> str:
+    """What was checked, with the numbers used: the larger of the floor and ``multiple`` x the
+    reference run's own error (the largest over the comparisons), and the widest limit that gave."""
+    own = max((r.reference_error for r in rows if r.reference_error is not None), default=0.0)
+    widest = max((r.limit for r in rows), default=0.0)
+    return f"tolerance max({floor}, {multiple:g} x {reference} PyTorch's own error {own:.2g}) = {widest:.2g} at most"
 
 
 def _fleet_rows(

@@ -51,6 +51,7 @@ def export(
         "with_past": options.with_past,
         "embedded_adapter": options.embed_adapter,
         "genai_config": result.genai_config,
+        "warnings": list(result.warnings),
     }
     members = _fleet_member_files(adapter_dir, out, options.dtype) if options.mode == "adapter" else []
     if members:

@@ -32,3 +32,22 @@ def test_the_demo_folder_the_readme_suggests_is_ignored_by_git():
         pytest.skip("not a git checkout")
     result = subprocess.run(["git", "check-ignore", "-q", "shareport-demo/lora/adapter_config.json"], cwd=root)
     assert result.returncode == 0
+
+
+def test_the_demo_adapters_record_a_base_path_that_exists(tmp_path, monkeypatch):
+    """The steps run in a temporary folder renamed at the end: the adapters must not record it."""
+    from shareport.demo import run
+    from shareport.files.adapters import load_adapter
+
+    build = run.build_base
+    monkeypatch.setattr(run, "build_base", lambda out, lines, **_: build(out, lines[:200], 2, 32, pretrain_steps=2))
+    monkeypatch.setattr(run, "TRAIN_STEPS", 2)
+    monkeypatch.setattr(run, "RECOVER_STEPS", 2)
+    out = tmp_path / "demo"
+    run.run_demo(out, export=False)
+    for name in ("lora", "aslora", "aslora-recovered"):
+        recorded = load_adapter(out / name).base_model
+        assert recorded and (Path(recorded) / "config.json").is_file(), (name, recorded)
+        assert Path(recorded).resolve() == (out / "base").resolve()
+    leftovers = [p for p in out.rglob("*.json") if ".tmp-" in p.read_text(encoding="utf-8")]
+    assert not leftovers

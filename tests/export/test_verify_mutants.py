@@ -181,12 +181,22 @@ def test_feeds_cast_floats_only():
 # ---------------------------------------------------------------------------------------- the graphs
 
 
+def _said(report, floor: str, reference: str) -> str:
+    """The header's tolerance from the report's own rows: the floor, the multiple of the reference
+    run's largest own error, and the widest limit (the numbers the comparisons used)."""
+    own = max(r.reference_error for r in report.rows)
+    return (
+        f"tolerance max({floor}, {report.multiple:g} x {reference} PyTorch's own error {own:.2g}) "
+        f"= {max(r.limit for r in report.rows):.2g} at most"
+    )
+
+
 def test_folded_fp16_graph(graphs):
     report = verify(graphs.fp16, graphs.base, graphs.lora)
     assert report.ok, [r for r in report.rows if not r.ok]
     assert (report.graph, report.mode, report.dtype) == (str(graphs.fp16), "folded", "fp16")
     assert report.device == runtime.device_name() and report.notes == []
-    assert report.tolerance == f"rtol {FP16_RTOL:g} of max(1, max|ref|)"
+    assert report.tolerance == _said(report, f"{FP16_RTOL:g} x max(1, max|ref|)", "float16")
     assert {r.check for r in report.rows} == {"folded"}
     assert {r.case for r in report.rows} == _cases(PAST_CASES, True)  # fp16 past fed as fp16
     assert {r.output for r in report.rows} == {"logits", "present.*"}
@@ -194,13 +204,17 @@ def test_folded_fp16_graph(graphs):
     wrong = verify(graphs.fp16, graphs.base, graphs.other)  # PyTorch attaches the other LoRA
     assert not wrong.ok
     loose = verify(graphs.fp16, graphs.base, graphs.other, rtol=10.0)
-    assert loose.ok and loose.tolerance == "rtol 10 of max(1, max|ref|)"
+    assert loose.ok and loose.tolerance == _said(loose, "10 x max(1, max|ref|)", "float16")
 
 
 def test_adapter_graph_checks_active_and_bare(graphs):
     report = verify(graphs.adapter, graphs.base, graphs.lora)
     assert report.ok, [r for r in report.rows if not r.ok]
-    assert (report.mode, report.dtype, report.tolerance) == ("adapter", "fp32", f"atol {FP32_ATOL:g}")
+    assert (report.mode, report.dtype, report.tolerance) == (
+        "adapter",
+        "fp32",
+        _said(report, f"{FP32_ATOL:g}", "float32"),
+    )
     assert report.notes == []  # names fit: nothing mapped, nothing to say
     rows = _by_check(report)
     assert set(rows) == {"adapter active", "no adapter"}
@@ -209,7 +223,7 @@ def test_adapter_graph_checks_active_and_bare(graphs):
     assert {r.output for r in report.rows} == {"logits", "present.*"}
     assert all(r.limit == FP32_ATOL for r in report.rows)
     custom = verify(graphs.adapter, graphs.base, graphs.lora, atol=0.25, rtol=0.5)
-    assert custom.tolerance == "atol 0.25" and all(r.limit == 0.25 for r in custom.rows)
+    assert custom.tolerance == _said(custom, "0.25", "float32") and all(r.limit == 0.25 for r in custom.rows)
 
 
 def test_adapter_graph_runs_the_shipped_file_and_compares_no_adapter_with_the_base(graphs, tmp_path):
