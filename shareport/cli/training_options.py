@@ -240,4 +240,5 @@ def worse_metrics(before: dict, after: dict) -> list[tuple[str, float, float]]:
 def _fmt(value) -> str:
     if isinstance(value, dict):  # student / teacher pair
         return " / ".join(f"{k} {_fmt(v)}" for k, v in sorted(value.items()))
-    return "-" if value is None else f"{value:.4g}"
+    # "#": 4 significant digits always (0.5340, not 0.534), so a column reads in one format
+    return "-" if value is None else f"{value:#.4g}"
