@@ -53,11 +53,11 @@ from .recipe_checks import check_recipe
 from .schedule import (
     DEFAULT_LR,
     DEFAULT_SCHEDULE,
+    DEFAULT_SITE_WEIGHT,
     DEFAULT_TRAINABLE,
     DEFAULT_WARMUP,
     MIN_HELDOUT_ROWS,
     default_eval_every,
-    default_site_weight,
     default_temperature,
     eval_steps,
     lr_factor,
@@ -88,8 +88,7 @@ class Recipe:
     task_weight: float = 0.0  # the data's own loss (--lm-loss)
     hidden_weight: float = 0.0  # last hidden states at every position against the teacher's (distill.hidden_sum)
     temperature: float | None = None  # of the distillation KL; None: schedule.default_temperature
-    # each adapted site's update against the teacher's (sites.py); None: schedule.default_site_weight
-    site_weight: float | None = None
+    site_weight: float = DEFAULT_SITE_WEIGHT  # each adapted site's update against the teacher's (sites.py)
     trainable: str = DEFAULT_TRAINABLE  # "factors", or "cores" between frozen orthonormal bases (cores.py)
     schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
     warmup: float = DEFAULT_WARMUP  # share of the steps
@@ -154,19 +153,9 @@ class Trainer:
         self.model = job.model
         self.causal = is_causal_lm(self.model)
         check_recipe(recipe, job, self.causal)
-        # unset signal settings follow the output (schedule.py); the report's recipe and a checkpoint record the values
-        classifier = task_type_of(self.model) == "SEQ_CLS"
-        recipe = self.recipe = dataclasses.replace(
-            recipe,
-            temperature=default_temperature(classifier=classifier)
-            if recipe.temperature is None
-            else recipe.temperature,
-            site_weight=(
-                (default_site_weight(classifier=classifier) if job.teacher is not None else 0.0)
-                if recipe.site_weight is None
-                else recipe.site_weight
-            ),
-        )
+        if recipe.temperature is None:  # by the output (schedule.py); the report's recipe and a checkpoint record it
+            classifier = task_type_of(self.model) == "SEQ_CLS"
+            recipe = self.recipe = dataclasses.replace(recipe, temperature=default_temperature(classifier=classifier))
         self.pad = pad_token_id(self.model.config)
         self.base_bytes, self.base_params = parameter_bytes(self.model), matmul_parameters(self.model)
         self.student = attach(self.model, job.student, trainable=True, dtype=torch.float32)

@@ -159,7 +159,7 @@ def recover(
     trainable: str = "factors",
     temperature: float | None = None,
     batch: int | None = None,
-    site: float | None = None,
+    site: float = 0.0,
     backoff: bool = False,
     seed: int = 0,
 ) -> dict:
@@ -353,8 +353,8 @@ def main(argv=None) -> list[dict]:
         "--site-weights",
         nargs="+",
         type=float,
-        default=[None],
-        help="new recipe: weight of each adapted site's update error [library default, by the output]",
+        default=[0.0],
+        help="new recipe: weight of each adapted site's update error (--site-weight; library default 0)",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0], help="new recipe: seeds of the batch order (the spread of a run)"
@@ -430,8 +430,8 @@ def main(argv=None) -> list[dict]:
                                     + ("-Tauto" if temperature is None else "")
                                     + (f"-T{temperature:g}" if temperature not in (None, 1.0) else "")
                                     + (f"-b{batch}" if batch else "")
-                                    # no suffix: weight 0 (runs from before the library had the term)
-                                    + ("-sauto" if site is None else (f"-s{site:g}" if site else ""))
+                                    # no suffix: weight 0 (-sauto: runs while the classifier default was 1)
+                                    + (f"-s{site:g}" if site else "")
                                     + ("-backoff" if backoff else "")
                                     + (f"-seed{seed}" if seed else "")
                                 )

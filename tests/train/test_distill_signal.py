@@ -1,6 +1,6 @@
-"""More signal per example (issue 26, item 4): the distillation temperature and the site-update weight,
-whose defaults follow the model's output (schedule.py): a classifier's class distribution is softened
-and its sites' updates matched; a causal LM's tokens are left as they are.
+"""More signal per example (issue 26, item 4): the distillation temperature, whose default follows the
+model's output (schedule.py: a classifier's class distribution is softened, a causal LM's tokens are
+not), and the site-update term (``--site-weight``, 0 by default).
 
 A default run's training loss must equal the run's at the documented values and differ from runs at
 others, so a default that is not applied, or applied to the wrong output, fails; the report's recipe
@@ -22,9 +22,8 @@ from shareport.train.distill import Outputs, distill_sum
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import run
 from shareport.train.schedule import (
-    CLASSIFIER_SITE_WEIGHT,
     CLASSIFIER_TEMPERATURE,
-    TOKEN_SITE_WEIGHT,
+    DEFAULT_SITE_WEIGHT,
     TOKEN_TEMPERATURE,
 )
 from shareport.train.sites import recording, site_sum
@@ -48,7 +47,7 @@ def causal(tmp_path_factory):
     return recovery_setup(tmp_path_factory.mktemp("causal"))
 
 
-def _recover(paths: dict, temperature: float | None = None, site_weight: float | None = None, compile=None):
+def _recover(paths: dict, temperature: float | None = None, site_weight: float = DEFAULT_SITE_WEIGHT, compile=None):
     job = recovery_job(paths["shared"], paths["base"], paths["lora"], data_path=paths["text"], max_length=16)
     options = TrainingOptions(
         steps=4, lr=1e-2, batch_size=4, max_length=16, temperature=temperature, site_weight=site_weight
@@ -61,7 +60,7 @@ def _recover(paths: dict, temperature: float | None = None, site_weight: float |
 
 @pytest.mark.parametrize(
     "which, temperature, site_weight",
-    [("classifier", CLASSIFIER_TEMPERATURE, CLASSIFIER_SITE_WEIGHT), ("causal", TOKEN_TEMPERATURE, TOKEN_SITE_WEIGHT)],
+    [("classifier", CLASSIFIER_TEMPERATURE, DEFAULT_SITE_WEIGHT), ("causal", TOKEN_TEMPERATURE, DEFAULT_SITE_WEIGHT)],
 )
 def test_default_signal_is_the_outputs_own(request, which, temperature, site_weight):
     """The training loss (what the settings change; the published adapter may be the start again,
