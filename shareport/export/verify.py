@@ -223,7 +223,7 @@ def verify(
             Path(graph_dir), adapter, model, compare, slots=slots, takes_carried=bool(graph_inputs(info)), notes=notes
         )
     if fp16:
-        tolerance = _tolerance(f"{rtol:g} x max(1, max|ref|)", fp16_multiple, "float16", rows)
+        tolerance = _tolerance(f"rtol {rtol:g} x max(1, max|ref|)", fp16_multiple, "float16", rows)
         return Report(
             str(graph_dir),
             info["mode"],

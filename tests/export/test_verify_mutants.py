@@ -196,7 +196,7 @@ def test_folded_fp16_graph(graphs):
     assert report.ok, [r for r in report.rows if not r.ok]
     assert (report.graph, report.mode, report.dtype) == (str(graphs.fp16), "folded", "fp16")
     assert report.device == runtime.device_name() and report.notes == []
-    assert report.tolerance == _said(report, f"{FP16_RTOL:g} x max(1, max|ref|)", "float16")
+    assert report.tolerance == _said(report, f"rtol {FP16_RTOL:g} x max(1, max|ref|)", "float16")
     assert {r.check for r in report.rows} == {"folded"}
     assert {r.case for r in report.rows} == _cases(PAST_CASES, True)  # fp16 past fed as fp16
     assert {r.output for r in report.rows} == {"logits", "present.*"}
@@ -204,7 +204,7 @@ def test_folded_fp16_graph(graphs):
     wrong = verify(graphs.fp16, graphs.base, graphs.other)  # PyTorch attaches the other LoRA
     assert not wrong.ok
     loose = verify(graphs.fp16, graphs.base, graphs.other, rtol=10.0)
-    assert loose.ok and loose.tolerance == _said(loose, "10 x max(1, max|ref|)", "float16")
+    assert loose.ok and loose.tolerance == _said(loose, "rtol 10 x max(1, max|ref|)", "float16")
 
 
 def test_adapter_graph_checks_active_and_bare(graphs):
