@@ -222,30 +222,22 @@ def verify(
         rows += _fleet_rows(
             Path(graph_dir), adapter, model, compare, slots=slots, takes_carried=bool(graph_inputs(info)), notes=notes
         )
-    if fp16:
-        tolerance = _tolerance(f"rtol {rtol:g} x max(1, max|ref|)", fp16_multiple, "float16", rows)
-        return Report(
-            str(graph_dir),
-            info["mode"],
-            info["dtype"],
-            runtime.device_name(),
-            tolerance,
-            rows,
-            notes,
-            floor=rtol,
-            multiple=fp16_multiple,
-        )
-    tolerance = _tolerance(f"{atol:g}", multiple, "float32", rows)
+    # fp16: relative to the reference's scale, against float16 PyTorch; fp32: absolute, against float32
+    floor, floor_text, limit_multiple, reference = (
+        (rtol, f"rtol {rtol:g} x max(1, max|ref|)", fp16_multiple, "float16")
+        if fp16
+        else (atol, f"{atol:g}", multiple, "float32")
+    )
     return Report(
         str(graph_dir),
         info["mode"],
         info["dtype"],
         runtime.device_name(),
-        tolerance,
+        _tolerance(floor_text, limit_multiple, reference, rows),
         rows,
         notes,
-        floor=atol,
-        multiple=multiple,
+        floor=floor,
+        multiple=limit_multiple,
     )
 
 
