@@ -252,8 +252,6 @@ def recovery_job(
     if generate is None:
         train, heldout, selection, inputs = _data(data_path, base_dir, max_length, eval_fraction, eval_path)
     model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc, teacher_adapter.extra_tensors)
-    if generate is None:
-        check_labels(model, base_dir, train, heldout, selection)
     teacher = Teacher(model, teacher_adapter)
     if generate is not None:
         data = generate_data(model, teacher, count=generate, max_length=max_length, seed=seed, where=str(base_dir))
@@ -266,6 +264,7 @@ def recovery_job(
             "max_length": max_length,
             "eval_fraction": eval_fraction,
         }
+    check_labels(model, base_dir, train, heldout, selection)  # generated texts have none: nothing to check
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     if dropped:  # sites the conversion cut to rank 0: the student recovers without them (teacher.check_pair)
         inputs["teacher_only_sites"] = dropped
