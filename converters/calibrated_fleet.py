@@ -51,6 +51,14 @@ def fleet_basis(As: list[list[Tensor]]) -> Tensor:
     return calibration_basis([a for a_list in As for a in a_list])
 
 
+def restrict_statistics(S: Tensor, q_from: Tensor, q_to: Tensor) -> Tensor:
+    """``S = Q^T C Q`` (p, p) in ``q_from`` re-expressed in ``q_to`` (n_in, p_c), whose columns lie in
+    ``q_from``'s span (a cluster's basis: its members' A's are among the fleet's): ``Q_c = Q R`` with
+    ``R = Q^T Q_c`` (p, p_c), so ``Q_c^T C Q_c = R^T S R`` exactly, without the data again."""
+    r = q_from.T.to(S.dtype) @ q_to.to(S.dtype)  # (p, n_in) @ (n_in, p_c) -> (p, p_c)
+    return r.T @ S @ r
+
+
 def weighted_cores(ck: CalibratedKind, z: Tensor) -> list[Tensor]:
     """Per site the best ``P (p_B, k)`` for rows z (k, p): ``D S z^T (z S z^T)^+`` (weighted least squares)."""
     return [

@@ -25,7 +25,7 @@ import math
 import torch
 
 import converters
-from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
+from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated, restrict_statistics
 from converters.factored import kind_energy
 from converters.fleet_clusters import MIN_MEMBERS, ClusterFit, assign_clusters, search_counts
 from converters.fleet_clusters import groups as cluster_members
@@ -154,7 +154,7 @@ def build_fleet(
         MemberSource.read(adapter, name, None if calibration is None else calibration[i])
         for i, (adapter, name) in enumerate(zip(adapters, names))
     ]
-    counts = cluster_counts(clusters, len(sources), rank=rank, calibrated=calibration is not None)
+    counts = cluster_counts(clusters, len(sources), rank=rank)
     if form is not None:
         return _clustered(sources, kinds, form, rank=rank, budget=budget, counts=counts)[0]
     return _choose(sources, kinds, budget, counts)
@@ -271,24 +271,18 @@ def _choose(
     return dataclasses.replace(fleet, report=report)
 
 
-def cluster_counts(clusters: int | str, n_members: int, *, rank: int | None, calibrated: bool) -> list[int]:
+def cluster_counts(clusters: int | str, n_members: int, *, rank: int | None) -> list[int]:
     """The numbers of clusters to try: the one asked, or for "auto" 1 to N / MIN_MEMBERS, searched among
-    (``_clustered``; only 1 with
-    --rank, where more clusters are more parameters, not the same budget, and for calibrated fleets)."""
+    (``_clustered``; only 1 with --rank, where more clusters are more parameters, not the same budget)."""
     most = max(n_members // MIN_MEMBERS, 1)
     if clusters == AUTO_CLUSTERS:
-        return [1] if rank is not None or calibrated else list(range(1, most + 1))
+        return [1] if rank is not None else list(range(1, most + 1))
     if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
         raise ShareportError(f"--clusters must be a positive number or '{AUTO_CLUSTERS}', got {clusters!r}")
     if clusters > most:
         raise ShareportError(
             f"--clusters {clusters}: {n_members} members make at most {most} clusters of at "
             f"least {MIN_MEMBERS} members (a cluster of one is that LoRA converted alone)"
-        )
-    if clusters > 1 and calibrated:
-        raise ShareportError(
-            f"--clusters {clusters}: calibrated fleets are built as one cluster; give --clusters 1 "
-            "or leave out --calibration"
         )
     return [clusters]
 
@@ -343,8 +337,12 @@ def _clustered(
     if len(counts) == 1:
         evaluate(counts[0])
     else:
-        # the search's own tie, in the same measure (weights: calibrated fleets have one count)
-        search_counts(counts, evaluate, AUTO_TIE * sum(s.weight_energy() for s in sources))
+        # the search's own tie, in the members' measure: the weights', or for a calibrated fleet the
+        # output energy of dW' = 0, the same at every count: one cluster's build (scored first anyway)
+        first = evaluate(counts[0])
+        calibrated = sources[0].calibration is not None
+        energy = built[0][4] if calibrated and built else sum(s.weight_energy() for s in sources)
+        search_counts(counts, lambda c: first if c == counts[0] else evaluate(c), AUTO_TIE * energy)
         built.sort(key=lambda b: b[0])
         candidates.sort(key=lambda c: c["clusters"])
     tie = min(b[3] for b in built) + AUTO_TIE * max(b[4] for b in built)
@@ -361,12 +359,17 @@ def _clustered(
     return dataclasses.replace(fleet, report=dataclasses.replace(fleet.report, clusters=record)), error, energy
 
 
-def _kind_result(sources: list[MemberSource], kind: str, form: str, rank_out: int, rank_in: int):
-    """One kind compressed over every source: plain, or fit to each source's calibration."""
+def _kind_result(sources: list[MemberSource], kind: str, form: str, rank_out: int, rank_in: int, *, stats_basis=None):
+    """One kind compressed over ``sources``: plain, or fit to each source's calibration. The
+    statistics are in ``stats_basis`` (the whole fleet's, ``fleet_bases``); for a cluster's
+    members they are re-expressed in the cluster's own basis (``restrict_statistics``)."""
     As, Bts = [s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]
     if sources[0].calibration is None:
         return converters.fleet_kind(form, As, Bts, rank_in, rank_out=rank_out or None)
     stats = [s.calibration.kind_statistics(s.adapter.kinds()[kind]) for s in sources]
+    if stats_basis is not None:
+        own = fleet_basis(As)
+        stats = [[restrict_statistics(S, stats_basis, own) for S in row] for row in stats]
     return fleet_kind_calibrated(
         form, As, Bts, stats, rank_in, rank_out=rank_out or None, lam=sources[0].calibration.ridge
     )
@@ -399,6 +402,13 @@ def _build(
     else:
         plan = {(c, kind): ranks for (c, kind), ranks in clusters.ranks.items()}
         groups = [(c + 1, members) for c, members in enumerate(cluster_members(clusters.labels))]
+    calibrated = sources[0].calibration is not None
+    # a calibrated member's statistics are in the whole fleet's bases, a cluster fits in its own
+    stats_bases = (
+        {kind: fleet_basis([s.factors[kind][0] for s in sources]) for kind in kinds}
+        if calibrated and clusters is not None
+        else {}
+    )
     shared: dict[str, torch.Tensor] = {}
     cluster_shared: dict[int | None, dict[str, torch.Tensor]] = {}  # what each member's pool holds
     parts = [MemberParts() for _ in sources]
@@ -407,11 +417,13 @@ def _build(
         own = cluster_shared[cluster] = {}
         for kind, sites in kinds.items():
             ranks = plan[kind] if cluster is None else plan[(cluster - 1, kind)]
-            if clusters is not None and sources[0].calibration is None:
+            if clusters is not None and not calibrated:
                 # the assignment already fit it (``fit_clusters``: the same call _kind_result makes)
                 result = clusters.kinds[(cluster - 1, kind)]
             else:
-                result = _kind_result([sources[i] for i in members], kind, form, *ranks)
+                result = _kind_result(
+                    [sources[i] for i in members], kind, form, *ranks, stats_basis=stats_bases.get(kind)
+                )
             key = kind_key(kind, cluster)
             a_name, u_name = basis_names(key)
             own[a_name] = result.basis_v.contiguous()
@@ -449,7 +461,6 @@ def _build(
         for i, (source, member) in enumerate(zip(sources, parts))
     ]
     reports = [member_report(source, member) for source, member in zip(sources, parts)]
-    calibrated = sources[0].calibration is not None
     calibration = (
         None
         if not calibrated

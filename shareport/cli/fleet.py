@@ -68,7 +68,7 @@ def _clusters(ctx, param, value: str) -> int | str:
     help="Split the members into N clusters, each with its own shared basis (at least 2 members a "
     "cluster; members go where the error of their updates is least, and the budget is spent "
     "over every cluster's kinds). auto: 1 up to members/2 clusters are built at --budget and the least "
-    "error wins (1 with --rank or --calibration). LoRAs from different seeds span nearly "
+    "error wins (1 with --rank; by the output error with --calibration). LoRAs from different seeds span nearly "
     "disjoint spaces, which one basis holds badly: clusters find the groups that share one.",
 )
 @click.option(

@@ -66,7 +66,7 @@ def fleet(
     if base is not None and not calibration:
         raise ShareportError("--base is only used with --calibration DATA")
     named = member_names([str(d) for d in lora_dirs])
-    cluster_counts(clusters, len(named), rank=rank, calibrated=bool(calibration))  # refused before any read
+    cluster_counts(clusters, len(named), rank=rank)  # refused before any read
     names, paths = [n for n, _ in named], [p for _, p in named]
     data_files = _calibration_files(calibration, names) if calibration else None
     adapters, seen_bytes = [], {}

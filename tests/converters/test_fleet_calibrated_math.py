@@ -5,7 +5,7 @@ for the cores."""
 import pytest
 import torch
 
-from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated
+from converters.calibrated_fleet import fleet_basis, fleet_kind_calibrated, restrict_statistics
 from converters.calibration import damp
 from converters.fleet import fleet_kind
 from tests.converters.test_fleet_math import N_IN, dense, random_fleet
@@ -146,3 +146,16 @@ def test_bad_statistics_are_refused():
         fleet_kind_calibrated("sharea", As, Bts, stats[:-1], 2)
     with pytest.raises(ValueError, match="fleet method"):
         fleet_kind_calibrated("aslora", As, Bts, stats, 2)
+
+
+def test_statistics_restricted_to_a_clusters_basis_are_the_ones_taken_there():
+    """A cluster's basis (its members' A's) lies in the fleet's: S re-expressed from the fleet's basis
+    equals Q_c^T C Q_c formed from the dense moment."""
+    As, _ = random_fleet(11)
+    q, moments, stats = random_statistics(As, seed=3)
+    q_cluster = fleet_basis(As[1:2])  # a cluster of one adapter: a basis of 6 of the fleet's 11 columns
+    assert q_cluster.shape[1] < q.shape[1]
+    for c, s in zip(moments[1], stats[1]):
+        torch.testing.assert_close(
+            restrict_statistics(s, q, q_cluster), q_cluster.T @ c @ q_cluster, rtol=1e-9, atol=1e-9
+        )

@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from converters.fleet_clusters import MIN_MEMBERS, assign_clusters, balanced
 from shareport.adapter import Adapter
+from shareport.convert_options import Calibration
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter
 from shareport.files.fleet import fleet_members
-from shareport.fleet import build_fleet
+from shareport.fleet import build_fleet, fleet_bases
 from tests.tiny import make_peft_adapter, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -112,6 +113,62 @@ def test_each_clusters_basis_is_the_dense_optimum_of_its_members(loras):
         )
 
 
+def synthetic_calibration(originals, names, seed=0, tokens=30):
+    """Per member and site a dense input moment C (inputs that differ per member), and for each member
+    list the Calibration in that list's fleet bases (what the CLI collects): {name: {path: C}}, maker."""
+    gen = torch.Generator().manual_seed(seed)
+    moments = {}
+    for i, (name, adapter) in enumerate(zip(names, originals)):
+        moments[name] = {}
+        for site in adapter.sites.values():
+            n_in = adapter.tensors[site.a].shape[1]
+            x = torch.randn(tokens, n_in, generator=gen, dtype=F64) * (1.0 + 0.5 * torch.rand(n_in, generator=gen))
+            moments[name][site.path] = x.T @ x / tokens
+
+    def calibrations(members):
+        chosen = [originals[names.index(n)] for n in members]
+        bases = fleet_bases(chosen)
+        return [
+            Calibration({s.path: bases[s.kind].T @ moments[n][s.path] @ bases[s.kind] for s in a.sites.values()})
+            for n, a in zip(members, chosen)
+        ]
+
+    return calibrations
+
+
+@pytest.mark.parametrize("form", ["sharea", "shareab"])
+def test_calibrated_clusters_fit_each_cluster_as_its_own_calibrated_fleet(loras, form):
+    """Statistics taken once in the whole fleet's bases and re-expressed per cluster give each cluster
+    the calibrated fleet of its members alone, with statistics taken in that cluster's own bases; and
+    auto still finds the groups, by the output error."""
+    names = list(GROUPS)
+    originals = adapters(loras)
+    calibrations = synthetic_calibration(originals, names)
+    clustered = build_fleet(originals, names, form, rank=2, calibration=calibrations(names), clusters=2)
+    members = clustered.report.clusters["members"]
+    assert members["a1"] == members["a2"] != members["b1"] == members["b2"]
+    for cluster in (1, 2):
+        inside = [n for n in names if members[n] == cluster]
+        alone = build_fleet(
+            [originals[names.index(n)] for n in inside], inside, form, rank=2, calibration=calibrations(inside)
+        )
+        for j, name in enumerate(inside):
+            i = names.index(name)
+            assert clustered.report.members[i].relative_error == pytest.approx(
+                alone.report.members[j].relative_error, rel=1e-6
+            )
+            for path in originals[i].sites:
+                torch.testing.assert_close(
+                    clustered.members[i].update(path, F64), alone.members[j].update(path, F64), rtol=1e-6, atol=1e-9
+                )
+    auto = build_fleet(originals, names, form, budget=0.25, calibration=calibrations(names), clusters="auto")
+    candidates = {c["clusters"]: c for c in auto.report.clusters["candidates"]}
+    assert auto.report.clusters["count"] == 2 and candidates[2]["winner"]
+    assert candidates[2]["relative_error"] < candidates[1]["relative_error"]
+    # the errors auto compares are the output errors: the members report the same measure
+    assert all(m.frobenius_relative_error is not None for m in auto.report.members)
+
+
 def test_the_assignment_keeps_every_cluster_at_least_two_members():
     cost = [[0.0, 5.0], [0.0, 4.0], [0.0, 9.0], [0.0, 1.0]]  # everyone prefers cluster 0
     labels = balanced(cost, [0, 0, 0, 0])
@@ -181,10 +238,6 @@ def test_bad_cluster_requests_are_refused_in_one_line(loras, tmp_path, cli):
     for args, words in [
         (("--clusters", 0), "--clusters must be a positive"),
         (("--clusters", 3), "at most 2 clusters of at least 2 members"),
-        (
-            ("--clusters", 2, "--calibration", loras / "a1" / "adapter_config.json", "--base", loras / "a1"),
-            "calibrated fleets are built as one cluster",
-        ),
     ]:
         r = cli("fleet", *four, "-o", out, *args)
         assert r.exit_code == 1, r.output
