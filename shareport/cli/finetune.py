@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from ..train.schedule import (
+    CLASSIFIER_SITE_WEIGHT,
     CLASSIFIER_TEMPERATURE,
-    DEFAULT_SITE_WEIGHT,
     DEFAULT_TRAINABLE,
+    TOKEN_SITE_WEIGHT,
     TOKEN_TEMPERATURE,
     TRAINABLES,
 )
@@ -64,12 +65,13 @@ from .training_options import echo_report, recipe_options, resume_hint
 )
 @click.option(
     "--site-weight",
-    default=DEFAULT_SITE_WEIGHT,
-    show_default=True,
+    default=None,
     type=float,
-    help="Weight of each adapted site's update (dW x at every token) against the teacher's, relative to "
-    "its energy and averaged over the sites, besides the output KL. Measured: 1 helped a classifier far "
-    "from its LoRA (KL 0.12) and hurt a causal LM and classifiers already near theirs (KL 1e-4).",
+    help="Weight of a third signal: each adapted site's update (dW x at every token) against the "
+    "teacher's, relative to its energy and averaged over the sites, rescaled at every step to the "
+    "output KL's size, so W is its share of the KL (1: as large as the KL). "
+    f"[default: by the output: {CLASSIFIER_SITE_WEIGHT:g} for a classifier, {TOKEN_SITE_WEIGHT:g} for a "
+    "causal LM, as measured on tasks of each]",
 )
 @click.option(
     "--trainable",

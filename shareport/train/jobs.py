@@ -25,7 +25,7 @@ from .data import load_data, split_heldout
 from .generated import generate_data
 from .merging import MergeSchedule
 from .recipe import Job, Recipe
-from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_SITE_WEIGHT, DEFAULT_TRAINABLE, DEFAULT_WARMUP
+from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_TRAINABLE, DEFAULT_WARMUP
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"
@@ -58,7 +58,7 @@ class TrainingOptions:
     eval_every: int | None = None  # None: about 10% of the run's compute (schedule.default_eval_every)
     hidden_weight: float = 0.0  # distil the last hidden states too (recovery only)
     temperature: float | None = None  # of the distillation KL; None: by the output (schedule.default_temperature)
-    site_weight: float = DEFAULT_SITE_WEIGHT  # each site's update against the teacher's (sites.py)
+    site_weight: float | None = None  # each site's update, a share of the KL (sites.py); None: by the output
     trainable: str = DEFAULT_TRAINABLE  # recovery: "factors", or "cores" between frozen bases (cores.py)
 
     @property

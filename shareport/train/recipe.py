@@ -53,11 +53,11 @@ from .recipe_checks import check_recipe
 from .schedule import (
     DEFAULT_LR,
     DEFAULT_SCHEDULE,
-    DEFAULT_SITE_WEIGHT,
     DEFAULT_TRAINABLE,
     DEFAULT_WARMUP,
     MIN_HELDOUT_ROWS,
     default_eval_every,
+    default_site_weight,
     default_temperature,
     eval_steps,
     lr_factor,
@@ -88,7 +88,8 @@ class Recipe:
     task_weight: float = 0.0  # the data's own loss (--lm-loss)
     hidden_weight: float = 0.0  # last hidden states at every position against the teacher's (distill.hidden_sum)
     temperature: float | None = None  # of the distillation KL; None: schedule.default_temperature
-    site_weight: float = DEFAULT_SITE_WEIGHT  # each adapted site's update against the teacher's (sites.py)
+    # each adapted site's update against the teacher's, a share of the KL (sites.py); None: by the output
+    site_weight: float | None = None
     trainable: str = DEFAULT_TRAINABLE  # "factors", or "cores" between frozen orthonormal bases (cores.py)
     schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
     warmup: float = DEFAULT_WARMUP  # share of the steps
@@ -152,10 +153,16 @@ class Trainer:
         self.job, self.recipe, self.acc = job, recipe, job.accelerator
         self.model = job.model
         self.causal = is_causal_lm(self.model)
+        # defaults by the output (schedule.py); the report's recipe and a checkpoint record the values
+        classifier = task_type_of(self.model) == "SEQ_CLS"
+        if recipe.temperature is None:
+            recipe = dataclasses.replace(recipe, temperature=default_temperature(classifier=classifier))
+        if recipe.site_weight is None:  # distillation only: `train` has no teacher's sites to match
+            distilling = job.teacher is not None and bool(recipe.distill_weight)
+            site_weight = default_site_weight(classifier=classifier) if distilling else 0.0
+            recipe = dataclasses.replace(recipe, site_weight=site_weight)
+        self.recipe = recipe
         check_recipe(recipe, job, self.causal)
-        if recipe.temperature is None:  # by the output (schedule.py); the report's recipe and a checkpoint record it
-            classifier = task_type_of(self.model) == "SEQ_CLS"
-            recipe = self.recipe = dataclasses.replace(recipe, temperature=default_temperature(classifier=classifier))
         self.pad = pad_token_id(self.model.config)
         self.base_bytes, self.base_params = parameter_bytes(self.model), matmul_parameters(self.model)
         self.student = attach(self.model, job.student, trainable=True, dtype=torch.float32)
@@ -320,12 +327,12 @@ class Trainer:
                 acc.autocast(),
             ):
                 teacher_out, _ = model_outputs(self.model, batch, self.causal, hidden=hidden)
-        if sites:
-            total = total + recipe.site_weight * _normalised(*site_sum(mine, theirs, counted_positions(batch)), acc)
         if recipe.distill_weight:
-            total = total + recipe.distill_weight * _normalised(
-                *distill_sum(student_out, teacher_out, recipe.temperature), acc
-            )
+            kl = _normalised(*distill_sum(student_out, teacher_out, recipe.temperature), acc)
+            total = total + recipe.distill_weight * kl
+        if sites:
+            site = _normalised(*site_sum(mine, theirs, counted_positions(batch)), acc)
+            total = total + recipe.site_weight * _as_share_of(site, kl, acc)
         if hidden:
             total = total + recipe.hidden_weight * _normalised(*hidden_sum(student_out, teacher_out), acc)
         if recipe.task_weight:
@@ -440,6 +447,17 @@ class Trainer:
         if self.merger:
             report["merges"] = [e.to_json() for e in self.merger.events]
         return report
+
+
+def _as_share_of(term: torch.Tensor, reference: torch.Tensor, acc) -> torch.Tensor:
+    """``term`` rescaled to ``reference``'s size on this batch, its gradient's direction kept.
+
+    The scale (global reference / global term, both detached) is a constant of the step: the
+    rescaled term's value equals the reference's, and its gradient is term's times that ratio. So a
+    weight is a share of the reference whatever the two terms' units, and where the reference is
+    already small (a student near its teacher) the term does not drown it (sites.py)."""
+    pair = acc.reduce(torch.stack([reference.detach(), term.detach()]).float(), "sum")
+    return term * (pair[0] / pair[1].clamp(min=1e-12))
 
 
 def _normalised(loss_sum: torch.Tensor, count: int, acc) -> torch.Tensor:

@@ -15,7 +15,9 @@ def check_recipe(recipe, job, causal: bool) -> None:
         raise ShareportError("--hidden-weight distils hidden states toward a teacher; `train` has none")
     if recipe.site_weight and job.teacher is None:
         raise ShareportError("--site-weight distils each site's update toward a teacher's; `train` has none")
-    if not recipe.site_weight >= 0:
+    if recipe.site_weight and not recipe.distill_weight:
+        raise ShareportError("--site-weight is a share of the output KL, which this run does not train on")
+    if recipe.site_weight is not None and not recipe.site_weight >= 0:
         raise ShareportError(f"--site-weight must be >= 0, got {recipe.site_weight}")
     if recipe.task_weight and not causal and job.train_data.labels is None:
         raise ShareportError(f"{job.train_data.source}: the data has no 'label' field, which the task loss needs")

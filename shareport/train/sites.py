@@ -7,11 +7,13 @@ input ``x`` (the student's drifts from the teacher's in later layers), as in fea
 
 Per site the term is the squared error of the student's update over the counted (non-padded)
 positions relative to the teacher's update energy there, so every site counts alike whatever its
-scale; the loss adds ``--site-weight`` times the mean over the sites the student adapts (a site that
-the conversion cut to rank 0 has no update to match). Measured (``tests/benchmarks/bench_recovery.py``,
-docs/results.md): it paid on the docstrings classifier, far from its LoRA, and cost on the demo's
-causal LM and on classifiers already near their LoRAs (its size does not follow the KL's, so a small
-KL drowns): an option (``--site-weight``), 0 by default (``schedule.DEFAULT_SITE_WEIGHT``).
+scale, averaged over the sites the student adapts (a site that the conversion cut to rank 0 has no
+update to match). The trainer then rescales it, at every step, to the output KL's size
+(``recipe._as_share_of``): ``--site-weight W`` adds W times the KL's value, with the site term's
+gradient direction. Added as it was (an absolute weight), it paid on the docstrings classifier, far
+from its LoRA, but drowned the KL of classifiers already near theirs (KL 1e-4) and cost on the demo's
+causal LM: its size does not follow the KL's. As a share it follows it by construction. The default
+is by the output (``schedule.default_site_weight``), as measured (docs/results.md).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from shareport.files import load_adapter
 from shareport.train import best as best_module
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import evaluate_adapter, run
-from shareport.train.schedule import default_eval_every
+from shareport.train.schedule import default_eval_every, default_site_weight
 from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 from tests.benchmarks import docstrings_data
 from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
@@ -159,7 +159,7 @@ def recover(
     trainable: str = "factors",
     temperature: float | None = None,
     batch: int | None = None,
-    site: float = 0.0,
+    site: float | None = None,
     backoff: bool = False,
     seed: int = 0,
 ) -> dict:
@@ -353,8 +353,9 @@ def main(argv=None) -> list[dict]:
         "--site-weights",
         nargs="+",
         type=float,
-        default=[0.0],
-        help="new recipe: weight of each adapted site's update error (--site-weight; library default 0)",
+        default=[None],
+        help="new recipe: each adapted site's update error as a share of the KL (--site-weight) [library "
+        "default, by the output; runs are named by the value it resolves to]",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0], help="new recipe: seeds of the batch order (the spread of a run)"
@@ -421,6 +422,9 @@ def main(argv=None) -> list[dict]:
                                 [0] if recipe == "old" else args.backoff,
                                 [0] if recipe == "old" else args.seeds,
                             ):
+                                site_value = (
+                                    default_site_weight(classifier=task_name in CLASSIFIERS) if site is None else site
+                                )
                                 name = (
                                     f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
                                     f"{args.steps}-e{args.curve_every}"
@@ -430,8 +434,8 @@ def main(argv=None) -> list[dict]:
                                     + ("-Tauto" if temperature is None else "")
                                     + (f"-T{temperature:g}" if temperature not in (None, 1.0) else "")
                                     + (f"-b{batch}" if batch else "")
-                                    # no suffix: weight 0 (-sauto: runs while the classifier default was 1)
-                                    + (f"-s{site:g}" if site else "")
+                                    # no suffix: weight 0 (-ks: the site term as a share of the KL; -s, -sauto: the absolute term of 2026-12-07 morning)
+                                    + (f"-ks{site_value:g}" if site_value else "")
                                     + ("-backoff" if backoff else "")
                                     + (f"-seed{seed}" if seed else "")
                                 )
@@ -468,7 +472,7 @@ def main(argv=None) -> list[dict]:
                                     "trainable": trainable,
                                     "temperature": temperature,
                                     "batch": batch or task.batch,
-                                    "site": site,
+                                    "site": site_value,
                                     "backoff": bool(backoff),
                                     "seed": seed,
                                 }

@@ -1,6 +1,6 @@
 """More signal per example (issue 26, item 4): the distillation temperature, whose default follows the
 model's output (schedule.py: a classifier's class distribution is softened, a causal LM's tokens are
-not), and the site-update term (``--site-weight``, 0 by default).
+not), and the site-update term (``--site-weight``, a share of the KL, its default also by the output).
 
 A default run's training loss must equal the run's at the documented values and differ from runs at
 others, so a default that is not applied, or applied to the wrong output, fails; the report's recipe
@@ -22,8 +22,9 @@ from shareport.train.distill import Outputs, distill_sum
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import run
 from shareport.train.schedule import (
+    CLASSIFIER_SITE_WEIGHT,
     CLASSIFIER_TEMPERATURE,
-    DEFAULT_SITE_WEIGHT,
+    TOKEN_SITE_WEIGHT,
     TOKEN_TEMPERATURE,
 )
 from shareport.train.sites import recording, site_sum
@@ -47,10 +48,16 @@ def causal(tmp_path_factory):
     return recovery_setup(tmp_path_factory.mktemp("causal"))
 
 
-def _recover(paths: dict, temperature: float | None = None, site_weight: float = DEFAULT_SITE_WEIGHT, compile=None):
+def _recover(
+    paths: dict,
+    temperature: float | None = None,
+    site_weight: float | None = None,
+    compile=None,
+    steps: int = 4,
+):
     job = recovery_job(paths["shared"], paths["base"], paths["lora"], data_path=paths["text"], max_length=16)
     options = TrainingOptions(
-        steps=4, lr=1e-2, batch_size=4, max_length=16, temperature=temperature, site_weight=site_weight
+        steps=steps, lr=1e-2, batch_size=4, max_length=16, temperature=temperature, site_weight=site_weight
     )
     recipe = options.recipe(job.student, distill_weight=1.0, task_weight=0.0)
     if compile:
@@ -60,7 +67,7 @@ def _recover(paths: dict, temperature: float | None = None, site_weight: float =
 
 @pytest.mark.parametrize(
     "which, temperature, site_weight",
-    [("classifier", CLASSIFIER_TEMPERATURE, DEFAULT_SITE_WEIGHT), ("causal", TOKEN_TEMPERATURE, DEFAULT_SITE_WEIGHT)],
+    [("classifier", CLASSIFIER_TEMPERATURE, CLASSIFIER_SITE_WEIGHT), ("causal", TOKEN_TEMPERATURE, TOKEN_SITE_WEIGHT)],
 )
 def test_default_signal_is_the_outputs_own(request, which, temperature, site_weight):
     """The training loss (what the settings change; the published adapter may be the start again,
@@ -121,6 +128,29 @@ def test_site_term_is_each_sites_update_error_relative_to_the_teachers(classifie
     assert total.item() / rows == pytest.approx(sum(expected) / len(expected), rel=1e-4)
     total.backward()  # the student's factors get a gradient through the recorded updates
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in handles[0].parameters.values())
+
+
+@pytest.mark.parametrize("which", ["classifier", "causal"])
+def test_site_term_is_a_share_of_the_kl(request, which):
+    """On one step (the start's parameters, the same batch) the loss with site weight w is (1 + w)
+    times the KL alone: the site term is rescaled to the KL's size, so a weight means the same share
+    whether the KL is large or the student is already near its teacher."""
+    paths = request.getfixturevalue(which)
+    kl_alone = _recover(paths, site_weight=0.0, steps=1)[1]["final_train_loss"]
+    for weight in (0.5, 2.0):
+        loss = _recover(paths, site_weight=weight, steps=1)[1]["final_train_loss"]
+        assert loss == pytest.approx((1.0 + weight) * kl_alone, rel=1e-5)
+
+
+def test_share_keeps_the_terms_gradient_direction():
+    """The rescaled term's gradient is the term's own times reference / term (both held constant)."""
+    from shareport.train.accel import make_accelerator
+    from shareport.train.recipe import _as_share_of
+
+    x = torch.tensor([0.3, -1.2, 2.0], requires_grad=True)
+    term, reference = (x**2).sum(), torch.tensor(0.07)
+    (share_grad,) = torch.autograd.grad(_as_share_of(term, reference, make_accelerator(merging=False)), x)
+    assert torch.allclose(share_grad, 2 * x.detach() * (0.07 / term.item()), rtol=1e-6)
 
 
 def test_site_weight_trains_the_same_compiled_as_eager(classifier):

@@ -293,7 +293,9 @@ def test_precisions_give_the_bytes_and_fidelity_of_the_quantized_files(stored_ru
             point = got[(form, precision)]
             assert point["bytes"] == _stored_bytes(folder)
             metrics = evaluate_adapter(job, load_adapter(folder), 4)
-            assert point["kl"] == pytest.approx(metrics["kl"], rel=1e-6, abs=1e-9)
+            assert point["kl"] == pytest.approx(
+                metrics["kl"], rel=1e-5, abs=1e-9
+            )  # float32 sums in another batch order
             assert point["top1_agreement"] == metrics["top1_agreement"] == point["fidelity"]
         assert got[(form, "fp16")]["bytes"] == 2 * got[(form, "fp32")]["parameters"]
         assert got[(form, "int4")]["bytes"] < got[(form, "int8")]["bytes"] < got[(form, "fp16")]["bytes"]

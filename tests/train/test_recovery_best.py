@@ -113,8 +113,10 @@ def test_adapter_equal_to_its_teacher_stays_equal(setup, tmp_path):
 
 
 def test_a_good_start_is_not_made_worse(setup, tmp_path, cli):
-    """A constant lr far too large: the last step is worse than the start, and what is published is
-    the best evaluated step, whose KL an independent evaluation of the written adapter reproduces."""
+    """A constant lr far too large: the last step is worse than an earlier evaluated one (on one CPU the
+    start, on another step 3: this tiny model's curve depends on the hardware's float sums), and what
+    is published is the best evaluated step, whose KL an independent evaluation of the written
+    adapter reproduces."""
     out = tmp_path / "ruined"
     result = cli(
         *finetune_args(setup, out),
@@ -137,12 +139,14 @@ def test_a_good_start_is_not_made_worse(setup, tmp_path, cli):
     report = json.loads((out / "training_report.json").read_text())
     kls = {p["step"]: p["kl"] for p in report["curve"]}
     assert sorted(kls) == [0, 3, 6]
-    assert kls[6] > kls[0]  # the old recipe would have published a worse adapter than it was given
+    assert kls[6] > min(kls.values())  # the old recipe would have published the last, a worse adapter
     assert report["best_step"] == min(kls, key=lambda s: (kls[s], s)) != 6
     assert report["after"]["kl"] == kls[report["best_step"]] <= report["before"]["kl"]
     again = evaluate_adapter(_job(setup), load_adapter(out), 4)
     assert again["kl"] == pytest.approx(report["after"]["kl"], rel=1e-5)
-    assert f"kept step {report['best_step']}" in result.output
+    assert (
+        f"kept step {report['best_step']}" if report["best_step"] else "no evaluated step beat the start"
+    ) in result.output
     # the start itself kept: said plainly, with the lr to blame
     assert (report["best_step"] == 0) == ("no evaluated step beat the start" in result.output)
 
