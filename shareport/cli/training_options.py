@@ -8,7 +8,7 @@ from typing import Iterator
 import click
 
 from ..train.choices import MERGE_MODES, MERGE_PAIRS
-from ..train.schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES
+from ..train.schedule import BACKOFF_FACTOR, BACKOFF_RATIO, DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES
 from .options import output_option
 from .table import format_table, to_json
 
@@ -49,6 +49,14 @@ _RECIPE_OPTIONS = [
         default=None,
         help="Evaluate the held-out split every N steps (and at step 0 and the last); the best "
         "adapter evaluated is the one written [default: about 10% of the run's compute].",
+    ),
+    click.option(
+        "--backoff/--no-backoff",
+        default=True,
+        show_default=True,
+        help=f"When an evaluation's held-out score is more than {BACKOFF_RATIO:g}x the best so far (the lr "
+        f"knocked the adapter off a good point), put the best adapter back and scale the lr by "
+        f"{BACKOFF_FACTOR:g} for the rest of the run.",
     ),
     click.option(
         "--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Global batch (all processes)."
@@ -184,6 +192,12 @@ def echo_report(out: str, report: dict, as_json: bool) -> None:
         click.echo(
             f"{len(dropped)} module(s) the teacher adapts are not adapted in the student (cut to rank 0 "
             f"by the conversion), e.g. {dropped[0]}"
+        )
+    if report.get("backoffs"):
+        click.echo(
+            f"backed off at step(s) {', '.join(map(str, report['backoffs']))}: the held-out score rose past "
+            f"{BACKOFF_RATIO:g}x the best, so the best adapter was put back and the lr scaled by "
+            f"{BACKOFF_FACTOR:g} each time"
         )
     if report.get("best_step") == 0 and len(report.get("curve", [])) > 1:
         click.echo(

@@ -56,6 +56,7 @@ class TrainingOptions:
     schedule: str = DEFAULT_SCHEDULE  # the lr after warmup (schedule.SCHEDULES)
     warmup: float = DEFAULT_WARMUP  # share of the steps
     eval_every: int | None = None  # None: about 10% of the run's compute (schedule.default_eval_every)
+    backoff: bool = True  # a diverged evaluation puts the best back and halves the lr (schedule.BACKOFF_RATIO)
     hidden_weight: float = 0.0  # distil the last hidden states too (recovery only)
     temperature: float | None = None  # of the distillation KL; None: by the output (schedule.default_temperature)
     site_weight: float | None = None  # each site's update, a share of the KL (sites.py); None: by the output
@@ -94,6 +95,7 @@ class TrainingOptions:
             schedule=self.schedule,
             warmup=self.warmup,
             eval_every=self.eval_every,
+            backoff=self.backoff,
             hidden_weight=self.hidden_weight,
             temperature=self.temperature,
             site_weight=self.site_weight,

@@ -51,6 +51,8 @@ from .flops import matmul_parameters, throughput
 from .merging import BMerger, MergeSchedule
 from .recipe_checks import check_recipe
 from .schedule import (
+    BACKOFF_FACTOR,
+    BACKOFF_RATIO,
     DEFAULT_LR,
     DEFAULT_SCHEDULE,
     DEFAULT_TRAINABLE,
@@ -59,6 +61,7 @@ from .schedule import (
     default_eval_every,
     default_site_weight,
     default_temperature,
+    diverged,
     eval_steps,
     lr_factor,
 )
@@ -91,6 +94,7 @@ class Recipe:
     # each adapted site's update against the teacher's, a share of the KL (sites.py); None: by the output
     site_weight: float | None = None
     trainable: str = DEFAULT_TRAINABLE  # "factors", or "cores" between frozen orthonormal bases (cores.py)
+    backoff: bool = True  # a diverged evaluation puts the best adapter back and lowers the lr (schedule.py)
     schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
     warmup: float = DEFAULT_WARMUP  # share of the steps
     eval_every: int | None = None  # None: schedule.default_eval_every
@@ -196,6 +200,7 @@ class Trainer:
         layers = max(len(sites) for sites in job.student.kinds().values())
         self.best = BestKept(recipe.merge.last_merge_step(layers) if recipe.merge else 0)
         self.curve_metrics: dict[int, dict] = {}  # every evaluated step's full metrics on the selection split
+        self.lr_scale, self.backoffs = 1.0, []  # lowered at each backoff (steps listed), on top of the schedule
         self.start, self.before = 0, None
         if job.resume_state is not None:
             self.start, self.before = self._restore(job.resume_state)
@@ -232,7 +237,11 @@ class Trainer:
         acc.backward(self.loss)
         if self.sharded:  # merges retire some parameters: average what is there now
             average_gradients([self.student.parameters[n] for n in sorted(self.student.parameters)])
-        lr = recipe.lr * lr_factor(step, steps=recipe.steps, schedule=recipe.schedule, warmup=recipe.warmup)
+        lr = (
+            recipe.lr
+            * self.lr_scale
+            * lr_factor(step, steps=recipe.steps, schedule=recipe.schedule, warmup=recipe.warmup)
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -344,6 +353,18 @@ class Trainer:
         self.curve_metrics[step] = metrics
         _, score = selection_score(metrics, self.job.teacher is not None, self.recipe.task_weight)
         self.best.offer(step, score, self.student.parameters)
+        if self.recipe.backoff and self.best.step not in (None, step) and diverged(score, self.best.score):
+            # the lr knocked the adapter off: back to the best, on at a smaller lr (schedule.BACKOFF_RATIO)
+            with torch.no_grad():
+                for name, value in self.best.tensors.items():
+                    self.student.parameters[name].copy_(value)
+            self.lr_scale *= BACKOFF_FACTOR
+            self.backoffs.append(step)
+            if self.acc.is_main_process:
+                self.progress.write(
+                    f"step {step}: held-out score {score:.4g} > {BACKOFF_RATIO:g} x the best ({self.best.score:.4g}, "
+                    f"step {self.best.step}): back to step {self.best.step}, lr x {self.lr_scale:g} from here"
+                )
 
     def _after(self) -> dict:
         """The published adapter's metrics on ``heldout``: from the curve when it is the selection split."""
@@ -392,6 +413,7 @@ class Trainer:
                 "eval_before": self.before,
                 "curve_metrics": self.curve_metrics,
                 "best": best_meta,
+                "backoff": {"lr_scale": self.lr_scale, "steps": self.backoffs},
             }
             save_checkpoint(self.job.checkpoint_dir, self.student.to_adapter(), state, tensors)
         acc.wait_for_everyone()
@@ -406,6 +428,8 @@ class Trainer:
         self.curve_metrics = {int(k): v for k, v in state.get("curve_metrics", {}).items()}
         if state.get("best"):
             self.best.load_state(state["best"], tensors, self.acc.device)
+        if state.get("backoff"):
+            self.lr_scale, self.backoffs = state["backoff"]["lr_scale"], list(state["backoff"]["steps"])
         return int(state["step"]), state["eval_before"]
 
     def _report(self, after: dict, trained: Adapter, elapsed: float) -> dict:
@@ -422,6 +446,7 @@ class Trainer:
             "before": self.before,
             "after": after,
             "best_step": self.best.step,
+            "backoffs": self.backoffs,  # evaluated steps that diverged: the best put back, the lr lowered
             "selected_by": selected_by,
             "eval_every": self.eval_every,
             "curve": [curve_point(step, metrics) for step, metrics in sorted(self.curve_metrics.items())],

@@ -46,13 +46,13 @@ from shareport import flows
 from shareport.errors import ShareportError
 from shareport.files import load_adapter
 from shareport.train import best as best_module
+from shareport.train import schedule
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import evaluate_adapter, run
 from shareport.train.schedule import default_eval_every, default_site_weight
 from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 from tests.benchmarks import docstrings_data
 from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
-from tests.benchmarks.lr_backoff import lr_backoff
 from tests.benchmarks.stages import stage
 
 OLD_LR = 2e-3
@@ -147,6 +147,18 @@ def convert(task: Task, form: str, budget: float, calibrated: bool) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def backoff_at_every_regression():
+    """Inside: the library's backoff (recipe.Trainer, schedule.diverged) fires at any evaluation worse
+    than the best so far, not only past schedule.BACKOFF_RATIO x it: the variant measured first."""
+    ratio = schedule.BACKOFF_RATIO
+    schedule.BACKOFF_RATIO = 1.0
+    try:
+        yield
+    finally:
+        schedule.BACKOFF_RATIO = ratio
+
+
 def recover(
     task: Task,
     student: Path,
@@ -160,7 +172,7 @@ def recover(
     temperature: float | None = None,
     batch: int | None = None,
     site: float | None = None,
-    backoff: bool = False,
+    backoff: int = 2,
     seed: int = 0,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
@@ -186,6 +198,7 @@ def recover(
             eval_every=curve_every,
             temperature=1.0,  # the loss as it was: the KL alone
             site_weight=0.0,
+            backoff=False,
         )
     else:
         options = TrainingOptions(
@@ -199,6 +212,7 @@ def recover(
             temperature=temperature,
             site_weight=site,
             seed=seed,
+            backoff=backoff == 2,
         )
     selection = job.selection if job.selection is not None else job.heldout
     # the LoRA on the selection split: the reference of the curve's fidelity
@@ -206,7 +220,7 @@ def recover(
     started = time.perf_counter()
     with (
         last_step_published() if recipe == "old" else contextlib.nullcontext(),
-        lr_backoff() if backoff else contextlib.nullcontext(),
+        backoff_at_every_regression() if backoff == 1 else contextlib.nullcontext(),
     ):
         trained, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
     seconds = time.perf_counter() - started
@@ -287,7 +301,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['task']} | {r['form']} | {100 * r['budget']:g}% | {r['start']} | {r['recipe']} | "
             f"{r.get('trainable', 'factors')} | "
-            f"{r['lr']:g} | {'yes' if r.get('backoff') else 'no'} | {r['hidden']:g} | {r.get('site_used', r.get('site') or 0.0):g} | {r.get('temperature_used', r.get('temperature', 1.0)):g} | {r.get('batch', '-')} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
+            f"{r['lr']:g} | {r.get('backoff') if isinstance(r.get('backoff'), str) else ('every' if r.get('backoff') else 'no')} | {r['hidden']:g} | {r.get('site_used', r.get('site') or 0.0):g} | {r.get('temperature_used', r.get('temperature', 1.0)):g} | {r.get('batch', '-')} | {r['steps']} | {s['kl_before']:.4f} -> {s['kl_after']:.4f} | "
             f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | {r['best_step']} | {reach} | "
             f"{r['s_per_step_with_default_eval']:.3f} | {100 * r['eval_share_default']:.1f}% |"
         )
@@ -364,9 +378,11 @@ def main(argv=None) -> list[dict]:
         "--backoff",
         nargs="+",
         type=int,
-        default=[0],
-        choices=[0, 1],
-        help="new recipe: 1 = halve the lr and return to the best adapter at a regressing evaluation (lr_backoff.py)",
+        default=[2],
+        choices=[0, 1, 2],
+        help="new recipe: 0 = no backoff (--no-backoff); 1 = halve the lr and return to the best adapter at "
+        "every regressing evaluation (the library's backoff at ratio 1); 2 = the library's: only at a diverged one "
+        "(schedule.BACKOFF_RATIO) [2]",
     )
     parser.add_argument(
         "--batch-sizes", nargs="+", type=int, default=[None], help="new recipe: the batch size [the task's own]"
@@ -436,7 +452,8 @@ def main(argv=None) -> list[dict]:
                                     + (f"-b{batch}" if batch else "")
                                     # no suffix: weight 0 (-ks: the site term as a share of the KL; -s, -sauto: the absolute term of 2026-12-07 morning)
                                     + (f"-ks{site_value:g}" if site_value else "")
-                                    + ("-backoff" if backoff else "")
+                                    # no suffix: no backoff (runs from before the library's)
+                                    + {0: "", 1: "-backoff", 2: "-bo1.5"}[backoff]
                                     + (f"-seed{seed}" if seed else "")
                                 )
                                 row = stage(
@@ -455,7 +472,7 @@ def main(argv=None) -> list[dict]:
                                         temperature,
                                         batch,
                                         site,
-                                        bool(backoff),
+                                        backoff,
                                         seed,
                                     ),
                                 )
@@ -473,7 +490,7 @@ def main(argv=None) -> list[dict]:
                                     "temperature": temperature,
                                     "batch": batch or task.batch,
                                     "site": site_value,
-                                    "backoff": bool(backoff),
+                                    "backoff": {0: "no", 1: "every", 2: "diverged"}[backoff],
                                     "seed": seed,
                                 }
                                 row.update(step_cost(row, task))

@@ -21,7 +21,7 @@ from shareport.files.adapters import load_adapter, save_adapter
 from shareport.train.data import load_data
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import Recipe, Trainer, evaluate_adapter, run
-from shareport.train.schedule import STEP_UNITS, default_eval_every, eval_steps, lr_factor
+from shareport.train.schedule import STEP_UNITS, default_eval_every, diverged, eval_steps, lr_factor
 from tests.training_helpers import finetune_args, recovery_setup, write_text
 
 
@@ -88,6 +88,37 @@ def test_trainer_applies_the_schedule_to_the_optimizer(setup):
         trainer.after_step(step + 1)
     trainer.finish()
     assert seen == pytest.approx([4e-3 * f for f in _torch_lrs(10, 2, "linear")], abs=1e-15)
+
+
+@pytest.mark.parametrize("backoff", [True, False])
+def test_a_diverged_evaluation_puts_the_best_back_and_lowers_the_lr(setup, backoff):
+    """The LoRA toward itself (KL 0 at the start, the best) at a large constant lr: every later
+    evaluation is above 1.5 x 0, so each puts the start's factors back and halves the lr from the
+    next step; without backoff the lr stays and the factors move on."""
+    job = _job(setup, student=setup["lora"])
+    recipe = Recipe(steps=6, lr=3e-2, batch_size=4, eval_every=2, schedule="constant", warmup=0.0, backoff=backoff)
+    trainer = Trainer(job, recipe)
+    start = {n: p.detach().clone() for n, p in trainer.student.parameters.items()}
+    seen = []
+    for step in range(recipe.steps):
+        trainer.train_step(step)
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.after_step(step + 1)
+        if (step + 1) % 2 == 0:
+            back = all(torch.equal(p, start[n]) for n, p in trainer.student.parameters.items())
+            assert back == backoff
+    _, report = trainer.finish()
+    assert report["backoffs"] == ([2, 4, 6] if backoff else [])
+    assert all(p["kl"] > 0 for p in report["curve"][1:]) and report["best_step"] == 0
+    expected = [3e-2, 3e-2, 1.5e-2, 1.5e-2, 7.5e-3, 7.5e-3] if backoff else [3e-2] * 6
+    assert seen == pytest.approx(expected, rel=1e-12)
+
+
+def test_noise_is_not_divergence():
+    """A held-out score up to 1.5 x the best is noise and keeps the run going; past it, a backoff."""
+    assert not diverged(0.30, 0.20) and not diverged(0.0, 0.0)
+    assert diverged(0.3001, 0.20) and diverged(1e-9, 0.0)
+    assert not diverged(-1e-10, -1e-10)  # a KL of 0 a hair below it in float sums is not a divergence
 
 
 def test_default_eval_every_keeps_evaluation_near_a_tenth_of_the_run():
@@ -174,6 +205,8 @@ def test_resumed_run_keeps_the_best_so_far_and_ends_bit_identical(setup, tmp_pat
         _job(setup, student=setup["lora"], checkpoint_dir=tmp_path / "cut", resume=True), recipe
     )
     assert resumed_report["best_step"] == whole_report["best_step"]
+    # every evaluation after the start diverged from KL 0: the checkpoint carried the lowered lr on
+    assert whole_report["backoffs"] == [2, 4, 6, 8, 10, 12] == resumed_report["backoffs"]
     assert resumed_report["curve"] == whole_report["curve"]
     for name in whole.used_tensor_names():
         assert torch.equal(resumed.tensors[name], whole.tensors[name]), name
