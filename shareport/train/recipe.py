@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -262,7 +263,8 @@ class Trainer:
             for event in events:
                 self.progress.write(
                     f"step {t}: {event.kind}: layers {event.merged} take the B of layers "
-                    f"{event.kept} (distance {event.distance:.4g})"
+                    f"{event.kept} (distance {event.distance:.4g})",
+                    file=sys.stderr,  # stdout is the command's report (--json)
                 )
         if t in self.eval_at:
             started = time.perf_counter()
@@ -363,7 +365,8 @@ class Trainer:
             if self.acc.is_main_process:
                 self.progress.write(
                     f"step {step}: held-out score {score:.4g} > {BACKOFF_RATIO:g} x the best ({self.best.score:.4g}, "
-                    f"step {self.best.step}): back to step {self.best.step}, lr x {self.lr_scale:g} from here"
+                    f"step {self.best.step}): back to step {self.best.step}, lr x {self.lr_scale:g} from here",
+                    file=sys.stderr,  # stdout is the command's report (--json)
                 )
 
     def _after(self) -> dict:

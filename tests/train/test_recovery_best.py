@@ -114,6 +114,24 @@ def test_a_diverged_evaluation_puts_the_best_back_and_lowers_the_lr(setup, backo
     assert seen == pytest.approx(expected, rel=1e-12)
 
 
+def test_a_backoff_is_said_on_stderr_and_json_stays_clean(setup, tmp_path, cli):
+    """The LoRA toward itself at a large lr backs off at every evaluation: each is announced on stderr
+    (stdout is the report), the JSON report lists them, and the closing lines say so."""
+
+    def args(out):
+        run_args = [*finetune_args({**setup, "shared": setup["lora"]}, out), "--steps", 4, "--lr", 3e-2]
+        return [*run_args, "--eval-every", 2, "--batch-size", 4, "--max-length", 32]
+
+    result = cli(*args(tmp_path / "json"), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["backoffs"] == [2, 4]
+    assert "step 2: held-out score" in result.stderr and "back to step 0" in result.stderr
+    plain = cli(*args(tmp_path / "text"))
+    assert plain.exit_code == 0, plain.output
+    assert "backed off at step(s) 2, 4" in plain.stdout
+
+
 def test_noise_is_not_divergence():
     """A held-out score up to 1.5 x the best is noise and keeps the run going; past it, a backoff."""
     assert not diverged(0.30, 0.20) and not diverged(0.0, 0.0)
