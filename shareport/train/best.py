@@ -28,6 +28,12 @@ class BestKept:
         self.tensors = {n: p.detach().clone() for n, p in parameters.items()}
         return True
 
+    def restore_into(self, parameters: dict[str, torch.nn.Parameter]) -> None:
+        """Put the kept adapter's values back into the trained ``parameters`` (in place)."""
+        with torch.no_grad():
+            for name, value in self.tensors.items():
+                parameters[name].copy_(value)
+
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         return (
             {"step": self.step, "score": self.score if self.step is not None else None},

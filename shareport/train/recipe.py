@@ -294,9 +294,7 @@ class Trainer:
         self.progress.close()
         elapsed = time.perf_counter() - self.started
         if self.best.step is not None and self.best.step != max(self.curve_metrics, default=None):
-            with torch.no_grad():
-                for name, value in self.best.tensors.items():
-                    self.student.parameters[name].copy_(value)
+            self.best.restore_into(self.student.parameters)
         after = self._after()
         composed = (
             self.bases.factors(self.student, self.job.student, kept_start=self.best.step == 0)
@@ -357,9 +355,7 @@ class Trainer:
         self.best.offer(step, score, self.student.parameters)
         if self.recipe.backoff and self.best.step not in (None, step) and diverged(score, self.best.score):
             # the lr knocked the adapter off: back to the best, on at a smaller lr (schedule.BACKOFF_RATIO)
-            with torch.no_grad():
-                for name, value in self.best.tensors.items():
-                    self.student.parameters[name].copy_(value)
+            self.best.restore_into(self.student.parameters)
             self.lr_scale *= BACKOFF_FACTOR
             self.backoffs.append(step)
             if self.acc.is_main_process:
