@@ -304,6 +304,9 @@ def _clustered(
     of two and the largest, then bisection beside the best). The report records the clusters, and every
     count tried, when more than one cluster was made or tried."""
     factors = {kind: ([s.factors[kind][0] for s in sources], [s.factors[kind][1] for s in sources]) for kind in kinds}
+    calibrated = sources[0].calibration is not None
+    # a calibrated member's statistics are in the whole fleet's bases (fleet_bases); clusters re-express them
+    stats_bases = {kind: fleet_basis(factors[kind][0]) for kind in kinds} if calibrated and max(counts) > 1 else {}
     fraction = DEFAULT_BUDGET if budget is None else budget
     budget_parameters = math.floor(fraction * sum(s.lora_parameters for s in sources))
     built, candidates = [], []
@@ -322,7 +325,9 @@ def _clustered(
                 raise ShareportError(f"--budget {fraction:g}: {exc}") from None
             candidates.append({"clusters": count, "refused": str(exc)})
             return None
-        fleet, error, energy = _build(sources, kinds, form, rank=rank, budget=budget, chosen=chosen, clusters=fit)
+        fleet, error, energy = _build(
+            sources, kinds, form, rank=rank, budget=budget, chosen=chosen, clusters=fit, stats_bases=stats_bases
+        )
         built.append((count, fit, fleet, error, energy))
         candidates.append(
             {
@@ -340,7 +345,6 @@ def _clustered(
         # the search's own tie, in the members' measure: the weights', or for a calibrated fleet the
         # output energy of dW' = 0, the same at every count: one cluster's build (scored first anyway)
         first = evaluate(counts[0])
-        calibrated = sources[0].calibration is not None
         energy = built[0][4] if calibrated and built else sum(s.weight_energy() for s in sources)
         search_counts(counts, lambda c: first if c == counts[0] else evaluate(c), AUTO_TIE * energy)
         built.sort(key=lambda b: b[0])
@@ -384,11 +388,13 @@ def _build(
     budget: float | None,
     chosen: dict | None = None,
     clusters: ClusterFit | None = None,
+    stats_bases: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Fleet, float, float]:
     """One form's fleet, and (sum of the members' squared errors, of their energies) in its measure.
 
     ``clusters``: the members' clusters and each (cluster, kind)'s ranks (``converters.fleet_clusters``);
-    None: one basis per kind for the whole fleet, planned here."""
+    None: one basis per kind for the whole fleet, planned here. ``stats_bases``: per kind the whole
+    fleet's basis that calibrated members' statistics are in (needed with ``clusters`` only)."""
     if clusters is None:
         lora_total = sum(s.lora_parameters for s in sources)
         plan = _plan(
@@ -403,12 +409,6 @@ def _build(
         plan = {(c, kind): ranks for (c, kind), ranks in clusters.ranks.items()}
         groups = [(c + 1, members) for c, members in enumerate(cluster_members(clusters.labels))]
     calibrated = sources[0].calibration is not None
-    # a calibrated member's statistics are in the whole fleet's bases, a cluster fits in its own
-    stats_bases = (
-        {kind: fleet_basis([s.factors[kind][0] for s in sources]) for kind in kinds}
-        if calibrated and clusters is not None
-        else {}
-    )
     shared: dict[str, torch.Tensor] = {}
     cluster_shared: dict[int | None, dict[str, torch.Tensor]] = {}  # what each member's pool holds
     parts = [MemberParts() for _ in sources]
@@ -421,9 +421,9 @@ def _build(
                 # the assignment already fit it (``fit_clusters``: the same call _kind_result makes)
                 result = clusters.kinds[(cluster - 1, kind)]
             else:
-                result = _kind_result(
-                    [sources[i] for i in members], kind, form, *ranks, stats_basis=stats_bases.get(kind)
-                )
+                # a cluster's calibrated fit re-expresses the statistics in its own basis
+                stats_basis = stats_bases[kind] if clusters is not None else None
+                result = _kind_result([sources[i] for i in members], kind, form, *ranks, stats_basis=stats_basis)
             key = kind_key(kind, cluster)
             a_name, u_name = basis_names(key)
             own[a_name] = result.basis_v.contiguous()
