@@ -1,0 +1,64 @@
+"""Per-step cost of the recovery defaults against the old loop's settings (issue 26's cost target: at
+most 1.2x), interleaved in one process (not collected by pytest).
+
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_recovery_cost [--out /tmp/br] [--steps 40] [--rounds 3]
+
+On bench_recovery's docstrings task (its cached stages under ``--out``; built there if missing), the
+10% truncation recovers ``--steps`` steps with the old settings (T 1, no site term, no backoff,
+constant lr) and with the library's defaults (T 4 and site weight 1 for this classifier, backoff,
+cosine), alternating ``--rounds`` times, one evaluation at the end. Training seconds per step
+(evaluation excluded: the same few-percent share in both) are printed per round, with the ratio of
+the minima.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from shareport.train.jobs import TrainingOptions, recovery_job
+from shareport.train.recipe import run
+from tests.benchmarks import bench_recovery
+
+SETTINGS = {
+    "old (T 1, no site term, no backoff, constant lr)": dict(
+        temperature=1.0, site_weight=0.0, backoff=False, schedule="constant", warmup=0.0
+    ),
+    "defaults (T 4, site weight 1, backoff, cosine)": {},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/br", help="bench_recovery's folder (its stages are reused)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    task = bench_recovery.docstrings_task(Path(args.out))
+    (task.out / "converted").mkdir(exist_ok=True)
+    student = bench_recovery.convert(task, "lora", 0.1, False)
+    job = recovery_job(
+        student, task.base, task.lora, data_path=task.data, max_length=task.max_length, eval_path=task.test
+    )
+    job = dataclasses.replace(job, progress=False)
+    per_step = {name: [] for name in SETTINGS}
+    for _ in range(args.rounds):
+        for name, extra in SETTINGS.items():
+            options = TrainingOptions(
+                steps=args.steps, batch_size=task.batch, max_length=task.max_length, eval_every=args.steps, **extra
+            )
+            _, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
+            timings = report["timings"]
+            per_step[name].append((timings["seconds"] - timings["eval_seconds"]) / args.steps)
+    for name, values in per_step.items():
+        print(f"{name}: training s/step {min(values):.3f} (min of {args.rounds}; all {[round(v, 3) for v in values]})")
+    old, new = (min(values) for values in per_step.values())
+    print(f"defaults / old: {new / old:.2f}")
+
+
+if __name__ == "__main__":
+    main()
