@@ -18,6 +18,7 @@ from .data import TokenData, pad_token_id
 from .teacher import Teacher
 
 CHUNK = 32  # texts sampled together
+SAMPLING_TEMPERATURE = 1.0  # the teacher's distribution as it is (a benchmark may patch it to compare)
 
 
 def _token_ids(value) -> list[int]:
@@ -61,7 +62,7 @@ def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed:
                     input_ids=prompt,
                     attention_mask=torch.ones_like(prompt),
                     do_sample=True,
-                    temperature=1.0,
+                    temperature=SAMPLING_TEMPERATURE,
                     top_k=0,
                     top_p=1.0,
                     max_new_tokens=max_length - 1,

@@ -29,7 +29,8 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
    carry the classifier head, so its bytes add the LoRA's head and it is scored with that head).
 5. **Recovery** at ``recover_budget``: every member / every alone-converted adapter is fine-tuned
    on its own task's train texts without labels toward its own LoRA (``shareport.flows.recover``,
-   what ``shareport finetune`` runs; a fleet member trains only its cores).
+   what ``shareport finetune`` runs, at the library's lr unless ``--recover-lr``; a fleet member trains
+   only its cores). Recovered folders and scores are named by their steps and lr.
 6. **Peers at the same stored bytes** (``fleet_peers.py``): lorashare and vLoRA compress the same
    LoRAs at the component count k whose stored bytes (every tensor they keep, plus the heads each
    member needs) are nearest those of the ``shareab`` fleet at each budget; each member is rebuilt
@@ -102,7 +103,7 @@ class Settings:
     budgets: tuple[float, ...] = (0.25, 0.125, 0.0625)
     recover_budget: float = 0.125
     recover_steps: int = 60
-    recover_lr: float = 2e-3
+    recover_lr: float | None = None  # None: the library's default (TrainingOptions().lr), what users get
     recover_batch: int = 8
     seed: int = 0
     same_seed: bool = False  # every LoRA from the same seed: the same A init (a common set_seed(42) habit)
@@ -113,6 +114,15 @@ class Settings:
     def tag(self) -> str:
         """What stage names and fleet folders carry so that another N never reuses them ("" at 8)."""
         return "" if self.tasks == 8 else f"-n{self.tasks}"
+
+    @property
+    def recovered_tag(self) -> str:
+        """What recovered folders and their scores carry, so that other recovery settings never reuse them."""
+        return f"-recovered-s{self.recover_steps}-lr{self.lr:g}"
+
+    @property
+    def lr(self) -> float:
+        return self.recover_lr if self.recover_lr is not None else TrainingOptions().lr
 
 
 FAST = Settings(tasks=3, lora_steps=20, budgets=(0.25,), recover_budget=0.25, recover_steps=5)
@@ -182,7 +192,7 @@ def recover_all(out: Path, base: Path, folders: dict[str, Path], dest: Path, s: 
     """Each adapter fine-tuned toward its own LoRA on its task's train texts (labels unused)."""
     recovered = {}
     options = TrainingOptions(
-        steps=s.recover_steps, lr=s.recover_lr, batch_size=s.recover_batch, max_length=s.max_length, seed=s.seed
+        steps=s.recover_steps, lr=s.lr, batch_size=s.recover_batch, max_length=s.max_length, seed=s.seed
     )
     dest.mkdir(parents=True, exist_ok=True)
     for task, folder in folders.items():
@@ -257,7 +267,7 @@ def run(out: Path, s: Settings) -> dict:
     def add(name, budget, recovered, folders, total_bytes, weights, parameters=None):
         scores = stage(
             out,
-            f"score-{name}-{budget:g}{'-recovered' if recovered else ''}{tag}",
+            f"score-{name}-{budget:g}{s.recovered_tag if recovered else ''}{tag}",
             lambda: score_folders(score, folders),
         )
         if parameters is None:
@@ -310,7 +320,7 @@ def run(out: Path, s: Settings) -> dict:
                 peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(members)]),
             )
             if budget == s.recover_budget:
-                rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + "-recovered"), s)
+                rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + s.recovered_tag), s)
                 add(
                     name,
                     budget,
@@ -334,7 +344,7 @@ def run(out: Path, s: Settings) -> dict:
             peers.tensor_bytes(_weights_files(alone)),
         )
         if budget == s.recover_budget:
-            rec = recover_all(out, base, alone, out / f"alone-{budget:g}-recovered", s)
+            rec = recover_all(out, base, alone, out / f"alone-{budget:g}{s.recovered_tag}", s)
             add(
                 "alone (convert --to auto)",
                 budget,
@@ -569,6 +579,9 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="3 tasks, short training, one budget (a smoke run)")
     parser.add_argument("--lora-steps", type=int, default=None, help="override the LoRAs' training steps")
     parser.add_argument("--recover-steps", type=int, default=None, help="override the recovery steps")
+    parser.add_argument(
+        "--recover-lr", type=float, default=None, help="override the recovery lr (default: the library's)"
+    )
     parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
     parser.add_argument(
@@ -610,6 +623,7 @@ def main() -> None:
     overrides = {
         "lora_steps": args.lora_steps,
         "recover_steps": args.recover_steps,
+        "recover_lr": args.recover_lr,
         "max_length": args.max_length,
         "budgets": tuple(args.budgets) if args.budgets else None,
         "same_seed": args.same_seed or None,

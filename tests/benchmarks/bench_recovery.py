@@ -46,7 +46,7 @@ from shareport import flows
 from shareport.errors import ShareportError
 from shareport.files import load_adapter
 from shareport.train import best as best_module
-from shareport.train import schedule
+from shareport.train import generated, schedule
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import evaluate_adapter, run
 from shareport.train.schedule import default_eval_every, default_site_weight
@@ -395,7 +395,14 @@ def main(argv=None) -> list[dict]:
         default=[None],
         help="causal LM task: also recover on N texts sampled from the teacher (no data file)",
     )
+    parser.add_argument(
+        "--generate-temperature",
+        type=float,
+        default=generated.SAMPLING_TEMPERATURE,
+        help="with --generate: the temperature the teacher samples at (the library's: 1, its distribution as it is)",
+    )
     args = parser.parse_args(argv)
+    generated.SAMPLING_TEMPERATURE = args.generate_temperature
     torch.set_num_threads(1)  # one thread, fixed: a shared 2-core machine (see bench_frontier)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -445,6 +452,11 @@ def main(argv=None) -> list[dict]:
                                     f"run-{form}-{budget:g}-{start}-{recipe}-lr{lr:g}-h{hidden:g}-"
                                     f"{args.steps}-e{args.curve_every}"
                                     + (f"-gen{generate}" if generate else "")
+                                    + (
+                                        f"-gt{args.generate_temperature:g}"
+                                        if generate and args.generate_temperature != 1.0
+                                        else ""
+                                    )
                                     + ("-cores" if trainable == "cores" else "")
                                     # no suffix: T = 1 (runs from before the default followed the output)
                                     + ("-Tauto" if temperature is None else "")
