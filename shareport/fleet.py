@@ -33,7 +33,7 @@ from converters.forms import FLEET_TWO_SIDED
 
 from .adapter import FLEET_KEY, Adapter, Site, compose, kind_factors, kind_key, source_parameters
 from .conversion_report import size_hint
-from .convert import AUTO_TIE
+from .convert import AUTO_TIE, convert_adapter
 from .convert_options import Calibration
 from .errors import ShareportError
 from .fleet_report import FleetReport, MemberReport, member_warnings
@@ -156,8 +156,48 @@ def build_fleet(
     ]
     counts = cluster_counts(clusters, len(sources), rank=rank)
     if form is not None:
-        return _clustered(sources, kinds, form, rank=rank, budget=budget, counts=counts)[0]
-    return _choose(sources, kinds, budget, counts)
+        fleet = _clustered(sources, kinds, form, rank=rank, budget=budget, counts=counts)[0]
+    else:
+        fleet = _choose(sources, kinds, budget, counts)
+    return _against_alone(fleet, sources)
+
+
+def _against_alone(fleet: Fleet, sources: list[MemberSource]) -> Fleet:
+    """``fleet`` with its report's ``alone``: each member truncated on its own (``convert --to lora``) at
+    the fleet's share of the LoRAs' parameters, by the weight error, and a warning where that keeps
+    more than the fleet. A fleet is worth its format only where it beats this (at 1/4 of 8 unrelated
+    LoRAs it may not). Skipped for a calibrated fleet, whose errors are in another measure, and where
+    truncation cannot reach that size."""
+    if sources[0].calibration is not None:
+        return fleet
+    ratio = fleet.report.parameters / fleet.report.lora_parameters
+    alone, alone_error, fleet_error, energy = {}, 0.0, 0.0, 0.0
+    for source, member in zip(sources, fleet.report.members):
+        try:
+            _, report = convert_adapter(source.adapter, "lora", budget=ratio)
+        except ShareportError:  # e.g. a size below every site's rank 1
+            return fleet
+        alone[source.name] = _relative(report.error, report.energy)
+        alone_error += report.error
+        fleet_error += member.relative_error**2 * report.energy
+        energy += report.energy
+    summary = {
+        "form": "lora",
+        "ratio": ratio,
+        "relative_error": _relative(alone_error, energy),
+        "worst_member_relative_error": max(alone.values()),
+        "members": alone,
+    }
+    warnings = list(fleet.report.warnings)
+    if alone_error < fleet_error:
+        worst = max(m.relative_error for m in fleet.report.members)
+        warnings.append(
+            f"each LoRA truncated alone at the same size ({ratio:.1%} of its parameters) keeps more of its "
+            f"update: relative error {summary['relative_error']:.3f} (worst member "
+            f"{summary['worst_member_relative_error']:.3f}) against the fleet's {_relative(fleet_error, energy):.3f} "
+            f"(worst {worst:.3f}); consider `shareport convert LORA --to auto --budget {ratio:.3g}` for each"
+        )
+    return dataclasses.replace(fleet, report=dataclasses.replace(fleet.report, alone=summary, warnings=warnings))
 
 
 @dataclasses.dataclass

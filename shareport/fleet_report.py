@@ -35,6 +35,8 @@ class FleetReport:
     additions: list[dict] = dataclasses.field(default_factory=list)  # fleet add: one entry per member added
     # clustered fleets, or several cluster counts tried: count, members (name -> cluster), candidates
     clusters: dict | None = None
+    # plain fleets: each member truncated alone at the fleet's share of the parameters (``fleet._against_alone``)
+    alone: dict | None = None
 
     @property
     def lora_parameters(self) -> int:
@@ -46,7 +48,7 @@ class FleetReport:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        for optional in ("additions", "clusters"):  # without them, a fleet writes the report it always did
+        for optional in ("additions", "clusters", "alone"):  # without them, a fleet writes the report it always did
             if not data[optional]:
                 del data[optional]
         data.update(

@@ -33,7 +33,7 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
    only its cores). Recovered folders and scores are named by their steps and lr.
 6. **Peers at the same stored bytes** (``fleet_peers.py``): lorashare and vLoRA compress the same
    LoRAs at the component count k whose stored bytes (every tensor they keep, plus the heads each
-   member needs) are nearest those of the ``shareab`` fleet at each budget; each member is rebuilt
+   member needs) are nearest those of the fleet at each budget (the defaults' row, else ``shareab``); each member is rebuilt
    by the peer's own reconstruction as a PEFT folder (vLoRA: with the LoRA's alpha, as ``vlora
    export --alpha`` gives it, and the LoRA's head, which it drops) and scored like every other row,
    before recovery only (neither peer has a comparable recovery). vLoRA also NF4-packed (its
@@ -78,6 +78,7 @@ TARGETS = ["query", "value"]
 # 3-way tasks over the 12 docstring classes (docstrings_data.CLASSES indices); every class is used twice
 TASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11), (0, 4, 8), (1, 5, 9), (2, 6, 10), (3, 7, 11))
 FORMS = ("sharea", "shareab", "default")  # the fleet rows: one basis per form, and the defaults
+DEFAULT_FLEET_ROW = "fleet (defaults: form, clusters auto)"
 
 
 def task_subsets(n: int) -> tuple[tuple[int, int, int], ...]:
@@ -310,7 +311,7 @@ def run(out: Path, s: Settings) -> dict:
                     file=sys.stderr,
                 )
             members = {t: fleet_dir / t for t in tasks}
-            name = f"fleet-{form}" if form else "fleet (defaults: form, clusters auto)"
+            name = f"fleet-{form}" if form else DEFAULT_FLEET_ROW
             add(
                 name,
                 budget,
@@ -390,8 +391,8 @@ def add_peers(
     last: bool,
     tag: str = "",
 ) -> None:
-    """lorashare and vLoRA at the stored bytes of shareport's fleet at this budget (its ``shareab``
-    row, else ``budget`` x the LoRAs' bytes): each at the k nearest in bytes (``fleet_peers``), every
+    """lorashare and vLoRA at the stored bytes of shareport's fleet at this budget (its defaults' row,
+    else its ``shareab`` row, else ``budget`` x the LoRAs' bytes): each at the k nearest in bytes (``fleet_peers``), every
     member rebuilt by the peer's own reconstruction and scored as the other rows; vLoRA also with its
     NF4-packed save, and (at the largest budget) exported without ``--alpha``, as its README shows."""
 
@@ -409,8 +410,13 @@ def add_peers(
         raise SystemExit(
             f"[bench_fleet] rebuilt members differ from their LoRAs at full k: {bad} (see peer-exactness.json)"
         )
-    fleet = [r for r in rows if r["budget"] == budget and r["method"] == "fleet-shareab" and not r["recovered"]]
-    target = fleet[0]["weights"] if fleet else round(budget * lora_weights)
+    # the peers get the bytes of shareport's fleet at this budget: the defaults' row where it was built
+    # (what a user gets), else the shareab row's; a fleet stores its heads too, so this is above budget x LoRAs
+    fleet = {
+        r["method"]: r for r in rows if r["budget"] == budget and r["method"].startswith("fleet") and not r["recovered"]
+    }
+    chosen = fleet.get(DEFAULT_FLEET_ROW) or fleet.get("fleet-shareab")
+    target = chosen["weights"] if chosen else round(budget * lora_weights)
     heads = sum(peers.head_bytes(d) for d in lora_dirs.values())
 
     def choices(kind):

@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from shareport.convert import convert_adapter
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter
 from shareport.fleet import build_fleet, fleet_bases
@@ -87,6 +88,49 @@ def test_rank_without_form_is_refused(loras, tmp_path, cli):  # noqa: F811
     assert not (tmp_path / "out").exists()
 
 
+def truncation_error(lora, truncated):
+    """(sum_l ||dW - best rank-r_l approximation||^2, sum_l ||dW||^2) by dense SVD (Eckart-Young), at the
+    ranks ``truncated`` kept per site (0 where it dropped the site)."""
+    err = energy = 0.0
+    for path in lora.sites:
+        s = torch.linalg.svdvals(lora.update(path, torch.float64))
+        rank = truncated.rank(path) if path in truncated.sites else 0
+        err += float(s[rank:].square().sum())
+        energy += float(s.square().sum())
+    return err, energy
+
+
+@pytest.mark.parametrize(
+    "which, budget, alone_wins", [("loras", 0.3, True), ("loras", 0.6, True), ("shared_a", 0.3, False)]
+)
+def test_each_alone_is_compared_at_the_fleets_size_and_warned_about_where_it_keeps_more(
+    which, budget, alone_wins, request
+):
+    """Unrelated LoRAs (own seeds) are better truncated alone at the fleet's size; LoRAs with one A are not."""
+    adapters = [load_adapter(d) for d in dirs(request.getfixturevalue(which))]
+    fleet = build_fleet(adapters, list(RANKS), budget=budget)
+    alone = fleet.report.alone
+    ratio = fleet.report.parameters / fleet.report.lora_parameters
+    assert alone["ratio"] == pytest.approx(ratio) and alone["form"] == "lora"
+    alone_err = fleet_err = total = 0.0
+    for name, adapter, (member_err, member_energy) in zip(
+        RANKS, adapters, dense_member_errors(adapters, fleet.members)
+    ):
+        truncated, _ = convert_adapter(adapter, "lora", budget=ratio)
+        assert truncated.num_parameters() <= ratio * adapter.num_parameters()
+        err, energy = truncation_error(adapter, truncated)
+        assert energy == pytest.approx(member_energy, rel=1e-9)
+        assert alone["members"][name] == pytest.approx(math.sqrt(err / energy), rel=1e-4)
+        alone_err, fleet_err, total = alone_err + err, fleet_err + member_err, total + energy
+    assert alone["relative_error"] == pytest.approx(math.sqrt(alone_err / total), rel=1e-4)
+    assert (alone_err < fleet_err) == alone_wins
+    warned = [w for w in fleet.report.warnings if w.startswith("each LoRA truncated alone")]
+    assert len(warned) == int(alone_wins)
+    if alone_wins:
+        assert f"--budget {ratio:.3g}" in warned[0]
+    assert build_fleet(adapters, list(RANKS), "sharea", rank=2).report.alone is not None  # a rank too
+
+
 @pytest.mark.parametrize("which, budget", [("loras", 0.125), ("shared_a", 0.6)])
 def test_a_member_keeping_under_half_its_energy_is_warned_about(which, budget, request, tmp_path, cli):
     root = request.getfixturevalue(which)
@@ -99,7 +143,7 @@ def test_a_member_keeping_under_half_its_energy_is_warned_about(which, budget, r
     warned = [name for name in RANKS if any(f"member {name} " in w for w in data["warnings"])]
     assert warned == low
     assert [line for line in r.stderr.splitlines() if line.startswith("warning: member")] == [
-        f"warning: {w}" for w in data["warnings"]
+        f"warning: {w}" for w in data["warnings"] if w.startswith("member ")
     ]
     if which == "loras":
         assert low, "random LoRAs at 1/8 should lose more than half of some member's energy"
@@ -208,6 +252,7 @@ def test_calibrated_choice_uses_each_members_dense_output_error(calibrated_setup
     }
     report = json.loads((tmp_path / "auto" / "fleet_report.json").read_text())
     assert "seconds" not in report["calibration"]  # the written report: the same bytes for the same inputs
+    assert "alone" not in report  # each-alone is compared in weights only: not a calibrated fleet's measure
 
 
 def test_bad_calibration_arguments_are_one_line_and_write_nothing(calibrated_setup, tmp_path, cli):
