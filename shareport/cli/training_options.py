@@ -8,7 +8,15 @@ from typing import Iterator
 import click
 
 from ..train.choices import MERGE_MODES, MERGE_PAIRS
-from ..train.schedule import BACKOFF_FACTOR, BACKOFF_RATIO, DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES
+from ..train.schedule import (
+    BACKOFF_FACTOR,
+    BACKOFF_RATIO,
+    DEFAULT_LR,
+    DEFAULT_SCHEDULE,
+    DEFAULT_STEPS,
+    DEFAULT_WARMUP,
+    SCHEDULES,
+)
 from .options import output_option
 from .table import format_table, to_json
 
@@ -21,7 +29,9 @@ _RECIPE_OPTIONS = [
         help="A text file (one example a line), a .jsonl with 'text' (and 'label'), or a tokenized folder.",
     ),
     click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists."),
-    click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."),
+    click.option(
+        "--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."
+    ),
     click.option(
         "--lr",
         default=DEFAULT_LR,

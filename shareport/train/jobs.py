@@ -25,7 +25,7 @@ from .data import load_data, split_heldout
 from .generated import generate_data
 from .merging import MergeSchedule
 from .recipe import Job, Recipe
-from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_TRAINABLE, DEFAULT_WARMUP
+from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_STEPS, DEFAULT_TRAINABLE, DEFAULT_WARMUP
 from .teacher import Teacher, check_pair
 
 REPORT_NAME = "training_report.json"
@@ -36,7 +36,7 @@ TIMINGS_NAME = "training_timings.json"  # the run's wall-clock numbers, apart fr
 class TrainingOptions:
     """What ``finetune`` and ``train`` share: the recipe, data split, checkpoints, ASLoRA merges."""
 
-    steps: int = 100
+    steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR
     batch_size: int = 8
     max_length: int = 128

@@ -56,6 +56,7 @@ from .schedule import (
     BACKOFF_RATIO,
     DEFAULT_LR,
     DEFAULT_SCHEDULE,
+    DEFAULT_STEPS,
     DEFAULT_TRAINABLE,
     DEFAULT_WARMUP,
     MIN_HELDOUT_ROWS,
@@ -84,7 +85,7 @@ __all__ = [
 
 @dataclasses.dataclass
 class Recipe:
-    steps: int = 100
+    steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR  # the peak lr, reached after the warmup
     batch_size: int = 8
     seed: int = 0

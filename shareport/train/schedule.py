@@ -36,6 +36,12 @@ from ..errors import ShareportError
 # causal LM 1e-2 was best and 5e-3 / 3e-3 close behind: 3e-3 is the largest lr that is safe on both.
 # (Over 300 steps, and from good starts, 1e-3 did better on the docstrings task and worst on the demo.)
 DEFAULT_LR = 3e-3
+# --steps' default. Measured with the other defaults (lr 3e-3, warmup then cosine decay over the run), test
+# KL / accuracy or agreement kept: docstrings 10% truncation 0.159 / 0.942 at 100 steps, 0.108 / 0.984 at
+# 300; the demo's causal LM 10% 0.0377 / 0.899 at 100, 0.0326 / 0.901 at 150, 0.0244 / 0.941 at 300, 25%
+# 0.0128 -> 0.0054. 100 (the old default) stopped on both while the held-out KL was still falling fast;
+# 300 is the issue's "short fine-tune" and what every recovery target is measured at.
+DEFAULT_STEPS = 300
 SCHEDULES = ("cosine", "linear", "constant")
 # what trains: every factor whole, or only a small core between frozen orthonormal bases (cores.py)
 TRAINABLES = ("factors", "cores")
