@@ -68,6 +68,7 @@ from shareport import flows  # noqa: E402
 from shareport.files import adapter_file_size, load_adapter  # noqa: E402
 from shareport.train.jobs import TrainingOptions, recovery_job  # noqa: E402
 from shareport.train.recipe import evaluate_adapter  # noqa: E402
+from shareport.train.schedule import DEFAULT_STEPS  # noqa: E402
 from tests.benchmarks import bench_frontier as frontier  # noqa: E402
 from tests.benchmarks import docstrings_data  # noqa: E402
 from tests.benchmarks import fleet_peers as peers  # noqa: E402
@@ -103,7 +104,7 @@ class Settings:
     max_length: int = 64
     budgets: tuple[float, ...] = (0.25, 0.125, 0.0625)
     recover_budget: float = 0.125
-    recover_steps: int = 60
+    recover_steps: int = DEFAULT_STEPS  # the library's, what `finetune` runs by default
     recover_lr: float | None = None  # None: the library's default (TrainingOptions().lr), what users get
     recover_batch: int = 8
     seed: int = 0
