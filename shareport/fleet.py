@@ -156,34 +156,38 @@ def build_fleet(
     ]
     counts = cluster_counts(clusters, len(sources), rank=rank)
     if form is not None:
-        fleet = _clustered(sources, kinds, form, rank=rank, budget=budget, counts=counts)[0]
-    else:
-        fleet = _choose(sources, kinds, budget, counts)
-    return _against_alone(fleet, sources)
+        return _clustered(sources, kinds, form, rank=rank, budget=budget, counts=counts)[0]
+    return _choose(sources, kinds, budget, counts)
 
 
-def _against_alone(fleet: Fleet, sources: list[MemberSource]) -> Fleet:
-    """``fleet`` with its report's ``alone``: each member truncated on its own (``convert --to lora``) at
-    the fleet's share of the LoRAs' parameters, by the weight error, and a warning where that keeps
-    more than the fleet. A fleet is worth its format only where it beats this (at 1/4 of 8 unrelated
-    LoRAs it may not). Skipped for a calibrated fleet, whose errors are in another measure, and where
-    truncation cannot reach that size."""
-    if sources[0].calibration is not None:
-        return fleet
-    ratio = fleet.report.parameters / fleet.report.lora_parameters
-    alone, alone_error, fleet_error, energy = {}, 0.0, 0.0, 0.0
-    for source, member in zip(sources, fleet.report.members):
+ALONE_WARNING = "each LoRA truncated alone"  # how the warning of ``against_alone`` starts
+
+
+def against_alone(fleet: Fleet, adapters: list[Adapter], *, quantize: str | None = None) -> Fleet:
+    """``fleet`` (a plain one, built from ``adapters``) with its report's ``alone``: each LoRA truncated on
+    its own (``convert --to lora``) at the fleet's share of the LoRAs' parameters, by the weight error, and
+    a warning where that keeps more. A fleet is worth its format only where it beats this (at 1/4 of 8
+    unrelated LoRAs it may not). The share is rounded down to 4 digits so that the command the warning
+    prints reproduces its numbers and never spends more than the fleet; ``quantize`` (the fleet's) is
+    added to that command, the errors compared are both in float. Unchanged where truncation cannot
+    reach that size (below every site's rank 1)."""
+    budget = math.floor(fleet.report.parameters / fleet.report.lora_parameters * 1e4) / 1e4
+    alone, alone_error, fleet_error, energy, parameters = {}, 0.0, 0.0, 0.0, 0
+    for adapter, member in zip(adapters, fleet.report.members):
         try:
-            _, report = convert_adapter(source.adapter, "lora", budget=ratio)
+            truncated, report = convert_adapter(adapter, "lora", budget=budget)
         except ShareportError:  # e.g. a size below every site's rank 1
             return fleet
-        alone[source.name] = _relative(report.error, report.energy)
+        alone[member.name] = _relative(report.error, report.energy)
         alone_error += report.error
         fleet_error += member.relative_error**2 * report.energy
         energy += report.energy
+        parameters += truncated.num_parameters()
     summary = {
         "form": "lora",
-        "ratio": ratio,
+        "budget": budget,
+        "parameters": parameters,
+        "ratio": parameters / fleet.report.lora_parameters,
         "relative_error": _relative(alone_error, energy),
         "worst_member_relative_error": max(alone.values()),
         "members": alone,
@@ -191,11 +195,14 @@ def _against_alone(fleet: Fleet, sources: list[MemberSource]) -> Fleet:
     warnings = list(fleet.report.warnings)
     if alone_error < fleet_error:
         worst = max(m.relative_error for m in fleet.report.members)
+        command = f"shareport convert LORA --to lora --budget {budget:g}" + (
+            f" --quantize {quantize}" if quantize else ""
+        )
         warnings.append(
-            f"each LoRA truncated alone at the same size ({ratio:.1%} of its parameters) keeps more of its "
-            f"update: relative error {summary['relative_error']:.3f} (worst member "
-            f"{summary['worst_member_relative_error']:.3f}) against the fleet's {_relative(fleet_error, energy):.3f} "
-            f"(worst {worst:.3f}); consider `shareport convert LORA --to auto --budget {ratio:.3g}` for each"
+            f"{ALONE_WARNING} at the fleet's size keeps more of its update: relative error "
+            f"{summary['relative_error']:.3f} (worst member {summary['worst_member_relative_error']:.3f}) against "
+            f"the fleet's {_relative(fleet_error, energy):.3f} (worst {worst:.3f}), in float weights; `{command}` "
+            "for each gives these"
         )
     return dataclasses.replace(fleet, report=dataclasses.replace(fleet.report, alone=summary, warnings=warnings))
 

@@ -39,7 +39,16 @@ from converters.forms import FLEET_TWO_SIDED
 
 from .adapter import FLEET_KEY, Adapter, compose, kind_key, reference
 from .errors import ShareportError
-from .fleet import Fleet, MemberParts, MemberSource, basis_names, check_compatible, member_adapter, member_report
+from .fleet import (
+    ALONE_WARNING,
+    Fleet,
+    MemberParts,
+    MemberSource,
+    basis_names,
+    check_compatible,
+    member_adapter,
+    member_report,
+)
 from .fleet_report import FleetReport, member_warnings
 
 # a step keeping less than this share of the new member's energy keeps nothing (roundoff)
@@ -272,7 +281,10 @@ def _grown_report(
         members=[*reports, new],
         shared_parameters=sum(t.numel() for t in shared.values()),
         kinds=kinds,
-        warnings=[*report.warnings, *member_warnings([new], hint)],
+        # the comparison with each LoRA alone was of the fleet as built: the earlier members' LoRAs are not
+        # at hand to redo it, so it is dropped rather than left describing another fleet
+        warnings=[*(w for w in report.warnings if not w.startswith(ALONE_WARNING)), *member_warnings([new], hint)],
+        alone=None,
         additions=[*report.additions, addition],
         clusters=clusters,
     )

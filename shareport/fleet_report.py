@@ -35,7 +35,7 @@ class FleetReport:
     additions: list[dict] = dataclasses.field(default_factory=list)  # fleet add: one entry per member added
     # clustered fleets, or several cluster counts tried: count, members (name -> cluster), candidates
     clusters: dict | None = None
-    # plain fleets: each member truncated alone at the fleet's share of the parameters (``fleet._against_alone``)
+    # plain fleets: each member truncated alone at the fleet's share of the parameters (``fleet.against_alone``)
     alone: dict | None = None
 
     @property

@@ -142,9 +142,10 @@ def fleet_cmd(
     finetune, export). Moving the whole fleet folder keeps it valid; a missing or
     changed shared file is refused, naming the member. A member keeping under half
     of its energy (squared error above half its squared norm: relative error above
-    0.707) gets a warning on stderr (also under "warnings" in --json), and so does a
-    fleet that keeps less than truncating each LoRA alone at the same size would
-    (compared in weights; "alone" in the report).
+    0.707) gets a warning on stderr (also under "warnings" in --json). So does a
+    fleet that keeps less than truncating each LoRA alone at the same size would:
+    "alone" in the report has those errors (in float weights), the warning the
+    convert command that gives them (not for calibrated fleets).
 
     With --quantize int8|int4, every stored factor is written as integers with
     float16 scales (shared.safetensors and each member's own file; the configs

@@ -14,7 +14,7 @@ from ..files.adapters import load_fleet, save_fleet
 from ..files.atomic import MARKER_NAME, check_output
 from ..files.fleet import REPORT_NAME as FLEET_REPORT_NAME
 from ..files.fleet import SHARED_NAME, added_member_name, check_member_name, folder_members, member_names, split_named
-from ..fleet import build_fleet, cluster_counts, fleet_bases
+from ..fleet import against_alone, build_fleet, cluster_counts, fleet_bases
 from ..fleet_add import add_member, read_fleet
 from ..forms import (
     CALIBRATION_MAX_LENGTH,
@@ -82,6 +82,8 @@ def fleet(
     check_output(out, overwrite, inputs)
     stats, seconds = _fleet_statistics(adapters, data_files, base) if data_files else (None, None)
     result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
+    if stats is None:  # a calibrated fleet's errors are output errors: not comparable with weights alone
+        result = against_alone(result, adapters, quantize=quantize)
     report = result.report.to_dict()
     if quantize is not None:
         result, quantization = quantize_fleet(result, adapters, quantize, group_size=group_size)

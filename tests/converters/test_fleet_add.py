@@ -106,6 +106,9 @@ def test_within_the_worst_error_the_fleet_keeps_its_bytes(loras, fleets, form, t
         k: v for k, v in before.items() if k != "fleet_report.json"
     }
     assert data["rewritten"] == ["twin/", "fleet_report.json"]
+    # the comparison with each LoRA alone described the fleet as built: dropped, not left stale
+    assert "alone" in json.loads((fleets / form / "fleet_report.json").read_text())
+    assert "alone" not in data and not [w for w in data["warnings"] if w.startswith("each LoRA truncated alone")]
     member, lora = load_adapter(fleet / "twin"), load_adapter(loras / "twin")
     assert added["relative_error"] == pytest.approx(dense_error(lora, member), rel=1e-5)
     assert dense_error(lora, member) == pytest.approx(dense_projection_error(lora, member), rel=1e-5)

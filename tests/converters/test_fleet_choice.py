@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from shareport.convert import convert_adapter
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter
-from shareport.fleet import build_fleet, fleet_bases
+from shareport.fleet import against_alone, build_fleet, fleet_bases
 from shareport.forms import CALIBRATION_MAX_LENGTH, CALIBRATION_RIDGE, CALIBRATION_SAMPLES, FLEET_FORMS
 from shareport.train.data import load_data, sample_examples
 from tests.converters.test_fleet import RANKS, TARGETS, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
@@ -108,27 +108,48 @@ def test_each_alone_is_compared_at_the_fleets_size_and_warned_about_where_it_kee
 ):
     """Unrelated LoRAs (own seeds) are better truncated alone at the fleet's size; LoRAs with one A are not."""
     adapters = [load_adapter(d) for d in dirs(request.getfixturevalue(which))]
-    fleet = build_fleet(adapters, list(RANKS), budget=budget)
+    fleet = against_alone(build_fleet(adapters, list(RANKS), budget=budget), adapters)
     alone = fleet.report.alone
-    ratio = fleet.report.parameters / fleet.report.lora_parameters
-    assert alone["ratio"] == pytest.approx(ratio) and alone["form"] == "lora"
-    alone_err = fleet_err = total = 0.0
+    share = fleet.report.parameters / fleet.report.lora_parameters
+    assert alone["form"] == "lora" and share - 1e-4 < alone["budget"] <= share
+    alone_err = fleet_err = total = parameters = 0.0
     for name, adapter, (member_err, member_energy) in zip(
         RANKS, adapters, dense_member_errors(adapters, fleet.members)
     ):
-        truncated, _ = convert_adapter(adapter, "lora", budget=ratio)
-        assert truncated.num_parameters() <= ratio * adapter.num_parameters()
+        truncated, _ = convert_adapter(adapter, "lora", budget=alone["budget"])
+        assert truncated.num_parameters() <= alone["budget"] * adapter.num_parameters()
         err, energy = truncation_error(adapter, truncated)
         assert energy == pytest.approx(member_energy, rel=1e-9)
         assert alone["members"][name] == pytest.approx(math.sqrt(err / energy), rel=1e-4)
         alone_err, fleet_err, total = alone_err + err, fleet_err + member_err, total + energy
+        parameters += truncated.num_parameters()
     assert alone["relative_error"] == pytest.approx(math.sqrt(alone_err / total), rel=1e-4)
+    assert alone["parameters"] == parameters and alone["ratio"] <= share  # never more than the fleet
     assert (alone_err < fleet_err) == alone_wins
     warned = [w for w in fleet.report.warnings if w.startswith("each LoRA truncated alone")]
     assert len(warned) == int(alone_wins)
     if alone_wins:
-        assert f"--budget {ratio:.3g}" in warned[0]
-    assert build_fleet(adapters, list(RANKS), "sharea", rank=2).report.alone is not None  # a rank too
+        assert f"--to lora --budget {alone['budget']:g}`" in warned[0]
+    sized = build_fleet(adapters, list(RANKS), "sharea", rank=2)
+    assert against_alone(sized, adapters).report.alone is not None  # a rank too
+
+
+def test_the_warned_command_reproduces_each_alone_and_quantize_is_carried(loras, tmp_path, cli):  # noqa: F811
+    r = cli("fleet", *dirs(loras), "-o", tmp_path / "fleet", "--budget", 0.3, "--quantize", "int8", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    alone = data["alone"]
+    (warning,) = [w for w in data["warnings"] if w.startswith("each LoRA truncated alone")]
+    command = re.search(r"`shareport (convert LORA [^`]*)`", warning).group(1).split()
+    assert command[-2:] == ["--quantize", "int8"] and f"warning: {warning}" in r.stderr
+    without_quantize = command[2:-2]  # the float comparison: the same command without --quantize
+    for name, folder in zip(RANKS, dirs(loras)):
+        out = tmp_path / f"alone-{name}"
+        r = cli("convert", folder, *without_quantize, "-o", out, "--json")
+        assert r.exit_code == 0, r.output
+        converted = load_adapter(out)
+        err, energy = truncation_error(load_adapter(folder), converted)
+        assert alone["members"][name] == pytest.approx(math.sqrt(err / energy), rel=1e-4)
 
 
 @pytest.mark.parametrize("which, budget", [("loras", 0.125), ("shared_a", 0.6)])
