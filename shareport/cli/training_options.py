@@ -15,6 +15,8 @@ from ..train.schedule import (
     DEFAULT_SCHEDULE,
     DEFAULT_STEPS,
     DEFAULT_WARMUP,
+    LR_SCALE_REFERENCE,
+    LR_SCALINGS,
     SCHEDULES,
 )
 from .options import output_option
@@ -38,6 +40,15 @@ _RECIPE_OPTIONS = [
         show_default=True,
         type=float,
         help="AdamW's peak learning rate (after the warmup; the schedule then lowers it).",
+    ),
+    click.option(
+        "--lr-scaling",
+        type=click.Choice(LR_SCALINGS),
+        default=None,
+        help="tensor: each trainable tensor's step is scaled by its entries' size at the start (rms / "
+        f"{LR_SCALE_REFERENCE:g}), so one --lr suits wide and narrow models alike (Adam steps every entry by "
+        "about the lr, whatever its size). none: --lr for every tensor. [default: tensor for finetune; "
+        "none for train, whose B's start at zero]",
     ),
     click.option(
         "--schedule",

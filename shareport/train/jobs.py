@@ -61,6 +61,7 @@ class TrainingOptions:
     temperature: float | None = None  # of the distillation KL; None: by the output (schedule.default_temperature)
     site_weight: float | None = None  # each site's update, a share of the KL (sites.py); None: by the output
     trainable: str = DEFAULT_TRAINABLE  # recovery: "factors", or "cores" between frozen bases (cores.py)
+    lr_scaling: str | None = None  # "tensor" or "none"; None: tensor for recovery, none for train (schedule.py)
 
     @property
     def merging(self) -> bool:
@@ -99,6 +100,7 @@ class TrainingOptions:
             hidden_weight=self.hidden_weight,
             temperature=self.temperature,
             site_weight=self.site_weight,
+            lr_scaling=self.lr_scaling,
             trainable=self.trainable,
         )
 

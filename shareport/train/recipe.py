@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ..adapter import Adapter, frozen_names
+from ..adapter import Adapter, frozen_names, reference
 from ..errors import ShareportError
 from ..model.base import is_causal_lm, task_type_of
 from ..model.surgery import attach
@@ -59,8 +59,10 @@ from .schedule import (
     DEFAULT_STEPS,
     DEFAULT_TRAINABLE,
     DEFAULT_WARMUP,
+    LR_SCALE_REFERENCE,
     MIN_HELDOUT_ROWS,
     default_eval_every,
+    default_lr_scaling,
     default_site_weight,
     default_temperature,
     diverged,
@@ -97,6 +99,8 @@ class Recipe:
     site_weight: float | None = None
     trainable: str = DEFAULT_TRAINABLE  # "factors", or "cores" between frozen orthonormal bases (cores.py)
     backoff: bool = True  # a diverged evaluation puts the best adapter back and lowers the lr (schedule.py)
+    # "tensor": each tensor's step scaled by its rms at the start (schedule.LR_SCALE_REFERENCE); None: by the job
+    lr_scaling: str | None = None
     schedule: str = DEFAULT_SCHEDULE  # the lr after the warmup: schedule.SCHEDULES
     warmup: float = DEFAULT_WARMUP  # share of the steps
     eval_every: int | None = None  # None: schedule.default_eval_every
@@ -167,6 +171,13 @@ class Trainer:
             distilling = job.teacher is not None and bool(recipe.distill_weight)
             site_weight = default_site_weight(classifier=classifier) if distilling else 0.0
             recipe = dataclasses.replace(recipe, site_weight=site_weight)
+        if recipe.lr_scaling is None:
+            distilling = job.teacher is not None and bool(recipe.distill_weight)
+            # a fleet member (shared bases frozen, a two-sided one's cores) is not whole factors either
+            whole = recipe.trainable == "factors" and reference(job.student) is None
+            recipe = dataclasses.replace(
+                recipe, lr_scaling=default_lr_scaling(distilling=distilling, whole_factors=whole)
+            )
         self.recipe = recipe
         check_recipe(recipe, job, self.causal)
         self.pad = pad_token_id(self.model.config)
@@ -184,6 +195,13 @@ class Trainer:
             train_cores_only(self.student, [n for n in self.names if n not in already_cores])
             if recipe.trainable == "cores"
             else None
+        )
+        # per trainable tensor, the factor its optimizer step is scaled by (--lr-scaling tensor; a checkpoint
+        # keeps them, since a resumed run's tensors are no longer the start's)
+        self.step_scales = (
+            {n: tensor_step_scale(self.student.parameters[n]) for n in self.names}
+            if recipe.lr_scaling == "tensor"
+            else {}
         )
         self.optimizer = torch.optim.AdamW(
             [self.student.parameters[n] for n in self.names], lr=recipe.lr, weight_decay=0.0, fused=True
@@ -246,7 +264,14 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # (an ASLoRA merge retires the B it drops: only the tensors still trained)
+        before = {
+            n: self.student.parameters[n].detach().clone() for n in self.step_scales if n in self.student.parameters
+        }
         self.optimizer.step()
+        with torch.no_grad():  # p = before + scale * (p - before): the step of this tensor, scaled
+            for name, start in before.items():
+                self.student.parameters[name].sub_(start).mul_(self.step_scales[name]).add_(start)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_tokens += counted_positions(batch).sum()
 
@@ -414,6 +439,7 @@ class Trainer:
                 "curve_metrics": self.curve_metrics,
                 "best": best_meta,
                 "backoff": {"lr_scale": self.lr_scale, "steps": self.backoffs},
+                "step_scales": self.step_scales,
             }
             save_checkpoint(self.job.checkpoint_dir, self.student.to_adapter(), state, tensors)
         acc.wait_for_everyone()
@@ -430,6 +456,8 @@ class Trainer:
             self.best.load_state(state["best"], tensors, self.acc.device)
         if state.get("backoff"):
             self.lr_scale, self.backoffs = state["backoff"]["lr_scale"], list(state["backoff"]["steps"])
+        if self.step_scales:
+            self.step_scales = {n: float(v) for n, v in state["step_scales"].items()}
         return int(state["step"]), state["eval_before"]
 
     def _report(self, after: dict, trained: Adapter, elapsed: float) -> dict:
@@ -472,6 +500,13 @@ class Trainer:
         if self.merger:
             report["merges"] = [e.to_json() for e in self.merger.events]
         return report
+
+
+def tensor_step_scale(param: torch.Tensor) -> float:
+    """--lr-scaling tensor: the factor a tensor's Adam step is scaled by, its entries' rms over the
+    reference (schedule.LR_SCALE_REFERENCE); 1 for an all-zero tensor, which has no scale of its own."""
+    rms = float(param.detach().float().square().mean().sqrt())
+    return rms / LR_SCALE_REFERENCE if rms > 0 else 1.0
 
 
 def _as_share_of(term: torch.Tensor, reference: torch.Tensor, acc) -> torch.Tensor:

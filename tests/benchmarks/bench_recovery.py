@@ -49,7 +49,7 @@ from shareport.train import best as best_module
 from shareport.train import generated, schedule
 from shareport.train.jobs import TrainingOptions, recovery_job
 from shareport.train.recipe import evaluate_adapter, run
-from shareport.train.schedule import default_eval_every, default_site_weight
+from shareport.train.schedule import LR_SCALINGS, default_eval_every, default_lr_scaling, default_site_weight
 from tests.benchmarks import bench_frontier as frontier  # first: sets the offline environment
 from tests.benchmarks import docstrings_data
 from tests.benchmarks.bench_frontier import minilm  # examples/minilm_end_to_end.py
@@ -174,6 +174,7 @@ def recover(
     site: float | None = None,
     backoff: int = 2,
     seed: int = 0,
+    lr_scaling: str | None = None,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
@@ -199,6 +200,7 @@ def recover(
             temperature=1.0,  # the loss as it was: the KL alone
             site_weight=0.0,
             backoff=False,
+            lr_scaling="none",
         )
     else:
         options = TrainingOptions(
@@ -212,6 +214,7 @@ def recover(
             temperature=temperature,
             site_weight=site,
             seed=seed,
+            lr_scaling=lr_scaling,
             backoff=backoff == 2,
         )
     selection = job.selection if job.selection is not None else job.heldout
@@ -387,6 +390,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--batch-sizes", nargs="+", type=int, default=[None], help="new recipe: the batch size [the task's own]"
     )
+    parser.add_argument(
+        "--lr-scalings",
+        nargs="+",
+        default=[None],
+        choices=list(LR_SCALINGS),
+        help="new recipe: --lr-scaling [the library's default; runs are named by the value it resolves to]",
+    )
     parser.add_argument("--curve-every", type=int, default=25)
     parser.add_argument(
         "--generate",
@@ -435,6 +445,7 @@ def main(argv=None) -> list[dict]:
                                 site,
                                 backoff,
                                 seed,
+                                lr_scaling,
                             ) in itertools.product(
                                 [0.0] if recipe == "old" else args.hidden_weights,
                                 [None] if task.test else args.generate,
@@ -444,7 +455,11 @@ def main(argv=None) -> list[dict]:
                                 [0.0] if recipe == "old" else args.site_weights,
                                 [0] if recipe == "old" else args.backoff,
                                 [0] if recipe == "old" else args.seeds,
+                                ["none"] if recipe == "old" else args.lr_scalings,
                             ):
+                                scaling = lr_scaling or default_lr_scaling(
+                                    distilling=True, whole_factors=trainable == "factors"
+                                )
                                 site_value = (
                                     default_site_weight(classifier=task_name in CLASSIFIERS) if site is None else site
                                 )
@@ -467,6 +482,8 @@ def main(argv=None) -> list[dict]:
                                     # no suffix: no backoff (runs from before the library's)
                                     + {0: "", 1: "-backoff", 2: "-bo1.5"}[backoff]
                                     + (f"-seed{seed}" if seed else "")
+                                    # no suffix: every tensor at --lr (runs from before --lr-scaling)
+                                    + ("-lst" if scaling == "tensor" else "")
                                 )
                                 row = stage(
                                     task.out,
@@ -486,6 +503,7 @@ def main(argv=None) -> list[dict]:
                                         site,
                                         backoff,
                                         seed,
+                                        scaling,
                                     ),
                                 )
                                 row = {
@@ -504,6 +522,7 @@ def main(argv=None) -> list[dict]:
                                     "site": site_value,
                                     "backoff": {0: "no", 1: "every", 2: "diverged"}[backoff],
                                     "seed": seed,
+                                    "lr_scaling": scaling,
                                 }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)

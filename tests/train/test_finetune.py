@@ -12,6 +12,7 @@ from shareport.model import attach, load_base_model
 from shareport.train.data import BatchOrder, collate
 from shareport.train.jobs import merge_schedule, recovery_job
 from shareport.train.recipe import Recipe, run
+from shareport.train.schedule import LR_SCALE_REFERENCE
 from shareport.train.teacher import Teacher
 from tests.training_helpers import cpu_accelerator, finetune_args, recovery_setup
 
@@ -71,8 +72,10 @@ def _first_step_reference(setup, job, lm_weight: float = 0.0, batch_size: int = 
 
 
 def _adamw_first_step(value: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """AdamW's first step: m/sqrt(v) = g/|g| (bias-corrected), no weight decay."""
-    return value - lr * grad / (grad.abs() + 1e-8)
+    """AdamW's first step: m/sqrt(v) = g/|g| (bias-corrected), no weight decay; with recovery's default
+    --lr-scaling tensor, the step is times the tensor's own rms over the reference."""
+    scale = float(value.double().square().mean().sqrt()) / LR_SCALE_REFERENCE
+    return value - lr * scale * grad / (grad.abs() + 1e-8)
 
 
 def test_shared_factor_gets_one_summed_gradient_and_one_update(setup, tmp_path, fp32_cpu):
@@ -113,6 +116,7 @@ def test_lm_loss_weight_enters_the_loss_and_the_update(setup, tmp_path, cli, fp3
     a_name = job.student.kinds()["self_attn.q_proj"][0].a
     kl, ce, grad = _first_step_reference(setup, job, weight)
     assert report["final_train_loss"] == pytest.approx(kl + weight * ce, rel=1e-5)
+    assert report["recipe"]["lr_scaling"] == "tensor"  # recovery's default
     start = job.student.tensors[a_name]
     trained = load_adapter(out).tensors[a_name]
     torch.testing.assert_close(trained, _adamw_first_step(start, grad, lr), atol=1e-6, rtol=1e-5)
