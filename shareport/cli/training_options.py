@@ -47,8 +47,8 @@ _RECIPE_OPTIONS = [
         default=None,
         help="tensor: each trainable tensor's step is scaled by its entries' size at the start (rms / "
         f"{LR_SCALE_REFERENCE:g}), so one --lr suits wide and narrow models alike (Adam steps every entry by "
-        "about the lr, whatever its size). none: --lr for every tensor. [default: tensor for finetune; "
-        "none for train, whose B's start at zero]",
+        "about the lr, whatever its size). none: --lr for every tensor. [default: tensor for finetune of "
+        "whole factors; none for train, whose B's start at zero, and for cores: fleet members, --trainable cores]",
     ),
     click.option(
         "--schedule",

@@ -71,6 +71,7 @@ def test_aslora_merges_on_schedule_and_ends_with_the_groups(base_and_text, tmp_p
     groups = 4 - limit[1] if limit[0] == "--merges" else limit[1]
     expected_steps = [5, 8, 11][: 4 - groups]
     assert sorted({e["step"] for e in report["merges"]}) == expected_steps
+    assert report["recipe"]["lr_scaling"] == "none"  # train's B's start at zero: no scale of their own
     for kind in ("self_attn.q_proj", "self_attn.v_proj"):
         assert [e["step"] for e in report["merges"] if e["kind"] == kind] == expected_steps
     adapter = load_adapter(out)
