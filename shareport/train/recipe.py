@@ -165,14 +165,13 @@ class Trainer:
         self.causal = is_causal_lm(self.model)
         # defaults by the output (schedule.py); the report's recipe and a checkpoint record the values
         classifier = task_type_of(self.model) == "SEQ_CLS"
+        distilling = job.teacher is not None and bool(recipe.distill_weight)
         if recipe.temperature is None:
             recipe = dataclasses.replace(recipe, temperature=default_temperature(classifier=classifier))
         if recipe.site_weight is None:  # distillation only: `train` has no teacher's sites to match
-            distilling = job.teacher is not None and bool(recipe.distill_weight)
             site_weight = default_site_weight(classifier=classifier) if distilling else 0.0
             recipe = dataclasses.replace(recipe, site_weight=site_weight)
         if recipe.lr_scaling is None:
-            distilling = job.teacher is not None and bool(recipe.distill_weight)
             # a fleet member (shared bases frozen, a two-sided one's cores) is not whole factors either
             whole = recipe.trainable == "factors" and reference(job.student) is None
             recipe = dataclasses.replace(

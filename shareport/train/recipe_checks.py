@@ -4,7 +4,7 @@ settings in range. Raised as one-line ``ShareportError``s, before any step."""
 from __future__ import annotations
 
 from ..errors import ShareportError
-from .schedule import LR_SCALINGS, check_eval_every, check_schedule, check_trainable
+from .schedule import check_eval_every, check_lr_scaling, check_schedule, check_trainable
 
 
 def check_recipe(recipe, job, causal: bool) -> None:
@@ -29,8 +29,7 @@ def check_recipe(recipe, job, causal: bool) -> None:
         raise ShareportError(f"--temperature must be > 0, got {recipe.temperature}")
     check_schedule(recipe.schedule, recipe.warmup)
     check_trainable(recipe.trainable)
-    if recipe.lr_scaling not in (None, *LR_SCALINGS):
-        raise ShareportError(f"unknown --lr-scaling '{recipe.lr_scaling}' (expected one of {', '.join(LR_SCALINGS)})")
+    check_lr_scaling(recipe.lr_scaling)
     if recipe.trainable == "cores" and recipe.merge is not None:
         raise ShareportError(
             "--trainable cores cannot run with ASLoRA merges (--merges/--groups): a merge replaces "

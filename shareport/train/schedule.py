@@ -50,8 +50,9 @@ DEFAULT_STEPS = 300
 # Measured with the other defaults (test KL / accuracy or agreement kept, "none" -> "tensor"): docstrings
 # truncation 5% 0.187 / 0.934 -> 0.179 / 0.955, 10% (five seeds) 0.108 / 0.987 -> 0.113 / 0.989, 25%
 # (three) 0.040 / 0.992 -> 0.044 / 0.998; demo 10% 0.0326 / 0.901 -> 0.0230 / 0.947, 25% 0.0086 -> 0.0071
-# (150 steps): one lr for both tasks, where before each wanted its own (results.md). Only where it was measured: recovery of whole factors. `train` starts from B = 0,
-# whose rms would stop it; cores (a fleet member's, --trainable cores) were not measured: "none" there.
+# (150 steps): one lr for both tasks, where before each wanted its own (results.md). The default only
+# where it was measured: recovery of whole factors. `train` starts from B = 0, whose rms would stop it;
+# on cores (--trainable cores) it was mixed and on a fleet member's not measured: "none" there.
 LR_SCALINGS = ("tensor", "none")
 LR_SCALE_REFERENCE = 0.05
 
@@ -128,6 +129,12 @@ def diverged(score: float, best: float) -> bool:
 def check_trainable(trainable: str) -> None:
     if trainable not in TRAINABLES:
         raise ShareportError(f"--trainable: unknown choice '{trainable}' (known: {', '.join(TRAINABLES)})")
+
+
+def check_lr_scaling(lr_scaling: str | None) -> None:
+    """None: not chosen yet (the trainer resolves it by the job, ``default_lr_scaling``)."""
+    if lr_scaling not in (None, *LR_SCALINGS):
+        raise ShareportError(f"unknown --lr-scaling '{lr_scaling}' (expected one of {', '.join(LR_SCALINGS)})")
 
 
 def check_schedule(schedule: str, warmup: float) -> None:
