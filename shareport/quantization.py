@@ -109,14 +109,20 @@ def stored_as(adapter: Adapter, precision: str, group_size: int | None = None) -
     return out, adapter.num_parameters() * torch.empty((), dtype=dtype).element_size()
 
 
-def relative_update_error(reference: Adapter, other: Adapter) -> float:
-    """sqrt(sum_l ||dW'_l - dW_l||_F^2 / sum_l ||dW_l||_F^2) over the sites, factored (no dense update)."""
+def update_error(reference: Adapter, other: Adapter) -> tuple[float, float]:
+    """(sum_l ||dW'_l - dW_l||_F^2, sum_l ||dW_l||_F^2) over ``reference``'s sites, factored (no dense update)."""
     error = energy = 0.0
     for path in sorted(reference.sites):
         a, bt = reference.factors(path, torch.float64)
         a2, bt2 = other.factors(path, torch.float64)
         error += difference_sq_norm(bt, a, bt2, a2)
         energy += product_sq_norm(bt, a)
+    return error, energy
+
+
+def relative_update_error(reference: Adapter, other: Adapter) -> float:
+    """sqrt(sum_l ||dW'_l - dW_l||_F^2 / sum_l ||dW_l||_F^2) over the sites (``update_error``)."""
+    error, energy = update_error(reference, other)
     return math.sqrt(error / energy) if energy > 0 else 0.0
 
 

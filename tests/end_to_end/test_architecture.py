@@ -28,6 +28,7 @@ CORE = {
     "measures",
     "fleet",
     "fleet_add",
+    "fleet_bytes",
     "fleet_report",
     "forms",
     "quantization",

@@ -1,0 +1,91 @@
+"""``shareport fleet --bytes SHARE``: each storage (float32, int8, int4) built at the budget its bytes
+hold, the one with the least error written. Checked against each storage built on its own with
+``--budget B [--quantize Q]``, scored on the dense updates of what the files read back, and against the
+bytes the written safetensors hold; refusals in one line with nothing written."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from shareport.files import load_adapter
+from shareport.files.tensorfile import read_header
+from shareport.fleet_bytes import STORAGES, parameter_budget
+from shareport.quantization import BITS
+from tests.converters.test_fleet import RANKS, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
+from tests.converters.test_fleet_choice import dense_member_errors
+
+
+def _fleet(cli, out, *args) -> dict:
+    r = cli("fleet", *args, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def _factor_bytes(fleet_dir) -> int:
+    """The bytes of every tensor the fleet's safetensors files hold (shared file once, each member's own)."""
+    files = [fleet_dir / "shared.safetensors", *(fleet_dir / n / "adapter_model.safetensors" for n in RANKS)]
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for f in files for e in read_header(f).values())
+
+
+def _members(fleet_dir):
+    return [load_adapter(fleet_dir / n) for n in RANKS]
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3])
+def test_bytes_writes_the_storage_with_the_least_dense_error_within_the_bytes(loras, tmp_path, cli, share):  # noqa: F811
+    originals = [load_adapter(d) for d in dirs(loras)]
+    limit = share * 4 * sum(a.num_parameters() for a in originals)  # the LoRAs' factors in float32
+    data = _fleet(cli, tmp_path / "bytes", *dirs(loras), "--bytes", share)
+    storage = data["storage"]
+    assert [c["storage"] for c in storage["candidates"]] == [q or "float32" for q in STORAGES]
+    dense = {}
+    for candidate in storage["candidates"]:
+        assert "refused" not in candidate, candidate
+        name = candidate["storage"]
+        quantize = [] if name == "float32" else ["--quantize", name]
+        alone = tmp_path / name
+        _fleet(cli, alone, *dirs(loras), "--budget", candidate["budget"], *quantize)  # the same storage, on its own
+        errors = dense_member_errors(originals, _members(alone))
+        err, energy = sum(e for e, _ in errors), sum(w for _, w in errors)
+        dense[name] = err
+        assert candidate["relative_error"] == pytest.approx(math.sqrt(err / energy), rel=1e-4, abs=1e-7)
+        assert candidate["bytes"] == _factor_bytes(alone) <= limit  # what the files hold, within the bytes
+    chosen = storage["chosen"]
+    assert chosen == min(dense, key=dense.get)
+    written = tmp_path / "bytes"
+    assert _factor_bytes(written) <= limit
+    assert (written / "shared.safetensors").read_bytes() == (tmp_path / chosen / "shared.safetensors").read_bytes()
+    for fleet_member, own_member in zip(_members(written), _members(tmp_path / chosen)):
+        for path in fleet_member.sites:
+            assert torch.equal(fleet_member.update(path), own_member.update(path))
+    assert (data.get("quantization") or {}).get("quantize", "float32") == chosen
+
+
+@pytest.mark.parametrize("quantize", STORAGES)
+@pytest.mark.parametrize("share", [0.05, 0.125, 0.5])
+def test_each_storage_budget_is_the_most_parameters_its_bytes_hold(share, quantize):
+    group = 64
+    per_parameter = 4.0 if quantize is None else BITS[quantize] / 8 + 2 / group  # integers and a float16 scale
+    budget = parameter_budget(share, quantize, group)
+    assert budget * per_parameter <= share * 4 + 1e-12
+    assert budget == 1.0 or (budget + 1e-4) * per_parameter > share * 4  # none larger at 4 digits
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--bytes", 0.2, "--budget", 0.2], ["--bytes", "--budget"]),
+        (["--bytes", 0.2, "--quantize", "int8"], ["--bytes", "--quantize"]),
+        (["--bytes", 0.2, "--form", "sharea", "--rank", 2], ["--bytes", "--rank"]),
+        (["--bytes", 0], ["--bytes", "(0, 1]"]),
+        (["--bytes", 1.5], ["--bytes", "(0, 1]"]),
+        (["--bytes", 0.2, "--group-size", 0], ["--group-size"]),
+    ],
+)
+def test_bad_bytes_arguments_are_one_line_and_write_nothing(loras, tmp_path, cli, args, words):  # noqa: F811
+    r = cli("fleet", *dirs(loras), "-o", tmp_path / "out", *args)
+    assert r.exit_code == 1 and "\n" not in r.output.strip(), r.output
+    assert all(w in r.output for w in words), r.output
+    assert not (tmp_path / "out").exists()
