@@ -86,6 +86,25 @@ def quantize_adapter(adapter: Adapter, quantize_as: str, group_size: int | None 
     return out, {**settings, "relative_error": relative_update_error(adapter, out), **storage(out)}
 
 
+def quantized_like(trained: Adapter, start: Adapter) -> Adapter:
+    """``trained`` (float values trained from ``start``, a quantized adapter) stored as ``start`` is: each
+    tensor ``start`` holds as integers, as integers again with its own bits, axis and group size; one
+    that training left equal (a fleet's frozen shared basis) keeps ``start``'s integers exactly. A fleet
+    member's product B = U C is formed again from the dequantized U and core, as reading it does."""
+    tensors, records = dict(trained.tensors), {}
+    for name, record in sorted(start.quantized.items()):
+        if name not in trained.tensors:  # (an ASLoRA merge retired it)
+            continue
+        if torch.equal(trained.tensors[name], start.tensors[name]):
+            records[name] = record
+        else:
+            records[name] = quantize(trained.tensors[name], record.bits, record.group_size, record.axis)
+        tensors[name] = records[name].dequantize()
+    for b_name, (u_name, core_name) in _products(trained).items():
+        tensors[b_name] = compose(tensors[u_name], tensors[core_name])
+    return dataclasses.replace(trained, tensors=tensors, quantized=records)
+
+
 # the precisions a frontier scores each point at (``shareport frontier --precisions``): float32 is the
 # converted adapter itself, float16 its factors rounded to half precision, int8/int4 ``quantize_adapter``
 STORED_PRECISIONS = ("fp32", "fp16") + QUANTIZE_CHOICES

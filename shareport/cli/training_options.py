@@ -220,6 +220,20 @@ def echo_report(out: str, report: dict, as_json: bool) -> None:
             f"{BACKOFF_RATIO:g}x the best, so the best adapter was put back and the lr scaled by "
             f"{BACKOFF_FACTOR:g} each time"
         )
+    stored = report.get("stored")
+    if stored:  # a quantized start is published quantized (train/stored.py)
+        key = "kl" if "kl" in stored["float_after"] else None
+        figures = (
+            f" (held-out {key} {stored['float_after'][key]:.4g} in float, {after[key]:.4g} as written)" if key else ""
+        )
+        click.echo(
+            f"the start held integers, so step {report['best_step']}'s adapter was quantized the same way: "
+            + (
+                "it is written" + figures
+                if stored["quantized"]
+                else "it no longer beat the start, which is written as it was given"
+            )
+        )
     if report.get("best_step") == 0 and len(report.get("curve", [])) > 1:
         click.echo(
             "no evaluated step beat the start: the adapter is written as it was given "

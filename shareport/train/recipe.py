@@ -46,7 +46,7 @@ from .compiled import compiled_blocks, eager_blocks
 from .cores import train_cores_only
 from .data import BatchOrder, TokenData, collate, collate_packed, counted_positions, pad_token_id
 from .distill import distill_sum, hidden_sum, model_outputs, task_sum
-from .evaluation import TeacherCache, evaluate, evaluate_adapter
+from .evaluation import TeacherCache, evaluate, evaluate_adapter, evaluate_attached
 from .fleet_cores import train_cores
 from .flops import matmul_parameters, throughput
 from .merging import BMerger, MergeSchedule
@@ -70,6 +70,7 @@ from .schedule import (
     lr_factor,
 )
 from .sites import recording, site_sum
+from .stored import stored_as_start
 from .teacher import Teacher
 
 __all__ = [
@@ -330,7 +331,18 @@ class Trainer:
         if self.cores is not None:
             trained = self.cores.finish(trained, self.job.student)
         self.student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
+        float_after = None
+        if self.job.student.quantized:  # published as it came: integers (stored.py)
+            float_after, (trained, after) = after, self._stored_as_start(trained, after)
         report = self._report(after, trained, elapsed)
+        if float_after is not None:
+            report["stored"] = {
+                "quantized": trained is not self.job.student,
+                "published": "the trained adapter, quantized as the start was"
+                if trained is not self.job.student
+                else "the start, as it was given",
+                "float_after": float_after,
+            }
         report["timings"].update(
             throughput(self.base_params, self.job.teacher is not None, self.tokens, elapsed, self.acc.device)
         )
@@ -343,6 +355,28 @@ class Trainer:
         return trained, report
 
     # ---------------------------------------------------------------------------------- helpers
+    def _stored_as_start(self, trained: Adapter, after: dict) -> tuple[Adapter, dict]:
+        """A quantized start: (the adapter to publish, its metrics on ``heldout``) per ``stored.py``."""
+        has_teacher, task_weight = self.job.teacher is not None, self.recipe.task_weight
+        measured: dict[int, dict] = {}
+
+        def score(adapter: Adapter) -> float:
+            metrics = evaluate_attached(
+                self.model, adapter, self.job.teacher, self.selection, batch_size=self.recipe.batch_size, acc=self.acc
+            )
+            measured[id(adapter)] = metrics
+            return selection_score(metrics, has_teacher, task_weight)[1]
+
+        start_score = selection_score(self.curve_metrics[0], has_teacher, task_weight)[1]
+        published, requantized = stored_as_start(
+            trained, self.job.student, kept_start=self.best.step == 0, score=score, start_score=start_score
+        )
+        if not requantized:
+            return published, self.before
+        if self.selection is self.job.heldout:
+            return published, measured[id(published)]
+        return published, evaluate_adapter(self.job, published, self.recipe.batch_size)
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """This process's share of the global batch mean loss (see the module docstring)."""
         recipe, acc, teacher = self.recipe, self.acc, self.job.teacher
