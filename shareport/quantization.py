@@ -64,19 +64,26 @@ def check_quantize_options(quantize: str | None, group_size: int | None) -> None
         raise ShareportError(f"--group-size must be a positive number of elements, got {group_size}")
 
 
-def quantize_adapter(adapter: Adapter, quantize_as: str, group_size: int | None = None) -> tuple[Adapter, dict]:
+def quantize_adapter(
+    adapter: Adapter, quantize_as: str, group_size: int | None = None, *, known: dict | None = None
+) -> tuple[Adapter, dict]:
     """The adapter with every factor quantized (``quantize_as``: "int8" or "int4") in groups of
     ``group_size`` (default ``DEFAULT_GROUP_SIZE``), its float tensors replaced by their dequantized
-    values, and a report: the relative error of the updates against ``adapter`` and the storage."""
+    values, and a report: the relative error of the updates against ``adapter`` and the storage.
+    ``known``: records of tensors already quantized with these settings (a fleet's shared bases,
+    the same in every member), used as they are."""
     check_quantize_options(quantize_as, group_size)
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     bits = BITS[quantize_as]
     tensors, records = dict(adapter.tensors), {}
     for name, axis in factor_axes(adapter).items():
-        try:
-            records[name] = quantize(adapter.tensors[name], bits, group_size, axis)
-        except ValueError as exc:
-            raise ShareportError(f"tensor '{name}': {exc}") from None
+        if known is not None and name in known:
+            records[name] = known[name]
+        else:
+            try:
+                records[name] = quantize(adapter.tensors[name], bits, group_size, axis)
+            except ValueError as exc:
+                raise ShareportError(f"tensor '{name}': {exc}") from None
         tensors[name] = records[name].dequantize()
     for b_name, (u_name, core_name) in _products(adapter).items():  # what reading the member forms again
         tensors[b_name] = compose(tensors[u_name], tensors[core_name])
@@ -182,15 +189,15 @@ def quantize_fleet(fleet, loras: list[Adapter], quantize_as: str, *, group_size:
     Returns (the fleet, its ``shared`` the dequantized bases; a report: the settings, per member
     ``loras``' weight error against its LoRA in float and quantized and the error quantization adds to the
     member, and the stored bytes)."""
-    members, rows, shared = [], [], {}
+    members, rows, shared, known = [], [], {}, {}
     settings = None
     for member, lora in zip(fleet.members, loras):
-        quantized, report = quantize_adapter(member, quantize_as, group_size)
+        # each shared basis is quantized once, by the first member of its cluster, and reused by the others
+        quantized, report = quantize_adapter(member, quantize_as, group_size, known=known)
         settings = {k: report[k] for k in ("quantize", "bits", "group_size", "scheme")}
         for name in reference(member)["names"]:
-            known = shared.setdefault(name, quantized.tensors[name])
-            if not torch.equal(known, quantized.tensors[name]):
-                raise ShareportError(f"internal error: shared tensor '{name}' quantized differently in two members")
+            known.setdefault(name, quantized.quantized[name])
+            shared.setdefault(name, quantized.tensors[name])
         members.append(quantized)
         parts = storage(quantized)
         rows.append(

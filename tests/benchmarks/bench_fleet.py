@@ -263,21 +263,21 @@ def summary(
     }
 
 
-def add_at_bytes(out: Path, lora_dirs: dict[str, Path], budget: float, add, tag: str) -> None:
-    """``fleet --bytes budget``: the storage (float32, int8, int4) the library picks for ``budget``'s bytes."""
+def add_at_bytes(out: Path, base: Path, lora_dirs: dict[str, Path], budget: float, add, s: Settings, tag: str) -> None:
+    """``fleet --bytes budget``: the storage (float32, int8, int4) the library picks for ``budget``'s bytes;
+    recovered too at the recovery budget (a quantized member's cores are written as integers again, so
+    the recovered fleet keeps its bytes)."""
     fleet_dir = out / f"fleet-bytes-{budget:g}{tag}"
     if not fleet_dir.is_dir():
         flows.fleet([str(d) for d in lora_dirs.values()], str(fleet_dir), bytes_share=budget)
     storage = json.loads((fleet_dir / "fleet_report.json").read_text())["storage"]
     chosen = next(c for c in storage["candidates"] if c["storage"] == storage["chosen"])
     members = {t: fleet_dir / t for t in lora_dirs}
-    add(
-        f"fleet --bytes ({chosen['storage']} at budget {chosen['budget']:g})",
-        budget,
-        False,
-        members,
-        *_fleet_sizes(fleet_dir, members),
-    )
+    name = f"fleet --bytes ({chosen['storage']} at budget {chosen['budget']:g})"
+    add(name, budget, False, members, *_fleet_sizes(fleet_dir, members))
+    if budget == s.recover_budget:
+        rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + s.recovered_tag), s)
+        add(name, budget, True, rec, *_fleet_sizes(fleet_dir, rec))
 
 
 def add_quantized(out: Path, lora_dirs: dict[str, Path], budget: float, quantize: str, add, tag: str) -> None:
@@ -423,7 +423,7 @@ def run(out: Path, s: Settings) -> dict:
                 peers.tensor_bytes(_weights_files(rec)),
             )
         if s.at_bytes:
-            add_at_bytes(out, lora_dirs, budget, add, tag)
+            add_at_bytes(out, base, lora_dirs, budget, add, s, tag)
         for quantize in s.quantize:
             add_quantized(out, lora_dirs, budget, quantize, add, tag)
         rank = math.floor(budget * s.rank)
