@@ -163,13 +163,15 @@ def build_fleet(
 ALONE_WARNING = "each LoRA truncated alone"  # how the warning of ``against_alone`` starts
 
 
-def against_alone(fleet: Fleet, adapters: list[Adapter], *, quantize: str | None = None) -> Fleet:
+def against_alone(
+    fleet: Fleet, adapters: list[Adapter], *, quantize: str | None = None, group_size: int | None = None
+) -> Fleet:
     """``fleet`` (a plain one, built from ``adapters``) with its report's ``alone``: each LoRA truncated on
     its own (``convert --to lora``) at the fleet's share of the LoRAs' parameters, by the weight error, and
     a warning where that keeps more. A fleet is worth its format only where it beats this (at 1/4 of 8
     unrelated LoRAs it may not). The share is rounded down to 4 digits so that the command the warning
-    prints reproduces its numbers and never spends more than the fleet; ``quantize`` (the fleet's) is
-    added to that command, the errors compared are both in float. Unchanged where truncation cannot
+    prints reproduces its numbers and never spends more than the fleet; ``quantize`` and ``group_size``
+    (the fleet's) are added to that command, the errors compared are both in float. Unchanged where truncation cannot
     reach that size (below every site's rank 1)."""
     budget = math.floor(fleet.report.parameters / fleet.report.lora_parameters * 1e4) / 1e4
     alone, alone_error, fleet_error, energy, parameters = {}, 0.0, 0.0, 0.0, 0
@@ -195,9 +197,9 @@ def against_alone(fleet: Fleet, adapters: list[Adapter], *, quantize: str | None
     warnings = list(fleet.report.warnings)
     if alone_error < fleet_error:
         worst = max(m.relative_error for m in fleet.report.members)
-        command = f"shareport convert LORA --to lora --budget {budget:g}" + (
-            f" --quantize {quantize}" if quantize else ""
-        )
+        command = f"shareport convert LORA --to lora --budget {budget:g}"
+        command += f" --quantize {quantize}" if quantize else ""
+        command += f" --group-size {group_size}" if quantize and group_size is not None else ""
         warnings.append(
             f"{ALONE_WARNING} at the fleet's size keeps more of its update: relative error "
             f"{summary['relative_error']:.3f} (worst member {summary['worst_member_relative_error']:.3f}) against "

@@ -101,7 +101,7 @@ def fleet(
     else:
         result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
     if stats is None:  # a calibrated fleet's errors are output errors: not comparable with weights alone
-        result = against_alone(result, adapters, quantize=quantize)
+        result = against_alone(result, adapters, quantize=quantize, group_size=group_size)
     report = result.report.to_dict()
     if storage is not None:
         report["storage"] = storage

@@ -11,7 +11,7 @@ import torch
 
 from shareport.files import load_adapter
 from shareport.files.tensorfile import read_header
-from shareport.fleet_bytes import STORAGES, parameter_budget
+from shareport.fleet_bytes import STORAGES, TIE, parameter_budget
 from shareport.quantization import BITS
 from tests.converters.test_fleet import RANKS, dirs, loras  # noqa: F401  (loras: the module-scoped fixture)
 from tests.converters.test_fleet_choice import dense_member_errors
@@ -33,7 +33,7 @@ def _members(fleet_dir):
     return [load_adapter(fleet_dir / n) for n in RANKS]
 
 
-@pytest.mark.parametrize("share", [0.1, 0.3])
+@pytest.mark.parametrize("share", [0.1, 0.3, 1.0])
 def test_bytes_writes_the_storage_with_the_least_dense_error_within_the_bytes(loras, tmp_path, cli, share):  # noqa: F811
     originals = [load_adapter(d) for d in dirs(loras)]
     limit = share * 4 * sum(a.num_parameters() for a in originals)  # the LoRAs' factors in float32
@@ -49,11 +49,12 @@ def test_bytes_writes_the_storage_with_the_least_dense_error_within_the_bytes(lo
         _fleet(cli, alone, *dirs(loras), "--budget", candidate["budget"], *quantize)  # the same storage, on its own
         errors = dense_member_errors(originals, _members(alone))
         err, energy = sum(e for e, _ in errors), sum(w for _, w in errors)
-        dense[name] = err
-        assert candidate["relative_error"] == pytest.approx(math.sqrt(err / energy), rel=1e-4, abs=1e-7)
-        assert candidate["bytes"] == _factor_bytes(alone) <= limit  # what the files hold, within the bytes
+        dense[name] = (math.sqrt(err / energy), _factor_bytes(alone))
+        assert candidate["relative_error"] == pytest.approx(dense[name][0], rel=1e-4, abs=1e-7)
+        assert candidate["bytes"] == dense[name][1] <= limit  # what the files hold, within the bytes
     chosen = storage["chosen"]
-    assert chosen == min(dense, key=dense.get)
+    least = min(error for error, _ in dense.values())  # the least error; near it, the fewest bytes
+    assert chosen == min((n for n, (e, _) in dense.items() if e <= least * (1 + TIE)), key=lambda n: dense[n][1])
     written = tmp_path / "bytes"
     assert _factor_bytes(written) <= limit
     assert (written / "shared.safetensors").read_bytes() == (tmp_path / chosen / "shared.safetensors").read_bytes()
@@ -82,6 +83,7 @@ def test_each_storage_budget_is_the_most_parameters_its_bytes_hold(share, quanti
         (["--bytes", 0], ["--bytes", "(0, 1]"]),
         (["--bytes", 1.5], ["--bytes", "(0, 1]"]),
         (["--bytes", 0.2, "--group-size", 0], ["--group-size"]),
+        (["--bytes", 1e-9], ["--bytes 1e-09", "no storage fits", "hold no parameter"]),
     ],
 )
 def test_bad_bytes_arguments_are_one_line_and_write_nothing(loras, tmp_path, cli, args, words):  # noqa: F811
@@ -89,3 +91,16 @@ def test_bad_bytes_arguments_are_one_line_and_write_nothing(loras, tmp_path, cli
     assert r.exit_code == 1 and "\n" not in r.output.strip(), r.output
     assert all(w in r.output for w in words), r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_one_adapter_is_refused_as_itself_not_as_a_size(loras, tmp_path, cli):  # noqa: F811
+    r = cli("fleet", dirs(loras)[0], "-o", tmp_path / "out", "--bytes", 0.2)
+    assert r.exit_code == 1 and "at least two adapters" in r.output and "storage" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_alone_warning_names_the_group_size_it_was_compared_at(loras, tmp_path, cli):  # noqa: F811
+    r = cli("fleet", *dirs(loras), "-o", tmp_path / "f", "--budget", 0.3, "--quantize", "int4", "--group-size", 8)
+    assert r.exit_code == 0, r.output
+    (warning,) = [line for line in r.stderr.splitlines() if "each LoRA truncated alone" in line]
+    assert "--quantize int4 --group-size 8`" in warning
