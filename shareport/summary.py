@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import Adapter, recorded_source_parameters
-from .quantization import storage
+from .adapter import Adapter, recorded_source_parameters, reference
+from .quantization import factor_axes, storage
 
 
 def update_norm(adapter: Adapter, path: str) -> float:
@@ -54,5 +54,24 @@ def summarize(adapter: Adapter, file_size: int | None = None) -> dict:
         "extra_tensors": sorted(adapter.extra_tensors),
         "file_size": file_size,
         "storage": storage(adapter),  # bytes of the factors as stored, bits per parameter, quantization
+        "fleet": fleet_membership(adapter),
         "kinds": kinds,
+    }
+
+
+def fleet_membership(adapter: Adapter) -> dict | None:
+    """For a fleet member: its fleet's form and cluster, the shared file, and the parameters it stores
+    there (shared with the other members) and on its own (a two-sided member stores U and its cores,
+    not the product B = U C that ``parameters`` counts). None for any other adapter."""
+    ref = reference(adapter)
+    if ref is None:
+        return None
+    shared_names = set(ref["names"])
+    stored = factor_axes(adapter)  # the factors as stored: U and cores, never a product
+    return {
+        "form": ref.get("form"),
+        "cluster": ref.get("cluster"),
+        "shared_file": ref.get("shared"),
+        "shared_parameters": sum(adapter.tensors[n].numel() for n in stored if n in shared_names),
+        "own_parameters": sum(adapter.tensors[n].numel() for n in stored if n not in shared_names),
     }

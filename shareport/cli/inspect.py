@@ -46,6 +46,17 @@ def render(adapter_dir: str, info: dict) -> str:
         ("file size", human_bytes(info["file_size"] or 0)),
         ("factor storage", _storage(info["storage"])),
     ]
+    fleet = info.get("fleet")
+    if fleet:
+        cluster = f", cluster {fleet['cluster']}" if fleet["cluster"] is not None else ""
+        head.append(
+            (
+                "fleet member",
+                f"of a {fleet['form']} fleet{cluster}: {fleet['own_parameters']:,} parameters its own, "
+                f"{fleet['shared_parameters']:,} in {fleet['shared_file']} (shared with the other members; "
+                "the count above forms each B in full)",
+            )
+        )
     if info["extra_tensors"]:
         head.append(("carried tensors", ", ".join(info["extra_tensors"])))
     parts = ["\n".join(f"{k:>25}: {v}" for k, v in head)]

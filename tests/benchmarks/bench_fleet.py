@@ -398,6 +398,8 @@ def run(out: Path, s: Settings) -> dict:
                     rec,
                     *_fleet_sizes(fleet_dir, rec),
                 )
+        if s.at_bytes:
+            add_at_bytes(out, base, lora_dirs, budget, add, s, tag)
         alone = {}
         for t in tasks:
             alone[t] = out / f"alone-{budget:g}" / t
@@ -422,8 +424,6 @@ def run(out: Path, s: Settings) -> dict:
                 sum(adapter_file_size(f) for f in rec.values()),
                 peers.tensor_bytes(_weights_files(rec)),
             )
-        if s.at_bytes:
-            add_at_bytes(out, base, lora_dirs, budget, add, s, tag)
         for quantize in s.quantize:
             add_quantized(out, lora_dirs, budget, quantize, add, tag)
         rank = math.floor(budget * s.rank)

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import math
+import os
 import shutil
 
 import pytest
@@ -10,6 +12,7 @@ from peft import PeftModel
 
 from shareport.errors import ShareportError
 from shareport.files.adapters import load_adapter
+from shareport.files.tensorfile import read_header
 from shareport.fleet import build_fleet
 from tests.tiny import make_peft_adapter, tiny_llama
 
@@ -127,6 +130,14 @@ def test_fleet_folder_members_load_alone_and_expand_exactly(loras, form, tmp_pat
             torch.testing.assert_close(delta, member.update(path), atol=1e-5, rtol=1e-4)
         r = cli("inspect", out / name, "--json")
         assert r.exit_code == 0, r.output
+        # inspect names the membership; the counts against the tensors the two files hold
+        fleet_info = json.loads(r.stdout)["fleet"]
+        own = {k: v for k, v in read_header(out / name / "adapter_model.safetensors").items() if "/" not in k}
+        shared = read_header(out / "shared.safetensors")
+        shared_names = member.config["fleet"]["names"]  # (in memory: the pool names the shared file holds)
+        assert fleet_info["own_parameters"] == sum(math.prod(v["shape"]) for v in own.values())
+        assert fleet_info["shared_parameters"] == sum(math.prod(shared[n]["shape"]) for n in shared_names)
+        assert fleet_info["form"] == form and os.path.samefile(fleet_info["shared_file"], out / "shared.safetensors")
     assert data["members"][0]["bytes"] < data["members"][0]["lora_bytes"]
     assert data["bytes"] == sum(m["bytes"] for m in data["members"]) + data["shared_bytes"]
 
