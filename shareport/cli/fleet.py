@@ -189,6 +189,8 @@ def fleet_cmd(
     click.echo(to_json(data) if as_json else render(data))
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
+    for hint in data.get("hints", []):
+        click.echo(f"hint: {hint}", err=True)
 
 
 def render(data: dict) -> str:

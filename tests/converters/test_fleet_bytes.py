@@ -5,6 +5,7 @@ bytes the written safetensors hold; refusals in one line with nothing written.""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -104,3 +105,17 @@ def test_the_alone_warning_names_the_group_size_it_was_compared_at(loras, tmp_pa
     assert r.exit_code == 0, r.output
     (warning,) = [line for line in r.stderr.splitlines() if "each LoRA truncated alone" in line]
     assert "--quantize int4 --group-size 8`" in warning
+
+
+def test_a_lossy_float_fleet_points_to_bytes_and_the_hinted_command_runs(loras, tmp_path, cli):  # noqa: F811
+    data = _fleet(cli, tmp_path / "float", *dirs(loras), "--budget", 0.1)
+    worst = max(m["relative_error"] for m in data["members"])
+    (hint,) = data["hints"]
+    assert worst > 0.2 and f"{worst:.3f}" in hint
+    share = re.search(r"`--bytes ([0-9.]+)`", hint).group(1)
+    assert float(share) <= data["parameters"] / data["lora_parameters"]  # the float fleet's bytes, never more
+    hinted = _fleet(cli, tmp_path / "hinted", *dirs(loras), "--bytes", share)
+    least = min(c["relative_error"] for c in hinted["storage"]["candidates"])
+    assert least <= max(m["relative_error"] for m in data["members"])
+    assert not hinted.get("hints")  # a --bytes fleet, like a quantized one, is not hinted at
+    assert not _fleet(cli, tmp_path / "q", *dirs(loras), "--budget", 0.1, "--quantize", "int8").get("hints")
