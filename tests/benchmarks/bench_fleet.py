@@ -125,6 +125,7 @@ class Settings:
     # directions for the bytes (vLoRA's NF4 rows do the same)
     quantize: tuple[str, ...] = ()
     at_bytes: bool = False  # also `fleet --bytes budget`: the storage the library picks for those bytes
+    bytes_clusters: int | str = "auto"  # its --clusters (a count builds each storage once, no search: large N)
 
     @property
     def tag(self) -> str:
@@ -267,13 +268,15 @@ def add_at_bytes(out: Path, base: Path, lora_dirs: dict[str, Path], budget: floa
     """``fleet --bytes budget``: the storage (float32, int8, int4) the library picks for ``budget``'s bytes;
     recovered too at the recovery budget (a quantized member's cores are written as integers again, so
     the recovered fleet keeps its bytes)."""
-    fleet_dir = out / f"fleet-bytes-{budget:g}{tag}"
+    count = "" if s.bytes_clusters == "auto" else f"-c{s.bytes_clusters}"
+    fleet_dir = out / f"fleet-bytes-{budget:g}{count}{tag}"
     if not fleet_dir.is_dir():
-        flows.fleet([str(d) for d in lora_dirs.values()], str(fleet_dir), bytes_share=budget)
+        flows.fleet([str(d) for d in lora_dirs.values()], str(fleet_dir), bytes_share=budget, clusters=s.bytes_clusters)
     storage = json.loads((fleet_dir / "fleet_report.json").read_text())["storage"]
     chosen = next(c for c in storage["candidates"] if c["storage"] == storage["chosen"])
     members = {t: fleet_dir / t for t in lora_dirs}
-    name = f"fleet --bytes ({chosen['storage']} at budget {chosen['budget']:g})"
+    given = "" if s.bytes_clusters == "auto" else f" --clusters {s.bytes_clusters}"
+    name = f"fleet --bytes{given} ({chosen['storage']} at budget {chosen['budget']:g})"
     add(name, budget, False, members, *_fleet_sizes(fleet_dir, members))
     if budget == s.recover_budget:
         rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + s.recovered_tag), s)
@@ -684,6 +687,12 @@ def main() -> None:
     )
     parser.add_argument("--no-recovery", action="store_true", help="recover no row (the rows before recovery only)")
     parser.add_argument(
+        "--bytes-clusters",
+        type=int,
+        default=None,
+        help="with --at-bytes: that row's --clusters (default auto; a count skips the search, for large N)",
+    )
+    parser.add_argument(
         "--at-bytes",
         action="store_true",
         help="also `fleet --bytes B` at each budget B: float32, int8 or int4, the library's choice (before recovery)",
@@ -733,6 +742,7 @@ def main() -> None:
         "recover_lr_scaling": args.recover_lr_scaling,
         "quantize": tuple(args.quantize) if args.quantize else None,
         "at_bytes": args.at_bytes or None,
+        "bytes_clusters": args.bytes_clusters,
         "max_length": args.max_length,
         "budgets": tuple(args.budgets) if args.budgets else None,
         "same_seed": args.same_seed or None,
