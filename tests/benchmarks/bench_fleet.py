@@ -126,6 +126,7 @@ class Settings:
     quantize: tuple[str, ...] = ()
     at_bytes: bool = False  # also `fleet --bytes budget`: the storage the library picks for those bytes
     bytes_clusters: int | str = "auto"  # its --clusters (a count builds each storage once, no search: large N)
+    recover_bytes_only: bool = False  # recover the --bytes row alone (N = 50: 50 recoveries, not 150)
 
     @property
     def tag(self) -> str:
@@ -392,7 +393,7 @@ def run(out: Path, s: Settings) -> dict:
                 members,
                 *_fleet_sizes(fleet_dir, members),
             )
-            if budget == s.recover_budget:
+            if budget == s.recover_budget and not s.recover_bytes_only:
                 rec = recover_all(out, base, members, fleet_dir.with_name(fleet_dir.name + s.recovered_tag), s)
                 add(
                     name,
@@ -417,7 +418,7 @@ def run(out: Path, s: Settings) -> dict:
             sum(adapter_file_size(f) for f in alone.values()),
             peers.tensor_bytes(_weights_files(alone)),
         )
-        if budget == s.recover_budget:
+        if budget == s.recover_budget and not s.recover_bytes_only:
             rec = recover_all(out, base, alone, out / f"alone-{budget:g}{s.recovered_tag}", s)
             add(
                 "alone (convert --to auto)",
@@ -693,6 +694,11 @@ def main() -> None:
         help="with --at-bytes: that row's --clusters (default auto; a count skips the search, for large N)",
     )
     parser.add_argument(
+        "--recover-bytes-only",
+        action="store_true",
+        help="with --at-bytes: recover only the --bytes row at the recovery budget",
+    )
+    parser.add_argument(
         "--at-bytes",
         action="store_true",
         help="also `fleet --bytes B` at each budget B: float32, int8 or int4, the library's choice (before recovery)",
@@ -743,6 +749,7 @@ def main() -> None:
         "quantize": tuple(args.quantize) if args.quantize else None,
         "at_bytes": args.at_bytes or None,
         "bytes_clusters": args.bytes_clusters,
+        "recover_bytes_only": args.recover_bytes_only or None,
         "max_length": args.max_length,
         "budgets": tuple(args.budgets) if args.budgets else None,
         "same_seed": args.same_seed or None,
