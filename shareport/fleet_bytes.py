@@ -13,9 +13,10 @@ So each storage is built at the budget of parameters its bytes allow and the one
 update error, measured on the factors as they read back (quantized), is kept. Errors within ``TIE``
 of the least (relative) are a tie, which the fewest bytes win: at a share large enough for every
 storage to hold nearly all of the LoRAs (from about 0.27 up, int8 and int4 reach budget 1), float32
-would otherwise take 4x int8's bytes for a thousandth less error. The bytes counted are the stored factors' against
-the LoRAs' factors in float32; carried tensors (classifier heads) and configs are the same in every
-storage and not counted. The guarantee: the chosen fleet's factors never take more than the share.
+would otherwise take 4x int8's bytes for a thousandth less error. The bytes counted are the stored
+factors' against the LoRAs' factors in float32; carried tensors (classifier heads) and configs are the
+same in every storage and not counted. The guarantee: the chosen fleet's factors never take more than
+the share.
 """
 
 from __future__ import annotations
