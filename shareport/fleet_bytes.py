@@ -9,7 +9,8 @@ directions, and cutting directions costs them far more than rounding does (on be
 LoRAs at 1/8 of their bytes, the worst member kept 0.946 of its LoRA's accuracy in float32 and 0.991
 in int8 or int4; docs/fleets.md).
 
-So each storage is built at the budget of parameters its bytes allow and the one with the least
+So each storage is built at the budget of parameters its bytes allow (with ``--clusters auto``, the
+first storage built searches the cluster count and the others take it) and the one with the least
 update error, measured on the factors as they read back (quantized), is kept. Errors within ``TIE``
 of the least (relative) are a tie, which the fewest bytes win: at a share large enough for every
 storage to hold nearly all of the LoRAs (from about 0.27 up, int8 and int4 reach budget 1), float32
@@ -27,7 +28,7 @@ import math
 from .adapter import Adapter
 from .errors import ShareportError
 from .fleet import Fleet, build_fleet, check_compatible
-from .forms import DEFAULT_GROUP_SIZE
+from .forms import AUTO_CLUSTERS, DEFAULT_GROUP_SIZE
 from .quantization import BITS, quantize_fleet, update_error
 
 STORAGES = (None, "int8", "int4")  # None: float32, the fleet as built
@@ -99,7 +100,17 @@ def fleet_at_bytes(
     check_compatible(adapters, names)  # what is not about the size fails as itself, before any build
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     lora_bytes = FLOAT32_BYTES * sum(a.num_parameters() for a in adapters)
-    tried = [_build(adapters, names, form, quantize, share, lora_bytes, clusters, group_size) for quantize in STORAGES]
+    tried, count, reused = [], clusters, None
+    for quantize in STORAGES:
+        storage = _build(adapters, names, form, quantize, share, lora_bytes, count, group_size)
+        tried.append(storage)
+        if count == AUTO_CLUSTERS and storage.fleet is not None:
+            # the float32 search's count, reused: the integer storages' larger budgets make each count of
+            # the search slower (50 LoRAs: ~50 min against 2.5 with the count given), and on the fleets
+            # measured every storage's own search chose the float32 count (docs/fleets.md)
+            clusters_report = storage.fleet.report.clusters
+            count = clusters_report["count"] if clusters_report else 1
+            reused = storage.quantize or "float32"
     built = [s for s in tried if s.refused is None]
     if not built:
         reasons = "; ".join(f"{s.quantize or 'float32'}: {s.refused}" for s in tried)
@@ -114,6 +125,8 @@ def fleet_at_bytes(
         "ranked_by": RANKED_BY,
         "candidates": [s.to_dict(lora_bytes) for s in tried],
     }
+    if reused is not None:  # --clusters auto: searched once, by the first storage built
+        report["clusters"] = {"searched_by": reused, "count": count}
     return best.fleet, best.quantize, report
 
 

@@ -119,3 +119,36 @@ def test_a_lossy_float_fleet_points_to_bytes_and_the_hinted_command_runs(loras, 
     assert least <= max(m["relative_error"] for m in data["members"])
     assert not hinted.get("hints")  # a --bytes fleet, like a quantized one, is not hinted at
     assert not _fleet(cli, tmp_path / "q", *dirs(loras), "--budget", 0.1, "--quantize", "int8").get("hints")
+
+
+def test_with_clusters_auto_the_first_storage_searches_and_the_others_take_its_count(tmp_path, cli):
+    """Four LoRAs (so auto searches 1 and 2 clusters): float32 searches; int8 and int4 are the fleets
+    built with --clusters at the count it chose, which is what the report names."""
+    from tests.tiny import make_peft_adapter, tiny_llama
+
+    roots = []
+    for seed in range(4):
+        roots.append(tmp_path / f"lora{seed}")
+        make_peft_adapter(
+            tiny_llama(), roots[-1], seed=seed + 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+        )
+    data = _fleet(cli, tmp_path / "bytes", *roots, "--bytes", 0.2)
+    storage = data["storage"]
+    count = storage["clusters"]["count"]
+    assert storage["clusters"]["searched_by"] == "float32"
+    by_storage = {c["storage"]: c for c in storage["candidates"]}
+    searched = _fleet(cli, tmp_path / "float", *roots, "--budget", by_storage["float32"]["budget"])
+    assert (searched.get("clusters") or {}).get("count", 1) == count
+    for name in ("int8", "int4"):
+        c = by_storage[name]
+        own = _fleet(cli, tmp_path / name, *roots, "--budget", c["budget"], "--quantize", name, "--clusters", count)
+        assert own["quantization"]["bytes"] == c["bytes"]  # the same fleet: the same stored bytes
+        assert (own.get("clusters") or {}).get("count", 1) == count
+    chosen = tmp_path / storage["chosen"]
+    written = (tmp_path / "bytes" / "shared.safetensors").read_bytes()
+    assert (
+        written
+        == (chosen if storage["chosen"] != "float32" else tmp_path / "float")
+        .joinpath("shared.safetensors")
+        .read_bytes()
+    )
