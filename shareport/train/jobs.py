@@ -283,6 +283,7 @@ def recovery_job(
         checkpoint_dir=checkpoint_dir,
         resume_state=state,
         selection=selection,
+        start=student if resumed is not None else None,
     )
 
 

@@ -137,6 +137,13 @@ class Job:
     progress: bool = True  # the training bar (off when a caller shows its own, e.g. the frontier)
     # where the best step is chosen when ``heldout`` is a test file (None: on ``heldout`` itself)
     selection: TokenData | None = None
+    # the adapter as given, when ``student`` is a checkpoint's (resuming): a quantized one is published
+    # quantized as it came (stored.py); None: ``student`` is the one given
+    start: Adapter | None = None
+
+    @property
+    def given(self) -> Adapter:
+        return self.start if self.start is not None else self.student
 
 
 # the loss and token count are read back from the device every SYNC_EVERY steps and at the last, not
@@ -332,14 +339,15 @@ class Trainer:
             trained = self.cores.finish(trained, self.job.student)
         self.student.detach()  # the base is bare again (the frontier recovers several adapters on one base)
         float_after = None
-        if self.job.student.quantized:  # published as it came: integers (stored.py)
-            float_after, (trained, after) = after, self._stored_as_start(trained, after)
+        if self.job.given.quantized:  # published as it came: integers (stored.py)
+            float_after, (trained, after) = after, self._stored_as_start(trained)
         report = self._report(after, trained, elapsed)
         if float_after is not None:
+            requantized = trained is not self.job.given
             report["stored"] = {
-                "quantized": trained is not self.job.student,
+                "quantized": requantized,
                 "published": "the trained adapter, quantized as the start was"
-                if trained is not self.job.student
+                if requantized
                 else "the start, as it was given",
                 "float_after": float_after,
             }
@@ -355,7 +363,7 @@ class Trainer:
         return trained, report
 
     # ---------------------------------------------------------------------------------- helpers
-    def _stored_as_start(self, trained: Adapter, after: dict) -> tuple[Adapter, dict]:
+    def _stored_as_start(self, trained: Adapter) -> tuple[Adapter, dict]:
         """A quantized start: (the adapter to publish, its metrics on ``heldout``) per ``stored.py``."""
         has_teacher, task_weight = self.job.teacher is not None, self.recipe.task_weight
         measured: dict[int, dict] = {}
@@ -369,7 +377,7 @@ class Trainer:
 
         start_score = selection_score(self.curve_metrics[0], has_teacher, task_weight)[1]
         published, requantized = stored_as_start(
-            trained, self.job.student, kept_start=self.best.step == 0, score=score, start_score=start_score
+            trained, self.job.given, kept_start=self.best.step == 0, score=score, start_score=start_score
         )
         if not requantized:
             return published, self.before

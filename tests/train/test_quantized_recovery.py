@@ -1,10 +1,13 @@
 """Recovery of a quantized adapter (``convert --quantize``, ``fleet --quantize``) publishes integers again,
 stored as the start was, and never an adapter worse than the start on the held-out split as stored."""
 
+import pytest
 import torch
 
 from shareport.files.adapters import load_adapter
 from shareport.files.tensorfile import read_header
+from shareport.train.jobs import recovery_job
+from shareport.train.recipe import Recipe, run
 from shareport.train.stored import stored_as_start
 from tests.train.test_fleet_finetune import RANKS, finetune, setup  # noqa: F401  (setup: a module-scoped fixture)
 
@@ -80,3 +83,39 @@ def test_the_start_is_published_unless_the_stored_adapter_beats_it(monkeypatch):
         published, requantized = stored_as_start(trained, start, kept_start=False, score=score, start_score=2.0)
         assert requantized == wins and published == (("stored", trained) if wins else start)
     assert scored == [("stored", trained)] * 3
+
+
+def test_a_resumed_run_of_a_quantized_start_publishes_what_the_uninterrupted_one_does(setup, tmp_path, cli):  # noqa: F811
+    """The checkpoint holds float values; the start as given (integers) still decides how it is written."""
+    start_dir = tmp_path / "int8"
+    r = cli("convert", setup / "alpha", "--to", "lora", "--budget", 0.3, "--quantize", "int8", "-o", start_dir)
+    assert r.exit_code == 0, r.output
+
+    def job(folder, resume=False):
+        return recovery_job(
+            start_dir,
+            setup / "base",
+            setup / "alpha",
+            data_path=setup / "train.txt",
+            max_length=24,
+            checkpoint_dir=folder / "ckpt",
+            resume=resume,
+        )
+
+    recipe = Recipe(steps=12, lr=5e-3, batch_size=4, checkpoint_every=5)
+    (tmp_path / "whole").mkdir()
+    whole, whole_report = run(job(tmp_path / "whole"), recipe)
+    (tmp_path / "cut").mkdir()
+
+    def interrupt(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(job(tmp_path / "cut"), recipe, after_step=interrupt)
+    resumed, resumed_report = run(job(tmp_path / "cut", resume=True), recipe)
+    _check_stored_as(load_adapter(start_dir), resumed)
+    assert resumed_report["stored"] == whole_report["stored"] and whole_report["stored"]["quantized"]
+    for name, record in whole.quantized.items():
+        assert torch.equal(resumed.quantized[name].values, record.values), name
+        assert torch.equal(resumed.quantized[name].scales, record.scales), name
