@@ -163,6 +163,16 @@ def build_fleet(
 ALONE_WARNING = "each LoRA truncated alone"  # how the warning of ``against_alone`` starts
 
 
+def floor_share(value: float) -> float:
+    """``value`` rounded down to 4 digits: a share that a printed command reproduces and never exceeds."""
+    return math.floor(value * 1e4) / 1e4
+
+
+def fleet_share(fleet: Fleet) -> float:
+    """The fleet's share of the LoRAs' parameters, rounded down (``floor_share``)."""
+    return floor_share(fleet.report.parameters / fleet.report.lora_parameters)
+
+
 def against_alone(
     fleet: Fleet, adapters: list[Adapter], *, quantize: str | None = None, group_size: int | None = None
 ) -> Fleet:
@@ -173,7 +183,7 @@ def against_alone(
     prints reproduces its numbers and never spends more than the fleet; ``quantize`` and ``group_size``
     (the fleet's) are added to that command, the errors compared are both in float. Unchanged where truncation cannot
     reach that size (below every site's rank 1)."""
-    budget = math.floor(fleet.report.parameters / fleet.report.lora_parameters * 1e4) / 1e4
+    budget = fleet_share(fleet)
     alone, alone_error, fleet_error, energy, parameters = {}, 0.0, 0.0, 0.0, 0
     for adapter, member in zip(adapters, fleet.report.members):
         try:

@@ -27,7 +27,7 @@ import math
 
 from .adapter import Adapter
 from .errors import ShareportError
-from .fleet import Fleet, build_fleet, check_compatible
+from .fleet import Fleet, build_fleet, check_compatible, fleet_share, floor_share
 from .forms import AUTO_CLUSTERS, DEFAULT_GROUP_SIZE
 from .quantization import BITS, quantize_fleet, update_error
 
@@ -67,6 +67,22 @@ class Storage:
         }
 
 
+HINT_ERROR = 0.2  # a float fleet whose worst member's relative error is above this is pointed to --bytes
+
+
+def bytes_hint(fleet: Fleet) -> list[str]:
+    """For a float fleet that loses much of some member: the ``--bytes`` command at its own share (never
+    more bytes), since the same bytes may keep more as integers."""
+    worst = max(m.relative_error for m in fleet.report.members)
+    if worst <= HINT_ERROR:
+        return []
+    return [
+        f"the worst member's relative error is {worst:.3f}; the same bytes hold 3.9x the parameters as int8 "
+        f"and 7.5x as int4: `--bytes {fleet_share(fleet):g}` (instead of --budget/--rank) builds float32, int8 "
+        "and int4 and writes the one with the least error"
+    ]
+
+
 def check_bytes(share: float) -> None:
     if not 0 < share <= 1:
         raise ShareportError(f"--bytes must be a share of the LoRAs' bytes in (0, 1], got {share:g}")
@@ -81,7 +97,7 @@ def parameter_budget(share: float, quantize: str | None, group_size: int) -> flo
     """The share of the LoRAs' parameters that ``share`` of their float32 bytes holds in this storage
     (at most 1: all of them), rounded down to 4 digits so a report's budget reproduces the fleet."""
     spend = share * FLOAT32_BYTES / bytes_per_parameter(quantize, group_size)
-    return min(1.0, math.floor(spend * 1e4) / 1e4)
+    return min(1.0, floor_share(spend))
 
 
 def fleet_at_bytes(
@@ -151,5 +167,5 @@ def _build(adapters, names, form, quantize, share, lora_bytes, clusters, group_s
                 e, n = update_error(lora, member)
                 error, energy = error + e, energy + n
             return Storage(quantize, fleet, budget, error=error, energy=energy, bytes=size)
-        budget = math.floor(budget * limit / size * 1e4) / 1e4  # scales over short rows cost more than 2/g
+        budget = floor_share(budget * limit / size)  # scales over short rows cost more than 2/g
     return Storage(quantize, None, budget, refused=f"its bytes stayed above {share:g} of the LoRAs'")

@@ -3,7 +3,6 @@ See ``shareport.flows``."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from converters import DEFAULT_RIDGE
@@ -17,7 +16,7 @@ from ..files.fleet import REPORT_NAME as FLEET_REPORT_NAME
 from ..files.fleet import SHARED_NAME, added_member_name, check_member_name, folder_members, member_names, split_named
 from ..fleet import against_alone, build_fleet, cluster_counts, fleet_bases
 from ..fleet_add import add_member, read_fleet
-from ..fleet_bytes import check_bytes, fleet_at_bytes
+from ..fleet_bytes import bytes_hint, check_bytes, fleet_at_bytes
 from ..forms import (
     CALIBRATION_MAX_LENGTH,
     CALIBRATION_SAMPLES,
@@ -107,7 +106,7 @@ def fleet(
     if storage is not None:
         report["storage"] = storage
     elif quantize is None and stats is None:
-        report["hints"] = _bytes_hint(result)
+        report["hints"] = bytes_hint(result)
     if quantize is not None:
         result, quantization = quantize_fleet(result, adapters, quantize, group_size=group_size)
         _add_quantization(report, quantization)
@@ -127,22 +126,6 @@ def fleet(
     if stats is not None:  # not in the written report: the same input must give the same bytes
         data["calibration"] = {**data["calibration"], "seconds": seconds}
     return data
-
-
-BYTES_HINT_ERROR = 0.2  # a float fleet whose worst member's relative error is above this gets the hint
-
-
-def _bytes_hint(result) -> list[str]:
-    """A float fleet that loses much of some member: the same bytes may keep more as integers (fleet_bytes)."""
-    worst = max(m.relative_error for m in result.report.members)
-    if worst <= BYTES_HINT_ERROR:
-        return []
-    share = math.floor(result.report.parameters / result.report.lora_parameters * 1e4) / 1e4
-    return [
-        f"the worst member's relative error is {worst:.3f}; the same bytes hold 3.9x the parameters as int8 "
-        f"and 7.5x as int4: `--bytes {share:g}` (instead of --budget/--rank) builds float32, int8 and int4 "
-        "and writes the one with the least error"
-    ]
 
 
 def _check_bytes_options(share: float, *, budget, rank, quantize, group_size, calibration) -> None:
