@@ -45,6 +45,8 @@ class Storage:
     quantize: str | None
     fleet: Fleet | None  # None where the budget was refused
     budget: float
+    stored: Fleet | None = None  # the fleet as it is written: ``fleet`` quantized as ``quantize`` says
+    quantization: dict | None = None  # ``quantize_fleet``'s report of ``stored`` (None for float32)
     error: float = math.inf  # sum over members of ||dW - dW'||^2, dW' as stored
     energy: float = 0.0
     bytes: int = 0  # the stored factors
@@ -108,10 +110,11 @@ def fleet_at_bytes(
     share: float,
     clusters,
     group_size: int | None = None,
-) -> tuple[Fleet, str | None, dict]:
+) -> tuple[Fleet, dict | None, dict]:
     """The fleet of ``adapters`` whose stored factors fill at most ``share`` of the LoRAs' float32 bytes
-    with the least error (module docstring). Returns (the float fleet, to be quantized as the second
-    item says, None for float32; the report: the share, the storages tried, the one chosen)."""
+    with the least error (module docstring). Returns (that fleet as it is written; its
+    ``quantize_fleet`` report, None for float32; the report: the share, the storages tried, the one
+    chosen)."""
     check_bytes(share)
     check_compatible(adapters, names)  # what is not about the size fails as itself, before any build
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
@@ -143,7 +146,7 @@ def fleet_at_bytes(
     }
     if reused is not None:  # --clusters auto: searched once, by the first storage built
         report["clusters"] = {"searched_by": reused, "count": count}
-    return best.fleet, best.quantize, report
+    return best.stored, best.quantization, report
 
 
 def _build(adapters, names, form, quantize, share, lora_bytes, clusters, group_size) -> Storage:
@@ -157,7 +160,7 @@ def _build(adapters, names, form, quantize, share, lora_bytes, clusters, group_s
             fleet = build_fleet(adapters, names, form, budget=budget, clusters=clusters)
         except ShareportError as exc:  # e.g. below the form's smallest size
             return Storage(quantize, None, budget, refused=f"at budget {budget:g}, {exc}")
-        stored, size = fleet, FLOAT32_BYTES * fleet.report.parameters
+        stored, quantization, size = fleet, None, FLOAT32_BYTES * fleet.report.parameters
         if quantize is not None:
             stored, quantization = quantize_fleet(fleet, adapters, quantize, group_size=group_size)
             size = quantization["bytes"]
@@ -166,6 +169,6 @@ def _build(adapters, names, form, quantize, share, lora_bytes, clusters, group_s
             for lora, member in zip(adapters, stored.members):
                 e, n = update_error(lora, member)
                 error, energy = error + e, energy + n
-            return Storage(quantize, fleet, budget, error=error, energy=energy, bytes=size)
+            return Storage(quantize, fleet, budget, stored, quantization, error=error, energy=energy, bytes=size)
         budget = floor_share(budget * limit / size)  # scales over short rows cost more than 2/g
     return Storage(quantize, None, budget, refused=f"its bytes stayed above {share:g} of the LoRAs'")

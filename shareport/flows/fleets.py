@@ -92,12 +92,13 @@ def fleet(
     inputs = paths + sorted(set(data_files or [])) + ([base] if base else [])
     check_output(out, overwrite, inputs)
     stats, seconds = _fleet_statistics(adapters, data_files, base) if data_files else (None, None)
-    storage = None
-    if bytes_share is not None:
-        result, quantize, storage = fleet_at_bytes(
+    storage = quantization = None
+    if bytes_share is not None:  # built, and quantized where an integer storage won
+        result, quantization, storage = fleet_at_bytes(
             adapters, names, form, share=bytes_share, clusters=clusters, group_size=group_size
         )
-        group_size = storage["group_size"] if quantize else None
+        quantize = quantization["quantize"] if quantization else None
+        group_size = quantization["group_size"] if quantization else None
     else:
         result = build_fleet(adapters, names, form, rank=rank, budget=budget, calibration=stats, clusters=clusters)
     if stats is None:  # a calibrated fleet's errors are output errors: not comparable with weights alone
@@ -107,8 +108,9 @@ def fleet(
         report["storage"] = storage
     elif quantize is None and stats is None:
         report["hints"] = bytes_hint(result)
-    if quantize is not None:
+    if quantize is not None and quantization is None:
         result, quantization = quantize_fleet(result, adapters, quantize, group_size=group_size)
+    if quantization is not None:
         _add_quantization(report, quantization)
     save_fleet(result, out, overwrite=overwrite, inputs=inputs, reports={FLEET_REPORT_NAME: report})
     lora_bytes = [adapter_file_size(d) for d in paths]
