@@ -20,8 +20,9 @@ WORDS = (
 ).split()
 
 
-def save_char_tokenizer(folder: str | Path) -> None:
-    """A character-level fast tokenizer whose ids fit the tiny models' vocabulary."""
+def save_char_tokenizer(folder: str | Path, bos: bool = True) -> None:
+    """A character-level fast tokenizer whose ids fit the tiny models' vocabulary; ``bos``: it begins
+    every text with ``<s>`` (as Llama's does; GPT-2's does not)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +30,8 @@ def save_char_tokenizer(folder: str | Path) -> None:
     assert len(vocab) <= VOCAB
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -100,8 +100,13 @@ def corpus(sentences: int = 3000, seed: int = 0, domain: bool = False) -> list[s
 
 
 def build_tokenizer(lines: list[str], vocab_size: int = 384):
-    """A byte-level BPE trained on ``lines``, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on ``lines``, wrapped as a transformers fast tokenizer.
+
+    Like Llama's, it starts every text with ``<s>``: the models trained on it then learn how a text
+    begins, so a text sampled from ``<s>`` (``finetune --generate``, a generation with an empty prompt)
+    starts as the corpus does. Without it no text ever began there, and the samples were out of the
+    training distribution from their first token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -114,6 +119,9 @@ def build_tokenizer(lines: list[str], vocab_size: int = 384):
         show_progress=False,
     )
     tok.train_from_iterator(lines, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 

@@ -19,10 +19,11 @@ from ..files.tensorfile import stream_model_weights
 from ..model import load_base_model
 from ..model.base import CAUSAL_LM_CLASS, auto_class_name, empty_base_model, read_base_config, task_type_of
 from ..model.fresh import fresh_adapter
+from . import generated
 from .accel import load_sharded_base, make_accelerator, model_dtype, shards_base
 from .checkpoint import load_checkpoint
 from .data import load_data, split_heldout
-from .generated import generate_data
+from .generated import generate_data, start_note
 from .merging import MergeSchedule
 from .recipe import Job, Recipe
 from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_STEPS, DEFAULT_TRAINABLE, DEFAULT_WARMUP
@@ -265,9 +266,13 @@ def recovery_job(
             "data": None,
             "generated": generate,
             "generate_seed": seed,
+            "generate_top_p": generated.SAMPLING_TOP_P,  # read now: a benchmark may patch it
             "max_length": max_length,
             "eval_fraction": eval_fraction,
         }
+        note = start_note(base_dir, getattr(model.config, "bos_token_id", None))
+        if note:
+            inputs["generate_note"] = note
     check_labels(model, base_dir, train, heldout, selection)  # generated texts have none: nothing to check
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     if dropped:  # sites the conversion cut to rank 0: the student recovers without them (teacher.check_pair)

@@ -175,6 +175,7 @@ def recover(
     backoff: int = 2,
     seed: int = 0,
     lr_scaling: str | None = None,
+    task_weight: float = 0.0,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
@@ -225,7 +226,7 @@ def recover(
         last_step_published() if recipe == "old" else contextlib.nullcontext(),
         backoff_at_every_regression() if backoff == 1 else contextlib.nullcontext(),
     ):
-        trained, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
+        trained, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=task_weight))
     seconds = time.perf_counter() - started
     if generate is not None:  # scored on the data's held-out split like every other run
         report["before"] = evaluate_adapter(scoring, job.student, 32)
@@ -397,6 +398,14 @@ def main(argv=None) -> list[dict]:
         choices=list(LR_SCALINGS),
         help="new recipe: --lr-scaling [the library's default; runs are named by the value it resolves to]",
     )
+    parser.add_argument(
+        "--task-weights",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="new recipe: the data's own loss beside the KL (finetune --lm-loss: the labels' cross-entropy for "
+        "a classifier, the next token's for a causal LM) [0]",
+    )
     parser.add_argument("--curve-every", type=int, default=25)
     parser.add_argument(
         "--generate",
@@ -411,8 +420,15 @@ def main(argv=None) -> list[dict]:
         default=generated.SAMPLING_TEMPERATURE,
         help="with --generate: the temperature the teacher samples at (the library's: 1, its distribution as it is)",
     )
+    parser.add_argument(
+        "--generate-top-p",
+        type=float,
+        default=generated.SAMPLING_TOP_P,
+        help="with --generate: nucleus sampling's top-p (the library's by default)",
+    )
     args = parser.parse_args(argv)
     generated.SAMPLING_TEMPERATURE = args.generate_temperature
+    generated.SAMPLING_TOP_P = args.generate_top_p
     torch.set_num_threads(1)  # one thread, fixed: a shared 2-core machine (see bench_frontier)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,6 +462,7 @@ def main(argv=None) -> list[dict]:
                                 backoff,
                                 seed,
                                 lr_scaling,
+                                task_weight,
                             ) in itertools.product(
                                 [0.0] if recipe == "old" else args.hidden_weights,
                                 [None] if task.test else args.generate,
@@ -456,6 +473,7 @@ def main(argv=None) -> list[dict]:
                                 [0] if recipe == "old" else args.backoff,
                                 [0] if recipe == "old" else args.seeds,
                                 ["none"] if recipe == "old" else args.lr_scalings,
+                                [0.0] if recipe == "old" else args.task_weights,
                             ):
                                 scaling = lr_scaling or default_lr_scaling(
                                     distilling=True, whole_factors=trainable == "factors"
@@ -472,6 +490,7 @@ def main(argv=None) -> list[dict]:
                                         if generate and args.generate_temperature != 1.0
                                         else ""
                                     )
+                                    + (f"-tp{args.generate_top_p:g}" if generate and args.generate_top_p != 1.0 else "")
                                     + ("-cores" if trainable == "cores" else "")
                                     # no suffix: T = 1 (runs from before the default followed the output)
                                     + ("-Tauto" if temperature is None else "")
@@ -484,6 +503,7 @@ def main(argv=None) -> list[dict]:
                                     + (f"-seed{seed}" if seed else "")
                                     # no suffix: every tensor at --lr (runs from before --lr-scaling)
                                     + ("-lst" if scaling == "tensor" else "")
+                                    + (f"-tw{task_weight:g}" if task_weight else "")
                                 )
                                 row = stage(
                                     task.out,
@@ -504,6 +524,7 @@ def main(argv=None) -> list[dict]:
                                         backoff,
                                         seed,
                                         scaling,
+                                        task_weight,
                                     ),
                                 )
                                 row = {
@@ -523,6 +544,7 @@ def main(argv=None) -> list[dict]:
                                     "backoff": {0: "no", 1: "every", 2: "diverged"}[backoff],
                                     "seed": seed,
                                     "lr_scaling": scaling,
+                                    "task_weight": task_weight,
                                 }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)

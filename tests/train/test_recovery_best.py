@@ -11,6 +11,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,6 +359,25 @@ def test_generate_recovers_a_causal_lm_with_no_data_file(setup, tmp_path, cli):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
+def test_generate_notes_a_tokenizer_that_never_starts_texts_at_bos(setup, tmp_path):
+    """The samples start at bos. A base whose tokenizer does not begin texts with it never trained on a
+    text starting there: the report says so (the demo's model sampled mid-word fragments there)."""
+    import shutil
+
+    from shareport.train.generated import start_note
+    from tests.training_helpers import save_char_tokenizer
+
+    bos = json.loads((Path(setup["base"]) / "config.json").read_text())["bos_token_id"]
+    assert start_note(setup["base"], bos) is None  # the helpers' tokenizer begins with <s>
+    plain = tmp_path / "base-no-bos"
+    shutil.copytree(setup["base"], plain)
+    save_char_tokenizer(plain, bos=False)
+    note = start_note(plain, bos)
+    assert note is not None and str(plain) in note and f"({bos})" in note
+    assert start_note(plain, [bos, 7]) == note  # a list: generation starts at its first
+    assert start_note(tmp_path / "no-tokenizer", bos) is None
+
+
 def test_generated_texts_are_the_teachers_samples(setup):
     """Start at bos, stop at eos or max_length; seeded (the same seed, the same texts; another, others),
     and the global RNG is left as it was."""
@@ -377,6 +397,17 @@ def test_generated_texts_are_the_teachers_samples(setup):
     for seq in one.sequences:
         assert seq[0] == bos and 2 <= len(seq) <= 12
         assert eos not in seq[1:-1] and (len(seq) == 12 or seq[-1] == eos)
+    # every sampled token lies in the teacher's nucleus at its position: the tokens more probable than it
+    # hold less than top-p of the probability (pure sampling would also draw from the tail)
+    from shareport.train.generated import SAMPLING_TOP_P
+
+    assert SAMPLING_TOP_P < 1
+    with torch.no_grad(), teacher.active(model):
+        for seq in one.sequences:
+            probs = model(input_ids=torch.tensor([seq])).logits[0].float().softmax(-1)
+            for position, token in enumerate(seq[1:]):
+                p = probs[position]
+                assert p[p > p[token]].sum().item() < SAMPLING_TOP_P + 1e-5
 
 
 @pytest.mark.parametrize(
