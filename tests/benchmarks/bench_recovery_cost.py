@@ -5,8 +5,8 @@ most 1.2x), interleaved in one process (not collected by pytest).
 
 On bench_recovery's docstrings task (its cached stages under ``--out``; built there if missing), the
 10% truncation recovers ``--steps`` steps with the old settings (T 1, no site term, no backoff,
-constant lr) and with the library's defaults (T 4 and site weight 1 for this classifier, backoff,
-cosine), alternating ``--rounds`` times, one evaluation at the end. Training seconds per step
+constant lr, every tensor at the lr) and with the library's defaults (T 4 and site weight 1 for this
+classifier, backoff, cosine, each tensor's step scaled by its size), alternating ``--rounds`` times, one evaluation at the end. Training seconds per step
 (evaluation excluded: the same few-percent share in both) are printed per round, with the ratio of
 the minima.
 """
@@ -24,10 +24,10 @@ from shareport.train.recipe import run
 from tests.benchmarks import bench_recovery
 
 SETTINGS = {
-    "old (T 1, no site term, no backoff, constant lr)": dict(
-        temperature=1.0, site_weight=0.0, backoff=False, schedule="constant", warmup=0.0
+    "old (T 1, no site term, no backoff, constant lr, no lr scaling)": dict(
+        temperature=1.0, site_weight=0.0, backoff=False, schedule="constant", warmup=0.0, lr_scaling="none"
     ),
-    "defaults (T 4, site weight 1, backoff, cosine)": {},
+    "defaults (T 4, site weight 1, backoff, cosine, lr scaling by tensor)": {},
 }
 
 
