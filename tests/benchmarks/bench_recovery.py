@@ -17,6 +17,9 @@ Tasks:
 - **demo**: ``shareport demo``'s causal LM (8-layer Llama, hidden 64, BPE vocabulary 384) and its
   LoRA (q, v, o, down; r=8) trained on the domain corpus, recovered on that corpus. Fidelity =
   next-token top-1 agreement with the LoRA on the held-out split.
+- **demo-long**: the same corpora and LoRA shape on a wider Llama (6 layers, hidden 128) pretrained
+  1500 steps instead of 150, its LoRA trained 200 steps instead of 50: a second causal LM whose
+  teacher models its text better (``CAUSAL_SHAPES``).
 
 Recipes:
 - **old**: what recovery did before issue 26: constant lr (2e-3, the frontier's), no warmup, the
@@ -95,17 +98,32 @@ def docstrings_task(out: Path) -> Task:
 CLASSIFIERS = ("docstrings",)
 
 
-def demo_task(out: Path) -> Task:
+# The second causal LM: the demo's corpora on a wider Llama pretrained 10x longer, with its LoRA trained 4x
+# longer: a teacher that models its text better, to tell what --generate owes to the teacher's quality.
+CAUSAL_SHAPES = {
+    "demo": dict(layers=8, hidden=64, pretrain_steps=150, lora_steps=None),
+    "demo-long": dict(layers=6, hidden=128, pretrain_steps=1500, lora_steps=200),
+}
+
+
+def demo_task(out: Path, name: str = "demo") -> Task:
     from shareport.demo import run as demo
     from shareport.demo.assets import build_base, corpus
 
-    root = out / "demo"
+    shape = CAUSAL_SHAPES[name]
+    root = out / name
     root.mkdir(parents=True, exist_ok=True)
     data = root / "domain.txt"
 
     def build() -> dict:
         data.write_text("\n".join(corpus(domain=True, seed=1)) + "\n", encoding="utf-8")
-        build_base(root / "base", corpus(), layers=8, hidden=64)
+        build_base(
+            root / "base",
+            corpus(),
+            layers=shape["layers"],
+            hidden=shape["hidden"],
+            pretrain_steps=shape["pretrain_steps"],
+        )
         return flows.train(
             "lora",
             str(root / "base"),
@@ -114,12 +132,12 @@ def demo_task(out: Path) -> Task:
             str(data),
             str(root / "lora"),
             alpha=2.0 * demo.RANK,
-            options=demo._recipe(demo.TRAIN_STEPS),
+            options=demo._recipe(shape["lora_steps"] or demo.TRAIN_STEPS),
             overwrite=True,
         )
 
     stage(root, "lora", build)
-    return Task("demo", root, root / "base", root / "lora", data, None, batch=demo.BATCH, max_length=demo.LENGTH)
+    return Task(name, root, root / "base", root / "lora", data, None, batch=demo.BATCH, max_length=demo.LENGTH)
 
 
 @contextlib.contextmanager
@@ -345,7 +363,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/bench-recovery")
-    parser.add_argument("--tasks", nargs="+", default=["docstrings", "demo"], choices=["docstrings", "demo"])
+    parser.add_argument("--tasks", nargs="+", default=["docstrings", "demo"], choices=["docstrings", *CAUSAL_SHAPES])
     parser.add_argument("--forms", nargs="+", default=["lora", "sharea", "aslora"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.25, 0.5])
     parser.add_argument("--recipes", nargs="+", default=["old", "new"], choices=["old", "new"])
@@ -435,7 +453,7 @@ def main(argv=None) -> list[dict]:
     default_lr = TrainingOptions().lr
     rows = []
     for task_name in args.tasks:
-        task = docstrings_task(out) if task_name == "docstrings" else demo_task(out)
+        task = docstrings_task(out) if task_name == "docstrings" else demo_task(out, task_name)
         (task.out / "converted").mkdir(exist_ok=True)
         job = recovery_job(
             task.lora, task.base, task.lora, data_path=task.data, max_length=task.max_length, eval_path=task.test
