@@ -44,8 +44,9 @@ from .training_options import echo_report, recipe_options, resume_hint
     "--generate",
     type=int,
     default=None,
-    help="Causal LMs with no data: recover on N texts sampled from the teacher (base + LoRA), "
-    "instead of --data (seeded by --seed).",
+    help="Causal LMs with no data: recover on N texts sampled from the teacher (base + LoRA), each from "
+    "the beginning-of-sequence token, from the top-p 0.9 nucleus, instead of --data (seeded by --seed). "
+    "Text from the task, even unlabelled, recovers more.",
 )
 @click.option(
     "--hidden-weight",

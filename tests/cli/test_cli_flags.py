@@ -46,6 +46,15 @@ def test_help_mentions_only_options_the_command_has(cli):
         assert "train: required" not in text, name
 
 
+def test_finetune_help_states_the_library_s_sampling_for_generate(cli):
+    """The help says which nucleus --generate samples from (written out: the CLI does not import torch
+    for --help); it must be the library's."""
+    from shareport.train.generated import SAMPLING_TOP_P
+
+    text = " ".join(cli("finetune", "--help").output.split())
+    assert f"top-p {SAMPLING_TOP_P:g} nucleus" in text
+
+
 @pytest.mark.parametrize("flag", ["-o", "--output", "--out"])
 def test_convert_writes_with_every_spelling(flag, tmp_path, cli):
     make_peft_adapter(tiny_llama(layers=2), tmp_path / "lora", r=2, target_modules=["q_proj"])
