@@ -214,6 +214,11 @@ def echo_report(out: str, report: dict, as_json: bool) -> None:
             f"{len(dropped)} module(s) the teacher adapts are not adapted in the student (cut to rank 0 "
             f"by the conversion), e.g. {dropped[0]}"
         )
+    if report["inputs"].get("generated"):
+        click.echo(
+            f"held-out: {report['heldout_examples']} of the {report['inputs']['generated']} texts sampled from the "
+            "teacher, not text from the task"
+        )
     if report["inputs"].get("generate_note"):
         click.echo(f"note: {report['inputs']['generate_note']}", err=True)
     if report.get("backoffs"):

@@ -60,7 +60,7 @@ def recover(
     if (data_path is None) == (generate is None):
         both = ", and not both" if data_path is not None else ""
         raise ShareportError(f"finetune needs --data DATA or --generate N (texts sampled from the teacher){both}")
-    check_generate(generate)
+    check_generate(generate, options.max_length)
     inputs = tuple(p for p in (shared_dir, teacher_dir, base_dir, data_path) if p is not None)
     student, teacher = check_inputs(base_dir, data_path, (shared_dir, teacher_dir), pack=options.pack)
     check_output(out, overwrite, inputs)

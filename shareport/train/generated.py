@@ -34,14 +34,24 @@ def _token_ids(value) -> list[int]:
     return [v for v in (value or []) if isinstance(v, int)]
 
 
-def check_generate(count: int | None) -> None:
-    if count is not None and count < 1:
-        raise ShareportError(f"--generate must be at least 1 text, got {count}")
+MIN_TEXTS = 2  # one to train on, one held out to pick the best step on
+
+
+def check_generate(count: int | None, max_length: int | None = None) -> None:
+    """Before anything is loaded: a count and a length that can make recovery data."""
+    if count is None:
+        return
+    if count < MIN_TEXTS:
+        raise ShareportError(
+            f"--generate must be at least {MIN_TEXTS} texts (one to train on, one held out), got {count}"
+        )
+    if max_length is not None and max_length < 2:
+        raise ShareportError(f"--max-length must be at least 2 to generate texts, got {max_length}")
 
 
 def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed: int, where: str) -> TokenData:
     """``count`` token sequences sampled from ``model`` with the teacher's adapter active."""
-    check_generate(count)
+    check_generate(count, max_length)
     if not is_causal_lm(model):
         raise ShareportError(
             f"{where}: --generate samples texts from a causal LM; this base loads as "
@@ -53,13 +63,15 @@ def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed:
             f"{where}: --generate starts each text at the beginning-of-sequence token, and "
             "config.json sets no bos_token_id (give --data instead)"
         )
-    if max_length < 2:
-        raise ShareportError(f"--max-length must be at least 2 to generate texts, got {max_length}")
     ends = set(_token_ids(getattr(model.config, "eos_token_id", None)))
     device = next(model.parameters()).device
     saved = torch.get_rng_state()
     sequences: list[list[int]] = []
     torch.manual_seed(seed)
+    from tqdm.auto import tqdm
+
+    # shown on a terminal only (disable=None), as every shareport bar: sampling can take a while
+    bar = tqdm(total=count, desc="sampling texts from the teacher", unit="text", dynamic_ncols=True, disable=None)
     try:
         with torch.no_grad(), teacher.active(model):
             for first in range(0, count, CHUNK):
@@ -77,7 +89,9 @@ def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed:
                     eos_token_id=sorted(ends) or None,
                 )
                 sequences += [_until_end(row, ends) for row in out.tolist()]
+                bar.update(rows)
     finally:
+        bar.close()
         torch.set_rng_state(saved)
     return TokenData(sequences, None, f"{count} texts sampled from the teacher (top-p {SAMPLING_TOP_P:g}, seed {seed})")
 
@@ -95,10 +109,11 @@ def start_note(base_dir, bos_token_id) -> str | None:
     starts = _token_ids(bos_token_id)[:1]  # generate_data starts at the first
     if not starts or tokenizer("a", add_special_tokens=True)["input_ids"][:1] == starts:
         return None
+    name = tokenizer.convert_ids_to_tokens(starts[0])
     return (
-        f"{base_dir}'s tokenizer does not begin a text with the beginning-of-sequence token ({starts[0]}) "
-        "that the sampled texts begin with, so no text the LoRA was trained on started there and the samples' "
-        "first tokens may be unlike the data's; text from the task (--data) recovers more"
+        f"the samples start at {name!r}, and {base_dir}'s tokenizer does not put it in front of a text: a LoRA "
+        "trained on texts it encoded never saw one start there, and the samples' first tokens may be unlike "
+        "your data's (--data recovers more)"
     )
 
 

@@ -441,11 +441,12 @@ class Trainer:
     def _check_heldout(self, metrics: dict) -> None:
         rows = metrics.get("positions", len(self.selection))
         if rows < MIN_HELDOUT_ROWS:
-            source = self.job.inputs.get("data", self.selection.source)
+            source = self.job.inputs.get("data") or self.selection.source
+            more = "raise --generate or --max-length" if self.job.inputs.get("generated") else "give more data"
             raise ShareportError(
                 f"{source}: the held-out split has {rows} compared row(s) (sequences for a classifier, tokens for "
                 f"a causal LM); recovery picks its best step on it and needs at least {MIN_HELDOUT_ROWS}: raise "
-                "--eval-fraction or give more data"
+                f"--eval-fraction or {more}"
             )
 
     def _postfix(self) -> None:

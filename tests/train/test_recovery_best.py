@@ -373,7 +373,7 @@ def test_generate_notes_a_tokenizer_that_never_starts_texts_at_bos(setup, tmp_pa
     shutil.copytree(setup["base"], plain)
     save_char_tokenizer(plain, bos=False)
     note = start_note(plain, bos)
-    assert note is not None and str(plain) in note and f"({bos})" in note
+    assert note is not None and str(plain) in note and "'<s>'" in note  # the token by its text, not its id
     assert start_note(plain, [bos, 7]) == note  # a list: generation starts at its first
     assert start_note(tmp_path / "no-tokenizer", bos) is None
 
@@ -413,12 +413,21 @@ def test_generated_texts_are_the_teachers_samples(setup):
 @pytest.mark.parametrize(
     "args,words",
     [
-        (["--generate", 0], "--generate must be at least 1 text, got 0"),
+        (["--generate", 0], "--generate must be at least 2 texts (one to train on, one held out), got 0"),
+        (["--generate", 1], "--generate must be at least 2 texts (one to train on, one held out), got 1"),
+        (["--generate", 10, "--max-length", 1], "--max-length must be at least 2 to generate texts, got 1"),
         (["--generate", 5, "--data", "DATA"], "not both"),
         ([], "finetune needs --data DATA or --generate N"),
     ],
 )
-def test_bad_generate_is_refused_in_one_line(setup, tmp_path, cli, args, words):
+def test_bad_generate_is_refused_in_one_line(setup, tmp_path, cli, args, words, monkeypatch):
+    """Refused before the base is loaded or a text sampled."""
+    from shareport.flows import training
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the job was built before the refusal")
+
+    monkeypatch.setattr(training, "recovery_job", loaded)
     out = tmp_path / "out"
     args = [setup["text"] if a == "DATA" else a for a in args]
     result = cli(
@@ -428,6 +437,19 @@ def test_bad_generate_is_refused_in_one_line(setup, tmp_path, cli, args, words):
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and words in errors[0], result.output
     assert not out.exists()
+
+
+def test_generated_held_out_split_too_small_names_the_samples_and_the_fix(setup, tmp_path, cli):
+    out = tmp_path / "out"
+    result = cli(
+        "finetune", setup["shared"], "--base", setup["base"], "--teacher", setup["lora"], "-o", out,
+        "--steps", 4, "--generate", 4, "--max-length", 2,
+    )  # fmt: skip
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    assert "texts sampled from the teacher" in errors[0] and "raise --generate or --max-length" in errors[0]
+    assert "None" not in errors[0] and not out.exists()
 
 
 def test_generate_on_a_classifier_is_refused(tmp_path, cli):
