@@ -178,9 +178,9 @@ def resume_hint(out: str | None, options) -> Iterator[None]:
                 err=True,
             )
         else:
-            click.echo(
-                "\ninterrupted: no checkpoint was saved (--checkpoint-every N saves one every N steps)", err=True
-            )
+            every = getattr(options, "checkpoint_every", 0)
+            why = f"the first is saved at step {every}" if every else "--checkpoint-every N saves one every N steps"
+            click.echo(f"\ninterrupted: no checkpoint was saved ({why})", err=True)
         raise SystemExit(130) from None
 
 

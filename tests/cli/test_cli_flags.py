@@ -252,3 +252,15 @@ def test_flows_loads_each_room_on_first_use():
     code = "import sys; from shareport import flows; flows.convert; print('onnx' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_an_interrupt_before_any_checkpoint_says_when_the_first_would_come(tmp_path, capsys):
+    from shareport.cli.training_options import resume_hint
+    from shareport.train.jobs import TrainingOptions
+
+    for every, words in ((20, "no checkpoint was saved (the first is saved at step 20)"), (0, "--checkpoint-every N")):
+        with pytest.raises(SystemExit) as stopped:
+            with resume_hint(str(tmp_path / "out"), TrainingOptions(checkpoint_every=every)):
+                raise KeyboardInterrupt
+        assert stopped.value.code == 130
+        assert words in capsys.readouterr().err
