@@ -44,9 +44,10 @@ from .training_options import echo_report, recipe_options, resume_hint
     "--generate",
     type=int,
     default=None,
-    help="Causal LMs with no data: recover on N texts sampled from the teacher (base + LoRA), each from "
-    "the beginning-of-sequence token, from the top-p 0.9 nucleus, instead of --data (seeded by --seed). "
-    "Text from the task, even unlabelled, recovers more.",
+    help="Causal LMs with no data: recover on N (at least 2) texts sampled from the teacher (base + LoRA), "
+    "each from the beginning-of-sequence token, from the top-p 0.9 nucleus, up to --max-length tokens, "
+    "instead of --data (seeded by --seed); held-out numbers are then on sampled texts. Text from the task, "
+    "even unlabelled, recovers more.",
 )
 @click.option(
     "--hidden-weight",
