@@ -63,15 +63,15 @@ def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed:
             f"{where}: --generate starts each text at the beginning-of-sequence token, and "
             "config.json sets no bos_token_id (give --data instead)"
         )
+    from tqdm.auto import tqdm
+
     ends = set(_token_ids(getattr(model.config, "eos_token_id", None)))
     device = next(model.parameters()).device
+    # shown on a terminal only (disable=None), as every shareport bar: sampling can take a while
+    bar = tqdm(total=count, desc="sampling texts from the teacher", unit="text", dynamic_ncols=True, disable=None)
     saved = torch.get_rng_state()
     sequences: list[list[int]] = []
     torch.manual_seed(seed)
-    from tqdm.auto import tqdm
-
-    # shown on a terminal only (disable=None), as every shareport bar: sampling can take a while
-    bar = tqdm(total=count, desc="sampling texts from the teacher", unit="text", dynamic_ncols=True, disable=None)
     try:
         with torch.no_grad(), teacher.active(model):
             for first in range(0, count, CHUNK):
