@@ -219,8 +219,6 @@ def echo_report(out: str, report: dict, as_json: bool) -> None:
             f"held-out: {report['heldout_examples']} of the {report['inputs']['generated']} texts sampled from the "
             "teacher, not text from the task"
         )
-    if report["inputs"].get("generate_note"):
-        click.echo(f"note: {report['inputs']['generate_note']}", err=True)
     if report.get("backoffs"):
         click.echo(
             f"backed off at step(s) {', '.join(map(str, report['backoffs']))}: the held-out score rose past "

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter, carried_parameter_name
-from ..errors import ShareportError
+from ..errors import ShareportError, note
 from ..files import load_adapter
 from ..files.tensorfile import stream_model_weights
 from ..model import load_base_model
@@ -270,9 +270,10 @@ def recovery_job(
             "max_length": max_length,
             "eval_fraction": eval_fraction,
         }
-        note = start_note(base_dir, getattr(model.config, "bos_token_id", None))
-        if note:
-            inputs["generate_note"] = note
+        start = start_note(base_dir, getattr(model.config, "bos_token_id", None))
+        if start:  # said now, before the run, and kept in the report
+            inputs["generate_note"] = start
+            note(start)
     check_labels(model, base_dir, train, heldout, selection)  # generated texts have none: nothing to check
     inputs.update({"student": str(shared_dir), "teacher": str(teacher_dir), "base": str(base_dir)})
     if dropped:  # sites the conversion cut to rank 0: the student recovers without them (teacher.check_pair)

@@ -378,6 +378,25 @@ def test_generate_notes_a_tokenizer_that_never_starts_texts_at_bos(setup, tmp_pa
     assert start_note(tmp_path / "no-tokenizer", bos) is None
 
 
+def test_generate_says_the_start_note_once_before_the_run_even_with_json(setup, tmp_path, cli):
+    import shutil
+
+    from tests.training_helpers import save_char_tokenizer
+
+    plain = tmp_path / "base-no-bos"
+    shutil.copytree(setup["base"], plain)
+    save_char_tokenizer(plain, bos=False)
+    out = tmp_path / "out"
+    result = cli(
+        "finetune", setup["shared"], "--base", plain, "--teacher", setup["lora"], "-o", out,
+        "--generate", 8, "--steps", 2, "--batch-size", 2, "--max-length", 12, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # stdout holds the report alone; the note is on stderr
+    assert result.stderr.count("note: the samples start at '<s>'") == 1, result.stderr
+    assert report["inputs"]["generate_note"] in result.stderr
+
+
 def test_generated_texts_are_the_teachers_samples(setup):
     """Start at bos, stop at eos or max_length; seeded (the same seed, the same texts; another, others),
     and the global RNG is left as it was."""
