@@ -178,7 +178,7 @@ def resume_hint(out: str | None, options) -> Iterator[None]:
                 err=True,
             )
         else:
-            every = getattr(options, "checkpoint_every", 0)
+            every = options.checkpoint_every
             why = f"the first is saved at step {every}" if every else "--checkpoint-every N saves one every N steps"
             click.echo(f"\ninterrupted: no checkpoint was saved ({why})", err=True)
         raise SystemExit(130) from None
