@@ -177,6 +177,43 @@ def backoff_at_every_regression():
         schedule.BACKOFF_RATIO = ratio
 
 
+@contextlib.contextmanager
+def masked_inputs(share: float, task: Task):
+    """Inside: each training batch's rows are, with probability 1/2, shown to teacher and student alike
+    with ``share`` of their tokens (not special ones, not padding) replaced by the tokenizer's mask token:
+    input augmentation for distillation (TinyBERT's idea, with BERT's own corruption). The teacher labels
+    any input, so a masked text is one more example near the data. Benchmark-only, an experiment.
+    Seeded per call, so a run is the same twice."""
+    if not share:
+        yield
+        return
+    from transformers import AutoTokenizer
+
+    from shareport.train import recipe as recipe_module
+
+    tokenizer = AutoTokenizer.from_pretrained(str(task.base))
+    if tokenizer.mask_token_id is None:
+        raise SystemExit(f"--augment-masks: {task.name}'s tokenizer has no mask token")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    original = recipe_module.Trainer._loss
+    calls = itertools.count()
+
+    def loss(self, batch):
+        generator = torch.Generator().manual_seed(1_000_003 + next(calls))
+        ids = batch["input_ids"]
+        rows = torch.rand(ids.shape[0], 1, generator=generator) < 0.5
+        tokens = torch.rand(ids.shape, generator=generator) < share
+        maskable = batch["attention_mask"].bool() & ~torch.isin(ids, special)
+        masked = ids.masked_fill(rows & tokens & maskable, tokenizer.mask_token_id)
+        return original(self, {**batch, "input_ids": masked})
+
+    recipe_module.Trainer._loss = loss
+    try:
+        yield
+    finally:
+        recipe_module.Trainer._loss = original
+
+
 def recover(
     task: Task,
     student: Path,
@@ -194,6 +231,7 @@ def recover(
     seed: int = 0,
     lr_scaling: str | None = None,
     task_weight: float = 0.0,
+    augment: float = 0.0,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
@@ -243,6 +281,7 @@ def recover(
     with (
         last_step_published() if recipe == "old" else contextlib.nullcontext(),
         backoff_at_every_regression() if backoff == 1 else contextlib.nullcontext(),
+        masked_inputs(augment, task),
     ):
         trained, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=task_weight))
     seconds = time.perf_counter() - started
@@ -424,6 +463,20 @@ def main(argv=None) -> list[dict]:
         help="new recipe: the data's own loss beside the KL (finetune --lm-loss: the labels' cross-entropy for "
         "a classifier, the next token's for a causal LM) [0]",
     )
+    parser.add_argument(
+        "--augment-masks",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="new recipe, classifier: mask this share of tokens in half the training rows, for teacher and "
+        "student alike (an experiment: input augmentation for distillation) [0]",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example, and per generated text with --generate [the task's own: docstrings 128, demo 32]",
+    )
     parser.add_argument("--curve-every", type=int, default=25)
     parser.add_argument(
         "--generate",
@@ -454,6 +507,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for task_name in args.tasks:
         task = docstrings_task(out) if task_name == "docstrings" else demo_task(out, task_name)
+        if args.max_length:  # the data's (and generated texts') length; the LoRA's own score stays at the task's
+            task = dataclasses.replace(task, max_length=args.max_length)
         (task.out / "converted").mkdir(exist_ok=True)
         job = recovery_job(
             task.lora, task.base, task.lora, data_path=task.data, max_length=task.max_length, eval_path=task.test
@@ -481,6 +536,7 @@ def main(argv=None) -> list[dict]:
                                 seed,
                                 lr_scaling,
                                 task_weight,
+                                augment,
                             ) in itertools.product(
                                 [0.0] if recipe == "old" else args.hidden_weights,
                                 [None] if task.test else args.generate,
@@ -492,6 +548,7 @@ def main(argv=None) -> list[dict]:
                                 [0] if recipe == "old" else args.seeds,
                                 ["none"] if recipe == "old" else args.lr_scalings,
                                 [0.0] if recipe == "old" else args.task_weights,
+                                [0.0] if recipe == "old" else args.augment_masks,
                             ):
                                 scaling = lr_scaling or default_lr_scaling(
                                     distilling=True, whole_factors=trainable == "factors"
@@ -522,6 +579,8 @@ def main(argv=None) -> list[dict]:
                                     # no suffix: every tensor at --lr (runs from before --lr-scaling)
                                     + ("-lst" if scaling == "tensor" else "")
                                     + (f"-tw{task_weight:g}" if task_weight else "")
+                                    + (f"-mask{augment:g}" if augment else "")
+                                    + (f"-len{args.max_length}" if args.max_length else "")
                                 )
                                 row = stage(
                                     task.out,
@@ -543,6 +602,7 @@ def main(argv=None) -> list[dict]:
                                         seed,
                                         scaling,
                                         task_weight,
+                                        augment,
                                     ),
                                 )
                                 row = {
@@ -563,6 +623,7 @@ def main(argv=None) -> list[dict]:
                                     "seed": seed,
                                     "lr_scaling": scaling,
                                     "task_weight": task_weight,
+                                    "augment_mask": augment,
                                 }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)
