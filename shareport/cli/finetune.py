@@ -48,7 +48,7 @@ from .training_options import echo_report, recipe_options, resume_hint
     "each from the beginning-of-sequence token, from the top-p 0.9 nucleus, up to --max-length tokens, "
     "instead of --data (seeded by --seed); held-out numbers are then on sampled texts. Text from the task, "
     "even unlabelled, recovers more. Sampled text is learnt more slowly: on the demo, past about 3000 texts "
-    "more texts add nothing and more --steps do (1000-3000 steps to match what the task's text gives in 300).",
+    "more texts add nothing and more --steps do (1000-6000 steps to match what the task's text gives in 300).",
 )
 @click.option(
     "--hidden-weight",
