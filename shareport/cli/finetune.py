@@ -48,7 +48,8 @@ from .training_options import echo_report, recipe_options, resume_hint
     "each from the beginning-of-sequence token, from the top-p 0.9 nucleus, up to --max-length tokens, "
     "instead of --data (seeded by --seed); held-out numbers are then on sampled texts. Text from the task, "
     "even unlabelled, recovers more. Sampled text is learnt more slowly: on the demo, past about 3000 texts "
-    "more texts add nothing and more --steps do (1000-6000 steps to match what the task's text gives in 300).",
+    "more texts add nothing and more --steps do (about 3000 to come near what its own text gives in 300). "
+    "Give --max-length near your texts' length: a base that never ends a text writes every sample that long.",
 )
 @click.option(
     "--hidden-weight",
@@ -64,7 +65,7 @@ from .training_options import echo_report, recipe_options, resume_hint
     type=float,
     help="Temperature of the distillation KL (both distributions softened; the loss scaled by T^2). "
     f"[default: by the output: {CLASSIFIER_TEMPERATURE:g} for a classifier's classes, "
-    f"{TOKEN_TEMPERATURE:g} for a causal LM's tokens, as measured on one task of each]",
+    f"{TOKEN_TEMPERATURE:g} for a causal LM's tokens, as measured on two classifier tasks and one causal LM]",
 )
 @click.option(
     "--site-weight",

@@ -232,6 +232,7 @@ def recover(
     lr_scaling: str | None = None,
     task_weight: float = 0.0,
     augment: float = 0.0,
+    warmup: float | None = None,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
@@ -273,6 +274,7 @@ def recover(
             seed=seed,
             lr_scaling=lr_scaling,
             backoff=backoff == 2,
+            **({} if warmup is None else {"warmup": warmup}),
         )
     selection = job.selection if job.selection is not None else job.heldout
     # the LoRA on the selection split: the reference of the curve's fidelity
@@ -477,6 +479,9 @@ def main(argv=None) -> list[dict]:
         default=None,
         help="tokens per example, and per generated text with --generate [the task's own: docstrings 128, demo 32]",
     )
+    parser.add_argument(
+        "--warmups", nargs="+", type=float, default=[None], help="new recipe: the warmup's share of the steps [library]"
+    )
     parser.add_argument("--curve-every", type=int, default=25)
     parser.add_argument(
         "--generate",
@@ -537,6 +542,7 @@ def main(argv=None) -> list[dict]:
                                 lr_scaling,
                                 task_weight,
                                 augment,
+                                warmup,
                             ) in itertools.product(
                                 [0.0] if recipe == "old" else args.hidden_weights,
                                 [None] if task.test else args.generate,
@@ -549,6 +555,7 @@ def main(argv=None) -> list[dict]:
                                 ["none"] if recipe == "old" else args.lr_scalings,
                                 [0.0] if recipe == "old" else args.task_weights,
                                 [0.0] if recipe == "old" else args.augment_masks,
+                                [None] if recipe == "old" else args.warmups,
                             ):
                                 scaling = lr_scaling or default_lr_scaling(
                                     distilling=True, whole_factors=trainable == "factors"
@@ -581,6 +588,7 @@ def main(argv=None) -> list[dict]:
                                     + (f"-tw{task_weight:g}" if task_weight else "")
                                     + (f"-mask{augment:g}" if augment else "")
                                     + (f"-len{args.max_length}" if args.max_length else "")
+                                    + (f"-wu{warmup:g}" if warmup is not None else "")
                                 )
                                 row = stage(
                                     task.out,
@@ -603,6 +611,7 @@ def main(argv=None) -> list[dict]:
                                         scaling,
                                         task_weight,
                                         augment,
+                                        warmup,
                                     ),
                                 )
                                 row = {
@@ -624,6 +633,7 @@ def main(argv=None) -> list[dict]:
                                     "lr_scaling": scaling,
                                     "task_weight": task_weight,
                                     "augment_mask": augment,
+                                    "warmup": warmup,
                                 }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)
