@@ -1,14 +1,16 @@
 """Per-step cost of the recovery defaults against the old loop's settings (issue 26's cost target: at
 most 1.2x), interleaved in one process (not collected by pytest).
 
-    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_recovery_cost [--out /tmp/br] [--steps 40] [--rounds 3]
+    OMP_NUM_THREADS=1 python3 -m tests.benchmarks.bench_recovery_cost [--out /tmp/br] [--steps 40] [--rounds 3] \
+        [--batch-sizes 8 16]
 
 On bench_recovery's docstrings task (its cached stages under ``--out``; built there if missing), the
 10% truncation recovers ``--steps`` steps with the old settings (T 1, no site term, no backoff,
 constant lr, every tensor at the lr) and with the library's defaults (T 4 and site weight 1 for this
 classifier, backoff, cosine, each tensor's step scaled by its size), alternating ``--rounds`` times, one evaluation at the end. Training seconds per step
 (evaluation excluded: the same few-percent share in both) are printed per round, with the ratio of
-the minima.
+the minima. ``--batch-sizes``: the defaults' row at each of these batch sizes (the old loop's stays
+at the task's batch, 8), to price a larger batch against the same old loop.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/br", help="bench_recovery's folder (its stages are reused)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="the defaults' batch [the task's]")
     args = parser.parse_args()
     torch.set_num_threads(1)
     task = bench_recovery.docstrings_task(Path(args.out))
@@ -45,19 +48,25 @@ def main() -> None:
         student, task.base, task.lora, data_path=task.data, max_length=task.max_length, eval_path=task.test
     )
     job = dataclasses.replace(job, progress=False)
-    per_step = {name: [] for name in SETTINGS}
+    (old_name, old_extra), (new_name, new_extra) = SETTINGS.items()
+    rows = {old_name: (old_extra, task.batch)}
+    for batch in args.batch_sizes or [task.batch]:
+        rows[new_name + (f", batch {batch}" if args.batch_sizes else "")] = (new_extra, batch)
+    per_step = {name: [] for name in rows}
     for _ in range(args.rounds):
-        for name, extra in SETTINGS.items():
+        for name, (extra, batch) in rows.items():
             options = TrainingOptions(
-                steps=args.steps, batch_size=task.batch, max_length=task.max_length, eval_every=args.steps, **extra
+                steps=args.steps, batch_size=batch, max_length=task.max_length, eval_every=args.steps, **extra
             )
             _, report = run(job, options.recipe(job.student, distill_weight=1.0, task_weight=0.0))
             timings = report["timings"]
             per_step[name].append((timings["seconds"] - timings["eval_seconds"]) / args.steps)
     for name, values in per_step.items():
         print(f"{name}: training s/step {min(values):.3f} (min of {args.rounds}; all {[round(v, 3) for v in values]})")
-    old, new = (min(values) for values in per_step.values())
-    print(f"defaults / old: {new / old:.2f}")
+    old = min(per_step[old_name])
+    for name, values in per_step.items():
+        if name != old_name:
+            print(f"{name} / old: {min(values) / old:.2f}")
 
 
 if __name__ == "__main__":
