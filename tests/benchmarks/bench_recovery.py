@@ -512,14 +512,14 @@ def main(argv=None) -> list[dict]:
     rows = []
     for task_name in args.tasks:
         task = docstrings_task(out) if task_name == "docstrings" else demo_task(out, task_name)
-        if args.max_length:  # the data's (and generated texts') length; the LoRA's own score stays at the task's
-            task = dataclasses.replace(task, max_length=args.max_length)
         (task.out / "converted").mkdir(exist_ok=True)
         job = recovery_job(
             task.lora, task.base, task.lora, data_path=task.data, max_length=task.max_length, eval_path=task.test
         )
         lora_test = stage(task.out, "lora-test", lambda job=job: evaluate_adapter(job, load_adapter(task.lora), 32))
         del job
+        if args.max_length:  # the runs' data (and generated texts') length; the stored LoRA score is at the task's
+            task = dataclasses.replace(task, max_length=args.max_length)
         for start in ["plain"] + (["calibrated"] if args.calibrated else []):
             for form in args.forms:
                 for budget in args.budgets:
