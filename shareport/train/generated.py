@@ -49,8 +49,12 @@ def check_generate(count: int | None, max_length: int | None = None) -> None:
         raise ShareportError(f"--max-length must be at least 2 to generate texts, got {max_length}")
 
 
-def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed: int, where: str) -> TokenData:
-    """``count`` token sequences sampled from ``model`` with the teacher's adapter active."""
+def generate_data(
+    model, teacher: Teacher, *, count: int, max_length: int, seed: int, where: str, progress: bool = True
+) -> TokenData:
+    """``count`` token sequences sampled from ``model`` with the teacher's adapter active. ``progress``:
+    this process may show the sampling bar (under several processes, only the local main one does, as
+    with the training bar)."""
     check_generate(count, max_length)
     if not is_causal_lm(model):
         raise ShareportError(
@@ -68,7 +72,13 @@ def generate_data(model, teacher: Teacher, *, count: int, max_length: int, seed:
     ends = set(_token_ids(getattr(model.config, "eos_token_id", None)))
     device = next(model.parameters()).device
     # shown on a terminal only (disable=None), as every shareport bar: sampling can take a while
-    bar = tqdm(total=count, desc="sampling texts from the teacher", unit="text", dynamic_ncols=True, disable=None)
+    bar = tqdm(
+        total=count,
+        desc="sampling texts from the teacher",
+        unit="text",
+        dynamic_ncols=True,
+        disable=None if progress else True,
+    )
     saved = torch.get_rng_state()
     sequences: list[list[int]] = []
     torch.manual_seed(seed)

@@ -259,7 +259,15 @@ def recovery_job(
     model = _base_model(base_dir, teacher_adapter.task_type or student.task_type, acc, teacher_adapter.extra_tensors)
     teacher = Teacher(model, teacher_adapter)
     if generate is not None:
-        data = generate_data(model, teacher, count=generate, max_length=max_length, seed=seed, where=str(base_dir))
+        data = generate_data(
+            model,
+            teacher,
+            count=generate,
+            max_length=max_length,
+            seed=seed,
+            where=str(base_dir),
+            progress=acc.is_local_main_process,
+        )
         train, heldout = split_heldout(data, eval_fraction)
         selection = None
         inputs = {
