@@ -143,6 +143,14 @@ _RECIPE_OPTIONS = [
         help="Causal LMs: pack several examples into each row (attention kept apart by position ids): "
         "the same examples, loss and update per step, fewer padded positions to compute.",
     ),
+    click.option(
+        "--group-by-length",
+        is_flag=True,
+        help="Faster steps, a little less fidelity: every 16 batches of the shuffled stream are sorted by "
+        "length and cut again, so each batch pads little (the same examples every 16 steps). Measured: a "
+        "classifier's step 0.69x at 2% more KL; a causal LM's 12-32% more KL (--pack saves padding "
+        "without that cost there). Not with --pack.",
+    ),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
 ]
 

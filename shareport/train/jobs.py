@@ -54,6 +54,7 @@ class TrainingOptions:
     merge_pairs: str = "adjacent"
     compile: bool = False  # torch.compile the transformer blocks for the training steps
     pack: bool = False  # several examples per row (causal LMs)
+    group_by_length: bool = False  # batches of examples of similar length (data.BatchOrder)
     schedule: str = DEFAULT_SCHEDULE  # the lr after warmup (schedule.SCHEDULES)
     warmup: float = DEFAULT_WARMUP  # share of the steps
     eval_every: int | None = None  # None: about 10% of the run's compute (schedule.default_eval_every)
@@ -94,6 +95,7 @@ class TrainingOptions:
             merge=schedule,
             compile="inductor" if self.compile else None,
             pack=self.pack,
+            group_by_length=self.group_by_length,
             schedule=self.schedule,
             warmup=self.warmup,
             eval_every=self.eval_every,

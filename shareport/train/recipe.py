@@ -113,6 +113,9 @@ class Recipe:
     # several examples per row (causal LMs): the same examples and loss per step as unpadded rows,
     # fewer padded positions to compute (see data.collate_packed)
     pack: bool = False
+    # batches of examples of similar length (data.BatchOrder): less padding, the same examples per run
+    # of steps, but less varied batches, which costs fidelity (docs/recovery.md): an option, not the default
+    group_by_length: bool = False
 
     def fingerprint(self, **inputs) -> dict:
         """What a resumed run must share with the interrupted one."""
@@ -241,7 +244,7 @@ class Trainer:
             self.ddp_model = shard_base(self.model, [self.student.parameters[n] for n in self.names])
         else:
             self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.order = BatchOrder(len(job.train_data), recipe.batch_size, recipe.seed)
+        self.order = BatchOrder.of(job.train_data, recipe.batch_size, recipe.seed, by_length=recipe.group_by_length)
         self.share = recipe.batch_size // self.acc.num_processes
         self.progress = _progress(self.acc, recipe.steps, self.start, job.progress)
         self.started, self.tokens, self.last_loss = time.perf_counter(), 0, float("nan")

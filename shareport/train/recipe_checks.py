@@ -41,6 +41,11 @@ def check_recipe(recipe, job, causal: bool) -> None:
             "would have to keep the frozen bases too; run without them"
         )
     check_eval_every(recipe.eval_every, recipe.steps)
+    if recipe.pack and recipe.group_by_length:
+        raise ShareportError(
+            "--group-by-length and --pack: a packed row is --max-length tokens wide whatever lengths it holds, "
+            "so grouping saves nothing there; give one of them"
+        )
     if recipe.pack and not causal:
         raise ShareportError(
             "--pack needs a causal LM: a packed row holds several examples, and a "

@@ -233,6 +233,7 @@ def recover(
     task_weight: float = 0.0,
     augment: float = 0.0,
     warmup: float | None = None,
+    by_length: bool = False,
 ) -> dict:
     """One recovery. ``generate``: on that many texts sampled from the teacher instead of the data
     file (the curve is then on generated held-out texts; before/after are scored on the data's own
@@ -259,6 +260,7 @@ def recover(
             site_weight=0.0,
             backoff=False,
             lr_scaling="none",
+            group_by_length=False,  # the loop as it was: shuffled batches
         )
     else:
         options = TrainingOptions(
@@ -274,6 +276,7 @@ def recover(
             seed=seed,
             lr_scaling=lr_scaling,
             backoff=backoff == 2,
+            group_by_length=by_length,
             **({} if warmup is None else {"warmup": warmup}),
         )
     selection = job.selection if job.selection is not None else job.heldout
@@ -482,6 +485,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--warmups", nargs="+", type=float, default=[None], help="new recipe: the warmup's share of the steps [library]"
     )
+    parser.add_argument(
+        "--orders",
+        nargs="+",
+        default=["shuffled"],
+        choices=["length", "shuffled"],
+        help="new recipe: shuffled batches (the library's default) or grouped by length (--group-by-length; "
+        "runs named -bylen) [shuffled]",
+    )
     parser.add_argument("--curve-every", type=int, default=25)
     parser.add_argument(
         "--generate",
@@ -543,6 +554,7 @@ def main(argv=None) -> list[dict]:
                                 task_weight,
                                 augment,
                                 warmup,
+                                order,
                             ) in itertools.product(
                                 [0.0] if recipe == "old" else args.hidden_weights,
                                 [None] if task.test else args.generate,
@@ -556,6 +568,7 @@ def main(argv=None) -> list[dict]:
                                 [0.0] if recipe == "old" else args.task_weights,
                                 [0.0] if recipe == "old" else args.augment_masks,
                                 [None] if recipe == "old" else args.warmups,
+                                ["shuffled"] if recipe == "old" else args.orders,
                             ):
                                 scaling = lr_scaling or default_lr_scaling(
                                     distilling=True, whole_factors=trainable == "factors"
@@ -589,6 +602,8 @@ def main(argv=None) -> list[dict]:
                                     + (f"-mask{augment:g}" if augment else "")
                                     + (f"-len{args.max_length}" if args.max_length else "")
                                     + (f"-wu{warmup:g}" if warmup is not None else "")
+                                    # no suffix: shuffled batches (runs from before grouping by length)
+                                    + ("-bylen" if order == "length" else "")
                                 )
                                 row = stage(
                                     task.out,
@@ -612,6 +627,7 @@ def main(argv=None) -> list[dict]:
                                         task_weight,
                                         augment,
                                         warmup,
+                                        order == "length",
                                     ),
                                 )
                                 row = {
@@ -634,6 +650,7 @@ def main(argv=None) -> list[dict]:
                                     "task_weight": task_weight,
                                     "augment_mask": augment,
                                     "warmup": warmup,
+                                    "order": order,
                                 }
                                 row.update(step_cost(row, task))
                                 row["summary"] = summarise(task_name, row, lora_test)

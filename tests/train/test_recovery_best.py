@@ -307,6 +307,7 @@ def test_train_keeps_its_best_step_by_the_heldout_task_loss(setup, tmp_path):
         (["--trainable", "singular"], "'singular' is not one of"),
         (["--trainable", "cores", "--checkpoint-every", 2], "--trainable cores does not checkpoint"),
         (["--trainable", "cores", "--merges", 1], "--trainable cores cannot run with ASLoRA merges"),
+        (["--pack", "--group-by-length"], "--group-by-length and --pack"),
     ],
 )
 def test_bad_schedule_settings_are_refused_in_one_line(setup, tmp_path, cli, args, words):

@@ -50,6 +50,59 @@ def test_batch_order_reads_each_epoch_as_a_permutation_of_the_training_examples(
         assert sorted(stream[epoch * 7 : (epoch + 1) * 7]) == list(range(7))
 
 
+def _padded_positions(order: BatchOrder, lengths: list[int], steps: int) -> int:
+    return sum(max(lengths[i] for i in order.batch(t)) * order.batch_size for t in range(steps))
+
+
+@pytest.mark.parametrize("n, batch", [(200, 8), (1214, 16), (37, 4), (9, 4)])
+def test_length_grouped_order_holds_the_shuffled_stream_s_examples_with_less_padding(n, batch):
+    """Each run of ``group`` steps holds exactly the examples the shuffled stream puts in those steps
+    (so epochs are kept), each batch is as long as the order says, and the padding is less."""
+    lengths = torch.randint(3, 65, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    shuffled, grouped = BatchOrder(n, batch, seed=2), BatchOrder(n, batch, seed=2, lengths=lengths)
+    group = grouped.group
+    assert group == min(16, max(1, n // batch))
+    for run in range(6):
+        steps = range(run * group, (run + 1) * group)
+        assert all(len(grouped.batch(t)) == batch for t in steps)
+        assert sorted(i for t in steps for i in grouped.batch(t)) == sorted(i for t in steps for i in shuffled.batch(t))
+    if group > 1:
+        assert _padded_positions(grouped, lengths, 6 * group) < _padded_positions(shuffled, lengths, 6 * group)
+    # deterministic, and the seed matters
+    again = BatchOrder(n, batch, seed=2, lengths=lengths)
+    assert [again.batch(t) for t in range(40)] == [grouped.batch(t) for t in range(40)]
+    other = BatchOrder(n, batch, seed=3, lengths=lengths)
+    assert [other.batch(t) for t in range(40)] != [grouped.batch(t) for t in range(40)]
+    # read out of order (a resumed run starts mid-run): the same batches
+    assert [grouped.batch(t) for t in reversed(range(40))] == [again.batch(t) for t in reversed(range(40))]
+
+
+@pytest.mark.parametrize("flag", [None, "--group-by-length"])
+def test_training_reads_batches_in_the_order_the_options_name(setup, tmp_path, monkeypatch, cli, flag):
+    """finetune shuffles, and groups by length when told to: its batches are BatchOrder.of's."""
+    seen, jobs = [], []
+    real_collate, real_run = recipe_module.collate, recipe_module.run
+
+    def spy_run(job, recipe, after_step=None):
+        jobs.append(job)
+        return real_run(job, recipe, after_step)
+
+    def spy_collate(data, indices, pad):
+        if data is jobs[-1].train_data:
+            seen.append(list(indices))
+        return real_collate(data, indices, pad)
+
+    monkeypatch.setattr(recipe_module, "collate", spy_collate)
+    monkeypatch.setattr(flows.training, "run", spy_run)
+    args = ["finetune", str(setup["shared"]), "--base", str(setup["base"]), "--teacher", str(setup["lora"])]
+    args += ["--data", str(setup["text"]), "-o", str(tmp_path / "out"), "--steps", "12", "--batch-size", "4"]
+    result = cli(*args, "--max-length", "24", *([flag] if flag else []))
+    assert result.exit_code == 0, result.output
+    expected = BatchOrder.of(jobs[-1].train_data, 4, seed=0, by_length=flag is not None)
+    assert seen == [expected.batch(t) for t in range(12)]
+    assert seen != [BatchOrder.of(jobs[-1].train_data, 4, seed=0, by_length=flag is None).batch(t) for t in range(12)]
+
+
 def test_no_training_batch_contains_a_heldout_example(setup, tmp_path, monkeypatch):
     """Record every batch the training loop builds; none may hold a held-out sequence."""
     seen = {"train": [], "eval": []}
