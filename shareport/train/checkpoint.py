@@ -106,13 +106,19 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[Adapter, dict, dict[str,
     return load_adapter(folder), state, load_tensors(folder / STATE_TENSORS)
 
 
+# recipe keys added after checkpoints were first written, with the value every run had before the key
+# existed: a checkpoint without one was made with that value (and resumes with it)
+ADDED_RECIPE_KEYS = {"group_by_length": False}
+
+
 def check_same_recipe(saved: dict, current: dict, folder: str | os.PathLike) -> None:
     """A resumed run must be the run that was interrupted; only its length may change."""
     for key in sorted(set(saved) | set(current)):
         if key in ("steps", "checkpoint_every"):
             continue
-        if saved.get(key) != current.get(key):
+        made_with = saved.get(key, ADDED_RECIPE_KEYS.get(key))
+        if made_with != current.get(key):
             raise ShareportError(
-                f"{folder}: checkpoint was made with {key}={saved.get(key)!r}, this run has {current.get(key)!r}; "
+                f"{folder}: checkpoint was made with {key}={made_with!r}, this run has {current.get(key)!r}; "
                 "resume with the same options"
             )

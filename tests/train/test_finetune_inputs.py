@@ -332,3 +332,19 @@ def test_labels_past_the_classifiers_classes_are_refused_in_one_line(tmp_path, c
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and words in errors[0] and "has 3 (0..2)" in errors[0] and str(data) in errors[0]
     assert not out.exists()
+
+
+def test_a_checkpoint_from_before_group_by_length_resumes_as_the_shuffled_run_it_was():
+    """Checkpoints written before the recipe had ``group_by_length`` were shuffled runs: they resume
+    without the option and are refused with it (one line naming the key)."""
+    from shareport.train.checkpoint import check_same_recipe
+    from shareport.train.recipe import Recipe
+
+    current = Recipe(steps=8).fingerprint()
+    saved = {k: v for k, v in current.items() if k != "group_by_length"}
+    check_same_recipe(saved, current, "ckpt")  # no error
+    grouped = Recipe(steps=8, group_by_length=True).fingerprint()
+    with pytest.raises(ShareportError, match="checkpoint was made with group_by_length=False, this run has True"):
+        check_same_recipe(saved, grouped, "ckpt")
+    with pytest.raises(ShareportError, match="checkpoint was made with lr=None"):  # other keys: as before
+        check_same_recipe({k: v for k, v in current.items() if k != "lr"}, current, "ckpt")
