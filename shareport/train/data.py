@@ -255,9 +255,9 @@ class BatchOrder:
     into batches again, which are taken in a seeded order: the same examples in the same run of steps,
     but each batch holds examples of similar length, so padding each to its longest costs little
     (transformers' ``group_by_length`` sorts mega-batches the same way). Measured (docs/results.md):
-    on docstrings a batch of 8 is 57% real tokens shuffled and 96% grouped, a step 0.69x the time;
+    on docstrings a batch of 8 is 57% real tokens shuffled and 96% grouped, a step about 0.7x the time;
     but batches of one length are less varied than shuffled ones, and recovery ends further from the
-    teacher (a classifier's KL about 1% higher, a causal LM's 12-40%), so it is an option.
+    teacher on a causal LM (KL 12-40% higher; a classifier's showed no clear difference), so it is an option.
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: list[int] | None = None):
@@ -266,8 +266,8 @@ class BatchOrder:
         if lengths is not None and len(lengths) != num_examples:
             raise ValueError(f"{len(lengths)} lengths for {num_examples} examples")
         self.n, self.batch_size, self.seed, self.lengths = num_examples, batch_size, seed, lengths
-        # batches per sorted run: at most an epoch's, so that a run of a small data set does not hold an
-        # example twice (two copies would share a batch)
+        # batches per sorted run: at most an epoch's, so that a run holds an example at most twice (where it
+        # crosses from one epoch into the next; _copies_apart keeps the two copies in different batches)
         self.group = max(1, min(LENGTH_GROUP_BATCHES, num_examples // batch_size))
         self._perms: dict[int, list[int]] = {}
         self._group: tuple[int, list[list[int]]] | None = None  # the last run's batches, by run
@@ -298,7 +298,9 @@ class BatchOrder:
             # longest first; ties keep the stream's order, so the result is the same on every machine
             ranked = sorted(range(len(examples)), key=lambda k: (-self.lengths[examples[k]], k))
             size = self.batch_size
-            batches = [[examples[k] for k in ranked[b * size : (b + 1) * size]] for b in range(self.group)]
+            batches = _copies_apart(
+                [[examples[k] for k in ranked[b * size : (b + 1) * size]] for b in range(self.group)]
+            )
             # the run's batches in a seeded order, so that length does not follow the step
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + GROUP_ORDER_SEED + run)
             self._group = (run, [batches[b] for b in torch.randperm(self.group, generator=gen).tolist()])
@@ -308,6 +310,23 @@ class BatchOrder:
         """Where the stream stands before global batch ``step`` (recorded in checkpoints)."""
         consumed = step * self.batch_size
         return {"examples_consumed": consumed, "epoch": consumed // self.n, "offset_in_epoch": consumed % self.n}
+
+
+def _copies_apart(batches: list[list[int]]) -> list[list[int]]:
+    """The batches with no example twice in one. A run that crosses an epoch boundary holds some examples
+    twice, and sorting by length puts the two copies side by side; each second copy is swapped with an
+    example of the nearest batch (the most similar lengths) that holds neither. Deterministic."""
+    for b, batch in enumerate(batches):
+        for j in range(len(batch)):
+            if batch[j] not in batch[:j]:
+                continue
+            for c in sorted(range(len(batches)), key=lambda c: (abs(c - b), c)):
+                other = batches[c]
+                k = next((k for k, i in enumerate(other) if i not in batch and batch[j] not in other), None)
+                if c != b and k is not None:
+                    batch[j], other[k] = other[k], batch[j]
+                    break
+    return batches
 
 
 def collate(data: TokenData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
