@@ -270,7 +270,7 @@ class BatchOrder:
         # crosses from one epoch into the next; _copies_apart keeps the two copies in different batches)
         self.group = max(1, min(LENGTH_GROUP_BATCHES, num_examples // batch_size))
         self._perms: dict[int, list[int]] = {}
-        self._group: tuple[int, list[list[int]]] | None = None  # the last run's batches, by run
+        self._run_batches: tuple[int, list[list[int]]] | None = None  # (run, its batches in order), the last read
 
     @classmethod
     def of(cls, data: TokenData, batch_size: int, seed: int, *, by_length: bool) -> "BatchOrder":
@@ -292,7 +292,7 @@ class BatchOrder:
         if self.lengths is None:
             return self._shuffled(step)
         run, slot = divmod(step, self.group)
-        if self._group is None or self._group[0] != run:
+        if self._run_batches is None or self._run_batches[0] != run:
             first = run * self.group
             examples = [i for t in range(first, first + self.group) for i in self._shuffled(t)]
             # longest first; ties keep the stream's order, so the result is the same on every machine
@@ -303,8 +303,8 @@ class BatchOrder:
             )
             # the run's batches in a seeded order, so that length does not follow the step
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + GROUP_ORDER_SEED + run)
-            self._group = (run, [batches[b] for b in torch.randperm(self.group, generator=gen).tolist()])
-        return self._group[1][slot]
+            self._run_batches = (run, [batches[b] for b in torch.randperm(self.group, generator=gen).tolist()])
+        return self._run_batches[1][slot]
 
     def position(self, step: int) -> dict:
         """Where the stream stands before global batch ``step`` (recorded in checkpoints)."""
@@ -320,10 +320,10 @@ def _copies_apart(batches: list[list[int]]) -> list[list[int]]:
         for j in range(len(batch)):
             if batch[j] not in batch[:j]:
                 continue
-            for c in sorted(range(len(batches)), key=lambda c: (abs(c - b), c)):
-                other = batches[c]
-                k = next((k for k, i in enumerate(other) if i not in batch and batch[j] not in other), None)
-                if c != b and k is not None:
+            nearest_first = sorted(range(len(batches)), key=lambda c: (abs(c - b), c))[1:]  # [0] is b itself
+            for other in (batches[c] for c in nearest_first if batch[j] not in batches[c]):
+                k = next((k for k, i in enumerate(other) if i not in batch), None)
+                if k is not None:
                     batch[j], other[k] = other[k], batch[j]
                     break
     return batches
